@@ -1,0 +1,60 @@
+"""Process logging in logfmt or JSON, like the Prometheus exporters' --log.format."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
+          "error": logging.ERROR}
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + (
+        f".{int(record.msecs):03d}Z"
+    )
+
+
+def _logfmt_value(value: str) -> str:
+    if value and not any(c in value for c in ' "=\\\n\t'):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+class LogfmtFormatter(logging.Formatter):
+    """``ts=... level=info logger=... msg="..."``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Format one record as a logfmt line."""
+        msg = record.getMessage()
+        if record.exc_info:
+            msg += "\n" + self.formatException(record.exc_info)
+        return (
+            f"ts={_timestamp(record)} level={record.levelname.lower()} "
+            f"logger={record.name} msg={_logfmt_value(msg)}"
+        )
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Format one record as a JSON line."""
+        data = {"ts": _timestamp(record), "level": record.levelname.lower(),
+                "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data)
+
+
+def setup(level: str, fmt: str) -> None:
+    """Configure the root logger to write to stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter() if fmt == "json" else LogfmtFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(LEVELS[level])
+    # aiohttp's access log would log every scrape at INFO.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

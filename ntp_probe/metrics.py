@@ -1,0 +1,191 @@
+"""Exposition: per-probe results rendered as text, and the exporter's own internals.
+
+Per-probe metrics are written straight to the text format rather than through a fresh
+prometheus_client registry: the result is built once and thrown away, and rendering
+it directly costs a tenth of building Gauge objects per request (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+from prometheus_client import gc_collector as _gc
+from prometheus_client import platform_collector as _platform
+from prometheus_client import process_collector as _process
+
+from ntp_probe import __version__
+from ntp_probe.result import ProbeResult
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# name -> help; the order here is the order of the exposition.
+PROBE_METRICS: dict[str, str] = {
+    "probe_success": "Whether the probe succeeded (1) or failed (0).",
+    "probe_duration_seconds": "How long the probe took, in seconds.",
+    "probe_dns_lookup_time_seconds": "How long resolving the target took, in seconds.",
+    "probe_ip_protocol": "IP protocol of the probed address (4 or 6).",
+    "probe_ip_addr_hash": "FNV-1a hash of the probed IP address (changes when it changes).",
+    "probe_ntp_offset_seconds": (
+        "Offset of the server's clock from the local clock, in seconds "
+        "(positive: the server is ahead), from the sample with the smallest delay."
+    ),
+    "probe_ntp_rtt_seconds": "Round-trip delay of the selected sample, in seconds.",
+    "probe_ntp_jitter_seconds": "RMS of the sample offsets against the selected one, in seconds.",
+    "probe_ntp_offset_stddev_seconds": "Standard deviation of the sample offsets, in seconds.",
+    "probe_ntp_stratum": "Stratum reported by the server.",
+    "probe_ntp_leap_indicator": "Leap indicator (0 none, 1 insert, 2 delete, 3 unsynchronised).",
+    "probe_ntp_precision_seconds": "Precision of the server's clock, in seconds.",
+    "probe_ntp_root_delay_seconds": "Server's round-trip delay to its reference clock, in seconds.",
+    "probe_ntp_root_dispersion_seconds": "Server's dispersion to its reference clock, in seconds.",
+    "probe_ntp_root_distance_seconds": (
+        "Bound on the error of the measured offset: (rtt + root delay)/2 + root dispersion, "
+        "in seconds."
+    ),
+    "probe_ntp_reference_timestamp_seconds": (
+        "When the server's clock was last set or corrected, as a Unix time "
+        "(0 when the server reports none)."
+    ),
+    "probe_ntp_server_processing_seconds": (
+        "Time the server held the request (T3 - T2), in seconds."
+    ),
+    "probe_ntp_samples_sent": "Requests sent in this probe.",
+    "probe_ntp_samples_received": "Replies that passed the packet checks, Kiss-o'-Death included.",
+    "probe_ntp_packet_loss_ratio": "1 - samples received / samples sent.",
+    "probe_ntp_causality_violation_seconds": (
+        "Positive part of |offset| - rtt/2: clock error that path asymmetry cannot explain, "
+        "in seconds."
+    ),
+    "probe_ntp_server_info": "Server identity: reference id and NTP version of its reply.",
+    "probe_ntp_kiss_code_info": "Kiss-o'-Death code received from the server.",
+    "probe_ntp_failure_info": "Why the probe failed (exactly one series on failure).",
+}
+
+FAILURE_REASONS = (
+    "target_forbidden", "backoff", "resolve", "kod_rate", "kod_deny", "kod_rstr", "kod_other",
+    "timeout", "invalid_reply", "stratum_unsynchronized", "leap_unsynchronized",
+    "implausible_time", "reference_after_transmit", "stale_reference", "excess_root_distance",
+    "causality_violation", "offset_exceeded",
+)
+
+
+def format_value(value: float) -> str:
+    """A sample value as the text format writes it."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def render(result: ProbeResult) -> str:
+    """The result in the Prometheus text format (a fresh exposition per probe)."""
+    series: dict[str, list[str]] = {}
+
+    def add(name: str, value: float, labels: tuple[tuple[str, str], ...] = ()) -> None:
+        if labels:
+            inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+            line = f"{name}{{{inner}}} {format_value(value)}\n"
+        else:
+            line = f"{name} {format_value(value)}\n"
+        series.setdefault(name, []).append(line)
+
+    add("probe_success", 1.0 if result.success else 0.0)
+    add("probe_duration_seconds", result.duration)
+    for name, labels, value in result.gauges:
+        add(name, value, labels)
+    if result.failure is not None:
+        add("probe_ntp_failure_info", 1.0, (("reason", result.failure),))
+    out: list[str] = []
+    for name, help_text in PROBE_METRICS.items():
+        lines = series.pop(name, None)
+        if lines:
+            out.append(f"# HELP {name} {help_text}\n# TYPE {name} gauge\n")
+            out.extend(lines)
+    if series:
+        raise KeyError(f"metrics missing from the catalogue: {sorted(series)}")
+    return "".join(out)
+
+
+class Internals:
+    """The exporter's own metrics, served on /metrics (prefix ``ntp_probe_``)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        _process.ProcessCollector(registry=r)
+        _platform.PlatformCollector(registry=r)
+        _gc.GCCollector(registry=r)
+        Info("ntp_probe_build", "ntp_probe build information.", registry=r).info(
+            {"version": __version__, "python_version": platform.python_version()}
+        )
+        self.probes = Counter(
+            "ntp_probe_probes", "Probes run, by module and result.", ["module", "result"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "ntp_probe_probe_duration_seconds", "Probe duration, by module.", ["module"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "ntp_probe_probes_in_flight", "Probes currently running.", registry=r
+        )
+        self.rejected = Counter(
+            "ntp_probe_probes_rejected",
+            "Probe requests answered 503 because --probe.max-concurrent probes were running.",
+            registry=r,
+        )
+        self.module_unknown = Counter(
+            "ntp_probe_module_unknown", "Probe requests naming an unknown module.", registry=r
+        )
+        self.modules_configured = Gauge(
+            "ntp_probe_modules_configured", "Modules in the loaded configuration.", registry=r
+        )
+        self.reload_ok = Gauge(
+            "ntp_probe_config_last_reload_successful",
+            "Whether the last configuration load succeeded.", registry=r,
+        )
+        self.reload_time = Gauge(
+            "ntp_probe_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful configuration load.", registry=r,
+        )
+        self.packets_sent = Counter(
+            "ntp_probe_ntp_packets_sent", "NTP request packets sent.", registry=r
+        )
+
+    def config_loaded(self, modules: int) -> None:
+        """Record a successful (re)load."""
+        self.modules_configured.set(modules)
+        self.reload_ok.set(1)
+        self.reload_time.set(time.time())
+
+    def config_failed(self) -> None:
+        """Record a failed reload (the old configuration stays)."""
+        self.reload_ok.set(0)
+
+    def observe(self, module: str, result: ProbeResult) -> None:
+        """Count a finished probe."""
+        self.probes.labels(module, "success" if result.success else "failure").inc()
+        self.duration.labels(module).observe(result.duration)
+        if result.packets_sent:
+            self.packets_sent.inc(result.packets_sent)
+
+    def render(self) -> bytes:
+        """The /metrics exposition."""
+        return generate_latest(self.registry)

@@ -1,0 +1,166 @@
+"""Pure maths over NTP samples: offset, delay, clock filter, jitter, sanity checks.
+
+Inputs are raw 64-bit NTP timestamps; every difference is taken with the era-safe
+integer :func:`~ntp_probe.ntp.packet.ts_diff` before it becomes a float, so a float
+never holds an absolute NTP time (RFC 5905 section 8).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ntp_probe.ntp.packet import (
+    Leap,
+    Packet,
+    frac_to_seconds,
+    ts_diff,
+    ts_diff_ns,
+)
+
+MAX_STRATUM = 16  # RFC 5905: 16 means unsynchronised
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One request/response exchange: T1..T4 as raw NTP timestamps plus the reply."""
+
+    t1: int  # client transmit (local clock)
+    t2: int  # server receive (server clock)
+    t3: int  # server transmit (server clock)
+    t4: int  # client receive (local clock)
+    packet: Packet
+    t1_unix_ns: int  # T1 as read from the local clock; anchors every era resolution
+
+    @property
+    def t3_unix_ns(self) -> int:
+        """The server's transmit time in Unix ns, its era taken nearest the local T1."""
+        return self.t1_unix_ns + ts_diff_ns(self.t3, self.t1)
+
+    @property
+    def offset(self) -> float:
+        """θ = ((T2-T1)+(T3-T4))/2 seconds; positive when the server is ahead."""
+        return frac_to_seconds(ts_diff(self.t2, self.t1) + ts_diff(self.t3, self.t4)) / 2
+
+    @property
+    def delay(self) -> float:
+        """δ = (T4-T1)-(T3-T2) seconds: the round trip less the server's processing."""
+        return frac_to_seconds(ts_diff(self.t4, self.t1) - ts_diff(self.t3, self.t2))
+
+    @property
+    def server_processing(self) -> float:
+        """T3 - T2 seconds."""
+        return frac_to_seconds(ts_diff(self.t3, self.t2))
+
+    @property
+    def root_distance(self) -> float:
+        """(δ + root delay)/2 + root dispersion: the bound on this sample's error."""
+        return root_distance(self.delay, self.packet)
+
+
+def root_distance(delay: float, packet: Packet) -> float:
+    """(rtt + root_delay)/2 + root_dispersion, as defined by the exporter's contract."""
+    return (max(delay, 0.0) + packet.root_delay_seconds) / 2 + packet.root_dispersion_seconds
+
+
+def select_best(samples: Sequence[Sample]) -> Sample:
+    """The clock filter: the sample with the smallest delay (earliest on a tie)."""
+    if not samples:
+        raise ValueError("no samples")
+    return min(samples, key=lambda s: s.delay)
+
+
+def jitter(samples: Sequence[Sample], best: Sample) -> float:
+    """RMS of the other samples' offsets against the selected one (RFC 5905 peer jitter)."""
+    others = [s.offset - best.offset for s in samples if s is not best]
+    if not others:
+        return 0.0
+    return math.sqrt(sum(d * d for d in others) / len(others))
+
+
+def offset_stddev(samples: Sequence[Sample]) -> float:
+    """Sample standard deviation of the offsets (0 for a single sample)."""
+    n = len(samples)
+    if n < 2:
+        return 0.0
+    mean = sum(s.offset for s in samples) / n
+    return math.sqrt(sum((s.offset - mean) ** 2 for s in samples) / (n - 1))
+
+
+def loss_ratio(sent: int, received: int) -> float:
+    """1 - received/sent, clamped to [0, 1]; 0 when nothing was sent."""
+    if sent <= 0:
+        return 0.0
+    return min(1.0, max(0.0, 1.0 - received / sent))
+
+
+def causality_violation(offset: float, delay: float) -> float:
+    """Positive part of |offset| - delay/2 (node_exporter's sanity rule).
+
+    An offset larger than half the round trip cannot be explained by path asymmetry:
+    one of the two clocks is wrong by at least this much.
+    """
+    return max(0.0, abs(offset) - max(delay, 0.0) / 2)
+
+
+@dataclass(frozen=True, slots=True)
+class SanityLimits:
+    """The module settings that the selected sample is checked against (0 = off)."""
+
+    max_stratum: int = 15
+    max_root_distance: float = 1.5
+    max_reference_age: float = 36 * 3600.0
+    fail_if_offset_exceeds: float = 0.0
+    max_causality_violation: float = 0.0
+    min_plausible_unix: float = 1_704_067_200.0  # 2024-01-01T00:00:00Z
+
+
+def reference_age(sample: Sample) -> float | None:
+    """T3 - reference time in seconds, or None when the server gives no reference time.
+
+    A zero reference timestamp means "never synchronised" (ntpd in orphan mode sends it);
+    read naively it would be an instant in 2036 or 1900.
+    """
+    if sample.packet.reference_ts == 0:
+        return None
+    return frac_to_seconds(ts_diff(sample.t3, sample.packet.reference_ts))
+
+
+def reference_unix(sample: Sample) -> float:
+    """The reference time as Unix seconds (0 when the server reports none)."""
+    ref = sample.packet.reference_ts
+    if ref == 0:
+        return 0.0
+    return (sample.t3_unix_ns + ts_diff_ns(ref, sample.t3)) / 1e9
+
+
+def check(sample: Sample, limits: SanityLimits) -> str | None:
+    """Return the first failed sanity check's reason for the selected sample, or None.
+
+    The order is the contract's: stratum, leap, implausible time, reference after
+    transmit, stale reference, root distance, causality, offset.
+    """
+    p = sample.packet
+    if p.stratum == 0 or p.stratum >= MAX_STRATUM or p.stratum > limits.max_stratum:
+        return "stratum_unsynchronized"
+    if p.leap == Leap.UNSYNCHRONIZED:
+        return "leap_unsynchronized"
+    if sample.t3_unix_ns / 1e9 < limits.min_plausible_unix:
+        return "implausible_time"
+    age = reference_age(sample)
+    if age is not None:
+        if age < 0:
+            return "reference_after_transmit"
+        if limits.max_reference_age > 0 and age > limits.max_reference_age:
+            return "stale_reference"
+    if limits.max_root_distance > 0 and sample.root_distance > limits.max_root_distance:
+        return "excess_root_distance"
+    if (
+        limits.max_causality_violation > 0
+        and causality_violation(sample.offset, sample.delay) > limits.max_causality_violation
+    ):
+        return "causality_violation"
+    if limits.fail_if_offset_exceeds > 0 and abs(sample.offset) > limits.fail_if_offset_exceeds:
+        return "offset_exceeded"
+    return None

@@ -1,0 +1,69 @@
+"""What a prober fills in: gauges, the failure reason, a per-probe log and its deadline."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+Labels = tuple[tuple[str, str], ...]
+
+_logger = logging.getLogger("ntp_probe.probe")
+
+
+@dataclass(slots=True)
+class ProbeResult:
+    """The outcome of one probe, built by the prober and rendered by :mod:`ntp_probe.metrics`.
+
+    ``deadline`` is on the event loop's clock: the prober must have returned by then.
+    ``failure`` holds the first failure reason set; later ones are ignored, so probers
+    can call :meth:`fail` in the contract's order of checks.
+    """
+
+    deadline: float
+    gauges: list[tuple[str, Labels, float]] = field(default_factory=list)
+    failure: str | None = None
+    success: bool = False
+    duration: float = 0.0
+    packets_sent: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def set(self, name: str, value: float, labels: Labels = ()) -> None:
+        """Add one gauge sample (names must be in the metrics catalogue)."""
+        self.gauges.append((name, labels, float(value)))
+
+    def fail(self, reason: str) -> None:
+        """Record a failure reason unless an earlier check already failed."""
+        if self.failure is None:
+            self.failure = reason
+
+    def value(self, name: str, labels: Labels = ()) -> float | None:
+        """The value of a gauge set earlier, or None."""
+        for n, lab, v in self.gauges:
+            if n == name and lab == labels:
+                return v
+        return None
+
+
+class ProbeLog:
+    """Per-probe log lines (for debug=true and the CLI), mirrored to the logger at DEBUG."""
+
+    __slots__ = ("_debug", "_start", "context", "lines")
+
+    def __init__(self, context: str = "") -> None:
+        self.lines: list[str] = []
+        self.context = context
+        self._start = time.perf_counter()
+        self._debug = _logger.isEnabledFor(logging.DEBUG)
+
+    def __call__(self, message: str) -> None:
+        """Add a line stamped with the time since the probe started."""
+        elapsed_ms = (time.perf_counter() - self._start) * 1000
+        self.lines.append(f"{elapsed_ms:9.3f}ms {message}")
+        if self._debug:
+            _logger.debug("%s %s", self.context, message)
+
+    def text(self) -> str:
+        """All lines, newline-terminated."""
+        return "".join(line + "\n" for line in self.lines)

@@ -1,0 +1,76 @@
+"""Parse ``target`` parameters: ``host``, ``host:port``, ``1.2.3.4:123``, ``[2001:db8::1]:123``."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+# RFC 1123 host names (underscores tolerated: they occur in real internal zones).
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$"
+)
+
+
+class TargetError(ValueError):
+    """The target parameter cannot be parsed; the message is one line for a 400 reply."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A probe target as given; ``port`` is None when the target named none."""
+
+    host: str
+    port: int | None = None
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port is None else f"{host}:{self.port}"
+
+
+def _parse_port(text: str, raw: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise TargetError(f"invalid port {text!r} in target {raw!r} (expected 1-65535)")
+    return int(text)
+
+
+def _check_host(host: str, raw: str) -> str:
+    if not host:
+        raise TargetError(f"empty host in target {raw!r}")
+    try:
+        return str(ipaddress.ip_address(host.split("%", 1)[0])) + (
+            "%" + host.split("%", 1)[1] if "%" in host else ""
+        )
+    except ValueError:
+        pass
+    if not _HOSTNAME_RE.match(host) or host.replace(".", "").isdigit():
+        raise TargetError(f"invalid host {host!r} in target {raw!r}")
+    return host.lower()
+
+
+def parse_target(raw: str) -> Target:
+    """Parse a target string; raise :class:`TargetError` with a one-line reason."""
+    text = raw.strip()
+    if not text:
+        raise TargetError("empty target")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise TargetError(f"unclosed '[' in target {raw!r}")
+        host, rest = text[1:end], text[end + 1 :]
+        if ":" not in host:
+            raise TargetError(f"brackets hold no IPv6 address in target {raw!r}")
+        if rest and not rest.startswith(":"):
+            raise TargetError(f"unexpected {rest!r} after ']' in target {raw!r}")
+        port = _parse_port(rest[1:], raw) if rest else None
+        return Target(_check_host(host, raw), port)
+    if text.count(":") > 1:  # a bare IPv6 address: no port possible
+        try:
+            ipaddress.ip_address(text.split("%", 1)[0])
+        except ValueError:
+            raise TargetError(f"invalid target {raw!r}") from None
+        return Target(_check_host(text, raw), None)
+    host, sep, port_text = text.partition(":")
+    port = _parse_port(port_text, raw) if sep else None
+    return Target(_check_host(host, raw), port)
