@@ -26,6 +26,10 @@ _UNIT_SECONDS = {
     "d": 86400.0, "w": 604800.0, "y": 31536000.0,
 }
 
+_FORMAT_UNITS = (
+    ("h", 3_600_000_000_000), ("m", 60_000_000_000), ("s", 1_000_000_000), ("ms", 1_000_000),
+)
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
@@ -42,12 +46,14 @@ def parse_duration(value: object, key: str) -> float:
     text = value.strip()
     if text == "0":
         return 0.0
-    pos, total = 0, 0.0
+    pos, total, last_size = 0, 0.0, float("inf")
     for m in _DURATION_RE.finditer(text):
-        if m.start() != pos:
+        size = _UNIT_SECONDS[m.group(2)]
+        if m.start() != pos or size >= last_size:  # units must run from largest to smallest
+            pos = -1
             break
-        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-        pos = m.end()
+        total += float(m.group(1)) * size
+        pos, last_size = m.end(), size
     if pos != len(text) or not text:
         raise ConfigError(f"{key}: invalid duration {value!r} (use e.g. 10s, 1m30s, 500ms)")
     return total
@@ -55,14 +61,14 @@ def parse_duration(value: object, key: str) -> float:
 
 def format_duration(seconds: float) -> str:
     """Seconds back to a compact duration string (for /config and debug output)."""
-    if seconds == 0:
+    ns = round(seconds * 1e9)
+    if ns == 0:
         return "0s"
-    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
-        if seconds >= size and (seconds / size).is_integer():
-            return f"{int(seconds / size)}{unit}"
-    if (seconds * 1000).is_integer():
-        return f"{int(seconds * 1000)}ms"
-    return f"{seconds:g}s"
+    for unit, size in _FORMAT_UNITS:
+        if ns % size == 0:
+            return f"{ns // size}{unit}"
+    whole, frac = divmod(ns, 1_000_000_000)
+    return f"{whole}.{frac:09d}".rstrip("0") + "s"
 
 
 def _parse_time(value: object, key: str) -> float:

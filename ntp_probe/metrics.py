@@ -80,6 +80,7 @@ FAILURE_REASONS = (
 
 def format_value(value: float) -> str:
     """A sample value as the text format writes it."""
+    value = float(value)
     if math.isnan(value):
         return "NaN"
     if math.isinf(value):

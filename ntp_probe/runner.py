@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
 
 from ntp_probe.config import Module
@@ -12,6 +13,7 @@ from ntp_probe.result import ProbeLog, ProbeResult
 from ntp_probe.targets import Target
 
 SCRAPE_TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
+_NUMBER_RE = re.compile(r"\d+(?:\.\d*)?|\.\d+")
 
 
 class TimeoutHeaderError(ValueError):
@@ -28,6 +30,8 @@ def probe_timeout(module_timeout: float, header: str | None, offset: float) -> f
     if header is None:
         return module_timeout
     try:
+        if not _NUMBER_RE.fullmatch(header.strip()):
+            raise ValueError(header)
         scrape = float(header)
     except ValueError:
         raise TimeoutHeaderError(f"invalid {SCRAPE_TIMEOUT_HEADER} header {header!r}") from None

@@ -12,6 +12,8 @@ _HOSTNAME_RE = re.compile(
     r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$"
 )
 
+_ZONE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+
 
 class TargetError(ValueError):
     """The target parameter cannot be parsed; the message is one line for a 400 reply."""
@@ -38,12 +40,18 @@ def _parse_port(text: str, raw: str) -> int:
 def _check_host(host: str, raw: str) -> str:
     if not host:
         raise TargetError(f"empty host in target {raw!r}")
+    address, sep, zone = host.partition("%")
     try:
-        return str(ipaddress.ip_address(host.split("%", 1)[0])) + (
-            "%" + host.split("%", 1)[1] if "%" in host else ""
-        )
+        ip = ipaddress.ip_address(address)
     except ValueError:
         pass
+    else:
+        if not sep:
+            return str(ip)
+        # A zone (interface) only makes sense on an IPv6 address.
+        if ip.version != 6 or not _ZONE_RE.match(zone):
+            raise TargetError(f"invalid zone in target {raw!r}")
+        return f"{ip}%{zone}"
     if not _HOSTNAME_RE.match(host) or host.replace(".", "").isdigit():
         raise TargetError(f"invalid host {host!r} in target {raw!r}")
     return host.lower()

@@ -27,6 +27,7 @@ _NS = 1_000_000_000
 _MAX_MAC_LEN = 24
 _MAC_LENGTHS = (4, 20, 24)
 _MIN_EF_LEN = 16
+_MIN_LAST_EF_LEN = 28  # without a MAC, so that the last field cannot be read as one
 
 _HEADER = struct.Struct("!BBbbII4sQQQQ")
 
@@ -64,10 +65,10 @@ class ExtensionField:
     field_type: int
     value: bytes
 
-    def encode(self) -> bytes:
-        """Encode with padding to a multiple of 4 and at least the RFC 7822 minimum."""
+    def encode(self, min_length: int = 16) -> bytes:
+        """Encode with zero padding to a multiple of 4 and at least ``min_length`` octets."""
         body = self.value + b"\0" * (-len(self.value) % 4)
-        length = max(4 + len(body), _MIN_EF_LEN)
+        length = max(4 + len(body), min_length)
         body += b"\0" * (length - 4 - len(body))
         return struct.pack("!HH", self.field_type, length) + body
 
@@ -135,7 +136,15 @@ def encode_request(
         raise ValueError("transmit timestamp must be an unsigned 64-bit integer")
     first = (0 << 6) | (version << 3) | Mode.CLIENT
     header = _HEADER.pack(first, 0, 0, 0, 0, 0, b"\0\0\0\0", 0, 0, 0, transmit_ts)
-    return header + b"".join(ef.encode() for ef in extensions)
+    return header + _encode_extensions(extensions, has_mac=False)
+
+
+def _encode_extensions(extensions: tuple[ExtensionField, ...], has_mac: bool) -> bytes:
+    last = len(extensions) - 1
+    return b"".join(
+        ef.encode(_MIN_EF_LEN if has_mac or i < last else _MIN_LAST_EF_LEN)
+        for i, ef in enumerate(extensions)
+    )
 
 
 def encode_packet(p: Packet) -> bytes:
@@ -154,7 +163,7 @@ def encode_packet(p: Packet) -> bytes:
         p.receive_ts,
         p.transmit_ts,
     )
-    out += b"".join(ef.encode() for ef in p.extensions)
+    out += _encode_extensions(p.extensions, has_mac=p.mac is not None)
     if p.mac is not None:
         out += p.mac
     return out
@@ -242,8 +251,12 @@ def ts_diff(a: int, b: int) -> int:
 
 
 def ts_diff_ns(a: int, b: int) -> int:
-    """a - b in integer nanoseconds (era-safe, rounded toward negative infinity)."""
-    return (ts_diff(a, b) * _NS) >> 32
+    """a - b in integer nanoseconds (era-safe, rounded to nearest).
+
+    2**-32 s is finer than 1 ns, so rounding to nearest makes a Unix-ns -> NTP -> Unix-ns
+    round trip exact whatever the pivot.
+    """
+    return (ts_diff(a, b) * _NS + (1 << 31)) >> 32
 
 
 def frac_to_seconds(frac: int) -> float:

@@ -1,0 +1,355 @@
+"""modules.yaml parsing (ntp_probe.config): defaults, durations, strictness, round trip."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from ntp_probe.config import (
+    Config,
+    ConfigError,
+    Module,
+    NTPSettings,
+    config_to_yaml,
+    format_duration,
+    load_config,
+    parse_config,
+    parse_duration,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+JAN_2024 = 1_704_067_200.0
+
+
+def parse(text: str) -> Config:
+    return parse_config(text, "test.yaml")
+
+
+def module_yaml(ntp_block: str = "", extra: str = "") -> str:
+    """One module 'm' with the given (already indented) ntp: lines."""
+    text = "modules:\n  m:\n    prober: ntp\n"
+    text += extra
+    if ntp_block:
+        text += "    ntp:\n" + ntp_block
+    return text
+
+
+# --- packaged default ---------------------------------------------------------------
+
+
+def test_packaged_default_modules() -> None:
+    cfg = load_config(None)
+    assert cfg.source == "packaged default"
+    assert {"ntp", "ntp_fast", "local"} <= set(cfg.modules)
+
+
+def test_packaged_ntp_module_matches_design() -> None:
+    m = load_config(None).modules["ntp"]
+    assert m.name == "ntp"
+    assert m.prober == "ntp"
+    assert m.timeout == 10.0
+    n = m.ntp
+    assert n.port == 123
+    assert n.version == 4
+    assert n.samples == 3
+    assert n.sample_interval == 2.0
+    assert n.preferred_ip_protocol == "ip6"
+    assert n.ip_protocol_fallback is True
+    assert n.max_root_distance == 1.5
+    assert n.max_stratum == 15
+    assert n.max_reference_age == 36 * 3600.0
+    assert n.fail_if_offset_exceeds == 0.0
+    assert n.max_causality_violation == 0.0
+    assert n.min_plausible_time == JAN_2024
+    assert n.reply_timeout == 1.0
+    # The packaged module spells out exactly the dataclass defaults.
+    assert n == NTPSettings()
+
+
+def test_packaged_ntp_fast_module() -> None:
+    m = load_config(None).modules["ntp_fast"]
+    assert m.prober == "ntp"
+    assert m.ntp.samples == 1
+    assert m.ntp.reply_timeout == 1.0
+    assert 0 < m.timeout <= 10.0
+
+
+def test_packaged_local_module() -> None:
+    m = load_config(None).modules["local"]
+    assert m.prober == "ntp"
+    assert m.ntp.samples == 4
+    assert m.ntp.sample_interval == pytest.approx(0.010)
+    assert m.ntp.max_causality_violation == pytest.approx(0.001)
+    assert m.ntp.max_root_distance == pytest.approx(3.46608)
+    assert m.ntp.preferred_ip_protocol == "ip4"
+    # The whole burst fits inside the module timeout.
+    n = m.ntp
+    assert (n.samples - 1) * n.sample_interval + n.reply_timeout <= m.timeout
+
+
+def test_repo_root_modules_yaml_is_the_packaged_one() -> None:
+    root = (REPO_ROOT / "modules.yaml").read_text("utf-8")
+    packaged = resources.files("ntp_probe").joinpath("modules.yaml").read_text("utf-8")
+    assert root == packaged
+    assert load_config(str(REPO_ROOT / "modules.yaml")).modules == load_config(None).modules
+
+
+def test_load_config_from_file(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text("modules:\n  only:\n    timeout: 3s\n", "utf-8")
+    cfg = load_config(str(path))
+    assert cfg.source == str(path)
+    assert list(cfg.modules) == ["only"]
+    assert cfg.modules["only"] == Module(name="only", timeout=3.0)
+
+
+def test_load_config_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="cannot read") as exc:
+        load_config(str(path))
+    assert str(path) in str(exc.value)
+
+
+# --- durations ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("1m30s", 90.0),
+        ("500ms", 0.5),
+        ("0", 0.0),
+        ("0s", 0.0),
+        ("36h", 129600.0),
+        ("10s", 10.0),
+        ("1.5s", 1.5),
+        ("3.46608s", 3.46608),
+        ("1d", 86400.0),
+        ("1w", 604800.0),
+        ("1h2m3s", 3723.0),
+        ("250us", 250e-6),
+        ("  10s  ", 10.0),
+        (0, 0.0),
+        (0.0, 0.0),
+    ],
+)
+def test_parse_duration_valid(text: object, seconds: float) -> None:
+    assert parse_duration(text, "k") == pytest.approx(seconds, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["abc", "10", "-1s", "", "s", "1.s", ".5s", "1 s", "10S", "1e3s", "0.0", "10s junk",
+     5, 1.5, -1, True, False, None, [1], {"a": 1}],
+)
+def test_parse_duration_invalid(value: object) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_duration(value, "modules.x.timeout")
+    assert str(exc.value).startswith("modules.x.timeout: ")
+
+
+def test_numeric_duration_error_suggests_unit() -> None:
+    with pytest.raises(ConfigError, match="needs a unit"):
+        parse_duration(5, "k")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.0, "0s"), (10.0, "10s"), (90.0, "90s"), (120.0, "2m"), (129600.0, "36h"),
+     (0.5, "500ms"), (1.5, "1500ms"), (0.001, "1ms"), (3.46608, "3.46608s")],
+)
+def test_format_duration(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+    assert parse_duration(text, "k") == seconds
+
+
+@pytest.mark.parametrize("text", ["100ns", "1.2345678s"])
+def test_format_duration_round_trips(text: str) -> None:
+    seconds = parse_duration(text, "k")
+    assert parse_duration(format_duration(seconds), "k") == pytest.approx(seconds, rel=1e-12)
+
+
+# --- strictness ---------------------------------------------------------------------
+
+
+def test_unknown_top_level_key() -> None:
+    with pytest.raises(ConfigError, match="modulez") as exc:
+        parse("modules:\n  m: {}\nmodulez: {}\n")
+    assert "unknown key" in str(exc.value)
+
+
+def test_unknown_module_key_names_full_path() -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse(module_yaml(extra="    timout: 5s\n"))
+    assert str(exc.value).startswith("modules.m.timout: unknown key")
+
+
+def test_unknown_ntp_key_names_full_path() -> None:
+    text = "modules:\n  ntp:\n    ntp:\n      sampels: 3\n"
+    with pytest.raises(ConfigError) as exc:
+        parse(text)
+    msg = str(exc.value)
+    assert msg.startswith("modules.ntp.ntp.sampels: unknown key")
+    assert "samples" in msg  # the allowed keys are listed
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ("version: 5", "version"),
+        ("version: 0", "version"),
+        ("port: 0", "port"),
+        ("port: 65536", "port"),
+        ("samples: 0", "samples"),
+        ("samples: 65", "samples"),
+        ("max_stratum: 0", "max_stratum"),
+        ("max_stratum: 17", "max_stratum"),
+        ("samples: true", "samples"),
+        ("samples: 2.5", "samples"),
+        ("port: '123'", "port"),
+        ("preferred_ip_protocol: ip5", "preferred_ip_protocol"),
+        ("ip_protocol_fallback: 'yes please'", "ip_protocol_fallback"),
+        ("ip_protocol_fallback: 1", "ip_protocol_fallback"),
+        ("sample_interval: 2", "sample_interval"),
+        ("max_root_distance: -1s", "max_root_distance"),
+        ("reply_timeout: 0s", "reply_timeout"),
+        ("min_plausible_time: yesterday", "min_plausible_time"),
+        ("min_plausible_time: 1704067200", "min_plausible_time"),
+    ],
+)
+def test_bad_ntp_values_name_the_key(line: str, key: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse(module_yaml(f"      {line}\n"))
+    assert str(exc.value).startswith(f"modules.m.ntp.{key}: ")
+
+
+@pytest.mark.parametrize(
+    ("line", "value"),
+    [
+        ("version: 1", 1),
+        ("version: 4", 4),
+        ("port: 1", 1),
+        ("port: 65535", 65535),
+        ("samples: 64", 64),
+        ("max_stratum: 16", 16),
+    ],
+)
+def test_int_range_bounds_accepted(line: str, value: int) -> None:
+    cfg = parse(module_yaml(f"      {line}\n"))
+    key = line.split(":")[0]
+    assert getattr(cfg.modules["m"].ntp, key) == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["2024-01-01T00:00:00Z", "2024-01-01", "'2024-01-01T00:00:00+00:00'",
+     "'2024-01-01T01:00:00+01:00'", "'2024-01-01T00:00:00'"],
+)
+def test_min_plausible_time_forms(value: str) -> None:
+    cfg = parse(module_yaml(f"      min_plausible_time: {value}\n"))
+    assert cfg.modules["m"].ntp.min_plausible_time == JAN_2024
+
+
+def test_bad_prober() -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse("modules:\n  m:\n    prober: http\n")
+    assert str(exc.value).startswith("modules.m.prober: unknown prober 'http'")
+
+
+@pytest.mark.parametrize("timeout", ["0s", "0", "abc", "5"])
+def test_bad_module_timeout(timeout: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse(f"modules:\n  m:\n    timeout: {timeout}\n")
+    assert str(exc.value).startswith("modules.m.timeout: ")
+
+
+def test_module_and_ntp_must_be_mappings() -> None:
+    with pytest.raises(ConfigError, match=r"^modules\.m: expected a mapping"):
+        parse("modules:\n  m: [1, 2]\n")
+    with pytest.raises(ConfigError, match=r"^modules\.m\.ntp: expected a mapping"):
+        parse("modules:\n  m:\n    ntp: 3\n")
+
+
+def test_empty_module_and_ntp_blocks_take_defaults() -> None:
+    cfg = parse("modules:\n  a:\n  b: {}\n  c:\n    ntp:\n")
+    for name in "abc":
+        assert cfg.modules[name] == Module(name=name)
+
+
+def test_bad_yaml() -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse("modules:\n  m: {prober: [\n")
+    msg = str(exc.value)
+    assert msg.startswith("test.yaml: invalid YAML")
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "text", ["modules: {}\n", "modules:\n", "modules: []\n", "modules: 3\n", "{}\n"]
+)
+def test_empty_or_missing_modules(text: str) -> None:
+    with pytest.raises(ConfigError, match="modules"):
+        parse(text)
+
+
+@pytest.mark.parametrize("text", ["", "- a\n- b\n", "just a string\n"])
+def test_top_level_must_be_mapping(text: str) -> None:
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        parse(text)
+
+
+def test_partial_ntp_block_keeps_other_defaults() -> None:
+    cfg = parse(module_yaml("      samples: 5\n      sample_interval: 250ms\n"))
+    n = cfg.modules["m"].ntp
+    assert (n.samples, n.sample_interval) == (5, 0.25)
+    assert n == NTPSettings(samples=5, sample_interval=0.25)
+
+
+def test_non_string_module_names_become_strings() -> None:
+    cfg = parse("modules:\n  123: {}\n")
+    assert list(cfg.modules) == ["123"]
+    assert cfg.modules["123"].name == "123"
+
+
+# --- round trip ---------------------------------------------------------------------
+
+
+def test_config_to_yaml_round_trips_packaged_default() -> None:
+    cfg = load_config(None)
+    again = parse_config(config_to_yaml(cfg), "again")
+    assert again.modules == cfg.modules
+    assert list(again.modules) == list(cfg.modules)
+
+
+def test_config_to_yaml_round_trips_custom_config() -> None:
+    text = """
+modules:
+  custom:
+    prober: ntp
+    timeout: 1m30s
+    ntp:
+      port: 4123
+      version: 3
+      samples: 7
+      sample_interval: 125ms
+      preferred_ip_protocol: ip4
+      ip_protocol_fallback: false
+      max_root_distance: 3.46608s
+      max_stratum: 3
+      max_reference_age: 2d
+      fail_if_offset_exceeds: 250ms
+      max_causality_violation: 1ms
+      min_plausible_time: 2025-06-30T12:34:56.5Z
+      reply_timeout: 750ms
+  bare: {}
+"""
+    cfg = parse(text)
+    custom = cfg.modules["custom"]
+    assert custom.timeout == 90.0
+    assert custom.ntp.min_plausible_time == 1_751_286_896.5
+    assert custom.ntp.max_reference_age == 172800.0
+    again = parse_config(config_to_yaml(cfg), "again")
+    assert again.modules == cfg.modules

@@ -1,0 +1,116 @@
+"""Target parameter parsing (ntp_probe.targets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ntp_probe.targets import Target, TargetError, parse_target
+
+
+@pytest.mark.parametrize(
+    ("raw", "host", "port", "text"),
+    [
+        ("host", "host", None, "host"),
+        ("host:123", "host", 123, "host:123"),
+        ("ntp.example.org:4123", "ntp.example.org", 4123, "ntp.example.org:4123"),
+        ("1.2.3.4", "1.2.3.4", None, "1.2.3.4"),
+        ("1.2.3.4:123", "1.2.3.4", 123, "1.2.3.4:123"),
+        ("[2001:db8::1]:123", "2001:db8::1", 123, "[2001:db8::1]:123"),
+        ("[::1]", "::1", None, "[::1]"),
+        ("[::1]:1", "::1", 1, "[::1]:1"),
+        ("[::1]:65535", "::1", 65535, "[::1]:65535"),
+        ("2001:db8::1", "2001:db8::1", None, "[2001:db8::1]"),
+        ("2001:DB8:0:0::1", "2001:db8::1", None, "[2001:db8::1]"),  # normalised
+        ("::", "::", None, "[::]"),
+        ("Example.COM.", "example.com.", None, "example.com."),
+        ("Example.COM.:123", "example.com.", 123, "example.com.:123"),
+        ("localhost", "localhost", None, "localhost"),
+        ("_ntp.internal", "_ntp.internal", None, "_ntp.internal"),
+        ("a-b.c-d", "a-b.c-d", None, "a-b.c-d"),
+        ("  host:123  ", "host", 123, "host:123"),  # surrounding blanks ignored
+        ("host:0123", "host", 123, "host:123"),
+        ("fe80::1%eth0", "fe80::1%eth0", None, "[fe80::1%eth0]"),
+        ("[fe80::1%eth0]:123", "fe80::1%eth0", 123, "[fe80::1%eth0]:123"),
+    ],
+)
+def test_parse_target_valid(raw: str, host: str, port: int | None, text: str) -> None:
+    t = parse_target(raw)
+    assert t == Target(host, port)
+    assert str(t) == text
+    # str() of a parsed target parses back to the same target.
+    assert parse_target(str(t)) == t
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ("", "empty target"),
+        ("   ", "empty target"),
+        ("host:", "invalid port ''"),
+        (":123", "empty host"),
+        ("host:0", "invalid port '0'"),
+        ("host:65536", "invalid port '65536'"),
+        ("host:99999999999999999999", "invalid port"),
+        ("host:abc", "invalid port 'abc'"),
+        ("host:-1", "invalid port '-1'"),
+        ("host:+1", "invalid port '+1'"),
+        ("host: 1", "invalid port ' 1'"),
+        ("host:\u0663", "invalid port"),  # an Arabic-Indic digit is not an ASCII port
+        ("[::1", "unclosed '['"),
+        ("[::1]x", "unexpected 'x' after ']'"),
+        ("[::1]:", "invalid port ''"),
+        ("[::1]:0", "invalid port '0'"),
+        ("[]:1", "brackets hold no IPv6 address"),
+        ("[1.2.3.4]:1", "brackets hold no IPv6 address"),
+        ("[host]:1", "brackets hold no IPv6 address"),
+        ("[2001:db8::zz]:1", "invalid host"),
+        ("http://x", "invalid port"),
+        ("a b", "invalid host 'a b'"),
+        ("a\nb", "invalid host"),
+        ("1.2.3.4.5", "invalid host '1.2.3.4.5'"),
+        ("1.2.3", "invalid host '1.2.3'"),
+        ("999.1.1.1", "invalid host '999.1.1.1'"),
+        ("1234", "invalid host '1234'"),
+        ("host:12:34", "invalid target"),
+        ("2001:db8::g", "invalid target"),
+        ("-host", "invalid host"),
+        ("host-", "invalid host"),
+        ("a..b", "invalid host"),
+        ("a" * 64, "invalid host"),  # a label longer than 63 octets
+        ("a." * 127 + "a", "invalid host"),  # longer than 253 octets
+        ("host%eth0", "invalid host"),
+        ("ho$t", "invalid host"),
+    ],
+)
+def test_parse_target_invalid(raw: str, fragment: str) -> None:
+    with pytest.raises(TargetError) as exc:
+        parse_target(raw)
+    msg = str(exc.value)
+    assert fragment in msg
+    assert "\n" not in msg  # one line, fit for an HTTP 400 body
+
+
+def test_target_error_is_value_error() -> None:
+    assert issubclass(TargetError, ValueError)
+
+
+def test_longest_valid_hostname() -> None:
+    label = "a" * 63
+    name = ".".join([label] * 3 + ["b" * 61])  # 253 octets
+    assert len(name) == 253
+    assert parse_target(name).host == name
+    assert parse_target(name + ".").host == name + "."
+
+
+def test_target_str_brackets_ipv6_only() -> None:
+    assert str(Target("::1", 123)) == "[::1]:123"
+    assert str(Target("::1")) == "[::1]"
+    assert str(Target("1.2.3.4", 5)) == "1.2.3.4:5"
+    assert str(Target("h")) == "h"
+
+
+@pytest.mark.parametrize("raw", ["1.2.3.4%eth0", "1.2.3.4%eth0:123", "::1%", "fe80::1%a b",
+                                 "fe80::1%x\ny", "[fe80::1%]:123"])
+def test_parse_target_rejects_bad_zone_ids(raw: str) -> None:
+    with pytest.raises(TargetError):
+        parse_target(raw)

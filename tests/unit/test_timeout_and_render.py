@@ -1,0 +1,218 @@
+"""Probe timeout rule (ntp_probe.runner) and per-probe exposition (ntp_probe.metrics)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+from ntp_probe.metrics import FAILURE_REASONS, PROBE_METRICS, format_value, render
+from ntp_probe.result import ProbeResult
+from ntp_probe.runner import TimeoutHeaderError, probe_timeout
+
+# --- probe_timeout ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("module", "header", "offset", "expected"),
+    [
+        (10.0, None, 0.5, 10.0),  # no header: the module timeout
+        (5.0, None, 0.0, 5.0),
+        (5.0, "10", 0.5, 5.0),  # module timeout is smaller
+        (10.0, "3", 0.5, 2.5),  # header - offset is smaller
+        (10.0, "0.3", 0.5, 0.3),  # offset would eat it all: the header alone bounds it
+        (10.0, "0.5", 0.5, 0.5),  # offset equal to the header: same rule
+        (0.2, "0.3", 0.5, 0.2),
+        (10.0, "10", 0.0, 10.0),
+        (10.0, " 4.5 ", 0.5, 4.0),  # surrounding blanks tolerated
+        (10.0, "9.75", 0.25, 9.5),
+    ],
+)
+def test_probe_timeout(module: float, header: str | None, offset: float, expected: float) -> None:
+    assert probe_timeout(module, header, offset) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "header", ["abc", "1e1", "1_0",
+               "-1", "0", "-0", "0.0", "nan", "NaN", "inf", "-inf", "Infinity", "", "1s",
+               "0x10"]
+)
+def test_probe_timeout_invalid_header(header: str) -> None:
+    with pytest.raises(TimeoutHeaderError) as exc:
+        probe_timeout(10.0, header, 0.5)
+    msg = str(exc.value)
+    assert "X-Prometheus-Scrape-Timeout-Seconds" in msg
+    assert repr(header) in msg
+
+
+def test_timeout_header_error_is_value_error() -> None:
+    assert issubclass(TimeoutHeaderError, ValueError)
+
+
+def test_probe_timeout_never_exceeds_header_or_module() -> None:
+    for header in ("0.01", "0.3", "0.5", "0.51", "1", "2.5", "9.9", "10", "60"):
+        for module in (0.1, 1.0, 5.0, 10.0):
+            t = probe_timeout(module, header, 0.5)
+            assert 0 < t <= min(module, float(header))
+
+
+# --- format_value -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (1.0, "1"),
+        (0.0, "0"),
+        (-0.0, "0"),
+        (-3.0, "-3"),
+        (123456789.0, "123456789"),
+        (0.5, "0.5"),
+        (-0.00125, "-0.00125"),
+        (1e-05, "1e-05"),
+        (1e16, "1e+16"),
+        (float("nan"), "NaN"),
+        (float("inf"), "+Inf"),
+        (float("-inf"), "-Inf"),
+    ],
+)
+def test_format_value(value: float, text: str) -> None:
+    assert format_value(value) == text
+
+
+@pytest.mark.parametrize("value", [0.1, 1 / 3, 2.0**-30, 1e300, -12345.678, 1e15, 3.46608])
+def test_format_value_is_lossless(value: float) -> None:
+    text = format_value(value)
+    assert float(text) == value
+
+
+def test_format_value_accepts_int() -> None:
+    assert format_value(3) == "3"
+
+
+# --- render -------------------------------------------------------------------------
+
+
+def _failed_result() -> ProbeResult:
+    r = ProbeResult(deadline=0)
+    r.duration = 0.25
+    r.set("probe_ntp_stratum", 2)
+    r.set("probe_ntp_offset_seconds", -0.00125)
+    r.set("probe_ntp_rtt_seconds", 0.0005)
+    r.set("probe_ntp_server_info", 1, (("refid", 'a"b\\c\nd'), ("version", "4")))
+    r.fail("stale_reference")
+    r.fail("offset_exceeded")  # a later failure is ignored
+    return r
+
+
+def test_render_failed_probe_exact_text() -> None:
+    h = PROBE_METRICS
+    expected = (
+        f"# HELP probe_success {h['probe_success']}\n"
+        "# TYPE probe_success gauge\n"
+        "probe_success 0\n"
+        f"# HELP probe_duration_seconds {h['probe_duration_seconds']}\n"
+        "# TYPE probe_duration_seconds gauge\n"
+        "probe_duration_seconds 0.25\n"
+        f"# HELP probe_ntp_offset_seconds {h['probe_ntp_offset_seconds']}\n"
+        "# TYPE probe_ntp_offset_seconds gauge\n"
+        "probe_ntp_offset_seconds -0.00125\n"
+        f"# HELP probe_ntp_rtt_seconds {h['probe_ntp_rtt_seconds']}\n"
+        "# TYPE probe_ntp_rtt_seconds gauge\n"
+        "probe_ntp_rtt_seconds 0.0005\n"
+        f"# HELP probe_ntp_stratum {h['probe_ntp_stratum']}\n"
+        "# TYPE probe_ntp_stratum gauge\n"
+        "probe_ntp_stratum 2\n"
+        f"# HELP probe_ntp_server_info {h['probe_ntp_server_info']}\n"
+        "# TYPE probe_ntp_server_info gauge\n"
+        'probe_ntp_server_info{refid="a\\"b\\\\c\\nd",version="4"} 1\n'
+        f"# HELP probe_ntp_failure_info {h['probe_ntp_failure_info']}\n"
+        "# TYPE probe_ntp_failure_info gauge\n"
+        'probe_ntp_failure_info{reason="stale_reference"} 1\n'
+    )
+    assert render(_failed_result()) == expected
+
+
+def test_render_one_failure_line_and_one_help_type_per_family() -> None:
+    r = _failed_result()
+    r.set("probe_ntp_server_info", 1, (("refid", "GPS"), ("version", "3")))
+    text = render(r)
+    lines = text.splitlines()
+    assert sum(1 for line in lines if line.startswith("probe_ntp_failure_info")) == 1
+    helps = [line.split()[2] for line in lines if line.startswith("# HELP ")]
+    types = [line.split()[2] for line in lines if line.startswith("# TYPE ")]
+    assert len(helps) == len(set(helps))
+    assert helps == types
+    assert all(line.endswith(" gauge") for line in lines if line.startswith("# TYPE "))
+    # Both server_info series sit under the one family header, in insertion order.
+    i = lines.index("# TYPE probe_ntp_server_info gauge")
+    assert lines[i + 1].startswith('probe_ntp_server_info{refid="a')
+    assert lines[i + 2] == 'probe_ntp_server_info{refid="GPS",version="3"} 1'
+    # Every sample line belongs to the family declared just before it.
+    family = None
+    for line in lines:
+        if line.startswith("# TYPE "):
+            family = line.split()[2]
+        elif not line.startswith("#"):
+            assert re.split(r"[{ ]", line, maxsplit=1)[0] == family
+    assert text.endswith("\n")
+
+
+def test_render_success_has_no_failure_info() -> None:
+    r = ProbeResult(deadline=0)
+    r.success = True
+    r.duration = 0.0125
+    r.set("probe_ntp_packet_loss_ratio", 0)
+    text = render(r)
+    assert "probe_success 1\n" in text
+    assert "probe_duration_seconds 0.0125\n" in text
+    assert "probe_ntp_packet_loss_ratio 0\n" in text
+    assert "failure_info" not in text
+
+
+def test_render_follows_catalogue_order() -> None:
+    r = ProbeResult(deadline=0)
+    for name in reversed(list(PROBE_METRICS)):
+        if name not in ("probe_success", "probe_duration_seconds", "probe_ntp_failure_info"):
+            r.set(name, 1)
+    r.fail("timeout")
+    families = [line.split()[2] for line in render(r).splitlines() if line.startswith("# TYPE")]
+    assert families == list(PROBE_METRICS)
+
+
+def test_render_special_values() -> None:
+    r = ProbeResult(deadline=0)
+    r.set("probe_ntp_offset_seconds", math.nan)
+    r.set("probe_ntp_rtt_seconds", math.inf)
+    text = render(r)
+    assert "probe_ntp_offset_seconds NaN\n" in text
+    assert "probe_ntp_rtt_seconds +Inf\n" in text
+
+
+def test_render_unknown_metric_raises_key_error() -> None:
+    r = ProbeResult(deadline=0)
+    r.set("probe_ntp_bogus_seconds", 1)
+    with pytest.raises(KeyError, match="probe_ntp_bogus_seconds"):
+        render(r)
+
+
+def test_failure_reasons_cover_the_contract() -> None:
+    contract = {
+        "resolve", "timeout", "invalid_reply", "kod_rate", "kod_deny", "kod_rstr", "kod_other",
+        "causality_violation", "stratum_unsynchronized", "leap_unsynchronized",
+        "excess_root_distance", "stale_reference", "reference_after_transmit",
+        "implausible_time", "offset_exceeded", "target_forbidden", "backoff",
+    }
+    assert contract <= set(FAILURE_REASONS)
+    assert len(FAILURE_REASONS) == len(set(FAILURE_REASONS))
+
+
+def test_probe_result_fail_keeps_first_reason() -> None:
+    r = ProbeResult(deadline=0)
+    r.fail("resolve")
+    r.fail("timeout")
+    assert r.failure == "resolve"
+    r.set("probe_ntp_stratum", 3)
+    assert r.value("probe_ntp_stratum") == 3.0
+    assert r.value("probe_ntp_rtt_seconds") is None
