@@ -1,0 +1,249 @@
+"""Shared test helpers: required binaries, free loopback ports, a real chronyd on loopback.
+
+chronyd is always started with ``-x`` (never touch the system clock), bound to 127.0.0.1
+on a port picked at runtime, in a private 0700 directory, and stopped by the PID this
+module started (never by name). See /work/shared/RECIPES.md section 2.
+
+Integration tests skip with a clear reason when a binary is missing; with
+``NTP_PROBE_REQUIRE_INTEGRATION=1`` (CI) the skip becomes a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REQUIRE_INTEGRATION_ENV = "NTP_PROBE_REQUIRE_INTEGRATION"
+
+# Binary -> how to get it (for the skip/fail message).
+_INSTALL_HINTS = {
+    "chronyd": "apt-get install chrony",
+    "chronyc": "apt-get install chrony",
+    "prometheus": "apt-get install prometheus",
+    "promtool": "apt-get install prometheus",
+}
+
+LOOPBACK = "127.0.0.1"
+# How long chronyd may take to answer its first query (RECIPES: about 54 ms here).
+CHRONYD_START_DEADLINE = 5.0
+_POLL_TIMEOUT = 0.05
+_START_ATTEMPTS = 5
+
+
+def integration_required() -> bool:
+    """True when CI asks for missing integration dependencies to be fatal."""
+    return os.environ.get(REQUIRE_INTEGRATION_ENV, "") == "1"
+
+
+def require_binary(name: str) -> str:
+    """The path of ``name`` on PATH; otherwise skip (or fail when CI requires integration)."""
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    hint = _INSTALL_HINTS.get(name, f"install {name}")
+    reason = f"{name} not installed: {hint}"
+    if integration_required():
+        pytest.fail(f"{reason} ({REQUIRE_INTEGRATION_ENV}=1 makes this fatal)", pytrace=False)
+    pytest.skip(reason)
+
+
+def free_udp_port() -> int:
+    """A UDP port on 127.0.0.1 that was free a moment ago (bind 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def free_tcp_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bind 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def raw_ntp_query(
+    host: str, port: int, timeout: float = _POLL_TIMEOUT, version: int = 4
+) -> bytes | None:
+    """Send one hand-built mode-3 request; return the matching reply's bytes, or None.
+
+    Deliberately independent of ntp_probe's codec: fixtures must not rely on the code
+    under test to decide that a server is up.
+    """
+    nonce = secrets.randbits(64) | 1
+    request = bytes([(version << 3) | 3]) + bytes(39) + struct.pack("!Q", nonce)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.connect((host, port))
+        try:
+            s.send(request)
+            deadline = time.monotonic() + timeout
+            while True:
+                s.settimeout(max(deadline - time.monotonic(), 1e-3))
+                data = s.recv(2048)
+                if len(data) >= 48 and struct.unpack_from("!Q", data, 24)[0] == nonce:
+                    return data
+        except (TimeoutError, ConnectionRefusedError):
+            return None
+
+
+@dataclass
+class Chronyd:
+    """A chronyd this test session started."""
+
+    host: str
+    port: int
+    dir: Path
+    proc: subprocess.Popen[bytes]
+    synchronised: bool
+
+    @property
+    def target(self) -> str:
+        """``host:port`` for ``/probe?target=`` and ``ntp-probe probe``."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def socket_path(self) -> Path:
+        """chronyc's command socket (``chronyc -h PATH``)."""
+        return self.dir / "chronyd.sock"
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "chronyd.log"
+
+    def log(self) -> str:
+        """chronyd's own log so far (stderr with -d)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+def chrony_config(directory: Path, port: int, *, synchronised: bool) -> str:
+    """RECIPES.md section 2: a loopback-only server; without ``local stratum`` it is
+    an unsynchronised server (stratum 0, zero refid, LI 3)."""
+    lines = [
+        f"port {port}",
+        f"bindaddress {LOOPBACK}",
+        f"allow {LOOPBACK}",
+    ]
+    if synchronised:
+        lines.append("local stratum 8")
+    lines += [
+        "cmdport 0",
+        f"bindcmdaddress {directory}/chronyd.sock",
+        f"pidfile {directory}/chronyd.pid",
+        f"driftfile {directory}/drift",
+    ]
+    if os.geteuid() == 0:
+        lines.append("user root")
+    return "\n".join(lines) + "\n"
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
+    """Terminate one process we started (by its PID), kill it if it lingers."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+    return proc.returncode
+
+
+def _spawn_chronyd(binary: str, directory: Path, port: int, synchronised: bool) -> Chronyd:
+    conf = directory / "chrony.conf"
+    conf.write_text(chrony_config(directory, port, synchronised=synchronised))
+    # -x: never touch the system clock. -d: foreground, log to stderr. -4: IPv4 only.
+    argv = [binary, "-4", "-x", "-d", "-f", str(conf)]
+    if os.geteuid() != 0:
+        argv.insert(1, "-U")  # RECIPES: non-root needs -U, else "Not superuser"
+    with open(directory / "chronyd.log", "wb") as log:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=directory
+        )
+    return Chronyd(LOOPBACK, port, directory, proc, synchronised)
+
+
+def _wait_ready(c: Chronyd, deadline: float) -> str | None:
+    """Poll until chronyd answers; return None when ready, else why it is not."""
+    while (started := time.monotonic()) < deadline:
+        if c.proc.poll() is not None:
+            return f"chronyd exited with {c.proc.returncode}"
+        if "Could not open NTP socket" in c.log():
+            return "port taken"
+        if raw_ntp_query(c.host, c.port) is not None:
+            return None
+        # A closed port refuses at once: keep polls at least 10 ms apart, not a busy loop.
+        time.sleep(max(0.0, started + 0.01 - time.monotonic()))
+    return "no answer within the deadline"
+
+
+def start_chronyd(*, synchronised: bool = True) -> Chronyd:
+    """Start a real ``chronyd -x`` on 127.0.0.1 and a free port; wait until it answers.
+
+    Retries with another port when the chosen one was taken meanwhile.
+    """
+    binary = require_binary("chronyd")
+    problems: list[str] = []
+    for _ in range(_START_ATTEMPTS):
+        directory = Path(tempfile.mkdtemp(prefix="ntpp-chronyd-"))
+        directory.chmod(0o700)  # chronyd refuses a command socket in a dir others can reach
+        c = _spawn_chronyd(binary, directory, free_udp_port(), synchronised)
+        why = _wait_ready(c, time.monotonic() + CHRONYD_START_DEADLINE)
+        if why is None:
+            if "Disabled control of system clock" not in c.log():
+                stop_process(c.proc)
+                pytest.fail(f"chronyd did not confirm -x (clock control):\n{c.log()}")
+            return c
+        stop_process(c.proc)
+        problems.append(f"port {c.port}: {why}\n{c.log()}")
+        shutil.rmtree(directory, ignore_errors=True)
+        if why != "port taken":
+            break
+    pytest.fail("could not start chronyd:\n" + "\n".join(problems), pytrace=False)
+
+
+def stop_chronyd(c: Chronyd) -> None:
+    """Stop a chronyd started by :func:`start_chronyd` and remove its directory."""
+    stop_process(c.proc)
+    shutil.rmtree(c.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def chronyd() -> Iterator[Chronyd]:
+    """A synchronised chronyd (``local stratum 8``) shared by the session."""
+    c = start_chronyd(synchronised=True)
+    try:
+        yield c
+    finally:
+        stop_chronyd(c)
+
+
+@pytest.fixture
+def chronyd_factory() -> Iterator[Callable[..., Chronyd]]:
+    """Start extra chronyds; ``factory(synchronised=False)`` gives an unsynchronised one
+    (stratum 0, zero refid, LI 3). All are stopped at the end of the test."""
+    started: list[Chronyd] = []
+
+    def factory(*, synchronised: bool = False) -> Chronyd:
+        c = start_chronyd(synchronised=synchronised)
+        started.append(c)
+        return c
+
+    try:
+        yield factory
+    finally:
+        for c in started:
+            stop_chronyd(c)
