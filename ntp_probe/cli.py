@@ -19,13 +19,16 @@ from typing import Any
 
 from aiohttp import web
 
-from ntp_probe import __version__, logs
+from ntp_probe import __version__, logs, sdnotify
 from ntp_probe.config import Config, ConfigError, load_config
+from ntp_probe.guard import Guard
+from ntp_probe.history import History
 from ntp_probe.metrics import Internals, render
 from ntp_probe.result import ProbeLog, ProbeResult
 from ntp_probe.runner import run_probe
 from ntp_probe.targets import TargetError, parse_target
 from ntp_probe.web import State, create_app
+from ntp_probe.webconfig import WebConfigError, load_web_config
 
 logger = logging.getLogger("ntp_probe")
 
@@ -54,6 +57,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
     return value
 
 
@@ -90,6 +100,10 @@ def serve_parser() -> argparse.ArgumentParser:
           metavar="SECONDS", help="subtracted from Prometheus' scrape timeout")
     _flag(p, "--probe.max-concurrent", "100", dest="max_concurrent", type=_positive_int,
           metavar="N", help="probes in flight before /probe answers 503")
+    _flag(p, "--web.config.file", None, dest="web_config_file", metavar="FILE",
+          help="TLS and basic auth, in Prometheus exporter-toolkit format")
+    _flag(p, "--history.limit", "100", dest="history_limit", type=_non_negative_int, metavar="N",
+          help="recent probes kept for the landing page (failures: as many again)")
     _flag(p, "--config.check", "false", dest="config_check", type=_bool, nargs="?", const=True,
           metavar="BOOL", help="validate the configuration and exit 0 (valid) or 1")
     p.add_argument("--version", action="version", version=f"ntp-probe {__version__}")
@@ -133,27 +147,41 @@ async def _serve(args: argparse.Namespace, config: Config) -> int:
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
+    try:
+        web_config = load_web_config(args.web_config_file)
+    except WebConfigError as exc:
+        logger.error("invalid web configuration: %s", exc)
+        return 1
     internals = Internals()
     internals.config_loaded(len(config.modules))
     state = State(config=config, internals=internals, timeout_offset=args.timeout_offset,
-                  max_concurrent=args.max_concurrent)
-    runner = web.AppRunner(create_app(state), access_log=None)
+                  max_concurrent=args.max_concurrent, config_path=args.config_file,
+                  history=History(args.history_limit), web_config=web_config)
+    # handler_cancellation: a client that hangs up cancels its probe (and closes its socket).
+    runner = web.AppRunner(create_app(state), access_log=None, handler_cancellation=True)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True,
+                           ssl_context=web_config.ssl_context)
         await site.start()
     except OSError as exc:
         logger.error("cannot listen on %s: %s", args.listen, exc.strerror or exc)
         await runner.cleanup()
         return 1
-    logger.info("listening on %s with %d modules from %s (version %s)", args.listen,
-                len(config.modules), config.source, __version__)
+    logger.info("listening on %s%s with %d modules from %s (version %s)", args.listen,
+                " (TLS)" if web_config.ssl_context else "", len(config.modules), config.source,
+                __version__)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, state.reload)
+    sdnotify.notify("READY=1")
+    watchdog = sdnotify.start_watchdog()
     await stop.wait()
     logger.info("shutting down")
+    sdnotify.notify("STOPPING=1")
+    await sdnotify.stop_watchdog(watchdog)
     await runner.cleanup()
     return 0
 
@@ -203,7 +231,8 @@ async def _probe(args: argparse.Namespace, config: Config) -> int:
         print(exc, file=sys.stderr)
         return 2
     log = ProbeLog(f"target={target} module={module.name}")
-    result = await run_probe(target, module, module.timeout, log)
+    guard = Guard(policies=(config.policy, module.policy))
+    result = await run_probe(target, module, module.timeout, log, guard)
     if args.output_format == "prometheus":
         sys.stdout.write(render(result))
     elif args.output_format == "json":
@@ -237,6 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = _load(args.config_file)
     if args.config_check:
         if config is None:
+            return 1
+        try:
+            load_web_config(args.web_config_file)
+        except WebConfigError as exc:
+            logger.error("invalid web configuration: %s", exc)
             return 1
         print(f"configuration OK: {len(config.modules)} modules from {config.source}")
         return 0

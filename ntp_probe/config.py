@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from ntp_probe.policy import PolicyError, TargetPolicy, parse_rules
+
 PROBER_KINDS = ("ntp",)
 IP_PROTOCOLS = ("ip4", "ip6")
 
@@ -105,6 +107,8 @@ class NTPSettings:
     max_causality_violation: float = 0.0
     min_plausible_time: float = 1_704_067_200.0  # 2024-01-01T00:00:00Z
     reply_timeout: float = 1.0
+    kod_rate_max_backoff: float = 3600.0
+    kod_deny_backoff: float = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +119,8 @@ class Module:
     prober: str = "ntp"
     timeout: float = 10.0
     ntp: NTPSettings = field(default_factory=NTPSettings)
+    policy: TargetPolicy = field(default_factory=TargetPolicy)
+    min_probe_interval: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,11 +129,12 @@ class Config:
 
     modules: Mapping[str, Module]
     source: str  # file path, or "packaged default"
+    policy: TargetPolicy = field(default_factory=TargetPolicy)
 
 
 _DURATION_KEYS = {
     "sample_interval", "max_root_distance", "max_reference_age", "fail_if_offset_exceeds",
-    "max_causality_violation", "reply_timeout",
+    "max_causality_violation", "reply_timeout", "kod_rate_max_backoff", "kod_deny_backoff",
 }
 # key -> (minimum, maximum) for integers
 _INT_RANGES = {"port": (1, 65535), "version": (1, 4), "samples": (1, 64), "max_stratum": (1, 16)}
@@ -136,9 +143,8 @@ _INT_RANGES = {"port": (1, 65535), "version": (1, 4), "samples": (1, 64), "max_s
 def _check_keys(raw: Mapping[str, Any], allowed: set[str], where: str) -> None:
     for key in raw:
         if key not in allowed:
-            raise ConfigError(
-                f"{where}.{key}: unknown key (allowed: {', '.join(sorted(allowed))})"
-            )
+            name = f"{where}.{key}" if where else str(key)
+            raise ConfigError(f"{name}: unknown key (allowed: {', '.join(sorted(allowed))})")
 
 
 def _parse_ntp(raw: object, where: str) -> NTPSettings:
@@ -180,7 +186,7 @@ def _parse_module(name: str, raw: object) -> Module:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping")
-    _check_keys(raw, {"prober", "timeout", "ntp"}, where)
+    _check_keys(raw, {"prober", "timeout", "ntp", *_POLICY_KEYS, "min_probe_interval"}, where)
     prober = raw.get("prober", "ntp")
     if prober not in PROBER_KINDS:
         raise ConfigError(
@@ -190,7 +196,26 @@ def _parse_module(name: str, raw: object) -> Module:
     if timeout <= 0:
         raise ConfigError(f"{where}.timeout: must be greater than 0")
     ntp = _parse_ntp(raw.get("ntp"), f"{where}.ntp")
-    return Module(name=name, prober=prober, timeout=timeout, ntp=ntp)
+    interval = parse_duration(raw.get("min_probe_interval", 0), f"{where}.min_probe_interval")
+    return Module(name=name, prober=prober, timeout=timeout, ntp=ntp,
+                  policy=_parse_policy(raw, where), min_probe_interval=interval)
+
+
+_POLICY_KEYS = ("allowed_targets", "denied_targets")
+
+
+def _parse_policy(raw: Mapping[str, Any], where: str) -> TargetPolicy:
+    rules = []
+    for key in _POLICY_KEYS:
+        items = raw.get(key, [])
+        k = f"{where}.{key}" if where else key
+        if not isinstance(items, list):
+            raise ConfigError(f"{k}: expected a list of CIDRs, host names or *.domains")
+        try:
+            rules.append(parse_rules(items, k))
+        except PolicyError as exc:
+            raise ConfigError(str(exc)) from None
+    return TargetPolicy(allowed=rules[0], denied=rules[1])
 
 
 def parse_config(text: str, source: str) -> Config:
@@ -201,12 +226,12 @@ def parse_config(text: str, source: str) -> Config:
         raise ConfigError(f"{source}: invalid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping with a 'modules' key")
-    _check_keys(raw, {"modules"}, "(top level)")
+    _check_keys(raw, {"modules", *_POLICY_KEYS}, "")
     modules_raw = raw.get("modules")
     if not isinstance(modules_raw, dict) or not modules_raw:
         raise ConfigError("modules: expected a non-empty mapping of module names")
     modules = {str(name): _parse_module(str(name), body) for name, body in modules_raw.items()}
-    return Config(modules=modules, source=source)
+    return Config(modules=modules, source=source, policy=_parse_policy(raw, ""))
 
 
 def load_config(path: str | None) -> Config:
@@ -231,10 +256,25 @@ def module_to_dict(module: Module) -> dict[str, Any]:
         elif f.name == "min_plausible_time":
             value = dt.datetime.fromtimestamp(value, dt.UTC).isoformat().replace("+00:00", "Z")
         ntp[f.name] = value
-    return {"prober": module.prober, "timeout": format_duration(module.timeout), "ntp": ntp}
+    out: dict[str, Any] = {"prober": module.prober, "timeout": format_duration(module.timeout)}
+    out.update(_policy_to_dict(module.policy))
+    if module.min_probe_interval:
+        out["min_probe_interval"] = format_duration(module.min_probe_interval)
+    out["ntp"] = ntp
+    return out
+
+
+def _policy_to_dict(policy: TargetPolicy) -> dict[str, list[str]]:
+    out = {}
+    if policy.allowed:
+        out["allowed_targets"] = list(policy.allowed.source)
+    if policy.denied:
+        out["denied_targets"] = list(policy.denied.source)
+    return out
 
 
 def config_to_yaml(config: Config) -> str:
     """The loaded configuration as YAML (for /config and debug output)."""
-    data = {"modules": {name: module_to_dict(m) for name, m in config.modules.items()}}
+    data: dict[str, Any] = dict(_policy_to_dict(config.policy))
+    data["modules"] = {name: module_to_dict(m) for name, m in config.modules.items()}
     return yaml.safe_dump(data, sort_keys=False)

@@ -65,6 +65,12 @@ PROBE_METRICS: dict[str, str] = {
         "Positive part of |offset| - rtt/2: clock error that path asymmetry cannot explain, "
         "in seconds."
     ),
+    "probe_ntp_backoff_remaining_seconds": (
+        "Seconds until this server may be sent to again after a Kiss-o'-Death."
+    ),
+    "probe_ntp_result_age_seconds": (
+        "Age of a result served again because of the module's min_probe_interval, in seconds."
+    ),
     "probe_ntp_server_info": "Server identity: reference id and NTP version of its reply.",
     "probe_ntp_kiss_code_info": "Kiss-o'-Death code received from the server.",
     "probe_ntp_failure_info": "Why the probe failed (exactly one series on failure).",
@@ -94,8 +100,11 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def render(result: ProbeResult) -> str:
-    """The result in the Prometheus text format (a fresh exposition per probe)."""
+def render(result: ProbeResult, result_age: float | None = None) -> str:
+    """The result in the Prometheus text format (a fresh exposition per probe).
+
+    ``result_age`` marks a result served again from the min_probe_interval cache.
+    """
     series: dict[str, list[str]] = {}
 
     def add(name: str, value: float, labels: tuple[tuple[str, str], ...] = ()) -> None:
@@ -110,6 +119,8 @@ def render(result: ProbeResult) -> str:
     add("probe_duration_seconds", result.duration)
     for name, labels, value in result.gauges:
         add(name, value, labels)
+    if result_age is not None:
+        add("probe_ntp_result_age_seconds", result_age)
     if result.failure is not None:
         add("probe_ntp_failure_info", 1.0, (("reason", result.failure),))
     out: list[str] = []

@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ntp_probe.guard import Guard
+
 Labels = tuple[tuple[str, str], ...]
 
 _logger = logging.getLogger("ntp_probe.probe")
@@ -17,11 +19,13 @@ class ProbeResult:
     """The outcome of one probe, built by the prober and rendered by :mod:`ntp_probe.metrics`.
 
     ``deadline`` is on the event loop's clock: the prober must have returned by then.
+    ``guard`` says which addresses may be sent to (target policy, KoD backoff).
     ``failure`` holds the first failure reason set; later ones are ignored, so probers
     can call :meth:`fail` in the contract's order of checks.
     """
 
     deadline: float
+    guard: Guard = field(default_factory=Guard)
     gauges: list[tuple[str, Labels, float]] = field(default_factory=list)
     failure: str | None = None
     success: bool = False

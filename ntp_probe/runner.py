@@ -8,6 +8,7 @@ import re
 import time
 
 from ntp_probe.config import Module
+from ntp_probe.guard import Guard
 from ntp_probe.probers import PROBERS
 from ntp_probe.result import ProbeLog, ProbeResult
 from ntp_probe.targets import Target
@@ -42,12 +43,13 @@ def probe_timeout(module_timeout: float, header: str | None, offset: float) -> f
 
 
 async def run_probe(
-    target: Target, module: Module, timeout: float, log: ProbeLog  # noqa: ASYNC109
+    target: Target, module: Module, timeout: float, log: ProbeLog,
+    guard: Guard | None = None,
 ) -> ProbeResult:
     """Run the module's prober against ``target``; never takes longer than ``timeout``."""
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
-    result = ProbeResult(deadline=loop.time() + timeout)
+    result = ProbeResult(deadline=loop.time() + timeout, guard=guard or Guard())
     log(f"probe {target} module={module.name} prober={module.prober} timeout={timeout:g}s")
     try:
         async with asyncio.timeout_at(result.deadline):

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import html
 import logging
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import yaml
 from aiohttp import web
 
 from ntp_probe import __version__
-from ntp_probe.config import Config, module_to_dict
+from ntp_probe.config import Config, ConfigError, config_to_yaml, load_config, module_to_dict
+from ntp_probe.coordinator import Coordinator
+from ntp_probe.history import Entry, History
 from ntp_probe.metrics import CONTENT_TYPE, Internals, render
-from ntp_probe.result import ProbeLog
-from ntp_probe.runner import SCRAPE_TIMEOUT_HEADER, TimeoutHeaderError, probe_timeout, run_probe
+from ntp_probe.runner import SCRAPE_TIMEOUT_HEADER, TimeoutHeaderError, probe_timeout
 from ntp_probe.targets import TargetError, parse_target
+from ntp_probe.webconfig import WebConfig
 
 logger = logging.getLogger("ntp_probe.web")
 
@@ -31,6 +34,23 @@ class State:
     timeout_offset: float = 0.5
     max_concurrent: int = 100
     in_flight: int = 0
+    config_path: str | None = None
+    coordinator: Coordinator = field(default_factory=Coordinator)
+    history: History = field(default_factory=History)
+    web_config: WebConfig = field(default_factory=WebConfig)
+
+    def reload(self) -> str | None:
+        """Reload the configuration file; on error keep the old one and return why."""
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            self.internals.config_failed()
+            logger.error("reload failed, keeping the previous configuration: %s", exc)
+            return str(exc)
+        self.config = config
+        self.internals.config_loaded(len(config.modules))
+        logger.info("reloaded %d modules from %s", len(config.modules), config.source)
+        return None
 
 
 STATE: web.AppKey[State] = web.AppKey("state", State)
@@ -48,7 +68,8 @@ async def probe_handler(request: web.Request) -> web.Response:
     if not raw_target:
         return _bad_request("target parameter is missing")
     module_name = query.get("module", DEFAULT_MODULE) or DEFAULT_MODULE
-    module = state.config.modules.get(module_name)
+    config = state.config
+    module = config.modules.get(module_name)
     if module is None:
         state.internals.module_unknown.inc()
         return _bad_request(f"unknown module {module_name!r}")
@@ -69,22 +90,28 @@ async def probe_handler(request: web.Request) -> web.Response:
     state.in_flight += 1
     state.internals.in_flight.inc()
     try:
-        log = ProbeLog(f"target={target} module={module_name}")
-        result = await run_probe(target, module, timeout, log)
+        outcome = await state.coordinator.probe(config, module, target, timeout)
     finally:
         state.in_flight -= 1
         state.internals.in_flight.dec()
-    state.internals.observe(module_name, result)
-    body = render(result)
+    result, log = outcome.result, outcome.log
+    if outcome.age is None and not outcome.shared:
+        state.internals.observe(module_name, result)
+    body = render(result, outcome.age)
+    entry = state.history.add(module_name, str(target), result.success, result.failure,
+                              result.duration, log.text(), body)
     if not debug:
         return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
-    text = (
-        "Logs for the probe:\n" + log.text()
-        + "\n\nMetrics that would have been returned:\n" + body
+    return web.Response(text=_debug_text(entry, module_to_dict(module)))
+
+
+def _debug_text(entry: Entry, module: dict[str, object]) -> str:
+    return (
+        "Logs for the probe:\n" + entry.log
+        + "\n\nMetrics that would have been returned:\n" + entry.metrics
         + "\n\nModule configuration:\n"
-        + yaml.safe_dump({module_name: module_to_dict(module)}, sort_keys=False)
+        + yaml.safe_dump({entry.module: module}, sort_keys=False)
     )
-    return web.Response(text=text)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
@@ -98,18 +125,62 @@ async def healthy_handler(request: web.Request) -> web.Response:
     return web.Response(text="OK\n")
 
 
+async def reload_handler(request: web.Request) -> web.Response:
+    """POST /-/reload: reload the config file; 500 with the reason if it is bad."""
+    error = request.app[STATE].reload()
+    if error is not None:
+        return web.Response(status=500, text=f"failed to reload config: {error}\n")
+    return web.Response(text="OK\n")
+
+
+async def config_handler(request: web.Request) -> web.Response:
+    """GET /config: the loaded configuration as YAML."""
+    return web.Response(text=config_to_yaml(request.app[STATE].config),
+                        content_type="text/plain")
+
+
+async def logs_handler(request: web.Request) -> web.Response:
+    """GET /logs?id=N: one recent probe's debug output."""
+    raw = request.query.get("id", "")
+    if not raw.isdigit():
+        return _bad_request("id parameter must be a probe number")
+    state = request.app[STATE]
+    entry = state.history.get(int(raw))
+    if entry is None:
+        return web.Response(status=404, text=f"probe {raw} is no longer in the history\n")
+    module = state.config.modules.get(entry.module)
+    return web.Response(text=_debug_text(entry, module_to_dict(module) if module else {}))
+
+
+def _row(e: Entry) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.timestamp))
+    result = "success" if e.success else "failure"
+    return (
+        f"<tr class='{result}'><td>{when}</td><td>{html.escape(e.module)}</td>"
+        f"<td>{html.escape(e.target)}</td><td>{result}</td>"
+        f"<td>{html.escape(e.reason or '')}</td><td>{e.duration * 1000:.1f} ms</td>"
+        f"<td><a href='logs?id={e.id}'>log</a></td></tr>"
+    )
+
+
 async def index_handler(request: web.Request) -> web.Response:
-    """GET /: a landing page with links."""
+    """GET /: landing page with the recent probes (failures kept longer)."""
     state = request.app[STATE]
     modules = "".join(
         f"<li><code>{html.escape(name)}</code></li>" for name in state.config.modules
     )
+    rows = "".join(_row(e) for e in state.history)
     page = (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>ntp_probe</title></head><body>"
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>ntp_probe</title>"
+        "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:left}"
+        "tr.failure td{color:#a00}</style></head><body>"
         f"<h1>ntp_probe {html.escape(__version__)}</h1>"
-        "<p>Probe an NTP server: <a href='probe?target=127.0.0.1&amp;module=ntp_fast&amp;"
-        "debug=true'>probe?target=127.0.0.1&amp;module=ntp_fast&amp;debug=true</a></p>"
-        "<p><a href='metrics'>Metrics</a></p>"
+        "<p><a href='metrics'>Metrics</a> &middot; <a href='config'>Configuration</a> &middot; "
+        "Probe: <code>probe?target=HOST[:PORT]&amp;module=NAME[&amp;debug=true]</code></p>"
+        "<h2>Recent probes</h2>"
+        "<table id='history'><thead><tr><th>Time (UTC)</th><th>Module</th><th>Target</th>"
+        "<th>Result</th><th>Reason</th><th>Duration</th><th>Debug</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>"
         f"<h2>Modules</h2><ul>{modules}</ul></body></html>"
     )
     return web.Response(text=page, content_type="text/html")
@@ -131,11 +202,14 @@ async def error_middleware(
 
 def create_app(state: State) -> web.Application:
     """Build the application around shared state."""
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[state.web_config.middleware(), error_middleware])
     app[STATE] = state
     app.router.add_get("/probe", probe_handler)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/-/healthy", healthy_handler)
     app.router.add_get("/-/ready", healthy_handler)
+    app.router.add_post("/-/reload", reload_handler)
+    app.router.add_get("/config", config_handler)
+    app.router.add_get("/logs", logs_handler)
     app.router.add_get("/", index_handler)
     return app

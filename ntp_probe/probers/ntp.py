@@ -165,6 +165,12 @@ async def probe(target: Target, module: Module, result: ProbeResult, log: ProbeL
     settings = module.ntp
     port = target.port if target.port is not None else settings.port
     until = result.deadline - _SUMMARY_MARGIN
+    guard = result.guard
+    refusal = guard.refuse(target.host)
+    if refusal is not None:
+        log(f"target forbidden: {refusal}; nothing sent")
+        result.fail("target_forbidden")
+        return False
     started = time.perf_counter()
     try:
         async with asyncio.timeout_at(until):
@@ -177,6 +183,21 @@ async def probe(target: Target, module: Module, result: ProbeResult, log: ProbeL
         result.fail("resolve")
         return False
     result.set("probe_dns_lookup_time_seconds", time.perf_counter() - started)
+    # Checked again on the address: a permitted name may resolve to a denied address.
+    refusal = guard.refuse(target.host, resolved.address)
+    if refusal is not None:
+        log(f"target forbidden: {refusal}; nothing sent")
+        result.fail("target_forbidden")
+        return False
+    backoff = guard.backoff(resolved.address, port)
+    if backoff is not None:
+        code, left = backoff
+        log(f"backing off after Kiss-o'-Death {code} from {resolved.address} port {port}: "
+            f"{left:.0f}s left; nothing sent")
+        result.set("probe_ntp_backoff_remaining_seconds", left)
+        result.set("probe_ntp_kiss_code_info", 1, (("code", code),))
+        result.fail("backoff")
+        return False
     result.set("probe_ip_protocol", resolved.ip_protocol)
     result.set("probe_ip_addr_hash", _fnv32a(resolved.address))
     log(
@@ -192,4 +213,13 @@ async def probe(target: Target, module: Module, result: ProbeResult, log: ProbeL
     except OSError as exc:
         log(f"socket error: {exc.strerror or exc}")
     result.packets_sent = burst.sent
+    if burst.kod is not None:
+        code = burst.kod.kiss_code or ""
+        step = guard.record_kod(resolved.address, port, code, burst.kod.poll,
+                                settings.kod_rate_max_backoff, settings.kod_deny_backoff)
+        if step > 0:
+            log(f"no packet to {resolved.address} port {port} for {step:.0f}s ({code})")
+            result.set("probe_ntp_backoff_remaining_seconds", step)
+    elif burst.samples:
+        guard.answered(resolved.address, port)
     return _report(burst, settings, result, log)

@@ -1,0 +1,107 @@
+"""Between the web layer and the runner: shared bursts, min_probe_interval, KoD memory.
+
+- Identical probes in flight at once (same module and target) share one burst: two
+  Prometheus replicas, or a retrying client, do not double the packets a server sees.
+- A module's ``min_probe_interval`` serves the last result again, with its age, until
+  the interval has passed.
+- A burst whose every requester went away (client disconnect) is cancelled, so its
+  socket is closed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from cachetools import TTLCache
+
+from ntp_probe.config import Config, Module
+from ntp_probe.guard import Guard
+from ntp_probe.kod import KodTable
+from ntp_probe.result import ProbeLog, ProbeResult
+from ntp_probe.runner import run_probe
+from ntp_probe.targets import Target
+
+_Key = tuple[Module, str]
+# min_probe_interval results are kept at most this long, whatever the module says, so the
+# cache cannot grow with the number of targets ever probed.
+_MAX_CACHE_AGE = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A probe's result as one requester sees it."""
+
+    result: ProbeResult
+    log: ProbeLog
+    age: float | None = None  # seconds, when served from the min_probe_interval cache
+    shared: bool = False  # joined a burst another request started
+
+
+@dataclass(slots=True)
+class _Flight:
+    task: asyncio.Task[tuple[ProbeResult, ProbeLog]]
+    waiters: int = 0
+
+
+class Coordinator:
+    """Runs probes for the web layer; one instance per process."""
+
+    def __init__(self, kod: KodTable | None = None) -> None:
+        self.kod = kod if kod is not None else KodTable()
+        self._flights: dict[_Key, _Flight] = {}
+        self._last: TTLCache[_Key, tuple[float, ProbeResult, ProbeLog]] = TTLCache(
+            maxsize=65536, ttl=_MAX_CACHE_AGE
+        )
+
+    @property
+    def bursts_in_flight(self) -> int:
+        """Distinct probes running now."""
+        return len(self._flights)
+
+    async def probe(self, config: Config, module: Module, target: Target,
+                    timeout: float) -> Outcome:
+        """Probe ``target`` with ``module`` within ``timeout`` seconds."""
+        key = (module, str(target))
+        if module.min_probe_interval > 0:
+            cached = self._last.get(key)
+            if cached is not None:
+                age = time.monotonic() - cached[0]
+                if age < module.min_probe_interval:
+                    return Outcome(cached[1], cached[2], age=age)
+        flight = self._flights.get(key)
+        shared = flight is not None
+        if flight is None:
+            guard = Guard(policies=(config.policy, module.policy), kod=self.kod)
+            flight = _Flight(asyncio.get_running_loop().create_task(
+                self._run(key, target, module, timeout, guard)
+            ))
+            self._flights[key] = flight
+        flight.waiters += 1
+        try:
+            async with asyncio.timeout(timeout):
+                result, log = await asyncio.shield(flight.task)
+        except TimeoutError:
+            # Only a request that joined a longer burst can get here.
+            log = ProbeLog(f"target={target} module={module.name}")
+            log("joined a burst that outlasts this request's timeout")
+            result = ProbeResult(deadline=0.0, failure="timeout", duration=timeout)
+        except asyncio.CancelledError:
+            if flight.waiters == 1 and not flight.task.done():
+                flight.task.cancel()
+            raise
+        finally:
+            flight.waiters -= 1
+        return Outcome(result, log, shared=shared)
+
+    async def _run(self, key: _Key, target: Target, module: Module, timeout: float,
+                   guard: Guard) -> tuple[ProbeResult, ProbeLog]:
+        log = ProbeLog(f"target={target} module={module.name}")
+        try:
+            result = await run_probe(target, module, timeout, log, guard)
+        finally:
+            self._flights.pop(key, None)
+        if module.min_probe_interval > 0:
+            self._last[key] = (time.monotonic(), result, log)
+        return result, log

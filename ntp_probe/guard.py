@@ -1,0 +1,40 @@
+"""What a prober must ask before it sends: target policy and Kiss-o'-Death backoff.
+
+Probers receive a :class:`Guard` on their result object; it holds the policies that
+apply (global, then the module's) and the process-wide KoD table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ntp_probe.kod import KodTable
+from ntp_probe.policy import TargetPolicy, first_refusal
+
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """Policies and KoD memory for one probe; the default permits everything."""
+
+    policies: tuple[TargetPolicy, ...] = ()
+    kod: KodTable | None = None
+
+    def refuse(self, host: str, address: str | None = None) -> str | None:
+        """Why ``host`` (resolved to ``address``, if known) must not be probed, or None."""
+        return first_refusal(self.policies, host, address) if self.policies else None
+
+    def backoff(self, address: str, port: int) -> tuple[str, float] | None:
+        """(kiss code, seconds left) while this address must not be sent to."""
+        return self.kod.remaining(address, port) if self.kod is not None else None
+
+    def record_kod(self, address: str, port: int, code: str, poll: int, rate_cap: float,
+                   deny_hold: float) -> float:
+        """Remember a KoD from this address; return the backoff it started (seconds)."""
+        if self.kod is None:
+            return 0.0
+        return self.kod.record(address, port, code, poll, rate_cap, deny_hold)
+
+    def answered(self, address: str, port: int) -> None:
+        """The address answered normally: forget any earlier backoff."""
+        if self.kod is not None:
+            self.kod.clear(address, port)

@@ -1,0 +1,60 @@
+"""Recent probes for the landing page and /logs, failures kept longer than successes."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One finished probe with its debug output."""
+
+    id: int
+    timestamp: float  # Unix time the probe finished
+    module: str
+    target: str
+    success: bool
+    reason: str | None
+    duration: float
+    log: str
+    metrics: str
+
+
+class History:
+    """The last ``limit`` probes, plus the last ``limit`` failures even once they fall out."""
+
+    def __init__(self, limit: int = 100) -> None:
+        self.limit = limit
+        self._recent: deque[Entry] = deque(maxlen=limit)
+        self._failures: deque[Entry] = deque(maxlen=limit)
+        self._next_id = 0
+
+    def add(self, module: str, target: str, success: bool, reason: str | None,
+            duration: float, log: str, metrics: str) -> Entry:
+        """Record a probe and return its entry."""
+        entry = Entry(self._next_id, time.time(), module, target, success, reason, duration,
+                      log, metrics)
+        self._next_id += 1
+        if self.limit <= 0:
+            return entry
+        self._recent.append(entry)
+        if not success:
+            self._failures.append(entry)
+        return entry
+
+    def __iter__(self) -> Iterator[Entry]:
+        """Newest first: the recent ring, then older failures no longer in it."""
+        seen = {e.id for e in self._recent}
+        older = [e for e in self._failures if e.id not in seen]
+        yield from reversed(self._recent)
+        yield from reversed(older)
+
+    def get(self, entry_id: int) -> Entry | None:
+        """An entry by id, if still kept."""
+        for entry in (*self._recent, *self._failures):
+            if entry.id == entry_id:
+                return entry
+        return None

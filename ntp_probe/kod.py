@@ -1,0 +1,77 @@
+"""Kiss-o'-Death memory: which server addresses asked us to slow down or go away.
+
+Kept per (address, port) across scrapes, so a monitor honours a server's KoD even
+though each scrape is a fresh probe (RFC 5905 section 7.4). While an address is
+backing off, no packet is sent to it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cachetools import TLRUCache
+
+MIN_RATE_BACKOFF = 64.0  # RFC 5905's minimum poll interval
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """An active backoff: why, until when (on the table's clock), and the step length."""
+
+    code: str
+    until: float
+    step: float
+
+
+class KodTable:
+    """Backoff state per (address, port); entries vanish when they expire."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, maxsize: int = 65536) -> None:
+        self._clock = clock
+        # Entries expire at their ``until``; a RATE entry is kept a little longer than its
+        # backoff so that a KoD right after expiry still doubles the step.
+        self._table: TLRUCache[tuple[str, int], Backoff] = TLRUCache(
+            maxsize=maxsize, ttu=lambda _k, v, now: v.until + v.step, timer=clock
+        )
+
+    def remaining(self, address: str, port: int) -> tuple[str, float] | None:
+        """(kiss code, seconds left) while backing off from this address, else None."""
+        entry = self._table.get((address, port))
+        if entry is None:
+            return None
+        left = entry.until - self._clock()
+        return (entry.code, left) if left > 0 else None
+
+    def record(
+        self, address: str, port: int, code: str, poll: int, rate_cap: float, deny_hold: float
+    ) -> float:
+        """Remember a KoD; return the backoff in seconds (0 for codes that need none).
+
+        RATE backs off from max(2**poll, 64 s), doubling on each further RATE up to
+        ``rate_cap``; DENY and RSTR stop probing for ``deny_hold``.
+        """
+        key = (address, port)
+        now = self._clock()
+        if code == "RATE":
+            previous = self._table.get(key)
+            if previous is not None and previous.code == "RATE":
+                step = min(previous.step * 2, rate_cap)
+            else:
+                step = min(max(2.0 ** max(min(poll, 17), 0), MIN_RATE_BACKOFF), rate_cap)
+        elif code in ("DENY", "RSTR"):
+            step = deny_hold
+        else:
+            return 0.0
+        if step <= 0:
+            return 0.0
+        self._table[key] = Backoff(code, now + step, step)
+        return step
+
+    def clear(self, address: str, port: int) -> None:
+        """Forget an address (it answered normally after its backoff)."""
+        self._table.pop((address, port), None)
+
+    def __len__(self) -> int:
+        return len(self._table)

@@ -1,0 +1,197 @@
+"""--web.config.file in Prometheus' exporter-toolkit format: TLS and basic auth.
+
+```yaml
+tls_server_config:
+  cert_file: server.crt          # relative paths are relative to this file
+  key_file: server.key
+  client_auth_type: RequireAndVerifyClientCert   # optional, with client_ca_file
+  client_ca_file: ca.crt
+  min_version: TLS12             # TLS10..TLS13
+  max_version: TLS13
+http_server_config:
+  headers: {X-Frame-Options: deny}
+basic_auth_users:
+  alice: $2y$10$...              # bcrypt hash (htpasswd -nBC 10 alice)
+```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import yaml
+from aiohttp import web
+from cachetools import LRUCache
+
+_TLS_VERSIONS = {
+    "TLS10": ssl.TLSVersion.TLSv1,
+    "TLS11": ssl.TLSVersion.TLSv1_1,
+    "TLS12": ssl.TLSVersion.TLSv1_2,
+    "TLS13": ssl.TLSVersion.TLSv1_3,
+}
+_CLIENT_AUTH = {
+    "NoClientCert": ssl.CERT_NONE,
+    "RequestClientCert": ssl.CERT_OPTIONAL,
+    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+    "RequireAnyClientCert": ssl.CERT_REQUIRED,
+    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+}
+_TLS_KEYS = {"cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version",
+             "max_version"}
+# Compared against when the user is unknown, so a wrong user name costs what a wrong
+# password costs and user names cannot be told apart by timing.
+_DUMMY_HASH = bcrypt.hashpw(b"ntp_probe-dummy", bcrypt.gensalt(rounds=10))
+
+
+class WebConfigError(ValueError):
+    """A web configuration problem; the message names the key."""
+
+
+@dataclass(slots=True)
+class WebConfig:
+    """TLS context, basic-auth users and extra response headers."""
+
+    ssl_context: ssl.SSLContext | None = None
+    users: Mapping[str, bytes] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)
+    _verified: LRUCache[tuple[str, bytes], bool] = field(
+        default_factory=lambda: LRUCache(maxsize=1024)
+    )
+
+    async def authorized(self, header: str | None) -> bool:
+        """Check an Authorization header against basic_auth_users (True when none are set)."""
+        if not self.users:
+            return True
+        if not header or not header.startswith("Basic "):
+            return False
+        try:
+            user, sep, password = base64.b64decode(header[6:], validate=True).decode().partition(
+                ":"
+            )
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        if not sep:
+            return False
+        stored = self.users.get(user)
+        # bcrypt is deliberately slow: remember successful checks by a digest of the
+        # password, so repeated scrapes with the same credentials cost one hash lookup.
+        key = (user, hashlib.sha256(password.encode()).digest())
+        if stored is not None and self._verified.get(key):
+            return True
+        ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), stored or _DUMMY_HASH)
+        if ok and stored is not None:
+            self._verified[key] = True
+            return True
+        return False
+
+    def middleware(self) -> Callable[..., Awaitable[web.StreamResponse]]:
+        """aiohttp middleware enforcing basic auth and adding the configured headers."""
+
+        @web.middleware
+        async def mw(
+            request: web.Request,
+            handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+        ) -> web.StreamResponse:
+            if not await self.authorized(request.headers.get("Authorization")):
+                return web.Response(
+                    status=401, text="Unauthorized\n",
+                    headers={"WWW-Authenticate": 'Basic realm="ntp_probe"', **self.headers},
+                )
+            response = await handler(request)
+            for name, value in self.headers.items():
+                response.headers[name] = value
+            return response
+
+        return mw
+
+
+def _mapping(raw: object, key: str) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise WebConfigError(f"{key}: expected a mapping")
+    return raw
+
+
+def _path(base: Path, raw: object, key: str) -> str:
+    if not isinstance(raw, str) or not raw:
+        raise WebConfigError(f"{key}: expected a file name")
+    path = Path(raw) if Path(raw).is_absolute() else base / raw
+    if not path.is_file():
+        raise WebConfigError(f"{key}: no such file {str(path)!r}")
+    return str(path)
+
+
+def _tls(raw: dict[str, Any], base: Path) -> ssl.SSLContext | None:
+    if not raw:
+        return None
+    for key in raw:
+        if key not in _TLS_KEYS:
+            raise WebConfigError(f"tls_server_config.{key}: unknown or unsupported key")
+    if "cert_file" not in raw or "key_file" not in raw:
+        raise WebConfigError("tls_server_config: cert_file and key_file are both required")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert = _path(base, raw["cert_file"], "tls_server_config.cert_file")
+    key = _path(base, raw["key_file"], "tls_server_config.key_file")
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise WebConfigError(f"tls_server_config: cannot load cert/key: {exc}") from None
+    for name, attr in (("min_version", "minimum_version"), ("max_version", "maximum_version")):
+        if name in raw:
+            if raw[name] not in _TLS_VERSIONS:
+                raise WebConfigError(
+                    f"tls_server_config.{name}: expected one of {', '.join(_TLS_VERSIONS)}"
+                )
+            setattr(ctx, attr, _TLS_VERSIONS[raw[name]])
+    auth = raw.get("client_auth_type", "NoClientCert")
+    if auth not in _CLIENT_AUTH:
+        raise WebConfigError(
+            f"tls_server_config.client_auth_type: expected one of {', '.join(_CLIENT_AUTH)}"
+        )
+    if _CLIENT_AUTH[auth] != ssl.CERT_NONE:
+        if "client_ca_file" not in raw:
+            raise WebConfigError(f"tls_server_config.client_ca_file: required for {auth}")
+        ctx.load_verify_locations(
+            _path(base, raw["client_ca_file"], "tls_server_config.client_ca_file")
+        )
+        ctx.verify_mode = _CLIENT_AUTH[auth]
+    return ctx
+
+
+def load_web_config(path: str | None) -> WebConfig:
+    """Load and validate a web config file (None: plain HTTP, no auth)."""
+    if path is None:
+        return WebConfig()
+    file = Path(path)
+    try:
+        raw = yaml.safe_load(file.read_text("utf-8"))
+    except OSError as exc:
+        raise WebConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise WebConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
+    top = _mapping(raw, "(top level)")
+    for key in top:
+        if key not in ("tls_server_config", "basic_auth_users", "http_server_config"):
+            raise WebConfigError(f"{key}: unknown key")
+    users: dict[str, bytes] = {}
+    for user, hashed in _mapping(top.get("basic_auth_users"), "basic_auth_users").items():
+        if not isinstance(hashed, str) or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
+            raise WebConfigError(f"basic_auth_users.{user}: expected a bcrypt hash ($2y$...)")
+        users[str(user)] = hashed.encode()
+    http = _mapping(top.get("http_server_config"), "http_server_config")
+    for key in http:
+        if key not in ("headers", "http2"):
+            raise WebConfigError(f"http_server_config.{key}: unknown or unsupported key")
+    headers = {str(k): str(v) for k, v in _mapping(http.get("headers"), "headers").items()}
+    tls = _tls(_mapping(top.get("tls_server_config"), "tls_server_config"), file.parent)
+    return WebConfig(ssl_context=tls, users=users, headers=headers)
