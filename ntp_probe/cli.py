@@ -214,6 +214,21 @@ def _text_report(target: str, module: str, result: ProbeResult, log: ProbeLog) -
             mark = "*" if s["selected"] else " "
             lines.append(f"  {mark} sample {i}: offset {s['offset_seconds']:+.9f} s, "
                          f"rtt {s['rtt_seconds']:.9f} s")
+    state = next((dict(lab) for n, lab, _ in result.gauges
+                  if n == "probe_kernel_clock_state_info"), None)
+    if state is not None:
+        flags = [dict(lab)["flag"] for n, lab, _ in result.gauges
+                 if n == "probe_kernel_status_flags_info"]
+        rows = [("kernel state", f"{state['state']} ({'|'.join(flags) or 'no flags'})"),
+                ("synchronised", "yes" if g("probe_kernel_sync_status") else "no"),
+                ("kernel offset", f"{g('probe_kernel_offset_seconds'):+.9f} s"),
+                ("maxerror", f"{g('probe_kernel_maxerror_seconds'):.6f} s"),
+                ("frequency", f"{(g('probe_kernel_frequency_offset_ratio') or 0) * 1e6:+.3f} ppm")]
+        divergence = g("probe_kernel_divergence_seconds")
+        if divergence is not None:
+            rows += [("divergence", f"{divergence:.9f} s"),
+                     ("coherence", f"{g('probe_kernel_coherence_score'):.3f}")]
+        lines += [f"  {k:<14} {v}" for k, v in rows]
     lines.append("log:")
     lines += ["  " + line for line in log.lines]
     return "\n".join(lines) + "\n"

@@ -19,7 +19,7 @@ import yaml
 
 from ntp_probe.policy import PolicyError, TargetPolicy, parse_rules
 
-PROBER_KINDS = ("ntp",)
+PROBER_KINDS = ("ntp", "kernel")
 IP_PROTOCOLS = ("ip4", "ip6")
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|s|m|h|d|w|y)")
@@ -109,6 +109,7 @@ class NTPSettings:
     reply_timeout: float = 1.0
     kod_rate_max_backoff: float = 3600.0
     kod_deny_backoff: float = 86400.0
+    kernel_correlation: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +169,7 @@ def _parse_ntp(raw: object, where: str) -> NTPSettings:
             if value not in IP_PROTOCOLS:
                 raise ConfigError(f"{k}: expected one of {', '.join(IP_PROTOCOLS)}, got {value!r}")
             values[key] = value
-        elif key == "ip_protocol_fallback":
+        elif key in ("ip_protocol_fallback", "kernel_correlation"):
             if not isinstance(value, bool):
                 raise ConfigError(f"{k}: expected true or false, got {value!r}")
             values[key] = value
@@ -195,6 +196,8 @@ def _parse_module(name: str, raw: object) -> Module:
     timeout = parse_duration(raw.get("timeout", "10s"), f"{where}.timeout")
     if timeout <= 0:
         raise ConfigError(f"{where}.timeout: must be greater than 0")
+    if prober != "ntp" and "ntp" in raw:
+        raise ConfigError(f"{where}.ntp: only for modules with prober: ntp")
     ntp = _parse_ntp(raw.get("ntp"), f"{where}.ntp")
     interval = parse_duration(raw.get("min_probe_interval", 0), f"{where}.min_probe_interval")
     return Module(name=name, prober=prober, timeout=timeout, ntp=ntp,
@@ -260,7 +263,8 @@ def module_to_dict(module: Module) -> dict[str, Any]:
     out.update(_policy_to_dict(module.policy))
     if module.min_probe_interval:
         out["min_probe_interval"] = format_duration(module.min_probe_interval)
-    out["ntp"] = ntp
+    if module.prober == "ntp":
+        out["ntp"] = ntp
     return out
 
 

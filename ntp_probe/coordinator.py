@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from cachetools import TTLCache
 
 from ntp_probe.config import Config, Module
-from ntp_probe.guard import Guard
+from ntp_probe.guard import Guard, LeapMemory
 from ntp_probe.kod import KodTable
 from ntp_probe.result import ProbeLog, ProbeResult
 from ntp_probe.runner import run_probe
@@ -50,6 +50,7 @@ class Coordinator:
 
     def __init__(self, kod: KodTable | None = None) -> None:
         self.kod = kod if kod is not None else KodTable()
+        self.leaps = LeapMemory()
         self._flights: dict[_Key, _Flight] = {}
         self._last: TTLCache[_Key, tuple[float, ProbeResult, ProbeLog]] = TTLCache(
             maxsize=65536, ttl=_MAX_CACHE_AGE
@@ -73,7 +74,8 @@ class Coordinator:
         flight = self._flights.get(key)
         shared = flight is not None
         if flight is None:
-            guard = Guard(policies=(config.policy, module.policy), kod=self.kod)
+            guard = Guard(policies=(config.policy, module.policy), kod=self.kod,
+                          leaps=self.leaps)
             flight = _Flight(asyncio.get_running_loop().create_task(
                 self._run(key, target, module, timeout, guard)
             ))

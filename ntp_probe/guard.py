@@ -1,12 +1,15 @@
-"""What a prober must ask before it sends: target policy and Kiss-o'-Death backoff.
+"""What a prober must ask before it sends, and what it remembers between probes.
 
 Probers receive a :class:`Guard` on their result object; it holds the policies that
-apply (global, then the module's) and the process-wide KoD table.
+apply (global, then the module's), the process-wide KoD table and the leap-second
+memory.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from cachetools import TTLCache
 
 from ntp_probe.kod import KodTable
 from ntp_probe.policy import TargetPolicy, first_refusal
@@ -18,6 +21,7 @@ class Guard:
 
     policies: tuple[TargetPolicy, ...] = ()
     kod: KodTable | None = None
+    leaps: LeapMemory | None = None
 
     def refuse(self, host: str, address: str | None = None) -> str | None:
         """Why ``host`` (resolved to ``address``, if known) must not be probed, or None."""
@@ -34,7 +38,32 @@ class Guard:
             return 0.0
         return self.kod.record(address, port, code, poll, rate_cap, deny_hold)
 
+    def near_leap(self, address: str, port: int, leap: int, server_unix: float) -> bool:
+        """Whether the server's time is within 24 h of a leap second it announced."""
+        if self.leaps is None:  # no memory: only while the announcement is visible
+            return leap in (1, 2)
+        return self.leaps.near_leap((address, port), leap, server_unix)
+
     def answered(self, address: str, port: int) -> None:
         """The address answered normally: forget any earlier backoff."""
         if self.kod is not None:
             self.kod.clear(address, port)
+
+
+_DAY = 86400.0
+
+
+class LeapMemory:
+    """node_exporter's leap-second window: from a leap announcement until 24 h after the
+    midnight it announced. The announcement bits are gone right after the leap, so the
+    midnight is remembered per server."""
+
+    def __init__(self) -> None:
+        self._midnights: TTLCache[tuple[str, int], float] = TTLCache(maxsize=65536, ttl=3 * _DAY)
+
+    def near_leap(self, key: tuple[str, int], leap: int, server_unix: float) -> bool:
+        """Record an announcement and say whether ``server_unix`` is in the window."""
+        if leap in (1, 2):
+            self._midnights[key] = (server_unix // _DAY + 1) * _DAY
+        midnight = self._midnights.get(key)
+        return midnight is not None and midnight - _DAY < server_unix < midnight + _DAY

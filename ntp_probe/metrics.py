@@ -73,6 +73,33 @@ PROBE_METRICS: dict[str, str] = {
     ),
     "probe_ntp_server_info": "Server identity: reference id and NTP version of its reply.",
     "probe_ntp_kiss_code_info": "Kiss-o'-Death code received from the server.",
+    "probe_kernel_offset_seconds": (
+        "Offset the kernel clock discipline is still slewing out, in seconds "
+        "(positive: the clock is behind)."
+    ),
+    "probe_kernel_frequency_offset_ratio": (
+        "Frequency correction applied by the kernel, as a ratio (1e-6 = 1 ppm)."
+    ),
+    "probe_kernel_maxerror_seconds": "Kernel's maximum error bound of the clock, in seconds.",
+    "probe_kernel_esterror_seconds": "Kernel's estimated error of the clock, in seconds.",
+    "probe_kernel_sync_status": "1 when the kernel clock is synchronised (no STA_UNSYNC, "
+    "state not TIME_ERROR).",
+    "probe_kernel_clock_state_info": "Kernel clock state from adjtimex's return value.",
+    "probe_kernel_tai_offset_seconds": "TAI - UTC offset known to the kernel, in seconds.",
+    "probe_kernel_time_constant": "Kernel PLL time constant (log2).",
+    "probe_kernel_tick_seconds": "Length of a kernel clock tick, in seconds.",
+    "probe_kernel_status_flags_info": "Kernel clock status bits that are set (STA_*).",
+    "probe_kernel_divergence_seconds": (
+        "|NTP offset - kernel offset|: disagreement between the NTP measurement and the "
+        "kernel's view, in seconds."
+    ),
+    "probe_kernel_offset_within_maxerror": (
+        "1 when |NTP offset| <= the kernel's maxerror (the kernel's error bound holds)."
+    ),
+    "probe_kernel_coherence_score": (
+        "Agreement of NTP and kernel, 1 (within 1 ms) falling to 0.5 at 50 ms and "
+        "decaying beyond."
+    ),
     "probe_ntp_failure_info": "Why the probe failed (exactly one series on failure).",
 }
 
@@ -80,7 +107,7 @@ FAILURE_REASONS = (
     "target_forbidden", "backoff", "resolve", "kod_rate", "kod_deny", "kod_rstr", "kod_other",
     "timeout", "invalid_reply", "stratum_unsynchronized", "leap_unsynchronized",
     "implausible_time", "reference_after_transmit", "stale_reference", "excess_root_distance",
-    "causality_violation", "offset_exceeded",
+    "causality_violation", "offset_exceeded", "kernel_unavailable",
 )
 
 

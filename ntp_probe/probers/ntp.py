@@ -7,15 +7,19 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from ntp_probe import correlation
 from ntp_probe.config import Module, NTPSettings
 from ntp_probe.ntp import packet as ntp
 from ntp_probe.ntp import sample as maths
+from ntp_probe.probers import kernel
 from ntp_probe.resolve import ResolveError, resolve
 from ntp_probe.result import ProbeLog, ProbeResult
 from ntp_probe.targets import Target
 from ntp_probe.transport import Exchange
 
 KOD_REASONS = {"RATE": "kod_rate", "DENY": "kod_deny", "RSTR": "kod_rstr"}
+LEAP_TOLERANCE = 1.0  # seconds added to max_causality_violation around a leap second
+Server = tuple[str, int]
 # Time kept back from the deadline to summarise the burst and render the reply.
 _SUMMARY_MARGIN = 0.005
 # A request is only sent if a reply can still arrive: at least this long, or four
@@ -96,18 +100,25 @@ async def _run_burst(
         )
 
 
-def _limits(settings: NTPSettings) -> maths.SanityLimits:
+def _limits(settings: NTPSettings, near_leap: bool) -> maths.SanityLimits:
+    causality = settings.max_causality_violation
+    if causality > 0 and near_leap:
+        # node_exporter's rule: a smearing or stepping server may be a second off around
+        # a leap second without the local clock being wrong.
+        causality += LEAP_TOLERANCE
     return maths.SanityLimits(
         max_stratum=settings.max_stratum,
         max_root_distance=settings.max_root_distance,
         max_reference_age=settings.max_reference_age,
         fail_if_offset_exceeds=settings.fail_if_offset_exceeds,
-        max_causality_violation=settings.max_causality_violation,
+        max_causality_violation=causality,
         min_plausible_unix=settings.min_plausible_time,
     )
 
 
-def _report(burst: Burst, settings: NTPSettings, result: ProbeResult, log: ProbeLog) -> bool:
+def _report(
+    burst: Burst, settings: NTPSettings, result: ProbeResult, log: ProbeLog, server: Server
+) -> None:
     result.set("probe_ntp_samples_sent", burst.sent)
     result.set("probe_ntp_samples_received", burst.received)
     result.set("probe_ntp_packet_loss_ratio", maths.loss_ratio(burst.sent, burst.received))
@@ -117,8 +128,8 @@ def _report(burst: Burst, settings: NTPSettings, result: ProbeResult, log: Probe
         result.fail(KOD_REASONS.get(code, "kod_other"))
     if not burst.samples:
         result.fail("invalid_reply" if burst.discarded else "timeout")
-        log(f"verdict: no usable reply ({result.failure})")
-        return False
+        log("no usable reply")
+        return
     best = maths.select_best(burst.samples)
     p = best.packet
     offset, delay = best.offset, best.delay
@@ -138,7 +149,10 @@ def _report(burst: Burst, settings: NTPSettings, result: ProbeResult, log: Probe
     result.set(
         "probe_ntp_server_info", 1, (("refid", p.refid_text), ("version", str(p.version)))
     )
-    reason = maths.check(best, _limits(settings))
+    near_leap = result.guard.near_leap(server[0], server[1], p.leap, best.t3_unix_ns / 1e9)
+    if near_leap:
+        log("within 24 h of an announced leap second: causality tolerance widened by 1 s")
+    reason = maths.check(best, _limits(settings, near_leap))
     if reason is not None:
         result.fail(reason)
     result.details["samples"] = [
@@ -154,10 +168,8 @@ def _report(burst: Burst, settings: NTPSettings, result: ProbeResult, log: Probe
     ]
     log(
         f"selected sample: offset={offset * 1e6:+.3f}us rtt={delay * 1e6:.3f}us "
-        f"root_distance={best.root_distance * 1e6:.3f}us; "
-        f"verdict: {'success' if result.failure is None else 'failure: ' + result.failure}"
+        f"root_distance={best.root_distance * 1e6:.3f}us"
     )
-    return result.failure is None
 
 
 async def probe(target: Target, module: Module, result: ProbeResult, log: ProbeLog) -> bool:
@@ -222,4 +234,22 @@ async def probe(target: Target, module: Module, result: ProbeResult, log: ProbeL
             result.set("probe_ntp_backoff_remaining_seconds", step)
     elif burst.samples:
         guard.answered(resolved.address, port)
-    return _report(burst, settings, result, log)
+    _report(burst, settings, result, log, (resolved.address, port))
+    if settings.kernel_correlation:
+        _correlate(result, log)
+    log("verdict: success" if result.failure is None else f"verdict: failure ({result.failure})")
+    return result.failure is None
+
+
+def _correlate(result: ProbeResult, log: ProbeLog) -> None:
+    clock = kernel.read(result, log)
+    offset = result.value("probe_ntp_offset_seconds")
+    if clock is None or offset is None:
+        return
+    d = correlation.divergence(offset, clock.offset)
+    result.set("probe_kernel_divergence_seconds", d)
+    result.set("probe_kernel_offset_within_maxerror",
+               1 if correlation.within_maxerror(offset, clock.maxerror) else 0)
+    result.set("probe_kernel_coherence_score", correlation.coherence_score(d))
+    log(f"kernel correlation: divergence {d * 1e6:.3f}us, maxerror "
+        f"{clock.maxerror * 1e6:.0f}us")

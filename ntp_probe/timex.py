@@ -1,0 +1,157 @@
+"""Read-only view of the kernel clock discipline (Linux adjtimex / clock_adjtime).
+
+A read (``modes = 0``) needs no privilege at all; nothing here ever passes another
+mode, so the exporter can never change the clock and must never be given
+CAP_SYS_TIME. Decoding is separate from the syscall so it is tested with crafted
+buffers for every status and clock state.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import sys
+from dataclasses import dataclass
+
+# <linux/timex.h> status bits.
+STATUS_FLAGS = {
+    0x0001: "PLL", 0x0002: "PPSFREQ", 0x0004: "PPSTIME", 0x0008: "FLL", 0x0010: "INS",
+    0x0020: "DEL", 0x0040: "UNSYNC", 0x0080: "FREQHOLD", 0x0100: "PPSSIGNAL",
+    0x0200: "PPSJITTER", 0x0400: "PPSWANDER", 0x0800: "PPSERROR", 0x1000: "CLOCKERR",
+    0x2000: "NANO", 0x4000: "MODE", 0x8000: "CLK",
+}
+STA_UNSYNC = 0x0040
+STA_NANO = 0x2000
+# adjtimex's return value.
+CLOCK_STATES = {0: "TIME_OK", 1: "TIME_INS", 2: "TIME_DEL", 3: "TIME_OOP", 4: "TIME_WAIT",
+                5: "TIME_ERROR"}
+TIME_ERROR = 5
+_CLOCK_REALTIME = 0
+_SCALED_PPM = 65536 * 1_000_000  # freq and tolerance are ppm with 16 fractional bits
+
+
+class _Timeval(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
+
+
+class Timex(ctypes.Structure):
+    """glibc's ``struct timex`` on LP64 Linux (x86_64 and aarch64 share the layout)."""
+
+    _fields_ = [
+        ("modes", ctypes.c_uint),
+        ("offset", ctypes.c_long),
+        ("freq", ctypes.c_long),
+        ("maxerror", ctypes.c_long),
+        ("esterror", ctypes.c_long),
+        ("status", ctypes.c_int),
+        ("constant", ctypes.c_long),
+        ("precision", ctypes.c_long),
+        ("tolerance", ctypes.c_long),
+        ("time", _Timeval),
+        ("tick", ctypes.c_long),
+        ("ppsfreq", ctypes.c_long),
+        ("jitter", ctypes.c_long),
+        ("shift", ctypes.c_int),
+        ("stabil", ctypes.c_long),
+        ("jitcnt", ctypes.c_long),
+        ("calcnt", ctypes.c_long),
+        ("errcnt", ctypes.c_long),
+        ("stbcnt", ctypes.c_long),
+        ("tai", ctypes.c_int),
+        ("_reserved", ctypes.c_int * 11),
+    ]
+
+
+class KernelClockError(Exception):
+    """The kernel clock state cannot be read here."""
+
+
+@dataclass(frozen=True, slots=True)
+class KernelClock:
+    """The kernel's clock discipline state, in SI units."""
+
+    offset: float  # seconds still being slewed out (positive: the clock is behind)
+    frequency_ratio: float  # frequency correction, e.g. 1e-6 = 1 ppm fast
+    maxerror: float  # seconds
+    esterror: float  # seconds
+    status: int
+    constant: int  # PLL time constant (log2)
+    precision: float  # seconds
+    tolerance_ratio: float
+    tick: float  # seconds per clock tick
+    tai: int  # TAI - UTC, seconds
+    return_code: int
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """Names of the status bits that are set."""
+        return tuple(name for bit, name in STATUS_FLAGS.items() if self.status & bit)
+
+    @property
+    def state(self) -> str:
+        """TIME_OK ... TIME_ERROR from adjtimex's return value."""
+        return CLOCK_STATES.get(self.return_code, f"UNKNOWN_{self.return_code}")
+
+    @property
+    def synchronized(self) -> bool:
+        """Not STA_UNSYNC and not TIME_ERROR."""
+        return not self.status & STA_UNSYNC and self.return_code != TIME_ERROR
+
+
+def decode(tx: Timex, return_code: int) -> KernelClock:
+    """Convert a filled ``struct timex`` (STA_NANO aware) to :class:`KernelClock`."""
+    offset_unit = 1e-9 if tx.status & STA_NANO else 1e-6
+    return KernelClock(
+        offset=tx.offset * offset_unit,
+        frequency_ratio=tx.freq / _SCALED_PPM,
+        maxerror=tx.maxerror * 1e-6,
+        esterror=tx.esterror * 1e-6,
+        status=tx.status,
+        constant=tx.constant,
+        precision=tx.precision * 1e-6,
+        tolerance_ratio=tx.tolerance / _SCALED_PPM,
+        tick=tx.tick * 1e-6,
+        tai=tx.tai,
+        return_code=return_code,
+    )
+
+
+def decode_buffer(buffer: bytes, return_code: int) -> KernelClock:
+    """Decode raw ``struct timex`` bytes (for tests and captured states)."""
+    if len(buffer) != ctypes.sizeof(Timex):
+        raise ValueError(f"struct timex is {ctypes.sizeof(Timex)} bytes, got {len(buffer)}")
+    return decode(Timex.from_buffer_copy(buffer), return_code)
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _load_libc() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        if name is None:
+            raise KernelClockError("no C library found")
+        lib = ctypes.CDLL(name, use_errno=True)
+        lib.clock_adjtime.argtypes = [ctypes.c_int, ctypes.POINTER(Timex)]
+        lib.clock_adjtime.restype = ctypes.c_int
+        _libc = lib
+    return _libc
+
+
+def read() -> KernelClock:
+    """Read the kernel clock state (modes = 0: a pure read, no privilege needed)."""
+    if not sys.platform.startswith("linux"):
+        raise KernelClockError(f"adjtimex is Linux-only (this is {sys.platform})")
+    if ctypes.sizeof(ctypes.c_long) != 8:
+        raise KernelClockError("struct timex layout is only known for 64-bit Linux")
+    lib = _load_libc()
+    tx = Timex()
+    tx.modes = 0  # never anything else: this must stay a read
+    rc = lib.clock_adjtime(_CLOCK_REALTIME, ctypes.byref(tx))
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise KernelClockError(f"clock_adjtime: {os.strerror(err)} ({errno.errorcode.get(err)})")
+    return decode(tx, rc)
