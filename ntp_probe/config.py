@@ -227,6 +227,8 @@ def parse_config(text: str, source: str) -> Config:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: invalid YAML: {' '.join(str(exc).split())}") from None
+    except ValueError as exc:  # PyYAML constructors, e.g. an out-of-range timestamp
+        raise ConfigError(f"{source}: invalid value: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping with a 'modules' key")
     _check_keys(raw, {"modules", *_POLICY_KEYS}, "")
@@ -246,6 +248,8 @@ def load_config(path: str | None) -> Config:
         text = Path(path).read_text("utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     return parse_config(text, path)
 
 

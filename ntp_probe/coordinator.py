@@ -92,6 +92,10 @@ class Coordinator:
         except asyncio.CancelledError:
             if flight.waiters == 1 and not flight.task.done():
                 flight.task.cancel()
+                # Forget it now: a request arriving before the task unwinds must start a
+                # fresh burst, not join one that is being cancelled.
+                if self._flights.get(key) is flight:
+                    del self._flights[key]
             raise
         finally:
             flight.waiters -= 1
@@ -103,7 +107,9 @@ class Coordinator:
         try:
             result = await run_probe(target, module, timeout, log, guard)
         finally:
-            self._flights.pop(key, None)
+            flight = self._flights.get(key)
+            if flight is not None and flight.task is asyncio.current_task():
+                del self._flights[key]
         if module.min_probe_interval > 0:
             self._last[key] = (time.monotonic(), result, log)
         return result, log

@@ -14,6 +14,7 @@ from ntp_probe.result import ProbeLog, ProbeResult
 from ntp_probe.targets import Target
 
 SCRAPE_TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
+_BACKSTOP_GRACE = 0.1
 _NUMBER_RE = re.compile(r"\d+(?:\.\d*)?|\.\d+")
 
 
@@ -52,7 +53,10 @@ async def run_probe(
     result = ProbeResult(deadline=loop.time() + timeout, guard=guard or Guard())
     log(f"probe {target} module={module.name} prober={module.prober} timeout={timeout:g}s")
     try:
-        async with asyncio.timeout_at(result.deadline):
+        # The backstop is for a prober that ignores its deadline. It fires a little after the
+        # deadline so that, when the loop is late, the prober's own deadline handling (which
+        # keeps the samples collected so far) runs first instead of both firing together.
+        async with asyncio.timeout_at(result.deadline + _BACKSTOP_GRACE):
             ok = await PROBERS[module.prober](target, module, result, log)
         result.success = ok and result.failure is None
     except TimeoutError:

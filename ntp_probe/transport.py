@@ -13,7 +13,7 @@ non-zero transmit timestamp; everything else is discarded and logged.
 from __future__ import annotations
 
 import asyncio
-import errno
+import contextlib
 import socket
 import struct
 import time
@@ -28,6 +28,10 @@ SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 _TIMESPEC = struct.Struct("@qq")
 _ANC_SIZE = socket.CMSG_SPACE(_TIMESPEC.size)
 _MAX_DATAGRAM = 2048
+# IP_RECVERR / IPV6_RECVERR (Linux values; Python's socket module does not export them).
+_RECVERR: dict[int, tuple[int, int]] = {
+    socket.AF_INET: (socket.IPPROTO_IP, 11), socket.AF_INET6: (socket.IPPROTO_IPV6, 25),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,13 +78,18 @@ class Exchange:
                 sockaddr = infos[0][4]  # type: ignore[assignment]  # AF_INET6 sockaddr
             else:
                 sockaddr = (self._address, self._port)
-            # connect() lets the kernel drop datagrams from other sources and turns ICMP
-            # port-unreachable into ECONNREFUSED, so a closed port fails fast.
-            sock.connect(sockaddr)
+            # Not connect()ed: a reply from another address or port (a multi-homed server
+            # answering from its other address, a spoofer) must reach us to be logged as
+            # discarded. IP_RECVERR still reports ICMP port-unreachable on an unconnected
+            # socket, so a closed port fails fast.
+            level, option = _RECVERR[self._family]
+            with contextlib.suppress(OSError):  # without it, no fast failure; replies work
+                sock.setsockopt(level, option, 1)
         except OSError:
             sock.close()
             raise
         self._sock = sock
+        self._sockaddr = sockaddr
         self._peer = sockaddr[:2]
         self._loop.add_reader(sock.fileno(), self._on_readable)
         return self
@@ -109,7 +118,7 @@ class Exchange:
         self._pending_nonce = nonce
         t1 = time.time_ns()
         try:
-            self._sock.send(payload)
+            self._sock.sendto(payload, self._sockaddr)
         except OSError as exc:
             self._pending_nonce = None
             self._log(f"send failed: {exc.strerror or exc}")
@@ -134,17 +143,9 @@ class Exchange:
                 data, anc, _flags, source = sock.recvmsg(_MAX_DATAGRAM, _ANC_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
-            except ConnectionRefusedError:
-                self._log("ICMP port unreachable: nothing listens on the target port")
-                self._resolve(None)
-                continue
             except OSError as exc:
-                if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
-                    self._log(f"ICMP unreachable: {exc.strerror}")
-                    self._resolve(None)
-                    continue
-                self._log(f"receive failed: {exc.strerror or exc}")
-                return
+                self._on_error(sock, exc)
+                continue
             t4 = time.time_ns()
             kernel = False
             for level, kind, cdata in anc:
@@ -153,6 +154,25 @@ class Exchange:
                     t4 = sec * 1_000_000_000 + nsec
                     kernel = True
             self._handle(data, source, t4, kernel)
+
+    def _on_error(self, sock: socket.socket, exc: OSError) -> None:
+        # Drain the error queue (IP_RECVERR), or the socket stays readable forever; only an
+        # error about a datagram to the target counts.
+        about_target = False
+        while True:
+            try:
+                _, _, _, dest = sock.recvmsg(_MAX_DATAGRAM, 512, socket.MSG_ERRQUEUE)
+            except OSError:
+                break
+            about_target = about_target or tuple(dest[:2]) == tuple(self._peer)
+        if not about_target:
+            self._log(f"socket error ignored: {exc.strerror or exc}")
+            return
+        if isinstance(exc, ConnectionRefusedError):
+            self._log("ICMP port unreachable: nothing listens on the target port")
+        else:
+            self._log(f"ICMP error: {exc.strerror or exc}")
+        self._resolve(None)
 
     def _resolve(self, reply: Reply | None) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -179,10 +199,12 @@ class Exchange:
             self._discard("duplicate of an answered request")
             return
         if origin != self._pending_nonce:
-            why = "late reply to an expired request" if origin in self._expired else (
-                f"origin {origin:016x} matches no request"
-            )
-            self._discard(why)
+            if origin in self._expired:
+                # Genuine but too late: the sample already counts as lost, and a server that
+                # is merely slow must read as "timeout", not as sending invalid replies.
+                self._log("late reply to an expired request ignored")
+                return
+            self._discard(f"origin {origin:016x} matches no request")
             return
         # A KoD need not carry timestamps; its origin check above is what authenticates it.
         if pkt.kiss_code is None and pkt.transmit_ts == 0:

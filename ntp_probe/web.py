@@ -142,7 +142,7 @@ async def config_handler(request: web.Request) -> web.Response:
 async def logs_handler(request: web.Request) -> web.Response:
     """GET /logs?id=N: one recent probe's debug output."""
     raw = request.query.get("id", "")
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):
         return _bad_request("id parameter must be a probe number")
     state = request.app[STATE]
     entry = state.history.get(int(raw))

@@ -1,0 +1,616 @@
+"""Behaviour of the NTP prober against an in-process fake server on 127.0.0.1.
+
+Each test scripts the server's answers and checks what ``run_probe`` reports: the
+measurement, the failure reason (first failing check in DESIGN.md's order), which gauges
+are emitted and the packet accounting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from ntp_probe.config import Module, NTPSettings
+from ntp_probe.metrics import render
+from ntp_probe.ntp import packet as ntp
+from ntp_probe.result import ProbeLog, ProbeResult
+from ntp_probe.runner import probe_timeout, run_probe
+from ntp_probe.targets import parse_target
+from tests.behaviour import fake_server
+from tests.behaviour.fake_server import (
+    LOOPBACK,
+    FakeNTPServer,
+    Request,
+    Send,
+    answer,
+    kod,
+    reply,
+    silent,
+    truncated,
+    wrong_mode,
+    wrong_origin,
+    zero_transmit,
+)
+
+# The fixture, made visible to pytest in this module.
+fake_ntp = fake_server.fake_ntp
+
+# Gauges that exist only when at least one reply passed the packet checks (DESIGN.md).
+MEASUREMENT_GAUGES = (
+    "probe_ntp_offset_seconds",
+    "probe_ntp_rtt_seconds",
+    "probe_ntp_jitter_seconds",
+    "probe_ntp_offset_stddev_seconds",
+    "probe_ntp_stratum",
+    "probe_ntp_leap_indicator",
+    "probe_ntp_precision_seconds",
+    "probe_ntp_root_delay_seconds",
+    "probe_ntp_root_dispersion_seconds",
+    "probe_ntp_root_distance_seconds",
+    "probe_ntp_reference_timestamp_seconds",
+    "probe_ntp_server_processing_seconds",
+    "probe_ntp_causality_violation_seconds",
+    "probe_ntp_server_info",
+)
+# On loopback the measured offset is off by at most half the selected sample's round trip
+# (T2 and T3 are stamped between T1 and T4), plus timestamp rounding. An idle machine's round
+# trip is well under 2 ms, so this is "within 1 ms"; a loaded one stretches it, not the rule.
+ROUNDING = 2e-6
+SLACK = 0.15  # scheduling slack on top of a deadline (an upper bound, not a benchmark)
+
+
+def make_module(
+    *,
+    samples: int = 1,
+    interval: float = 0.01,
+    reply_timeout: float = 0.5,
+    timeout: float = 2.0,
+    **settings: Any,
+) -> Module:
+    return Module(
+        name="t",
+        timeout=timeout,
+        ntp=NTPSettings(
+            samples=samples,
+            sample_interval=interval,
+            reply_timeout=reply_timeout,
+            preferred_ip_protocol="ip4",
+            **settings,
+        ),
+    )
+
+
+async def probe(
+    server: FakeNTPServer, module: Module, timeout: float | None = None
+) -> tuple[ProbeResult, ProbeLog]:
+    log = ProbeLog()
+    result = await run_probe(
+        parse_target(server.target), module, module.timeout if timeout is None else timeout, log
+    )
+    return result, log
+
+
+def names(result: ProbeResult) -> set[str]:
+    return {name for name, _, _ in result.gauges}
+
+
+def assert_no_measurement(result: ProbeResult) -> None:
+    leaked = names(result) & set(MEASUREMENT_GAUGES)
+    assert not leaked, f"measurement gauges emitted without a usable reply: {sorted(leaked)}"
+
+
+def assert_measurement(result: ProbeResult) -> None:
+    missing = set(MEASUREMENT_GAUGES) - names(result)
+    assert not missing, f"measurement gauges missing: {sorted(missing)}"
+
+
+def assert_offset(result: ProbeResult, injected: float) -> None:
+    """The reported offset is the injected one, within half the reported round trip."""
+    rtt = result.value("probe_ntp_rtt_seconds")
+    assert rtt is not None and 0 <= rtt < 0.05, rtt
+    error = offset_of(result) - injected
+    assert abs(error) <= rtt / 2 + ROUNDING, f"offset off by {error:+.6f}s with rtt {rtt:.6f}s"
+
+
+def offset_of(result: ProbeResult) -> float:
+    value = result.value("probe_ntp_offset_seconds")
+    assert value is not None, "no offset reported"
+    return value
+
+
+def counts(result: ProbeResult) -> tuple[float | None, float | None, float | None]:
+    return (
+        result.value("probe_ntp_samples_sent"),
+        result.value("probe_ntp_samples_received"),
+        result.value("probe_ntp_packet_loss_ratio"),
+    )
+
+
+# --- measurement -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("injected", [0.25, -1000.0])
+async def test_injected_offset_is_measured(fake_ntp: FakeNTPServer, injected: float) -> None:
+    fake_ntp.behaviour = answer(offset=injected)
+    result, log = await probe(fake_ntp, make_module(samples=3))
+    assert result.success, (result.failure, log.text())
+    assert result.failure is None
+    assert_offset(result, injected)
+    rtt = result.value("probe_ntp_rtt_seconds")
+    assert rtt is not None and 0 <= rtt < 0.05
+    assert counts(result) == (3, 3, 0)
+    assert result.value("probe_ip_protocol") == 4
+    assert result.value("probe_ntp_stratum") == 2
+    assert result.value("probe_ntp_server_info", (("refid", "127.0.0.1"), ("version", "4"))) == 1
+    assert_measurement(result)
+    if sys.platform.startswith("linux"):
+        assert "(kernel T4)" in log.text()
+
+
+async def test_offset_across_the_ntp_era_boundary(fake_ntp: FakeNTPServer) -> None:
+    # A server 13 years ahead is past 2036-02-07: its timestamps are in NTP era 1.
+    injected = 13 * 365.25 * 86400
+    fake_ntp.behaviour = answer(offset=injected)
+    result, log = await probe(fake_ntp, make_module(samples=2))
+    assert result.success, (result.failure, log.text())
+    assert_offset(result, injected)
+    ref = result.value("probe_ntp_reference_timestamp_seconds")
+    assert ref is not None and abs(ref - (time.time() + injected - 10.0)) < 2.0
+
+
+@pytest.mark.parametrize("leap", [1, 2])
+async def test_leap_warning_is_not_a_failure(fake_ntp: FakeNTPServer, leap: int) -> None:
+    fake_ntp.behaviour = answer(leap=leap)
+    result, log = await probe(fake_ntp, make_module())
+    assert result.success, (result.failure, log.text())
+    assert result.value("probe_ntp_leap_indicator") == leap
+
+
+async def test_zero_reference_time_is_not_stale(fake_ntp: FakeNTPServer) -> None:
+    fake_ntp.behaviour = answer(reference_ts=0)
+    result, log = await probe(fake_ntp, make_module())
+    assert result.success, (result.failure, log.text())
+    assert result.value("probe_ntp_reference_timestamp_seconds") == 0
+
+
+@pytest.mark.parametrize(
+    ("stratum", "refid", "text"),
+    [
+        (1, b"GPS\0", "GPS"),
+        (2, bytes([192, 0, 2, 7]), "192.0.2.7"),
+        (3, b"\x0a\0\0\x01", "10.0.0.1"),
+    ],
+)
+async def test_server_info_refid(
+    fake_ntp: FakeNTPServer, stratum: int, refid: bytes, text: str
+) -> None:
+    fake_ntp.behaviour = answer(stratum=stratum, refid=refid)
+    result, log = await probe(fake_ntp, make_module())
+    assert result.success, (result.failure, log.text())
+    assert result.value("probe_ntp_server_info", (("refid", text), ("version", "4"))) == 1
+
+
+async def test_reported_values_come_from_the_reply(fake_ntp: FakeNTPServer) -> None:
+    # The server holds the request 2 ms (T3 = T2 + 2 ms) and sends the reply 3 ms after
+    # reading the request, so the claimed processing fits inside the round trip.
+    fake_ntp.behaviour = lambda req: [
+        Send(
+            reply(req, stratum=3, root_delay=0.25, root_dispersion=0.125, precision=-10,
+                  processing=0.002, reference_age=100.0),
+            delay=0.003,
+        )
+    ]
+    result, log = await probe(fake_ntp, make_module())
+    assert result.success, (result.failure, log.text())
+    assert result.value("probe_ntp_stratum") == 3
+    assert result.value("probe_ntp_root_delay_seconds") == pytest.approx(0.25, abs=1e-4)
+    assert result.value("probe_ntp_root_dispersion_seconds") == pytest.approx(0.125, abs=1e-4)
+    assert result.value("probe_ntp_precision_seconds") == 2.0**-10
+    processing = result.value("probe_ntp_server_processing_seconds")
+    assert processing is not None and 0.002 <= processing < 0.01
+    rtt = result.value("probe_ntp_rtt_seconds")
+    assert rtt is not None
+    distance = result.value("probe_ntp_root_distance_seconds")
+    assert distance == pytest.approx((rtt + 0.25) / 2 + 0.125, abs=1e-4)
+    ref = result.value("probe_ntp_reference_timestamp_seconds")
+    assert ref is not None and abs(ref - (time.time() - 100.0)) < 2.0
+
+
+# --- Kiss-o'-Death ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [(b"RATE", "kod_rate"), (b"DENY", "kod_deny"), (b"RSTR", "kod_rstr"), (b"XYZW", "kod_other")],
+)
+async def test_kod_stops_the_burst(fake_ntp: FakeNTPServer, code: bytes, reason: str) -> None:
+    fake_ntp.behaviour = lambda req: [Send(kod(req, code))]
+    result, log = await probe(fake_ntp, make_module(samples=3))
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) == 1, log.text()
+    assert not result.success
+    assert result.failure == reason
+    assert result.value("probe_ntp_kiss_code_info", (("code", code.decode()),)) == 1
+    assert counts(result) == (1, 1, 0)
+    assert_no_measurement(result)
+
+
+async def test_kod_after_a_good_sample_keeps_the_measurement(fake_ntp: FakeNTPServer) -> None:
+    def behaviour(req: Request) -> list[Send]:
+        if req.index == 0:
+            return [Send(reply(req, offset=0.25))]
+        return [Send(kod(req, b"RATE"))]
+
+    fake_ntp.behaviour = behaviour
+    result, log = await probe(fake_ntp, make_module(samples=3))
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) == 2, log.text()
+    assert result.failure == "kod_rate"
+    assert_offset(result, 0.25)
+    assert counts(result) == (2, 2, 0)
+
+
+@pytest.mark.parametrize("spoof", ["wrong_origin", "other_port"])
+async def test_spoofed_kod_does_not_stop_the_burst(fake_ntp: FakeNTPServer, spoof: str) -> None:
+    def behaviour(req: Request) -> list[Send]:
+        assert req.packet is not None
+        if spoof == "wrong_origin":
+            bogus = Send(kod(req, b"DENY", origin=req.packet.transmit_ts ^ 1))
+        else:
+            bogus = Send(kod(req, b"DENY"), from_other_port=True)
+        return [bogus, Send(reply(req, offset=0.25), delay=0.005)]
+
+    fake_ntp.behaviour = behaviour
+    result, log = await probe(fake_ntp, make_module(samples=3))
+    assert result.success, (result.failure, log.text())
+    assert "probe_ntp_kiss_code_info" not in names(result)
+    assert counts(result) == (3, 3, 0)
+    assert_offset(result, 0.25)
+
+
+@pytest.mark.parametrize("leap", [0, 3])
+async def test_stratum_0_zero_refid_is_unsynchronized_not_kod(
+    fake_ntp: FakeNTPServer, leap: int
+) -> None:
+    # An unsynchronised chrony: stratum 0, refid 0 (and LI 3).
+    fake_ntp.behaviour = answer(stratum=0, refid=b"\0\0\0\0", leap=leap, offset=0.25)
+    result, _ = await probe(fake_ntp, make_module(samples=2))
+    assert result.failure == "stratum_unsynchronized"
+    assert not any(name == "probe_ntp_kiss_code_info" for name in names(result))
+    assert_measurement(result)
+    assert result.value("probe_ntp_stratum") == 0
+    assert_offset(result, 0.25)
+    assert counts(result) == (2, 2, 0)
+
+
+# --- packet checks ---------------------------------------------------------------------
+
+
+async def test_wrong_origin_is_discarded_and_the_genuine_reply_used(
+    fake_ntp: FakeNTPServer,
+) -> None:
+    fake_ntp.behaviour = lambda req: [
+        Send(wrong_origin(req, offset=100.0)),
+        Send(reply(req, offset=0.25)),
+    ]
+    result, log = await probe(fake_ntp, make_module())
+    assert result.success, (result.failure, log.text())
+    assert_offset(result, 0.25)
+    assert counts(result) == (1, 1, 0)
+    assert "matches no request" in log.text()
+
+
+JUNK: dict[str, Callable[[Request], bytes]] = {
+    "wrong_origin": lambda req: wrong_origin(req),
+    "wrong_mode_client": lambda req: wrong_mode(req, ntp.Mode.CLIENT),
+    "wrong_mode_broadcast": lambda req: wrong_mode(req, ntp.Mode.BROADCAST),
+    "truncated": lambda req: truncated(req, 40),
+    "zero_transmit": lambda req: zero_transmit(req),
+}
+
+
+@pytest.mark.parametrize("junk", sorted(JUNK))
+async def test_junk_alone_is_invalid_reply(fake_ntp: FakeNTPServer, junk: str) -> None:
+    make = JUNK[junk]
+    fake_ntp.behaviour = lambda req: [Send(make(req))]
+    result, log = await probe(fake_ntp, make_module(reply_timeout=0.2))
+    assert not result.success
+    assert result.failure == "invalid_reply", log.text()
+    assert counts(result) == (1, 0, 1)
+    assert_no_measurement(result)
+    assert "reply discarded" in log.text()
+
+
+@pytest.mark.parametrize("junk", sorted(JUNK))
+async def test_junk_then_genuine_reply_succeeds(fake_ntp: FakeNTPServer, junk: str) -> None:
+    make = JUNK[junk]
+    fake_ntp.behaviour = lambda req: [Send(make(req)), Send(reply(req, offset=-0.5))]
+    result, log = await probe(fake_ntp, make_module())
+    assert result.success, (result.failure, log.text())
+    assert_offset(result, -0.5)
+    assert counts(result) == (1, 1, 0)
+
+
+async def test_reply_from_another_port_is_logged_and_reported_invalid(
+    fake_ntp: FakeNTPServer,
+) -> None:
+    fake_ntp.behaviour = lambda req: [Send(reply(req), from_other_port=True)]
+    result, log = await probe(fake_ntp, make_module(reply_timeout=0.2))
+    assert "reply discarded" in log.text()
+    assert result.failure == "invalid_reply"
+
+
+async def test_reply_from_another_port_does_not_displace_the_genuine_one(
+    fake_ntp: FakeNTPServer,
+) -> None:
+    fake_ntp.behaviour = lambda req: [
+        Send(reply(req, offset=100.0), from_other_port=True),
+        Send(reply(req, offset=0.25), delay=0.01),
+    ]
+    result, log = await probe(fake_ntp, make_module())
+    assert result.success, (result.failure, log.text())
+    assert_offset(result, 0.25)
+    assert counts(result) == (1, 1, 0)
+
+
+# The copy comes at once, during the pause between requests, or while the next is pending.
+@pytest.mark.parametrize("copy_delay", [0.0, 0.005, 0.02])
+async def test_duplicated_replies_count_once(fake_ntp: FakeNTPServer, copy_delay: float) -> None:
+    def behaviour(req: Request) -> list[Send]:
+        data = reply(req, offset=0.25)
+        return [Send(data), Send(data, delay=copy_delay)]
+
+    fake_ntp.behaviour = behaviour
+    result, log = await probe(fake_ntp, make_module(samples=3))
+    assert result.success, (result.failure, log.text())
+    assert counts(result) == (3, 3, 0)
+    assert_offset(result, 0.25)
+
+
+async def test_partial_loss(fake_ntp: FakeNTPServer) -> None:
+    def behaviour(req: Request) -> list[Send]:
+        return [] if req.index == 1 else [Send(reply(req))]
+
+    fake_ntp.behaviour = behaviour
+    result, log = await probe(fake_ntp, make_module(samples=4, reply_timeout=0.1))
+    assert result.success, (result.failure, log.text())
+    assert counts(result) == (4, 3, 0.25)
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) == 4
+
+
+@pytest.mark.parametrize(
+    "samples",
+    [
+        1,
+        2,
+    ],
+)
+async def test_only_late_replies_is_a_timeout(fake_ntp: FakeNTPServer, samples: int) -> None:
+    # Every reply comes 150 ms after its request; each request waits only 100 ms.
+    fake_ntp.behaviour = lambda req: [Send(reply(req), delay=0.15)]
+    result, log = await probe(fake_ntp, make_module(samples=samples, reply_timeout=0.1))
+    assert counts(result) == (samples, 0, 1), log.text()
+    assert_no_measurement(result)
+    assert result.failure == "timeout", log.text()
+
+
+async def test_negative_delay_is_discarded(fake_ntp: FakeNTPServer) -> None:
+    # The server claims to have held the request for 1 s; the round trip took far less.
+    fake_ntp.behaviour = answer(processing=1.0)
+    result, log = await probe(fake_ntp, make_module())
+    assert not result.success
+    assert result.failure == "invalid_reply", log.text()
+    assert counts(result) == (1, 0, 1)
+    assert_no_measurement(result)
+
+
+async def test_negative_delay_sample_is_not_used(fake_ntp: FakeNTPServer) -> None:
+    def behaviour(req: Request) -> list[Send]:
+        if req.index == 0:
+            return [Send(reply(req, offset=0.25, processing=1.0))]
+        return [Send(reply(req, offset=0.25))]
+
+    fake_ntp.behaviour = behaviour
+    result, log = await probe(fake_ntp, make_module(samples=2))
+    assert result.success, (result.failure, log.text())
+    # The bogus sample's offset would be 0.25 - 0.5 s.
+    assert_offset(result, 0.25)
+    assert counts(result) == (2, 1, 0.5)
+
+
+async def test_min_delay_sample_is_selected(fake_ntp: FakeNTPServer) -> None:
+    # Requests 0 and 2 are answered 50 ms late by a clock 3 s ahead; 1 and 3 at once.
+    def behaviour(req: Request) -> list[Send]:
+        if req.index % 2 == 0:
+            return [Send(reply(req, offset=3.0), delay=0.05)]
+        return [Send(reply(req, offset=0.25))]
+
+    fake_ntp.behaviour = behaviour
+    result, log = await probe(fake_ntp, make_module(samples=4))
+    assert result.success, (result.failure, log.text())
+    assert counts(result) == (4, 4, 0)
+    assert_offset(result, 0.25)
+    rtt = result.value("probe_ntp_rtt_seconds")
+    assert rtt is not None and rtt < 0.04
+    jitter = result.value("probe_ntp_jitter_seconds")
+    assert jitter is not None and jitter > 1.0
+    selected = [s for s in result.details["samples"] if s["selected"]]
+    assert len(selected) == 1 and selected[0]["offset_seconds"] == offset_of(result)
+
+
+# --- sanity checks -----------------------------------------------------------------------
+
+SECONDS_SINCE_2020 = time.time() - dt.datetime(2020, 1, 1, tzinfo=dt.UTC).timestamp()
+
+
+@pytest.mark.parametrize(
+    ("fields", "settings", "reason"),
+    [
+        pytest.param({"stratum": 16}, {}, "stratum_unsynchronized", id="stratum16"),
+        pytest.param({"stratum": 5}, {"max_stratum": 4}, "stratum_unsynchronized",
+                     id="above-max-stratum"),
+        pytest.param({"leap": 3}, {}, "leap_unsynchronized", id="leap3"),
+        pytest.param({"reference_age": -10.0}, {}, "reference_after_transmit", id="ref-future"),
+        pytest.param({"reference_age": 37 * 3600.0}, {}, "stale_reference", id="stale"),
+        pytest.param({"root_dispersion": 2.0}, {}, "excess_root_distance", id="root-disp"),
+        pytest.param({"offset": -SECONDS_SINCE_2020}, {}, "implausible_time", id="year2020"),
+        pytest.param({"offset": 0.25}, {"fail_if_offset_exceeds": 0.1}, "offset_exceeded",
+                     id="offset-exceeded"),
+        pytest.param({"offset": 0.25}, {"max_causality_violation": 0.001},
+                     "causality_violation", id="causality"),
+        # The contract's order: the first failing check wins.
+        pytest.param({"stratum": 16, "leap": 3, "offset": -SECONDS_SINCE_2020}, {},
+                     "stratum_unsynchronized", id="order-stratum-before-leap"),
+        pytest.param({"leap": 3, "offset": -SECONDS_SINCE_2020}, {}, "leap_unsynchronized",
+                     id="order-leap-before-implausible"),
+        pytest.param({"offset": -SECONDS_SINCE_2020, "reference_age": -10.0}, {},
+                     "implausible_time", id="order-implausible-before-reference"),
+        pytest.param({"reference_age": -10.0, "root_dispersion": 2.0}, {},
+                     "reference_after_transmit", id="order-ref-future-before-distance"),
+        pytest.param({"reference_age": 37 * 3600.0, "root_dispersion": 2.0}, {},
+                     "stale_reference", id="order-stale-before-distance"),
+        pytest.param({"root_dispersion": 2.0, "offset": 0.25},
+                     {"max_causality_violation": 0.001, "fail_if_offset_exceeds": 0.1},
+                     "excess_root_distance", id="order-distance-before-causality"),
+        pytest.param({"offset": 0.25},
+                     {"max_causality_violation": 0.001, "fail_if_offset_exceeds": 0.1},
+                     "causality_violation", id="order-causality-before-offset"),
+    ],
+)
+async def test_sanity_check_failures_keep_the_gauges(
+    fake_ntp: FakeNTPServer, fields: dict[str, Any], settings: dict[str, Any], reason: str
+) -> None:
+    fake_ntp.behaviour = answer(**fields)
+    result, log = await probe(fake_ntp, make_module(**settings))
+    assert not result.success
+    assert result.failure == reason, log.text()
+    # One failure series, whatever else failed too.
+    assert render(result).count("probe_ntp_failure_info{") == 1
+    assert_measurement(result)
+    assert counts(result) == (1, 1, 0)
+    assert_offset(result, fields.get("offset", 0.0))
+
+
+async def test_excess_root_distance_reports_the_distance(fake_ntp: FakeNTPServer) -> None:
+    fake_ntp.behaviour = answer(root_dispersion=2.0)
+    result, _ = await probe(fake_ntp, make_module())
+    assert result.failure == "excess_root_distance"
+    assert result.value("probe_ntp_root_dispersion_seconds") == pytest.approx(2.0, abs=1e-4)
+    distance = result.value("probe_ntp_root_distance_seconds")
+    assert distance is not None and distance > 2.0
+
+
+async def test_offset_within_limit_passes(fake_ntp: FakeNTPServer) -> None:
+    fake_ntp.behaviour = answer(offset=0.25)
+    result, log = await probe(fake_ntp, make_module(fail_if_offset_exceeds=0.5))
+    assert result.success, (result.failure, log.text())
+
+
+# --- deadlines -------------------------------------------------------------------------
+
+
+async def test_silent_server_times_out_within_the_probe_timeout(fake_ntp: FakeNTPServer) -> None:
+    fake_ntp.behaviour = silent
+    module = make_module(samples=3, reply_timeout=1.0, timeout=10.0)
+    timeout = probe_timeout(module.timeout, "1.0", 0.5)
+    assert timeout == 0.5
+    started = time.monotonic()
+    result, log = await probe(fake_ntp, module, timeout)
+    elapsed = time.monotonic() - started
+    assert elapsed < timeout + SLACK, log.text()
+    assert not result.success
+    assert result.failure == "timeout"
+    sent, received, loss = counts(result)
+    # Under heavy CPU load this can fail: the backstop race pinned down by
+    # test_stalled_loop_at_the_deadline_keeps_the_collected_samples drops these gauges.
+    assert sent is not None and sent >= 1, f"samples_sent missing:\n{log.text()}"
+    assert received == 0 and loss == 1
+    assert_no_measurement(result)
+    await fake_ntp.wait_for_requests(1)
+
+
+async def test_stalled_loop_at_the_deadline_keeps_the_collected_samples(
+    fake_ntp: FakeNTPServer,
+) -> None:
+    # The first request is answered, the second is not: its wait ends at the deadline.
+    def behaviour(req: Request) -> list[Send]:
+        return [Send(reply(req, offset=0.25))] if req.index == 0 else []
+
+    fake_ntp.behaviour = behaviour
+    module = make_module(samples=2, interval=0.01, reply_timeout=5.0, timeout=0.3)
+    loop = asyncio.get_running_loop()
+    # Simulate a loaded exporter: the event loop is blocked from 0.2 s to 0.35 s, across
+    # both the prober's wait limit (0.295 s) and the deadline (0.3 s). This is a blocking
+    # callback standing in for load, not a synchronisation sleep.
+    loop.call_later(0.2, time.sleep, 0.15)
+    result, log = await probe(fake_ntp, module)
+    await fake_ntp.wait_for_requests(2)
+    assert counts(result) == (2, 1, 0.5), log.text()
+    assert_offset(result, 0.25)
+
+
+async def test_burst_is_shortened_to_fit_the_timeout(fake_ntp: FakeNTPServer) -> None:
+    module = make_module(samples=5, interval=1.0, reply_timeout=0.5, timeout=1.5)
+    started = time.monotonic()
+    result, log = await probe(fake_ntp, module)
+    elapsed = time.monotonic() - started
+    assert elapsed < module.timeout + SLACK, log.text()
+    assert result.success, (result.failure, log.text())
+    sent, received, loss = counts(result)
+    assert sent is not None and 1 <= sent < 5
+    assert received == sent and loss == 0
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) == sent
+
+
+async def test_closed_port_fails_fast_with_timeout() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((LOOPBACK, 0))
+        port = int(s.getsockname()[1])
+    module = make_module(samples=3, reply_timeout=1.0, timeout=3.0)
+    log = ProbeLog()
+    started = time.monotonic()
+    result = await run_probe(parse_target(f"{LOOPBACK}:{port}"), module, module.timeout, log)
+    elapsed = time.monotonic() - started
+    assert not result.success
+    assert result.failure == "timeout"
+    # ICMP port unreachable ends each wait at once instead of after reply_timeout.
+    assert elapsed < 0.5, log.text()
+    assert_no_measurement(result)
+    assert "port unreachable" in log.text()
+
+
+# --- the request on the wire ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", [3, 4])
+async def test_requests_are_minimal_with_random_nonces(
+    fake_ntp: FakeNTPServer, version: int
+) -> None:
+    result, log = await probe(fake_ntp, make_module(samples=3, version=version))
+    assert result.success, (result.failure, log.text())
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) == 3
+    now_ts = ntp.ts_from_unix_ns(time.time_ns())
+    nonces = []
+    for req in fake_ntp.requests:
+        assert len(req.data) == ntp.HEADER_LEN
+        assert req.data[0] == (version << 3) | ntp.Mode.CLIENT  # LI 0, version, mode 3
+        assert req.data[1:40] == bytes(39), "a header field other than transmit is set"
+        nonce = int.from_bytes(req.data[40:48], "big")
+        assert nonce != 0
+        # The real T1 stays local: the transmit field is not (close to) the time.
+        assert abs(ntp.ts_diff(nonce, now_ts)) > 3600 << 32
+        nonces.append(nonce)
+    assert len(set(nonces)) == 3
+    # One socket per burst: every request from the same loopback address and port.
+    assert len({req.addr for req in fake_ntp.requests}) == 1
+    assert fake_ntp.requests[0].addr[0] == LOOPBACK
