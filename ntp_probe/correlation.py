@@ -22,7 +22,10 @@ def divergence(ntp_offset: float, kernel_offset: float) -> float:
 
 def coherence_score(d: float) -> float:
     """1 for divergences up to 1 ms, falling through 0.9 (5 ms), 0.7 (10 ms), 0.5 (50 ms),
-    then 0.5 * exp(-(d - 50 ms) / 50 ms): continuous everywhere, 0 only in the limit."""
+    then 0.5 * exp(-(d - 50 ms) / 50 ms): continuous everywhere (it underflows to 0 beyond
+    about 37 s). NaN in, NaN out."""
+    if math.isnan(d):
+        return d
     d = abs(d)
     last_x, last_y = _POINTS[-1]
     if d >= last_x:

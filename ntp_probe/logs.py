@@ -17,6 +17,11 @@ def _timestamp(record: logging.LogRecord) -> str:
     )
 
 
+def _level(record: logging.LogRecord) -> str:
+    # Prometheus exporters write "warn", which is also what --log.level takes.
+    return "warn" if record.levelno == logging.WARNING else record.levelname.lower()
+
+
 def _logfmt_value(value: str) -> str:
     if value and not any(c in value for c in ' "=\\\n\t'):
         return value
@@ -32,7 +37,7 @@ class LogfmtFormatter(logging.Formatter):
         if record.exc_info:
             msg += "\n" + self.formatException(record.exc_info)
         return (
-            f"ts={_timestamp(record)} level={record.levelname.lower()} "
+            f"ts={_timestamp(record)} level={_level(record)} "
             f"logger={record.name} msg={_logfmt_value(msg)}"
         )
 
@@ -42,7 +47,7 @@ class JSONFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         """Format one record as a JSON line."""
-        data = {"ts": _timestamp(record), "level": record.levelname.lower(),
+        data = {"ts": _timestamp(record), "level": _level(record),
                 "logger": record.name, "msg": record.getMessage()}
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)

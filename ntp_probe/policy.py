@@ -43,9 +43,13 @@ class Rules:
             ip = ipaddress.ip_address(address.split("%", 1)[0])
         except ValueError:
             return False
+        candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.networks if net.version == ip.version)
+            # ::ffff:a.b.c.d reaches a.b.c.d: match it as either form.
+            candidates.append(ip.ipv4_mapped)
+        return any(
+            c in net for c in candidates for net in self.networks if net.version == c.version
+        )
 
 
 def parse_rules(items: Iterable[object], key: str) -> Rules:

@@ -71,10 +71,11 @@ class WebConfig:
         """Check an Authorization header against basic_auth_users (True when none are set)."""
         if not self.users:
             return True
-        if not header or not header.startswith("Basic "):
+        scheme, _, token = (header or "").strip().partition(" ")
+        if scheme.lower() != "basic":  # RFC 7235: the scheme is case-insensitive
             return False
         try:
-            user, sep, password = base64.b64decode(header[6:], validate=True).decode().partition(
+            user, sep, password = base64.b64decode(token.strip(), validate=True).decode().partition(
                 ":"
             )
         except (binascii.Error, UnicodeDecodeError):

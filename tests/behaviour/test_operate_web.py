@@ -1,0 +1,682 @@
+"""Operating the exporter over HTTP: reload, /config, history pages, min_probe_interval,
+coalescing of identical probes, and a client hang-up cancelling its probe.
+
+Every probe goes to the in-process fake NTP server on 127.0.0.1; the app runs in
+aiohttp's TestServer (which, like ``ntp-probe serve``, cancels a handler whose client
+went away).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from html.parser import HTMLParser
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestClient, make_mocked_request
+from prometheus_client.parser import text_string_to_metric_families
+from pytest_aiohttp import AiohttpClient
+
+from ntp_probe.config import load_config, parse_config
+from ntp_probe.history import History
+from ntp_probe.metrics import Internals
+from ntp_probe.web import State, create_app, probe_handler
+from tests.behaviour import fake_server
+from tests.behaviour.fake_server import FakeNTPServer, Request, Send, answer, reply, silent
+
+fake_ntp = fake_server.fake_ntp
+
+Client = TestClient[web.Request, web.Application]
+
+DEADLINE = 5.0  # seconds any polled condition here may take at most
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def module_yaml(name: str, *, timeout: str = "2s", samples: int = 1,
+                reply_timeout: str = "500ms", extra: str = "") -> str:
+    """One module block (indented under ``modules:``)."""
+    return (
+        f"  {name}:\n"
+        f"    prober: ntp\n"
+        f"    timeout: {timeout}\n"
+        f"{extra}"
+        f"    ntp:\n"
+        f"      samples: {samples}\n"
+        f"      sample_interval: 10ms\n"
+        f"      reply_timeout: {reply_timeout}\n"
+        f"      preferred_ip_protocol: ip4\n"
+    )
+
+
+def config_text(*blocks: str) -> str:
+    return "modules:\n" + "".join(blocks)
+
+
+def make_state(path: Path, history_limit: int = 100, text: str | None = None) -> State:
+    """State as ``ntp-probe serve --config.file=path`` builds it (writing ``text`` first)."""
+    if text is not None:
+        path.write_text(text)
+    config = load_config(str(path))
+    internals = Internals()
+    internals.config_loaded(len(config.modules))
+    return State(config=config, internals=internals, config_path=str(path),
+                 history=History(history_limit))
+
+
+async def start(aiohttp_client: AiohttpClient, path: Path, text: str,
+                history_limit: int = 100) -> tuple[Client, State]:
+    state = make_state(path, history_limit, text)
+    return await aiohttp_client(create_app(state)), state
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None
+
+
+async def metrics(client: Client) -> str:
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    return await resp.text()
+
+
+async def probe(client: Client, target: str, module: str) -> tuple[int, str]:
+    resp = await client.get("/probe", params={"target": target, "module": module})
+    return resp.status, await resp.text()
+
+
+def assert_one_line(body: str) -> None:
+    assert body.endswith("\n") and body.count("\n") == 1 and body.strip(), repr(body)
+
+
+async def poll(condition: Callable[[], bool], what: str, deadline: float = DEADLINE) -> float:
+    """Wait (yielding to the loop) until ``condition()``; return the seconds it took."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > deadline:
+            pytest.fail(f"{what}: not reached within {deadline} s")
+        await asyncio.sleep(0.005)  # yield to the loop; bounded by the deadline
+    return time.monotonic() - started
+
+
+class HistoryTable(HTMLParser):
+    """The rows of ``<table id='history'>``'s body: cell texts and the row's link."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[list[str], list[str]]] = []  # (cells, hrefs)
+        self.modules: list[str] = []
+        self._in_table = False
+        self._in_body = False
+        self._cell: list[str] | None = None
+        self._in_li = False
+        self._li: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "table" and a.get("id") == "history":
+            self._in_table = True
+        elif self._in_table and tag == "tbody":
+            self._in_body = True
+        elif self._in_body and tag == "tr":
+            self.rows.append(([], []))
+        elif self._in_body and tag == "td":
+            self._cell = []
+        elif self._in_body and tag == "a" and self.rows:
+            self.rows[-1][1].append(a.get("href") or "")
+        elif tag == "li":
+            self._in_li, self._li = True, []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._cell is not None:
+            self.rows[-1][0].append("".join(self._cell))
+            self._cell = None
+        elif tag == "tbody":
+            self._in_body = False
+        elif tag == "table":
+            self._in_table = False
+        elif tag == "li" and self._in_li:
+            self.modules.append("".join(self._li))
+            self._in_li = False
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+        if self._in_li:
+            self._li.append(data)
+
+
+def parse_page(page: str) -> HistoryTable:
+    parser = HistoryTable()
+    parser.feed(page)
+    parser.close()
+    return parser
+
+
+async def landing(client: Client) -> tuple[str, HistoryTable]:
+    resp = await client.get("/")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/html")
+    page = await resp.text()
+    return page, parse_page(page)
+
+
+def log_id(href: str) -> int:
+    m = re.fullmatch(r"logs\?id=(\d+)", href)
+    assert m, href
+    return int(m.group(1))
+
+
+# --- reload ----------------------------------------------------------------------------
+
+
+async def test_reload_with_a_changed_file_swaps_the_modules(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    path = tmp_path / "modules.yaml"
+    client, state = await start(aiohttp_client, path, config_text(module_yaml("old")))
+    status, body = await probe(client, fake_ntp.target, "old")
+    assert status == 200 and metric(body, "probe_success") == 1, body
+    before = await metrics(client)
+    assert metric(before, "ntp_probe_modules_configured") == 1
+    stamp_before = metric(before, "ntp_probe_config_last_reload_success_timestamp_seconds")
+    assert stamp_before is not None
+
+    path.write_text(config_text(module_yaml("new"), module_yaml("other", samples=2)))
+    resp = await client.post("/-/reload")
+    assert resp.status == 200, await resp.text()
+
+    status, body = await probe(client, fake_ntp.target, "new")
+    assert status == 200 and metric(body, "probe_success") == 1, body
+    status, body = await probe(client, fake_ntp.target, "other")
+    assert status == 200 and metric(body, "probe_ntp_samples_sent") == 2, body
+    status, body = await probe(client, fake_ntp.target, "old")
+    assert status == 400 and "old" in body
+    after = await metrics(client)
+    assert metric(after, "ntp_probe_config_last_reload_successful") == 1
+    assert metric(after, "ntp_probe_modules_configured") == 2
+    stamp_after = metric(after, "ntp_probe_config_last_reload_success_timestamp_seconds")
+    assert stamp_after is not None and stamp_after >= stamp_before
+    assert set(state.config.modules) == {"new", "other"}
+
+
+@pytest.mark.parametrize(
+    ("broken", "named"),
+    [
+        # unknown key: the error names its full path
+        (config_text(module_yaml("new").replace("samples: 1", "sampels: 1")),
+         "modules.new.ntp.sampels"),
+        (config_text(module_yaml("new", extra="    timout: 5s\n")), "modules.new.timout"),
+        # a duration without a unit
+        (config_text(module_yaml("new", timeout="5")), "modules.new.timeout"),
+        # bad YAML: no key to name, the file and the kind of problem instead
+        ("modules:\n  new: [\n", "invalid YAML"),
+    ],
+    ids=["unknown-ntp-key", "unknown-module-key", "bad-duration", "bad-yaml"],
+)
+async def test_broken_reload_keeps_the_old_config(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer,
+    broken: str, named: str,
+) -> None:
+    path = tmp_path / "modules.yaml"
+    client, _ = await start(aiohttp_client, path, config_text(module_yaml("old")))
+    config_before = await (await client.get("/config")).text()
+
+    path.write_text(broken)
+    resp = await client.post("/-/reload")
+    assert resp.status == 500
+    body = await resp.text()
+    assert_one_line(body)
+    assert named in body, body
+    if named == "invalid YAML":
+        assert str(path) in body
+
+    # The old configuration still serves probes, and /config still shows it.
+    status, probe_body = await probe(client, fake_ntp.target, "old")
+    assert status == 200 and metric(probe_body, "probe_success") == 1, probe_body
+    status, _ = await probe(client, fake_ntp.target, "new")
+    assert status == 400
+    assert await (await client.get("/config")).text() == config_before
+    text = await metrics(client)
+    assert metric(text, "ntp_probe_config_last_reload_successful") == 0
+    assert metric(text, "ntp_probe_modules_configured") == 1
+
+    # A later good reload clears the failure.
+    path.write_text(config_text(module_yaml("new")))
+    resp = await client.post("/-/reload")
+    assert resp.status == 200, await resp.text()
+    text = await metrics(client)
+    assert metric(text, "ntp_probe_config_last_reload_successful") == 1
+    status, probe_body = await probe(client, fake_ntp.target, "new")
+    assert status == 200 and metric(probe_body, "probe_success") == 1, probe_body
+
+
+async def test_reload_of_a_deleted_file_keeps_the_old_config(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    path = tmp_path / "modules.yaml"
+    client, _ = await start(aiohttp_client, path, config_text(module_yaml("old")))
+    path.unlink()
+    resp = await client.post("/-/reload")
+    assert resp.status == 500
+    body = await resp.text()
+    assert_one_line(body)
+    assert str(path) in body
+    status, probe_body = await probe(client, fake_ntp.target, "old")
+    assert status == 200 and metric(probe_body, "probe_success") == 1
+    assert metric(await metrics(client), "ntp_probe_config_last_reload_successful") == 0
+
+
+# Regression: load_config used to let UnicodeDecodeError (a file that is not UTF-8) and
+# ValueError (PyYAML's timestamp constructor) out of State.reload: a 500 "internal error"
+# with ntp_probe_config_last_reload_successful still 1.
+@pytest.mark.parametrize(
+    "broken",
+    [
+        "modules:\n  caf\xe9:\n    timeout: 2s\n".encode("latin-1"),
+        config_text(module_yaml("new").replace(
+            "      samples: 1\n", "      samples: 1\n      min_plausible_time: 2024-13-01\n"
+        )).encode(),
+    ],
+    ids=["latin-1-file", "impossible-date"],
+)
+async def test_unreadable_config_is_a_failed_reload(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer, broken: bytes
+) -> None:
+    path = tmp_path / "modules.yaml"
+    client, _ = await start(aiohttp_client, path, config_text(module_yaml("old")))
+    path.write_bytes(broken)
+    resp = await client.post("/-/reload")
+    body = await resp.text()
+    # The old configuration must keep serving whatever happens.
+    status, probe_body = await probe(client, fake_ntp.target, "old")
+    assert status == 200 and metric(probe_body, "probe_success") == 1
+    assert resp.status == 500
+    assert_one_line(body)
+    assert metric(await metrics(client), "ntp_probe_config_last_reload_successful") == 0
+    assert body.startswith("failed to reload config:") and str(path) in body, body
+
+
+async def test_reload_needs_post(aiohttp_client: AiohttpClient, tmp_path: Path) -> None:
+    path = tmp_path / "modules.yaml"
+    client, _ = await start(aiohttp_client, path, config_text(module_yaml("old")))
+    path.write_text(config_text(module_yaml("new")))
+    resp = await client.get("/-/reload")
+    assert resp.status == 405
+    # ... and a GET did not reload anything.
+    status, _ = await probe(client, "127.0.0.1:1", "new")
+    assert status == 400
+
+
+# --- /config ---------------------------------------------------------------------------
+
+
+async def test_config_endpoint_reflects_the_loaded_modules(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    path = tmp_path / "modules.yaml"
+    text = config_text(
+        module_yaml("alpha", timeout="3s", samples=2),
+        module_yaml("beta", extra="    min_probe_interval: 10s\n"
+                                  "    denied_targets: [192.0.2.0/24]\n"),
+    )
+    client, state = await start(aiohttp_client, path, text)
+    resp = await client.get("/config")
+    assert resp.status == 200
+    data = yaml.safe_load(await resp.text())
+    assert list(data["modules"]) == ["alpha", "beta"]
+    alpha, beta = data["modules"]["alpha"], data["modules"]["beta"]
+    assert alpha["timeout"] == "3s" and alpha["ntp"]["samples"] == 2
+    assert alpha["ntp"]["sample_interval"] == "10ms"
+    assert alpha["ntp"]["reply_timeout"] == "500ms"
+    assert alpha["ntp"]["preferred_ip_protocol"] == "ip4"
+    assert "min_probe_interval" not in alpha
+    assert beta["min_probe_interval"] == "10s"
+    assert beta["denied_targets"] == ["192.0.2.0/24"]
+    # The dump is itself a valid configuration describing the same modules.
+    again = parse_config(await resp.text(), "roundtrip")
+    assert dict(again.modules) == dict(state.config.modules)
+
+    path.write_text(config_text(module_yaml("gamma")))
+    assert (await client.post("/-/reload")).status == 200
+    data = yaml.safe_load(await (await client.get("/config")).text())
+    assert list(data["modules"]) == ["gamma"]
+
+
+# --- history: landing page and /logs --------------------------------------------------
+
+
+async def test_landing_page_lists_probes_newest_first(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    path = tmp_path / "modules.yaml"
+    client, _ = await start(aiohttp_client, path,
+                            config_text(module_yaml("one"), module_yaml("two")))
+    other = await FakeNTPServer.start(answer(leap=3))  # an unsynchronised server
+    try:
+        status, _ = await probe(client, fake_ntp.target, "one")  # success
+        assert status == 200
+        status, _ = await probe(client, other.target, "two")  # leap_unsynchronized
+        assert status == 200
+        fake_ntp.behaviour = silent
+        status, _ = await probe(client, fake_ntp.target, "one")  # timeout
+        assert status == 200
+    finally:
+        other.close()
+    fake_ntp.behaviour = answer()
+    status, _ = await probe(client, fake_ntp.target, "two")  # success
+    assert status == 200
+
+    _, table = await landing(client)
+    assert len(table.rows) == 4, table.rows
+    expected = [
+        ("two", fake_ntp.target, "success", ""),
+        ("one", fake_ntp.target, "failure", "timeout"),
+        ("two", other.target, "failure", "leap_unsynchronized"),
+        ("one", fake_ntp.target, "success", ""),
+    ]
+    got = [tuple(cells[1:5]) for cells, _ in table.rows]
+    assert got == expected
+    for cells, hrefs in table.rows:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", cells[0]), cells
+        assert re.fullmatch(r"\d+\.\d ms", cells[5]), cells
+        assert len(hrefs) == 1
+    ids = [log_id(hrefs[0]) for _, hrefs in table.rows]
+    assert ids == sorted(ids, reverse=True) and len(set(ids)) == 4
+    assert table.modules == ["one", "two"]
+
+
+async def test_logs_show_each_probes_log_and_metrics(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    path = tmp_path / "modules.yaml"
+    client, _ = await start(aiohttp_client, path, config_text(module_yaml("one", samples=2)))
+    await probe(client, fake_ntp.target, "one")
+    fake_ntp.behaviour = answer(leap=3)
+    await probe(client, fake_ntp.target, "one")
+    _, table = await landing(client)
+    failure_id, success_id = (log_id(hrefs[0]) for _, hrefs in table.rows)
+
+    resp = await client.get("/logs", params={"id": str(success_id)})
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
+    text = await resp.text()
+    t_lines = [line for line in text.splitlines()
+               if all(f"T{i}=" in line for i in (1, 2, 3, 4))]
+    assert len(t_lines) == 2, text  # one per sample of the burst
+    assert "probe_success 1" in text
+    assert "probe_ntp_samples_received 2" in text
+    assert "probe_ntp_failure_info" not in text
+    assert "Module configuration:" in text and "samples: 2" in text
+
+    resp = await client.get("/logs", params={"id": str(failure_id)})
+    assert resp.status == 200
+    text = await resp.text()
+    assert "probe_success 0" in text
+    assert 'probe_ntp_failure_info{reason="leap_unsynchronized"} 1' in text
+    assert "leap=3" in text  # the packet line shows why
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        ("999", 404), ("abc", 400), ("", 400), ("-1", 400), ("1.5", 400),
+        # str.isdigit() is true for these, int() rejects the first (regression: was a 500)
+        pytest.param("\u00b2", 400, id="superscript-two"),
+        pytest.param("\u0663", 400, id="arabic-indic-three"),
+    ],
+)
+async def test_logs_rejects_unknown_and_bad_ids(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer,
+    raw: str, status: int,
+) -> None:
+    path = tmp_path / "modules.yaml"
+    client, _ = await start(aiohttp_client, path, config_text(module_yaml("one")))
+    await probe(client, fake_ntp.target, "one")
+    resp = await client.get("/logs", params={"id": raw})
+    assert resp.status == status
+    assert_one_line(await resp.text())
+
+
+async def test_failures_outlive_the_ring(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    path = tmp_path / "modules.yaml"
+    client, _ = await start(aiohttp_client, path, config_text(module_yaml("one")),
+                            history_limit=2)
+    fake_ntp.behaviour = answer(leap=3)
+    await probe(client, fake_ntp.target, "one")  # failure
+    fake_ntp.behaviour = answer()
+    for _ in range(3):
+        await probe(client, fake_ntp.target, "one")  # successes
+    _, table = await landing(client)
+    results = [(cells[3], cells[4]) for cells, _ in table.rows]
+    assert results == [("success", ""), ("success", ""), ("failure", "leap_unsynchronized")]
+    ids = [log_id(hrefs[0]) for _, hrefs in table.rows]
+    failure_id = ids[2]
+    oldest_success = failure_id + 1
+    assert oldest_success not in ids
+    assert ids[:2] == [failure_id + 3, failure_id + 2]
+
+    resp = await client.get("/logs", params={"id": str(failure_id)})
+    assert resp.status == 200
+    assert 'probe_ntp_failure_info{reason="leap_unsynchronized"} 1' in await resp.text()
+    resp = await client.get("/logs", params={"id": str(oldest_success)})
+    assert resp.status == 404
+
+
+async def test_history_limit_zero_keeps_nothing(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    path = tmp_path / "modules.yaml"
+    client, _ = await start(aiohttp_client, path, config_text(module_yaml("one")),
+                            history_limit=0)
+    status, body = await probe(client, fake_ntp.target, "one")
+    assert status == 200 and metric(body, "probe_success") == 1
+    _, table = await landing(client)
+    assert table.rows == []
+    assert (await client.get("/logs", params={"id": "0"})).status == 404
+
+
+async def test_landing_page_escapes_module_names(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    name = "<b>&"
+    path = tmp_path / "modules.yaml"
+    block = module_yaml("PLACEHOLDER").replace("PLACEHOLDER", "'<b>&'")
+    client, state = await start(aiohttp_client, path, config_text(block))
+    assert list(state.config.modules) == [name]
+    status, body = await probe(client, fake_ntp.target, name)
+    assert status == 200 and metric(body, "probe_success") == 1, body
+
+    page, table = await landing(client)
+    assert "<b>" not in page
+    assert "&lt;b&gt;&amp;" in page
+    assert [cells[1] for cells, _ in table.rows] == [name]  # decoded back by the parser
+    assert table.modules == [name]
+    data = yaml.safe_load(await (await client.get("/config")).text())
+    assert list(data["modules"]) == [name]
+
+
+# --- min_probe_interval ----------------------------------------------------------------
+
+
+async def test_min_probe_interval_serves_the_last_result(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    path = tmp_path / "modules.yaml"
+    block = module_yaml("cached", samples=2, extra="    min_probe_interval: 10s\n")
+    client, _ = await start(aiohttp_client, path, config_text(block))
+    status, first = await probe(client, fake_ntp.target, "cached")
+    assert status == 200 and metric(first, "probe_success") == 1, first
+    assert metric(first, "probe_ntp_result_age_seconds") is None
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) == 2
+
+    status, second = await probe(client, fake_ntp.target, "cached")
+    assert status == 200
+    assert metric(second, "probe_success") == 1
+    age = metric(second, "probe_ntp_result_age_seconds")
+    assert age is not None and 0 <= age < 10
+    assert metric(second, "probe_ntp_offset_seconds") == metric(first, "probe_ntp_offset_seconds")
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) == 2  # no second burst
+    text = await metrics(client)
+    assert metric(text, "ntp_probe_ntp_packets_sent_total") == 2
+
+
+# --- coalescing ------------------------------------------------------------------------
+
+
+def delayed(seconds: float) -> Callable[[Request], list[Send]]:
+    def behaviour(req: Request) -> list[Send]:
+        return [Send(reply(req), delay=seconds)]
+
+    return behaviour
+
+
+async def test_identical_concurrent_probes_share_one_burst(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    path = tmp_path / "modules.yaml"
+    client, _ = await start(aiohttp_client, path, config_text(module_yaml("one", samples=2)))
+    fake_ntp.behaviour = delayed(0.1)
+    (s1, b1), (s2, b2) = await asyncio.gather(
+        probe(client, fake_ntp.target, "one"), probe(client, fake_ntp.target, "one")
+    )
+    assert (s1, s2) == (200, 200)
+    assert metric(b1, "probe_success") == 1, b1
+    assert metric(b2, "probe_success") == 1, b2
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) == 2  # one burst of two samples, not two bursts
+    assert metric(await metrics(client), "ntp_probe_ntp_packets_sent_total") == 2
+
+
+# --- client hang-up ----------------------------------------------------------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def ntp_probe_tasks() -> list[asyncio.Task[object]]:
+    """Tasks running code from the ntp_probe package."""
+    out = []
+    for task in asyncio.all_tasks():
+        code = getattr(task.get_coro(), "cr_code", None)
+        if code is not None and f"{os.sep}ntp_probe{os.sep}" in code.co_filename:
+            out.append(task)
+    return out
+
+
+async def test_client_disconnect_cancels_the_probe(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    path = tmp_path / "modules.yaml"
+    # 30 s budget against a server that never answers: only the hang-up can end it soon.
+    block = module_yaml("hang", timeout="30s", reply_timeout="20s")
+    client, state = await start(aiohttp_client, path, config_text(block))
+    fake_ntp.behaviour = silent
+    assert (await client.get("/-/healthy")).status == 200
+    fds_before = open_fds()
+
+    session = aiohttp.ClientSession()
+    try:
+        url = client.make_url("/probe").with_query(target=fake_ntp.target, module="hang")
+        request: asyncio.Task[aiohttp.ClientResponse] = asyncio.create_task(session.get(url))
+        await poll(lambda: state.in_flight == 1, "probe in flight")
+        await fake_ntp.wait_for_requests(1)
+        assert state.coordinator.bursts_in_flight == 1
+        running = ntp_probe_tasks()
+        assert running, "the burst should run as an ntp_probe task"
+        assert open_fds() > fds_before  # the HTTP connection and the probe's UDP socket
+
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        took = await poll(
+            lambda: state.in_flight == 0 and state.coordinator.bursts_in_flight == 0,
+            "probe cancelled after the client hung up",
+        )
+        assert took < 5.0
+    finally:
+        await session.close()
+    await poll(lambda: open_fds() == fds_before, f"fds back to {fds_before}")
+    await poll(lambda: not ntp_probe_tasks(), "no ntp_probe task left")
+    assert all(t.cancelled() for t in running), running
+    assert state.in_flight == 0
+    # Nothing was recorded for the abandoned probe, and the server stays usable.
+    fake_ntp.behaviour = answer()
+    status, body = await probe(client, fake_ntp.target, "hang")
+    assert status == 200 and metric(body, "probe_success") == 1, body
+
+
+async def test_a_scrape_joining_a_burst_that_is_being_cancelled_is_answered(
+    tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    """Regression: Coordinator.probe cancelled the burst when its last waiter went away
+    but left it in _flights until the task had unwound, so an identical request arriving
+    in that loop iteration joined the doomed burst and got CancelledError: its handler
+    raised instead of answering although its own client was still there."""
+    state = make_state(tmp_path / "modules.yaml", text=config_text(module_yaml("one")))
+    app = create_app(state)
+    fake_ntp.behaviour = silent
+    query = f"/probe?target={fake_ntp.target}&module=one"
+
+    leaver = asyncio.create_task(probe_handler(make_mocked_request("GET", query, app=app)))
+    await fake_ntp.wait_for_requests(1)
+    # The leaver's client hangs up (aiohttp cancels its handler) and, in the same loop
+    # iteration, an identical scrape from another client comes in.
+    leaver.cancel()
+    scrape = asyncio.create_task(probe_handler(make_mocked_request("GET", query, app=app)))
+    with pytest.raises(asyncio.CancelledError):
+        await leaver
+    await asyncio.wait({scrape}, timeout=DEADLINE)
+    assert scrape.done(), "the scrape never finished"
+    assert not scrape.cancelled(), "the scrape's handler was cancelled by the other client"
+    resp = scrape.result()
+    assert resp.status == 200
+    assert resp.text is not None and "probe_success" in resp.text
+
+
+async def test_one_of_two_sharing_clients_hanging_up_does_not_cancel_the_burst(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    path = tmp_path / "modules.yaml"
+    client, state = await start(aiohttp_client, path, config_text(module_yaml("one")))
+    fake_ntp.behaviour = silent
+    session = aiohttp.ClientSession()
+    try:
+        url = client.make_url("/probe").with_query(target=fake_ntp.target, module="one")
+        leaver: asyncio.Task[aiohttp.ClientResponse] = asyncio.create_task(session.get(url))
+        await poll(lambda: state.in_flight == 1, "first probe in flight")
+        stayer: Awaitable[tuple[int, str]] = asyncio.ensure_future(
+            probe(client, fake_ntp.target, "one")
+        )
+        await poll(lambda: state.in_flight == 2, "second probe in flight")
+        assert state.coordinator.bursts_in_flight == 1
+        leaver.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaver
+        await poll(lambda: state.in_flight == 1, "the leaver's handler ended")
+        assert state.coordinator.bursts_in_flight == 1  # still running for the other one
+        fake_ntp.behaviour = answer()  # too late for the one request already sent
+        status, body = await stayer
+    finally:
+        await session.close()
+    assert status == 200
+    # The burst ran to its end for the remaining client: one request, no answer.
+    assert metric(body, "probe_ntp_samples_sent") == 1
+    assert 'probe_ntp_failure_info{reason="timeout"} 1' in body
+    assert len(fake_ntp.requests) == 1

@@ -1,0 +1,329 @@
+"""Operating the real ``ntp-probe`` process: SIGHUP reload, log formats, systemd notify.
+
+Every exporter started here is stopped by its PID (``stop_process``) in a ``finally``.
+Probes go only to the session's chronyd on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Chronyd, free_udp_port, stop_process
+from tests.integration.test_exporter import Exporter, one, parse_exposition, start_exporter
+
+pytestmark = pytest.mark.integration
+
+DEADLINE = 10.0
+# The one bounded wait for an absence: no WATCHDOG=1 when WATCHDOG_PID names another
+# process. With WATCHDOG_USEC=200000 a ping would come every 0.1 s, five in this window.
+ABSENCE_WINDOW = 0.5
+
+
+def modules(*names: str) -> str:
+    return "modules:\n" + "".join(
+        f"  {name}:\n    timeout: 2s\n    ntp:\n      samples: 1\n"
+        f"      preferred_ip_protocol: ip4\n"
+        for name in names
+    )
+
+
+def wait_for(condition: Callable[[], bool], what: str, e: Exporter) -> None:
+    """Poll ``condition`` until it holds; fail with the exporter's log after DEADLINE."""
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        if e.proc.poll() is not None:
+            pytest.fail(f"exporter exited ({e.proc.returncode}) waiting for {what}:\n{e.log()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {DEADLINE} s\n{e.log()}")
+        time.sleep(0.02)  # poll interval, bounded by the deadline
+
+
+def reload_successful(e: Exporter) -> float:
+    _, _, body = e.get("/metrics")
+    return one(parse_exposition(body), "ntp_probe_config_last_reload_successful")
+
+
+def probe_success(e: Exporter, target: str, module: str) -> tuple[int, float | None]:
+    status, _, body = e.get(f"/probe?target={target}&module={module}")
+    if status != 200:
+        return status, None
+    return status, one(parse_exposition(body), "probe_success")
+
+
+# --- SIGHUP ----------------------------------------------------------------------------
+
+
+def test_sighup_reload_good_then_bad(tmp_path: Path, chronyd: Chronyd) -> None:
+    config = tmp_path / "modules.yaml"
+    config.write_text(modules("first"))
+    e = start_exporter(tmp_path, (f"--config.file={config}",))
+    try:
+        assert probe_success(e, chronyd.target, "first") == (200, 1)
+
+        config.write_text(modules("second", "third"))
+        e.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "second:" in e.get("/config")[2], "reload after SIGHUP", e)
+        assert probe_success(e, chronyd.target, "second") == (200, 1)
+        assert probe_success(e, chronyd.target, "first")[0] == 400
+        _, _, body = e.get("/metrics")
+        samples = parse_exposition(body)
+        assert one(samples, "ntp_probe_config_last_reload_successful") == 1
+        assert one(samples, "ntp_probe_modules_configured") == 2
+
+        config.write_text(modules("fourth").replace("samples: 1", "sampels: 1"))
+        e.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: reload_successful(e) == 0, "failed reload reported on /metrics", e)
+        assert e.proc.poll() is None
+        # The old configuration keeps serving.
+        assert probe_success(e, chronyd.target, "second") == (200, 1)
+        assert probe_success(e, chronyd.target, "fourth")[0] == 400
+        _, _, body = e.get("/metrics")
+        assert one(parse_exposition(body), "ntp_probe_modules_configured") == 2
+        failed = [line for line in e.log().splitlines() if "reload failed" in line]
+        assert len(failed) == 1, e.log()
+        assert "level=error" in failed[0]
+        assert "modules.fourth.ntp.sampels" in failed[0]
+
+        # Fixing the file and signalling again recovers.
+        config.write_text(modules("fourth"))
+        e.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: reload_successful(e) == 1, "recovery after a good reload", e)
+        assert probe_success(e, chronyd.target, "fourth") == (200, 1)
+    finally:
+        stop_process(e.proc)
+
+
+# --- log formats -----------------------------------------------------------------------
+
+
+def _log_lines(e: Exporter, config: Path) -> list[str]:
+    """Start-up, a failed reload (error) and shutdown: several levels and loggers."""
+    config.write_text("modules: [\n")
+    e.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload failed" in e.log(), "reload failure logged", e)
+    e.proc.send_signal(signal.SIGTERM)
+    assert e.proc.wait(timeout=DEADLINE) == 0, e.log()
+    return [line for line in e.log().splitlines() if line.strip()]
+
+
+def test_log_format_json(tmp_path: Path) -> None:
+    config = tmp_path / "modules.yaml"
+    config.write_text(modules("only"))
+    e = start_exporter(tmp_path, (f"--config.file={config}", "--log.format", "json"))
+    try:
+        lines = _log_lines(e, config)
+    finally:
+        stop_process(e.proc)
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all(isinstance(r, dict) for r in records)
+    assert all({"ts", "level", "logger", "msg"} <= r.keys() for r in records), records
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", r["ts"]) for r in records)
+    levels = {r["msg"].split(" ")[0]: r["level"] for r in records}
+    assert levels.get("listening") == "info", records
+    assert levels.get("reload") == "error", records
+    assert levels.get("shutting") == "info", records
+
+
+def test_log_format_logfmt(tmp_path: Path) -> None:
+    config = tmp_path / "modules.yaml"
+    config.write_text(modules("only"))
+    e = start_exporter(tmp_path, (f"--config.file={config}", "--log.format", "logfmt"))
+    try:
+        lines = _log_lines(e, config)
+    finally:
+        stop_process(e.proc)
+    pattern = re.compile(
+        r'ts=\S+ level=(debug|info|warn|error) logger=\S+ msg=("(?:[^"\\]|\\.)*"|\S+)'
+    )
+    assert all(pattern.fullmatch(line) for line in lines), lines
+    assert any(line.startswith("ts=") and " level=info " in line and "listening on" in line
+               for line in lines)
+    assert any(" level=error " in line and "reload failed" in line for line in lines)
+    assert not any(line.startswith("{") for line in lines)
+
+
+# --- sd_notify -------------------------------------------------------------------------
+
+
+class NotifySocket:
+    """The systemd side of sd_notify: a bound AF_UNIX datagram socket."""
+
+    def __init__(self, address: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(address)
+        self.received: list[str] = []
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def until(self, condition: Callable[[list[str]], bool], what: str,
+              e: Exporter, timeout: float = DEADLINE) -> list[str]:
+        """Receive datagrams until ``condition(all received)`` holds; fail after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not condition(self.received):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pytest.fail(f"{what}: got only {self.received} in {timeout} s\n{e.log()}")
+            self.sock.settimeout(left)
+            try:
+                self.received.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+        return self.received
+
+    def for_window(self, seconds: float) -> list[str]:
+        """Everything that arrives within ``seconds`` (the one wait-for-absence)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                self.received.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                break
+        return self.received
+
+    def pending(self) -> list[str]:
+        """Whatever is queued now, without waiting."""
+        self.sock.setblocking(False)
+        try:
+            while True:
+                self.received.append(self.sock.recv(4096).decode())
+        except BlockingIOError:
+            pass
+        finally:
+            self.sock.setblocking(True)
+        return self.received
+
+
+@pytest.fixture
+def notify_path(tmp_path: Path) -> Iterator[str]:
+    path = tmp_path / "notify.sock"
+    if len(str(path)) >= 100:  # sun_path is 108 bytes
+        path = Path("/tmp") / f"ntpp-notify-{secrets.token_hex(6)}.sock"
+    try:
+        yield str(path)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def watchdogs(messages: list[str]) -> int:
+    return sum(m == "WATCHDOG=1" for m in messages)
+
+
+def test_sd_notify_ready_watchdog_stopping(tmp_path: Path, notify_path: str) -> None:
+    ns = NotifySocket(notify_path)
+    try:
+        e = start_exporter(tmp_path, env={"NOTIFY_SOCKET": notify_path,
+                                          "WATCHDOG_USEC": "200000"})
+        try:
+            got = ns.until(lambda m: "READY=1" in m and watchdogs(m) >= 2,
+                           "READY=1 then two WATCHDOG=1", e)
+            assert got[0] == "READY=1", got
+            assert set(got) == {"READY=1", "WATCHDOG=1"}, got
+            e.proc.send_signal(signal.SIGTERM)
+            ns.until(lambda m: "STOPPING=1" in m, "STOPPING=1 on SIGTERM", e)
+            assert e.proc.wait(timeout=DEADLINE) == 0, e.log()
+        finally:
+            stop_process(e.proc)
+        got = ns.pending()
+        assert got.count("READY=1") == 1 and got.count("STOPPING=1") == 1, got
+        # Nothing after STOPPING=1: the watchdog stops with the service.
+        assert got[-1] == "STOPPING=1", got
+    finally:
+        ns.close()
+
+
+def test_sd_notify_watchdog_for_another_pid_is_not_pinged(
+    tmp_path: Path, notify_path: str
+) -> None:
+    ns = NotifySocket(notify_path)
+    try:
+        e = start_exporter(tmp_path, env={
+            "NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "200000",
+            "WATCHDOG_PID": str(os.getpid()),  # this test process, not the exporter
+        })
+        try:
+            ns.until(lambda m: "READY=1" in m, "READY=1", e)
+            got = ns.for_window(ABSENCE_WINDOW)
+            assert watchdogs(got) == 0, got
+            assert e.proc.poll() is None
+        finally:
+            stop_process(e.proc)
+    finally:
+        ns.close()
+
+
+def test_sd_notify_abstract_socket(tmp_path: Path) -> None:
+    name = f"ntpp-test-{secrets.token_hex(8)}"
+    ns = NotifySocket("\0" + name)
+    try:
+        e = start_exporter(tmp_path, env={"NOTIFY_SOCKET": "@" + name,
+                                          "WATCHDOG_USEC": "200000"})
+        try:
+            got = ns.until(lambda m: "READY=1" in m and watchdogs(m) >= 1,
+                           "READY=1 and WATCHDOG=1 on an abstract socket", e)
+            assert got[0] == "READY=1", got
+            e.proc.send_signal(signal.SIGTERM)
+            ns.until(lambda m: "STOPPING=1" in m, "STOPPING=1", e)
+            assert e.proc.wait(timeout=DEADLINE) == 0
+        finally:
+            stop_process(e.proc)
+        assert "sd_notify" not in e.log()  # no send failures were logged
+    finally:
+        ns.close()
+
+
+def test_sd_notify_unreachable_socket_is_not_fatal(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nobody-listens.sock")
+    e = start_exporter(tmp_path, env={"NOTIFY_SOCKET": missing})
+    try:
+        assert e.get("/-/healthy")[0] == 200
+        wait_for(lambda: "sd_notify" in e.log(), "the failed notify logged", e)
+        assert "level=warn" in e.log()
+    finally:
+        stop_process(e.proc)
+
+
+# --- regressions and bugs ------------------------------------------------------------
+
+
+def test_sighup_with_a_non_utf8_file_is_a_failed_reload(tmp_path: Path) -> None:
+    """Regression: a file that is not UTF-8 made SIGHUP raise inside the signal callback
+    (UnicodeDecodeError out of load_config): reload_successful stayed 1, no 'reload
+    failed' line."""
+    config = tmp_path / "modules.yaml"
+    config.write_text(modules("first"))
+    e = start_exporter(tmp_path, (f"--config.file={config}",))
+    try:
+        config.write_bytes("modules:\n  caf\xe9:\n    timeout: 2s\n".encode("latin-1"))
+        e.proc.send_signal(signal.SIGHUP)
+        # Whatever the reload did, it has been logged once the log mentions the file.
+        wait_for(lambda: "reload failed" in e.log() or "Traceback" in e.log(),
+                 "reload attempt logged", e)
+        assert "Traceback" not in e.log()
+        assert reload_successful(e) == 0, e.log()
+        failed = next(line for line in e.log().splitlines() if "reload failed" in line)
+        assert str(config) in failed and "UTF-8" in failed, failed
+        assert probe_success(e, f"127.0.0.1:{free_udp_port()}", "first")[0] == 200  # still served
+    finally:
+        stop_process(e.proc)
+
+
+def test_warnings_are_logged_as_level_warn(tmp_path: Path) -> None:
+    e = start_exporter(tmp_path, env={"NOTIFY_SOCKET": str(tmp_path / "nobody.sock")})
+    try:
+        wait_for(lambda: "sd_notify" in e.log(), "the failed notify logged", e)
+    finally:
+        stop_process(e.proc)
+    line = next(line for line in e.log().splitlines() if "sd_notify" in line)
+    assert " level=warn " in line, line

@@ -1,0 +1,381 @@
+"""--web.config.file on the real exporter process: TLS, basic auth, extra headers.
+
+The certificate is made here with the ``openssl`` CLI (self-signed, CN=localhost,
+subjectAltName IP:127.0.0.1) and used as the client's only CA. Every exporter started
+here is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import bcrypt
+import pytest
+
+from ntp_probe.webconfig import WebConfigError, load_web_config
+from tests.conftest import LOOPBACK, free_tcp_port, require_binary, stop_process
+from tests.integration.test_exporter import child_env, exporter_command, parse_exposition
+
+pytestmark = pytest.mark.integration
+
+USER = "alice"
+PASSWORD = "s3cret:with colon"
+Y_USER = "bob"  # htpasswd writes $2y$ hashes: accept them as exporter-toolkit does
+Y_PASSWORD = "hunter2"
+HEADERS = {"X-Frame-Options": "deny", "X-Content-Type-Options": "nosniff"}
+START_DEADLINE = 15.0
+HTTP_TIMEOUT = 10.0
+
+# A module that may probe nothing on loopback: /probe answers at once and sends nothing.
+MODULES = """
+modules:
+  fenced:
+    prober: ntp
+    timeout: 2s
+    denied_targets: ["127.0.0.0/8"]
+    ntp:
+      samples: 1
+      preferred_ip_protocol: ip4
+"""
+
+
+def bcrypt_hash(password: str, prefix: str = "$2b$") -> str:
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+    return prefix + hashed[4:]
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+@dataclass
+class Pki:
+    dir: Path
+    cert: Path
+    key: Path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    openssl = require_binary("openssl")
+    d = tmp_path_factory.mktemp("pki")
+    cert, key = d / "cert.pem", d / "key.pem"
+    run = subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )
+    assert run.returncode == 0, run.stderr
+    return Pki(d, cert, key)
+
+
+def write_web_config(path: Path, *, tls: bool, users: bool = True) -> Path:
+    """A web config in ``path``'s directory; cert/key paths relative to that directory."""
+    lines = []
+    if tls:
+        lines += ["tls_server_config:", "  cert_file: cert.pem", "  key_file: key.pem"]
+    if users:
+        lines += ["basic_auth_users:", f"  {USER}: '{bcrypt_hash(PASSWORD)}'",
+                  f"  {Y_USER}: '{bcrypt_hash(Y_PASSWORD, '$2y$')}'"]
+    lines += ["http_server_config:", "  headers:"]
+    lines += [f"    {k}: {v}" for k, v in HEADERS.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class Response:
+    status: int
+    headers: Mapping[str, str]
+    body: str
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int
+    scheme: str
+    log_path: Path
+    context: ssl.SSLContext | None
+
+    def url(self, path: str, scheme: str | None = None) -> str:
+        return f"{scheme or self.scheme}://{LOOPBACK}:{self.port}{path}"
+
+    def get(self, path: str, headers: Mapping[str, str] | None = None,
+            scheme: str | None = None) -> Response:
+        request = urllib.request.Request(self.url(path, scheme), headers=dict(headers or {}))
+        try:
+            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT,
+                                        context=self.context) as resp:
+                return Response(resp.status, dict(resp.headers), resp.read().decode())
+        except urllib.error.HTTPError as exc:
+            return Response(exc.code, dict(exc.headers), exc.read().decode())
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(tmp: Path, web_config: Path, context: ssl.SSLContext | None) -> Server:
+    """Start ``ntp-probe`` with ``--web.config.file``; poll /-/healthy (authenticated)."""
+    modules = tmp / "modules.yaml"
+    modules.write_text(MODULES)
+    scheme = "https" if context is not None else "http"
+    problems = []
+    for attempt in range(3):
+        port = free_tcp_port()
+        log_path = tmp / f"exporter-{port}-{attempt}.log"
+        argv = [*exporter_command(), f"--config.file={modules}",
+                f"--web.config.file={web_config}", f"--web.listen-address={LOOPBACK}:{port}"]
+        with open(log_path, "wb") as log:
+            # cwd is not the web config's directory: relative cert paths must still work.
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, env=child_env(), cwd="/")
+        server = Server(proc, port, scheme, log_path, context)
+        deadline = time.monotonic() + START_DEADLINE
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if server.get("/-/healthy", basic(USER, PASSWORD)).status == 200:
+                    return server
+            except (urllib.error.URLError, OSError, http.client.HTTPException):
+                pass
+            time.sleep(0.02)  # poll interval, bounded by the deadline
+        stop_process(proc)
+        problems.append(f"{argv}: rc={proc.returncode}\n{server.log()}")
+        if "cannot listen" not in server.log():
+            break
+    pytest.fail("exporter did not become healthy:\n" + "\n".join(problems), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def tls_server(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    web = write_web_config(pki.dir / "web.yml", tls=True)
+    context = ssl.create_default_context(cafile=str(pki.cert))
+    server = start_server(tmp_path_factory.mktemp("tls-exporter"), web, context)
+    try:
+        yield server
+    finally:
+        stop_process(server.proc)
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("auth-exporter")
+    web = write_web_config(tmp / "web.yml", tls=False)
+    server = start_server(tmp, web, None)
+    try:
+        yield server
+    finally:
+        stop_process(server.proc)
+
+
+def assert_headers(resp: Response) -> None:
+    for name, value in HEADERS.items():
+        assert resp.headers.get(name) == value, (name, resp.headers)
+
+
+# --- TLS + basic auth ------------------------------------------------------------------
+
+
+def test_https_metrics_with_password(tls_server: Server) -> None:
+    resp = tls_server.get("/metrics", basic(USER, PASSWORD))
+    assert resp.status == 200, resp.body
+    assert "ntp_probe_build_info" in resp.body
+    assert_headers(resp)
+
+
+def test_https_probe_with_password(tls_server: Server) -> None:
+    resp = tls_server.get("/probe?target=127.0.0.1:9&module=fenced", basic(USER, PASSWORD))
+    assert resp.status == 200, resp.body
+    samples = parse_exposition(resp.body)
+    assert samples["probe_success"] == [({}, 0.0)]
+    assert samples["probe_ntp_failure_info"] == [({"reason": "target_forbidden"}, 1.0)]
+    assert "probe_ntp_samples_sent" not in samples
+    assert_headers(resp)
+
+
+def test_https_2y_hash_accepted(tls_server: Server) -> None:
+    resp = tls_server.get("/metrics", basic(Y_USER, Y_PASSWORD))
+    assert resp.status == 200, resp.body
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        basic(USER, "wrong"),
+        basic(USER, PASSWORD + "x"),
+        basic("mallory", PASSWORD),
+        basic(Y_USER, PASSWORD),  # another user's password
+        {},
+        {"Authorization": "Bearer abc"},
+        {"Authorization": "Basic !!!not-base64"},
+        {"Authorization": "Basic " + base64.b64encode(USER.encode()).decode()},  # no colon
+    ],
+    ids=["wrong-password", "password-suffix", "unknown-user", "other-users-password",
+         "no-auth", "bearer", "bad-base64", "no-colon"],
+)
+@pytest.mark.parametrize("path", ["/metrics", "/probe?target=127.0.0.1:9&module=fenced"])
+def test_https_unauthorized(tls_server: Server, headers: dict[str, str], path: str) -> None:
+    resp = tls_server.get(path, headers)
+    assert resp.status == 401, resp.body
+    assert resp.headers.get("WWW-Authenticate", "").startswith("Basic"), resp.headers
+    assert "probe_success" not in resp.body
+    assert_headers(resp)
+
+
+def test_auth_scheme_is_case_insensitive(tls_server: Server) -> None:
+    token = basic(USER, PASSWORD)["Authorization"].split(" ", 1)[1]
+    resp = tls_server.get("/metrics", {"Authorization": f"basic {token}"})
+    assert resp.status == 200
+
+
+def test_plain_http_to_tls_port_fails(tls_server: Server) -> None:
+    with pytest.raises((OSError, http.client.HTTPException)):
+        resp = tls_server.get("/metrics", basic(USER, PASSWORD), scheme="http")
+        # Reaching here means the TLS port answered plain HTTP: show what it said.
+        pytest.fail(f"plain HTTP got an answer: {resp.status} {resp.body[:200]!r}")
+    # The server is still fine afterwards.
+    assert tls_server.get("/metrics", basic(USER, PASSWORD)).status == 200
+
+
+def test_https_rejects_untrusted_client_view(tls_server: Server) -> None:
+    """A client trusting only the system CAs cannot verify the self-signed cert: the
+    exporter serves the configured certificate, not some other one."""
+    request = urllib.request.Request(tls_server.url("/metrics"), headers=basic(USER, PASSWORD))
+    with pytest.raises(urllib.error.URLError) as exc:
+        urllib.request.urlopen(request, timeout=HTTP_TIMEOUT,
+                               context=ssl.create_default_context())
+    assert isinstance(exc.value.reason, ssl.SSLCertVerificationError)
+
+
+# --- basic auth without TLS ------------------------------------------------------------
+
+
+def test_basic_auth_without_tls(auth_server: Server) -> None:
+    ok = auth_server.get("/metrics", basic(USER, PASSWORD))
+    assert ok.status == 200
+    assert "ntp_probe_build_info" in ok.body
+    assert_headers(ok)
+    probe = auth_server.get("/probe?target=127.0.0.1:9&module=fenced", basic(Y_USER, Y_PASSWORD))
+    assert probe.status == 200
+    assert "probe_success 0" in probe.body
+    denied = auth_server.get("/metrics")
+    assert denied.status == 401
+    assert denied.headers.get("WWW-Authenticate", "").startswith("Basic")
+    assert_headers(denied)
+    wrong = auth_server.get("/metrics", basic(USER, "nope"))
+    assert wrong.status == 401
+
+
+# --- --config.check --------------------------------------------------------------------
+
+# name -> (web config body, the key the error must name); relative to the pki directory.
+# Each of these runs the real CLI (a fresh interpreter, started all at once).
+BAD_WEB_CONFIGS = {
+    "unknown-top-key": ("tls_server_cfg:\n  cert_file: cert.pem\n", "tls_server_cfg"),
+    "unknown-tls-key": (
+        "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n  cert_fiel: x\n",
+        "tls_server_config.cert_fiel",
+    ),
+    "missing-key-file": ("tls_server_config:\n  cert_file: cert.pem\n", "key_file"),
+    "bad-bcrypt-hash": (f"basic_auth_users:\n  {USER}: plaintext\n", f"basic_auth_users.{USER}"),
+    "missing-cert-file": (
+        "tls_server_config:\n  cert_file: missing.pem\n  key_file: key.pem\n",
+        "tls_server_config.cert_file",
+    ),
+}
+# More bad cases, checked in-process with load_web_config (same code path, no start-up cost).
+MORE_BAD_WEB_CONFIGS = {
+    "unknown-http-key": ("http_server_config:\n  header: {A: b}\n", "http_server_config.header"),
+    "missing-key-path": (
+        "tls_server_config:\n  cert_file: cert.pem\n  key_file: missing.pem\n",
+        "tls_server_config.key_file",
+    ),
+    "bad-min-version": (
+        "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n  min_version: TLS9\n",
+        "tls_server_config.min_version",
+    ),
+    "key-is-not-a-key": (
+        "tls_server_config:\n  cert_file: cert.pem\n  key_file: cert.pem\n",
+        "tls_server_config",
+    ),
+    "client-auth-without-ca": (
+        "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n"
+        "  client_auth_type: RequireAndVerifyClientCert\n",
+        "tls_server_config.client_ca_file",
+    ),
+    "users-not-a-mapping": ("basic_auth_users: [alice]\n", "basic_auth_users"),
+}
+
+
+@pytest.fixture(scope="module")
+def config_checks(pki: Pki) -> dict[str, tuple[int, str, str]]:
+    """Run ``--config.check`` on every case at once (each run is a fresh interpreter):
+    name -> (exit code, stdout, stderr)."""
+    paths = {"good": write_web_config(pki.dir / "good.yml", tls=True)}
+    for name, (body, _) in BAD_WEB_CONFIGS.items():
+        paths[name] = pki.dir / f"{name}.yml"
+        paths[name].write_text(body)
+    procs = {
+        name: subprocess.Popen(
+            [*exporter_command(), "--config.check", f"--web.config.file={path}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(),
+            stdin=subprocess.DEVNULL, cwd="/",
+        )
+        for name, path in paths.items()
+    }
+    results = {}
+    try:
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=30)
+            results[name] = (proc.returncode, out.decode(errors="replace"),
+                             err.decode(errors="replace"))
+    finally:
+        for proc in procs.values():
+            stop_process(proc)
+    return results
+
+
+def test_config_check_accepts_good_web_config(
+    config_checks: dict[str, tuple[int, str, str]],
+) -> None:
+    rc, out, err = config_checks["good"]
+    assert rc == 0, out + err
+    assert "configuration OK" in out
+
+
+@pytest.mark.parametrize("name", list(BAD_WEB_CONFIGS))
+def test_config_check_rejects_bad_web_config(
+    config_checks: dict[str, tuple[int, str, str]], name: str,
+) -> None:
+    rc, out, err = config_checks[name]
+    key = BAD_WEB_CONFIGS[name][1]
+    assert rc == 1, out + err
+    assert key in out + err, out + err
+    assert "configuration OK" not in out
+
+
+@pytest.mark.parametrize("name", list(MORE_BAD_WEB_CONFIGS))
+def test_load_web_config_rejects(pki: Pki, name: str) -> None:
+    body, key = MORE_BAD_WEB_CONFIGS[name]
+    path = pki.dir / f"{name}.yml"
+    path.write_text(body)
+    with pytest.raises(WebConfigError) as exc:
+        load_web_config(str(path))
+    assert str(exc.value).startswith(key), str(exc.value)
+
+
+def test_load_web_config_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(WebConfigError) as exc:
+        load_web_config(str(tmp_path / "no-such-web-config.yml"))
+    assert "no-such-web-config.yml" in str(exc.value)
