@@ -1,0 +1,440 @@
+"""The shipped examples and Prometheus files are well-formed and say what they promise:
+every YAML/JSON file parses, the systemd units are hardened without the clock capability,
+the Kubernetes manifests drop every capability, the dashboard's panels and expressions
+are consistent and only use metrics the exporter has, the compose file mounts files that
+exist. No docker engine is needed (nothing is built).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tomllib
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ntp_probe.cli import serve_parser
+from ntp_probe.config import load_config, parse_config
+from ntp_probe.metrics import PROBE_METRICS, Internals
+
+ROOT = Path(__file__).resolve().parents[2]
+PROM_DIR = ROOT / "prometheus"
+EXAMPLES = ROOT / "examples"
+DASHBOARD = PROM_DIR / "grafana" / "ntp_probe.json"
+UNITS = sorted((EXAMPLES / "systemd").glob("*.service"))
+K8S = EXAMPLES / "kubernetes"
+PACKAGED_MODULES = set(load_config(None).modules)
+
+YAML_FILES = sorted(
+    p for d in (PROM_DIR, EXAMPLES) for p in d.rglob("*") if p.suffix in (".yml", ".yaml")
+)
+JSON_FILES = sorted(p for d in (PROM_DIR, EXAMPLES) for p in d.rglob("*.json"))
+
+
+def rel(p: Path) -> str:
+    return str(p.relative_to(ROOT))
+
+
+# --- everything parses -----------------------------------------------------------------
+
+
+def test_the_files_are_there() -> None:
+    names = {rel(p) for p in YAML_FILES + JSON_FILES + UNITS}
+    for want in (
+        "prometheus/prometheus.yml", "prometheus/rules/ntp_alerts.yml",
+        "prometheus/rules/ntp_recording.yml", "prometheus/grafana/ntp_probe.json",
+        "prometheus/migration_relabel.yml", "examples/docker-compose.yml",
+        "examples/kubernetes/ntp-probe.yaml", "examples/kubernetes/agent-daemonset.yaml",
+        "examples/kubernetes/probe.yaml", "examples/systemd/ntp-probe.service",
+        "examples/systemd/ntp-probe@.service",
+    ):
+        assert want in names, want
+    assert (EXAMPLES / "Dockerfile").is_file()
+    assert (EXAMPLES / "telegraf" / "ntp_probe.conf").is_file()
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=rel)
+def test_yaml_parses(path: Path) -> None:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert docs, f"{rel(path)} is empty"
+
+
+@pytest.mark.parametrize("path", JSON_FILES, ids=rel)
+def test_json_parses(path: Path) -> None:
+    assert isinstance(json.loads(path.read_text()), dict)
+
+
+# --- systemd ---------------------------------------------------------------------------
+
+
+def parse_unit(text: str) -> dict[str, list[tuple[str, str]]]:
+    """systemd unit -> {section: [(key, value)]} (keys may repeat, comments dropped)."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = line[1:-1]
+            sections.setdefault(current, [])
+            continue
+        assert current is not None, f"line {number} outside a section: {raw}"
+        key, sep, value = line.partition("=")
+        assert sep, f"line {number} is not key=value: {raw}"
+        sections[current].append((key.strip(), value.strip()))
+    return sections
+
+
+def values(section: list[tuple[str, str]], key: str) -> list[str]:
+    return [v for k, v in section if k == key]
+
+
+@pytest.mark.parametrize("path", UNITS, ids=lambda p: p.name)
+def test_systemd_unit_is_hardened(path: Path) -> None:
+    unit = parse_unit(path.read_text())
+    assert set(unit) == {"Unit", "Service", "Install"}
+    service = unit["Service"]
+
+    def one(key: str) -> str:
+        got = values(service, key)
+        assert len(got) == 1, f"{key}: {got}"
+        return got[0]
+
+    assert one("ExecStart").split()[0].endswith("/ntp-probe")
+    assert one("Type") == "notify"
+    assert one("DynamicUser") == "yes"
+    assert one("CapabilityBoundingSet") == "" and one("AmbientCapabilities") == ""
+    assert one("NoNewPrivileges") == "yes"
+    assert one("ProtectSystem") == "strict"
+    assert one("ProtectHome") == "yes" and one("PrivateTmp") == "yes"
+    assert one("MemoryDenyWriteExecute") == "yes"
+    assert one("RestrictAddressFamilies").split() == ["AF_INET", "AF_INET6", "AF_UNIX"]
+    assert one("ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert one("Restart") == "on-failure"
+    assert one("WatchdogSec") == "30s"
+    # The kernel module's read-only clock_adjtime must stay allowed: no ~@clock, no
+    # ProtectClock (its filter denies the whole @clock group).
+    filters = values(service, "SystemCallFilter")
+    assert "@system-service" in filters
+    assert not any("~" in f and "@clock" in f for f in filters)
+    assert any("clock_adjtime" in f.split() for f in filters)
+    assert values(service, "ProtectClock") in ([], ["no"])
+    # Nothing grants the clock-setting capability, in any key.
+    for section in unit.values():
+        for key, value in section:
+            assert "CAP_SYS_TIME" not in value.upper(), (key, value)
+
+
+def test_template_unit_takes_its_settings_from_the_instance_env_file() -> None:
+    unit = parse_unit((EXAMPLES / "systemd" / "ntp-probe@.service").read_text())
+    assert values(unit["Service"], "EnvironmentFile") == ["/etc/ntp-probe/%i.env"]
+    assert "%i" in values(unit["Unit"], "Description")[0]
+
+
+def flag_env_names() -> set[str]:
+    """NTP_PROBE_* for every `ntp-probe` flag (README: caps, dots and dashes as _)."""
+    names = set()
+    for action in serve_parser()._actions:
+        for option in action.option_strings:
+            if option.startswith("--") and option not in ("--help", "--version"):
+                names.add("NTP_PROBE_" + option[2:].upper().replace(".", "_").replace("-", "_"))
+    return names
+
+
+def test_environment_variables_in_examples_are_real_flags() -> None:
+    known = flag_env_names()
+    assert "NTP_PROBE_WEB_LISTEN_ADDRESS" in known
+    used = set()
+    for path in [*UNITS, EXAMPLES / "systemd" / "example.env", EXAMPLES / "docker-compose.yml"]:
+        used |= set(re.findall(r"\bNTP_PROBE_[A-Z_]+", path.read_text()))
+    assert used, "the examples show the NTP_PROBE_* variables"
+    assert not used - known, f"no such flag: {sorted(used - known)}"
+
+
+def test_systemd_analyze_verify_accepts_the_units(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed (package systemd)")
+    for path in UNITS:
+        # verify wants ExecStart to exist; everything else is checked as shipped.
+        text = re.sub(r"^ExecStart=\S+", "ExecStart=/bin/true", path.read_text(), flags=re.M)
+        name = path.name.replace("@.service", "@test.service")
+        if "@" in path.name:
+            (tmp_path / path.name).write_text(text)
+        (tmp_path / name).write_text(text)
+        done = subprocess.run([analyze, "verify", str(tmp_path / name)], capture_output=True,
+                              text=True, timeout=30, stdin=subprocess.DEVNULL)
+        complaints = [line for line in (done.stdout + done.stderr).splitlines()
+                      if str(tmp_path) in line]
+        assert not complaints, "\n".join(complaints)
+
+
+# --- Kubernetes --------------------------------------------------------------------------
+
+
+def k8s_docs() -> list[dict[str, Any]]:
+    return [d for p in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+
+
+def by_kind(kind: str) -> list[dict[str, Any]]:
+    return [d for d in k8s_docs() if d["kind"] == kind]
+
+
+def containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = workload["spec"]["template"]["spec"]
+    result: list[dict[str, Any]] = spec["containers"] + spec.get("initContainers", [])
+    return result
+
+
+def test_kubernetes_kinds() -> None:
+    kinds = sorted(d["kind"] for d in k8s_docs())
+    for kind in ("ConfigMap", "DaemonSet", "Deployment", "Probe", "Service"):
+        assert kind in kinds, kind
+    for doc in k8s_docs():
+        assert doc["apiVersion"] and doc["metadata"]["name"], doc
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "DaemonSet"])
+def test_kubernetes_workloads_are_locked_down(kind: str) -> None:
+    (workload,) = by_kind(kind)
+    pod = workload["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"].get("runAsUser", 1) != 0
+    for c in containers(workload):
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc.get("privileged", False) is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert "add" not in sc["capabilities"]
+        assert c["livenessProbe"]["httpGet"]["path"] == "/-/healthy"
+        assert c["readinessProbe"]["httpGet"]["path"] == "/-/ready"
+    assert "SYS_TIME" not in json.dumps(workload)
+
+
+def test_kubernetes_agent_uses_the_host_network_and_agent_modules() -> None:
+    (ds,) = by_kind("DaemonSet")
+    assert ds["spec"]["template"]["spec"]["hostNetwork"] is True
+    (monitor,) = by_kind("PodMonitor")
+    endpoints = monitor["spec"]["podMetricsEndpoints"]
+    modules = sorted(e["params"]["module"][0] for e in endpoints)
+    assert modules == ["hybrid", "kernel", "local"]
+    assert set(modules) <= PACKAGED_MODULES  # the DaemonSet runs the packaged modules
+    for e in endpoints:
+        assert e["path"] == "/probe"
+        assert e["params"]["target"][0] in ("127.0.0.1", "localhost")
+
+
+def test_kubernetes_config_map_is_a_valid_modules_file() -> None:
+    (cm,) = by_kind("ConfigMap")
+    config = parse_config(cm["data"]["modules.yaml"], "ConfigMap")
+    (deployment,) = by_kind("Deployment")
+    args = containers(deployment)[0]["args"]
+    assert "--config.file=/etc/ntp-probe/modules.yaml" in args
+    mount = containers(deployment)[0]["volumeMounts"][0]
+    assert mount["mountPath"] == "/etc/ntp-probe"
+    # The Probe resources use modules this ConfigMap defines.
+    for probe in by_kind("Probe"):
+        assert probe["apiVersion"] == "monitoring.coreos.com/v1"
+        spec = probe["spec"]
+        assert spec["module"] in config.modules, spec["module"]
+        assert spec["prober"]["url"].endswith(":9559") and spec["prober"]["path"] == "/probe"
+        assert spec["targets"]["staticConfig"]["static"]
+
+
+def test_kubernetes_service_points_at_the_deployment() -> None:
+    (svc,) = by_kind("Service")
+    (deployment,) = by_kind("Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    assert svc["spec"]["ports"][0]["port"] == 9559
+
+
+# --- dashboard ---------------------------------------------------------------------------
+
+
+def walk(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for p in panels:
+        yield p
+        yield from walk(p.get("panels", []))
+
+
+def dashboard() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return data
+
+
+def test_dashboard_structure() -> None:
+    dash = dashboard()
+    assert dash["schemaVersion"] >= 36
+    panels = list(walk(dash["panels"]))
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["DS_PROMETHEUS"]["type"] == "datasource"
+    for name in ("job", "instance", "module"):
+        assert variables[name]["type"] == "query"
+    titles = [p["title"] for p in panels if p["type"] == "row"]
+    assert any("Target" in t for t in titles), "a per-target drill-down row"
+    assert any("Kernel" in t for t in titles)
+    for p in panels:
+        if p["type"] == "row":
+            continue
+        assert p["datasource"]["uid"] == "${DS_PROMETHEUS}", p["title"]
+        assert p["targets"], p["title"]
+        for t in p["targets"]:
+            assert t.get("expr", "").strip(), f"{p['title']}: target without expr"
+            assert t["datasource"]["uid"] == "${DS_PROMETHEUS}"
+        refs = [t["refId"] for t in p["targets"]]
+        assert len(refs) == len(set(refs)), p["title"]
+
+
+def test_dashboard_panels_do_not_overlap() -> None:
+    occupied: dict[tuple[int, int], str] = {}
+    for p in dashboard()["panels"]:  # top level: collapsed rows hold their own layout
+        g = p["gridPos"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in occupied, (p["title"], occupied[(x, y)])
+                occupied[(x, y)] = p["title"]
+        assert g["x"] + g["w"] <= 24
+
+
+def test_dashboard_covers_the_fleet_and_kernel_metrics() -> None:
+    exprs = " ".join(t["expr"] for p in walk(dashboard()["panels"]) for t in p.get("targets", []))
+    for name in (
+        "probe_success", "probe_ntp_offset_seconds", "probe_ntp_rtt_seconds",
+        "probe_ntp_jitter_seconds", "probe_ntp_stratum", "probe_ntp_root_distance_seconds",
+        "probe_ntp_failure_info", "probe_ntp_kiss_code_info", "probe_kernel_offset_seconds",
+        "probe_kernel_maxerror_seconds", "probe_kernel_sync_status",
+        "probe_kernel_divergence_seconds", "probe_kernel_coherence_score",
+    ):
+        assert name in exprs, name
+
+
+# --- metric names used by the shipped files exist ------------------------------------------
+
+NAME = re.compile(r"(?<![\w:])((?:probe|ntp_probe)_[a-z0-9_]+)(?![\w:])")
+
+
+def internal_names() -> set[str]:
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"),
+                "info": ("_info",)}
+    names = set()
+    for family in Internals().registry.collect():
+        names.add(family.name)
+        names.update(family.name + suffix for suffix in suffixes.get(family.type, ()))
+        names.update(s.name for s in family.samples)
+    return names
+
+
+def used_metric_names() -> dict[str, set[str]]:
+    used: dict[str, set[str]] = {}
+
+    def add(where: str, text: str) -> None:
+        for name in NAME.findall(text):
+            used.setdefault(name, set()).add(where)
+
+    for p in walk(dashboard()["panels"]):
+        for t in p.get("targets", []):
+            add(f"dashboard: {p['title']}", t["expr"])
+    for v in dashboard()["templating"]["list"]:
+        add("dashboard variables", json.dumps(v.get("query", "")))
+    for path in sorted((PROM_DIR / "rules").glob("*.yml")):
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                add(rel(path), rule["expr"])
+    for job in yaml.safe_load((PROM_DIR / "migration_relabel.yml").read_text())["scrape_configs"]:
+        for r in job.get("metric_relabel_configs", []):
+            regex = r.get("regex", "")
+            m = re.fullmatch(r"([a-z_]+)\(([a-z_|]+)\)", regex)
+            for name in ([m.group(1) + alt for alt in m.group(2).split("|")] if m else [regex]):
+                add("migration_relabel.yml", name)
+    return used
+
+
+def test_shipped_files_use_only_existing_metric_names() -> None:
+    known = set(PROBE_METRICS) | internal_names()
+    used = used_metric_names()
+    assert "probe_kernel_coherence_score" in used and "ntp_probe_probes_total" in used
+    unknown = {name: sorted(where) for name, where in used.items() if name not in known}
+    assert not unknown, unknown
+
+
+# --- compose, Dockerfile, telegraf ----------------------------------------------------------
+
+
+def test_compose_mounts_files_that_exist() -> None:
+    compose = yaml.safe_load((EXAMPLES / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"ntp-probe", "prometheus", "grafana"} <= set(services)
+    mounts = [v.split(":")[0] for s in services.values() for v in s.get("volumes", [])
+              if v.startswith(".")]
+    for source in mounts:
+        assert (EXAMPLES / source).exists(), source
+    dashboards = [m for m in mounts if m.endswith(".json")]
+    assert [(EXAMPLES / m).resolve() for m in dashboards] == [DASHBOARD.resolve()]
+    assert any("grafana-provisioning/dashboards" in m for m in mounts)
+    assert any("grafana-provisioning/datasources" in m for m in mounts)
+    build = services["ntp-probe"]["build"]
+    assert (EXAMPLES / build["context"] / build["dockerfile"]).resolve() == (
+        EXAMPLES / "Dockerfile").resolve()
+    # The exporter's service name is the address the shipped prometheus.yml scrapes.
+    assert "ntp-probe:9559" in (PROM_DIR / "prometheus.yml").read_text()
+
+
+def test_grafana_provisioning_points_at_the_mounted_dashboard() -> None:
+    compose = yaml.safe_load((EXAMPLES / "docker-compose.yml").read_text())
+    grafana_mounts = dict(v.split(":")[:2] for v in compose["services"]["grafana"]["volumes"])
+    provider = yaml.safe_load(
+        (EXAMPLES / "grafana-provisioning" / "dashboards" / "ntp_probe.yml").read_text()
+    )["providers"][0]
+    in_container = grafana_mounts["../prometheus/grafana/ntp_probe.json"]
+    assert Path(in_container).parent == Path(provider["options"]["path"])
+    datasources = yaml.safe_load(
+        (EXAMPLES / "grafana-provisioning" / "datasources" / "prometheus.yml").read_text()
+    )["datasources"]
+    assert datasources[0]["type"] == "prometheus"
+    assert datasources[0]["url"].startswith("http://prometheus:")
+
+
+def test_dockerfile() -> None:
+    text = (EXAMPLES / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n\s*", " ", "\n".join(lines))  # continuation lines
+    instructions: list[tuple[str, str]] = []
+    for line in joined.splitlines():
+        if line:
+            keyword, _, rest = line.partition(" ")
+            assert keyword.isupper() and rest, line
+            instructions.append((keyword, rest.strip()))
+    get = dict(instructions)
+    assert get["FROM"] == "python:3.11-slim"
+    user = get["USER"].split(":")[0]
+    assert user not in ("root", "0")
+    assert get["EXPOSE"] == "9559"
+    assert json.loads(get["ENTRYPOINT"]) == ["ntp-probe"]
+    assert any(k == "RUN" and "pip install ." in v for k, v in instructions)
+    for k, v in instructions:
+        if k == "COPY":
+            for source in v.split()[:-1]:
+                assert (ROOT / source).exists(), source  # build context: the repository root
+
+
+def test_telegraf_config() -> None:
+    conf = tomllib.loads((EXAMPLES / "telegraf" / "ntp_probe.conf").read_text())
+    inputs = conf["inputs"]["prometheus"]
+    probes = [u for i in inputs for u in i["urls"] if "/probe?" in u]
+    assert probes
+    for url in probes:
+        q = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+        assert q["target"] and q["module"][0] in PACKAGED_MODULES, url
+    assert any(u.endswith("/metrics") for i in inputs for u in i["urls"])
