@@ -16,6 +16,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from ntp_probe import timex
 
 REQUIRE_INTEGRATION_ENV = "NTP_PROBE_REQUIRE_INTEGRATION"
 
@@ -247,3 +250,33 @@ def chronyd_factory() -> Iterator[Callable[..., Chronyd]]:
     finally:
         for c in started:
             stop_chronyd(c)
+
+
+def _clock_fingerprint() -> tuple[float, float, int, float]:
+    """(CLOCK_REALTIME - CLOCK_MONOTONIC, kernel frequency, status, offset), read-only."""
+    clock = timex.read()
+    step = time.clock_gettime(time.CLOCK_REALTIME) - time.clock_gettime(time.CLOCK_MONOTONIC)
+    return step, clock.frequency_ratio, clock.status, clock.offset
+
+
+@pytest.fixture(scope="session", autouse=True)
+def clock_untouched() -> Iterator[None]:
+    """Fail the run if anything the suite started stepped or disciplined the clock.
+
+    Every test starts chronyd with -x and ntpd without CAP_SYS_TIME; this checks it held.
+    Where a time daemon already disciplines this machine the kernel state moves by itself,
+    so only a step is looked for then.
+    """
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    before = _clock_fingerprint()
+    yield
+    after = _clock_fingerprint()
+    stepped = abs(after[0] - before[0])
+    assert stepped < 0.5, f"the system clock was stepped by {stepped:.3f}s during the tests"
+    if before[2] & timex.STA_UNSYNC:  # nothing disciplined the clock when we started
+        assert after[1:] == before[1:], (
+            f"the kernel clock discipline changed during the tests: (freq, status, offset) "
+            f"{before[1:]} -> {after[1:]}"
+        )

@@ -106,14 +106,17 @@ def causality_violation(offset: float, delay: float) -> float:
 
 @dataclass(frozen=True, slots=True)
 class SanityLimits:
-    """The module settings that the selected sample is checked against (0 = off)."""
+    """The module settings that the selected sample is checked against (0 = off).
 
-    max_stratum: int = 15
-    max_root_distance: float = 1.5
-    max_reference_age: float = 36 * 3600.0
-    fail_if_offset_exceeds: float = 0.0
-    max_causality_violation: float = 0.0
-    min_plausible_unix: float = 1_704_067_200.0  # 2024-01-01T00:00:00Z
+    No defaults here: they belong to the configuration (config.NTPSettings).
+    """
+
+    max_stratum: int
+    max_root_distance: float
+    max_reference_age: float
+    fail_if_offset_exceeds: float
+    max_causality_violation: float
+    min_plausible_unix: float
 
 
 def reference_age(sample: Sample) -> float | None:

@@ -260,7 +260,14 @@ def test_t3_unix_ns_follows_server_clock() -> None:
 
 # --- sanity checks --------------------------------------------------------------------
 
-LIMITS = SanityLimits()
+LIMITS = SanityLimits(
+    max_stratum=15,
+    max_root_distance=1.5,
+    max_reference_age=36 * 3600.0,
+    fail_if_offset_exceeds=0.0,
+    max_causality_violation=0.0,
+    min_plausible_unix=1_704_067_200.0,  # 2024-01-01T00:00:00Z
+)
 ALL_ON = dataclasses.replace(
     LIMITS, fail_if_offset_exceeds=1.0, max_causality_violation=0.001
 )
