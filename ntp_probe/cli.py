@@ -246,7 +246,7 @@ async def _probe(args: argparse.Namespace, config: Config) -> int:
         print(exc, file=sys.stderr)
         return 2
     log = ProbeLog(f"target={target} module={module.name}")
-    guard = Guard(policies=(config.policy, module.policy))
+    guard = Guard(policies=tuple(p for p in (config.policy, module.policy) if p))
     result = await run_probe(target, module, module.timeout, log, guard)
     if args.output_format == "prometheus":
         sys.stdout.write(render(result))

@@ -23,7 +23,10 @@ from ntp_probe.result import ProbeLog, ProbeResult
 from ntp_probe.runner import run_probe
 from ntp_probe.targets import Target
 
-_Key = tuple[Module, str]
+# (module name, target); entries also hold the Module object, so that after a reload an
+# entry made under the old definition is not mistaken for the new one (hashing the frozen
+# Module on every request would cost more than the whole lookup).
+_Key = tuple[str, str]
 # min_probe_interval results are kept at most this long, whatever the module says, so the
 # cache cannot grow with the number of targets ever probed.
 _MAX_CACHE_AGE = 3600.0
@@ -41,6 +44,7 @@ class Outcome:
 
 @dataclass(slots=True)
 class _Flight:
+    module: Module
     task: asyncio.Task[tuple[ProbeResult, ProbeLog]]
     waiters: int = 0
 
@@ -52,7 +56,7 @@ class Coordinator:
         self.kod = kod if kod is not None else KodTable()
         self.leaps = LeapMemory()
         self._flights: dict[_Key, _Flight] = {}
-        self._last: TTLCache[_Key, tuple[float, ProbeResult, ProbeLog]] = TTLCache(
+        self._last: TTLCache[_Key, tuple[Module, float, ProbeResult, ProbeLog]] = TTLCache(
             maxsize=65536, ttl=_MAX_CACHE_AGE
         )
 
@@ -64,25 +68,30 @@ class Coordinator:
     async def probe(self, config: Config, module: Module, target: Target,
                     timeout: float) -> Outcome:
         """Probe ``target`` with ``module`` within ``timeout`` seconds."""
-        key = (module, str(target))
+        key = (module.name, str(target))
         if module.min_probe_interval > 0:
             cached = self._last.get(key)
-            if cached is not None:
-                age = time.monotonic() - cached[0]
+            if cached is not None and cached[0] is module:
+                age = time.monotonic() - cached[1]
                 if age < module.min_probe_interval:
-                    return Outcome(cached[1], cached[2], age=age)
+                    return Outcome(cached[2], cached[3], age=age)
         flight = self._flights.get(key)
-        shared = flight is not None
-        if flight is None:
-            guard = Guard(policies=(config.policy, module.policy), kod=self.kod,
-                          leaps=self.leaps)
-            flight = _Flight(asyncio.get_running_loop().create_task(
+        shared = flight is not None and flight.module is module
+        if flight is None or not shared:
+            policies = tuple(p for p in (config.policy, module.policy) if p)
+            guard = Guard(policies=policies, kod=self.kod, leaps=self.leaps)
+            flight = _Flight(module, asyncio.get_running_loop().create_task(
                 self._run(key, target, module, timeout, guard)
             ))
             self._flights[key] = flight
         flight.waiters += 1
         try:
-            async with asyncio.timeout(timeout):
+            if shared:
+                async with asyncio.timeout(timeout):
+                    result, log = await asyncio.shield(flight.task)
+            else:
+                # The burst keeps its own deadline; a second timeout here could only fire
+                # alongside it when the loop is late, and throw its samples away.
                 result, log = await asyncio.shield(flight.task)
         except TimeoutError:
             # Only a request that joined a longer burst can get here.
@@ -111,5 +120,5 @@ class Coordinator:
             if flight is not None and flight.task is asyncio.current_task():
                 del self._flights[key]
         if module.min_probe_interval > 0:
-            self._last[key] = (time.monotonic(), result, log)
+            self._last[key] = (module, time.monotonic(), result, log)
         return result, log

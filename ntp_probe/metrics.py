@@ -114,17 +114,24 @@ FAILURE_REASONS = (
 def format_value(value: float) -> str:
     """A sample value as the text format writes it."""
     value = float(value)
-    if math.isnan(value):
+    if value.is_integer():  # False for NaN and the infinities
+        return str(int(value)) if -1e15 < value < 1e15 else repr(value)
+    if math.isfinite(value):
+        return repr(value)
+    if value != value:
         return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
+    return "+Inf" if value > 0 else "-Inf"
 
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+# name -> (position in the exposition, its HELP and TYPE lines), built once.
+_HEADERS = {
+    name: (i, f"# HELP {name} {help_text}\n# TYPE {name} gauge\n")
+    for i, (name, help_text) in enumerate(PROBE_METRICS.items())
+}
 
 
 def render(result: ProbeResult, result_age: float | None = None) -> str:
@@ -132,32 +139,31 @@ def render(result: ProbeResult, result_age: float | None = None) -> str:
 
     ``result_age`` marks a result served again from the min_probe_interval cache.
     """
-    series: dict[str, list[str]] = {}
-
-    def add(name: str, value: float, labels: tuple[tuple[str, str], ...] = ()) -> None:
+    samples = [
+        ("probe_success", (), 1.0 if result.success else 0.0),
+        ("probe_duration_seconds", (), result.duration),
+        *result.gauges,
+    ]
+    if result_age is not None:
+        samples.append(("probe_ntp_result_age_seconds", (), result_age))
+    if result.failure is not None:
+        samples.append(("probe_ntp_failure_info", (("reason", result.failure),), 1.0))
+    try:
+        # Stable sort: series of one family stay in the order the prober set them.
+        samples.sort(key=lambda s: _HEADERS[s[0]][0])
+    except KeyError as exc:
+        raise KeyError(f"metric missing from the catalogue: {exc.args[0]}") from None
+    out: list[str] = []
+    previous = ""
+    for name, labels, value in samples:
+        if name != previous:
+            out.append(_HEADERS[name][1])
+            previous = name
         if labels:
             inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-            line = f"{name}{{{inner}}} {format_value(value)}\n"
+            out.append(f"{name}{{{inner}}} {format_value(value)}\n")
         else:
-            line = f"{name} {format_value(value)}\n"
-        series.setdefault(name, []).append(line)
-
-    add("probe_success", 1.0 if result.success else 0.0)
-    add("probe_duration_seconds", result.duration)
-    for name, labels, value in result.gauges:
-        add(name, value, labels)
-    if result_age is not None:
-        add("probe_ntp_result_age_seconds", result_age)
-    if result.failure is not None:
-        add("probe_ntp_failure_info", 1.0, (("reason", result.failure),))
-    out: list[str] = []
-    for name, help_text in PROBE_METRICS.items():
-        lines = series.pop(name, None)
-        if lines:
-            out.append(f"# HELP {name} {help_text}\n# TYPE {name} gauge\n")
-            out.extend(lines)
-    if series:
-        raise KeyError(f"metrics missing from the catalogue: {sorted(series)}")
+            out.append(f"{name} {format_value(value)}\n")
     return "".join(out)
 
 
@@ -207,6 +213,7 @@ class Internals:
         self.packets_sent = Counter(
             "ntp_probe_ntp_packets_sent", "NTP request packets sent.", registry=r
         )
+        self._children: dict[tuple[str, bool], tuple[Counter, Histogram]] = {}
 
     def config_loaded(self, modules: int) -> None:
         """Record a successful (re)load."""
@@ -220,8 +227,14 @@ class Internals:
 
     def observe(self, module: str, result: ProbeResult) -> None:
         """Count a finished probe."""
-        self.probes.labels(module, "success" if result.success else "failure").inc()
-        self.duration.labels(module).observe(result.duration)
+        key = (module, result.success)
+        children = self._children.get(key)
+        if children is None:  # labels() takes a lock and builds a key: do it once per module
+            children = (self.probes.labels(module, "success" if result.success else "failure"),
+                        self.duration.labels(module))
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(result.duration)
         if result.packets_sent:
             self.packets_sent.inc(result.packets_sent)
 

@@ -103,6 +103,10 @@ class TargetPolicy:
     allowed: Rules = Rules()
     denied: Rules = Rules()
 
+    def __bool__(self) -> bool:
+        """Whether the policy has any rule at all (an empty one permits everything)."""
+        return bool(self.allowed or self.denied)
+
     def check_name(self, host: str) -> str | None:
         """Refusal reason for the target as named, or None (the address is checked later)."""
         if _is_address(host):

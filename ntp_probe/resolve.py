@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -52,18 +53,25 @@ async def _lookup(host: str, family: int) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)
+def literal(host: str) -> Resolved | None:
+    """An IP literal as a :class:`Resolved` (used as given, whatever the preference), else
+    None. Cached: scrapes repeat the same targets, and parsing an address is not free."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    return Resolved(host, socket.AF_INET6 if ip.version == 6 else socket.AF_INET, cached=False)
+
+
 async def resolve(host: str, preferred: str = "ip6", fallback: bool = True) -> Resolved:
     """Resolve ``host`` to one address of the preferred family, else (with fallback) the other.
 
     IP literals are used as given, whatever the preference.
     """
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        pass
-    else:
-        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-        return Resolved(host, family, cached=False)
+    resolved = literal(host)
+    if resolved is not None:
+        return resolved
     first = _FAMILIES[preferred]
     order = [first]
     if fallback:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ def _check_host(host: str, raw: str) -> str:
     return host.lower()
 
 
+@functools.lru_cache(maxsize=4096)  # scrapes repeat the same few targets
 def parse_target(raw: str) -> Target:
     """Parse a target string; raise :class:`TargetError` with a one-line reason."""
     text = raw.strip()

@@ -123,16 +123,18 @@ class Exchange:
             self._pending_nonce = None
             self._log(f"send failed: {exc.strerror or exc}")
             return t1, None
+        # A plain timer resolving the waiter is cheaper than an asyncio.timeout scope, and
+        # it cannot turn an outside cancellation into a timeout by mistake.
+        timer = self._loop.call_at(until, self._resolve, None)
         try:
-            async with asyncio.timeout_at(until):
-                return t1, await waiter
-        except TimeoutError:
-            return t1, None
+            reply = await waiter
         finally:
-            if self._pending_nonce is not None:
-                self._expired.add(self._pending_nonce)
+            timer.cancel()
             self._pending_nonce = None
             self._waiter = None
+        if reply is None:
+            self._expired.add(nonce)
+        return t1, reply
 
     def _on_readable(self) -> None:
         sock = self._sock

@@ -12,7 +12,7 @@ from ntp_probe.config import Module, NTPSettings
 from ntp_probe.ntp import packet as ntp
 from ntp_probe.ntp import sample as maths
 from ntp_probe.probers import kernel
-from ntp_probe.resolve import ResolveError, resolve
+from ntp_probe.resolve import ResolveError, literal, resolve
 from ntp_probe.result import ProbeLog, ProbeResult
 from ntp_probe.targets import Target
 from ntp_probe.transport import Exchange
@@ -184,16 +184,18 @@ async def probe(target: Target, module: Module, result: ProbeResult, log: ProbeL
         result.fail("target_forbidden")
         return False
     started = time.perf_counter()
-    try:
-        async with asyncio.timeout_at(until):
-            resolved = await resolve(
-                target.host, settings.preferred_ip_protocol, settings.ip_protocol_fallback
-            )
-    except (ResolveError, TimeoutError) as exc:
-        result.set("probe_dns_lookup_time_seconds", time.perf_counter() - started)
-        log(f"resolve {target.host}: {exc or 'timed out'}")
-        result.fail("resolve")
-        return False
+    resolved = literal(target.host)
+    if resolved is None:
+        try:
+            async with asyncio.timeout_at(until):
+                resolved = await resolve(
+                    target.host, settings.preferred_ip_protocol, settings.ip_protocol_fallback
+                )
+        except (ResolveError, TimeoutError) as exc:
+            result.set("probe_dns_lookup_time_seconds", time.perf_counter() - started)
+            log(f"resolve {target.host}: {exc or 'timed out'}")
+            result.fail("resolve")
+            return False
     result.set("probe_dns_lookup_time_seconds", time.perf_counter() - started)
     # Checked again on the address: a permitted name may resolve to a denied address.
     refusal = guard.refuse(target.host, resolved.address)
