@@ -44,7 +44,13 @@ class Reply:
 
 
 class Exchange:
-    """One burst's connected UDP socket. Use as an async context manager."""
+    """One burst's UDP socket. Use as an async context manager."""
+
+    # Slots: a thousand probes in flight hold a thousand of these.
+    __slots__ = (
+        "_address", "_answered", "_expired", "_family", "_log", "_loop", "_peer", "_pending_nonce",
+        "_port", "_sock", "_sockaddr", "_waiter", "discarded", "kernel_timestamps",
+    )
 
     def __init__(self, address: str, port: int, family: int, log: ProbeLog) -> None:
         self._address = address

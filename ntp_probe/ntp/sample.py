@@ -7,6 +7,7 @@ never holds an absolute NTP time (RFC 5905 section 8).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from ntp_probe.ntp.packet import (
 MAX_STRATUM = 16  # RFC 5905: 16 means unsynchronised
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Sample:
     """One request/response exchange: T1..T4 as raw NTP timestamps plus the reply."""
 
@@ -38,12 +39,14 @@ class Sample:
         """The server's transmit time in Unix ns, its era taken nearest the local T1."""
         return self.t1_unix_ns + ts_diff_ns(self.t3, self.t1)
 
-    @property
+    # cached_property (hence no slots): the clock filter, jitter, root distance and the
+    # checks all read these, and each computation is two era-safe differences.
+    @functools.cached_property
     def offset(self) -> float:
         """θ = ((T2-T1)+(T3-T4))/2 seconds; positive when the server is ahead."""
         return frac_to_seconds(ts_diff(self.t2, self.t1) + ts_diff(self.t3, self.t4)) / 2
 
-    @property
+    @functools.cached_property
     def delay(self) -> float:
         """δ = (T4-T1)-(T3-T2) seconds: the round trip less the server's processing."""
         return frac_to_seconds(ts_diff(self.t4, self.t1) - ts_diff(self.t3, self.t2))
