@@ -53,16 +53,23 @@ class ProbeResult:
 class ProbeLog:
     """Per-probe log lines (for debug=true and the CLI), mirrored to the logger at DEBUG."""
 
-    __slots__ = ("_debug", "_start", "context", "lines")
+    __slots__ = ("_debug", "_start", "context", "lines", "suppressed")
+
+    # A server flooding junk must not grow one probe's log without bound.
+    MAX_LINES = 500
 
     def __init__(self, context: str = "") -> None:
         self.lines: list[str] = []
+        self.suppressed = 0
         self.context = context
         self._start = time.perf_counter()
         self._debug = _logger.isEnabledFor(logging.DEBUG)
 
     def __call__(self, message: str) -> None:
         """Add a line stamped with the time since the probe started."""
+        if len(self.lines) >= self.MAX_LINES:
+            self.suppressed += 1
+            return
         elapsed_ms = (time.perf_counter() - self._start) * 1000
         self.lines.append(f"{elapsed_ms:9.3f}ms {message}")
         if self._debug:
@@ -70,4 +77,7 @@ class ProbeLog:
 
     def text(self) -> str:
         """All lines, newline-terminated."""
-        return "".join(line + "\n" for line in self.lines)
+        text = "".join(line + "\n" for line in self.lines)
+        if self.suppressed:
+            text += f"... {self.suppressed} more lines not kept\n"
+        return text

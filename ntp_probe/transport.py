@@ -1,4 +1,4 @@
-"""asyncio UDP for one NTP burst: one connected socket, kernel receive timestamps.
+"""asyncio UDP for one NTP burst: one socket, kernel receive timestamps.
 
 The socket is read with ``recvmsg`` from an event-loop reader callback (no threads,
 no asyncio transport) so that the kernel's SO_TIMESTAMPNS receive time can be taken
@@ -28,6 +28,7 @@ SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 _TIMESPEC = struct.Struct("@qq")
 _ANC_SIZE = socket.CMSG_SPACE(_TIMESPEC.size)
 _MAX_DATAGRAM = 2048
+_MAX_READS_PER_WAKEUP = 64
 # IP_RECVERR / IPV6_RECVERR (Linux values; Python's socket module does not export them).
 _RECVERR: dict[int, tuple[int, int]] = {
     socket.AF_INET: (socket.IPPROTO_IP, 11), socket.AF_INET6: (socket.IPPROTO_IPV6, 25),
@@ -146,7 +147,9 @@ class Exchange:
         sock = self._sock
         if sock is None:
             return
-        while True:
+        # Bounded: a flooding server must not keep the event loop in this callback; the
+        # reader fires again on the next loop pass if more is queued.
+        for _ in range(_MAX_READS_PER_WAKEUP):
             try:
                 data, anc, _flags, source = sock.recvmsg(_MAX_DATAGRAM, _ANC_SIZE)
             except (BlockingIOError, InterruptedError):

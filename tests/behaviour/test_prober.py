@@ -307,6 +307,30 @@ async def test_wrong_origin_is_discarded_and_the_genuine_reply_used(
     assert "matches no request" in log.text()
 
 
+async def test_a_burst_of_junk_spanning_several_reads_does_not_hide_the_reply(
+    fake_ntp: FakeNTPServer,
+) -> None:
+    # More than one wakeup reads (64), fewer than the socket buffer holds.
+    flood = 150
+    fake_ntp.behaviour = lambda req: [
+        *(Send(wrong_origin(req, offset=100.0)) for _ in range(flood)),
+        Send(reply(req, offset=0.25)),
+    ]
+    result, log = await probe(fake_ntp, make_module(reply_timeout=2.0), timeout=5.0)
+    assert result.success, (result.failure, log.lines[-3:])
+    assert_offset(result, 0.25)
+    assert log.text().count("matches no request") == flood
+
+
+def test_the_probe_log_is_bounded() -> None:
+    log = ProbeLog()
+    for i in range(ProbeLog.MAX_LINES + 7):
+        log(f"line {i}")
+    assert len(log.lines) == ProbeLog.MAX_LINES
+    assert log.suppressed == 7
+    assert log.text().endswith("... 7 more lines not kept\n")
+
+
 JUNK: dict[str, Callable[[Request], bytes]] = {
     "wrong_origin": lambda req: wrong_origin(req),
     "wrong_mode_client": lambda req: wrong_mode(req, ntp.Mode.CLIENT),
