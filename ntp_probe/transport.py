@@ -49,8 +49,8 @@ class Exchange:
 
     # Slots: a thousand probes in flight hold a thousand of these.
     __slots__ = (
-        "_address", "_answered", "_expired", "_family", "_log", "_loop", "_peer", "_pending_nonce",
-        "_port", "_sock", "_sockaddr", "_waiter", "discarded", "kernel_timestamps",
+        "_address", "_family", "_log", "_loop", "_peer", "_pending_nonce",
+        "_port", "_seen", "_sock", "_sockaddr", "_waiter", "discarded", "kernel_timestamps",
     )
 
     def __init__(self, address: str, port: int, family: int, log: ProbeLog) -> None:
@@ -62,8 +62,9 @@ class Exchange:
         self._sock: socket.socket | None = None
         self._pending_nonce: int | None = None
         self._waiter: asyncio.Future[Reply | None] | None = None
-        self._answered: set[int] = set()
-        self._expired: set[int] = set()
+        # nonce -> True once answered, False once its wait expired (one small dict, not two
+        # sets: a thousand bursts in flight hold a thousand of these).
+        self._seen: dict[int, bool] = {}
         self.discarded = 0
         self.kernel_timestamps = True
 
@@ -140,7 +141,7 @@ class Exchange:
             self._pending_nonce = None
             self._waiter = None
         if reply is None:
-            self._expired.add(nonce)
+            self._seen[nonce] = False
         return t1, reply
 
     def _on_readable(self) -> None:
@@ -206,11 +207,12 @@ class Exchange:
             self._discard(f"mode {pkt.mode}, expected 4 (server)")
             return
         origin = pkt.origin_ts
-        if origin in self._answered:
+        seen = self._seen.get(origin)
+        if seen:
             self._discard("duplicate of an answered request")
             return
         if origin != self._pending_nonce:
-            if origin in self._expired:
+            if seen is False:
                 # Genuine but too late: the sample already counts as lost, and a server that
                 # is merely slow must read as "timeout", not as sending invalid replies.
                 self._log("late reply to an expired request ignored")
@@ -223,5 +225,5 @@ class Exchange:
             return
         if not kernel:
             self.kernel_timestamps = False
-        self._answered.add(origin)
+        self._seen[origin] = True
         self._resolve(Reply(pkt, t4, kernel))

@@ -20,14 +20,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-import bcrypt
 import yaml
 from aiohttp import web
 from cachetools import LRUCache
@@ -47,9 +48,16 @@ _CLIENT_AUTH = {
 }
 _TLS_KEYS = {"cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version",
              "max_version"}
-# Compared against when the user is unknown, so a wrong user name costs what a wrong
-# password costs and user names cannot be told apart by timing.
-_DUMMY_HASH = bcrypt.hashpw(b"ntp_probe-dummy", bcrypt.gensalt(rounds=10))
+
+
+@functools.cache
+def _bcrypt() -> tuple[ModuleType, bytes]:
+    """bcrypt, imported only where basic auth is configured, and a hash to compare against
+    when the user is unknown, so that a wrong user name costs what a wrong password costs
+    and user names cannot be told apart by timing."""
+    import bcrypt
+
+    return bcrypt, bcrypt.hashpw(b"ntp_probe-dummy", bcrypt.gensalt(rounds=10))
 
 
 class WebConfigError(ValueError):
@@ -88,7 +96,8 @@ class WebConfig:
         key = (user, hashlib.sha256(password.encode()).digest())
         if stored is not None and self._verified.get(key):
             return True
-        ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), stored or _DUMMY_HASH)
+        bcrypt, dummy = _bcrypt()
+        ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), stored or dummy)
         if ok and stored is not None:
             self._verified[key] = True
             return True

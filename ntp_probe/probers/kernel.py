@@ -6,13 +6,17 @@ The target is accepted for Prometheus' sake but never contacted: scrape it as
 
 from __future__ import annotations
 
-from ntp_probe import timex
+from typing import TYPE_CHECKING
+
 from ntp_probe.config import Module
 from ntp_probe.result import ProbeLog, ProbeResult
 from ntp_probe.targets import Target
 
+if TYPE_CHECKING:
+    from ntp_probe.timex import KernelClock
 
-def report(clock: timex.KernelClock, result: ProbeResult) -> None:
+
+def report(clock: KernelClock, result: ProbeResult) -> None:
     """Set the probe_kernel_* gauges from a kernel clock reading."""
     result.set("probe_kernel_offset_seconds", clock.offset)
     result.set("probe_kernel_frequency_offset_ratio", clock.frequency_ratio)
@@ -27,8 +31,11 @@ def report(clock: timex.KernelClock, result: ProbeResult) -> None:
         result.set("probe_kernel_status_flags_info", 1, (("flag", flag),))
 
 
-def read(result: ProbeResult, log: ProbeLog) -> timex.KernelClock | None:
+def read(result: ProbeResult, log: ProbeLog) -> KernelClock | None:
     """Read and report the kernel clock; on failure log it and fail kernel_unavailable."""
+    # Imported on first use: ctypes costs memory an exporter without kernel probes never needs.
+    from ntp_probe import timex
+
     try:
         clock = timex.read()
     except timex.KernelClockError as exc:
