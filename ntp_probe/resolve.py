@@ -84,7 +84,3 @@ async def resolve(host: str, preferred: str = "ip6", fallback: bool = True) -> R
     wanted = preferred if not fallback else "ip4 or ip6"
     raise ResolveError(f"no {wanted} address for {host!r}")
 
-
-def clear_cache() -> None:
-    """Forget every cached lookup (tests, config reloads)."""
-    _cache.clear()
