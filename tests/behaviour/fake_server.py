@@ -209,19 +209,25 @@ class FakeNTPServer:
     _drains: dict[bytes, asyncio.Future[None]] = field(default_factory=dict)
     port: int = 0
     side_port: int = 0
+    host: str = LOOPBACK
 
     @classmethod
-    async def start(cls, behaviour: Behaviour | None = None) -> FakeNTPServer:
-        """Bind 127.0.0.1 on an OS-chosen port (and a second socket for other-port sends)."""
+    async def start(
+        cls, behaviour: Behaviour | None = None, host: str = LOOPBACK
+    ) -> FakeNTPServer:
+        """Bind ``host`` (127.0.0.1, or ::1) on an OS-chosen port, and a second socket for
+        other-port sends."""
         server = cls() if behaviour is None else cls(behaviour=behaviour)
+        server.host = host
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Protocol(server), local_addr=(LOOPBACK, 0), family=socket.AF_INET
+            lambda: _Protocol(server), local_addr=(host, 0), family=family
         )
         server._transport = transport
         server.port = int(transport.get_extra_info("sockname")[1])
         side, _ = await loop.create_datagram_endpoint(
-            _SideProtocol, local_addr=(LOOPBACK, 0), family=socket.AF_INET
+            _SideProtocol, local_addr=(host, 0), family=family
         )
         server._side = side
         server.side_port = int(side.get_extra_info("sockname")[1])
@@ -231,7 +237,8 @@ class FakeNTPServer:
     @property
     def target(self) -> str:
         """The ``host:port`` to probe."""
-        return f"{LOOPBACK}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
     def close(self) -> None:
         """Cancel pending delayed sends and close both sockets."""
@@ -304,7 +311,7 @@ class FakeNTPServer:
         marker = _DRAIN_MAGIC + secrets.token_hex(8).encode()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._drains[marker] = fut
-        self._side.sendto(marker, (LOOPBACK, self.port))
+        self._side.sendto(marker, (self.host, self.port))
         async with asyncio.timeout(timeout):
             await fut
 

@@ -331,6 +331,35 @@ def test_the_probe_log_is_bounded() -> None:
     assert log.text().endswith("... 7 more lines not kept\n")
 
 
+async def test_ipv6_target_is_measured_and_checked() -> None:
+    server = await FakeNTPServer.start(answer(offset=0.25), host="::1")
+    try:
+        result, log = await probe(server, make_module(samples=2))
+        assert result.success, (result.failure, log.text())
+        assert_offset(result, 0.25)
+        assert result.value("probe_ip_protocol") == 6
+        # A reply from another port of the same IPv6 host is still discarded and logged.
+        server.behaviour = lambda req: [Send(reply(req), from_other_port=True)]
+        result, log = await probe(server, make_module(samples=1, reply_timeout=0.2))
+        assert result.failure == "invalid_reply"
+        assert "not the target" in log.text()
+    finally:
+        server.close()
+
+
+async def test_ipv6_closed_port_fails_fast() -> None:
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+        s.bind(("::1", 0))
+        port = s.getsockname()[1]
+    log = ProbeLog()
+    result = await run_probe(parse_target(f"[::1]:{port}"), make_module(reply_timeout=2.0),
+                             5.0, log)
+    assert result.failure == "timeout"
+    # The ICMP error ended the wait: the probe did not sit out its 2 s reply timeout.
+    assert "ICMP port unreachable" in log.text()
+    assert result.duration < 2.0
+
+
 JUNK: dict[str, Callable[[Request], bytes]] = {
     "wrong_origin": lambda req: wrong_origin(req),
     "wrong_mode_client": lambda req: wrong_mode(req, ntp.Mode.CLIENT),
