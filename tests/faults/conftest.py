@@ -1,4 +1,4 @@
-"""Fault-injection fixtures: a network namespace of the test's own, chronyd inside it.
+"""Fault-injection fixtures: a network namespace of the test's own, chronyd -x inside it.
 
 RECIPES.md section 5: this kernel has no netem, so loss is injected with nftables
 (``numgen random``) inside the namespace and delay with a userspace UDP relay (in the
@@ -115,7 +115,7 @@ class Netns:
 
     @property
     def ns_addr(self) -> str:
-        """The namespace side of the /30 (.2): where chronyd listens."""
+        """The namespace side of the /30 (.2): where chronyd -x listens."""
         return str(self.network.network_address + 2)
 
     def exec_argv(self, *argv: str) -> list[str]:
@@ -223,7 +223,7 @@ def netns() -> Iterator[Netns]:
         assert not problems, f"netns/veth cleanup failed: {problems}"
 
 
-# --- chronyd inside the namespace -------------------------------------------------------
+# --- chronyd -x inside the namespace----------------------------------------------------
 
 
 @dataclass
