@@ -7,6 +7,8 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ntp_probe.result import ProbeLog
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:
@@ -19,7 +21,7 @@ class Entry:
     success: bool
     reason: str | None
     duration: float
-    log: str
+    log: ProbeLog  # joined into text only when someone opens /logs
     metrics: str
 
 
@@ -33,7 +35,7 @@ class History:
         self._next_id = 0
 
     def add(self, module: str, target: str, success: bool, reason: str | None,
-            duration: float, log: str, metrics: str) -> Entry:
+            duration: float, log: ProbeLog, metrics: str) -> Entry:
         """Record a probe and return its entry."""
         entry = Entry(self._next_id, time.time(), module, target, success, reason, duration,
                       log, metrics)

@@ -99,7 +99,7 @@ async def probe_handler(request: web.Request) -> web.Response:
         state.internals.observe(module_name, result)
     body = render(result, outcome.age)
     entry = state.history.add(module_name, str(target), result.success, result.failure,
-                              result.duration, log.text(), body)
+                              result.duration, log, body)
     if not debug:
         return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
     return web.Response(text=_debug_text(entry, module_to_dict(module)))
@@ -107,7 +107,7 @@ async def probe_handler(request: web.Request) -> web.Response:
 
 def _debug_text(entry: Entry, module: dict[str, object]) -> str:
     return (
-        "Logs for the probe:\n" + entry.log
+        "Logs for the probe:\n" + entry.log.text()
         + "\n\nMetrics that would have been returned:\n" + entry.metrics
         + "\n\nModule configuration:\n"
         + yaml.safe_dump({entry.module: module}, sort_keys=False)

@@ -26,6 +26,7 @@ from tests.behaviour.fake_server import (
     reply,
     silent,
 )
+from tests.contract import VALID_SAMPLE_METRICS
 
 # The fixture, made visible to pytest in this module.
 fake_ntp = fake_server.fake_ntp
@@ -34,19 +35,6 @@ Client = TestClient[web.Request, web.Application]
 
 CONTENT_TYPE_PREFIX = "text/plain; version=0.0.4"
 
-# Every per-probe series a probe with a valid sample reports (DESIGN.md); the KoD,
-# failure, backoff and result-age series only appear when those apply.
-VALID_SAMPLE_METRICS = {
-    "probe_success", "probe_duration_seconds", "probe_dns_lookup_time_seconds",
-    "probe_ip_protocol", "probe_ip_addr_hash", "probe_ntp_offset_seconds",
-    "probe_ntp_rtt_seconds", "probe_ntp_jitter_seconds", "probe_ntp_offset_stddev_seconds",
-    "probe_ntp_stratum", "probe_ntp_leap_indicator", "probe_ntp_precision_seconds",
-    "probe_ntp_root_delay_seconds", "probe_ntp_root_dispersion_seconds",
-    "probe_ntp_root_distance_seconds", "probe_ntp_reference_timestamp_seconds",
-    "probe_ntp_server_processing_seconds", "probe_ntp_samples_sent",
-    "probe_ntp_samples_received", "probe_ntp_packet_loss_ratio",
-    "probe_ntp_causality_violation_seconds", "probe_ntp_server_info",
-}
 
 
 def _module(name: str, *, timeout: float, samples: int, reply_timeout: float) -> Module:
@@ -184,7 +172,7 @@ async def test_good_probe(client: Client, fake_ntp: FakeNTPServer) -> None:
     body = await resp.text()
     assert value(body, "probe_success") == 1
     present = {s.name for s in samples_of(body)}
-    assert present >= VALID_SAMPLE_METRICS, sorted(VALID_SAMPLE_METRICS - present)
+    assert present >= set(VALID_SAMPLE_METRICS), sorted(set(VALID_SAMPLE_METRICS) - present)
     assert "probe_ntp_failure_info" not in present
     assert "probe_ntp_kiss_code_info" not in present
     offset = value(body, "probe_ntp_offset_seconds")

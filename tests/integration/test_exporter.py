@@ -33,25 +33,13 @@ from tests.conftest import (
     require_binary,
     stop_process,
 )
+from tests.contract import VALID_SAMPLE_METRICS
 
 pytestmark = pytest.mark.integration
 
-# DESIGN.md's per-probe metrics that a valid sample supports (backoff, result age,
-# kiss code and failure info only appear when those apply).
-SUCCESS_METRICS = (
-    "probe_success", "probe_duration_seconds", "probe_dns_lookup_time_seconds",
-    "probe_ip_protocol", "probe_ip_addr_hash", "probe_ntp_offset_seconds",
-    "probe_ntp_rtt_seconds", "probe_ntp_jitter_seconds", "probe_ntp_offset_stddev_seconds",
-    "probe_ntp_stratum", "probe_ntp_leap_indicator", "probe_ntp_precision_seconds",
-    "probe_ntp_root_delay_seconds", "probe_ntp_root_dispersion_seconds",
-    "probe_ntp_root_distance_seconds", "probe_ntp_reference_timestamp_seconds",
-    "probe_ntp_server_processing_seconds", "probe_ntp_samples_sent",
-    "probe_ntp_samples_received", "probe_ntp_packet_loss_ratio",
-    "probe_ntp_causality_violation_seconds", "probe_ntp_server_info",
-)
 # Emitted only when at least one reply passed the packet checks.
 MEASUREMENTS = tuple(
-    name for name in SUCCESS_METRICS[5:]
+    name for name in VALID_SAMPLE_METRICS[5:]
     if name not in ("probe_ntp_samples_sent", "probe_ntp_samples_received",
                     "probe_ntp_packet_loss_ratio")
 )
@@ -230,7 +218,7 @@ def test_probe_success_has_every_metric(exporter: Exporter, chronyd: Chronyd) ->
     assert ctype.startswith("text/plain") and "version=0.0.4" in ctype
     samples = parse_exposition(body)
     assert one(samples, "probe_success") == 1, body
-    missing = [name for name in SUCCESS_METRICS if name not in samples]
+    missing = [name for name in VALID_SAMPLE_METRICS if name not in samples]
     assert not missing, f"missing {missing}\n{body}"
     assert "probe_ntp_failure_info" not in samples
     assert "probe_ntp_kiss_code_info" not in samples
