@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from ntp_probe import timex
+from ntp_probe.net import adjtimex
+from ntp_probe.proto import timex
 
 REQUIRE_INTEGRATION_ENV = "NTP_PROBE_REQUIRE_INTEGRATION"
 
@@ -254,7 +255,7 @@ def chronyd_factory() -> Iterator[Callable[..., Chronyd]]:
 
 def _clock_fingerprint() -> tuple[float, float, int, float]:
     """(CLOCK_REALTIME - CLOCK_MONOTONIC, kernel frequency, status, offset), read-only."""
-    clock = timex.read()
+    clock = adjtimex.read()
     step = time.clock_gettime(time.CLOCK_REALTIME) - time.clock_gettime(time.CLOCK_MONOTONIC)
     return step, clock.frequency_ratio, clock.status, clock.offset
 

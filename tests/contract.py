@@ -1,6 +1,6 @@
 """Names from DESIGN.md that several test files check the exporter against.
 
-Written out here rather than taken from ntp_probe.metrics, so that a metric dropped or
+Written out here rather than taken from ntp_probe.exposition, so that a metric dropped or
 renamed in the source fails the tests instead of silently changing what they expect.
 """
 

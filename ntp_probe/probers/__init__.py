@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from ntp_probe.config import Module
+from ntp_probe.config.load import Module
+from ntp_probe.engine.result import ProbeLog, ProbeResult
+from ntp_probe.engine.targets import Target
 from ntp_probe.probers import kernel, ntp
-from ntp_probe.result import ProbeLog, ProbeResult
-from ntp_probe.targets import Target
 
 ProbeFn = Callable[[Target, Module, ProbeResult, ProbeLog], Awaitable[bool]]
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ntp_probe.config import Module
-from ntp_probe.result import ProbeLog, ProbeResult
-from ntp_probe.targets import Target
+from ntp_probe.config.load import Module
+from ntp_probe.engine.result import ProbeLog, ProbeResult
+from ntp_probe.engine.targets import Target
 
 if TYPE_CHECKING:
-    from ntp_probe.timex import KernelClock
+    from ntp_probe.proto.timex import KernelClock
 
 
 def report(clock: KernelClock, result: ProbeResult) -> None:
@@ -34,11 +34,12 @@ def report(clock: KernelClock, result: ProbeResult) -> None:
 def read(result: ProbeResult, log: ProbeLog) -> KernelClock | None:
     """Read and report the kernel clock; on failure log it and fail kernel_unavailable."""
     # Imported on first use: ctypes costs memory an exporter without kernel probes never needs.
-    from ntp_probe import timex
+    from ntp_probe.net import adjtimex
+    from ntp_probe.proto.timex import KernelClockError
 
     try:
-        clock = timex.read()
-    except timex.KernelClockError as exc:
+        clock = adjtimex.read()
+    except KernelClockError as exc:
         log(f"kernel clock unavailable: {exc}")
         result.fail("kernel_unavailable")
         return None

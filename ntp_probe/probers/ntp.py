@@ -7,15 +7,14 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from ntp_probe import correlation
-from ntp_probe.config import Module, NTPSettings
-from ntp_probe.ntp import packet as ntp
-from ntp_probe.ntp import sample as maths
-from ntp_probe.probers import kernel
-from ntp_probe.resolve import ResolveError, literal, resolve
-from ntp_probe.result import ProbeLog, ProbeResult
-from ntp_probe.targets import Target
-from ntp_probe.transport import Exchange
+from ntp_probe.config.load import Module, NTPSettings
+from ntp_probe.engine.result import ProbeLog, ProbeResult
+from ntp_probe.engine.targets import Target
+from ntp_probe.net.resolve import ResolveError, literal, resolve
+from ntp_probe.net.udp import Exchange
+from ntp_probe.probers import correlation, kernel
+from ntp_probe.proto.ntp import packet as ntp
+from ntp_probe.proto.ntp import sample as maths
 
 KOD_REASONS = {"RATE": "kod_rate", "DENY": "kod_deny", "RSTR": "kod_rstr"}
 LEAP_TOLERANCE = 1.0  # seconds added to max_causality_violation around a leap second

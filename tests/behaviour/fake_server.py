@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from ntp_probe.ntp import packet as ntp
+from ntp_probe.proto.ntp import packet as ntp
 
 LOOPBACK = "127.0.0.1"
 NS = 1_000_000_000

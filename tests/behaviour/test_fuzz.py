@@ -24,13 +24,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ntp_probe.config import Module, NTPSettings
-from ntp_probe.metrics import FAILURE_REASONS, render
-from ntp_probe.ntp import packet as ntp
-from ntp_probe.ntp.sample import Sample
-from ntp_probe.result import ProbeLog, ProbeResult
-from ntp_probe.runner import run_probe
-from ntp_probe.targets import parse_target
+from ntp_probe.config.load import Module, NTPSettings
+from ntp_probe.engine.result import ProbeLog, ProbeResult
+from ntp_probe.engine.runner import run_probe
+from ntp_probe.engine.targets import parse_target
+from ntp_probe.exposition.render import FAILURE_REASONS, render
+from ntp_probe.proto.ntp import packet as ntp
+from ntp_probe.proto.ntp.sample import Sample
 from tests.behaviour import fake_server
 from tests.behaviour.fake_server import FakeNTPServer, Request, Send, reply_packet
 

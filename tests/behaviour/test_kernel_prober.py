@@ -1,7 +1,7 @@
 """The kernel prober and the hybrid module (NTP + kernel correlation), and the leap window.
 
 The kernel side is the real adjtimex state of this machine, read-only (modes = 0). The
-only patch in this file replaces ``timex.read`` with one that raises KernelClockError,
+only patch in this file replaces ``adjtimex.read`` with one that raises KernelClockError,
 because EPERM or a non-Linux system cannot be produced here. The NTP side is the
 in-process fake NTP server on 127.0.0.1.
 """
@@ -15,13 +15,15 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ntp_probe import correlation, timex
-from ntp_probe.config import Config, Module, load_config
-from ntp_probe.coordinator import Coordinator
-from ntp_probe.metrics import render
-from ntp_probe.result import ProbeLog, ProbeResult
-from ntp_probe.runner import run_probe
-from ntp_probe.targets import parse_target
+from ntp_probe.config.load import Config, Module, load_config
+from ntp_probe.engine.coordinator import Coordinator
+from ntp_probe.engine.result import ProbeLog, ProbeResult
+from ntp_probe.engine.runner import run_probe
+from ntp_probe.engine.targets import parse_target
+from ntp_probe.exposition.render import render
+from ntp_probe.net import adjtimex
+from ntp_probe.probers import correlation
+from ntp_probe.proto import timex
 from tests.behaviour import fake_server
 from tests.behaviour.fake_server import FakeNTPServer, answer, silent
 
@@ -31,7 +33,7 @@ fake_ntp = fake_server.fake_ntp
 
 def _kernel_problem() -> str | None:
     try:
-        timex.read()
+        adjtimex.read()
     except timex.KernelClockError as exc:
         return str(exc)
     return None
@@ -105,7 +107,7 @@ def unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
     def read() -> timex.KernelClock:
         raise timex.KernelClockError("clock_adjtime: Operation not permitted (EPERM)")
 
-    monkeypatch.setattr(timex, "read", read)
+    monkeypatch.setattr(adjtimex, "read", read)
 
 
 # --- the kernel prober ---------------------------------------------------------------------
@@ -115,7 +117,7 @@ async def test_kernel_module_reports_every_gauge() -> None:
     module = packaged("kernel")
     assert module.prober == "kernel"
     result, log = await probe("localhost", module)
-    clock = timex.read()
+    clock = adjtimex.read()
     assert result.success, log.text()
     assert result.failure is None
     missing = set(KERNEL_GAUGES) - names(result)
@@ -139,7 +141,7 @@ async def test_kernel_module_reports_every_gauge() -> None:
 
 async def test_status_flags_one_series_per_set_flag() -> None:
     result, _ = await probe("localhost", packaged("kernel"))
-    clock = timex.read()
+    clock = adjtimex.read()
     flags = series(result, "probe_kernel_status_flags_info")
     assert sorted(labels["flag"] for labels, _ in flags) == sorted(clock.flags)
     assert all(v == 1 for _, v in flags)
@@ -188,7 +190,7 @@ def assert_correlation(result: ProbeResult, injected: float) -> None:
     kernel_offset = value(result, "probe_kernel_offset_seconds")
     maxerror = value(result, "probe_kernel_maxerror_seconds")
     assert ntp_offset == pytest.approx(injected, abs=LOOPBACK_ERROR)
-    assert kernel_offset == pytest.approx(timex.read().offset, abs=1e-3)
+    assert kernel_offset == pytest.approx(adjtimex.read().offset, abs=1e-3)
     d = value(result, "probe_kernel_divergence_seconds")
     assert d == pytest.approx(abs(ntp_offset - kernel_offset), abs=1e-12)
     assert value(result, "probe_kernel_offset_within_maxerror") == (
@@ -217,7 +219,7 @@ async def test_hybrid_correlates_ntp_with_kernel(fake_ntp: FakeNTPServer, inject
 async def test_hybrid_on_this_machine_maxerror_16s(fake_ntp: FakeNTPServer) -> None:
     """This machine's kernel is undisciplined: maxerror stuck at 16 s, so 0.25 s is within
     it and 20 s is not."""
-    if timex.read().maxerror != NTP_PHASE_LIMIT:
+    if adjtimex.read().maxerror != NTP_PHASE_LIMIT:
         pytest.skip("the kernel clock is disciplined here (maxerror below 16 s)")
     for injected, within in ((0.25, 1), (20.0, 0)):
         fake_ntp.behaviour = answer(offset=injected)
@@ -248,7 +250,7 @@ async def test_hybrid_reports_correlation_on_a_failed_sanity_check(
     assert not result.success
     assert_correlation(result, 0.25)
     assert value(result, "probe_kernel_offset_within_maxerror") == (
-        1 if timex.read().maxerror >= 0.25 else 0
+        1 if adjtimex.read().maxerror >= 0.25 else 0
     )
     rendered = exposition(result)
     assert rendered["probe_ntp_failure_info"] == [({"reason": "causality_violation"}, 1.0)]
@@ -266,7 +268,7 @@ async def test_hybrid_silent_server_reports_kernel_but_no_correlation(
     assert not set(CORRELATION_GAUGES) & names(result)
     assert "probe_ntp_offset_seconds" not in names(result)
     assert series(result, "probe_kernel_clock_state_info") == [
-        ({"state": timex.read().state}, 1.0)
+        ({"state": adjtimex.read().state}, 1.0)
     ]
 
 

@@ -24,10 +24,10 @@ from aiohttp.test_utils import TestClient, make_mocked_request
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
-from ntp_probe.config import load_config, parse_config
-from ntp_probe.history import History
-from ntp_probe.metrics import Internals
-from ntp_probe.web import State, create_app, probe_handler
+from ntp_probe.config.load import load_config, parse_config
+from ntp_probe.exposition.internals import Internals
+from ntp_probe.web.app import State, create_app, probe_handler
+from ntp_probe.web.history import History
 from tests.behaviour import fake_server
 from tests.behaviour.fake_server import FakeNTPServer, Request, Send, answer, reply, silent
 

@@ -11,15 +11,15 @@ from typing import Any
 
 import pytest
 
-from ntp_probe.config import Config, Module, NTPSettings
-from ntp_probe.coordinator import Coordinator
-from ntp_probe.guard import Guard
-from ntp_probe.kod import KodTable
-from ntp_probe.metrics import render
-from ntp_probe.policy import TargetPolicy, parse_rules
-from ntp_probe.result import ProbeLog, ProbeResult
-from ntp_probe.runner import run_probe
-from ntp_probe.targets import Target, parse_target
+from ntp_probe.config.load import Config, Module, NTPSettings
+from ntp_probe.engine.coordinator import Coordinator
+from ntp_probe.engine.result import ProbeLog, ProbeResult
+from ntp_probe.engine.runner import run_probe
+from ntp_probe.engine.targets import Target, parse_target
+from ntp_probe.exposition.render import render
+from ntp_probe.safety.guard import Guard
+from ntp_probe.safety.kod import KodTable
+from ntp_probe.safety.policy import TargetPolicy, parse_rules
 from tests.behaviour import fake_server
 from tests.behaviour.fake_server import FakeNTPServer, Request, Send, answer, kod
 

@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from ntp_probe.config import Module, NTPSettings
-from ntp_probe.metrics import render
-from ntp_probe.ntp import packet as ntp
-from ntp_probe.result import ProbeLog, ProbeResult
-from ntp_probe.runner import probe_timeout, run_probe
-from ntp_probe.targets import parse_target
+from ntp_probe.config.load import Module, NTPSettings
+from ntp_probe.engine.result import ProbeLog, ProbeResult
+from ntp_probe.engine.runner import probe_timeout, run_probe
+from ntp_probe.engine.targets import parse_target
+from ntp_probe.exposition.render import render
+from ntp_probe.proto.ntp import packet as ntp
 from tests.behaviour import fake_server
 from tests.behaviour.fake_server import (
     LOOPBACK,

@@ -13,9 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from pytest_aiohttp import AiohttpClient
 
-from ntp_probe.config import Config, Module, NTPSettings, load_config
-from ntp_probe.metrics import Internals
-from ntp_probe.web import State, create_app
+from ntp_probe.config.load import Config, Module, NTPSettings, load_config
+from ntp_probe.exposition.internals import Internals
+from ntp_probe.web.app import State, create_app
 from tests.behaviour import fake_server
 from tests.behaviour.fake_server import (
     Behaviour,

@@ -388,7 +388,7 @@ def _dump(signum, frame):
     _n[0] += 1
     tracemalloc.take_snapshot().dump(os.environ["BENCH_TRACEMALLOC_OUT"] + "." + str(_n[0]))
 signal.signal(signal.SIGUSR1, _dump)
-from ntp_probe.cli import main
+from ntp_probe.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

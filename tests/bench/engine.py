@@ -4,10 +4,10 @@
     python tests/bench/engine.py [--quick] [--profile]
 
 Cells: concurrency 1, 100, 1000 x
-  exchange        one ntp_probe.transport.Exchange (fresh socket) + one request per query
+  exchange        one ntp_probe.net.udp.Exchange (fresh socket) + one request per query
   exchange-reuse  (extra, for comparison) one Exchange per worker, reused for its queries:
                   the transport without socket setup; worker w keeps target w % 50
-  probe           the full ntp_probe.runner.run_probe path with a 1-sample ip4 module
+  probe           the full ntp_probe.engine.runner.run_probe path with a 1-sample ip4 module
   ntplib          ntplib.NTPClient.request from a thread pool (threads = concurrency,
                   <= 1000)
 Targets rotate over 127.0.0.1 ... 127.0.0.50 (one chronyd without bindaddress). Each cell
@@ -37,15 +37,16 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from ntp_probe.config import Module, parse_config  # noqa: E402
-from ntp_probe.guard import Guard, LeapMemory  # noqa: E402
-from ntp_probe.kod import KodTable  # noqa: E402
-from ntp_probe.ntp import packet as ntp  # noqa: E402
-from ntp_probe.ntp.sample import Sample  # noqa: E402
-from ntp_probe.result import ProbeLog  # noqa: E402
-from ntp_probe.runner import run_probe  # noqa: E402
-from ntp_probe.targets import Target  # noqa: E402
-from ntp_probe.transport import Exchange  # noqa: E402
+from ntp_probe.config.load import Module, parse_config  # noqa: E402
+from ntp_probe.engine.result import ProbeLog  # noqa: E402
+from ntp_probe.engine.runner import run_probe  # noqa: E402
+from ntp_probe.engine.targets import Target  # noqa: E402
+from ntp_probe.net.udp import Exchange  # noqa: E402
+from ntp_probe.proto.ntp import packet as ntp  # noqa: E402
+from ntp_probe.proto.ntp.sample import Sample  # noqa: E402
+from ntp_probe.safety.guard import Guard  # noqa: E402
+from ntp_probe.safety.kod import KodTable  # noqa: E402
+from ntp_probe.safety.leap import LeapMemory  # noqa: E402
 from tests.bench import common  # noqa: E402
 
 CONCURRENCY = (1, 100, 1000)

@@ -25,10 +25,10 @@ from typing import Any
 
 import pytest
 
-from ntp_probe.config import Module, NTPSettings
-from ntp_probe.result import ProbeLog, ProbeResult
-from ntp_probe.runner import run_probe
-from ntp_probe.targets import parse_target
+from ntp_probe.config.load import Module, NTPSettings
+from ntp_probe.engine.result import ProbeLog, ProbeResult
+from ntp_probe.engine.runner import run_probe
+from ntp_probe.engine.targets import parse_target
 from tests.faults.conftest import (
     Netns,
     NsChronyd,

@@ -16,11 +16,11 @@ from collections.abc import Callable
 
 import pytest
 
-from ntp_probe.config import Config, Module, load_config, parse_config
-from ntp_probe.ntp import packet as ntp
-from ntp_probe.result import ProbeLog, ProbeResult
-from ntp_probe.runner import probe_timeout, run_probe
-from ntp_probe.targets import parse_target
+from ntp_probe.config.load import Config, Module, load_config, parse_config
+from ntp_probe.engine.result import ProbeLog, ProbeResult
+from ntp_probe.engine.runner import probe_timeout, run_probe
+from ntp_probe.engine.targets import parse_target
+from ntp_probe.proto.ntp import packet as ntp
 from tests.conftest import Chronyd, free_udp_port, require_binary
 
 pytestmark = pytest.mark.integration

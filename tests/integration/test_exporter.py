@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ntp_probe.config import load_config
+from ntp_probe.config.load import load_config
 from tests.conftest import (
     LOOPBACK,
     Chronyd,

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 
 import ntp_probe
-import ntp_probe.cli  # its third-party imports are what the nobody child needs
-from ntp_probe import timex
+import ntp_probe.cli.main  # its third-party imports are what the nobody child needs
+from ntp_probe.net import adjtimex
 from tests.conftest import Chronyd, integration_required, require_binary, stop_process
 from tests.integration.test_exporter import (
     Exporter,
@@ -46,7 +46,7 @@ NOBODY_UID = 65534
 CHILD_TIMEOUT = 30.0
 # Proves who the child runs as: uid, gid, groups, effective and bounding capabilities.
 IDENTITY_CHECK = (
-    "import os, ntp_probe.cli\n"
+    "import os, ntp_probe.cli.main\n"
     "status = dict(line.split(':\\t', 1) for line in open('/proc/self/status').read()"
     ".splitlines() if ':\\t' in line)\n"
     "print(os.getuid(), os.geteuid(), os.getgid(), len(os.getgroups()), "
@@ -179,7 +179,7 @@ def test_kernel_probe_as_nobody_without_capabilities(nobody: Nobody) -> None:
                  "probe_kernel_sync_status"):
         assert name in metrics, metrics
     # The unprivileged read sees the same kernel as root does.
-    clock = timex.read()
+    clock = adjtimex.read()
     assert metrics["probe_kernel_maxerror_seconds"] == pytest.approx(clock.maxerror, abs=0.05)
     assert metrics[f'probe_kernel_clock_state_info{{state="{clock.state}"}}'] == 1
     assert not any(name.startswith("probe_ntp_") for name in metrics), metrics
@@ -207,7 +207,7 @@ def test_exporter_kernel_module(exporter: Exporter) -> None:
     assert one(samples, "probe_success") == 1, body
     missing = [name for name in KERNEL_GAUGES if name not in samples]
     assert not missing, f"missing {missing}\n{body}"
-    clock = timex.read()
+    clock = adjtimex.read()
     assert one(samples, "probe_kernel_maxerror_seconds") == pytest.approx(clock.maxerror,
                                                                           abs=0.05)
     assert samples["probe_kernel_clock_state_info"] == [({"state": clock.state}, 1.0)]
@@ -224,7 +224,7 @@ def test_exporter_hybrid_against_chronyd(exporter: Exporter, chronyd: Chronyd) -
     status, _, body = exporter.get(f"/probe?module=hybrid&target={chronyd.target}")
     assert status == 200, body
     samples = parse_exposition(body)
-    clock = timex.read()
+    clock = adjtimex.read()
     # The NTP side is fine, so the probe succeeds even with an unsynchronised kernel.
     assert one(samples, "probe_success") == 1, body
     assert one(samples, "probe_ntp_stratum") == 8

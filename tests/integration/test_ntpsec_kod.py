@@ -35,10 +35,10 @@ from typing import NoReturn
 
 import pytest
 
-from ntp_probe.config import Config, Module, NTPSettings
-from ntp_probe.coordinator import Coordinator, Outcome
-from ntp_probe.kod import KodTable
-from ntp_probe.targets import parse_target
+from ntp_probe.config.load import Config, Module, NTPSettings
+from ntp_probe.engine.coordinator import Coordinator, Outcome
+from ntp_probe.engine.targets import parse_target
+from ntp_probe.safety.kod import KodTable
 from tests.conftest import (
     REQUIRE_INTEGRATION_ENV,
     integration_required,

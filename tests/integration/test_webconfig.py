@@ -21,7 +21,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from ntp_probe.webconfig import WebConfigError, load_web_config
+from ntp_probe.web.auth import WebConfigError, load_web_config
 from tests.conftest import LOOPBACK, free_tcp_port, require_binary, stop_process
 from tests.integration.test_exporter import child_env, exporter_command, parse_exposition
 

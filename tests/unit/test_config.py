@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ntp_probe.config import (
+from ntp_probe.config.load import (
     Config,
     ConfigError,
     Module,

@@ -18,8 +18,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ntp_probe.correlation import coherence_score, divergence, within_maxerror
-from ntp_probe.guard import Guard, LeapMemory
+from ntp_probe.probers.correlation import coherence_score, divergence, within_maxerror
+from ntp_probe.safety.guard import Guard
+from ntp_probe.safety.leap import LeapMemory
 
 MS = 1e-3
 BREAKPOINTS = (1 * MS, 5 * MS, 10 * MS, 50 * MS)

@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 import yaml
 
-from ntp_probe.cli import serve_parser
-from ntp_probe.config import load_config, parse_config
-from ntp_probe.metrics import PROBE_METRICS, Internals
+from ntp_probe.cli.main import serve_parser
+from ntp_probe.config.load import load_config, parse_config
+from ntp_probe.exposition.internals import Internals
+from ntp_probe.exposition.render import PROBE_METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "prometheus"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ntp_probe.guard import Guard
-from ntp_probe.kod import MIN_RATE_BACKOFF, KodTable
+from ntp_probe.safety.guard import Guard
+from ntp_probe.safety.kod import MIN_RATE_BACKOFF, KodTable
 
 CAP = 3600.0
 HOLD = 86400.0

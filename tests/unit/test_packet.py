@@ -8,7 +8,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from ntp_probe.ntp.packet import (
+from ntp_probe.proto.ntp.packet import (
     ERA_SECONDS,
     HEADER_LEN,
     NTP_UNIX_DELTA,

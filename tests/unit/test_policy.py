@@ -7,8 +7,14 @@ import ipaddress
 import pytest
 import yaml
 
-from ntp_probe.config import ConfigError, config_to_yaml, parse_config
-from ntp_probe.policy import SAFE_DENIED, PolicyError, TargetPolicy, first_refusal, parse_rules
+from ntp_probe.config.load import ConfigError, config_to_yaml, parse_config
+from ntp_probe.safety.policy import (
+    SAFE_DENIED,
+    PolicyError,
+    TargetPolicy,
+    first_refusal,
+    parse_rules,
+)
 
 
 def policy(allowed: tuple[str, ...] = (), denied: tuple[str, ...] = ()) -> TargetPolicy:

@@ -7,14 +7,14 @@ import math
 
 import pytest
 
-from ntp_probe.metrics import FAILURE_REASONS
-from ntp_probe.ntp.packet import (
+from ntp_probe.exposition.render import FAILURE_REASONS
+from ntp_probe.proto.ntp.packet import (
     NTP_UNIX_DELTA,
     Packet,
     seconds_to_short,
     ts_from_unix_ns,
 )
-from ntp_probe.ntp.sample import (
+from ntp_probe.proto.ntp.sample import (
     Sample,
     SanityLimits,
     causality_violation,

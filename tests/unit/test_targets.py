@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ntp_probe.targets import Target, TargetError, parse_target
+from ntp_probe.engine.targets import Target, TargetError, parse_target
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Probe timeout rule (ntp_probe.runner) and per-probe exposition (ntp_probe.metrics)."""
+"""Probe timeout rule (ntp_probe.engine.runner) and per-probe exposition (ntp_probe.exposition.render)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from ntp_probe.metrics import FAILURE_REASONS, PROBE_METRICS, format_value, render
-from ntp_probe.result import ProbeResult
-from ntp_probe.runner import TimeoutHeaderError, probe_timeout
+from ntp_probe.engine.result import ProbeResult
+from ntp_probe.engine.runner import TimeoutHeaderError, probe_timeout
+from ntp_probe.exposition.render import FAILURE_REASONS, PROBE_METRICS, format_value, render
 
 # --- probe_timeout ------------------------------------------------------------------
 

@@ -9,10 +9,6 @@ buffers for every status and clock state.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import errno
-import os
-import sys
 from dataclasses import dataclass
 
 # <linux/timex.h> status bits.
@@ -28,7 +24,6 @@ STA_NANO = 0x2000
 CLOCK_STATES = {0: "TIME_OK", 1: "TIME_INS", 2: "TIME_DEL", 3: "TIME_OOP", 4: "TIME_WAIT",
                 5: "TIME_ERROR"}
 TIME_ERROR = 5
-_CLOCK_REALTIME = 0
 _SCALED_PPM = 65536 * 1_000_000  # freq and tolerance are ppm with 16 fractional bits
 
 
@@ -123,35 +118,3 @@ def decode_buffer(buffer: bytes, return_code: int) -> KernelClock:
     if len(buffer) != ctypes.sizeof(Timex):
         raise ValueError(f"struct timex is {ctypes.sizeof(Timex)} bytes, got {len(buffer)}")
     return decode(Timex.from_buffer_copy(buffer), return_code)
-
-
-_libc: ctypes.CDLL | None = None
-
-
-def _load_libc() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        name = ctypes.util.find_library("c")
-        if name is None:
-            raise KernelClockError("no C library found")
-        lib = ctypes.CDLL(name, use_errno=True)
-        lib.clock_adjtime.argtypes = [ctypes.c_int, ctypes.POINTER(Timex)]
-        lib.clock_adjtime.restype = ctypes.c_int
-        _libc = lib
-    return _libc
-
-
-def read() -> KernelClock:
-    """Read the kernel clock state (modes = 0: a pure read, no privilege needed)."""
-    if not sys.platform.startswith("linux"):
-        raise KernelClockError(f"adjtimex is Linux-only (this is {sys.platform})")
-    if ctypes.sizeof(ctypes.c_long) != 8:
-        raise KernelClockError("struct timex layout is only known for 64-bit Linux")
-    lib = _load_libc()
-    tx = Timex()
-    tx.modes = 0  # never anything else: this must stay a read
-    rc = lib.clock_adjtime(_CLOCK_REALTIME, ctypes.byref(tx))
-    if rc < 0:
-        err = ctypes.get_errno()
-        raise KernelClockError(f"clock_adjtime: {os.strerror(err)} ({errno.errorcode.get(err)})")
-    return decode(tx, rc)

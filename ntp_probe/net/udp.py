@@ -19,8 +19,8 @@ import struct
 import time
 from dataclasses import dataclass
 
-from ntp_probe.ntp import packet as ntp
-from ntp_probe.result import ProbeLog
+from ntp_probe.engine.result import ProbeLog
+from ntp_probe.proto.ntp import packet as ntp
 
 # Linux value on every architecture Python runs on here; Python's socket module does not
 # export it.

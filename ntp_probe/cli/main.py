@@ -19,16 +19,18 @@ from typing import Any
 
 from aiohttp import web
 
-from ntp_probe import __version__, logs, sdnotify
-from ntp_probe.config import Config, ConfigError, load_config
-from ntp_probe.guard import Guard
-from ntp_probe.history import History
-from ntp_probe.metrics import Internals, render
-from ntp_probe.result import ProbeLog, ProbeResult
-from ntp_probe.runner import run_probe
-from ntp_probe.targets import TargetError, parse_target
-from ntp_probe.web import State, create_app
-from ntp_probe.webconfig import WebConfigError, load_web_config
+from ntp_probe import __version__
+from ntp_probe.cli import logs, sdnotify
+from ntp_probe.config.load import Config, ConfigError, load_config
+from ntp_probe.engine.result import ProbeLog, ProbeResult
+from ntp_probe.engine.runner import run_probe
+from ntp_probe.engine.targets import TargetError, parse_target
+from ntp_probe.exposition.internals import Internals
+from ntp_probe.exposition.render import render
+from ntp_probe.safety.guard import Guard
+from ntp_probe.web.app import State, create_app
+from ntp_probe.web.auth import WebConfigError, load_web_config
+from ntp_probe.web.history import History
 
 logger = logging.getLogger("ntp_probe")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from ntp_probe.policy import PolicyError, TargetPolicy, parse_rules
+from ntp_probe.safety.policy import PolicyError, TargetPolicy, parse_rules
 
 PROBER_KINDS = ("ntp", "kernel")
 IP_PROTOCOLS = ("ip4", "ip6")

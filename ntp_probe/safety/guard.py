@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cachetools import TTLCache
-
-from ntp_probe.kod import KodTable
-from ntp_probe.policy import TargetPolicy, first_refusal
+from ntp_probe.safety.kod import KodTable
+from ntp_probe.safety.leap import LeapMemory
+from ntp_probe.safety.policy import TargetPolicy, first_refusal
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,22 +47,3 @@ class Guard:
         """The address answered normally: forget any earlier backoff."""
         if self.kod is not None:
             self.kod.clear(address, port)
-
-
-_DAY = 86400.0
-
-
-class LeapMemory:
-    """node_exporter's leap-second window: from a leap announcement until 24 h after the
-    midnight it announced. The announcement bits are gone right after the leap, so the
-    midnight is remembered per server."""
-
-    def __init__(self) -> None:
-        self._midnights: TTLCache[tuple[str, int], float] = TTLCache(maxsize=65536, ttl=3 * _DAY)
-
-    def near_leap(self, key: tuple[str, int], leap: int, server_unix: float) -> bool:
-        """Record an announcement and say whether ``server_unix`` is in the window."""
-        if leap in (1, 2):
-            self._midnights[key] = (server_unix // _DAY + 1) * _DAY
-        midnight = self._midnights.get(key)
-        return midnight is not None and midnight - _DAY < server_unix < midnight + _DAY

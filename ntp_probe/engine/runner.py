@@ -7,11 +7,11 @@ import math
 import re
 import time
 
-from ntp_probe.config import Module
-from ntp_probe.guard import Guard
+from ntp_probe.config.load import Module
+from ntp_probe.engine.result import ProbeLog, ProbeResult
+from ntp_probe.engine.targets import Target
 from ntp_probe.probers import PROBERS
-from ntp_probe.result import ProbeLog, ProbeResult
-from ntp_probe.targets import Target
+from ntp_probe.safety.guard import Guard
 
 SCRAPE_TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
 _BACKSTOP_GRACE = 0.1

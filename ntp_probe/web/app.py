@@ -12,13 +12,14 @@ import yaml
 from aiohttp import web
 
 from ntp_probe import __version__
-from ntp_probe.config import Config, ConfigError, config_to_yaml, load_config, module_to_dict
-from ntp_probe.coordinator import Coordinator
-from ntp_probe.history import Entry, History
-from ntp_probe.metrics import CONTENT_TYPE, Internals, render
-from ntp_probe.runner import SCRAPE_TIMEOUT_HEADER, TimeoutHeaderError, probe_timeout
-from ntp_probe.targets import TargetError, parse_target
-from ntp_probe.webconfig import WebConfig
+from ntp_probe.config.load import Config, ConfigError, config_to_yaml, load_config, module_to_dict
+from ntp_probe.engine.coordinator import Coordinator
+from ntp_probe.engine.runner import SCRAPE_TIMEOUT_HEADER, TimeoutHeaderError, probe_timeout
+from ntp_probe.engine.targets import TargetError, parse_target
+from ntp_probe.exposition.internals import Internals
+from ntp_probe.exposition.render import CONTENT_TYPE, render
+from ntp_probe.web.auth import WebConfig
+from ntp_probe.web.history import Entry, History
 
 logger = logging.getLogger("ntp_probe.web")
 

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 from cachetools import TTLCache
 
-from ntp_probe.config import Config, Module
-from ntp_probe.guard import Guard, LeapMemory
-from ntp_probe.kod import KodTable
-from ntp_probe.result import ProbeLog, ProbeResult
-from ntp_probe.runner import run_probe
-from ntp_probe.targets import Target
+from ntp_probe.config.load import Config, Module
+from ntp_probe.engine.result import ProbeLog, ProbeResult
+from ntp_probe.engine.runner import run_probe
+from ntp_probe.engine.targets import Target
+from ntp_probe.safety.guard import Guard
+from ntp_probe.safety.kod import KodTable
+from ntp_probe.safety.leap import LeapMemory
 
 # (module name, target); entries also hold the Module object, so that after a reload an
 # entry made under the old definition is not mistaken for the new one (hashing the frozen

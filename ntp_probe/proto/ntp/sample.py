@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ntp_probe.ntp.packet import (
+from ntp_probe.proto.ntp.packet import (
     Leap,
     Packet,
     frac_to_seconds,

@@ -8,23 +8,8 @@ it directly costs a tenth of building Gauge objects per request (see DESIGN.md).
 from __future__ import annotations
 
 import math
-import platform
-import time
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    Info,
-    generate_latest,
-)
-from prometheus_client import gc_collector as _gc
-from prometheus_client import platform_collector as _platform
-from prometheus_client import process_collector as _process
-
-from ntp_probe import __version__
-from ntp_probe.result import ProbeResult
+from ntp_probe.engine.result import ProbeResult
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -165,79 +150,3 @@ def render(result: ProbeResult, result_age: float | None = None) -> str:
         else:
             out.append(f"{name} {format_value(value)}\n")
     return "".join(out)
-
-
-class Internals:
-    """The exporter's own metrics, served on /metrics (prefix ``ntp_probe_``)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        _process.ProcessCollector(registry=r)
-        _platform.PlatformCollector(registry=r)
-        _gc.GCCollector(registry=r)
-        Info("ntp_probe_build", "ntp_probe build information.", registry=r).info(
-            {"version": __version__, "python_version": platform.python_version()}
-        )
-        self.probes = Counter(
-            "ntp_probe_probes", "Probes run, by module and result.", ["module", "result"],
-            registry=r,
-        )
-        self.duration = Histogram(
-            "ntp_probe_probe_duration_seconds", "Probe duration, by module.", ["module"],
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-            registry=r,
-        )
-        self.in_flight = Gauge(
-            "ntp_probe_probes_in_flight", "Probes currently running.", registry=r
-        )
-        self.rejected = Counter(
-            "ntp_probe_probes_rejected",
-            "Probe requests answered 503 because --probe.max-concurrent probes were running.",
-            registry=r,
-        )
-        self.module_unknown = Counter(
-            "ntp_probe_module_unknown", "Probe requests naming an unknown module.", registry=r
-        )
-        self.modules_configured = Gauge(
-            "ntp_probe_modules_configured", "Modules in the loaded configuration.", registry=r
-        )
-        self.reload_ok = Gauge(
-            "ntp_probe_config_last_reload_successful",
-            "Whether the last configuration load succeeded.", registry=r,
-        )
-        self.reload_time = Gauge(
-            "ntp_probe_config_last_reload_success_timestamp_seconds",
-            "Unix time of the last successful configuration load.", registry=r,
-        )
-        self.packets_sent = Counter(
-            "ntp_probe_ntp_packets_sent", "NTP request packets sent.", registry=r
-        )
-        self._children: dict[tuple[str, bool], tuple[Counter, Histogram]] = {}
-
-    def config_loaded(self, modules: int) -> None:
-        """Record a successful (re)load."""
-        self.modules_configured.set(modules)
-        self.reload_ok.set(1)
-        self.reload_time.set(time.time())
-
-    def config_failed(self) -> None:
-        """Record a failed reload (the old configuration stays)."""
-        self.reload_ok.set(0)
-
-    def observe(self, module: str, result: ProbeResult) -> None:
-        """Count a finished probe."""
-        key = (module, result.success)
-        children = self._children.get(key)
-        if children is None:  # labels() takes a lock and builds a key: do it once per module
-            children = (self.probes.labels(module, "success" if result.success else "failure"),
-                        self.duration.labels(module))
-            self._children[key] = children
-        children[0].inc()
-        children[1].observe(result.duration)
-        if result.packets_sent:
-            self.packets_sent.inc(result.packets_sent)
-
-    def render(self) -> bytes:
-        """The /metrics exposition."""
-        return generate_latest(self.registry)

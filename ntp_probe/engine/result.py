@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ntp_probe.guard import Guard
+from ntp_probe.safety.guard import Guard
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -16,7 +16,7 @@ _logger = logging.getLogger("ntp_probe.probe")
 
 @dataclass(slots=True)
 class ProbeResult:
-    """The outcome of one probe, built by the prober and rendered by :mod:`ntp_probe.metrics`.
+    """The outcome of one probe, built by the prober and rendered by :mod:`ntp_probe.exposition.render`.
 
     ``deadline`` is on the event loop's clock: the prober must have returned by then.
     ``guard`` says which addresses may be sent to (target policy, KoD backoff).

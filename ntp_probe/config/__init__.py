@@ -1,0 +1,1 @@
+"""modules.yaml: the schema and its loader."""

@@ -1,0 +1,1 @@
+"""Running probes: context in, measurement out, deadlines, shared bursts, the prober registry."""

@@ -1,0 +1,1 @@
+"""Prometheus exposition: per-probe metric families and rendering, the exporter's internals."""

@@ -1,0 +1,1 @@
+"""NTP: packet codec, client exchange rules, sample maths, source selection."""
