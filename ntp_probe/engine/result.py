@@ -16,7 +16,7 @@ _logger = logging.getLogger("ntp_probe.probe")
 
 @dataclass(slots=True)
 class ProbeResult:
-    """The outcome of one probe, built by the prober and rendered by :mod:`ntp_probe.exposition.render`.
+    """The outcome of one probe, built by the prober and rendered by :mod:`exposition.render`.
 
     ``deadline`` is on the event loop's clock: the prober must have returned by then.
     ``guard`` says which addresses may be sent to (target policy, KoD backoff).

@@ -1,4 +1,4 @@
-"""Probe timeout rule (ntp_probe.engine.runner) and per-probe exposition (ntp_probe.exposition.render)."""
+"""Probe timeout rule (engine.runner) and per-probe exposition (exposition.render)."""
 
 from __future__ import annotations
 

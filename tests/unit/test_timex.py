@@ -1,4 +1,4 @@
-"""ntp_probe.proto.timex and net.adjtimex: the ``struct timex`` layout, decoding crafted buffers, and a real read.
+"""proto.timex and net.adjtimex: the ``struct timex`` layout, crafted buffers, a real read.
 
 The layout is glibc's ``struct timex`` on LP64 Linux. x86_64 and aarch64 share this
 LP64 layout (same type sizes and natural alignment; both are little-endian), so the
