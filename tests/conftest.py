@@ -22,9 +22,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from ntp_probe.engine.result import Measurement
 from ntp_probe.net import adjtimex
 from ntp_probe.proto import timex
 
@@ -43,6 +45,42 @@ LOOPBACK = "127.0.0.1"
 CHRONYD_START_DEADLINE = 5.0
 _POLL_TIMEOUT = 0.05
 _START_ATTEMPTS = 5
+
+
+Pairs = tuple[tuple[str, str], ...]
+
+
+def gauges(m: Measurement) -> list[tuple[str, Pairs, float]]:
+    """Every sample of a measurement as (metric name, ((label, value), ...), value)."""
+    return [(f.name, tuple(zip(f.labels, labels, strict=True)), v) for f, labels, v in m.samples]
+
+
+def names(m: Measurement) -> set[str]:
+    """The metric names a measurement holds."""
+    return {f.name for f, _, _ in m.samples}
+
+
+def value(m: Measurement, name: str, **labels: str) -> float | None:
+    """The value of the sample ``name`` with exactly ``labels``, or None."""
+    want = tuple(sorted(labels.items()))
+    for n, pairs, v in gauges(m):
+        if n == name and tuple(sorted(pairs)) == want:
+            return v
+    return None
+
+
+def label_sets(m: Measurement, name: str) -> list[dict[str, str]]:
+    """The label sets of every sample of ``name``."""
+    return [dict(pairs) for n, pairs, _ in gauges(m) if n == name]
+
+
+def ntp_samples(m: Measurement) -> list[dict[str, Any]]:
+    """The NTP burst's samples as the JSON report gives them (offset, rtt, selected)."""
+    for report in m.reports:
+        data = report.to_json()
+        if report.title == "ntp":
+            return list(data["samples"])
+    return []
 
 
 def integration_required() -> bool:

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 from cachetools import TTLCache
 
-from ntp_probe.config.load import Config, Module
-from ntp_probe.engine.result import ProbeLog, ProbeResult
-from ntp_probe.engine.runner import run_probe
+from ntp_probe.config.schema import Config, Module
+from ntp_probe.engine.context import ProbeLog
+from ntp_probe.engine.result import Measurement, Reason
+from ntp_probe.engine.runner import guard_for, run_probe
 from ntp_probe.engine.targets import Target
 from ntp_probe.safety.guard import Guard
 from ntp_probe.safety.kod import KodTable
@@ -37,7 +38,7 @@ _MAX_CACHE_AGE = 3600.0
 class Outcome:
     """A probe's result as one requester sees it."""
 
-    result: ProbeResult
+    result: Measurement
     log: ProbeLog
     age: float | None = None  # seconds, when served from the min_probe_interval cache
     shared: bool = False  # joined a burst another request started
@@ -46,7 +47,7 @@ class Outcome:
 @dataclass(slots=True)
 class _Flight:
     module: Module
-    task: asyncio.Task[tuple[ProbeResult, ProbeLog]]
+    task: asyncio.Task[tuple[Measurement, ProbeLog]]
     waiters: int = 0
 
 
@@ -57,7 +58,7 @@ class Coordinator:
         self.kod = kod if kod is not None else KodTable()
         self.leaps = LeapMemory()
         self._flights: dict[_Key, _Flight] = {}
-        self._last: TTLCache[_Key, tuple[Module, float, ProbeResult, ProbeLog]] = TTLCache(
+        self._last: TTLCache[_Key, tuple[Module, float, Measurement, ProbeLog]] = TTLCache(
             maxsize=65536, ttl=_MAX_CACHE_AGE
         )
 
@@ -79,8 +80,7 @@ class Coordinator:
         flight = self._flights.get(key)
         shared = flight is not None and flight.module is module
         if flight is None or not shared:
-            policies = tuple(p for p in (config.policy, module.policy) if p)
-            guard = Guard(policies=policies, kod=self.kod, leaps=self.leaps)
+            guard = guard_for(config, module, self.kod, self.leaps)
             flight = _Flight(module, asyncio.get_running_loop().create_task(
                 self._run(key, target, module, timeout, guard)
             ))
@@ -98,7 +98,9 @@ class Coordinator:
             # Only a request that joined a longer burst can get here.
             log = ProbeLog(f"target={target} module={module.name}")
             log("joined a burst that outlasts this request's timeout")
-            result = ProbeResult(deadline=0.0, failure="timeout", duration=timeout)
+            result = Measurement()
+            result.fail(Reason.TIMEOUT)
+            result.duration = timeout
         except asyncio.CancelledError:
             if flight.waiters == 1 and not flight.task.done():
                 flight.task.cancel()
@@ -112,10 +114,9 @@ class Coordinator:
         return Outcome(result, log, shared=shared)
 
     async def _run(self, key: _Key, target: Target, module: Module, timeout: float,
-                   guard: Guard) -> tuple[ProbeResult, ProbeLog]:
-        log = ProbeLog(f"target={target} module={module.name}")
+                   guard: Guard) -> tuple[Measurement, ProbeLog]:
         try:
-            result = await run_probe(target, module, timeout, log, guard)
+            result, log = await run_probe(target, module, timeout, guard=guard)
         finally:
             flight = self._flights.get(key)
             if flight is not None and flight.task is asyncio.current_task():

@@ -1,83 +1,97 @@
-"""What a prober fills in: gauges, the failure reason, a per-probe log and its deadline."""
+"""What a probe produces: metric samples of declared families, one failure reason, reports.
+
+A prober writes into the :class:`Measurement` its context hands it, so that whatever it
+measured survives even when the runner's backstop cuts it off.
+"""
 
 from __future__ import annotations
 
-import logging
-import time
-from dataclasses import dataclass, field
-from typing import Any
+from enum import StrEnum
+from typing import Any, Protocol
 
-from ntp_probe.safety.guard import Guard
-
-Labels = tuple[tuple[str, str], ...]
-
-_logger = logging.getLogger("ntp_probe.probe")
+from ntp_probe.exposition.families import Family
 
 
-@dataclass(slots=True)
-class ProbeResult:
-    """The outcome of one probe, built by the prober and rendered by :mod:`exposition.render`.
+class Reason(StrEnum):
+    """Failure reasons, declared in the contract's order of precedence: when several
+    checks fail, the one declared first is the probe's reason."""
 
-    ``deadline`` is on the event loop's clock: the prober must have returned by then.
-    ``guard`` says which addresses may be sent to (target policy, KoD backoff).
-    ``failure`` holds the first failure reason set; later ones are ignored, so probers
-    can call :meth:`fail` in the contract's order of checks.
-    """
+    TARGET_FORBIDDEN = "target_forbidden"
+    BACKOFF = "backoff"
+    RESOLVE = "resolve"
+    UNREACHABLE = "unreachable"
+    KOD_RATE = "kod_rate"
+    KOD_DENY = "kod_deny"
+    KOD_RSTR = "kod_rstr"
+    KOD_OTHER = "kod_other"
+    TIMEOUT = "timeout"
+    INVALID_REPLY = "invalid_reply"
+    STRATUM_UNSYNCHRONIZED = "stratum_unsynchronized"
+    LEAP_UNSYNCHRONIZED = "leap_unsynchronized"
+    IMPLAUSIBLE_TIME = "implausible_time"
+    REFERENCE_AFTER_TRANSMIT = "reference_after_transmit"
+    STALE_REFERENCE = "stale_reference"
+    EXCESS_ROOT_DISTANCE = "excess_root_distance"
+    CAUSALITY_VIOLATION = "causality_violation"
+    OFFSET_EXCEEDED = "offset_exceeded"
+    KERNEL_UNAVAILABLE = "kernel_unavailable"
 
-    deadline: float
-    guard: Guard = field(default_factory=Guard)
-    gauges: list[tuple[str, Labels, float]] = field(default_factory=list)
-    failure: str | None = None
-    success: bool = False
-    duration: float = 0.0
-    packets_sent: int = 0
-    details: dict[str, Any] = field(default_factory=dict)
 
-    def set(self, name: str, value: float, labels: Labels = ()) -> None:
-        """Add one gauge sample (names must be in the metrics catalogue)."""
-        self.gauges.append((name, labels, float(value)))
+_RANK = {reason: i for i, reason in enumerate(Reason)}
 
-    def fail(self, reason: str) -> None:
-        """Record a failure reason unless an earlier check already failed."""
-        if self.failure is None:
+
+class Report(Protocol):
+    """A prober's typed account of what it measured, for the CLI's reporters."""
+
+    @property
+    def title(self) -> str:
+        """A short name for the section (``ntp``, ``kernel``)."""
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(label, value) lines for the human-readable report."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as JSON-ready data with real numbers."""
+
+
+Sample = tuple[Family, tuple[str, ...], float]
+
+
+class Measurement:
+    """One probe's output: samples, the failure reason, counts and reports."""
+
+    __slots__ = ("duration", "failure", "packets_sent", "reports", "samples")
+
+    def __init__(self) -> None:
+        self.samples: list[Sample] = []
+        self.failure: Reason | None = None
+        self.duration = 0.0
+        self.packets_sent = 0  # requests that left this host (for the exporter's counter)
+        self.reports: list[Report] = []
+
+    @property
+    def success(self) -> bool:
+        """A probe succeeds when no check failed."""
+        return self.failure is None
+
+    def add(self, family: Family, value: float, *labels: str) -> None:
+        """Add one sample; ``labels`` are the values of the family's labels, in order."""
+        if len(labels) != len(family.labels):
+            raise ValueError(f"{family.name} takes labels {family.labels}, got {labels}")
+        self.samples.append((family, labels, value))
+
+    def fail(self, reason: Reason) -> None:
+        """Record a failed check; the reason that ranks first in the contract's order wins."""
+        if self.failure is None or _RANK[reason] < _RANK[self.failure]:
             self.failure = reason
 
-    def value(self, name: str, labels: Labels = ()) -> float | None:
-        """The value of a gauge set earlier, or None."""
-        for n, lab, v in self.gauges:
-            if n == name and lab == labels:
-                return v
+    def values(self, family: Family) -> list[tuple[tuple[str, ...], float]]:
+        """(labels, value) of every sample of ``family`` (for tests and reports)."""
+        return [(labels, value) for f, labels, value in self.samples if f is family]
+
+    def value(self, family: Family) -> float | None:
+        """The value of an unlabelled family's sample, or None when it was not set."""
+        for f, _, value in self.samples:
+            if f is family:
+                return value
         return None
-
-
-class ProbeLog:
-    """Per-probe log lines (for debug=true and the CLI), mirrored to the logger at DEBUG."""
-
-    __slots__ = ("_debug", "_start", "context", "lines", "suppressed")
-
-    # A server flooding junk must not grow one probe's log without bound.
-    MAX_LINES = 500
-
-    def __init__(self, context: str = "") -> None:
-        self.lines: list[str] = []
-        self.suppressed = 0
-        self.context = context
-        self._start = time.perf_counter()
-        self._debug = _logger.isEnabledFor(logging.DEBUG)
-
-    def __call__(self, message: str) -> None:
-        """Add a line stamped with the time since the probe started."""
-        if len(self.lines) >= self.MAX_LINES:
-            self.suppressed += 1
-            return
-        elapsed_ms = (time.perf_counter() - self._start) * 1000
-        self.lines.append(f"{elapsed_ms:9.3f}ms {message}")
-        if self._debug:
-            _logger.debug("%s %s", self.context, message)
-
-    def text(self) -> str:
-        """All lines, newline-terminated."""
-        text = "".join(line + "\n" for line in self.lines)
-        if self.suppressed:
-            text += f"... {self.suppressed} more lines not kept\n"
-        return text

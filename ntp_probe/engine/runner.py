@@ -7,11 +7,14 @@ import math
 import re
 import time
 
-from ntp_probe.config.load import Module
-from ntp_probe.engine.result import ProbeLog, ProbeResult
+from ntp_probe.config.schema import Config, Module
+from ntp_probe.engine.context import ProbeContext, ProbeLog
+from ntp_probe.engine.registry import probe_function
+from ntp_probe.engine.result import Measurement, Reason
 from ntp_probe.engine.targets import Target
-from ntp_probe.probers import PROBERS
 from ntp_probe.safety.guard import Guard
+from ntp_probe.safety.kod import KodTable
+from ntp_probe.safety.leap import LeapMemory
 
 SCRAPE_TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
 _BACKSTOP_GRACE = 0.1
@@ -43,28 +46,33 @@ def probe_timeout(module_timeout: float, header: str | None, offset: float) -> f
     return min(module_timeout, budget)
 
 
-async def run_probe(
-    target: Target, module: Module, timeout: float, log: ProbeLog,
-    guard: Guard | None = None,
-) -> ProbeResult:
+def guard_for(config: Config, module: Module, kod: KodTable | None = None,
+              leaps: LeapMemory | None = None) -> Guard:
+    """The guard for a probe of ``module``: the global policy, then the module's."""
+    return Guard(policies=tuple(p for p in (config.policy, module.policy) if p), kod=kod,
+                 leaps=leaps)
+
+
+async def run_probe(target: Target, module: Module, timeout: float, log: ProbeLog | None = None,
+                    guard: Guard | None = None) -> tuple[Measurement, ProbeLog]:
     """Run the module's prober against ``target``; never takes longer than ``timeout``."""
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
-    result = ProbeResult(deadline=loop.time() + timeout, guard=guard or Guard())
-    log(f"probe {target} module={module.name} prober={module.prober} timeout={timeout:g}s")
+    if log is None:
+        log = ProbeLog(f"target={target} module={module.name}")
+    ctx = ProbeContext(deadline=loop.time() + timeout, log=log,
+                       guard=guard if guard is not None else Guard())
+    ctx.log(f"probe {target} module={module.name} prober={module.prober} timeout={timeout:g}s")
     try:
         # The backstop is for a prober that ignores its deadline. It fires a little after the
-        # deadline so that, when the loop is late, the prober's own deadline handling (which
-        # keeps the samples collected so far) runs first instead of both firing together.
-        async with asyncio.timeout_at(result.deadline + _BACKSTOP_GRACE):
-            ok = await PROBERS[module.prober](target, module, result, log)
-        result.success = ok and result.failure is None
+        # deadline so that, when the loop is late, the prober's own deadline handling runs
+        # first. Probers write into ctx.measurement as they go, so what they measured before
+        # the backstop fired is kept.
+        async with asyncio.timeout_at(ctx.deadline + _BACKSTOP_GRACE):
+            await probe_function(module)(target, module, ctx)
     except TimeoutError:
-        # Probers honour the deadline themselves; this is the backstop.
-        result.success = False
-        result.fail("timeout")
-        log("probe deadline reached")
-    if not result.success and result.failure is None:
-        raise RuntimeError(f"prober {module.prober} failed without a reason")
-    result.duration = time.perf_counter() - started
-    return result
+        ctx.measurement.fail(Reason.TIMEOUT)
+        ctx.log("probe deadline reached")
+    m = ctx.measurement
+    m.duration = time.perf_counter() - started
+    return m, ctx.log

@@ -18,7 +18,7 @@ from prometheus_client import platform_collector as _platform
 from prometheus_client import process_collector as _process
 
 from ntp_probe import __version__
-from ntp_probe.engine.result import ProbeResult
+from ntp_probe.engine.result import Measurement
 
 
 class Internals:
@@ -79,7 +79,7 @@ class Internals:
         """Record a failed reload (the old configuration stays)."""
         self.reload_ok.set(0)
 
-    def observe(self, module: str, result: ProbeResult) -> None:
+    def observe(self, module: str, result: Measurement) -> None:
         """Count a finished probe."""
         key = (module, result.success)
         children = self._children.get(key)

@@ -1,4 +1,11 @@
-"""Name resolution with blackbox_exporter's preferred_ip_protocol + fallback semantics."""
+"""Name resolution with blackbox_exporter's preferred_ip_protocol + fallback semantics.
+
+getaddrinfo blocks, so it runs in threads; but a resolver that never answers keeps its
+thread for as long as the C library waits. The lookups therefore get their own small
+executor (never the event loop's default one, which other work needs), identical
+lookups in flight share one thread, and both answers and failures are cached briefly so
+that repeated scrapes of a black-holed name do not pile up.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import asyncio
 import functools
 import ipaddress
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from cachetools import TTLCache
@@ -14,11 +22,17 @@ _FAMILIES = {"ip4": socket.AF_INET, "ip6": socket.AF_INET6}
 # getaddrinfo reports no TTL; a short fixed one keeps repeated scrapes off the resolver
 # while still following DNS changes within a minute.
 _CACHE_TTL = 60.0
-_cache: TTLCache[tuple[str, int], str] = TTLCache(maxsize=4096, ttl=_CACHE_TTL)
+# Failures are kept briefly: long enough to stop a storm of lookups of a dead name, short
+# enough that a fixed record is seen at the next scrape or two.
+_NEGATIVE_TTL = 5.0
+# Threads for lookups: each stuck lookup of a distinct name holds one.
+MAX_LOOKUP_THREADS = 8
+
+_Key = tuple[str, int]
 
 
 class ResolveError(Exception):
-    """The host has no usable address."""
+    """The host has no usable address; the message says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,22 +49,66 @@ class Resolved:
         return 6 if self.family == socket.AF_INET6 else 4
 
 
-async def _lookup(host: str, family: int) -> str | None:
-    key = (host, family)
-    hit = _cache.get(key)
-    if hit is not None:
-        return hit
-    loop = asyncio.get_running_loop()
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, socket.gaierror):
+        return exc.strerror or str(exc)
+    if isinstance(exc, UnicodeError):
+        return f"not a valid name ({exc})"
+    return str(exc) or type(exc).__name__
+
+
+class Resolver:
+    """Bounded, coalescing, caching lookups of one address per (name, family)."""
+
+    def __init__(self, threads: int = MAX_LOOKUP_THREADS) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=threads,
+                                            thread_name_prefix="ntp_probe-resolve")
+        self._answers: TTLCache[_Key, str] = TTLCache(maxsize=4096, ttl=_CACHE_TTL)
+        self._failures: TTLCache[_Key, str] = TTLCache(maxsize=4096, ttl=_NEGATIVE_TTL)
+        self._in_flight: dict[_Key, asyncio.Future[str]] = {}
+
+    async def lookup(self, host: str, family: int) -> tuple[str, bool]:
+        """(address, from cache) for ``host`` in ``family``; :class:`ResolveError` says why not."""
+        key = (host, family)
+        hit = self._answers.get(key)
+        if hit is not None:
+            return hit, True
+        failure = self._failures.get(key)
+        if failure is not None:
+            raise ResolveError(failure)
+        future = self._in_flight.get(key)
+        if future is None:
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(self._executor, _getaddrinfo, host, family)
+            self._in_flight[key] = future
+            future.add_done_callback(functools.partial(self._done, key))
+        # Shielded: a probe that gives up must not cancel a lookup others share.
+        return await asyncio.shield(future), False
+
+    def _done(self, key: _Key, future: asyncio.Future[str]) -> None:
+        self._in_flight.pop(key, None)
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None:
+            self._answers[key] = future.result()
+        else:
+            self._failures[key] = str(exc)
+
+    def cached(self, host: str, family: int) -> bool:
+        """Whether an answer for (host, family) is cached."""
+        return (host, family) in self._answers
+
+
+def _getaddrinfo(host: str, family: int) -> str:
     try:
-        infos = await loop.getaddrinfo(host, None, family=family, type=socket.SOCK_DGRAM)
-    except (socket.gaierror, UnicodeError):
-        return None
+        infos = socket.getaddrinfo(host, None, family=family, type=socket.SOCK_DGRAM)
+    except (OSError, UnicodeError) as exc:
+        raise ResolveError(_describe(exc)) from None
     for fam, _, _, _, sockaddr in infos:
         if fam == family:
-            address = str(sockaddr[0])
-            _cache[key] = address
-            return address
-    return None
+            return str(sockaddr[0])
+    raise ResolveError("no address of that family")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -64,23 +122,38 @@ def literal(host: str) -> Resolved | None:
     return Resolved(host, socket.AF_INET6 if ip.version == 6 else socket.AF_INET, cached=False)
 
 
-async def resolve(host: str, preferred: str = "ip6", fallback: bool = True) -> Resolved:
+_default: Resolver | None = None
+
+
+def default_resolver() -> Resolver:
+    """The process-wide resolver (created on first use)."""
+    global _default
+    if _default is None:
+        _default = Resolver()
+    return _default
+
+
+async def resolve(host: str, preferred: str = "ip6", fallback: bool = True,
+                  resolver: Resolver | None = None) -> Resolved:
     """Resolve ``host`` to one address of the preferred family, else (with fallback) the other.
 
-    IP literals are used as given, whatever the preference.
+    IP literals are used as given, whatever the preference. Raises :class:`ResolveError`
+    with the resolver's own words for why.
     """
     resolved = literal(host)
     if resolved is not None:
         return resolved
+    resolver = resolver or default_resolver()
     first = _FAMILIES[preferred]
     order = [first]
     if fallback:
         order.append(socket.AF_INET if first == socket.AF_INET6 else socket.AF_INET6)
+    reasons = []
     for family in order:
-        was_cached = (host, family) in _cache
-        address = await _lookup(host, family)
-        if address is not None:
-            return Resolved(address, family, cached=was_cached)
-    wanted = preferred if not fallback else "ip4 or ip6"
-    raise ResolveError(f"no {wanted} address for {host!r}")
-
+        try:
+            address, cached = await resolver.lookup(host, family)
+        except ResolveError as exc:
+            reasons.append(f"{'ip6' if family == socket.AF_INET6 else 'ip4'}: {exc}")
+            continue
+        return Resolved(address, family, cached=cached)
+    raise ResolveError(f"no address for {host!r} ({'; '.join(reasons)})")

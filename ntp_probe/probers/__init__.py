@@ -1,19 +1,6 @@
-"""Probers: one module per kind, all with the same signature (like blackbox's ProbeFn).
+"""Probers: one module per kind, all with blackbox's ProbeFn signature.
 
-``async def probe(target, module, result, log) -> bool``: fill ``result`` with gauges
-and at most one failure reason, log what happened, return whether the probe succeeded,
-and return by ``result.deadline``.
+``async def probe(target, module, ctx) -> Measurement``: write gauges and failed checks
+into ``ctx.measurement`` as they happen, log what happened to ``ctx.log``, and return by
+``ctx.deadline``. The kinds are listed in :mod:`ntp_probe.engine.registry`.
 """
-
-from __future__ import annotations
-
-from collections.abc import Awaitable, Callable
-
-from ntp_probe.config.load import Module
-from ntp_probe.engine.result import ProbeLog, ProbeResult
-from ntp_probe.engine.targets import Target
-from ntp_probe.probers import kernel, ntp
-
-ProbeFn = Callable[[Target, Module, ProbeResult, ProbeLog], Awaitable[bool]]
-
-PROBERS: dict[str, ProbeFn] = {"ntp": ntp.probe, "kernel": kernel.probe}

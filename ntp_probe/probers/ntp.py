@@ -1,29 +1,89 @@
-"""The NTP prober: one burst of client requests, the clock filter, the sanity checks."""
+"""The NTP prober: one polite burst of client requests, the clock filter, the sanity checks."""
 
 from __future__ import annotations
 
 import asyncio
-import secrets
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from ntp_probe.config.load import Module, NTPSettings
-from ntp_probe.engine.result import ProbeLog, ProbeResult
+from ntp_probe.config.schema import Module, NTPSettings
+from ntp_probe.engine.context import ProbeContext
+from ntp_probe.engine.result import Measurement, Reason
 from ntp_probe.engine.targets import Target
-from ntp_probe.net.resolve import ResolveError, literal, resolve
-from ntp_probe.net.udp import Exchange
-from ntp_probe.probers import correlation, kernel
+from ntp_probe.exposition.families import Family
+from ntp_probe.net.udp import Datagram, DatagramPump, Unreachable, sockaddr_for
+from ntp_probe.probers import common
+from ntp_probe.proto.ntp import client as rules
 from ntp_probe.proto.ntp import packet as ntp
 from ntp_probe.proto.ntp import sample as maths
 
-KOD_REASONS = {"RATE": "kod_rate", "DENY": "kod_deny", "RSTR": "kod_rstr"}
+OFFSET = Family(
+    "probe_ntp_offset_seconds",
+    "Offset of the server's clock from the local clock, in seconds "
+    "(positive: the server is ahead), from the sample with the smallest delay.",
+)
+RTT = Family("probe_ntp_rtt_seconds", "Round-trip delay of the selected sample, in seconds.")
+JITTER = Family("probe_ntp_jitter_seconds",
+                "RMS of the sample offsets against the selected one, in seconds.")
+OFFSET_STDDEV = Family("probe_ntp_offset_stddev_seconds",
+                       "Standard deviation of the sample offsets, in seconds.")
+STRATUM = Family("probe_ntp_stratum", "Stratum reported by the server.")
+LEAP = Family("probe_ntp_leap_indicator",
+              "Leap indicator (0 none, 1 insert, 2 delete, 3 unsynchronised).")
+PRECISION = Family("probe_ntp_precision_seconds", "Precision of the server's clock, in seconds.")
+ROOT_DELAY = Family("probe_ntp_root_delay_seconds",
+                    "Server's round-trip delay to its reference clock, in seconds.")
+ROOT_DISPERSION = Family("probe_ntp_root_dispersion_seconds",
+                         "Server's dispersion to its reference clock, in seconds.")
+ROOT_DISTANCE = Family(
+    "probe_ntp_root_distance_seconds",
+    "Bound on the error of the measured offset: (rtt + root delay)/2 + root dispersion, "
+    "in seconds.",
+)
+REFERENCE_TIMESTAMP = Family(
+    "probe_ntp_reference_timestamp_seconds",
+    "When the server's clock was last set or corrected, as a Unix time "
+    "(0 when the server reports none).",
+)
+SERVER_PROCESSING = Family("probe_ntp_server_processing_seconds",
+                           "Time the server held the request (T3 - T2), in seconds.")
+SAMPLES_SENT = Family("probe_ntp_samples_sent", "Requests sent in this probe.")
+SAMPLES_RECEIVED = Family("probe_ntp_samples_received",
+                          "Replies that passed the packet checks, Kiss-o'-Death included.")
+PACKET_LOSS = Family("probe_ntp_packet_loss_ratio", "1 - samples received / samples sent.")
+CAUSALITY = Family(
+    "probe_ntp_causality_violation_seconds",
+    "Positive part of |offset| - rtt/2: clock error that path asymmetry cannot explain, "
+    "in seconds.",
+)
+SERVER_INFO = Family("probe_ntp_server_info",
+                     "Server identity: reference id and NTP version of its reply.",
+                     ("refid", "version"))
+
+KOD_REASONS = {"RATE": Reason.KOD_RATE, "DENY": Reason.KOD_DENY, "RSTR": Reason.KOD_RSTR}
+REASONS = (
+    Reason.TARGET_FORBIDDEN, Reason.BACKOFF, Reason.RESOLVE, Reason.UNREACHABLE,
+    Reason.KOD_RATE, Reason.KOD_DENY, Reason.KOD_RSTR, Reason.KOD_OTHER, Reason.TIMEOUT,
+    Reason.INVALID_REPLY, Reason.STRATUM_UNSYNCHRONIZED, Reason.LEAP_UNSYNCHRONIZED,
+    Reason.IMPLAUSIBLE_TIME, Reason.REFERENCE_AFTER_TRANSMIT, Reason.STALE_REFERENCE,
+    Reason.EXCESS_ROOT_DISTANCE, Reason.CAUSALITY_VIOLATION, Reason.OFFSET_EXCEEDED,
+)
 LEAP_TOLERANCE = 1.0  # seconds added to max_causality_violation around a leap second
-Server = tuple[str, int]
 # Time kept back from the deadline to summarise the burst and render the reply.
 _SUMMARY_MARGIN = 0.005
 # A request is only sent if a reply can still arrive: at least this long, or four
 # round trips seen so far when that is longer (capped by reply_timeout).
 _MIN_REPLY_WINDOW = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An accepted reply and its receive time (Unix ns, local clock)."""
+
+    packet: ntp.Packet
+    t4_unix_ns: int
+    kernel_timestamp: bool
 
 
 @dataclass(slots=True)
@@ -35,42 +95,118 @@ class Burst:
     discarded: int = 0
     samples: list[maths.Sample] = field(default_factory=list)
     kod: ntp.Packet | None = None
+    unreachable: str | None = None
 
 
-def _fnv32a(text: str) -> int:
-    h = 0x811C9DC5
-    for b in text.encode():
-        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
-    return h
+@dataclass(frozen=True, slots=True)
+class NTPReport:
+    """The burst as the CLI shows it: the selected sample and every sample's offset."""
+
+    server: str
+    port: int
+    sent: int
+    received: int
+    offset: float | None = None
+    rtt: float | None = None
+    jitter: float | None = None
+    stratum: int | None = None
+    refid: str | None = None
+    leap: int | None = None
+    version: int | None = None
+    root_distance: float | None = None
+    samples: tuple[tuple[float, float, bool], ...] = ()  # (offset, rtt, selected)
+
+    @property
+    def title(self) -> str:
+        """Section name."""
+        return "ntp"
+
+    def rows(self) -> list[tuple[str, str]]:
+        """Human-readable lines."""
+        rows = [("server", f"{self.server} port {self.port}")]
+        if self.offset is not None and self.rtt is not None:
+            rows += [
+                ("offset", f"{self.offset:+.9f} s"),
+                ("delay (rtt)", f"{self.rtt:.9f} s"),
+                ("jitter", f"{self.jitter or 0.0:.9f} s"),
+                ("stratum", str(self.stratum)),
+                ("refid", str(self.refid)),
+                ("leap", str(self.leap)),
+                ("version", str(self.version)),
+                ("root distance", f"{self.root_distance:.9f} s"),
+            ]
+        rows.append(("samples", f"{self.received} of {self.sent} answered"))
+        for i, (offset, rtt, selected) in enumerate(self.samples, 1):
+            rows.append((f"{'*' if selected else ' '} sample {i}",
+                         f"offset {offset:+.9f} s, rtt {rtt:.9f} s"))
+        return rows
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready data."""
+        return {
+            "server": self.server, "port": self.port, "samples_sent": self.sent,
+            "samples_received": self.received, "offset_seconds": self.offset,
+            "rtt_seconds": self.rtt, "jitter_seconds": self.jitter, "stratum": self.stratum,
+            "refid": self.refid, "leap": self.leap, "version": self.version,
+            "root_distance_seconds": self.root_distance,
+            "samples": [{"offset_seconds": o, "rtt_seconds": r, "selected": s}
+                        for o, r, s in self.samples],
+        }
 
 
-def _nonce() -> int:
-    # Never zero: a zero origin in the reply would be indistinguishable from "unset".
-    return secrets.randbits(64) or 1
+def report_of(m: Measurement) -> NTPReport | None:
+    """The NTP report in a measurement, if an NTP burst ran."""
+    return next((r for r in m.reports if isinstance(r, NTPReport)), None)
 
 
-async def _run_burst(
-    exchange: Exchange, settings: NTPSettings, burst: Burst, until: float, log: ProbeLog
-) -> None:
+def _matcher(client: rules.Client, burst: Burst,
+             log: Callable[[str], None]) -> Callable[[Datagram], Reply | None]:
+    def match(d: Datagram) -> Reply | None:
+        outcome = client.receive(d.data, d.source)
+        if isinstance(outcome, rules.Accepted):
+            return Reply(outcome.packet, d.rx_ns, d.kernel_timestamp)
+        if isinstance(outcome, rules.Late):
+            log("late reply to an expired request ignored")
+        else:
+            burst.discarded += 1
+            log(f"reply discarded: {outcome.reason}")
+        return None
+    return match
+
+
+async def _run_burst(pump: DatagramPump[Reply], client: rules.Client, settings: NTPSettings,
+                     burst: Burst, until: float, ctx: ProbeContext) -> None:
     loop = asyncio.get_running_loop()
+    log = ctx.log
     next_send = loop.time()
     worst_delay = 0.0
     for i in range(settings.samples):
         now = loop.time()
         send_at = max(now, next_send)
         window = min(settings.reply_timeout, max(_MIN_REPLY_WINDOW, 4 * worst_delay))
-        if i > 0 and send_at + window > until:
+        if send_at + window > until:
+            # Even the first request: a reply that cannot arrive in time would only blame
+            # the server for our short deadline.
             log(f"burst shortened to {i} of {settings.samples} samples to fit the timeout")
             return
         if send_at > now:
             await asyncio.sleep(send_at - now)
         next_send = send_at + settings.sample_interval
-        nonce = _nonce()
-        request = ntp.encode_request(nonce, settings.version)
+        nonce = rules.new_nonce()
+        request = client.request(nonce)
         reply_until = min(loop.time() + settings.reply_timeout, until)
-        t1_ns, reply = await exchange.request(request, nonce, reply_until)
+        try:
+            t1_ns, reply = await pump.exchange(request, reply_until)
+        except Unreachable as exc:
+            # Nothing listens, or no route: more requests would only be refused too.
+            client.cancel()
+            burst.sent += exc.sent
+            burst.unreachable = exc.strerror or "unreachable"
+            log(f"sample {i + 1}: {burst.unreachable}: burst stopped")
+            return
         burst.sent += 1
         if reply is None:
+            client.expire()
             log(f"sample {i + 1}: no reply (nonce {nonce:016x})")
             continue
         burst.received += 1
@@ -115,142 +251,100 @@ def _limits(settings: NTPSettings, near_leap: bool) -> maths.SanityLimits:
     )
 
 
-def _report(
-    burst: Burst, settings: NTPSettings, result: ProbeResult, log: ProbeLog, server: Server
-) -> None:
-    result.set("probe_ntp_samples_sent", burst.sent)
-    result.set("probe_ntp_samples_received", burst.received)
-    result.set("probe_ntp_packet_loss_ratio", maths.loss_ratio(burst.sent, burst.received))
+def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
+            server: tuple[str, int]) -> None:
+    m, log = ctx.measurement, ctx.log
+    m.packets_sent = burst.sent
+    m.add(SAMPLES_SENT, burst.sent)
+    m.add(SAMPLES_RECEIVED, burst.received)
+    m.add(PACKET_LOSS, maths.loss_ratio(burst.sent, burst.received))
     if burst.kod is not None:
         code = burst.kod.kiss_code or ""
-        result.set("probe_ntp_kiss_code_info", 1, (("code", code),))
-        result.fail(KOD_REASONS.get(code, "kod_other"))
+        m.add(common.KISS_CODE, 1, code)
+        m.fail(KOD_REASONS.get(code, Reason.KOD_OTHER))
     if not burst.samples:
-        result.fail("invalid_reply" if burst.discarded else "timeout")
+        m.reports.append(NTPReport(server[0], server[1], burst.sent, burst.received))
+        if burst.unreachable is not None:
+            m.fail(Reason.UNREACHABLE)
+        else:
+            m.fail(Reason.INVALID_REPLY if burst.discarded else Reason.TIMEOUT)
         log("no usable reply")
         return
     best = maths.select_best(burst.samples)
     p = best.packet
     offset, delay = best.offset, best.delay
-    result.set("probe_ntp_offset_seconds", offset)
-    result.set("probe_ntp_rtt_seconds", delay)
-    result.set("probe_ntp_jitter_seconds", maths.jitter(burst.samples, best))
-    result.set("probe_ntp_offset_stddev_seconds", maths.offset_stddev(burst.samples))
-    result.set("probe_ntp_stratum", p.stratum)
-    result.set("probe_ntp_leap_indicator", p.leap)
-    result.set("probe_ntp_precision_seconds", p.precision_seconds)
-    result.set("probe_ntp_root_delay_seconds", p.root_delay_seconds)
-    result.set("probe_ntp_root_dispersion_seconds", p.root_dispersion_seconds)
-    result.set("probe_ntp_root_distance_seconds", best.root_distance)
-    result.set("probe_ntp_reference_timestamp_seconds", maths.reference_unix(best))
-    result.set("probe_ntp_server_processing_seconds", best.server_processing)
-    result.set("probe_ntp_causality_violation_seconds", maths.causality_violation(offset, delay))
-    result.set(
-        "probe_ntp_server_info", 1, (("refid", p.refid_text), ("version", str(p.version)))
-    )
-    near_leap = result.guard.near_leap(server[0], server[1], p.leap, best.t3_unix_ns / 1e9)
+    jitter = maths.jitter(burst.samples, best)
+    m.add(OFFSET, offset)
+    m.add(RTT, delay)
+    m.add(JITTER, jitter)
+    m.add(OFFSET_STDDEV, maths.offset_stddev(burst.samples))
+    m.add(STRATUM, p.stratum)
+    m.add(LEAP, p.leap)
+    m.add(PRECISION, p.precision_seconds)
+    m.add(ROOT_DELAY, p.root_delay_seconds)
+    m.add(ROOT_DISPERSION, p.root_dispersion_seconds)
+    m.add(ROOT_DISTANCE, best.root_distance)
+    m.add(REFERENCE_TIMESTAMP, maths.reference_unix(best))
+    m.add(SERVER_PROCESSING, best.server_processing)
+    m.add(CAUSALITY, maths.causality_violation(offset, delay))
+    m.add(SERVER_INFO, 1, p.refid_text, str(p.version))
+    m.reports.append(NTPReport(
+        server[0], server[1], burst.sent, burst.received, offset, delay, jitter, p.stratum,
+        p.refid_text, p.leap, p.version, best.root_distance,
+        tuple((s.offset, s.delay, s is best) for s in burst.samples),
+    ))
+    near_leap = ctx.guard.near_leap(server[0], server[1], p.leap, best.t3_unix_ns / 1e9)
     if near_leap:
         log("within 24 h of an announced leap second: causality tolerance widened by 1 s")
     reason = maths.check(best, _limits(settings, near_leap))
     if reason is not None:
-        result.fail(reason)
-    result.details["samples"] = [
-        {
-            "offset_seconds": s.offset,
-            "rtt_seconds": s.delay,
-            "stratum": s.packet.stratum,
-            "leap": s.packet.leap,
-            "refid": s.packet.refid_text,
-            "selected": s is best,
-        }
-        for s in burst.samples
-    ]
+        m.fail(Reason(reason))
     log(
         f"selected sample: offset={offset * 1e6:+.3f}us rtt={delay * 1e6:.3f}us "
         f"root_distance={best.root_distance * 1e6:.3f}us"
     )
 
 
-async def probe(target: Target, module: Module, result: ProbeResult, log: ProbeLog) -> bool:
-    """Measure one NTP server: resolve, run the burst, report. Returns probe success."""
+async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measurement:
+    """Measure one NTP server: resolve, run the burst, report."""
     settings = module.ntp
     port = target.port if target.port is not None else settings.port
-    until = result.deadline - _SUMMARY_MARGIN
-    guard = result.guard
-    refusal = guard.refuse(target.host)
-    if refusal is not None:
-        log(f"target forbidden: {refusal}; nothing sent")
-        result.fail("target_forbidden")
-        return False
-    started = time.perf_counter()
-    resolved = literal(target.host)
+    until = ctx.deadline - _SUMMARY_MARGIN
+    resolved = await common.prepare(target, port, ctx, preferred=settings.preferred_ip_protocol,
+                                    fallback=settings.ip_protocol_fallback, until=until)
+    m, log = ctx.measurement, ctx.log
     if resolved is None:
-        try:
-            async with asyncio.timeout_at(until):
-                resolved = await resolve(
-                    target.host, settings.preferred_ip_protocol, settings.ip_protocol_fallback
-                )
-        except (ResolveError, TimeoutError) as exc:
-            result.set("probe_dns_lookup_time_seconds", time.perf_counter() - started)
-            log(f"resolve {target.host}: {exc or 'timed out'}")
-            result.fail("resolve")
-            return False
-    result.set("probe_dns_lookup_time_seconds", time.perf_counter() - started)
-    # Checked again on the address: a permitted name may resolve to a denied address.
-    refusal = guard.refuse(target.host, resolved.address)
-    if refusal is not None:
-        log(f"target forbidden: {refusal}; nothing sent")
-        result.fail("target_forbidden")
-        return False
-    backoff = guard.backoff(resolved.address, port)
-    if backoff is not None:
-        code, left = backoff
-        log(f"backing off after Kiss-o'-Death {code} from {resolved.address} port {port}: "
-            f"{left:.0f}s left; nothing sent")
-        result.set("probe_ntp_backoff_remaining_seconds", left)
-        result.set("probe_ntp_kiss_code_info", 1, (("code", code),))
-        result.fail("backoff")
-        return False
-    result.set("probe_ip_protocol", resolved.ip_protocol)
-    result.set("probe_ip_addr_hash", _fnv32a(resolved.address))
-    log(
-        f"resolved {target.host} -> {resolved.address}"
-        f"{' (cached)' if resolved.cached else ''}; probing port {port}, "
-        f"up to {settings.samples} samples every {settings.sample_interval:g}s"
-    )
+        return m
+    log(f"probing {resolved.address} port {port}, up to {settings.samples} "
+        f"sample{'s' if settings.samples != 1 else ''} every {settings.sample_interval:g}s")
     burst = Burst()
+    client = rules.Client((resolved.address, port), settings.version)
     try:
-        async with Exchange(resolved.address, port, resolved.family, log) as exchange:
-            await _run_burst(exchange, settings, burst, until, log)
-            burst.discarded += exchange.discarded
+        pump = DatagramPump(resolved.family, sockaddr_for(resolved.address, port, resolved.family),
+                            _matcher(client, burst, log), log)
+        async with pump:
+            await _run_burst(pump, client, settings, burst, until, ctx)
     except OSError as exc:
-        log(f"socket error: {exc.strerror or exc}")
-    result.packets_sent = burst.sent
+        log(f"local socket error: {exc.strerror or exc}")
+        burst.unreachable = exc.strerror or str(exc)
+    finally:
+        # Also when the runner's backstop cuts the burst off: what was sent and received
+        # still counts.
+        _conclude(burst, settings, ctx, (resolved.address, port))
+    return m
+
+
+def _conclude(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
+              server: tuple[str, int]) -> None:
+    m, log, guard = ctx.measurement, ctx.log, ctx.guard
     if burst.kod is not None:
         code = burst.kod.kiss_code or ""
-        step = guard.record_kod(resolved.address, port, code, burst.kod.poll,
+        step = guard.record_kod(server[0], server[1], code, burst.kod.poll,
                                 settings.kod_rate_max_backoff, settings.kod_deny_backoff)
         if step > 0:
-            log(f"no packet to {resolved.address} port {port} for {step:.0f}s ({code})")
-            result.set("probe_ntp_backoff_remaining_seconds", step)
+            log(f"no packet to {server[0]} port {server[1]} for {step:.0f}s ({code})")
+            m.add(common.BACKOFF_REMAINING, step)
     elif burst.samples:
-        guard.answered(resolved.address, port)
-    _report(burst, settings, result, log, (resolved.address, port))
-    if settings.kernel_correlation:
-        _correlate(result, log)
-    log("verdict: success" if result.failure is None else f"verdict: failure ({result.failure})")
-    return result.failure is None
-
-
-def _correlate(result: ProbeResult, log: ProbeLog) -> None:
-    clock = kernel.read(result, log)
-    offset = result.value("probe_ntp_offset_seconds")
-    if clock is None or offset is None:
-        return
-    d = correlation.divergence(offset, clock.offset)
-    result.set("probe_kernel_divergence_seconds", d)
-    result.set("probe_kernel_offset_within_maxerror",
-               1 if correlation.within_maxerror(offset, clock.maxerror) else 0)
-    result.set("probe_kernel_coherence_score", correlation.coherence_score(d))
-    log(f"kernel correlation: divergence {d * 1e6:.3f}us, maxerror "
-        f"{clock.maxerror * 1e6:.0f}us")
+        guard.answered(server[0], server[1])
+    _report(burst, settings, ctx, server)
+    log("verdict: success" if m.failure is None else f"verdict: failure ({m.failure})")

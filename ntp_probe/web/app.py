@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import html
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import yaml
 from aiohttp import web
 
-from ntp_probe import __version__
-from ntp_probe.config.load import Config, ConfigError, config_to_yaml, load_config, module_to_dict
+from ntp_probe.config.load import config_to_yaml, load_config, module_to_dict
+from ntp_probe.config.schema import Config, ConfigError
 from ntp_probe.engine.coordinator import Coordinator
 from ntp_probe.engine.runner import SCRAPE_TIMEOUT_HEADER, TimeoutHeaderError, probe_timeout
 from ntp_probe.engine.targets import TargetError, parse_target
 from ntp_probe.exposition.internals import Internals
 from ntp_probe.exposition.render import CONTENT_TYPE, render
+from ntp_probe.web import pages
 from ntp_probe.web.auth import WebConfig
-from ntp_probe.web.history import Entry, History
+from ntp_probe.web.history import History
 
 logger = logging.getLogger("ntp_probe.web")
 
@@ -99,20 +97,12 @@ async def probe_handler(request: web.Request) -> web.Response:
     if outcome.age is None and not outcome.shared:
         state.internals.observe(module_name, result)
     body = render(result, outcome.age)
-    entry = state.history.add(module_name, str(target), result.success, result.failure,
+    entry = state.history.add(module_name, str(target), result.success,
+                              None if result.failure is None else result.failure.value,
                               result.duration, log, body)
     if not debug:
         return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
-    return web.Response(text=_debug_text(entry, module_to_dict(module)))
-
-
-def _debug_text(entry: Entry, module: dict[str, object]) -> str:
-    return (
-        "Logs for the probe:\n" + entry.log.text()
-        + "\n\nMetrics that would have been returned:\n" + entry.metrics
-        + "\n\nModule configuration:\n"
-        + yaml.safe_dump({entry.module: module}, sort_keys=False)
-    )
+    return web.Response(text=pages.debug_text(entry, module_to_dict(module)))
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
@@ -150,41 +140,14 @@ async def logs_handler(request: web.Request) -> web.Response:
     if entry is None:
         return web.Response(status=404, text=f"probe {raw} is no longer in the history\n")
     module = state.config.modules.get(entry.module)
-    return web.Response(text=_debug_text(entry, module_to_dict(module) if module else {}))
-
-
-def _row(e: Entry) -> str:
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.timestamp))
-    result = "success" if e.success else "failure"
-    return (
-        f"<tr class='{result}'><td>{when}</td><td>{html.escape(e.module)}</td>"
-        f"<td>{html.escape(e.target)}</td><td>{result}</td>"
-        f"<td>{html.escape(e.reason or '')}</td><td>{e.duration * 1000:.1f} ms</td>"
-        f"<td><a href='logs?id={e.id}'>log</a></td></tr>"
-    )
+    return web.Response(text=pages.debug_text(entry, module_to_dict(module) if module else {}))
 
 
 async def index_handler(request: web.Request) -> web.Response:
     """GET /: landing page with the recent probes (failures kept longer)."""
     state = request.app[STATE]
-    modules = "".join(
-        f"<li><code>{html.escape(name)}</code></li>" for name in state.config.modules
-    )
-    rows = "".join(_row(e) for e in state.history)
-    page = (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>ntp_probe</title>"
-        "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:left}"
-        "tr.failure td{color:#a00}</style></head><body>"
-        f"<h1>ntp_probe {html.escape(__version__)}</h1>"
-        "<p><a href='metrics'>Metrics</a> &middot; <a href='config'>Configuration</a> &middot; "
-        "Probe: <code>probe?target=HOST[:PORT]&amp;module=NAME[&amp;debug=true]</code></p>"
-        "<h2>Recent probes</h2>"
-        "<table id='history'><thead><tr><th>Time (UTC)</th><th>Module</th><th>Target</th>"
-        "<th>Result</th><th>Reason</th><th>Duration</th><th>Debug</th></tr></thead>"
-        f"<tbody>{rows}</tbody></table>"
-        f"<h2>Modules</h2><ul>{modules}</ul></body></html>"
-    )
-    return web.Response(text=page, content_type="text/html")
+    return web.Response(text=pages.landing(state.config, state.history),
+                        content_type="text/html")
 
 
 @web.middleware

@@ -7,7 +7,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ntp_probe.engine.result import ProbeLog
+from ntp_probe.engine.context import ProbeLog
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,15 +24,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ntp_probe.config.load import Module, NTPSettings
-from ntp_probe.engine.result import ProbeLog, ProbeResult
+from ntp_probe.config.schema import Module, NTPSettings
+from ntp_probe.engine.context import ProbeLog
+from ntp_probe.engine.result import Measurement, Reason
 from ntp_probe.engine.runner import run_probe
 from ntp_probe.engine.targets import parse_target
-from ntp_probe.exposition.render import FAILURE_REASONS, render
+from ntp_probe.exposition.render import render
 from ntp_probe.proto.ntp import packet as ntp
 from ntp_probe.proto.ntp.sample import Sample
 from tests.behaviour import fake_server
 from tests.behaviour.fake_server import FakeNTPServer, Request, Send, reply_packet
+from tests.conftest import ntp_samples, value
 
 # The fixture, made visible to pytest in this module.
 fake_ntp = fake_server.fake_ntp
@@ -412,22 +414,22 @@ def _fuzz_module(version: int, samples: int) -> Module:
     )
 
 
-def _check_probe(result: ProbeResult, log: ProbeLog, plans: list[Plan], where: str) -> int:
+def _check_probe(result: Measurement, log: ProbeLog, plans: list[Plan], where: str) -> int:
     """Every invariant of one fuzzed probe; returns samples_received."""
     text = f"{where}\n{log.text()}"
     # Exactly one outcome: success, or one failure reason from the catalogue.
     assert result.success == (result.failure is None), text
-    assert result.failure is None or result.failure in FAILURE_REASONS, text
+    assert result.failure is None or result.failure in set(Reason), text
     exposition = render(result)
     failure_lines = [x for x in exposition.splitlines() if x.startswith("probe_ntp_failure_info{")]
     assert len(failure_lines) == (0 if result.success else 1), exposition
     assert f"probe_success {1 if result.success else 0}\n" in exposition
 
-    sent = int(result.value("probe_ntp_samples_sent") or 0)
-    received = int(result.value("probe_ntp_samples_received") or 0)
+    sent = int(value(result, "probe_ntp_samples_sent") or 0)
+    received = int(value(result, "probe_ntp_samples_received") or 0)
     assert sent == len(plans), text  # every request reached the server, none invented
     assert 0 <= received <= sent, text
-    assert result.value("probe_ntp_packet_loss_ratio") == pytest.approx(
+    assert value(result, "probe_ntp_packet_loss_ratio") == pytest.approx(
         1 - received / sent if sent else 0.0
     )
     # Only a request that got a usable reply from the right port can count as received.
@@ -441,8 +443,8 @@ def _check_probe(result: ProbeResult, log: ProbeLog, plans: list[Plan], where: s
         # Nothing usable came, and discarded replies did: invalid_reply, no measurement.
         assert result.failure == "invalid_reply", text
 
-    samples = result.details.get("samples", [])
-    offset = result.value("probe_ntp_offset_seconds")
+    samples = ntp_samples(result)
+    offset = value(result, "probe_ntp_offset_seconds")
     assert (offset is not None) == bool(samples), text
     for s in samples:
         # A genuine reply is off by at most half its round trip (causality); a bogus one
@@ -454,9 +456,9 @@ def _check_probe(result: ProbeResult, log: ProbeLog, plans: list[Plan], where: s
             f"a spoofed reply was used: offset {s['offset_seconds']!r}\n{text}"
         )
     if offset is not None:
-        rtt = result.value("probe_ntp_rtt_seconds")
-        assert rtt is not None
-        assert abs(offset - GENUINE_OFFSET) <= max(0.001, rtt / 2 + ROUNDING), text
+        selected_rtt = value(result, "probe_ntp_rtt_seconds")
+        assert selected_rtt is not None
+        assert abs(offset - GENUINE_OFFSET) <= max(0.001, selected_rtt / 2 + ROUNDING), text
     return received
 
 
@@ -473,7 +475,7 @@ async def test_fuzzed_replies_are_never_accepted(fake_ntp: FakeNTPServer) -> Non
         where = (f"probe {i} (NTP_PROBE_FUZZ_SEED={FUZZ_SEED}, version {module.ntp.version}, "
                  f"hostile {storm.hostile})")
         try:
-            result = await run_probe(parse_target(fake_ntp.target), module, module.timeout, log)
+            result, _ = await run_probe(parse_target(fake_ntp.target), module, module.timeout, log)
         except Exception as exc:  # the property: nothing escapes run_probe
             pytest.fail(f"{where}: run_probe raised {exc!r}\n{log.text()}")
         await fake_ntp.drain()  # every request of this probe has been read and planned

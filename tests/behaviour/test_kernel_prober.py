@@ -15,17 +15,20 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ntp_probe.config.load import Config, Module, load_config
+from ntp_probe.config.load import load_config
+from ntp_probe.config.schema import Config, Module
+from ntp_probe.engine.context import ProbeLog
 from ntp_probe.engine.coordinator import Coordinator
-from ntp_probe.engine.result import ProbeLog, ProbeResult
+from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.runner import run_probe
 from ntp_probe.engine.targets import parse_target
 from ntp_probe.exposition.render import render
 from ntp_probe.net import adjtimex
-from ntp_probe.probers import correlation
+from ntp_probe.probers import hybrid as correlation
 from ntp_probe.proto import timex
 from tests.behaviour import fake_server
 from tests.behaviour.fake_server import FakeNTPServer, answer, silent
+from tests.conftest import gauges
 
 # The fixture, made visible to pytest in this module.
 fake_ntp = fake_server.fake_ntp
@@ -72,27 +75,27 @@ def with_ntp(module: Module, **settings: Any) -> Module:
     return dataclasses.replace(module, ntp=dataclasses.replace(module.ntp, **settings))
 
 
-async def probe(target: str, module: Module) -> tuple[ProbeResult, ProbeLog]:
+async def probe(target: str, module: Module) -> tuple[Measurement, ProbeLog]:
     log = ProbeLog()
-    result = await run_probe(parse_target(target), module, module.timeout, log)
+    result, _ = await run_probe(parse_target(target), module, module.timeout, log)
     return result, log
 
 
-def names(result: ProbeResult) -> set[str]:
-    return {name for name, _, _ in result.gauges}
+def names(result: Measurement) -> set[str]:
+    return {name for name, _, _ in gauges(result)}
 
 
-def series(result: ProbeResult, name: str) -> list[tuple[dict[str, str], float]]:
-    return [(dict(labels), value) for n, labels, value in result.gauges if n == name]
+def series(result: Measurement, name: str) -> list[tuple[dict[str, str], float]]:
+    return [(dict(labels), value) for n, labels, value in gauges(result) if n == name]
 
 
-def value(result: ProbeResult, name: str) -> float:
+def value(result: Measurement, name: str) -> float:
     found = series(result, name)
     assert len(found) == 1, f"{name}: expected one series, got {found}"
     return found[0][1]
 
 
-def exposition(result: ProbeResult) -> dict[str, list[tuple[dict[str, str], float]]]:
+def exposition(result: Measurement) -> dict[str, list[tuple[dict[str, str], float]]]:
     """Render as /probe would and parse it back."""
     out: dict[str, list[tuple[dict[str, str], float]]] = {}
     for family in text_string_to_metric_families(render(result)):
@@ -185,7 +188,7 @@ def hybrid(**settings: Any) -> Module:
     return with_ntp(module, **settings)
 
 
-def assert_correlation(result: ProbeResult, injected: float) -> None:
+def assert_correlation(result: Measurement, injected: float) -> None:
     ntp_offset = value(result, "probe_ntp_offset_seconds")
     kernel_offset = value(result, "probe_kernel_offset_seconds")
     maxerror = value(result, "probe_kernel_maxerror_seconds")
@@ -338,7 +341,7 @@ async def test_leap_does_not_turn_on_a_disabled_causality_check(
     assert result.success, log.text()
 
 
-async def coordinated(coordinator: Coordinator, target: str, module: Module) -> ProbeResult:
+async def coordinated(coordinator: Coordinator, target: str, module: Module) -> Measurement:
     outcome = await coordinator.probe(CONFIG, module, parse_target(target), module.timeout)
     return outcome.result
 

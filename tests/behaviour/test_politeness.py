@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from ntp_probe.config.load import Config, Module, NTPSettings
+from ntp_probe.config.schema import Config, Module, NTPSettings
+from ntp_probe.engine.context import ProbeLog
 from ntp_probe.engine.coordinator import Coordinator
-from ntp_probe.engine.result import ProbeLog, ProbeResult
+from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.runner import run_probe
 from ntp_probe.engine.targets import Target, parse_target
 from ntp_probe.exposition.render import render
@@ -22,6 +23,7 @@ from ntp_probe.safety.kod import KodTable
 from ntp_probe.safety.policy import TargetPolicy, parse_rules
 from tests.behaviour import fake_server
 from tests.behaviour.fake_server import FakeNTPServer, Request, Send, answer, kod
+from tests.conftest import gauges, value
 
 fake_ntp = fake_server.fake_ntp
 
@@ -58,10 +60,10 @@ def make_module(*, samples: int = 1, policy: TargetPolicy | None = None,
     )
 
 
-async def probe(target: str | Target, module: Module, guard: Guard) -> tuple[ProbeResult, str]:
+async def probe(target: str | Target, module: Module, guard: Guard) -> tuple[Measurement, str]:
     log = ProbeLog()
     t = parse_target(target) if isinstance(target, str) else target
-    result = await run_probe(t, module, module.timeout, log, guard)
+    result, _ = await run_probe(t, module, module.timeout, log, guard)
     return result, log.text()
 
 
@@ -72,19 +74,19 @@ def kod_behaviour(code: bytes, poll: int = 3) -> Callable[[Request], list[Send]]
     return behaviour
 
 
-async def assert_nothing_sent(server: FakeNTPServer, before: int, result: ProbeResult) -> None:
+async def assert_nothing_sent(server: FakeNTPServer, before: int, result: Measurement) -> None:
     await server.drain()
     assert len(server.requests) == before, "a packet reached the server"
     assert result.packets_sent == 0
-    assert result.value("probe_ntp_samples_sent") is None
+    assert value(result, "probe_ntp_samples_sent") is None
 
 
-def kiss_codes(result: ProbeResult) -> list[str]:
-    return [dict(labels)["code"] for name, labels, _ in result.gauges
+def kiss_codes(result: Measurement) -> list[str]:
+    return [dict(labels)["code"] for name, labels, _ in gauges(result)
             if name == "probe_ntp_kiss_code_info"]
 
 
-def failure_series(result: ProbeResult) -> list[str]:
+def failure_series(result: Measurement) -> list[str]:
     return [line for line in render(result).splitlines()
             if line.startswith("probe_ntp_failure_info{")]
 
@@ -137,7 +139,7 @@ async def test_name_allowed_but_resolving_into_denied_cidr(fake_ntp: FakeNTPServ
     assert result.failure == "target_forbidden"
     assert "127.0.0.1" in log
     # It was resolved (that is how the address became known), then refused.
-    assert result.value("probe_dns_lookup_time_seconds") is not None
+    assert value(result, "probe_dns_lookup_time_seconds") is not None
     await assert_nothing_sent(fake_ntp, 0, result)
 
 
@@ -180,19 +182,19 @@ async def test_kod_rate_then_backoff_sends_nothing(fake_ntp: FakeNTPServer) -> N
     module = make_module(samples=4)
     first, log = await probe(fake_ntp.target, module, guard)
     assert first.failure == "kod_rate"
-    assert first.value("probe_ntp_backoff_remaining_seconds") == 64.0
+    assert value(first, "probe_ntp_backoff_remaining_seconds") == 64.0
     assert kiss_codes(first) == ["RATE"]
     # The burst stopped at the KoD.
     assert len(fake_ntp.requests) == 1
     assert first.packets_sent == 1
-    assert first.value("probe_ntp_samples_sent") == 1
-    assert first.value("probe_ntp_samples_received") == 1
+    assert value(first, "probe_ntp_samples_sent") == 1
+    assert value(first, "probe_ntp_samples_received") == 1
     assert "RATE" in log
 
     second, log2 = await probe(fake_ntp.target, module, guard)
     assert second.failure == "backoff"
     assert not second.success
-    left = second.value("probe_ntp_backoff_remaining_seconds")
+    left = value(second, "probe_ntp_backoff_remaining_seconds")
     assert left is not None and 0 < left <= 64.0
     assert kiss_codes(second) == ["RATE"]
     assert failure_series(second) == ['probe_ntp_failure_info{reason="backoff"} 1']
@@ -206,7 +208,7 @@ async def test_kod_rate_then_backoff_sends_nothing(fake_ntp: FakeNTPServer) -> N
 async def test_kod_rate_poll_larger_than_minimum(fake_ntp: FakeNTPServer) -> None:
     fake_ntp.behaviour = kod_behaviour(b"RATE", poll=8)
     result, _ = await probe(fake_ntp.target, make_module(), Guard(kod=KodTable()))
-    assert result.value("probe_ntp_backoff_remaining_seconds") == 256.0
+    assert value(result, "probe_ntp_backoff_remaining_seconds") == 256.0
 
 
 async def test_kod_rate_capped_by_module(fake_ntp: FakeNTPServer) -> None:
@@ -214,7 +216,7 @@ async def test_kod_rate_capped_by_module(fake_ntp: FakeNTPServer) -> None:
     module = make_module(kod_rate_max_backoff=100.0)
     result, _ = await probe(fake_ntp.target, module, Guard(kod=KodTable()))
     assert result.failure == "kod_rate"
-    assert result.value("probe_ntp_backoff_remaining_seconds") == 100.0
+    assert value(result, "probe_ntp_backoff_remaining_seconds") == 100.0
 
 
 async def test_backoff_is_per_port(fake_ntp: FakeNTPServer) -> None:
@@ -227,7 +229,7 @@ async def test_backoff_is_per_port(fake_ntp: FakeNTPServer) -> None:
         result, _ = await probe(other.target, make_module(), guard)
         assert result.success, result.failure
         assert len(other.requests) == 1
-        assert result.value("probe_ntp_backoff_remaining_seconds") is None
+        assert value(result, "probe_ntp_backoff_remaining_seconds") is None
     finally:
         other.close()
     # The first port is still backing off.
@@ -242,11 +244,11 @@ async def test_kod_deny_and_rstr_hold_long(fake_ntp: FakeNTPServer, code: bytes,
     guard = Guard(kod=KodTable())
     first, _ = await probe(fake_ntp.target, make_module(samples=3), guard)
     assert first.failure == reason
-    assert first.value("probe_ntp_backoff_remaining_seconds") == DEFAULT_DENY_HOLD
+    assert value(first, "probe_ntp_backoff_remaining_seconds") == DEFAULT_DENY_HOLD
     assert len(fake_ntp.requests) == 1
     second, _ = await probe(fake_ntp.target, make_module(), guard)
     assert second.failure == "backoff"
-    left = second.value("probe_ntp_backoff_remaining_seconds")
+    left = value(second, "probe_ntp_backoff_remaining_seconds")
     assert left is not None and DEFAULT_DENY_HOLD - 60 < left <= DEFAULT_DENY_HOLD
     assert kiss_codes(second) == [code.decode()]
     await assert_nothing_sent(fake_ntp, 1, second)
@@ -257,7 +259,7 @@ async def test_kod_deny_hold_configurable(fake_ntp: FakeNTPServer) -> None:
     module = make_module(kod_deny_backoff=600.0)
     result, _ = await probe(fake_ntp.target, module, Guard(kod=KodTable()))
     assert result.failure == "kod_deny"
-    assert result.value("probe_ntp_backoff_remaining_seconds") == 600.0
+    assert value(result, "probe_ntp_backoff_remaining_seconds") == 600.0
 
 
 async def test_other_kiss_code_does_not_back_off(fake_ntp: FakeNTPServer) -> None:
@@ -267,7 +269,7 @@ async def test_other_kiss_code_does_not_back_off(fake_ntp: FakeNTPServer) -> Non
     first, _ = await probe(fake_ntp.target, make_module(), guard)
     assert first.failure == "kod_other"
     assert kiss_codes(first) == ["INIT"]
-    assert first.value("probe_ntp_backoff_remaining_seconds") is None
+    assert value(first, "probe_ntp_backoff_remaining_seconds") is None
     assert len(table) == 0
     fake_ntp.behaviour = answer()
     second, _ = await probe(fake_ntp.target, make_module(), guard)
@@ -281,12 +283,12 @@ async def test_expired_backoff_then_normal_answer_clears_state(fake_ntp: FakeNTP
     guard = Guard(kod=table)
     fake_ntp.behaviour = kod_behaviour(b"RATE")
     first, _ = await probe(fake_ntp.target, make_module(), guard)
-    assert first.value("probe_ntp_backoff_remaining_seconds") == 64.0
+    assert value(first, "probe_ntp_backoff_remaining_seconds") == 64.0
 
     clock.advance(30)
     during, _ = await probe(fake_ntp.target, make_module(), guard)
     assert during.failure == "backoff"
-    assert during.value("probe_ntp_backoff_remaining_seconds") == 34.0
+    assert value(during, "probe_ntp_backoff_remaining_seconds") == 34.0
     await assert_nothing_sent(fake_ntp, 1, during)
 
     clock.advance(35)  # past the 64 s backoff
@@ -299,7 +301,7 @@ async def test_expired_backoff_then_normal_answer_clears_state(fake_ntp: FakeNTP
     # A new RATE starts from the minimum again, not doubled.
     fake_ntp.behaviour = kod_behaviour(b"RATE")
     again, _ = await probe(fake_ntp.target, make_module(), guard)
-    assert again.value("probe_ntp_backoff_remaining_seconds") == 64.0
+    assert value(again, "probe_ntp_backoff_remaining_seconds") == 64.0
 
 
 async def test_rate_right_after_expiry_doubles(fake_ntp: FakeNTPServer) -> None:
@@ -307,11 +309,11 @@ async def test_rate_right_after_expiry_doubles(fake_ntp: FakeNTPServer) -> None:
     guard = Guard(kod=KodTable(clock=clock))
     fake_ntp.behaviour = kod_behaviour(b"RATE")
     first, _ = await probe(fake_ntp.target, make_module(), guard)
-    assert first.value("probe_ntp_backoff_remaining_seconds") == 64.0
+    assert value(first, "probe_ntp_backoff_remaining_seconds") == 64.0
     clock.advance(65)
     second, _ = await probe(fake_ntp.target, make_module(), guard)
     assert second.failure == "kod_rate"
-    assert second.value("probe_ntp_backoff_remaining_seconds") == 128.0
+    assert value(second, "probe_ntp_backoff_remaining_seconds") == 128.0
     assert len(fake_ntp.requests) == 2
 
 
@@ -322,7 +324,7 @@ async def test_forbidden_wins_over_backoff(fake_ntp: FakeNTPServer) -> None:
     result, _ = await probe(fake_ntp.target, make_module(), guard)
     assert result.failure == "target_forbidden"
     assert failure_series(result) == ['probe_ntp_failure_info{reason="target_forbidden"} 1']
-    assert result.value("probe_ntp_backoff_remaining_seconds") is None
+    assert value(result, "probe_ntp_backoff_remaining_seconds") is None
     # Also by address (a name resolving into the denied network).
     by_name, _ = await probe(Target("localhost", fake_ntp.port), make_module(), guard)
     assert by_name.failure == "target_forbidden"

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from ntp_probe.config.load import Module, NTPSettings
-from ntp_probe.engine.result import ProbeLog, ProbeResult
+from ntp_probe.config.schema import Module, NTPSettings
+from ntp_probe.engine.context import ProbeLog
+from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.runner import probe_timeout, run_probe
 from ntp_probe.engine.targets import parse_target
 from ntp_probe.exposition.render import render
@@ -38,6 +39,7 @@ from tests.behaviour.fake_server import (
     wrong_origin,
     zero_transmit,
 )
+from tests.conftest import gauges, ntp_samples, value
 
 # The fixture, made visible to pytest in this module.
 fake_ntp = fake_server.fake_ntp
@@ -89,47 +91,47 @@ def make_module(
 
 async def probe(
     server: FakeNTPServer, module: Module, timeout: float | None = None
-) -> tuple[ProbeResult, ProbeLog]:
+) -> tuple[Measurement, ProbeLog]:
     log = ProbeLog()
-    result = await run_probe(
+    result, _ = await run_probe(
         parse_target(server.target), module, module.timeout if timeout is None else timeout, log
     )
     return result, log
 
 
-def names(result: ProbeResult) -> set[str]:
-    return {name for name, _, _ in result.gauges}
+def names(result: Measurement) -> set[str]:
+    return {name for name, _, _ in gauges(result)}
 
 
-def assert_no_measurement(result: ProbeResult) -> None:
+def assert_no_measurement(result: Measurement) -> None:
     leaked = names(result) & set(MEASUREMENT_GAUGES)
     assert not leaked, f"measurement gauges emitted without a usable reply: {sorted(leaked)}"
 
 
-def assert_measurement(result: ProbeResult) -> None:
+def assert_measurement(result: Measurement) -> None:
     missing = set(MEASUREMENT_GAUGES) - names(result)
     assert not missing, f"measurement gauges missing: {sorted(missing)}"
 
 
-def assert_offset(result: ProbeResult, injected: float) -> None:
+def assert_offset(result: Measurement, injected: float) -> None:
     """The reported offset is the injected one, within half the reported round trip."""
-    rtt = result.value("probe_ntp_rtt_seconds")
+    rtt = value(result, "probe_ntp_rtt_seconds")
     assert rtt is not None and 0 <= rtt < 0.05, rtt
     error = offset_of(result) - injected
     assert abs(error) <= rtt / 2 + ROUNDING, f"offset off by {error:+.6f}s with rtt {rtt:.6f}s"
 
 
-def offset_of(result: ProbeResult) -> float:
-    value = result.value("probe_ntp_offset_seconds")
-    assert value is not None, "no offset reported"
-    return value
+def offset_of(result: Measurement) -> float:
+    offset = value(result, "probe_ntp_offset_seconds")
+    assert offset is not None, "no offset reported"
+    return offset
 
 
-def counts(result: ProbeResult) -> tuple[float | None, float | None, float | None]:
+def counts(result: Measurement) -> tuple[float | None, float | None, float | None]:
     return (
-        result.value("probe_ntp_samples_sent"),
-        result.value("probe_ntp_samples_received"),
-        result.value("probe_ntp_packet_loss_ratio"),
+        value(result, "probe_ntp_samples_sent"),
+        value(result, "probe_ntp_samples_received"),
+        value(result, "probe_ntp_packet_loss_ratio"),
     )
 
 
@@ -143,12 +145,12 @@ async def test_injected_offset_is_measured(fake_ntp: FakeNTPServer, injected: fl
     assert result.success, (result.failure, log.text())
     assert result.failure is None
     assert_offset(result, injected)
-    rtt = result.value("probe_ntp_rtt_seconds")
+    rtt = value(result, "probe_ntp_rtt_seconds")
     assert rtt is not None and 0 <= rtt < 0.05
     assert counts(result) == (3, 3, 0)
-    assert result.value("probe_ip_protocol") == 4
-    assert result.value("probe_ntp_stratum") == 2
-    assert result.value("probe_ntp_server_info", (("refid", "127.0.0.1"), ("version", "4"))) == 1
+    assert value(result, "probe_ip_protocol") == 4
+    assert value(result, "probe_ntp_stratum") == 2
+    assert value(result, "probe_ntp_server_info", refid="127.0.0.1", version="4") == 1
     assert_measurement(result)
     if sys.platform.startswith("linux"):
         assert "(kernel T4)" in log.text()
@@ -161,7 +163,7 @@ async def test_offset_across_the_ntp_era_boundary(fake_ntp: FakeNTPServer) -> No
     result, log = await probe(fake_ntp, make_module(samples=2))
     assert result.success, (result.failure, log.text())
     assert_offset(result, injected)
-    ref = result.value("probe_ntp_reference_timestamp_seconds")
+    ref = value(result, "probe_ntp_reference_timestamp_seconds")
     assert ref is not None and abs(ref - (time.time() + injected - 10.0)) < 2.0
 
 
@@ -170,14 +172,14 @@ async def test_leap_warning_is_not_a_failure(fake_ntp: FakeNTPServer, leap: int)
     fake_ntp.behaviour = answer(leap=leap)
     result, log = await probe(fake_ntp, make_module())
     assert result.success, (result.failure, log.text())
-    assert result.value("probe_ntp_leap_indicator") == leap
+    assert value(result, "probe_ntp_leap_indicator") == leap
 
 
 async def test_zero_reference_time_is_not_stale(fake_ntp: FakeNTPServer) -> None:
     fake_ntp.behaviour = answer(reference_ts=0)
     result, log = await probe(fake_ntp, make_module())
     assert result.success, (result.failure, log.text())
-    assert result.value("probe_ntp_reference_timestamp_seconds") == 0
+    assert value(result, "probe_ntp_reference_timestamp_seconds") == 0
 
 
 @pytest.mark.parametrize(
@@ -194,7 +196,7 @@ async def test_server_info_refid(
     fake_ntp.behaviour = answer(stratum=stratum, refid=refid)
     result, log = await probe(fake_ntp, make_module())
     assert result.success, (result.failure, log.text())
-    assert result.value("probe_ntp_server_info", (("refid", text), ("version", "4"))) == 1
+    assert value(result, "probe_ntp_server_info", refid=text, version="4") == 1
 
 
 async def test_reported_values_come_from_the_reply(fake_ntp: FakeNTPServer) -> None:
@@ -209,17 +211,17 @@ async def test_reported_values_come_from_the_reply(fake_ntp: FakeNTPServer) -> N
     ]
     result, log = await probe(fake_ntp, make_module())
     assert result.success, (result.failure, log.text())
-    assert result.value("probe_ntp_stratum") == 3
-    assert result.value("probe_ntp_root_delay_seconds") == pytest.approx(0.25, abs=1e-4)
-    assert result.value("probe_ntp_root_dispersion_seconds") == pytest.approx(0.125, abs=1e-4)
-    assert result.value("probe_ntp_precision_seconds") == 2.0**-10
-    processing = result.value("probe_ntp_server_processing_seconds")
+    assert value(result, "probe_ntp_stratum") == 3
+    assert value(result, "probe_ntp_root_delay_seconds") == pytest.approx(0.25, abs=1e-4)
+    assert value(result, "probe_ntp_root_dispersion_seconds") == pytest.approx(0.125, abs=1e-4)
+    assert value(result, "probe_ntp_precision_seconds") == 2.0**-10
+    processing = value(result, "probe_ntp_server_processing_seconds")
     assert processing is not None and 0.002 <= processing < 0.01
-    rtt = result.value("probe_ntp_rtt_seconds")
+    rtt = value(result, "probe_ntp_rtt_seconds")
     assert rtt is not None
-    distance = result.value("probe_ntp_root_distance_seconds")
+    distance = value(result, "probe_ntp_root_distance_seconds")
     assert distance == pytest.approx((rtt + 0.25) / 2 + 0.125, abs=1e-4)
-    ref = result.value("probe_ntp_reference_timestamp_seconds")
+    ref = value(result, "probe_ntp_reference_timestamp_seconds")
     assert ref is not None and abs(ref - (time.time() - 100.0)) < 2.0
 
 
@@ -237,7 +239,7 @@ async def test_kod_stops_the_burst(fake_ntp: FakeNTPServer, code: bytes, reason:
     assert len(fake_ntp.requests) == 1, log.text()
     assert not result.success
     assert result.failure == reason
-    assert result.value("probe_ntp_kiss_code_info", (("code", code.decode()),)) == 1
+    assert value(result, "probe_ntp_kiss_code_info", code=code.decode()) == 1
     assert counts(result) == (1, 1, 0)
     assert_no_measurement(result)
 
@@ -285,7 +287,7 @@ async def test_stratum_0_zero_refid_is_unsynchronized_not_kod(
     assert result.failure == "stratum_unsynchronized"
     assert not any(name == "probe_ntp_kiss_code_info" for name in names(result))
     assert_measurement(result)
-    assert result.value("probe_ntp_stratum") == 0
+    assert value(result, "probe_ntp_stratum") == 0
     assert_offset(result, 0.25)
     assert counts(result) == (2, 2, 0)
 
@@ -337,7 +339,7 @@ async def test_ipv6_target_is_measured_and_checked() -> None:
         result, log = await probe(server, make_module(samples=2))
         assert result.success, (result.failure, log.text())
         assert_offset(result, 0.25)
-        assert result.value("probe_ip_protocol") == 6
+        assert value(result, "probe_ip_protocol") == 6
         # A reply from another port of the same IPv6 host is still discarded and logged.
         server.behaviour = lambda req: [Send(reply(req), from_other_port=True)]
         result, log = await probe(server, make_module(samples=1, reply_timeout=0.2))
@@ -352,12 +354,14 @@ async def test_ipv6_closed_port_fails_fast() -> None:
         s.bind(("::1", 0))
         port = s.getsockname()[1]
     log = ProbeLog()
-    result = await run_probe(parse_target(f"[::1]:{port}"), make_module(reply_timeout=2.0),
+    result, _ = await run_probe(parse_target(f"[::1]:{port}"), make_module(reply_timeout=2.0),
                              5.0, log)
-    assert result.failure == "timeout"
-    # The ICMP error ended the wait: the probe did not sit out its 2 s reply timeout.
+    assert result.failure == "unreachable"
+    # The ICMP error ended the wait and the burst: no 2 s reply timeout sat out, no second
+    # request sent to a port where nothing listens.
     assert "ICMP port unreachable" in log.text()
     assert result.duration < 2.0
+    assert counts(result) == (1, 0, 1)
 
 
 JUNK: dict[str, Callable[[Request], bytes]] = {
@@ -491,11 +495,11 @@ async def test_min_delay_sample_is_selected(fake_ntp: FakeNTPServer) -> None:
     assert result.success, (result.failure, log.text())
     assert counts(result) == (4, 4, 0)
     assert_offset(result, 0.25)
-    rtt = result.value("probe_ntp_rtt_seconds")
+    rtt = value(result, "probe_ntp_rtt_seconds")
     assert rtt is not None and rtt < 0.04
-    jitter = result.value("probe_ntp_jitter_seconds")
+    jitter = value(result, "probe_ntp_jitter_seconds")
     assert jitter is not None and jitter > 1.0
-    selected = [s for s in result.details["samples"] if s["selected"]]
+    selected = [s for s in ntp_samples(result) if s["selected"]]
     assert len(selected) == 1 and selected[0]["offset_seconds"] == offset_of(result)
 
 
@@ -556,8 +560,8 @@ async def test_excess_root_distance_reports_the_distance(fake_ntp: FakeNTPServer
     fake_ntp.behaviour = answer(root_dispersion=2.0)
     result, _ = await probe(fake_ntp, make_module())
     assert result.failure == "excess_root_distance"
-    assert result.value("probe_ntp_root_dispersion_seconds") == pytest.approx(2.0, abs=1e-4)
-    distance = result.value("probe_ntp_root_distance_seconds")
+    assert value(result, "probe_ntp_root_dispersion_seconds") == pytest.approx(2.0, abs=1e-4)
+    distance = value(result, "probe_ntp_root_distance_seconds")
     assert distance is not None and distance > 2.0
 
 
@@ -624,21 +628,23 @@ async def test_burst_is_shortened_to_fit_the_timeout(fake_ntp: FakeNTPServer) ->
     assert len(fake_ntp.requests) == sent
 
 
-async def test_closed_port_fails_fast_with_timeout() -> None:
+async def test_closed_port_fails_fast_as_unreachable() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind((LOOPBACK, 0))
         port = int(s.getsockname()[1])
     module = make_module(samples=3, reply_timeout=1.0, timeout=3.0)
     log = ProbeLog()
     started = time.monotonic()
-    result = await run_probe(parse_target(f"{LOOPBACK}:{port}"), module, module.timeout, log)
+    result, _ = await run_probe(parse_target(f"{LOOPBACK}:{port}"), module, module.timeout, log)
     elapsed = time.monotonic() - started
     assert not result.success
-    assert result.failure == "timeout"
-    # ICMP port unreachable ends each wait at once instead of after reply_timeout.
+    assert result.failure == "unreachable"
+    # ICMP port unreachable ends the burst at once instead of after three reply timeouts.
     assert elapsed < 0.5, log.text()
+    assert counts(result) == (1, 0, 1)
     assert_no_measurement(result)
     assert "port unreachable" in log.text()
+    assert "burst stopped" in log.text()
 
 
 # --- the request on the wire ------------------------------------------------------------

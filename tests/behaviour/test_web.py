@@ -13,7 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from pytest_aiohttp import AiohttpClient
 
-from ntp_probe.config.load import Config, Module, NTPSettings, load_config
+from ntp_probe.config.load import load_config
+from ntp_probe.config.schema import Config, Module, NTPSettings
 from ntp_probe.exposition.internals import Internals
 from ntp_probe.web.app import State, create_app
 from tests.behaviour import fake_server

@@ -4,7 +4,7 @@
     python tests/bench/engine.py [--quick] [--profile]
 
 Cells: concurrency 1, 100, 1000 x
-  exchange        one ntp_probe.net.udp.Exchange (fresh socket) + one request per query
+  exchange        one DatagramPump + NTP client rules (fresh socket) + one request per query
   exchange-reuse  (extra, for comparison) one Exchange per worker, reused for its queries:
                   the transport without socket setup; worker w keeps target w % 50
   probe           the full ntp_probe.engine.runner.run_probe path with a 1-sample ip4 module
@@ -34,14 +34,18 @@ import socket  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from ntp_probe.config.load import Module, parse_config  # noqa: E402
-from ntp_probe.engine.result import ProbeLog  # noqa: E402
+from ntp_probe.config.load import parse_config  # noqa: E402
+from ntp_probe.config.schema import Module  # noqa: E402
+from ntp_probe.engine.context import ProbeLog  # noqa: E402
 from ntp_probe.engine.runner import run_probe  # noqa: E402
 from ntp_probe.engine.targets import Target  # noqa: E402
-from ntp_probe.net.udp import Exchange  # noqa: E402
+from ntp_probe.net.udp import Datagram, DatagramPump  # noqa: E402
+from ntp_probe.probers import ntp as ntp_prober  # noqa: E402
+from ntp_probe.proto.ntp import client as rules  # noqa: E402
 from ntp_probe.proto.ntp import packet as ntp  # noqa: E402
 from ntp_probe.proto.ntp.sample import Sample  # noqa: E402
 from ntp_probe.safety.guard import Guard  # noqa: E402
@@ -108,6 +112,41 @@ class Cell:
 # --- ntp_probe cells (asyncio, in this process) --------------------------------------------
 
 
+@dataclass
+class Reply:
+    packet: ntp.Packet
+    t4_unix_ns: int
+    kernel_timestamp: bool
+
+
+class Exchange:
+    """The prober's transport for one server: a DatagramPump judged by the NTP client rules."""
+
+    def __init__(self, address: str, port: int, family: int, log: ProbeLog) -> None:
+        self.client = rules.Client((address, port))
+        self.pump: DatagramPump[Reply] = DatagramPump(family, (address, port), self._match, log)
+
+    def _match(self, d: Datagram) -> Reply | None:
+        outcome = self.client.receive(d.data, d.source)
+        if isinstance(outcome, rules.Accepted):
+            return Reply(outcome.packet, d.rx_ns, d.kernel_timestamp)
+        return None
+
+    async def __aenter__(self) -> Exchange:
+        await self.pump.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.pump.close()
+
+    async def request(self, payload: bytes, nonce: int, until: float) -> tuple[int, Reply | None]:
+        self.client.request(nonce)
+        t1, reply = await self.pump.exchange(payload, until)
+        if reply is None:
+            self.client.expire()
+        return t1, reply
+
+
 async def _exchange_worker(cell: Cell, port: int, targets: list[str], counter: Any,
                            n_max: int, deadline: float) -> None:
     loop = asyncio.get_running_loop()
@@ -167,10 +206,10 @@ async def _probe_worker(cell: Cell, port: int, targets: list[str], counter: Any,
         if i >= n_max or loop.time() >= deadline:
             return
         target = Target(targets[i % len(targets)], port)
-        log = ProbeLog(f"target={target} module={module.name}")
-        result = await run_probe(target, module, module.timeout, log, guard)
-        offset = result.value("probe_ntp_offset_seconds")
-        delay = result.value("probe_ntp_rtt_seconds")
+        result, _ = await run_probe(target, module, module.timeout, guard=guard)
+        report = ntp_prober.report_of(result)
+        offset = None if report is None else report.offset
+        delay = None if report is None else report.rtt
         if not result.success or offset is None or delay is None:
             cell.failed += 1
             continue

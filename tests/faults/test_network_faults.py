@@ -25,10 +25,13 @@ from typing import Any
 
 import pytest
 
-from ntp_probe.config.load import Module, NTPSettings
-from ntp_probe.engine.result import ProbeLog, ProbeResult
+from ntp_probe.config.schema import Module, NTPSettings
+from ntp_probe.engine.context import ProbeLog
+from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.runner import run_probe
 from ntp_probe.engine.targets import parse_target
+from tests import conftest
+from tests.conftest import gauges, ntp_samples
 from tests.faults.conftest import (
     Netns,
     NsChronyd,
@@ -191,19 +194,19 @@ def make_module(*, samples: int, interval: float, reply_timeout: float, timeout:
 
 async def probe(
     target: str, module: Module, log: ProbeLog | None = None
-) -> tuple[ProbeResult, ProbeLog]:
+) -> tuple[Measurement, ProbeLog]:
     log = ProbeLog() if log is None else log
-    result = await run_probe(parse_target(target), module, module.timeout, log)
+    result, _ = await run_probe(parse_target(target), module, module.timeout, log)
     return result, log
 
 
-def value(result: ProbeResult, name: str) -> float:
-    v = result.value(name)
-    assert v is not None, f"{name} not reported: {result.gauges}"
+def value(result: Measurement, name: str) -> float:
+    v = conftest.value(result, name)
+    assert v is not None, f"{name} not reported: {gauges(result)}"
     return v
 
 
-def counts(result: ProbeResult) -> tuple[int, int, float]:
+def counts(result: Measurement) -> tuple[int, int, float]:
     return (
         int(value(result, "probe_ntp_samples_sent")),
         int(value(result, "probe_ntp_samples_received")),
@@ -211,13 +214,11 @@ def counts(result: ProbeResult) -> tuple[int, int, float]:
     )
 
 
-def sample_details(result: ProbeResult) -> list[dict[str, object]]:
-    samples = result.details.get("samples")
-    assert isinstance(samples, list), result.details
-    return samples
+def sample_details(result: Measurement) -> list[dict[str, object]]:
+    return list(ntp_samples(result))
 
 
-def sample_values(result: ProbeResult, key: str) -> list[float]:
+def sample_values(result: Measurement, key: str) -> list[float]:
     out = []
     for s in sample_details(result):
         v = s[key]
@@ -452,22 +453,23 @@ async def test_server_killed_mid_burst(
     server.proc.wait(timeout=5)
     lines_before_kill = len(log.lines)
     async with asyncio.timeout(KILL_TIMEOUT + SLACK):
-        result = await task
+        result, _ = await task
     elapsed = loop.time() - started
     text = log.text()
     assert elapsed <= KILL_TIMEOUT + SLACK, text
     assert result.duration <= KILL_TIMEOUT, text
-    # The burst goes on to the end (at most 200 ms per sample fits the 3 s timeout); the
-    # sample received before the kill passes every check, so the probe succeeds, with loss.
+    # The sample received before the kill passes every check, so the probe succeeds, with
+    # loss. The dead port answers with ICMP port unreachable, which stops the burst at once
+    # (nothing listens any more); where the kernel rate-limits those ICMP errors, the samples
+    # in between wait out their reply timeout instead.
     sent, received, loss = counts(result)
-    assert (sent, received) == (10, 1), text
-    assert loss == pytest.approx(0.9)
+    assert received == 1 and 2 <= sent <= 10, text
+    assert loss == pytest.approx(1 - 1 / sent)
     assert result.success and result.failure is None, (result.failure, text)
     assert abs(value(result, "probe_ntp_offset_seconds")) < 0.005
     after = log.lines[lines_before_kill:]
-    for i in range(2, 11):
+    for i in range(2, sent):
         assert any(f"sample {i}: no reply" in line for line in after), text
     assert not any(": T1=" in line for line in after), text
-    # A dead port answers with ICMP port unreachable (until the kernel rate-limits it):
-    # those samples fail at once instead of waiting out the reply timeout.
-    assert "ICMP port unreachable" in text, text
+    assert any(f"sample {sent}: ICMP port unreachable" in line and "burst stopped" in line
+               for line in after) or sent == 10, text

@@ -132,7 +132,7 @@ def test_history_table_in_chromium(tmp_path: Path, chronyd: Chronyd) -> None:
                                  "Duration", "Debug"], dom
         assert len(table.rows) == 2, dom
         (fail_cells, fail_links), (ok_cells, ok_links) = table.rows  # newest first
-        assert fail_cells[1:5] == ["ntp_fast", closed, "failure", "timeout"]
+        assert fail_cells[1:5] == ["ntp_fast", closed, "failure", "unreachable"]
         assert ok_cells[1:5] == ["ntp_fast", chronyd.target, "success", ""]
         for cells in (fail_cells, ok_cells):
             assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", cells[0]), cells
@@ -145,7 +145,7 @@ def test_history_table_in_chromium(tmp_path: Path, chronyd: Chronyd) -> None:
         assert status == 200 and ctype.startswith("text/plain")
         assert f"probe {closed} module=ntp_fast" in text
         assert "probe_success 0" in text
-        assert 'probe_ntp_failure_info{reason="timeout"} 1' in text
+        assert 'probe_ntp_failure_info{reason="unreachable"} 1' in text
         status, _, text = http_get(urllib.parse.urljoin(base, ok_links[0]))
         assert status == 200
         assert f"probe {chronyd.target} module=ntp_fast" in text

@@ -174,7 +174,8 @@ def test_kernel_probe_as_nobody_without_capabilities(nobody: Nobody) -> None:
     report = json.loads(run.stdout)
     assert report["success"] is True, report
     assert report["failure_reason"] is None
-    metrics = report["metrics"]
+    metrics = {m["name"] + ("{" + ",".join(f'{k}="{v}"' for k, v in m["labels"].items()) + "}"
+                            if m["labels"] else ""): m["value"] for m in report["metrics"]}
     for name in ("probe_kernel_maxerror_seconds", "probe_kernel_offset_seconds",
                  "probe_kernel_sync_status"):
         assert name in metrics, metrics

@@ -35,15 +35,17 @@ from typing import NoReturn
 
 import pytest
 
-from ntp_probe.config.load import Config, Module, NTPSettings
+from ntp_probe.config.schema import Config, Module, NTPSettings
 from ntp_probe.engine.coordinator import Coordinator, Outcome
 from ntp_probe.engine.targets import parse_target
 from ntp_probe.safety.kod import KodTable
 from tests.conftest import (
     REQUIRE_INTEGRATION_ENV,
+    gauges,
     integration_required,
     require_binary,
     stop_process,
+    value,
 )
 
 pytestmark = pytest.mark.integration
@@ -279,13 +281,13 @@ async def test_real_kod_rate_then_backoff(ntpd: Ntpd) -> None:
     assert result.failure == "kod_rate", summary
 
     # The burst stopped at the KoD: everything sent was answered, the KoD last.
-    sent = result.value("probe_ntp_samples_sent")
-    received = result.value("probe_ntp_samples_received")
+    sent = value(result, "probe_ntp_samples_sent")
+    received = value(result, "probe_ntp_samples_received")
     assert sent is not None and 1 <= sent < module.ntp.samples, summary
     assert received == sent, summary
     assert result.packets_sent == sent
-    assert result.value("probe_ntp_packet_loss_ratio") == 0
-    assert [dict(lab) for n, lab, _ in result.gauges if n == "probe_ntp_kiss_code_info"] == [
+    assert value(result, "probe_ntp_packet_loss_ratio") == 0
+    assert [dict(lab) for n, lab, _ in gauges(result) if n == "probe_ntp_kiss_code_info"] == [
         {"code": "RATE"}
     ]
     sample_lines = [line for line in kod.log.lines if " sample " in line]
@@ -293,20 +295,20 @@ async def test_real_kod_rate_then_backoff(ntpd: Ntpd) -> None:
     assert "Kiss-o'-Death RATE" in sample_lines[-1], summary
     assert all("Kiss-o'-Death" not in line for line in sample_lines[:-1]), summary
     # ntpsec's KoD carries poll 0: the backoff starts at the 64 s minimum.
-    assert result.value("probe_ntp_backoff_remaining_seconds") == 64.0
+    assert value(result, "probe_ntp_backoff_remaining_seconds") == 64.0
     assert table.remaining(LOOPBACK, NTP_PORT) is not None
     if sent > 1:
         # The replies before the KoD were real orphan-mode answers: they are reported.
-        assert result.value("probe_ntp_stratum") == 8, summary
+        assert value(result, "probe_ntp_stratum") == 8, summary
 
     # The next probe sends nothing at all.
     after = await coordinator.probe(config, module, target, module.timeout)
     assert after.result.failure == "backoff", after.log.text()
     assert after.result.packets_sent == 0
-    assert after.result.value("probe_ntp_samples_sent") in (None, 0)
-    left = after.result.value("probe_ntp_backoff_remaining_seconds")
+    assert value(after.result, "probe_ntp_samples_sent") in (None, 0)
+    left = value(after.result, "probe_ntp_backoff_remaining_seconds")
     assert left is not None and 0 < left <= 64.0
-    assert [dict(lab) for n, lab, _ in after.result.gauges
+    assert [dict(lab) for n, lab, _ in gauges(after.result)
             if n == "probe_ntp_kiss_code_info"] == [{"code": "RATE"}]
     assert "nothing sent" in after.log.text()
     assert ntpd.proc.poll() is None, ntpd.log()

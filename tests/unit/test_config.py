@@ -7,15 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from ntp_probe.config.load import (
+from ntp_probe.config.load import config_to_yaml, load_config, parse_config
+from ntp_probe.config.schema import (
     Config,
     ConfigError,
     Module,
     NTPSettings,
-    config_to_yaml,
     format_duration,
-    load_config,
-    parse_config,
     parse_duration,
 )
 

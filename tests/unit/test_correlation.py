@@ -1,4 +1,4 @@
-"""ntp_probe.correlation (NTP vs kernel coherence) and the leap-second window it sits beside.
+"""probers.hybrid's correlation (NTP vs kernel coherence) and the leap-second window it sits beside.
 
 The coherence score (DESIGN.md): with d the divergence, piecewise linear through
 (0, 1), (1 ms, 1), (5 ms, 0.9), (10 ms, 0.7), (50 ms, 0.5), then
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ntp_probe.probers.correlation import coherence_score, divergence, within_maxerror
+from ntp_probe.probers.hybrid import coherence_score, divergence, within_maxerror
 from ntp_probe.safety.guard import Guard
 from ntp_probe.safety.leap import LeapMemory
 

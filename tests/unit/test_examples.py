@@ -22,8 +22,8 @@ import yaml
 
 from ntp_probe.cli.main import serve_parser
 from ntp_probe.config.load import load_config, parse_config
+from ntp_probe.exposition.families import declared
 from ntp_probe.exposition.internals import Internals
-from ntp_probe.exposition.render import PROBE_METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "prometheus"
@@ -363,7 +363,7 @@ def used_metric_names() -> dict[str, set[str]]:
 
 
 def test_shipped_files_use_only_existing_metric_names() -> None:
-    known = set(PROBE_METRICS) | internal_names()
+    known = {f.name for f in declared()} | internal_names()
     used = used_metric_names()
     assert "probe_kernel_coherence_score" in used and "ntp_probe_probes_total" in used
     unknown = {name: sorted(where) for name, where in used.items() if name not in known}

@@ -7,7 +7,8 @@ import ipaddress
 import pytest
 import yaml
 
-from ntp_probe.config.load import ConfigError, config_to_yaml, parse_config
+from ntp_probe.config.load import config_to_yaml, parse_config
+from ntp_probe.config.schema import ConfigError
 from ntp_probe.safety.policy import (
     SAFE_DENIED,
     PolicyError,

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from ntp_probe.exposition.render import FAILURE_REASONS
+from ntp_probe.engine.result import Reason
 from ntp_probe.proto.ntp.packet import (
     NTP_UNIX_DELTA,
     Packet,
@@ -425,5 +425,6 @@ def test_check_precedence_pairs(kw: dict[str, object], expected: str) -> None:
 
 
 def test_sanity_reasons_are_catalogued_in_contract_order() -> None:
-    positions = [FAILURE_REASONS.index(r) for r in SANITY_ORDER]
+    order = [r.value for r in Reason]
+    positions = [order.index(r) for r in SANITY_ORDER]
     assert positions == sorted(positions)

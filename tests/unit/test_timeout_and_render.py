@@ -7,9 +7,14 @@ import re
 
 import pytest
 
-from ntp_probe.engine.result import ProbeResult
+from ntp_probe.engine.result import Measurement, Reason
 from ntp_probe.engine.runner import TimeoutHeaderError, probe_timeout
-from ntp_probe.exposition.render import FAILURE_REASONS, PROBE_METRICS, format_value, render
+from ntp_probe.exposition import families
+from ntp_probe.exposition.families import Family, declared
+from ntp_probe.exposition.render import format_value, render
+from ntp_probe.probers import ntp
+from tests.conftest import value
+from tests.contract import VALID_SAMPLE_METRICS
 
 # --- probe_timeout ------------------------------------------------------------------
 
@@ -94,40 +99,42 @@ def test_format_value_accepts_int() -> None:
 # --- render -------------------------------------------------------------------------
 
 
-def _failed_result() -> ProbeResult:
-    r = ProbeResult(deadline=0)
+def _failed_result() -> Measurement:
+    r = Measurement()
     r.duration = 0.25
-    r.set("probe_ntp_stratum", 2)
-    r.set("probe_ntp_offset_seconds", -0.00125)
-    r.set("probe_ntp_rtt_seconds", 0.0005)
-    r.set("probe_ntp_server_info", 1, (("refid", 'a"b\\c\nd'), ("version", "4")))
-    r.fail("stale_reference")
-    r.fail("offset_exceeded")  # a later failure is ignored
+    r.add(ntp.STRATUM, 2)
+    r.add(ntp.OFFSET, -0.00125)
+    r.add(ntp.RTT, 0.0005)
+    r.add(ntp.SERVER_INFO, 1, 'a"b\\c\nd', "4")
+    r.fail(Reason.STALE_REFERENCE)
+    r.fail(Reason.OFFSET_EXCEEDED)  # ranks after stale_reference: ignored
     return r
 
 
 def test_render_failed_probe_exact_text() -> None:
-    h = PROBE_METRICS
+    def h(family: Family) -> str:
+        return family.help
+
     expected = (
-        f"# HELP probe_success {h['probe_success']}\n"
+        f"# HELP probe_success {h(families.SUCCESS)}\n"
         "# TYPE probe_success gauge\n"
         "probe_success 0\n"
-        f"# HELP probe_duration_seconds {h['probe_duration_seconds']}\n"
+        f"# HELP probe_duration_seconds {h(families.DURATION)}\n"
         "# TYPE probe_duration_seconds gauge\n"
         "probe_duration_seconds 0.25\n"
-        f"# HELP probe_ntp_offset_seconds {h['probe_ntp_offset_seconds']}\n"
+        f"# HELP probe_ntp_offset_seconds {h(ntp.OFFSET)}\n"
         "# TYPE probe_ntp_offset_seconds gauge\n"
         "probe_ntp_offset_seconds -0.00125\n"
-        f"# HELP probe_ntp_rtt_seconds {h['probe_ntp_rtt_seconds']}\n"
+        f"# HELP probe_ntp_rtt_seconds {h(ntp.RTT)}\n"
         "# TYPE probe_ntp_rtt_seconds gauge\n"
         "probe_ntp_rtt_seconds 0.0005\n"
-        f"# HELP probe_ntp_stratum {h['probe_ntp_stratum']}\n"
+        f"# HELP probe_ntp_stratum {h(ntp.STRATUM)}\n"
         "# TYPE probe_ntp_stratum gauge\n"
         "probe_ntp_stratum 2\n"
-        f"# HELP probe_ntp_server_info {h['probe_ntp_server_info']}\n"
+        f"# HELP probe_ntp_server_info {h(ntp.SERVER_INFO)}\n"
         "# TYPE probe_ntp_server_info gauge\n"
         'probe_ntp_server_info{refid="a\\"b\\\\c\\nd",version="4"} 1\n'
-        f"# HELP probe_ntp_failure_info {h['probe_ntp_failure_info']}\n"
+        f"# HELP probe_ntp_failure_info {h(families.FAILURE)}\n"
         "# TYPE probe_ntp_failure_info gauge\n"
         'probe_ntp_failure_info{reason="stale_reference"} 1\n'
     )
@@ -136,7 +143,7 @@ def test_render_failed_probe_exact_text() -> None:
 
 def test_render_one_failure_line_and_one_help_type_per_family() -> None:
     r = _failed_result()
-    r.set("probe_ntp_server_info", 1, (("refid", "GPS"), ("version", "3")))
+    r.add(ntp.SERVER_INFO, 1, "GPS", "3")
     text = render(r)
     lines = text.splitlines()
     assert sum(1 for line in lines if line.startswith("probe_ntp_failure_info")) == 1
@@ -160,59 +167,79 @@ def test_render_one_failure_line_and_one_help_type_per_family() -> None:
 
 
 def test_render_success_has_no_failure_info() -> None:
-    r = ProbeResult(deadline=0)
-    r.success = True
+    r = Measurement()
     r.duration = 0.0125
-    r.set("probe_ntp_packet_loss_ratio", 0)
+    r.add(ntp.PACKET_LOSS, 0)
     text = render(r)
+    assert r.success
     assert "probe_success 1\n" in text
     assert "probe_duration_seconds 0.0125\n" in text
     assert "probe_ntp_packet_loss_ratio 0\n" in text
     assert "failure_info" not in text
 
 
-def test_render_follows_catalogue_order() -> None:
-    r = ProbeResult(deadline=0)
-    for name in reversed(list(PROBE_METRICS)):
-        if name not in ("probe_success", "probe_duration_seconds", "probe_ntp_failure_info"):
-            r.set(name, 1)
-    r.fail("timeout")
-    families = [line.split()[2] for line in render(r).splitlines() if line.startswith("# TYPE")]
-    assert families == list(PROBE_METRICS)
+def test_render_follows_declaration_order_with_failure_last() -> None:
+    r = Measurement()
+    every = [f for f in declared()
+             if f not in (families.SUCCESS, families.DURATION, families.FAILURE)]
+    for family in reversed(every):
+        r.add(family, 1, *(["x"] * len(family.labels)))
+    r.fail(Reason.TIMEOUT)
+    rendered = [line.split()[2] for line in render(r).splitlines() if line.startswith("# TYPE")]
+    assert rendered == ["probe_success", "probe_duration_seconds",
+                        *(f.name for f in every), "probe_ntp_failure_info"]
 
 
 def test_render_special_values() -> None:
-    r = ProbeResult(deadline=0)
-    r.set("probe_ntp_offset_seconds", math.nan)
-    r.set("probe_ntp_rtt_seconds", math.inf)
+    r = Measurement()
+    r.add(ntp.OFFSET, math.nan)
+    r.add(ntp.RTT, math.inf)
     text = render(r)
     assert "probe_ntp_offset_seconds NaN\n" in text
     assert "probe_ntp_rtt_seconds +Inf\n" in text
 
 
-def test_render_unknown_metric_raises_key_error() -> None:
-    r = ProbeResult(deadline=0)
-    r.set("probe_ntp_bogus_seconds", 1)
-    with pytest.raises(KeyError, match="probe_ntp_bogus_seconds"):
-        render(r)
+def test_adding_a_sample_with_the_wrong_labels_fails_at_once() -> None:
+    r = Measurement()
+    with pytest.raises(ValueError, match="probe_ntp_server_info"):
+        r.add(ntp.SERVER_INFO, 1, "GPS")
 
 
-def test_failure_reasons_cover_the_contract() -> None:
-    contract = {
-        "resolve", "timeout", "invalid_reply", "kod_rate", "kod_deny", "kod_rstr", "kod_other",
-        "causality_violation", "stratum_unsynchronized", "leap_unsynchronized",
-        "excess_root_distance", "stale_reference", "reference_after_transmit",
-        "implausible_time", "offset_exceeded", "target_forbidden", "backoff",
-    }
-    assert contract <= set(FAILURE_REASONS)
-    assert len(FAILURE_REASONS) == len(set(FAILURE_REASONS))
+def test_families_are_valid_and_declared_once() -> None:
+    with pytest.raises(ValueError, match="declared twice"):
+        Family("probe_ntp_offset_seconds", "again")
+    with pytest.raises(ValueError, match="invalid metric name"):
+        Family("probe ntp", "bad")
+    with pytest.raises(ValueError, match="invalid label name"):
+        Family("probe_test_bad_label_info", "bad", ("__reserved",))
+    with pytest.raises(ValueError, match="must end in _total"):
+        Family("probe_test_counter", "bad", type="counter")
+    names = [f.name for f in declared()]
+    assert len(names) == len(set(names))
 
 
-def test_probe_result_fail_keeps_first_reason() -> None:
-    r = ProbeResult(deadline=0)
-    r.fail("resolve")
-    r.fail("timeout")
-    assert r.failure == "resolve"
-    r.set("probe_ntp_stratum", 3)
-    assert r.value("probe_ntp_stratum") == 3.0
-    assert r.value("probe_ntp_rtt_seconds") is None
+def test_every_contract_metric_is_declared() -> None:
+    assert set(VALID_SAMPLE_METRICS) <= {f.name for f in declared()}
+
+
+def test_failure_reasons_are_the_contract_in_its_order() -> None:
+    contract = [
+        "target_forbidden", "backoff", "resolve", "unreachable", "kod_rate", "kod_deny",
+        "kod_rstr", "kod_other", "timeout", "invalid_reply", "stratum_unsynchronized",
+        "leap_unsynchronized", "implausible_time", "reference_after_transmit",
+        "stale_reference", "excess_root_distance", "causality_violation", "offset_exceeded",
+        "kernel_unavailable",
+    ]
+    assert [r.value for r in Reason] == contract
+
+
+def test_fail_keeps_the_reason_that_ranks_first() -> None:
+    r = Measurement()
+    r.fail(Reason.TIMEOUT)
+    r.fail(Reason.RESOLVE)  # ranks before timeout, although recorded later
+    r.fail(Reason.EXCESS_ROOT_DISTANCE)
+    assert r.failure is Reason.RESOLVE
+    assert not r.success
+    r.add(ntp.STRATUM, 3)
+    assert value(r, "probe_ntp_stratum") == 3.0
+    assert value(r, "probe_ntp_rtt_seconds") is None

@@ -1,0 +1,28 @@
+"""``ntp-probe probe TARGET``: one ad-hoc probe, reported on standard output."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ntp_probe.cli import report
+from ntp_probe.config.schema import Config
+from ntp_probe.engine.runner import guard_for, run_probe
+from ntp_probe.engine.targets import TargetError, parse_target
+
+
+async def probe(args: argparse.Namespace, config: Config) -> int:
+    """Run the probe; exit 0 on success, 1 on failure, 2 on bad arguments."""
+    module = config.modules.get(args.module)
+    if module is None:
+        print(f"unknown module {args.module!r} (known: {', '.join(config.modules)})",
+              file=sys.stderr)
+        return 2
+    try:
+        target = parse_target(args.target)
+    except TargetError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    m, log = await run_probe(target, module, module.timeout, guard=guard_for(config, module))
+    sys.stdout.write(report.report(args.output_format, str(target), module.name, m, log))
+    return 0 if m.success else 1

@@ -1,0 +1,52 @@
+"""Reporters: one probe's measurement as text for people, JSON for scripts, or the exposition."""
+
+from __future__ import annotations
+
+import json
+
+from ntp_probe.engine.context import ProbeLog
+from ntp_probe.engine.result import Measurement
+from ntp_probe.exposition.render import render
+
+FORMATS = ("text", "json", "prometheus")
+
+
+def text(target: str, module: str, m: Measurement, log: ProbeLog) -> str:
+    """The human-readable report: a headline, each report's rows, the probe's log."""
+    lines = [f"{target} (module {module}): "
+             + ("OK" if m.success else f"FAILED: {m.failure}")
+             + f" in {m.duration * 1000:.1f} ms"]
+    for report in m.reports:
+        lines += [f"  {k:<14} {v}" for k, v in report.rows()]
+    lines.append("log:")
+    lines += ["  " + line for line in log.lines]
+    return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def as_json(target: str, module: str, m: Measurement, log: ProbeLog) -> str:
+    """The report as one JSON document: metrics as {name, labels, value} objects."""
+    return json.dumps({
+        "target": target, "module": module, "success": m.success,
+        "failure_reason": None if m.failure is None else m.failure.value,
+        "duration_seconds": m.duration,
+        "metrics": [
+            {"name": family.name, "labels": dict(zip(family.labels, labels, strict=True)),
+             "value": _number(value)}
+            for family, labels, value in m.samples
+        ],
+        "reports": {r.title: r.to_json() for r in m.reports},
+        "log": log.lines,
+    }, indent=2)
+
+
+def report(fmt: str, target: str, module: str, m: Measurement, log: ProbeLog) -> str:
+    """The measurement in ``fmt`` (one of :data:`FORMATS`)."""
+    if fmt == "prometheus":
+        return render(m)
+    if fmt == "json":
+        return as_json(target, module, m, log) + "\n"
+    return text(target, module, m, log)

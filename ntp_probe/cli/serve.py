@@ -1,0 +1,75 @@
+"""``ntp-probe [serve]``: the exporter's HTTP server, signals and systemd notifications."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from ntp_probe import __version__
+from ntp_probe.cli import sdnotify
+from ntp_probe.config.schema import Config
+from ntp_probe.exposition.internals import Internals
+from ntp_probe.web.app import State, create_app
+from ntp_probe.web.auth import WebConfigError, load_web_config
+from ntp_probe.web.history import History
+
+logger = logging.getLogger("ntp_probe")
+
+
+def parse_listen(address: str) -> tuple[str | None, int]:
+    """``:9559``, ``0.0.0.0:9559``, ``[::1]:9559`` -> (host or None for all, port)."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"invalid listen address {address!r} (expected [HOST]:PORT)")
+    host = host.strip("[]")
+    return (host or None), int(port_text)
+
+
+async def serve(args: argparse.Namespace, config: Config) -> int:
+    """Serve until SIGINT/SIGTERM; SIGHUP reloads the configuration."""
+    try:
+        host, port = parse_listen(args.listen)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+    try:
+        web_config = load_web_config(args.web_config_file)
+    except WebConfigError as exc:
+        logger.error("invalid web configuration: %s", exc)
+        return 1
+    internals = Internals()
+    internals.config_loaded(len(config.modules))
+    state = State(config=config, internals=internals, timeout_offset=args.timeout_offset,
+                  max_concurrent=args.max_concurrent, config_path=args.config_file,
+                  history=History(args.history_limit), web_config=web_config)
+    # handler_cancellation: a client that hangs up cancels its probe (and closes its socket).
+    runner = web.AppRunner(create_app(state), access_log=None, handler_cancellation=True)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_address=True,
+                           ssl_context=web_config.ssl_context)
+        await site.start()
+    except OSError as exc:
+        logger.error("cannot listen on %s: %s", args.listen, exc.strerror or exc)
+        await runner.cleanup()
+        return 1
+    logger.info("listening on %s%s with %d modules from %s (version %s)", args.listen,
+                " (TLS)" if web_config.ssl_context else "", len(config.modules), config.source,
+                __version__)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, state.reload)
+    sdnotify.notify("READY=1")
+    watchdog = sdnotify.start_watchdog()
+    await stop.wait()
+    logger.info("shutting down")
+    sdnotify.notify("STOPPING=1")
+    await sdnotify.stop_watchdog(watchdog)
+    await runner.cleanup()
+    return 0

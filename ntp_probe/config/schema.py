@@ -1,0 +1,247 @@
+"""The configuration schema: frozen dataclasses whose fields carry how they are parsed.
+
+Every settings field declares its kind (duration, integer range, choice, flag, time)
+with :func:`setting`; one generic parser and one generic writer walk the fields, so a
+field cannot be accepted and then ignored, nor shown in /config differently from how it
+was read.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ntp_probe.safety.policy import TargetPolicy
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|s|m|h|d|w|y)")
+_UNIT_SECONDS = {
+    "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0,
+    "d": 86400.0, "w": 604800.0, "y": 31536000.0,
+}
+_FORMAT_UNITS = (
+    ("h", 3_600_000_000_000), ("m", 60_000_000_000), ("s", 1_000_000_000), ("ms", 1_000_000),
+)
+# No setting is meaningful beyond a year; anything longer is a typo (and 1e400s is inf).
+MAX_DURATION = 366 * 86400.0
+
+
+def parse_duration(value: object, key: str) -> float:
+    """Parse a Prometheus-style duration (``1m30s``, ``500ms``, ``0``) into seconds."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ConfigError(f"{key}: expected a duration like 10s or 500ms, got {_show(value)}")
+    if isinstance(value, (int, float)):
+        if value == 0:
+            return 0.0
+        raise ConfigError(f"{key}: duration {_show(value)} needs a unit (e.g. {value}s)")
+    text = value.strip()
+    if text == "0":
+        return 0.0
+    pos, total, last_size = 0, 0.0, float("inf")
+    for m in _DURATION_RE.finditer(text):
+        size = _UNIT_SECONDS[m.group(2)]
+        if m.start() != pos or size >= last_size:  # units must run from largest to smallest
+            pos = -1
+            break
+        total += float(m.group(1)) * size
+        pos, last_size = m.end(), size
+    if pos != len(text) or not text:
+        raise ConfigError(f"{key}: invalid duration {_show(value)} (use e.g. 10s, 1m30s, 500ms)")
+    if not math.isfinite(total) or total > MAX_DURATION:
+        raise ConfigError(f"{key}: duration {_show(value)} is longer than a year")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds back to a compact duration string (for /config and debug output)."""
+    ns = round(seconds * 1e9)
+    if ns == 0:
+        return "0s"
+    for unit, size in _FORMAT_UNITS:
+        if ns % size == 0:
+            return f"{ns // size}{unit}"
+    whole, frac = divmod(ns, 1_000_000_000)
+    return f"{whole}.{frac:09d}".rstrip("0") + "s"
+
+
+def _show(value: object) -> str:
+    """A value quoted in an error message, never longer than a line."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# --- field kinds -----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Duration:
+    """A duration in seconds, ``minimum`` included unless ``positive``."""
+
+    positive: bool = False
+
+    def parse(self, value: object, key: str) -> float:
+        """Parse and check."""
+        seconds = parse_duration(value, key)
+        if self.positive and seconds <= 0:
+            raise ConfigError(f"{key}: must be greater than 0")
+        return seconds
+
+    def dump(self, value: Any) -> object:
+        """As written in YAML."""
+        return format_duration(value)
+
+
+@dataclass(frozen=True, slots=True)
+class IntRange:
+    """An integer in ``lo..hi``."""
+
+    lo: int
+    hi: int
+
+    def parse(self, value: object, key: str) -> int:
+        """Parse and check."""
+        if isinstance(value, bool) or not isinstance(value, int) or not self.lo <= value <= self.hi:
+            raise ConfigError(f"{key}: expected an integer in {self.lo}..{self.hi}, "
+                              f"got {_show(value)}")
+        return value
+
+    def dump(self, value: Any) -> object:
+        """As written in YAML."""
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One of a few strings."""
+
+    options: tuple[str, ...]
+
+    def parse(self, value: object, key: str) -> str:
+        """Parse and check."""
+        if value not in self.options:
+            raise ConfigError(f"{key}: expected one of {', '.join(self.options)}, "
+                              f"got {_show(value)}")
+        return str(value)
+
+    def dump(self, value: Any) -> object:
+        """As written in YAML."""
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """true or false."""
+
+    def parse(self, value: object, key: str) -> bool:
+        """Parse and check."""
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {_show(value)}")
+        return value
+
+    def dump(self, value: Any) -> object:
+        """As written in YAML."""
+        return value
+
+
+# Dates a clock check can sensibly name; outside them the conversions overflow.
+_MIN_TIME = dt.datetime(1970, 1, 2, tzinfo=dt.UTC)
+_MAX_TIME = dt.datetime(9999, 1, 1, tzinfo=dt.UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Time:
+    """An RFC 3339 time, as Unix seconds."""
+
+    def parse(self, value: object, key: str) -> float:
+        """Parse and check."""
+        if isinstance(value, dt.datetime):
+            stamp = value
+        elif isinstance(value, dt.date):
+            stamp = dt.datetime(value.year, value.month, value.day)
+        elif isinstance(value, str):
+            try:
+                stamp = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                raise ConfigError(f"{key}: invalid RFC 3339 time {_show(value)}") from None
+        else:
+            raise ConfigError(f"{key}: expected an RFC 3339 time, got {_show(value)}")
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=dt.UTC)
+        try:
+            in_range = _MIN_TIME <= stamp <= _MAX_TIME
+        except OverflowError:
+            in_range = False
+        if not in_range:
+            raise ConfigError(f"{key}: time {_show(value)} is outside 1970-01-02..9999-01-01")
+        return stamp.timestamp()
+
+    def dump(self, value: Any) -> object:
+        """As written in YAML."""
+        return dt.datetime.fromtimestamp(value, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+Kind = Duration | IntRange | Choice | Flag | Time
+
+
+def setting(default: Any, kind: Kind) -> Any:
+    """A settings field: its default and how it is parsed and written."""
+    return field(default=default, metadata={"kind": kind})
+
+
+# --- settings blocks -------------------------------------------------------------------
+
+IP_PROTOCOLS = ("ip4", "ip6")
+
+
+@dataclass(frozen=True, slots=True)
+class NTPSettings:
+    """The ``ntp:`` block of a module; durations in seconds."""
+
+    port: int = setting(123, IntRange(1, 65535))
+    version: int = setting(4, IntRange(1, 4))
+    samples: int = setting(3, IntRange(1, 64))
+    sample_interval: float = setting(2.0, Duration())
+    preferred_ip_protocol: str = setting("ip6", Choice(IP_PROTOCOLS))
+    ip_protocol_fallback: bool = setting(True, Flag())
+    max_root_distance: float = setting(1.5, Duration())
+    max_stratum: int = setting(15, IntRange(1, 16))
+    max_reference_age: float = setting(36 * 3600.0, Duration())
+    fail_if_offset_exceeds: float = setting(0.0, Duration())
+    max_causality_violation: float = setting(0.0, Duration())
+    min_plausible_time: float = setting(1_704_067_200.0, Time())  # 2024-01-01T00:00:00Z
+    reply_timeout: float = setting(1.0, Duration(positive=True))
+    kod_rate_max_backoff: float = setting(3600.0, Duration())
+    kod_deny_backoff: float = setting(86400.0, Duration())
+    kernel_correlation: bool = setting(False, Flag())
+
+
+# Settings block name -> its class; a module may carry the blocks its prober reads.
+BLOCKS: Mapping[str, type[Any]] = {"ntp": NTPSettings}
+
+
+@dataclass(frozen=True, slots=True)
+class Module:
+    """One named module: which prober runs and with what settings."""
+
+    name: str
+    prober: str = "ntp"
+    timeout: float = 10.0
+    ntp: NTPSettings = field(default_factory=NTPSettings)
+    policy: TargetPolicy = field(default_factory=TargetPolicy)
+    min_probe_interval: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole loaded configuration."""
+
+    modules: Mapping[str, Module]
+    source: str  # file path, or "packaged default"
+    policy: TargetPolicy = field(default_factory=TargetPolicy)

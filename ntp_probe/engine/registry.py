@@ -1,0 +1,69 @@
+"""The one prober registry: config, exposition, the CLI and the docs all consult it.
+
+Each prober kind names its probe function (blackbox_exporter's ProbeFn signature), the
+settings blocks a module of that kind may carry, the metric families it emits and the
+failure reasons it can give.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from ntp_probe.config.schema import Module
+from ntp_probe.engine.context import ProbeContext
+from ntp_probe.engine.result import Measurement, Reason
+from ntp_probe.engine.targets import Target
+from ntp_probe.exposition import families as common
+from ntp_probe.exposition.families import Family
+from ntp_probe.probers import common as prepare
+from ntp_probe.probers import hybrid, kernel, ntp
+
+ProbeFn = Callable[[Target, Module, ProbeContext], Awaitable[Measurement]]
+
+_COMMON = (common.SUCCESS, common.DURATION, common.RESULT_AGE, common.FAILURE)
+_NETWORK = (common.DNS_LOOKUP, common.IP_PROTOCOL, common.IP_ADDR_HASH,
+            prepare.BACKOFF_REMAINING, prepare.KISS_CODE)
+
+
+def _families(module: object) -> tuple[Family, ...]:
+    return tuple(v for v in vars(module).values() if isinstance(v, Family))
+
+
+@dataclass(frozen=True, slots=True)
+class ProberSpec:
+    """One prober kind."""
+
+    name: str
+    probe: ProbeFn
+    description: str
+    settings: tuple[str, ...]  # the module's settings blocks this kind reads
+    families: tuple[Family, ...]
+    reasons: tuple[Reason, ...]
+    contacts_target: bool = True
+
+
+PROBERS: Mapping[str, ProberSpec] = {
+    spec.name: spec for spec in (
+        ProberSpec(
+            "ntp", ntp.probe,
+            "NTP client burst against a server (with ntp.kernel_correlation: also the "
+            "local kernel clock, compared)",
+            ("ntp",),
+            _COMMON + _NETWORK + _families(ntp) + _families(kernel) + _families(hybrid),
+            hybrid.REASONS,
+        ),
+        ProberSpec(
+            "kernel", kernel.probe, "the local kernel clock discipline state (adjtimex)", (),
+            _COMMON + _families(kernel), kernel.REASONS, contacts_target=False,
+        ),
+    )
+}
+
+
+def probe_function(module: Module) -> ProbeFn:
+    """The function that runs ``module``'s probes (hybrid when an ntp module asks for
+    kernel correlation)."""
+    if module.prober == "ntp" and module.ntp.kernel_correlation:
+        return hybrid.probe
+    return PROBERS[module.prober].probe

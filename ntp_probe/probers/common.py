@@ -1,0 +1,84 @@
+"""What every network prober does before it sends: policy, resolve, policy, backoff, IP gauges.
+
+The order matters: a forbidden name is refused before it is even resolved; a permitted
+name is checked again on the address it resolved to (a name pointed at an internal
+address is still refused); a server that sent a Kiss-o'-Death is not sent to while its
+backoff lasts; only then are the address's gauges set, as blackbox_exporter does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+
+from ntp_probe.engine.context import ProbeContext
+from ntp_probe.engine.result import Reason
+from ntp_probe.engine.targets import Target
+from ntp_probe.exposition import families as common
+from ntp_probe.exposition.families import Family
+from ntp_probe.net.resolve import Resolved, ResolveError, literal, resolve
+
+BACKOFF_REMAINING = Family(
+    "probe_ntp_backoff_remaining_seconds",
+    "Seconds until this server may be sent to again after a Kiss-o'-Death.",
+)
+KISS_CODE = Family("probe_ntp_kiss_code_info", "Kiss-o'-Death code received from the server.",
+                   ("code",))
+
+
+def ip_hash(address: str) -> int:
+    """blackbox_exporter's probe_ip_addr_hash: FNV-1a (32 bit) over the address's bytes,
+    4 for IPv4 (IPv4-mapped IPv6 included), 16 for IPv6."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    h = 0x811C9DC5
+    for b in ip.packed:
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+def _refused(ctx: ProbeContext, refusal: str | None) -> bool:
+    if refusal is None:
+        return False
+    ctx.log(f"target forbidden: {refusal}; nothing sent")
+    ctx.measurement.fail(Reason.TARGET_FORBIDDEN)
+    return True
+
+
+async def prepare(target: Target, port: int, ctx: ProbeContext, *, preferred: str = "ip6",
+                  fallback: bool = True, until: float | None = None) -> Resolved | None:
+    """Resolve ``target`` and check that it may be sent to now; None (with the failure
+    recorded and logged) when it may not."""
+    m, log, guard = ctx.measurement, ctx.log, ctx.guard
+    if _refused(ctx, guard.refuse(target.host)):
+        return None
+    started = time.perf_counter()
+    resolved = literal(target.host)
+    if resolved is None:
+        try:
+            async with asyncio.timeout_at(ctx.deadline if until is None else until):
+                resolved = await resolve(target.host, preferred, fallback)
+        except (ResolveError, TimeoutError) as exc:
+            m.add(common.DNS_LOOKUP, time.perf_counter() - started)
+            log(f"resolve {target.host}: {exc or 'timed out'}")
+            m.fail(Reason.RESOLVE)
+            return None
+    m.add(common.DNS_LOOKUP, time.perf_counter() - started)
+    if _refused(ctx, guard.refuse(target.host, resolved.address)):
+        return None
+    backoff = guard.backoff(resolved.address, port)
+    if backoff is not None:
+        code, left = backoff
+        log(f"backing off after Kiss-o'-Death {code} from {resolved.address} port {port}: "
+            f"{left:.0f}s left; nothing sent")
+        m.add(BACKOFF_REMAINING, left)
+        m.add(KISS_CODE, 1, code)
+        m.fail(Reason.BACKOFF)
+        return None
+    m.add(common.IP_PROTOCOL, resolved.ip_protocol)
+    m.add(common.IP_ADDR_HASH, ip_hash(resolved.address))
+    log(f"resolved {target.host} -> {resolved.address}"
+        f"{' (cached)' if resolved.cached else ''}")
+    return resolved

@@ -1,0 +1,111 @@
+"""The NTP client's reply rules as a state machine: bytes in, a typed outcome out.
+
+One :class:`Client` serves one burst towards one server. Each request carries a random
+64-bit transmit timestamp (the nonce) and nothing else that identifies us. A reply
+counts only if it comes from the server's address and port, decodes, is mode 4, echoes
+the outstanding request's nonce as its origin and carries a non-zero transmit timestamp
+(RFC 5905 section 8, RFC 9109). Everything else is discarded with a reason; a reply to
+a request whose wait already ended is ``Late``, which is not the server's fault.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from ntp_probe.proto.ntp import packet as ntp
+
+Address = tuple[object, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A reply to the outstanding request (possibly a Kiss-o'-Death)."""
+
+    packet: ntp.Packet
+
+
+@dataclass(frozen=True, slots=True)
+class Discarded:
+    """A datagram that is not a valid reply; ``reason`` says why."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Late:
+    """A genuine reply to a request whose wait already ended (it counts as lost)."""
+
+    origin: int
+
+
+Outcome = Accepted | Discarded | Late
+
+
+def new_nonce() -> int:
+    """A random 64-bit nonce, never zero (a zero origin would read as "unset")."""
+    return secrets.randbits(64) or 1
+
+
+class Client:
+    """Request and reply matching for one burst towards ``server`` (address, port)."""
+
+    # Slots: a thousand bursts in flight hold a thousand of these.
+    __slots__ = ("_pending", "_seen", "server", "version")
+
+    def __init__(self, server: tuple[str, int], version: int = 4) -> None:
+        self.server = server
+        self.version = version
+        self._pending: int | None = None
+        # nonce -> True once answered, False once its wait expired (one small dict, not
+        # two sets).
+        self._seen: dict[int, bool] = {}
+
+    @property
+    def pending(self) -> int | None:
+        """The nonce of the request awaiting its reply, if any."""
+        return self._pending
+
+    def request(self, nonce: int) -> bytes:
+        """The next request's bytes; its reply is awaited until :meth:`expire`."""
+        if self._pending is not None:
+            self.expire()
+        self._pending = nonce
+        return ntp.encode_request(nonce, self.version)
+
+    def expire(self) -> None:
+        """The wait for the outstanding request ended without a reply."""
+        if self._pending is not None:
+            self._seen[self._pending] = False
+            self._pending = None
+
+    def cancel(self) -> None:
+        """The outstanding request never left (the send failed): forget it."""
+        self._pending = None
+
+    def receive(self, data: bytes, source: Address) -> Outcome:
+        """Judge one datagram received on the burst's socket."""
+        if tuple(source[:2]) != self.server:
+            return Discarded(f"from {source[0]}:{source[1]}, not the target")
+        try:
+            pkt = ntp.decode(data)
+        except ntp.NTPDecodeError as exc:
+            return Discarded(f"malformed ({exc})")
+        if pkt.mode != ntp.Mode.SERVER:
+            return Discarded(f"mode {pkt.mode}, expected 4 (server)")
+        origin = pkt.origin_ts
+        seen = self._seen.get(origin)
+        if seen:
+            return Discarded("duplicate of an answered request")
+        if origin != self._pending:
+            if seen is False:
+                # Genuine but too late: a server that is merely slow must read as
+                # "timeout", not as sending invalid replies.
+                return Late(origin)
+            return Discarded(f"origin {origin:016x} matches no request")
+        # A KoD need not carry timestamps; its origin check above is what authenticates it.
+        if pkt.kiss_code is None and pkt.transmit_ts == 0:
+            return Discarded("transmit timestamp is zero")
+        self._seen[origin] = True
+        self._pending = None
+        return Accepted(pkt)
