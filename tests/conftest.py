@@ -2,7 +2,7 @@
 
 chronyd is always started with ``-x`` (never touch the system clock), bound to 127.0.0.1
 on a port picked at runtime, in a private 0700 directory, and stopped by the PID this
-module started (never by name). See /work/shared/RECIPES.md section 2.
+module started (never by name).
 
 Integration tests skip with a clear reason when a binary is missing; with
 ``NTP_PROBE_REQUIRE_INTEGRATION=1`` (CI) the skip becomes a failure.
@@ -26,9 +26,15 @@ from typing import Any
 
 import pytest
 
+from ntp_probe.config.schema import Module, NTPSettings
+from ntp_probe.engine.context import ProbeLog
 from ntp_probe.engine.result import Measurement
+from ntp_probe.engine.runner import run_probe
+from ntp_probe.engine.targets import Target, parse_target
 from ntp_probe.net import adjtimex
 from ntp_probe.proto import timex
+from ntp_probe.safety.guard import Guard
+from ntp_probe.safety.policy import TargetPolicy
 
 REQUIRE_INTEGRATION_ENV = "NTP_PROBE_REQUIRE_INTEGRATION"
 
@@ -41,13 +47,47 @@ _INSTALL_HINTS = {
 }
 
 LOOPBACK = "127.0.0.1"
-# How long chronyd may take to answer its first query (RECIPES: about 54 ms here).
+# How long chronyd may take to answer its first query (about 54 ms measured here).
 CHRONYD_START_DEADLINE = 5.0
 _POLL_TIMEOUT = 0.05
 _START_ATTEMPTS = 5
 
 
 Pairs = tuple[tuple[str, str], ...]
+
+
+class FakeClock:
+    """A monotonic-like clock the test moves by hand."""
+
+    def __init__(self, now: float = 5000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make_module(*, samples: int = 1, interval: float = 0.01, reply_timeout: float = 0.5,
+                timeout: float = 2.0, name: str = "t", policy: TargetPolicy | None = None,
+                min_probe_interval: float = 0.0, **settings: Any) -> Module:
+    """An ntp module for tests: IPv4, short intervals, the rest as given."""
+    return Module(
+        name=name, timeout=timeout,
+        ntp=NTPSettings(samples=samples, sample_interval=interval, reply_timeout=reply_timeout,
+                        preferred_ip_protocol="ip4", **settings),
+        policy=policy or TargetPolicy(), min_probe_interval=min_probe_interval,
+    )
+
+
+async def probe(target: str | Target, module: Module, *, timeout: float | None = None,
+                guard: Guard | None = None,
+                log: ProbeLog | None = None) -> tuple[Measurement, ProbeLog]:
+    """run_probe with the module's timeout (or ``timeout``); returns the measurement and log."""
+    t = parse_target(target) if isinstance(target, str) else target
+    return await run_probe(t, module, module.timeout if timeout is None else timeout,
+                           log=log, guard=guard)
 
 
 def gauges(m: Measurement) -> list[tuple[str, Pairs, float]]:
@@ -172,7 +212,7 @@ class Chronyd:
 
 
 def chrony_config(directory: Path, port: int, *, synchronised: bool) -> str:
-    """RECIPES.md section 2: a loopback-only server; without ``local stratum`` it is
+    """A loopback-only server; without ``local stratum`` it is
     an unsynchronised server (stratum 0, zero refid, LI 3)."""
     lines = [
         f"port {port}",
@@ -210,7 +250,7 @@ def _spawn_chronyd(binary: str, directory: Path, port: int, synchronised: bool) 
     # -x: never touch the system clock. -d: foreground, log to stderr. -4: IPv4 only.
     argv = [binary, "-4", "-x", "-d", "-f", str(conf)]
     if os.geteuid() != 0:
-        argv.insert(1, "-U")  # RECIPES: non-root needs -U, else "Not superuser"
+        argv.insert(1, "-U")  # non-root needs -U, else "Not superuser"
     with open(directory / "chronyd.log", "wb") as log:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=directory

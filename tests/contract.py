@@ -1,4 +1,5 @@
-"""Names from DESIGN.md that several test files check the exporter against.
+"""Names from the public contract (the README's metric tables) that several test files
+check the exporter against.
 
 Written out here rather than taken from ntp_probe.exposition, so that a metric dropped or
 renamed in the source fails the tests instead of silently changing what they expect.

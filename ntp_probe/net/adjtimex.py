@@ -7,7 +7,6 @@ can never change the clock and must never be given CAP_SYS_TIME.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import sys
@@ -22,10 +21,9 @@ _libc: ctypes.CDLL | None = None
 def _load_libc() -> ctypes.CDLL:
     global _libc
     if _libc is None:
-        name = ctypes.util.find_library("c")
-        if name is None:
-            raise KernelClockError("no C library found")
-        lib = ctypes.CDLL(name, use_errno=True)
+        # The interpreter's own symbols include the C library's: no search for the library
+        # (find_library runs ldconfig, a subprocess, which must not happen in the event loop).
+        lib = ctypes.CDLL(None, use_errno=True)
         lib.clock_adjtime.argtypes = [ctypes.c_int, ctypes.POINTER(Timex)]
         lib.clock_adjtime.restype = ctypes.c_int
         _libc = lib

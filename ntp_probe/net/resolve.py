@@ -13,6 +13,7 @@ import asyncio
 import functools
 import ipaddress
 import socket
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -60,7 +61,11 @@ def _describe(exc: BaseException) -> str:
 class Resolver:
     """Bounded, coalescing, caching lookups of one address per (name, family)."""
 
-    def __init__(self, threads: int = MAX_LOOKUP_THREADS) -> None:
+    def __init__(self, threads: int = MAX_LOOKUP_THREADS,
+                 getaddrinfo: Callable[[str, int], str] | None = None) -> None:
+        # ``getaddrinfo`` (host, family) -> address is replaceable so that tests never
+        # send a made-up name to the machine's resolver.
+        self._getaddrinfo = getaddrinfo or _getaddrinfo
         self._executor = ThreadPoolExecutor(max_workers=threads,
                                             thread_name_prefix="ntp_probe-resolve")
         self._answers: TTLCache[_Key, str] = TTLCache(maxsize=4096, ttl=_CACHE_TTL)
@@ -79,7 +84,7 @@ class Resolver:
         future = self._in_flight.get(key)
         if future is None:
             loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(self._executor, _getaddrinfo, host, family)
+            future = loop.run_in_executor(self._executor, self._getaddrinfo, host, family)
             self._in_flight[key] = future
             future.add_done_callback(functools.partial(self._done, key))
         # Shielded: a probe that gives up must not cancel a lookup others share.

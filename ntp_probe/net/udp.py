@@ -78,7 +78,7 @@ class DatagramPump(Generic[T]):
     """
 
     __slots__ = ("_dest", "_family", "_log", "_loop", "_matcher", "_sock", "_waiter",
-                 "bind_path", "kernel_timestamps")
+                 "bind_path", "kernel_timestamps", "sent")
 
     def __init__(self, family: int, dest: SockAddr, matcher: Callable[[Datagram], T | None],
                  log: Log, bind_path: str | None = None) -> None:
@@ -91,6 +91,7 @@ class DatagramPump(Generic[T]):
         self._waiter: asyncio.Future[T | None] | None = None
         self.bind_path = bind_path
         self.kernel_timestamps = True
+        self.sent = 0  # datagrams that left: counted at the send, so a cut-off wait keeps it
 
     async def __aenter__(self) -> DatagramPump[T]:
         sock = socket.socket(self._family, socket.SOCK_DGRAM)
@@ -152,6 +153,7 @@ class DatagramPump(Generic[T]):
             self._waiter = None
             raise Unreachable(exc.errno, f"send failed: {exc.strerror or exc}",
                               sent=False) from None
+        self.sent += 1
         # A plain timer resolving the waiter is cheaper than an asyncio.timeout scope, and
         # it cannot turn an outside cancellation into a timeout by mistake.
         timer = self._loop.call_at(until, self._resolve, None)

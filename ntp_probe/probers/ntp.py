@@ -200,11 +200,9 @@ async def _run_burst(pump: DatagramPump[Reply], client: rules.Client, settings: 
         except Unreachable as exc:
             # Nothing listens, or no route: more requests would only be refused too.
             client.cancel()
-            burst.sent += exc.sent
             burst.unreachable = exc.strerror or "unreachable"
             log(f"sample {i + 1}: {burst.unreachable}: burst stopped")
             return
-        burst.sent += 1
         if reply is None:
             client.expire()
             log(f"sample {i + 1}: no reply (nonce {nonce:016x})")
@@ -319,6 +317,7 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
         f"sample{'s' if settings.samples != 1 else ''} every {settings.sample_interval:g}s")
     burst = Burst()
     client = rules.Client((resolved.address, port), settings.version)
+    pump: DatagramPump[Reply] | None = None
     try:
         pump = DatagramPump(resolved.family, sockaddr_for(resolved.address, port, resolved.family),
                             _matcher(client, burst, log), log)
@@ -328,6 +327,8 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
         log(f"local socket error: {exc.strerror or exc}")
         burst.unreachable = exc.strerror or str(exc)
     finally:
+        if pump is not None:
+            burst.sent = pump.sent
         # Also when the runner's backstop cuts the burst off: what was sent and received
         # still counts.
         _conclude(burst, settings, ctx, (resolved.address, port))

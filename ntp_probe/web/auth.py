@@ -202,6 +202,10 @@ def load_web_config(path: str | None) -> WebConfig:
     for key in http:
         if key not in ("headers", "http2"):
             raise WebConfigError(f"http_server_config.{key}: unknown or unsupported key")
+    if http.get("http2", False) is not False:
+        # Accepting it would promise what the server cannot do: aiohttp speaks HTTP/1.1 only.
+        raise WebConfigError("http_server_config.http2: HTTP/2 is not supported; "
+                             "remove the key or set it to false")
     headers = {str(k): str(v) for k, v in _mapping(http.get("headers"), "headers").items()}
     tls = _tls(_mapping(top.get("tls_server_config"), "tls_server_config"), file.parent)
     return WebConfig(ssl_context=tls, users=users, headers=headers)

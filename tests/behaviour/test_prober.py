@@ -1,7 +1,7 @@
 """Behaviour of the NTP prober against an in-process fake server on 127.0.0.1.
 
 Each test scripts the server's answers and checks what ``run_probe`` reports: the
-measurement, the failure reason (first failing check in DESIGN.md's order), which gauges
+measurement, the failure reason (the first failing check in the contract's order), which gauges
 are emitted and the packet accounting.
 """
 
@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from ntp_probe.config.schema import Module, NTPSettings
-from ntp_probe.engine.context import ProbeLog
+from ntp_probe.engine.context import ProbeContext, ProbeLog
 from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.runner import probe_timeout, run_probe
 from ntp_probe.engine.targets import parse_target
 from ntp_probe.exposition.render import render
+from ntp_probe.probers import ntp as ntp_prober
 from ntp_probe.proto.ntp import packet as ntp
 from tests.behaviour import fake_server
 from tests.behaviour.fake_server import (
@@ -39,12 +39,12 @@ from tests.behaviour.fake_server import (
     wrong_origin,
     zero_transmit,
 )
-from tests.conftest import gauges, ntp_samples, value
+from tests.conftest import make_module, names, ntp_samples, probe, value
 
 # The fixture, made visible to pytest in this module.
 fake_ntp = fake_server.fake_ntp
 
-# Gauges that exist only when at least one reply passed the packet checks (DESIGN.md).
+# Gauges that exist only when at least one reply passed the packet checks.
 MEASUREMENT_GAUGES = (
     "probe_ntp_offset_seconds",
     "probe_ntp_rtt_seconds",
@@ -66,41 +66,6 @@ MEASUREMENT_GAUGES = (
 # trip is well under 2 ms, so this is "within 1 ms"; a loaded one stretches it, not the rule.
 ROUNDING = 2e-6
 SLACK = 0.15  # scheduling slack on top of a deadline (an upper bound, not a benchmark)
-
-
-def make_module(
-    *,
-    samples: int = 1,
-    interval: float = 0.01,
-    reply_timeout: float = 0.5,
-    timeout: float = 2.0,
-    **settings: Any,
-) -> Module:
-    return Module(
-        name="t",
-        timeout=timeout,
-        ntp=NTPSettings(
-            samples=samples,
-            sample_interval=interval,
-            reply_timeout=reply_timeout,
-            preferred_ip_protocol="ip4",
-            **settings,
-        ),
-    )
-
-
-async def probe(
-    server: FakeNTPServer, module: Module, timeout: float | None = None
-) -> tuple[Measurement, ProbeLog]:
-    log = ProbeLog()
-    result, _ = await run_probe(
-        parse_target(server.target), module, module.timeout if timeout is None else timeout, log
-    )
-    return result, log
-
-
-def names(result: Measurement) -> set[str]:
-    return {name for name, _, _ in gauges(result)}
 
 
 def assert_no_measurement(result: Measurement) -> None:
@@ -141,7 +106,7 @@ def counts(result: Measurement) -> tuple[float | None, float | None, float | Non
 @pytest.mark.parametrize("injected", [0.25, -1000.0])
 async def test_injected_offset_is_measured(fake_ntp: FakeNTPServer, injected: float) -> None:
     fake_ntp.behaviour = answer(offset=injected)
-    result, log = await probe(fake_ntp, make_module(samples=3))
+    result, log = await probe(fake_ntp.target, make_module(samples=3))
     assert result.success, (result.failure, log.text())
     assert result.failure is None
     assert_offset(result, injected)
@@ -160,7 +125,7 @@ async def test_offset_across_the_ntp_era_boundary(fake_ntp: FakeNTPServer) -> No
     # A server 13 years ahead is past 2036-02-07: its timestamps are in NTP era 1.
     injected = 13 * 365.25 * 86400
     fake_ntp.behaviour = answer(offset=injected)
-    result, log = await probe(fake_ntp, make_module(samples=2))
+    result, log = await probe(fake_ntp.target, make_module(samples=2))
     assert result.success, (result.failure, log.text())
     assert_offset(result, injected)
     ref = value(result, "probe_ntp_reference_timestamp_seconds")
@@ -170,14 +135,14 @@ async def test_offset_across_the_ntp_era_boundary(fake_ntp: FakeNTPServer) -> No
 @pytest.mark.parametrize("leap", [1, 2])
 async def test_leap_warning_is_not_a_failure(fake_ntp: FakeNTPServer, leap: int) -> None:
     fake_ntp.behaviour = answer(leap=leap)
-    result, log = await probe(fake_ntp, make_module())
+    result, log = await probe(fake_ntp.target, make_module())
     assert result.success, (result.failure, log.text())
     assert value(result, "probe_ntp_leap_indicator") == leap
 
 
 async def test_zero_reference_time_is_not_stale(fake_ntp: FakeNTPServer) -> None:
     fake_ntp.behaviour = answer(reference_ts=0)
-    result, log = await probe(fake_ntp, make_module())
+    result, log = await probe(fake_ntp.target, make_module())
     assert result.success, (result.failure, log.text())
     assert value(result, "probe_ntp_reference_timestamp_seconds") == 0
 
@@ -194,7 +159,7 @@ async def test_server_info_refid(
     fake_ntp: FakeNTPServer, stratum: int, refid: bytes, text: str
 ) -> None:
     fake_ntp.behaviour = answer(stratum=stratum, refid=refid)
-    result, log = await probe(fake_ntp, make_module())
+    result, log = await probe(fake_ntp.target, make_module())
     assert result.success, (result.failure, log.text())
     assert value(result, "probe_ntp_server_info", refid=text, version="4") == 1
 
@@ -209,7 +174,7 @@ async def test_reported_values_come_from_the_reply(fake_ntp: FakeNTPServer) -> N
             delay=0.003,
         )
     ]
-    result, log = await probe(fake_ntp, make_module())
+    result, log = await probe(fake_ntp.target, make_module())
     assert result.success, (result.failure, log.text())
     assert value(result, "probe_ntp_stratum") == 3
     assert value(result, "probe_ntp_root_delay_seconds") == pytest.approx(0.25, abs=1e-4)
@@ -234,7 +199,7 @@ async def test_reported_values_come_from_the_reply(fake_ntp: FakeNTPServer) -> N
 )
 async def test_kod_stops_the_burst(fake_ntp: FakeNTPServer, code: bytes, reason: str) -> None:
     fake_ntp.behaviour = lambda req: [Send(kod(req, code))]
-    result, log = await probe(fake_ntp, make_module(samples=3))
+    result, log = await probe(fake_ntp.target, make_module(samples=3))
     await fake_ntp.drain()
     assert len(fake_ntp.requests) == 1, log.text()
     assert not result.success
@@ -251,7 +216,7 @@ async def test_kod_after_a_good_sample_keeps_the_measurement(fake_ntp: FakeNTPSe
         return [Send(kod(req, b"RATE"))]
 
     fake_ntp.behaviour = behaviour
-    result, log = await probe(fake_ntp, make_module(samples=3))
+    result, log = await probe(fake_ntp.target, make_module(samples=3))
     await fake_ntp.drain()
     assert len(fake_ntp.requests) == 2, log.text()
     assert result.failure == "kod_rate"
@@ -270,7 +235,7 @@ async def test_spoofed_kod_does_not_stop_the_burst(fake_ntp: FakeNTPServer, spoo
         return [bogus, Send(reply(req, offset=0.25), delay=0.005)]
 
     fake_ntp.behaviour = behaviour
-    result, log = await probe(fake_ntp, make_module(samples=3))
+    result, log = await probe(fake_ntp.target, make_module(samples=3))
     assert result.success, (result.failure, log.text())
     assert "probe_ntp_kiss_code_info" not in names(result)
     assert counts(result) == (3, 3, 0)
@@ -283,7 +248,7 @@ async def test_stratum_0_zero_refid_is_unsynchronized_not_kod(
 ) -> None:
     # An unsynchronised chrony: stratum 0, refid 0 (and LI 3).
     fake_ntp.behaviour = answer(stratum=0, refid=b"\0\0\0\0", leap=leap, offset=0.25)
-    result, _ = await probe(fake_ntp, make_module(samples=2))
+    result, _ = await probe(fake_ntp.target, make_module(samples=2))
     assert result.failure == "stratum_unsynchronized"
     assert not any(name == "probe_ntp_kiss_code_info" for name in names(result))
     assert_measurement(result)
@@ -302,7 +267,7 @@ async def test_wrong_origin_is_discarded_and_the_genuine_reply_used(
         Send(wrong_origin(req, offset=100.0)),
         Send(reply(req, offset=0.25)),
     ]
-    result, log = await probe(fake_ntp, make_module())
+    result, log = await probe(fake_ntp.target, make_module())
     assert result.success, (result.failure, log.text())
     assert_offset(result, 0.25)
     assert counts(result) == (1, 1, 0)
@@ -318,7 +283,7 @@ async def test_a_burst_of_junk_spanning_several_reads_does_not_hide_the_reply(
         *(Send(wrong_origin(req, offset=100.0)) for _ in range(flood)),
         Send(reply(req, offset=0.25)),
     ]
-    result, log = await probe(fake_ntp, make_module(reply_timeout=2.0), timeout=5.0)
+    result, log = await probe(fake_ntp.target, make_module(reply_timeout=2.0), timeout=5.0)
     assert result.success, (result.failure, log.lines[-3:])
     assert_offset(result, 0.25)
     assert log.text().count("matches no request") == flood
@@ -336,13 +301,13 @@ def test_the_probe_log_is_bounded() -> None:
 async def test_ipv6_target_is_measured_and_checked() -> None:
     server = await FakeNTPServer.start(answer(offset=0.25), host="::1")
     try:
-        result, log = await probe(server, make_module(samples=2))
+        result, log = await probe(server.target, make_module(samples=2))
         assert result.success, (result.failure, log.text())
         assert_offset(result, 0.25)
         assert value(result, "probe_ip_protocol") == 6
         # A reply from another port of the same IPv6 host is still discarded and logged.
         server.behaviour = lambda req: [Send(reply(req), from_other_port=True)]
-        result, log = await probe(server, make_module(samples=1, reply_timeout=0.2))
+        result, log = await probe(server.target, make_module(samples=1, reply_timeout=0.2))
         assert result.failure == "invalid_reply"
         assert "not the target" in log.text()
     finally:
@@ -377,7 +342,7 @@ JUNK: dict[str, Callable[[Request], bytes]] = {
 async def test_junk_alone_is_invalid_reply(fake_ntp: FakeNTPServer, junk: str) -> None:
     make = JUNK[junk]
     fake_ntp.behaviour = lambda req: [Send(make(req))]
-    result, log = await probe(fake_ntp, make_module(reply_timeout=0.2))
+    result, log = await probe(fake_ntp.target, make_module(reply_timeout=0.2))
     assert not result.success
     assert result.failure == "invalid_reply", log.text()
     assert counts(result) == (1, 0, 1)
@@ -389,7 +354,7 @@ async def test_junk_alone_is_invalid_reply(fake_ntp: FakeNTPServer, junk: str) -
 async def test_junk_then_genuine_reply_succeeds(fake_ntp: FakeNTPServer, junk: str) -> None:
     make = JUNK[junk]
     fake_ntp.behaviour = lambda req: [Send(make(req)), Send(reply(req, offset=-0.5))]
-    result, log = await probe(fake_ntp, make_module())
+    result, log = await probe(fake_ntp.target, make_module())
     assert result.success, (result.failure, log.text())
     assert_offset(result, -0.5)
     assert counts(result) == (1, 1, 0)
@@ -399,7 +364,7 @@ async def test_reply_from_another_port_is_logged_and_reported_invalid(
     fake_ntp: FakeNTPServer,
 ) -> None:
     fake_ntp.behaviour = lambda req: [Send(reply(req), from_other_port=True)]
-    result, log = await probe(fake_ntp, make_module(reply_timeout=0.2))
+    result, log = await probe(fake_ntp.target, make_module(reply_timeout=0.2))
     assert "reply discarded" in log.text()
     assert result.failure == "invalid_reply"
 
@@ -411,7 +376,7 @@ async def test_reply_from_another_port_does_not_displace_the_genuine_one(
         Send(reply(req, offset=100.0), from_other_port=True),
         Send(reply(req, offset=0.25), delay=0.01),
     ]
-    result, log = await probe(fake_ntp, make_module())
+    result, log = await probe(fake_ntp.target, make_module())
     assert result.success, (result.failure, log.text())
     assert_offset(result, 0.25)
     assert counts(result) == (1, 1, 0)
@@ -425,7 +390,7 @@ async def test_duplicated_replies_count_once(fake_ntp: FakeNTPServer, copy_delay
         return [Send(data), Send(data, delay=copy_delay)]
 
     fake_ntp.behaviour = behaviour
-    result, log = await probe(fake_ntp, make_module(samples=3))
+    result, log = await probe(fake_ntp.target, make_module(samples=3))
     assert result.success, (result.failure, log.text())
     assert counts(result) == (3, 3, 0)
     assert_offset(result, 0.25)
@@ -436,7 +401,7 @@ async def test_partial_loss(fake_ntp: FakeNTPServer) -> None:
         return [] if req.index == 1 else [Send(reply(req))]
 
     fake_ntp.behaviour = behaviour
-    result, log = await probe(fake_ntp, make_module(samples=4, reply_timeout=0.1))
+    result, log = await probe(fake_ntp.target, make_module(samples=4, reply_timeout=0.1))
     assert result.success, (result.failure, log.text())
     assert counts(result) == (4, 3, 0.25)
     await fake_ntp.drain()
@@ -453,7 +418,7 @@ async def test_partial_loss(fake_ntp: FakeNTPServer) -> None:
 async def test_only_late_replies_is_a_timeout(fake_ntp: FakeNTPServer, samples: int) -> None:
     # Every reply comes 150 ms after its request; each request waits only 100 ms.
     fake_ntp.behaviour = lambda req: [Send(reply(req), delay=0.15)]
-    result, log = await probe(fake_ntp, make_module(samples=samples, reply_timeout=0.1))
+    result, log = await probe(fake_ntp.target, make_module(samples=samples, reply_timeout=0.1))
     assert counts(result) == (samples, 0, 1), log.text()
     assert_no_measurement(result)
     assert result.failure == "timeout", log.text()
@@ -462,7 +427,7 @@ async def test_only_late_replies_is_a_timeout(fake_ntp: FakeNTPServer, samples: 
 async def test_negative_delay_is_discarded(fake_ntp: FakeNTPServer) -> None:
     # The server claims to have held the request for 1 s; the round trip took far less.
     fake_ntp.behaviour = answer(processing=1.0)
-    result, log = await probe(fake_ntp, make_module())
+    result, log = await probe(fake_ntp.target, make_module())
     assert not result.success
     assert result.failure == "invalid_reply", log.text()
     assert counts(result) == (1, 0, 1)
@@ -476,7 +441,7 @@ async def test_negative_delay_sample_is_not_used(fake_ntp: FakeNTPServer) -> Non
         return [Send(reply(req, offset=0.25))]
 
     fake_ntp.behaviour = behaviour
-    result, log = await probe(fake_ntp, make_module(samples=2))
+    result, log = await probe(fake_ntp.target, make_module(samples=2))
     assert result.success, (result.failure, log.text())
     # The bogus sample's offset would be 0.25 - 0.5 s.
     assert_offset(result, 0.25)
@@ -491,7 +456,7 @@ async def test_min_delay_sample_is_selected(fake_ntp: FakeNTPServer) -> None:
         return [Send(reply(req, offset=0.25))]
 
     fake_ntp.behaviour = behaviour
-    result, log = await probe(fake_ntp, make_module(samples=4))
+    result, log = await probe(fake_ntp.target, make_module(samples=4))
     assert result.success, (result.failure, log.text())
     assert counts(result) == (4, 4, 0)
     assert_offset(result, 0.25)
@@ -546,7 +511,7 @@ async def test_sanity_check_failures_keep_the_gauges(
     fake_ntp: FakeNTPServer, fields: dict[str, Any], settings: dict[str, Any], reason: str
 ) -> None:
     fake_ntp.behaviour = answer(**fields)
-    result, log = await probe(fake_ntp, make_module(**settings))
+    result, log = await probe(fake_ntp.target, make_module(**settings))
     assert not result.success
     assert result.failure == reason, log.text()
     # One failure series, whatever else failed too.
@@ -558,7 +523,7 @@ async def test_sanity_check_failures_keep_the_gauges(
 
 async def test_excess_root_distance_reports_the_distance(fake_ntp: FakeNTPServer) -> None:
     fake_ntp.behaviour = answer(root_dispersion=2.0)
-    result, _ = await probe(fake_ntp, make_module())
+    result, _ = await probe(fake_ntp.target, make_module())
     assert result.failure == "excess_root_distance"
     assert value(result, "probe_ntp_root_dispersion_seconds") == pytest.approx(2.0, abs=1e-4)
     distance = value(result, "probe_ntp_root_distance_seconds")
@@ -567,7 +532,7 @@ async def test_excess_root_distance_reports_the_distance(fake_ntp: FakeNTPServer
 
 async def test_offset_within_limit_passes(fake_ntp: FakeNTPServer) -> None:
     fake_ntp.behaviour = answer(offset=0.25)
-    result, log = await probe(fake_ntp, make_module(fail_if_offset_exceeds=0.5))
+    result, log = await probe(fake_ntp.target, make_module(fail_if_offset_exceeds=0.5))
     assert result.success, (result.failure, log.text())
 
 
@@ -580,44 +545,56 @@ async def test_silent_server_times_out_within_the_probe_timeout(fake_ntp: FakeNT
     timeout = probe_timeout(module.timeout, "1.0", 0.5)
     assert timeout == 0.5
     started = time.monotonic()
-    result, log = await probe(fake_ntp, module, timeout)
+    result, log = await probe(fake_ntp.target, module, timeout=timeout)
     elapsed = time.monotonic() - started
     assert elapsed < timeout + SLACK, log.text()
     assert not result.success
     assert result.failure == "timeout"
     sent, received, loss = counts(result)
     # Under heavy CPU load this can fail: the backstop race pinned down by
-    # test_stalled_loop_at_the_deadline_keeps_the_collected_samples drops these gauges.
     assert sent is not None and sent >= 1, f"samples_sent missing:\n{log.text()}"
     assert received == 0 and loss == 1
     assert_no_measurement(result)
     await fake_ntp.wait_for_requests(1)
 
 
-async def test_stalled_loop_at_the_deadline_keeps_the_collected_samples(
-    fake_ntp: FakeNTPServer,
-) -> None:
-    # The first request is answered, the second is not: its wait ends at the deadline.
+async def test_a_burst_cut_off_keeps_its_accounting(fake_ntp: FakeNTPServer) -> None:
+    """What the runner's backstop does to a prober that overruns: cancel it. The samples
+    sent and received before that still count (and reach ntp_probe_ntp_packets_sent_total)."""
     def behaviour(req: Request) -> list[Send]:
         return [Send(reply(req, offset=0.25))] if req.index == 0 else []
 
     fake_ntp.behaviour = behaviour
-    module = make_module(samples=2, interval=0.01, reply_timeout=5.0, timeout=0.3)
-    loop = asyncio.get_running_loop()
-    # Simulate a loaded exporter: the event loop is blocked from 0.2 s to 0.35 s, across
-    # both the prober's wait limit (0.295 s) and the deadline (0.3 s). This is a blocking
-    # callback standing in for load, not a synchronisation sleep.
-    loop.call_later(0.2, time.sleep, 0.15)
-    result, log = await probe(fake_ntp, module)
+    module = make_module(samples=3, interval=0.01, reply_timeout=5.0, timeout=10.0)
+    ctx = ProbeContext(deadline=asyncio.get_running_loop().time() + module.timeout)
+    task = asyncio.create_task(ntp_prober.probe(parse_target(fake_ntp.target), module, ctx))
     await fake_ntp.wait_for_requests(2)
-    assert counts(result) == (2, 1, 0.5), log.text()
-    assert_offset(result, 0.25)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    m = ctx.measurement
+    assert counts(m) == (2, 1, 0.5), ctx.log.text()
+    assert m.packets_sent == 2
+    assert_offset(m, 0.25)
+
+
+async def test_no_request_is_sent_when_its_reply_cannot_arrive_in_time(
+    fake_ntp: FakeNTPServer,
+) -> None:
+    # 40 ms leaves less than the shortest reply window: sending would only blame the server.
+    module = make_module(samples=1, reply_timeout=1.0, timeout=0.04)
+    result, log = await probe(fake_ntp.target, module)
+    assert result.failure == "timeout"
+    assert counts(result) == (0, 0, 0)
+    assert "burst shortened to 0 of 1 samples" in log.text()
+    await fake_ntp.drain()
+    assert fake_ntp.requests == []
 
 
 async def test_burst_is_shortened_to_fit_the_timeout(fake_ntp: FakeNTPServer) -> None:
     module = make_module(samples=5, interval=1.0, reply_timeout=0.5, timeout=1.5)
     started = time.monotonic()
-    result, log = await probe(fake_ntp, module)
+    result, log = await probe(fake_ntp.target, module)
     elapsed = time.monotonic() - started
     assert elapsed < module.timeout + SLACK, log.text()
     assert result.success, (result.failure, log.text())
@@ -654,7 +631,7 @@ async def test_closed_port_fails_fast_as_unreachable() -> None:
 async def test_requests_are_minimal_with_random_nonces(
     fake_ntp: FakeNTPServer, version: int
 ) -> None:
-    result, log = await probe(fake_ntp, make_module(samples=3, version=version))
+    result, log = await probe(fake_ntp.target, make_module(samples=3, version=version))
     assert result.success, (result.failure, log.text())
     await fake_ntp.drain()
     assert len(fake_ntp.requests) == 3

@@ -24,7 +24,6 @@ from tests.behaviour.fake_server import (
     Send,
     answer,
     kod,
-    reply,
     silent,
 )
 from tests.contract import VALID_SAMPLE_METRICS
@@ -35,7 +34,6 @@ fake_ntp = fake_server.fake_ntp
 Client = TestClient[web.Request, web.Application]
 
 CONTENT_TYPE_PREFIX = "text/plain; version=0.0.4"
-
 
 
 def _module(name: str, *, timeout: float, samples: int, reply_timeout: float) -> Module:
@@ -381,44 +379,3 @@ async def test_kod_backs_off_the_target(
     assert value(await get_metrics(client), "ntp_probe_ntp_packets_sent_total") == 1
 
 
-async def test_kod_backoff_is_per_address_and_port(
-    client: Client, fake_ntp: FakeNTPServer
-) -> None:
-    fake_ntp.behaviour = lambda req: [Send(kod(req, b"DENY"))]
-    resp = await client.get("/probe", params={"target": fake_ntp.target, "module": "ntp"})
-    assert value(await resp.text(), "probe_ntp_failure_info", reason="kod_deny") == 1
-    other = await FakeNTPServer.start()
-    try:
-        resp = await client.get("/probe", params={"target": other.target, "module": "ntp"})
-        assert value(await resp.text(), "probe_success") == 1
-        assert len(other.requests) == 1
-    finally:
-        other.close()
-
-
-async def test_unknown_kiss_code_does_not_back_off(
-    client: Client, fake_ntp: FakeNTPServer
-) -> None:
-    fake_ntp.behaviour = lambda req: [Send(kod(req, b"XYZW"))]
-    params = {"target": fake_ntp.target, "module": "ntp"}
-    for _ in range(2):
-        body = await (await client.get("/probe", params=params)).text()
-        assert value(body, "probe_ntp_failure_info", reason="kod_other") == 1
-    await fake_ntp.drain()
-    assert len(fake_ntp.requests) == 2
-
-
-async def test_identical_concurrent_probes_share_one_burst(
-    client: Client, fake_ntp: FakeNTPServer
-) -> None:
-    # Each reply is held 100 ms so that both scrapes are in flight together.
-    fake_ntp.behaviour = lambda req: [Send(reply(req, offset=0.25), delay=0.1)]
-    params = {"target": fake_ntp.target, "module": "ntp"}
-    responses = await asyncio.gather(
-        client.get("/probe", params=params), client.get("/probe", params=params)
-    )
-    for resp in responses:
-        assert resp.status == 200
-        assert value(await resp.text(), "probe_success") == 1
-    await fake_ntp.drain()
-    assert len(fake_ntp.requests) == 1  # module "ntp" sends one sample per burst

@@ -236,8 +236,8 @@ class Chronyd:
 
 
 def chrony_conf(directory: Path, port: int) -> str:
-    """RECIPES.md section 2, but with no bindaddress: it answers on every 127.x address
-    (``allow`` keeps it answering loopback clients only)."""
+    """A chronyd -x server as in the tests, but with no bindaddress: it answers on every
+    127.x address (``allow`` keeps it answering loopback clients only)."""
     lines = [
         f"port {port}",
         "allow 127.0.0.0/8",

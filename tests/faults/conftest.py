@@ -1,6 +1,6 @@
 """Fault-injection fixtures: a network namespace of the test's own, chronyd -x inside it.
 
-RECIPES.md section 5: this kernel has no netem, so loss is injected with nftables
+This kernel has no netem, so loss is injected with nftables
 (``numgen random``) inside the namespace and delay with a userspace UDP relay (in the
 test module). Everything here is created by the test run itself and removed by name at
 teardown, even when a test fails:
@@ -43,7 +43,7 @@ from tests.conftest import (
     stop_process,
 )
 
-# The benchmarking range (RFC 2544); the namespaces of RECIPES.md section 5 use it too.
+# The benchmarking range (RFC 2544): never routed, so nothing leaves the namespaces.
 FAULT_RANGE = ipaddress.IPv4Network("198.18.0.0/15")
 NTP_PORT = 123
 CHRONYD_START_DEADLINE = 5.0
@@ -247,7 +247,8 @@ class NsChronyd:
 
 
 def chrony_config(ns: Netns, directory: Path, port: int) -> str:
-    """RECIPES.md section 2, bound to the namespace's address and open to the host's /30."""
+    """A loopback-style chronyd -x server, bound to the namespace's address and open to the
+    host's /30."""
     return "\n".join([
         f"port {port}",
         f"bindaddress {ns.ns_addr}",

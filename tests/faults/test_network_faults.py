@@ -2,7 +2,7 @@
 
 chronyd (``-x``: the clock is never touched) runs in a network namespace this module
 creates (see ``conftest.py``); the probe runs on the host and reaches it over a veth pair.
-The faults (RECIPES.md section 5; this kernel has no netem):
+The faults (this kernel has no netem, so nftables does the dropping):
 
 * loss: an nftables ``numgen random`` drop rule inside the namespace, with counters;
 * delay, jitter, asymmetry, duplication and reordering: :class:`UDPRelay` below, an
@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from ntp_probe.config.schema import Module, NTPSettings
+from ntp_probe.config.schema import Module
 from ntp_probe.engine.context import ProbeLog
 from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.runner import run_probe
@@ -179,25 +179,15 @@ class UDPRelay:
 # --- helpers ----------------------------------------------------------------------------
 
 
-def make_module(*, samples: int, interval: float, reply_timeout: float, timeout: float) -> Module:
-    return Module(
-        name="faults",
-        timeout=timeout,
-        ntp=NTPSettings(
-            samples=samples,
-            sample_interval=interval,
-            reply_timeout=reply_timeout,
-            preferred_ip_protocol="ip4",
-        ),
-    )
+def make_module(*, samples: int, interval: float, reply_timeout: float,
+                timeout: float) -> Module:
+    return conftest.make_module(name="faults", samples=samples, interval=interval,
+                                reply_timeout=reply_timeout, timeout=timeout)
 
 
-async def probe(
-    target: str, module: Module, log: ProbeLog | None = None
-) -> tuple[Measurement, ProbeLog]:
-    log = ProbeLog() if log is None else log
-    result, _ = await run_probe(parse_target(target), module, module.timeout, log)
-    return result, log
+async def probe(target: str, module: Module,
+                log: ProbeLog | None = None) -> tuple[Measurement, ProbeLog]:
+    return await conftest.probe(target, module, log=log)
 
 
 def value(result: Measurement, name: str) -> float:

@@ -1,6 +1,6 @@
 """The NTP prober against a real chronyd on loopback (``chronyd -x``: the clock is untouched).
 
-RECIPES.md section 2: chronyd answers as stratum 8 with refid 127.127.1.1 (its local
+chronyd with `local stratum 8` answers as stratum 8 with refid 127.127.1.1 (its local
 reference), leap 0, zero root delay and dispersion; without ``local stratum`` it answers
 stratum 0 with a zero refid and LI 3, which is not a Kiss-o'-Death.
 """

@@ -2,9 +2,9 @@
 real exporter process (kernel and hybrid modules, the latter against a real chronyd).
 
 Reading the kernel clock (adjtimex / clock_adjtime with modes = 0) needs no privilege;
-the exporter must never need CAP_SYS_TIME. The unprivileged run uses
-``setpriv --reuid=nobody --regid=nogroup --clear-groups --inh-caps=-all --bounding-set=-all``
-(RECIPES.md section 8), which only root can do.
+the exporter must never need CAP_SYS_TIME. The unprivileged run uses ``setpriv
+--reuid=nobody --regid=nogroup --clear-groups --inh-caps=-all --bounding-set=-all``, which
+only root can do.
 
 This machine's kernel clock is undisciplined (TIME_ERROR, STA_UNSYNC, maxerror 16 s): the
 hybrid probe still succeeds, because its verdict is the NTP server's; the kernel's state is

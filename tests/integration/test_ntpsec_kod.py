@@ -6,7 +6,7 @@ ntpsec`` and ``dpkg-deb -x`` unpack it into a cache directory
 later runs. Without it (no apt lists, no network, not Debian) the tests skip, or fail
 under ``NTP_PROBE_REQUIRE_INTEGRATION=1``.
 
-Clock safety (RECIPES.md section 4): ntpd always runs as
+Clock safety: ntpd always runs as
 ``setpriv --bounding-set=-sys_time -- ntpd -n ...`` (no CAP_SYS_TIME, checked in
 /proc before any packet is sent), never with -g/-G/-q/-u, with ``disable ntp`` and
 ``disable kernel``. It binds UDP 123 only, so the test needs 127.0.0.1:123 free
@@ -154,7 +154,7 @@ def ntp_query_from(source: str, timeout: float = POLL_INTERVAL) -> bytes | None:
 
 
 def ntp_conf(d: Path) -> str:
-    """RECIPES.md section 4, 'KoD RATE (ntpsec)'."""
+    """ntpd with `restrict default limited kod` and a tight discard rule: a real KoD RATE."""
     return "\n".join([
         "interface ignore wildcard",
         "interface ignore all",
@@ -315,7 +315,7 @@ async def test_real_kod_rate_then_backoff(ntpd: Ntpd) -> None:
 
 
 def test_ntpd_never_gained_clock_control(ntpd: Ntpd) -> None:
-    """ntpd tried to set the kernel's PLL and was refused (RECIPES section 4)."""
+    """ntpd tried to set the kernel's PLL and was refused (it has no CAP_SYS_TIME)."""
     assert ntpd.proc.poll() is None
     assert _cap_sys_time_cleared(ntpd.proc.pid)
     log = ntpd.log()

@@ -7,7 +7,7 @@ absolute rule file paths and no Alertmanager. Every relabel_config is kept as sh
 (only its placeholder exporter address is substituted), so these tests check the
 relabeling users copy. The jobs of prometheus/migration_relabel.yml run alongside.
 
-Prometheus scrapes for the first time about 5.7 s after it starts (RECIPES.md section 6):
+Prometheus scrapes for the first time about 5.7 s after it starts (measured on this machine kind):
 everything below polls with a deadline. Every process is stopped by its PID.
 """
 

@@ -1,6 +1,6 @@
 """probers.hybrid's correlation (NTP vs kernel coherence) and the leap-second window it sits beside.
 
-The coherence score (DESIGN.md): with d the divergence, piecewise linear through
+The coherence score (README, kernel metrics): with d the divergence, piecewise linear through
 (0, 1), (1 ms, 1), (5 ms, 0.9), (10 ms, 0.7), (50 ms, 0.5), then
 0.5 * exp(-(d - 50 ms) / 50 ms), continuous everywhere.
 

@@ -6,6 +6,7 @@ import pytest
 
 from ntp_probe.safety.guard import Guard
 from ntp_probe.safety.kod import MIN_RATE_BACKOFF, KodTable
+from tests.conftest import FakeClock
 
 CAP = 3600.0
 HOLD = 86400.0
@@ -13,22 +14,9 @@ ADDR = "192.0.2.1"
 PORT = 123
 
 
-class FakeClock:
-    """A callable clock the test moves by hand."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1000.0)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import math
 
 import pytest
 
-from ntp_probe.engine.result import Reason
 from ntp_probe.proto.ntp.packet import (
     NTP_UNIX_DELTA,
     Packet,
@@ -362,23 +361,6 @@ def test_local_module_causality_rule() -> None:
     assert check(bad, local) == "causality_violation"
 
 
-def test_leap_beats_root_distance() -> None:
-    s = make_sample(leap=3, root_dispersion=seconds_to_short(5.0))
-    assert check(s, LIMITS) == "leap_unsynchronized"
-
-
-SANITY_ORDER = [
-    "stratum_unsynchronized",
-    "leap_unsynchronized",
-    "implausible_time",
-    "reference_after_transmit",
-    "stale_reference",
-    "excess_root_distance",
-    "causality_violation",
-    "offset_exceeded",
-]
-
-
 def test_check_follows_contract_order() -> None:
     """Start from a sample failing many checks and fix one problem at a time."""
     past = -5 * 365 * 86400.0
@@ -399,32 +381,8 @@ def test_check_follows_contract_order() -> None:
         # |offset| 1.25 s over a 2.5 s rtt: explainable by asymmetry, but over the 1 s limit.
         ("offset_exceeded", {"server_ahead": 1.25, "out": 1.25, "back": 1.25}),
     ]
-    assert [reason for reason, _ in stages] == SANITY_ORDER
     for expected, kw in stages:
         assert check(make_sample(**kw), ALL_ON) == expected, kw  # type: ignore[arg-type]
     assert check(make_sample(), ALL_ON) is None
 
 
-@pytest.mark.parametrize(
-    ("kw", "expected"),
-    [
-        ({"stratum": 0, "leap": 3}, "stratum_unsynchronized"),
-        ({"leap": 3, "server_ahead": -5 * 365 * 86400.0}, "leap_unsynchronized"),
-        ({"server_ahead": -5 * 365 * 86400.0, "ref_age": -1.0}, "implausible_time"),
-        ({"ref_age": -1.0, "root_dispersion": seconds_to_short(2.0)},
-         "reference_after_transmit"),
-        ({"ref_age": 40 * 3600.0, "root_dispersion": seconds_to_short(2.0)},
-         "stale_reference"),
-        ({"root_dispersion": seconds_to_short(2.0), "server_ahead": 0.5},
-         "excess_root_distance"),
-        ({"server_ahead": 2.0}, "causality_violation"),  # also exceeds the 1 s offset limit
-    ],
-)
-def test_check_precedence_pairs(kw: dict[str, object], expected: str) -> None:
-    assert check(make_sample(**kw), ALL_ON) == expected  # type: ignore[arg-type]
-
-
-def test_sanity_reasons_are_catalogued_in_contract_order() -> None:
-    order = [r.value for r in Reason]
-    positions = [order.index(r) for r in SANITY_ORDER]
-    assert positions == sorted(positions)

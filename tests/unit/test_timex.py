@@ -34,7 +34,7 @@ needs_linux = pytest.mark.skipif(
 )
 
 SIZE = 208
-# glibc LP64 offsets (bits/timex.h), verified with a C offsetof program (RECIPES.md §8).
+# glibc LP64 offsets (bits/timex.h), verified with a C offsetof program.
 LONG_FIELDS = {
     "offset": 8, "freq": 16, "maxerror": 24, "esterror": 32, "constant": 48,
     "precision": 56, "tolerance": 64, "tick": 88, "ppsfreq": 96, "jitter": 104,

@@ -1,0 +1,136 @@
+"""net.udp.DatagramPump: unix datagram sockets, truncated datagrams, unreachable peers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ntp_probe.engine.context import ProbeLog
+from ntp_probe.net.udp import MAX_DATAGRAM, Datagram, DatagramPump, Unreachable
+
+LOOPBACK = "127.0.0.1"
+
+
+@pytest.fixture
+def private_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="ntpp-pump-") as d:
+        Path(d).chmod(0o700)
+        yield Path(d)
+
+
+def echo_server(path: Path) -> socket.socket:
+    """A unix datagram server that answers every request with b"re:" + request."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(path))
+    s.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    def on_readable() -> None:
+        data, source = s.recvfrom(4096)
+        s.sendto(b"re:" + data, source)
+
+    loop.add_reader(s.fileno(), on_readable)
+    return s
+
+
+def stop(s: socket.socket) -> None:
+    asyncio.get_running_loop().remove_reader(s.fileno())
+    s.close()
+
+
+async def test_exchange_over_a_unix_datagram_socket(private_dir: Path) -> None:
+    server = echo_server(private_dir / "server.sock")
+    client_path = private_dir / "client.sock"
+    seen: list[Datagram] = []
+
+    def match(d: Datagram) -> bytes | None:
+        seen.append(d)
+        return d.data if d.data.startswith(b"re:") else None
+
+    try:
+        loop = asyncio.get_running_loop()
+        async with DatagramPump(socket.AF_UNIX, str(private_dir / "server.sock"), match,
+                                ProbeLog(), bind_path=str(client_path)) as pump:
+            assert client_path.exists()  # bound, so the server can answer
+            t1, value = await pump.exchange(b"hello", loop.time() + 2.0)
+        assert value == b"re:hello"
+        assert t1 > 0 and seen[0].rx_ns >= t1
+        assert not client_path.exists()  # the bound path is removed on close
+    finally:
+        stop(server)
+
+
+async def test_no_match_waits_until_the_deadline(private_dir: Path) -> None:
+    server = echo_server(private_dir / "server.sock")
+    try:
+        loop = asyncio.get_running_loop()
+        never: DatagramPump[bytes] = DatagramPump(
+            socket.AF_UNIX, str(private_dir / "server.sock"), lambda d: None, ProbeLog(),
+            bind_path=str(private_dir / "c.sock"))
+        async with never as pump:
+            _, value = await pump.exchange(b"x", loop.time() + 0.05)
+        assert value is None
+    finally:
+        stop(server)
+
+
+async def test_a_send_that_fails_is_unreachable_and_not_sent(private_dir: Path) -> None:
+    loop = asyncio.get_running_loop()
+    async with DatagramPump(socket.AF_UNIX, str(private_dir / "nobody-here.sock"),
+                            lambda d: d.data, ProbeLog(),
+                            bind_path=str(private_dir / "c.sock")) as pump:
+        with pytest.raises(Unreachable) as caught:
+            await pump.exchange(b"x", loop.time() + 1.0)
+    assert caught.value.sent is False
+    assert "send failed" in str(caught.value)
+
+
+async def test_icmp_port_unreachable_ends_the_wait_as_unreachable() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((LOOPBACK, 0))
+        port = s.getsockname()[1]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with DatagramPump(socket.AF_INET, (LOOPBACK, port), lambda d: d.data,
+                            ProbeLog()) as pump:
+        with pytest.raises(Unreachable) as caught:
+            await pump.exchange(b"x", loop.time() + 5.0)
+    assert caught.value.sent is True
+    assert "port unreachable" in str(caught.value)
+    assert loop.time() - started < 5.0  # the ICMP error, not the deadline, ended it
+
+
+async def test_a_truncated_datagram_is_discarded_and_logged() -> None:
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind((LOOPBACK, 0))
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    loop = asyncio.get_running_loop()
+    seen: list[int] = []
+
+    def match(d: Datagram) -> bytes:
+        seen.append(len(d.data))
+        return d.data
+
+    def on_request() -> None:
+        _, source = server.recvfrom(64)
+        server.sendto(b"L" * (MAX_DATAGRAM + 100), source)  # cut short by the receiver
+        server.sendto(b"ok", source)
+
+    loop.add_reader(server.fileno(), on_request)
+    log = ProbeLog()
+    try:
+        async with DatagramPump(socket.AF_INET, (LOOPBACK, port),
+                                match, log) as pump:
+            _, value = await pump.exchange(b"x", loop.time() + 2.0)
+    finally:
+        loop.remove_reader(server.fileno())
+        server.close()
+    assert value == b"ok"
+    assert seen == [2]  # the long datagram never reached the matcher
+    assert "truncated" in log.text()

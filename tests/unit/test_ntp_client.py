@@ -1,0 +1,121 @@
+"""proto.ntp.client: the reply rules as a state machine, driven with bytes alone."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from ntp_probe.proto.ntp import client as rules
+from ntp_probe.proto.ntp import packet as ntp
+
+SERVER = ("192.0.2.1", 123)
+NONCE = 0x0123456789ABCDEF
+TRANSMIT = 0xE6A1B2C3D4E5F607
+
+
+def reply(origin: int = NONCE, *, mode: int = 4, transmit: int = TRANSMIT, stratum: int = 2,
+          refid: bytes = b"\x7f\x00\x00\x01", leap: int = 0) -> bytes:
+    """A server reply built field by field (independently of the codec's encoder)."""
+    first = (leap << 6) | (4 << 3) | mode
+    return struct.pack("!BBbbII4sQQQQ", first, stratum, 6, -20, 0, 0, refid, 0, origin,
+                       TRANSMIT - 100, transmit)
+
+
+def test_request_is_a_minimal_mode_3_packet_carrying_the_nonce() -> None:
+    c = rules.Client(SERVER, version=3)
+    data = c.request(NONCE)
+    assert len(data) == 48
+    assert data[0] == (3 << 3) | 3
+    assert data[1:40] == bytes(39)
+    assert struct.unpack("!Q", data[40:48])[0] == NONCE
+    assert c.pending == NONCE
+
+
+def test_the_reply_to_the_pending_request_is_accepted_once() -> None:
+    c = rules.Client(SERVER)
+    c.request(NONCE)
+    outcome = c.receive(reply(), SERVER)
+    assert isinstance(outcome, rules.Accepted)
+    assert outcome.packet.origin_ts == NONCE and outcome.packet.transmit_ts == TRANSMIT
+    assert c.pending is None
+    again = c.receive(reply(), SERVER)
+    assert again == rules.Discarded("duplicate of an answered request")
+
+
+@pytest.mark.parametrize(("source", "why"), [
+    (("192.0.2.2", 123), "from 192.0.2.2:123, not the target"),
+    (("192.0.2.1", 1123), "from 192.0.2.1:1123, not the target"),
+])
+def test_replies_from_elsewhere_are_discarded(source: tuple[str, int], why: str) -> None:
+    c = rules.Client(SERVER)
+    c.request(NONCE)
+    assert c.receive(reply(), source) == rules.Discarded(why)
+    assert c.pending == NONCE  # still waiting for the genuine reply
+    assert isinstance(c.receive(reply(), SERVER), rules.Accepted)
+
+
+def test_ipv6_sources_compare_on_address_and_port_only() -> None:
+    c = rules.Client(("2001:db8::1", 123))
+    c.request(NONCE)
+    assert isinstance(c.receive(reply(), ("2001:db8::1", 123, 0, 0)), rules.Accepted)
+
+
+def test_malformed_wrong_mode_and_zero_transmit_are_discarded_with_reasons() -> None:
+    c = rules.Client(SERVER)
+    c.request(NONCE)
+    short = c.receive(reply()[:47], SERVER)
+    assert isinstance(short, rules.Discarded) and short.reason.startswith("malformed (")
+    assert c.receive(reply(mode=3), SERVER) == rules.Discarded("mode 3, expected 4 (server)")
+    assert c.receive(reply(transmit=0), SERVER) == rules.Discarded("transmit timestamp is zero")
+    assert c.pending == NONCE
+
+
+def test_a_reply_with_a_foreign_origin_is_discarded() -> None:
+    c = rules.Client(SERVER)
+    c.request(NONCE)
+    assert c.receive(reply(origin=NONCE + 1), SERVER) == rules.Discarded(
+        f"origin {NONCE + 1:016x} matches no request")
+
+
+def test_a_reply_after_its_wait_expired_is_late_not_invalid() -> None:
+    c = rules.Client(SERVER)
+    c.request(NONCE)
+    c.expire()
+    c.request(NONCE + 1)
+    assert c.receive(reply(), SERVER) == rules.Late(NONCE)
+    assert c.pending == NONCE + 1
+    assert isinstance(c.receive(reply(origin=NONCE + 1), SERVER), rules.Accepted)
+
+
+def test_a_new_request_expires_the_previous_one() -> None:
+    c = rules.Client(SERVER)
+    c.request(NONCE)
+    c.request(NONCE + 1)
+    assert c.receive(reply(), SERVER) == rules.Late(NONCE)
+
+
+def test_a_cancelled_request_matches_nothing() -> None:
+    c = rules.Client(SERVER)
+    c.request(NONCE)
+    c.cancel()
+    assert c.pending is None
+    assert isinstance(c.receive(reply(), SERVER), rules.Discarded)
+
+
+def test_a_kiss_of_death_needs_no_transmit_timestamp() -> None:
+    c = rules.Client(SERVER)
+    c.request(NONCE)
+    outcome = c.receive(reply(stratum=0, refid=b"RATE", transmit=0), SERVER)
+    assert isinstance(outcome, rules.Accepted)
+    assert outcome.packet.kiss_code == "RATE"
+
+
+def test_nonces_are_random_and_never_zero() -> None:
+    nonces = {rules.new_nonce() for _ in range(64)}
+    assert len(nonces) == 64 and 0 not in nonces
+    assert all(0 < n < 2**64 for n in nonces)
+
+
+def test_the_codec_and_the_rules_agree_on_the_request() -> None:
+    assert rules.Client(SERVER).request(NONCE) == ntp.encode_request(NONCE, 4)

@@ -1,0 +1,104 @@
+"""net.resolve: bounded threads, coalesced lookups, brief negative caching, reasons.
+
+The lookup function is replaced by one the test controls: a made-up name must never
+reach the machine's resolver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+
+import pytest
+
+from ntp_probe.net.resolve import ResolveError, Resolver, literal, resolve
+
+
+class Lookups:
+    """A getaddrinfo stand-in: answers from a table, optionally holding until released."""
+
+    def __init__(self, table: dict[tuple[str, int], str]) -> None:
+        self.table = table
+        self.calls: list[tuple[str, int]] = []
+        self.release = threading.Event()
+        self.release.set()
+        self.lock = threading.Lock()
+
+    def __call__(self, host: str, family: int) -> str:
+        with self.lock:
+            self.calls.append((host, family))
+        if not self.release.wait(timeout=5):
+            raise ResolveError("test lookup never released")
+        try:
+            return self.table[(host, family)]
+        except KeyError:
+            raise ResolveError("Name or service not known") from None
+
+
+async def test_identical_lookups_in_flight_share_one_call() -> None:
+    lookups = Lookups({("a.test", socket.AF_INET): "192.0.2.7"})
+    lookups.release.clear()
+    resolver = Resolver(threads=2, getaddrinfo=lookups)
+    tasks = [asyncio.create_task(resolver.lookup("a.test", socket.AF_INET)) for _ in range(5)]
+    await asyncio.sleep(0)
+    lookups.release.set()
+    results = await asyncio.gather(*tasks)
+    assert results == [("192.0.2.7", False)] * 5
+    assert lookups.calls == [("a.test", socket.AF_INET)]
+    assert await resolver.lookup("a.test", socket.AF_INET) == ("192.0.2.7", True)
+    assert len(lookups.calls) == 1
+
+
+async def test_failures_are_cached_briefly_with_their_reason() -> None:
+    lookups = Lookups({})
+    resolver = Resolver(getaddrinfo=lookups)
+    for _ in range(3):
+        with pytest.raises(ResolveError, match="Name or service not known"):
+            await resolver.lookup("dead.test", socket.AF_INET)
+    assert len(lookups.calls) == 1
+
+
+async def test_a_giving_up_caller_does_not_cancel_the_shared_lookup() -> None:
+    lookups = Lookups({("slow.test", socket.AF_INET): "192.0.2.9"})
+    lookups.release.clear()
+    resolver = Resolver(getaddrinfo=lookups)
+    impatient = asyncio.create_task(resolver.lookup("slow.test", socket.AF_INET))
+    patient = asyncio.create_task(resolver.lookup("slow.test", socket.AF_INET))
+    await asyncio.sleep(0)
+    impatient.cancel()
+    lookups.release.set()
+    assert await patient == ("192.0.2.9", False)
+    assert impatient.cancelled()
+
+
+async def test_stuck_lookups_hold_only_the_resolvers_own_threads() -> None:
+    lookups = Lookups({("hosts.test", socket.AF_INET): "192.0.2.1"})
+    lookups.release.clear()
+    resolver = Resolver(threads=2, getaddrinfo=lookups)
+    stuck = [asyncio.create_task(resolver.lookup(f"stuck{i}.test", socket.AF_INET))
+             for i in range(2)]
+    await asyncio.sleep(0)
+    # The event loop's default executor is untouched by the stuck lookups.
+    loop = asyncio.get_running_loop()
+    assert await asyncio.wait_for(loop.run_in_executor(None, lambda: 42), 2.0) == 42
+    lookups.release.set()
+    for task in stuck:
+        with pytest.raises(ResolveError):
+            await task
+
+
+async def test_resolve_prefers_then_falls_back_and_says_why() -> None:
+    lookups = Lookups({("v4only.test", socket.AF_INET): "192.0.2.4"})
+    resolver = Resolver(getaddrinfo=lookups)
+    got = await resolve("v4only.test", "ip6", True, resolver)
+    assert (got.address, got.ip_protocol) == ("192.0.2.4", 4)
+    with pytest.raises(ResolveError) as caught:
+        await resolve("v4only.test", "ip6", False, resolver)
+    assert "ip6: Name or service not known" in str(caught.value)
+
+
+def test_literals_are_used_as_given() -> None:
+    got = literal("2001:db8::1")
+    assert got is not None and got.ip_protocol == 6 and got.address == "2001:db8::1"
+    assert literal("ntp.example") is None
