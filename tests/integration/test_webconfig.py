@@ -315,6 +315,8 @@ MORE_BAD_WEB_CONFIGS = {
         "tls_server_config.client_ca_file",
     ),
     "users-not-a-mapping": ("basic_auth_users: [alice]\n", "basic_auth_users"),
+    # exporter-toolkit's key, but aiohttp serves HTTP/1.1 only: say so, do not pretend.
+    "http2-on": ("http_server_config:\n  http2: true\n", "http_server_config.http2"),
 }
 
 
@@ -373,6 +375,12 @@ def test_load_web_config_rejects(pki: Pki, name: str) -> None:
     with pytest.raises(WebConfigError) as exc:
         load_web_config(str(path))
     assert str(exc.value).startswith(key), str(exc.value)
+
+
+def test_http2_false_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "web.yml"
+    path.write_text("http_server_config:\n  http2: false\n")
+    assert load_web_config(str(path)).ssl_context is None
 
 
 def test_load_web_config_missing_file(tmp_path: Path) -> None:

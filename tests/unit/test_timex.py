@@ -344,3 +344,16 @@ def test_source_never_sets_modes_to_anything_but_zero() -> None:
     assert assignments >= 1  # read() sets modes = 0 explicitly
     # No ADJ_* write mode constants are even defined.
     assert "ADJ_" not in inspect.getsource(timex) + inspect.getsource(adjtimex)
+
+
+@needs_linux
+def test_reading_the_clock_searches_for_no_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    """find_library runs ldconfig (a subprocess): never on the event loop's first probe."""
+    import ctypes.util
+
+    def no_search(name: str) -> str | None:
+        raise AssertionError(f"find_library({name!r}) called")
+
+    monkeypatch.setattr(ctypes.util, "find_library", no_search)
+    monkeypatch.setattr(adjtimex, "_libc", None)
+    assert adjtimex.read().state in timex.CLOCK_STATES.values()

@@ -1,0 +1,183 @@
+"""The layering rules, the one prober registry, and the schema-driven configuration."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import datetime as dt
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ntp_probe.config.load import (
+    dump_block,
+    load_config,
+    module_to_dict,
+    parse_block,
+    parse_config,
+)
+from ntp_probe.config.schema import BLOCKS, Choice, Duration, Flag, IntRange, NTPSettings, Time
+from ntp_probe.engine.registry import PROBERS, probe_function
+from ntp_probe.engine.result import Reason
+from ntp_probe.exposition import families
+from ntp_probe.probers import hybrid, kernel, ntp
+from ntp_probe.probers.common import ip_hash
+
+PACKAGE = Path(__file__).resolve().parents[2] / "ntp_probe"
+
+
+def imports_of(path: Path) -> set[str]:
+    """Absolute module names a source file imports (relative imports are not used here)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            out.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return out
+
+
+def layer_files(layer: str) -> list[Path]:
+    return sorted((PACKAGE / layer).rglob("*.py"))
+
+
+# layer -> ntp_probe subpackages it must not import
+FORBIDDEN = {
+    "proto": ("net", "engine", "probers", "safety", "exposition", "config", "web", "cli"),
+    "net": ("engine", "probers", "safety", "exposition", "config", "web", "cli"),
+    "safety": ("net", "engine", "probers", "exposition", "config", "web", "cli"),
+    "exposition": ("net", "probers", "proto", "safety", "config", "web", "cli"),
+    "engine": ("web", "cli"),
+    "probers": ("web", "cli"),
+    "config": ("web", "cli", "net"),
+    "web": ("probers", "proto", "net"),
+    "cli": ("probers", "proto", "net"),
+}
+
+
+@pytest.mark.parametrize("layer", list(FORBIDDEN))
+def test_layers_import_only_what_the_layout_allows(layer: str) -> None:
+    bad = []
+    for path in layer_files(layer):
+        for name in imports_of(path):
+            parts = name.split(".")
+            if parts[0] == "ntp_probe" and len(parts) > 1 and parts[1] in FORBIDDEN[layer]:
+                bad.append(f"{path.relative_to(PACKAGE)} imports {name}")
+    assert not bad, "\n".join(bad)
+
+
+def test_proto_is_sans_io() -> None:
+    bad = [f"{p.relative_to(PACKAGE)}: {name}"
+           for p in layer_files("proto") for name in imports_of(p)
+           if name.split(".")[0] in ("asyncio", "socket", "selectors", "ssl", "subprocess")]
+    assert not bad, bad
+
+
+def test_a_prober_imports_another_only_to_compose_it() -> None:
+    for path in layer_files("probers"):
+        others = {n.split(".")[2] for n in imports_of(path)
+                  if n.startswith("ntp_probe.probers.") and len(n.split(".")) > 2}
+        others.discard("common")
+        allowed = {"ntp", "kernel"} if path.stem == "hybrid" else set()
+        assert others <= allowed, f"{path.name} imports probers {sorted(others)}"
+
+
+# --- the registry ---------------------------------------------------------------------
+
+def test_every_family_in_the_registry_is_declared_once() -> None:
+    declared = families.declared()
+    for spec in PROBERS.values():
+        assert set(spec.families) <= set(declared), spec.name
+        assert len(spec.families) == len(set(spec.families)), spec.name
+    registered = {f for spec in PROBERS.values() for f in spec.families}
+    assert registered == set(declared)  # no family that no prober emits
+
+
+def test_every_reason_belongs_to_a_prober() -> None:
+    used = {r for spec in PROBERS.values() for r in spec.reasons}
+    assert used == set(Reason)
+
+
+def test_modules_reach_their_probe_function() -> None:
+    config = parse_config(
+        "modules:\n  n: {prober: ntp}\n  k: {prober: kernel}\n"
+        "  h: {prober: ntp, ntp: {kernel_correlation: true}}\n", "t")
+    assert probe_function(config.modules["n"]) is ntp.probe
+    assert probe_function(config.modules["k"]) is kernel.probe
+    assert probe_function(config.modules["h"]) is hybrid.probe
+
+
+def test_unknown_prober_lists_the_registry() -> None:
+    with pytest.raises(ValueError, match="known: ntp, kernel"):
+        parse_config("modules:\n  x: {prober: gps}\n", "t")
+
+
+def test_a_settings_block_is_refused_for_a_prober_that_does_not_read_it() -> None:
+    with pytest.raises(ValueError, match=r"modules\.k\.ntp: only for modules with prober: ntp"):
+        parse_config("modules:\n  k: {prober: kernel, ntp: {samples: 2}}\n", "t")
+
+
+# --- the schema -----------------------------------------------------------------------
+
+def _other_value(kind: object, default: object) -> object:
+    """A valid YAML value for a field of ``kind`` that differs from its default."""
+    if isinstance(kind, IntRange):
+        return kind.hi if default != kind.hi else kind.lo
+    if isinstance(kind, Duration):
+        return "1m30s"
+    if isinstance(kind, Choice):
+        return next(o for o in kind.options if o != default)
+    if isinstance(kind, Flag):
+        return not default
+    if isinstance(kind, Time):
+        return dt.datetime(2030, 5, 6, 7, 8, 9, tzinfo=dt.UTC)
+    raise AssertionError(f"no test value for {kind!r}")
+
+
+@pytest.mark.parametrize("block", list(BLOCKS))
+def test_every_field_is_read_and_written_back(block: str) -> None:
+    """Each field: a non-default value in YAML is parsed, kept, and written back the same."""
+    cls = BLOCKS[block]
+    for f in dataclasses.fields(cls):
+        kind = f.metadata["kind"]  # every field declares its kind
+        raw = {f.name: _other_value(kind, f.default)}
+        settings = parse_block(cls, raw, block)
+        assert getattr(settings, f.name) != f.default, f.name
+        again = parse_block(cls, dump_block(settings), block)
+        assert again == settings, f.name
+
+
+def test_module_to_dict_round_trips_through_the_parser() -> None:
+    text = ("modules:\n  m:\n    prober: ntp\n    timeout: 3s\n    min_probe_interval: 30s\n"
+            "    allowed_targets: [192.0.2.0/24]\n    ntp: {samples: 5, reply_timeout: 250ms}\n")
+    module = parse_config(text, "t").modules["m"]
+    again = parse_config(yaml.safe_dump({"modules": {"m": module_to_dict(module)}}), "t")
+    assert again.modules["m"] == module
+
+
+def test_ntp_settings_defaults_match_the_packaged_ntp_module() -> None:
+    assert load_config(None).modules["ntp"].ntp == NTPSettings()
+
+
+# --- probe_ip_addr_hash ---------------------------------------------------------------
+
+def fnv1a_32(data: bytes) -> int:
+    h = 2166136261
+    for byte in data:
+        h ^= byte
+        h = (h * 16777619) % (1 << 32)
+    return h
+
+
+@pytest.mark.parametrize(("address", "data"), [
+    ("127.0.0.1", bytes([127, 0, 0, 1])),
+    ("192.0.2.33", bytes([192, 0, 2, 33])),
+    ("::ffff:127.0.0.1", bytes([127, 0, 0, 1])),  # Go's To4() makes it 4 bytes
+    ("::1", bytes(15) + b"\x01"),
+    ("2001:db8::1", bytes.fromhex("20010db8000000000000000000000001")),
+    ("fe80::1%1", bytes.fromhex("fe800000000000000000000000000001")),
+])
+def test_ip_hash_is_blackbox_exporters(address: str, data: bytes) -> None:
+    assert ip_hash(address) == fnv1a_32(data)
