@@ -28,7 +28,8 @@ from ntp_probe.engine.registry import PROBERS
 from ntp_probe.safety.policy import PolicyError, TargetPolicy, parse_rules
 
 _POLICY_KEYS = ("allowed_targets", "denied_targets")
-_MODULE_KEYS = ("prober", "timeout", "min_probe_interval", *_POLICY_KEYS)
+_MODULE_KEYS = ("prober", "description", "timeout", "min_probe_interval", *_POLICY_KEYS)
+_MAX_DESCRIPTION = 200
 _TIMEOUT = Duration(positive=True)
 
 
@@ -69,6 +70,11 @@ def _parse_module(name: str, raw: object) -> Module:
         raise ConfigError(
             f"{where}.prober: unknown prober {prober!r} (known: {', '.join(PROBERS)})"
         )
+    description = raw.get("description", "")
+    if not isinstance(description, str) or "\n" in description.strip() \
+            or len(description) > _MAX_DESCRIPTION:
+        raise ConfigError(f"{where}.description: expected one line of text "
+                          f"(at most {_MAX_DESCRIPTION} characters)")
     blocks: dict[str, Any] = {}
     for block, cls in BLOCKS.items():
         if block in raw and block not in spec.settings:
@@ -77,7 +83,7 @@ def _parse_module(name: str, raw: object) -> Module:
                               f"{' or '.join(users)}")
         blocks[block] = parse_block(cls, raw.get(block), f"{where}.{block}")
     return Module(
-        name=name, prober=prober,
+        name=name, prober=prober, description=description.strip(),
         timeout=_TIMEOUT.parse(raw.get("timeout", "10s"), f"{where}.timeout"),
         policy=_parse_policy(raw, where),
         min_probe_interval=parse_duration(raw.get("min_probe_interval", 0),
@@ -134,7 +140,10 @@ def load_config(path: str | None) -> Config:
 
 def module_to_dict(module: Module) -> dict[str, Any]:
     """A module as YAML-ready data with durations written as strings."""
-    out: dict[str, Any] = {"prober": module.prober, "timeout": format_duration(module.timeout)}
+    out: dict[str, Any] = {"prober": module.prober}
+    if module.description:
+        out["description"] = module.description
+    out["timeout"] = format_duration(module.timeout)
     out.update(_policy_to_dict(module.policy))
     if module.min_probe_interval:
         out["min_probe_interval"] = format_duration(module.min_probe_interval)

@@ -236,6 +236,7 @@ class Module:
     ntp: NTPSettings = field(default_factory=NTPSettings)
     policy: TargetPolicy = field(default_factory=TargetPolicy)
     min_probe_interval: float = 0.0
+    description: str = ""  # one line for the landing page and /config
 
 
 @dataclass(frozen=True, slots=True)

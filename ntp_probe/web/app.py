@@ -97,9 +97,7 @@ async def probe_handler(request: web.Request) -> web.Response:
     if outcome.age is None and not outcome.shared:
         state.internals.observe(module_name, result)
     body = render(result, outcome.age)
-    entry = state.history.add(module_name, str(target), result.success,
-                              None if result.failure is None else result.failure.value,
-                              result.duration, log, body)
+    entry = state.history.add(module_name, str(target), result, log, body)
     if not debug:
         return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
     return web.Response(text=pages.debug_text(entry, module_to_dict(module)))

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ntp_probe.engine.context import ProbeLog
+from ntp_probe.engine.result import Measurement, Report
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,7 @@ class Entry:
     duration: float
     log: ProbeLog  # joined into text only when someone opens /logs
     metrics: str
+    reports: tuple[Report, ...] = ()  # the prober's typed reports (offset, rtt, ...)
 
 
 class History:
@@ -34,16 +36,17 @@ class History:
         self._failures: deque[Entry] = deque(maxlen=limit)
         self._next_id = 0
 
-    def add(self, module: str, target: str, success: bool, reason: str | None,
-            duration: float, log: ProbeLog, metrics: str) -> Entry:
+    def add(self, module: str, target: str, m: Measurement, log: ProbeLog,
+            metrics: str) -> Entry:
         """Record a probe and return its entry."""
-        entry = Entry(self._next_id, time.time(), module, target, success, reason, duration,
-                      log, metrics)
+        entry = Entry(self._next_id, time.time(), module, target, m.success,
+                      None if m.failure is None else m.failure.value, m.duration, log, metrics,
+                      tuple(m.reports))
         self._next_id += 1
         if self.limit <= 0:
             return entry
         self._recent.append(entry)
-        if not success:
+        if not m.success:
             self._failures.append(entry)
         return entry
 

@@ -150,11 +150,22 @@ def test_every_field_is_read_and_written_back(block: str) -> None:
 
 
 def test_module_to_dict_round_trips_through_the_parser() -> None:
-    text = ("modules:\n  m:\n    prober: ntp\n    timeout: 3s\n    min_probe_interval: 30s\n"
+    text = ("modules:\n  m:\n    prober: ntp\n    description: A test module\n"
+            "    timeout: 3s\n    min_probe_interval: 30s\n"
             "    allowed_targets: [192.0.2.0/24]\n    ntp: {samples: 5, reply_timeout: 250ms}\n")
     module = parse_config(text, "t").modules["m"]
     again = parse_config(yaml.safe_dump({"modules": {"m": module_to_dict(module)}}), "t")
     assert again.modules["m"] == module
+
+
+@pytest.mark.parametrize("bad", ["[a, b]", '"two\\nlines"', '"' + "x" * 201 + '"'])
+def test_a_description_is_one_line_of_text(bad: str) -> None:
+    with pytest.raises(ValueError, match=r"modules\.m\.description: expected one line"):
+        parse_config(f"modules:\n  m:\n    description: {bad}\n", "t")
+
+
+def test_packaged_modules_all_have_descriptions() -> None:
+    assert all(m.description for m in load_config(None).modules.values())
 
 
 def test_ntp_settings_defaults_match_the_packaged_ntp_module() -> None:
