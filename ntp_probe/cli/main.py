@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -32,29 +33,72 @@ def _env_name(flag: str) -> str:
     return "NTP_PROBE_" + flag.lstrip("-").upper().replace(".", "_").replace("-", "_")
 
 
-def _flag(parser: argparse.ArgumentParser, flag: str, default: Any, **kwargs: Any) -> None:
+class _Parser(argparse.ArgumentParser):
+    """argparse, plus flags read from NTP_PROBE_* variables whose errors name the variable."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.env_errors: list[str] = []
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """Parse; an invalid environment variable is an error like an invalid flag."""
+        if self.env_errors:
+            self.error("; ".join(self.env_errors))
+        return super().parse_args(args, namespace)
+
+
+def _flag(parser: _Parser, flag: str, default: Any, **kwargs: Any) -> None:
     env = _env_name(flag)
-    value = os.environ.get(env, default)
+    value = os.environ.get(env)
+    if value is not None:
+        convert, choices = kwargs.get("type"), kwargs.get("choices")
+        try:
+            converted = convert(value) if convert is not None else value
+            if choices is not None and converted not in choices:
+                raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}")
+        except argparse.ArgumentTypeError as exc:
+            parser.env_errors.append(f"environment variable {env}={value!r}: {exc}")
+        default = value
     help_text = kwargs.pop("help", "")
-    parser.add_argument(flag, default=value, help=f"{help_text} [env {env}]", **kwargs)
+    shown = "" if default is None else f" (default: {default})"
+    parser.add_argument(flag, default=default, help=f"{help_text}{shown} [env {env}]", **kwargs)
+
+
+def _number(text: str, kind: type[float] | type[int]) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        noun = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not negative: {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text, float)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text}")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = int(_number(text, int))
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value = int(_number(text, int))
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text}")
     return value
@@ -70,7 +114,7 @@ def _bool(text: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: _Parser) -> None:
     _flag(parser, "--config.file", None, dest="config_file", metavar="FILE",
           help="modules file; replaces the packaged default modules")
     _flag(parser, "--log.level", "info", dest="log_level", choices=sorted(logs.LEVELS),
@@ -81,7 +125,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def serve_parser() -> argparse.ArgumentParser:
     """Flags of the exporter (the default command)."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="ntp-probe",
         description="Prometheus exporter for NTP (blackbox_exporter style). "
         "Subcommands: serve (default), probe TARGET.",
@@ -95,6 +139,13 @@ def serve_parser() -> argparse.ArgumentParser:
           metavar="N", help="probes in flight before /probe answers 503")
     _flag(p, "--web.config.file", None, dest="web_config_file", metavar="FILE",
           help="TLS and basic auth, in Prometheus exporter-toolkit format")
+    _flag(p, "--web.max-connections", "512", dest="max_connections", type=_positive_int,
+          metavar="N", help="HTTP connections open at once; beyond it the oldest idle one "
+          "is closed (kept below the open-files limit)")
+    _flag(p, "--web.read-header-timeout", "10", dest="header_timeout", type=_positive_float,
+          metavar="SECONDS", help="a new connection must send its request headers within this")
+    _flag(p, "--web.idle-timeout", "30", dest="idle_timeout", type=_positive_float,
+          metavar="SECONDS", help="an idle keep-alive connection is closed after this")
     _flag(p, "--history.limit", "100", dest="history_limit", type=_non_negative_int, metavar="N",
           help="recent probes kept for the landing page (failures: as many again)")
     _flag(p, "--config.check", "false", dest="config_check", type=_bool, nargs="?", const=True,
@@ -105,9 +156,14 @@ def serve_parser() -> argparse.ArgumentParser:
 
 def probe_parser() -> argparse.ArgumentParser:
     """Flags of ``ntp-probe probe``."""
-    p = argparse.ArgumentParser(
+    modules = load_config(None).modules
+    listing = "\n".join(f"  {name:<10} {m.description}" for name, m in modules.items())
+    p = _Parser(
         prog="ntp-probe probe",
-        description="Run one probe and print the result; exit 0 on success, 1 on failure.",
+        description="Run one probe and print the result.",
+        epilog=f"packaged modules (a --config.file replaces them):\n{listing}\n\n"
+        "exit status: 0 the probe succeeded, 1 it failed (the reason is printed),\n"
+        "2 bad arguments or configuration.",
     )
     p.add_argument("target", help="HOST, HOST:PORT, IP:PORT or [IPv6]:PORT")
     _flag(p, "--module", "ntp", help="module name")
@@ -121,7 +177,9 @@ def _load(path: str | None) -> Config | None:
     try:
         return load_config(path)
     except ConfigError as exc:
-        logger.error("invalid configuration: %s", exc)
+        # One log line per problem: each names its file, line and key.
+        for line in str(exc).splitlines():
+            logger.error("invalid configuration: %s", line)
         return None
 
 

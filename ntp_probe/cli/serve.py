@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import resource
 import signal
 
 from aiohttp import web
@@ -15,9 +16,37 @@ from ntp_probe.config.schema import Config
 from ntp_probe.exposition.internals import Internals
 from ntp_probe.web.app import State, create_app
 from ntp_probe.web.auth import WebConfigError, load_web_config
+from ntp_probe.web.connections import ConnectionGuard, GuardedSite, quiet_bad_requests
 from ntp_probe.web.history import History
 
 logger = logging.getLogger("ntp_probe")
+
+
+# Descriptors kept free beside the HTTP connections: one UDP socket per probe in flight,
+# plus the listening socket, logs, the resolver's threads and the like.
+_SPARE_FDS = 64
+_SHUTDOWN_GRACE = 1.0
+
+
+def _fit_open_files(max_connections: int, max_probes: int) -> int:
+    """The connection cap, kept below the open-files limit (raised towards the hard limit
+    when it is too low), so that running out of descriptors cannot stop the exporter."""
+    need = max_connections + max_probes + _SPARE_FDS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < need:
+        fitted = max(1, soft - max_probes - _SPARE_FDS)
+        logger.warning("open-files limit %d is too low for --web.max-connections=%d and "
+                       "--probe.max-concurrent=%d: serving at most %d connections (raise "
+                       "LimitNOFILE / ulimit -n)", soft, max_connections, max_probes, fitted)
+        return fitted
+    return max_connections
 
 
 def parse_listen(address: str) -> tuple[str | None, int]:
@@ -46,12 +75,20 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
     state = State(config=config, internals=internals, timeout_offset=args.timeout_offset,
                   max_concurrent=args.max_concurrent, config_path=args.config_file,
                   history=History(args.history_limit), web_config=web_config)
+    max_connections = _fit_open_files(args.max_connections, args.max_concurrent)
+    guard = ConnectionGuard(max_connections=max_connections, header_timeout=args.header_timeout,
+                            idle_timeout=args.idle_timeout)
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(guard.exception_handler)
+    quiet_bad_requests()
     # handler_cancellation: a client that hangs up cancels its probe (and closes its socket).
-    runner = web.AppRunner(create_app(state), access_log=None, handler_cancellation=True)
+    # shutdown_timeout: at SIGTERM, probes in flight get this long, then are cancelled.
+    runner = web.AppRunner(create_app(state, [guard.middleware()]), access_log=None,
+                           handler_cancellation=True, keepalive_timeout=args.idle_timeout,
+                           shutdown_timeout=_SHUTDOWN_GRACE)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_address=True,
-                           ssl_context=web_config.ssl_context)
+        site = GuardedSite(runner, host, port, guard, ssl_context=web_config.ssl_context)
         await site.start()
     except OSError as exc:
         logger.error("cannot listen on %s: %s", args.listen, exc.strerror or exc)
@@ -61,7 +98,6 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
                 " (TLS)" if web_config.ssl_context else "", len(config.modules), config.source,
                 __version__)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, state.reload)
@@ -72,4 +108,5 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
     sdnotify.notify("STOPPING=1")
     await sdnotify.stop_watchdog(watchdog)
     await runner.cleanup()
+    guard.close()
     return 0

@@ -1,16 +1,24 @@
 """modules.yaml -> the schema's frozen dataclasses, and back to YAML for /config.
 
-Strict on purpose: an unknown key, a bad duration or an out-of-range value is an
-error that names the key (``modules.ntp.ntp.samples: ...``), because a typo that is
-silently ignored turns into a monitor that checks less than its operator thinks.
+Strict on purpose: an unknown key, a duplicate key, a bad duration or an out-of-range
+value is an error, because a typo that is silently ignored turns into a monitor that
+checks less than its operator thinks. Every problem is reported at once, each as
+``FILE:LINE:COL: key.path: what is wrong (did you mean ...?)``.
+
+The file is hostile input too (it may come from a config generator, or an attacker
+with write access to a watched directory): YAML aliases are refused (a few hundred
+bytes of nested aliases expand to gigabytes), nesting and size are bounded, and no
+error message quotes more than a line of a value.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
+import stat
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -22,7 +30,7 @@ from ntp_probe.config.schema import (
     Duration,
     Module,
     format_duration,
-    parse_duration,
+    show,
 )
 from ntp_probe.engine.registry import PROBERS
 from ntp_probe.safety.policy import PolicyError, TargetPolicy, parse_rules
@@ -30,25 +38,172 @@ from ntp_probe.safety.policy import PolicyError, TargetPolicy, parse_rules
 _POLICY_KEYS = ("allowed_targets", "denied_targets")
 _MODULE_KEYS = ("prober", "description", "timeout", "min_probe_interval", *_POLICY_KEYS)
 _MAX_DESCRIPTION = 200
-_TIMEOUT = Duration(positive=True)
+# A probe never needs longer; a longer timeout only keeps an abandoned request (no scrape
+# header) and the shutdown waiting.
+MAX_TIMEOUT = 300.0
+_TIMEOUT = Duration(positive=True, maximum=MAX_TIMEOUT)
+_INTERVAL = Duration()
+MAX_FILE_BYTES = 1024 * 1024
+MAX_DEPTH = 32
+_MAX_PROBLEMS = 50
 
 
-def _check_keys(raw: Mapping[str, Any], allowed: set[str] | tuple[str, ...], where: str) -> None:
+# --- YAML with positions -------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a node starts in the file (1-based line and column)."""
+
+    line: int
+    column: int
+
+
+class Node(dict[Any, Any]):
+    """A YAML mapping that remembers where it and each of its keys are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.position: Position | None = None
+        self.key_positions: dict[Any, Position] = {}
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases, with bounded nesting and no duplicate keys."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self.duplicates: list[tuple[str, Position]] = []
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.MarkedYAMLError(None, None, "YAML aliases (*name) are not allowed",
+                                       event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.MarkedYAMLError(None, None,
+                                           f"nested more than {MAX_DEPTH} levels deep",
+                                           self.peek_event().start_mark)  # type: ignore[no-untyped-call]
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Node:
+        out = Node()
+        out.position = _position(node.start_mark)
+        self.flatten_mapping(node)
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise yaml.MarkedYAMLError(None, None, "mapping keys must be plain values",
+                                           key_node.start_mark)
+            if key in out:
+                self.duplicates.append((str(key), _position(key_node.start_mark)))
+            out[key] = self.construct_object(value_node, deep=True)
+            out.key_positions[key] = _position(key_node.start_mark)
+        return out
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _Loader.construct_mapping)
+
+
+def _position(mark: Any) -> Position:
+    return Position(mark.line + 1, mark.column + 1)
+
+
+# --- problems ------------------------------------------------------------------------
+
+class _Problems:
+    """The errors found so far, each with where it is."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.lines: list[str] = []
+
+    def add(self, position: Position | None, path: str, message: str) -> None:
+        where = self.source if position is None else \
+            f"{self.source}:{position.line}:{position.column}"
+        self.lines.append(f"{where}: {path + ': ' if path else ''}{message}")
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            shown = sorted(self.lines, key=_line_order)[:_MAX_PROBLEMS]
+            if len(self.lines) > _MAX_PROBLEMS:
+                shown.append(f"... and {len(self.lines) - _MAX_PROBLEMS} more problems")
+            raise ConfigError("\n".join(shown))
+
+
+def _line_order(line: str) -> tuple[int, int]:
+    """Sort key: a problem's line and column (problems without a position first)."""
+    parts = line.split(":", 3)
+    try:
+        return int(parts[1]), int(parts[2])
+    except (IndexError, ValueError):
+        return 0, 0
+
+
+def _at(raw: object, key: Any) -> Position | None:
+    if isinstance(raw, Node):
+        return raw.key_positions.get(key, raw.position)
+    return None
+
+
+def _join(where: str, key: object) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _unknown_keys(raw: Mapping[Any, Any], allowed: tuple[str, ...] | set[str], where: str,
+                  problems: _Problems) -> None:
     for key in raw:
-        if key not in allowed:
-            name = f"{where}.{key}" if where else str(key)
-            raise ConfigError(f"{name}: unknown key (allowed: {', '.join(sorted(allowed))})")
+        if key in allowed:
+            continue
+        close = difflib.get_close_matches(str(key), list(allowed), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else \
+            f" (allowed: {', '.join(sorted(allowed))})"
+        problems.add(_at(raw, key), _join(where, key), f"unknown key{hint}")
+
+
+def _strip_key(message: str, path: str) -> str:
+    """A kind's message without the key path it starts with (the problem line adds it)."""
+    return message[len(path) + 2:] if message.startswith(path + ": ") else message
+
+
+def _value(kind: Any, raw: Mapping[Any, Any], key: str, where: str, problems: _Problems,
+           default: Any) -> Any:
+    path = _join(where, key)
+    if key not in raw:
+        return default
+    try:
+        return kind.parse(raw[key], path)
+    except ConfigError as exc:
+        problems.add(_at(raw, key), path, _strip_key(str(exc), path))
+        return default
+
+
+# --- the schema, walked ----------------------------------------------------------------
+
+def _parse_block(cls: type[Any], raw: object, where: str, problems: _Problems,
+                 at: Position | None = None) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        problems.add(at, where, "expected a mapping")
+        return cls()
+    kinds = {f.name: (f.metadata["kind"], f.default) for f in fields(cls)}
+    _unknown_keys(raw, set(kinds), where, problems)
+    values = {key: _value(kind, raw, key, where, problems, default)
+              for key, (kind, default) in kinds.items() if key in raw}
+    return cls(**values)
 
 
 def parse_block(cls: type[Any], raw: object, where: str) -> Any:
     """One settings block: every key must be a field of ``cls``, parsed by its kind."""
-    if raw is None:
-        return cls()
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping")
-    kinds = {f.name: f.metadata["kind"] for f in fields(cls)}
-    _check_keys(raw, set(kinds), where)
-    return cls(**{key: kinds[key].parse(value, f"{where}.{key}") for key, value in raw.items()})
+    problems = _Problems("config")
+    settings = _parse_block(cls, raw, where, problems)
+    problems.raise_if_any()
+    return settings
 
 
 def dump_block(settings: object) -> dict[str, Any]:
@@ -57,85 +212,145 @@ def dump_block(settings: object) -> dict[str, Any]:
             for f in fields(settings)}  # type: ignore[arg-type]
 
 
-def _parse_module(name: str, raw: object) -> Module:
+def _parse_module(name: str, raw: object, problems: _Problems,
+                  at: Position | None) -> Module | None:
     where = f"modules.{name}"
     if raw is None:
-        raw = {}
+        raw = Node()
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping")
-    _check_keys(raw, (*_MODULE_KEYS, *BLOCKS), where)
+        problems.add(at, where, "expected a mapping")
+        return None
+    _unknown_keys(raw, (*_MODULE_KEYS, *BLOCKS), where, problems)
     prober = raw.get("prober", "ntp")
     spec = PROBERS.get(prober) if isinstance(prober, str) else None
     if spec is None:
-        raise ConfigError(
-            f"{where}.prober: unknown prober {prober!r} (known: {', '.join(PROBERS)})"
-        )
+        close = difflib.get_close_matches(str(prober), list(PROBERS), n=1, cutoff=0.6)
+        problems.add(_at(raw, "prober"), f"{where}.prober",
+                     f"unknown prober {show(prober)}"
+                     + (f" (did you mean {close[0]}?)" if close else
+                        f" (known: {', '.join(PROBERS)})"))
+        return None
     description = raw.get("description", "")
     if not isinstance(description, str) or "\n" in description.strip() \
             or len(description) > _MAX_DESCRIPTION:
-        raise ConfigError(f"{where}.description: expected one line of text "
-                          f"(at most {_MAX_DESCRIPTION} characters)")
+        problems.add(_at(raw, "description"), f"{where}.description",
+                     f"expected one line of text (at most {_MAX_DESCRIPTION} characters)")
+        description = ""
     blocks: dict[str, Any] = {}
     for block, cls in BLOCKS.items():
         if block in raw and block not in spec.settings:
             users = [p for p, s in PROBERS.items() if block in s.settings]
-            raise ConfigError(f"{where}.{block}: only for modules with prober: "
-                              f"{' or '.join(users)}")
-        blocks[block] = parse_block(cls, raw.get(block), f"{where}.{block}")
+            problems.add(_at(raw, block), f"{where}.{block}",
+                         f"only for modules with prober: {' or '.join(users)}")
+            continue
+        blocks[block] = _parse_block(cls, raw.get(block), f"{where}.{block}", problems,
+                                     _at(raw, block))
     return Module(
         name=name, prober=prober, description=description.strip(),
-        timeout=_TIMEOUT.parse(raw.get("timeout", "10s"), f"{where}.timeout"),
-        policy=_parse_policy(raw, where),
-        min_probe_interval=parse_duration(raw.get("min_probe_interval", 0),
-                                          f"{where}.min_probe_interval"),
+        timeout=_value(_TIMEOUT, raw, "timeout", where, problems, 10.0),
+        policy=_parse_policy(raw, where, problems),
+        min_probe_interval=_value(_INTERVAL, raw, "min_probe_interval", where, problems, 0.0),
         **blocks,
     )
 
 
-def _parse_policy(raw: Mapping[str, Any], where: str) -> TargetPolicy:
+def _parse_policy(raw: Mapping[str, Any], where: str, problems: _Problems) -> TargetPolicy:
     rules = []
     for key in _POLICY_KEYS:
         items = raw.get(key, [])
-        k = f"{where}.{key}" if where else key
+        k = _join(where, key)
         if not isinstance(items, list):
-            raise ConfigError(f"{k}: expected a list of CIDRs, host names or *.domains")
+            problems.add(_at(raw, key), k, "expected a list of CIDRs, host names or *.domains")
+            items = []
         try:
             rules.append(parse_rules(items, k))
         except PolicyError as exc:
-            raise ConfigError(str(exc)) from None
+            problems.add(_at(raw, key), "", str(exc))  # names the entry: key[index]
+            rules.append(parse_rules([], k))
     return TargetPolicy(allowed=rules[0], denied=rules[1])
 
 
+def _yaml_error(exc: yaml.YAMLError, source: str) -> ConfigError:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    text = " ".join(f"{context + ': ' if context else ''}{problem}".split())
+    if mark is None:
+        return ConfigError(f"{source}: invalid YAML: {text}")
+    return ConfigError(f"{source}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {text}")
+
+
 def parse_config(text: str, source: str) -> Config:
-    """Parse modules.yaml text; raise :class:`ConfigError` on any problem."""
+    """Parse modules.yaml text; raise :class:`ConfigError` naming every problem."""
+    if len(text) > MAX_FILE_BYTES:
+        raise ConfigError(f"{source}: larger than {MAX_FILE_BYTES} bytes")
+    loader = _Loader(text)
     try:
-        raw = yaml.safe_load(text)
+        raw = loader.get_single_data()
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: invalid YAML: {' '.join(str(exc).split())}") from None
-    except ValueError as exc:  # PyYAML constructors, e.g. an out-of-range timestamp
-        raise ConfigError(f"{source}: invalid value: {exc}") from None
+        raise _yaml_error(exc, source) from None
+    except (ValueError, OverflowError) as exc:  # constructors, e.g. an out-of-range date
+        raise ConfigError(f"{source}: invalid value: {show(str(exc))}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply") from None
+    finally:
+        loader.dispose()
+    problems = _Problems(source)
+    for key, position in loader.duplicates:
+        problems.add(position, "", f"duplicate key {show(key)} (the later one would "
+                     "silently win)")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping with a 'modules' key")
-    _check_keys(raw, ("modules", *_POLICY_KEYS), "")
+        problems.add(Position(1, 1), "", "expected a mapping with a 'modules' key")
+        problems.raise_if_any()
+        raise AssertionError  # unreachable: a problem was added
+    _unknown_keys(raw, ("modules", *_POLICY_KEYS), "", problems)
     modules_raw = raw.get("modules")
+    modules: dict[str, Module] = {}
     if not isinstance(modules_raw, dict) or not modules_raw:
-        raise ConfigError("modules: expected a non-empty mapping of module names")
-    modules = {str(name): _parse_module(str(name), body) for name, body in modules_raw.items()}
-    return Config(modules=modules, source=source, policy=_parse_policy(raw, ""))
+        problems.add(_at(raw, "modules"), "modules",
+                     "expected a non-empty mapping of module names")
+    else:
+        for name, body in modules_raw.items():
+            module = _parse_module(str(name), body, problems, _at(modules_raw, name))
+            if module is not None:
+                modules[str(name)] = module
+    policy = _parse_policy(raw, "", problems)
+    problems.raise_if_any()
+    return Config(modules=modules, source=source, policy=policy)
+
+
+def read_config_file(path: str) -> str:
+    """The text of a config file: a regular file, bounded in size, UTF-8.
+
+    Opened without blocking, so a FIFO (or a device) named by mistake or malice is an
+    error at once instead of a read that never returns.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{path}: not a regular file")
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
 
 
 def load_config(path: str | None) -> Config:
-    """Load the given file, or the packaged default modules when path is None."""
+    """Load the given file, or the packaged default modules when path is None.
+
+    Blocking: in the event loop, run it in a thread.
+    """
     if path is None:
         text = resources.files("ntp_probe").joinpath("modules.yaml").read_text("utf-8")
         return parse_config(text, "packaged default")
-    try:
-        text = Path(path).read_text("utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    return parse_config(text, path)
+    return parse_config(read_config_file(path), path)
 
 
 def module_to_dict(module: Module) -> dict[str, Any]:

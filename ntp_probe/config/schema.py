@@ -37,11 +37,11 @@ MAX_DURATION = 366 * 86400.0
 def parse_duration(value: object, key: str) -> float:
     """Parse a Prometheus-style duration (``1m30s``, ``500ms``, ``0``) into seconds."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ConfigError(f"{key}: expected a duration like 10s or 500ms, got {_show(value)}")
+        raise ConfigError(f"{key}: expected a duration like 10s or 500ms, got {show(value)}")
     if isinstance(value, (int, float)):
         if value == 0:
             return 0.0
-        raise ConfigError(f"{key}: duration {_show(value)} needs a unit (e.g. {value}s)")
+        raise ConfigError(f"{key}: duration {show(value)} needs a unit (e.g. {value}s)")
     text = value.strip()
     if text == "0":
         return 0.0
@@ -54,9 +54,9 @@ def parse_duration(value: object, key: str) -> float:
         total += float(m.group(1)) * size
         pos, last_size = m.end(), size
     if pos != len(text) or not text:
-        raise ConfigError(f"{key}: invalid duration {_show(value)} (use e.g. 10s, 1m30s, 500ms)")
+        raise ConfigError(f"{key}: invalid duration {show(value)} (use e.g. 10s, 1m30s, 500ms)")
     if not math.isfinite(total) or total > MAX_DURATION:
-        raise ConfigError(f"{key}: duration {_show(value)} is longer than a year")
+        raise ConfigError(f"{key}: duration {show(value)} is longer than a year")
     return total
 
 
@@ -72,7 +72,7 @@ def format_duration(seconds: float) -> str:
     return f"{whole}.{frac:09d}".rstrip("0") + "s"
 
 
-def _show(value: object) -> str:
+def show(value: object) -> str:
     """A value quoted in an error message, never longer than a line."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -82,15 +82,19 @@ def _show(value: object) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Duration:
-    """A duration in seconds, ``minimum`` included unless ``positive``."""
+    """A duration in seconds: 0 allowed unless ``positive``, at most ``maximum``."""
 
     positive: bool = False
+    maximum: float = MAX_DURATION
 
     def parse(self, value: object, key: str) -> float:
         """Parse and check."""
         seconds = parse_duration(value, key)
         if self.positive and seconds <= 0:
             raise ConfigError(f"{key}: must be greater than 0")
+        if seconds > self.maximum:
+            raise ConfigError(f"{key}: {show(value)} is longer than the maximum "
+                              f"{format_duration(self.maximum)}")
         return seconds
 
     def dump(self, value: Any) -> object:
@@ -109,7 +113,7 @@ class IntRange:
         """Parse and check."""
         if isinstance(value, bool) or not isinstance(value, int) or not self.lo <= value <= self.hi:
             raise ConfigError(f"{key}: expected an integer in {self.lo}..{self.hi}, "
-                              f"got {_show(value)}")
+                              f"got {show(value)}")
         return value
 
     def dump(self, value: Any) -> object:
@@ -127,7 +131,7 @@ class Choice:
         """Parse and check."""
         if value not in self.options:
             raise ConfigError(f"{key}: expected one of {', '.join(self.options)}, "
-                              f"got {_show(value)}")
+                              f"got {show(value)}")
         return str(value)
 
     def dump(self, value: Any) -> object:
@@ -142,7 +146,7 @@ class Flag:
     def parse(self, value: object, key: str) -> bool:
         """Parse and check."""
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {_show(value)}")
+            raise ConfigError(f"{key}: expected true or false, got {show(value)}")
         return value
 
     def dump(self, value: Any) -> object:
@@ -169,9 +173,9 @@ class Time:
             try:
                 stamp = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
             except ValueError:
-                raise ConfigError(f"{key}: invalid RFC 3339 time {_show(value)}") from None
+                raise ConfigError(f"{key}: invalid RFC 3339 time {show(value)}") from None
         else:
-            raise ConfigError(f"{key}: expected an RFC 3339 time, got {_show(value)}")
+            raise ConfigError(f"{key}: expected an RFC 3339 time, got {show(value)}")
         if stamp.tzinfo is None:
             stamp = stamp.replace(tzinfo=dt.UTC)
         try:
@@ -179,7 +183,8 @@ class Time:
         except OverflowError:
             in_range = False
         if not in_range:
-            raise ConfigError(f"{key}: time {_show(value)} is outside 1970-01-02..9999-01-01")
+            shown = value if isinstance(value, str) else stamp.isoformat()
+            raise ConfigError(f"{key}: time {show(shown)} is outside 1970-01-02..9999-01-01")
         return stamp.timestamp()
 
     def dump(self, value: Any) -> object:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from cachetools import TTLCache
+from cachetools import TLRUCache
 
 from ntp_probe.config.schema import Config, Module
 from ntp_probe.engine.context import ProbeLog
+from ntp_probe.engine.registry import server_key
 from ntp_probe.engine.result import Measurement, Reason
 from ntp_probe.engine.runner import guard_for, run_probe
 from ntp_probe.engine.targets import Target
@@ -25,13 +27,27 @@ from ntp_probe.safety.guard import Guard
 from ntp_probe.safety.kod import KodTable
 from ntp_probe.safety.leap import LeapMemory
 
-# (module name, target); entries also hold the Module object, so that after a reload an
-# entry made under the old definition is not mistaken for the new one (hashing the frozen
-# Module on every request would cost more than the whole lookup).
-_Key = tuple[str, str]
-# min_probe_interval results are kept at most this long, whatever the module says, so the
-# cache cannot grow with the number of targets ever probed.
-_MAX_CACHE_AGE = 3600.0
+# (module name, host, port); entries also hold the Module, so that after a reload an entry
+# made under a different definition is not mistaken for the new one.
+_Key = tuple[str, str, int | None]
+DEFAULT_CACHE_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    module: Module
+    stored: float  # time.monotonic()
+    result: Measurement
+    log: ProbeLog
+
+    def size(self) -> int:
+        """Rough bytes held: the log text dominates, then the samples."""
+        return 1024 + sum(len(line) + 64 for line in self.log.lines) \
+            + 128 * len(self.result.samples)
+
+
+def _expiry(_key: _Key, value: _Cached, now: float) -> float:
+    return now + value.module.min_probe_interval
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,13 +70,22 @@ class _Flight:
 class Coordinator:
     """Runs probes for the web layer; one instance per process."""
 
-    def __init__(self, kod: KodTable | None = None) -> None:
+    def __init__(self, kod: KodTable | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.kod = kod if kod is not None else KodTable()
         self.leaps = LeapMemory()
         self._flights: dict[_Key, _Flight] = {}
-        self._last: TTLCache[_Key, tuple[Module, float, Measurement, ProbeLog]] = TTLCache(
-            maxsize=65536, ttl=_MAX_CACHE_AGE
-        )
+        # Each entry lives as long as its module's min_probe_interval, and the cache is
+        # bounded by an estimate of the bytes it holds, not by its number of entries.
+        self._last: TLRUCache[_Key, _Cached] = TLRUCache(
+            maxsize=cache_bytes, ttu=_expiry, timer=clock, getsizeof=_Cached.size)
+        self._clock = clock
+
+    @property
+    def cached_bytes(self) -> int:
+        """Estimated bytes held by the min_probe_interval cache (expired entries dropped)."""
+        self._last.expire()
+        return int(self._last.currsize)
 
     @property
     def bursts_in_flight(self) -> int:
@@ -70,15 +95,17 @@ class Coordinator:
     async def probe(self, config: Config, module: Module, target: Target,
                     timeout: float) -> Outcome:
         """Probe ``target`` with ``module`` within ``timeout`` seconds."""
-        key = (module.name, str(target))
+        # Keyed by the server reached, not by how the target was spelled; a reload that left
+        # the module as it was keeps its entries (modules compare by value).
+        key = (module.name, *server_key(module, target))
         if module.min_probe_interval > 0:
             cached = self._last.get(key)
-            if cached is not None and cached[0] is module:
-                age = time.monotonic() - cached[1]
+            if cached is not None and cached.module == module:
+                age = self._clock() - cached.stored
                 if age < module.min_probe_interval:
-                    return Outcome(cached[2], cached[3], age=age)
+                    return Outcome(cached.result, cached.log, age=age)
         flight = self._flights.get(key)
-        shared = flight is not None and flight.module is module
+        shared = flight is not None and flight.module == module
         if flight is None or not shared:
             guard = guard_for(config, module, self.kod, self.leaps)
             flight = _Flight(module, asyncio.get_running_loop().create_task(
@@ -122,5 +149,5 @@ class Coordinator:
             if flight is not None and flight.task is asyncio.current_task():
                 del self._flights[key]
         if module.min_probe_interval > 0:
-            self._last[key] = (module, time.monotonic(), result, log)
+            self._last[key] = _Cached(module, self._clock(), result, log)
         return result, log

@@ -41,6 +41,9 @@ class ProberSpec:
     families: tuple[Family, ...]
     reasons: tuple[Reason, ...]
     contacts_target: bool = True
+    # The port a target without one means (None: the target is not contacted), so that
+    # host and host:default name the same server.
+    default_port: Callable[[Module], int | None] = lambda module: None
 
 
 PROBERS: Mapping[str, ProberSpec] = {
@@ -51,7 +54,7 @@ PROBERS: Mapping[str, ProberSpec] = {
             "local kernel clock, compared)",
             ("ntp",),
             _COMMON + _NETWORK + _families(ntp) + _families(kernel) + _families(hybrid),
-            hybrid.REASONS,
+            hybrid.REASONS, default_port=lambda module: module.ntp.port,
         ),
         ProberSpec(
             "kernel", kernel.probe, "the local kernel clock discipline state (adjtimex)", (),
@@ -59,6 +62,13 @@ PROBERS: Mapping[str, ProberSpec] = {
         ),
     )
 }
+
+
+def server_key(module: Module, target: Target) -> tuple[str, int | None]:
+    """The server a probe of ``target`` reaches: the target's canonical host and the port
+    it means, whether or not it was spelled out."""
+    port = target.port if target.port is not None else PROBERS[module.prober].default_port(module)
+    return target.host, port
 
 
 def probe_function(module: Module) -> ProbeFn:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 
 # RFC 1123 host names (underscores tolerated: they occur in real internal zones).
@@ -38,6 +39,33 @@ def _parse_port(text: str, raw: str) -> int:
     return int(text)
 
 
+def _interface_index(zone: str, raw: str) -> int:
+    try:
+        return int(zone) if zone.isdigit() else socket.if_nametoindex(zone)
+    except OSError:
+        raise TargetError(f"zone {zone!r} in target {raw!r} names no interface") from None
+
+
+def _canonical_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, zone: str | None,
+                       raw: str) -> str:
+    """One spelling per destination: IPv4-mapped IPv6 as IPv4, a zone only where it means
+    something (link-local), as the interface's index."""
+    if zone is not None:
+        if ip.version != 6 or not _ZONE_RE.match(zone):
+            raise TargetError(f"invalid zone in target {raw!r}")
+        index = _interface_index(zone, raw)
+        try:
+            socket.if_indextoname(index)
+        except (OSError, OverflowError, ValueError):
+            raise TargetError(f"zone {zone!r} in target {raw!r} names no interface") from None
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        if zone is not None and ip.is_link_local:
+            return f"{ip}%{index}"
+    return str(ip)
+
+
 def _check_host(host: str, raw: str) -> str:
     if not host:
         raise TargetError(f"empty host in target {raw!r}")
@@ -47,14 +75,16 @@ def _check_host(host: str, raw: str) -> str:
     except ValueError:
         pass
     else:
-        if not sep:
-            return str(ip)
-        # A zone (interface) only makes sense on an IPv6 address.
-        if ip.version != 6 or not _ZONE_RE.match(zone):
-            raise TargetError(f"invalid zone in target {raw!r}")
-        return f"{ip}%{zone}"
+        return _canonical_address(ip, zone if sep else None, raw)
     if not _HOSTNAME_RE.match(host) or host.replace(".", "").isdigit():
         raise TargetError(f"invalid host {host!r} in target {raw!r}")
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        pass
+    else:  # 0x7f.1, 0x0: the resolver would read it as an address; make the writer say which
+        raise TargetError(f"{host!r} in target {raw!r} is an IPv4 address in a non-standard "
+                          "form: write it as a.b.c.d")
     return host.lower()
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ntp_probe.safety.kod import KodTable
 from ntp_probe.safety.leap import LeapMemory
-from ntp_probe.safety.policy import TargetPolicy, first_refusal
+from ntp_probe.safety.policy import TargetPolicy, first_refusal, not_unicast
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +23,13 @@ class Guard:
     leaps: LeapMemory | None = None
 
     def refuse(self, host: str, address: str | None = None) -> str | None:
-        """Why ``host`` (resolved to ``address``, if known) must not be probed, or None."""
+        """Why ``host`` (resolved to ``address``, if known) must not be probed, or None.
+
+        Unspecified, multicast and broadcast destinations are refused whatever the
+        policies say: 0.0.0.0 and :: reach the local host, and the others reach many."""
+        why = not_unicast(host if address is None else address)
+        if why is not None:
+            return why
         return first_refusal(self.policies, host, address) if self.policies else None
 
     def backoff(self, address: str, port: int) -> tuple[str, float] | None:

@@ -9,6 +9,7 @@ still refused by a denied CIDR.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -129,6 +130,31 @@ class TargetPolicy:
         if self.allowed.match_address(address):
             return None
         return f"{host} ({address}) is not in allowed_targets"
+
+
+_NOT_UNICAST = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8",  # "this network": 0.0.0.0 reaches the local host
+    "224.0.0.0/4",  # multicast
+    "240.0.0.0/4",  # reserved, and 255.255.255.255, the limited broadcast
+    "::/128",  # unspecified: reaches the local host
+    "ff00::/8",  # multicast
+))
+
+
+@functools.lru_cache(maxsize=4096)
+def not_unicast(address: str) -> str | None:
+    """Why ``address`` is no single remote host (unspecified, multicast, broadcast,
+    reserved), whatever any policy says; None for a unicast address or a name."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    for net in _NOT_UNICAST:
+        if ip.version == net.version and ip in net:
+            return f"{address} is not a unicast address ({net}): never probed"
+    return None
 
 
 def first_refusal(policies: Sequence[TargetPolicy], host: str, address: str | None) -> str | None:

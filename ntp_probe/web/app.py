@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -20,6 +20,8 @@ from ntp_probe.web.auth import WebConfig
 from ntp_probe.web.history import History
 
 logger = logging.getLogger("ntp_probe.web")
+
+Middleware = Callable[..., Awaitable[web.StreamResponse]]
 
 DEFAULT_MODULE = "ntp"
 
@@ -162,9 +164,17 @@ async def error_middleware(
         return web.Response(status=500, text=f"internal error: {type(exc).__name__}\n")
 
 
-def create_app(state: State) -> web.Application:
-    """Build the application around shared state."""
-    app = web.Application(middlewares=[state.web_config.middleware(), error_middleware])
+async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
+    # Every answer, the router's 404s and auth's 401s included: never let a browser guess
+    # that a text answer echoing a parameter is HTML.
+    response.headers["X-Content-Type-Options"] = "nosniff"
+
+
+def create_app(state: State, middlewares: Sequence[Middleware] = ()) -> web.Application:
+    """Build the application around shared state; ``middlewares`` run first."""
+    app = web.Application(
+        middlewares=[*middlewares, state.web_config.middleware(), error_middleware])
+    app.on_response_prepare.append(_nosniff)
     app[STATE] = state
     app.router.add_get("/probe", probe_handler)
     app.router.add_get("/metrics", metrics_handler)

@@ -24,6 +24,7 @@ import functools
 import hashlib
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -51,13 +52,28 @@ _TLS_KEYS = {"cert_file", "key_file", "client_auth_type", "client_ca_file", "min
 
 
 @functools.cache
-def _bcrypt() -> tuple[ModuleType, bytes]:
-    """bcrypt, imported only where basic auth is configured, and a hash to compare against
-    when the user is unknown, so that a wrong user name costs what a wrong password costs
-    and user names cannot be told apart by timing."""
+def _bcrypt() -> ModuleType:
+    """bcrypt, imported only where basic auth is configured."""
     import bcrypt
 
-    return bcrypt, bcrypt.hashpw(b"ntp_probe-dummy", bcrypt.gensalt(rounds=10))
+    return bcrypt
+
+
+# bcrypt reads at most 72 bytes of a password; longer ones are refused (bcrypt 5 raises, and
+# Go's bcrypt, which exporter-toolkit uses, refuses them too).
+MAX_PASSWORD_BYTES = 72
+# Password checks queued or running at once; beyond it a request gets 429 at once, so a
+# flood of wrong passwords cannot delay everyone else's checks without bound.
+MAX_PENDING_CHECKS = 32
+_CHECK_THREADS = 2
+
+
+class TooBusy(Exception):
+    """Too many password checks are pending."""
+
+
+def _cost(hashed: bytes) -> int:
+    return int(hashed.split(b"$")[2])
 
 
 class WebConfigError(ValueError):
@@ -74,6 +90,11 @@ class WebConfig:
     _verified: LRUCache[tuple[str, bytes], bool] = field(
         default_factory=lambda: LRUCache(maxsize=1024)
     )
+    # Compared against when the user is unknown, at the configured hashes' cost, so that a
+    # wrong user name costs what a wrong password costs: timing tells no user names apart.
+    _dummy: bytes = b""
+    _pending: int = 0
+    _executor: ThreadPoolExecutor | None = None
 
     async def authorized(self, header: str | None) -> bool:
         """Check an Authorization header against basic_auth_users (True when none are set)."""
@@ -91,13 +112,24 @@ class WebConfig:
         if not sep:
             return False
         stored = self.users.get(user)
+        secret = password.encode()
         # bcrypt is deliberately slow: remember successful checks by a digest of the
         # password, so repeated scrapes with the same credentials cost one hash lookup.
-        key = (user, hashlib.sha256(password.encode()).digest())
+        key = (user, hashlib.sha256(secret).digest())
         if stored is not None and self._verified.get(key):
             return True
-        bcrypt, dummy = _bcrypt()
-        ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), stored or dummy)
+        if len(secret) > MAX_PASSWORD_BYTES:
+            return False
+        if self._pending >= MAX_PENDING_CHECKS:
+            raise TooBusy
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(_CHECK_THREADS, thread_name_prefix="ntp_probe-auth")
+        self._pending += 1
+        try:
+            ok = await asyncio.get_running_loop().run_in_executor(
+                self._executor, _bcrypt().checkpw, secret, stored or self._dummy)
+        finally:
+            self._pending -= 1
         if ok and stored is not None:
             self._verified[key] = True
             return True
@@ -111,7 +143,12 @@ class WebConfig:
             request: web.Request,
             handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
         ) -> web.StreamResponse:
-            if not await self.authorized(request.headers.get("Authorization")):
+            try:
+                allowed = await self.authorized(request.headers.get("Authorization"))
+            except TooBusy:
+                return web.Response(status=429, text="too many password checks pending\n",
+                                    headers={"Retry-After": "1", **self.headers})
+            if not allowed:
                 return web.Response(
                     status=401, text="Unauthorized\n",
                     headers={"WWW-Authenticate": 'Basic realm="ntp_probe"', **self.headers},
@@ -197,6 +234,10 @@ def load_web_config(path: str | None) -> WebConfig:
     for user, hashed in _mapping(top.get("basic_auth_users"), "basic_auth_users").items():
         if not isinstance(hashed, str) or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
             raise WebConfigError(f"basic_auth_users.{user}: expected a bcrypt hash ($2y$...)")
+        try:  # a malformed hash must fail here, not as a 500 at every request
+            _bcrypt().checkpw(b"", hashed.encode())
+        except ValueError:
+            raise WebConfigError(f"basic_auth_users.{user}: not a valid bcrypt hash") from None
         users[str(user)] = hashed.encode()
     http = _mapping(top.get("http_server_config"), "http_server_config")
     for key in http:
@@ -208,4 +249,8 @@ def load_web_config(path: str | None) -> WebConfig:
                              "remove the key or set it to false")
     headers = {str(k): str(v) for k, v in _mapping(http.get("headers"), "headers").items()}
     tls = _tls(_mapping(top.get("tls_server_config"), "tls_server_config"), file.parent)
-    return WebConfig(ssl_context=tls, users=users, headers=headers)
+    dummy = b""
+    if users:
+        cost = max(_cost(h) for h in users.values())
+        dummy = _bcrypt().hashpw(b"ntp_probe-dummy", _bcrypt().gensalt(rounds=cost))
+    return WebConfig(ssl_context=tls, users=users, headers=headers, _dummy=dummy)

@@ -101,14 +101,13 @@ def assert_one_line(body: str) -> None:
     assert body.endswith("\n") and body.count("\n") == 1 and body.strip(), repr(body)
 
 
-async def poll(condition: Callable[[], bool], what: str, deadline: float = DEADLINE) -> float:
-    """Wait (yielding to the loop) until ``condition()``; return the seconds it took."""
+async def poll(condition: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
+    """Wait (yielding to the loop) until ``condition()``; fail after ``deadline`` seconds."""
     started = time.monotonic()
     while not condition():
         if time.monotonic() - started > deadline:
             pytest.fail(f"{what}: not reached within {deadline} s")
         await asyncio.sleep(0.005)  # yield to the loop; bounded by the deadline
-    return time.monotonic() - started
 
 
 class HistoryTable(HTMLParser):
@@ -605,11 +604,10 @@ async def test_client_disconnect_cancels_the_probe(
         request.cancel()
         with pytest.raises(asyncio.CancelledError):
             await request
-        took = await poll(
+        await poll(
             lambda: state.in_flight == 0 and state.coordinator.bursts_in_flight == 0,
             "probe cancelled after the client hung up",
         )
-        assert took < 5.0
     finally:
         await session.close()
     await poll(lambda: open_fds() == fds_before, f"fds back to {fds_before}")

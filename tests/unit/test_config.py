@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -19,6 +21,11 @@ from ntp_probe.config.schema import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 JAN_2024 = 1_704_067_200.0
+
+
+def problem(error: object) -> str:
+    """An error line without its FILE:LINE:COL prefix."""
+    return re.sub(r"^[^:\n]+:\d+:\d+: ", "", str(error))
 
 
 def parse(text: str) -> Config:
@@ -145,7 +152,7 @@ def test_parse_duration_valid(text: object, seconds: float) -> None:
 def test_parse_duration_invalid(value: object) -> None:
     with pytest.raises(ConfigError) as exc:
         parse_duration(value, "modules.x.timeout")
-    assert str(exc.value).startswith("modules.x.timeout: ")
+    assert problem(exc.value).startswith("modules.x.timeout: ")
 
 
 def test_numeric_duration_error_suggests_unit() -> None:
@@ -181,7 +188,7 @@ def test_unknown_top_level_key() -> None:
 def test_unknown_module_key_names_full_path() -> None:
     with pytest.raises(ConfigError) as exc:
         parse(module_yaml(extra="    timout: 5s\n"))
-    assert str(exc.value).startswith("modules.m.timout: unknown key")
+    assert problem(exc.value).startswith("modules.m.timout: unknown key")
 
 
 def test_unknown_ntp_key_names_full_path() -> None:
@@ -189,7 +196,7 @@ def test_unknown_ntp_key_names_full_path() -> None:
     with pytest.raises(ConfigError) as exc:
         parse(text)
     msg = str(exc.value)
-    assert msg.startswith("modules.ntp.ntp.sampels: unknown key")
+    assert problem(msg).startswith("modules.ntp.ntp.sampels: unknown key")
     assert "samples" in msg  # the allowed keys are listed
     assert "\n" not in msg
 
@@ -221,7 +228,7 @@ def test_unknown_ntp_key_names_full_path() -> None:
 def test_bad_ntp_values_name_the_key(line: str, key: str) -> None:
     with pytest.raises(ConfigError) as exc:
         parse(module_yaml(f"      {line}\n"))
-    assert str(exc.value).startswith(f"modules.m.ntp.{key}: ")
+    assert problem(exc.value).startswith(f"modules.m.ntp.{key}: ")
 
 
 @pytest.mark.parametrize(
@@ -254,20 +261,21 @@ def test_min_plausible_time_forms(value: str) -> None:
 def test_bad_prober() -> None:
     with pytest.raises(ConfigError) as exc:
         parse("modules:\n  m:\n    prober: http\n")
-    assert str(exc.value).startswith("modules.m.prober: unknown prober 'http'")
+    assert problem(exc.value).startswith("modules.m.prober: unknown prober 'http'")
 
 
 @pytest.mark.parametrize("timeout", ["0s", "0", "abc", "5"])
 def test_bad_module_timeout(timeout: str) -> None:
     with pytest.raises(ConfigError) as exc:
         parse(f"modules:\n  m:\n    timeout: {timeout}\n")
-    assert str(exc.value).startswith("modules.m.timeout: ")
+    assert problem(exc.value).startswith("modules.m.timeout: ")
 
 
 def test_module_and_ntp_must_be_mappings() -> None:
-    with pytest.raises(ConfigError, match=r"^modules\.m: expected a mapping"):
+    with pytest.raises(ConfigError, match=r"^test\.yaml:\d+:\d+: modules\.m: expected a mapping"):
         parse("modules:\n  m: [1, 2]\n")
-    with pytest.raises(ConfigError, match=r"^modules\.m\.ntp: expected a mapping"):
+    with pytest.raises(ConfigError,
+                       match=r"^test\.yaml:\d+:\d+: modules\.m\.ntp: expected a mapping"):
         parse("modules:\n  m:\n    ntp: 3\n")
 
 
@@ -281,7 +289,7 @@ def test_bad_yaml() -> None:
     with pytest.raises(ConfigError) as exc:
         parse("modules:\n  m: {prober: [\n")
     msg = str(exc.value)
-    assert msg.startswith("test.yaml: invalid YAML")
+    assert re.match(r"test\.yaml:\d+:\d+: invalid YAML", msg), msg
     assert "\n" not in msg
 
 
@@ -351,3 +359,80 @@ modules:
     assert custom.ntp.max_reference_age == 172800.0
     again = parse_config(config_to_yaml(cfg), "again")
     assert again.modules == cfg.modules
+
+
+# --- hostile and broken files: every error at once, with where it is -------------------------
+
+
+def test_every_problem_is_reported_at_once_with_file_line_and_column() -> None:
+    text = ("modules:\n"            # 1
+            "  a:\n"                # 2
+            "    prober: ntpp\n"    # 3
+            "  b:\n"                # 4
+            "    timout: 5s\n"      # 5
+            "    ntp:\n"            # 6
+            "      samples: 3\n"    # 7
+            "      samples: 4\n"    # 8
+            "      version: 9\n")   # 9
+    with pytest.raises(ConfigError) as exc:
+        parse(text)
+    assert str(exc.value).splitlines() == [
+        "test.yaml:3:5: modules.a.prober: unknown prober 'ntpp' (did you mean ntp?)",
+        "test.yaml:5:5: modules.b.timout: unknown key (did you mean timeout?)",
+        "test.yaml:8:7: duplicate key 'samples' (the later one would silently win)",
+        "test.yaml:9:7: modules.b.ntp.version: expected an integer in 1..4, got 9",
+    ]
+
+
+def test_a_yaml_syntax_error_keeps_the_file_and_position() -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse("modules:\n  a: [1, 2\n  b: 3\n")
+    message = str(exc.value)
+    assert re.match(r"test\.yaml:\d+:\d+: invalid YAML: ", message), message
+    assert "\n" not in message
+
+
+def test_aliases_are_refused_before_they_expand() -> None:
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+    assert len(bomb) < 1000  # expanded, it would be 9**9 strings
+    with pytest.raises(ConfigError, match=r"test\.yaml:2:\d+: invalid YAML: YAML aliases"):
+        parse(bomb)
+
+
+def test_deep_nesting_is_a_config_error_not_a_recursion_error() -> None:
+    with pytest.raises(ConfigError, match="nested more than 32 levels deep"):
+        parse("modules: " + "[" * 3000 + "]" * 3000 + "\n")
+
+
+def test_error_messages_never_quote_more_than_a_line() -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse("modules:\n  m:\n    timeout: '" + "9" * 10_000 + "s'\n")
+    assert len(str(exc.value)) < 300
+
+
+@pytest.mark.parametrize(("line", "why"), [
+    ("    timeout: 99999h\n", "modules.m.timeout: duration '99999h' is longer than a year"),
+    ("    timeout: 6m\n", "modules.m.timeout: '6m' is longer than the maximum 5m"),
+    ("    ntp:\n      reply_timeout: " + "1" * 400 + "s\n", "is longer than a year"),
+    ("    ntp:\n      min_plausible_time: 0001-01-01T00:00:00+05:00\n",
+     "is outside 1970-01-02..9999-01-01"),
+])
+def test_values_that_would_break_later_are_bounded_at_load(line: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(why)):
+        parse("modules:\n  m:\n" + line)
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "modules.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(str(fifo))  # would block for ever on a plain open()
+
+
+def test_a_huge_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "modules.yaml"
+    path.write_text("# " + "x" * (2 * 1024 * 1024) + "\n")
+    with pytest.raises(ConfigError, match="larger than"):
+        load_config(str(path))

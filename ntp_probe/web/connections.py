@@ -1,0 +1,267 @@
+"""Keep idle and slow HTTP clients from taking the exporter down.
+
+aiohttp waits for a new connection's first request for ever and keeps idle keep-alive
+connections for about an hour, and accepts connections until the process runs out of
+file descriptors; then nothing, not even /-/healthy, gets through. This module puts
+every connection under a :class:`ConnectionGuard`:
+
+- a connection must complete its request headers within ``header_timeout`` of
+  connecting, and the next request's within ``idle_timeout`` of the last response;
+  otherwise it is closed (the checks run on a timer, not per byte);
+- at most ``max_connections`` are open; a new one beyond that evicts the oldest
+  connection that is not serving a request (an idle or slow client), so a real request
+  still gets in; when every connection is busy the new one is closed at once;
+- the event loop's "socket.accept() out of system resource" errors, which asyncio logs
+  with a traceback at every retry, are logged once per interval as one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+logger = logging.getLogger("ntp_probe.web")
+
+_LOG_INTERVAL = 10.0  # seconds between two log lines about the same kind of trouble
+
+
+@dataclass(slots=True)
+class _Conn:
+    transport: asyncio.BaseTransport
+    deadline: float  # loop time by which the next request's headers must be in
+    busy: int = 0  # requests being served
+
+
+class _Throttled:
+    """A warning logged at most once per interval, with how often it was suppressed."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.count = 0
+        self._last = -_LOG_INTERVAL
+
+    def __call__(self, detail: str = "") -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self._last >= _LOG_INTERVAL:
+            logger.warning("%s%s (%d times since the last report)", self.what,
+                           f": {detail}" if detail else "", self.count)
+            self.count = 0
+            self._last = now
+
+
+class ConnectionGuard:
+    """Connection limits and timeouts for one listening server."""
+
+    def __init__(self, *, max_connections: int, header_timeout: float,
+                 idle_timeout: float) -> None:
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self._conns: dict[_Proxy, _Conn] = {}  # insertion order: oldest first
+        self._by_handler: dict[object, _Proxy] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.evicted = 0
+        self.refused = 0
+        self.timed_out = 0
+        self._log_full = _Throttled("connection limit reached (--web.max-connections)")
+        self._log_accept = _Throttled("cannot accept connections")
+
+    @property
+    def open(self) -> int:
+        """Connections open now."""
+        return len(self._conns)
+
+    def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
+        """A protocol factory whose connections this guard watches."""
+        def make() -> asyncio.Protocol:
+            return _Proxy(self, factory())
+        return make
+
+    # --- connection life ---------------------------------------------------------------
+
+    def _opened(self, proxy: _Proxy, transport: asyncio.BaseTransport) -> bool:
+        loop = asyncio.get_running_loop()
+        if len(self._conns) >= self.max_connections and not self._evict_one():
+            self.refused += 1
+            self._log_full("every connection is serving a request; new connection closed")
+            return False
+        self._conns[proxy] = _Conn(transport, loop.time() + self.header_timeout)
+        self._by_handler[proxy.inner] = proxy
+        if self._sweeper is None:
+            self._schedule(loop)
+        return True
+
+    def _closed(self, proxy: _Proxy) -> None:
+        self._conns.pop(proxy, None)
+        self._by_handler.pop(proxy.inner, None)
+
+    def _evict_one(self) -> bool:
+        for proxy, conn in self._conns.items():
+            if not conn.busy:
+                self.evicted += 1
+                self._log_full("closing the oldest idle connection for a new one")
+                self._drop(proxy, conn)
+                return True
+        return False
+
+    def _drop(self, proxy: _Proxy, conn: _Conn) -> None:
+        # abort, not close: the descriptor must be free now, whatever the client does.
+        self._closed(proxy)
+        conn.transport.abort()  # type: ignore[attr-defined]
+
+    # --- timeouts ------------------------------------------------------------------------
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        period = max(0.05, min(self.header_timeout, self.idle_timeout) / 4)
+        self._sweeper = loop.call_later(period, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for proxy, conn in list(self._conns.items()):
+            if not conn.busy and now >= conn.deadline:
+                self.timed_out += 1
+                self._drop(proxy, conn)
+        if self._conns:
+            self._schedule(loop)
+
+    def close(self) -> None:
+        """Stop the timer (at shutdown)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    # --- requests ------------------------------------------------------------------------
+
+    def middleware(self) -> Callable[..., Awaitable[web.StreamResponse]]:
+        """Marks a connection busy while it serves a request, and idle after."""
+
+        @web.middleware
+        async def mw(request: web.Request,
+                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                     ) -> web.StreamResponse:
+            proxy = self._by_handler.get(request.protocol)
+            conn = self._conns.get(proxy) if proxy is not None else None
+            if conn is None:
+                return await handler(request)
+            conn.busy += 1
+            try:
+                return await handler(request)
+            finally:
+                conn.busy -= 1
+                conn.deadline = asyncio.get_running_loop().time() + self.idle_timeout
+
+        return mw
+
+    def exception_handler(self, loop: asyncio.AbstractEventLoop,
+                          context: dict[str, Any]) -> None:
+        """asyncio's exception handler, with accept errors reduced to one line per interval."""
+        message = str(context.get("message", ""))
+        if message.startswith("socket.accept()"):
+            exc = context.get("exception")
+            self._log_accept(str(exc) if exc else message)
+            return
+        loop.default_exception_handler(context)
+
+
+class _Proxy(asyncio.Protocol):
+    """Stands between the transport and aiohttp's protocol, so the guard sees the
+    connection open and close."""
+
+    __slots__ = ("_forwarded", "guard", "inner")
+
+    def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol) -> None:
+        self.guard = guard
+        self.inner = inner
+        self._forwarded = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self.guard._opened(self, transport):
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        self._forwarded = True
+        self.inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.guard._closed(self)
+        if self._forwarded:
+            self.inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._forwarded:
+            self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self._forwarded else None
+
+    def pause_writing(self) -> None:
+        if self._forwarded:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._forwarded:
+            self.inner.resume_writing()
+
+
+class BadRequestFilter(logging.Filter):
+    """aiohttp logs every malformed request (URL too long, bad bytes) at error level with a
+    traceback: the client's fault, not the exporter's. One line at info instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite records about HTTP parse errors; pass the rest unchanged."""
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            what = " ".join(str(exc.message).split())[:200]
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "bad HTTP request answered 400: %s", (what,)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_bad_requests() -> None:
+    """Install :class:`BadRequestFilter` on aiohttp's server logger (idempotent)."""
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, BadRequestFilter) for f in server_log.filters):
+        server_log.addFilter(BadRequestFilter())
+
+
+class GuardedSite(web.BaseSite):
+    """aiohttp's TCPSite with every connection under a :class:`ConnectionGuard`."""
+
+    __slots__ = ("_guard", "_host", "_port")
+
+    def __init__(self, runner: web.BaseRunner, host: str | None, port: int,
+                 guard: ConnectionGuard, *, ssl_context: Any = None,
+                 backlog: int = 128) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
+        self._host = host
+        self._port = port
+        self._guard = guard
+
+    @property
+    def name(self) -> str:
+        """The URL this site serves."""
+        scheme = "https" if self._ssl_context else "http"
+        host = self._host or "0.0.0.0"
+        host = f"[{host}]" if ":" in host else host
+        return f"{scheme}://{host}:{self._port}"
+
+    async def start(self) -> None:
+        """Listen."""
+        await super().start()
+        server = self._runner.server
+        assert server is not None, "runner not set up"
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._guard.wrap(server), self._host, self._port, ssl=self._ssl_context,
+            backlog=self._backlog, reuse_address=True,
+        )

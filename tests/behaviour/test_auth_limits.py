@@ -1,0 +1,79 @@
+"""Basic auth under attack: long passwords, malformed hashes, floods of wrong passwords,
+and unknown users that must cost what known ones cost."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from pathlib import Path
+
+import bcrypt
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
+
+from ntp_probe.web import auth
+from ntp_probe.web.app import create_app
+from ntp_probe.web.auth import WebConfigError, load_web_config
+from tests.behaviour.test_web import make_state
+
+Client = TestClient[web.Request, web.Application]
+USER, PASSWORD = "alice", "s3cret"
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+def web_config_file(tmp_path: Path, hashed: str) -> Path:
+    path = tmp_path / "web.yml"
+    path.write_text(f"basic_auth_users:\n  {USER}: '{hashed}'\n")
+    return path
+
+
+async def client_with(aiohttp_client: AiohttpClient, tmp_path: Path, rounds: int) -> Client:
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=rounds)).decode()
+    state = make_state()
+    state.web_config = load_web_config(str(web_config_file(tmp_path, hashed)))
+    return await aiohttp_client(create_app(state))
+
+
+async def test_a_password_over_72_bytes_is_refused_not_an_error(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    client = await client_with(aiohttp_client, tmp_path, rounds=4)
+    for user in (USER, "mallory"):
+        resp = await client.get("/metrics", headers=basic(user, "x" * 73))
+        assert resp.status == 401, await resp.text()
+    ok = await client.get("/metrics", headers=basic(USER, PASSWORD))
+    assert ok.status == 200
+
+
+def test_a_malformed_hash_fails_at_load(tmp_path: Path) -> None:
+    with pytest.raises(WebConfigError, match=f"basic_auth_users.{USER}: not a valid bcrypt"):
+        load_web_config(str(web_config_file(tmp_path, "$2y$10$abc")))
+
+
+def test_unknown_users_are_checked_at_the_configured_cost(tmp_path: Path) -> None:
+    for rounds in (4, 6):
+        hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=rounds)).decode()
+        config = load_web_config(str(web_config_file(tmp_path, hashed)))
+        assert auth._cost(config._dummy) == rounds
+
+
+async def test_a_flood_of_wrong_passwords_is_turned_away_at_once(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    client = await client_with(aiohttp_client, tmp_path, rounds=8)
+    flood = auth.MAX_PENDING_CHECKS * 3
+    responses = await asyncio.gather(
+        *(client.get("/metrics", headers=basic(USER, f"wrong{i}")) for i in range(flood)))
+    statuses = [r.status for r in responses]
+    assert set(statuses) == {401, 429}
+    assert statuses.count(401) >= auth.MAX_PENDING_CHECKS
+    busy = next(r for r in responses if r.status == 429)
+    assert busy.headers["Retry-After"] == "1"
+    # The right password still works once the flood has drained.
+    assert (await client.get("/metrics", headers=basic(USER, PASSWORD))).status == 200

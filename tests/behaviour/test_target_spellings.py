@@ -1,0 +1,142 @@
+"""Nothing is sent outside policy, however the target is spelled; the memories that keep a
+server from being pestered (KoD backoff, min_probe_interval, shared bursts) follow the
+server reached, not the spelling; the min_probe_interval cache stays bounded."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from pytest_aiohttp import AiohttpClient
+
+from ntp_probe.config.schema import Config
+from ntp_probe.engine.coordinator import Coordinator
+from ntp_probe.engine.targets import TargetError, parse_target
+from ntp_probe.safety.guard import Guard
+from tests.behaviour import fake_server
+from tests.behaviour.fake_server import FakeNTPServer, Send, kod
+from tests.behaviour.test_operate_web import config_text, metric, module_yaml, start
+from tests.conftest import FakeClock, make_module
+
+fake_ntp = fake_server.fake_ntp
+
+
+@pytest.fixture
+async def fake_ntp6() -> AsyncIterator[FakeNTPServer]:
+    server = await FakeNTPServer.start(host="::1")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+# --- never sent: unspecified, multicast, broadcast ------------------------------------------
+
+@pytest.mark.parametrize("spelling", ["0.0.0.0:{p}", "[::]:{p}", "[::ffff:0.0.0.0]:{p}"])
+async def test_unspecified_addresses_are_forbidden_whatever_the_policy(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer, spelling: str
+) -> None:
+    # No policy at all: 0.0.0.0 and :: would reach the server on 127.0.0.1 / ::1.
+    client, _ = await start(aiohttp_client, tmp_path / "m.yaml", config_text(module_yaml("m")))
+    target = spelling.format(p=fake_ntp.port)
+    resp = await client.get("/probe", params={"target": target, "module": "m", "debug": "true"})
+    text = await resp.text()
+    assert "verdict" not in text and "not a unicast address" in text, text
+    await fake_ntp.drain()
+    assert fake_ntp.requests == []
+
+
+@pytest.mark.parametrize("address", ["224.0.0.1", "239.255.255.250", "255.255.255.255",
+                                     "ff02::101", "::ffff:224.0.0.1", "240.0.0.1"])
+def test_multicast_broadcast_and_reserved_are_refused(address: str) -> None:
+    assert "not a unicast address" in (Guard().refuse(address) or "")
+    # Also when a permitted name resolves there.
+    assert "not a unicast address" in (Guard().refuse("ntp.example", address) or "")
+
+
+@pytest.mark.parametrize("raw", ["0x0", "0x7f.1", "017700000001", "0x7f000001"])
+def test_numbers_the_resolver_would_read_as_addresses_are_rejected(raw: str) -> None:
+    with pytest.raises(TargetError):
+        parse_target(raw)
+
+
+# --- one server, one memory ----------------------------------------------------------------
+
+@pytest.mark.parametrize(("spelling", "canonical"), [
+    ("[::ffff:127.0.0.1]:123", "127.0.0.1:123"),
+    ("[::1%1]:123", "[::1]:123"),
+    ("[::1%01]:123", "[::1]:123"),
+    ("[::1%lo]", "[::1]"),
+    ("[fe80::1%lo]:123", "[fe80::1%1]:123"),
+    ("[fe80::1%01]:123", "[fe80::1%1]:123"),
+])
+def test_spellings_of_one_server_are_one_target(spelling: str, canonical: str) -> None:
+    assert str(parse_target(spelling)) == canonical
+
+
+@pytest.mark.parametrize("raw", ["[::1%4294967295]:123", "[fe80::1%999999]", "[::1%nosuchif]"])
+def test_a_zone_that_names_no_interface_is_rejected(raw: str) -> None:
+    with pytest.raises(TargetError, match="names no interface"):
+        parse_target(raw)
+
+
+async def test_kod_deny_holds_for_every_spelling_of_the_server(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer,
+    fake_ntp6: FakeNTPServer,
+) -> None:
+    client, _ = await start(aiohttp_client, tmp_path / "m.yaml", config_text(module_yaml("m")))
+    for server, spellings in (
+        (fake_ntp, ["127.0.0.1:{p}", "[::ffff:127.0.0.1]:{p}", "[::ffff:7f00:1]:{p}"]),
+        (fake_ntp6, ["[::1]:{p}", "[::1%1]:{p}", "[::1%01]:{p}", "[0:0::1%lo]:{p}"]),
+    ):
+        server.behaviour = lambda req: [Send(kod(req, b"DENY"))]
+        for i, spelling in enumerate(spellings):
+            resp = await client.get("/probe", params={"target": spelling.format(p=server.port),
+                                                      "module": "m"})
+            body = await resp.text()
+            expected = "kod_deny" if i == 0 else "backoff"
+            assert metric(body, "probe_ntp_failure_info", reason=expected) == 1, (spelling, body)
+        await server.drain()
+        assert len(server.requests) == 1
+
+
+async def test_min_probe_interval_survives_a_reload_that_changed_nothing(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    text = config_text(module_yaml("m", extra="    min_probe_interval: 1h\n"))
+    client, _ = await start(aiohttp_client, tmp_path / "m.yaml", text)
+    params = {"target": f"127.0.0.1:{fake_ntp.port}", "module": "m"}
+    await (await client.get("/probe", params=params)).text()
+    assert (await client.post("/-/reload")).status == 200
+    for spelling in (f"127.0.0.1:{fake_ntp.port}", f"[::ffff:127.0.0.1]:{fake_ntp.port}"):
+        body = await (await client.get("/probe", params={**params, "target": spelling})).text()
+        assert metric(body, "probe_ntp_result_age_seconds") is not None, body
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) == 1
+
+
+# --- the min_probe_interval cache is bounded in time and bytes -----------------------------
+
+async def test_cache_entries_live_as_long_as_their_interval(fake_ntp: FakeNTPServer) -> None:
+    clock = FakeClock()
+    coordinator = Coordinator(clock=clock)
+    module = make_module(min_probe_interval=30.0)
+    config = Config(modules={"t": module}, source="test")
+    await coordinator.probe(config, module, parse_target(fake_ntp.target), 2.0)
+    assert coordinator.cached_bytes > 0
+    clock.advance(29)
+    assert coordinator.cached_bytes > 0
+    clock.advance(2)
+    assert coordinator.cached_bytes == 0
+
+
+async def test_cache_is_bounded_in_bytes(fake_ntp: FakeNTPServer) -> None:
+    budget = 20_000
+    coordinator = Coordinator(cache_bytes=budget)
+    module = make_module(min_probe_interval=3600.0)
+    config = Config(modules={"t": module}, source="test")
+    for i in range(40):  # distinct servers: the same fake on 127.0.0.x is 40 targets
+        await coordinator.probe(config, module, parse_target(f"127.0.0.{i + 1}:{fake_ntp.port}"),
+                                0.2)
+    assert 0 < coordinator.cached_bytes <= budget

@@ -1,0 +1,139 @@
+"""Hostile HTTP clients against the real exporter process: idle and slow connections, too
+many of them, a low open-files limit, bad requests. Nothing takes /-/healthy down."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import stop_process
+from tests.integration.test_exporter import Exporter, start_exporter
+
+LOOPBACK = "127.0.0.1"
+HEADER_TIMEOUT = 0.5
+IDLE_TIMEOUT = 0.5
+MAX_CONNECTIONS = 20
+
+
+@pytest.fixture
+def guarded(tmp_path: Path) -> Iterator[Exporter]:
+    e = start_exporter(tmp_path, (f"--web.max-connections={MAX_CONNECTIONS}",
+                                  f"--web.read-header-timeout={HEADER_TIMEOUT}",
+                                  f"--web.idle-timeout={IDLE_TIMEOUT}"))
+    try:
+        yield e
+    finally:
+        stop_process(e.proc)
+
+
+def connect(port: int) -> socket.socket:
+    s = socket.create_connection((LOOPBACK, port), timeout=5)
+    s.settimeout(5)
+    return s
+
+
+def closed_by_server(s: socket.socket, deadline: float) -> bool:
+    """Whether the server closes ``s`` before ``deadline`` (it reads until EOF or reset)."""
+    while time.monotonic() < deadline:
+        s.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            if s.recv(4096) == b"":
+                return True
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+    return False
+
+
+def healthy(port: int) -> bool:
+    with connect(port) as s:
+        s.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    return data.startswith(b"HTTP/1.1 200") and data.endswith(b"OK\n")
+
+
+def test_a_connection_that_never_sends_headers_is_closed(guarded: Exporter) -> None:
+    idle = connect(guarded.port)
+    slow = connect(guarded.port)
+    slow.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n")  # never finished
+    try:
+        deadline = time.monotonic() + HEADER_TIMEOUT + 3.0
+        assert closed_by_server(idle, deadline)
+        assert closed_by_server(slow, deadline)
+    finally:
+        idle.close()
+        slow.close()
+
+
+def test_an_idle_keep_alive_connection_is_closed(guarded: Exporter) -> None:
+    with connect(guarded.port) as s:
+        s.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        assert closed_by_server(s, time.monotonic() + IDLE_TIMEOUT + 3.0)
+
+
+def test_healthy_answers_while_idle_connections_fill_the_limit(guarded: Exporter) -> None:
+    hogs = [connect(guarded.port) for _ in range(MAX_CONNECTIONS * 3)]
+    try:
+        # Every new connection evicts the oldest idle one: a real request still gets in.
+        for _ in range(5):
+            assert healthy(guarded.port)
+    finally:
+        for s in hogs:
+            s.close()
+    assert "connection limit reached" in guarded.log()
+
+
+def test_a_low_open_files_limit_shrinks_the_connection_cap(tmp_path: Path) -> None:
+    prlimit = shutil.which("prlimit")
+    if prlimit is None:
+        pytest.skip("prlimit (util-linux) not installed")
+    from tests.integration import test_exporter
+
+    original = test_exporter.exporter_command
+    test_exporter.exporter_command = lambda: [prlimit, "--nofile=300:300", *original()]
+    try:
+        e = start_exporter(tmp_path, ("--web.max-connections=1000",))
+    finally:
+        test_exporter.exporter_command = original
+    try:
+        hogs = [connect(e.port) for _ in range(400)]  # more than the process may open
+        try:
+            assert healthy(e.port)
+        finally:
+            for s in hogs:
+                s.close()
+        log = e.log()
+        assert "open-files limit 300 is too low" in log
+        assert "Traceback" not in log
+    finally:
+        stop_process(e.proc)
+
+
+def test_bad_http_is_a_400_and_one_log_line(guarded: Exporter) -> None:
+    with connect(guarded.port) as s:
+        s.sendall(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).split(b"\r\n")[0].endswith(b" 400 Bad Request")
+    with connect(guarded.port) as s:
+        s.sendall(b"GET /\x01\x02 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).split(b"\r\n")[0].endswith(b" 400 Bad Request")
+    assert healthy(guarded.port)
+    log = guarded.log()
+    assert "Traceback" not in log
+    assert "level=error" not in log
+
+
+def test_every_answer_says_nosniff(guarded: Exporter) -> None:
+    for path in ("/-/healthy", "/no-such-page", "/probe"):
+        with connect(guarded.port) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            head = s.recv(4096).split(b"\r\n\r\n")[0].lower()
+        assert b"x-content-type-options: nosniff" in head, (path, head)

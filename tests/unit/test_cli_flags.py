@@ -1,0 +1,52 @@
+"""Flags and their NTP_PROBE_* variables: defaults shown, errors that name what was wrong."""
+
+from __future__ import annotations
+
+import pytest
+
+from ntp_probe.cli.main import probe_parser, serve_parser
+
+
+def test_an_invalid_environment_variable_is_named(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("NTP_PROBE_HISTORY_LIMIT", "abc")
+    with pytest.raises(SystemExit) as exit_:
+        serve_parser().parse_args([])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "environment variable NTP_PROBE_HISTORY_LIMIT='abc': expected an integer" in err
+    assert "_non_negative_int" not in err
+
+
+def test_an_invalid_choice_from_the_environment_is_named(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("NTP_PROBE_LOG_LEVEL", "loud")
+    with pytest.raises(SystemExit):
+        serve_parser().parse_args([])
+    assert "NTP_PROBE_LOG_LEVEL='loud': expected one of debug" in capsys.readouterr().err
+
+
+def test_environment_values_are_used_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NTP_PROBE_HISTORY_LIMIT", "7")
+    assert serve_parser().parse_args([]).history_limit == 7
+    assert serve_parser().parse_args(["--history.limit=9"]).history_limit == 9
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-1", "x"])
+def test_seconds_flags_must_be_finite(bad: str) -> None:
+    with pytest.raises(SystemExit):
+        serve_parser().parse_args([f"--timeout-offset={bad}"])
+
+
+def test_help_shows_defaults_and_variables() -> None:
+    text = serve_parser().format_help()
+    for needle in ("(default: :9559)", "(default: 100)", "(default: 512)",
+                   "NTP_PROBE_WEB_MAX_CONNECTIONS"):
+        assert needle in " ".join(text.split()), needle
+
+
+def test_probe_help_lists_the_modules_and_exit_codes() -> None:
+    text = probe_parser().format_help()
+    for name in ("ntp", "ntp_fast", "local", "kernel", "hybrid"):
+        assert f"\n  {name} " in text
+    assert "exit status: 0 the probe succeeded, 1 it failed" in text
