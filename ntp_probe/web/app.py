@@ -131,22 +131,46 @@ async def config_handler(request: web.Request) -> web.Response:
 
 
 async def logs_handler(request: web.Request) -> web.Response:
-    """GET /logs?id=N: one recent probe's debug output."""
+    """GET /logs?id=N: one recent probe's log and metrics; a page for browsers, the
+    debug=true text for every other client (curl, scripts)."""
+    wants_html = "text/html" in request.headers.get("Accept", "")
+
+    def answer(status: int, title: str, text: str) -> web.Response:
+        if wants_html:
+            return web.Response(status=status, text=pages.message_page(title, text),
+                                content_type="text/html", headers={"Vary": "Accept"})
+        return web.Response(status=status, text=text + "\n", headers={"Vary": "Accept"})
+
     raw = request.query.get("id", "")
     if not (raw.isascii() and raw.isdigit()):
-        return _bad_request("id parameter must be a probe number")
+        return answer(400, "Bad request", "id parameter must be a probe number")
     state = request.app[STATE]
-    entry = state.history.get(int(raw))
+    history, entry_id = state.history, int(raw)
+    entry = history.get(entry_id)
+    if entry is None and not history.issued(entry_id):
+        # Ids restart at 0 with the process: an old link may name one never issued here.
+        ran = history.issued_count
+        return answer(404, "No such probe",
+                      f"probe {entry_id} never ran: " + (
+                          f"the probes since the exporter started are 0 to {ran - 1}" if ran
+                          else "no probe has run since the exporter started"))
     if entry is None:
-        return web.Response(status=404, text=f"probe {raw} is no longer in the history\n")
+        return answer(404, "Probe no longer kept",
+                      f"probe {entry_id} is no longer in the history "
+                      f"(--history.limit={history.limit}: the last {history.limit} probes "
+                      "and as many failures are kept)")
     module = state.config.modules.get(entry.module)
-    return web.Response(text=pages.debug_text(entry, module_to_dict(module) if module else {}))
+    settings = module_to_dict(module) if module else {}
+    if wants_html:
+        return web.Response(text=pages.log_page(entry, settings), content_type="text/html",
+                            headers={"Vary": "Accept"})
+    return web.Response(text=pages.debug_text(entry, settings), headers={"Vary": "Accept"})
 
 
 async def index_handler(request: web.Request) -> web.Response:
-    """GET /: landing page with the recent probes (failures kept longer)."""
+    """GET /: landing page with a probe form, the recent probes and the modules."""
     state = request.app[STATE]
-    return web.Response(text=pages.landing(state.config, state.history),
+    return web.Response(text=pages.landing(state.config, state.history, DEFAULT_MODULE),
                         content_type="text/html")
 
 

@@ -57,6 +57,15 @@ class History:
         yield from reversed(self._recent)
         yield from reversed(older)
 
+    @property
+    def issued_count(self) -> int:
+        """Probes recorded since the exporter started; their ids are 0 .. count - 1."""
+        return self._next_id
+
+    def issued(self, entry_id: int) -> bool:
+        """Whether a probe with this id ran since the exporter started (kept or not)."""
+        return 0 <= entry_id < self._next_id
+
     def get(self, entry_id: int) -> Entry | None:
         """An entry by id, if still kept."""
         for entry in (*self._recent, *self._failures):

@@ -134,6 +134,42 @@ def test_systemd_unit_is_hardened(path: Path) -> None:
             assert "CAP_SYS_TIME" not in value.upper(), (key, value)
 
 
+VENV = "/opt/ntp-probe"  # where the README and the units' comments install the exporter
+
+
+@pytest.mark.parametrize("path", UNITS, ids=lambda p: p.name)
+def test_systemd_unit_runs_the_documented_venv_install(path: Path) -> None:
+    text = path.read_text()
+    service = parse_unit(text)["Service"]
+    assert values(service, "ExecStart") == [f"{VENV}/bin/ntp-probe"]
+    # ProtectHome=yes hides /home and /root: the venv must live outside them.
+    assert values(service, "ProtectHome") == ["yes"]
+    assert not VENV.startswith(("/home", "/root", "/run/user"))
+    # Room for a socket per probe in flight besides the HTTP connections.
+    assert values(service, "LimitNOFILE") == ["8192"]
+    # There is no published package: nothing may tell people to install it by name.
+    assert not re.search(r"pip install\s+ntp[-_]probe\b", text), path.name
+    assert VENV in " ".join(line for line in text.splitlines() if line.startswith("#"))
+
+
+def test_readme_installs_where_the_units_look() -> None:
+    readme = (ROOT / "README.md").read_text()
+    main_unit = (EXAMPLES / "systemd" / "ntp-probe.service").read_text()
+    for command in (f"python3 -m venv {VENV}", f"{VENV}/bin/pip install"):
+        assert command in readme and command in main_unit, command
+
+
+def test_license_is_the_apache_license_pyproject_declares() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == {"text": "Apache-2.0"}
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    # The whole text, not a pointer to it: all nine sections and the appendix.
+    for heading in ("1. Definitions.", "9. Accepting Warranty or Additional Liability.",
+                    "END OF TERMS AND CONDITIONS", "APPENDIX: How to apply"):
+        assert heading in text, heading
+
+
 def test_template_unit_takes_its_settings_from_the_instance_env_file() -> None:
     unit = parse_unit((EXAMPLES / "systemd" / "ntp-probe@.service").read_text())
     assert values(unit["Service"], "EnvironmentFile") == ["/etc/ntp-probe/%i.env"]
