@@ -100,7 +100,14 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, state.reload)
+    reloads: set[asyncio.Task[str | None]] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(state.reload())
+        reloads.add(task)  # a reference until it is done, or it may vanish mid-run
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     sdnotify.notify("READY=1")
     watchdog = sdnotify.start_watchdog()
     await stop.wait()

@@ -4,7 +4,9 @@ getaddrinfo blocks, so it runs in threads; but a resolver that never answers kee
 thread for as long as the C library waits. The lookups therefore get their own small
 executor (never the event loop's default one, which other work needs), identical
 lookups in flight share one thread, and both answers and failures are cached briefly so
-that repeated scrapes of a black-holed name do not pile up.
+that repeated scrapes of a black-holed name do not pile up. Names in the hosts file are
+answered in-process first (where the system consults that file first), so no flood of
+lookups of dead names can make them fail.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import os
 import socket
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,14 +62,83 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+class HostsFile:
+    """Names from the hosts file, answered in-process as the C library's "files" source
+    would: no thread, so a flood of lookups that never answer cannot delay them."""
+
+    _RECHECK = 1.0  # seconds between two looks at the file's modification time
+
+    def __init__(self, path: str = "/etc/hosts") -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._checked = -self._RECHECK
+        self._names: dict[str, list[tuple[int, str]]] = {}
+
+    def lookup(self, host: str, family: int) -> str | None:
+        """The first address of ``family`` the file gives ``host``, or None."""
+        now = time.monotonic()
+        if now - self._checked >= self._RECHECK:
+            self._checked = now
+            self._reload()
+        for fam, address in self._names.get(host.lower().rstrip("."), ()):
+            if fam == family:
+                return address
+        return None
+
+    def _reload(self) -> None:
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            self._stamp, self._names = None, {}
+            return
+        stamp = (info.st_mtime_ns, info.st_size)
+        if stamp == self._stamp or info.st_size > 1024 * 1024:
+            return
+        names: dict[str, list[tuple[int, str]]] = {}
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                lines = f.readlines()
+        except OSError:
+            return
+        for line in lines:
+            fields = line.split("#", 1)[0].split()
+            if len(fields) < 2:
+                continue
+            try:
+                ip = ipaddress.ip_address(fields[0])
+            except ValueError:
+                continue
+            fam = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            for name in fields[1:]:
+                names.setdefault(name.lower().rstrip("."), []).append((fam, str(ip)))
+        self._stamp, self._names = stamp, names
+
+
+def _files_first(nsswitch: str = "/etc/nsswitch.conf") -> bool:
+    """Whether the C library consults the hosts file before anything else."""
+    try:
+        with open(nsswitch, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, sources = line.split("#", 1)[0].partition(":")
+                if key.strip() == "hosts":
+                    return sources.split()[:1] == ["files"]
+    except OSError:
+        pass
+    return True  # glibc's default when the file or the line is missing: files first
+
+
 class Resolver:
     """Bounded, coalescing, caching lookups of one address per (name, family)."""
 
     def __init__(self, threads: int = MAX_LOOKUP_THREADS,
-                 getaddrinfo: Callable[[str, int], str] | None = None) -> None:
+                 getaddrinfo: Callable[[str, int], str] | None = None,
+                 hosts: HostsFile | None = None) -> None:
         # ``getaddrinfo`` (host, family) -> address is replaceable so that tests never
         # send a made-up name to the machine's resolver.
         self._getaddrinfo = getaddrinfo or _getaddrinfo
+        if hosts is None and getaddrinfo is None and _files_first():
+            hosts = HostsFile()
+        self._hosts = hosts
         self._executor = ThreadPoolExecutor(max_workers=threads,
                                             thread_name_prefix="ntp_probe-resolve")
         self._answers: TTLCache[_Key, str] = TTLCache(maxsize=4096, ttl=_CACHE_TTL)
@@ -74,6 +147,10 @@ class Resolver:
 
     async def lookup(self, host: str, family: int) -> tuple[str, bool]:
         """(address, from cache) for ``host`` in ``family``; :class:`ResolveError` says why not."""
+        if self._hosts is not None:
+            local = self._hosts.lookup(host, family)
+            if local is not None:
+                return local, False
         key = (host, family)
         hit = self._answers.get(key)
         if hit is not None:

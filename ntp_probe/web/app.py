@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,19 +40,26 @@ class State:
     coordinator: Coordinator = field(default_factory=Coordinator)
     history: History = field(default_factory=History)
     web_config: WebConfig = field(default_factory=WebConfig)
+    _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    def reload(self) -> str | None:
-        """Reload the configuration file; on error keep the old one and return why."""
-        try:
-            config = load_config(self.config_path)
-        except ConfigError as exc:
-            self.internals.config_failed()
-            logger.error("reload failed, keeping the previous configuration: %s", exc)
-            return str(exc)
-        self.config = config
-        self.internals.config_loaded(len(config.modules))
-        logger.info("reloaded %d modules from %s", len(config.modules), config.source)
-        return None
+    async def reload(self) -> str | None:
+        """Reload the configuration file; on error keep the old one and return why.
+
+        The file is read and parsed in a thread: a slow disk or a huge file must not
+        stall the probes in flight. Reloads run one at a time.
+        """
+        async with self._reloading:
+            try:
+                config = await asyncio.to_thread(load_config, self.config_path)
+            except ConfigError as exc:
+                self.internals.config_failed()
+                for line in str(exc).splitlines():
+                    logger.error("reload failed, keeping the previous configuration: %s", line)
+                return str(exc)
+            self.config = config
+            self.internals.config_loaded(len(config.modules))
+            logger.info("reloaded %d modules from %s", len(config.modules), config.source)
+            return None
 
 
 STATE: web.AppKey[State] = web.AppKey("state", State)
@@ -118,7 +126,7 @@ async def healthy_handler(request: web.Request) -> web.Response:
 
 async def reload_handler(request: web.Request) -> web.Response:
     """POST /-/reload: reload the config file; 500 with the reason if it is bad."""
-    error = request.app[STATE].reload()
+    error = await request.app[STATE].reload()
     if error is not None:
         return web.Response(status=500, text=f"failed to reload config: {error}\n")
     return web.Response(text="OK\n")
@@ -142,7 +150,8 @@ async def logs_handler(request: web.Request) -> web.Response:
         return web.Response(status=status, text=text + "\n", headers={"Vary": "Accept"})
 
     raw = request.query.get("id", "")
-    if not (raw.isascii() and raw.isdigit()):
+    # Bounded: int() of thousands of digits is refused by Python (a 500) and never an id.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
         return answer(400, "Bad request", "id parameter must be a probe number")
     state = request.app[STATE]
     history, entry_id = state.history, int(raw)

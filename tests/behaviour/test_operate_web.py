@@ -222,8 +222,16 @@ async def test_reload_with_a_changed_file_swaps_the_modules(
         (config_text(module_yaml("new", timeout="5")), "modules.new.timeout"),
         # bad YAML: no key to name, the file and the kind of problem instead
         ("modules:\n  new: [\n", "invalid YAML"),
+        # 500 bytes that expand to gigabytes: refused before expanding
+        ("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+            f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n"
+            for p, c in zip("abcdefgh", "bcdefghi", strict=True)), "YAML aliases"),
+        # deeper than the parser's recursion could go: a config error, not a 500 with the
+        # gauge left at 1
+        ("modules: " + "[" * 3000 + "]" * 3000 + "\n", "nested more than"),
     ],
-    ids=["unknown-ntp-key", "unknown-module-key", "bad-duration", "bad-yaml"],
+    ids=["unknown-ntp-key", "unknown-module-key", "bad-duration", "bad-yaml", "alias-bomb",
+         "deep-nesting"],
 )
 async def test_broken_reload_keeps_the_old_config(
     aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer,
@@ -434,6 +442,8 @@ async def test_logs_show_each_probes_log_and_metrics(
         # str.isdigit() is true for these, int() rejects the first (regression: was a 500)
         pytest.param("\u00b2", 400, id="superscript-two"),
         pytest.param("\u0663", 400, id="arabic-indic-three"),
+        # past Python's int() digit limit (regression: was a 500)
+        pytest.param("9" * 5000, 400, id="5000-digits"),
     ],
 )
 async def test_logs_rejects_unknown_and_bad_ids(

@@ -6,12 +6,14 @@ Probes go only to the session's chronyd on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import secrets
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -327,3 +329,51 @@ def test_warnings_are_logged_as_level_warn(tmp_path: Path) -> None:
         stop_process(e.proc)
     line = next(line for line in e.log().splitlines() if "sd_notify" in line)
     assert " level=warn " in line, line
+
+
+def test_sighup_with_deep_nesting_is_one_line_and_a_failed_reload(tmp_path: Path) -> None:
+    """Regression: 3000 nested lists raised RecursionError inside the SIGHUP callback (an
+    unhandled error in the log, reload_successful left at 1)."""
+    config = tmp_path / "modules.yaml"
+    config.write_text(modules("first"))
+    e = start_exporter(tmp_path, (f"--config.file={config}",))
+    try:
+        config.write_text("modules: " + "[" * 3000 + "]" * 3000 + "\n")
+        e.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload failed" in e.log() or "Traceback" in e.log(),
+                 "reload attempt logged", e)
+        assert "Traceback" not in e.log() and "RecursionError" not in e.log()
+        assert reload_successful(e) == 0, e.log()
+    finally:
+        stop_process(e.proc)
+
+
+def test_sigterm_with_a_probe_in_flight_exits_promptly(tmp_path: Path) -> None:
+    """A probe without the scrape header runs as long as its module allows (here 5
+    minutes, against a port that never answers); SIGTERM must not wait for it."""
+    config = tmp_path / "modules.yaml"
+    config.write_text("modules:\n  long:\n    timeout: 5m\n    ntp:\n      samples: 1\n"
+                      "      reply_timeout: 5m\n      preferred_ip_protocol: ip4\n")
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound: no ICMP error
+    silent.bind(("127.0.0.1", 0))
+    target = f"127.0.0.1:{silent.getsockname()[1]}"
+    e = start_exporter(tmp_path, (f"--config.file={config}",))
+    def scrape() -> None:
+        with contextlib.suppress(OSError):  # the exporter closes it on the way out
+            e.get(f"/probe?target={target}&module=long")
+
+    client = threading.Thread(target=scrape, daemon=True)
+    try:
+        client.start()
+        wait_for(lambda: ntp_probes_in_flight(e) == 1, "the probe in flight", e)
+        e.proc.send_signal(signal.SIGTERM)
+        assert e.proc.wait(timeout=DEADLINE) == 0, e.log()
+        client.join(timeout=DEADLINE)
+    finally:
+        stop_process(e.proc)
+        silent.close()
+
+
+def ntp_probes_in_flight(e: Exporter) -> float:
+    _, _, body = e.get("/metrics")
+    return one(parse_exposition(body), "ntp_probe_probes_in_flight")

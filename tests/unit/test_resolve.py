@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
-from ntp_probe.net.resolve import ResolveError, Resolver, literal, resolve
+from ntp_probe.net.resolve import HostsFile, ResolveError, Resolver, literal, resolve
 
 
 class Lookups:
@@ -102,3 +103,35 @@ def test_literals_are_used_as_given() -> None:
     got = literal("2001:db8::1")
     assert got is not None and got.ip_protocol == 6 and got.address == "2001:db8::1"
     assert literal("ntp.example") is None
+
+
+async def test_names_in_the_hosts_file_never_wait_behind_dead_lookups(tmp_path: Path) -> None:
+    hosts_path = tmp_path / "hosts"
+    hosts_path.write_text("# comment\n192.0.2.5  ntp-local.test alias.test  # trailing\n"
+                          "2001:db8::5 ntp-local.test\nnot-an-ip  broken.test\n")
+    lookups = Lookups({})
+    lookups.release.clear()  # every lookup that reaches the threads hangs
+    resolver = Resolver(threads=2, getaddrinfo=lookups, hosts=HostsFile(str(hosts_path)))
+    dead = [asyncio.create_task(resolver.lookup(f"dead{i}.test", socket.AF_INET))
+            for i in range(8)]
+    await asyncio.sleep(0)
+    assert await asyncio.wait_for(resolver.lookup("NTP-Local.test.", socket.AF_INET), 1.0) == (
+        "192.0.2.5", False)
+    assert await resolver.lookup("alias.test", socket.AF_INET) == ("192.0.2.5", False)
+    assert await resolver.lookup("ntp-local.test", socket.AF_INET6) == ("2001:db8::5", False)
+    assert ("ntp-local.test", socket.AF_INET) not in lookups.calls
+    lookups.release.set()
+    for task in dead:
+        with pytest.raises(ResolveError):
+            await task
+
+
+def test_the_hosts_file_is_reread_when_it_changes(tmp_path: Path) -> None:
+    hosts_path = tmp_path / "hosts"
+    hosts_path.write_text("192.0.2.1 a.test\n")
+    hosts = HostsFile(str(hosts_path))
+    assert hosts.lookup("a.test", socket.AF_INET) == "192.0.2.1"
+    hosts_path.write_text("192.0.2.22 a.test\n")
+    hosts._checked = -10.0  # the next lookup looks at the file again
+    assert hosts.lookup("a.test", socket.AF_INET) == "192.0.2.22"
+    assert hosts.lookup("a.test", socket.AF_INET6) is None
