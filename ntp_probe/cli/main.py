@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ntp_probe import __version__
-from ntp_probe.cli import logs, report
+from ntp_probe.cli import check, logs, report
 from ntp_probe.cli.probe import probe
 from ntp_probe.cli.serve import serve
 from ntp_probe.config.load import load_config
@@ -128,7 +128,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="ntp-probe",
         description="Prometheus exporter for NTP (blackbox_exporter style). "
-        "Subcommands: serve (default), probe TARGET.",
+        "Subcommands: serve (default), probe TARGET, check TARGET (Nagios/Icinga plugin).",
     )
     _common(p)
     _flag(p, "--web.listen-address", DEFAULT_LISTEN, dest="listen", metavar="[HOST]:PORT",
@@ -186,6 +186,10 @@ def _load(path: str | None) -> Config | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ntp-probe`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "check":
+        # A plugin's output is its one status line: logging goes to stderr, errors only.
+        logs.setup("error", "logfmt")
+        return check.main(argv[1:])
     if argv and argv[0] == "probe":
         args = probe_parser().parse_args(argv[1:])
         logs.setup(args.log_level, args.log_format)

@@ -192,7 +192,26 @@ class Time:
         return dt.datetime.fromtimestamp(value, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-Kind = Duration | IntRange | Choice | Flag | Time
+@dataclass(frozen=True, slots=True)
+class Text:
+    """A string; empty allowed unless ``required``; one line."""
+
+    required: bool = False
+    max_length: int = 4096
+
+    def parse(self, value: object, key: str) -> str:
+        """Parse and check."""
+        if not isinstance(value, str) or "\n" in value or len(value) > self.max_length \
+                or (self.required and not value):
+            raise ConfigError(f"{key}: expected one line of text, got {show(value)}")
+        return value
+
+    def dump(self, value: Any) -> object:
+        """As written in YAML."""
+        return value
+
+
+Kind = Duration | IntRange | Choice | Flag | Time | Text
 
 
 def setting(default: Any, kind: Kind) -> Any:
@@ -227,8 +246,34 @@ class NTPSettings:
     kernel_correlation: bool = setting(False, Flag())
 
 
+@dataclass(frozen=True, slots=True)
+class ChronySettings:
+    """The ``chrony:`` block: chronyd's command protocol (what ``chronyc`` speaks)."""
+
+    port: int = setting(323, IntRange(1, 65535))
+    # A unix socket path (chronyd's bindcmdaddress, /run/chrony/chronyd.sock): when set, the
+    # probe talks to it and the target only labels the probe.
+    socket: str = setting("", Text())
+    min_candidates: int = setting(1, IntRange(0, 1000))
+    request_timeout: float = setting(0.5, Duration(positive=True, maximum=60.0))
+    preferred_ip_protocol: str = setting("ip4", Choice(IP_PROTOCOLS))
+    ip_protocol_fallback: bool = setting(True, Flag())
+
+
+@dataclass(frozen=True, slots=True)
+class NTPDSettings:
+    """The ``ntpd:`` block: ntpd's mode 6 control messages (what ``ntpq`` speaks)."""
+
+    port: int = setting(123, IntRange(1, 65535))
+    min_candidates: int = setting(1, IntRange(0, 1000))
+    request_timeout: float = setting(0.5, Duration(positive=True, maximum=60.0))
+    preferred_ip_protocol: str = setting("ip4", Choice(IP_PROTOCOLS))
+    ip_protocol_fallback: bool = setting(True, Flag())
+
+
 # Settings block name -> its class; a module may carry the blocks its prober reads.
-BLOCKS: Mapping[str, type[Any]] = {"ntp": NTPSettings}
+BLOCKS: Mapping[str, type[Any]] = {"ntp": NTPSettings, "chrony": ChronySettings,
+                                   "ntpd": NTPDSettings}
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +284,8 @@ class Module:
     prober: str = "ntp"
     timeout: float = 10.0
     ntp: NTPSettings = field(default_factory=NTPSettings)
+    chrony: ChronySettings = field(default_factory=ChronySettings)
+    ntpd: NTPDSettings = field(default_factory=NTPDSettings)
     policy: TargetPolicy = field(default_factory=TargetPolicy)
     min_probe_interval: float = 0.0
     description: str = ""  # one line for the landing page and /config

@@ -16,8 +16,8 @@ from ntp_probe.engine.result import Measurement, Reason
 from ntp_probe.engine.targets import Target
 from ntp_probe.exposition import families as common
 from ntp_probe.exposition.families import Family
+from ntp_probe.probers import chrony, hybrid, kernel, ntp, ntpd
 from ntp_probe.probers import common as prepare
-from ntp_probe.probers import hybrid, kernel, ntp
 
 ProbeFn = Callable[[Target, Module, ProbeContext], Awaitable[Measurement]]
 
@@ -40,7 +40,6 @@ class ProberSpec:
     settings: tuple[str, ...]  # the module's settings blocks this kind reads
     families: tuple[Family, ...]
     reasons: tuple[Reason, ...]
-    contacts_target: bool = True
     # The port a target without one means (None: the target is not contacted), so that
     # host and host:default name the same server.
     default_port: Callable[[Module], int | None] = lambda module: None
@@ -57,8 +56,18 @@ PROBERS: Mapping[str, ProberSpec] = {
             hybrid.REASONS, default_port=lambda module: module.ntp.port,
         ),
         ProberSpec(
+            "chrony", chrony.probe, chrony.DESCRIPTION, ("chrony",),
+            _COMMON + _NETWORK + _families(chrony), chrony.REASONS,
+            default_port=lambda module: module.chrony.port,
+        ),
+        ProberSpec(
+            "ntpd", ntpd.probe, ntpd.DESCRIPTION, ("ntpd",),
+            _COMMON + _NETWORK + _families(ntpd), ntpd.REASONS,
+            default_port=lambda module: module.ntpd.port,
+        ),
+        ProberSpec(
             "kernel", kernel.probe, "the local kernel clock discipline state (adjtimex)", (),
-            _COMMON + _families(kernel), kernel.REASONS, contacts_target=False,
+            _COMMON + _families(kernel), kernel.REASONS,
         ),
     )
 }

@@ -6,6 +6,7 @@ measured survives even when the runner's backstop cuts it off.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -20,6 +21,13 @@ class Reason(StrEnum):
     BACKOFF = "backoff"
     RESOLVE = "resolve"
     UNREACHABLE = "unreachable"
+    CHRONY_SOCKET = "chrony_socket"
+    CHRONY_TIMEOUT = "chrony_timeout"
+    CHRONY_UNAUTHORIZED = "chrony_unauthorized"
+    CHRONY_BAD_REPLY = "chrony_bad_reply"
+    MODE6_TIMEOUT = "mode6_timeout"
+    MODE6_ERROR = "mode6_error"
+    MODE6_BAD_REPLY = "mode6_bad_reply"
     KOD_RATE = "kod_rate"
     KOD_DENY = "kod_deny"
     KOD_RSTR = "kod_rstr"
@@ -34,10 +42,21 @@ class Reason(StrEnum):
     EXCESS_ROOT_DISTANCE = "excess_root_distance"
     CAUSALITY_VIOLATION = "causality_violation"
     OFFSET_EXCEEDED = "offset_exceeded"
+    NO_SYS_PEER = "no_sys_peer"
+    TOO_FEW_SOURCES = "too_few_sources"
     KERNEL_UNAVAILABLE = "kernel_unavailable"
 
 
 _RANK = {reason: i for i, reason in enumerate(Reason)}
+
+
+@dataclass(frozen=True, slots=True)
+class Perf:
+    """One Nagios perfdata value: ``label=value[unit]``."""
+
+    label: str
+    value: float
+    unit: str = ""  # "s", "%", "c" (a counter) or "" (a plain number)
 
 
 class Report(Protocol):
@@ -52,6 +71,15 @@ class Report(Protocol):
 
     def to_json(self) -> dict[str, Any]:
         """The report as JSON-ready data with real numbers."""
+
+    @property
+    def check_offset(self) -> float | None:
+        """The offset ``ntp-probe check`` compares with its thresholds, in seconds, or
+        None when this report has none (the server's offset for ntp, chronyd's System
+        time for chrony, ntpd's sys offset for ntpd)."""
+
+    def perfdata(self) -> list[Perf]:
+        """Values for the Nagios plugin's perfdata."""
 
 
 Sample = tuple[Family, tuple[str, ...], float]

@@ -13,7 +13,7 @@ from typing import Any
 
 from ntp_probe.config.schema import Module
 from ntp_probe.engine.context import ProbeContext
-from ntp_probe.engine.result import Measurement
+from ntp_probe.engine.result import Measurement, Perf
 from ntp_probe.engine.targets import Target
 from ntp_probe.exposition.families import Family
 from ntp_probe.probers import kernel, ntp
@@ -87,6 +87,15 @@ class CorrelationReport:
         return [("divergence", f"{self.divergence:.9f} s"),
                 ("coherence", f"{self.coherence:.3f}"),
                 ("within maxerror", "yes" if self.within_maxerror else "no")]
+
+    @property
+    def check_offset(self) -> float | None:
+        """None: the NTP report's offset is the one checked."""
+        return None
+
+    def perfdata(self) -> list[Perf]:
+        """Divergence and coherence."""
+        return [Perf("divergence", self.divergence, "s"), Perf("coherence", self.coherence)]
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready data."""

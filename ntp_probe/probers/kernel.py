@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ntp_probe.config.schema import Module
 from ntp_probe.engine.context import ProbeContext
-from ntp_probe.engine.result import Measurement, Reason
+from ntp_probe.engine.result import Measurement, Perf, Reason
 from ntp_probe.engine.targets import Target
 from ntp_probe.exposition.families import Family
 
@@ -66,6 +66,19 @@ class KernelReport:
             ("maxerror", f"{c.maxerror:.6f} s"),
             ("frequency", f"{c.frequency_ratio * 1e6:+.3f} ppm"),
         ]
+
+    @property
+    def check_offset(self) -> float | None:
+        """The offset the kernel still slews out."""
+        return self.clock.offset
+
+    def perfdata(self) -> list[Perf]:
+        """Kernel offset, maxerror, esterror, frequency, sync."""
+        c = self.clock
+        return [Perf("kernel_offset", c.offset, "s"), Perf("maxerror", c.maxerror, "s"),
+                Perf("esterror", c.esterror, "s"),
+                Perf("frequency_ppm", c.frequency_ratio * 1e6),
+                Perf("synchronised", 1.0 if c.synchronized else 0.0)]
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready data."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ntp_probe.config.schema import Module, NTPSettings
 from ntp_probe.engine.context import ProbeContext
-from ntp_probe.engine.result import Measurement, Reason
+from ntp_probe.engine.result import Measurement, Perf, Reason
 from ntp_probe.engine.targets import Target
 from ntp_probe.exposition.families import Family
 from ntp_probe.net.udp import Datagram, DatagramPump, Unreachable, sockaddr_for
@@ -75,6 +76,7 @@ _SUMMARY_MARGIN = 0.005
 # A request is only sent if a reply can still arrive: at least this long, or four
 # round trips seen so far when that is longer (capped by reply_timeout).
 _MIN_REPLY_WINDOW = 0.05
+_LOGGED_DISCARDS = 5  # discarded datagrams logged one by one per burst; the rest counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,10 @@ class Burst:
     samples: list[maths.Sample] = field(default_factory=list)
     kod: ntp.Packet | None = None
     unreachable: str | None = None
+    # Discards past the first few are counted by reason rather than logged one by one:
+    # a junk-spraying server must not fill the log (or the cached result) with copies.
+    logged: int = 0
+    unlogged: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +147,23 @@ class NTPReport:
                          f"offset {offset:+.9f} s, rtt {rtt:.9f} s"))
         return rows
 
+    @property
+    def check_offset(self) -> float | None:
+        """The server's offset."""
+        return self.offset
+
+    def perfdata(self) -> list[Perf]:
+        """offset, delay, jitter, stratum, root distance, samples."""
+        out = []
+        if self.offset is not None and self.rtt is not None:
+            out += [Perf("offset", self.offset, "s"), Perf("delay", self.rtt, "s"),
+                    Perf("jitter", self.jitter or 0.0, "s"),
+                    Perf("stratum", float(self.stratum or 0)),
+                    Perf("root_distance", self.root_distance or 0.0, "s")]
+        out += [Perf("samples_sent", float(self.sent)),
+                Perf("samples_received", float(self.received))]
+        return out
+
     def to_json(self) -> dict[str, Any]:
         """JSON-ready data."""
         return {
@@ -166,10 +189,15 @@ def _matcher(client: rules.Client, burst: Burst,
         if isinstance(outcome, rules.Accepted):
             return Reply(outcome.packet, d.rx_ns, d.kernel_timestamp)
         if isinstance(outcome, rules.Late):
-            log("late reply to an expired request ignored")
+            why, kind = "late reply to an expired request ignored", "late"
         else:
             burst.discarded += 1
-            log(f"reply discarded: {outcome.reason}")
+            why, kind = f"reply discarded: {outcome.reason}", outcome.kind
+        if burst.logged < _LOGGED_DISCARDS:
+            burst.logged += 1
+            log(why)
+        else:
+            burst.unlogged[kind] += 1
         return None
     return match
 
@@ -271,6 +299,8 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
     best = maths.select_best(burst.samples)
     p = best.packet
     offset, delay = best.offset, best.delay
+    # Each of these is computed from the packet on every read, and is used several times.
+    refid, root_distance = p.refid_text, best.root_distance
     jitter = maths.jitter(burst.samples, best)
     m.add(OFFSET, offset)
     m.add(RTT, delay)
@@ -281,14 +311,14 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
     m.add(PRECISION, p.precision_seconds)
     m.add(ROOT_DELAY, p.root_delay_seconds)
     m.add(ROOT_DISPERSION, p.root_dispersion_seconds)
-    m.add(ROOT_DISTANCE, best.root_distance)
+    m.add(ROOT_DISTANCE, root_distance)
     m.add(REFERENCE_TIMESTAMP, maths.reference_unix(best))
     m.add(SERVER_PROCESSING, best.server_processing)
     m.add(CAUSALITY, maths.causality_violation(offset, delay))
-    m.add(SERVER_INFO, 1, p.refid_text, str(p.version))
+    m.add(SERVER_INFO, 1, refid, str(p.version))
     m.reports.append(NTPReport(
         server[0], server[1], burst.sent, burst.received, offset, delay, jitter, p.stratum,
-        p.refid_text, p.leap, p.version, best.root_distance,
+        refid, p.leap, p.version, root_distance,
         tuple((s.offset, s.delay, s is best) for s in burst.samples),
     ))
     near_leap = ctx.guard.near_leap(server[0], server[1], p.leap, best.t3_unix_ns / 1e9)
@@ -299,7 +329,7 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
         m.fail(Reason(reason))
     log(
         f"selected sample: offset={offset * 1e6:+.3f}us rtt={delay * 1e6:.3f}us "
-        f"root_distance={best.root_distance * 1e6:.3f}us"
+        f"root_distance={root_distance * 1e6:.3f}us"
     )
 
 
@@ -347,5 +377,7 @@ def _conclude(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
             m.add(common.BACKOFF_REMAINING, step)
     elif burst.samples:
         guard.answered(server[0], server[1])
+    if burst.unlogged:
+        log(f"{sum(burst.unlogged.values())} more datagrams not logged one by one: "
+            + ", ".join(f"{n} {kind}" for kind, n in burst.unlogged.most_common()))
     _report(burst, settings, ctx, server)
-    log("verdict: success" if m.failure is None else f"verdict: failure ({m.failure})")

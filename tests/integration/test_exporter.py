@@ -345,7 +345,9 @@ def test_flags_from_environment(tmp_path: Path, chronyd: Chronyd) -> None:
         packets = [r for r in records if "kernel T4" in r["msg"]]
         assert len(packets) == 1, e.log()
         assert packets[0]["level"] == "debug"
-        assert f"target={chronyd.target} module=ntp_fast" in packets[0]["msg"]
+        # Target and module are fields of their own, not repeated inside msg.
+        assert packets[0]["target"] == chronyd.target and packets[0]["module"] == "ntp_fast"
+        assert "module=" not in packets[0]["msg"]
     finally:
         stop_process(e.proc)
 
@@ -529,3 +531,17 @@ def test_cli_probe_closed_port_exits_1() -> None:
     assert done.returncode == 1
     data = json.loads(done.stdout)
     assert data["success"] is False and data["failure_reason"] == "unreachable"
+
+
+def test_cli_check_against_chronyd_is_ok_with_perfdata(chronyd: Chronyd) -> None:
+    done = run_cli("check", chronyd.target, "--module", "ntp_fast")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1, done.stdout
+    status, _, perf = lines[0].partition(" | ")
+    assert status.startswith(f"NTP OK: {chronyd.target} offset "), status
+    values = dict(item.split("=", 1) for item in perf.split())
+    assert values["offset"].endswith("s;0.010000;0.050000")
+    assert abs(float(values["offset"].split("s")[0])) < 0.001
+    assert values["stratum"] == "8"
+    assert done.stderr == ""

@@ -17,7 +17,16 @@ from ntp_probe.config.load import (
     parse_block,
     parse_config,
 )
-from ntp_probe.config.schema import BLOCKS, Choice, Duration, Flag, IntRange, NTPSettings, Time
+from ntp_probe.config.schema import (
+    BLOCKS,
+    Choice,
+    Duration,
+    Flag,
+    IntRange,
+    NTPSettings,
+    Text,
+    Time,
+)
 from ntp_probe.engine.registry import PROBERS, probe_function
 from ntp_probe.engine.result import Reason
 from ntp_probe.exposition import families
@@ -110,7 +119,7 @@ def test_modules_reach_their_probe_function() -> None:
 
 
 def test_unknown_prober_lists_the_registry() -> None:
-    with pytest.raises(ValueError, match="known: ntp, kernel"):
+    with pytest.raises(ValueError, match="known: ntp, chrony, ntpd, kernel"):
         parse_config("modules:\n  x: {prober: gps}\n", "t")
 
 
@@ -126,7 +135,9 @@ def _other_value(kind: object, default: object) -> object:
     if isinstance(kind, IntRange):
         return kind.hi if default != kind.hi else kind.lo
     if isinstance(kind, Duration):
-        return "1m30s"
+        return "1.25s"  # no default is 1.25 s, and every maximum is longer
+    if isinstance(kind, Text):
+        return "/run/test/some.sock"
     if isinstance(kind, Choice):
         return next(o for o in kind.options if o != default)
     if isinstance(kind, Flag):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ntp_probe.cli.main import probe_parser, serve_parser
+from ntp_probe.cli.serve import unrestricted
+from ntp_probe.config.load import parse_config
 
 
 def test_an_invalid_environment_variable_is_named(monkeypatch: pytest.MonkeyPatch,
@@ -50,3 +52,16 @@ def test_probe_help_lists_the_modules_and_exit_codes() -> None:
     for name in ("ntp", "ntp_fast", "local", "kernel", "hybrid"):
         assert f"\n  {name} " in text
     assert "exit status: 0 the probe succeeded, 1 it failed" in text
+
+
+@pytest.mark.parametrize(("host", "text", "warned"), [
+    (None, "modules:\n  m: {}\n", True),
+    ("0.0.0.0", "modules:\n  m: {}\n", True),
+    ("::", "modules:\n  m: {}\n  n: {allowed_targets: [192.0.2.0/24]}\n", True),
+    ("127.0.0.1", "modules:\n  m: {}\n", False),
+    (None, "allowed_targets: [192.0.2.0/24]\nmodules:\n  m: {}\n", False),
+    (None, "modules:\n  m: {allowed_targets: [ntp.example]}\n", False),
+])
+def test_listening_everywhere_without_allowed_targets_is_warned_about(
+        host: str | None, text: str, warned: bool) -> None:
+    assert unrestricted(host, parse_config(text, "t")) is warned

@@ -224,11 +224,13 @@ def test_every_contract_metric_is_declared() -> None:
 
 def test_failure_reasons_are_the_contract_in_its_order() -> None:
     contract = [
-        "target_forbidden", "backoff", "resolve", "unreachable", "kod_rate", "kod_deny",
+        "target_forbidden", "backoff", "resolve", "unreachable", "chrony_socket",
+        "chrony_timeout", "chrony_unauthorized", "chrony_bad_reply", "mode6_timeout",
+        "mode6_error", "mode6_bad_reply", "kod_rate", "kod_deny",
         "kod_rstr", "kod_other", "timeout", "invalid_reply", "stratum_unsynchronized",
         "leap_unsynchronized", "implausible_time", "reference_after_transmit",
         "stale_reference", "excess_root_distance", "causality_violation", "offset_exceeded",
-        "kernel_unavailable",
+        "no_sys_peer", "too_few_sources", "kernel_unavailable",
     ]
     assert [r.value for r in Reason] == contract
 

@@ -1,0 +1,143 @@
+"""``ntp-probe check TARGET``: one probe as a Nagios / Icinga plugin.
+
+One status line, ``NTP OK|WARNING|CRITICAL|UNKNOWN: summary | perfdata``, and the
+plugin exit codes: 0 OK, 1 WARNING (|offset| at or above -w), 2 CRITICAL (|offset| at or
+above -c, or the probe failed: its reason is in the line), 3 UNKNOWN (bad arguments,
+unknown module, bad configuration, or anything unexpected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from ntp_probe.config.load import load_config
+from ntp_probe.config.schema import Config, ConfigError, Module
+from ntp_probe.engine.result import Measurement, Perf
+from ntp_probe.engine.runner import guard_for, run_probe
+from ntp_probe.engine.targets import TargetError, parse_target
+
+OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+_STATES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
+DEFAULT_WARNING = 0.010
+DEFAULT_CRITICAL = 0.050
+
+
+class Unknown(Exception):
+    """A problem that makes the check's answer UNKNOWN (exit 3)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as a plugin's UNKNOWN, not argparse's exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Bad arguments: UNKNOWN."""
+        print(f"NTP UNKNOWN: {message}")
+        raise SystemExit(UNKNOWN)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def check_parser() -> argparse.ArgumentParser:
+    """Flags of ``ntp-probe check``."""
+    p = _Parser(prog="ntp-probe check",
+                description="Run one probe and print one Nagios/Icinga plugin status line.",
+                epilog="exit status: 0 OK, 1 WARNING, 2 CRITICAL (also when the probe fails), "
+                "3 UNKNOWN (bad arguments or configuration).")
+    p.add_argument("target", help="HOST, HOST:PORT, IP:PORT or [IPv6]:PORT")
+    p.add_argument("--module", default="ntp", help="module name (default: ntp)")
+    p.add_argument("-w", "--warning", type=_seconds, default=DEFAULT_WARNING, metavar="SECONDS",
+                   help=f"WARNING at |offset| >= this (default: {DEFAULT_WARNING})")
+    p.add_argument("-c", "--critical", type=_seconds, default=DEFAULT_CRITICAL,
+                   metavar="SECONDS",
+                   help=f"CRITICAL at |offset| >= this (default: {DEFAULT_CRITICAL})")
+    p.add_argument("--config.file", dest="config_file", metavar="FILE",
+                   help="modules file (default: the packaged modules)")
+    return p
+
+
+def _number(value: float) -> str:
+    text = f"{value:.6f}".rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
+
+
+def _perf(item: Perf, warning: float | None = None, critical: float | None = None) -> str:
+    label = item.label if item.label.replace("_", "").isalnum() else f"'{item.label}'"
+    out = f"{label}={_number(item.value)}{item.unit}"
+    if warning is not None and critical is not None:
+        out += f";{warning:.6f};{critical:.6f}"
+    return out
+
+
+def _perfdata(m: Measurement, warning: float, critical: float) -> str:
+    items = []
+    for report in m.reports:
+        for item in report.perfdata():
+            if item.label == "offset":
+                items.append(_perf(item, warning, critical))
+            else:
+                items.append(_perf(item))
+    items.append(_perf(Perf("time", m.duration, "s")))
+    return " ".join(items)
+
+
+def evaluate(target: str, module: Module, m: Measurement, warning: float,
+             critical: float) -> tuple[int, str]:
+    """The plugin's state and status line for a finished probe."""
+    perfdata = _perfdata(m, warning, critical)
+    offset = next((r.check_offset for r in m.reports if r.check_offset is not None), None)
+    if not m.success:
+        state, summary = CRITICAL, f"{target} probe failed: {m.failure}"
+    elif offset is None:
+        state, summary = OK, f"{target} probe succeeded (module {module.name})"
+    else:
+        state = CRITICAL if abs(offset) >= critical else WARNING if abs(offset) >= warning \
+            else OK
+        summary = f"{target} offset {offset:+.6f} s (module {module.name})"
+    line = f"NTP {_STATES[state]}: {summary}"
+    return state, f"{line} | {perfdata}" if perfdata else line
+
+
+async def check(args: argparse.Namespace, config: Config) -> tuple[int, str]:
+    """Run the probe the arguments describe; (exit code, status line)."""
+    module = config.modules.get(args.module)
+    if module is None:
+        raise Unknown(f"unknown module {args.module!r} (known: {', '.join(config.modules)})")
+    if args.warning > args.critical:
+        raise Unknown(f"-w {args.warning:g} is above -c {args.critical:g}")
+    try:
+        target = parse_target(args.target)
+    except TargetError as exc:
+        raise Unknown(str(exc)) from None
+    m, _ = await run_probe(target, module, module.timeout, guard=guard_for(config, module))
+    return evaluate(str(target), module, m, args.warning, args.critical)
+
+
+def main(argv: Sequence[str]) -> int:
+    """``ntp-probe check``: print one status line, return the plugin's exit code."""
+    args = check_parser().parse_args(argv)
+    try:
+        try:
+            config = load_config(args.config_file)
+        except ConfigError as exc:
+            raise Unknown(f"invalid configuration: {str(exc).splitlines()[0]}") from None
+        code, line = asyncio.run(check(args, config))
+    except Unknown as exc:
+        code, line = UNKNOWN, f"NTP UNKNOWN: {exc}"
+    except Exception as exc:  # a plugin must answer UNKNOWN, never a traceback
+        code, line = UNKNOWN, f"NTP UNKNOWN: internal error: {type(exc).__name__}: {exc}"
+    print(" ".join(line.split("\n")))
+    sys.stdout.flush()
+    return code

@@ -1,0 +1,746 @@
+"""The chrony prober: chronyd's own view over its command protocol, as ``chronyc`` shows it.
+
+One probe asks TRACKING, N_SOURCES, then SOURCE_DATA and SOURCESTATS for each source, then
+SERVER_STATS, over UDP (``host[:port]``, port 323) or over chronyd's unix socket when the
+module names one. Every request has its own timeout and one retry with a new sequence
+number; a request is only sent when its whole timeout fits before the probe's deadline, so a
+short deadline shortens the probe instead of overrunning it, and what was obtained is
+reported. A command chronyd refuses (over UDP chrony 4.3 answers SERVER_STATS with UNAUTH)
+is listed in ``probe_chrony_command_status_info`` and the rest is still emitted.
+
+Values and signs are those of ``chronyc -c``: source offsets are local clock minus source
+(positive: the local clock is ahead), the opposite sign to ``probe_ntp_offset_seconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from ntp_probe.config.schema import ChronySettings, Module
+from ntp_probe.engine.context import ProbeContext
+from ntp_probe.engine.result import Measurement, Perf, Reason
+from ntp_probe.engine.targets import Target
+from ntp_probe.exposition.families import Family
+from ntp_probe.net.udp import Datagram, DatagramPump, SockAddr, Unreachable, sockaddr_for
+from ntp_probe.probers import common
+from ntp_probe.proto import cmdmon
+from ntp_probe.proto.cmdmon import (
+    Command,
+    LeapStatus,
+    NSources,
+    ServerStats,
+    SourceData,
+    SourceState,
+    SourceStats,
+    Status,
+    Tracking,
+)
+
+DESCRIPTION = ("chronyd's own view over its command protocol (tracking, sources, sourcestats, "
+               "serverstats), as chronyc shows it; UDP port 323 or chronyd's unix socket")
+
+TRACKING_INFO = Family(
+    "probe_chrony_tracking_info",
+    "chronyd's reference: refid as 8 hex digits and its address (or refclock name), "
+    "as chronyc tracking shows them.",
+    ("refid", "address"),
+)
+TRACKING_STRATUM = Family("probe_chrony_tracking_stratum", "chronyd's stratum.")
+TRACKING_REFERENCE_TIMESTAMP = Family(
+    "probe_chrony_tracking_reference_timestamp_seconds",
+    "When chronyd last updated its clock from its reference, as a Unix time.",
+)
+TRACKING_SYSTEM_TIME = Family(
+    "probe_chrony_tracking_system_time_seconds",
+    "chronyc's System time: the correction chronyd is still slewing out, in seconds "
+    "(positive: the system clock is slow of NTP time).",
+)
+TRACKING_LAST_OFFSET = Family(
+    "probe_chrony_tracking_last_offset_seconds",
+    "Offset estimated at the last clock update, in seconds (positive: the local clock "
+    "was ahead).",
+)
+TRACKING_RMS_OFFSET = Family("probe_chrony_tracking_rms_offset_seconds",
+                             "Long-term average of the offsets, in seconds.")
+TRACKING_FREQUENCY = Family(
+    "probe_chrony_tracking_frequency_ppm",
+    "Frequency error of the system clock that chronyd corrects, in ppm (positive: the "
+    "clock would run fast).",
+)
+TRACKING_RESIDUAL_FREQUENCY = Family(
+    "probe_chrony_tracking_residual_frequency_ppm",
+    "Difference between the reference's frequency and the one in use, in ppm.",
+)
+TRACKING_SKEW = Family("probe_chrony_tracking_skew_ppm",
+                       "Estimated error bound of the frequency, in ppm.")
+TRACKING_ROOT_DELAY = Family("probe_chrony_tracking_root_delay_seconds",
+                             "Round-trip delay to the stratum-1 reference, in seconds.")
+TRACKING_ROOT_DISPERSION = Family("probe_chrony_tracking_root_dispersion_seconds",
+                                  "Dispersion accumulated to the stratum-1 reference, in seconds.")
+TRACKING_UPDATE_INTERVAL = Family("probe_chrony_tracking_update_interval_seconds",
+                                  "Interval between the last two clock updates, in seconds.")
+TRACKING_LEAP_STATUS = Family(
+    "probe_chrony_tracking_leap_status",
+    "Leap status (0 normal, 1 insert second, 2 delete second, 3 unsynchronised).",
+)
+
+SOURCE_INFO = Family(
+    "probe_chrony_source_info",
+    "One series per source: mode server|peer|refclock and state "
+    "sync|candidate|outlier|falseticker|jittery|unusable (chronyc's * + - x ~ ?).",
+    ("source", "mode", "state"),
+)
+SOURCE_STRATUM = Family("probe_chrony_source_stratum", "Stratum of the source.", ("source",))
+SOURCE_POLL = Family("probe_chrony_source_poll_seconds",
+                     "Polling interval of the source (2^poll), in seconds.", ("source",))
+SOURCE_REACH = Family("probe_chrony_source_reach_ratio",
+                      "Share of the last 8 polls that were answered (reachability register).",
+                      ("source",))
+SOURCE_LAST_RX_AGE = Family(
+    "probe_chrony_source_last_rx_age_seconds",
+    "Seconds since the last sample from the source (absent before the first one).",
+    ("source",),
+)
+SOURCE_LAST_SAMPLE_OFFSET = Family(
+    "probe_chrony_source_last_sample_offset_seconds",
+    "Offset of the last sample, adjusted, in seconds, as chronyc sources shows it "
+    "(local clock minus source: positive when the local clock is ahead).",
+    ("source",),
+)
+SOURCE_LAST_SAMPLE_ERROR = Family("probe_chrony_source_last_sample_error_seconds",
+                                  "Error margin of the last sample, in seconds.", ("source",))
+SOURCES = Family("probe_chrony_sources",
+                 "Number of sources in each state (every state, 0 included).", ("state",))
+
+SOURCESTATS_SAMPLES = Family("probe_chrony_sourcestats_samples",
+                             "Sample points chronyd keeps for the source.", ("source",))
+SOURCESTATS_RUNS = Family("probe_chrony_sourcestats_runs",
+                          "Runs of residuals with the same sign in the source's regression.",
+                          ("source",))
+SOURCESTATS_SPAN = Family("probe_chrony_sourcestats_span_seconds",
+                          "Interval between the oldest and newest sample, in seconds.",
+                          ("source",))
+SOURCESTATS_FREQUENCY = Family("probe_chrony_sourcestats_frequency_ppm",
+                               "Estimated residual frequency of the source, in ppm.",
+                               ("source",))
+SOURCESTATS_SKEW = Family("probe_chrony_sourcestats_skew_ppm",
+                          "Estimated error bound of the source's frequency, in ppm.",
+                          ("source",))
+SOURCESTATS_OFFSET = Family(
+    "probe_chrony_sourcestats_offset_seconds",
+    "Estimated offset of the source, in seconds (local clock minus source: positive when "
+    "the local clock is ahead).",
+    ("source",),
+)
+SOURCESTATS_STDDEV = Family("probe_chrony_sourcestats_stddev_seconds",
+                            "Estimated sample standard deviation of the source, in seconds.",
+                            ("source",))
+
+SERVERSTATS_NTP_RECEIVED = Family("probe_chrony_serverstats_ntp_packets_received_total",
+                                  "NTP requests chronyd received.", type="counter")
+SERVERSTATS_NTP_DROPPED = Family("probe_chrony_serverstats_ntp_packets_dropped_total",
+                                 "NTP requests chronyd dropped (rate limiting).", type="counter")
+SERVERSTATS_COMMAND_RECEIVED = Family(
+    "probe_chrony_serverstats_command_packets_received_total",
+    "Command requests chronyd received (this probe's own included).", type="counter",
+)
+SERVERSTATS_COMMAND_DROPPED = Family("probe_chrony_serverstats_command_packets_dropped_total",
+                                     "Command requests chronyd dropped.", type="counter")
+SERVERSTATS_LOG_DROPPED = Family(
+    "probe_chrony_serverstats_client_log_records_dropped_total",
+    "Client log records chronyd dropped for lack of memory (clientloglimit).", type="counter",
+)
+SERVERSTATS_NKE_ACCEPTED = Family(
+    "probe_chrony_serverstats_nts_ke_connections_accepted_total",
+    "NTS-KE connections chronyd accepted (chrony 4.0 and later).", type="counter",
+)
+SERVERSTATS_NKE_DROPPED = Family(
+    "probe_chrony_serverstats_nts_ke_connections_dropped_total",
+    "NTS-KE connections chronyd dropped (chrony 4.0 and later).", type="counter",
+)
+SERVERSTATS_AUTHENTICATED = Family(
+    "probe_chrony_serverstats_authenticated_ntp_packets_total",
+    "Authenticated (NTS or symmetric key) NTP requests chronyd received (chrony 4.0 and "
+    "later).", type="counter",
+)
+SERVERSTATS_INTERLEAVED = Family(
+    "probe_chrony_serverstats_interleaved_ntp_packets_total",
+    "Interleaved NTP requests chronyd received (chrony 4.2 and later).", type="counter",
+)
+SERVERSTATS_TIMESTAMPS_HELD = Family(
+    "probe_chrony_serverstats_ntp_timestamps_held",
+    "Server timestamps chronyd holds for interleaved mode (chrony 4.2 and later).",
+)
+SERVERSTATS_TIMESTAMP_SPAN = Family(
+    "probe_chrony_serverstats_ntp_timestamp_span_seconds",
+    "Span of the timestamps held for interleaved mode, in seconds (chrony 4.2 and later).",
+)
+SERVERSTATS_DAEMON_RX = Family("probe_chrony_serverstats_ntp_daemon_rx_timestamps_total",
+                               "NTP requests timestamped on receipt by chronyd itself "
+                               "(chrony 4.4 and later).", type="counter")
+SERVERSTATS_DAEMON_TX = Family("probe_chrony_serverstats_ntp_daemon_tx_timestamps_total",
+                               "NTP replies timestamped on transmission by chronyd itself "
+                               "(chrony 4.4 and later).", type="counter")
+SERVERSTATS_KERNEL_RX = Family("probe_chrony_serverstats_ntp_kernel_rx_timestamps_total",
+                               "NTP requests with a kernel receive timestamp "
+                               "(chrony 4.4 and later).", type="counter")
+SERVERSTATS_KERNEL_TX = Family("probe_chrony_serverstats_ntp_kernel_tx_timestamps_total",
+                               "NTP replies with a kernel transmit timestamp "
+                               "(chrony 4.4 and later).", type="counter")
+SERVERSTATS_HW_RX = Family("probe_chrony_serverstats_ntp_hw_rx_timestamps_total",
+                           "NTP requests with a hardware receive timestamp "
+                           "(chrony 4.4 and later).", type="counter")
+SERVERSTATS_HW_TX = Family("probe_chrony_serverstats_ntp_hw_tx_timestamps_total",
+                           "NTP replies with a hardware transmit timestamp "
+                           "(chrony 4.4 and later).", type="counter")
+
+COMMAND_STATUS = Family(
+    "probe_chrony_command_status_info",
+    "How chronyd answered each command sent: ok, unauthorized, timeout, invalid or "
+    "unsupported.",
+    ("command", "status"),
+)
+
+REASONS = (
+    Reason.TARGET_FORBIDDEN, Reason.BACKOFF, Reason.RESOLVE, Reason.UNREACHABLE,
+    Reason.CHRONY_SOCKET, Reason.CHRONY_TIMEOUT, Reason.CHRONY_UNAUTHORIZED,
+    Reason.CHRONY_BAD_REPLY, Reason.LEAP_UNSYNCHRONIZED, Reason.TOO_FEW_SOURCES,
+)
+
+# Time kept back from the deadline to summarise and render.
+_SUMMARY_MARGIN = 0.005
+_ATTEMPTS = 2  # a request and one retry
+_SELECTABLE = (SourceState.SYNC, SourceState.CANDIDATE)
+
+
+class CommandStatus(StrEnum):
+    """How a command ended, the ``status`` label of ``probe_chrony_command_status_info``."""
+
+    OK = "ok"
+    UNAUTHORIZED = "unauthorized"
+    TIMEOUT = "timeout"
+    INVALID = "invalid"  # a reply that does not decode, or a status that refuses the request
+    UNSUPPORTED = "unsupported"  # chronyd does not know the command, or speaks another version
+
+
+# Statuses that mean chronyd (or this codec) does not know the request; every other refusal
+# counts as invalid.
+_UNSUPPORTED_STATUSES = frozenset({Status.INVALID, Status.BADPKTVERSION, Status.BADPKTLENGTH})
+
+_TRACKING_FAILURE = {
+    CommandStatus.TIMEOUT: Reason.CHRONY_TIMEOUT,
+    CommandStatus.UNAUTHORIZED: Reason.CHRONY_UNAUTHORIZED,
+    CommandStatus.INVALID: Reason.CHRONY_BAD_REPLY,
+    CommandStatus.UNSUPPORTED: Reason.CHRONY_BAD_REPLY,
+}
+
+_TRACKING_GAUGES: tuple[tuple[Family, Callable[[Tracking], float]], ...] = (
+    (TRACKING_STRATUM, lambda t: t.stratum),
+    (TRACKING_REFERENCE_TIMESTAMP, lambda t: t.ref_time),
+    (TRACKING_SYSTEM_TIME, lambda t: t.system_time),
+    (TRACKING_LAST_OFFSET, lambda t: t.last_offset),
+    (TRACKING_RMS_OFFSET, lambda t: t.rms_offset),
+    (TRACKING_FREQUENCY, lambda t: t.frequency_ppm),
+    (TRACKING_RESIDUAL_FREQUENCY, lambda t: t.residual_frequency_ppm),
+    (TRACKING_SKEW, lambda t: t.skew_ppm),
+    (TRACKING_ROOT_DELAY, lambda t: t.root_delay),
+    (TRACKING_ROOT_DISPERSION, lambda t: t.root_dispersion),
+    (TRACKING_UPDATE_INTERVAL, lambda t: t.update_interval),
+    (TRACKING_LEAP_STATUS, lambda t: t.leap_status.value),
+)
+_SOURCE_GAUGES: tuple[tuple[Family, Callable[[SourceData], float | None]], ...] = (
+    (SOURCE_STRATUM, lambda s: s.stratum),
+    (SOURCE_POLL, lambda s: 2.0 ** s.poll),
+    (SOURCE_REACH, lambda s: s.reach.bit_count() / 8),
+    (SOURCE_LAST_RX_AGE, lambda s: s.last_rx_age),
+    (SOURCE_LAST_SAMPLE_OFFSET, lambda s: s.offset),
+    (SOURCE_LAST_SAMPLE_ERROR, lambda s: s.offset_error),
+)
+_SOURCESTATS_GAUGES: tuple[tuple[Family, Callable[[SourceStats], float]], ...] = (
+    (SOURCESTATS_SAMPLES, lambda s: s.samples),
+    (SOURCESTATS_RUNS, lambda s: s.runs),
+    (SOURCESTATS_SPAN, lambda s: s.span),
+    (SOURCESTATS_FREQUENCY, lambda s: s.residual_frequency_ppm),
+    (SOURCESTATS_SKEW, lambda s: s.skew_ppm),
+    (SOURCESTATS_OFFSET, lambda s: s.offset),
+    (SOURCESTATS_STDDEV, lambda s: s.stddev),
+)
+# ServerStats field -> family; a field the daemon's reply type lacks (None) is not emitted.
+_SERVERSTATS: tuple[tuple[Family, str], ...] = (
+    (SERVERSTATS_NTP_RECEIVED, "ntp_hits"),
+    (SERVERSTATS_NTP_DROPPED, "ntp_drops"),
+    (SERVERSTATS_COMMAND_RECEIVED, "cmd_hits"),
+    (SERVERSTATS_COMMAND_DROPPED, "cmd_drops"),
+    (SERVERSTATS_LOG_DROPPED, "log_drops"),
+    (SERVERSTATS_NKE_ACCEPTED, "nke_hits"),
+    (SERVERSTATS_NKE_DROPPED, "nke_drops"),
+    (SERVERSTATS_AUTHENTICATED, "ntp_auth_hits"),
+    (SERVERSTATS_INTERLEAVED, "ntp_interleaved_hits"),
+    (SERVERSTATS_TIMESTAMPS_HELD, "ntp_timestamps"),
+    (SERVERSTATS_TIMESTAMP_SPAN, "ntp_span_seconds"),
+    (SERVERSTATS_DAEMON_RX, "ntp_daemon_rx_timestamps"),
+    (SERVERSTATS_DAEMON_TX, "ntp_daemon_tx_timestamps"),
+    (SERVERSTATS_KERNEL_RX, "ntp_kernel_rx_timestamps"),
+    (SERVERSTATS_KERNEL_TX, "ntp_kernel_tx_timestamps"),
+    (SERVERSTATS_HW_RX, "ntp_hw_rx_timestamps"),
+    (SERVERSTATS_HW_TX, "ntp_hw_tx_timestamps"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BadReply:
+    """A datagram for the awaited request that does not decode."""
+
+    why: str
+    unsupported: bool  # a reply type or value this codec does not know (a newer chronyd)
+
+
+Received = cmdmon.Reply | BadReply
+
+
+@dataclass(slots=True)
+class Collected:
+    """What the probe obtained so far (kept when the deadline cuts it short)."""
+
+    tracking: Tracking | None = None
+    tracking_status: CommandStatus | None = None  # None: TRACKING was never sent
+    n_sources: int | None = None
+    sources: dict[int, SourceData] = field(default_factory=dict)
+    sourcestats: dict[int, SourceStats] = field(default_factory=dict)
+    serverstats: ServerStats | None = None
+    statuses: dict[tuple[str, CommandStatus], None] = field(default_factory=dict)  # ordered set
+    transport_failure: Reason | None = None  # the socket or the route failed
+
+
+@dataclass(frozen=True, slots=True)
+class ChronyReport:
+    """chronyd's view as the CLI shows it: tracking, sources, serverstats, command statuses."""
+
+    server: str
+    tracking: Tracking | None
+    sources: tuple[tuple[SourceData, SourceStats | None], ...]
+    serverstats: ServerStats | None
+    commands: tuple[tuple[str, str], ...]
+
+    @property
+    def title(self) -> str:
+        """Section name."""
+        return "chrony"
+
+    def rows(self) -> list[tuple[str, str]]:
+        """Human-readable lines, with chronyc's names and signs."""
+        rows = [("chronyd", self.server)]
+        t = self.tracking
+        if t is not None:
+            rows += [
+                ("reference", f"{t.refid} ({t.name})"),
+                ("stratum", str(t.stratum)),
+                ("ref time", f"{t.ref_time:.9f}"),
+                ("system time", f"{t.system_time:+.9f} s"),
+                ("last offset", f"{t.last_offset:+.9f} s"),
+                ("rms offset", f"{t.rms_offset:.9f} s"),
+                ("frequency", f"{t.frequency_ppm:+.3f} ppm"),
+                ("residual freq", f"{t.residual_frequency_ppm:+.3f} ppm"),
+                ("skew", f"{t.skew_ppm:.3f} ppm"),
+                ("root delay", f"{t.root_delay:.9f} s"),
+                ("root dispersion", f"{t.root_dispersion:.9f} s"),
+                ("update interval", f"{t.update_interval:.1f} s"),
+                ("leap status", t.leap_status.name.lower()),
+            ]
+        for s, stats in self.sources:
+            age = "-" if s.last_rx_age is None else f"{s.last_rx_age} s ago"
+            line = (f"stratum {s.stratum}, poll 2^{s.poll} s, reach {s.reach:o}, "
+                    f"last sample {age}: {s.offset:+.9f} s +/- {s.offset_error:.9f} s")
+            if stats is not None:
+                line += (f"; {stats.samples} samples, offset {stats.offset:+.9f} s, "
+                         f"sd {stats.stddev:.9f} s")
+            rows.append((f"{s.mode.symbol}{s.state.symbol} {s.name}", line))
+        st = self.serverstats
+        if st is not None:
+            rows.append(("serverstats", f"ntp {st.ntp_hits} received, {st.ntp_drops} dropped; "
+                                        f"command {st.cmd_hits} received, {st.cmd_drops} dropped"))
+        rows.append(("commands", ", ".join(f"{c} {s}" for c, s in self.commands)))
+        return rows
+
+    @property
+    def check_offset(self) -> float | None:
+        """chronyd's System time, as chronyc prints it."""
+        return None if self.tracking is None else self.tracking.system_time
+
+    @property
+    def selectable(self) -> int:
+        """Sources in state sync or candidate."""
+        return sum(1 for s, _ in self.sources if s.state in _SELECTABLE)
+
+    def perfdata(self) -> list[Perf]:
+        """System time, last and RMS offset, frequency, skew, root delay, dispersion and
+        distance, stratum, source counts."""
+        out = []
+        t = self.tracking
+        if t is not None:
+            out += [
+                Perf("offset", t.system_time, "s"), Perf("last_offset", t.last_offset, "s"),
+                Perf("rms_offset", t.rms_offset, "s"), Perf("frequency_ppm", t.frequency_ppm),
+                Perf("skew_ppm", t.skew_ppm), Perf("root_delay", t.root_delay, "s"),
+                Perf("root_dispersion", t.root_dispersion, "s"),
+                # chrony's own bound on the error (its maxdistance check).
+                Perf("root_distance", t.root_delay / 2 + t.root_dispersion, "s"),
+                Perf("stratum", float(t.stratum)),
+            ]
+        out += [Perf("sources", float(len(self.sources))),
+                Perf("sources_selectable", float(self.selectable))]
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready data, chronyc's values and signs."""
+        t = self.tracking
+        return {
+            "chronyd": self.server,
+            "tracking": None if t is None else {
+                "refid": t.refid, "address": t.name, "stratum": t.stratum,
+                "reference_timestamp_seconds": t.ref_time, "system_time_seconds": t.system_time,
+                "last_offset_seconds": t.last_offset, "rms_offset_seconds": t.rms_offset,
+                "frequency_ppm": t.frequency_ppm,
+                "residual_frequency_ppm": t.residual_frequency_ppm, "skew_ppm": t.skew_ppm,
+                "root_delay_seconds": t.root_delay, "root_dispersion_seconds": t.root_dispersion,
+                "update_interval_seconds": t.update_interval, "leap_status": t.leap_status.value,
+            },
+            "sources": [_source_json(s, stats) for s, stats in self.sources],
+            "serverstats": None if self.serverstats is None else {
+                name: getattr(self.serverstats, name) for _, name in _SERVERSTATS
+                if getattr(self.serverstats, name) is not None
+            },
+            "commands": [{"command": c, "status": s} for c, s in self.commands],
+        }
+
+
+def _source_json(s: SourceData, stats: SourceStats | None) -> dict[str, Any]:
+    return {
+        "source": s.name, "mode": s.mode.label, "state": s.state.label, "stratum": s.stratum,
+        "poll": s.poll, "reach": s.reach, "last_rx_age_seconds": s.last_rx_age,
+        "offset_seconds": s.offset, "measured_offset_seconds": s.measured_offset,
+        "offset_error_seconds": s.offset_error,
+        "stats": None if stats is None else {
+            "samples": stats.samples, "runs": stats.runs, "span_seconds": stats.span,
+            "frequency_ppm": stats.residual_frequency_ppm, "skew_ppm": stats.skew_ppm,
+            "offset_seconds": stats.offset, "stddev_seconds": stats.stddev,
+        },
+    }
+
+
+def report_of(m: Measurement) -> ChronyReport | None:
+    """The chrony report in a measurement, if the probe got as far as talking to chronyd."""
+    return next((r for r in m.reports if isinstance(r, ChronyReport)), None)
+
+
+class Requests:
+    """The request awaiting its reply, and those sent before it: the pump's matcher.
+
+    A reply to an earlier request (an attempt that timed out) is late and ignored: its
+    sequence number is no longer the awaited one.
+    """
+
+    __slots__ = ("_log", "_source", "current", "expired")
+
+    def __init__(self, log: Callable[[str], None], source: tuple[str, int] | None) -> None:
+        self._log = log
+        self._source = source  # the UDP address and port replies must come from
+        self.current: tuple[Command, int] | None = None
+        self.expired: list[tuple[Command, int]] = []
+
+    def match(self, d: Datagram) -> Received | None:
+        """The awaited reply decoded (or why it does not decode); None to keep waiting."""
+        if self._source is not None and (str(d.source[0]), d.source[1]) != self._source:
+            self._log(f"datagram from {d.source[0]} port {d.source[1]} discarded: "
+                      "not the target")
+            return None
+        current = self.current
+        if current is None:
+            self._log(f"datagram ignored: {self._late(d.data) or 'no request waiting'}")
+            return None
+        command, sequence = current
+        try:
+            return cmdmon.decode_reply(d.data, command, sequence)
+        except cmdmon.ReplyMismatchError as exc:
+            self._log(f"datagram ignored: {self._late(d.data) or exc}")
+            return None
+        except cmdmon.UnsupportedReplyError as exc:
+            return BadReply(str(exc), unsupported=True)
+        except cmdmon.CmdmonError as exc:
+            return BadReply(str(exc), unsupported=False)
+
+    def _late(self, data: bytes) -> str:
+        for command, sequence in reversed(self.expired):
+            try:
+                cmdmon.decode_reply(data, command, sequence)
+            except cmdmon.ReplyMismatchError:
+                continue
+            except cmdmon.CmdmonError:
+                pass
+            return f"late reply to {command.name} sequence {sequence:08x}"
+        return ""
+
+
+def _describe(data: cmdmon.ReplyData | None) -> str:
+    """One log line's worth of a decoded reply."""
+    if isinstance(data, Tracking):
+        return (f"refid {data.refid} ({data.name}) stratum {data.stratum} "
+                f"leap {data.leap_status.value} system time {data.system_time:+.9f}s "
+                f"frequency {data.frequency_ppm:+.3f}ppm skew {data.skew_ppm:.3f}ppm")
+    if isinstance(data, NSources):
+        return f"{data.n_sources} sources"
+    if isinstance(data, SourceData):
+        return (f"{data.mode.symbol}{data.state.symbol} {data.name} stratum {data.stratum} "
+                f"poll {data.poll} reach {data.reach:o} offset {data.offset:+.9f}s "
+                f"+/- {data.offset_error:.9f}s")
+    if isinstance(data, SourceStats):
+        return (f"{data.name} samples {data.samples} runs {data.runs} span {data.span}s "
+                f"offset {data.offset:+.9f}s sd {data.stddev:.9f}s")
+    if isinstance(data, ServerStats):
+        return (f"{data.reply_type.name}: ntp {data.ntp_hits} received {data.ntp_drops} "
+                f"dropped, command {data.cmd_hits} received {data.cmd_drops} dropped")
+    return "no data"
+
+
+def _status_of(status: Status) -> CommandStatus:
+    if status is Status.SUCCESS:
+        return CommandStatus.OK
+    if status is Status.UNAUTH:
+        return CommandStatus.UNAUTHORIZED
+    if status in _UNSUPPORTED_STATUSES:
+        return CommandStatus.UNSUPPORTED
+    return CommandStatus.INVALID
+
+
+class Session:
+    """The commands of one probe over one pump, each with its timeout and one retry."""
+
+    def __init__(self, pump: DatagramPump[Received], requests: Requests,
+                 settings: ChronySettings, until: float, ctx: ProbeContext,
+                 got: Collected) -> None:
+        self._pump = pump
+        self._requests = requests
+        self._timeout = settings.request_timeout
+        self._until = until
+        self._log = ctx.log
+        self._loop = asyncio.get_running_loop()
+        self.got = got
+
+    async def ask(self, command: Command, index: int | None = None,
+                  ) -> tuple[CommandStatus, cmdmon.ReplyData | None] | None:
+        """Send ``command``, retry once; None when not even the first attempt fits before
+        the deadline (nothing sent)."""
+        name = command.name if index is None else f"{command.name} {index}"
+        bad: BadReply | None = None
+        for attempt in range(1, _ATTEMPTS + 1):
+            left = self._until - self._loop.time()
+            if left < self._timeout:
+                # A reply could come after the deadline: not sending is kinder to the
+                # daemon than blaming it for a timeout that is ours.
+                self._log(f"{name}: {'not sent' if attempt == 1 else 'no retry'}: "
+                          f"{max(left, 0.0):.3f}s left, request_timeout is {self._timeout:g}s")
+                if attempt == 1:
+                    return None
+                break
+            result = await self._attempt(command, index, name, attempt)
+            if isinstance(result, cmdmon.Reply):
+                status = _status_of(result.status)
+                self._record(command, status)
+                return status, result.data
+            if isinstance(result, BadReply):
+                if result.unsupported:
+                    self._record(command, CommandStatus.UNSUPPORTED)
+                    return CommandStatus.UNSUPPORTED, None
+                bad = result
+        status = CommandStatus.INVALID if bad is not None else CommandStatus.TIMEOUT
+        self._record(command, status)
+        return status, None
+
+    async def _attempt(self, command: Command, index: int | None, name: str,
+                       attempt: int) -> Received | None:
+        sequence = secrets.randbits(32)
+        payload = cmdmon.encode_request(command, sequence, index=index)
+        requests = self._requests
+        requests.current = (command, sequence)
+        self._log(f"-> {name} sequence {sequence:08x} attempt {attempt} ({len(payload)} B)")
+        try:
+            _, received = await self._pump.exchange(payload, self._loop.time() + self._timeout)
+        finally:
+            requests.current = None
+            requests.expired.append((command, sequence))
+        if received is None:
+            self._log(f"<- {name}: no reply within {self._timeout:g}s (attempt {attempt})")
+        elif isinstance(received, BadReply):
+            self._log(f"<- {name}: bad reply: {received.why}")
+        else:
+            self._log(f"<- {name}: {received.status.name}: {_describe(received.data)}")
+        return received
+
+    def _record(self, command: Command, status: CommandStatus) -> None:
+        self.got.statuses[(command.name.lower(), status)] = None
+
+    async def run(self) -> None:
+        """TRACKING, N_SOURCES, each source's SOURCE_DATA and SOURCESTATS, SERVER_STATS.
+
+        A command that got no reply to either attempt ends the probe: chronyd is not
+        answering, and every further command would only wait out its timeouts too.
+        """
+        got = self.got
+        answer = await self.ask(Command.TRACKING)
+        if answer is None:
+            return
+        got.tracking_status, data = answer
+        if isinstance(data, Tracking):
+            got.tracking = data
+        if got.tracking_status is CommandStatus.TIMEOUT:
+            return
+        answer = await self.ask(Command.N_SOURCES)
+        if answer is None or answer[0] is CommandStatus.TIMEOUT:
+            return
+        if isinstance(answer[1], NSources):
+            got.n_sources = answer[1].n_sources
+            for index in range(got.n_sources):
+                for command in (Command.SOURCE_DATA, Command.SOURCESTATS):
+                    answer = await self.ask(command, index)
+                    if answer is None or answer[0] is CommandStatus.TIMEOUT:
+                        return
+                    if isinstance(answer[1], SourceData):
+                        got.sources[index] = answer[1]
+                    elif isinstance(answer[1], SourceStats):
+                        got.sourcestats[index] = answer[1]
+        answer = await self.ask(Command.SERVER_STATS)
+        if answer is not None and isinstance(answer[1], ServerStats):
+            got.serverstats = answer[1]
+
+
+def _bind_path(server: str) -> str:
+    """Where the probe's end of the unix socket is bound: beside chronyd's socket, as
+    chronyc does, since chronyd (which runs as _chrony, and under AppArmor on Debian and
+    Ubuntu may only write in its own directory) must be able to send there."""
+    directory = os.path.dirname(os.path.abspath(server))
+    return os.path.join(directory, f"ntp_probe.{os.getpid()}.{secrets.token_hex(6)}.sock")
+
+
+async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measurement:
+    """Ask chronyd what chronyc shows: tracking, sources, sourcestats, serverstats."""
+    settings = module.chrony
+    m, log = ctx.measurement, ctx.log
+    until = ctx.deadline - _SUMMARY_MARGIN
+    source: tuple[str, int] | None = None
+    bind_path: str | None = None
+    family: int
+    dest: SockAddr
+    if settings.socket:
+        refusal = ctx.guard.refuse(target.host)
+        if refusal is not None:
+            log(f"target forbidden: {refusal}; nothing sent")
+            m.fail(Reason.TARGET_FORBIDDEN)
+            return m
+        family, dest, bind_path = socket.AF_UNIX, settings.socket, _bind_path(settings.socket)
+        server = f"unix socket {settings.socket}"
+        log(f"target {target} only labels this probe and is not contacted: asking chronyd "
+            f"on its {server}, replies to {bind_path}")
+    else:
+        port = target.port if target.port is not None else settings.port
+        resolved = await common.prepare(
+            target, port, ctx, preferred=settings.preferred_ip_protocol,
+            fallback=settings.ip_protocol_fallback, until=until)
+        if resolved is None:
+            return m
+        family, source = resolved.family, (resolved.address, port)
+        dest = sockaddr_for(resolved.address, port, family)
+        server = f"{resolved.address} port {port}"
+        log(f"asking chronyd on {server} (UDP)")
+    got = Collected()
+    requests = Requests(log, source)
+    pump: DatagramPump[Received] | None = None
+    try:
+        pump = DatagramPump(family, dest, requests.match, log, bind_path=bind_path)
+        async with pump:
+            if bind_path is not None:
+                # chronyd may run as another user (root probing _chrony's socket): it must
+                # be able to write to our socket. The directory beside chronyd's socket is
+                # not world-accessible (chronyd refuses to use one that is).
+                os.chmod(bind_path, 0o666)
+            await Session(pump, requests, settings, until, ctx, got).run()
+    except Unreachable as exc:
+        got.transport_failure = Reason.CHRONY_SOCKET if bind_path else Reason.UNREACHABLE
+        log(f"{server}: {exc.strerror or exc}")
+    except OSError as exc:
+        got.transport_failure = Reason.CHRONY_SOCKET if bind_path else Reason.UNREACHABLE
+        where = f"reply socket {bind_path}" if bind_path else "local socket"
+        log(f"{where}: {exc.strerror or exc}")
+    finally:
+        if pump is not None:
+            m.packets_sent = pump.sent
+        # Also when the runner's backstop cuts the probe off: what was obtained still counts.
+        _conclude(got, settings, ctx, server)
+    return m
+
+
+def _emit(m: Measurement, got: Collected) -> None:
+    """Every sample, in the families' declaration order."""
+    t = got.tracking
+    if t is not None:
+        m.add(TRACKING_INFO, 1, t.refid, t.name)
+        for family, read in _TRACKING_GAUGES:
+            m.add(family, read(t))
+    sources = [got.sources[i] for i in sorted(got.sources)]
+    for s in sources:
+        m.add(SOURCE_INFO, 1, s.name, s.mode.label, s.state.label)
+    for family, read_source in _SOURCE_GAUGES:
+        for s in sources:
+            value = read_source(s)
+            if value is not None:
+                m.add(family, value, s.name)
+    if got.n_sources is not None:
+        counts = dict.fromkeys(SourceState, 0)
+        for s in sources:
+            counts[s.state] += 1
+        for state, count in counts.items():
+            m.add(SOURCES, count, state.label)
+    stats = [got.sourcestats[i] for i in sorted(got.sourcestats)]
+    for family, read_stats in _SOURCESTATS_GAUGES:
+        for st in stats:
+            m.add(family, read_stats(st), st.name)
+    if got.serverstats is not None:
+        for family, name in _SERVERSTATS:
+            counter = getattr(got.serverstats, name)
+            if counter is not None:
+                m.add(family, counter)
+    for command, status in got.statuses:
+        m.add(COMMAND_STATUS, 1, command, status.value)
+
+
+def _conclude(got: Collected, settings: ChronySettings, ctx: ProbeContext,
+              server: str) -> None:
+    m, log = ctx.measurement, ctx.log
+    _emit(m, got)
+    m.reports.append(ChronyReport(
+        server, got.tracking,
+        tuple((got.sources[i], got.sourcestats.get(i)) for i in sorted(got.sources)),
+        got.serverstats, tuple((c, s.value) for c, s in got.statuses),
+    ))
+    if got.transport_failure is not None:
+        m.fail(got.transport_failure)
+    t = got.tracking
+    if t is None:
+        status = got.tracking_status
+        # Not sent at all: the deadline left no room for one request.
+        m.fail(Reason.CHRONY_TIMEOUT if status is None else _TRACKING_FAILURE[status])
+    elif t.leap_status is LeapStatus.UNSYNCHRONISED:
+        m.fail(Reason.LEAP_UNSYNCHRONIZED)
+    selectable = sum(1 for s in got.sources.values() if s.state in _SELECTABLE)
+    if got.n_sources is not None and len(got.sources) < got.n_sources:
+        log(f"{len(got.sources)} of {got.n_sources} sources obtained")
+    if selectable < settings.min_candidates:
+        log(f"{selectable} sources in state sync or candidate, "
+            f"min_candidates is {settings.min_candidates}")
+        m.fail(Reason.TOO_FEW_SOURCES)

@@ -1,0 +1,95 @@
+"""``ntp-probe check``: the Nagios/Icinga plugin's states, status line and perfdata."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from ntp_probe.cli import check
+from ntp_probe.cli.main import main
+from ntp_probe.config.load import parse_config
+from ntp_probe.config.schema import Config
+from tests.behaviour import fake_server
+from tests.behaviour.fake_server import FakeNTPServer, answer
+
+fake_ntp = fake_server.fake_ntp
+
+CONFIG = parse_config(
+    "modules:\n  one:\n    timeout: 2s\n    ntp:\n      samples: 1\n"
+    "      preferred_ip_protocol: ip4\n      reply_timeout: 500ms\n", "test")
+# label=value[UOM][;warn;crit[;min;max]] (the plugin development guidelines)
+PERF_RE = re.compile(r"^[a-z_]+=-?[0-9.]+(s|%|c)?(;[0-9.]*){0,4}$")
+
+
+async def run(target: str, *extra: str, config: Config = CONFIG) -> tuple[int, str]:
+    args = check.check_parser().parse_args([target, "--module", "one", *extra])
+    return await check.check(args, config)
+
+
+def split(line: str) -> tuple[str, list[str]]:
+    status, _, perf = line.partition(" | ")
+    return status, perf.split()
+
+
+@pytest.mark.parametrize(("offset", "state", "code"), [
+    (0.0, "OK", 0), (0.02, "WARNING", 1), (-0.02, "WARNING", 1), (0.2, "CRITICAL", 2),
+])
+async def test_the_offset_against_the_thresholds(fake_ntp: FakeNTPServer, offset: float,
+                                                 state: str, code: int) -> None:
+    fake_ntp.behaviour = answer(offset=offset)
+    got, line = await run(fake_ntp.target)
+    status, perf = split(line)
+    assert got == code, line
+    assert status.startswith(f"NTP {state}: {fake_ntp.target} offset ")
+    assert "\n" not in line
+    assert all(PERF_RE.match(p) for p in perf), perf
+    offset_perf = next(p for p in perf if p.startswith("offset="))
+    assert offset_perf.endswith("s;0.010000;0.050000")
+    assert float(offset_perf.split("=")[1].split("s")[0]) == pytest.approx(offset, abs=0.005)
+    assert any(p.startswith("stratum=") for p in perf) and any(p.startswith("delay=")
+                                                               for p in perf)
+
+
+async def test_thresholds_can_be_set(fake_ntp: FakeNTPServer) -> None:
+    fake_ntp.behaviour = answer(offset=0.02)
+    code, line = await run(fake_ntp.target, "-w", "0.1", "-c", "0.5")
+    assert code == 0, line
+    assert "offset=" in line and ";0.100000;0.500000" in line
+
+
+async def test_a_failed_probe_is_critical_with_its_reason(fake_ntp: FakeNTPServer) -> None:
+    fake_ntp.behaviour = answer(leap=3)
+    code, line = await run(fake_ntp.target)
+    assert code == 2
+    assert line.startswith(f"NTP CRITICAL: {fake_ntp.target} probe failed: leap_unsynchronized")
+
+
+def exit_code(argv: list[str]) -> int:
+    """main()'s exit code, whether it returns it or argparse raises it."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+@pytest.mark.parametrize(("argv", "why"), [
+    (["check", "127.0.0.1", "--module", "nope"], "unknown module 'nope' (known: ntp"),
+    (["check", "127.0.0.1", "-w", "0.2", "-c", "0.1"], "-w 0.2 is above -c 0.1"),
+    (["check", "127.0.0.1", "-w", "soon"], "expected seconds"),
+    (["check", "0x7f.1"], "non-standard form"),
+    (["check"], "required: target"),
+])
+def test_bad_arguments_are_unknown(argv: list[str], why: str,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert exit_code(argv) == 3
+    out = capsys.readouterr().out
+    assert out.startswith("NTP UNKNOWN: ") and why in out and out.count("\n") == 1, out
+
+
+def test_a_bad_config_file_is_unknown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "modules.yaml"
+    path.write_text("modules:\n  m:\n    prober: nope\n")
+    assert exit_code(["check", "127.0.0.1", "--config.file", str(path)]) == 3
+    assert capsys.readouterr().out.startswith("NTP UNKNOWN: invalid configuration: ")

@@ -1,0 +1,483 @@
+"""The chrony prober against an in-process fake chronyd command port on 127.0.0.1.
+
+The fake answers with bytes this file builds from chrony's wire layout (candm.h), not with
+the codec under test, so a codec and prober that agree on a mistake cannot pass together.
+Delays are scripted with ``loop.call_later`` (network delay as the prober sees it); the
+tests synchronise on the requests the fake received, never on sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import struct
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ntp_probe.config.load import parse_config
+from ntp_probe.config.schema import Module
+from ntp_probe.engine.result import Measurement
+from ntp_probe.engine.runner import guard_for
+from ntp_probe.exposition.render import render
+from ntp_probe.probers import chrony
+from tests.conftest import label_sets, names, probe, value
+
+LOOPBACK = "127.0.0.1"
+
+# candm.h request codes and reply types, as the fake chronyd knows them.
+TRACKING, N_SOURCES, SOURCE_DATA, SOURCESTATS, SERVER_STATS = 33, 14, 15, 34, 54
+RPY_NULL, RPY_N_SOURCES, RPY_SOURCE_DATA, RPY_TRACKING, RPY_SOURCESTATS = 1, 2, 3, 5, 6
+RPY_SERVER_STATS3 = 24
+STT_SUCCESS, STT_UNAUTH, STT_NOSUCHSOURCE = 0, 2, 4
+REQUEST_LEN = 520
+
+SOURCE_STATES = ("sync", "unusable", "falseticker", "jittery", "candidate", "outlier")
+
+
+# --- chrony's wire format, written out independently of ntp_probe.proto.cmdmon -------------
+
+
+def cfloat(x: float) -> int:
+    """chrony's 32-bit Float: 7-bit signed exponent, 25-bit signed coefficient (util.c)."""
+    if x == 0:
+        return 0
+    mantissa, exponent = math.frexp(abs(x))  # abs(x) = mantissa * 2**exponent
+    coef, exp = round(mantissa * 2**24), exponent + 1
+    if coef == 1 << 24:
+        coef, exp = coef >> 1, exp + 1
+    if x < 0:
+        coef = -coef & 0x1FFFFFF
+    return (exp & 0x7F) << 25 | coef
+
+
+def ipv4(text: str) -> bytes:
+    """chrony's IPAddr for an IPv4 address: 16 address bytes, family 1, padding."""
+    return bytes(int(p) for p in text.split(".")).ljust(16, b"\0") + struct.pack(">HH", 1, 0)
+
+
+@dataclass(frozen=True)
+class Req:
+    """One request the fake received."""
+
+    n: int  # arrival order, 0-based
+    command: int
+    sequence: int
+    index: int | None  # SOURCE_DATA / SOURCESTATS source index
+    length: int
+    addr: tuple[str, int]
+
+
+def header(req: Req, reply_type: int, status: int = STT_SUCCESS) -> bytes:
+    return struct.pack(">BBBBHHHHHHIII", 6, 2, 0, 0, req.command, reply_type, status,
+                       0, 0, 0, req.sequence, 0, 0)
+
+
+def refused(req: Req, status: int) -> bytes:
+    """chronyd's answer to a refused command: an empty RPY_NULL with the status."""
+    return header(req, RPY_NULL, status)
+
+
+@dataclass(frozen=True)
+class FakeSource:
+    address: str
+    state: int  # RPY_SD_ST_*: 0 sync, 4 candidate, 2 falseticker, ...
+    stratum: int = 2
+    poll: int = 6
+    reach: int = 0o377
+    since_sample: int = 12
+    offset: float = -0.00025
+    measured_offset: float = -0.000251
+    error: float = 0.0005
+    samples: int = 8
+    runs: int = 5
+    span: int = 448
+    stddev: float = 0.0000625
+    frequency: float = -0.125
+    skew: float = 0.5
+    est_offset: float = -0.0001220703125
+
+
+@dataclass
+class FakeChronyd:
+    """What the fake reports: chronyc's values, written in chrony's wire layout."""
+
+    stratum: int = 3
+    leap: int = 0
+    refid: int = 0xC0000201
+    ref_time: int = 1_790_000_000
+    system_time: float = 0.0009765625  # chronyc: 0.000976562 seconds slow of NTP time
+    last_offset: float = -0.00048828125
+    rms_offset: float = 0.000732421875
+    frequency: float = -12.5
+    residual_frequency: float = 0.015625
+    skew: float = 0.125
+    root_delay: float = 0.015625
+    root_dispersion: float = 0.0029296875
+    update_interval: float = 64.0
+    sources: list[FakeSource] = field(default_factory=lambda: [
+        FakeSource("192.0.2.1", state=0),
+        FakeSource("192.0.2.2", state=4, stratum=3, reach=0o17, offset=0.001953125),
+    ])
+    serverstats: tuple[int, ...] = (1000, 3, 77, 10, 2, 1, 0, 5, 6, 7, 8)
+
+    def tracking(self, req: Req) -> bytes:
+        floats = (self.system_time, self.last_offset, self.rms_offset, self.frequency,
+                  self.residual_frequency, self.skew, self.root_delay, self.root_dispersion,
+                  self.update_interval)
+        return header(req, RPY_TRACKING) + struct.pack(
+            ">I20sHHIII9I", self.refid, ipv4("192.0.2.1"), self.stratum, self.leap,
+            0, self.ref_time, 500_000_000, *(cfloat(f) for f in floats))
+
+    def answer(self, req: Req) -> bytes:
+        """chronyd's reply to ``req``."""
+        if req.command == TRACKING:
+            return self.tracking(req)
+        if req.command == N_SOURCES:
+            return header(req, RPY_N_SOURCES) + struct.pack(">I", len(self.sources))
+        if req.command == SERVER_STATS:
+            return header(req, RPY_SERVER_STATS3) + struct.pack(">11I", *self.serverstats)
+        assert req.index is not None
+        if req.index >= len(self.sources):
+            return refused(req, STT_NOSUCHSOURCE)
+        s = self.sources[req.index]
+        if req.command == SOURCE_DATA:
+            return header(req, RPY_SOURCE_DATA) + struct.pack(
+                ">20shHHHHHI3I", ipv4(s.address), s.poll, s.stratum, s.state, 0, 0, s.reach,
+                s.since_sample, cfloat(s.measured_offset), cfloat(s.offset), cfloat(s.error))
+        return header(req, RPY_SOURCESTATS) + struct.pack(
+            ">I20s3I5I", 0, ipv4(s.address), s.samples, s.runs, s.span, cfloat(s.stddev),
+            cfloat(s.frequency), cfloat(s.skew), cfloat(s.est_offset), cfloat(0.0001))
+
+
+# What to send back for a request: (datagram, delay in seconds) pairs.
+Behaviour = Callable[[Req], Iterable[tuple[bytes, float]]]
+
+
+class FakeCommandPort(asyncio.DatagramProtocol):
+    """A UDP command port on 127.0.0.1 that records requests and runs the test's behaviour."""
+
+    def __init__(self) -> None:
+        self.chronyd = FakeChronyd()
+        self.behaviour: Behaviour = lambda req: [(self.chronyd.answer(req), 0.0)]
+        self.requests: list[Req] = []
+        self.errors: list[BaseException] = []
+        self.transport: Any = None  # asyncio's datagram transport (no common base class)
+        self.port = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.port = transport.get_extra_info("sockname")[1]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        version, pkt_type, _, _, command, _, sequence = struct.unpack_from(">BBBBHHI", data)
+        index = None
+        if command in (SOURCE_DATA, SOURCESTATS):
+            index = struct.unpack_from(">I", data, 20)[0]
+        req = Req(len(self.requests), command, sequence, index, len(data), addr)
+        self.requests.append(req)
+        assert (version, pkt_type) == (6, 1)
+        try:
+            for datagram, delay in self.behaviour(req):
+                self._send_later(datagram, addr, delay)
+        except Exception as exc:  # surfaced at teardown
+            self.errors.append(exc)
+
+    def _send_later(self, datagram: bytes, addr: tuple[str, int], delay: float) -> None:
+        assert self.transport is not None
+        if delay <= 0:
+            self.transport.sendto(datagram, addr)
+        else:
+            asyncio.get_running_loop().call_later(delay, self._send_now, datagram, addr)
+
+    def _send_now(self, datagram: bytes, addr: tuple[str, int]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(datagram, addr)
+
+    def commands(self) -> list[tuple[int, int | None]]:
+        return [(r.command, r.index) for r in self.requests]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeCommandPort]:
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(
+        FakeCommandPort, local_addr=(LOOPBACK, 0))
+    try:
+        yield protocol
+    finally:
+        transport.close()
+    if protocol.errors:
+        raise protocol.errors[0]
+
+
+def chrony_module(*, timeout: str = "2s", request_timeout: str = "100ms", **chrony_keys: Any,
+                  ) -> Module:
+    keys = "".join(f", {k}: {v}" for k, v in chrony_keys.items())
+    text = (f"modules:\n  c:\n    prober: chrony\n    timeout: {timeout}\n"
+            f"    chrony: {{request_timeout: {request_timeout}{keys}}}\n")
+    return parse_config(text, "test").modules["c"]
+
+
+def statuses(m: Measurement) -> dict[str, str]:
+    return {s["command"]: s["status"] for s in label_sets(m, "probe_chrony_command_status_info")}
+
+
+def sent_lines(log: str, command: str) -> list[tuple[str, str]]:
+    """(sequence, attempt) of each request for ``command`` the probe log shows."""
+    return [(m[1], m[2]) for m in re.finditer(
+        rf"-> {command} sequence ([0-9a-f]{{8}}) attempt (\d)", log)]
+
+
+def entries(directory: Path) -> list[str]:
+    """What is left in ``directory``."""
+    return sorted(p.name for p in directory.iterdir())
+
+
+# --- tests ----------------------------------------------------------------------------------
+
+
+async def test_healthy_daemon_is_reported_as_chronyc_shows_it(fake: FakeCommandPort) -> None:
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
+    assert m.failure is None, log.text()
+    d = fake.chronyd
+    assert label_sets(m, "probe_chrony_tracking_info") == [
+        {"refid": "C0000201", "address": "192.0.2.1"}]
+    expected = {
+        "probe_chrony_tracking_stratum": 3,
+        "probe_chrony_tracking_reference_timestamp_seconds": 1_790_000_000.5,
+        "probe_chrony_tracking_system_time_seconds": d.system_time,
+        "probe_chrony_tracking_last_offset_seconds": d.last_offset,
+        "probe_chrony_tracking_rms_offset_seconds": d.rms_offset,
+        "probe_chrony_tracking_frequency_ppm": d.frequency,
+        "probe_chrony_tracking_residual_frequency_ppm": d.residual_frequency,
+        "probe_chrony_tracking_skew_ppm": d.skew,
+        "probe_chrony_tracking_root_delay_seconds": d.root_delay,
+        "probe_chrony_tracking_root_dispersion_seconds": d.root_dispersion,
+        "probe_chrony_tracking_update_interval_seconds": 64,
+        "probe_chrony_tracking_leap_status": 0,
+    }
+    for name, want in expected.items():
+        assert value(m, name) == want, name  # exact: all are exact chrony Floats
+    assert label_sets(m, "probe_chrony_source_info") == [
+        {"source": "192.0.2.1", "mode": "server", "state": "sync"},
+        {"source": "192.0.2.2", "mode": "server", "state": "candidate"},
+    ]
+    two = {"source": "192.0.2.2"}
+    assert value(m, "probe_chrony_source_stratum", **two) == 3
+    assert value(m, "probe_chrony_source_poll_seconds", **two) == 64
+    assert value(m, "probe_chrony_source_reach_ratio", **two) == 0.5  # 0o17: 4 of 8
+    assert value(m, "probe_chrony_source_last_rx_age_seconds", **two) == 12
+    # chrony's sign, as chronyc prints it: local clock minus source.
+    assert value(m, "probe_chrony_source_last_sample_offset_seconds", **two) == 0.001953125
+    # 0.0005 is no exact chrony Float: 24 bits of precision.
+    assert value(m, "probe_chrony_source_last_sample_error_seconds", **two) == pytest.approx(
+        0.0005, rel=1e-7)
+    assert {s["state"]: value(m, "probe_chrony_sources", **s)
+            for s in label_sets(m, "probe_chrony_sources")} == {
+        "sync": 1, "candidate": 1, "unusable": 0, "falseticker": 0, "jittery": 0, "outlier": 0}
+    assert value(m, "probe_chrony_sourcestats_samples", source="192.0.2.1") == 8
+    assert value(m, "probe_chrony_sourcestats_span_seconds", source="192.0.2.1") == 448
+    assert value(m, "probe_chrony_sourcestats_offset_seconds",
+                 source="192.0.2.1") == -0.0001220703125
+    assert value(m, "probe_chrony_serverstats_ntp_packets_received_total") == 1000
+    assert value(m, "probe_chrony_serverstats_command_packets_received_total") == 77
+    assert value(m, "probe_chrony_serverstats_ntp_timestamp_span_seconds") == 8
+    # Type 24 has no timestamp-source counters (chrony 4.4's type 25 does).
+    assert "probe_chrony_serverstats_ntp_hw_rx_timestamps_total" not in names(m)
+    assert statuses(m) == {"tracking": "ok", "n_sources": "ok", "source_data": "ok",
+                           "sourcestats": "ok", "server_stats": "ok"}
+    assert fake.commands() == [(TRACKING, None), (N_SOURCES, None), (SOURCE_DATA, 0),
+                               (SOURCESTATS, 0), (SOURCE_DATA, 1), (SOURCESTATS, 1),
+                               (SERVER_STATS, None)]
+    assert {r.length for r in fake.requests} == {REQUEST_LEN}
+    assert m.packets_sent == len(fake.requests)
+    text = render(m)
+    assert "# TYPE probe_chrony_serverstats_ntp_packets_received_total counter" in text
+    report = chrony.report_of(m)
+    assert report is not None and report.check_offset == d.system_time
+    perf = {p.label: p.value for p in report.perfdata()}
+    assert perf["root_distance"] == d.root_delay / 2 + d.root_dispersion
+    assert (perf["sources"], perf["sources_selectable"]) == (2, 2)
+    # debug=true: one line per request sent and per reply decoded.
+    assert len(re.findall(r"^ *[\d.]+ms -> ", log.text(), flags=re.M)) == 7
+    assert len(re.findall(r"^ *[\d.]+ms <- ", log.text(), flags=re.M)) == 7
+
+
+async def test_first_attempts_dropped_retries_get_through(fake: FakeCommandPort) -> None:
+    seen: set[tuple[int, int | None]] = set()
+
+    def drop_first_attempt(req: Req) -> list[tuple[bytes, float]]:
+        key = (req.command, req.index)
+        if key not in seen:
+            seen.add(key)
+            return []
+        return [(fake.chronyd.answer(req), 0.0)]
+
+    fake.behaviour = drop_first_attempt
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
+    assert m.failure is None, log.text()
+    assert set(statuses(m).values()) == {"ok"}
+    assert len(label_sets(m, "probe_chrony_source_info")) == 2
+    assert len(fake.requests) == 14 and m.packets_sent == 14
+    attempts = sent_lines(log.text(), "TRACKING")
+    assert [a for _, a in attempts] == ["1", "2"]
+    assert attempts[0][0] != attempts[1][0]  # the retry has a new sequence number
+
+
+async def test_silent_daemon_times_out_within_the_deadline(fake: FakeCommandPort) -> None:
+    fake.behaviour = lambda req: []
+    module = chrony_module(timeout="1s", request_timeout="200ms")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", module)
+    assert loop.time() - started < 1.0
+    assert m.failure == "chrony_timeout"
+    assert len(sent_lines(log.text(), "TRACKING")) == 2, log.text()
+    # chronyd does not answer: nothing more is asked.
+    assert fake.commands() == [(TRACKING, None)] * 2 and m.packets_sent == 2
+    assert statuses(m) == {"tracking": "timeout"}
+    assert not [n for n in names(m) if n.startswith("probe_chrony_tracking")]
+    assert "probe deadline reached" not in log.text()
+
+
+@pytest.mark.parametrize("garbage", [
+    pytest.param(lambda req: b"\x17" * 104, id="noise"),
+    pytest.param(lambda req: FakeChronyd().tracking(req)[:-4], id="truncated"),
+    pytest.param(lambda req: b"\x06\x02" + FakeChronyd().tracking(req)[2:] + b"\0", id="long"),
+])
+async def test_garbage_tracking_replies_are_bad_replies(
+    fake: FakeCommandPort, garbage: Callable[[Req], bytes]
+) -> None:
+    def behaviour(req: Req) -> list[tuple[bytes, float]]:
+        data = garbage(req) if req.command == TRACKING else fake.chronyd.answer(req)
+        return [(data, 0.0)]
+
+    fake.behaviour = behaviour
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
+    assert m.failure == "chrony_bad_reply", log.text()
+    assert len(sent_lines(log.text(), "TRACKING")) == 2  # garbage is retried once
+    assert statuses(m)["tracking"] == "invalid"
+    assert "probe_chrony_tracking_info" not in names(m)
+    # What chronyd did answer is still reported.
+    assert len(label_sets(m, "probe_chrony_source_info")) == 2
+    assert statuses(m)["server_stats"] == "ok"
+
+
+async def test_unauthorised_tracking_is_reported_with_the_rest(fake: FakeCommandPort) -> None:
+    def behaviour(req: Req) -> list[tuple[bytes, float]]:
+        if req.command == TRACKING:
+            return [(refused(req, STT_UNAUTH), 0.0)]
+        return [(fake.chronyd.answer(req), 0.0)]
+
+    fake.behaviour = behaviour
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
+    assert m.failure == "chrony_unauthorized", log.text()
+    assert len(sent_lines(log.text(), "TRACKING")) == 1  # an answer: no retry
+    assert statuses(m) == {"tracking": "unauthorized", "n_sources": "ok", "source_data": "ok",
+                           "sourcestats": "ok", "server_stats": "ok"}
+    assert value(m, "probe_chrony_sources", state="sync") == 1
+    assert value(m, "probe_chrony_serverstats_ntp_packets_received_total") == 1000
+
+
+async def test_late_reply_to_the_first_attempt_is_ignored(fake: FakeCommandPort) -> None:
+    held: list[Req] = []
+
+    def behaviour(req: Req) -> list[tuple[bytes, float]]:
+        if req.command != TRACKING:
+            return [(fake.chronyd.answer(req), 0.0)]
+        if not held:
+            held.append(req)  # answered only once the retry is in
+            return []
+        # The late answer to attempt 1 (stratum 14) arrives first, then the retry's (3).
+        late = replace(fake.chronyd, stratum=14).tracking(held[0])
+        return [(late, 0.0), (fake.chronyd.answer(req), 0.0)]
+
+    fake.behaviour = behaviour
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module(request_timeout="300ms"))
+    assert m.failure is None, log.text()
+    assert value(m, "probe_chrony_tracking_stratum") == 3
+    first, second = sent_lines(log.text(), "TRACKING")
+    assert f"late reply to TRACKING sequence {first[0]}" in log.text()
+    assert f"{held[0].sequence:08x}" == first[0] != second[0]
+    assert statuses(m)["tracking"] == "ok"
+
+
+async def test_short_deadline_reports_the_sources_obtained(fake: FakeCommandPort) -> None:
+    fake.chronyd.sources = [FakeSource(f"192.0.2.{i}", state=4) for i in range(1, 41)]
+    # Every reply takes 10 ms: 83 commands cannot fit in 500 ms.
+    fake.behaviour = lambda req: [(fake.chronyd.answer(req), 0.01)]
+    module = chrony_module(timeout="500ms", request_timeout="100ms")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", module)
+    elapsed = loop.time() - started
+    # Within the deadline, but for the event loop's own lateness on a loaded machine.
+    assert elapsed < 0.5 + 0.05, log.text()
+    assert "probe deadline reached" not in log.text()
+    text = log.text()
+    assert re.search(r"(SOURCE_DATA|SOURCESTATS) \d+: not sent: 0\.\d+s left", text), text
+    obtained = label_sets(m, "probe_chrony_source_info")
+    assert 0 < len(obtained) < 40
+    assert value(m, "probe_chrony_sources", state="candidate") == len(obtained)
+    assert value(m, "probe_chrony_tracking_stratum") == 3
+    assert (SERVER_STATS, None) not in fake.commands()
+    assert "server_stats" not in statuses(m)  # never sent, so not listed
+    assert m.packets_sent == len(fake.requests)
+    assert f"{len(obtained)} of 40 sources obtained" in text
+    assert m.failure is None  # tracking answered, candidates enough
+
+
+async def test_a_reply_from_another_port_is_discarded(fake: FakeCommandPort) -> None:
+    loop = asyncio.get_running_loop()
+    other, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol,
+                                                   local_addr=(LOOPBACK, 0))
+    try:
+        def behaviour(req: Req) -> list[tuple[bytes, float]]:
+            if req.command == TRACKING and req.n == 0:
+                # A spoofer answers first, from another port; the real daemon stays silent.
+                other.sendto(replace(fake.chronyd, stratum=1).tracking(req), req.addr)
+                return []
+            return [(fake.chronyd.answer(req), 0.0)]
+
+        fake.behaviour = behaviour
+        m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
+    finally:
+        other.close()
+    assert "discarded: not the target" in log.text()
+    assert value(m, "probe_chrony_tracking_stratum") == 3
+    assert len(sent_lines(log.text(), "TRACKING")) == 2
+
+
+async def test_too_few_candidates(fake: FakeCommandPort) -> None:
+    fake.chronyd.sources = [FakeSource("192.0.2.1", state=2), FakeSource("192.0.2.2", state=0)]
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module(min_candidates=2))
+    assert m.failure == "too_few_sources", log.text()
+    assert value(m, "probe_chrony_sources", state="falseticker") == 1
+
+
+async def test_unsynchronised_daemon_fails_on_leap_status(fake: FakeCommandPort) -> None:
+    fake.chronyd.leap, fake.chronyd.sources = 3, []
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
+    # Both checks fail; the leap status ranks first.
+    assert m.failure == "leap_unsynchronized", log.text()
+    assert value(m, "probe_chrony_tracking_leap_status") == 3
+    assert sum(value(m, "probe_chrony_sources", state=s) or 0 for s in SOURCE_STATES) == 0
+
+
+async def test_socket_mode_checks_the_policy_and_sends_nothing(tmp_path: Path) -> None:
+    text = (f"denied_targets: [forbidden.example]\nmodules:\n  c:\n    prober: chrony\n"
+            f"    chrony: {{socket: {tmp_path / 'chronyd.sock'}}}\n")
+    config = parse_config(text, "test")
+    module = config.modules["c"]
+    m, log = await probe("forbidden.example", module, guard=guard_for(config, module))
+    assert m.failure == "target_forbidden", log.text()
+    assert m.packets_sent == 0 and entries(tmp_path) == []
+    m, log = await probe("allowed.example", module, guard=guard_for(config, module))
+    assert m.failure == "chrony_socket", log.text()  # nothing listens there
+    assert "allowed.example only labels this probe and is not contacted" in log.text()
+    assert entries(tmp_path) == []  # the reply socket was removed
