@@ -28,6 +28,15 @@ def _logfmt_value(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+# Fields a record may carry besides its message (ProbeLog's target and module): the
+# record's attribute -> the field's name in the output.
+FIELDS = {"probe_target": "target", "probe_module": "module"}
+
+
+def _fields(record: logging.LogRecord) -> dict[str, str]:
+    return {name: str(v) for attr, name in FIELDS.items() if (v := getattr(record, attr, None))}
+
+
 class LogfmtFormatter(logging.Formatter):
     """``ts=... level=info logger=... msg="..."``."""
 
@@ -36,9 +45,10 @@ class LogfmtFormatter(logging.Formatter):
         msg = record.getMessage()
         if record.exc_info:
             msg += "\n" + self.formatException(record.exc_info)
+        extra = "".join(f" {k}={_logfmt_value(v)}" for k, v in _fields(record).items())
         return (
             f"ts={_timestamp(record)} level={_level(record)} "
-            f"logger={record.name} msg={_logfmt_value(msg)}"
+            f"logger={record.name}{extra} msg={_logfmt_value(msg)}"
         )
 
 
@@ -48,7 +58,7 @@ class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         """Format one record as a JSON line."""
         data = {"ts": _timestamp(record), "level": _level(record),
-                "logger": record.name, "msg": record.getMessage()}
+                "logger": record.name, **_fields(record), "msg": record.getMessage()}
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
         return json.dumps(data)

@@ -49,6 +49,15 @@ def _fit_open_files(max_connections: int, max_probes: int) -> int:
     return max_connections
 
 
+def unrestricted(host: str | None, config: Config) -> bool:
+    """Whether the exporter listens on every address while no allowed_targets limits what
+    it may be asked to probe (an open UDP reflector for whoever reaches the port)."""
+    if host not in (None, "", "0.0.0.0", "::"):
+        return False
+    return not config.policy.allowed and not all(
+        m.policy.allowed for m in config.modules.values())
+
+
 def parse_listen(address: str) -> tuple[str | None, int]:
     """``:9559``, ``0.0.0.0:9559``, ``[::1]:9559`` -> (host or None for all, port)."""
     host, sep, port_text = address.rpartition(":")
@@ -94,9 +103,12 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
         logger.error("cannot listen on %s: %s", args.listen, exc.strerror or exc)
         await runner.cleanup()
         return 1
-    logger.info("listening on %s%s with %d modules from %s (version %s)", args.listen,
-                " (TLS)" if web_config.ssl_context else "", len(config.modules), config.source,
-                __version__)
+    logger.info("listening on %s with %d modules from %s (version %s); landing page %s/",
+                args.listen, len(config.modules), config.source, __version__, site.name)
+    if unrestricted(host, config):
+        logger.warning("listening on every address with no allowed_targets: anyone who can "
+                       "reach this port can make the exporter send NTP packets to any "
+                       "address (see the README's target policy section)")
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

@@ -14,29 +14,42 @@ _logger = logging.getLogger("ntp_probe.probe")
 
 class ProbeLog:
     """Per-probe log lines (for debug=true, /logs and the CLI), mirrored to the logger at
-    DEBUG."""
+    DEBUG.
 
-    __slots__ = ("_debug", "_start", "context", "lines", "suppressed")
+    A line is stored as (milliseconds since the start, message) and stamped only when the
+    log is read: most probes' logs are never read.
+    """
 
-    # A server flooding junk must not grow one probe's log without bound.
+    __slots__ = ("_debug", "_entries", "_start", "fields", "suppressed")
+
+    # A server flooding junk must not grow one probe's log without bound; lines marked
+    # essential (the verdict) are kept beyond it.
     MAX_LINES = 500
 
-    def __init__(self, context: str = "") -> None:
-        self.lines: list[str] = []
+    def __init__(self, target: str = "", module: str = "") -> None:
+        self._entries: list[tuple[float, str]] = []
         self.suppressed = 0
-        self.context = context
+        # Logged as fields of their own (logfmt keys target= and module=, JSON members),
+        # not inside msg; LogRecord reserves "module", hence the prefix.
+        self.fields = {"probe_target": target, "probe_module": module}
         self._start = time.perf_counter()
         self._debug = _logger.isEnabledFor(logging.DEBUG)
 
-    def __call__(self, message: str) -> None:
+    def __call__(self, message: str, *, essential: bool = False) -> None:
         """Add a line stamped with the time since the probe started."""
-        if len(self.lines) >= self.MAX_LINES:
+        entries = self._entries
+        if len(entries) >= self.MAX_LINES and not essential:
             self.suppressed += 1
             return
-        elapsed_ms = (time.perf_counter() - self._start) * 1000
-        self.lines.append(f"{elapsed_ms:9.3f}ms {message}")
+        entries.append((time.perf_counter(), message))
         if self._debug:
-            _logger.debug("%s %s", self.context, message)
+            _logger.debug("%s", message, extra=self.fields)
+
+    @property
+    def lines(self) -> list[str]:
+        """The lines kept, each stamped with the milliseconds since the probe started."""
+        start = self._start
+        return [f"{(at - start) * 1000:9.3f}ms {message}" for at, message in self._entries]
 
     def text(self) -> str:
         """All lines, newline-terminated."""

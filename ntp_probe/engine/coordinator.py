@@ -123,7 +123,7 @@ class Coordinator:
                 result, log = await asyncio.shield(flight.task)
         except TimeoutError:
             # Only a request that joined a longer burst can get here.
-            log = ProbeLog(f"target={target} module={module.name}")
+            log = ProbeLog(str(target), module.name)
             log("joined a burst that outlasts this request's timeout")
             result = Measurement()
             result.fail(Reason.TIMEOUT)

@@ -35,7 +35,7 @@ class Target:
 
 def _parse_port(text: str, raw: str) -> int:
     if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise TargetError(f"invalid port {text!r} in target {raw!r} (expected 1-65535)")
+        raise TargetError(f"port {_short(text)} is not 1-65535")
     return int(text)
 
 
@@ -43,7 +43,7 @@ def _interface_index(zone: str, raw: str) -> int:
     try:
         return int(zone) if zone.isdigit() else socket.if_nametoindex(zone)
     except OSError:
-        raise TargetError(f"zone {zone!r} in target {raw!r} names no interface") from None
+        raise TargetError(f"zone {_short(zone)} names no interface") from None
 
 
 def _canonical_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, zone: str | None,
@@ -52,12 +52,12 @@ def _canonical_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, zone: 
     something (link-local), as the interface's index."""
     if zone is not None:
         if ip.version != 6 or not _ZONE_RE.match(zone):
-            raise TargetError(f"invalid zone in target {raw!r}")
+            raise TargetError("a zone (%interface) only goes with an IPv6 address")
         index = _interface_index(zone, raw)
         try:
             socket.if_indextoname(index)
         except (OSError, OverflowError, ValueError):
-            raise TargetError(f"zone {zone!r} in target {raw!r} names no interface") from None
+            raise TargetError(f"zone {_short(zone)} names no interface") from None
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return str(ip.ipv4_mapped)
@@ -68,7 +68,7 @@ def _canonical_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, zone: 
 
 def _check_host(host: str, raw: str) -> str:
     if not host:
-        raise TargetError(f"empty host in target {raw!r}")
+        raise TargetError("the host is empty")
     address, sep, zone = host.partition("%")
     try:
         ip = ipaddress.ip_address(address)
@@ -77,39 +77,82 @@ def _check_host(host: str, raw: str) -> str:
     else:
         return _canonical_address(ip, zone if sep else None, raw)
     if not _HOSTNAME_RE.match(host) or host.replace(".", "").isdigit():
-        raise TargetError(f"invalid host {host!r} in target {raw!r}")
+        raise TargetError(_why_not_a_name(host))
     try:
         socket.inet_aton(host)
     except OSError:
         pass
     else:  # 0x7f.1, 0x0: the resolver would read it as an address; make the writer say which
-        raise TargetError(f"{host!r} in target {raw!r} is an IPv4 address in a non-standard "
-                          "form: write it as a.b.c.d")
+        raise TargetError("an IPv4 address in a non-standard form: write it as a.b.c.d")
     return host.lower()
+
+
+_SHOWN = 64  # characters of a bad target quoted back
+
+
+def _short(text: str) -> str:
+    return repr(text if len(text) <= _SHOWN else text[:_SHOWN] + "...")
+
+
+def _why_not_a_name(host: str) -> str:
+    if host.replace(".", "").isdigit():
+        numbers = host.rstrip(".").split(".")
+        if len(numbers) < 4:
+            return "looks like an abbreviated IPv4 address: write all four numbers, a.b.c.d"
+        if len(numbers) > 4:
+            return "an IPv4 address has four numbers"
+        return "not an IPv4 address: each of the four numbers is 0-255"
+    if len(host.rstrip(".")) > 253:
+        return "a host name has at most 253 characters"
+    for label in host.rstrip(".").split("."):
+        if not label:
+            return "a host name has an empty label (two dots in a row, or a leading dot)"
+        if len(label) > 63:
+            return f"the label {_short(label)} is longer than 63 characters"
+        bad = next((c for c in label if not (c.isascii() and (c.isalnum() or c in "-_"))), None)
+        if bad is not None:
+            return f"{bad!r} is not allowed in a host name"
+        if label.startswith("-") or label.endswith("-"):
+            return f"the label {_short(label)} starts or ends with '-'"
+    return "not a host name or IP address"
 
 
 @functools.lru_cache(maxsize=4096)  # scrapes repeat the same few targets
 def parse_target(raw: str) -> Target:
-    """Parse a target string; raise :class:`TargetError` with a one-line reason."""
+    """Parse a target string; raise :class:`TargetError` with a one-line reason that
+    quotes the target once, shortened."""
+    try:
+        return _parse(raw)
+    except TargetError as exc:
+        raise TargetError(f"invalid target {_short(raw.strip())}: {exc}") from None
+
+
+def _parse(raw: str) -> Target:
     text = raw.strip()
+    if "://" in text:
+        raise TargetError("a target is host[:port], not a URL")
     if not text:
-        raise TargetError("empty target")
+        raise TargetError("it is empty")
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
-            raise TargetError(f"unclosed '[' in target {raw!r}")
+            raise TargetError("'[' without ']'")
         host, rest = text[1:end], text[end + 1 :]
-        if ":" not in host:
-            raise TargetError(f"brackets hold no IPv6 address in target {raw!r}")
+        try:
+            inner = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            inner = None
+        if inner is None or inner.version != 6:
+            raise TargetError("brackets hold no IPv6 address")
         if rest and not rest.startswith(":"):
-            raise TargetError(f"unexpected {rest!r} after ']' in target {raw!r}")
+            raise TargetError(f"unexpected {_short(rest)} after ']'")
         port = _parse_port(rest[1:], raw) if rest else None
         return Target(_check_host(host, raw), port)
     if text.count(":") > 1:  # a bare IPv6 address: no port possible
         try:
             ipaddress.ip_address(text.split("%", 1)[0])
         except ValueError:
-            raise TargetError(f"invalid target {raw!r}") from None
+            raise TargetError("not an IPv6 address (a host with a port is host:port)") from None
         return Target(_check_host(text, raw), None)
     host, sep, port_text = text.partition(":")
     port = _parse_port(port_text, raw) if sep else None

@@ -28,9 +28,13 @@ class Family:
     help: str
     labels: tuple[str, ...] = ()
     type: MetricType = "gauge"
-    # Position in the exposition and the pre-rendered HELP/TYPE lines, set at declaration.
+    # Position in the exposition, the pre-rendered HELP/TYPE lines and the start of a
+    # sample line (``name `` or ``name{label="``), set at declaration: rendering a probe
+    # then only formats values.
     order: int = field(init=False)
     header: str = field(init=False)
+    prefix: str = field(init=False)
+    label_joins: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         if not _NAME_RE.fullmatch(self.name):
@@ -47,6 +51,12 @@ class Family:
         object.__setattr__(
             self, "header", f"# HELP {self.name} {help_text}\n# TYPE {self.name} {self.type}\n"
         )
+        if self.labels:
+            object.__setattr__(self, "prefix", f'{self.name}{{{self.labels[0]}="')
+        else:
+            object.__setattr__(self, "prefix", f"{self.name} ")
+        # What goes between one label value and the next label's value.
+        object.__setattr__(self, "label_joins", tuple(f'",{k}="' for k in self.labels[1:]))
         _DECLARED[self.name] = self
 
 

@@ -11,6 +11,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client import gc_collector as _gc
@@ -25,6 +26,8 @@ class Internals:
     """The exporter's own metrics, served on /metrics (prefix ``ntp_probe_``)."""
 
     def __init__(self) -> None:
+        # No Go exporter has client_python's *_created series; they only add cardinality.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         _process.ProcessCollector(registry=r)

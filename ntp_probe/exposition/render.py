@@ -13,13 +13,21 @@ from ntp_probe.engine.result import Measurement
 from ntp_probe.exposition import families as common
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Integral values below this are written as integers, larger ones in exponent form.
+_EXACT = 10**15
+_SUCCESS = (common.SUCCESS.header + "probe_success 0\n", common.SUCCESS.header
+            + "probe_success 1\n")
+_DURATION = common.DURATION.header + "probe_duration_seconds "
 
 
 def format_value(value: float) -> str:
     """A sample value as the text format writes it."""
+    if type(value) is int and -_EXACT < value < _EXACT:
+        # Counts, codes and hashes: most of a probe's values, and str() is all they need.
+        return str(value)
     value = float(value)
     if value.is_integer():  # False for NaN and the infinities
-        return str(int(value)) if -1e15 < value < 1e15 else repr(value)
+        return str(int(value)) if -_EXACT < value < _EXACT else repr(value)
     if math.isfinite(value):
         return repr(value)
     if value != value:
@@ -40,27 +48,32 @@ def render(m: Measurement, result_age: float | None = None) -> str:
 
     ``result_age`` marks a result served again from the min_probe_interval cache.
     """
-    out = [
-        common.SUCCESS.header, f"probe_success {1 if m.success else 0}\n",
-        common.DURATION.header, f"probe_duration_seconds {format_value(m.duration)}\n",
-    ]
-    samples = list(m.samples)
+    out = [_SUCCESS[m.success], f"{_DURATION}{format_value(m.duration)}\n"]
+    samples = m.samples
     if result_age is not None:
-        samples.append((common.RESULT_AGE, (), result_age))
-    # Stable sort: series of one family stay in the order the prober added them.
-    samples.sort(key=_order)
+        samples = [*samples, (common.RESULT_AGE, (), result_age)]
+    # Probers add samples in declaration order almost always: sort (stable, so series of
+    # one family keep the order the prober added them) only when they are not.
+    last = -1
+    for family, _, _ in samples:
+        if family.order < last:
+            samples = sorted(samples, key=_order)
+            break
+        last = family.order
     previous = None
+    append = out.append
     for family, labels, value in samples:
         if family is not previous:
-            out.append(family.header)
+            append(family.header)
             previous = family
         if labels:
-            inner = ",".join(f'{k}="{_escape(v)}"' for k, v in zip(family.labels, labels,
-                                                                    strict=True))
-            out.append(f"{family.name}{{{inner}}} {format_value(value)}\n")
+            inner = _escape(labels[0])
+            for join, label in zip(family.label_joins, labels[1:], strict=True):
+                inner += join + _escape(label)
+            append(f'{family.prefix}{inner}"}} {format_value(value)}\n')
         else:
-            out.append(f"{family.name} {format_value(value)}\n")
+            append(f"{family.prefix}{format_value(value)}\n")
     if m.failure is not None:
-        out.append(common.FAILURE.header)
-        out.append(f'probe_ntp_failure_info{{reason="{m.failure.value}"}} 1\n')
+        append(common.FAILURE.header)
+        append(f'probe_ntp_failure_info{{reason="{m.failure.value}"}} 1\n')
     return "".join(out)

@@ -196,6 +196,10 @@ class DatagramPump(Generic[T]):
             value = self._matcher(Datagram(data, src, rx_ns, kernel))
             if value is not None:
                 self._resolve(value)
+                # The awaited reply is in: stop here rather than pay for one more recvmsg
+                # that would only fail with EAGAIN. The reader is level-triggered, so
+                # anything else already queued is read on the next loop pass.
+                return
 
     def _on_error(self, sock: socket.socket, exc: OSError) -> None:
         # Drain the error queue (IP_RECVERR), or the socket stays readable forever; only an

@@ -9,6 +9,7 @@ backoff lasts; only then are the address's gauges set, as blackbox_exporter does
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import time
 
@@ -27,6 +28,7 @@ KISS_CODE = Family("probe_ntp_kiss_code_info", "Kiss-o'-Death code received from
                    ("code",))
 
 
+@functools.lru_cache(maxsize=4096)  # scrapes repeat the same addresses
 def ip_hash(address: str) -> int:
     """blackbox_exporter's probe_ip_addr_hash: FNV-1a (32 bit) over the address's bytes,
     4 for IPv4 (IPv4-mapped IPv6 included), 16 for IPv6."""

@@ -81,7 +81,8 @@ async def probe_handler(request: web.Request) -> web.Response:
     module = config.modules.get(module_name)
     if module is None:
         state.internals.module_unknown.inc()
-        return _bad_request(f"unknown module {module_name!r}")
+        return _bad_request(f"unknown module {module_name[:64]!r} "
+                            f"(known: {', '.join(config.modules)})")
     try:
         target = parse_target(raw_target)
         timeout = probe_timeout(

@@ -42,7 +42,7 @@ async def test_unspecified_addresses_are_forbidden_whatever_the_policy(
     target = spelling.format(p=fake_ntp.port)
     resp = await client.get("/probe", params={"target": target, "module": "m", "debug": "true"})
     text = await resp.text()
-    assert "verdict" not in text and "not a unicast address" in text, text
+    assert "not a unicast address" in text and "verdict: failure (target_forbidden)" in text, text
     await fake_ntp.drain()
     assert fake_ntp.requests == []
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run every benchmark and print all their tables.
 
-    python tests/bench/run_all.py [--quick] [--only engine,http_load,memory,soak]
+    python tests/bench/run_all.py [--quick] [--only engine,http_load,probe_cpu,memory,soak]
                                   [--soak-duration SECONDS]
 
 Benchmarks (each also runs alone: ``python tests/bench/NAME.py [--quick]``; none is
@@ -10,6 +10,9 @@ collected by pytest, and none is a timed assertion):
              ntp_probe's Exchange and run_probe beside ntplib in a thread pool
   http_load.py wrk on /probe of the real exporter vs Debian's blackbox_exporter ICMP probe;
              /metrics latency idle and with /probe saturated
+  probe_cpu.py /probe probes per server CPU-second, ntp_probe (1 sample) vs blackbox_exporter
+             ICMP, every request in flight on a distinct 127.T.x.y target; the exporter's
+             own probe counter; ratio (target >= 2x)
   memory.py  exporter RSS/fds idle, with 1000 probes in flight, and over 200k probes
              (--quick 20k); ``memory.py --tracemalloc`` attributes the in-flight memory
   soak.py    bounded soak (here 60 s, --quick 20 s; alone: 10 min or --duration) of mixed
@@ -21,7 +24,8 @@ loop is bounded in time and count. Missing tools are installed when root: Debian
 and prometheus-blackbox-exporter (with /usr/sbin/policy-rc.d exiting 101 first, so no
 daemon starts), pip's ntplib (and py-spy for --profile); what was installed is printed.
 Results: tests/bench/results/<name>.json (gitignored), each with its markdown table.
-Options of the scripts not exposed here: engine.py/http_load.py --profile (py-spy hot spots).
+Options of the scripts not exposed here: engine.py/http_load.py/probe_cpu.py --profile (py-spy
+hot spots).
 """
 
 from __future__ import annotations
@@ -38,9 +42,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-BENCHES = ("engine", "http_load", "memory", "soak")
+BENCHES = ("engine", "http_load", "probe_cpu", "memory", "soak")
 # Upper bounds per script (seconds), beyond their own internal bounds.
-TIME_BOUND = {"engine": 600, "http_load": 900, "memory": 1500, "soak": 300}
+TIME_BOUND = {"engine": 600, "http_load": 900, "probe_cpu": 600, "memory": 1500, "soak": 300}
 
 
 def run(name: str, argv: list[str], bound: float) -> int:

@@ -63,7 +63,7 @@ async def probe(
     c: Chronyd, module: Module, budget: float | None = None
 ) -> tuple[Measurement, ProbeLog]:
     """run_probe against ``c`` with the module's timeout, or ``budget`` seconds."""
-    log = ProbeLog(f"target={c.target} module={module.name}")
+    log = ProbeLog(c.target, module.name)
     result, _ = await run_probe(
         parse_target(c.target), module, module.timeout if budget is None else budget, log
     )

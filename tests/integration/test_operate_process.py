@@ -145,13 +145,33 @@ def test_log_format_logfmt(tmp_path: Path) -> None:
     finally:
         stop_process(e.proc)
     pattern = re.compile(
-        r'ts=\S+ level=(debug|info|warn|error) logger=\S+ msg=("(?:[^"\\]|\\.)*"|\S+)'
+        r'ts=\S+ level=(debug|info|warn|error) logger=\S+( target=\S+ module=\S+)? '
+        r'msg=("(?:[^"\\]|\\.)*"|\S+)'
     )
     assert all(pattern.fullmatch(line) for line in lines), lines
     assert any(line.startswith("ts=") and " level=info " in line and "listening on" in line
                for line in lines)
     assert any(" level=error " in line and "reload failed" in line for line in lines)
     assert not any(line.startswith("{") for line in lines)
+
+
+def test_probe_logs_carry_target_and_module_as_fields(tmp_path: Path) -> None:
+    config = tmp_path / "modules.yaml"
+    config.write_text(modules("only"))
+    e = start_exporter(tmp_path, (f"--config.file={config}", "--log.format", "json",
+                                  "--log.level", "debug"))
+    target = f"127.0.0.1:{free_udp_port()}"
+    try:
+        e.get(f"/probe?target={target}&module=only")
+        wait_for(lambda: "verdict" in e.log(), "the probe's debug lines", e)
+    finally:
+        stop_process(e.proc)
+    records = [json.loads(line) for line in e.log().splitlines() if line.startswith("{")]
+    probe_lines = [r for r in records if r["logger"] == "ntp_probe.probe"]
+    assert probe_lines, records
+    assert all(r["target"] == target and r["module"] == "only" for r in probe_lines)
+    assert not any("target=" in r["msg"] or "module=only" in r["msg"] for r in probe_lines
+                   if not r["msg"].startswith("probe "))
 
 
 # --- sd_notify -------------------------------------------------------------------------

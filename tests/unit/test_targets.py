@@ -45,42 +45,42 @@ def test_parse_target_valid(raw: str, host: str, port: int | None, text: str) ->
 @pytest.mark.parametrize(
     ("raw", "fragment"),
     [
-        ("", "empty target"),
-        ("   ", "empty target"),
-        ("host:", "invalid port ''"),
-        (":123", "empty host"),
-        ("host:0", "invalid port '0'"),
-        ("host:65536", "invalid port '65536'"),
-        ("host:99999999999999999999", "invalid port"),
-        ("host:abc", "invalid port 'abc'"),
-        ("host:-1", "invalid port '-1'"),
-        ("host:+1", "invalid port '+1'"),
-        ("host: 1", "invalid port ' 1'"),
-        ("host:\u0663", "invalid port"),  # an Arabic-Indic digit is not an ASCII port
-        ("[::1", "unclosed '['"),
+        ("", "invalid target '': it is empty"),
+        ("   ", "it is empty"),
+        ("host:", "invalid target 'host:': port '' is not 1-65535"),
+        (":123", "the host is empty"),
+        ("host:0", "port '0' is not 1-65535"),
+        ("host:65536", "port '65536' is not 1-65535"),
+        ("host:99999999999999999999", "is not 1-65535"),
+        ("host:abc", "port 'abc' is not"),
+        ("host:-1", "port '-1' is not"),
+        ("host:+1", "port '+1' is not"),
+        ("host: 1", "port ' 1' is not"),
+        ("host:\u0663", "is not 1-65535"),  # an Arabic-Indic digit is not an ASCII port
+        ("[::1", "'[' without ']'"),
         ("[::1]x", "unexpected 'x' after ']'"),
-        ("[::1]:", "invalid port ''"),
-        ("[::1]:0", "invalid port '0'"),
+        ("[::1]:", "port '' is not"),
+        ("[::1]:0", "port '0' is not"),
         ("[]:1", "brackets hold no IPv6 address"),
         ("[1.2.3.4]:1", "brackets hold no IPv6 address"),
         ("[host]:1", "brackets hold no IPv6 address"),
-        ("[2001:db8::zz]:1", "invalid host"),
-        ("http://x", "invalid port"),
-        ("a b", "invalid host 'a b'"),
-        ("a\nb", "invalid host"),
-        ("1.2.3.4.5", "invalid host '1.2.3.4.5'"),
-        ("1.2.3", "invalid host '1.2.3'"),
-        ("999.1.1.1", "invalid host '999.1.1.1'"),
-        ("1234", "invalid host '1234'"),
-        ("host:12:34", "invalid target"),
-        ("2001:db8::g", "invalid target"),
-        ("-host", "invalid host"),
-        ("host-", "invalid host"),
-        ("a..b", "invalid host"),
-        ("a" * 64, "invalid host"),  # a label longer than 63 octets
-        ("a." * 127 + "a", "invalid host"),  # longer than 253 octets
-        ("host%eth0", "invalid host"),
-        ("ho$t", "invalid host"),
+        ("[2001:db8::zz]:1", "brackets hold no IPv6 address"),
+        ("http://x", "not a URL"),
+        ("a b", "' ' is not allowed in a host name"),
+        ("a\nb", "is not allowed in a host name"),
+        ("1.2.3.4.5", "an IPv4 address has four numbers"),
+        ("1.2.3", "abbreviated IPv4 address"),
+        ("999.1.1.1", "each of the four numbers is 0-255"),
+        ("1234", "abbreviated IPv4 address"),
+        ("host:12:34", "not an IPv6 address (a host with a port is host:port)"),
+        ("2001:db8::g", "not an IPv6 address"),
+        ("-host", "starts or ends with '-'"),
+        ("host-", "starts or ends with '-'"),
+        ("a..b", "empty label"),
+        ("a" * 64, "is longer than 63 characters"),  # a label longer than 63 octets
+        ("a." * 127 + "a", "at most 253 characters"),  # longer than 253 octets
+        ("host%eth0", "'%' is not allowed in a host name"),
+        ("ho$t", "'$' is not allowed"),
     ],
 )
 def test_parse_target_invalid(raw: str, fragment: str) -> None:
@@ -88,7 +88,16 @@ def test_parse_target_invalid(raw: str, fragment: str) -> None:
         parse_target(raw)
     msg = str(exc.value)
     assert fragment in msg
+    assert msg.startswith("invalid target ")
     assert "\n" not in msg  # one line, fit for an HTTP 400 body
+
+
+def test_a_long_target_is_quoted_once_and_shortened() -> None:
+    raw = "x" * 300
+    with pytest.raises(TargetError) as exc:
+        parse_target(raw)
+    msg = str(exc.value)
+    assert msg.count("xxxxxxxxxx") <= 7 and len(msg) < 160, msg
 
 
 def test_target_error_is_value_error() -> None:

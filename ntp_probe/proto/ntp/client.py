@@ -11,7 +11,7 @@ a request whose wait already ended is ``Late``, which is not the server's fault.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ntp_probe.proto.ntp import packet as ntp
 
@@ -27,9 +27,11 @@ class Accepted:
 
 @dataclass(frozen=True, slots=True)
 class Discarded:
-    """A datagram that is not a valid reply; ``reason`` says why."""
+    """A datagram that is not a valid reply; ``reason`` says why, ``kind`` groups it
+    (wrong source, malformed, wrong mode, duplicate, unknown origin, zero transmit)."""
 
     reason: str
+    kind: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,26 +88,27 @@ class Client:
     def receive(self, data: bytes, source: Address) -> Outcome:
         """Judge one datagram received on the burst's socket."""
         if tuple(source[:2]) != self.server:
-            return Discarded(f"from {source[0]}:{source[1]}, not the target")
+            return Discarded(f"from {source[0]}:{source[1]}, not the target", "not from the target")
         try:
             pkt = ntp.decode(data)
         except ntp.NTPDecodeError as exc:
-            return Discarded(f"malformed ({exc})")
+            return Discarded(f"malformed ({exc})", "malformed")
         if pkt.mode != ntp.Mode.SERVER:
-            return Discarded(f"mode {pkt.mode}, expected 4 (server)")
+            return Discarded(f"mode {pkt.mode}, expected 4 (server)", "not mode 4")
         origin = pkt.origin_ts
         seen = self._seen.get(origin)
         if seen:
-            return Discarded("duplicate of an answered request")
+            return Discarded("duplicate of an answered request", "duplicate")
         if origin != self._pending:
             if seen is False:
                 # Genuine but too late: a server that is merely slow must read as
                 # "timeout", not as sending invalid replies.
                 return Late(origin)
-            return Discarded(f"origin {origin:016x} matches no request")
+            return Discarded(f"origin {origin:016x} matches no request",
+                             "origin matches no request")
         # A KoD need not carry timestamps; its origin check above is what authenticates it.
         if pkt.kiss_code is None and pkt.transmit_ts == 0:
-            return Discarded("transmit timestamp is zero")
+            return Discarded("transmit timestamp is zero", "zero transmit timestamp")
         self._seen[origin] = True
         self._pending = None
         return Accepted(pkt)
