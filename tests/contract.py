@@ -17,4 +17,5 @@ VALID_SAMPLE_METRICS = (
     "probe_ntp_server_processing_seconds", "probe_ntp_samples_sent",
     "probe_ntp_samples_received", "probe_ntp_packet_loss_ratio",
     "probe_ntp_causality_violation_seconds", "probe_ntp_server_info",
+    "probe_ntp_timestamping_info",
 )

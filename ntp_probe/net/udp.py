@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 import struct
@@ -34,6 +35,18 @@ _MAX_READS_PER_WAKEUP = 64
 _RECVERR: dict[int, tuple[int, int]] = {
     socket.AF_INET: (socket.IPPROTO_IP, 11), socket.AF_INET6: (socket.IPPROTO_IPV6, 25),
 }
+_RECVERR_CMSGS = frozenset(_RECVERR.values())
+# Kernel transmit timestamps (linux/net_tstamp.h): the software TX stamp of each datagram,
+# delivered on the error queue, tied to its datagram by a counter (OPT_ID), no payload
+# copy (OPT_TSONLY). As chrony does: T1 is then the moment the packet left, not the
+# moment before the send call, which a descheduled process can make late.
+SO_TIMESTAMPING = 37
+_TX_FLAGS = (1 << 1) | (1 << 4) | (1 << 7) | (1 << 11)  # TX_SOFTWARE|SOFTWARE|OPT_ID|TSONLY
+_EXTENDED_ERR = struct.Struct("=IBBBBII")  # struct sock_extended_err
+_ORIGIN_ICMP = (2, 3)
+_ORIGIN_TIMESTAMPING = 4
+_ERR_ANC_SIZE = 512
+_MAX_PENDING_TX = 64
 
 T = TypeVar("T")
 Log = Callable[[str], None]
@@ -77,11 +90,12 @@ class DatagramPump(Generic[T]):
     client.
     """
 
-    __slots__ = ("_dest", "_family", "_log", "_loop", "_matcher", "_sock", "_waiter",
-                 "bind_path", "kernel_timestamps", "sent")
+    __slots__ = ("_dest", "_family", "_log", "_loop", "_matcher", "_sock", "_tx_stamps",
+                 "_waiter", "bind_path", "kernel_timestamps", "last_tx_kernel", "sent", "tx_kernel",
+                 "tx_wanted")
 
     def __init__(self, family: int, dest: SockAddr, matcher: Callable[[Datagram], T | None],
-                 log: Log, bind_path: str | None = None) -> None:
+                 log: Log, bind_path: str | None = None, tx_timestamps: bool = True) -> None:
         self._family = family
         self._dest = dest
         self._matcher = matcher
@@ -92,6 +106,11 @@ class DatagramPump(Generic[T]):
         self.bind_path = bind_path
         self.kernel_timestamps = True
         self.sent = 0  # datagrams that left: counted at the send, so a cut-off wait keeps it
+        self.tx_wanted = tx_timestamps and family != socket.AF_UNIX
+        # Whether every datagram sent so far got its kernel transmit timestamp.
+        self.tx_kernel = self.tx_wanted
+        self._tx_stamps: dict[int, int] = {}  # send counter -> kernel TX time (Unix ns)
+        self.last_tx_kernel = False  # whether the last exchange's T1 is the kernel's
 
     async def __aenter__(self) -> DatagramPump[T]:
         sock = socket.socket(self._family, socket.SOCK_DGRAM)
@@ -113,6 +132,12 @@ class DatagramPump(Generic[T]):
                 level, option = _RECVERR[self._family]
                 with contextlib.suppress(OSError):  # without it, no fast failure
                     sock.setsockopt(level, option, 1)
+                if self.tx_wanted:
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, _TX_FLAGS)
+                    except OSError:
+                        self.tx_wanted = self.tx_kernel = False
+                        self._log("kernel transmit timestamps unavailable: T1 from user space")
         except OSError:
             sock.close()
             raise
@@ -138,9 +163,10 @@ class DatagramPump(Generic[T]):
     async def exchange(self, payload: bytes, until: float) -> tuple[int, T | None]:
         """Send ``payload`` and wait until loop time ``until`` for the matcher's value.
 
-        Returns the send time (Unix ns, read just before the send) and the value, or
-        None when nothing matched in time. Raises :class:`Unreachable` when the send
-        fails or an ICMP error about the destination arrives.
+        Returns the send time (Unix ns: the kernel's transmit timestamp where it gives
+        one, else the clock read just before the send) and the value, or None when
+        nothing matched in time. Raises :class:`Unreachable` when the send fails or an
+        ICMP error about the destination arrives.
         """
         if self._sock is None:
             raise RuntimeError("DatagramPump used outside its context")
@@ -153,6 +179,7 @@ class DatagramPump(Generic[T]):
             self._waiter = None
             raise Unreachable(exc.errno, f"send failed: {exc.strerror or exc}",
                               sent=False) from None
+        send_id = self.sent  # the kernel's OPT_ID counter: 0 for the first datagram
         self.sent += 1
         # A plain timer resolving the waiter is cheaper than an asyncio.timeout scope, and
         # it cannot turn an outside cancellation into a timeout by mistake.
@@ -162,12 +189,25 @@ class DatagramPump(Generic[T]):
         finally:
             timer.cancel()
             self._waiter = None
+        if self.tx_wanted:
+            if send_id not in self._tx_stamps and self._sock is not None:
+                self._drain_errors(self._sock)
+            kernel_t1 = self._tx_stamps.pop(send_id, None)
+            self.last_tx_kernel = kernel_t1 is not None
+            if kernel_t1 is not None:
+                t1 = kernel_t1
+            else:
+                self.tx_kernel = False
         return t1, value
 
     def _on_readable(self) -> None:
         sock = self._sock
         if sock is None:
             return
+        if self.tx_wanted:
+            # Transmit timestamps wake the reader through the error queue: drain it first,
+            # or the socket stays readable and the loop spins.
+            self._drain_errors(sock)
         # Bounded: a flooding server must not keep the event loop in this callback; the
         # reader fires again on the next loop pass if more is queued.
         for _ in range(_MAX_READS_PER_WAKEUP):
@@ -176,7 +216,9 @@ class DatagramPump(Generic[T]):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self._on_error(sock, exc)
+                # An ICMP error (IP_RECVERR): its details are on the error queue.
+                if not self._drain_errors(sock):
+                    self._log(f"socket error ignored: {exc.strerror or exc}")
                 if self._sock is None:
                     return
                 continue
@@ -201,23 +243,38 @@ class DatagramPump(Generic[T]):
                 # anything else already queued is read on the next loop pass.
                 return
 
-    def _on_error(self, sock: socket.socket, exc: OSError) -> None:
-        # Drain the error queue (IP_RECVERR), or the socket stays readable forever; only an
-        # error about a datagram to the destination counts.
+    def _drain_errors(self, sock: socket.socket) -> bool:
+        """Read the error queue: transmit timestamps, and ICMP errors (IP_RECVERR). Returns
+        whether an ICMP error about the destination came; only those fail the exchange."""
         about_dest = False
-        while True:
+        for _ in range(_MAX_READS_PER_WAKEUP):
             try:
-                _, _, _, dest = sock.recvmsg(MAX_DATAGRAM, 512, socket.MSG_ERRQUEUE)
+                _, anc, _, addr = sock.recvmsg(MAX_DATAGRAM, _ERR_ANC_SIZE, socket.MSG_ERRQUEUE)
             except OSError:
                 break
-            about_dest = about_dest or tuple(dest[:2]) == tuple(self._dest[:2])
-        if not about_dest:
-            self._log(f"socket error ignored: {exc.strerror or exc}")
-            return
+            stamp = error = None
+            for level, kind, cdata in anc:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPING and len(cdata) >= 16:
+                    sec, nsec = _TIMESPEC.unpack_from(cdata)  # the first: the software stamp
+                    stamp = sec * 1_000_000_000 + nsec
+                elif (level, kind) in _RECVERR_CMSGS and len(cdata) >= _EXTENDED_ERR.size:
+                    error = _EXTENDED_ERR.unpack_from(cdata)
+            if error is None:
+                continue
+            errno_, origin, _, _, _, _, data = error
+            if origin == _ORIGIN_TIMESTAMPING and stamp:
+                if len(self._tx_stamps) < _MAX_PENDING_TX:
+                    self._tx_stamps[data] = stamp
+            elif origin in _ORIGIN_ICMP and addr and tuple(addr[:2]) == tuple(self._dest[:2]):
+                about_dest = True
+                self._icmp(errno_)
+        return about_dest
+
+    def _icmp(self, errno_: int) -> None:
         why = ("ICMP port unreachable: nothing listens on the target port"
-               if isinstance(exc, ConnectionRefusedError) else f"ICMP error: {exc.strerror or exc}")
+               if errno_ == errno.ECONNREFUSED else f"ICMP error: {os.strerror(errno_)}")
         if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(Unreachable(exc.errno, why, sent=True))
+            self._waiter.set_exception(Unreachable(errno_, why, sent=True))
         else:
             self._log(f"{why} (no request waiting)")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,6 +59,10 @@ CAUSALITY = Family(
     "Positive part of |offset| - rtt/2: clock error that path asymmetry cannot explain, "
     "in seconds.",
 )
+TIMESTAMPING = Family(
+    "probe_ntp_timestamping_info",
+    "Where T1 (tx) and T4 (rx) were taken: kernel (the socket's timestamps) or user "
+    "(the clock read around the system call), over the samples used.", ("tx", "rx"))
 SERVER_INFO = Family("probe_ntp_server_info",
                      "Server identity: reference id and NTP version of its reply.",
                      ("refid", "version"))
@@ -102,6 +107,8 @@ class Burst:
     # a junk-spraying server must not fill the log (or the cached result) with copies.
     logged: int = 0
     unlogged: Counter[str] = field(default_factory=Counter)
+    tx_kernel: bool = True  # every sample's T1 from the kernel's transmit timestamp
+    rx_kernel: bool = True  # every sample's T4 from the kernel's receive timestamp
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,12 +260,24 @@ async def _run_burst(pump: DatagramPump[Reply], client: rules.Client, settings: 
             continue
         worst_delay = max(worst_delay, s.delay)
         burst.samples.append(s)
+        burst.tx_kernel &= pump.last_tx_kernel
+        burst.rx_kernel &= reply.kernel_timestamp
+        stamps = " ".join(f"T{n}={ts:016x} ({_utc(ts, t1_ns)})"
+                          for n, ts in ((1, t1), (2, s.t2), (3, s.t3), (4, t4)))
         log(
-            f"sample {i + 1}: T1={t1:016x} T2={s.t2:016x} T3={s.t3:016x} T4={t4:016x} "
-            f"({'kernel' if reply.kernel_timestamp else 'user-space'} T4) "
+            f"sample {i + 1}: {stamps} "
+            f"({'kernel' if pump.last_tx_kernel else 'user-space'} T1, "
+            f"{'kernel' if reply.kernel_timestamp else 'user-space'} T4) "
             f"offset={s.offset * 1e6:+.3f}us delay={s.delay * 1e6:.3f}us "
             f"stratum={p.stratum} leap={p.leap} refid={p.refid_text}"
         )
+
+
+def _utc(ts: int, pivot_ns: int) -> str:
+    """An NTP timestamp as readable UTC, to the nanosecond (for the probe log)."""
+    ns = ntp.ts_to_unix_ns(ts, pivot_ns)
+    seconds, frac = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{frac:09d}Z"
 
 
 def _limits(settings: NTPSettings, near_leap: bool) -> maths.SanityLimits:
@@ -316,6 +335,8 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
     m.add(SERVER_PROCESSING, best.server_processing)
     m.add(CAUSALITY, maths.causality_violation(offset, delay))
     m.add(SERVER_INFO, 1, refid, str(p.version))
+    m.add(TIMESTAMPING, 1, "kernel" if burst.tx_kernel else "user",
+          "kernel" if burst.rx_kernel else "user")
     m.reports.append(NTPReport(
         server[0], server[1], burst.sent, burst.received, offset, delay, jitter, p.stratum,
         refid, p.leap, p.version, root_distance,

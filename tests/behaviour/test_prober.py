@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 import socket
 import sys
 import time
@@ -118,7 +119,11 @@ async def test_injected_offset_is_measured(fake_ntp: FakeNTPServer, injected: fl
     assert value(result, "probe_ntp_server_info", refid="127.0.0.1", version="4") == 1
     assert_measurement(result)
     if sys.platform.startswith("linux"):
-        assert "(kernel T4)" in log.text()
+        assert "(kernel T1, kernel T4)" in log.text()
+        assert value(result, "probe_ntp_timestamping_info", tx="kernel", rx="kernel") == 1
+        # Each stamp also readable, in UTC to the nanosecond.
+        assert re.search(r"T1=[0-9a-f]{16} \(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z\)",
+                         log.text())
 
 
 async def test_offset_across_the_ntp_era_boundary(fake_ntp: FakeNTPServer) -> None:

@@ -318,7 +318,7 @@ def test_debug_output_shows_kernel_timestamps(exporter: Exporter, chronyd: Chron
         f"/probe?target={chronyd.target}&module=ntp_fast&debug=true"
     )
     assert status == 200 and ctype.startswith("text/plain")
-    assert "(kernel T4)" in body
+    assert "(kernel T1, kernel T4)" in body
     assert "refid=127.127.1.1" in body
     assert "probe_success 1" in body
     assert "Module configuration:" in body
@@ -492,7 +492,7 @@ def test_cli_probe_text(chronyd: Chronyd) -> None:
     assert re.search(r"^\s+stratum\s+8$", out, re.M), out
     assert re.search(r"^\s+refid\s+127\.127\.1\.1$", out, re.M), out
     assert re.search(r"^\s+samples\s+1 of 1 answered$", out, re.M), out
-    assert "(kernel T4)" in out  # the per-packet log follows the summary
+    assert "(kernel T1, kernel T4)" in out  # the per-packet log follows the summary
 
 
 def test_cli_probe_json(chronyd: Chronyd) -> None:

@@ -434,7 +434,9 @@ def test_a_multi_fragment_response(server: Server) -> None:
     theirs.pop("associd", None)  # ntpq prints no header line for a named list
     theirs.pop("status", None)
     assert list(ours) == list(theirs)
-    for name in ("version", "processor", "system", "stratum", "ss_reset"):
+    # Values that cannot change between the two reads (stratum can: ntpd enters orphan
+    # mode on its own schedule).
+    for name in ("version", "processor", "system"):
         assert ours[name] == theirs[name], name
 
 
