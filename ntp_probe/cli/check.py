@@ -17,9 +17,10 @@ from typing import NoReturn
 
 from ntp_probe.config.load import load_config
 from ntp_probe.config.schema import Config, ConfigError, Module
+from ntp_probe.engine.registry import resolve_target
 from ntp_probe.engine.result import Measurement, Perf
 from ntp_probe.engine.runner import guard_for, run_probe
-from ntp_probe.engine.targets import TargetError, parse_target
+from ntp_probe.engine.targets import TargetError
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 _STATES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
@@ -118,7 +119,7 @@ async def check(args: argparse.Namespace, config: Config) -> tuple[int, str]:
     if args.warning > args.critical:
         raise Unknown(f"-w {args.warning:g} is above -c {args.critical:g}")
     try:
-        target = parse_target(args.target)
+        target = resolve_target(config, module, args.target)
     except TargetError as exc:
         raise Unknown(str(exc)) from None
     m, _ = await run_probe(target, module, module.timeout, guard=guard_for(config, module))

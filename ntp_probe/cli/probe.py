@@ -7,8 +7,9 @@ import sys
 
 from ntp_probe.cli import report
 from ntp_probe.config.schema import Config
+from ntp_probe.engine.registry import resolve_target
 from ntp_probe.engine.runner import guard_for, run_probe
-from ntp_probe.engine.targets import TargetError, parse_target
+from ntp_probe.engine.targets import TargetError
 
 
 async def probe(args: argparse.Namespace, config: Config) -> int:
@@ -19,7 +20,7 @@ async def probe(args: argparse.Namespace, config: Config) -> int:
               file=sys.stderr)
         return 2
     try:
-        target = parse_target(args.target)
+        target = resolve_target(config, module, args.target)
     except TargetError as exc:
         print(exc, file=sys.stderr)
         return 2

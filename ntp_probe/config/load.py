@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -25,6 +26,7 @@ import yaml
 
 from ntp_probe.config.schema import (
     BLOCKS,
+    MAX_GROUP_MEMBERS,
     Config,
     ConfigError,
     Duration,
@@ -33,6 +35,8 @@ from ntp_probe.config.schema import (
     show,
 )
 from ntp_probe.engine.registry import PROBERS
+from ntp_probe.engine.targets import TargetError, parse_target
+from ntp_probe.proto.leapfile import LeapFile, LeapFileError, parse_leapfile
 from ntp_probe.safety.policy import PolicyError, TargetPolicy, parse_rules
 
 _POLICY_KEYS = ("allowed_targets", "denied_targets")
@@ -46,6 +50,12 @@ _INTERVAL = Duration()
 MAX_FILE_BYTES = 1024 * 1024
 MAX_DEPTH = 32
 _MAX_PROBLEMS = 50
+_TOP_KEYS = ("modules", "groups", "leapfile", *_POLICY_KEYS)
+# A group name is a target parameter of its own: no comma (that separates members), no
+# colon (that would read as a port).
+_GROUP_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Where tzdata puts the IERS/NIST file; used when it exists and the key is not set.
+DEFAULT_LEAPFILE = "/usr/share/zoneinfo/leap-seconds.list"
 
 
 # --- YAML with positions -------------------------------------------------------------
@@ -245,6 +255,9 @@ def _parse_module(name: str, raw: object, problems: _Problems,
             continue
         blocks[block] = _parse_block(cls, raw.get(block), f"{where}.{block}", problems,
                                      _at(raw, block))
+    if prober == "nts" and blocks["ntp"].version != 4:
+        # NTS authenticates with NTPv4 extension fields; another version cannot carry them.
+        problems.add(_at(raw, "ntp"), f"{where}.ntp.version", "must be 4 for prober: nts")
     return Module(
         name=name, prober=prober, description=description.strip(),
         timeout=_value(_TIMEOUT, raw, "timeout", where, problems, 10.0),
@@ -303,7 +316,7 @@ def parse_config(text: str, source: str) -> Config:
         problems.add(Position(1, 1), "", "expected a mapping with a 'modules' key")
         problems.raise_if_any()
         raise AssertionError  # unreachable: a problem was added
-    _unknown_keys(raw, ("modules", *_POLICY_KEYS), "", problems)
+    _unknown_keys(raw, _TOP_KEYS, "", problems)
     modules_raw = raw.get("modules")
     modules: dict[str, Module] = {}
     if not isinstance(modules_raw, dict) or not modules_raw:
@@ -315,8 +328,84 @@ def parse_config(text: str, source: str) -> Config:
             if module is not None:
                 modules[str(name)] = module
     policy = _parse_policy(raw, "", problems)
+    groups = _parse_groups(raw, problems)
+    leapfile_path, leapfile = _parse_leapfile(raw, os.path.dirname(source), problems)
     problems.raise_if_any()
-    return Config(modules=modules, source=source, policy=policy)
+    return Config(modules=modules, source=source, policy=policy, groups=groups,
+                  leapfile_path=leapfile_path, leapfile=leapfile)
+
+
+def _parse_groups(raw: Mapping[str, Any], problems: _Problems) -> dict[str, tuple[str, ...]]:
+    """``groups: {NAME: [member, ...]}``: each member a target, kept in canonical form."""
+    if raw.get("groups") is None:
+        return {}
+    groups_raw = raw["groups"]
+    if not isinstance(groups_raw, dict):
+        problems.add(_at(raw, "groups"), "groups",
+                     "expected a mapping of group names to lists of members")
+        return {}
+    out: dict[str, tuple[str, ...]] = {}
+    for name, members in groups_raw.items():
+        where, at = f"groups.{name}", _at(groups_raw, name)
+        if not isinstance(name, str) or not _GROUP_NAME_RE.fullmatch(name):
+            problems.add(at, where, "a group name is 1 to 64 letters, digits, '_', '.' or '-'")
+            continue
+        if not isinstance(members, list) or not members:
+            problems.add(at, where, "expected a non-empty list of members (host or host:port)")
+            continue
+        if len(members) > MAX_GROUP_MEMBERS:
+            problems.add(at, where, f"{len(members)} members: a group has at most "
+                         f"{MAX_GROUP_MEMBERS}")
+            continue
+        canonical: list[str] = []
+        for i, member in enumerate(members):
+            try:
+                if not isinstance(member, str):
+                    raise TargetError(f"expected host or host:port, got {show(member)}")
+                text = str(parse_target(member))
+            except TargetError as exc:
+                problems.add(at, f"{where}[{i}]", str(exc))
+                continue
+            if text in canonical:
+                problems.add(at, f"{where}[{i}]", f"{text} is listed twice")
+                continue
+            canonical.append(text)
+        out[name] = tuple(canonical)
+    return out
+
+
+def read_leapfile(path: str) -> LeapFile:
+    """Read and hash-check a leap-seconds.list; a file that cannot be read or parsed is a
+    :class:`ConfigError` (a mismatching hash is not: the file says so itself)."""
+    try:
+        return parse_leapfile(read_config_file(path))
+    except LeapFileError as exc:
+        raise ConfigError(f"{path}: not a leap-seconds.list file: {exc}") from None
+
+
+def _parse_leapfile(raw: Mapping[str, Any], base: str,
+                    problems: _Problems) -> tuple[str, LeapFile | None]:
+    """The leap file in use: the one named (relative to the config file's directory), or
+    tzdata's when the key is absent and it exists; ``""`` turns the check off."""
+    if "leapfile" not in raw:
+        try:
+            return DEFAULT_LEAPFILE, read_leapfile(DEFAULT_LEAPFILE)
+        except ConfigError:
+            # Nobody asked for it: without tzdata the leap check is simply off.
+            return "", None
+    value = raw["leapfile"]
+    if not isinstance(value, str) or "\n" in value:
+        problems.add(_at(raw, "leapfile"), "leapfile",
+                     f"expected a file path or \"\", got {show(value)}")
+        return "", None
+    if not value:
+        return "", None
+    path = os.path.join(base, value)
+    try:
+        return path, read_leapfile(path)
+    except ConfigError as exc:
+        problems.add(_at(raw, "leapfile"), "leapfile", str(exc))
+        return "", None
 
 
 def read_config_file(path: str) -> str:
@@ -379,5 +468,8 @@ def _policy_to_dict(policy: TargetPolicy) -> dict[str, list[str]]:
 def config_to_yaml(config: Config) -> str:
     """The loaded configuration as YAML (for /config and debug output)."""
     data: dict[str, Any] = dict(_policy_to_dict(config.policy))
+    if config.groups:
+        data["groups"] = {name: list(members) for name, members in config.groups.items()}
+    data["leapfile"] = config.leapfile_path
     data["modules"] = {name: module_to_dict(m) for name, m in config.modules.items()}
     return yaml.safe_dump(data, sort_keys=False)

@@ -9,12 +9,14 @@ was read.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ntp_probe.proto.leapfile import LeapFile
 from ntp_probe.safety.policy import TargetPolicy
 
 
@@ -211,7 +213,51 @@ class Text:
         return value
 
 
-Kind = Duration | IntRange | Choice | Flag | Time | Text
+@dataclass(frozen=True, slots=True)
+class IntList:
+    """A non-empty list of distinct integers, each one of ``options``; order is kept (it is
+    a preference)."""
+
+    options: tuple[int, ...]
+    max_items: int = 8
+
+    def parse(self, value: object, key: str) -> tuple[int, ...]:
+        """Parse and check."""
+        allowed = ", ".join(map(str, self.options))
+        if not isinstance(value, list) or not 1 <= len(value) <= self.max_items:
+            raise ConfigError(f"{key}: expected a list of 1..{self.max_items} of {allowed}, "
+                              f"got {show(value)}")
+        for item in value:
+            if isinstance(item, bool) or item not in self.options:
+                raise ConfigError(f"{key}: {show(item)} is not one of {allowed}")
+        if len(set(value)) != len(value):
+            raise ConfigError(f"{key}: duplicate entries in {show(value)}")
+        return tuple(value)
+
+    def dump(self, value: Any) -> object:
+        """As written in YAML."""
+        return list(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """An IP address literal, or empty for none."""
+
+    def parse(self, value: object, key: str) -> str:
+        """Parse and check."""
+        if value == "":
+            return ""
+        try:
+            return str(ipaddress.ip_address(value if isinstance(value, str) else ""))
+        except ValueError:
+            raise ConfigError(f"{key}: expected an IP address, got {show(value)}") from None
+
+    def dump(self, value: Any) -> object:
+        """As written in YAML."""
+        return value
+
+
+Kind = Duration | IntRange | Choice | Flag | Time | Text | Address | IntList
 
 
 def setting(default: Any, kind: Kind) -> Any:
@@ -244,6 +290,13 @@ class NTPSettings:
     kod_rate_max_backoff: float = setting(3600.0, Duration())
     kod_deny_backoff: float = setting(86400.0, Duration())
     kernel_correlation: bool = setting(False, Flag())
+    # blackbox's key: the local address probes are sent from (multi-homed hosts, NAT).
+    source_ip_address: str = setting("", Address())
+    # Every A and AAAA address of the target, each with its own burst, concurrently.
+    all_addresses: bool = setting(False, Flag())
+    max_addresses: int = setting(8, IntRange(1, 64))
+    addresses_required: str = setting("all", Choice(("all", "any")))
+    fail_on_leap_mismatch: bool = setting(False, Flag())
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,9 +324,38 @@ class NTPDSettings:
     ip_protocol_fallback: bool = setting(True, Flag())
 
 
+# Each member costs a polite burst of its own; a group beyond this is a fleet, not a group.
+MAX_GROUP_MEMBERS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class NTPGroupSettings:
+    """The ``ntp_group:`` block: what the group's selection must find (the members' bursts
+    use the module's ``ntp:`` block)."""
+
+    max_falsetickers: int = setting(0, IntRange(0, MAX_GROUP_MEMBERS))
+
+
+# The AEAD algorithms the NTS client implements (RFC 5116 registry ids): the AES-SIV-CMAC
+# family. GCM-SIV (30) is left out: chrony 4.4-4.6.0 derive its keys differently.
+NTS_AEAD_IDS = (15, 16, 17)
+
+
+@dataclass(frozen=True, slots=True)
+class NTSSettings:
+    """The ``nts:`` block: NTS-KE (RFC 8915); the ``ntp:`` block's burst settings apply too."""
+
+    port: int = setting(4460, IntRange(1, 65535))  # NTS-KE's TCP port
+    ca_file: str = setting("", Text())  # "" = the system trust store
+    server_name: str = setting("", Text())  # "" = the target host
+    aead: tuple[int, ...] = setting((15,), IntList(NTS_AEAD_IDS))
+    ke_timeout: float = setting(3.0, Duration(positive=True, maximum=60.0))
+
+
 # Settings block name -> its class; a module may carry the blocks its prober reads.
 BLOCKS: Mapping[str, type[Any]] = {"ntp": NTPSettings, "chrony": ChronySettings,
-                                   "ntpd": NTPDSettings}
+                                   "ntpd": NTPDSettings, "ntp_group": NTPGroupSettings,
+                                   "nts": NTSSettings}
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +368,8 @@ class Module:
     ntp: NTPSettings = field(default_factory=NTPSettings)
     chrony: ChronySettings = field(default_factory=ChronySettings)
     ntpd: NTPDSettings = field(default_factory=NTPDSettings)
+    ntp_group: NTPGroupSettings = field(default_factory=NTPGroupSettings)
+    nts: NTSSettings = field(default_factory=NTSSettings)
     policy: TargetPolicy = field(default_factory=TargetPolicy)
     min_probe_interval: float = 0.0
     description: str = ""  # one line for the landing page and /config
@@ -298,3 +382,8 @@ class Config:
     modules: Mapping[str, Module]
     source: str  # file path, or "packaged default"
     policy: TargetPolicy = field(default_factory=TargetPolicy)
+    # Group name -> its members, as canonical targets (host or host:port).
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # The leap-seconds.list in use ("" when none) and what it said when loaded.
+    leapfile_path: str = ""
+    leapfile: LeapFile | None = None

@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from ntp_probe.config.schema import Module
+from ntp_probe.config.schema import Config, Module
 from ntp_probe.engine.context import ProbeContext
 from ntp_probe.engine.result import Measurement, Reason
-from ntp_probe.engine.targets import Target
+from ntp_probe.engine.targets import Target, parse_target
 from ntp_probe.exposition import families as common
 from ntp_probe.exposition.families import Family
-from ntp_probe.probers import chrony, hybrid, kernel, ntp, ntpd
+from ntp_probe.probers import chrony, group, hybrid, kernel, leapcheck, ntp, ntpd, nts
 from ntp_probe.probers import common as prepare
 
 ProbeFn = Callable[[Target, Module, ProbeContext], Awaitable[Measurement]]
@@ -43,6 +43,9 @@ class ProberSpec:
     # The port a target without one means (None: the target is not contacted), so that
     # host and host:default name the same server.
     default_port: Callable[[Module], int | None] = lambda module: None
+    # How a ``target`` parameter is read when it is not host[:port] (a group's name or
+    # member list); None: parse_target.
+    target: Callable[[Config, str], Target] | None = None
 
 
 PROBERS: Mapping[str, ProberSpec] = {
@@ -52,8 +55,9 @@ PROBERS: Mapping[str, ProberSpec] = {
             "NTP client burst against a server (with ntp.kernel_correlation: also the "
             "local kernel clock, compared)",
             ("ntp",),
-            _COMMON + _NETWORK + _families(ntp) + _families(kernel) + _families(hybrid),
-            hybrid.REASONS, default_port=lambda module: module.ntp.port,
+            _COMMON + _NETWORK + _families(ntp) + _families(kernel) + _families(hybrid)
+            + _families(leapcheck),
+            (*hybrid.REASONS, Reason.LEAP_MISMATCH), default_port=lambda module: module.ntp.port,
         ),
         ProberSpec(
             "chrony", chrony.probe, chrony.DESCRIPTION, ("chrony",),
@@ -64,6 +68,15 @@ PROBERS: Mapping[str, ProberSpec] = {
             "ntpd", ntpd.probe, ntpd.DESCRIPTION, ("ntpd",),
             _COMMON + _NETWORK + _families(ntpd), ntpd.REASONS,
             default_port=lambda module: module.ntpd.port,
+        ),
+        ProberSpec(
+            "ntp_group", group.probe, group.DESCRIPTION, ("ntp", "ntp_group"),
+            _COMMON + _families(group), group.REASONS, target=group.resolve_target,
+        ),
+        ProberSpec(
+            "nts", nts.probe, nts.DESCRIPTION, ("ntp", "nts"),
+            _COMMON + _NETWORK + _families(ntp) + _families(nts), nts.REASONS,
+            default_port=lambda module: module.nts.port,
         ),
         ProberSpec(
             "kernel", kernel.probe, "the local kernel clock discipline state (adjtimex)", (),
@@ -78,6 +91,13 @@ def server_key(module: Module, target: Target) -> tuple[str, int | None]:
     it means, whether or not it was spelled out."""
     port = target.port if target.port is not None else PROBERS[module.prober].default_port(module)
     return target.host, port
+
+
+def resolve_target(config: Config, module: Module, raw: str) -> Target:
+    """The target a probe of ``module`` means by the ``target`` parameter ``raw``: host[:port],
+    or what its prober reads there; raise TargetError when it means nothing."""
+    read = PROBERS[module.prober].target
+    return parse_target(raw) if read is None else read(config, raw)
 
 
 def probe_function(module: Module) -> ProbeFn:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Iterator
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -17,9 +19,69 @@ from prometheus_client import (
 from prometheus_client import gc_collector as _gc
 from prometheus_client import platform_collector as _platform
 from prometheus_client import process_collector as _process
+from prometheus_client.core import GaugeMetricFamily
 
 from ntp_probe import __version__
 from ntp_probe.engine.result import Measurement
+
+
+class LeapInstant(Protocol):
+    """A scheduled leap second, as /metrics reads it."""
+
+    @property
+    def after(self) -> int:
+        """Unix time of the midnight that follows it."""
+
+
+class LeapSource(Protocol):
+    """The loaded leap-seconds.list, as /metrics reads it (times in Unix seconds)."""
+
+    @property
+    def expires(self) -> int:
+        """When the file expires."""
+
+    def valid(self, now: float) -> bool:
+        """Hash ok and not expired at ``now``."""
+
+    def tai_offset(self, now: float) -> int | None:
+        """TAI - UTC at ``now``."""
+
+    def next_leap(self, now: float) -> LeapInstant | None:
+        """The next scheduled leap second after ``now``, if any."""
+
+
+class _LeapFileCollector:
+    """The leap file's state, read at scrape time: validity and the next leap move with
+    the clock, not with reloads. Only the HELP and TYPE lines without a file."""
+
+    def __init__(self) -> None:
+        self.source: LeapSource | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        source, now = self.source, time.time()
+        families = (
+            GaugeMetricFamily("ntp_probe_leapfile_expiry_timestamp_seconds",
+                              "Unix time at which the loaded leap-seconds.list expires."),
+            GaugeMetricFamily("ntp_probe_leapfile_valid",
+                              "Whether the loaded leap-seconds.list has a matching hash and "
+                              "has not expired."),
+            GaugeMetricFamily("ntp_probe_leapfile_tai_offset_seconds",
+                              "TAI - UTC now, according to the loaded leap-seconds.list."),
+            GaugeMetricFamily("ntp_probe_leapfile_next_leap_timestamp_seconds",
+                              "Unix time of the midnight after the next leap second the "
+                              "loaded leap-seconds.list schedules (absent if none)."),
+        )
+        if source is not None:
+            expiry, valid, tai, leap = families
+            expiry.add_metric([], source.expires)
+            valid.add_metric([], 1 if source.valid(now) else 0)
+            offset = source.tai_offset(now)
+            if offset is not None:
+                tai.add_metric([], offset)
+            upcoming = source.next_leap(now)
+            if upcoming is not None:
+                leap.add_metric([], upcoming.after)
+        yield from families
 
 
 class Internals:
@@ -70,6 +132,8 @@ class Internals:
         self.packets_sent = Counter(
             "ntp_probe_ntp_packets_sent", "NTP request packets sent.", registry=r
         )
+        self._leapfile = _LeapFileCollector()
+        r.register(self._leapfile)
         self._children: dict[tuple[str, bool], tuple[Counter, Histogram]] = {}
 
     def config_loaded(self, modules: int) -> None:
@@ -77,6 +141,10 @@ class Internals:
         self.modules_configured.set(modules)
         self.reload_ok.set(1)
         self.reload_time.set(time.time())
+
+    def use_leapfile(self, source: LeapSource | None) -> None:
+        """Expose the leap file a (re)load read, or none."""
+        self._leapfile.source = source
 
     def config_failed(self) -> None:
         """Record a failed reload (the old configuration stays)."""

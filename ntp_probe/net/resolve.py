@@ -76,14 +76,15 @@ class HostsFile:
 
     def lookup(self, host: str, family: int) -> str | None:
         """The first address of ``family`` the file gives ``host``, or None."""
+        return next((a for fam, a in self.lookup_all(host) if fam == family), None)
+
+    def lookup_all(self, host: str) -> list[tuple[int, str]]:
+        """Every (family, address) the file gives ``host``, in file order."""
         now = time.monotonic()
         if now - self._checked >= self._RECHECK:
             self._checked = now
             self._reload()
-        for fam, address in self._names.get(host.lower().rstrip("."), ()):
-            if fam == family:
-                return address
-        return None
+        return list(self._names.get(host.lower().rstrip("."), ()))
 
     def _reload(self) -> None:
         try:
@@ -144,6 +145,9 @@ class Resolver:
         self._answers: TTLCache[_Key, str] = TTLCache(maxsize=4096, ttl=_CACHE_TTL)
         self._failures: TTLCache[_Key, str] = TTLCache(maxsize=4096, ttl=_NEGATIVE_TTL)
         self._in_flight: dict[_Key, asyncio.Future[str]] = {}
+        self._all: TTLCache[str, tuple[tuple[int, str], ...]] = TTLCache(maxsize=1024,
+                                                                         ttl=_CACHE_TTL)
+        self._all_in_flight: dict[str, asyncio.Future[tuple[tuple[int, str], ...]]] = {}
 
     async def lookup(self, host: str, family: int) -> tuple[str, bool]:
         """(address, from cache) for ``host`` in ``family``; :class:`ResolveError` says why not."""
@@ -177,6 +181,30 @@ class Resolver:
         else:
             self._failures[key] = str(exc)
 
+    async def lookup_all(self, host: str) -> tuple[tuple[int, str], ...]:
+        """Every (family, address) of ``host``, IPv6 and IPv4; :class:`ResolveError` says
+        why there are none. Coalesced and cached like :meth:`lookup`."""
+        if self._hosts is not None:
+            local = self._hosts.lookup_all(host)
+            if local:
+                return tuple(local)
+        hit = self._all.get(host)
+        if hit is not None:
+            return hit
+        future = self._all_in_flight.get(host)
+        if future is None:
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(self._executor, _getaddrinfo_all, host)
+            self._all_in_flight[host] = future
+            future.add_done_callback(functools.partial(self._all_done, host))
+        return await asyncio.shield(future)
+
+    def _all_done(self, host: str,
+                  future: asyncio.Future[tuple[tuple[int, str], ...]]) -> None:
+        self._all_in_flight.pop(host, None)
+        if not future.cancelled() and future.exception() is None:
+            self._all[host] = future.result()
+
     def cached(self, host: str, family: int) -> bool:
         """Whether an answer for (host, family) is cached."""
         return (host, family) in self._answers
@@ -191,6 +219,33 @@ def _getaddrinfo(host: str, family: int) -> str:
         if fam == family:
             return str(sockaddr[0])
     raise ResolveError("no address of that family")
+
+
+def _getaddrinfo_all(host: str) -> tuple[tuple[int, str], ...]:
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+    except (OSError, UnicodeError) as exc:
+        raise ResolveError(_describe(exc)) from None
+    out: list[tuple[int, str]] = []
+    for fam, _, _, _, sockaddr in infos:
+        if fam in (socket.AF_INET, socket.AF_INET6) and (fam, str(sockaddr[0])) not in out:
+            out.append((fam, str(sockaddr[0])))
+    if not out:
+        raise ResolveError("no address")
+    return tuple(out)
+
+
+async def resolve_all(host: str, resolver: Resolver | None = None) -> list[Resolved]:
+    """Every address of ``host`` (an IP literal is its only address)."""
+    resolved = literal(host)
+    if resolved is not None:
+        return [resolved]
+    resolver = resolver or default_resolver()
+    try:
+        found = await resolver.lookup_all(host)
+    except ResolveError as exc:
+        raise ResolveError(f"no address for {host!r} ({exc})") from None
+    return [Resolved(address, family, cached=False) for family, address in found]
 
 
 @functools.lru_cache(maxsize=4096)

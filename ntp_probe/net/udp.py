@@ -91,11 +91,12 @@ class DatagramPump(Generic[T]):
     """
 
     __slots__ = ("_dest", "_family", "_log", "_loop", "_matcher", "_sock", "_tx_stamps",
-                 "_waiter", "bind_path", "kernel_timestamps", "last_tx_kernel", "sent", "tx_kernel",
-                 "tx_wanted")
+                 "_waiter", "bind_path", "kernel_timestamps", "last_tx_kernel", "sent", "source",
+                 "tx_kernel", "tx_wanted")
 
     def __init__(self, family: int, dest: SockAddr, matcher: Callable[[Datagram], T | None],
-                 log: Log, bind_path: str | None = None, tx_timestamps: bool = True) -> None:
+                 log: Log, bind_path: str | None = None, tx_timestamps: bool = True,
+                 source: str = "") -> None:
         self._family = family
         self._dest = dest
         self._matcher = matcher
@@ -104,6 +105,7 @@ class DatagramPump(Generic[T]):
         self._sock: socket.socket | None = None
         self._waiter: asyncio.Future[T | None] | None = None
         self.bind_path = bind_path
+        self.source = source  # the local address to send from ("" = the kernel's choice)
         self.kernel_timestamps = True
         self.sent = 0  # datagrams that left: counted at the send, so a cut-off wait keeps it
         self.tx_wanted = tx_timestamps and family != socket.AF_UNIX
@@ -125,6 +127,8 @@ class DatagramPump(Generic[T]):
                 if self.bind_path is not None:
                     sock.bind(self.bind_path)
             else:
+                if self.source:
+                    sock.bind((self.source, 0))
                 # Not connect()ed: a reply from another address or port (a multi-homed
                 # server answering from its other address, a spoofer) must reach us to be
                 # logged as discarded. IP_RECVERR still reports ICMP errors on an

@@ -18,7 +18,7 @@ from ntp_probe.engine.result import Reason
 from ntp_probe.engine.targets import Target
 from ntp_probe.exposition import families as common
 from ntp_probe.exposition.families import Family
-from ntp_probe.net.resolve import Resolved, ResolveError, literal, resolve
+from ntp_probe.net.resolve import Resolved, ResolveError, literal, resolve, resolve_all
 
 BACKOFF_REMAINING = Family(
     "probe_ntp_backoff_remaining_seconds",
@@ -68,8 +68,17 @@ async def prepare(target: Target, port: int, ctx: ProbeContext, *, preferred: st
             m.fail(Reason.RESOLVE)
             return None
     m.add(common.DNS_LOOKUP, time.perf_counter() - started)
+    log(f"resolved {target.host} -> {resolved.address}"
+        f"{' (cached)' if resolved.cached else ''}")
+    return resolved if admit(target, resolved, port, ctx) else None
+
+
+def admit(target: Target, resolved: Resolved, port: int, ctx: ProbeContext) -> bool:
+    """The checks on a resolved address: the policy again (a permitted name may point at
+    a denied address), then any KoD backoff; the IP gauges when it may be sent to."""
+    m, log, guard = ctx.measurement, ctx.log, ctx.guard
     if _refused(ctx, guard.refuse(target.host, resolved.address)):
-        return None
+        return False
     backoff = guard.backoff(resolved.address, port)
     if backoff is not None:
         code, left = backoff
@@ -78,9 +87,33 @@ async def prepare(target: Target, port: int, ctx: ProbeContext, *, preferred: st
         m.add(BACKOFF_REMAINING, left)
         m.add(KISS_CODE, 1, code)
         m.fail(Reason.BACKOFF)
-        return None
+        return False
     m.add(common.IP_PROTOCOL, resolved.ip_protocol)
     m.add(common.IP_ADDR_HASH, ip_hash(resolved.address))
-    log(f"resolved {target.host} -> {resolved.address}"
-        f"{' (cached)' if resolved.cached else ''}")
-    return resolved
+    return True
+
+
+async def prepare_all(target: Target, ctx: ProbeContext, limit: int,
+                      until: float) -> list[Resolved] | None:
+    """Every address of ``target`` (at most ``limit``), after the policy by name; None
+    (with the failure recorded) when there is none or the name is refused. Each address
+    still has to pass :func:`admit`."""
+    m, log = ctx.measurement, ctx.log
+    if _refused(ctx, ctx.guard.refuse(target.host)):
+        return None
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout_at(until):
+            found = await resolve_all(target.host)
+    except (ResolveError, TimeoutError) as exc:
+        m.add(common.DNS_LOOKUP, time.perf_counter() - started)
+        log(f"resolve {target.host}: {exc or 'timed out'}")
+        m.fail(Reason.RESOLVE)
+        return None
+    m.add(common.DNS_LOOKUP, time.perf_counter() - started)
+    if len(found) > limit:
+        log(f"{target.host} has {len(found)} addresses: probing the first {limit} "
+            "(max_addresses)")
+    found = found[:limit]
+    log(f"resolved {target.host} -> {', '.join(r.address for r in found)}")
+    return found

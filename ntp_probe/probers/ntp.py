@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -10,12 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ntp_probe.config.schema import Module, NTPSettings
-from ntp_probe.engine.context import ProbeContext
+from ntp_probe.engine.context import ProbeContext, ProbeLog
 from ntp_probe.engine.result import Measurement, Perf, Reason
 from ntp_probe.engine.targets import Target
+from ntp_probe.exposition import families as common_families
 from ntp_probe.exposition.families import Family
+from ntp_probe.net.resolve import Resolved
 from ntp_probe.net.udp import Datagram, DatagramPump, Unreachable, sockaddr_for
 from ntp_probe.probers import common
+from ntp_probe.probers.leapcheck import leap_check
 from ntp_probe.proto.ntp import client as rules
 from ntp_probe.proto.ntp import packet as ntp
 from ntp_probe.proto.ntp import sample as maths
@@ -63,13 +68,28 @@ TIMESTAMPING = Family(
     "probe_ntp_timestamping_info",
     "Where T1 (tx) and T4 (rx) were taken: kernel (the socket's timestamps) or user "
     "(the clock read around the system call), over the samples used.", ("tx", "rx"))
+_PER_ADDRESS = ("address", "ip_protocol")
+ADDRESS_UP = Family("probe_ntp_address_up",
+                    "With all_addresses: whether the probe of this address succeeded.",
+                    _PER_ADDRESS)
+ADDRESS_OFFSET = Family("probe_ntp_address_offset_seconds",
+                        "With all_addresses: this address's offset, in seconds.", _PER_ADDRESS)
+ADDRESS_RTT = Family("probe_ntp_address_rtt_seconds",
+                     "With all_addresses: this address's round-trip delay, in seconds.",
+                     _PER_ADDRESS)
+ADDRESS_STRATUM = Family("probe_ntp_address_stratum",
+                         "With all_addresses: the stratum this address reports.", _PER_ADDRESS)
+ADDRESS_FAILURE = Family("probe_ntp_address_failure_info",
+                         "With all_addresses: why the probe of this address failed.",
+                         ("address", "reason"))
 SERVER_INFO = Family("probe_ntp_server_info",
                      "Server identity: reference id and NTP version of its reply.",
                      ("refid", "version"))
 
 KOD_REASONS = {"RATE": Reason.KOD_RATE, "DENY": Reason.KOD_DENY, "RSTR": Reason.KOD_RSTR}
 REASONS = (
-    Reason.TARGET_FORBIDDEN, Reason.BACKOFF, Reason.RESOLVE, Reason.UNREACHABLE,
+    Reason.TARGET_FORBIDDEN, Reason.BACKOFF, Reason.RESOLVE, Reason.LOCAL_ERROR,
+    Reason.UNREACHABLE,
     Reason.KOD_RATE, Reason.KOD_DENY, Reason.KOD_RSTR, Reason.KOD_OTHER, Reason.TIMEOUT,
     Reason.INVALID_REPLY, Reason.STRATUM_UNSYNCHRONIZED, Reason.LEAP_UNSYNCHRONIZED,
     Reason.IMPLAUSIBLE_TIME, Reason.REFERENCE_AFTER_TRANSMIT, Reason.STALE_REFERENCE,
@@ -107,6 +127,7 @@ class Burst:
     # a junk-spraying server must not fill the log (or the cached result) with copies.
     logged: int = 0
     unlogged: Counter[str] = field(default_factory=Counter)
+    local_error: str | None = None
     tx_kernel: bool = True  # every sample's T1 from the kernel's transmit timestamp
     rx_kernel: bool = True  # every sample's T4 from the kernel's receive timestamp
 
@@ -244,24 +265,14 @@ async def _run_burst(pump: DatagramPump[Reply], client: rules.Client, settings: 
             continue
         burst.received += 1
         p = reply.packet
-        code = p.kiss_code
-        if code is not None:
-            burst.kod = p
-            log(f"sample {i + 1}: Kiss-o'-Death {code} (stratum 0), poll {p.poll}: burst stopped")
+        s = take_sample(burst, i, p, t1_ns, reply.t4_unix_ns, pump.last_tx_kernel,
+                        reply.kernel_timestamp, log)
+        if burst.kod is not None:
             return
-        t1 = ntp.ts_from_unix_ns(t1_ns)
-        t4 = ntp.ts_from_unix_ns(reply.t4_unix_ns)
-        s = maths.Sample(t1, p.receive_ts, p.transmit_ts, t4, p, t1_ns)
-        if s.delay < 0:
-            # The server claims to have held the request longer than the round trip took.
-            burst.received -= 1
-            burst.discarded += 1
-            log(f"sample {i + 1}: reply discarded: negative delay {s.delay * 1e6:.3f}us")
+        if s is None:
             continue
+        t1, t4 = s.t1, s.t4
         worst_delay = max(worst_delay, s.delay)
-        burst.samples.append(s)
-        burst.tx_kernel &= pump.last_tx_kernel
-        burst.rx_kernel &= reply.kernel_timestamp
         stamps = " ".join(f"T{n}={ts:016x} ({_utc(ts, t1_ns)})"
                           for n, ts in ((1, t1), (2, s.t2), (3, s.t3), (4, t4)))
         log(
@@ -271,6 +282,30 @@ async def _run_burst(pump: DatagramPump[Reply], client: rules.Client, settings: 
             f"offset={s.offset * 1e6:+.3f}us delay={s.delay * 1e6:.3f}us "
             f"stratum={p.stratum} leap={p.leap} refid={p.refid_text}"
         )
+
+
+def take_sample(burst: Burst, i: int, p: ntp.Packet, t1_ns: int, t4_ns: int, tx_kernel: bool,
+                rx_kernel: bool, log: Callable[[str], None]) -> maths.Sample | None:
+    """A reply that passed the packet checks, into the burst: a Kiss-o'-Death stops it
+    (``burst.kod`` set, None returned), a negative delay is discarded (None), anything else
+    is a sample (returned, and kept). Shared by the ntp and nts bursts."""
+    if p.kiss_code is not None:
+        burst.kod = p
+        log(f"sample {i + 1}: Kiss-o'-Death {p.kiss_code} (stratum 0), poll {p.poll}: "
+            "burst stopped")
+        return None
+    s = maths.Sample(ntp.ts_from_unix_ns(t1_ns), p.receive_ts, p.transmit_ts,
+                     ntp.ts_from_unix_ns(t4_ns), p, t1_ns)
+    if s.delay < 0:
+        # The server claims to have held the request longer than the round trip took.
+        burst.received -= 1
+        burst.discarded += 1
+        log(f"sample {i + 1}: reply discarded: negative delay {s.delay * 1e6:.3f}us")
+        return None
+    burst.samples.append(s)
+    burst.tx_kernel &= tx_kernel
+    burst.rx_kernel &= rx_kernel
+    return s
 
 
 def _utc(ts: int, pivot_ns: int) -> str:
@@ -309,7 +344,9 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
         m.fail(KOD_REASONS.get(code, Reason.KOD_OTHER))
     if not burst.samples:
         m.reports.append(NTPReport(server[0], server[1], burst.sent, burst.received))
-        if burst.unreachable is not None:
+        if burst.local_error is not None and not burst.sent:
+            m.fail(Reason.LOCAL_ERROR)
+        elif burst.unreachable is not None:
             m.fail(Reason.UNREACHABLE)
         else:
             m.fail(Reason.INVALID_REPLY if burst.discarded else Reason.TIMEOUT)
@@ -343,6 +380,7 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
         tuple((s.offset, s.delay, s is best) for s in burst.samples),
     ))
     near_leap = ctx.guard.near_leap(server[0], server[1], p.leap, best.t3_unix_ns / 1e9)
+    leap_check(ctx, p.leap, best.t3_unix_ns / 1e9)
     if near_leap:
         log("within 24 h of an announced leap second: causality tolerance widened by 1 s")
     reason = maths.check(best, _limits(settings, near_leap))
@@ -355,39 +393,116 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
 
 
 async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measurement:
-    """Measure one NTP server: resolve, run the burst, report."""
+    """Measure one NTP server: resolve, run the burst, report (with all_addresses: every
+    address of the name, each with its own burst)."""
     settings = module.ntp
     port = target.port if target.port is not None else settings.port
     until = ctx.deadline - _SUMMARY_MARGIN
+    if settings.all_addresses:
+        return await _probe_every_address(target, settings, port, until, ctx)
     resolved = await common.prepare(target, port, ctx, preferred=settings.preferred_ip_protocol,
                                     fallback=settings.ip_protocol_fallback, until=until)
-    m, log = ctx.measurement, ctx.log
-    if resolved is None:
-        return m
+    if resolved is not None:
+        await _burst_to(resolved, port, settings, until, ctx)
+    return ctx.measurement
+
+
+async def _burst_to(resolved: Resolved, port: int, settings: NTPSettings, until: float,
+                    ctx: ProbeContext) -> None:
+    log = ctx.log
     log(f"probing {resolved.address} port {port}, up to {settings.samples} "
         f"sample{'s' if settings.samples != 1 else ''} every {settings.sample_interval:g}s")
     burst = Burst()
     client = rules.Client((resolved.address, port), settings.version)
     pump: DatagramPump[Reply] | None = None
     try:
+        if settings.source_ip_address:
+            source_family = socket.AF_INET6 if ":" in settings.source_ip_address else \
+                socket.AF_INET
+            if source_family != resolved.family:
+                raise OSError(errno.EAFNOSUPPORT, f"source_ip_address "
+                              f"{settings.source_ip_address} cannot reach {resolved.address}")
+            log(f"sending from {settings.source_ip_address}")
         pump = DatagramPump(resolved.family, sockaddr_for(resolved.address, port, resolved.family),
-                            _matcher(client, burst, log), log)
+                            _matcher(client, burst, log), log,
+                            source=settings.source_ip_address)
         async with pump:
             await _run_burst(pump, client, settings, burst, until, ctx)
     except OSError as exc:
-        log(f"local socket error: {exc.strerror or exc}")
-        burst.unreachable = exc.strerror or str(exc)
+        # No socket (out of descriptors) or no usable scope: this host's trouble.
+        log(f"local error, nothing sent: {exc.strerror or exc}")
+        burst.local_error = exc.strerror or str(exc)
     finally:
         if pump is not None:
             burst.sent = pump.sent
         # Also when the runner's backstop cuts the burst off: what was sent and received
         # still counts.
-        _conclude(burst, settings, ctx, (resolved.address, port))
+        conclude(burst, settings, ctx, (resolved.address, port))
+
+
+class _PrefixedLog(ProbeLog):
+    """One address's lines, written into the probe's log marked with the address."""
+
+    def __init__(self, log: ProbeLog, address: str) -> None:
+        super().__init__()
+        self._parent, self._prefix = log, f"[{address}] "
+
+    def __call__(self, message: str, *, essential: bool = False) -> None:
+        self._parent(self._prefix + message, essential=essential)
+
+
+async def _probe_every_address(target: Target, settings: NTPSettings, port: int, until: float,
+                               ctx: ProbeContext) -> Measurement:
+    m, log = ctx.measurement, ctx.log
+    found = await common.prepare_all(target, ctx, settings.max_addresses, until)
+    if found is None:
+        return m
+    children = [ProbeContext(ctx.deadline, _PrefixedLog(log, r.address), ctx.guard)
+                for r in found]
+
+    async def one(resolved: Resolved, child: ProbeContext) -> None:
+        if common.admit(target, resolved, port, child):
+            await _burst_to(resolved, port, settings, until, child)
+
+    await asyncio.gather(*(one(r, c) for r, c in zip(found, children, strict=True)))
+    for resolved, child in zip(found, children, strict=True):
+        cm = child.measurement
+        labels = (resolved.address, str(resolved.ip_protocol))
+        m.packets_sent += cm.packets_sent
+        m.add(ADDRESS_UP, 1 if cm.success else 0, *labels)
+        report = report_of(cm)
+        if report is not None and report.offset is not None and report.rtt is not None:
+            m.add(ADDRESS_OFFSET, report.offset, *labels)
+            m.add(ADDRESS_RTT, report.rtt, *labels)
+            m.add(ADDRESS_STRATUM, float(report.stratum or 0), *labels)
+        if cm.failure is not None:
+            m.add(ADDRESS_FAILURE, 1, resolved.address, cm.failure.value)
+    ok = [c.measurement for c in children if c.measurement.success]
+    failed = [c.measurement for c in children if not c.measurement.success]
+    # The unlabelled series describe the succeeding address with the smallest root
+    # distance (else the first address), so dashboards built for one address still work.
+    def distance(cm: Measurement) -> float:
+        r = report_of(cm)
+        return r.root_distance if r is not None and r.root_distance is not None else 1e9
+
+    chosen = min(ok, key=distance) if ok else children[0].measurement
+    sent = m.packets_sent
+    m.samples.extend(s for s in chosen.samples if s[0] is not common_families.DNS_LOOKUP)
+    m.reports.extend(chosen.reports)
+    m.packets_sent = sent
+    required_all = settings.addresses_required == "all"
+    if failed and (required_all or not ok):
+        for cm in failed:
+            if cm.failure is not None:
+                m.fail(cm.failure)
+    log(f"{len(ok)} of {len(found)} addresses succeeded "
+        f"(addresses_required: {settings.addresses_required})")
     return m
 
 
-def _conclude(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
-              server: tuple[str, int]) -> None:
+def conclude(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
+             server: tuple[str, int]) -> None:
+    """After a burst: the KoD memory, then every gauge and check (shared with NTS)."""
     m, log, guard = ctx.measurement, ctx.log, ctx.guard
     if burst.kod is not None:
         code = burst.kod.kiss_code or ""

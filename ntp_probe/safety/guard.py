@@ -1,14 +1,15 @@
 """What a prober must ask before it sends, and what it remembers between probes.
 
 Probers receive a :class:`Guard` on their result object; it holds the policies that
-apply (global, then the module's), the process-wide KoD table and the leap-second
-memory.
+apply (global, then the module's), the process-wide KoD table, the leap-second
+memory and the leap-seconds.list loaded with the configuration.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ntp_probe.proto.leapfile import LeapFile
 from ntp_probe.safety.kod import KodTable
 from ntp_probe.safety.leap import LeapMemory
 from ntp_probe.safety.policy import TargetPolicy, first_refusal, not_unicast
@@ -21,6 +22,10 @@ class Guard:
     policies: tuple[TargetPolicy, ...] = ()
     kod: KodTable | None = None
     leaps: LeapMemory | None = None
+    # What a server's leap indicator is compared with, and whether a mismatch fails the
+    # probe (the module's ntp.fail_on_leap_mismatch).
+    leapfile: LeapFile | None = None
+    fail_on_leap_mismatch: bool = False
 
     def refuse(self, host: str, address: str | None = None) -> str | None:
         """Why ``host`` (resolved to ``address``, if known) must not be probed, or None.

@@ -12,8 +12,9 @@ from aiohttp import web
 from ntp_probe.config.load import config_to_yaml, load_config, module_to_dict
 from ntp_probe.config.schema import Config, ConfigError
 from ntp_probe.engine.coordinator import Coordinator
+from ntp_probe.engine.registry import resolve_target
 from ntp_probe.engine.runner import SCRAPE_TIMEOUT_HEADER, TimeoutHeaderError, probe_timeout
-from ntp_probe.engine.targets import TargetError, parse_target
+from ntp_probe.engine.targets import TargetError
 from ntp_probe.exposition.internals import Internals
 from ntp_probe.exposition.render import CONTENT_TYPE, render
 from ntp_probe.web import pages
@@ -42,6 +43,10 @@ class State:
     web_config: WebConfig = field(default_factory=WebConfig)
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
 
+    def __post_init__(self) -> None:
+        # The leap file was read with the configuration (off the event loop).
+        self.internals.use_leapfile(self.config.leapfile)
+
     async def reload(self) -> str | None:
         """Reload the configuration file; on error keep the old one and return why.
 
@@ -58,6 +63,7 @@ class State:
                 return str(exc)
             self.config = config
             self.internals.config_loaded(len(config.modules))
+            self.internals.use_leapfile(config.leapfile)
             logger.info("reloaded %d modules from %s", len(config.modules), config.source)
             return None
 
@@ -84,7 +90,7 @@ async def probe_handler(request: web.Request) -> web.Response:
         return _bad_request(f"unknown module {module_name[:64]!r} "
                             f"(known: {', '.join(config.modules)})")
     try:
-        target = parse_target(raw_target)
+        target = resolve_target(config, module, raw_target)
         timeout = probe_timeout(
             module.timeout, request.headers.get(SCRAPE_TIMEOUT_HEADER), state.timeout_offset
         )

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ntp_probe.cli import report
 from ntp_probe.config.load import load_config
 from ntp_probe.config.schema import Config, Module
 from ntp_probe.engine.context import ProbeLog
@@ -373,3 +374,13 @@ async def test_coordinator_remembers_the_announcement_per_server(
     finally:
         other.close()
     assert unrelated.failure == "causality_violation"
+
+
+async def test_the_cli_headline_says_what_the_kernel_clock_is() -> None:
+    result, log = await probe("localhost", packaged("kernel"))
+    clock = adjtimex.read()
+    headline = report.text("localhost", "kernel", result, log).splitlines()[0]
+    assert headline.startswith("localhost (module kernel): OK in ")
+    assert f"kernel state {clock.state}" in headline
+    assert f"synchronised {'yes' if clock.synchronized else 'no'}" in headline
+    assert "is not contacted" in log.text()  # the target is ignored, and the log says so

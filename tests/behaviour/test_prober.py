@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import re
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -662,3 +664,55 @@ async def test_requests_are_minimal_with_random_nonces(
     # One socket per burst: every request from the same loopback address and port.
     assert len({req.addr for req in fake_ntp.requests}) == 1
     assert fake_ntp.requests[0].addr[0] == LOOPBACK
+
+
+LOCAL_ERROR_SCRIPT = """
+import asyncio, json, os, resource
+from ntp_probe.config.load import load_config
+from ntp_probe.engine.runner import run_probe
+from ntp_probe.engine.targets import parse_target
+
+async def main():
+    module = load_config(None).modules["ntp_fast"]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    hog = []
+    try:
+        while True:
+            hog.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    m, log = await run_probe(parse_target("127.0.0.1:9"), module, 2.0)
+    for fd in hog:
+        os.close(fd)
+    print(json.dumps({"failure": m.failure, "sent": m.packets_sent, "log": log.text()}))
+
+asyncio.run(main())
+"""
+
+
+def test_no_socket_for_the_probe_is_a_local_error_not_the_servers() -> None:
+    done = subprocess.run([sys.executable, "-c", LOCAL_ERROR_SCRIPT], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["failure"] == "local_error", out["log"]
+    assert out["sent"] == 0
+    assert "local error, nothing sent: Too many open files" in out["log"]
+
+
+async def test_probes_are_sent_from_the_source_ip_address(fake_ntp: FakeNTPServer) -> None:
+    result, log = await probe(fake_ntp.target, make_module(source_ip_address="127.0.0.2"))
+    assert result.success, (result.failure, log.text())
+    await fake_ntp.drain()
+    assert [r.addr[0] for r in fake_ntp.requests] == ["127.0.0.2"]
+    assert "sending from 127.0.0.2" in log.text()
+
+
+async def test_a_source_address_of_the_other_family_is_a_local_error(
+    fake_ntp: FakeNTPServer,
+) -> None:
+    result, log = await probe(fake_ntp.target, make_module(source_ip_address="::1"))
+    assert result.failure == "local_error", log.text()
+    await fake_ntp.drain()
+    assert fake_ntp.requests == []

@@ -134,7 +134,8 @@ async def test_unknown_module_with_packaged_config(aiohttp_client: AiohttpClient
     assert resp.status == 400
     body = await resp.text()
     assert_one_line(body)
-    assert body == "unknown module 'nope' (known: ntp, ntp_fast, local, kernel, hybrid)\n"
+    assert body == ("unknown module 'nope' (known: ntp, ntp_fast, local, kernel, hybrid, "
+                    "group, nts)\n")
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -90,30 +90,40 @@ def ntpsec_ntpd() -> Path:
     return ntpd
 
 
-def _download_ntpsec(root: Path) -> None:
+def unpack_deb(package: str, root: Path,
+               finish: Callable[[Path], None] | None = None) -> None:
+    """``apt-get download`` a Debian package and ``dpkg-deb -x`` it into ``root`` (a cache:
+    never installed, so it cannot conflict with chrony); ``finish`` adjusts the unpacked
+    tree before it is moved into place."""
     apt_get, dpkg_deb = shutil.which("apt-get"), shutil.which("dpkg-deb")
     if apt_get is None or dpkg_deb is None:
-        unavailable("ntpsec's ntpd not cached and apt-get/dpkg-deb missing (not Debian?)")
+        unavailable(f"{package} not cached and apt-get/dpkg-deb missing (not Debian?)")
     root.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root.parent, prefix="download-") as work:
         try:
-            got = subprocess.run([apt_get, "download", "-q", "ntpsec"], cwd=work,
+            got = subprocess.run([apt_get, "download", "-q", package], cwd=work,
                                  capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT,
                                  stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
-            unavailable("apt-get download ntpsec timed out")
-        debs = sorted(Path(work).glob("ntpsec_*.deb"))
+            unavailable(f"apt-get download {package} timed out")
+        debs = sorted(Path(work).glob(f"{package}_*.deb"))
         if got.returncode != 0 or not debs:
-            unavailable("apt-get download ntpsec failed (run apt-get update first?): "
+            unavailable(f"apt-get download {package} failed (run apt-get update first?): "
                         + " ".join((got.stdout + got.stderr).split())[-500:])
-        unpacked = Path(work) / "ntpsec"
+        unpacked = Path(work) / package
         x = subprocess.run([dpkg_deb, "-x", str(debs[-1]), str(unpacked)], capture_output=True,
                            text=True, timeout=60, stdin=subprocess.DEVNULL)
         if x.returncode != 0:
             unavailable(f"dpkg-deb -x {debs[-1].name} failed: {x.stderr}")
+        if finish is not None:
+            finish(unpacked)
         if root.exists():
             shutil.rmtree(root)  # a partial earlier unpack
         os.replace(unpacked, root)
+
+
+def _download_ntpsec(root: Path) -> None:
+    unpack_deb("ntpsec", root)
 
 
 def check_port_123_free() -> None:

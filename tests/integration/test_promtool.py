@@ -1,6 +1,9 @@
 """promtool on the shipped Prometheus files: config, relabeling (offline service
 discovery), rules, rule unit tests, and the rule that every alert is unit-tested firing
 and not firing (so a new alert without tests fails the suite).
+
+Rule files are found, not listed: every prometheus/rules/*.yml is checked, and must have
+its unit tests in prometheus/rules/tests/<name>_test.yml (which loads it).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ SHIPPED_CONFIG = PROM_DIR / "prometheus.yml"
 MIGRATION_CONFIG = PROM_DIR / "migration_relabel.yml"
 RULE_FILES = sorted((PROM_DIR / "rules").glob("*.yml"))
 RULE_TEST_FILES = sorted((PROM_DIR / "rules" / "tests").glob("*.yml"))
+# Rule files this suite was written with; others (found by the glob) are checked the same way.
+KNOWN_RULE_FILES = {"ntp_alerts.yml", "ntp_recording.yml", "ntp_daemon_alerts.yml",
+                    "ntp_nts_alerts.yml", "ntp_fleet_alerts.yml"}
 SEVERITIES = {"info", "warning", "critical"}
 
 
@@ -52,15 +58,36 @@ def recording_rules() -> list[dict[str, Any]]:
 
 
 def test_shipped_files_exist() -> None:
-    assert [p.name for p in RULE_FILES] == ["ntp_alerts.yml", "ntp_recording.yml"]
-    assert len(RULE_TEST_FILES) >= 2
+    assert {p.name for p in RULE_FILES} >= KNOWN_RULE_FILES
     assert list((PROM_DIR / "targets").glob("*.yml")), "example file_sd targets"
+
+
+@pytest.mark.parametrize("path", RULE_FILES, ids=lambda p: p.name)
+def test_every_rule_file_has_its_unit_tests(path: Path) -> None:
+    """rules/X.yml -> rules/tests/X_test.yml, and that test file loads X.yml."""
+    tests = PROM_DIR / "rules" / "tests" / f"{path.stem}_test.yml"
+    assert tests.is_file(), f"{path.name}: no unit tests at {tests.relative_to(ROOT)}"
+    loaded = {(tests.parent / f).resolve() for f in yaml.safe_load(tests.read_text())["rule_files"]}
+    assert path.resolve() in loaded, f"{tests.name} does not load {path.name}"
+
+
+def test_every_unit_test_file_belongs_to_a_rule_file() -> None:
+    stems = {p.stem for p in RULE_FILES}
+    orphans = [p.name for p in RULE_TEST_FILES if p.name.removesuffix("_test.yml") not in stems]
+    assert not orphans, f"unit tests without a rules/<name>.yml: {orphans}"
+
+
+def test_shipped_config_loads_every_rule_file() -> None:
+    """prometheus.yml's rule_files (a glob) cover every rules/*.yml."""
+    config = yaml.safe_load(SHIPPED_CONFIG.read_text())
+    loaded = {p.resolve() for pattern in config["rule_files"] for p in PROM_DIR.glob(pattern)}
+    assert loaded == {p.resolve() for p in RULE_FILES}
 
 
 def test_check_config_shipped() -> None:
     done = promtool("check", "config", str(SHIPPED_CONFIG))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 2 rule files found" in done.stdout + done.stderr
+    assert f"SUCCESS: {len(RULE_FILES)} rule files found" in done.stdout + done.stderr
 
 
 def test_check_config_rejects_a_broken_copy(tmp_path: Path) -> None:
@@ -100,9 +127,30 @@ def test_rule_unit_tests_catch_a_changed_threshold(tmp_path: Path) -> None:
     assert "alertname: NTPOffsetCritical" in done.stdout + done.stderr
 
 
+@pytest.mark.parametrize(("old", "new", "alert"), [
+    ("< 2 > 0", "< 3 > 0", "NTPDaemonFewCandidates"),        # N, the value to adjust
+    ("packets_dropped_total[10m]) > 1", "packets_dropped_total[10m]) > 5",
+     "NTPDaemonPacketsDropped"),
+    ('refid="POOL"', 'refid="none"', "NTPDaemonSourceUnreachable"),
+])
+def test_daemon_rule_unit_tests_catch_a_changed_rule(
+    tmp_path: Path, old: str, new: str, alert: str
+) -> None:
+    """The daemon alerts' tests bind their thresholds and exclusions too."""
+    shutil.copytree(PROM_DIR / "rules", tmp_path / "rules")
+    rules = tmp_path / "rules" / "ntp_daemon_alerts.yml"
+    text = rules.read_text()
+    assert old in text
+    rules.write_text(text.replace(old, new))
+    done = promtool("test", "rules", "ntp_daemon_alerts_test.yml",
+                    cwd=tmp_path / "rules" / "tests")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"alertname: {alert}" in done.stdout + done.stderr
+
+
 def test_every_alert_has_labels_and_annotations() -> None:
     alerts = alerting_rules()
-    assert len(alerts) >= 14
+    assert len(alerts) >= 20
     names = [a["alert"] for a in alerts]
     assert len(names) == len(set(names)), "alert names must be unique"
     for a in alerts:
@@ -186,7 +234,8 @@ def discover(jobs: list[str]) -> dict[str, list[dict[str, str]]]:
 
 
 def test_relabeling_of_the_shipped_jobs() -> None:
-    found = discover(["ntp", "ntp_file_sd", "ntp_agent", "ntp_shard_0", "ntp_shard_1"])
+    found = discover(["ntp", "ntp_file_sd", "ntp_agent", "ntp_shard_0", "ntp_shard_1",
+                      "ntp_chrony", "ntp_ntpd", "ntp_chrony_agent"])
 
     config = yaml.safe_load(SHIPPED_CONFIG.read_text())
     shipped = {j["job_name"]: j for j in config["scrape_configs"]}
@@ -222,3 +271,34 @@ def test_relabeling_of_the_shipped_jobs() -> None:
         assert i == want, target
         assert labels["__address__"] == f"ntp-probe-{i}:9559"
         assert labels["job"] == "ntp_sharded"
+
+    # The daemons' jobs: central chrony (UDP 323) and ntpd as the static job; the chrony
+    # agent like ntp_agent, its target fixed to the host's own daemon (unix socket).
+    for job, module in (("ntp_chrony", "chrony_udp"), ("ntp_ntpd", "ntpd")):
+        want = shipped[job]["static_configs"][0]["targets"]
+        assert sorted(t["instance"] for t in found[job]) == sorted(want), job
+        for t in found[job]:
+            assert t["__param_target"] == t["instance"], job
+            assert t["__address__"] == "ntp-probe:9559" and t["__metrics_path__"] == "/probe"
+            assert (t["module"], t["__param_module"]) == (module, module), job
+    assert all(t["instance"].endswith(":323") for t in found["ntp_chrony"])
+    chrony_agent = sorted(t["instance"] for t in found["ntp_chrony_agent"])
+    assert chrony_agent == nodes
+    for t in found["ntp_chrony_agent"]:
+        assert (t["module"], t["__param_module"], t["__param_target"]) == (
+            "chrony", "chrony", "localhost")
+        assert t["__address__"] == t["instance"] and t["__metrics_path__"] == "/probe"
+
+
+def test_fleet_rule_tests_bind_the_consensus_threshold(tmp_path: Path) -> None:
+    """Moving the exporter-clock threshold from 10 ms to 30 ms fails the fleet unit tests."""
+    shutil.copytree(PROM_DIR / "rules", tmp_path / "rules")
+    alerts = tmp_path / "rules" / "ntp_fleet_alerts.yml"
+    text = alerts.read_text()
+    assert "abs(probe_ntp_group_local_clock_offset_seconds) > 0.010" in text
+    alerts.write_text(text.replace("abs(probe_ntp_group_local_clock_offset_seconds) > 0.010",
+                                   "abs(probe_ntp_group_local_clock_offset_seconds) > 0.030"))
+    done = promtool("test", "rules", "ntp_fleet_alerts_test.yml",
+                    cwd=tmp_path / "rules" / "tests")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "alertname: NTPExporterClockOffConsensus" in done.stdout + done.stderr

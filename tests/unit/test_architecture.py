@@ -19,9 +19,11 @@ from ntp_probe.config.load import (
 )
 from ntp_probe.config.schema import (
     BLOCKS,
+    Address,
     Choice,
     Duration,
     Flag,
+    IntList,
     IntRange,
     NTPSettings,
     Text,
@@ -88,8 +90,10 @@ def test_a_prober_imports_another_only_to_compose_it() -> None:
     for path in layer_files("probers"):
         others = {n.split(".")[2] for n in imports_of(path)
                   if n.startswith("ntp_probe.probers.") and len(n.split(".")) > 2}
-        others.discard("common")
-        allowed = {"ntp", "kernel"} if path.stem == "hybrid" else set()
+        # Shared helpers, not probers: the network preamble and the leap-file check.
+        others -= {"common", "leapcheck"}
+        allowed = {"hybrid": {"ntp", "kernel"}, "nts": {"ntp"},
+                   "group": {"ntp"}}.get(path.stem, set())
         assert others <= allowed, f"{path.name} imports probers {sorted(others)}"
 
 
@@ -119,7 +123,7 @@ def test_modules_reach_their_probe_function() -> None:
 
 
 def test_unknown_prober_lists_the_registry() -> None:
-    with pytest.raises(ValueError, match="known: ntp, chrony, ntpd, kernel"):
+    with pytest.raises(ValueError, match="known: ntp, chrony, ntpd, ntp_group, nts, kernel"):
         parse_config("modules:\n  x: {prober: gps}\n", "t")
 
 
@@ -138,12 +142,16 @@ def _other_value(kind: object, default: object) -> object:
         return "1.25s"  # no default is 1.25 s, and every maximum is longer
     if isinstance(kind, Text):
         return "/run/test/some.sock"
+    if isinstance(kind, Address):
+        return "192.0.2.7"
     if isinstance(kind, Choice):
         return next(o for o in kind.options if o != default)
     if isinstance(kind, Flag):
         return not default
     if isinstance(kind, Time):
         return dt.datetime(2030, 5, 6, 7, 8, 9, tzinfo=dt.UTC)
+    if isinstance(kind, IntList):
+        return list(reversed(kind.options))
     raise AssertionError(f"no test value for {kind!r}")
 
 

@@ -50,7 +50,11 @@ def test_the_files_are_there() -> None:
     names = {rel(p) for p in YAML_FILES + JSON_FILES + UNITS}
     for want in (
         "prometheus/prometheus.yml", "prometheus/rules/ntp_alerts.yml",
-        "prometheus/rules/ntp_recording.yml", "prometheus/grafana/ntp_probe.json",
+        "prometheus/rules/ntp_recording.yml", "prometheus/rules/ntp_daemon_alerts.yml",
+        "prometheus/rules/ntp_nts_alerts.yml", "prometheus/rules/tests/ntp_nts_alerts_test.yml",
+        "prometheus/rules/ntp_fleet_alerts.yml",
+        "prometheus/rules/tests/ntp_fleet_alerts_test.yml",
+        "prometheus/rules/tests/ntp_daemon_alerts_test.yml", "prometheus/grafana/ntp_probe.json",
         "prometheus/migration_relabel.yml", "examples/docker-compose.yml",
         "examples/kubernetes/ntp-probe.yaml", "examples/kubernetes/agent-daemonset.yaml",
         "examples/kubernetes/probe.yaml", "examples/systemd/ntp-probe.service",
@@ -355,6 +359,75 @@ def test_dashboard_covers_the_fleet_and_kernel_metrics() -> None:
         "probe_kernel_divergence_seconds", "probe_kernel_coherence_score",
     ):
         assert name in exprs, name
+
+
+def test_dashboard_covers_the_daemon_metrics() -> None:
+    panels = list(walk(dashboard()["panels"]))
+    exprs = " ".join(t["expr"] for p in panels for t in p.get("targets", []))
+    for name in (
+        # chrony: tracking, sources by state, reach
+        "probe_chrony_tracking_system_time_seconds", "probe_chrony_tracking_frequency_ppm",
+        "probe_chrony_tracking_skew_ppm", "probe_chrony_tracking_root_delay_seconds",
+        "probe_chrony_tracking_root_dispersion_seconds", "probe_chrony_tracking_leap_status",
+        "probe_chrony_source_info", "probe_chrony_sources", "probe_chrony_source_reach_ratio",
+        # ntpd: system offset and jitter, peers by selection, packet counters
+        "probe_ntpd_offset_seconds", "probe_ntpd_sys_jitter_seconds", "probe_ntpd_peer_info",
+        "probe_ntpd_peers", "probe_ntpd_packets_received_total",
+        "probe_ntpd_packets_dropped_total",
+    ):
+        assert name in exprs, name
+    titles = [p["title"] for p in panels if p["type"] == "row"]
+    assert any("chrony" in t for t in titles) and any("ntpd" in t for t in titles), titles
+    # Daemon counters are only ever shown as rates.
+    for p in panels:
+        for target in p.get("targets", []):
+            for counter in re.findall(r"probe_(?:chrony|ntpd)_[a-z0-9_]+_total", target["expr"]):
+                assert f"rate({counter}" in target["expr"], (p["title"], counter)
+
+
+# --- prometheus.yml: the daemon jobs and the modules they need --------------------------------
+
+
+def scrape_jobs() -> dict[str, dict[str, Any]]:
+    config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    return {j["job_name"]: j for j in config["scrape_configs"]}
+
+
+def documented_daemon_modules() -> str:
+    """The `modules:` block prometheus.yml documents in its comments for the daemon jobs."""
+    lines = (PROM_DIR / "prometheus.yml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "#   modules:")
+    block = []
+    for line in lines[start:]:
+        body = line.strip()
+        if not body.startswith("#   ") and body != "#   modules:":
+            break
+        block.append(body[len("#   "):])
+    return "\n".join(block) + "\n"
+
+
+def job_modules(job: dict[str, Any]) -> set[str]:
+    modules = set(job.get("params", {}).get("module", []))
+    for static in job.get("static_configs", []):
+        if "module" in static.get("labels", {}):
+            modules.add(static["labels"]["module"])
+    return modules
+
+
+def test_prometheus_documents_valid_modules_for_the_daemon_jobs() -> None:
+    config = parse_config(documented_daemon_modules(), "prometheus.yml comments")
+    modules = config.modules
+    assert set(modules) == {"chrony_udp", "chrony", "ntpd"}
+    jobs = scrape_jobs()
+    assert job_modules(jobs["ntp_chrony"]) == {"chrony_udp"}
+    assert job_modules(jobs["ntp_ntpd"]) == {"ntpd"}
+    assert job_modules(jobs["ntp_chrony_agent"]) == {"chrony"}
+    assert jobs["ntp_chrony_agent"]["params"]["target"] == ["localhost"]
+    text = documented_daemon_modules()
+    assert "socket: /run/chrony/chronyd.sock" in text and "port: 323" in text
+    # Every module a shipped job names is packaged or documented there.
+    used = set().union(*(job_modules(j) for j in jobs.values()))
+    assert not used - PACKAGED_MODULES - set(modules), sorted(used - PACKAGED_MODULES)
 
 
 # --- metric names used by the shipped files exist ------------------------------------------

@@ -224,13 +224,17 @@ def test_every_contract_metric_is_declared() -> None:
 
 def test_failure_reasons_are_the_contract_in_its_order() -> None:
     contract = [
-        "target_forbidden", "backoff", "resolve", "unreachable", "chrony_socket",
+        "target_forbidden", "backoff", "resolve", "local_error", "unreachable", "nts_ke_connect",
+        "nts_ke_tls", "nts_alpn_mismatch", "nts_cert_untrusted", "nts_cert_expired",
+        "nts_cert_name_mismatch", "nts_ke_error", "nts_ke_malformed", "nts_no_common_aead",
+        "nts_no_cookies", "nts_nak", "nts_auth_failed", "chrony_socket",
         "chrony_timeout", "chrony_unauthorized", "chrony_bad_reply", "mode6_timeout",
         "mode6_error", "mode6_bad_reply", "kod_rate", "kod_deny",
         "kod_rstr", "kod_other", "timeout", "invalid_reply", "stratum_unsynchronized",
         "leap_unsynchronized", "implausible_time", "reference_after_transmit",
         "stale_reference", "excess_root_distance", "causality_violation", "offset_exceeded",
-        "no_sys_peer", "too_few_sources", "kernel_unavailable",
+        "leap_mismatch", "no_sys_peer", "too_few_sources", "no_majority", "falsetickers",
+        "kernel_unavailable",
     ]
     assert [r.value for r in Reason] == contract
 

@@ -1,0 +1,267 @@
+"""The NTS-KE client's TLS: TLS 1.3 only, one ALPN protocol, exported keys (RFC 8915 §3, §5.1).
+
+CPython's ssl module cannot export keying material, so this is pyOpenSSL, driven by the event
+loop on a non-blocking socket: every OpenSSL call returns at once or raises WantRead/WantWrite,
+and the connection then waits for the socket to become ready through the loop. No thread is
+involved, so a server that stalls mid-handshake costs the loop nothing and the caller's
+deadline (``asyncio.timeout_at`` around each step) cancels the wait cleanly; a blocking
+handshake in a worker thread could not be interrupted and would outlive the probe.
+
+Chain and identity are judged separately so that an expired certificate and a certificate
+for another name read differently: OpenSSL verifies the chain, and its verify callback only
+records each error (depth, X509_V_ERR code) and lets the handshake finish, so the
+certificates can still be reported; the name is then checked with ``service_identity``
+(RFC 6125, SAN only, IP addresses against IP SANs). Deciding what to do with the verdicts is
+the caller's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+from collections.abc import Callable
+
+from cryptography import x509
+from OpenSSL import SSL
+from service_identity import CertificateError, VerificationError
+from service_identity.pyopenssl import verify_hostname, verify_ip_address
+
+Log = Callable[[str], None]
+
+# X509_V_ERR_* codes (OpenSSL's x509_vfy.h) that mean "not valid at this time" rather than
+# "not trusted": an expired or not-yet-valid certificate of a chain that is otherwise sound.
+X509_V_ERR_CERT_NOT_YET_VALID = 9
+X509_V_ERR_CERT_HAS_EXPIRED = 10
+TIME_ERRORS = frozenset({X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED})
+_READ_SIZE = 16384  # one TLS record's plaintext at most
+# OpenSSL's words for the codes a monitored server is likely to cause (x509_vfy.h); the
+# strings function itself is not in pyOpenSSL's public API.
+_VERIFY_ERRORS = {
+    2: "unable to get issuer certificate",
+    7: "certificate signature failure",
+    X509_V_ERR_CERT_NOT_YET_VALID: "certificate is not yet valid",
+    X509_V_ERR_CERT_HAS_EXPIRED: "certificate has expired",
+    18: "self-signed certificate",
+    19: "self-signed certificate in certificate chain",
+    20: "unable to get local issuer certificate",
+    21: "unable to verify the first certificate",
+    23: "certificate revoked",
+    24: "invalid CA certificate",
+    26: "unsupported certificate purpose",
+}
+
+
+class ConnectError(OSError):
+    """The TCP connection could not be made."""
+
+
+class HandshakeError(Exception):
+    """TLS failed: the trust anchors could not be loaded, or the handshake or a later read
+    or write failed (protocol version, alert, connection closed)."""
+
+
+def verify_error_text(code: int) -> str:
+    """A readable name for an X509_V_ERR code."""
+    return _VERIFY_ERRORS.get(code, f"X509 verify error {code}")
+
+
+def is_ip_literal(name: str) -> bool:
+    """True when ``name`` is an IPv4 or IPv6 address rather than a host name."""
+    try:
+        ipaddress.ip_address(name.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+class TLSClient:
+    """One TLS 1.3 client connection. ``ca_file`` "" means the system trust store.
+
+    Use :meth:`connect`, :meth:`handshake`, then :meth:`send` / :meth:`recv` and
+    :meth:`export_keying_material`; :meth:`close` always. Each awaiting step is bounded by
+    the caller.
+    """
+
+    def __init__(self, *, ca_file: str, alpn: bytes) -> None:
+        ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+        ctx.set_alpn_protos([alpn])
+        try:
+            if ca_file:
+                ctx.load_verify_locations(ca_file)
+            else:
+                ctx.set_default_verify_paths()
+        except SSL.Error as exc:
+            raise HandshakeError(f"cannot load trust anchors from {ca_file!r}: "
+                                 f"{_describe(exc)}") from None
+        ctx.set_verify(SSL.VERIFY_PEER, self._on_verify)
+        self._ctx = ctx
+        self._sock: socket.socket | None = None
+        self._conn: SSL.Connection | None = None
+        self.verify_errors: list[tuple[int, int, str]] = []  # (depth, code, message)
+        self.identity_error: str | None = None
+
+    def _on_verify(self, conn: SSL.Connection, cert: object, errno: int, depth: int,
+                   ok: int) -> bool:
+        if not ok:
+            self.verify_errors.append((depth, errno, verify_error_text(errno)))
+        # Finish the handshake whatever the verdict: the certificates must still be
+        # reported, and the caller refuses to go on when an error was recorded.
+        return True
+
+    async def connect(self, address: str, port: int, family: int) -> None:
+        """Open the TCP connection (Nagle off: NTS-KE is a few small request/response
+        writes, and delayed ACKs would cost tens of milliseconds)."""
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        self._sock = sock
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await asyncio.get_running_loop().sock_connect(sock, (address, port))
+        except OSError as exc:
+            raise ConnectError(exc.errno, exc.strerror or str(exc)) from None
+
+    async def handshake(self, server_name: str) -> None:
+        """TLS handshake, then the identity check against ``server_name`` (a host name,
+        sent as SNI, or an IP address, which RFC 6066 keeps out of SNI)."""
+        if self._sock is None:
+            raise RuntimeError("handshake before connect")
+        conn = SSL.Connection(self._ctx, self._sock)
+        self._conn = conn
+        ip = is_ip_literal(server_name)
+        if not ip:
+            conn.set_tlsext_host_name(server_name.encode("idna"))
+        conn.set_connect_state()
+        while True:
+            try:
+                conn.do_handshake()
+                break
+            except SSL.WantReadError:
+                await self._ready(write=False)
+            except SSL.WantWriteError:
+                await self._ready(write=True)
+            except (SSL.Error, OSError) as exc:
+                raise HandshakeError(_describe(exc)) from None
+        try:
+            if ip:
+                verify_ip_address(conn, server_name.split("%", 1)[0])
+            else:
+                verify_hostname(conn, server_name)
+        except (VerificationError, CertificateError) as exc:
+            self.identity_error = str(exc)
+
+    @property
+    def version(self) -> str:
+        """The protocol version, as OpenSSL names it (``TLSv1.3``)."""
+        return self._connection.get_protocol_version_name()
+
+    @property
+    def cipher(self) -> str:
+        """The cipher suite's IANA name (``TLS_AES_256_GCM_SHA384``)."""
+        return self._connection.get_cipher_name() or ""
+
+    @property
+    def alpn(self) -> bytes:
+        """The protocol the server selected, b"" for none."""
+        return self._connection.get_alpn_proto_negotiated() or b""
+
+    def peer_chain(self) -> list[x509.Certificate]:
+        """The certificates the server sent, leaf first."""
+        return self._connection.get_peer_cert_chain(as_cryptography=True) or []
+
+    def verified_chain(self) -> list[x509.Certificate]:
+        """The chain OpenSSL built to a trust anchor, leaf first; empty when none."""
+        chain = self._connection.get_verified_chain(as_cryptography=True)
+        return list(chain) if chain and not self.verify_errors else []
+
+    async def send(self, data: bytes) -> None:
+        """Write all of ``data``."""
+        conn = self._connection
+        view = memoryview(data)
+        while view:
+            try:
+                sent = conn.send(view)
+            except SSL.WantWriteError:
+                await self._ready(write=True)
+                continue
+            except SSL.WantReadError:
+                await self._ready(write=False)
+                continue
+            except (SSL.Error, OSError) as exc:
+                raise HandshakeError(_describe(exc)) from None
+            view = view[sent:]
+
+    async def recv(self) -> bytes:
+        """The next plaintext bytes; b"" when the server closed the connection."""
+        conn = self._connection
+        while True:
+            try:
+                return conn.recv(_READ_SIZE)
+            except SSL.WantReadError:
+                await self._ready(write=False)
+            except SSL.WantWriteError:
+                await self._ready(write=True)
+            except SSL.ZeroReturnError:
+                return b""
+            except SSL.SysCallError as exc:
+                if exc.args and exc.args[0] == -1:  # EOF without close_notify
+                    return b""
+                raise HandshakeError(_describe(exc)) from None
+            except (SSL.Error, OSError) as exc:
+                raise HandshakeError(_describe(exc)) from None
+
+    def export_keying_material(self, label: bytes, length: int, context: bytes) -> bytes:
+        """RFC 8446 §7.5 exporter output."""
+        return self._connection.export_keying_material(label, length, context)
+
+    def close(self) -> None:
+        """Close the connection without waiting for the server (idempotent)."""
+        if self._conn is not None:
+            with contextlib.suppress(SSL.Error, OSError):
+                self._conn.shutdown()  # one close_notify; never waits for the reply
+            self._conn = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    @property
+    def _connection(self) -> SSL.Connection:
+        if self._conn is None:
+            raise RuntimeError("no TLS connection")
+        return self._conn
+
+    async def _ready(self, *, write: bool) -> None:
+        sock = self._sock
+        if sock is None:
+            raise HandshakeError("connection closed")
+        loop = asyncio.get_running_loop()
+        fd = sock.fileno()
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        if write:
+            loop.add_writer(fd, wake)
+        else:
+            loop.add_reader(fd, wake)
+        try:
+            await ready
+        finally:
+            if write:
+                loop.remove_writer(fd)
+            else:
+                loop.remove_reader(fd)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SSL.Error) and exc.args and isinstance(exc.args[0], list):
+        reasons = [str(e[2]) for e in exc.args[0] if isinstance(e, tuple) and len(e) == 3]
+        if reasons:
+            return "; ".join(reasons)
+    if isinstance(exc, SSL.SysCallError) and exc.args:
+        return str(exc.args[-1])
+    return str(exc) or type(exc).__name__

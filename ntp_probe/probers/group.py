@@ -1,0 +1,272 @@
+"""The ntp_group prober: falsetickers across a group of servers, and the local clock against
+their consensus.
+
+Every member gets the module's polite NTP burst, concurrently, through the ntp prober with a
+context of its own (same deadline, same guard: the target policy and the Kiss-o'-Death memory
+apply to each member), so a member's failure stays that member's. The members that answered
+with a usable sample are then put through the RFC 5905 intersection, each contributing
+``[offset - root distance, offset + root distance]``.
+
+All offsets are read against the same local clock within the same few seconds, so an error
+of the exporter's own clock shifts every interval equally: the verdicts do not depend on it,
+and the midpoint of the intersection measures it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from ntp_probe.config.schema import MAX_GROUP_MEMBERS, Config, Module
+from ntp_probe.engine.context import ProbeContext, ProbeLog
+from ntp_probe.engine.result import Measurement, Perf, Reason
+from ntp_probe.engine.targets import Target, TargetError, parse_target
+from ntp_probe.exposition.families import Family
+from ntp_probe.probers import ntp
+from ntp_probe.proto.ntp.select import Candidate, intersect
+
+DESCRIPTION = ("falsetickers across a group of NTP servers (RFC 5905 selection), and the "
+               "exporter's own clock against their consensus")
+
+MEMBER_UP = Family("probe_ntp_group_member_up",
+                   "Whether the member's own NTP probe succeeded (1) or failed (0).", ("member",))
+MEMBER_OFFSET = Family(
+    "probe_ntp_group_member_offset_seconds",
+    "Offset of the member's clock from the local clock, in seconds (positive: the member "
+    "is ahead).", ("member",))
+MEMBER_ROOT_DISTANCE = Family(
+    "probe_ntp_group_member_root_distance_seconds",
+    "Half-width of the member's correctness interval: its root distance, at least 1 ms, "
+    "in seconds.", ("member",))
+MEMBER_SELECTION = Family(
+    "probe_ntp_group_member_selection_info",
+    "The member's state in the group's selection: truechimer, falseticker, unfit (answered "
+    "but failed a check of its own) or unreachable (no usable answer).", ("member", "state"))
+MEMBER_FAILURE = Family("probe_ntp_group_member_failure_info",
+                        "Why the member's own NTP probe failed.", ("member", "reason"))
+INTERSECTION_LOW = Family(
+    "probe_ntp_group_intersection_low_seconds",
+    "Lower end of the interval a majority of the members agree on, relative to the local "
+    "clock, in seconds (absent without a majority).")
+INTERSECTION_HIGH = Family(
+    "probe_ntp_group_intersection_high_seconds",
+    "Upper end of the interval a majority of the members agree on, relative to the local "
+    "clock, in seconds (absent without a majority).")
+MAJORITY = Family("probe_ntp_group_majority",
+                  "Whether a majority of the members that answered share an intersection.")
+TRUECHIMERS = Family("probe_ntp_group_truechimers",
+                     "Members whose correctness interval overlaps the intersection.")
+FALSETICKERS = Family("probe_ntp_group_falsetickers",
+                      "Members that answered, passed their checks, and disagree with the "
+                      "majority (every such member when there is no majority).")
+LOCAL_CLOCK_OFFSET = Family(
+    "probe_ntp_group_local_clock_offset_seconds",
+    "Midpoint of the intersection: how far the truechimers' consensus is ahead of the "
+    "exporter's own clock, in seconds (absent without a majority).")
+
+REASONS = (Reason.NO_MAJORITY, Reason.FALSETICKERS)
+
+# ntpd's MINDISTANCE: an interval is never narrower than this on either side.
+MIN_DISTANCE = 0.001
+# Checks of the member against the local clock or the local leap file, not against itself:
+# a member failing only these still takes part in the selection, which is what judges it.
+_NOT_UNFIT = frozenset({Reason.OFFSET_EXCEEDED, Reason.CAUSALITY_VIOLATION,
+                        Reason.LEAP_MISMATCH})
+
+
+@dataclass(frozen=True, slots=True)
+class GroupTarget(Target):
+    """A group to probe: ``host`` is its name (a configured group, or the canonical
+    comma-separated member list) and ``members`` the servers in it."""
+
+    members: tuple[Target, ...] = ()
+
+    def __str__(self) -> str:
+        return self.host
+
+
+def resolve_target(config: Config, raw: str) -> GroupTarget:
+    """A ``target`` parameter as a group: a name from ``groups:``, or members separated
+    by commas (each host or host:port); raise :class:`TargetError` with a one-line
+    reason."""
+    text = raw.strip()
+    if "," not in text:
+        names = config.groups.get(text)
+        if names is None:
+            known = ", ".join(config.groups) or "none configured"
+            raise TargetError(f"no group named {text[:64]!r} (known: {known}); give a group "
+                              "name or a comma-separated list of members")
+        return GroupTarget(text, None, tuple(parse_target(name) for name in names))
+    parts = text.split(",")
+    if len(parts) > MAX_GROUP_MEMBERS:
+        raise TargetError(f"{len(parts)} members: a group has at most {MAX_GROUP_MEMBERS}")
+    members: list[Target] = []
+    for part in parts:
+        member = parse_target(part)
+        if member in members:
+            raise TargetError(f"member {str(member)!r} is listed twice")
+        members.append(member)
+    return GroupTarget(",".join(map(str, members)), None, tuple(members))
+
+
+class _MemberLog(ProbeLog):
+    """A member's log lines, written into the group's log with the member's name."""
+
+    __slots__ = ("_parent", "_prefix")
+
+    def __init__(self, parent: ProbeLog, member: str) -> None:
+        super().__init__(member, parent.fields["probe_module"])
+        self._parent = parent
+        self._prefix = f"[{member}] "
+
+    def __call__(self, message: str, *, essential: bool = False) -> None:
+        """Add the line to the group's log."""
+        self._parent(self._prefix + message, essential=essential)
+
+
+@dataclass(frozen=True, slots=True)
+class MemberResult:
+    """One member as the group saw it."""
+
+    member: str
+    state: str  # truechimer, falseticker, unfit, unreachable
+    offset: float | None
+    root_distance: float | None
+    failure: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupReport:
+    """The group's selection as the CLI shows it."""
+
+    group: str
+    members: tuple[MemberResult, ...]
+    low: float | None
+    high: float | None
+
+    @property
+    def title(self) -> str:
+        """Section name."""
+        return "ntp_group"
+
+    @property
+    def local_clock_offset(self) -> float | None:
+        """How far the consensus is ahead of the local clock (None without a majority)."""
+        if self.low is None or self.high is None:
+            return None
+        return (self.low + self.high) / 2
+
+    def count(self, state: str) -> int:
+        """Members in ``state``."""
+        return sum(1 for r in self.members if r.state == state)
+
+    def rows(self) -> list[tuple[str, str]]:
+        """Human-readable lines."""
+        rows = [("group", self.group)]
+        for r in self.members:
+            text = r.state
+            if r.offset is not None and r.root_distance is not None:
+                text += f", offset {r.offset:+.9f} s +- {r.root_distance:.9f} s"
+            if r.failure is not None:
+                text += f" ({r.failure})"
+            rows.append((r.member, text))
+        if self.low is None or self.high is None:
+            rows.append(("intersection", "none: no majority"))
+        else:
+            rows.append(("intersection", f"[{self.low:+.9f}, {self.high:+.9f}] s"))
+            rows.append(("local clock offset", f"{self.local_clock_offset:+.9f} s"))
+        rows.append(("truechimers", str(self.count("truechimer"))))
+        rows.append(("falsetickers", str(self.count("falseticker"))))
+        return rows
+
+    @property
+    def check_offset(self) -> float | None:
+        """The local clock's offset from the consensus."""
+        return self.local_clock_offset
+
+    def perfdata(self) -> list[Perf]:
+        """Local clock offset (with a majority), truechimers, falsetickers."""
+        out = []
+        if self.local_clock_offset is not None:
+            out.append(Perf("local_clock_offset", self.local_clock_offset, "s"))
+        out += [Perf("truechimers", float(self.count("truechimer"))),
+                Perf("falsetickers", float(self.count("falseticker")))]
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready data."""
+        return {
+            "group": self.group, "majority": self.low is not None,
+            "intersection_low_seconds": self.low, "intersection_high_seconds": self.high,
+            "local_clock_offset_seconds": self.local_clock_offset,
+            "members": [{"member": r.member, "state": r.state, "offset_seconds": r.offset,
+                         "root_distance_seconds": r.root_distance, "failure": r.failure}
+                        for r in self.members],
+        }
+
+
+async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measurement:
+    """Probe every member concurrently, then select; a target that is not a
+    :class:`GroupTarget` is a group of one."""
+    m, log = ctx.measurement, ctx.log
+    members = target.members if isinstance(target, GroupTarget) else (target,)
+    log(f"group {target}: {len(members)} member{'s' if len(members) != 1 else ''}, "
+        f"each with up to {module.ntp.samples} samples")
+    children = [ProbeContext(ctx.deadline, _MemberLog(log, str(member)), ctx.guard,
+                             Measurement()) for member in members]
+    await asyncio.gather(*(ntp.probe(member, module, child)
+                           for member, child in zip(members, children, strict=True)))
+    results: list[tuple[str, Measurement, float | None, float | None]] = []
+    candidates: list[Candidate] = []
+    for member, child in zip(members, children, strict=True):
+        name, cm = str(member), child.measurement
+        m.packets_sent += cm.packets_sent
+        report = ntp.report_of(cm)
+        if report is None or report.offset is None:
+            results.append((name, cm, None, None))
+            continue
+        distance = max(report.root_distance or 0.0, MIN_DISTANCE)
+        results.append((name, cm, report.offset, distance))
+        if cm.failure is None or cm.failure in _NOT_UNFIT:
+            candidates.append(Candidate(name, report.offset, distance))
+    selection = intersect(candidates)
+    states = dict.fromkeys(selection.truechimers, "truechimer")
+    states.update(dict.fromkeys(selection.falsetickers, "falseticker"))
+    summary = []
+    for name, cm, offset, width in results:
+        state = states.get(name, "unreachable" if offset is None else "unfit")
+        failure = cm.failure.value if cm.failure is not None else None
+        m.add(MEMBER_UP, 1 if cm.success else 0, name)
+        if offset is not None and width is not None:
+            m.add(MEMBER_OFFSET, offset, name)
+            m.add(MEMBER_ROOT_DISTANCE, width, name)
+        m.add(MEMBER_SELECTION, 1, name, state)
+        if failure is not None:
+            m.add(MEMBER_FAILURE, 1, name, failure)
+        summary.append(MemberResult(name, state, offset, width, failure))
+        log(f"member {name}: {state}" + (f" ({failure})" if failure else ""))
+    _conclude(m, selection.low, selection.high, len(selection.truechimers),
+              len(selection.falsetickers), module.ntp_group.max_falsetickers, log)
+    m.reports.append(GroupReport(str(target), tuple(summary), selection.low, selection.high))
+    return m
+
+
+def _conclude(m: Measurement, low: float | None, high: float | None, truechimers: int,
+              falsetickers: int, max_falsetickers: int, log: ProbeLog) -> None:
+    m.add(MAJORITY, 0 if low is None else 1)
+    m.add(TRUECHIMERS, truechimers)
+    m.add(FALSETICKERS, falsetickers)
+    if low is None or high is None:
+        log("no intersection shared by a majority of the members that answered")
+        m.fail(Reason.NO_MAJORITY)
+        return
+    midpoint = (low + high) / 2
+    m.add(INTERSECTION_LOW, low)
+    m.add(INTERSECTION_HIGH, high)
+    m.add(LOCAL_CLOCK_OFFSET, midpoint)
+    log(f"intersection [{low * 1e6:+.3f}us, {high * 1e6:+.3f}us]: the consensus is "
+        f"{midpoint * 1e6:+.3f}us from the local clock; {truechimers} truechimers, "
+        f"{falsetickers} falsetickers")
+    if falsetickers > max_falsetickers:
+        m.fail(Reason.FALSETICKERS)

@@ -1,0 +1,36 @@
+"""Leap-second readiness of one server: its leap indicator against the exporter's leap file.
+
+Shared by the probers that read a server's leap indicator (not a prober of its own). The
+leap file comes with the configuration, through the probe's guard; without one (or with
+an expired or badly hashed one) the verdict is ``unknown``.
+"""
+
+from __future__ import annotations
+
+from ntp_probe.engine.context import ProbeContext
+from ntp_probe.engine.result import Reason
+from ntp_probe.exposition.families import Family
+from ntp_probe.proto.leapfile import LeapVerdict, leap_verdict
+
+LEAP_CHECK = Family(
+    "probe_ntp_leap_check_info",
+    "The server's leap indicator against the exporter's leap-seconds.list: ok, "
+    "missing_announcement, unexpected_announcement, or unknown (no valid file, or an "
+    "unsynchronised server).",
+    ("verdict",),
+)
+
+_MISMATCHES = (LeapVerdict.MISSING_ANNOUNCEMENT, LeapVerdict.UNEXPECTED_ANNOUNCEMENT)
+
+
+def leap_check(ctx: ProbeContext, leap_indicator: int, server_unix_time: float) -> None:
+    """Add the verdict for ``leap_indicator`` read at ``server_unix_time`` (the server's
+    clock, so that a leap is judged by the day the server is in); a mismatch fails the
+    probe with ``leap_mismatch`` when the module asks for it."""
+    guard = ctx.guard
+    verdict = leap_verdict(guard.leapfile, leap_indicator, server_unix_time)
+    ctx.measurement.add(LEAP_CHECK, 1, verdict.value)
+    if verdict in _MISMATCHES:
+        ctx.log(f"leap indicator {leap_indicator} against the leap file: {verdict.value}")
+        if guard.fail_on_leap_mismatch:
+            ctx.measurement.fail(Reason.LEAP_MISMATCH)

@@ -1,0 +1,96 @@
+"""ntp.all_addresses: every address of a name probed, each with its own burst.
+
+The name's addresses come from a hosts file the test writes, read by a resolver the test
+installs: a made-up name never reaches the machine's resolver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ntp_probe.engine.targets import Target
+from ntp_probe.net import resolve
+from ntp_probe.net.resolve import HostsFile, ResolveError, Resolver
+from ntp_probe.safety.guard import Guard
+from ntp_probe.safety.policy import TargetPolicy, parse_rules
+from tests.behaviour import fake_server
+from tests.behaviour.fake_server import FakeNTPServer
+from tests.conftest import label_sets, make_module, probe, value
+
+fake_ntp = fake_server.fake_ntp
+
+
+Hosts = Callable[[str], object]
+
+
+def _no_dns(host: str, family: int) -> str:
+    raise ResolveError(f"{host}: the test resolver has no such name")
+
+
+@pytest.fixture
+def hosts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hosts]:
+    """Installs a resolver reading a hosts file; yields the function that writes it."""
+    path = tmp_path / "hosts"
+    resolver = Resolver(getaddrinfo=_no_dns, hosts=HostsFile(str(path)))
+    monkeypatch.setattr(resolve, "_default", resolver)
+    yield path.write_text
+
+
+async def test_every_address_is_probed_and_any_one_will_do(
+    hosts: Hosts, fake_ntp: FakeNTPServer
+) -> None:
+    # 127.0.0.1 answers; nothing listens on 127.0.0.2 or ::1 at that port.
+    hosts("127.0.0.1 multi.test\n127.0.0.2 multi.test\n::1 multi.test\n")
+    module = make_module(all_addresses=True, addresses_required="any")
+    result, log = await probe(Target("multi.test", fake_ntp.port), module)
+    assert result.success, (result.failure, log.text())
+    up = {labels["address"]: value(result, "probe_ntp_address_up", **labels)
+          for labels in label_sets(result, "probe_ntp_address_up")}
+    assert up == {"127.0.0.1": 1, "127.0.0.2": 0, "::1": 0}
+    assert label_sets(result, "probe_ntp_address_up")[2]["ip_protocol"] == "6"
+    failures = label_sets(result, "probe_ntp_address_failure_info")
+    assert {(f["address"], f["reason"]) for f in failures} == {
+        ("127.0.0.2", "unreachable"), ("::1", "unreachable")}
+    # The unlabelled series describe the address that succeeded.
+    assert value(result, "probe_ntp_offset_seconds") == value(
+        result, "probe_ntp_address_offset_seconds", address="127.0.0.1", ip_protocol="4")
+    assert value(result, "probe_ip_protocol") == 4
+    assert result.packets_sent == 3
+    assert "[127.0.0.2] sample 1: ICMP port unreachable" in log.text()
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) == 1
+
+
+async def test_all_addresses_required_fails_on_one_dead_address(
+    hosts: Hosts, fake_ntp: FakeNTPServer
+) -> None:
+    hosts("127.0.0.1 multi.test\n127.0.0.2 multi.test\n")
+    result, log = await probe(Target("multi.test", fake_ntp.port),
+                              make_module(all_addresses=True))
+    assert result.failure == "unreachable", log.text()
+    assert value(result, "probe_ntp_address_up", address="127.0.0.1", ip_protocol="4") == 1
+    assert "1 of 2 addresses succeeded (addresses_required: all)" in log.text()
+
+
+async def test_max_addresses_bounds_the_fan_out(hosts: Hosts,
+                                                fake_ntp: FakeNTPServer) -> None:
+    hosts("".join(f"127.0.0.{i} many.test\n" for i in range(1, 11)))
+    module = make_module(all_addresses=True, max_addresses=3, addresses_required="any")
+    result, log = await probe(Target("many.test", fake_ntp.port), module)
+    assert len(label_sets(result, "probe_ntp_address_up")) == 3
+    assert "has 10 addresses: probing the first 3" in log.text()
+
+
+async def test_each_address_passes_the_policy(hosts: Hosts,
+                                              fake_ntp: FakeNTPServer) -> None:
+    hosts("127.0.0.1 multi.test\n127.0.0.2 multi.test\n")
+    policy = TargetPolicy(denied=parse_rules(["127.0.0.2"], "denied_targets"))
+    result, log = await probe(Target("multi.test", fake_ntp.port),
+                              make_module(all_addresses=True, addresses_required="any"),
+                              guard=Guard(policies=(policy,)))
+    assert value(result, "probe_ntp_address_failure_info", address="127.0.0.2",
+                 reason="target_forbidden") == 1
+    assert result.packets_sent == 1, log.text()

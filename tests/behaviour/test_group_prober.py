@@ -1,0 +1,326 @@
+"""Behaviour of the ntp_group prober and the leap check against in-process fake NTP servers
+on 127.0.0.1, each on its own port, answering at chosen offsets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from aiohttp.web import Application, Request
+from pytest_aiohttp import AiohttpClient
+
+from ntp_probe.config.load import load_config, parse_config
+from ntp_probe.config.schema import Config, Module, NTPGroupSettings, NTPSettings
+from ntp_probe.engine.context import ProbeContext
+from ntp_probe.engine.registry import resolve_target
+from ntp_probe.engine.result import Measurement, Reason
+from ntp_probe.engine.runner import guard_for, run_probe
+from ntp_probe.engine.targets import TargetError
+from ntp_probe.exposition.internals import Internals
+from ntp_probe.probers import group, ntp
+from ntp_probe.probers.leapcheck import LEAP_CHECK
+from ntp_probe.safety.policy import TargetPolicy, parse_rules
+from ntp_probe.web.app import State, create_app
+from tests.behaviour.fake_server import FakeNTPServer, answer
+from tests.conftest import free_udp_port, label_sets, value
+from tests.unit.test_leapfile import REAL_ENTRIES, build, utc
+from tests.unit.test_leapfile import ntp as ntp_seconds
+
+Client = TestClient[Request, Application]
+Start = Callable[..., Awaitable[FakeNTPServer]]
+
+# Consensus offsets are read against the real local clock within milliseconds: this much
+# scheduling noise is allowed, far below the shifts the tests use.
+TOLERANCE = 0.005
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[Start]:
+    """Start fake servers answering at ``offset`` (and other reply fields); all closed at
+    the end of the test."""
+    started: list[FakeNTPServer] = []
+
+    async def start(**fields: Any) -> FakeNTPServer:
+        server = await FakeNTPServer.start(answer(**fields))
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.close()
+    for server in started:
+        if server.errors:
+            raise server.errors[0]
+
+
+def group_module(max_falsetickers: int = 0, policy: TargetPolicy | None = None) -> Module:
+    """Two quick samples per member, IPv4."""
+    return Module(
+        name="g", prober="ntp_group", timeout=2.0,
+        ntp=NTPSettings(samples=2, sample_interval=0.01, reply_timeout=0.3,
+                        preferred_ip_protocol="ip4"),
+        ntp_group=NTPGroupSettings(max_falsetickers=max_falsetickers),
+        policy=policy or TargetPolicy(),
+    )
+
+
+async def probe_group(members: list[str], module: Module | None = None,
+                      config: Config | None = None) -> Measurement:
+    module = module or group_module()
+    config = config or Config(modules={"g": module}, source="test")
+    target = resolve_target(config, module, ",".join(members))
+    m, _ = await run_probe(target, module, module.timeout, guard=guard_for(config, module))
+    return m
+
+
+def states(m: Measurement) -> dict[str, str]:
+    return {labels["member"]: labels["state"]
+            for labels in label_sets(m, "probe_ntp_group_member_selection_info")}
+
+
+def the_report(m: Measurement) -> group.GroupReport:
+    report = next(r for r in m.reports if isinstance(r, group.GroupReport))
+    assert report.title == "ntp_group"
+    return report
+
+
+async def test_one_falseticker_among_four(servers: Start) -> None:
+    good = [await servers(offset=0.0) for _ in range(3)]
+    bad = await servers(offset=1.0)
+    m = await probe_group([s.target for s in [*good, bad]])
+    assert states(m) == {**{s.target: "truechimer" for s in good}, bad.target: "falseticker"}
+    assert m.failure is Reason.FALSETICKERS
+    assert value(m, "probe_ntp_group_majority") == 1
+    assert value(m, "probe_ntp_group_truechimers") == 3
+    assert value(m, "probe_ntp_group_falsetickers") == 1
+    offset = value(m, "probe_ntp_group_local_clock_offset_seconds")
+    assert offset is not None and abs(offset) < TOLERANCE
+    bad_offset = value(m, "probe_ntp_group_member_offset_seconds", member=bad.target)
+    assert bad_offset is not None and abs(bad_offset - 1.0) < TOLERANCE
+    low = value(m, "probe_ntp_group_intersection_low_seconds")
+    high = value(m, "probe_ntp_group_intersection_high_seconds")
+    assert low is not None and high is not None and low < 0 < high < 0.5
+    # Every member answered: each is up, none has a failure series of its own.
+    assert all(value(m, "probe_ntp_group_member_up", member=s.target) == 1
+               for s in [*good, bad])
+    assert not label_sets(m, "probe_ntp_group_member_failure_info")
+    assert m.packets_sent == 8  # two samples to each of four members
+    assert the_report(m).check_offset == offset
+
+
+async def test_max_falsetickers_tolerates_one(servers: Start) -> None:
+    members = [await servers(offset=o) for o in (0.0, 0.0, 0.0, -2.0, 0.0)]
+    m = await probe_group([s.target for s in members], group_module(max_falsetickers=1))
+    assert m.success, m.failure
+    assert value(m, "probe_ntp_group_falsetickers") == 1
+    assert states(m)[members[3].target] == "falseticker"
+
+
+async def test_a_two_two_split_has_no_majority(servers: Start) -> None:
+    members = [await servers(offset=o) for o in (0.0, 0.0, 1.0, 1.0)]
+    m = await probe_group([s.target for s in members])
+    assert m.failure is Reason.NO_MAJORITY
+    assert value(m, "probe_ntp_group_majority") == 0
+    assert set(states(m).values()) == {"falseticker"}
+    assert value(m, "probe_ntp_group_falsetickers") == 4
+    for absent in ("probe_ntp_group_intersection_low_seconds",
+                   "probe_ntp_group_local_clock_offset_seconds"):
+        assert value(m, absent) is None
+    assert the_report(m).check_offset is None
+
+
+async def test_a_common_shift_moves_the_consensus_not_the_verdicts(servers: Start) -> None:
+    """Every honest member 0.5 s ahead is what an exporter 0.5 s behind sees."""
+    shift = 0.5
+    good = [await servers(offset=shift) for _ in range(3)]
+    bad = await servers(offset=shift + 1.0)
+    m = await probe_group([s.target for s in [*good, bad]])
+    assert states(m) == {**{s.target: "truechimer" for s in good}, bad.target: "falseticker"}
+    offset = value(m, "probe_ntp_group_local_clock_offset_seconds")
+    assert offset is not None and abs(offset - shift) < TOLERANCE
+
+
+async def test_a_dead_member_is_unreachable_and_only_its_own_failure(servers: Start) -> None:
+    good = [await servers(offset=0.0) for _ in range(3)]
+    dead = f"127.0.0.1:{free_udp_port()}"  # nothing listens: ICMP port unreachable
+    m = await probe_group([*(s.target for s in good), dead])
+    assert m.success, m.failure
+    assert states(m)[dead] == "unreachable"
+    assert value(m, "probe_ntp_group_member_up", member=dead) == 0
+    assert label_sets(m, "probe_ntp_group_member_failure_info") == [
+        {"member": dead, "reason": "unreachable"}]
+    assert value(m, "probe_ntp_group_member_offset_seconds", member=dead) is None
+    assert value(m, "probe_ntp_group_truechimers") == 3
+
+
+async def test_a_member_failing_its_own_checks_is_unfit(servers: Start) -> None:
+    good = [await servers(offset=0.0) for _ in range(3)]
+    unsynchronised = await servers(offset=0.0, leap=3)
+    m = await probe_group([s.target for s in [*good, unsynchronised]])
+    assert m.success, m.failure
+    assert states(m)[unsynchronised.target] == "unfit"
+    assert label_sets(m, "probe_ntp_group_member_failure_info") == [
+        {"member": unsynchronised.target, "reason": "leap_unsynchronized"}]
+
+
+async def test_the_target_policy_applies_to_each_member(servers: Start) -> None:
+    good = [await servers(offset=0.0) for _ in range(3)]
+    forbidden = await servers(offset=0.0)
+    policy = TargetPolicy(denied=parse_rules([f"{forbidden.host}/32"], "denied_targets"))
+    m = await probe_group([s.target for s in [*good, forbidden]], group_module(policy=policy))
+    # Every member shares the address, so the policy refuses them all, one by one.
+    assert set(states(m).values()) == {"unreachable"}
+    assert {labels["reason"] for labels in
+            label_sets(m, "probe_ntp_group_member_failure_info")} == {"target_forbidden"}
+    assert not forbidden.requests and not any(s.requests for s in good)
+    assert m.failure is Reason.NO_MAJORITY
+
+
+def test_a_group_is_bounded_and_names_known_groups() -> None:
+    config = parse_config("groups:\n  eu: [192.0.2.1, '192.0.2.2:123']\n"
+                          "modules:\n  g: {prober: ntp_group}\n", "t")
+    module = config.modules["g"]
+    target = resolve_target(config, module, "eu")
+    assert isinstance(target, group.GroupTarget) and str(target) == "eu"
+    assert [str(t) for t in target.members] == ["192.0.2.1", "192.0.2.2:123"]
+    listed = resolve_target(config, module, "192.0.2.1, 192.0.2.3:1123")
+    assert str(listed) == "192.0.2.1,192.0.2.3:1123"
+    with pytest.raises(TargetError, match=r"no group named 'us'.*known: eu"):
+        resolve_target(config, module, "us")
+    with pytest.raises(TargetError, match="17 members: a group has at most 16"):
+        resolve_target(config, module, ",".join(f"192.0.2.{i}" for i in range(1, 18)))
+    with pytest.raises(TargetError, match="listed twice"):
+        resolve_target(config, module, "192.0.2.1,192.0.2.1")
+    with pytest.raises(TargetError, match="invalid target"):
+        resolve_target(config, module, "192.0.2.1,,192.0.2.2")
+
+
+async def test_a_group_through_the_web(servers: Start, aiohttp_client: AiohttpClient) -> None:
+    good = [await servers(offset=0.0) for _ in range(2)]
+    bad = await servers(offset=3.0)
+    members = ", ".join(f"'{s.target}'" for s in [*good, bad])
+    config = parse_config(
+        f"leapfile: ''\ngroups:\n  trio: [{members}]\nmodules:\n"
+        "  g:\n    prober: ntp_group\n    timeout: 2s\n"
+        "    ntp: {samples: 1, reply_timeout: 300ms, preferred_ip_protocol: ip4}\n"
+        "    ntp_group: {max_falsetickers: 1}\n", "t")
+    client: Client = await aiohttp_client(create_app(State(config=config,
+                                                           internals=Internals())))
+    response = await client.get("/probe", params={"module": "g", "target": "trio"})
+    body = await response.text()
+    assert response.status == 200, body
+    assert "probe_success 1" in body
+    assert (f'probe_ntp_group_member_selection_info{{member="{bad.target}",'
+            'state="falseticker"} 1') in body
+    unknown = await client.get("/probe", params={"module": "g", "target": "quartet"})
+    assert unknown.status == 400
+    assert "no group named 'quartet'" in await unknown.text()
+
+
+# --- leap readiness -----------------------------------------------------------------------
+
+def leap_config(tmp_path: Path, text: str, **ntp_settings: object) -> Config:
+    path = tmp_path / "leap-seconds.list"
+    path.write_text(text)
+    settings = ", ".join(f"{k}: {str(v).lower()}" for k, v in ntp_settings.items())
+    return parse_config(f"leapfile: {path}\nmodules:\n  n:\n    prober: ntp\n"
+                        f"    ntp: {{samples: 1, preferred_ip_protocol: ip4, {settings}}}\n",
+                        str(tmp_path / "modules.yaml"))
+
+
+async def probe_with_leap_check(server: FakeNTPServer, config: Config) -> Measurement:
+    """An ntp probe: its report step checks the server's leap indicator against the file."""
+    module = config.modules["n"]
+    ctx = ProbeContext(asyncio.get_running_loop().time() + module.timeout,
+                       guard=guard_for(config, module))
+    m = await ntp.probe(resolve_target(config, module, server.target), module, ctx)
+    assert ntp.report_of(m) is not None
+    return m
+
+
+# No leap scheduled after 2017, valid until 2027-06-28.
+QUIET = build(REAL_ENTRIES)
+
+
+async def test_an_announcement_the_file_does_not_schedule(servers: Start,
+                                                          tmp_path: Path) -> None:
+    server = await servers(leap=1)
+    m = await probe_with_leap_check(server, leap_config(tmp_path, QUIET))
+    assert m.values(LEAP_CHECK) == [(("unexpected_announcement",), 1)]
+    assert m.success  # reported only, by default
+
+
+async def test_fail_on_leap_mismatch(servers: Start, tmp_path: Path) -> None:
+    server = await servers(leap=1)
+    config = leap_config(tmp_path, QUIET, fail_on_leap_mismatch=True)
+    m = await probe_with_leap_check(server, config)
+    assert m.failure is Reason.LEAP_MISMATCH
+
+
+async def test_no_announcement_and_none_due_is_ok(servers: Start, tmp_path: Path) -> None:
+    server = await servers(leap=0)
+    m = await probe_with_leap_check(server, leap_config(tmp_path, QUIET,
+                                                        fail_on_leap_mismatch=True))
+    assert m.values(LEAP_CHECK) == [(("ok",), 1)]
+    assert m.success
+
+
+@pytest.mark.parametrize("text", [
+    build(REAL_ENTRIES, expires=ntp_seconds(utc(2026, 6, 28))),  # expired
+    build(REAL_ENTRIES, words=(1, 2, 3, 4, 5)),  # broken hash
+], ids=["expired", "broken-hash"])
+async def test_an_invalid_file_cannot_judge(servers: Start, tmp_path: Path, text: str) -> None:
+    server = await servers(leap=1)
+    m = await probe_with_leap_check(server, leap_config(tmp_path, text,
+                                                        fail_on_leap_mismatch=True))
+    assert m.values(LEAP_CHECK) == [(("unknown",), 1)]
+    assert m.success
+
+
+async def test_leapfile_series_on_metrics_after_start_and_reload(
+    tmp_path: Path, aiohttp_client: AiohttpClient
+) -> None:
+    leapfile = tmp_path / "leap-seconds.list"
+    leap_2027 = utc(2027, 1, 1)
+    leapfile.write_text(build([*REAL_ENTRIES, (ntp_seconds(leap_2027), 38)]))
+    config_path = tmp_path / "modules.yaml"
+    config_path.write_text("leapfile: leap-seconds.list\nmodules:\n  n: {prober: ntp}\n")
+    state = State(config=load_config(str(config_path)), internals=Internals(),
+                  config_path=str(config_path))
+    client: Client = await aiohttp_client(create_app(state))
+
+    async def metrics() -> dict[str, float]:
+        text = await (await client.get("/metrics")).text()
+        return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                if line.startswith("ntp_probe_leapfile_")}
+
+    assert await metrics() == {
+        "ntp_probe_leapfile_expiry_timestamp_seconds": utc(2027, 6, 28),
+        "ntp_probe_leapfile_valid": 1.0,
+        "ntp_probe_leapfile_tai_offset_seconds": 37.0,
+        "ntp_probe_leapfile_next_leap_timestamp_seconds": leap_2027,
+    }
+    # A reload reads the file again: now with a broken hash and no leap scheduled.
+    leapfile.write_text(build(REAL_ENTRIES, words=(1, 2, 3, 4, 5)))
+    assert (await client.post("/-/reload")).status == 200
+    assert await metrics() == {
+        "ntp_probe_leapfile_expiry_timestamp_seconds": utc(2027, 6, 28),
+        "ntp_probe_leapfile_valid": 0.0,
+        "ntp_probe_leapfile_tai_offset_seconds": 37.0,
+    }
+    # A named file that is no longer a leap file fails the reload and keeps the old one.
+    leapfile.write_text("not a leap file\n")
+    response = await client.post("/-/reload")
+    assert response.status == 500
+    assert "leapfile" in await response.text()
+    assert (await metrics())["ntp_probe_leapfile_valid"] == 0.0
+    # Turned off: no samples, only the families' HELP lines.
+    config_path.write_text("leapfile: ''\nmodules:\n  n: {prober: ntp}\n")
+    assert (await client.post("/-/reload")).status == 200
+    assert await metrics() == {}

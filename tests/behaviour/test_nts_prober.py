@@ -1,0 +1,316 @@
+"""The nts prober against in-process fakes: an NTS-KE server (pyOpenSSL, TLS 1.3, driven by
+the event loop) with a test CA, and an NTS NTP server that builds replies with proto/nts.
+
+Each failure a real server is unlikely to produce on demand (NAK, tampered authenticator,
+foreign unique identifier, malformed and hostile KE records, a stalled KE) is told apart by
+its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import random
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+
+from ntp_probe.config.load import parse_config
+from ntp_probe.config.schema import NTS_AEAD_IDS, ConfigError, Module, NTPSettings, NTSSettings
+from ntp_probe.engine.result import Reason
+from ntp_probe.proto.nts import ef, ke
+from tests.conftest import LOOPBACK, probe, value
+
+Records = Callable[[int], bytes]  # NTP port -> the KE response bytes
+PKI = tuple[Path, Path, Path]
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    """(CA file, server certificate, server key): a CA and a leaf for 127.0.0.1."""
+    d = tmp_path_factory.mktemp("pki")
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(_name("fake-ca")).issuer_name(_name("fake-ca"))
+          .public_key(ca_key.public_key()).serial_number(1)
+          .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=9))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder().subject_name(_name("fake")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(2)
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=5))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(IPv4Address(LOOPBACK))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (d / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (d / "leaf.pem").write_bytes(leaf.public_bytes(pem))
+    (d / "leaf.key").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+    return d / "ca.pem", d / "leaf.pem", d / "leaf.key"
+
+
+@dataclass
+class FakeNTS:
+    """What the fakes do; tests change the fields."""
+
+    ke_port: int = 0
+    ntp_port: int = 0
+    records: Records | None = None  # None: a normal response
+    ntp_mode: str = "ok"  # ok | nak | tamper | uid
+    keys: dict[bytes, tuple[bytes, bytes]] = field(default_factory=dict)  # cookie -> keys
+    requests: list[bytes] = field(default_factory=list)
+
+
+def normal_response(ntp_port: int, cookies: list[bytes]) -> bytes:
+    recs = [ke.Record(1, b"\0\0", True), ke.Record(4, b"\0\x0f", True),
+            ke.Record(7, struct.pack("!H", ntp_port), True)]
+    recs += [ke.Record(5, c) for c in cookies]
+    recs.append(ke.Record(0, b"", True))
+    return b"".join(r.encode() for r in recs)
+
+
+async def _io(sock: socket.socket, op: Callable[[], bytes | int | None]) -> bytes | int | None:
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            return op()
+        except (SSL.WantReadError, SSL.WantWriteError):
+            ready: asyncio.Future[None] = loop.create_future()
+
+            def wake(ready: asyncio.Future[None] = ready) -> None:
+                if not ready.done():
+                    ready.set_result(None)
+
+            loop.add_reader(sock.fileno(), wake)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(sock.fileno())
+
+
+async def _serve_ke(fake: FakeNTS, ctx: SSL.Context, sock: socket.socket) -> None:
+    conn = SSL.Connection(ctx, sock)
+    conn.set_accept_state()
+    try:
+        await _io(sock, lambda: conn.do_handshake())
+        buf = b""
+        while not buf.endswith(b"\x80\x00\x00\x00"):
+            buf += await _io(sock, lambda: conn.recv(4096))  # type: ignore[operator]
+        c2s, s2c = (conn.export_keying_material(ef.EXPORTER_LABEL, 32,
+                                                ef.exporter_context(15, d))
+                    for d in (ef.Direction.C2S, ef.Direction.S2C))
+        cookies = [os.urandom(100) for _ in range(8)]
+        for c in cookies:
+            fake.keys[c] = (c2s, s2c)
+        data = (fake.records(fake.ntp_port) if fake.records is not None
+                else normal_response(fake.ntp_port, cookies))
+        conn.sendall(data)
+        conn.shutdown()
+    except (SSL.Error, OSError):
+        pass
+    finally:
+        sock.close()
+
+
+class _NTPServer(asyncio.DatagramProtocol):
+    def __init__(self, fake: FakeNTS) -> None:
+        self.fake = fake
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        fake = self.fake
+        fake.requests.append(data)
+        fields: dict[int, bytes] = {}
+        off = 48
+        while off < len(data):
+            t, n = struct.unpack_from("!HH", data, off)
+            fields.setdefault(t, data[off + 4:off + n])
+            off += n
+        uid, cookie = fields[ef.FieldType.UNIQUE_IDENTIFIER], fields[ef.FieldType.NTS_COOKIE]
+        _, s2c = fake.keys[cookie[:100]]
+        now = int((time.time() + 2208988800) * 2**32)
+        origin = struct.unpack_from("!Q", data, 40)[0]
+        if fake.ntp_mode == "nak":
+            # LI 3, mode 4, stratum 0, kiss code NTSN: the UID echoed, no authenticator.
+            header = struct.pack("!BBbbII4sQQQQ", 0xE4, 0, 0, -20, 0, 0, b"NTSN", 0, origin,
+                                 0, 0)
+            assert self.transport is not None
+            self.transport.sendto(header + ef.encode_field(0x0104, uid[:32]), addr)
+            return
+        header = struct.pack("!BBbbII4sQQQQ", 0x24, 2, 0, -20, 0, 0, b"GPS\0", now, origin,
+                             now, now)
+        uid_field = ef.encode_field(0x0104, os.urandom(32) if fake.ntp_mode == "uid" else uid[:32])
+        new_cookie = os.urandom(100)
+        fake.keys[new_cookie] = fake.keys[cookie[:100]]
+        plaintext = ef.encode_field(ef.FieldType.NTS_COOKIE, new_cookie)
+        nonce = os.urandom(16)
+        ct = ef.aead_algorithm(15).encrypt(s2c, nonce, plaintext, header + uid_field)
+        if fake.ntp_mode == "tamper":
+            ct = ct[:-1] + bytes([ct[-1] ^ 1])
+        auth = struct.pack("!HH", 16, len(ct)) + nonce + ct
+        assert self.transport is not None
+        self.transport.sendto(header + uid_field + ef.encode_field(0x0404, auth), addr)
+
+
+@pytest.fixture
+async def fake(pki: PKI) -> AsyncIterator[FakeNTS]:
+    _, cert, key = pki
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.use_certificate_file(str(cert))
+    ctx.use_privatekey_file(str(key))
+    ctx.set_alpn_select_callback(lambda conn, protos: b"ntske/1")
+    loop = asyncio.get_running_loop()
+    fake = FakeNTS()
+    transport, _ = await loop.create_datagram_endpoint(lambda: _NTPServer(fake),
+                                                       local_addr=(LOOPBACK, 0))
+    fake.ntp_port = transport.get_extra_info("sockname")[1]
+    listener = socket.socket()
+    listener.bind((LOOPBACK, 0))
+    listener.listen()
+    listener.setblocking(False)
+    fake.ke_port = listener.getsockname()[1]
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def accept() -> None:
+        while True:
+            sock, _ = await loop.sock_accept(listener)
+            sock.setblocking(False)
+            task = asyncio.create_task(_serve_ke(fake, ctx, sock))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    acceptor = asyncio.create_task(accept())
+    try:
+        yield fake
+    finally:
+        acceptor.cancel()
+        for t in list(tasks):
+            t.cancel()
+        listener.close()
+        transport.close()
+
+
+def module(ca: Path, *, samples: int = 2, timeout: float = 2.0, ke_timeout: float = 1.0) -> Module:
+    return Module(name="nts", prober="nts", timeout=timeout,
+                  ntp=NTPSettings(samples=samples, sample_interval=0.01, reply_timeout=0.2,
+                                  preferred_ip_protocol="ip4"),
+                  nts=NTSSettings(ca_file=str(ca), ke_timeout=ke_timeout))
+
+
+async def test_authenticated_burst_uses_each_cookie_once(fake: FakeNTS, pki: PKI) -> None:
+    m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0], samples=3))
+    assert m.failure is None, log.text()
+    assert value(m, "probe_nts_authenticated") == 1
+    assert value(m, "probe_ntp_stratum") == 2
+    cookies = [r[48 + 36 + 4:48 + 36 + 104] for r in fake.requests]
+    assert len(cookies) == 3 and len(set(cookies)) == 3
+    uids = {r[52:84] for r in fake.requests}
+    assert len(uids) == 3
+
+
+@pytest.mark.parametrize(("mode", "reason"), [
+    ("nak", Reason.NTS_NAK),
+    ("tamper", Reason.NTS_AUTH_FAILED),
+    ("uid", Reason.INVALID_REPLY),
+])
+async def test_replies_that_must_not_count(fake: FakeNTS, pki: PKI, mode: str,
+                                           reason: Reason) -> None:
+    fake.ntp_mode = mode
+    m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0]))
+    assert m.failure is reason, log.text()
+    assert value(m, "probe_nts_authenticated") == 0
+    assert value(m, "probe_ntp_offset_seconds") is None
+    if mode == "nak":
+        assert len(fake.requests) == 1  # the burst stops at the NAK
+
+
+def _records(*recs: ke.Record) -> Records:
+    return lambda port: b"".join(r.encode() for r in recs)
+
+
+EOM = ke.Record(0, b"", True)
+NP = ke.Record(1, b"\0\0", True)
+AEAD = ke.Record(4, b"\0\x0f", True)
+
+
+@pytest.mark.parametrize(("records", "reason"), [
+    (_records(ke.Record(2, b"\0\x01", True), EOM), Reason.NTS_KE_ERROR),
+    (_records(NP, ke.Record(4, b"", True), EOM), Reason.NTS_NO_COMMON_AEAD),
+    (_records(NP, AEAD, EOM), Reason.NTS_NO_COOKIES),
+    (_records(NP, AEAD, ke.Record(5, b"c" * 50)), Reason.NTS_KE_MALFORMED),  # no EOM
+    (_records(NP, AEAD, ke.Record(0x1234, b"", True), ke.Record(5, b"c" * 50), EOM),
+     Reason.NTS_KE_MALFORMED),
+    (lambda port: b"\x00\x05\xff\xff" + b"x" * 100, Reason.NTS_KE_MALFORMED),
+])
+async def test_ke_responses(fake: FakeNTS, pki: PKI, records: Records,
+                            reason: Reason) -> None:
+    fake.records = records
+    m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0]))
+    assert m.failure is reason, log.text()
+    assert fake.requests == []  # no NTP packet after a failed KE
+
+
+async def test_fuzzed_ke_records_never_crash(fake: FakeNTS, pki: PKI) -> None:
+    rng = random.Random(8915)
+    for _ in range(40):
+        recs = []
+        for _ in range(rng.randint(0, 12)):
+            kind = rng.choice([0, 1, 2, 3, 4, 5, 6, 7, 1024, rng.randint(0, 0x7FFF)])
+            body = rng.randbytes(rng.choice([0, 1, 2, 3, 4, 20, 200]))
+            if kind == 4 and body == b"\0\x0f":
+                body = b"\0\x10"
+            recs.append(ke.Record(kind, body, rng.random() < 0.5))
+        raw = b"".join(r.encode() for r in recs)
+        if rng.random() < 0.3:
+            raw = raw[: rng.randint(0, len(raw))]
+        fake.records = lambda port, raw=raw: raw
+        m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0], samples=1))
+        assert m.failure is not None and m.failure.value.startswith("nts_"), log.text()
+
+
+async def test_stalled_ke_server_is_cut_off_by_the_deadline(pki: PKI) -> None:
+    listener = socket.socket()
+    listener.bind((LOOPBACK, 0))
+    listener.listen()  # accepts the TCP connection, never speaks TLS
+    try:
+        started = time.monotonic()
+        m, log = await probe(f"{LOOPBACK}:{listener.getsockname()[1]}",
+                             module(pki[0], timeout=0.5, ke_timeout=10.0))
+        elapsed = time.monotonic() - started
+    finally:
+        listener.close()
+    assert m.failure is Reason.NTS_KE_TLS, log.text()
+    assert elapsed < 0.6
+    assert "tls phase timed out" in log.text()
+
+
+def test_config_reads_the_nts_block() -> None:
+    config = parse_config("modules:\n  n:\n    prober: nts\n    nts: {aead: [16, 15], "
+                          "port: 4461}\n", "t")
+    assert config.modules["n"].nts.aead == (16, 15)
+    with pytest.raises(ConfigError, match="not one of"):
+        parse_config("modules:\n  n:\n    prober: nts\n    nts: {aead: [30]}\n", "t")
+    assert set(NTS_AEAD_IDS) == set(ef.AEAD_ALGORITHMS)
