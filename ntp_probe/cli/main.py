@@ -131,8 +131,13 @@ def serve_parser() -> argparse.ArgumentParser:
         "Subcommands: serve (default), probe TARGET, check TARGET (Nagios/Icinga plugin).",
     )
     _common(p)
-    _flag(p, "--web.listen-address", DEFAULT_LISTEN, dest="listen", metavar="[HOST]:PORT",
-          help="address to listen on")
+    env = _env_name("--web.listen-address")
+    p.add_argument("--web.listen-address", dest="listen", action="append", metavar="[HOST]:PORT",
+                   help=f"address to listen on; repeat the flag for several (default: "
+                   f"{DEFAULT_LISTEN}) [env {env}, comma-separated]")
+    _flag(p, "--web.systemd-socket", "false", dest="systemd_socket", type=_bool, nargs="?",
+          const=True, metavar="BOOL",
+          help="listen on the sockets systemd passes (socket activation) instead")
     _flag(p, "--timeout-offset", "0.5", dest="timeout_offset", type=_non_negative_float,
           metavar="SECONDS", help="subtracted from Prometheus' scrape timeout")
     _flag(p, "--probe.max-concurrent", "100", dest="max_concurrent", type=_positive_int,
@@ -198,6 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "serve":
         argv = argv[1:]
     args = serve_parser().parse_args(argv)
+    if not args.listen:  # append actions take no default: the variable, else :9559
+        env = os.environ.get(_env_name("--web.listen-address"), DEFAULT_LISTEN)
+        args.listen = [a.strip() for a in env.split(",") if a.strip()]
     logs.setup(args.log_level, args.log_format)
     config = _load(args.config_file)
     if args.config_check:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import resource
 import signal
+import socket
 
 from aiohttp import web
 
@@ -26,6 +28,7 @@ logger = logging.getLogger("ntp_probe")
 # plus the listening socket, logs, the resolver's threads and the like.
 _SPARE_FDS = 64
 _SHUTDOWN_GRACE = 1.0
+_SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): the first socket systemd passes
 
 
 def _fit_open_files(max_connections: int, max_probes: int) -> int:
@@ -67,10 +70,27 @@ def parse_listen(address: str) -> tuple[str | None, int]:
     return (host or None), int(port_text)
 
 
+def systemd_sockets() -> list[socket.socket]:
+    """The listening sockets systemd passed (LISTEN_PID/LISTEN_FDS, from fd 3 on)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    return [socket.socket(fileno=_SD_LISTEN_FDS_START + i) for i in range(count)]
+
+
 async def serve(args: argparse.Namespace, config: Config) -> int:
     """Serve until SIGINT/SIGTERM; SIGHUP reloads the configuration."""
+    inherited: list[socket.socket] = []
+    if args.systemd_socket:
+        inherited = systemd_sockets()
+        if not inherited:
+            logger.error("--web.systemd-socket: systemd passed no socket (LISTEN_FDS)")
+            return 2
     try:
-        host, port = parse_listen(args.listen)
+        listen = [parse_listen(a) for a in args.listen]
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
@@ -96,16 +116,23 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
                            handler_cancellation=True, keepalive_timeout=args.idle_timeout,
                            shutdown_timeout=_SHUTDOWN_GRACE)
     await runner.setup()
-    try:
-        site = GuardedSite(runner, host, port, guard, ssl_context=web_config.ssl_context)
-        await site.start()
-    except OSError as exc:
-        logger.error("cannot listen on %s: %s", args.listen, exc.strerror or exc)
-        await runner.cleanup()
-        return 1
+    if inherited:
+        sites = [GuardedSite(runner, None, 0, guard, ssl_context=web_config.ssl_context,
+                             sock=s) for s in inherited]
+    else:
+        sites = [GuardedSite(runner, host, port, guard, ssl_context=web_config.ssl_context)
+                 for host, port in listen]
+    for site in sites:
+        try:
+            await site.start()
+        except OSError as exc:
+            logger.error("cannot listen on %s: %s", site.name, exc.strerror or exc)
+            await runner.cleanup()
+            return 1
     logger.info("listening on %s with %d modules from %s (version %s); landing page %s/",
-                args.listen, len(config.modules), config.source, __version__, site.name)
-    if unrestricted(host, config):
+                ", ".join(s.name for s in sites), len(config.modules), config.source,
+                __version__, sites[0].name)
+    if not inherited and any(unrestricted(host, config) for host, _ in listen):
         logger.warning("listening on every address with no allowed_targets: anyone who can "
                        "reach this port can make the exporter send NTP packets to any "
                        "address (see the README's target policy section)")

@@ -117,7 +117,15 @@ async def probe_handler(request: web.Request) -> web.Response:
     entry = state.history.add(module_name, str(target), result, log, body)
     if not debug:
         return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
-    return web.Response(text=pages.debug_text(entry, module_to_dict(module)))
+    text = pages.debug_text(entry, module_to_dict(module))
+    if outcome.age is not None:
+        # The log below is the earlier probe's: say so, or it reads as a fresh one.
+        text = (f"Served from the min_probe_interval cache: result age {outcome.age:.1f} s, "
+                "nothing sent. The log is the earlier probe's.\n\n" + text)
+    elif outcome.shared:
+        text = ("Shared the burst of an identical probe already in flight: no extra packet "
+                "was sent.\n\n" + text)
+    return web.Response(text=text)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -237,23 +238,27 @@ def quiet_bad_requests() -> None:
 class GuardedSite(web.BaseSite):
     """aiohttp's TCPSite with every connection under a :class:`ConnectionGuard`."""
 
-    __slots__ = ("_guard", "_host", "_port")
+    __slots__ = ("_guard", "_host", "_port", "_sock")
 
     def __init__(self, runner: web.BaseRunner, host: str | None, port: int,
                  guard: ConnectionGuard, *, ssl_context: Any = None,
-                 backlog: int = 128) -> None:
+                 backlog: int = 128, sock: socket.socket | None = None) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         self._host = host
         self._port = port
         self._guard = guard
+        self._sock = sock  # a listening socket handed over (systemd socket activation)
 
     @property
     def name(self) -> str:
         """The URL this site serves."""
         scheme = "https" if self._ssl_context else "http"
-        host = self._host or "0.0.0.0"
+        if self._sock is not None:
+            host, port = self._sock.getsockname()[:2]
+        else:
+            host, port = self._host or "0.0.0.0", self._port
         host = f"[{host}]" if ":" in host else host
-        return f"{scheme}://{host}:{self._port}"
+        return f"{scheme}://{host}:{port}"
 
     async def start(self) -> None:
         """Listen."""
@@ -261,6 +266,11 @@ class GuardedSite(web.BaseSite):
         server = self._runner.server
         assert server is not None, "runner not set up"
         loop = asyncio.get_running_loop()
+        if self._sock is not None:
+            self._server = await loop.create_server(
+                self._guard.wrap(server), sock=self._sock, ssl=self._ssl_context,
+                backlog=self._backlog)
+            return
         self._server = await loop.create_server(
             self._guard.wrap(server), self._host, self._port, ssl=self._ssl_context,
             backlog=self._backlog, reuse_address=True,

@@ -543,6 +543,12 @@ async def test_min_probe_interval_serves_the_last_result(
     assert len(fake_ntp.requests) == 2  # no second burst
     text = await metrics(client)
     assert metric(text, "ntp_probe_ntp_packets_sent_total") == 2
+    # With debug=true the answer says the log is the earlier probe's.
+    resp = await client.get("/probe", params={"target": fake_ntp.target, "module": "cached",
+                                              "debug": "true"})
+    debug = await resp.text()
+    assert debug.startswith("Served from the min_probe_interval cache: result age ")
+    assert "nothing sent" in debug.splitlines()[0]
 
 
 # --- coalescing ------------------------------------------------------------------------

@@ -72,19 +72,29 @@ def row(scenario: str, what: str, r: dict[str, Any]) -> list[object]:
 
 
 def start(s: common.Started, args: list[str], prefix: list[str] | None = None,
-          modules: dict[str, Any] | None = None) -> common.Server:
-    """The exporter with the open-files limit at NOFILE (and an optional command prefix)."""
+          modules: dict[str, Any] | None = None,
+          auth: dict[str, str] | None = None) -> common.Server:
+    """The exporter with the open-files limit at NOFILE (and an optional command prefix);
+    ``auth`` is the header that gets through its basic auth, when it has some."""
     d = common.private_dir("ntpp-bench-attack-")
     s.dirs.append(d)
     config = common.write_modules(d, modules or {"one": common.one_sample_module()})
     prlimit = shutil.which("prlimit") or "/usr/bin/prlimit"
-
-    def argv(port: int) -> list[str]:
-        return [*(prefix or []), prlimit, f"--nofile={NOFILE}:{NOFILE}", "--",
-                *common.exporter_command(), f"--config.file={config}",
-                f"--web.listen-address={common.LOOPBACK}:{port}", "--log.level=warn", *args]
-
-    return common._start_server(s, "ntp-probe", argv, d)
+    port = common.free_port()
+    argv = [*(prefix or []), prlimit, f"--nofile={NOFILE}:{NOFILE}", "--",
+            *common.exporter_command(), f"--config.file={config}",
+            f"--web.listen-address={common.LOOPBACK}:{port}", "--log.level=warn", *args]
+    with open(d / "ntp-probe.log", "wb") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=d)
+    s.procs.append(("ntp-probe", proc))
+    srv = common.Server("ntp-probe", port, d, proc)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and proc.poll() is None:
+        if timed(srv.base + "/-/healthy", 1, auth, timeout=1.0)["failed"] == 0:
+            return srv
+        time.sleep(0.05)  # poll interval, bounded by the deadline
+    raise SystemExit(f"could not start ntp-probe:\n{srv.log()}")
 
 
 def hold(port: int, n: int, slow: int, stop: threading.Event) -> list[socket.socket]:
@@ -142,8 +152,8 @@ def bcrypt_attack(s: common.Started, chrony_port: int, n: int,
     s.dirs.append(d)
     hashed = bcrypt.hashpw(b"right", bcrypt.gensalt(rounds=10)).decode()
     (d / "web.yml").write_text(f"basic_auth_users:\n  alice: '{hashed}'\n")
-    srv = start(s, [f"--web.config.file={d / 'web.yml'}"])
     good = {"Authorization": "Basic " + base64.b64encode(b"alice:right").decode()}
+    srv = start(s, [f"--web.config.file={d / 'web.yml'}"], auth=good)
     probe = f"{srv.base}/probe?target=127.0.0.1:{chrony_port}&module=one"
     rows.append(row("bcrypt", "authenticated probe before", timed(probe, n, good)))
     statuses: list[int] = []

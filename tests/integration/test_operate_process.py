@@ -13,15 +13,25 @@ import re
 import secrets
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Chronyd, free_udp_port, stop_process
-from tests.integration.test_exporter import Exporter, one, parse_exposition, start_exporter
+from tests.conftest import Chronyd, free_tcp_port, free_udp_port, stop_process
+from tests.integration.test_exporter import (
+    Exporter,
+    child_env,
+    exporter_command,
+    one,
+    parse_exposition,
+    start_exporter,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -397,3 +407,48 @@ def test_sigterm_with_a_probe_in_flight_exits_promptly(tmp_path: Path) -> None:
 def ntp_probes_in_flight(e: Exporter) -> float:
     _, _, body = e.get("/metrics")
     return one(parse_exposition(body), "ntp_probe_probes_in_flight")
+
+
+# Execs the exporter with the socket on fd 3 and LISTEN_PID set to its own pid, as systemd
+# does for a socket-activated service (exec keeps the pid).
+SOCKET_ACTIVATION = """
+import os, sys
+os.dup2(int(sys.argv[1]), 3)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.environ["LISTEN_FDS"] = "1"
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def test_systemd_socket_activation(tmp_path: Path) -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    command = exporter_command()
+    log_path = tmp_path / "exporter.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SOCKET_ACTIVATION, str(listener.fileno()), *command,
+             "--web.systemd-socket"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            pass_fds=(listener.fileno(),), env=child_env(),
+        )
+    listener.close()
+    e = Exporter(proc, port, log_path)
+    try:
+        wait_for(lambda: e.get("/-/healthy")[0] == 200, "healthy on the inherited socket", e)
+        assert f"listening on http://127.0.0.1:{port}" in e.log()
+    finally:
+        stop_process(proc)
+
+
+def test_several_listen_addresses(tmp_path: Path) -> None:
+    other = free_tcp_port()
+    e = start_exporter(tmp_path, (f"--web.listen-address=[::1]:{other}",))
+    try:
+        assert e.get("/-/healthy")[0] == 200  # the address start_exporter adds
+        with urllib.request.urlopen(f"http://[::1]:{other}/-/healthy", timeout=5) as resp:
+            assert resp.status == 200
+    finally:
+        stop_process(e.proc)
