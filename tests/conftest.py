@@ -10,6 +10,7 @@ Integration tests skip with a clear reason when a binary is missing; with
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import shutil
@@ -336,6 +337,36 @@ def _clock_fingerprint() -> tuple[float, float, int, float]:
     clock = adjtimex.read()
     step = time.clock_gettime(time.CLOCK_REALTIME) - time.clock_gettime(time.CLOCK_MONOTONIC)
     return step, clock.frequency_ratio, clock.status, clock.offset
+
+
+_asked_dns: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_dns_with_test_names() -> Iterator[None]:
+    """The machine's resolver never sees a name from the tests: in this process every
+    getaddrinfo must be numeric (names come from hosts files the tests control, answered
+    in-process, or from an injected lookup). A lookup that would reach DNS fails at once
+    and fails the run."""
+    real = socket.getaddrinfo
+
+    def guarded(host: Any, *args: Any, **kwargs: Any) -> Any:
+        text = host.decode() if isinstance(host, bytes) else host
+        if text is not None:
+            try:
+                ipaddress.ip_address(str(text).split("%", 1)[0])
+            except ValueError:
+                _asked_dns.append(str(text))
+                raise socket.gaierror(socket.EAI_NONAME,
+                                      "name lookups are off in the tests") from None
+        return real(host, *args, **kwargs)
+
+    socket.getaddrinfo = guarded
+    try:
+        yield
+    finally:
+        socket.getaddrinfo = real
+    assert not _asked_dns, f"tests tried to resolve names: {sorted(set(_asked_dns))}"
 
 
 @pytest.fixture(scope="session", autouse=True)

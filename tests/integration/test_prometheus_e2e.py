@@ -5,7 +5,9 @@ The daemon jobs read a second chronyd (a client of the session's, with a UDP cmd
 a unix socket, from test_cmdmon_wire.py) and an in-process fake ntpd answering mode 6
 (the healthy ntpd of tests/behaviour/test_ntpd_prober.py). The exporter runs with the
 packaged modules plus the daemon modules prometheus.yml documents in its comments (the
-unix socket path substituted, and a request timeout that fits 1 s scrapes).
+unix socket path substituted, and a request timeout that fits 1 s scrapes), and a leap file
+of its own (valid for a year, one leap second scheduled) so that the leap panels do not
+depend on this machine's tzdata.
 
 The shipped configuration is loaded as YAML and changed only where this machine needs it:
 addresses (the exporter, the chronyd target, target files in a temp dir), 1 s intervals,
@@ -45,6 +47,8 @@ from tests.conftest import LOOPBACK, Chronyd, free_tcp_port, require_binary, sto
 from tests.integration.test_cmdmon_wire import Client, start_client, wait_synchronised
 from tests.integration.test_exporter import Exporter, start_exporter
 from tests.unit.test_examples import documented_daemon_modules
+from tests.unit.test_leapfile import REAL_ENTRIES, build, utc
+from tests.unit.test_leapfile import ntp as ntp_seconds
 
 pytestmark = pytest.mark.integration
 
@@ -72,9 +76,18 @@ DATA_DEADLINE = 25.0  # from Prometheus' start: first scrape ~5.7 s, two scrapes
 ALERT_DEADLINE = 10.0
 HTTP_TIMEOUT = 5.0
 
-# Dashboard expressions that may legitimately return nothing here: no server sends a
-# Kiss-o'-Death on loopback. Everything else must return data.
-DASHBOARD_MAY_BE_EMPTY = {"probe_ntp_kiss_code_info"}
+# Metrics whose dashboard expressions may legitimately return nothing here: no server
+# sends a Kiss-o'-Death on loopback, and the shipped jobs probe no NTS server, no
+# ntp_group and no name with all_addresses. An expression naming one of them may be empty
+# only while one of the metrics it names has no series at all; everything else must
+# return data.
+DASHBOARD_MAY_BE_EMPTY = {
+    "probe_ntp_kiss_code_info",
+    "probe_ssl_earliest_cert_expiry", "probe_nts_authenticated", "probe_nts_ke_duration_seconds",
+    "probe_ntp_group_truechimers", "probe_ntp_group_falsetickers", "probe_ntp_group_majority",
+    "probe_ntp_group_local_clock_offset_seconds", "probe_ntp_group_member_selection_info",
+    "probe_ntp_address_up", "probe_ntp_address_offset_seconds", "probe_ntp_address_failure_info",
+}
 
 # Alert expressions and what they must return against this setup (True: data, False:
 # nothing). chronyd is healthy, one sharded target never answers (timeout), and every
@@ -213,6 +226,18 @@ class FakeNtpdThread:
         self.loop.close()
 
 
+def leap_file(tmp: Path) -> Path:
+    """A valid leap-seconds.list: expires in about a year and a half, and schedules one
+    leap second at the start of the year after next (so none is due on any day near now:
+    a synchronised server's leap indicator 0 reads ok)."""
+    year = time.gmtime().tm_year
+    text = build([*REAL_ENTRIES, (ntp_seconds(utc(year + 2, 1, 1)), 38)],
+                 updated=ntp_seconds(utc(year, 1, 1)), expires=ntp_seconds(utc(year + 2, 6, 28)))
+    path = tmp / "leap-seconds.list"
+    path.write_text(text)
+    return path
+
+
 def exporter_modules(tmp: Path, chrony_client: Client) -> Path:
     """The packaged modules plus prometheus.yml's documented daemon modules (the chrony
     socket moved to the test's chronyd): the --config.file the daemon jobs need."""
@@ -226,6 +251,7 @@ def exporter_modules(tmp: Path, chrony_client: Client) -> Path:
         module[module["prober"]]["request_timeout"] = "100ms"
     assert not set(daemon) & set(config["modules"])
     config["modules"].update(daemon)
+    config["leapfile"] = str(leap_file(tmp))
     path = tmp / "modules.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -597,9 +623,9 @@ def test_dashboard_expressions_parse_and_return_data(stack: Stack) -> None:
     for title, expr in exprs:
         promql = grafana_to_promql(expr)
         assert "$" not in promql, (title, expr)
-        may_be_empty = "vector(0)" not in expr and any(
-            name in expr for name in DASHBOARD_MAY_BE_EMPTY
-        )
+        named = [n for n in DASHBOARD_MAY_BE_EMPTY if re.search(rf"(?<![\w:]){n}(?![\w:])", expr)]
+        absent = [n for n in named if not series(stack.prom_base, f"count({n})")]
+        may_be_empty = "vector(0)" not in expr and bool(absent)
         answer = (query if may_be_empty else answer_with_data)(stack.prom_base, promql)
         if answer["status"] != "success":
             problems.append(f"{title}: {promql}: {answer.get('error')}")
@@ -607,6 +633,22 @@ def test_dashboard_expressions_parse_and_return_data(stack: Stack) -> None:
         if not answer["data"]["result"] and not may_be_empty:
             problems.append(f"{title}: {promql}: no data")
     assert not problems, "\n".join(problems)
+
+
+def test_leap_file_and_leap_check(stack: Stack) -> None:
+    """The exporter's leap file on /metrics, and a synchronised server's verdict against it:
+    the inputs of the dashboard's leap row and of the leap alerts."""
+    base = stack.prom_base
+    valid = present(base, 'ntp_probe_leapfile_valid{job="ntp_probe"}')
+    assert [value_of(r) for r in valid] == [1]
+    expiry = present(base, 'ntp_probe_leapfile_expiry_timestamp_seconds{job="ntp_probe"}')
+    assert [value_of(r) > time.time() + 365 * 86400 for r in expiry] == [True]
+    leap = present(base, 'ntp_probe_leapfile_next_leap_timestamp_seconds{job="ntp_probe"}')
+    assert [value_of(r) > time.time() + 365 * 86400 for r in leap] == [True]
+    verdicts = present(
+        base, f'probe_ntp_leap_check_info{{job="ntp", instance="{stack.chronyd.target}"}}'
+    )
+    assert [(r["metric"]["verdict"], value_of(r)) for r in verdicts] == [("ok", 1)]
 
 
 def test_dashboard_variables_find_the_targets(stack: Stack) -> None:

@@ -385,6 +385,27 @@ def test_dashboard_covers_the_daemon_metrics() -> None:
                 assert f"rate({counter}" in target["expr"], (p["title"], counter)
 
 
+def test_dashboard_covers_nts_fleet_and_leap() -> None:
+    panels = list(walk(dashboard()["panels"]))
+    exprs = " ".join(t["expr"] for p in panels for t in p.get("targets", []))
+    for name in (
+        # NTS: certificate expiry, authentication, KE phases
+        "probe_ssl_earliest_cert_expiry", "probe_nts_authenticated",
+        "probe_nts_ke_duration_seconds",
+        # ntp_group and all_addresses
+        "probe_ntp_group_truechimers", "probe_ntp_group_falsetickers",
+        "probe_ntp_group_majority", "probe_ntp_group_local_clock_offset_seconds",
+        "probe_ntp_address_up", "probe_ntp_address_offset_seconds",
+        # leap seconds
+        "ntp_probe_leapfile_valid", "ntp_probe_leapfile_expiry_timestamp_seconds",
+        "ntp_probe_leapfile_next_leap_timestamp_seconds", "probe_ntp_leap_check_info",
+    ):
+        assert name in exprs, name
+    titles = [p["title"] for p in panels if p["type"] == "row"]
+    for word in ("NTS", "Fleet", "Leap"):
+        assert any(word in t for t in titles), (word, titles)
+
+
 # --- prometheus.yml: the daemon jobs and the modules they need --------------------------------
 
 
