@@ -16,6 +16,7 @@ them afterwards. ntpd is stopped by its PID.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -228,19 +229,21 @@ def _wait_associations(control: Control, proc: subprocess.Popen[bytes]) -> str |
     return f"no two associations within {READY_DEADLINE}s"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@contextlib.contextmanager
+def safe_ntpd(d: Path, conf_text: str,
+              shm_keys: list[int]) -> Iterator[tuple[subprocess.Popen[bytes], socket.socket]]:
+    """ntpsec's ntpd on 127.0.0.1:123 with ``conf_text``, always under
+    ``setpriv --bounding-set=-sys_time`` (checked in /proc before anything is sent), and a
+    UDP socket connected to it; stopped by its PID and its SHM segments removed after."""
     setpriv = require_binary("setpriv")
     binary = ntpsec_ntpd()
     python3_ntp()
     check_port_123_free()
-    keys = [SHM_KEY_BASE + u for u in SHM_UNITS]
-    taken = [f"{k:#x}" for k in keys if shm_id(k) >= 0]
+    taken = [f"{k:#x}" for k in shm_keys if shm_id(k) >= 0]
     if taken:
         unavailable(f"SHM segments {taken} already exist (another refclock user?)")
-    d = tmp_path_factory.mktemp("ntpsec-mode6")
     conf = d / "ntp.conf"
-    conf.write_text(ntp_conf(d))
+    conf.write_text(conf_text)
     # Never -g/-G/-q/-u; without CAP_SYS_TIME the kernel refuses any clock change.
     argv = [setpriv, "--bounding-set=-sys_time", "--", str(binary), "-n", "-c", str(conf),
             "-l", str(d / "ntpd.log"), "-p", str(d / "ntpd.pid")]
@@ -254,16 +257,23 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         if not _cap_sys_time_cleared(proc.pid):
             pytest.fail("ntpd runs with CAP_SYS_TIME: refusing to go on")
         sock.connect((LOOPBACK, NTP_PORT))
+        yield proc, sock
+    finally:
+        sock.close()
+        stop_process(proc)
+        for key in shm_keys:
+            remove_shm(key)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    d = tmp_path_factory.mktemp("ntpsec-mode6")
+    with safe_ntpd(d, ntp_conf(d), [SHM_KEY_BASE + u for u in SHM_UNITS]) as (proc, sock):
         srv = Server(proc, d, Control(sock))
         why = _wait_associations(srv.control, proc)
         if why is not None:
             pytest.fail(f"ntpsec ntpd not ready: {why}\n{srv.log()}", pytrace=False)
         yield srv
-    finally:
-        sock.close()
-        stop_process(proc)
-        for key in keys:
-            remove_shm(key)
 
 
 # --- the comparisons ---------------------------------------------------------------------

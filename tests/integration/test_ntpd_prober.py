@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import re
-import socket
 import subprocess
 import threading
 import time
@@ -40,7 +39,7 @@ from ntp_probe.engine.result import Measurement
 from ntp_probe.probers import ntpd as prober
 from ntp_probe.proto import mode6
 from ntp_probe.proto.mode6 import Opcode, Response
-from tests.conftest import label_sets, probe, require_binary, stop_process, value
+from tests.conftest import label_sets, probe, stop_process, value
 from tests.integration.test_exporter import (
     parse_exposition,
     promtool_check,
@@ -51,19 +50,12 @@ from tests.integration.test_mode6_wire import (
     Control,
     ntpq,
     ntpq_variables,
-    python3_ntp,
-    remove_shm,
-    shm_id,
+    safe_ntpd,
 )
 from tests.integration.test_ntpsec_kod import (
     LOOPBACK,
-    NTP_PORT,
     READY_DEADLINE,
     _cap_sys_time_cleared,
-    _wait_exec,
-    check_port_123_free,
-    ntpsec_ntpd,
-    unavailable,
 )
 
 pytestmark = pytest.mark.integration
@@ -235,49 +227,25 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    setpriv = require_binary("setpriv")
-    binary = ntpsec_ntpd()
-    python3_ntp()
-    check_port_123_free()
-    keys = [SHM_KEY_BASE + u for u in SHM_OFFSETS]
-    taken = [f"{k:#x}" for k in keys if shm_id(k) >= 0]
-    if taken:
-        unavailable(f"SHM segments {taken} already exist (another refclock user?)")
     d = tmp_path_factory.mktemp("ntpsec-prober")
-    conf = d / "ntp.conf"
-    conf.write_text(ntp_conf(d))
-    # Never -g/-G/-q/-u; without CAP_SYS_TIME the kernel refuses any clock change.
-    argv = [setpriv, "--bounding-set=-sys_time", "--", str(binary), "-n", "-c", str(conf),
-            "-l", str(d / "ntpd.log"), "-p", str(d / "ntpd.pid")]
-    with open(d / "stdout.log", "wb") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=d)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    keys = [SHM_KEY_BASE + u for u in SHM_OFFSETS]
     feeder: Feeder | None = None
-    try:
-        if not _wait_exec(proc, "ntpd", time.monotonic() + READY_DEADLINE):
-            pytest.fail(f"ntpd did not start: rc={proc.poll()}", pytrace=False)
-        if not _cap_sys_time_cleared(proc.pid):
-            pytest.fail("ntpd runs with CAP_SYS_TIME: refusing to go on")
-        sock.connect((LOOPBACK, NTP_PORT))
-        control = Control(sock)
-        if poll_state(control, proc, "orphan", time.monotonic() + READY_DEADLINE) is None:
-            pytest.fail(f"ntpd not in orphan mode (leap 0):\n{(d / 'ntpd.log').read_text()}",
-                        pytrace=False)
-        feeder = Feeder()
-        state = poll_state(control, proc, "settled", time.monotonic() + STATE_DEADLINE)
-        if state is None:
-            pytest.fail(f"the SHM refclocks did not reach sys.peer/candidate/outlier/"
-                        f"falsetick with full reach within {STATE_DEADLINE}s: "
-                        f"{read_state(control)}", pytrace=False)
-        yield Server(proc, d, state)
-    finally:
-        sock.close()
-        if feeder is not None:
-            feeder.close()
-        stop_process(proc)
-        for key in keys:
-            remove_shm(key)
+    with safe_ntpd(d, ntp_conf(d), keys) as (proc, sock):
+        try:
+            control = Control(sock)
+            if poll_state(control, proc, "orphan", time.monotonic() + READY_DEADLINE) is None:
+                pytest.fail(f"ntpd not in orphan mode (leap 0):\n"
+                            f"{(d / 'ntpd.log').read_text()}", pytrace=False)
+            feeder = Feeder()
+            state = poll_state(control, proc, "settled", time.monotonic() + STATE_DEADLINE)
+            if state is None:
+                pytest.fail(f"the SHM refclocks did not reach sys.peer/candidate/outlier/"
+                            f"falsetick with full reach within {STATE_DEADLINE}s: "
+                            f"{read_state(control)}", pytrace=False)
+            yield Server(proc, d, state)
+        finally:
+            if feeder is not None:
+                feeder.close()
 
 
 def module(min_candidates: int = 1, request_timeout: float = 0.5) -> Module:
