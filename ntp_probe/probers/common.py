@@ -41,7 +41,8 @@ def ip_hash(address: str) -> int:
     return h
 
 
-def _refused(ctx: ProbeContext, refusal: str | None) -> bool:
+def refused(ctx: ProbeContext, refusal: str | None) -> bool:
+    """Record and log a refusal by the target policy; whether there was one."""
     if refusal is None:
         return False
     ctx.log(f"target forbidden: {refusal}; nothing sent")
@@ -54,7 +55,7 @@ async def prepare(target: Target, port: int, ctx: ProbeContext, *, preferred: st
     """Resolve ``target`` and check that it may be sent to now; None (with the failure
     recorded and logged) when it may not."""
     m, log, guard = ctx.measurement, ctx.log, ctx.guard
-    if _refused(ctx, guard.refuse(target.host)):
+    if refused(ctx, guard.refuse(target.host)):
         return None
     started = time.perf_counter()
     resolved = literal(target.host)
@@ -74,22 +75,30 @@ async def prepare(target: Target, port: int, ctx: ProbeContext, *, preferred: st
 
 
 def admit(target: Target, resolved: Resolved, port: int, ctx: ProbeContext) -> bool:
-    """The checks on a resolved address: the policy again (a permitted name may point at
-    a denied address), then any KoD backoff; the IP gauges when it may be sent to."""
-    m, log, guard = ctx.measurement, ctx.log, ctx.guard
-    if _refused(ctx, guard.refuse(target.host, resolved.address)):
+    """The checks on a resolved address (see :func:`allowed`); the IP gauges when it may
+    be sent to."""
+    if not allowed(target.host, resolved.address, port, ctx):
         return False
-    backoff = guard.backoff(resolved.address, port)
+    ctx.measurement.add(common.IP_PROTOCOL, resolved.ip_protocol)
+    ctx.measurement.add(common.IP_ADDR_HASH, ip_hash(resolved.address))
+    return True
+
+
+def allowed(host: str, address: str, port: int, ctx: ProbeContext) -> bool:
+    """The policy again on the address (a permitted name may point at a denied address),
+    then any KoD backoff from that server; the failure recorded when it may not be sent to."""
+    m, log, guard = ctx.measurement, ctx.log, ctx.guard
+    if refused(ctx, guard.refuse(host, address)):
+        return False
+    backoff = guard.backoff(address, port)
     if backoff is not None:
         code, left = backoff
-        log(f"backing off after Kiss-o'-Death {code} from {resolved.address} port {port}: "
+        log(f"backing off after Kiss-o'-Death {code} from {address} port {port}: "
             f"{left:.0f}s left; nothing sent")
         m.add(BACKOFF_REMAINING, left)
         m.add(KISS_CODE, 1, code)
         m.fail(Reason.BACKOFF)
         return False
-    m.add(common.IP_PROTOCOL, resolved.ip_protocol)
-    m.add(common.IP_ADDR_HASH, ip_hash(resolved.address))
     return True
 
 
@@ -99,7 +108,7 @@ async def prepare_all(target: Target, ctx: ProbeContext, limit: int,
     (with the failure recorded) when there is none or the name is refused. Each address
     still has to pass :func:`admit`."""
     m, log = ctx.measurement, ctx.log
-    if _refused(ctx, ctx.guard.refuse(target.host)):
+    if refused(ctx, ctx.guard.refuse(target.host)):
         return None
     started = time.perf_counter()
     try:

@@ -500,10 +500,13 @@ async def _run_burst(pump: DatagramPump[_Reply], client: rules.Client, settings:
 async def _ntp_server(session_server: str | None, ke_address: Resolved, ctx: ProbeContext,
                       settings: NTPSettings, until: float) -> Resolved | None:
     """Where the NTP exchange goes: the KE connection's address unless KE named a server;
-    a named server is resolved and checked against the policy like a target."""
+    a named server is checked by name against the policy and resolved (the caller checks
+    the address with common.allowed, as for a target)."""
     if session_server is None:
         return ke_address
     m, log = ctx.measurement, ctx.log
+    if common.refused(ctx, ctx.guard.refuse(session_server)):
+        return None
     resolved = literal(session_server)
     if resolved is None:
         try:
@@ -515,11 +518,6 @@ async def _ntp_server(session_server: str | None, ke_address: Resolved, ctx: Pro
             log(f"resolve negotiated NTP server {session_server}: {exc or 'timed out'}")
             m.fail(Reason.RESOLVE)
             return None
-    refusal = ctx.guard.refuse(session_server, resolved.address)
-    if refusal is not None:
-        log(f"negotiated NTP server forbidden: {refusal}; nothing sent")
-        m.fail(Reason.TARGET_FORBIDDEN)
-        return None
     return resolved
 
 
@@ -564,7 +562,7 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
     until = ctx.deadline - _SUMMARY_MARGIN
     resolved = await common.prepare(target, ke_port, ctx, preferred=settings.preferred_ip_protocol,
                                     fallback=settings.ip_protocol_fallback, until=until)
-    m, log = ctx.measurement, ctx.log
+    m = ctx.measurement
     if resolved is None:
         return m
     state = _State(resolved.address, ke_port, nts.server_name or target.host)
@@ -580,12 +578,8 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
         port = session.port
         state.ntp_server, state.ntp_port = session.server or server.address, port
         m.add(NTP_SERVER_INFO, 1, state.ntp_server, str(port))
-        backoff = ctx.guard.backoff(server.address, port)
-        if backoff is not None:
-            log(f"backing off after Kiss-o'-Death {backoff[0]} from {server.address} port "
-                f"{port}: {backoff[1]:.0f}s left; nothing sent")
-            m.add(common.BACKOFF_REMAINING, backoff[1])
-            m.fail(Reason.BACKOFF)
+        # The negotiated server passes the same checks as a target: policy, KoD backoff.
+        if not common.allowed(session.server or target.host, server.address, port, ctx):
             return m
         burst = ntp.Burst()
         await _authenticated_burst(server, port, settings, session, burst, until, ctx)
