@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ntp_probe.engine.result import Measurement
 from ntp_probe.safety.guard import Guard
 
 _logger = logging.getLogger("ntp_probe.probe")
+
+
+Message = str | Callable[[], str]
+
+
+def _text(message: Message) -> str:
+    return message if isinstance(message, str) else message()
 
 
 class ProbeLog:
@@ -27,7 +35,7 @@ class ProbeLog:
     MAX_LINES = 500
 
     def __init__(self, target: str = "", module: str = "") -> None:
-        self._entries: list[tuple[float, str]] = []
+        self._entries: list[tuple[float, Message]] = []
         self.suppressed = 0
         # Logged as fields of their own (logfmt keys target= and module=, JSON members),
         # not inside msg; LogRecord reserves "module", hence the prefix.
@@ -35,21 +43,23 @@ class ProbeLog:
         self._start = time.perf_counter()
         self._debug = _logger.isEnabledFor(logging.DEBUG)
 
-    def __call__(self, message: str, *, essential: bool = False) -> None:
-        """Add a line stamped with the time since the probe started."""
+    def __call__(self, message: Message, *, essential: bool = False) -> None:
+        """Add a line stamped with the time since the probe started. A costly line can be
+        given as a function: it is formatted only if the log is read."""
         entries = self._entries
         if len(entries) >= self.MAX_LINES and not essential:
             self.suppressed += 1
             return
         entries.append((time.perf_counter(), message))
         if self._debug:
-            _logger.debug("%s", message, extra=self.fields)
+            _logger.debug("%s", _text(message), extra=self.fields)
 
     @property
     def lines(self) -> list[str]:
         """The lines kept, each stamped with the milliseconds since the probe started."""
         start = self._start
-        return [f"{(at - start) * 1000:9.3f}ms {message}" for at, message in self._entries]
+        return [f"{(at - start) * 1000:9.3f}ms {_text(message)}"
+                for at, message in self._entries]
 
     def text(self) -> str:
         """All lines, newline-terminated."""
@@ -57,6 +67,23 @@ class ProbeLog:
         if self.suppressed:
             text += f"... {self.suppressed} more lines not kept\n"
         return text
+
+
+class PrefixedLog(ProbeLog):
+    """Part of a probe (one address, one group member) logging into the probe's log, each
+    line marked with ``prefix``."""
+
+    __slots__ = ("_parent", "_prefix")
+
+    def __init__(self, parent: ProbeLog, prefix: str) -> None:
+        super().__init__(parent.fields["probe_target"], parent.fields["probe_module"])
+        self._parent, self._prefix = parent, prefix
+
+    def __call__(self, message: Message, *, essential: bool = False) -> None:
+        """Add the line to the parent log, marked."""
+        prefix = self._prefix
+        self._parent(prefix + message if isinstance(message, str)
+                     else lambda: prefix + message(), essential=essential)
 
 
 @dataclass(slots=True)

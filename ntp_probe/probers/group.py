@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ntp_probe.config.schema import MAX_GROUP_MEMBERS, Config, Module
-from ntp_probe.engine.context import ProbeContext, ProbeLog
+from ntp_probe.engine.context import PrefixedLog, ProbeContext, ProbeLog
 from ntp_probe.engine.result import Measurement, Perf, Reason
 from ntp_probe.engine.targets import Target, TargetError, parse_target
 from ntp_probe.exposition.families import Family
@@ -110,21 +110,6 @@ def resolve_target(config: Config, raw: str) -> GroupTarget:
     return GroupTarget(",".join(map(str, members)), None, tuple(members))
 
 
-class _MemberLog(ProbeLog):
-    """A member's log lines, written into the group's log with the member's name."""
-
-    __slots__ = ("_parent", "_prefix")
-
-    def __init__(self, parent: ProbeLog, member: str) -> None:
-        super().__init__(member, parent.fields["probe_module"])
-        self._parent = parent
-        self._prefix = f"[{member}] "
-
-    def __call__(self, message: str, *, essential: bool = False) -> None:
-        """Add the line to the group's log."""
-        self._parent(self._prefix + message, essential=essential)
-
-
 @dataclass(frozen=True, slots=True)
 class MemberResult:
     """One member as the group saw it."""
@@ -213,7 +198,7 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
     members = target.members if isinstance(target, GroupTarget) else (target,)
     log(f"group {target}: {len(members)} member{'s' if len(members) != 1 else ''}, "
         f"each with up to {module.ntp.samples} samples")
-    children = [ProbeContext(ctx.deadline, _MemberLog(log, str(member)), ctx.guard,
+    children = [ProbeContext(ctx.deadline, PrefixedLog(log, f"[{member}] "), ctx.guard,
                              Measurement()) for member in members]
     await asyncio.gather(*(ntp.probe(member, module, child)
                            for member, child in zip(members, children, strict=True)))

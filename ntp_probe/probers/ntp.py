@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import socket
 import time
 from collections import Counter
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ntp_probe.config.schema import Module, NTPSettings
-from ntp_probe.engine.context import ProbeContext, ProbeLog
+from ntp_probe.engine.context import PrefixedLog, ProbeContext
 from ntp_probe.engine.result import Measurement, Perf, Reason
 from ntp_probe.engine.targets import Target
 from ntp_probe.exposition import families as common_families
@@ -271,17 +272,9 @@ async def _run_burst(pump: DatagramPump[Reply], client: rules.Client, settings: 
             return
         if s is None:
             continue
-        t1, t4 = s.t1, s.t4
         worst_delay = max(worst_delay, s.delay)
-        stamps = " ".join(f"T{n}={ts:016x} ({_utc(ts, t1_ns)})"
-                          for n, ts in ((1, t1), (2, s.t2), (3, s.t3), (4, t4)))
-        log(
-            f"sample {i + 1}: {stamps} "
-            f"({'kernel' if pump.last_tx_kernel else 'user-space'} T1, "
-            f"{'kernel' if reply.kernel_timestamp else 'user-space'} T4) "
-            f"offset={s.offset * 1e6:+.3f}us delay={s.delay * 1e6:.3f}us "
-            f"stratum={p.stratum} leap={p.leap} refid={p.refid_text}"
-        )
+        # Formatted only if someone reads the log: most probes' logs are never read.
+        log(functools.partial(_sample_line, i, s, pump.last_tx_kernel, reply.kernel_timestamp))
 
 
 def take_sample(burst: Burst, i: int, p: ntp.Packet, t1_ns: int, t4_ns: int, tx_kernel: bool,
@@ -306,6 +299,17 @@ def take_sample(burst: Burst, i: int, p: ntp.Packet, t1_ns: int, t4_ns: int, tx_
     burst.tx_kernel &= tx_kernel
     burst.rx_kernel &= rx_kernel
     return s
+
+
+def _sample_line(i: int, s: maths.Sample, tx_kernel: bool, rx_kernel: bool) -> str:
+    p = s.packet
+    stamps = " ".join(f"T{n}={ts:016x} ({_utc(ts, s.t1_unix_ns)})"
+                      for n, ts in ((1, s.t1), (2, s.t2), (3, s.t3), (4, s.t4)))
+    return (f"sample {i + 1}: {stamps} "
+            f"({'kernel' if tx_kernel else 'user-space'} T1, "
+            f"{'kernel' if rx_kernel else 'user-space'} T4) "
+            f"offset={s.offset * 1e6:+.3f}us delay={s.delay * 1e6:.3f}us "
+            f"stratum={p.stratum} leap={p.leap} refid={p.refid_text}")
 
 
 def _utc(ts: int, pivot_ns: int) -> str:
@@ -440,24 +444,13 @@ async def _burst_to(resolved: Resolved, port: int, settings: NTPSettings, until:
         conclude(burst, settings, ctx, (resolved.address, port))
 
 
-class _PrefixedLog(ProbeLog):
-    """One address's lines, written into the probe's log marked with the address."""
-
-    def __init__(self, log: ProbeLog, address: str) -> None:
-        super().__init__()
-        self._parent, self._prefix = log, f"[{address}] "
-
-    def __call__(self, message: str, *, essential: bool = False) -> None:
-        self._parent(self._prefix + message, essential=essential)
-
-
 async def _probe_every_address(target: Target, settings: NTPSettings, port: int, until: float,
                                ctx: ProbeContext) -> Measurement:
     m, log = ctx.measurement, ctx.log
     found = await common.prepare_all(target, ctx, settings.max_addresses, until)
     if found is None:
         return m
-    children = [ProbeContext(ctx.deadline, _PrefixedLog(log, r.address), ctx.guard)
+    children = [ProbeContext(ctx.deadline, PrefixedLog(log, f"[{r.address}] "), ctx.guard)
                 for r in found]
 
     async def one(resolved: Resolved, child: ProbeContext) -> None:

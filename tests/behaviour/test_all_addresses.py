@@ -60,6 +60,8 @@ async def test_every_address_is_probed_and_any_one_will_do(
     assert value(result, "probe_ip_protocol") == 4
     assert result.packets_sent == 3
     assert "[127.0.0.2] sample 1: ICMP port unreachable" in log.text()
+    # The answered sample's line is formatted late, when the log is read, still marked.
+    assert "[127.0.0.1] sample 1: T1=" in log.text()
     await fake_ntp.drain()
     assert len(fake_ntp.requests) == 1
 

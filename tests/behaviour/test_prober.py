@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from ntp_probe.engine.context import ProbeContext, ProbeLog
+from ntp_probe.engine.context import PrefixedLog, ProbeContext, ProbeLog
 from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.runner import probe_timeout, run_probe
 from ntp_probe.engine.targets import parse_target
@@ -310,6 +310,20 @@ def test_the_probe_log_is_bounded_but_keeps_its_verdict() -> None:
     assert log.lines[-1].endswith("verdict: success")
     assert log.suppressed == 7
     assert log.text().endswith("verdict: success\n... 7 more lines not kept\n")
+
+
+def test_a_costly_line_is_formatted_only_when_the_log_is_read() -> None:
+    calls: list[int] = []
+
+    def line() -> str:
+        calls.append(1)
+        return "sample 1: costly"
+
+    log = ProbeLog()
+    PrefixedLog(log, "[192.0.2.1] ")(line)
+    assert calls == []
+    assert log.lines[0].endswith("[192.0.2.1] sample 1: costly")
+    assert calls == [1]
 
 
 async def test_ipv6_target_is_measured_and_checked() -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from ntp_probe.config.schema import Module
-from ntp_probe.engine.context import ProbeLog
+from ntp_probe.engine.context import Message, ProbeLog
 from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.runner import run_probe
 from ntp_probe.engine.targets import parse_target
@@ -423,9 +423,9 @@ class SignalLog(ProbeLog):
         self.pattern = re.compile(pattern)
         self.seen = asyncio.Event()
 
-    def __call__(self, message: str, *, essential: bool = False) -> None:
+    def __call__(self, message: Message, *, essential: bool = False) -> None:
         super().__call__(message, essential=essential)
-        if self.pattern.search(message):
+        if self.pattern.search(message if isinstance(message, str) else message()):
             self.seen.set()
 
 
