@@ -353,7 +353,6 @@ async def test_ipv6_closed_port_fails_fast() -> None:
     # The ICMP error ended the wait and the burst: no 2 s reply timeout sat out, no second
     # request sent to a port where nothing listens.
     assert "ICMP port unreachable" in log.text()
-    assert result.duration < 2.0
     assert counts(result) == (1, 0, 1)
 
 
@@ -639,13 +638,11 @@ async def test_closed_port_fails_fast_as_unreachable() -> None:
         port = int(s.getsockname()[1])
     module = make_module(samples=3, reply_timeout=1.0, timeout=3.0)
     log = ProbeLog()
-    started = time.monotonic()
     result, _ = await run_probe(parse_target(f"{LOOPBACK}:{port}"), module, module.timeout, log)
-    elapsed = time.monotonic() - started
     assert not result.success
-    assert result.failure == "unreachable"
-    # ICMP port unreachable ends the burst at once instead of after three reply timeouts.
-    assert elapsed < 0.5, log.text()
+    # ICMP port unreachable ends the burst at once instead of after three reply timeouts
+    # (which would end as "timeout", three requests sent).
+    assert result.failure == "unreachable", log.text()
     assert counts(result) == (1, 0, 1)
     assert_no_measurement(result)
     assert "port unreachable" in log.text()

@@ -323,13 +323,10 @@ async def test_max_concurrent_rejects_at_once(
     await wait_until(lambda: state.in_flight == 1)
     await fake_ntp.wait_for_requests(1)
 
-    started = time.monotonic()
     resp = await client.get("/probe", params=params)
-    elapsed = time.monotonic() - started
     assert resp.status == 503
     assert_one_line(await resp.text())
-    assert elapsed < 0.3  # no queueing behind the 1 s probe in flight
-    assert not first.done()
+    assert not first.done()  # answered without queueing behind the probe in flight
 
     metrics = await client.get("/metrics")
     assert metrics.status == 200
