@@ -22,6 +22,7 @@ from ntp_probe.net.resolve import Resolved
 from ntp_probe.net.udp import Datagram, DatagramPump, Unreachable, sockaddr_for
 from ntp_probe.probers import common
 from ntp_probe.probers.leapcheck import leap_check
+from ntp_probe.probers.pacing import Pace
 from ntp_probe.proto.ntp import client as rules
 from ntp_probe.proto.ntp import packet as ntp
 from ntp_probe.proto.ntp import sample as maths
@@ -99,9 +100,6 @@ REASONS = (
 LEAP_TOLERANCE = 1.0  # seconds added to max_causality_violation around a leap second
 # Time kept back from the deadline to summarise the burst and render the reply.
 _SUMMARY_MARGIN = 0.005
-# A request is only sent if a reply can still arrive: at least this long, or four
-# round trips seen so far when that is longer (capped by reply_timeout).
-_MIN_REPLY_WINDOW = 0.05
 _LOGGED_DISCARDS = 5  # discarded datagrams logged one by one per burst; the rest counted
 
 
@@ -235,20 +233,11 @@ async def _run_burst(pump: DatagramPump[Reply], client: rules.Client, settings: 
                      burst: Burst, until: float, ctx: ProbeContext) -> None:
     loop = asyncio.get_running_loop()
     log = ctx.log
-    next_send = loop.time()
-    worst_delay = 0.0
+    pace = Pace(settings.sample_interval, settings.reply_timeout, until)
     for i in range(settings.samples):
-        now = loop.time()
-        send_at = max(now, next_send)
-        window = min(settings.reply_timeout, max(_MIN_REPLY_WINDOW, 4 * worst_delay))
-        if send_at + window > until:
-            # Even the first request: a reply that cannot arrive in time would only blame
-            # the server for our short deadline.
+        if not await pace.wait():
             log(f"burst shortened to {i} of {settings.samples} samples to fit the timeout")
             return
-        if send_at > now:
-            await asyncio.sleep(send_at - now)
-        next_send = send_at + settings.sample_interval
         nonce = rules.new_nonce()
         request = client.request(nonce)
         reply_until = min(loop.time() + settings.reply_timeout, until)
@@ -272,7 +261,7 @@ async def _run_burst(pump: DatagramPump[Reply], client: rules.Client, settings: 
             return
         if s is None:
             continue
-        worst_delay = max(worst_delay, s.delay)
+        pace.seen(s.delay)
         # Formatted only if someone reads the log: most probes' logs are never read.
         log(functools.partial(_sample_line, i, s, pump.last_tx_kernel, reply.kernel_timestamp))
 

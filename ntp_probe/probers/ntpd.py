@@ -26,6 +26,7 @@ from ntp_probe.engine.targets import Target
 from ntp_probe.exposition.families import Family
 from ntp_probe.net.udp import Datagram, DatagramPump, Unreachable, sockaddr_for
 from ntp_probe.probers import common
+from ntp_probe.probers.pacing import Pace
 from ntp_probe.proto import mode6
 from ntp_probe.proto.mode6 import ErrorCode, ErrorReply, Mode6Error, Opcode, Reassembler, Response
 
@@ -181,9 +182,6 @@ _SYSTEM_PEER_CODES = (_SYS_PEER, _PPS_PEER)
 _LEAP_ALARM = 3
 # Time kept back from the deadline to summarise and render the reply.
 _SUMMARY_MARGIN = 0.005
-# A request is only sent if its reply can still arrive: at least this long, or four
-# round trips seen so far when that is longer (capped by request_timeout).
-_MIN_REPLY_WINDOW = 0.05
 _LOGGED_VARIABLES = 8  # a reply's log line shows this many variables, then a count
 _LOGGED_VALUE = 40  # characters of one value in the log
 
@@ -338,13 +336,12 @@ class _Session:
                  ctx: ProbeContext) -> None:
         self.server = server
         self.server_ip = ipaddress.ip_address(server[0].split("%", 1)[0])
-        self.timeout = settings.request_timeout
-        self.until = until
+        # Retries go at once; the pace only keeps requests whose reply cannot arrive.
+        self.pace = Pace(0.0, settings.request_timeout, until)
         self.ctx = ctx
         self.sequence = secrets.randbelow(0x10000)
         self.current: _Try | None = None
         self.earlier: set[int] = set()  # sequences of requests no longer awaited
-        self.worst_rtt = 0.0
         self.stopped = False  # the server is silent or unreachable: send nothing more
         # The deadline left no time for a request: none later can fit either (time only
         # moves on, and the reply window only grows).
@@ -401,16 +398,14 @@ class _Session:
         """Send one request (and one retry): the response, the error reply, or None when
         there is none (the failure is recorded and logged) or no time was left to ask."""
         m, log = self.ctx.measurement, self.ctx.log
-        loop = asyncio.get_running_loop()
+        loop, pace = asyncio.get_running_loop(), self.pace
         what = f"{opcode.name} assoc {association}"
         last: _Try | None = None
         garbled = False  # some try got fragments or datagrams that failed a check
         for _ in range(2):
             if self.stopped or self.out_of_time:
                 break
-            now = loop.time()
-            window = min(self.timeout, max(_MIN_REPLY_WINDOW, 4 * self.worst_rtt))
-            if now + window > self.until:
+            if not await pace.wait():
                 self.out_of_time = True
                 log(f"{what}: {'retry ' if last else ''}not sent, nor any request after it: "
                     "no reply could arrive before the deadline")
@@ -422,8 +417,9 @@ class _Session:
                                            mode6.variable_list(names))
             log(f"-> {what} seq {t.sequence:#06x}{' (retry)' if last else ''}: "
                 f"{_names_text(names) if opcode == Opcode.READVAR else 'association list'}")
+            now = loop.time()
             try:
-                _, reply = await pump.exchange(payload, min(now + self.timeout, self.until))
+                _, reply = await pump.exchange(payload, min(now + pace.timeout, pace.until))
             except Unreachable as exc:
                 self.stopped = True
                 log(f"<- {exc.strerror or 'unreachable'}: nothing more sent")
@@ -433,7 +429,7 @@ class _Session:
                 self.current = None
                 self.earlier.add(t.sequence)
             if reply is not None:
-                self.worst_rtt = max(self.worst_rtt, loop.time() - now)
+                pace.seen(loop.time() - now)
                 if isinstance(reply, ErrorReply):
                     log(f"<- {what} seq {t.sequence:#06x}: error {reply.name} ({reply.code})")
                 return reply

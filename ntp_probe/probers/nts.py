@@ -32,6 +32,7 @@ from ntp_probe.net.resolve import Resolved, ResolveError, literal, resolve
 from ntp_probe.net.tls import TIME_ERRORS, ConnectError, HandshakeError, TLSClient
 from ntp_probe.net.udp import Datagram, DatagramPump, Unreachable, sockaddr_for
 from ntp_probe.probers import common, ntp
+from ntp_probe.probers.pacing import Pace
 from ntp_probe.proto.ntp import client as rules
 from ntp_probe.proto.ntp import packet as ntppkt
 from ntp_probe.proto.ntp import sample as maths
@@ -439,19 +440,14 @@ async def _run_burst(pump: DatagramPump[_Reply], client: rules.Client, settings:
                      ctx: ProbeContext) -> None:
     loop = asyncio.get_running_loop()
     log = ctx.log
-    next_send = loop.time()
+    pace = Pace(settings.sample_interval, settings.reply_timeout, until)
     for i in range(settings.samples):
-        now = loop.time()
-        send_at = max(now, next_send)
-        if send_at + min(settings.reply_timeout, 0.05) > until:
-            log(f"burst shortened to {i} of {settings.samples} samples to fit the timeout")
-            return
         if not session.cookies:
             log(f"no unused cookie left: burst stopped after {i} samples")
             return
-        if send_at > now:
-            await asyncio.sleep(send_at - now)
-        next_send = send_at + settings.sample_interval
+        if not await pace.wait():
+            log(f"burst shortened to {i} of {settings.samples} samples to fit the timeout")
+            return
         nonce = rules.new_nonce()
         header = client.request(nonce)
         cookie = session.cookies.pop(0)  # used once, never again
@@ -491,6 +487,7 @@ async def _run_burst(pump: DatagramPump[_Reply], client: rules.Client, settings:
             return
         if s is None:
             continue
+        pace.seen(s.delay)
         log(f"sample {i + 1}: authenticated reply of {len(reply.cookies)} new cookies, "
             f"T1={s.t1:016x} T2={s.t2:016x} T3={s.t3:016x} T4={s.t4:016x} "
             f"offset={s.offset * 1e6:+.3f}us delay={s.delay * 1e6:.3f}us "

@@ -90,8 +90,8 @@ def test_a_prober_imports_another_only_to_compose_it() -> None:
     for path in layer_files("probers"):
         others = {n.split(".")[2] for n in imports_of(path)
                   if n.startswith("ntp_probe.probers.") and len(n.split(".")) > 2}
-        # Shared helpers, not probers: the network preamble and the leap-file check.
-        others -= {"common", "leapcheck"}
+        # Shared helpers, not probers: the network preamble, the leap-file check, the pace.
+        others -= {"common", "leapcheck", "pacing"}
         allowed = {"hybrid": {"ntp", "kernel"}, "nts": {"ntp"},
                    "group": {"ntp"}}.get(path.stem, set())
         assert others <= allowed, f"{path.name} imports probers {sorted(others)}"

@@ -1,0 +1,48 @@
+"""When a prober's next request may go: spaced as the module asks, and only if its reply can
+still arrive before the deadline.
+
+A request whose reply cannot arrive in time would only blame the server for our short
+deadline, so it is not sent, even the first. The reply is given at least
+:data:`MIN_REPLY_WINDOW`, or four of the slowest round trips seen so far when that is
+longer, but never more than the request's own timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+MIN_REPLY_WINDOW = 0.05
+
+
+class Pace:
+    """The schedule of one burst (or one session of requests) over one deadline."""
+
+    __slots__ = ("_next", "interval", "timeout", "until", "worst_rtt")
+
+    def __init__(self, interval: float, timeout: float, until: float) -> None:
+        self.interval, self.timeout, self.until = interval, timeout, until
+        self.worst_rtt = 0.0
+        self._next = float("-inf")
+
+    def fits(self, send_at: float) -> bool:
+        """Whether a request sent at ``send_at`` (loop time) can have its reply in time."""
+        window = min(self.timeout, max(MIN_REPLY_WINDOW, 4 * self.worst_rtt))
+        return send_at + window <= self.until
+
+    def seen(self, rtt: float) -> None:
+        """Note a round trip: a slow server's replies get a longer window."""
+        if rtt > self.worst_rtt:
+            self.worst_rtt = rtt
+
+    async def wait(self) -> bool:
+        """Sleep until the next request is due and return True, or return False at once
+        when its reply could not arrive before the deadline."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        send_at = max(now, self._next)
+        if not self.fits(send_at):
+            return False
+        if send_at > now:
+            await asyncio.sleep(send_at - now)
+        self._next = send_at + self.interval
+        return True
