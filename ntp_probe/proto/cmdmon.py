@@ -214,6 +214,21 @@ class Address:
     text: str
 
 
+class _NamedByRefid:
+    """A reply about a source known by refid and address."""
+
+    refid: str  # 8 uppercase hex digits, as chronyc prints it
+    address: Address
+
+    @property
+    def name(self) -> str:
+        """chronyc's name column: the refid as text where there is no address (a refclock,
+        or an unsynchronised daemon's reference), otherwise the address."""
+        if self.address.family is AddressFamily.UNSPEC:
+            return refid_text(int(self.refid, 16))
+        return self.address.text
+
+
 @dataclass(frozen=True)
 class NSources:
     """N_SOURCES: how many sources SOURCE_DATA/SOURCESTATS/SELECT_DATA can be asked about."""
@@ -222,7 +237,7 @@ class NSources:
 
 
 @dataclass(frozen=True)
-class Tracking:
+class Tracking(_NamedByRefid):
     """TRACKING, in the order and with the signs ``chronyc -c tracking`` prints.
 
     Times are in seconds, frequencies in ppm. ``system_time`` is chrony's current correction:
@@ -250,14 +265,6 @@ class Tracking:
     def ref_time(self) -> float:
         """``ref_time_ns`` in (float) seconds since the Unix epoch."""
         return self.ref_time_ns / _NS
-
-    @property
-    def name(self) -> str:
-        """chronyc's name column: the refid as text for a refclock reference (no address)
-        or when unsynchronised, otherwise the reference's address."""
-        if self.address.family is AddressFamily.UNSPEC:
-            return refid_text(int(self.refid, 16))
-        return self.address.text
 
 
 @dataclass(frozen=True)
@@ -292,7 +299,7 @@ class SourceData:
 
 
 @dataclass(frozen=True)
-class SourceStats:
+class SourceStats(_NamedByRefid):
     """SOURCESTATS, as ``chronyc -c sourcestats`` prints it.
 
     ``offset`` is chrony's estimated offset, local clock minus source (positive: the local
@@ -310,16 +317,9 @@ class SourceStats:
     offset: float
     offset_error: float
 
-    @property
-    def name(self) -> str:
-        """chronyc's name column: a refclock's refid as text, otherwise the address."""
-        if self.address.family is AddressFamily.UNSPEC:
-            return refid_text(int(self.refid, 16))
-        return self.address.text
-
 
 @dataclass(frozen=True)
-class SelectData:
+class SelectData(_NamedByRefid):
     """SELECT_DATA, as ``chronyc -c selectdata`` prints it.
 
     ``state`` is chrony's one-letter selection state (``*`` best, ``+`` combined, ``x``
@@ -338,13 +338,6 @@ class SelectData:
     score: float
     lo_limit: float
     hi_limit: float
-
-    @property
-    def name(self) -> str:
-        """chronyc's name column: a refclock's refid as text, otherwise the address."""
-        if self.address.family is AddressFamily.UNSPEC:
-            return refid_text(int(self.refid, 16))
-        return self.address.text
 
 
 @dataclass(frozen=True)
