@@ -8,6 +8,9 @@ datagram is late by the loop's latency, which under load is milliseconds.
 What counts as the awaited reply is not decided here: each exchange passes a matcher
 (a protocol's sans-IO state machine) that turns a datagram into a value, or None to
 keep waiting. The pump serves UDP over IPv4 and IPv6 and datagrams over a unix socket.
+
+The sockets are not handed to the event loop one by one: they share one epoll set per
+loop, and only that set's descriptor is watched by the loop (see :class:`_Sockets`).
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import asyncio
 import contextlib
 import errno
 import os
+import select
 import socket
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+from weakref import WeakKeyDictionary
 
 # Linux value on every architecture Python runs on here; Python's socket module does not
 # export it.
@@ -31,6 +36,7 @@ _ANC_SIZE = socket.CMSG_SPACE(_TIMESPEC.size)
 # Larger than any reply we accept, so that a datagram cut short (MSG_TRUNC) is seen as such.
 MAX_DATAGRAM = 4096
 _MAX_READS_PER_WAKEUP = 64
+_MAX_EVENTS = 256  # sockets served per pass of the event loop
 # IP_RECVERR / IPV6_RECVERR (Linux values; Python's socket module does not export them).
 _RECVERR: dict[int, tuple[int, int]] = {
     socket.AF_INET: (socket.IPPROTO_IP, 11), socket.AF_INET6: (socket.IPPROTO_IPV6, 25),
@@ -72,6 +78,52 @@ class Unreachable(OSError):
         self.sent = sent
 
 
+class _Sockets:
+    """Every pump socket of one event loop in one epoll set; the loop watches only the set.
+
+    Two reasons. A transmit timestamp or an ICMP error queued on a socket's error queue
+    reports EPOLLERR, and some event loops (uvloop: libuv's poll handles) stop watching a
+    descriptor for good on an error; the set's own descriptor only ever becomes readable.
+    And a socket per probe costs one epoll_ctl here, without the loop's per-reader objects.
+    """
+
+    __slots__ = ("_callbacks", "_epoll")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._epoll = select.epoll()
+        self._callbacks: dict[int, Callable[[], None]] = {}
+        loop.add_reader(self._epoll.fileno(), self._ready)
+
+    def add(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever ``fd`` is readable or has an error queued."""
+        self._epoll.register(fd, select.EPOLLIN)
+        self._callbacks[fd] = callback
+
+    def remove(self, fd: int) -> None:
+        """Stop watching ``fd`` (before it is closed)."""
+        del self._callbacks[fd]
+        self._epoll.unregister(fd)
+
+    def _ready(self) -> None:
+        # Level-triggered: a socket whose callback left data queued (bounded reads) is
+        # reported again on the next loop pass.
+        callbacks = self._callbacks
+        for fd, _ in self._epoll.poll(0, _MAX_EVENTS):
+            callback = callbacks.get(fd)
+            if callback is not None:
+                callback()
+
+
+_SETS: WeakKeyDictionary[asyncio.AbstractEventLoop, _Sockets] = WeakKeyDictionary()
+
+
+def _sockets(loop: asyncio.AbstractEventLoop) -> _Sockets:
+    found = _SETS.get(loop)
+    if found is None:
+        found = _SETS[loop] = _Sockets(loop)
+    return found
+
+
 def sockaddr_for(address: str, port: int, family: int) -> SockAddr:
     """The socket address of a numeric IPv4/IPv6 address (scope id resolved for IPv6)."""
     if family == socket.AF_INET6:
@@ -90,7 +142,8 @@ class DatagramPump(Generic[T]):
     client.
     """
 
-    __slots__ = ("_dest", "_family", "_log", "_loop", "_matcher", "_sock", "_tx_stamps",
+    __slots__ = ("_dest", "_family", "_log", "_loop", "_matcher", "_sock", "_sockets",
+                 "_tx_stamps",
                  "_waiter", "bind_path", "kernel_timestamps", "last_tx_kernel", "sent", "source",
                  "tx_kernel", "tx_wanted")
 
@@ -145,8 +198,9 @@ class DatagramPump(Generic[T]):
         except OSError:
             sock.close()
             raise
+        self._sockets = _sockets(self._loop)
+        self._sockets.add(sock.fileno(), self._on_readable)
         self._sock = sock
-        self._loop.add_reader(sock.fileno(), self._on_readable)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -155,7 +209,7 @@ class DatagramPump(Generic[T]):
     def close(self) -> None:
         """Stop reading, close the socket and remove a bound unix path (idempotent)."""
         if self._sock is not None:
-            self._loop.remove_reader(self._sock.fileno())
+            self._sockets.remove(self._sock.fileno())
             self._sock.close()
             self._sock = None
             if self.bind_path is not None:

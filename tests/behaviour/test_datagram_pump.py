@@ -133,3 +133,38 @@ async def test_a_truncated_datagram_is_discarded_and_logged() -> None:
     assert value == b"ok"
     assert seen == [2]  # the long datagram never reached the matcher
     assert "truncated" in log.text()
+
+
+async def test_pumps_in_flight_together_each_get_their_own_outcome(private_dir: Path) -> None:
+    """Many sockets share one readiness set: an ICMP error queued on one socket, or a
+    socket closed mid-run, must not stall or confuse the others."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((LOOPBACK, 0))
+        closed_port = s.getsockname()[1]
+    server = echo_server(private_dir / "server.sock")
+    loop = asyncio.get_running_loop()
+
+    async def echo(i: int) -> bytes | None:
+        async with DatagramPump(socket.AF_UNIX, str(private_dir / "server.sock"),
+                                lambda d: d.data, ProbeLog(),
+                                bind_path=str(private_dir / f"c{i}.sock")) as pump:
+            _, value = await pump.exchange(b"%d" % i, loop.time() + 2.0)
+            return value
+
+    async def refused() -> str:
+        async with DatagramPump(socket.AF_INET, (LOOPBACK, closed_port), lambda d: d.data,
+                                ProbeLog()) as pump:
+            with pytest.raises(Unreachable) as caught:
+                await pump.exchange(b"x", loop.time() + 2.0)
+            return str(caught.value)
+
+    try:
+        # 8: a unix datagram server queues 10 (net.unix.max_dgram_qlen) before sends fail.
+        echoes, refusals = await asyncio.gather(asyncio.gather(*(echo(i) for i in range(8))),
+                                                asyncio.gather(*(refused() for _ in range(5))))
+        assert echoes == [b"re:%d" % i for i in range(8)]
+        assert all("port unreachable" in r for r in refusals)
+        # And again after all of them closed: nothing of theirs is still watched.
+        assert await echo(99) == b"re:99"
+    finally:
+        stop(server)
