@@ -8,6 +8,8 @@ import re
 import socket
 from dataclasses import dataclass
 
+from ntp_probe.proto.address import ip_address
+
 # RFC 1123 host names (underscores tolerated: they occur in real internal zones).
 _HOSTNAME_RE = re.compile(
     r"^(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
@@ -71,7 +73,7 @@ def _check_host(host: str, raw: str) -> str:
         raise TargetError("the host is empty")
     address, sep, zone = host.partition("%")
     try:
-        ip = ipaddress.ip_address(address)
+        ip = ip_address(address)
     except ValueError:
         pass
     else:

@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 
 from cachetools import TTLCache
 
+from ntp_probe.proto.address import ip_address
+
 _FAMILIES = {"ip4": socket.AF_INET, "ip6": socket.AF_INET6}
 # getaddrinfo reports no TTL; a short fixed one keeps repeated scrapes off the resolver
 # while still following DNS changes within a minute.
@@ -284,7 +286,7 @@ def literal(host: str) -> Resolved | None:
     """An IP literal as a :class:`Resolved` (used as given, whatever the preference), else
     None. Cached: scrapes repeat the same targets, and parsing an address is not free."""
     try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        ip = ip_address(host.split("%", 1)[0])
     except ValueError:
         return None
     return Resolved(host, socket.AF_INET6 if ip.version == 6 else socket.AF_INET, cached=False)

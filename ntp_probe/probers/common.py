@@ -19,6 +19,7 @@ from ntp_probe.engine.targets import Target
 from ntp_probe.exposition import families as common
 from ntp_probe.exposition.families import Family
 from ntp_probe.net.resolve import Resolved, ResolveError, literal, resolve, resolve_all
+from ntp_probe.proto.address import ip_address
 
 BACKOFF_REMAINING = Family(
     "probe_ntp_backoff_remaining_seconds",
@@ -32,7 +33,7 @@ KISS_CODE = Family("probe_ntp_kiss_code_info", "Kiss-o'-Death code received from
 def ip_hash(address: str) -> int:
     """blackbox_exporter's probe_ip_addr_hash: FNV-1a (32 bit) over the address's bytes,
     4 for IPv4 (IPv4-mapped IPv6 included), 16 for IPv6."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    ip = ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     h = 0x811C9DC5

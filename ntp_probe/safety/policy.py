@@ -14,6 +14,8 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ntp_probe.proto.address import ip_address
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -41,7 +43,7 @@ class Rules:
     def match_address(self, address: str) -> bool:
         """Whether an IP address lies in one of the networks."""
         try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
+            ip = ip_address(address.split("%", 1)[0])
         except ValueError:
             return False
         candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
@@ -91,7 +93,7 @@ def _valid_name(name: str) -> bool:
 
 def _is_address(host: str) -> bool:
     try:
-        ipaddress.ip_address(host.split("%", 1)[0])
+        ip_address(host.split("%", 1)[0])
     except ValueError:
         return False
     return True
@@ -146,7 +148,7 @@ def not_unicast(address: str) -> str | None:
     """Why ``address`` is no single remote host (unspecified, multicast, broadcast,
     reserved), whatever any policy says; None for a unicast address or a name."""
     try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        ip = ip_address(address.split("%", 1)[0])
     except ValueError:
         return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ntp_probe.engine.targets import Target, TargetError, parse_target
+from ntp_probe.proto.address import ip_address
 
 
 @pytest.mark.parametrize(
@@ -124,3 +125,14 @@ def test_target_str_brackets_ipv6_only() -> None:
 def test_parse_target_rejects_bad_zone_ids(raw: str) -> None:
     with pytest.raises(TargetError):
         parse_target(raw)
+
+
+def test_an_address_spelling_is_parsed_once_and_a_name_is_no_address() -> None:
+    ip_address.cache_clear()
+    first = ip_address("192.0.2.7")
+    assert ip_address("192.0.2.7") is first  # the second read is the cached object
+    assert ip_address.cache_info().hits == 1
+    assert str(ip_address("2001:db8::1")) == "2001:db8::1"
+    for not_an_address in ("ntp.example.net", "192.0.2.256", "01.2.3.4", ""):
+        with pytest.raises(ValueError):
+            ip_address(not_an_address)
