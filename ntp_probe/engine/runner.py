@@ -64,7 +64,8 @@ async def run_probe(target: Target, module: Module, timeout: float, log: ProbeLo
         log = ProbeLog(str(target), module.name)
     ctx = ProbeContext(deadline=loop.time() + timeout, log=log,
                        guard=guard if guard is not None else Guard())
-    ctx.log(f"probe {target} module={module.name} prober={module.prober} timeout={timeout:g}s")
+    ctx.log(lambda: f"probe {target} module={module.name} prober={module.prober} "
+            f"timeout={timeout:g}s")
     try:
         # The backstop is for a prober that ignores its deadline. It fires a little after the
         # deadline so that, when the loop is late, the prober's own deadline handling runs

@@ -7,7 +7,6 @@ import errno
 import functools
 import socket
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,7 +124,7 @@ class Burst:
     # Discards past the first few are counted by reason rather than logged one by one:
     # a junk-spraying server must not fill the log (or the cached result) with copies.
     logged: int = 0
-    unlogged: Counter[str] = field(default_factory=Counter)
+    unlogged: dict[str, int] = field(default_factory=dict)  # reason kind -> count
     local_error: str | None = None
     tx_kernel: bool = True  # every sample's T1 from the kernel's transmit timestamp
     rx_kernel: bool = True  # every sample's T4 from the kernel's receive timestamp
@@ -224,7 +223,7 @@ def _matcher(client: rules.Client, burst: Burst,
             burst.logged += 1
             log(why)
         else:
-            burst.unlogged[kind] += 1
+            burst.unlogged[kind] = burst.unlogged.get(kind, 0) + 1
         return None
     return match
 
@@ -326,16 +325,16 @@ def _limits(settings: NTPSettings, near_leap: bool) -> maths.SanityLimits:
 
 def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
             server: tuple[str, int]) -> None:
+    # Samples are added in their families' declaration order, which is the exposition's:
+    # the renderer then has nothing to sort.
     m, log = ctx.measurement, ctx.log
     m.packets_sent = burst.sent
-    m.add(SAMPLES_SENT, burst.sent)
-    m.add(SAMPLES_RECEIVED, burst.received)
-    m.add(PACKET_LOSS, maths.loss_ratio(burst.sent, burst.received))
     if burst.kod is not None:
         code = burst.kod.kiss_code or ""
         m.add(common.KISS_CODE, 1, code)
         m.fail(KOD_REASONS.get(code, Reason.KOD_OTHER))
     if not burst.samples:
+        _add_counts(m, burst)
         m.reports.append(NTPReport(server[0], server[1], burst.sent, burst.received))
         if burst.local_error is not None and not burst.sent:
             m.fail(Reason.LOCAL_ERROR)
@@ -351,6 +350,9 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
     # Each of these is computed from the packet on every read, and is used several times.
     refid, root_distance = p.refid_text, best.root_distance
     jitter = maths.jitter(burst.samples, best)
+    server_time = best.t3_unix_ns / 1e9
+    near_leap = ctx.guard.near_leap(server[0], server[1], p.leap, server_time)
+    leap_check(ctx, p.leap, server_time)
     m.add(OFFSET, offset)
     m.add(RTT, delay)
     m.add(JITTER, jitter)
@@ -363,26 +365,33 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
     m.add(ROOT_DISTANCE, root_distance)
     m.add(REFERENCE_TIMESTAMP, maths.reference_unix(best))
     m.add(SERVER_PROCESSING, best.server_processing)
+    _add_counts(m, burst)
     m.add(CAUSALITY, maths.causality_violation(offset, delay))
-    m.add(SERVER_INFO, 1, refid, str(p.version))
     m.add(TIMESTAMPING, 1, "kernel" if burst.tx_kernel else "user",
           "kernel" if burst.rx_kernel else "user")
+    m.add(SERVER_INFO, 1, refid, str(p.version))
     m.reports.append(NTPReport(
         server[0], server[1], burst.sent, burst.received, offset, delay, jitter, p.stratum,
         refid, p.leap, p.version, root_distance,
         tuple((s.offset, s.delay, s is best) for s in burst.samples),
     ))
-    near_leap = ctx.guard.near_leap(server[0], server[1], p.leap, best.t3_unix_ns / 1e9)
-    leap_check(ctx, p.leap, best.t3_unix_ns / 1e9)
     if near_leap:
         log("within 24 h of an announced leap second: causality tolerance widened by 1 s")
     reason = maths.check(best, _limits(settings, near_leap))
     if reason is not None:
         m.fail(Reason(reason))
-    log(
-        f"selected sample: offset={offset * 1e6:+.3f}us rtt={delay * 1e6:.3f}us "
-        f"root_distance={root_distance * 1e6:.3f}us"
-    )
+    log(functools.partial(_selected_line, offset, delay, root_distance))
+
+
+def _add_counts(m: Measurement, burst: Burst) -> None:
+    m.add(SAMPLES_SENT, burst.sent)
+    m.add(SAMPLES_RECEIVED, burst.received)
+    m.add(PACKET_LOSS, maths.loss_ratio(burst.sent, burst.received))
+
+
+def _selected_line(offset: float, delay: float, root_distance: float) -> str:
+    return (f"selected sample: offset={offset * 1e6:+.3f}us rtt={delay * 1e6:.3f}us "
+            f"root_distance={root_distance * 1e6:.3f}us")
 
 
 async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measurement:
@@ -403,7 +412,7 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
 async def _burst_to(resolved: Resolved, port: int, settings: NTPSettings, until: float,
                     ctx: ProbeContext) -> None:
     log = ctx.log
-    log(f"probing {resolved.address} port {port}, up to {settings.samples} "
+    log(lambda: f"probing {resolved.address} port {port}, up to {settings.samples} "
         f"sample{'s' if settings.samples != 1 else ''} every {settings.sample_interval:g}s")
     burst = Burst()
     client = rules.Client((resolved.address, port), settings.version)
@@ -497,5 +506,6 @@ def conclude(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
         guard.answered(server[0], server[1])
     if burst.unlogged:
         log(f"{sum(burst.unlogged.values())} more datagrams not logged one by one: "
-            + ", ".join(f"{n} {kind}" for kind, n in burst.unlogged.most_common()))
+            + ", ".join(f"{n} {kind}" for kind, n in
+                        sorted(burst.unlogged.items(), key=lambda item: -item[1])))
     _report(burst, settings, ctx, server)

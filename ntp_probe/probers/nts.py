@@ -380,7 +380,7 @@ def _discard(burst: ntp.Burst, log: Callable[[str], None], why: str, kind: str) 
         burst.logged += 1
         log(why)
     else:
-        burst.unlogged[kind] += 1
+        burst.unlogged[kind] = burst.unlogged.get(kind, 0) + 1
 
 
 def _origin(data: bytes) -> int | None:

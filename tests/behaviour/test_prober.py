@@ -727,3 +727,24 @@ async def test_a_source_address_of_the_other_family_is_a_local_error(
     assert result.failure == "local_error", log.text()
     await fake_ntp.drain()
     assert fake_ntp.requests == []
+
+
+@pytest.mark.parametrize("case", ["answered", "kod_after_a_sample", "silent"])
+async def test_an_ntp_probe_adds_its_series_in_exposition_order(
+    fake_ntp: FakeNTPServer, case: str
+) -> None:
+    """The renderer sorts only what a prober added out of order: the ntp burst, the path
+    of nearly every probe, adds in declaration order and so costs no sort."""
+    def behaviour(req: Request) -> list[Send]:
+        if case == "silent":
+            return []
+        if case == "kod_after_a_sample" and req.index == 1:
+            return [Send(kod(req, b"RATE"))]
+        return [Send(reply(req))]
+
+    fake_ntp.behaviour = behaviour
+    result, log = await probe(fake_ntp.target, make_module(samples=2),
+                              timeout=1.0)
+    orders = [family.order for family, _, _ in result.samples]
+    assert len(orders) >= 6, log.text()
+    assert orders == sorted(orders), [family.name for family, _, _ in result.samples]
