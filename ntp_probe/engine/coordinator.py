@@ -80,6 +80,10 @@ class Coordinator:
         self._last: TLRUCache[_Key, _Cached] = TLRUCache(
             maxsize=cache_bytes, ttu=_expiry, timer=clock, getsizeof=_Cached.size)
         self._clock = clock
+        # module name -> (module, guard) under the configuration object ``_guards_of``; a
+        # reload replaces that object, and the guards are built again.
+        self._guards: dict[str, tuple[Module, Guard]] = {}
+        self._guards_of: Config | None = None
 
     @property
     def cached_bytes(self) -> int:
@@ -107,7 +111,7 @@ class Coordinator:
         flight = self._flights.get(key)
         shared = flight is not None and flight.module == module
         if flight is None or not shared:
-            guard = guard_for(config, module, self.kod, self.leaps)
+            guard = self._guard(config, module)
             flight = _Flight(module, asyncio.get_running_loop().create_task(
                 self._run(key, target, module, timeout, guard)
             ))
@@ -139,6 +143,17 @@ class Coordinator:
         finally:
             flight.waiters -= 1
         return Outcome(result, log, shared=shared)
+
+    def _guard(self, config: Config, module: Module) -> Guard:
+        if config is not self._guards_of:
+            self._guards.clear()
+            self._guards_of = config
+        cached = self._guards.get(module.name)
+        if cached is not None and cached[0] is module:
+            return cached[1]
+        guard = guard_for(config, module, self.kod, self.leaps)
+        self._guards[module.name] = (module, guard)
+        return guard
 
     async def _run(self, key: _Key, target: Target, module: Module, timeout: float,
                    guard: Guard) -> tuple[Measurement, ProbeLog]:

@@ -38,6 +38,8 @@ class KodTable:
 
     def remaining(self, address: str, port: int) -> tuple[str, float] | None:
         """(kiss code, seconds left) while backing off from this address, else None."""
+        if not self._table:  # nearly always: the cache's lookup is not free
+            return None
         entry = self._table.get((address, port))
         if entry is None:
             return None
@@ -71,7 +73,8 @@ class KodTable:
 
     def clear(self, address: str, port: int) -> None:
         """Forget an address (it answered normally after its backoff)."""
-        self._table.pop((address, port), None)
+        if self._table:
+            self._table.pop((address, port), None)
 
     def __len__(self) -> int:
         return len(self._table)

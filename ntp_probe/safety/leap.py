@@ -19,5 +19,7 @@ class LeapMemory:
         """Record an announcement and say whether ``server_unix`` is in the window."""
         if leap in (1, 2):
             self._midnights[key] = (server_unix // _DAY + 1) * _DAY
+        elif not self._midnights:  # nearly always: no server announced a leap lately
+            return False
         midnight = self._midnights.get(key)
         return midnight is not None and midnight - _DAY < server_unix < midnight + _DAY

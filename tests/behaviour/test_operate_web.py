@@ -211,6 +211,30 @@ async def test_reload_with_a_changed_file_swaps_the_modules(
     assert set(state.config.modules) == {"new", "other"}
 
 
+async def test_a_reload_that_changes_a_modules_policy_applies_it_to_the_next_probe(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    """The coordinator keeps each module's guard (its policies) between probes: a reload
+    that keeps the module's name but denies the target must still be obeyed at once."""
+    path = tmp_path / "modules.yaml"
+    client, _ = await start(aiohttp_client, path, config_text(module_yaml("m")))
+    status, body = await probe(client, fake_ntp.target, "m")
+    assert status == 200 and metric(body, "probe_success") == 1, body
+
+    path.write_text(config_text(module_yaml("m", extra="    denied_targets: [127.0.0.0/8]\n")))
+    assert (await client.post("/-/reload")).status == 200
+    sent = len(fake_ntp.requests)
+    status, body = await probe(client, fake_ntp.target, "m")
+    assert status == 200 and metric(body, "probe_success") == 0, body
+    assert 'reason="target_forbidden"' in body
+    assert len(fake_ntp.requests) == sent  # nothing sent to a denied target
+
+    path.write_text(config_text(module_yaml("m")))
+    assert (await client.post("/-/reload")).status == 200
+    status, body = await probe(client, fake_ntp.target, "m")
+    assert status == 200 and metric(body, "probe_success") == 1, body
+
+
 @pytest.mark.parametrize(
     ("broken", "named"),
     [
