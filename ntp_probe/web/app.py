@@ -46,6 +46,8 @@ class State:
     def __post_init__(self) -> None:
         # The leap file was read with the configuration (off the event loop).
         self.internals.use_leapfile(self.config.leapfile)
+        # Read when /metrics is scraped: no gauge update on every probe's way in and out.
+        self.internals.in_flight.set_function(lambda: self.in_flight)
 
     async def reload(self) -> str | None:
         """Reload the configuration file; on error keep the old one and return why.
@@ -104,12 +106,10 @@ async def probe_handler(request: web.Request) -> web.Response:
             text=f"too many probes in flight (--probe.max-concurrent={state.max_concurrent})\n",
         )
     state.in_flight += 1
-    state.internals.in_flight.inc()
     try:
         outcome = await state.coordinator.probe(config, module, target, timeout)
     finally:
         state.in_flight -= 1
-        state.internals.in_flight.dec()
     result, log = outcome.result, outcome.log
     if outcome.age is None and not outcome.shared:
         state.internals.observe(module_name, result)
