@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from ntp_probe.cli.main import serve_parser
-from ntp_probe.config.load import load_config, parse_config
+from ntp_probe.config.load import load_config, module_to_dict, parse_config
 from ntp_probe.exposition.families import declared
 from ntp_probe.exposition.internals import Internals
 
@@ -520,6 +520,28 @@ def test_compose_mounts_files_that_exist() -> None:
         EXAMPLES / "Dockerfile").resolve()
     # The exporter's service name is the address the shipped prometheus.yml scrapes.
     assert "ntp-probe:9559" in (PROM_DIR / "prometheus.yml").read_text()
+
+
+def test_the_compose_exporter_has_every_module_the_shipped_prometheus_yml_scrapes() -> None:
+    """The demo mounts the shipped prometheus.yml, whose daemon jobs ask for modules the
+    packaged defaults lack: without them those scrapes would get 400 (unknown module)."""
+    service = yaml.safe_load((EXAMPLES / "docker-compose.yml").read_text())["services"][
+        "ntp-probe"]
+    mounts = dict(v.split(":")[:2] for v in service["volumes"])
+    in_container = service["environment"]["NTP_PROBE_CONFIG_FILE"]
+    source = next(s for s, target in mounts.items() if target == in_container)
+    config = load_config(str(EXAMPLES / source))
+    prom = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    scraped = {m for job in prom["scrape_configs"]
+               for m in job.get("params", {}).get("module", [])}
+    scraped |= {group["labels"]["module"] for job in prom["scrape_configs"]
+                for group in job.get("static_configs", []) if "module" in group.get("labels", {})}
+    assert {"chrony_udp", "chrony", "ntpd"} <= scraped
+    assert scraped <= set(config.modules), scraped - set(config.modules)
+    # Its copies of packaged modules are the packaged ones, setting for setting.
+    packaged = load_config(None).modules
+    for name in set(config.modules) & set(packaged):
+        assert module_to_dict(config.modules[name]) == module_to_dict(packaged[name]), name
 
 
 def test_grafana_provisioning_points_at_the_mounted_dashboard() -> None:
