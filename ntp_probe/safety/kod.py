@@ -35,10 +35,13 @@ class KodTable:
         self._table: TLRUCache[tuple[str, int], Backoff] = TLRUCache(
             maxsize=maxsize, ttu=lambda _k, v, now: v.until + v.step, timer=clock
         )
+        # False while the table is known to be empty: nearly always, and every probe asks.
+        # (Even the cache's own emptiness test first expires entries.)
+        self._active = False
 
     def remaining(self, address: str, port: int) -> tuple[str, float] | None:
         """(kiss code, seconds left) while backing off from this address, else None."""
-        if not self._table:  # nearly always: the cache's lookup is not free
+        if not self._still_active():
             return None
         entry = self._table.get((address, port))
         if entry is None:
@@ -69,12 +72,18 @@ class KodTable:
         if step <= 0:
             return 0.0
         self._table[key] = Backoff(code, now + step, step)
+        self._active = True
         return step
 
     def clear(self, address: str, port: int) -> None:
         """Forget an address (it answered normally after its backoff)."""
-        if self._table:
+        if self._still_active():
             self._table.pop((address, port), None)
+
+    def _still_active(self) -> bool:
+        if self._active and not self._table:
+            self._active = False
+        return self._active
 
     def __len__(self) -> int:
         return len(self._table)

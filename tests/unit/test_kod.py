@@ -167,3 +167,19 @@ def test_guard_delegates_to_table(table: KodTable, clock: FakeClock) -> None:
     assert bare.record_kod(ADDR, PORT, "RATE", 8, CAP, HOLD) == 0.0
     assert bare.backoff(ADDR, PORT) is None
     assert bare.refuse("127.0.0.1") is None
+
+
+def test_a_table_emptied_by_expiry_backs_off_again_on_the_next_kod(
+    table: KodTable, clock: FakeClock
+) -> None:
+    """The table remembers that it is empty (every probe asks it); a KoD after it emptied
+    must still be honoured."""
+    table.record("192.0.2.1", 123, "DENY", 0, 3600, 100)
+    clock.advance(201)  # past the hold and the entry's own expiry (hold + step)
+    assert table.remaining("192.0.2.1", 123) is None
+    assert len(table) == 0
+    table.record("192.0.2.2", 123, "DENY", 0, 3600, 100)
+    left = table.remaining("192.0.2.2", 123)
+    assert left is not None and left[0] == "DENY"
+    table.clear("192.0.2.2", 123)
+    assert table.remaining("192.0.2.2", 123) is None
