@@ -12,6 +12,8 @@ import asyncio
 import functools
 import ipaddress
 import time
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from ntp_probe.engine.context import ProbeContext
 from ntp_probe.engine.result import Reason
@@ -20,6 +22,8 @@ from ntp_probe.exposition import families as common
 from ntp_probe.exposition.families import Family
 from ntp_probe.net.resolve import Resolved, ResolveError, literal, resolve, resolve_all
 from ntp_probe.proto.address import ip_address
+
+_T = TypeVar("_T")
 
 BACKOFF_REMAINING = Family(
     "probe_ntp_backoff_remaining_seconds",
@@ -55,24 +59,37 @@ async def prepare(target: Target, port: int, ctx: ProbeContext, *, preferred: st
                   fallback: bool = True, until: float | None = None) -> Resolved | None:
     """Resolve ``target`` and check that it may be sent to now; None (with the failure
     recorded and logged) when it may not."""
-    m, log, guard = ctx.measurement, ctx.log, ctx.guard
-    if refused(ctx, guard.refuse(target.host)):
+    if refused(ctx, ctx.guard.refuse(target.host)):
         return None
     started = time.perf_counter()
     resolved = literal(target.host)
     if resolved is None:
-        try:
-            async with asyncio.timeout_at(ctx.deadline if until is None else until):
-                resolved = await resolve(target.host, preferred, fallback)
-        except (ResolveError, TimeoutError) as exc:
-            m.add(common.DNS_LOOKUP, time.perf_counter() - started)
-            log(f"resolve {target.host}: {exc or 'timed out'}")
-            m.fail(Reason.RESOLVE)
+        resolved = await _looked_up(target, ctx, resolve(target.host, preferred, fallback),
+                                    ctx.deadline if until is None else until)
+        if resolved is None:
             return None
-    m.add(common.DNS_LOOKUP, time.perf_counter() - started)
-    log(f"resolved {target.host} -> {resolved.address}"
-        f"{' (cached)' if resolved.cached else ''}")
+    else:
+        ctx.measurement.add(common.DNS_LOOKUP, time.perf_counter() - started)
+    ctx.log(f"resolved {target.host} -> {resolved.address}"
+            f"{' (cached)' if resolved.cached else ''}")
     return resolved if admit(target, resolved, port, ctx) else None
+
+
+async def _looked_up(target: Target, ctx: ProbeContext, lookup: Awaitable[_T],
+                     until: float) -> _T | None:
+    """``lookup``'s answer by ``until``, with its time as probe_dns_lookup_time_seconds;
+    None (failure ``resolve`` recorded and logged) when it fails or runs out of time."""
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout_at(until):
+            found = await lookup
+    except (ResolveError, TimeoutError) as exc:
+        ctx.measurement.add(common.DNS_LOOKUP, time.perf_counter() - started)
+        ctx.log(f"resolve {target.host}: {exc or 'timed out'}")
+        ctx.measurement.fail(Reason.RESOLVE)
+        return None
+    ctx.measurement.add(common.DNS_LOOKUP, time.perf_counter() - started)
+    return found
 
 
 def admit(target: Target, resolved: Resolved, port: int, ctx: ProbeContext) -> bool:
@@ -108,22 +125,14 @@ async def prepare_all(target: Target, ctx: ProbeContext, limit: int,
     """Every address of ``target`` (at most ``limit``), after the policy by name; None
     (with the failure recorded) when there is none or the name is refused. Each address
     still has to pass :func:`admit`."""
-    m, log = ctx.measurement, ctx.log
     if refused(ctx, ctx.guard.refuse(target.host)):
         return None
-    started = time.perf_counter()
-    try:
-        async with asyncio.timeout_at(until):
-            found = await resolve_all(target.host)
-    except (ResolveError, TimeoutError) as exc:
-        m.add(common.DNS_LOOKUP, time.perf_counter() - started)
-        log(f"resolve {target.host}: {exc or 'timed out'}")
-        m.fail(Reason.RESOLVE)
+    found = await _looked_up(target, ctx, resolve_all(target.host), until)
+    if found is None:
         return None
-    m.add(common.DNS_LOOKUP, time.perf_counter() - started)
     if len(found) > limit:
-        log(f"{target.host} has {len(found)} addresses: probing the first {limit} "
-            "(max_addresses)")
+        ctx.log(f"{target.host} has {len(found)} addresses: probing the first {limit} "
+                "(max_addresses)")
     found = found[:limit]
-    log(f"resolved {target.host} -> {', '.join(r.address for r in found)}")
+    ctx.log(f"resolved {target.host} -> {', '.join(r.address for r in found)}")
     return found
