@@ -38,10 +38,12 @@ from tests.integration.test_ntpsec_kod import (
     LOOPBACK,
     NTP_PORT,
     READY_DEADLINE,
+    Ntpd,
     _cap_sys_time_cleared,
     _wait_exec,
     cache_dir,
     check_port_123_free,
+    loopback_conf,
     ntpsec_ntpd,
     unavailable,
     unpack_deb,
@@ -180,35 +182,22 @@ class Control:
 
 def ntp_conf(d: Path) -> str:
     """Loopback only, never disciplining the clock, two unfed SHM refclocks."""
-    return "\n".join([
-        "interface ignore wildcard",
-        "interface ignore all",
-        f"interface listen {LOOPBACK}",
-        f"statsdir {d}/",
-        f"driftfile {d}/ntp.drift",
+    return loopback_conf(
+        d,
         "restrict default nomodify noquery",
         f"restrict {LOOPBACK} nomodify",  # mode 6 needs no noquery here
         "disable ntp",
         "disable kernel",
         "tos orphan 8 orphanwait 0",
         *(f"refclock shm unit {u} refid SHM{u} minpoll 3 maxpoll 3" for u in SHM_UNITS),
-    ]) + "\n"
+    )
 
 
 @dataclass
-class Server:
+class Server(Ntpd):
     """The running ntpd and a mode 6 client connected to it."""
 
-    proc: subprocess.Popen[bytes]
-    dir: Path
     control: Control
-
-    def log(self) -> str:
-        """ntpd's log file, or "" when unreadable."""
-        try:
-            return (self.dir / "ntpd.log").read_text(errors="replace")
-        except OSError:
-            return ""
 
 
 def _wait_associations(control: Control, proc: subprocess.Popen[bytes]) -> str | None:

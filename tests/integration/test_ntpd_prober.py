@@ -55,7 +55,9 @@ from tests.integration.test_mode6_wire import (
 from tests.integration.test_ntpsec_kod import (
     LOOPBACK,
     READY_DEADLINE,
+    Ntpd,
     _cap_sys_time_cleared,
+    loopback_conf,
 )
 
 pytestmark = pytest.mark.integration
@@ -143,12 +145,8 @@ class Feeder:
 
 def ntp_conf(d: Path) -> str:
     """Loopback only, never disciplining the clock, four SHM refclocks polled every second."""
-    return "\n".join([
-        "interface ignore wildcard",
-        "interface ignore all",
-        f"interface listen {LOOPBACK}",
-        f"statsdir {d}/",
-        f"driftfile {d}/ntp.drift",
+    return loopback_conf(
+        d,
         *([f"leapfile {LEAPFILE}"] if LEAPFILE.exists() else []),
         "restrict default nomodify noquery",
         f"restrict {LOOPBACK} nomodify",
@@ -157,7 +155,7 @@ def ntp_conf(d: Path) -> str:
         "disable kernel",
         "tos orphan 8 orphanwait 0 minclock 2 minsane 1",
         *(f"refclock shm unit {u} refid SHM{u} minpoll 0 maxpoll 0" for u in SHM_OFFSETS),
-    ]) + "\n"
+    )
 
 
 @dataclass
@@ -213,16 +211,10 @@ def poll_state(control: Control, proc: subprocess.Popen[bytes], ready: str,
 
 
 @dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    dir: Path
-    state: State
+class Server(Ntpd):
+    """The running ntpd and what it said when it was ready."""
 
-    def log(self) -> str:
-        try:
-            return (self.dir / "ntpd.log").read_text(errors="replace")
-        except OSError:
-            return ""
+    state: State
 
 
 @pytest.fixture(scope="module")

@@ -163,14 +163,23 @@ def ntp_query_from(source: str, timeout: float = POLL_INTERVAL) -> bytes | None:
     return None
 
 
-def ntp_conf(d: Path) -> str:
-    """ntpd with `restrict default limited kod` and a tight discard rule: a real KoD RATE."""
+def loopback_conf(d: Path, *lines: str) -> str:
+    """An ntp.conf that listens on loopback only and keeps ntpd's files in ``d``, then
+    ``lines`` (shared by every ntpd test)."""
     return "\n".join([
         "interface ignore wildcard",
         "interface ignore all",
         f"interface listen {LOOPBACK}",
         f"statsdir {d}/",
         f"driftfile {d}/ntp.drift",
+        *lines,
+    ]) + "\n"
+
+
+def ntp_conf(d: Path) -> str:
+    """ntpd with `restrict default limited kod` and a tight discard rule: a real KoD RATE."""
+    return loopback_conf(
+        d,
         "restrict default kod limited nomodify noquery",
         f"restrict {LOOPBACK} kod limited",
         "restrict ::1",
@@ -179,11 +188,13 @@ def ntp_conf(d: Path) -> str:
         "disable ntp",
         "disable kernel",
         "tos orphan 8 orphanwait 0",
-    ]) + "\n"
+    )
 
 
 @dataclass
 class Ntpd:
+    """A running ntpd and the directory that holds its configuration and log."""
+
     proc: subprocess.Popen[bytes]
     dir: Path
 
