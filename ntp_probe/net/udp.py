@@ -169,6 +169,7 @@ class DatagramPump(Generic[T]):
 
     async def __aenter__(self) -> DatagramPump[T]:
         sock = socket.socket(self._family, socket.SOCK_DGRAM)
+        bound = False
         try:
             sock.setblocking(False)
             try:
@@ -179,6 +180,7 @@ class DatagramPump(Generic[T]):
             if self._family == socket.AF_UNIX:
                 if self.bind_path is not None:
                     sock.bind(self.bind_path)
+                    bound = True
             else:
                 if self.source:
                     sock.bind((self.source, 0))
@@ -195,11 +197,16 @@ class DatagramPump(Generic[T]):
                     except OSError:
                         self.tx_wanted = self.tx_kernel = False
                         self._log("kernel transmit timestamps unavailable: T1 from user space")
+            # Out of descriptors, the loop's epoll set may not even be creatable: then
+            # this socket must not stay open either.
+            self._sockets = _sockets(self._loop)
+            self._sockets.add(sock.fileno(), self._on_readable)
         except OSError:
             sock.close()
+            if bound and self.bind_path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.bind_path)
             raise
-        self._sockets = _sockets(self._loop)
-        self._sockets.add(sock.fileno(), self._on_readable)
         self._sock = sock
         return self
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
 import re
 import socket
 import subprocess
@@ -693,23 +694,41 @@ async def main():
             hog.append(os.open("/dev/null", os.O_RDONLY))
     except OSError:
         pass
+    for _ in range(int(os.environ["LEAVE_FREE"])):
+        os.close(hog.pop())
     m, log = await run_probe(parse_target("127.0.0.1:9"), module, 2.0)
+    free = 0  # descriptors free after the probe: what it opened, it must have closed
+    try:
+        while True:
+            hog.append(os.open("/dev/null", os.O_RDONLY))
+            free += 1
+    except OSError:
+        pass
     for fd in hog:
         os.close(fd)
-    print(json.dumps({"failure": m.failure, "sent": m.packets_sent, "log": log.text()}))
+    print(json.dumps({"failure": m.failure, "sent": m.packets_sent, "log": log.text(),
+                      "free": free}))
 
 asyncio.run(main())
 """
 
 
-def test_no_socket_for_the_probe_is_a_local_error_not_the_servers() -> None:
-    done = subprocess.run([sys.executable, "-c", LOCAL_ERROR_SCRIPT], capture_output=True,
-                          text=True, timeout=30)
+@pytest.mark.parametrize("leave_free", [0, 1], ids=["no-socket", "socket-but-no-epoll-set"])
+def test_no_socket_for_the_probe_is_a_local_error_not_the_servers(leave_free: int) -> None:
+    """Out of descriptors: no socket at all, or a socket but not the event loop's epoll
+    set for it (the first probe creates that set). Either way this host's trouble, and
+    nothing left open."""
+    done = subprocess.run([sys.executable, "-W", "always::ResourceWarning", "-c",
+                           LOCAL_ERROR_SCRIPT], capture_output=True,
+                          text=True, timeout=30, env={**os.environ,
+                                                      "LEAVE_FREE": str(leave_free)})
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["failure"] == "local_error", out["log"]
     assert out["sent"] == 0
     assert "local error, nothing sent: Too many open files" in out["log"]
+    assert out["free"] == leave_free
+    assert "ResourceWarning" not in done.stderr  # closed, not left to the collector
 
 
 async def test_probes_are_sent_from_the_source_ip_address(fake_ntp: FakeNTPServer) -> None:
