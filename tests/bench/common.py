@@ -406,9 +406,13 @@ def start_exporter(s: Started, modules: dict[str, Any], max_concurrent: int = 10
         env_extra = {"BENCH_TRACEMALLOC_OUT": str(tracemalloc_out)}
 
     def argv(port: int) -> list[str]:
+        # Room for a connection per probe in flight: the default cap (512 connections)
+        # would refuse the in-flight phases' clients before any probe starts.
         return [*command, f"--config.file={config}",
                 f"--web.listen-address={LOOPBACK}:{port}",
-                f"--probe.max-concurrent={max_concurrent}", "--log.level=warn", *extra]
+                f"--probe.max-concurrent={max_concurrent}",
+                f"--web.max-connections={max(512, max_concurrent + 64)}", "--log.level=warn",
+                *extra]
 
     return _start_server(s, "ntp-probe", argv, d, env_extra=env_extra)
 
