@@ -11,32 +11,29 @@ gauges are then the NTP prober's, computed from authenticated samples only.
 Nothing goes past the TLS handshake to a server whose certificate did not verify: the
 certificate gauges are still written (an expiring certificate is what operators alert on),
 but no KE request is sent and no key is exported.
+
+This module declares what the prober emits and reports; the key exchange and the burst
+live in :mod:`ntp_probe.probers.nts_session`, which brings the TLS and AEAD stack
+(pyOpenSSL, cryptography, service_identity: about 13 MB and a quarter of a second to
+import). It is imported on the first NTS probe, so an exporter that never probes NTS
+never loads it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import struct
+import importlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ntp_probe.config.schema import Module, NTPSettings, NTSSettings
+from ntp_probe.config.schema import Module
 from ntp_probe.engine.context import ProbeContext
 from ntp_probe.engine.result import Measurement, Perf, Reason
 from ntp_probe.engine.targets import Target
 from ntp_probe.exposition.families import Family
-from ntp_probe.net.resolve import Resolved, ResolveError, literal, resolve
-from ntp_probe.net.tls import TIME_ERRORS, ConnectError, HandshakeError, TLSClient
-from ntp_probe.net.udp import Datagram, DatagramPump, Unreachable, sockaddr_for
-from ntp_probe.probers import common, ntp
-from ntp_probe.probers.pacing import Pace
-from ntp_probe.proto.ntp import client as rules
-from ntp_probe.proto.ntp import packet as ntppkt
-from ntp_probe.proto.ntp import sample as maths
-from ntp_probe.proto.nts import ef, ke
+from ntp_probe.probers import ntp
 
 SSL_EARLIEST_EXPIRY = Family(
     "probe_ssl_earliest_cert_expiry",
@@ -84,75 +81,7 @@ _ORDER = list(Reason)
 REASONS = tuple(sorted({*ntp.REASONS, *_NTS_REASONS}, key=_ORDER.index))
 DESCRIPTION = "NTS (RFC 8915): NTS-KE certificate health and an authenticated NTP burst"
 
-ALPN = b"ntske/1"
-NTS_VERSION = 4  # NTS extension fields exist in NTPv4 only
-_SUMMARY_MARGIN = 0.005  # kept back from the deadline to summarise and render
-# A cookie-carrying request stays under about 1 KiB of extension fields, which chrony
-# accepts (it drops larger requests silently); this caps the placeholders below 7 when
-# cookies are large.
-_MAX_COOKIE_FIELD_BYTES = 1024
-_UID_LENGTH = 32
-_LOGGED_DISCARDS = 5
-# A KE failure from proto/nts/ke.py -> the probe's reason. A warning (no codes are defined)
-# and "no common next protocol" are the server refusing us, like an error record.
-_KE_REASONS = {
-    "nts_ke_malformed": Reason.NTS_KE_MALFORMED,
-    "nts_ke_error": Reason.NTS_KE_ERROR,
-    "nts_ke_warning": Reason.NTS_KE_ERROR,
-    "nts_no_common_protocol": Reason.NTS_KE_ERROR,
-    "nts_no_common_aead": Reason.NTS_NO_COMMON_AEAD,
-    "nts_no_cookies": Reason.NTS_NO_COOKIES,
-}
-# What a KE phase that runs out of time reads as.
-_PHASE_TIMEOUT = {"connect": Reason.NTS_KE_CONNECT, "tls": Reason.NTS_KE_TLS,
-                  "records": Reason.TIMEOUT}
-
-
-@dataclass(slots=True)
-class _State:
-    """What the probe learned, for its report."""
-
-    ke_server: str
-    ke_port: int
-    server_name: str
-    tls_version: str | None = None
-    cipher: str | None = None
-    cert_verified: bool | None = None
-    identity_verified: bool | None = None
-    earliest_expiry: float | None = None
-    aead: int | None = None
-    cookies_received: int = 0
-    ntp_server: str | None = None
-    ntp_port: int | None = None
-    authenticated: int = 0
-
-
-@dataclass(slots=True)
-class _Session:
-    """Keys and cookies of one KE, and what the burst's replies did with them."""
-
-    c2s: bytes
-    s2c: bytes
-    aead: int
-    cookies: list[bytes]
-    server: str | None  # negotiated NTP server name or address; None: the KE address
-    port: int
-    uid: bytes | None = None  # the outstanding request's unique identifier
-    auth_failed: int = 0
-    uid_mismatch: int = 0
-    nak: bool = False
-    cookies_returned: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class _Reply:
-    """An authenticated reply (or an NTS NAK echoing our identifier)."""
-
-    packet: ntppkt.Packet
-    t4_unix_ns: int
-    kernel_timestamp: bool
-    cookies: tuple[bytes, ...] = ()
-    nak: bool = False
+_SESSION = "ntp_probe.probers.nts_session"
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,364 +163,18 @@ class NTSReport:
         }
 
 
-# --- NTS-KE ----------------------------------------------------------------------------
-
-
-def _certificates(client: TLSClient, ctx: ProbeContext, state: _State) -> Reason | None:
-    """Write the certificate gauges and log the chain; the reason to stop, if any."""
-    m, log = ctx.measurement, ctx.log
-    chain = client.peer_chain()
-    for depth, cert in enumerate(chain):
-        log(f"certificate {depth}: subject {cert.subject.rfc4514_string()}, issuer "
-            f"{cert.issuer.rfc4514_string()}, notAfter "
-            f"{cert.not_valid_after_utc.isoformat()}")
-    if chain:
-        state.earliest_expiry = min(c.not_valid_after_utc.timestamp() for c in chain)
-        m.add(SSL_EARLIEST_EXPIRY, state.earliest_expiry)
-        verified = client.verified_chain() or chain
-        m.add(SSL_LAST_CHAIN_EXPIRY, min(c.not_valid_after_utc.timestamp() for c in verified))
-    for depth, code, text in client.verify_errors:
-        log(f"certificate chain: depth {depth}: error {code} ({text})")
-    state.cert_verified = not client.verify_errors
-    state.identity_verified = client.identity_error is None
-    m.add(CERT_VERIFIED, 1 if state.cert_verified else 0)
-    m.add(CERT_IDENTITY_VERIFIED, 1 if state.identity_verified else 0)
-    if client.identity_error is not None:
-        log(f"certificate identity: {state.server_name}: {client.identity_error}")
-    codes = {code for _, code, _ in client.verify_errors}
-    if codes - TIME_ERRORS:
-        return Reason.NTS_CERT_UNTRUSTED
-    if codes:
-        return Reason.NTS_CERT_EXPIRED
-    if client.identity_error is not None:
-        return Reason.NTS_CERT_NAME_MISMATCH
-    return None
-
-
-def _log_record(log: Callable[[str], None], direction: str, record: ke.Record) -> None:
-    try:
-        name = ke.RecordType(record.record_type).name
-    except ValueError:
-        name = "unknown"
-    body = record.body.hex() if len(record.body) <= 8 else f"{record.body[:8].hex()}..."
-    log(f"KE {direction} record type={record.record_type} ({name}) "
-        f"critical={record.critical} length={len(record.body)} body={body}")
-
-
-async def _key_exchange(resolved: Resolved, port: int, nts: NTSSettings, ctx: ProbeContext,
-                        state: _State, until: float) -> _Session | None:
-    """Run NTS-KE; the session, or None with the failure recorded."""
-    m, log = ctx.measurement, ctx.log
-    try:
-        client = TLSClient(ca_file=nts.ca_file, alpn=ALPN)
-    except HandshakeError as exc:
-        log(f"TLS setup failed: {exc}")
-        m.fail(Reason.NTS_KE_TLS)
-        return None
-    phase = "connect"
-    started = time.perf_counter()
-    try:
-        async with asyncio.timeout_at(until):
-            await client.connect(resolved.address, port, resolved.family)
-            now = time.perf_counter()
-            m.add(KE_DURATION, now - started, "connect")
-            log(f"NTS-KE: connected to {resolved.address} port {port} "
-                f"in {(now - started) * 1e3:.3f}ms")
-            phase, started = "tls", now
-            await client.handshake(state.server_name)
-            now = time.perf_counter()
-            m.add(KE_DURATION, now - started, "tls")
-            state.tls_version, state.cipher = client.version, client.cipher
-            log(f"NTS-KE: {state.tls_version} {state.cipher}, ALPN "
-                f"{client.alpn.decode(errors='replace') or '(none)'}, handshake "
-                f"{(now - started) * 1e3:.3f}ms")
-            m.add(TLS_VERSION, 1, _blackbox_version(state.tls_version))
-            m.add(TLS_CIPHER, 1, state.cipher)
-            stop = _certificates(client, ctx, state)
-            if client.alpn != ALPN:
-                log(f"server did not select ALPN {ALPN.decode()}: no KE request sent")
-                m.fail(Reason.NTS_ALPN_MISMATCH)
-                return None
-            if stop is not None:
-                log(f"certificate not accepted ({stop}): no KE request sent")
-                m.fail(stop)
-                return None
-            phase, started = "records", now
-            request = ke.encode_request(nts.aead)
-            decoder = ke.KEDecoder()
-            for record in ke.KEDecoder().feed(request):
-                _log_record(log, "sent", record)
-            await client.send(request)
-            while not decoder.complete:
-                data = await client.recv()
-                if not data:
-                    break
-                for record in decoder.feed(data):
-                    _log_record(log, "received", record)
-            records = decoder.finish()
-            m.add(KE_DURATION, time.perf_counter() - started, "records")
-            state.cookies_received = sum(
-                1 for r in records if r.record_type == ke.RecordType.NEW_COOKIE)
-            m.add(COOKIES_RECEIVED, state.cookies_received)
-            response = ke.validate_response(records, nts.aead)
-            state.aead = response.aead_id
-            m.add(AEAD_ALGORITHM, response.aead_id)
-            key_length = ef.aead_algorithm(response.aead_id).key_length
-            c2s, s2c = (client.export_keying_material(
-                ef.EXPORTER_LABEL, key_length, ef.exporter_context(response.aead_id, d))
-                for d in (ef.Direction.C2S, ef.Direction.S2C))
-    except TimeoutError:
-        log(f"NTS-KE {phase} phase timed out")
-        m.fail(_PHASE_TIMEOUT[phase])
-        return None
-    except ConnectError as exc:
-        log(f"NTS-KE connect to {resolved.address} port {port} failed: {exc.strerror}")
-        m.fail(Reason.NTS_KE_CONNECT)
-        return None
-    except HandshakeError as exc:
-        log(f"NTS-KE TLS failed during {phase}: {exc}")
-        m.fail(Reason.NTS_KE_TLS)
-        return None
-    except ke.KEFailure as exc:
-        log(f"NTS-KE response rejected ({exc.reason}): {exc}")
-        m.fail(_KE_REASONS.get(exc.reason, Reason.NTS_KE_MALFORMED))
-        return None
-    finally:
-        client.close()
-    log(f"NTS-KE: AEAD {response.aead_id}, {len(response.cookies)} cookies of "
-        f"{len(response.cookies[0])} bytes, NTP server {response.server or '(same address)'} "
-        f"port {response.ntp_port}")
-    return _Session(c2s, s2c, response.aead_id, list(response.cookies), response.server,
-                    response.ntp_port)
-
-
-def _blackbox_version(openssl_name: str) -> str:
-    """OpenSSL's ``TLSv1.3`` as blackbox_exporter writes it (``TLS 1.3``)."""
-    return openssl_name.replace("TLSv", "TLS ", 1) if openssl_name.startswith("TLSv") \
-        else openssl_name
-
-
-# --- the authenticated burst ----------------------------------------------------------
-
-
-def _discard(burst: ntp.Burst, log: Callable[[str], None], why: str, kind: str) -> None:
-    burst.discarded += 1
-    if burst.logged < _LOGGED_DISCARDS:
-        burst.logged += 1
-        log(why)
-    else:
-        burst.unlogged[kind] = burst.unlogged.get(kind, 0) + 1
-
-
-def _origin(data: bytes) -> int | None:
-    return struct.unpack_from("!Q", data, 24)[0] if len(data) >= ntppkt.HEADER_LEN else None
-
-
-def _matcher(client: rules.Client, burst: ntp.Burst, session: _Session,
-             log: Callable[[str], None]) -> Callable[[Datagram], _Reply | None]:
-    def match(d: Datagram) -> _Reply | None:
-        uid = session.uid
-        candidate = (client.pending is not None and uid is not None
-                     and tuple(d.source[:2]) == client.server
-                     and _origin(d.data) == client.pending)
-        if not candidate:
-            # Not an answer to the outstanding request: the NTP rules say what it is.
-            outcome = client.receive(d.data, d.source)
-            if isinstance(outcome, rules.Late):
-                log("late reply to an expired request ignored")
-            elif isinstance(outcome, rules.Discarded):
-                _discard(burst, log, f"reply discarded: {outcome.reason}", outcome.kind)
-            return None
-        assert uid is not None  # narrowed by ``candidate``
-        # Authenticate before the NTP rules mark the request answered: a forgery must not
-        # use up the wait for the genuine reply.
-        nak = False
-        cookies: tuple[bytes, ...] = ()
-        try:
-            cookies = ef.verify_reply(d.data, uid, session.s2c, aead_id=session.aead).cookies
-        except ef.NTSNak:
-            nak = True
-        except ef.NTSUIDMismatch as exc:
-            session.uid_mismatch += 1
-            _discard(burst, log, f"reply discarded: {exc}", "unique identifier mismatch")
-            return None
-        except ef.NTSReplyError as exc:
-            session.auth_failed += 1
-            _discard(burst, log, f"reply discarded: {exc}", "authentication failed")
-            return None
-        outcome = client.receive(d.data, d.source)
-        if not isinstance(outcome, rules.Accepted):
-            why = outcome.reason if isinstance(outcome, rules.Discarded) else "late"
-            _discard(burst, log, f"reply discarded: {why}", "not a reply")
-            return None
-        return _Reply(outcome.packet, d.rx_ns, d.kernel_timestamp, cookies, nak)
-    return match
-
-
-def _placeholders(session: _Session, still_needed: int, cookie_length: int) -> int:
-    """Placeholders that bring the unused cookies up to what the rest of the burst needs."""
-    field_bytes = len(ef.encode_field(ef.FieldType.NTS_COOKIE, bytes(cookie_length)))
-    fit = max(0, _MAX_COOKIE_FIELD_BYTES // field_bytes - 1)
-    return max(0, min(still_needed - len(session.cookies), ef.MAX_PLACEHOLDERS, fit))
-
-
-async def _run_burst(pump: DatagramPump[_Reply], client: rules.Client, settings: NTPSettings,
-                     burst: ntp.Burst, session: _Session, until: float,
-                     ctx: ProbeContext) -> None:
-    loop = asyncio.get_running_loop()
-    log = ctx.log
-    pace = Pace(settings.sample_interval, settings.reply_timeout, until)
-    for i in range(settings.samples):
-        if not session.cookies:
-            log(f"no unused cookie left: burst stopped after {i} samples")
-            return
-        if not await pace.wait():
-            log(f"burst shortened to {i} of {settings.samples} samples to fit the timeout")
-            return
-        nonce = rules.new_nonce()
-        header = client.request(nonce)
-        cookie = session.cookies.pop(0)  # used once, never again
-        placeholders = _placeholders(session, settings.samples - i - 1, len(cookie))
-        session.uid = os.urandom(_UID_LENGTH)
-        request = header + ef.build_request_fields(
-            header, session.uid, cookie, session.c2s, placeholders=placeholders,
-            aead_id=session.aead)
-        log(f"sample {i + 1}: request of {len(request)} bytes: cookie of {len(cookie)} bytes, "
-            f"{placeholders} placeholders, uid {session.uid[:8].hex()}..., nonce {nonce:016x}")
-        reply_until = min(loop.time() + settings.reply_timeout, until)
-        try:
-            t1_ns, reply = await pump.exchange(request, reply_until)
-        except Unreachable as exc:
-            client.cancel()
-            burst.unreachable = exc.strerror or "unreachable"
-            log(f"sample {i + 1}: {burst.unreachable}: burst stopped")
-            return
-        finally:
-            session.uid = None
-        if reply is None:
-            client.expire()
-            log(f"sample {i + 1}: no authenticated reply")
-            continue
-        burst.received += 1
-        p = reply.packet
-        if reply.nak:
-            session.nak = True
-            log(f"sample {i + 1}: NTS NAK (kiss code NTSN, our uid echoed): the server "
-                f"rejected the cookie or the authenticator; burst stopped")
-            return
-        session.cookies.extend(reply.cookies)
-        session.cookies_returned += len(reply.cookies)
-        s = ntp.take_sample(burst, i, p, t1_ns, reply.t4_unix_ns, pump.last_tx_kernel,
-                            reply.kernel_timestamp, log)
-        if burst.kod is not None:
-            return
-        if s is None:
-            continue
-        pace.seen(s.delay)
-        log(f"sample {i + 1}: authenticated reply of {len(reply.cookies)} new cookies, "
-            f"T1={s.t1:016x} T2={s.t2:016x} T3={s.t3:016x} T4={s.t4:016x} "
-            f"offset={s.offset * 1e6:+.3f}us delay={s.delay * 1e6:.3f}us "
-            f"stratum={p.stratum} refid={p.refid_text}")
-
-
-async def _ntp_server(session_server: str | None, ke_address: Resolved, ctx: ProbeContext,
-                      settings: NTPSettings, until: float) -> Resolved | None:
-    """Where the NTP exchange goes: the KE connection's address unless KE named a server;
-    a named server is checked by name against the policy and resolved (the caller checks
-    the address with common.allowed, as for a target)."""
-    if session_server is None:
-        return ke_address
-    m, log = ctx.measurement, ctx.log
-    if common.refused(ctx, ctx.guard.refuse(session_server)):
-        return None
-    resolved = literal(session_server)
-    if resolved is None:
-        try:
-            async with asyncio.timeout_at(until):
-                resolved = await resolve(session_server.rstrip("."),
-                                         settings.preferred_ip_protocol,
-                                         settings.ip_protocol_fallback)
-        except (ResolveError, TimeoutError) as exc:
-            log(f"resolve negotiated NTP server {session_server}: {exc or 'timed out'}")
-            m.fail(Reason.RESOLVE)
-            return None
-    return resolved
-
-
-async def _authenticated_burst(server: Resolved, port: int, settings: NTPSettings,
-                               session: _Session, burst: ntp.Burst, until: float,
-                               ctx: ProbeContext) -> None:
-    """The module's burst over NTS; concluded (gauges, reasons, KoD memory) by the NTP
-    prober's own rules, whatever cut it short."""
-    m, log = ctx.measurement, ctx.log
-    log(f"probing {server.address} port {port} over NTS, up to {settings.samples} "
-        f"sample{'s' if settings.samples != 1 else ''} every {settings.sample_interval:g}s")
-    client = rules.Client((server.address, port), NTS_VERSION)
-    pump: DatagramPump[_Reply] | None = None
-    try:
-        pump = DatagramPump(server.family, sockaddr_for(server.address, port, server.family),
-                            _matcher(client, burst, session, log), log)
-        async with pump:
-            await _run_burst(pump, client, settings, burst, session, until, ctx)
-    except OSError as exc:
-        log(f"local socket error: {exc.strerror or exc}")
-        burst.unreachable = exc.strerror or str(exc)
-    finally:
-        if pump is not None:
-            burst.sent = pump.sent
-        if session.nak:
-            m.fail(Reason.NTS_NAK)
-        elif not burst.samples and session.auth_failed:
-            m.fail(Reason.NTS_AUTH_FAILED)
-        if session.auth_failed or session.uid_mismatch:
-            log(f"{session.auth_failed} replies failed authentication, "
-                f"{session.uid_mismatch} did not carry our unique identifier")
-        log(f"{session.cookies_returned} new cookies received in replies; "
-            f"{len(session.cookies)} unused cookies dropped")
-        ntp.conclude(burst, settings, ctx, (server.address, port))
+_ProbeFn = Callable[[Target, Module, ProbeContext], Awaitable[Measurement]]
+_loaded: list[_ProbeFn] = []  # nts_session.probe, once imported
 
 
 async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measurement:
     """Probe one NTS server: KE and certificates, then the authenticated burst."""
-    settings, nts = module.ntp, module.nts
-    ke_port = target.port if target.port is not None else nts.port
-    loop = asyncio.get_running_loop()
-    until = ctx.deadline - _SUMMARY_MARGIN
-    resolved = await common.prepare(target, ke_port, ctx, preferred=settings.preferred_ip_protocol,
-                                    fallback=settings.ip_protocol_fallback, until=until)
-    m = ctx.measurement
-    if resolved is None:
-        return m
-    state = _State(resolved.address, ke_port, nts.server_name or target.host)
-    burst: ntp.Burst | None = None
-    try:
-        session = await _key_exchange(resolved, ke_port, nts, ctx, state,
-                                      min(loop.time() + nts.ke_timeout, until))
-        if session is None:
-            return m
-        server = await _ntp_server(session.server, resolved, ctx, settings, until)
-        if server is None:
-            return m
-        port = session.port
-        state.ntp_server, state.ntp_port = session.server or server.address, port
-        m.add(NTP_SERVER_INFO, 1, state.ntp_server, str(port))
-        # The negotiated server passes the same checks as a target: policy, KoD backoff.
-        if not common.allowed(session.server or target.host, server.address, port, ctx):
-            return m
-        burst = ntp.Burst()
-        await _authenticated_burst(server, port, settings, session, burst, until, ctx)
-        state.authenticated = len(burst.samples)
-    finally:
-        m.add(AUTHENTICATED, 1 if state.authenticated else 0)
-        offset = None
-        samples: tuple[tuple[float, float, bool], ...] = ()
-        if burst is not None and burst.samples:
-            best = maths.select_best(burst.samples)
-            offset = best.offset
-            samples = tuple((s.offset, s.delay, s is best) for s in burst.samples)
-        m.reports.append(NTSReport(
-            state.ke_server, state.ke_port, state.server_name, state.tls_version, state.cipher,
-            state.cert_verified, state.identity_verified, state.earliest_expiry, state.aead,
-            state.cookies_received, state.ntp_server, state.ntp_port, state.authenticated,
-            offset, samples))
-    return m
+    if not _loaded:
+        # In a thread: the event loop keeps serving the other probes meanwhile. The import
+        # counts against this probe's own deadline, once per process. Not sys.modules: it
+        # holds a module while it is still being imported; concurrent first probes each
+        # wait here on the import's lock until the module is whole.
+        session = await asyncio.to_thread(importlib.import_module, _SESSION)
+        if not _loaded:
+            _loaded.append(session.probe)
+    return await _loaded[0](target, module, ctx)

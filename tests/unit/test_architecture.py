@@ -5,6 +5,9 @@ from __future__ import annotations
 import ast
 import dataclasses
 import datetime as dt
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,7 +95,9 @@ def test_a_prober_imports_another_only_to_compose_it() -> None:
                   if n.startswith("ntp_probe.probers.") and len(n.split(".")) > 2}
         # Shared helpers, not probers: the network preamble, the leap-file check, the pace.
         others -= {"common", "leapcheck", "pacing"}
-        allowed = {"hybrid": {"ntp", "kernel"}, "nts": {"ntp"},
+        # nts_session is the nts prober's own work, split off so that its TLS stack is
+        # imported on the first NTS probe only.
+        allowed = {"hybrid": {"ntp", "kernel"}, "nts": {"ntp"}, "nts_session": {"ntp", "nts"},
                    "group": {"ntp"}}.get(path.stem, set())
         assert others <= allowed, f"{path.name} imports probers {sorted(others)}"
 
@@ -211,3 +216,33 @@ def fnv1a_32(data: bytes) -> int:
 ])
 def test_ip_hash_is_blackbox_exporters(address: str, data: bytes) -> None:
     assert ip_hash(address) == fnv1a_32(data)
+
+
+def test_the_tls_stack_is_imported_only_by_an_nts_probe() -> None:
+    """pyOpenSSL, cryptography and service_identity (about 10 MB) are the NTS prober's
+    alone: the exporter starts without them, and the first NTS probes (concurrent ones
+    included) bring them."""
+    heavy = ("OpenSSL", "cryptography", "service_identity")
+    script = (
+        "import asyncio, json, sys\n"
+        "from ntp_probe.cli.main import main\n"
+        "from ntp_probe.config.load import load_config\n"
+        "from ntp_probe.engine.runner import run_probe\n"
+        "from ntp_probe.engine.targets import parse_target\n"
+        f"heavy = {heavy!r}\n"
+        "before = [m for m in heavy if m in sys.modules]\n"
+        "module = load_config(None).modules['nts']\n"
+        "async def first_probes():\n"
+        "    # Several at once, as Prometheus scrapes NTS targets after a start.\n"
+        "    return await asyncio.gather(*(run_probe(parse_target(f'127.0.0.{i}:9'), module,\n"
+        "                                            2.0) for i in range(1, 5)))\n"
+        "results = asyncio.run(first_probes())\n"
+        "assert all(m.failure is not None for m, _ in results), results\n"
+        "print(json.dumps([before, [m for m in heavy if m in sys.modules]]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    before, after = json.loads(done.stdout)
+    assert before == []
+    assert after == list(heavy)
