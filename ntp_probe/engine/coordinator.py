@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cachetools import TLRUCache
 
@@ -60,11 +60,18 @@ class Outcome:
     shared: bool = False  # joined a burst another request started
 
 
+_Result = tuple[Measurement, ProbeLog]
+
+
 @dataclass(slots=True)
 class _Flight:
+    """One burst in flight and the requests waiting for it, each on a future of its own:
+    a request that goes away cancels only its future, and the burst runs on while any
+    other waits (what asyncio.shield gives, without its extra future and callbacks)."""
+
     module: Module
-    task: asyncio.Task[tuple[Measurement, ProbeLog]]
-    waiters: int = 0
+    task: asyncio.Task[None] | None = None
+    waiters: list[asyncio.Future[_Result]] = field(default_factory=list)
 
 
 class Coordinator:
@@ -108,23 +115,25 @@ class Coordinator:
                 age = self._clock() - cached.stored
                 if age < module.min_probe_interval:
                     return Outcome(cached.result, cached.log, age=age)
+        loop = asyncio.get_running_loop()
         flight = self._flights.get(key)
         shared = flight is not None and flight.module == module
         if flight is None or not shared:
             guard = self._guard(config, module)
-            flight = _Flight(module, asyncio.get_running_loop().create_task(
-                self._run(key, target, module, timeout, guard)
-            ))
+            flight = _Flight(module)
+            flight.task = loop.create_task(self._run(key, flight, target, module, timeout,
+                                                     guard))
             self._flights[key] = flight
-        flight.waiters += 1
+        waiter: asyncio.Future[_Result] = loop.create_future()
+        flight.waiters.append(waiter)
         try:
             if shared:
                 async with asyncio.timeout(timeout):
-                    result, log = await asyncio.shield(flight.task)
+                    result, log = await waiter
             else:
                 # The burst keeps its own deadline; a second timeout here could only fire
                 # alongside it when the loop is late, and throw its samples away.
-                result, log = await asyncio.shield(flight.task)
+                result, log = await waiter
         except TimeoutError:
             # Only a request that joined a longer burst can get here.
             log = ProbeLog(str(target), module.name)
@@ -133,15 +142,17 @@ class Coordinator:
             result.fail(Reason.TIMEOUT)
             result.duration = timeout
         except asyncio.CancelledError:
-            if flight.waiters == 1 and not flight.task.done():
-                flight.task.cancel()
+            task = flight.task
+            if task is not None and not task.done() and all(
+                    w.done() for w in flight.waiters if w is not waiter):
+                task.cancel()
                 # Forget it now: a request arriving before the task unwinds must start a
                 # fresh burst, not join one that is being cancelled.
                 if self._flights.get(key) is flight:
                     del self._flights[key]
             raise
         finally:
-            flight.waiters -= 1
+            flight.waiters.remove(waiter)
         return Outcome(result, log, shared=shared)
 
     def _guard(self, config: Config, module: Module) -> Guard:
@@ -155,14 +166,26 @@ class Coordinator:
         self._guards[module.name] = (module, guard)
         return guard
 
-    async def _run(self, key: _Key, target: Target, module: Module, timeout: float,
-                   guard: Guard) -> tuple[Measurement, ProbeLog]:
+    async def _run(self, key: _Key, flight: _Flight, target: Target, module: Module,
+                   timeout: float, guard: Guard) -> None:
         try:
             result, log = await run_probe(target, module, timeout, guard=guard)
+        except asyncio.CancelledError:
+            # The last request left, or the exporter is shutting down: whoever still
+            # waits goes down with the burst rather than waiting for ever.
+            for waiter in flight.waiters:
+                waiter.cancel()
+            raise
+        except Exception as exc:  # a prober's bug: every waiter gets it, as from the task
+            for waiter in flight.waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            return
         finally:
-            flight = self._flights.get(key)
-            if flight is not None and flight.task is asyncio.current_task():
+            if self._flights.get(key) is flight:
                 del self._flights[key]
         if module.min_probe_interval > 0:
             self._last[key] = _Cached(module, self._clock(), result, log)
-        return result, log
+        for waiter in flight.waiters:
+            if not waiter.done():
+                waiter.set_result((result, log))

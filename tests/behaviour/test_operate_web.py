@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
 from ntp_probe.config.load import load_config, parse_config
+from ntp_probe.engine.targets import parse_target
 from ntp_probe.exposition.internals import Internals
 from ntp_probe.web.app import State, create_app, probe_handler
 from ntp_probe.web.history import History
@@ -723,3 +724,54 @@ async def test_one_of_two_sharing_clients_hanging_up_does_not_cancel_the_burst(
     assert metric(body, "probe_ntp_samples_sent") == 1
     assert 'probe_ntp_failure_info{reason="timeout"} 1' in body
     assert len(fake_ntp.requests) == 1
+
+
+async def test_a_prober_bug_in_a_shared_burst_is_a_one_line_500_for_every_sharer(
+    aiohttp_client: AiohttpClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No prober raises on purpose, so the bug is stood in for: both requests sharing the
+    burst get the one-line 500, nothing stays in flight, and the next probe runs."""
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def buggy(*args: object, **kwargs: object) -> None:
+        started.set()
+        await release.wait()
+        raise RuntimeError("a prober bug")
+
+    monkeypatch.setattr("ntp_probe.engine.coordinator.run_probe", buggy)
+    client, state = await start(aiohttp_client, tmp_path / "modules.yaml",
+                                config_text(module_yaml("one")))
+    first = asyncio.ensure_future(client.get("/probe", params={"target": "192.0.2.1",
+                                                              "module": "one"}))
+    await asyncio.wait_for(started.wait(), DEADLINE)
+    second = asyncio.ensure_future(client.get("/probe", params={"target": "192.0.2.1",
+                                                               "module": "one"}))
+    await poll(lambda: state.in_flight == 2, "both requests in flight")
+    assert state.coordinator.bursts_in_flight == 1
+    release.set()
+    for response in await asyncio.gather(first, second):
+        assert response.status == 500
+        assert await response.text() == "internal error: RuntimeError\n"
+    assert state.coordinator.bursts_in_flight == 0
+    assert state.in_flight == 0
+
+
+async def test_a_burst_cancelled_under_its_waiters_cancels_them(
+    tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    """At shutdown the event loop cancels the burst's task itself: the requests waiting on
+    it must end with it, not wait for a result that will never come."""
+    state = make_state(tmp_path / "modules.yaml", text=config_text(module_yaml("one")))
+    fake_ntp.behaviour = silent
+    module = state.config.modules["one"]
+    target = parse_target(fake_ntp.target)
+    waiting = [asyncio.create_task(state.coordinator.probe(state.config, module, target, 5.0))
+               for _ in range(2)]
+    await fake_ntp.wait_for_requests(1)
+    burst = next(t for t in asyncio.all_tasks() if "Coordinator._run" in repr(t.get_coro()))
+    burst.cancel()
+    done, _ = await asyncio.wait(waiting, timeout=DEADLINE)
+    assert done == set(waiting), "a request still waits on the cancelled burst"
+    assert all(t.cancelled() for t in waiting)
+    assert state.coordinator.bursts_in_flight == 0
