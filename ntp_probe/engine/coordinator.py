@@ -70,7 +70,7 @@ class _Flight:
     other waits (what asyncio.shield gives, without its extra future and callbacks)."""
 
     module: Module
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[None] = field(init=False)  # set once the flight exists: it runs it
     waiters: list[asyncio.Future[_Result]] = field(default_factory=list)
 
 
@@ -142,10 +142,9 @@ class Coordinator:
             result.fail(Reason.TIMEOUT)
             result.duration = timeout
         except asyncio.CancelledError:
-            task = flight.task
-            if task is not None and not task.done() and all(
+            if not flight.task.done() and all(
                     w.done() for w in flight.waiters if w is not waiter):
-                task.cancel()
+                flight.task.cancel()
                 # Forget it now: a request arriving before the task unwinds must start a
                 # fresh burst, not join one that is being cancelled.
                 if self._flights.get(key) is flight:

@@ -14,7 +14,7 @@ but no KE request is sent and no key is exported.
 
 This module declares what the prober emits and reports; the key exchange and the burst
 live in :mod:`ntp_probe.probers.nts_session`, which brings the TLS and AEAD stack
-(pyOpenSSL, cryptography, service_identity: about 13 MB and a quarter of a second to
+(pyOpenSSL, cryptography, service_identity: about 10 MB and a fifth of a second to
 import). It is imported on the first NTS probe, so an exporter that never probes NTS
 never loads it.
 """
@@ -163,18 +163,17 @@ class NTSReport:
         }
 
 
-_ProbeFn = Callable[[Target, Module, ProbeContext], Awaitable[Measurement]]
-_loaded: list[_ProbeFn] = []  # nts_session.probe, once imported
+_session_probe: Callable[[Target, Module, ProbeContext], Awaitable[Measurement]] | None = None
 
 
 async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measurement:
     """Probe one NTS server: KE and certificates, then the authenticated burst."""
-    if not _loaded:
+    global _session_probe
+    if _session_probe is None:
         # In a thread: the event loop keeps serving the other probes meanwhile. The import
         # counts against this probe's own deadline, once per process. Not sys.modules: it
         # holds a module while it is still being imported; concurrent first probes each
         # wait here on the import's lock until the module is whole.
         session = await asyncio.to_thread(importlib.import_module, _SESSION)
-        if not _loaded:
-            _loaded.append(session.probe)
-    return await _loaded[0](target, module, ctx)
+        _session_probe = session.probe
+    return await _session_probe(target, module, ctx)
