@@ -91,11 +91,12 @@ class _Sockets:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._epoll = select.epoll()
-        self._callbacks: dict[int, Callable[[], None]] = {}
+        self._callbacks: dict[int, Callable[[int], None]] = {}
         loop.add_reader(self._epoll.fileno(), self._ready)
 
-    def add(self, fd: int, callback: Callable[[], None]) -> None:
-        """Call ``callback`` whenever ``fd`` is readable or has an error queued."""
+    def add(self, fd: int, callback: Callable[[int], None]) -> None:
+        """Call ``callback(events)`` whenever ``fd`` is readable (EPOLLIN in ``events``) or
+        has an error queued (EPOLLERR)."""
         self._epoll.register(fd, select.EPOLLIN)
         self._callbacks[fd] = callback
 
@@ -108,10 +109,10 @@ class _Sockets:
         # Level-triggered: a socket whose callback left data queued (bounded reads) is
         # reported again on the next loop pass.
         callbacks = self._callbacks
-        for fd, _ in self._epoll.poll(0, _MAX_EVENTS):
+        for fd, events in self._epoll.poll(0, _MAX_EVENTS):
             callback = callbacks.get(fd)
             if callback is not None:
-                callback()
+                callback(events)
 
 
 _SETS: WeakKeyDictionary[asyncio.AbstractEventLoop, _Sockets] = WeakKeyDictionary()
@@ -168,10 +169,10 @@ class DatagramPump(Generic[T]):
         self.last_tx_kernel = False  # whether the last exchange's T1 is the kernel's
 
     async def __aenter__(self) -> DatagramPump[T]:
-        sock = socket.socket(self._family, socket.SOCK_DGRAM)
+        # Non-blocking from the start: no separate system call to make it so.
+        sock = socket.socket(self._family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         bound = False
         try:
-            sock.setblocking(False)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             except OSError:
@@ -246,6 +247,10 @@ class DatagramPump(Generic[T]):
                               sent=False) from None
         send_id = self.sent  # the kernel's OPT_ID counter: 0 for the first datagram
         self.sent += 1
+        if self.tx_wanted:
+            # The kernel mostly stamps a datagram within sendto itself. Taken now, the stamp
+            # does not wake the event loop on its own a moment later.
+            self._drain_errors(self._sock, until=send_id)
         # A plain timer resolving the waiter is cheaper than an asyncio.timeout scope, and
         # it cannot turn an outside cancellation into a timeout by mistake.
         timer = self._loop.call_at(until, self._resolve, None)
@@ -265,14 +270,18 @@ class DatagramPump(Generic[T]):
                 self.tx_kernel = False
         return t1, value
 
-    def _on_readable(self) -> None:
+    def _on_readable(self, events: int) -> None:
         sock = self._sock
         if sock is None:
             return
-        if self.tx_wanted:
-            # Transmit timestamps wake the reader through the error queue: drain it first,
-            # or the socket stays readable and the loop spins.
+        if events & select.EPOLLERR:
+            # Transmit timestamps and ICMP errors wait on the error queue: drain it, or
+            # the socket stays ready and the loop spins.
             self._drain_errors(sock)
+            if self._sock is None:
+                return
+        if not events & select.EPOLLIN:
+            return  # nothing but the error queue: no receive to try
         # Bounded: a flooding server must not keep the event loop in this callback; the
         # reader fires again on the next loop pass if more is queued.
         for _ in range(_MAX_READS_PER_WAKEUP):
@@ -308,9 +317,12 @@ class DatagramPump(Generic[T]):
                 # anything else already queued is read on the next loop pass.
                 return
 
-    def _drain_errors(self, sock: socket.socket) -> bool:
+    def _drain_errors(self, sock: socket.socket, until: int | None = None) -> bool:
         """Read the error queue: transmit timestamps, and ICMP errors (IP_RECVERR). Returns
-        whether an ICMP error about the destination came; only those fail the exchange."""
+        whether an ICMP error about the destination came; only those fail the exchange.
+
+        With ``until``, stop once the transmit stamp of that send is in: whatever is
+        queued behind it keeps the socket ready, and is read on the next loop pass."""
         about_dest = False
         for _ in range(_MAX_READS_PER_WAKEUP):
             try:
@@ -330,6 +342,8 @@ class DatagramPump(Generic[T]):
             if origin == _ORIGIN_TIMESTAMPING and stamp:
                 if len(self._tx_stamps) < _MAX_PENDING_TX:
                     self._tx_stamps[data] = stamp
+                if data == until:
+                    break
             elif origin in _ORIGIN_ICMP and addr and tuple(addr[:2]) == tuple(self._dest[:2]):
                 about_dest = True
                 self._icmp(errno_)
