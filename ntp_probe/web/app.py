@@ -220,8 +220,9 @@ async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
 
 def create_app(state: State, middlewares: Sequence[Middleware] = ()) -> web.Application:
     """Build the application around shared state; ``middlewares`` run first."""
+    auth = state.web_config.middleware()
     app = web.Application(
-        middlewares=[*middlewares, state.web_config.middleware(), error_middleware])
+        middlewares=[*middlewares, *([auth] if auth else []), error_middleware])
     app.on_response_prepare.append(_nosniff)
     app[STATE] = state
     app.router.add_get("/probe", probe_handler)

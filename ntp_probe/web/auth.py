@@ -135,8 +135,11 @@ class WebConfig:
             return True
         return False
 
-    def middleware(self) -> Callable[..., Awaitable[web.StreamResponse]]:
-        """aiohttp middleware enforcing basic auth and adding the configured headers."""
+    def middleware(self) -> Callable[..., Awaitable[web.StreamResponse]] | None:
+        """aiohttp middleware enforcing basic auth and adding the configured headers; None
+        when there are neither users nor headers (nothing to do on every request)."""
+        if not self.users and not self.headers:
+            return None
 
         @web.middleware
         async def mw(
