@@ -12,7 +12,8 @@ What is measured, per round (rounds alternate the two servers):
   work. One chronyd -x without bindaddress answers on every 127.x address. Probes are
   the exporter's own ``ntp_probe_probes_total`` (read from /metrics before and after),
   not wrk's request count; CPU is the exporter process's user + system time
-  (/proc/PID/stat) over the same span.
+  (/proc/PID/stat) over the same span. The exporter runs on the Python that runs this
+  script (printed; see ``common.interpreter`` for why the build matters).
 - blackbox_exporter: the same wrk, the same address walk, on
   ``/probe?module=icmp&target=127.T.X.Y``. blackbox counts no probes of its own, so its
   probes are wrk's completed requests (blackbox shares nothing: one request, one probe).
@@ -259,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         "per-round ratios: " + ", ".join(
             f"{a['probes_per_cpu_s'] / b['probes_per_cpu_s']:.2f}x"
             for a, b in zip(ours, theirs, strict=True)),
+        f"the exporter ran on {common.interpreter()}",
         f"every request in flight names a distinct target: wrk thread T walks 127.T.0.1 .. "
         f"127.T.255.254 ({args.threads} threads, {args.connections} connections)",
         "'other load CPU s': busy CPU seconds on the machine during the run not spent by "
