@@ -280,8 +280,8 @@ class DatagramPump(Generic[T]):
             self._drain_errors(sock)
             if self._sock is None:
                 return
-        if not events & select.EPOLLIN:
-            return  # nothing but the error queue: no receive to try
+        # The receive queue is tried even when only EPOLLERR came: a pending socket error
+        # that is not on the error queue is cleared only by a receive that reports it.
         # Bounded: a flooding server must not keep the event loop in this callback; the
         # reader fires again on the next loop pass if more is queued.
         for _ in range(_MAX_READS_PER_WAKEUP):
