@@ -104,6 +104,30 @@ async def test_icmp_port_unreachable_ends_the_wait_as_unreachable() -> None:
     assert "port unreachable" in str(caught.value)
 
 
+async def test_the_transmit_stamp_is_read_at_the_send_and_wakes_nothing() -> None:
+    # The kernel stamps a loopback datagram within sendto: read right away, the stamp
+    # never makes the socket ready, so a peer that stays silent causes no wakeup at all.
+    wakeups: list[int] = []
+
+    class Counting(DatagramPump[bytes]):
+        def _on_readable(self, events: int) -> None:
+            wakeups.append(events)
+            super()._on_readable(events)
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind((LOOPBACK, 0))
+        loop = asyncio.get_running_loop()
+        async with Counting(socket.AF_INET, silent.getsockname(), lambda d: d.data,
+                            ProbeLog()) as pump:
+            if not pump.tx_wanted:
+                pytest.skip("this kernel gives no transmit timestamps")
+            _, value = await pump.exchange(b"x", loop.time() + 0.05)
+        assert value is None
+        assert silent.recv(16) == b"x"  # it did leave
+    assert pump.last_tx_kernel  # T1 is the kernel's stamp
+    assert wakeups == []
+
+
 async def test_a_truncated_datagram_is_discarded_and_logged() -> None:
     server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     server.bind((LOOPBACK, 0))
