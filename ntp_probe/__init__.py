@@ -1,8 +1,6 @@
 """ntp_probe: a blackbox_exporter-style Prometheus exporter for NTP."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("ntp-probe")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+unknown"
+# The one place the version is written: pyproject.toml reads it from here when building.
+# Not read back from the installed metadata: importlib.metadata would load 16 more modules
+# (zipfile, email, csv, ...), about 0.75 MB, into every exporter process for one string.
+__version__ = "0.1.0"

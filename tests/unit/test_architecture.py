@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import datetime as dt
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import ntp_probe
 from ntp_probe.config.load import (
     dump_block,
     load_config,
@@ -246,3 +248,16 @@ def test_the_tls_stack_is_imported_only_by_an_nts_probe() -> None:
     before, after = json.loads(done.stdout)
     assert before == []
     assert after == list(heavy)
+
+
+def test_the_version_is_written_once_and_not_read_from_metadata_at_run_time() -> None:
+    """pyproject.toml takes the version from ``ntp_probe.__version__``; the exporter does
+    not load importlib.metadata (and zipfile, email, csv with it) to read it back."""
+    assert importlib.metadata.version("ntp-probe") == ntp_probe.__version__
+    script = ("import sys\n"
+              "import ntp_probe.cli.main, ntp_probe.cli.serve, ntp_probe.web.app\n"
+              "print('importlib.metadata' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
