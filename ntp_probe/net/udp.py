@@ -146,10 +146,10 @@ class DatagramPump(Generic[T]):
     __slots__ = ("_dest", "_family", "_log", "_loop", "_matcher", "_sock", "_sockets",
                  "_tx_stamps",
                  "_waiter", "bind_path", "kernel_timestamps", "last_tx_kernel", "sent", "source",
-                 "tx_kernel", "tx_wanted")
+                 "tx_wanted")
 
     def __init__(self, family: int, dest: SockAddr, matcher: Callable[[Datagram], T | None],
-                 log: Log, bind_path: str | None = None, tx_timestamps: bool = True,
+                 log: Log, bind_path: str | None = None, tx_timestamps: bool = False,
                  source: str = "") -> None:
         self._family = family
         self._dest = dest
@@ -162,9 +162,9 @@ class DatagramPump(Generic[T]):
         self.source = source  # the local address to send from ("" = the kernel's choice)
         self.kernel_timestamps = True
         self.sent = 0  # datagrams that left: counted at the send, so a cut-off wait keeps it
+        # Kernel transmit stamps cost a system call per send: only for an exchange whose T1
+        # is used (NTP and NTS time samples, not the daemons' command protocols).
         self.tx_wanted = tx_timestamps and family != socket.AF_UNIX
-        # Whether every datagram sent so far got its kernel transmit timestamp.
-        self.tx_kernel = self.tx_wanted
         self._tx_stamps: dict[int, int] = {}  # send counter -> kernel TX time (Unix ns)
         self.last_tx_kernel = False  # whether the last exchange's T1 is the kernel's
 
@@ -196,7 +196,7 @@ class DatagramPump(Generic[T]):
                     try:
                         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, _TX_FLAGS)
                     except OSError:
-                        self.tx_wanted = self.tx_kernel = False
+                        self.tx_wanted = False
                         self._log("kernel transmit timestamps unavailable: T1 from user space")
             # Out of descriptors, the loop's epoll set may not even be creatable: then
             # this socket must not stay open either.
@@ -266,8 +266,6 @@ class DatagramPump(Generic[T]):
             self.last_tx_kernel = kernel_t1 is not None
             if kernel_t1 is not None:
                 t1 = kernel_t1
-            else:
-                self.tx_kernel = False
         return t1, value
 
     def _on_readable(self, events: int) -> None:

@@ -426,7 +426,7 @@ async def _burst_to(resolved: Resolved, port: int, settings: NTPSettings, until:
                               f"{settings.source_ip_address} cannot reach {resolved.address}")
             log(f"sending from {settings.source_ip_address}")
         pump = DatagramPump(resolved.family, sockaddr_for(resolved.address, port, resolved.family),
-                            _matcher(client, burst, log), log,
+                            _matcher(client, burst, log), log, tx_timestamps=True,
                             source=settings.source_ip_address)
         async with pump:
             await _run_burst(pump, client, settings, burst, until, ctx)

@@ -408,7 +408,7 @@ async def _authenticated_burst(server: Resolved, port: int, settings: NTPSetting
     pump: DatagramPump[_Reply] | None = None
     try:
         pump = DatagramPump(server.family, sockaddr_for(server.address, port, server.family),
-                            _matcher(client, burst, session, log), log)
+                            _matcher(client, burst, session, log), log, tx_timestamps=True)
         async with pump:
             await _run_burst(pump, client, settings, burst, session, until, ctx)
     except OSError as exc:

@@ -118,14 +118,19 @@ async def test_the_transmit_stamp_is_read_at_the_send_and_wakes_nothing() -> Non
         silent.bind((LOOPBACK, 0))
         loop = asyncio.get_running_loop()
         async with Counting(socket.AF_INET, silent.getsockname(), lambda d: d.data,
-                            ProbeLog()) as pump:
+                            ProbeLog(), tx_timestamps=True) as pump:
             if not pump.tx_wanted:
                 pytest.skip("this kernel gives no transmit timestamps")
             _, value = await pump.exchange(b"x", loop.time() + 0.05)
         assert value is None
         assert silent.recv(16) == b"x"  # it did leave
-    assert pump.last_tx_kernel  # T1 is the kernel's stamp
-    assert wakeups == []
+        assert pump.last_tx_kernel  # T1 is the kernel's stamp
+        assert wakeups == []
+        # Unasked (the daemons' command protocols, which use no T1): no stamp is taken.
+        async with DatagramPump(socket.AF_INET, silent.getsockname(), lambda d: d.data,
+                                ProbeLog()) as plain:
+            await plain.exchange(b"y", loop.time() + 0.05)
+        assert not plain.tx_wanted and not plain.last_tx_kernel
 
 
 async def test_a_truncated_datagram_is_discarded_and_logged() -> None:

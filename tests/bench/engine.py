@@ -124,7 +124,8 @@ class Exchange:
 
     def __init__(self, address: str, port: int, family: int, log: ProbeLog) -> None:
         self.client = rules.Client((address, port))
-        self.pump: DatagramPump[Reply] = DatagramPump(family, (address, port), self._match, log)
+        self.pump: DatagramPump[Reply] = DatagramPump(family, (address, port), self._match, log,
+                                                      tx_timestamps=True)
 
     def _match(self, d: Datagram) -> Reply | None:
         outcome = self.client.receive(d.data, d.source)
