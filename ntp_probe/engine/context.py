@@ -55,6 +55,11 @@ class ProbeLog:
             _logger.debug("%s", _text(message), extra=self.fields)
 
     @property
+    def line_count(self) -> int:
+        """Lines kept (counted without formatting any)."""
+        return len(self._entries)
+
+    @property
     def lines(self) -> list[str]:
         """The lines kept, each stamped with the milliseconds since the probe started."""
         start = self._start

@@ -11,7 +11,9 @@ import pytest
 from pytest_aiohttp import AiohttpClient
 
 from ntp_probe.config.schema import Config
-from ntp_probe.engine.coordinator import Coordinator
+from ntp_probe.engine.context import ProbeLog
+from ntp_probe.engine.coordinator import Coordinator, _Cached
+from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.targets import TargetError, parse_target
 from ntp_probe.safety.guard import Guard
 from tests.behaviour import fake_server
@@ -140,3 +142,18 @@ async def test_cache_is_bounded_in_bytes(fake_ntp: FakeNTPServer) -> None:
         await coordinator.probe(config, module, parse_target(f"127.0.0.{i + 1}:{fake_ntp.port}"),
                                 0.2)
     assert 0 < coordinator.cached_bytes <= budget
+
+
+def test_sizing_a_cache_entry_formats_no_log_line() -> None:
+    # A cached probe's log is read by few; pricing its entry must not format it.
+    formatted: list[str] = []
+
+    def line() -> str:
+        formatted.append("line")
+        return "line"
+
+    log = ProbeLog("t", "m")
+    for _ in range(3):
+        log(line)
+    assert _Cached(make_module(), 0.0, Measurement(), log).size() > 1024
+    assert formatted == []
