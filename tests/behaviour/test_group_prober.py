@@ -4,6 +4,7 @@ on 127.0.0.1, each on its own port, answering at chosen offsets."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -244,8 +245,12 @@ async def probe_with_leap_check(server: FakeNTPServer, config: Config) -> Measur
     return m
 
 
-# No leap scheduled after 2017, valid until 2027-06-28.
-QUIET = build(REAL_ENTRIES)
+# Dates relative to now: the fake servers answer with the real time, and the /metrics
+# collector reads the real clock, so fixed dates would make these tests fail one day.
+YEAR = time.gmtime().tm_year
+UPDATED, EXPIRES = ntp_seconds(utc(YEAR, 1, 1)), utc(YEAR + 2, 6, 28)
+# No leap scheduled after 2017, valid for another year and a half or more.
+QUIET = build(REAL_ENTRIES, updated=UPDATED, expires=ntp_seconds(EXPIRES))
 
 
 async def test_an_announcement_the_file_does_not_schedule(servers: Start,
@@ -287,8 +292,9 @@ async def test_leapfile_series_on_metrics_after_start_and_reload(
     tmp_path: Path, aiohttp_client: AiohttpClient
 ) -> None:
     leapfile = tmp_path / "leap-seconds.list"
-    leap_2027 = utc(2027, 1, 1)
-    leapfile.write_text(build([*REAL_ENTRIES, (ntp_seconds(leap_2027), 38)]))
+    leap = utc(YEAR + 2, 1, 1)
+    leapfile.write_text(build([*REAL_ENTRIES, (ntp_seconds(leap), 38)], updated=UPDATED,
+                              expires=ntp_seconds(EXPIRES)))
     config_path = tmp_path / "modules.yaml"
     config_path.write_text("leapfile: leap-seconds.list\nmodules:\n  n: {prober: ntp}\n")
     state = State(config=load_config(str(config_path)), internals=Internals(),
@@ -301,16 +307,17 @@ async def test_leapfile_series_on_metrics_after_start_and_reload(
                 if line.startswith("ntp_probe_leapfile_")}
 
     assert await metrics() == {
-        "ntp_probe_leapfile_expiry_timestamp_seconds": utc(2027, 6, 28),
+        "ntp_probe_leapfile_expiry_timestamp_seconds": EXPIRES,
         "ntp_probe_leapfile_valid": 1.0,
         "ntp_probe_leapfile_tai_offset_seconds": 37.0,
-        "ntp_probe_leapfile_next_leap_timestamp_seconds": leap_2027,
+        "ntp_probe_leapfile_next_leap_timestamp_seconds": leap,
     }
     # A reload reads the file again: now with a broken hash and no leap scheduled.
-    leapfile.write_text(build(REAL_ENTRIES, words=(1, 2, 3, 4, 5)))
+    leapfile.write_text(build(REAL_ENTRIES, updated=UPDATED, expires=ntp_seconds(EXPIRES),
+                              words=(1, 2, 3, 4, 5)))
     assert (await client.post("/-/reload")).status == 200
     assert await metrics() == {
-        "ntp_probe_leapfile_expiry_timestamp_seconds": utc(2027, 6, 28),
+        "ntp_probe_leapfile_expiry_timestamp_seconds": EXPIRES,
         "ntp_probe_leapfile_valid": 0.0,
         "ntp_probe_leapfile_tai_offset_seconds": 37.0,
     }
