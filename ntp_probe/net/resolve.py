@@ -38,7 +38,9 @@ _NEGATIVE_TTL = 5.0
 # Threads for lookups: each stuck lookup of a distinct name holds one.
 MAX_LOOKUP_THREADS = 8
 
-_Key = tuple[str, int]
+_Key = tuple[str, int | None]  # (host, family); None: every family
+_Addresses = tuple[tuple[int, str], ...]  # (family, address) pairs
+_A = TypeVar("_A")
 T = TypeVar("T")
 
 
@@ -106,19 +108,19 @@ class HostsFile:
         self.path = path
         self._stamp: tuple[int, int] | None = None
         self._checked = -self._RECHECK
-        self._names: dict[str, list[tuple[int, str]]] = {}
+        self._names: dict[str, _Addresses] = {}
 
     def lookup(self, host: str, family: int) -> str | None:
         """The first address of ``family`` the file gives ``host``, or None."""
         return next((a for fam, a in self.lookup_all(host) if fam == family), None)
 
-    def lookup_all(self, host: str) -> list[tuple[int, str]]:
+    def lookup_all(self, host: str) -> _Addresses:
         """Every (family, address) the file gives ``host``, in file order."""
         now = time.monotonic()
         if now - self._checked >= self._RECHECK:
             self._checked = now
             self._reload()
-        return list(self._names.get(host.lower().rstrip("."), ()))
+        return self._names.get(host.lower().rstrip("."), ())
 
     def _reload(self) -> None:
         try:
@@ -146,7 +148,8 @@ class HostsFile:
             fam = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
             for name in fields[1:]:
                 names.setdefault(name.lower().rstrip("."), []).append((fam, str(ip)))
-        self._stamp, self._names = stamp, names
+        self._stamp = stamp
+        self._names = {name: tuple(found) for name, found in names.items()}
 
 
 def _files_first(nsswitch: str = "/etc/nsswitch.conf") -> bool:
@@ -163,24 +166,27 @@ def _files_first(nsswitch: str = "/etc/nsswitch.conf") -> bool:
 
 
 class Resolver:
-    """Bounded, coalescing, caching lookups of one address per (name, family)."""
+    """Bounded, coalescing, caching lookups: one address per (name, family), or every
+    address of a name."""
 
     def __init__(self, threads: int = MAX_LOOKUP_THREADS,
                  getaddrinfo: Callable[[str, int], str] | None = None,
                  hosts: HostsFile | None = None) -> None:
         # ``getaddrinfo`` (host, family) -> address is replaceable so that tests never
-        # send a made-up name to the machine's resolver.
+        # send a made-up name to the machine's resolver; every-address lookups then ask
+        # it once per family.
         self._getaddrinfo = getaddrinfo or _getaddrinfo
+        self._getaddrinfo_all: Callable[[str], _Addresses] = (
+            _getaddrinfo_all if getaddrinfo is None
+            else functools.partial(_one_per_family, getaddrinfo))
         if hosts is None and getaddrinfo is None and _files_first():
             hosts = HostsFile()
         self._hosts = hosts
         self._executor = DaemonPool(threads, "ntp_probe-resolve")
         self._answers: TTLCache[_Key, str] = TTLCache(maxsize=4096, ttl=_CACHE_TTL)
+        self._all: TTLCache[_Key, _Addresses] = TTLCache(maxsize=1024, ttl=_CACHE_TTL)
         self._failures: TTLCache[_Key, str] = TTLCache(maxsize=4096, ttl=_NEGATIVE_TTL)
-        self._in_flight: dict[_Key, asyncio.Future[str]] = {}
-        self._all: TTLCache[str, tuple[tuple[int, str], ...]] = TTLCache(maxsize=1024,
-                                                                         ttl=_CACHE_TTL)
-        self._all_in_flight: dict[str, asyncio.Future[tuple[tuple[int, str], ...]]] = {}
+        self._in_flight: dict[_Key, asyncio.Future[Any]] = {}
 
     async def lookup(self, host: str, family: int) -> tuple[str, bool]:
         """(address, from cache) for ``host`` in ``family``; :class:`ResolveError` says why not."""
@@ -192,51 +198,48 @@ class Resolver:
         hit = self._answers.get(key)
         if hit is not None:
             return hit, True
+        return await self._shared(key, self._answers, self._getaddrinfo, host, family), False
+
+    async def lookup_all(self, host: str) -> _Addresses:
+        """Every (family, address) of ``host``, IPv6 and IPv4; :class:`ResolveError` says
+        why there are none. Coalesced and cached like :meth:`lookup`."""
+        if self._hosts is not None:
+            local = self._hosts.lookup_all(host)
+            if local:
+                return local
+        key = (host, None)
+        hit = self._all.get(key)
+        if hit is not None:
+            return hit
+        return await self._shared(key, self._all, self._getaddrinfo_all, host)
+
+    async def _shared(self, key: _Key, answers: TTLCache[_Key, _A],
+                      lookup: Callable[..., _A], *args: Any) -> _A:
+        """``lookup(*args)`` in the pool, once for every caller of ``key`` at a time; the
+        answer is cached in ``answers``, a failure (with its reason) briefly."""
         failure = self._failures.get(key)
         if failure is not None:
             raise ResolveError(failure)
         future = self._in_flight.get(key)
         if future is None:
             loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(self._executor, self._getaddrinfo, host, family)
+            future = loop.run_in_executor(self._executor, lookup, *args)
             self._in_flight[key] = future
-            future.add_done_callback(functools.partial(self._done, key))
+            future.add_done_callback(functools.partial(self._done, key, answers))
         # Shielded: a probe that gives up must not cancel a lookup others share.
-        return await asyncio.shield(future), False
+        result: _A = await asyncio.shield(future)
+        return result
 
-    def _done(self, key: _Key, future: asyncio.Future[str]) -> None:
+    def _done(self, key: _Key, answers: TTLCache[_Key, Any],
+              future: asyncio.Future[Any]) -> None:
         self._in_flight.pop(key, None)
         if future.cancelled():
             return
         exc = future.exception()
         if exc is None:
-            self._answers[key] = future.result()
+            answers[key] = future.result()
         else:
             self._failures[key] = str(exc)
-
-    async def lookup_all(self, host: str) -> tuple[tuple[int, str], ...]:
-        """Every (family, address) of ``host``, IPv6 and IPv4; :class:`ResolveError` says
-        why there are none. Coalesced and cached like :meth:`lookup`."""
-        if self._hosts is not None:
-            local = self._hosts.lookup_all(host)
-            if local:
-                return tuple(local)
-        hit = self._all.get(host)
-        if hit is not None:
-            return hit
-        future = self._all_in_flight.get(host)
-        if future is None:
-            loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(self._executor, _getaddrinfo_all, host)
-            self._all_in_flight[host] = future
-            future.add_done_callback(functools.partial(self._all_done, host))
-        return await asyncio.shield(future)
-
-    def _all_done(self, host: str,
-                  future: asyncio.Future[tuple[tuple[int, str], ...]]) -> None:
-        self._all_in_flight.pop(host, None)
-        if not future.cancelled() and future.exception() is None:
-            self._all[host] = future.result()
 
     def cached(self, host: str, family: int) -> bool:
         """Whether an answer for (host, family) is cached."""
@@ -254,7 +257,20 @@ def _getaddrinfo(host: str, family: int) -> str:
     raise ResolveError("no address of that family")
 
 
-def _getaddrinfo_all(host: str) -> tuple[tuple[int, str], ...]:
+def _one_per_family(getaddrinfo: Callable[[str, int], str], host: str) -> _Addresses:
+    """Every address of ``host`` as far as a one-address-per-family lookup tells."""
+    out, reasons = [], []
+    for family in (socket.AF_INET6, socket.AF_INET):
+        try:
+            out.append((family, getaddrinfo(host, family)))
+        except ResolveError as exc:
+            reasons.append(str(exc))
+    if not out:
+        raise ResolveError("; ".join(reasons))
+    return tuple(out)
+
+
+def _getaddrinfo_all(host: str) -> _Addresses:
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
     except (OSError, UnicodeError) as exc:

@@ -60,6 +60,25 @@ async def test_failures_are_cached_briefly_with_their_reason() -> None:
     assert len(lookups.calls) == 1
 
 
+async def test_every_address_lookups_use_the_same_lookup_coalesced_and_cached() -> None:
+    lookups = Lookups({("dual.test", socket.AF_INET6): "2001:db8::7",
+                       ("dual.test", socket.AF_INET): "192.0.2.7"})
+    lookups.release.clear()
+    resolver = Resolver(threads=2, getaddrinfo=lookups)
+    tasks = [asyncio.create_task(resolver.lookup_all("dual.test")) for _ in range(3)]
+    await asyncio.sleep(0)
+    lookups.release.set()
+    want = ((socket.AF_INET6, "2001:db8::7"), (socket.AF_INET, "192.0.2.7"))
+    assert await asyncio.gather(*tasks) == [want] * 3
+    assert await resolver.lookup_all("dual.test") == want
+    assert lookups.calls == [("dual.test", socket.AF_INET6), ("dual.test", socket.AF_INET)]
+    # A name with no address: the reason, once, then from the brief negative cache.
+    for _ in range(2):
+        with pytest.raises(ResolveError, match="Name or service not known"):
+            await resolver.lookup_all("dead.test")
+    assert len(lookups.calls) == 4
+
+
 async def test_a_giving_up_caller_does_not_cancel_the_shared_lookup() -> None:
     lookups = Lookups({("slow.test", socket.AF_INET): "192.0.2.9"})
     lookups.release.clear()
