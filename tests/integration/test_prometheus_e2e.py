@@ -113,6 +113,7 @@ ALERT_EXPECTS_DATA: dict[str, bool | None] = {
     # its unix socket, and a healthy fake ntpd (a sys.peer, a candidate, an outlier).
     "NTPDaemonUnsynchronised": False,
     "NTPDaemonNoSelectableSource": False,
+    "NTPDaemonNoSystemPeer": False,      # the fake ntpd has its sys.peer
     "NTPDaemonSourceUnreachable": False,
     "NTPDaemonFewCandidates": True,      # chronyd's one source is fewer than 2
     "NTPDaemonFalseticker": False,
