@@ -12,7 +12,7 @@ noquery`` drops mode 6 silently) is sent nothing more.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
+import functools
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +28,7 @@ from ntp_probe.net.udp import Datagram, DatagramPump, Unreachable, sockaddr_for
 from ntp_probe.probers import common
 from ntp_probe.probers.pacing import Pace
 from ntp_probe.proto import mode6
+from ntp_probe.proto.address import ip_address
 from ntp_probe.proto.mode6 import ErrorCode, ErrorReply, Mode6Error, Opcode, Reassembler, Response
 
 DESCRIPTION = ("ntpd's own view over mode 6 control messages (what ntpq shows): system "
@@ -169,6 +170,8 @@ _IOSTATS = {
     "io_sendfailed": PACKET_SEND_FAILURES, "io_wakeups": INPUT_WAKEUPS,
     "io_goodwakeups": USEFUL_INPUT_WAKEUPS,
 }
+_STATS_REQUESTS = ((*_UPTIME_VARIABLES,), (*_SYSSTATS, *(f"{n}_r" for n in _SYSSTATS)),
+                   (*_IOSTATS,))
 
 REASONS = (
     Reason.TARGET_FORBIDDEN, Reason.BACKOFF, Reason.RESOLVE, Reason.UNREACHABLE,
@@ -335,17 +338,17 @@ class _Session:
     def __init__(self, server: tuple[str, int], settings: NTPDSettings, until: float,
                  ctx: ProbeContext) -> None:
         self.server = server
-        self.server_ip = ipaddress.ip_address(server[0].split("%", 1)[0])
+        self.server_ip = ip_address(server[0].split("%", 1)[0])
         # Retries go at once; the pace only keeps requests whose reply cannot arrive.
         self.pace = Pace(0.0, settings.request_timeout, until)
         self.ctx = ctx
         self.sequence = secrets.randbelow(0x10000)
         self.current: _Try | None = None
         self.earlier: set[int] = set()  # sequences of requests no longer awaited
-        self.stopped = False  # the server is silent or unreachable: send nothing more
-        # The deadline left no time for a request: none later can fit either (time only
-        # moves on, and the reply window only grows).
-        self.out_of_time = False
+        # Send nothing more: the server is silent or unreachable, or the deadline left no
+        # time for a request (none later can fit either: time only moves on, and the
+        # reply window only grows).
+        self.stopped = False
 
     def match(self, d: Datagram) -> Response | ErrorReply | None:
         """The pump's matcher: a complete response or an error reply ends the wait."""
@@ -354,15 +357,18 @@ class _Session:
             log(f"datagram from {d.source[0]} port {d.source[1]} discarded: not the server")
             return None
         t = self.current
-        late = self._late(d.data)
-        if t is None or late:
-            log("late reply to an earlier request ignored" if late
+        if t is None:
+            log("late reply to an earlier request ignored" if self._late(d.data)
                 else f"datagram discarded ({len(d.data)} bytes): no request waiting")
             return None
         try:
             reply = mode6.decode_reply(d.data, opcode=t.opcode, sequence=t.sequence,
                                        association=t.association)
         except Mode6Error as exc:
+            # The header is read again only for what failed: a late reply is no garbling.
+            if self._late(d.data):
+                log("late reply to an earlier request ignored")
+                return None
             t.bad += 1
             log(f"reply discarded ({len(d.data)} bytes): {exc}")
             return None
@@ -380,7 +386,7 @@ class _Session:
 
     def _from_server(self, source: tuple[object, ...]) -> bool:
         try:
-            ip = ipaddress.ip_address(str(source[0]).split("%", 1)[0])
+            ip = ip_address(str(source[0]).split("%", 1)[0])
         except ValueError:
             return False
         return ip == self.server_ip and source[1] == self.server[1]
@@ -402,11 +408,12 @@ class _Session:
         what = f"{opcode.name} assoc {association}"
         last: _Try | None = None
         garbled = False  # some try got fragments or datagrams that failed a check
+        no_time = False  # the retry was not sent: no reply could have come in time
         for _ in range(2):
-            if self.stopped or self.out_of_time:
+            if self.stopped:
                 break
             if not await pace.wait():
-                self.out_of_time = True
+                self.stopped = no_time = True
                 log(f"{what}: {'retry ' if last else ''}not sent, nor any request after it: "
                     "no reply could arrive before the deadline")
                 break
@@ -415,8 +422,8 @@ class _Session:
             self.current = t
             payload = mode6.encode_request(opcode, t.sequence, association,
                                            mode6.variable_list(names))
-            log(f"-> {what} seq {t.sequence:#06x}{' (retry)' if last else ''}: "
-                f"{_names_text(names) if opcode == Opcode.READVAR else 'association list'}")
+            log(functools.partial(_request_line, what, t.sequence, last is not None, opcode,
+                                  names))
             now = loop.time()
             try:
                 _, reply = await pump.exchange(payload, min(now + pace.timeout, pace.until))
@@ -444,6 +451,9 @@ class _Session:
             return None
         if garbled:
             m.fail(Reason.MODE6_BAD_REPLY)
+        elif no_time:
+            log("no reply, and no time left for a retry")
+            m.fail(Reason.MODE6_TIMEOUT)
         else:
             # restrict ... noquery drops mode 6 without a word.
             self.stopped = True
@@ -452,9 +462,15 @@ class _Session:
         return None
 
 
+def _request_line(what: str, sequence: int, retry: bool, opcode: Opcode,
+                  names: Sequence[str]) -> str:
+    return (f"-> {what} seq {sequence:#06x}{' (retry)' if retry else ''}: "
+            f"{_names_text(names) if opcode == Opcode.READVAR else 'association list'}")
+
+
 def _decode_variables(reply: Response, what: str, ctx: ProbeContext) -> dict[str, str]:
     variables = mode6.parse_variables(reply.data)
-    ctx.log(f"<- {what}: status {reply.status:#06x}, {len(reply.data)} bytes in "
+    ctx.log(lambda: f"<- {what}: status {reply.status:#06x}, {len(reply.data)} bytes in "
             f"{reply.fragments} fragment{'s' if reply.fragments != 1 else ''}, "
             f"{len(variables)} variables: {_summary(variables)}")
     return variables
@@ -498,7 +514,8 @@ async def _collect(session: _Session, pump: DatagramPump[Response | ErrorReply],
             m.fail(Reason.MODE6_BAD_REPLY)
         else:
             got.words = dict(associations)
-            log(f"<- READSTAT: status {reply.status:#06x}, {len(associations)} associations"
+            status = reply.status
+            log(lambda: f"<- READSTAT: status {status:#06x}, {len(associations)} associations"
                 + "".join(f"{', ' if i else ': '}{a} "
                           f"{mode6.decode_peer_status(w).selection_name}"
                           for i, (a, w) in enumerate(associations)))
@@ -512,14 +529,13 @@ async def _collect(session: _Session, pump: DatagramPump[Response | ErrorReply],
     elif isinstance(reply, ErrorReply):
         m.fail(Reason.MODE6_ERROR)
 
-    for association in list(got.words or ()):
+    words = got.words or {}
+    for association in list(words):
         reply = await session.request(pump, Opcode.READVAR, association)
         if isinstance(reply, Response):
             got.peers[association] = _decode_variables(reply, f"READVAR assoc {association}",
                                                        ctx)
-            if got.words is not None:
-                # Newer than READSTAT's word: what ntpq -pn shows.
-                got.words[association] = reply.status
+            words[association] = reply.status  # newer than READSTAT's: what ntpq -pn shows
         elif isinstance(reply, ErrorReply):
             if reply.code == ErrorCode.BADASSOC:
                 # Demobilised since READSTAT (a pool or manycast association): not an error.
@@ -527,8 +543,7 @@ async def _collect(session: _Session, pump: DatagramPump[Response | ErrorReply],
             else:
                 m.fail(Reason.MODE6_ERROR)
 
-    for names in ((*_UPTIME_VARIABLES,), (*_SYSSTATS, *(f"{n}_r" for n in _SYSSTATS)),
-                  (*_IOSTATS,)):
+    for names in _STATS_REQUESTS:
         if session.stopped:
             return
         await _read_stats(session, pump, names, got, ctx)

@@ -391,7 +391,6 @@ async def test_counters_match_ntpq_sysstats_and_iostats(server: Server) -> None:
                        ("total_rbuf", "probe_ntpd_receive_buffers")):
         stats = sysstats if name.startswith("ss_") else iostats
         assert value(m, ours) == int(stats[name]), name
-    assert value(m, "probe_ntpd_control_requests_total") is not None
     assert m.packets_sent == 2 + len(SHM_OFFSETS) + 3  # READSTAT, system, peers, stats
 
 
@@ -404,11 +403,9 @@ async def test_min_candidates_above_the_candidates_is_too_few_sources(server: Se
 
 
 async def test_noquery_is_mode6_timeout(server: Server) -> None:
-    started = time.monotonic()
     m, log = await probe_ntpd("[::1]:123", request_timeout=0.3)
     assert m.failure == "mode6_timeout", log
     assert m.packets_sent == 2  # READSTAT and its retry, then nothing more
-    assert time.monotonic() - started < 1.5
     assert "noquery" in log
     # The same ntpd answers over 127.0.0.1: silence was the restrict rule.
     answered, log = await probe_ntpd()
