@@ -477,14 +477,13 @@ class Requests:
             return BadReply(str(exc), unsupported=False)
 
     def _late(self, data: bytes) -> str:
-        for command, sequence in reversed(self.expired):
-            try:
-                cmdmon.decode_reply(data, command, sequence)
-            except cmdmon.ReplyMismatchError:
-                continue
-            except cmdmon.CmdmonError:
-                pass
-            return f"late reply to {command.name} sequence {sequence:08x}"
+        """Why ``data`` is ignored when it answers an expired request, else ""."""
+        echo = cmdmon.reply_echo(data)
+        if echo is None:
+            return ""
+        for command, sequence in self.expired:
+            if (command, sequence) == echo:
+                return f"late reply to {command.name} sequence {sequence:08x}"
         return ""
 
 
@@ -569,7 +568,8 @@ class Session:
         payload = cmdmon.encode_request(command, sequence, index=index)
         requests = self._requests
         requests.current = (command, sequence)
-        self._log(f"-> {name} sequence {sequence:08x} attempt {attempt} ({len(payload)} B)")
+        self._log(lambda: f"-> {name} sequence {sequence:08x} attempt {attempt} "
+                  f"({len(payload)} B)")
         try:
             _, received = await self._pump.exchange(payload, self._loop.time() + self._timeout)
         finally:
@@ -580,7 +580,8 @@ class Session:
         elif isinstance(received, BadReply):
             self._log(f"<- {name}: bad reply: {received.why}")
         else:
-            self._log(f"<- {name}: {received.status.name}: {_describe(received.data)}")
+            reply = received
+            self._log(lambda: f"<- {name}: {reply.status.name}: {_describe(reply.data)}")
         return received
 
     def _record(self, command: Command, status: CommandStatus) -> None:
@@ -638,10 +639,7 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
     family: int
     dest: SockAddr
     if settings.socket:
-        refusal = ctx.guard.refuse(target.host)
-        if refusal is not None:
-            log(f"target forbidden: {refusal}; nothing sent")
-            m.fail(Reason.TARGET_FORBIDDEN)
+        if common.refused(ctx, ctx.guard.refuse(target.host)):
             return m
         family, dest, bind_path = socket.AF_UNIX, settings.socket, _bind_path(settings.socket)
         server = f"unix socket {settings.socket}"
@@ -723,11 +721,12 @@ def _conclude(got: Collected, settings: ChronySettings, ctx: ProbeContext,
               server: str) -> None:
     m, log = ctx.measurement, ctx.log
     _emit(m, got)
-    m.reports.append(ChronyReport(
+    report = ChronyReport(
         server, got.tracking,
         tuple((got.sources[i], got.sourcestats.get(i)) for i in sorted(got.sources)),
         got.serverstats, tuple((c, s.value) for c, s in got.statuses),
-    ))
+    )
+    m.reports.append(report)
     if got.transport_failure is not None:
         m.fail(got.transport_failure)
     t = got.tracking
@@ -737,7 +736,7 @@ def _conclude(got: Collected, settings: ChronySettings, ctx: ProbeContext,
         m.fail(Reason.CHRONY_TIMEOUT if status is None else _TRACKING_FAILURE[status])
     elif t.leap_status is LeapStatus.UNSYNCHRONISED:
         m.fail(Reason.LEAP_UNSYNCHRONIZED)
-    selectable = sum(1 for s in got.sources.values() if s.state in _SELECTABLE)
+    selectable = report.selectable
     if got.n_sources is not None and len(got.sources) < got.n_sources:
         log(f"{len(got.sources)} of {got.n_sources} sources obtained")
     if selectable < settings.min_candidates:

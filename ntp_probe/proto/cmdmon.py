@@ -528,15 +528,9 @@ def _ipv6_text(addr: bytes) -> str:
 # --- replies ------------------------------------------------------------------------------------
 
 
-def decode_reply(data: bytes, command: Command, sequence: int) -> Reply:
-    """Decode one datagram received for the request (``command``, ``sequence``).
-
-    Checks, as chronyc does (client.c): header length, protocol version, packet type,
-    reserved bytes, then command and sequence echo (:class:`ReplyMismatchError`), then the
-    status and the reply type, and that the length is exactly that of the reply type.
-    A non-SUCCESS status gives a :class:`Reply` with no data. Unknown reply types and status
-    codes raise :class:`UnsupportedReplyError`; anything else wrong :class:`CmdmonError`.
-    """
+def _reply_header(data: bytes) -> tuple[int, int, int, int]:
+    """(command, reply type, status, sequence) of a datagram that passes the header checks
+    before the echo: length, packet type, reserved bytes, protocol version."""
     if len(data) < REPLY_HEADER_LEN:
         raise CmdmonError(f"reply of {len(data)} B is shorter than the {REPLY_HEADER_LEN} B header")
     (version, pkt_type, res1, res2, r_command, r_type, r_status,
@@ -547,6 +541,29 @@ def decode_reply(data: bytes, command: Command, sequence: int) -> Reply:
         version >= _OLDEST_VERSION_FOR_BADPKTVERSION and r_status == Status.BADPKTVERSION
     ):
         raise CmdmonError(f"protocol version {version}, expected {PROTO_VERSION}")
+    return r_command, r_type, r_status, r_sequence
+
+
+def reply_echo(data: bytes) -> tuple[int, int] | None:
+    """The (command, sequence) a command reply echoes, or None when ``data`` is no reply
+    (it fails the header checks :func:`decode_reply` makes before the echo)."""
+    try:
+        r_command, _, _, r_sequence = _reply_header(data)
+    except CmdmonError:
+        return None
+    return r_command, r_sequence
+
+
+def decode_reply(data: bytes, command: Command, sequence: int) -> Reply:
+    """Decode one datagram received for the request (``command``, ``sequence``).
+
+    Checks, as chronyc does (client.c): header length, protocol version, packet type,
+    reserved bytes, then command and sequence echo (:class:`ReplyMismatchError`), then the
+    status and the reply type, and that the length is exactly that of the reply type.
+    A non-SUCCESS status gives a :class:`Reply` with no data. Unknown reply types and status
+    codes raise :class:`UnsupportedReplyError`; anything else wrong :class:`CmdmonError`.
+    """
+    r_command, r_type, r_status, r_sequence = _reply_header(data)
     if r_command != command or r_sequence != sequence:
         raise ReplyMismatchError(
             f"reply to command {r_command} sequence {r_sequence:#010x}, "

@@ -24,7 +24,9 @@ from ntp_probe.config.schema import Module
 from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.runner import guard_for
 from ntp_probe.exposition.render import render
+from ntp_probe.net.udp import Datagram
 from ntp_probe.probers import chrony
+from ntp_probe.proto.cmdmon import Command
 from tests.conftest import label_sets, names, probe, value
 
 LOOPBACK = "127.0.0.1"
@@ -332,11 +334,8 @@ async def test_first_attempts_dropped_retries_get_through(fake: FakeCommandPort)
 async def test_silent_daemon_times_out_within_the_deadline(fake: FakeCommandPort) -> None:
     fake.behaviour = lambda req: []
     module = chrony_module(timeout="1s", request_timeout="200ms")
-    loop = asyncio.get_running_loop()
-    started = loop.time()
     m, log = await probe(f"{LOOPBACK}:{fake.port}", module)
-    assert loop.time() - started < 1.0
-    assert m.failure == "chrony_timeout"
+    assert m.failure == "chrony_timeout"  # not the runner's backstop: "timeout"
     assert len(sent_lines(log.text(), "TRACKING")) == 2, log.text()
     # chronyd does not answer: nothing more is asked.
     assert fake.commands() == [(TRACKING, None)] * 2 and m.packets_sent == 2
@@ -407,17 +406,29 @@ async def test_late_reply_to_the_first_attempt_is_ignored(fake: FakeCommandPort)
     assert statuses(m)["tracking"] == "ok"
 
 
+def test_only_a_reply_echoing_an_expired_request_reads_as_late() -> None:
+    lines: list[str] = []
+    requests = chrony.Requests(lines.append, None)
+    expired = Req(0, TRACKING, 0x1234, None, 0, (LOOPBACK, 323))
+    requests.expired.append((Command.TRACKING, expired.sequence))
+
+    def arrive(data: bytes) -> None:
+        assert requests.match(Datagram(data, (LOOPBACK, 323), 0, False)) is None
+
+    arrive(b"\x17" * 104)  # noise: no chronyd reply at all
+    arrive(FakeChronyd().tracking(replace(expired, sequence=0x9999)))  # answers nothing of ours
+    arrive(FakeChronyd().tracking(expired))
+    assert lines == ["datagram ignored: no request waiting"] * 2 + [
+        "datagram ignored: late reply to TRACKING sequence 00001234"]
+
+
 async def test_short_deadline_reports_the_sources_obtained(fake: FakeCommandPort) -> None:
     fake.chronyd.sources = [FakeSource(f"192.0.2.{i}", state=4) for i in range(1, 41)]
     # Every reply takes 10 ms: 83 commands cannot fit in 500 ms.
     fake.behaviour = lambda req: [(fake.chronyd.answer(req), 0.01)]
     module = chrony_module(timeout="500ms", request_timeout="100ms")
-    loop = asyncio.get_running_loop()
-    started = loop.time()
     m, log = await probe(f"{LOOPBACK}:{fake.port}", module)
-    elapsed = loop.time() - started
-    # Within the deadline, but for the event loop's own lateness on a loaded machine.
-    assert elapsed < 0.5 + 0.05, log.text()
+    # The prober kept its own deadline: the runner's backstop did not have to end it.
     assert "probe deadline reached" not in log.text()
     text = log.text()
     assert re.search(r"(SOURCE_DATA|SOURCESTATS) \d+: not sent: 0\.\d+s left", text), text
