@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
+import functools
+import os
 import socket
+import ssl
 from collections.abc import Callable
 
 from cryptography import x509
 from OpenSSL import SSL
 from service_identity import CertificateError, VerificationError
 from service_identity.pyopenssl import verify_hostname, verify_ip_address
+
+from ntp_probe.proto.address import ip_address
 
 Log = Callable[[str], None]
 
@@ -70,10 +74,39 @@ def verify_error_text(code: int) -> str:
 def is_ip_literal(name: str) -> bool:
     """True when ``name`` is an IPv4 or IPv6 address rather than a host name."""
     try:
-        ipaddress.ip_address(name.split("%", 1)[0])
+        ip_address(name.split("%", 1)[0])
     except ValueError:
         return False
     return True
+
+
+def _stamp(ca_file: str) -> tuple[int, int] | None:
+    """When and how large the trust anchors' file is (the system bundle for ""), so that a
+    replaced file is loaded again; None when it cannot be read."""
+    path = ca_file or ssl.get_default_verify_paths().cafile
+    try:
+        info = os.stat(path) if path else None
+    except OSError:
+        return None
+    return None if info is None else (info.st_mtime_ns, info.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _context(ca_file: str, alpn: bytes, stamp: tuple[int, int] | None) -> SSL.Context:
+    """A TLS 1.3 client context with these trust anchors, built once per file version:
+    parsing a CA bundle takes milliseconds, on the event loop, on every probe otherwise."""
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_alpn_protos([alpn])
+    try:
+        if ca_file:
+            ctx.load_verify_locations(ca_file)
+        else:
+            ctx.set_default_verify_paths()
+    except SSL.Error as exc:
+        raise HandshakeError(f"cannot load trust anchors from {ca_file!r}: "
+                             f"{_describe(exc)}") from None
+    return ctx
 
 
 class TLSClient:
@@ -85,19 +118,7 @@ class TLSClient:
     """
 
     def __init__(self, *, ca_file: str, alpn: bytes) -> None:
-        ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
-        ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
-        ctx.set_alpn_protos([alpn])
-        try:
-            if ca_file:
-                ctx.load_verify_locations(ca_file)
-            else:
-                ctx.set_default_verify_paths()
-        except SSL.Error as exc:
-            raise HandshakeError(f"cannot load trust anchors from {ca_file!r}: "
-                                 f"{_describe(exc)}") from None
-        ctx.set_verify(SSL.VERIFY_PEER, self._on_verify)
-        self._ctx = ctx
+        self._ctx = _context(ca_file, alpn, _stamp(ca_file))
         self._sock: socket.socket | None = None
         self._conn: SSL.Connection | None = None
         self.verify_errors: list[tuple[int, int, str]] = []  # (depth, code, message)
@@ -129,6 +150,7 @@ class TLSClient:
         if self._sock is None:
             raise RuntimeError("handshake before connect")
         conn = SSL.Connection(self._ctx, self._sock)
+        conn.set_verify(SSL.VERIFY_PEER, self._on_verify)  # this connection's own record
         self._conn = conn
         ip = is_ip_literal(server_name)
         if not ip:

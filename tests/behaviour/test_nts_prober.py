@@ -30,6 +30,7 @@ from OpenSSL import SSL
 from ntp_probe.config.load import parse_config
 from ntp_probe.config.schema import NTS_AEAD_IDS, ConfigError, Module, NTPSettings, NTSSettings
 from ntp_probe.engine.result import Reason
+from ntp_probe.net.tls import TLSClient
 from ntp_probe.proto.nts import ef, ke
 from tests.conftest import LOOPBACK, probe, value
 
@@ -314,3 +315,14 @@ def test_config_reads_the_nts_block() -> None:
     with pytest.raises(ConfigError, match="not one of"):
         parse_config("modules:\n  n:\n    prober: nts\n    nts: {aead: [30]}\n", "t")
     assert set(NTS_AEAD_IDS) == set(ef.AEAD_ALGORITHMS)
+
+
+def test_trust_anchors_are_loaded_once_per_version_of_their_file(pki: PKI,
+                                                                 tmp_path: Path) -> None:
+    # Parsing a CA bundle takes milliseconds on the event loop: not on every probe.
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(pki[0].read_bytes())
+    first = TLSClient(ca_file=str(ca), alpn=b"ntske/1")
+    assert TLSClient(ca_file=str(ca), alpn=b"ntske/1")._ctx is first._ctx
+    ca.write_bytes(pki[0].read_bytes() + b"\n")  # replaced: loaded again
+    assert TLSClient(ca_file=str(ca), alpn=b"ntske/1")._ctx is not first._ctx
