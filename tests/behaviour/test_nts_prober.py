@@ -326,3 +326,20 @@ def test_trust_anchors_are_loaded_once_per_version_of_their_file(pki: PKI,
     assert TLSClient(ca_file=str(ca), alpn=b"ntske/1")._ctx is first._ctx
     ca.write_bytes(pki[0].read_bytes() + b"\n")  # replaced: loaded again
     assert TLSClient(ca_file=str(ca), alpn=b"ntske/1")._ctx is not first._ctx
+
+
+async def test_no_socket_for_the_burst_is_a_local_error_not_the_servers(fake: FakeNTS,
+                                                                         pki: PKI) -> None:
+    # The key exchange names an IPv6 server on an interface this host lacks: the socket
+    # address cannot even be made. That is this host's trouble, not the server's.
+    def records(port: int) -> bytes:
+        recs = [ke.Record(1, b"\0\0", True), ke.Record(4, b"\0\x0f", True),
+                ke.Record(6, b"fe80::1%nosuchif0", True),
+                ke.Record(7, struct.pack("!H", port), True), ke.Record(5, os.urandom(100)),
+                ke.Record(0, b"", True)]
+        return b"".join(r.encode() for r in recs)
+
+    fake.records = records
+    m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0]))
+    assert m.failure is Reason.LOCAL_ERROR, log.text()
+    assert fake.requests == [] and m.packets_sent == 0

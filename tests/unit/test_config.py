@@ -191,6 +191,21 @@ def test_unknown_module_key_names_full_path() -> None:
     assert problem(exc.value).startswith("modules.m.timout: unknown key")
 
 
+@pytest.mark.parametrize(("prober", "key", "value"), [
+    ("nts", "source_ip_address", "192.0.2.1"),
+    ("nts", "all_addresses", "true"),
+    ("nts", "kernel_correlation", "true"),
+    ("ntp_group", "kernel_correlation", "true"),
+])
+def test_ntp_keys_a_prober_does_not_use_are_refused(prober: str, key: str, value: str) -> None:
+    # Accepted and then ignored, they would read as in force.
+    with pytest.raises(ConfigError) as exc:
+        parse(f"modules:\n  m:\n    prober: {prober}\n    ntp:\n      {key}: {value}\n")
+    assert problem(exc.value) == f"modules.m.ntp.{key}: not used by prober: {prober}"
+    # The same key in an ntp module is in force.
+    parse(f"modules:\n  m:\n    prober: ntp\n    ntp:\n      {key}: {value}\n")
+
+
 def test_unknown_ntp_key_names_full_path() -> None:
     text = "modules:\n  ntp:\n    ntp:\n      sampels: 3\n"
     with pytest.raises(ConfigError) as exc:
