@@ -412,8 +412,9 @@ async def _authenticated_burst(server: Resolved, port: int, settings: NTPSetting
         async with pump:
             await _run_burst(pump, client, settings, burst, session, until, ctx)
     except OSError as exc:
-        log(f"local socket error: {exc.strerror or exc}")
-        burst.unreachable = exc.strerror or str(exc)
+        # No socket (out of descriptors): this host's trouble, as for the ntp prober.
+        log(f"local error, nothing sent: {exc.strerror or exc}")
+        burst.local_error = exc.strerror or str(exc)
     finally:
         if pump is not None:
             burst.sent = pump.sent

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
 import os
 import random
 import socket
@@ -19,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -31,6 +33,8 @@ from ntp_probe.config.load import parse_config
 from ntp_probe.config.schema import NTS_AEAD_IDS, ConfigError, Module, NTPSettings, NTSSettings
 from ntp_probe.engine.result import Reason
 from ntp_probe.net.tls import TLSClient
+from ntp_probe.net.udp import DatagramPump
+from ntp_probe.probers import nts_session
 from ntp_probe.proto.nts import ef, ke
 from tests.conftest import LOOPBACK, probe, value
 
@@ -328,18 +332,16 @@ def test_trust_anchors_are_loaded_once_per_version_of_their_file(pki: PKI,
     assert TLSClient(ca_file=str(ca), alpn=b"ntske/1")._ctx is not first._ctx
 
 
-async def test_no_socket_for_the_burst_is_a_local_error_not_the_servers(fake: FakeNTS,
-                                                                         pki: PKI) -> None:
-    # The key exchange names an IPv6 server on an interface this host lacks: the socket
-    # address cannot even be made. That is this host's trouble, not the server's.
-    def records(port: int) -> bytes:
-        recs = [ke.Record(1, b"\0\0", True), ke.Record(4, b"\0\x0f", True),
-                ke.Record(6, b"fe80::1%nosuchif0", True),
-                ke.Record(7, struct.pack("!H", port), True), ke.Record(5, os.urandom(100)),
-                ke.Record(0, b"", True)]
-        return b"".join(r.encode() for r in recs)
+async def test_no_socket_for_the_burst_is_a_local_error_not_the_servers(
+    fake: FakeNTS, pki: PKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Out of descriptors once the key exchange is done (exhausting them for real would
+    # starve the test's own fake servers): this host's trouble, not the server's.
+    class NoSocket(DatagramPump[Any]):
+        async def __aenter__(self) -> NoSocket:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
 
-    fake.records = records
+    monkeypatch.setattr(nts_session, "DatagramPump", NoSocket)
     m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0]))
     assert m.failure is Reason.LOCAL_ERROR, log.text()
     assert fake.requests == [] and m.packets_sent == 0
