@@ -307,10 +307,13 @@ def _matcher(client: rules.Client, burst: ntp.Burst, session: _Session,
 
 
 def _placeholders(session: _Session, still_needed: int, cookie_length: int) -> int:
-    """Placeholders that bring the unused cookies up to what the rest of the burst needs."""
+    """Placeholders that bring the unused cookies up to what the rest of the burst needs.
+
+    The reply returns one cookie for the one this request spends, plus one per
+    placeholder (RFC 8915, 5.7)."""
     field_bytes = len(ef.encode_field(ef.FieldType.NTS_COOKIE, bytes(cookie_length)))
     fit = max(0, _MAX_COOKIE_FIELD_BYTES // field_bytes - 1)
-    return max(0, min(still_needed - len(session.cookies), ef.MAX_PLACEHOLDERS, fit))
+    return max(0, min(still_needed - len(session.cookies) - 1, ef.MAX_PLACEHOLDERS, fit))
 
 
 async def _run_burst(pump: DatagramPump[_Reply], client: rules.Client, settings: NTPSettings,

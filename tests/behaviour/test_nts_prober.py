@@ -236,6 +236,28 @@ async def test_authenticated_burst_uses_each_cookie_once(fake: FakeNTS, pki: PKI
     assert len(uids) == 3
 
 
+@pytest.mark.parametrize(("samples", "placeholders"), [(9, 0), (10, 1)])
+async def test_placeholders_ask_only_for_the_cookies_the_burst_lacks(
+    fake: FakeNTS, pki: PKI, samples: int, placeholders: int
+) -> None:
+    # The KE gives 8 cookies, and every reply returns one for the cookie its request
+    # spent, plus one per placeholder: 9 samples need none, 10 need one, once.
+    m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0], samples=samples,
+                                                               timeout=5.0))
+    assert m.failure is None, log.text()
+    sent = sum(_field_types(r).count(ef.FieldType.COOKIE_PLACEHOLDER) for r in fake.requests)
+    assert (len(fake.requests), sent) == (samples, placeholders)
+
+
+def _field_types(request: bytes) -> list[int]:
+    types, off = [], 48
+    while off < len(request):
+        t, n = struct.unpack_from("!HH", request, off)
+        types.append(t)
+        off += n
+    return types
+
+
 @pytest.mark.parametrize(("mode", "reason"), [
     ("nak", Reason.NTS_NAK),
     ("tamper", Reason.NTS_AUTH_FAILED),
@@ -301,14 +323,12 @@ async def test_stalled_ke_server_is_cut_off_by_the_deadline(pki: PKI) -> None:
     listener.bind((LOOPBACK, 0))
     listener.listen()  # accepts the TCP connection, never speaks TLS
     try:
-        started = time.monotonic()
         m, log = await probe(f"{LOOPBACK}:{listener.getsockname()[1]}",
                              module(pki[0], timeout=0.5, ke_timeout=10.0))
-        elapsed = time.monotonic() - started
     finally:
         listener.close()
+    # The probe's deadline ended the handshake (the runner's backstop would say timeout).
     assert m.failure is Reason.NTS_KE_TLS, log.text()
-    assert elapsed < 0.6
     assert "tls phase timed out" in log.text()
 
 
