@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from ntp_probe.cli import flags
 from ntp_probe.config.load import load_config
 from ntp_probe.config.schema import Config, ConfigError, Module
 from ntp_probe.engine.registry import resolve_target
@@ -32,23 +32,14 @@ class Unknown(Exception):
     """A problem that makes the check's answer UNKNOWN (exit 3)."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad arguments as a plugin's UNKNOWN, not argparse's exit 2."""
+class _Parser(flags.Parser):
+    """The shared flags' parser, reporting bad arguments (and bad NTP_PROBE_* variables) as
+    a plugin's UNKNOWN, not argparse's exit 2."""
 
     def error(self, message: str) -> NoReturn:
         """Bad arguments: UNKNOWN."""
         print(f"NTP UNKNOWN: {message}")
         raise SystemExit(UNKNOWN)
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
 
 
 def check_parser() -> argparse.ArgumentParser:
@@ -58,14 +49,13 @@ def check_parser() -> argparse.ArgumentParser:
                 epilog="exit status: 0 OK, 1 WARNING, 2 CRITICAL (also when the probe fails), "
                 "3 UNKNOWN (bad arguments or configuration).")
     p.add_argument("target", help="HOST, HOST:PORT, IP:PORT or [IPv6]:PORT")
-    p.add_argument("--module", default="ntp", help="module name (default: ntp)")
-    p.add_argument("-w", "--warning", type=_seconds, default=DEFAULT_WARNING, metavar="SECONDS",
-                   help=f"WARNING at |offset| >= this (default: {DEFAULT_WARNING})")
-    p.add_argument("-c", "--critical", type=_seconds, default=DEFAULT_CRITICAL,
-                   metavar="SECONDS",
-                   help=f"CRITICAL at |offset| >= this (default: {DEFAULT_CRITICAL})")
-    p.add_argument("--config.file", dest="config_file", metavar="FILE",
-                   help="modules file (default: the packaged modules)")
+    flags.flag(p, "--module", "ntp", help="module name")
+    flags.flag(p, "--warning", DEFAULT_WARNING, "-w", type=flags.positive_float,
+               metavar="SECONDS", help="WARNING at |offset| >= this")
+    flags.flag(p, "--critical", DEFAULT_CRITICAL, "-c", type=flags.positive_float,
+               metavar="SECONDS", help="CRITICAL at |offset| >= this")
+    flags.flag(p, "--config.file", None, dest="config_file", metavar="FILE",
+               help="modules file (default: the packaged modules)")
     return p
 
 

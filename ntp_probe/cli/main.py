@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from ntp_probe import __version__
 from ntp_probe.cli import check, logs, report
+from ntp_probe.cli.flags import Parser, env_name, flag, number, positive_float
 from ntp_probe.cli.probe import probe
 from ntp_probe.cli.serve import serve
 from ntp_probe.config.load import load_config
@@ -29,76 +28,22 @@ logger = logging.getLogger("ntp_probe")
 DEFAULT_LISTEN = ":9559"
 
 
-def _env_name(flag: str) -> str:
-    return "NTP_PROBE_" + flag.lstrip("-").upper().replace(".", "_").replace("-", "_")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, plus flags read from NTP_PROBE_* variables whose errors name the variable."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-        super().__init__(*args, **kwargs)
-        self.env_errors: list[str] = []
-
-    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
-        """Parse; an invalid environment variable is an error like an invalid flag."""
-        if self.env_errors:
-            self.error("; ".join(self.env_errors))
-        return super().parse_args(args, namespace)
-
-
-def _flag(parser: _Parser, flag: str, default: Any, **kwargs: Any) -> None:
-    env = _env_name(flag)
-    value = os.environ.get(env)
-    if value is not None:
-        convert, choices = kwargs.get("type"), kwargs.get("choices")
-        try:
-            converted = convert(value) if convert is not None else value
-            if choices is not None and converted not in choices:
-                raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}")
-        except argparse.ArgumentTypeError as exc:
-            parser.env_errors.append(f"environment variable {env}={value!r}: {exc}")
-        default = value
-    help_text = kwargs.pop("help", "")
-    shown = "" if default is None else f" (default: {default})"
-    parser.add_argument(flag, default=default, help=f"{help_text}{shown} [env {env}]", **kwargs)
-
-
-def _number(text: str, kind: type[float] | type[int]) -> float:
-    try:
-        value = kind(text)
-    except ValueError:
-        noun = "an integer" if kind is int else "a number"
-        raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
 def _non_negative_float(text: str) -> float:
-    value = _number(text, float)
+    value = number(text, float)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a number of seconds, not negative: {text}")
     return value
 
 
-def _positive_float(text: str) -> float:
-    value = _number(text, float)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text}")
-    return value
-
-
 def _positive_int(text: str) -> int:
-    value = int(_number(text, int))
+    value = int(number(text, int))
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(_number(text, int))
+    value = int(number(text, int))
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text}")
     return value
@@ -114,46 +59,46 @@ def _bool(text: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _common(parser: _Parser) -> None:
-    _flag(parser, "--config.file", None, dest="config_file", metavar="FILE",
+def _common(parser: Parser) -> None:
+    flag(parser, "--config.file", None, dest="config_file", metavar="FILE",
           help="modules file; replaces the packaged default modules")
-    _flag(parser, "--log.level", "info", dest="log_level", choices=sorted(logs.LEVELS),
+    flag(parser, "--log.level", "info", dest="log_level", choices=sorted(logs.LEVELS),
           help="log level")
-    _flag(parser, "--log.format", "logfmt", dest="log_format", choices=("logfmt", "json"),
+    flag(parser, "--log.format", "logfmt", dest="log_format", choices=("logfmt", "json"),
           help="log format")
 
 
 def serve_parser() -> argparse.ArgumentParser:
     """Flags of the exporter (the default command)."""
-    p = _Parser(
+    p = Parser(
         prog="ntp-probe",
         description="Prometheus exporter for NTP (blackbox_exporter style). "
         "Subcommands: serve (default), probe TARGET, check TARGET (Nagios/Icinga plugin).",
     )
     _common(p)
-    env = _env_name("--web.listen-address")
+    env = env_name("--web.listen-address")
     p.add_argument("--web.listen-address", dest="listen", action="append", metavar="[HOST]:PORT",
                    help=f"address to listen on; repeat the flag for several (default: "
                    f"{DEFAULT_LISTEN}) [env {env}, comma-separated]")
-    _flag(p, "--web.systemd-socket", "false", dest="systemd_socket", type=_bool, nargs="?",
+    flag(p, "--web.systemd-socket", "false", dest="systemd_socket", type=_bool, nargs="?",
           const=True, metavar="BOOL",
           help="listen on the sockets systemd passes (socket activation) instead")
-    _flag(p, "--timeout-offset", "0.5", dest="timeout_offset", type=_non_negative_float,
+    flag(p, "--timeout-offset", "0.5", dest="timeout_offset", type=_non_negative_float,
           metavar="SECONDS", help="subtracted from Prometheus' scrape timeout")
-    _flag(p, "--probe.max-concurrent", "100", dest="max_concurrent", type=_positive_int,
+    flag(p, "--probe.max-concurrent", "100", dest="max_concurrent", type=_positive_int,
           metavar="N", help="probes in flight before /probe answers 503")
-    _flag(p, "--web.config.file", None, dest="web_config_file", metavar="FILE",
+    flag(p, "--web.config.file", None, dest="web_config_file", metavar="FILE",
           help="TLS and basic auth, in Prometheus exporter-toolkit format")
-    _flag(p, "--web.max-connections", "512", dest="max_connections", type=_positive_int,
+    flag(p, "--web.max-connections", "512", dest="max_connections", type=_positive_int,
           metavar="N", help="HTTP connections open at once; beyond it the oldest idle one "
           "is closed (kept below the open-files limit)")
-    _flag(p, "--web.read-header-timeout", "10", dest="header_timeout", type=_positive_float,
+    flag(p, "--web.read-header-timeout", "10", dest="header_timeout", type=positive_float,
           metavar="SECONDS", help="a new connection must send its request headers within this")
-    _flag(p, "--web.idle-timeout", "30", dest="idle_timeout", type=_positive_float,
+    flag(p, "--web.idle-timeout", "30", dest="idle_timeout", type=positive_float,
           metavar="SECONDS", help="an idle keep-alive connection is closed after this")
-    _flag(p, "--history.limit", "100", dest="history_limit", type=_non_negative_int, metavar="N",
+    flag(p, "--history.limit", "100", dest="history_limit", type=_non_negative_int, metavar="N",
           help="recent probes kept for the landing page (failures: as many again)")
-    _flag(p, "--config.check", "false", dest="config_check", type=_bool, nargs="?", const=True,
+    flag(p, "--config.check", "false", dest="config_check", type=_bool, nargs="?", const=True,
           metavar="BOOL", help="validate the configuration and exit 0 (valid) or 1")
     p.add_argument("--version", action="version", version=f"ntp-probe {__version__}")
     return p
@@ -163,7 +108,7 @@ def probe_parser() -> argparse.ArgumentParser:
     """Flags of ``ntp-probe probe``."""
     modules = load_config(None).modules
     listing = "\n".join(f"  {name:<10} {m.description}" for name, m in modules.items())
-    p = _Parser(
+    p = Parser(
         prog="ntp-probe probe",
         description="Run one probe and print the result.",
         epilog=f"packaged modules (a --config.file replaces them):\n{listing}\n\n"
@@ -171,8 +116,8 @@ def probe_parser() -> argparse.ArgumentParser:
         "2 bad arguments or configuration.",
     )
     p.add_argument("target", help="HOST, HOST:PORT, IP:PORT or [IPv6]:PORT")
-    _flag(p, "--module", "ntp", help="module name")
-    _flag(p, "--format", "text", dest="output_format", choices=report.FORMATS,
+    flag(p, "--module", "ntp", help="module name")
+    flag(p, "--format", "text", dest="output_format", choices=report.FORMATS,
           help="output format")
     _common(p)
     return p
@@ -204,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = argv[1:]
     args = serve_parser().parse_args(argv)
     if not args.listen:  # append actions take no default: the variable, else :9559
-        env = os.environ.get(_env_name("--web.listen-address"), DEFAULT_LISTEN)
+        env = os.environ.get(env_name("--web.listen-address"), DEFAULT_LISTEN)
         args.listen = [a.strip() for a in env.split(",") if a.strip()]
     logs.setup(args.log_level, args.log_format)
     config = _load(args.config_file)

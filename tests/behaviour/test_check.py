@@ -77,7 +77,7 @@ def exit_code(argv: list[str]) -> int:
 @pytest.mark.parametrize(("argv", "why"), [
     (["check", "127.0.0.1", "--module", "nope"], "unknown module 'nope' (known: ntp"),
     (["check", "127.0.0.1", "-w", "0.2", "-c", "0.1"], "-w 0.2 is above -c 0.1"),
-    (["check", "127.0.0.1", "-w", "soon"], "expected seconds"),
+    (["check", "127.0.0.1", "-w", "soon"], "expected a number"),
     (["check", "0x7f.1"], "non-standard form"),
     (["check"], "required: target"),
 ])
@@ -86,6 +86,21 @@ def test_bad_arguments_are_unknown(argv: list[str], why: str,
     assert exit_code(argv) == 3
     out = capsys.readouterr().out
     assert out.startswith("NTP UNKNOWN: ") and why in out and out.count("\n") == 1, out
+
+
+def test_flags_come_from_ntp_probe_variables_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # As for the other subcommands (the docker-compose and systemd examples set them).
+    path = tmp_path / "modules.yaml"
+    path.write_text("modules:\n  mine: {}\n")
+    monkeypatch.setenv("NTP_PROBE_CONFIG_FILE", str(path))
+    monkeypatch.setenv("NTP_PROBE_MODULE", "nope")
+    assert exit_code(["check", "127.0.0.1"]) == 3
+    assert "unknown module 'nope' (known: mine)" in capsys.readouterr().out
+    monkeypatch.setenv("NTP_PROBE_WARNING", "soon")
+    assert exit_code(["check", "127.0.0.1"]) == 3
+    out = capsys.readouterr().out
+    assert out.startswith("NTP UNKNOWN: environment variable NTP_PROBE_WARNING='soon'"), out
 
 
 def test_a_bad_config_file_is_unknown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

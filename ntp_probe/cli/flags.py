@@ -1,0 +1,73 @@
+"""Flags shared by the subcommands: each also read from an ``NTP_PROBE_<FLAG>`` variable.
+
+The variable's name is the flag's in capitals, dots and dashes as underscores
+(``--web.listen-address`` -> ``NTP_PROBE_WEB_LISTEN_ADDRESS``); a flag on the command line
+wins. A variable that does not convert is reported like a bad flag, naming the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from typing import Any
+
+
+def env_name(flag: str) -> str:
+    """The environment variable that can set ``flag``."""
+    return "NTP_PROBE_" + flag.lstrip("-").upper().replace(".", "_").replace("-", "_")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, plus flags read from NTP_PROBE_* variables whose errors name the variable."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.env_errors: list[str] = []
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """Parse; an invalid environment variable is an error like an invalid flag."""
+        if self.env_errors:
+            self.error("; ".join(self.env_errors))
+        return super().parse_args(args, namespace)
+
+
+def flag(parser: Parser, name: str, default: Any, *aliases: str, **kwargs: Any) -> None:
+    """Add the flag ``name`` (and its ``aliases``, e.g. ``-w``), its default taken from its
+    environment variable when that is set."""
+    env = env_name(name)
+    value = os.environ.get(env)
+    if value is not None:
+        convert, choices = kwargs.get("type"), kwargs.get("choices")
+        try:
+            converted = convert(value) if convert is not None else value
+            if choices is not None and converted not in choices:
+                raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}")
+        except argparse.ArgumentTypeError as exc:
+            parser.env_errors.append(f"environment variable {env}={value!r}: {exc}")
+        default = value
+    help_text = kwargs.pop("help", "")
+    shown = "" if default is None else f" (default: {default})"
+    parser.add_argument(*aliases, name, default=default, help=f"{help_text}{shown} [env {env}]",
+                        **kwargs)
+
+
+def number(text: str, kind: type[float] | type[int]) -> float:
+    """``text`` as a finite number of ``kind``, or argparse's type error."""
+    try:
+        value = kind(text)
+    except ValueError:
+        noun = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A number of seconds above 0."""
+    value = number(text, float)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text}")
+    return value
