@@ -123,6 +123,15 @@ def probe_parser() -> argparse.ArgumentParser:
     return p
 
 
+def listen_addresses(given: list[str] | None) -> list[str]:
+    """The addresses to listen on: the flags given, else the variable's comma-separated
+    list, else :9559 (also when the variable holds no address: never none at all)."""
+    if given:
+        return given
+    env = os.environ.get(env_name("--web.listen-address"), "")
+    return [a.strip() for a in env.split(",") if a.strip()] or [DEFAULT_LISTEN]
+
+
 def _load(path: str | None) -> Config | None:
     try:
         return load_config(path)
@@ -148,9 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "serve":
         argv = argv[1:]
     args = serve_parser().parse_args(argv)
-    if not args.listen:  # append actions take no default: the variable, else :9559
-        env = os.environ.get(env_name("--web.listen-address"), DEFAULT_LISTEN)
-        args.listen = [a.strip() for a in env.split(",") if a.strip()]
+    args.listen = listen_addresses(args.listen)
     logs.setup(args.log_level, args.log_format)
     config = _load(args.config_file)
     if args.config_check:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ntp_probe.cli.main import probe_parser, serve_parser
+from ntp_probe.cli.main import DEFAULT_LISTEN, listen_addresses, probe_parser, serve_parser
 from ntp_probe.cli.serve import unrestricted
 from ntp_probe.config.load import parse_config
 
@@ -65,3 +65,19 @@ def test_probe_help_lists_the_modules_and_exit_codes() -> None:
 def test_listening_everywhere_without_allowed_targets_is_warned_about(
         host: str | None, text: str, warned: bool) -> None:
     assert unrestricted(host, parse_config(text, "t")) is warned
+
+
+@pytest.mark.parametrize(("env", "want"), [
+    (None, [DEFAULT_LISTEN]),
+    ("", [DEFAULT_LISTEN]),  # set but empty: the default, not no listener at all
+    (" , ", [DEFAULT_LISTEN]),
+    ("127.0.0.1:1, [::1]:2", ["127.0.0.1:1", "[::1]:2"]),
+])
+def test_listen_addresses_from_the_variable(monkeypatch: pytest.MonkeyPatch, env: str | None,
+                                            want: list[str]) -> None:
+    if env is None:
+        monkeypatch.delenv("NTP_PROBE_WEB_LISTEN_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("NTP_PROBE_WEB_LISTEN_ADDRESS", env)
+    assert listen_addresses(None) == want
+    assert listen_addresses([":1"]) == [":1"]  # a flag wins
