@@ -24,7 +24,7 @@ from ntp_probe.engine.result import Measurement, Perf, Reason
 from ntp_probe.engine.targets import Target, TargetError, parse_target
 from ntp_probe.exposition.families import Family
 from ntp_probe.probers import ntp
-from ntp_probe.proto.ntp.select import Candidate, intersect
+from ntp_probe.proto.ntp.select import Candidate, Selection, intersect
 
 DESCRIPTION = ("falsetickers across a group of NTP servers (RFC 5905 selection), and the "
                "exporter's own clock against their consensus")
@@ -231,22 +231,22 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
             m.add(MEMBER_FAILURE, 1, name, failure)
         summary.append(MemberResult(name, state, offset, width, failure))
         log(f"member {name}: {state}" + (f" ({failure})" if failure else ""))
-    _conclude(m, selection.low, selection.high, len(selection.truechimers),
-              len(selection.falsetickers), module.ntp_group.max_falsetickers, log)
+    _conclude(m, selection, module.ntp_group.max_falsetickers, log)
     m.reports.append(GroupReport(str(target), tuple(summary), selection.low, selection.high))
     return m
 
 
-def _conclude(m: Measurement, low: float | None, high: float | None, truechimers: int,
-              falsetickers: int, max_falsetickers: int, log: ProbeLog) -> None:
-    m.add(MAJORITY, 0 if low is None else 1)
+def _conclude(m: Measurement, selection: Selection, max_falsetickers: int,
+              log: ProbeLog) -> None:
+    truechimers, falsetickers = len(selection.truechimers), len(selection.falsetickers)
+    low, high, midpoint = selection.low, selection.high, selection.midpoint
+    m.add(MAJORITY, 1 if selection.majority else 0)
     m.add(TRUECHIMERS, truechimers)
     m.add(FALSETICKERS, falsetickers)
-    if low is None or high is None:
+    if low is None or high is None or midpoint is None:
         log("no intersection shared by a majority of the members that answered")
         m.fail(Reason.NO_MAJORITY)
         return
-    midpoint = (low + high) / 2
     m.add(INTERSECTION_LOW, low)
     m.add(INTERSECTION_HIGH, high)
     m.add(LOCAL_CLOCK_OFFSET, midpoint)

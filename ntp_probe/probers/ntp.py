@@ -15,7 +15,6 @@ from ntp_probe.config.schema import Module, NTPSettings
 from ntp_probe.engine.context import PrefixedLog, ProbeContext
 from ntp_probe.engine.result import Measurement, Perf, Reason
 from ntp_probe.engine.targets import Target
-from ntp_probe.exposition import families as common_families
 from ntp_probe.exposition.families import Family
 from ntp_probe.net.resolve import Resolved
 from ntp_probe.net.udp import Datagram, DatagramPump, Unreachable, sockaddr_for
@@ -477,10 +476,8 @@ async def _probe_every_address(target: Target, settings: NTPSettings, port: int,
         return r.root_distance if r is not None and r.root_distance is not None else 1e9
 
     chosen = min(ok, key=distance) if ok else children[0].measurement
-    sent = m.packets_sent
-    m.samples.extend(s for s in chosen.samples if s[0] is not common_families.DNS_LOOKUP)
-    m.reports.extend(chosen.reports)
-    m.packets_sent = sent
+    m.samples += chosen.samples
+    m.reports += chosen.reports
     required_all = settings.addresses_required == "all"
     if failed and (required_all or not ok):
         for cm in failed:
