@@ -17,7 +17,7 @@ from ntp_probe.config.schema import Module, NTPSettings, NTSSettings
 from ntp_probe.engine.context import ProbeContext
 from ntp_probe.engine.result import Measurement, Reason
 from ntp_probe.engine.targets import Target
-from ntp_probe.net.resolve import Resolved, ResolveError, literal, resolve
+from ntp_probe.net.resolve import Resolved, ResolveError, resolve
 from ntp_probe.net.tls import TIME_ERRORS, ConnectError, HandshakeError, TLSClient
 from ntp_probe.net.udp import Datagram, DatagramPump, Unreachable, sockaddr_for
 from ntp_probe.probers import common, ntp
@@ -385,18 +385,14 @@ async def _ntp_server(session_server: str | None, ke_address: Resolved, ctx: Pro
     m, log = ctx.measurement, ctx.log
     if common.refused(ctx, ctx.guard.refuse(session_server)):
         return None
-    resolved = literal(session_server)
-    if resolved is None:
-        try:
-            async with asyncio.timeout_at(until):
-                resolved = await resolve(session_server.rstrip("."),
-                                         settings.preferred_ip_protocol,
-                                         settings.ip_protocol_fallback)
-        except (ResolveError, TimeoutError) as exc:
-            log(f"resolve negotiated NTP server {session_server}: {exc or 'timed out'}")
-            m.fail(Reason.RESOLVE)
-            return None
-    return resolved
+    try:
+        async with asyncio.timeout_at(until):  # an address literal is used as given
+            return await resolve(session_server.rstrip("."), settings.preferred_ip_protocol,
+                                 settings.ip_protocol_fallback)
+    except (ResolveError, TimeoutError) as exc:
+        log(f"resolve negotiated NTP server {session_server}: {exc or 'timed out'}")
+        m.fail(Reason.RESOLVE)
+        return None
 
 
 async def _authenticated_burst(server: Resolved, port: int, settings: NTPSettings,
