@@ -38,7 +38,6 @@ from ntp_probe.probers.nts import (
 from ntp_probe.probers.pacing import Pace
 from ntp_probe.proto.ntp import client as rules
 from ntp_probe.proto.ntp import packet as ntppkt
-from ntp_probe.proto.ntp import sample as maths
 from ntp_probe.proto.nts import ef, ke
 
 ALPN = b"ntske/1"
@@ -81,7 +80,6 @@ class _State:
     cookies_received: int = 0
     ntp_server: str | None = None
     ntp_port: int | None = None
-    authenticated: int = 0
 
 
 @dataclass(slots=True)
@@ -458,18 +456,16 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
             return m
         burst = ntp.Burst()
         await _authenticated_burst(server, port, settings, session, burst, until, ctx)
-        state.authenticated = len(burst.samples)
     finally:
-        m.add(AUTHENTICATED, 1 if state.authenticated else 0)
-        offset = None
-        samples: tuple[tuple[float, float, bool], ...] = ()
-        if burst is not None and burst.samples:
-            best = maths.select_best(burst.samples)
-            offset = best.offset
-            samples = tuple((s.offset, s.delay, s is best) for s in burst.samples)
+        # Also when the runner's backstop cut the burst: the samples taken were
+        # authenticated, and the NTP conclusion (which ran first) has their offset.
+        authenticated = len(burst.samples) if burst is not None else 0
+        m.add(AUTHENTICATED, 1 if authenticated else 0)
+        concluded = ntp.report_of(m) if burst is not None else None
         m.reports.append(NTSReport(
             state.ke_server, state.ke_port, state.server_name, state.tls_version, state.cipher,
             state.cert_verified, state.identity_verified, state.earliest_expiry, state.aead,
-            state.cookies_received, state.ntp_server, state.ntp_port, state.authenticated,
-            offset, samples))
+            state.cookies_received, state.ntp_server, state.ntp_port, authenticated,
+            concluded.offset if concluded is not None else None,
+            concluded.samples if concluded is not None else ()))
     return m
