@@ -51,8 +51,7 @@ def guard_for(config: Config, module: Module, kod: KodTable | None = None,
     """The guard for a probe of ``module``: the global policy, then the module's, and the
     configuration's leap file."""
     return Guard(policies=tuple(p for p in (config.policy, module.policy) if p), kod=kod,
-                 leaps=leaps, leapfile=config.leapfile,
-                 fail_on_leap_mismatch=module.ntp.fail_on_leap_mismatch)
+                 leaps=leaps, leapfile=config.leapfile)
 
 
 async def run_probe(target: Target, module: Module, timeout: float, log: ProbeLog | None = None,

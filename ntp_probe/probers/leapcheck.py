@@ -23,14 +23,15 @@ LEAP_CHECK = Family(
 _MISMATCHES = (LeapVerdict.MISSING_ANNOUNCEMENT, LeapVerdict.UNEXPECTED_ANNOUNCEMENT)
 
 
-def leap_check(ctx: ProbeContext, leap_indicator: int, server_unix_time: float) -> None:
+def leap_check(ctx: ProbeContext, leap_indicator: int, server_unix_time: float, *,
+               fail_on_mismatch: bool) -> None:
     """Add the verdict for ``leap_indicator`` read at ``server_unix_time`` (the server's
     clock, so that a leap is judged by the day the server is in); a mismatch fails the
-    probe with ``leap_mismatch`` when the module asks for it."""
-    guard = ctx.guard
-    verdict = leap_verdict(guard.leapfile, leap_indicator, server_unix_time)
+    probe with ``leap_mismatch`` when ``fail_on_mismatch`` (the module's
+    ntp.fail_on_leap_mismatch)."""
+    verdict = leap_verdict(ctx.guard.leapfile, leap_indicator, server_unix_time)
     ctx.measurement.add(LEAP_CHECK, 1, verdict.value)
     if verdict in _MISMATCHES:
         ctx.log(f"leap indicator {leap_indicator} against the leap file: {verdict.value}")
-        if guard.fail_on_leap_mismatch:
+        if fail_on_mismatch:
             ctx.measurement.fail(Reason.LEAP_MISMATCH)

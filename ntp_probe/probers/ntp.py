@@ -351,7 +351,7 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
     jitter = maths.jitter(burst.samples, best)
     server_time = best.t3_unix_ns / 1e9
     near_leap = ctx.guard.near_leap(server[0], server[1], p.leap, server_time)
-    leap_check(ctx, p.leap, server_time)
+    leap_check(ctx, p.leap, server_time, fail_on_mismatch=settings.fail_on_leap_mismatch)
     m.add(OFFSET, offset)
     m.add(RTT, delay)
     m.add(JITTER, jitter)

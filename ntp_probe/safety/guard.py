@@ -22,10 +22,7 @@ class Guard:
     policies: tuple[TargetPolicy, ...] = ()
     kod: KodTable | None = None
     leaps: LeapMemory | None = None
-    # What a server's leap indicator is compared with, and whether a mismatch fails the
-    # probe (the module's ntp.fail_on_leap_mismatch).
-    leapfile: LeapFile | None = None
-    fail_on_leap_mismatch: bool = False
+    leapfile: LeapFile | None = None  # what a server's leap indicator is compared with
 
     def refuse(self, host: str, address: str | None = None) -> str | None:
         """Why ``host`` (resolved to ``address``, if known) must not be probed, or None.
