@@ -35,27 +35,27 @@ class Target:
         return host if self.port is None else f"{host}:{self.port}"
 
 
-def _parse_port(text: str, raw: str) -> int:
+def _parse_port(text: str) -> int:
     if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 65535:
         raise TargetError(f"port {_short(text)} is not 1-65535")
     return int(text)
 
 
-def _interface_index(zone: str, raw: str) -> int:
+def _interface_index(zone: str) -> int:
     try:
         return int(zone) if zone.isdigit() else socket.if_nametoindex(zone)
     except OSError:
         raise TargetError(f"zone {_short(zone)} names no interface") from None
 
 
-def _canonical_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, zone: str | None,
-                       raw: str) -> str:
+def _canonical_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+                       zone: str | None) -> str:
     """One spelling per destination: IPv4-mapped IPv6 as IPv4, a zone only where it means
     something (link-local), as the interface's index."""
     if zone is not None:
         if ip.version != 6 or not _ZONE_RE.match(zone):
             raise TargetError("a zone (%interface) only goes with an IPv6 address")
-        index = _interface_index(zone, raw)
+        index = _interface_index(zone)
         try:
             socket.if_indextoname(index)
         except (OSError, OverflowError, ValueError):
@@ -68,7 +68,7 @@ def _canonical_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, zone: 
     return str(ip)
 
 
-def _check_host(host: str, raw: str) -> str:
+def _check_host(host: str) -> str:
     if not host:
         raise TargetError("the host is empty")
     address, sep, zone = host.partition("%")
@@ -77,7 +77,7 @@ def _check_host(host: str, raw: str) -> str:
     except ValueError:
         pass
     else:
-        return _canonical_address(ip, zone if sep else None, raw)
+        return _canonical_address(ip, zone if sep else None)
     if not _HOSTNAME_RE.match(host) or host.replace(".", "").isdigit():
         raise TargetError(_why_not_a_name(host))
     try:
@@ -141,21 +141,21 @@ def _parse(raw: str) -> Target:
             raise TargetError("'[' without ']'")
         host, rest = text[1:end], text[end + 1 :]
         try:
-            inner = ipaddress.ip_address(host.split("%", 1)[0])
+            inner = ip_address(host.split("%", 1)[0])
         except ValueError:
             inner = None
         if inner is None or inner.version != 6:
             raise TargetError("brackets hold no IPv6 address")
         if rest and not rest.startswith(":"):
             raise TargetError(f"unexpected {_short(rest)} after ']'")
-        port = _parse_port(rest[1:], raw) if rest else None
-        return Target(_check_host(host, raw), port)
+        port = _parse_port(rest[1:]) if rest else None
+        return Target(_check_host(host), port)
     if text.count(":") > 1:  # a bare IPv6 address: no port possible
         try:
-            ipaddress.ip_address(text.split("%", 1)[0])
+            ip_address(text.split("%", 1)[0])
         except ValueError:
             raise TargetError("not an IPv6 address (a host with a port is host:port)") from None
-        return Target(_check_host(text, raw), None)
+        return Target(_check_host(text), None)
     host, sep, port_text = text.partition(":")
-    port = _parse_port(port_text, raw) if sep else None
-    return Target(_check_host(host, raw), port)
+    port = _parse_port(port_text) if sep else None
+    return Target(_check_host(host), port)
