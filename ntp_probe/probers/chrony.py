@@ -3,10 +3,11 @@
 One probe asks TRACKING, N_SOURCES, then SOURCE_DATA and SOURCESTATS for each source, then
 SERVER_STATS, over UDP (``host[:port]``, port 323) or over chronyd's unix socket when the
 module names one. Every request has its own timeout and one retry with a new sequence
-number; a request is only sent when its whole timeout fits before the probe's deadline, so a
-short deadline shortens the probe instead of overrunning it, and what was obtained is
-reported. A command chronyd refuses (over UDP chrony 4.3 answers SERVER_STATS with UNAUTH)
-is listed in ``probe_chrony_command_status_info`` and the rest is still emitted.
+number; a request is only sent when its reply can still arrive before the probe's deadline
+(the shared pace of probers.pacing), so a short deadline shortens the probe instead of
+overrunning it, and what was obtained is reported. A command chronyd refuses (over UDP
+chrony 4.3 answers SERVER_STATS with UNAUTH) is listed in
+``probe_chrony_command_status_info`` and the rest is still emitted.
 
 Values and signs are those of ``chronyc -c``: source offsets are local clock minus source
 (positive: the local clock is ahead), the opposite sign to ``probe_ntp_offset_seconds``.
@@ -30,6 +31,7 @@ from ntp_probe.engine.targets import Target
 from ntp_probe.exposition.families import Family
 from ntp_probe.net.udp import Datagram, DatagramPump, SockAddr, Unreachable, sockaddr_for
 from ntp_probe.probers import common
+from ntp_probe.probers.pacing import Pace
 from ntp_probe.proto import cmdmon
 from ntp_probe.proto.cmdmon import (
     Command,
@@ -526,8 +528,8 @@ class Session:
                  got: Collected) -> None:
         self._pump = pump
         self._requests = requests
-        self._timeout = settings.request_timeout
-        self._until = until
+        # Retries go at once; the pace only keeps requests whose reply cannot arrive.
+        self._pace = Pace(0.0, settings.request_timeout, until)
         self._log = ctx.log
         self._loop = asyncio.get_running_loop()
         self.got = got
@@ -539,12 +541,12 @@ class Session:
         name = command.name if index is None else f"{command.name} {index}"
         bad: BadReply | None = None
         for attempt in range(1, _ATTEMPTS + 1):
-            left = self._until - self._loop.time()
-            if left < self._timeout:
-                # A reply could come after the deadline: not sending is kinder to the
+            if not await self._pace.wait():
+                # No reply could come before the deadline: not sending is kinder to the
                 # daemon than blaming it for a timeout that is ours.
+                left = self._pace.until - self._loop.time()
                 self._log(f"{name}: {'not sent' if attempt == 1 else 'no retry'}: "
-                          f"{max(left, 0.0):.3f}s left, request_timeout is {self._timeout:g}s")
+                          f"{max(left, 0.0):.3f}s left, too little for a reply")
                 if attempt == 1:
                     return None
                 break
@@ -570,14 +572,18 @@ class Session:
         requests.current = (command, sequence)
         self._log(lambda: f"-> {name} sequence {sequence:08x} attempt {attempt} "
                   f"({len(payload)} B)")
+        pace, sent_at = self._pace, self._loop.time()
         try:
-            _, received = await self._pump.exchange(payload, self._loop.time() + self._timeout)
+            _, received = await self._pump.exchange(payload,
+                                                    min(sent_at + pace.timeout, pace.until))
         finally:
             requests.current = None
             requests.expired.append((command, sequence))
         if received is None:
-            self._log(f"<- {name}: no reply within {self._timeout:g}s (attempt {attempt})")
-        elif isinstance(received, BadReply):
+            self._log(f"<- {name}: no reply in time (attempt {attempt})")
+            return None
+        pace.seen(self._loop.time() - sent_at)
+        if isinstance(received, BadReply):
             self._log(f"<- {name}: bad reply: {received.why}")
         else:
             reply = received

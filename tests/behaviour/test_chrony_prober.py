@@ -422,6 +422,16 @@ def test_only_a_reply_echoing_an_expired_request_reads_as_late() -> None:
         "datagram ignored: late reply to TRACKING sequence 00001234"]
 
 
+async def test_a_deadline_shorter_than_request_timeout_still_asks(fake: FakeCommandPort) -> None:
+    # A scrape timeout below request_timeout leaves less than one whole timeout, but
+    # plenty of time for a loopback reply: the requests go (the shared pace's rule).
+    m, log = await probe(f"{LOOPBACK}:{fake.port}",
+                         chrony_module(timeout="1s", request_timeout="2s"))
+    assert m.failure is None, log.text()
+    assert statuses(m)["tracking"] == "ok"
+    assert value(m, "probe_chrony_sources", state="sync") == 1
+
+
 async def test_short_deadline_reports_the_sources_obtained(fake: FakeCommandPort) -> None:
     fake.chronyd.sources = [FakeSource(f"192.0.2.{i}", state=4) for i in range(1, 41)]
     # Every reply takes 10 ms: 83 commands cannot fit in 500 ms.
