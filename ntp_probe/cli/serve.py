@@ -114,7 +114,7 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
     quiet_bad_requests()
     # handler_cancellation: a client that hangs up cancels its probe (and closes its socket).
     # shutdown_timeout: at SIGTERM, probes in flight get this long, then are cancelled.
-    runner = web.AppRunner(create_app(state, [guard.middleware()]), access_log=None,
+    runner = web.AppRunner(create_app(state, guard), access_log=None,
                            handler_cancellation=True, keepalive_timeout=args.idle_timeout,
                            shutdown_timeout=_SHUTDOWN_GRACE)
     await runner.setup()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -19,11 +19,10 @@ from ntp_probe.exposition.internals import Internals
 from ntp_probe.exposition.render import CONTENT_TYPE, render
 from ntp_probe.web import pages
 from ntp_probe.web.auth import WebConfig
+from ntp_probe.web.connections import ConnectionGuard
 from ntp_probe.web.history import History
 
 logger = logging.getLogger("ntp_probe.web")
-
-Middleware = Callable[..., Awaitable[web.StreamResponse]]
 
 DEFAULT_MODULE = "ntp"
 
@@ -198,39 +197,65 @@ async def index_handler(request: web.Request) -> web.Response:
                         content_type="text/html")
 
 
-@web.middleware
-async def error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """No traceback ever reaches a client: unexpected errors become a one-line 500."""
-    try:
-        return await handler(request)
-    except web.HTTPException:
-        raise
-    except Exception as exc:
-        logger.exception("error handling %s", request.path_qs)
-        return web.Response(status=500, text=f"internal error: {type(exc).__name__}\n")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_NOSNIFF = "X-Content-Type-Options"
 
 
-async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
-    # Every answer, the router's 404s and auth's 401s included: never let a browser guess
-    # that a text answer echoing a parameter is HTML.
-    response.headers["X-Content-Type-Options"] = "nosniff"
+def _served(handler: Handler, guard: ConnectionGuard | None) -> Handler:
+    """``handler`` as every route answers: its connection kept busy while it runs (not
+    timed out or evicted), no traceback ever reaching a client (an unexpected error is a
+    one-line 500), and ``X-Content-Type-Options: nosniff`` on the answer, so that a browser
+    never guesses that a text answer echoing a parameter is HTML.
+
+    A wrapper per route, not aiohttp middlewares: each middleware is one more coroutine
+    per request, and a probe's request pays for every one of them.
+    """
+    async def serve(request: web.Request) -> web.StreamResponse:
+        conn = guard.serving(request) if guard is not None else None
+        try:
+            response = await handler(request)
+        except web.HTTPException:
+            raise
+        except Exception as exc:
+            logger.exception("error handling %s", request.path_qs)
+            response = web.Response(status=500, text=f"internal error: {type(exc).__name__}\n")
+        finally:
+            if conn is not None:
+                guard.served(conn)  # type: ignore[union-attr]  # set with conn
+        response.headers[_NOSNIFF] = "nosniff"
+        return response
+
+    return serve
 
 
-def create_app(state: State, middlewares: Sequence[Middleware] = ()) -> web.Application:
-    """Build the application around shared state; ``middlewares`` run first."""
+def create_app(state: State, guard: ConnectionGuard | None = None) -> web.Application:
+    """Build the application around shared state; ``guard`` watches the connections."""
     auth = state.web_config.middleware()
-    app = web.Application(
-        middlewares=[*middlewares, *([auth] if auth else []), error_middleware])
-    app.on_response_prepare.append(_nosniff)
+    app = web.Application(middlewares=[auth] if auth else [])
     app[STATE] = state
-    app.router.add_get("/probe", probe_handler)
-    app.router.add_get("/metrics", metrics_handler)
-    app.router.add_get("/-/healthy", healthy_handler)
-    app.router.add_get("/-/ready", healthy_handler)
-    app.router.add_post("/-/reload", reload_handler)
-    app.router.add_get("/config", config_handler)
-    app.router.add_get("/logs", logs_handler)
-    app.router.add_get("/", index_handler)
+    # path -> methods, for the answer to a request no route takes.
+    routes: dict[str, list[str]] = {}
+
+    def add(method: str, path: str, handler: Handler) -> None:
+        app.router.add_route(method, path, _served(handler, guard))
+        routes.setdefault(path, []).extend(("GET", "HEAD") if method == "GET" else (method,))
+
+    add("GET", "/probe", probe_handler)
+    add("GET", "/metrics", metrics_handler)
+    add("GET", "/-/healthy", healthy_handler)
+    add("GET", "/-/ready", healthy_handler)
+    add("POST", "/-/reload", reload_handler)
+    add("GET", "/config", config_handler)
+    add("GET", "/logs", logs_handler)
+    add("GET", "/", index_handler)
+
+    async def not_routed(request: web.Request) -> web.StreamResponse:
+        # aiohttp's own 404 and 405 answers, through _served like every other answer.
+        allowed = routes.get(request.path)
+        if allowed is None:
+            return web.Response(status=404, text="404: Not Found")
+        return web.Response(status=405, text="405: Method Not Allowed",
+                            headers={"Allow": ",".join(sorted(allowed))})
+
+    app.router.add_route("*", "/{path:.*}", _served(not_routed, guard))
     return app

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,25 +143,19 @@ class ConnectionGuard:
 
     # --- requests ------------------------------------------------------------------------
 
-    def middleware(self) -> Callable[..., Awaitable[web.StreamResponse]]:
-        """Marks a connection busy while it serves a request, and idle after."""
-
-        @web.middleware
-        async def mw(request: web.Request,
-                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-                     ) -> web.StreamResponse:
-            proxy = self._by_handler.get(request.protocol)
-            conn = self._conns.get(proxy) if proxy is not None else None
-            if conn is None:
-                return await handler(request)
+    def serving(self, request: web.Request) -> _Conn | None:
+        """Mark the request's connection busy (never timed out or evicted) until
+        :meth:`served`; returns what to hand :meth:`served` (None: not a guarded one)."""
+        proxy = self._by_handler.get(request.protocol)
+        conn = self._conns.get(proxy) if proxy is not None else None
+        if conn is not None:
             conn.busy += 1
-            try:
-                return await handler(request)
-            finally:
-                conn.busy -= 1
-                conn.deadline = asyncio.get_running_loop().time() + self.idle_timeout
+        return conn
 
-        return mw
+    def served(self, conn: _Conn) -> None:
+        """The request is answered: the connection's next request has ``idle_timeout``."""
+        conn.busy -= 1
+        conn.deadline = asyncio.get_running_loop().time() + self.idle_timeout
 
     def exception_handler(self, loop: asyncio.AbstractEventLoop,
                           context: dict[str, Any]) -> None:

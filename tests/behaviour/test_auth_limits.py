@@ -47,6 +47,7 @@ async def test_a_password_over_72_bytes_is_refused_not_an_error(
     for user in (USER, "mallory"):
         resp = await client.get("/metrics", headers=basic(user, "x" * 73))
         assert resp.status == 401, await resp.text()
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
     ok = await client.get("/metrics", headers=basic(USER, PASSWORD))
     assert ok.status == 200
 
@@ -75,5 +76,6 @@ async def test_a_flood_of_wrong_passwords_is_turned_away_at_once(
     assert statuses.count(401) >= auth.MAX_PENDING_CHECKS
     busy = next(r for r in responses if r.status == 429)
     assert busy.headers["Retry-After"] == "1"
+    assert busy.headers["X-Content-Type-Options"] == "nosniff"
     # The right password still works once the flood has drained.
     assert (await client.get("/metrics", headers=basic(USER, PASSWORD))).status == 200

@@ -132,8 +132,46 @@ def test_bad_http_is_a_400_and_one_log_line(guarded: Exporter) -> None:
 
 
 def test_every_answer_says_nosniff(guarded: Exporter) -> None:
-    for path in ("/-/healthy", "/no-such-page", "/probe"):
+    for request, status in (("GET /-/healthy", 200), ("GET /no-such-page", 404),
+                            ("GET /probe", 400), ("POST /probe", 405), ("PUT /", 405),
+                            ("GET /-/reload", 405)):
         with connect(guarded.port) as s:
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            s.sendall(f"{request} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                      "Connection: close\r\n\r\n".encode())
             head = s.recv(4096).split(b"\r\n\r\n")[0].lower()
-        assert b"x-content-type-options: nosniff" in head, (path, head)
+        assert head.startswith(f"http/1.1 {status} ".encode()), (request, head)
+        assert b"x-content-type-options: nosniff" in head, (request, head)
+
+
+def read_response(s: socket.socket) -> bytes:
+    """One whole HTTP response (the request asked for Connection: close)."""
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return data
+
+
+def test_a_connection_serving_a_probe_is_neither_timed_out_nor_evicted(
+        guarded: Exporter) -> None:
+    # The probe waits on a server that never answers for longer than the header and idle
+    # timeouts, while idle connections beyond the limit evict the oldest idle ones: the
+    # busy connection, the oldest of all, must still get its answer.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent, \
+            connect(guarded.port) as s:
+        silent.bind((LOOPBACK, 0))
+        silent.settimeout(5)
+        target = f"{LOOPBACK}:{silent.getsockname()[1]}"
+        s.sendall(f"GET /probe?module=ntp&target={target} HTTP/1.1\r\nHost: x\r\n"
+                  "X-Prometheus-Scrape-Timeout-Seconds: 2.5\r\n"
+                  "Connection: close\r\n\r\n".encode())
+        silent.recvfrom(512)  # the probe is in flight
+        hogs = [connect(guarded.port) for _ in range(MAX_CONNECTIONS * 2)]
+        try:
+            response = read_response(s)
+        finally:
+            for hog in hogs:
+                hog.close()
+    assert response.startswith(b"HTTP/1.1 200 "), response[:200]
+    assert b"\nprobe_success 0\n" in response
+    assert b'probe_ntp_failure_info{reason="timeout"} 1' in response
+    assert "connection limit reached" in guarded.log()
