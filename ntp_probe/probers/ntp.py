@@ -213,18 +213,26 @@ def _matcher(client: rules.Client, burst: Burst,
         outcome = client.receive(d.data, d.source)
         if isinstance(outcome, rules.Accepted):
             return Reply(outcome.packet, d.rx_ns, d.kernel_timestamp)
-        if isinstance(outcome, rules.Late):
-            why, kind = "late reply to an expired request ignored", "late"
-        else:
-            burst.discarded += 1
-            why, kind = f"reply discarded: {outcome.reason}", outcome.kind
-        if burst.logged < _LOGGED_DISCARDS:
-            burst.logged += 1
-            log(why)
-        else:
-            burst.unlogged[kind] = burst.unlogged.get(kind, 0) + 1
+        set_aside(burst, outcome, log)
         return None
     return match
+
+
+def set_aside(burst: Burst, outcome: rules.Discarded | rules.Late,
+              log: Callable[[str], None]) -> None:
+    """A datagram that is not the awaited reply, into the burst's books: a discard counts
+    against the server, a late reply does not. The first few are logged one by one, the
+    rest counted by kind. Shared by the ntp and nts bursts."""
+    if isinstance(outcome, rules.Late):
+        why, kind = "late reply to an expired request ignored", "late"
+    else:
+        burst.discarded += 1
+        why, kind = f"reply discarded: {outcome.reason}", outcome.kind
+    if burst.logged < _LOGGED_DISCARDS:
+        burst.logged += 1
+        log(why)
+    else:
+        burst.unlogged[kind] = burst.unlogged.get(kind, 0) + 1
 
 
 async def _run_burst(pump: DatagramPump[Reply], client: rules.Client, settings: NTPSettings,

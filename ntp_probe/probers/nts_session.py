@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,7 +47,6 @@ _SUMMARY_MARGIN = 0.005  # kept back from the deadline to summarise and render
 # cookies are large.
 _MAX_COOKIE_FIELD_BYTES = 1024
 _UID_LENGTH = 32
-_LOGGED_DISCARDS = 5
 # A KE failure from proto/nts/ke.py -> the probe's reason. A warning (no codes are defined)
 # and "no common next protocol" are the server refusing us, like an error record.
 _KE_REASONS = {
@@ -250,57 +248,36 @@ def _blackbox_version(openssl_name: str) -> str:
 # --- the authenticated burst ----------------------------------------------------------
 
 
-def _discard(burst: ntp.Burst, log: Callable[[str], None], why: str, kind: str) -> None:
-    burst.discarded += 1
-    if burst.logged < _LOGGED_DISCARDS:
-        burst.logged += 1
-        log(why)
-    else:
-        burst.unlogged[kind] = burst.unlogged.get(kind, 0) + 1
-
-
-def _origin(data: bytes) -> int | None:
-    return struct.unpack_from("!Q", data, 24)[0] if len(data) >= ntppkt.HEADER_LEN else None
-
-
 def _matcher(client: rules.Client, burst: ntp.Burst, session: _Session,
              log: Callable[[str], None]) -> Callable[[Datagram], _Reply | None]:
-    def match(d: Datagram) -> _Reply | None:
+    # What authenticating the reply found: the cookies it returns, or that it is a NAK.
+    cookies: tuple[bytes, ...] = ()
+    nak = False
+
+    def authenticate(data: bytes) -> rules.Discarded | None:
+        nonlocal cookies, nak
         uid = session.uid
-        candidate = (client.pending is not None and uid is not None
-                     and tuple(d.source[:2]) == client.server
-                     and _origin(d.data) == client.pending)
-        if not candidate:
-            # Not an answer to the outstanding request: the NTP rules say what it is.
-            outcome = client.receive(d.data, d.source)
-            if isinstance(outcome, rules.Late):
-                log("late reply to an expired request ignored")
-            elif isinstance(outcome, rules.Discarded):
-                _discard(burst, log, f"reply discarded: {outcome.reason}", outcome.kind)
-            return None
-        assert uid is not None  # narrowed by ``candidate``
-        # Authenticate before the NTP rules mark the request answered: a forgery must not
-        # use up the wait for the genuine reply.
-        nak = False
-        cookies: tuple[bytes, ...] = ()
+        if uid is None:  # the request is being sent: nothing of ours can be answered yet
+            return rules.Discarded("no request of this session is waiting", "no request")
         try:
-            cookies = ef.verify_reply(d.data, uid, session.s2c, aead_id=session.aead).cookies
+            cookies, nak = ef.verify_reply(data, uid, session.s2c,
+                                           aead_id=session.aead).cookies, False
         except ef.NTSNak:
-            nak = True
+            cookies, nak = (), True
         except ef.NTSUIDMismatch as exc:
             session.uid_mismatch += 1
-            _discard(burst, log, f"reply discarded: {exc}", "unique identifier mismatch")
-            return None
+            return rules.Discarded(str(exc), "unique identifier mismatch")
         except ef.NTSReplyError as exc:
             session.auth_failed += 1
-            _discard(burst, log, f"reply discarded: {exc}", "authentication failed")
-            return None
-        outcome = client.receive(d.data, d.source)
-        if not isinstance(outcome, rules.Accepted):
-            why = outcome.reason if isinstance(outcome, rules.Discarded) else "late"
-            _discard(burst, log, f"reply discarded: {why}", "not a reply")
-            return None
-        return _Reply(outcome.packet, d.rx_ns, d.kernel_timestamp, cookies, nak)
+            return rules.Discarded(str(exc), "authentication failed")
+        return None
+
+    def match(d: Datagram) -> _Reply | None:
+        outcome = client.receive(d.data, d.source, authenticate)
+        if isinstance(outcome, rules.Accepted):
+            return _Reply(outcome.packet, d.rx_ns, d.kernel_timestamp, cookies, nak)
+        ntp.set_aside(burst, outcome, log)
+        return None
     return match
 
 

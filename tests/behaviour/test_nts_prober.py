@@ -81,6 +81,8 @@ class FakeNTS:
     ntp_port: int = 0
     records: Records | None = None  # None: a normal response
     ntp_mode: str = "ok"  # ok | nak | tamper | uid
+    withhold: int = 0  # requests answered only along with the next answered one (late)
+    withheld: list[bytes] = field(default_factory=list)
     keys: dict[bytes, tuple[bytes, bytes]] = field(default_factory=dict)  # cookie -> keys
     requests: list[bytes] = field(default_factory=list)
 
@@ -176,7 +178,14 @@ class _NTPServer(asyncio.DatagramProtocol):
             ct = ct[:-1] + bytes([ct[-1] ^ 1])
         auth = struct.pack("!HH", 16, len(ct)) + nonce + ct
         assert self.transport is not None
-        self.transport.sendto(header + uid_field + ef.encode_field(0x0404, auth), addr)
+        answer = header + uid_field + ef.encode_field(0x0404, auth)
+        if len(fake.requests) <= fake.withhold:
+            fake.withheld.append(answer)
+            return
+        for late in fake.withheld:  # genuine, authenticated, and too late
+            self.transport.sendto(late, addr)
+        fake.withheld.clear()
+        self.transport.sendto(answer, addr)
 
 
 @pytest.fixture
@@ -218,9 +227,11 @@ async def fake(pki: PKI) -> AsyncIterator[FakeNTS]:
         transport.close()
 
 
-def module(ca: Path, *, samples: int = 2, timeout: float = 2.0, ke_timeout: float = 1.0) -> Module:
+def module(ca: Path, *, samples: int = 2, timeout: float = 2.0, ke_timeout: float = 1.0,
+           reply_timeout: float = 0.2) -> Module:
     return Module(name="nts", prober="nts", timeout=timeout,
-                  ntp=NTPSettings(samples=samples, sample_interval=0.01, reply_timeout=0.2,
+                  ntp=NTPSettings(samples=samples, sample_interval=0.01,
+                                  reply_timeout=reply_timeout,
                                   preferred_ip_protocol="ip4"),
                   nts=NTSSettings(ca_file=str(ca), ke_timeout=ke_timeout))
 
@@ -247,6 +258,20 @@ async def test_placeholders_ask_only_for_the_cookies_the_burst_lacks(
     assert m.failure is None, log.text()
     sent = sum(_field_types(r).count(ef.FieldType.COOKIE_PLACEHOLDER) for r in fake.requests)
     assert (len(fake.requests), sent) == (samples, placeholders)
+
+
+async def test_late_replies_are_counted_not_logged_one_by_one(fake: FakeNTS, pki: PKI) -> None:
+    # Seven requests (of the KE's eight cookies) go unanswered until the eighth, whose
+    # answer comes after theirs: a server (or a replayer) sending many late replies must
+    # not fill the probe's log.
+    fake.withhold = 7
+    m, log = await probe(f"{LOOPBACK}:{fake.ke_port}",
+                         module(pki[0], samples=8, timeout=5.0, reply_timeout=0.05))
+    assert m.failure is None, log.text()
+    assert value(m, "probe_ntp_samples_received") == 1
+    text = log.text()
+    assert text.count("late reply to an expired request ignored") == 5, text
+    assert "2 more datagrams not logged one by one: 2 late" in text, text
 
 
 def _field_types(request: bytes) -> list[int]:

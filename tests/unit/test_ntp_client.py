@@ -111,6 +111,35 @@ def test_a_kiss_of_death_needs_no_transmit_timestamp() -> None:
     assert outcome.packet.kiss_code == "RATE"
 
 
+def test_authentication_judges_only_the_reply_to_the_pending_request() -> None:
+    judged: list[bytes] = []
+    verdict: list[rules.Discarded | None] = [rules.Discarded("bad authenticator", "auth")]
+
+    def authenticate(data: bytes) -> rules.Discarded | None:
+        judged.append(data)
+        return verdict[0]
+
+    c = rules.Client(SERVER)
+    c.request(NONCE)
+    # What the NTP rules already refuse never reaches the authentication.
+    for data, source in ((reply(), ("192.0.2.9", 123)), (reply(mode=2), SERVER),
+                         (reply(origin=NONCE + 1), SERVER), (reply(transmit=0), SERVER)):
+        assert isinstance(c.receive(data, source, authenticate), rules.Discarded)
+    assert judged == []
+    # A forgery it refuses leaves the request outstanding for the genuine reply.
+    forged = reply(stratum=1)
+    assert c.receive(forged, SERVER, authenticate) == rules.Discarded("bad authenticator")
+    assert judged == [forged] and c.pending == NONCE
+    verdict[0] = None
+    outcome = c.receive(reply(), SERVER, authenticate)
+    assert isinstance(outcome, rules.Accepted) and outcome.packet.stratum == 2
+    assert c.pending is None
+    # Answered: a copy is a duplicate, judged by the rules before any authentication.
+    assert c.receive(reply(), SERVER, authenticate) == rules.Discarded(
+        "duplicate of an answered request")
+    assert len(judged) == 2
+
+
 def test_nonces_are_random_and_never_zero() -> None:
     nonces = {rules.new_nonce() for _ in range(64)}
     assert len(nonces) == 64 and 0 not in nonces

@@ -11,6 +11,7 @@ a request whose wait already ended is ``Late``, which is not the server's fault.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ntp_probe.proto.ntp import packet as ntp
@@ -85,8 +86,15 @@ class Client:
         """The outstanding request never left (the send failed): forget it."""
         self._pending = None
 
-    def receive(self, data: bytes, source: Address) -> Outcome:
-        """Judge one datagram received on the burst's socket."""
+    def receive(self, data: bytes, source: Address,
+                authenticate: Callable[[bytes], Discarded | None] | None = None) -> Outcome:
+        """Judge one datagram received on the burst's socket.
+
+        ``authenticate`` (NTS) judges the datagram once every other rule has found it the
+        reply to the outstanding request, before it is marked answered: what it refuses
+        leaves the request outstanding, so a forgery cannot use up the wait for the
+        genuine reply.
+        """
         if tuple(source[:2]) != self.server:
             return Discarded(f"from {source[0]}:{source[1]}, not the target", "not from the target")
         try:
@@ -109,6 +117,10 @@ class Client:
         # A KoD need not carry timestamps; its origin check above is what authenticates it.
         if pkt.kiss_code is None and pkt.transmit_ts == 0:
             return Discarded("transmit timestamp is zero", "zero transmit timestamp")
+        if authenticate is not None:
+            refused = authenticate(data)
+            if refused is not None:
+                return refused
         self._seen[origin] = True
         self._pending = None
         return Accepted(pkt)
