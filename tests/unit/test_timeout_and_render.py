@@ -6,6 +6,9 @@ import math
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from ntp_probe.engine.result import Measurement, Reason
 from ntp_probe.engine.runner import TimeoutHeaderError, probe_timeout
@@ -94,6 +97,22 @@ def test_format_value_is_lossless(value: float) -> None:
 
 def test_format_value_accepts_int() -> None:
     assert format_value(3) == "3"
+    assert format_value(-7) == "-7"
+    assert float(format_value(10**20)) == 1e20
+
+
+@given(st.floats(allow_nan=False))
+def test_every_float_survives_the_text_format(value: float) -> None:
+    assert float(format_value(value)) == value
+
+
+@given(st.text(), st.text())
+def test_every_label_value_survives_the_text_format(refid: str, version: str) -> None:
+    r = Measurement()
+    r.add(ntp.SERVER_INFO, 1, refid, version)
+    parsed = {f.name: f for f in text_string_to_metric_families(render(r))}
+    assert parsed["probe_ntp_server_info"].samples[0].labels == {"refid": refid,
+                                                                  "version": version}
 
 
 # --- render -------------------------------------------------------------------------
