@@ -198,64 +198,49 @@ async def index_handler(request: web.Request) -> web.Response:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_NOSNIFF = "X-Content-Type-Options"
 
 
 def _served(handler: Handler, guard: ConnectionGuard | None) -> Handler:
     """``handler`` as every route answers: its connection kept busy while it runs (not
-    timed out or evicted), no traceback ever reaching a client (an unexpected error is a
-    one-line 500), and ``X-Content-Type-Options: nosniff`` on the answer, so that a browser
-    never guesses that a text answer echoing a parameter is HTML.
+    timed out or evicted), and no traceback ever reaching a client (an unexpected error is
+    a one-line 500).
 
     A wrapper per route, not aiohttp middlewares: each middleware is one more coroutine
-    per request, and a probe's request pays for every one of them.
+    per request (and one more held by every probe in flight), aiohttp's own current-app
+    middleware included, which it leaves out when there are none.
     """
     async def serve(request: web.Request) -> web.StreamResponse:
         conn = guard.serving(request) if guard is not None else None
         try:
-            response = await handler(request)
+            return await handler(request)
         except web.HTTPException:
             raise
         except Exception as exc:
             logger.exception("error handling %s", request.path_qs)
-            response = web.Response(status=500, text=f"internal error: {type(exc).__name__}\n")
+            return web.Response(status=500, text=f"internal error: {type(exc).__name__}\n")
         finally:
             if conn is not None:
                 guard.served(conn)  # type: ignore[union-attr]  # set with conn
-        response.headers[_NOSNIFF] = "nosniff"
-        return response
 
     return serve
+
+
+async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
+    # Every answer, the router's 404s and 405s and auth's 401s included: never let a
+    # browser guess that a text answer echoing a parameter is HTML.
+    response.headers["X-Content-Type-Options"] = "nosniff"
 
 
 def create_app(state: State, guard: ConnectionGuard | None = None) -> web.Application:
     """Build the application around shared state; ``guard`` watches the connections."""
     auth = state.web_config.middleware()
     app = web.Application(middlewares=[auth] if auth else [])
+    app.on_response_prepare.append(_nosniff)
     app[STATE] = state
-    # path -> methods, for the answer to a request no route takes.
-    routes: dict[str, list[str]] = {}
-
-    def add(method: str, path: str, handler: Handler) -> None:
-        app.router.add_route(method, path, _served(handler, guard))
-        routes.setdefault(path, []).extend(("GET", "HEAD") if method == "GET" else (method,))
-
-    add("GET", "/probe", probe_handler)
-    add("GET", "/metrics", metrics_handler)
-    add("GET", "/-/healthy", healthy_handler)
-    add("GET", "/-/ready", healthy_handler)
-    add("POST", "/-/reload", reload_handler)
-    add("GET", "/config", config_handler)
-    add("GET", "/logs", logs_handler)
-    add("GET", "/", index_handler)
-
-    async def not_routed(request: web.Request) -> web.StreamResponse:
-        # aiohttp's own 404 and 405 answers, through _served like every other answer.
-        allowed = routes.get(request.path)
-        if allowed is None:
-            return web.Response(status=404, text="404: Not Found")
-        return web.Response(status=405, text="405: Method Not Allowed",
-                            headers={"Allow": ",".join(sorted(allowed))})
-
-    app.router.add_route("*", "/{path:.*}", _served(not_routed, guard))
+    for path, handler in (("/probe", probe_handler), ("/metrics", metrics_handler),
+                          ("/-/healthy", healthy_handler), ("/-/ready", healthy_handler),
+                          ("/config", config_handler), ("/logs", logs_handler),
+                          ("/", index_handler)):
+        app.router.add_get(path, _served(handler, guard))
+    app.router.add_post("/-/reload", _served(reload_handler, guard))
     return app

@@ -66,8 +66,6 @@ MAX_PASSWORD_BYTES = 72
 # flood of wrong passwords cannot delay everyone else's checks without bound.
 MAX_PENDING_CHECKS = 32
 _CHECK_THREADS = 2
-# The answers given here, before any route's own (which add it themselves), say it too.
-_REFUSAL = {"X-Content-Type-Options": "nosniff"}
 
 
 class TooBusy(Exception):
@@ -152,12 +150,11 @@ class WebConfig:
                 allowed = await self.authorized(request.headers.get("Authorization"))
             except TooBusy:
                 return web.Response(status=429, text="too many password checks pending\n",
-                                    headers={"Retry-After": "1", **_REFUSAL, **self.headers})
+                                    headers={"Retry-After": "1", **self.headers})
             if not allowed:
                 return web.Response(
                     status=401, text="Unauthorized\n",
-                    headers={"WWW-Authenticate": 'Basic realm="ntp_probe"', **_REFUSAL,
-                             **self.headers},
+                    headers={"WWW-Authenticate": 'Basic realm="ntp_probe"', **self.headers},
                 )
             response = await handler(request)
             for name, value in self.headers.items():

@@ -132,7 +132,8 @@ def test_bad_http_is_a_400_and_one_log_line(guarded: Exporter) -> None:
 
 
 def test_every_answer_says_nosniff(guarded: Exporter) -> None:
-    for request, status in (("GET /-/healthy", 200), ("GET /no-such-page", 404),
+    for request, status in (("GET /-/healthy", 200), ("HEAD /metrics", 200),
+                            ("GET /no-such-page", 404), ("OPTIONS *", 404),
                             ("GET /probe", 400), ("POST /probe", 405), ("PUT /", 405),
                             ("GET /-/reload", 405)):
         with connect(guarded.port) as s:
