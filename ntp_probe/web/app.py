@@ -231,10 +231,31 @@ async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["X-Content-Type-Options"] = "nosniff"
 
 
+def _busy(guard: ConnectionGuard) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """The guard's busy marking as a middleware, for when it must cover other middlewares."""
+
+    @web.middleware
+    async def busy(request: web.Request, handler: Handler) -> web.StreamResponse:
+        conn = guard.serving(request)
+        try:
+            return await handler(request)
+        finally:
+            if conn is not None:
+                guard.served(conn)
+
+    return busy
+
+
 def create_app(state: State, guard: ConnectionGuard | None = None) -> web.Application:
     """Build the application around shared state; ``guard`` watches the connections."""
     auth = state.web_config.middleware()
-    app = web.Application(middlewares=[auth] if auth else [])
+    if auth is None:
+        app = web.Application()
+    else:
+        # The password check may wait in a queue: the connection is busy from before it,
+        # or a flood of idle connections could evict a client waiting for its check.
+        app = web.Application(middlewares=[*([_busy(guard)] if guard else []), auth])
+        guard = None
     app.on_response_prepare.append(_nosniff)
     app[STATE] = state
     for path, handler in (("/probe", probe_handler), ("/metrics", metrics_handler),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import socket
 import ssl
 import subprocess
 import time
@@ -126,8 +127,10 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
-def start_server(tmp: Path, web_config: Path, context: ssl.SSLContext | None) -> Server:
-    """Start ``ntp-probe`` with ``--web.config.file``; poll /-/healthy (authenticated)."""
+def start_server(tmp: Path, web_config: Path, context: ssl.SSLContext | None,
+                 args: tuple[str, ...] = ()) -> Server:
+    """Start ``ntp-probe`` with ``--web.config.file`` (and ``args``); poll /-/healthy
+    (authenticated)."""
     modules = tmp / "modules.yaml"
     modules.write_text(MODULES)
     scheme = "https" if context is not None else "http"
@@ -136,7 +139,8 @@ def start_server(tmp: Path, web_config: Path, context: ssl.SSLContext | None) ->
         port = free_tcp_port()
         log_path = tmp / f"exporter-{port}-{attempt}.log"
         argv = [*exporter_command(), f"--config.file={modules}",
-                f"--web.config.file={web_config}", f"--web.listen-address={LOOPBACK}:{port}"]
+                f"--web.config.file={web_config}", f"--web.listen-address={LOOPBACK}:{port}",
+                *args]
         with open(log_path, "wb") as log:
             # cwd is not the web config's directory: relative cert paths must still work.
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
@@ -275,6 +279,30 @@ def test_basic_auth_without_tls(auth_server: Server) -> None:
     assert_headers(denied)
     wrong = auth_server.get("/metrics", basic(USER, "nope"))
     assert wrong.status == 401
+
+
+def test_a_client_waiting_for_its_password_check_keeps_its_connection(tmp_path: Path) -> None:
+    # A password check that outlasts the header and idle timeouts (bcrypt cost 13: about
+    # half a second here): the connection waiting for its check is busy, not idle, so the
+    # guard must not close it. (Eviction spares busy connections by the same mark; the
+    # hostile-clients tests show that with a probe.)
+    slow = bcrypt.hashpw(b"slow-password", bcrypt.gensalt(rounds=13)).decode()
+    web = tmp_path / "web.yml"
+    web.write_text(f"basic_auth_users:\n  slow: '{slow}'\n  {USER}: '{bcrypt_hash(PASSWORD)}'\n")
+    server = start_server(tmp_path, web, None, ("--web.read-header-timeout=0.3",
+                                                "--web.idle-timeout=0.3"))
+    try:
+        with socket.create_connection((LOOPBACK, server.port), timeout=30) as s:
+            token = base64.b64encode(b"slow:slow-password").decode()
+            s.sendall(f"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {token}\r\n"
+                      "Connection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200 "), data[:200]
+        assert b"ntp_probe_build_info" in data
+    finally:
+        stop_process(server.proc)
 
 
 # --- --config.check --------------------------------------------------------------------
