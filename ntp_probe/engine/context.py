@@ -20,7 +20,17 @@ def _text(message: Message) -> str:
     return message if isinstance(message, str) else message()
 
 
-class ProbeLog:
+class Log:
+    """Where a prober writes its lines: call it with a line, or with a function that makes
+    one (formatted only if the log is read). ``essential`` lines survive a full log."""
+
+    __slots__ = ()
+
+    def __call__(self, message: Message, *, essential: bool = False) -> None:
+        raise NotImplementedError
+
+
+class ProbeLog(Log):
     """Per-probe log lines (for debug=true, /logs and the CLI), mirrored to the logger at
     DEBUG.
 
@@ -74,14 +84,13 @@ class ProbeLog:
         return text
 
 
-class PrefixedLog(ProbeLog):
+class PrefixedLog(Log):
     """Part of a probe (one address, one group member) logging into the probe's log, each
     line marked with ``prefix``."""
 
     __slots__ = ("_parent", "_prefix")
 
-    def __init__(self, parent: ProbeLog, prefix: str) -> None:
-        super().__init__(parent.fields["probe_target"], parent.fields["probe_module"])
+    def __init__(self, parent: Log, prefix: str) -> None:
         self._parent, self._prefix = parent, prefix
 
     def __call__(self, message: Message, *, essential: bool = False) -> None:
@@ -100,6 +109,6 @@ class ProbeContext:
     """
 
     deadline: float
-    log: ProbeLog = field(default_factory=ProbeLog)
+    log: Log = field(default_factory=ProbeLog)
     guard: Guard = field(default_factory=Guard)
     measurement: Measurement = field(default_factory=Measurement)

@@ -80,4 +80,4 @@ async def run_probe(target: Target, module: Module, timeout: float, log: ProbeLo
     # Essential: kept even when a flood of junk filled the log.
     ctx.log("verdict: success" if m.failure is None else f"verdict: failure ({m.failure})",
             essential=True)
-    return m, ctx.log
+    return m, log

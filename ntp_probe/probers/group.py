@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ntp_probe.config.schema import MAX_GROUP_MEMBERS, Config, Module
-from ntp_probe.engine.context import PrefixedLog, ProbeContext, ProbeLog
+from ntp_probe.engine.context import Log, PrefixedLog, ProbeContext
 from ntp_probe.engine.result import Measurement, Perf, Reason
 from ntp_probe.engine.targets import Target, TargetError, parse_target
 from ntp_probe.exposition.families import Family
@@ -237,7 +237,7 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
 
 
 def _conclude(m: Measurement, selection: Selection, max_falsetickers: int,
-              log: ProbeLog) -> None:
+              log: Log) -> None:
     truechimers, falsetickers = len(selection.truechimers), len(selection.falsetickers)
     low, high, midpoint = selection.low, selection.high, selection.midpoint
     m.add(MAJORITY, 1 if selection.majority else 0)

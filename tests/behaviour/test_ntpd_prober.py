@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from ntp_probe.config.schema import Module, NTPDSettings
-from ntp_probe.engine.context import ProbeContext
+from ntp_probe.engine.context import ProbeContext, ProbeLog
 from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.targets import parse_target
 from ntp_probe.probers import ntpd
@@ -186,9 +186,10 @@ async def run(server: FakeNtpd, *, timeout: float = 2.0, request_timeout: float 
                     ntpd=NTPDSettings(request_timeout=request_timeout,
                                       min_candidates=min_candidates))
     started = loop.time()
-    ctx = ProbeContext(deadline=started + timeout)
+    log = ProbeLog()
+    ctx = ProbeContext(deadline=started + timeout, log=log)
     m = await ntpd.probe(parse_target(f"{LOOPBACK}:{server.port}"), module, ctx)
-    return Outcome(m, ctx.log.text(), started, ctx.deadline, loop.time())
+    return Outcome(m, log.text(), started, ctx.deadline, loop.time())
 
 
 def selections(m: Measurement) -> dict[str, float]:
@@ -375,9 +376,10 @@ async def test_nothing_listening_is_unreachable() -> None:
     loop = asyncio.get_running_loop()
     module = Module(name="ntpd", prober="ntpd", timeout=2.0,
                     ntpd=NTPDSettings(request_timeout=0.5))
-    ctx = ProbeContext(deadline=loop.time() + 2.0)
+    log = ProbeLog()
+    ctx = ProbeContext(deadline=loop.time() + 2.0, log=log)
     m = await ntpd.probe(parse_target(f"{LOOPBACK}:{free_udp_port()}"), module, ctx)
-    assert m.failure == "unreachable", ctx.log.text()
+    assert m.failure == "unreachable", log.text()
     assert m.packets_sent == 1  # the ICMP error ends the probe: no retry, nothing else
 
 

@@ -594,14 +594,15 @@ async def test_a_burst_cut_off_keeps_its_accounting(fake_ntp: FakeNTPServer) -> 
 
     fake_ntp.behaviour = behaviour
     module = make_module(samples=3, interval=0.01, reply_timeout=5.0, timeout=10.0)
-    ctx = ProbeContext(deadline=asyncio.get_running_loop().time() + module.timeout)
+    log = ProbeLog()
+    ctx = ProbeContext(deadline=asyncio.get_running_loop().time() + module.timeout, log=log)
     task = asyncio.create_task(ntp_prober.probe(parse_target(fake_ntp.target), module, ctx))
     await fake_ntp.wait_for_requests(2)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     m = ctx.measurement
-    assert counts(m) == (2, 1, 0.5), ctx.log.text()
+    assert counts(m) == (2, 1, 0.5), log.text()
     assert m.packets_sent == 2
     assert_offset(m, 0.25)
 
