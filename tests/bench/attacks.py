@@ -80,21 +80,13 @@ def start(s: common.Started, args: list[str], prefix: list[str] | None = None,
     s.dirs.append(d)
     config = common.write_modules(d, modules or {"one": common.one_sample_module()})
     prlimit = shutil.which("prlimit") or "/usr/bin/prlimit"
-    port = common.free_port()
-    argv = [*(prefix or []), prlimit, f"--nofile={NOFILE}:{NOFILE}", "--",
-            *common.exporter_command(), f"--config.file={config}",
-            f"--web.listen-address={common.LOOPBACK}:{port}", "--log.level=warn", *args]
-    with open(d / "ntp-probe.log", "wb") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=d)
-    s.procs.append(("ntp-probe", proc))
-    srv = common.Server("ntp-probe", port, d, proc)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and proc.poll() is None:
-        if timed(srv.base + "/-/healthy", 1, auth, timeout=1.0)["failed"] == 0:
-            return srv
-        time.sleep(0.05)  # poll interval, bounded by the deadline
-    raise SystemExit(f"could not start ntp-probe:\n{srv.log()}")
+
+    def argv(port: int) -> list[str]:
+        return [*(prefix or []), prlimit, f"--nofile={NOFILE}:{NOFILE}", "--",
+                *common.exporter_command(), f"--config.file={config}",
+                f"--web.listen-address={common.LOOPBACK}:{port}", "--log.level=warn", *args]
+
+    return common._start_server(s, "ntp-probe", argv, d, health_headers=auth)
 
 
 def hold(port: int, n: int, slow: int, stop: threading.Event) -> list[socket.socket]:

@@ -300,10 +300,12 @@ def exporter_command() -> list[str]:
     return [sys.executable, "-m", "ntp_probe"]
 
 
-def http_get(url: str, timeout: float = 10.0) -> tuple[int, str]:
+def http_get(url: str, timeout: float = 10.0,
+             headers: dict[str, str] | None = None) -> tuple[int, str]:
     """GET -> (status, body); HTTP errors are returned, connection errors give (0, why)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}),
+                                    timeout=timeout) as resp:
             return resp.status, resp.read().decode(errors="replace")
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode(errors="replace")
@@ -311,11 +313,12 @@ def http_get(url: str, timeout: float = 10.0) -> tuple[int, str]:
         return 0, str(exc)
 
 
-def _wait_http(proc: subprocess.Popen[bytes], url: str, deadline: float) -> bool:
+def _wait_http(proc: subprocess.Popen[bytes], url: str, deadline: float,
+               headers: dict[str, str] | None = None) -> bool:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
-        if http_get(url, timeout=1.0)[0] == 200:
+        if http_get(url, timeout=1.0, headers=headers)[0] == 200:
             return True
         time.sleep(0.05)
     return False
@@ -344,8 +347,8 @@ class Server:
 
 
 def _start_server(s: Started, name: str, argv_for_port: Any, d: Path,
-                  health: str = "/-/healthy", env_extra: dict[str, str] | None = None
-                  ) -> Server:
+                  health: str = "/-/healthy", env_extra: dict[str, str] | None = None,
+                  health_headers: dict[str, str] | None = None) -> Server:
     problems = []
     for _ in range(5):
         port = free_port()
@@ -357,7 +360,8 @@ def _start_server(s: Started, name: str, argv_for_port: Any, d: Path,
                                     stderr=subprocess.STDOUT, cwd=d, env=env)
         s.procs.append((name, proc))
         srv = Server(name, port, d, proc)
-        if _wait_http(proc, srv.base + health, time.monotonic() + START_DEADLINE):
+        if _wait_http(proc, srv.base + health, time.monotonic() + START_DEADLINE,
+                      health_headers):
             say(f"{name} pid {proc.pid} on {LOOPBACK}:{port}")
             return srv
         problems.append(srv.log())
