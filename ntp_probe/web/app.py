@@ -219,8 +219,8 @@ def _served(handler: Handler, guard: ConnectionGuard | None) -> Handler:
             logger.exception("error handling %s", request.path_qs)
             return web.Response(status=500, text=f"internal error: {type(exc).__name__}\n")
         finally:
-            if conn is not None:
-                guard.served(conn)  # type: ignore[union-attr]  # set with conn
+            if conn is not None and guard is not None:
+                guard.served(conn)
 
     return serve
 
