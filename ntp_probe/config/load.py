@@ -222,13 +222,6 @@ def dump_block(settings: object) -> dict[str, Any]:
             for f in fields(settings)}  # type: ignore[arg-type]
 
 
-_NTP_KEYS_UNUSED = {
-    "nts": ("all_addresses", "max_addresses", "addresses_required", "kernel_correlation",
-            "source_ip_address"),
-    "ntp_group": ("kernel_correlation",),
-}
-
-
 def _parse_module(name: str, raw: object, problems: _Problems,
                   at: Position | None) -> Module | None:
     where = f"modules.{name}"
@@ -267,9 +260,7 @@ def _parse_module(name: str, raw: object, problems: _Problems,
         problems.add(_at(raw, "ntp"), f"{where}.ntp.version", "must be 4 for prober: nts")
     ntp_raw = raw.get("ntp")
     if isinstance(ntp_raw, dict):
-        # Keys of the shared ntp block that this prober's burst does not use: refused rather
-        # than accepted and silently ignored.
-        for key in _NTP_KEYS_UNUSED.get(prober, ()):
+        for key in spec.ntp_keys_unused:
             if key in ntp_raw:
                 problems.add(_at(ntp_raw, key), f"{where}.ntp.{key}",
                              f"not used by prober: {prober}")
@@ -468,7 +459,7 @@ def module_to_dict(module: Module) -> dict[str, Any]:
         out["min_probe_interval"] = format_duration(module.min_probe_interval)
     for block in PROBERS[module.prober].settings:
         out[block] = dump_block(getattr(module, block))
-    for key in _NTP_KEYS_UNUSED.get(module.prober, ()):
+    for key in PROBERS[module.prober].ntp_keys_unused:
         del out["ntp"][key]  # not in force for this prober (and refused if written)
     return out
 

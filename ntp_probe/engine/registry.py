@@ -46,6 +46,9 @@ class ProberSpec:
     # How a ``target`` parameter is read when it is not host[:port] (a group's name or
     # member list); None: parse_target.
     target: Callable[[Config, str], Target] | None = None
+    # Keys of a shared ntp block this kind does not read: refused in its modules rather
+    # than accepted and silently ignored.
+    ntp_keys_unused: tuple[str, ...] = ()
 
 
 PROBERS: Mapping[str, ProberSpec] = {
@@ -72,11 +75,14 @@ PROBERS: Mapping[str, ProberSpec] = {
         ProberSpec(
             "ntp_group", group.probe, group.DESCRIPTION, ("ntp", "ntp_group"),
             _COMMON + _families(group), group.REASONS, target=group.resolve_target,
+            ntp_keys_unused=("kernel_correlation",),
         ),
         ProberSpec(
             "nts", nts.probe, nts.DESCRIPTION, ("ntp", "nts"),
             _COMMON + _NETWORK + _families(ntp) + _families(nts), nts.REASONS,
             default_port=lambda module: module.nts.port,
+            ntp_keys_unused=("all_addresses", "max_addresses", "addresses_required",
+                             "kernel_correlation", "source_ip_address"),
         ),
         ProberSpec(
             "kernel", kernel.probe, "the local kernel clock discipline state (adjtimex)", (),
