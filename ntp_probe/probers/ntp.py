@@ -275,8 +275,9 @@ async def _run_burst(pump: DatagramPump[Reply], client: rules.Client, settings: 
 def take_sample(burst: Burst, i: int, p: ntp.Packet, t1_ns: int, t4_ns: int, tx_kernel: bool,
                 rx_kernel: bool, log: Callable[[str], None]) -> maths.Sample | None:
     """A reply that passed the packet checks, into the burst: a Kiss-o'-Death stops it
-    (``burst.kod`` set, None returned), a negative delay is discarded (None), anything else
-    is a sample (returned, and kept). Shared by the ntp and nts bursts."""
+    (``burst.kod`` set, None returned), a delay more negative than the server's precision
+    explains is discarded (None), anything else is a sample (returned, and kept). Shared by
+    the ntp and nts bursts."""
     if p.kiss_code is not None:
         burst.kod = p
         log(f"sample {i + 1}: Kiss-o'-Death {p.kiss_code} (stratum 0), poll {p.poll}: "
@@ -284,11 +285,12 @@ def take_sample(burst: Burst, i: int, p: ntp.Packet, t1_ns: int, t4_ns: int, tx_
         return None
     s = maths.Sample(ntp.ts_from_unix_ns(t1_ns), p.receive_ts, p.transmit_ts,
                      ntp.ts_from_unix_ns(t4_ns), p, t1_ns)
-    if s.delay < 0:
+    if not s.delay_plausible:
         # The server claims to have held the request longer than the round trip took.
         burst.received -= 1
         burst.discarded += 1
-        log(f"sample {i + 1}: reply discarded: negative delay {s.delay * 1e6:.3f}us")
+        log(f"sample {i + 1}: reply discarded: negative delay {s.measured_delay * 1e6:.3f}us, "
+            f"beyond the server's precision ({p.precision_seconds * 1e6:.3f}us)")
         return None
     burst.samples.append(s)
     burst.tx_kernel &= tx_kernel
@@ -303,8 +305,16 @@ def _sample_line(i: int, s: maths.Sample, tx_kernel: bool, rx_kernel: bool) -> s
     return (f"sample {i + 1}: {stamps} "
             f"({'kernel' if tx_kernel else 'user-space'} T1, "
             f"{'kernel' if rx_kernel else 'user-space'} T4) "
-            f"offset={s.offset * 1e6:+.3f}us delay={s.delay * 1e6:.3f}us "
+            f"offset={s.offset * 1e6:+.3f}us {delay_text(s)} "
             f"stratum={p.stratum} leap={p.leap} refid={p.refid_text}")
+
+
+def delay_text(s: maths.Sample) -> str:
+    """A sample's delay for the probe log, with the measured value when it was clamped."""
+    if s.measured_delay >= 0:
+        return f"delay={s.delay * 1e6:.3f}us"
+    return (f"delay={s.delay * 1e6:.3f}us (measured {s.measured_delay * 1e6:.3f}us, within "
+            f"the server's precision of {s.packet.precision_seconds * 1e6:.3f}us)")
 
 
 def _utc(ts: int, pivot_ns: int) -> str:

@@ -346,7 +346,7 @@ async def _run_burst(pump: DatagramPump[_Reply], client: rules.Client, settings:
         pace.seen(s.delay)
         log(f"sample {i + 1}: authenticated reply of {len(reply.cookies)} new cookies, "
             f"T1={s.t1:016x} T2={s.t2:016x} T3={s.t3:016x} T4={s.t4:016x} "
-            f"offset={s.offset * 1e6:+.3f}us delay={s.delay * 1e6:.3f}us "
+            f"offset={s.offset * 1e6:+.3f}us {ntp.delay_text(s)} "
             f"stratum={p.stratum} refid={p.refid_text}")
 
 

@@ -462,6 +462,20 @@ async def test_negative_delay_is_discarded(fake_ntp: FakeNTPServer) -> None:
     assert_no_measurement(result)
 
 
+async def test_negative_delay_within_server_precision_is_kept(fake_ntp: FakeNTPServer) -> None:
+    # A server whose clock ticks every 2**-4 s (62.5 ms, coarser than Windows' 15.6 ms)
+    # puts a tick between T2 and T3: the measured delay is the loopback round trip less
+    # 50 ms. RFC 5905 clamps such a delay instead of dropping the reply.
+    fake_ntp.behaviour = answer(processing=0.05, precision=-4)
+    result, log = await probe(fake_ntp.target, make_module())
+    assert result.success, (result.failure, log.text())
+    assert counts(result) == (1, 1, 0)
+    assert value(result, "probe_ntp_rtt_seconds") == 0.0
+    # Half the tick shows in the offset: the error the server's precision allows.
+    assert offset_of(result) == pytest.approx(0.025, abs=0.01)
+    assert "within the server's precision" in log.text(), log.text()
+
+
 async def test_negative_delay_sample_is_not_used(fake_ntp: FakeNTPServer) -> None:
     def behaviour(req: Request) -> list[Send]:
         if req.index == 0:

@@ -127,6 +127,31 @@ def test_make_sample_helper_geometry() -> None:
     assert s.server_processing == 2**-12
 
 
+def test_negative_delay_within_server_precision_is_clamped() -> None:
+    # A server clock of 2**-6 s (15.6 ms) ticks between T2 and T3 during a 1 ms round
+    # trip: (T4-T1) - (T3-T2) = 2**-10 - 2**-6 < 0, which its precision explains.
+    t1 = secs(10.0)
+    s = Sample(t1, t1 + secs(0.5), t1 + secs(0.5 + 2**-6), t1 + secs(2**-10),
+               make_packet(precision=-6), UNIX_2025 * NS)
+    assert s.measured_delay == 2**-10 - 2**-6
+    assert s.delay == 0.0
+    assert s.delay_plausible
+
+
+def test_negative_delay_beyond_server_precision_is_implausible() -> None:
+    # The same timestamps from a server claiming 2**-20 s precision: a lie, not a tick.
+    t1 = secs(10.0)
+    s = Sample(t1, t1 + secs(0.5), t1 + secs(0.5 + 2**-6), t1 + secs(2**-10),
+               make_packet(precision=-20), UNIX_2025 * NS)
+    assert s.delay == 0.0
+    assert not s.delay_plausible
+    # At exactly the precision it is still a tick.
+    edge = Sample(t1, t1 + secs(0.5), t1 + secs(0.5 + 2**-10 + 2**-20), t1 + secs(2**-10),
+                  make_packet(precision=-20), UNIX_2025 * NS)
+    assert edge.measured_delay == -(2**-20)
+    assert edge.delay_plausible
+
+
 # --- clock filter and statistics --------------------------------------------------------
 
 

@@ -47,9 +47,24 @@ class Sample:
         return frac_to_seconds(ts_diff(self.t2, self.t1) + ts_diff(self.t3, self.t4)) / 2
 
     @functools.cached_property
-    def delay(self) -> float:
-        """δ = (T4-T1)-(T3-T2) seconds: the round trip less the server's processing."""
+    def measured_delay(self) -> float:
+        """δ = (T4-T1)-(T3-T2) seconds as the timestamps give it: the round trip less the
+        server's processing. Negative when the server's clock put more time between T2 and
+        T3 than the round trip took: a clock coarser than a fast network's round trip, or
+        one fuzzed below its precision (as ntpd does), does that by up to its precision."""
         return frac_to_seconds(ts_diff(self.t4, self.t1) - ts_diff(self.t3, self.t2))
+
+    @functools.cached_property
+    def delay(self) -> float:
+        """δ, never below 0: RFC 5905 clamps a negative delay (at the local precision, a
+        nanosecond here) instead of reporting an impossible round trip."""
+        return max(self.measured_delay, 0.0)
+
+    @property
+    def delay_plausible(self) -> bool:
+        """Whether δ is no more negative than the server's precision explains. Beyond
+        that, the server claims to have held the request longer than the round trip took."""
+        return self.measured_delay >= -self.packet.precision_seconds
 
     @property
     def server_processing(self) -> float:
