@@ -2,14 +2,14 @@
 fake server that answers every request with a storm of mutated replies.
 
 The fuzz's one safety property: no reply that fails the packet checks (source address and
-port, mode 4, origin == the outstanding request's nonce, non-zero transmit) is ever used.
-Every bogus reply here carries server timestamps shifted by hours, so using one would show
-as an offset hours away from the genuine server's. A mutation that keeps the origin and
-every other check but changes T2/T3 is indistinguishable from a genuine reply, so such
-"valid but different" replies are only ever sent from another source port or with a wrong
-origin. Mutations that keep the origin and the genuine timestamps but change header fields
-(leap, version, stratum, root delay, ...) may be used: they must then fail or pass the
-sanity checks, never change the offset.
+port, mode 4, origin == the outstanding request's nonce, non-zero receive and transmit
+timestamps) is ever used. Every bogus reply here carries server timestamps shifted by hours,
+so using one would show as an offset hours away from the genuine server's. A mutation that
+keeps the origin and every other check but changes T2/T3 is indistinguishable from a genuine
+reply, so such "valid but different" replies are only ever sent from another source port or
+with a wrong origin. Mutations that keep the origin and the genuine timestamps but change
+header fields (leap, version, stratum, root delay, ...) may be used: they must then fail or
+pass the sanity checks, never change the offset.
 """
 
 from __future__ import annotations
@@ -280,6 +280,10 @@ def m_zero_transmit(req: Request, rng: random.Random, old: list[int]) -> Send:
     return Send(ntp.encode_packet(_bogus(req, rng, transmit_ts=0)))  # right origin
 
 
+def m_zero_receive(req: Request, rng: random.Random, old: list[int]) -> Send:
+    return Send(ntp.encode_packet(_bogus(req, rng, receive_ts=0)))  # right origin
+
+
 def m_other_port(req: Request, rng: random.Random, old: list[int]) -> Send:
     # Valid in every respect, right origin included, but from another source port.
     return Send(ntp.encode_packet(_bogus(req, rng)), from_other_port=True)
@@ -312,6 +316,7 @@ MUTATIONS: dict[str, Mutation] = {
     "wrong_mode": m_wrong_mode,
     "version_zero": m_version_zero,
     "zero_transmit": m_zero_transmit,
+    "zero_receive": m_zero_receive,
     "other_port": m_other_port,
     "kod_wrong_origin": m_kod_wrong_origin,
     "random_bytes": m_random_bytes,

@@ -15,11 +15,12 @@ TRANSMIT = 0xE6A1B2C3D4E5F607
 
 
 def reply(origin: int = NONCE, *, mode: int = 4, transmit: int = TRANSMIT, stratum: int = 2,
-          refid: bytes = b"\x7f\x00\x00\x01", leap: int = 0) -> bytes:
+          refid: bytes = b"\x7f\x00\x00\x01", leap: int = 0,
+          receive: int = TRANSMIT - 100) -> bytes:
     """A server reply built field by field (independently of the codec's encoder)."""
     first = (leap << 6) | (4 << 3) | mode
     return struct.pack("!BBbbII4sQQQQ", first, stratum, 6, -20, 0, 0, refid, 0, origin,
-                       TRANSMIT - 100, transmit)
+                       receive, transmit)
 
 
 def test_request_is_a_minimal_mode_3_packet_carrying_the_nonce() -> None:
@@ -61,13 +62,14 @@ def test_ipv6_sources_compare_on_address_and_port_only() -> None:
     assert isinstance(c.receive(reply(), ("2001:db8::1", 123, 0, 0)), rules.Accepted)
 
 
-def test_malformed_wrong_mode_and_zero_transmit_are_discarded_with_reasons() -> None:
+def test_malformed_wrong_mode_and_zero_timestamps_are_discarded_with_reasons() -> None:
     c = rules.Client(SERVER)
     c.request(NONCE)
     short = c.receive(reply()[:47], SERVER)
     assert isinstance(short, rules.Discarded) and short.reason.startswith("malformed (")
     assert c.receive(reply(mode=3), SERVER) == rules.Discarded("mode 3, expected 4 (server)")
     assert c.receive(reply(transmit=0), SERVER) == rules.Discarded("transmit timestamp is zero")
+    assert c.receive(reply(receive=0), SERVER) == rules.Discarded("receive timestamp is zero")
     assert c.pending == NONCE
 
 

@@ -3,9 +3,10 @@
 One :class:`Client` serves one burst towards one server. Each request carries a random
 64-bit transmit timestamp (the nonce) and nothing else that identifies us. A reply
 counts only if it comes from the server's address and port, decodes, is mode 4, echoes
-the outstanding request's nonce as its origin and carries a non-zero transmit timestamp
-(RFC 5905 section 8, RFC 9109). Everything else is discarded with a reason; a reply to
-a request whose wait already ended is ``Late``, which is not the server's fault.
+the outstanding request's nonce as its origin and carries non-zero receive and transmit
+timestamps (RFC 5905 section 8, RFC 9109; chrony's test 3). Everything else is
+discarded with a reason; a reply to a request whose wait already ended is ``Late``, which
+is not the server's fault.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Accepted:
 @dataclass(frozen=True, slots=True)
 class Discarded:
     """A datagram that is not a valid reply; ``reason`` says why, ``kind`` groups it
-    (wrong source, malformed, wrong mode, duplicate, unknown origin, zero transmit)."""
+    (wrong source, malformed, wrong mode, duplicate, unknown origin, zero timestamps)."""
 
     reason: str
     kind: str = field(default="", compare=False)
@@ -115,8 +116,12 @@ class Client:
             return Discarded(f"origin {origin:016x} matches no request",
                              "origin matches no request")
         # A KoD need not carry timestamps; its origin check above is what authenticates it.
-        if pkt.kiss_code is None and pkt.transmit_ts == 0:
-            return Discarded("transmit timestamp is zero", "zero transmit timestamp")
+        if pkt.kiss_code is None:
+            if pkt.transmit_ts == 0:
+                return Discarded("transmit timestamp is zero", "zero transmit timestamp")
+            # No T2: read as an instant in 2036, it would make an offset of years.
+            if pkt.receive_ts == 0:
+                return Discarded("receive timestamp is zero", "zero receive timestamp")
         if authenticate is not None:
             refused = authenticate(data)
             if refused is not None:
