@@ -78,8 +78,9 @@ class Sample:
 
 
 def root_distance(delay: float, packet: Packet) -> float:
-    """(rtt + root_delay)/2 + root_dispersion, as defined by the exporter's contract."""
-    return (max(delay, 0.0) + packet.root_delay_seconds) / 2 + packet.root_dispersion_seconds
+    """(rtt + root_delay)/2 + root_dispersion, as defined by the exporter's contract
+    (``delay`` as :attr:`Sample.delay` gives it: never negative)."""
+    return (delay + packet.root_delay_seconds) / 2 + packet.root_dispersion_seconds
 
 
 def select_best(samples: Sequence[Sample]) -> Sample:
@@ -117,9 +118,10 @@ def causality_violation(offset: float, delay: float) -> float:
     """Positive part of |offset| - delay/2 (node_exporter's sanity rule).
 
     An offset larger than half the round trip cannot be explained by path asymmetry:
-    one of the two clocks is wrong by at least this much.
+    one of the two clocks is wrong by at least this much. ``delay`` is never negative
+    (:attr:`Sample.delay`).
     """
-    return max(0.0, abs(offset) - max(delay, 0.0) / 2)
+    return max(0.0, abs(offset) - delay / 2)
 
 
 @dataclass(frozen=True, slots=True)
