@@ -73,11 +73,12 @@ class FakeClock:
 def make_module(*, samples: int = 1, interval: float = 0.01, reply_timeout: float = 0.5,
                 timeout: float = 2.0, name: str = "t", policy: TargetPolicy | None = None,
                 min_probe_interval: float = 0.0, **settings: Any) -> Module:
-    """An ntp module for tests: IPv4, short intervals, the rest as given."""
+    """An ntp module for tests: IPv4 preferred, short intervals, the rest as given."""
+    settings.setdefault("preferred_ip_protocol", "ip4")
     return Module(
         name=name, timeout=timeout,
         ntp=NTPSettings(samples=samples, sample_interval=interval, reply_timeout=reply_timeout,
-                        preferred_ip_protocol="ip4", **settings),
+                        **settings),
         policy=policy or TargetPolicy(), min_probe_interval=min_probe_interval,
     )
 

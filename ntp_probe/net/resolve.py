@@ -28,7 +28,7 @@ from cachetools import TTLCache
 
 from ntp_probe.proto.address import ip_address
 
-_FAMILIES = {"ip4": socket.AF_INET, "ip6": socket.AF_INET6}
+FAMILIES = {"ip4": socket.AF_INET, "ip6": socket.AF_INET6}
 # getaddrinfo reports no TTL; a short fixed one keeps repeated scrapes off the resolver
 # while still following DNS changes within a minute.
 _CACHE_TTL = 60.0
@@ -330,7 +330,7 @@ async def resolve(host: str, preferred: str = "ip6", fallback: bool = True,
     if resolved is not None:
         return resolved
     resolver = resolver or default_resolver()
-    first = _FAMILIES[preferred]
+    first = FAMILIES[preferred]
     order = [first]
     if fallback:
         order.append(socket.AF_INET if first == socket.AF_INET6 else socket.AF_INET6)

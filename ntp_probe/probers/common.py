@@ -20,7 +20,7 @@ from ntp_probe.engine.result import Reason
 from ntp_probe.engine.targets import Target
 from ntp_probe.exposition import families as common
 from ntp_probe.exposition.families import Family
-from ntp_probe.net.resolve import Resolved, ResolveError, literal, resolve, resolve_all
+from ntp_probe.net.resolve import FAMILIES, Resolved, ResolveError, literal, resolve, resolve_all
 from ntp_probe.proto.address import ip_address
 
 _T = TypeVar("_T")
@@ -120,19 +120,36 @@ def allowed(host: str, address: str, port: int, ctx: ProbeContext) -> bool:
     return True
 
 
-async def prepare_all(target: Target, ctx: ProbeContext, limit: int,
-                      until: float) -> list[Resolved] | None:
+async def prepare_all(target: Target, ctx: ProbeContext, limit: int, until: float, *,
+                      preferred: str = "ip6", fallback: bool = True) -> list[Resolved] | None:
     """Every address of ``target`` (at most ``limit``), after the policy by name; None
     (with the failure recorded) when there is none or the name is refused. Each address
-    still has to pass :func:`admit`."""
+    still has to pass :func:`admit`.
+
+    The preferred family comes first, so that ``limit`` keeps its addresses; without
+    ``fallback`` only its addresses are probed, as blackbox uses only them (an IP literal
+    is used as given, whatever the preference)."""
     if refused(ctx, ctx.guard.refuse(target.host)):
         return None
     found = await _looked_up(target, ctx, resolve_all(target.host), until)
     if found is None:
         return None
+    family = FAMILIES[preferred]
+    if literal(target.host) is None and not fallback:
+        skipped = [r for r in found if r.family != family]
+        found = [r for r in found if r.family == family]
+        if not found:
+            ctx.log(f"resolve {target.host}: no {preferred} address "
+                    f"(ip_protocol_fallback is off; {len(skipped)} of the other family)")
+            ctx.measurement.fail(Reason.RESOLVE)
+            return None
+        if skipped:
+            ctx.log(f"{target.host}: {len(skipped)} addresses not {preferred} left out "
+                    "(ip_protocol_fallback is off)")
+    found.sort(key=lambda r: r.family != family)  # stable: the resolver's order within
     if len(found) > limit:
         ctx.log(f"{target.host} has {len(found)} addresses: probing the first {limit} "
-                "(max_addresses)")
+                f"({preferred} first; max_addresses)")
     found = found[:limit]
     ctx.log(f"resolved {target.host} -> {', '.join(r.address for r in found)}")
     return found

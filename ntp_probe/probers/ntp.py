@@ -462,7 +462,9 @@ async def _burst_to(resolved: Resolved, port: int, settings: NTPSettings, until:
 async def _probe_every_address(target: Target, settings: NTPSettings, port: int, until: float,
                                ctx: ProbeContext) -> Measurement:
     m, log = ctx.measurement, ctx.log
-    found = await common.prepare_all(target, ctx, settings.max_addresses, until)
+    found = await common.prepare_all(target, ctx, settings.max_addresses, until,
+                                     preferred=settings.preferred_ip_protocol,
+                                     fallback=settings.ip_protocol_fallback)
     if found is None:
         return m
     children = [ProbeContext(ctx.deadline, PrefixedLog(log, f"[{r.address}] "), ctx.guard)

@@ -50,7 +50,9 @@ async def test_every_address_is_probed_and_any_one_will_do(
     up = {labels["address"]: value(result, "probe_ntp_address_up", **labels)
           for labels in label_sets(result, "probe_ntp_address_up")}
     assert up == {"127.0.0.1": 1, "127.0.0.2": 0, "::1": 0}
-    assert label_sets(result, "probe_ntp_address_up")[2]["ip_protocol"] == "6"
+    # The preferred family (ip4 here) comes first.
+    assert label_sets(result, "probe_ntp_address_up")[2] == {"address": "::1",
+                                                             "ip_protocol": "6"}
     failures = label_sets(result, "probe_ntp_address_failure_info")
     assert {(f["address"], f["reason"]) for f in failures} == {
         ("127.0.0.2", "unreachable"), ("::1", "unreachable")}
@@ -96,3 +98,31 @@ async def test_each_address_passes_the_policy(hosts: Hosts,
     assert value(result, "probe_ntp_address_failure_info", address="127.0.0.2",
                  reason="target_forbidden") == 1
     assert result.packets_sent == 1, log.text()
+
+
+async def test_max_addresses_keeps_the_preferred_family(hosts: Hosts,
+                                                        fake_ntp: FakeNTPServer) -> None:
+    hosts("".join(f"127.0.0.{i} mixed.test\n" for i in range(1, 4)) + "::1 mixed.test\n")
+    module = make_module(all_addresses=True, max_addresses=2, addresses_required="any",
+                         preferred_ip_protocol="ip6")
+    result, log = await probe(Target("mixed.test", fake_ntp.port), module)
+    assert [s["address"] for s in label_sets(result, "probe_ntp_address_up")] == [
+        "::1", "127.0.0.1"], log.text()
+    assert "probing the first 2 (ip6 first; max_addresses)" in log.text()
+
+
+async def test_without_fallback_only_the_preferred_family_is_probed(
+    hosts: Hosts, fake_ntp: FakeNTPServer
+) -> None:
+    hosts("127.0.0.1 mixed.test\n::1 mixed.test\n127.0.0.2 mixed.test\n::1 six.test\n")
+    module = make_module(all_addresses=True, preferred_ip_protocol="ip4",
+                         ip_protocol_fallback=False)
+    result, log = await probe(Target("mixed.test", fake_ntp.port), module)
+    assert [s["address"] for s in label_sets(result, "probe_ntp_address_up")] == [
+        "127.0.0.1", "127.0.0.2"], log.text()
+    assert "1 addresses not ip4 left out (ip_protocol_fallback is off)" in log.text()
+    # A name with no address of the preferred family then fails to resolve.
+    result, log = await probe(Target("six.test", fake_ntp.port), module)
+    assert result.failure == "resolve", log.text()
+    assert "no ip4 address (ip_protocol_fallback is off; 1 of the other family)" in log.text()
+    assert result.packets_sent == 0
