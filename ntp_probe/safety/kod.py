@@ -55,16 +55,17 @@ class KodTable:
         """Remember a KoD; return the backoff in seconds (0 for codes that need none).
 
         RATE backs off from max(2**poll, 64 s), doubling on each further RATE up to
-        ``rate_cap``; DENY and RSTR stop probing for ``deny_hold``.
+        ``rate_cap``, and never for less than that KoD's own poll asks; DENY and RSTR stop
+        probing for ``deny_hold``.
         """
         key = (address, port)
         now = self._clock()
         if code == "RATE":
+            asked = max(2.0 ** max(min(poll, 17), 0), MIN_RATE_BACKOFF)
             previous = self._table.get(key)
             if previous is not None and previous.code == "RATE":
-                step = min(previous.step * 2, rate_cap)
-            else:
-                step = min(max(2.0 ** max(min(poll, 17), 0), MIN_RATE_BACKOFF), rate_cap)
+                asked = max(previous.step * 2, asked)
+            step = min(asked, rate_cap)
         elif code in ("DENY", "RSTR"):
             step = deny_hold
         else:

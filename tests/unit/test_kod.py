@@ -53,6 +53,16 @@ def test_rate_doubles_on_further_rate(table: KodTable, clock: FakeClock) -> None
     assert rate(table) == 256.0
 
 
+def test_further_rate_never_backs_off_less_than_its_poll_asks(table: KodTable,
+                                                             clock: FakeClock) -> None:
+    assert rate(table, poll=-6) == 64.0
+    clock.advance(64.5)
+    assert rate(table, poll=10) == 1024.0  # not the doubled 128 s
+    clock.advance(1024.5)
+    assert rate(table, poll=3) == 2048.0  # doubling goes on from there
+    assert rate(table, poll=10, cap=300.0) == 300.0
+
+
 def test_rate_doubles_right_after_expiry(table: KodTable, clock: FakeClock) -> None:
     assert rate(table) == 64.0
     clock.advance(64.5)
