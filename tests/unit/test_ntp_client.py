@@ -16,9 +16,9 @@ TRANSMIT = 0xE6A1B2C3D4E5F607
 
 def reply(origin: int = NONCE, *, mode: int = 4, transmit: int = TRANSMIT, stratum: int = 2,
           refid: bytes = b"\x7f\x00\x00\x01", leap: int = 0,
-          receive: int = TRANSMIT - 100) -> bytes:
+          receive: int = TRANSMIT - 100, version: int = 4) -> bytes:
     """A server reply built field by field (independently of the codec's encoder)."""
-    first = (leap << 6) | (4 << 3) | mode
+    first = (leap << 6) | (version << 3) | mode
     return struct.pack("!BBbbII4sQQQQ", first, stratum, 6, -20, 0, 0, refid, 0, origin,
                        receive, transmit)
 
@@ -70,7 +70,11 @@ def test_malformed_wrong_mode_and_zero_timestamps_are_discarded_with_reasons() -
     assert c.receive(reply(mode=3), SERVER) == rules.Discarded("mode 3, expected 4 (server)")
     assert c.receive(reply(transmit=0), SERVER) == rules.Discarded("transmit timestamp is zero")
     assert c.receive(reply(receive=0), SERVER) == rules.Discarded("receive timestamp is zero")
+    for version in (5, 6, 7):
+        assert c.receive(reply(version=version), SERVER) == rules.Discarded(
+            f"version {version}, newer than NTPv4")
     assert c.pending == NONCE
+    assert isinstance(c.receive(reply(version=3), SERVER), rules.Accepted)
 
 
 def test_a_reply_with_a_foreign_origin_is_discarded() -> None:

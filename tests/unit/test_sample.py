@@ -14,6 +14,7 @@ from ntp_probe.proto.ntp.packet import (
     ts_from_unix_ns,
 )
 from ntp_probe.proto.ntp.sample import (
+    COARSEST_CLOCK,
     Sample,
     SanityLimits,
     causality_violation,
@@ -150,6 +151,18 @@ def test_negative_delay_beyond_server_precision_is_implausible() -> None:
                   make_packet(precision=-20), UNIX_2025 * NS)
     assert edge.measured_delay == -(2**-20)
     assert edge.delay_plausible
+
+
+def test_a_precision_coarser_than_any_server_clock_excuses_no_more_than_one() -> None:
+    # T3 10 s after T2 over a 1 ms round trip, from a server claiming 2**127 s precision.
+    t1 = secs(10.0)
+    s = Sample(t1, t1 + secs(0.5), t1 + secs(10.5), t1 + secs(2**-10),
+               make_packet(precision=127), UNIX_2025 * NS)
+    assert not s.delay_plausible
+    # What the coarsest plausible clock can put between T2 and T3 is still excused.
+    tick = Sample(t1, t1 + secs(0.5), t1 + secs(0.5 + COARSEST_CLOCK), t1 + secs(2**-10),
+                  make_packet(precision=127), UNIX_2025 * NS)
+    assert tick.delay_plausible
 
 
 # --- clock filter and statistics --------------------------------------------------------

@@ -104,6 +104,10 @@ class Client:
             return Discarded(f"malformed ({exc})", "malformed")
         if pkt.mode != ntp.Mode.SERVER:
             return Discarded(f"mode {pkt.mode}, expected 4 (server)", "not mode 4")
+        if pkt.version > 4:
+            # As chrony and ntpdig: NTPv4 defines no later version, and a server answers a
+            # request in the request's version.
+            return Discarded(f"version {pkt.version}, newer than NTPv4", "version too new")
         origin = pkt.origin_ts
         seen = self._seen.get(origin)
         if seen:

@@ -23,6 +23,11 @@ from ntp_probe.proto.ntp.packet import (
 MAX_STRATUM = 16  # RFC 5905: 16 means unsynchronised
 
 
+# The coarsest server clock a negative delay is excused by: 1/16 s, four times the 15.6 ms
+# tick of Windows' clock; a coarser claim is not a clock an NTP server keeps.
+COARSEST_CLOCK = 2.0 ** -4
+
+
 @dataclass(frozen=True)
 class Sample:
     """One request/response exchange: T1..T4 as raw NTP timestamps plus the reply."""
@@ -63,8 +68,10 @@ class Sample:
     @property
     def delay_plausible(self) -> bool:
         """Whether δ is no more negative than the server's precision explains. Beyond
-        that, the server claims to have held the request longer than the round trip took."""
-        return self.measured_delay >= -self.packet.precision_seconds
+        that, the server claims to have held the request longer than the round trip took.
+        The precision is the server's own claim: one coarser than :data:`COARSEST_CLOCK`
+        explains no more than that (a claimed precision of 2^127 s would excuse anything)."""
+        return self.measured_delay >= -min(self.packet.precision_seconds, COARSEST_CLOCK)
 
     @property
     def server_processing(self) -> float:
