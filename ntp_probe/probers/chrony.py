@@ -16,16 +16,17 @@ Values and signs are those of ``chronyc -c``: source offsets are local clock min
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import secrets
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from ntp_probe.config.schema import ChronySettings, Module
-from ntp_probe.engine.context import ProbeContext
+from ntp_probe.engine.context import Log, ProbeContext
 from ntp_probe.engine.result import Measurement, Perf, Reason
 from ntp_probe.engine.targets import Target
 from ntp_probe.exposition.families import Family
@@ -220,6 +221,12 @@ REASONS = (
 _SUMMARY_MARGIN = 0.005
 _ATTEMPTS = 2  # a request and one retry
 _SELECTABLE = (SourceState.SYNC, SourceState.CANDIDATE)
+# Each source costs two round trips: a daemon claiming millions (a hostile one) must not
+# hold a probe to its deadline and its exposition to megabytes. chronyd with a pool of
+# pools has tens.
+MAX_SOURCES = 256
+# chronyd's polls are -7 to 24 (log2 seconds); a wider value is no interval to export.
+_MAX_POLL = 32
 
 
 class CommandStatus(StrEnum):
@@ -259,7 +266,7 @@ _TRACKING_GAUGES: tuple[tuple[Family, Callable[[Tracking], float]], ...] = (
 )
 _SOURCE_GAUGES: tuple[tuple[Family, Callable[[SourceData], float | None]], ...] = (
     (SOURCE_STRATUM, lambda s: s.stratum),
-    (SOURCE_POLL, lambda s: 2.0 ** s.poll),
+    (SOURCE_POLL, lambda s: math.ldexp(1.0, s.poll) if abs(s.poll) <= _MAX_POLL else None),
     (SOURCE_REACH, lambda s: s.reach.bit_count() / 8),
     (SOURCE_LAST_RX_AGE, lambda s: s.last_rx_age),
     (SOURCE_LAST_SAMPLE_OFFSET, lambda s: s.offset),
@@ -314,6 +321,7 @@ class Collected:
     tracking: Tracking | None = None
     tracking_status: CommandStatus | None = None  # None: TRACKING was never sent
     n_sources: int | None = None
+    every_source_asked: bool = False  # each source's commands were sent and answered
     sources: dict[int, SourceData] = field(default_factory=dict)
     sourcestats: dict[int, SourceStats] = field(default_factory=dict)
     serverstats: ServerStats | None = None
@@ -613,7 +621,10 @@ class Session:
             return
         if isinstance(answer[1], NSources):
             got.n_sources = answer[1].n_sources
-            for index in range(got.n_sources):
+            if got.n_sources > MAX_SOURCES:
+                self._log(f"chronyd reports {got.n_sources} sources: asking about the "
+                             f"first {MAX_SOURCES}")
+            for index in range(min(got.n_sources, MAX_SOURCES)):
                 for command in (Command.SOURCE_DATA, Command.SOURCESTATS):
                     answer = await self.ask(command, index)
                     if answer is None or answer[0] is CommandStatus.TIMEOUT:
@@ -622,6 +633,7 @@ class Session:
                         got.sources[index] = answer[1]
                     elif isinstance(answer[1], SourceStats):
                         got.sourcestats[index] = answer[1]
+            got.every_source_asked = True
         answer = await self.ask(Command.SERVER_STATS)
         if answer is not None and isinstance(answer[1], ServerStats):
             got.serverstats = answer[1]
@@ -689,14 +701,31 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
     return m
 
 
-def _emit(m: Measurement, got: Collected) -> None:
+_Named = TypeVar("_Named", SourceData, SourceStats)
+
+
+def _first_of_each_name(by_index: dict[int, _Named], log: Log) -> list[_Named]:
+    """The entries in index order, one per name: a second source of the same name (which
+    chronyd never reports; a forged reply might) would repeat every one of its series."""
+    out: dict[str, _Named] = {}
+    for index in sorted(by_index):
+        entry = by_index[index]
+        if entry.name in out:
+            log(f"{type(entry).__name__} of source {index} repeats the name {entry.name}: "
+                "left out")
+        else:
+            out[entry.name] = entry
+    return list(out.values())
+
+
+def _emit(m: Measurement, got: Collected, log: Log) -> None:
     """Every sample, in the families' declaration order."""
     t = got.tracking
     if t is not None:
         m.add(TRACKING_INFO, 1, t.refid, t.name)
         for family, read in _TRACKING_GAUGES:
             m.add(family, read(t))
-    sources = [got.sources[i] for i in sorted(got.sources)]
+    sources = _first_of_each_name(got.sources, log)
     for s in sources:
         m.add(SOURCE_INFO, 1, s.name, s.mode.label, s.state.label)
     for family, read_source in _SOURCE_GAUGES:
@@ -710,7 +739,7 @@ def _emit(m: Measurement, got: Collected) -> None:
             counts[s.state] += 1
         for state, count in counts.items():
             m.add(SOURCES, count, state.label)
-    stats = [got.sourcestats[i] for i in sorted(got.sourcestats)]
+    stats = _first_of_each_name(got.sourcestats, log)
     for family, read_stats in _SOURCESTATS_GAUGES:
         for st in stats:
             m.add(family, read_stats(st), st.name)
@@ -726,7 +755,7 @@ def _emit(m: Measurement, got: Collected) -> None:
 def _conclude(got: Collected, settings: ChronySettings, ctx: ProbeContext,
               server: str) -> None:
     m, log = ctx.measurement, ctx.log
-    _emit(m, got)
+    _emit(m, got, log)
     report = ChronyReport(
         server, got.tracking,
         tuple((got.sources[i], got.sourcestats.get(i)) for i in sorted(got.sources)),
@@ -748,4 +777,9 @@ def _conclude(got: Collected, settings: ChronySettings, ctx: ProbeContext,
     if selectable < settings.min_candidates:
         log(f"{selectable} sources in state sync or candidate, "
             f"min_candidates is {settings.min_candidates}")
-        m.fail(Reason.TOO_FEW_SOURCES)
+        if got.n_sources is None or got.every_source_asked:
+            m.fail(Reason.TOO_FEW_SOURCES)
+        else:
+            # The sources not read may be the candidates: the deadline, not chronyd, is short.
+            log("the sources not obtained may be candidates: chrony_timeout, not too_few_sources")
+            m.fail(Reason.CHRONY_TIMEOUT)

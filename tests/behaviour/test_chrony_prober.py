@@ -126,6 +126,7 @@ class FakeChronyd:
         FakeSource("192.0.2.2", state=4, stratum=3, reach=0o17, offset=0.001953125),
     ])
     serverstats: tuple[int, ...] = (1000, 3, 77, 10, 2, 1, 0, 5, 6, 7, 8)
+    n_sources: int | None = None  # what N_SOURCES claims; None: len(sources)
 
     def tracking(self, req: Req) -> bytes:
         floats = (self.system_time, self.last_offset, self.rms_offset, self.frequency,
@@ -140,7 +141,8 @@ class FakeChronyd:
         if req.command == TRACKING:
             return self.tracking(req)
         if req.command == N_SOURCES:
-            return header(req, RPY_N_SOURCES) + struct.pack(">I", len(self.sources))
+            claimed = len(self.sources) if self.n_sources is None else self.n_sources
+            return header(req, RPY_N_SOURCES) + struct.pack(">I", claimed)
         if req.command == SERVER_STATS:
             return header(req, RPY_SERVER_STATS3) + struct.pack(">11I", *self.serverstats)
         assert req.index is not None
@@ -451,6 +453,52 @@ async def test_short_deadline_reports_the_sources_obtained(fake: FakeCommandPort
     assert m.packets_sent == len(fake.requests)
     assert f"{len(obtained)} of 40 sources obtained" in text
     assert m.failure is None  # tracking answered, candidates enough
+
+
+async def test_a_deadline_that_cuts_the_sources_short_is_no_verdict_on_them(
+    fake: FakeCommandPort
+) -> None:
+    # The one candidate comes last; the deadline ends the reading before it.
+    fake.chronyd.sources = [FakeSource(f"192.0.2.{i}", state=2) for i in range(1, 40)] + [
+        FakeSource("192.0.2.40", state=4)]
+    fake.behaviour = lambda req: [(fake.chronyd.answer(req), 0.01)]
+    m, log = await probe(f"{LOOPBACK}:{fake.port}",
+                         chrony_module(timeout="500ms", request_timeout="100ms"))
+    assert m.failure == "chrony_timeout", log.text()
+    assert "not too_few_sources" in log.text()
+    # Read whole, the same daemon is judged on its sources.
+    fake.behaviour = lambda req: [(fake.chronyd.answer(req), 0.0)]
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module(min_candidates=2))
+    assert m.failure == "too_few_sources", log.text()
+
+
+async def test_hostile_source_values_are_contained(fake: FakeCommandPort) -> None:
+    fake.chronyd.sources = [
+        FakeSource("192.0.2.1", state=0, poll=2000),  # 2**2000 s: no float holds it
+        FakeSource("192.0.2.2", state=4, poll=-32768),
+        FakeSource("192.0.2.1", state=4),  # the first source's address again
+    ]
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
+    assert m.failure is None, log.text()
+    assert label_sets(m, "probe_chrony_source_poll_seconds") == []
+    assert [s["source"] for s in label_sets(m, "probe_chrony_source_info")] == [
+        "192.0.2.1", "192.0.2.2"]
+    assert len(label_sets(m, "probe_chrony_sourcestats_samples")) == 2
+    assert value(m, "probe_chrony_sources", state="candidate") == 1
+    assert "SourceData of source 2 repeats the name 192.0.2.1: left out" in log.text()
+    render(m, None)  # and it renders
+
+
+async def test_a_daemon_claiming_millions_of_sources_is_asked_about_a_few(
+    fake: FakeCommandPort
+) -> None:
+    fake.chronyd.n_sources = 0xFFFFFFFF
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module(timeout="10s"))
+    assert f"asking about the first {chrony.MAX_SOURCES}" in log.text()
+    asked = [r for r in fake.requests if r.command in (SOURCE_DATA, SOURCESTATS)]
+    assert max(r.index or 0 for r in asked) == chrony.MAX_SOURCES - 1
+    assert len(asked) == 2 * chrony.MAX_SOURCES
+    assert (SERVER_STATS, None) in fake.commands()
 
 
 async def test_a_reply_from_another_port_is_discarded(fake: FakeCommandPort) -> None:
