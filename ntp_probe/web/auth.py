@@ -22,6 +22,7 @@ import base64
 import binascii
 import functools
 import hashlib
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,9 @@ from typing import Any
 import yaml
 from aiohttp import web
 from cachetools import LRUCache
+
+from ntp_probe.config.load import read_config_file
+from ntp_probe.config.schema import ConfigError
 
 _TLS_VERSIONS = {
     "TLS10": ssl.TLSVersion.TLSv1,
@@ -47,6 +51,8 @@ _CLIENT_AUTH = {
     "RequireAnyClientCert": ssl.CERT_REQUIRED,
     "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
 }
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 field names
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # tab is allowed in a field value
 _TLS_KEYS = {"cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version",
              "max_version"}
 
@@ -203,6 +209,11 @@ def _tls(raw: dict[str, Any], base: Path) -> ssl.SSLContext | None:
                     f"tls_server_config.{name}: expected one of {', '.join(_TLS_VERSIONS)}"
                 )
             setattr(ctx, attr, _TLS_VERSIONS[raw[name]])
+    if ("min_version" in raw and "max_version" in raw
+            and ctx.minimum_version > ctx.maximum_version):  # no handshake could succeed
+        raise WebConfigError(
+            f"tls_server_config: min_version {raw['min_version']} is above max_version "
+            f"{raw['max_version']}")
     auth = raw.get("client_auth_type", "NoClientCert")
     if auth not in _CLIENT_AUTH:
         raise WebConfigError(
@@ -211,9 +222,12 @@ def _tls(raw: dict[str, Any], base: Path) -> ssl.SSLContext | None:
     if _CLIENT_AUTH[auth] != ssl.CERT_NONE:
         if "client_ca_file" not in raw:
             raise WebConfigError(f"tls_server_config.client_ca_file: required for {auth}")
-        ctx.load_verify_locations(
-            _path(base, raw["client_ca_file"], "tls_server_config.client_ca_file")
-        )
+        try:
+            ctx.load_verify_locations(
+                _path(base, raw["client_ca_file"], "tls_server_config.client_ca_file"))
+        except (ssl.SSLError, OSError) as exc:
+            raise WebConfigError(
+                f"tls_server_config.client_ca_file: cannot load certificates: {exc}") from None
         ctx.verify_mode = _CLIENT_AUTH[auth]
     return ctx
 
@@ -224,9 +238,10 @@ def load_web_config(path: str | None) -> WebConfig:
         return WebConfig()
     file = Path(path)
     try:
-        raw = yaml.safe_load(file.read_text("utf-8"))
-    except OSError as exc:
-        raise WebConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        # As the modules file is read: a FIFO is an error at once, not a start that hangs.
+        raw = yaml.safe_load(read_config_file(path))
+    except ConfigError as exc:
+        raise WebConfigError(str(exc)) from None
     except yaml.YAMLError as exc:
         raise WebConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
     top = _mapping(raw, "(top level)")
@@ -235,6 +250,8 @@ def load_web_config(path: str | None) -> WebConfig:
             raise WebConfigError(f"{key}: unknown key")
     users: dict[str, bytes] = {}
     for user, hashed in _mapping(top.get("basic_auth_users"), "basic_auth_users").items():
+        if ":" in str(user):  # basic auth splits at the first colon: it could never log in
+            raise WebConfigError(f"basic_auth_users.{user}: a user name cannot contain ':'")
         if not isinstance(hashed, str) or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
             raise WebConfigError(f"basic_auth_users.{user}: expected a bcrypt hash ($2y$...)")
         try:  # a malformed hash must fail here, not as a 500 at every request
@@ -251,6 +268,13 @@ def load_web_config(path: str | None) -> WebConfig:
         raise WebConfigError("http_server_config.http2: HTTP/2 is not supported; "
                              "remove the key or set it to false")
     headers = {str(k): str(v) for k, v in _mapping(http.get("headers"), "headers").items()}
+    for name, value in headers.items():
+        # Checked here: a bad one would make every response fail as it is written.
+        if not _TOKEN.fullmatch(name):
+            raise WebConfigError(f"http_server_config.headers: {name!r} is not a header name")
+        if _CONTROL.search(value):
+            raise WebConfigError(
+                f"http_server_config.headers.{name}: a value cannot hold control characters")
     tls = _tls(_mapping(top.get("tls_server_config"), "tls_server_config"), file.parent)
     dummy = b""
     if users:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import os
 import socket
 import ssl
 import subprocess
@@ -343,6 +344,23 @@ MORE_BAD_WEB_CONFIGS = {
         "tls_server_config.client_ca_file",
     ),
     "users-not-a-mapping": ("basic_auth_users: [alice]\n", "basic_auth_users"),
+    "user-with-colon": (f"basic_auth_users:\n  'a:b': '{bcrypt_hash(PASSWORD)}'\n", "basic_auth_users.a:b"),
+    "client-ca-not-pem": (
+        "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n"
+        "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: key.pem\n",
+        "tls_server_config.client_ca_file",
+    ),
+    "min-above-max-version": (
+        "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n"
+        "  min_version: TLS13\n  max_version: TLS12\n",
+        "tls_server_config: min_version TLS13 is above max_version TLS12",
+    ),
+    "header-value-with-newline": (
+        'http_server_config:\n  headers: {X-Ok: "a\\r\\nSet-Cookie: evil=1"}\n',
+        "http_server_config.headers.X-Ok",
+    ),
+    "header-name-not-a-token": ('http_server_config:\n  headers: {"X Bad": a}\n',
+                                "http_server_config.headers"),
     # exporter-toolkit's key, but aiohttp serves HTTP/1.1 only: say so, do not pretend.
     "http2-on": ("http_server_config:\n  http2: true\n", "http_server_config.http2"),
 }
@@ -409,6 +427,22 @@ def test_http2_false_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "web.yml"
     path.write_text("http_server_config:\n  http2: false\n")
     assert load_web_config(str(path)).ssl_context is None
+
+
+def test_only_min_version_is_no_conflict(pki: Pki) -> None:
+    path = pki.dir / "min-only.yml"
+    path.write_text("tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n"
+                    "  min_version: TLS13\n")
+    context = load_web_config(str(path)).ssl_context
+    assert context is not None and context.minimum_version == ssl.TLSVersion.TLSv1_3
+
+
+def test_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "web.fifo"
+    os.mkfifo(path)
+    with pytest.raises(WebConfigError) as exc:
+        load_web_config(str(path))  # would block for ever if opened for a plain read
+    assert "not a regular file" in str(exc.value)
 
 
 def test_load_web_config_missing_file(tmp_path: Path) -> None:

@@ -446,6 +446,14 @@ def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
         load_config(str(fifo))  # would block for ever on a plain open()
 
 
+def test_a_directory_is_refused_and_its_descriptor_closed(tmp_path: Path) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(ConfigError, match="not a regular file"):
+            load_config(str(tmp_path))
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_a_huge_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "modules.yaml"
     path.write_text("# " + "x" * (2 * 1024 * 1024) + "\n")
