@@ -105,10 +105,12 @@ class _Loader(yaml.SafeLoader):
         out.position = _position(node.start_mark)
         self.flatten_mapping(node)
         for key_node, value_node in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, (str, int, float, bool)) and key is not None:
+            if not isinstance(key_node, yaml.ScalarNode):
                 raise yaml.MarkedYAMLError(None, None, "mapping keys must be plain values",
                                            key_node.start_mark)
+            # Every key here is a name: taken as written, as blackbox (YAML 1.2 into Go
+            # strings) reads it, not as YAML 1.1 would (a module "off" read as False).
+            key = key_node.value
             if key in out:
                 self.duplicates.append((str(key), _position(key_node.start_mark)))
             out[key] = self.construct_object(value_node, deep=True)

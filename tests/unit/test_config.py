@@ -439,6 +439,15 @@ def test_values_that_would_break_later_are_bounded_at_load(line: str, why: str) 
         parse("modules:\n  m:\n" + line)
 
 
+def test_names_are_taken_as_written_not_as_yaml_1_1_values() -> None:
+    names = ["off", "yes", "010", "1_000", "~", "1", "true"]
+    text = "modules:\n" + "".join(f"  {n}:\n    prober: ntp\n" for n in names)
+    config = parse(text + "groups:\n  on: [127.0.0.1]\n")
+    assert list(config.modules) == names  # "1" and "true" are not one key either
+    assert list(config.groups) == ["on"]
+    assert list(parse(config_to_yaml(config)).modules) == names  # /config round-trips
+
+
 def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     fifo = tmp_path / "modules.yaml"
     os.mkfifo(fifo)
