@@ -91,6 +91,8 @@ class Coordinator:
         # reload replaces that object, and the guards are built again.
         self._guards: dict[str, tuple[Module, Guard]] = {}
         self._guards_of: Config | None = None
+        # Told of the packets a cancelled burst had sent: no result counts them otherwise.
+        self.on_cancelled: Callable[[Measurement], None] | None = None
 
     @property
     def cached_bytes(self) -> int:
@@ -167,13 +169,17 @@ class Coordinator:
 
     async def _run(self, key: _Key, flight: _Flight, target: Target, module: Module,
                    timeout: float, guard: Guard) -> None:
+        partial = Measurement()
         try:
-            result, log = await run_probe(target, module, timeout, guard=guard)
+            result, log = await run_probe(target, module, timeout, guard=guard,
+                                          measurement=partial)
         except asyncio.CancelledError:
             # The last request left, or the exporter is shutting down: whoever still
             # waits goes down with the burst rather than waiting for ever.
             for waiter in flight.waiters:
                 waiter.cancel()
+            if self.on_cancelled is not None:
+                self.on_cancelled(partial)
             raise
         except Exception as exc:  # a prober's bug: every waiter gets it, as from the task
             for waiter in flight.waiters:

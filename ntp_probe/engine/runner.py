@@ -55,14 +55,19 @@ def guard_for(config: Config, module: Module, kod: KodTable | None = None,
 
 
 async def run_probe(target: Target, module: Module, timeout: float, log: ProbeLog | None = None,
-                    guard: Guard | None = None) -> tuple[Measurement, ProbeLog]:
-    """Run the module's prober against ``target``; never takes longer than ``timeout``."""
+                    guard: Guard | None = None,
+                    measurement: Measurement | None = None) -> tuple[Measurement, ProbeLog]:
+    """Run the module's prober against ``target``; never takes longer than ``timeout``.
+
+    The prober writes into ``measurement`` (a fresh one if None): a caller that cancels
+    the probe still reads there what was sent before it stopped."""
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
     if log is None:
         log = ProbeLog(str(target), module.name)
     ctx = ProbeContext(deadline=loop.time() + timeout, log=log,
-                       guard=guard if guard is not None else Guard())
+                       guard=guard if guard is not None else Guard(),
+                       measurement=measurement if measurement is not None else Measurement())
     ctx.log(lambda: f"probe {target} module={module.name} prober={module.prober} "
             f"timeout={timeout:g}s")
     try:

@@ -163,6 +163,12 @@ class Internals:
         if result.packets_sent:
             self.packets_sent.inc(result.packets_sent)
 
+    def cancelled(self, result: Measurement) -> None:
+        """Count the packets of a probe cancelled before it finished (its client went
+        away): not a probe result, but the servers saw its packets."""
+        if result.packets_sent:
+            self.packets_sent.inc(result.packets_sent)
+
     def render(self) -> bytes:
         """The /metrics exposition."""
         return generate_latest(self.registry)

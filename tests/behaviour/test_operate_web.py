@@ -660,7 +660,11 @@ async def test_client_disconnect_cancels_the_probe(
     await poll(lambda: not ntp_probe_tasks(), "no ntp_probe task left")
     assert all(t.cancelled() for t in running), running
     assert state.in_flight == 0
-    # Nothing was recorded for the abandoned probe, and the server stays usable.
+    # No result for the abandoned probe, but its packet was sent and is counted; the
+    # server stays usable.
+    internals = await metrics(client)
+    assert metric(internals, "ntp_probe_ntp_packets_sent_total") == 2, internals
+    assert metric(internals, "ntp_probe_probes_total", module="hang", result="success") == 1
     fake_ntp.behaviour = answer()
     status, body = await probe(client, fake_ntp.target, "hang")
     assert status == 200 and metric(body, "probe_success") == 1, body
