@@ -144,9 +144,8 @@ class DatagramPump(Generic[T]):
     """
 
     __slots__ = ("_dest", "_family", "_log", "_loop", "_matcher", "_sock", "_sockets",
-                 "_tx_stamps",
-                 "_waiter", "bind_path", "kernel_timestamps", "last_tx_kernel", "sent", "source",
-                 "tx_wanted")
+                 "_tx_stamps", "_waiter", "bind_path", "kernel_timestamps", "last_tx_kernel",
+                 "sent", "source", "truncated", "tx_wanted")
 
     def __init__(self, family: int, dest: SockAddr, matcher: Callable[[Datagram], T | None],
                  log: Log, bind_path: str | None = None, tx_timestamps: bool = False,
@@ -162,6 +161,7 @@ class DatagramPump(Generic[T]):
         self.source = source  # the local address to send from ("" = the kernel's choice)
         self.kernel_timestamps = True
         self.sent = 0  # datagrams that left: counted at the send, so a cut-off wait keeps it
+        self.truncated = 0  # datagrams discarded as longer than MAX_DATAGRAM
         # Kernel transmit stamps cost a system call per send: only for an exchange whose T1
         # is used (NTP and NTS time samples, not the daemons' command protocols).
         self.tx_wanted = tx_timestamps and family != socket.AF_UNIX
@@ -302,6 +302,7 @@ class DatagramPump(Generic[T]):
                     rx_ns = sec * 1_000_000_000 + nsec
                     kernel = True
             if flags & socket.MSG_TRUNC:
+                self.truncated += 1
                 self._log(f"datagram discarded: longer than {MAX_DATAGRAM} bytes (truncated)")
                 continue
             if not kernel:

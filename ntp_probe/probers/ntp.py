@@ -454,6 +454,7 @@ async def _burst_to(resolved: Resolved, port: int, settings: NTPSettings, until:
     finally:
         if pump is not None:
             burst.sent = pump.sent
+            burst.discarded += pump.truncated  # a reply too long to be one, from anyone
         # Also when the runner's backstop cuts the burst off: what was sent and received
         # still counts.
         conclude(burst, settings, ctx, (resolved.address, port))

@@ -392,6 +392,7 @@ async def _authenticated_burst(server: Resolved, port: int, settings: NTPSetting
     finally:
         if pump is not None:
             burst.sent = pump.sent
+            burst.discarded += pump.truncated  # a reply too long to be one, from anyone
         if session.nak:
             m.fail(Reason.NTS_NAK)
         elif not burst.samples and session.auth_failed:

@@ -493,7 +493,7 @@ async def test_a_daemon_claiming_millions_of_sources_is_asked_about_a_few(
     fake: FakeCommandPort
 ) -> None:
     fake.chronyd.n_sources = 0xFFFFFFFF
-    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module(timeout="10s"))
+    _, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module(timeout="10s"))
     assert f"asking about the first {chrony.MAX_SOURCES}" in log.text()
     asked = [r for r in fake.requests if r.command in (SOURCE_DATA, SOURCESTATS)]
     assert max(r.index or 0 for r in asked) == chrony.MAX_SOURCES - 1

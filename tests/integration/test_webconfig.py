@@ -344,7 +344,8 @@ MORE_BAD_WEB_CONFIGS = {
         "tls_server_config.client_ca_file",
     ),
     "users-not-a-mapping": ("basic_auth_users: [alice]\n", "basic_auth_users"),
-    "user-with-colon": (f"basic_auth_users:\n  'a:b': '{bcrypt_hash(PASSWORD)}'\n", "basic_auth_users.a:b"),
+    "user-with-colon": (f"basic_auth_users:\n  'a:b': '{bcrypt_hash(PASSWORD)}'\n",
+                        "basic_auth_users.a:b"),
     "client-ca-not-pem": (
         "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n"
         "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: key.pem\n",
