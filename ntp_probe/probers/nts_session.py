@@ -394,6 +394,7 @@ async def _authenticated_burst(server: Resolved, port: int, settings: NTPSetting
             burst.sent = pump.sent
             burst.discarded += pump.truncated  # a reply too long to be one, from anyone
         if session.nak:
+            m.add(common.KISS_CODE, 1, "NTSN")  # a Kiss-o'-Death like any other
             m.fail(Reason.NTS_NAK)
         elif not burst.samples and session.auth_failed:
             m.fail(Reason.NTS_AUTH_FAILED)

@@ -36,7 +36,7 @@ from ntp_probe.net.tls import TLSClient
 from ntp_probe.net.udp import DatagramPump
 from ntp_probe.probers import nts_session
 from ntp_probe.proto.nts import ef, ke
-from tests.conftest import LOOPBACK, probe, value
+from tests.conftest import LOOPBACK, label_sets, probe, value
 
 Records = Callable[[int], bytes]  # NTP port -> the KE response bytes
 PKI = tuple[Path, Path, Path]
@@ -168,6 +168,10 @@ class _NTPServer(asyncio.DatagramProtocol):
             return
         header = struct.pack("!BBbbII4sQQQQ", 0x24, 2, 0, -20, 0, 0, b"GPS\0", now, origin,
                              now, now)
+        if fake.ntp_mode == "plain":  # the NTS fields stripped on the way
+            assert self.transport is not None
+            self.transport.sendto(header, addr)
+            return
         uid_field = ef.encode_field(0x0104, os.urandom(32) if fake.ntp_mode == "uid" else uid[:32])
         new_cookie = os.urandom(100)
         fake.keys[new_cookie] = fake.keys[cookie[:100]]
@@ -287,6 +291,7 @@ def _field_types(request: bytes) -> list[int]:
     ("nak", Reason.NTS_NAK),
     ("tamper", Reason.NTS_AUTH_FAILED),
     ("uid", Reason.INVALID_REPLY),
+    ("plain", Reason.NTS_AUTH_FAILED),
 ])
 async def test_replies_that_must_not_count(fake: FakeNTS, pki: PKI, mode: str,
                                            reason: Reason) -> None:
@@ -297,6 +302,7 @@ async def test_replies_that_must_not_count(fake: FakeNTS, pki: PKI, mode: str,
     assert value(m, "probe_ntp_offset_seconds") is None
     if mode == "nak":
         assert len(fake.requests) == 1  # the burst stops at the NAK
+        assert label_sets(m, "probe_ntp_kiss_code_info") == [{"code": "NTSN"}]
 
 
 def _records(*recs: ke.Record) -> Records:

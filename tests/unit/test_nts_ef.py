@@ -330,6 +330,12 @@ def test_missing_uid_is_a_mismatch():
         verify_reply(reply, UID, S2C)
 
 
+def test_a_reply_without_any_nts_field_is_unauthenticated_not_foreign():
+    # The caller has matched its origin: our request's answer, stripped of NTS.
+    with pytest.raises(NTSNoAuthenticator, match="no NTS fields"):
+        verify_reply(reply_header(), UID, S2C)
+
+
 def test_uid_only_after_the_authenticator_is_not_authenticated():
     head = reply_header()
     reply = head + authenticator(S2C, NONCE, b"", head) + ef(0x0104, UID)

@@ -303,7 +303,8 @@ def verify_reply(
     """Authenticate an NTS reply (header and extension fields) and extract its new cookies.
 
     Checks, in order (RFC 8915 §5.6-§5.7): an NTS NAK echoing ``uid`` raises
-    :class:`NTSNak`; otherwise the Unique Identifier before the authenticator must equal
+    :class:`NTSNak`; a reply with no extension field at all raises
+    :class:`NTSNoAuthenticator`; otherwise the Unique Identifier before the authenticator must equal
     ``uid``; there must be exactly one authenticator; it must verify with ``s2c_key`` over
     every byte before it; its plaintext must parse as extension fields. Fields after the
     authenticator are unauthenticated and ignored. Origin timestamp and mode are the
@@ -332,6 +333,10 @@ def verify_reply(
     uids = [f.value for _, f in authenticated if f.field_type == FieldType.UNIQUE_IDENTIFIER]
     if len(uids) > 1:
         raise NTSReplyMalformed(f"{len(uids)} unique identifier fields")
+    if not fields:
+        # Plain NTP answering our request (the caller matched its origin): the NTS fields
+        # stripped on the way, or a server that ignores them. Unauthenticated, not foreign.
+        raise NTSNoAuthenticator("reply carries no NTS fields: unauthenticated")
     if uids != [expected_uid]:
         raise NTSUIDMismatch("reply does not carry our unique identifier")
     if not auth_indexes:
