@@ -47,14 +47,15 @@ MEMBER_FAILURE = Family("probe_ntp_group_member_failure_info",
                         "Why the member's own NTP probe failed.", ("member", "reason"))
 INTERSECTION_LOW = Family(
     "probe_ntp_group_intersection_low_seconds",
-    "Lower end of the interval a majority of the members agree on, relative to the local "
-    "clock, in seconds (absent without a majority).")
+    "Lower end of the intersection: the lowest point where a majority of the candidates' "
+    "intervals meet, relative to the local clock, in seconds (absent without a majority).")
 INTERSECTION_HIGH = Family(
     "probe_ntp_group_intersection_high_seconds",
-    "Upper end of the interval a majority of the members agree on, relative to the local "
-    "clock, in seconds (absent without a majority).")
+    "Upper end of the intersection: the highest point where a majority of the candidates' "
+    "intervals meet, relative to the local clock, in seconds (absent without a majority).")
 MAJORITY = Family("probe_ntp_group_majority",
-                  "Whether a majority of the members that answered share an intersection.")
+                  "Whether a majority of the candidates (members that answered and passed "
+                  "their own checks) share an intersection.")
 TRUECHIMERS = Family("probe_ntp_group_truechimers",
                      "Members whose correctness interval overlaps the intersection.")
 FALSETICKERS = Family("probe_ntp_group_falsetickers",
@@ -244,7 +245,8 @@ def _conclude(m: Measurement, selection: Selection, max_falsetickers: int,
     m.add(TRUECHIMERS, truechimers)
     m.add(FALSETICKERS, falsetickers)
     if low is None or high is None or midpoint is None:
-        log("no intersection shared by a majority of the members that answered")
+        log("no intersection shared by a majority of the candidates (the members that "
+            "answered and passed their own checks)")
         m.fail(Reason.NO_MAJORITY)
         return
     m.add(INTERSECTION_LOW, low)
