@@ -369,7 +369,10 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
     jitter = maths.jitter(burst.samples, best)
     server_time = best.t3_unix_ns / 1e9
     near_leap = ctx.guard.near_leap(server[0], server[1], p.leap, server_time)
-    leap_check(ctx, p.leap, server_time, fail_on_mismatch=settings.fail_on_leap_mismatch)
+    # An unsynchronised server (stratum 0 without a kiss code, or 16 and up) vouches for
+    # no leap, whatever its indicator says: judged as indicator 3, unknown.
+    leap_check(ctx, p.leap if 0 < p.stratum < 16 else 3, server_time,
+               fail_on_mismatch=settings.fail_on_leap_mismatch)
     m.add(OFFSET, offset)
     m.add(RTT, delay)
     m.add(JITTER, jitter)

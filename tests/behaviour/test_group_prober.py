@@ -261,6 +261,17 @@ async def test_an_announcement_the_file_does_not_schedule(servers: Start,
     assert m.success  # reported only, by default
 
 
+@pytest.mark.parametrize("stratum", [16, 0])
+async def test_an_unsynchronised_server_vouches_for_no_leap(servers: Start, tmp_path: Path,
+                                                            stratum: int) -> None:
+    # Stratum 0 with a zero refid: chrony's unsynchronised answer, not a Kiss-o'-Death.
+    server = await servers(leap=1, stratum=stratum, refid=bytes(4))
+    m = await probe_with_leap_check(server, leap_config(tmp_path, QUIET,
+                                                        fail_on_leap_mismatch=True))
+    assert m.values(LEAP_CHECK) == [(("unknown",), 1)]
+    assert m.failure is Reason.STRATUM_UNSYNCHRONIZED
+
+
 async def test_fail_on_leap_mismatch(servers: Start, tmp_path: Path) -> None:
     server = await servers(leap=1)
     config = leap_config(tmp_path, QUIET, fail_on_leap_mismatch=True)
