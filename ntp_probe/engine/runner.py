@@ -18,7 +18,7 @@ from ntp_probe.safety.leap import LeapMemory
 
 SCRAPE_TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
 _BACKSTOP_GRACE = 0.1
-_NUMBER_RE = re.compile(r"\d+(?:\.\d*)?|\.\d+")
+_NUMBER_RE = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")  # ASCII digits only
 
 
 class TimeoutHeaderError(ValueError):
@@ -30,9 +30,10 @@ def probe_timeout(module_timeout: float, header: str | None, offset: float) -> f
     without the header.
 
     When the offset would eat the whole scrape timeout, the header's own value is the
-    bound instead, so a probe still never outlives its scrape.
+    bound instead, so a probe still never outlives its scrape. An empty header counts as
+    none, as in blackbox.
     """
-    if header is None:
+    if header is None or not header.strip():
         return module_timeout
     try:
         if not _NUMBER_RE.fullmatch(header.strip()):

@@ -35,6 +35,8 @@ from tests.contract import VALID_SAMPLE_METRICS
         (10.0, "10", 0.0, 10.0),
         (10.0, " 4.5 ", 0.5, 4.0),  # surrounding blanks tolerated
         (10.0, "9.75", 0.25, 9.5),
+        (10.0, "", 0.5, 10.0),  # an empty header is no header (blackbox)
+        (10.0, "  ", 0.5, 10.0),
     ],
 )
 def test_probe_timeout(module: float, header: str | None, offset: float, expected: float) -> None:
@@ -43,8 +45,8 @@ def test_probe_timeout(module: float, header: str | None, offset: float, expecte
 
 @pytest.mark.parametrize(
     "header", ["abc", "1e1", "1_0",
-               "-1", "0", "-0", "0.0", "nan", "NaN", "inf", "-inf", "Infinity", "", "1s",
-               "0x10"]
+               "-1", "0", "-0", "0.0", "nan", "NaN", "inf", "-inf", "Infinity", "1s",
+               "0x10", "\u0663", "\uff15.5"]  # Arabic-Indic 3, fullwidth 5: not ASCII
 )
 def test_probe_timeout_invalid_header(header: str) -> None:
     with pytest.raises(TimeoutHeaderError) as exc:
