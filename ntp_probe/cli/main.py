@@ -35,18 +35,26 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
+# Counts beyond this are typos, and would overflow the C sizes they become (a deque's maxlen).
+_MAX_COUNT = 1_000_000_000
+
+
+def _count(text: str, least: int) -> int:
     value = int(number(text, int))
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    if value < least:
+        raise argparse.ArgumentTypeError(
+            f"must be at least 1: {text}" if least else f"must not be negative: {text}")
+    if value > _MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be at most {_MAX_COUNT}: {text}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _count(text, 1)
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(number(text, int))
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
-    return value
+    return _count(text, 0)
 
 
 def _bool(text: str | bool) -> bool:

@@ -66,9 +66,15 @@ def unrestricted(host: str | None, config: Config) -> bool:
 def parse_listen(address: str) -> tuple[str | None, int]:
     """``:9559``, ``0.0.0.0:9559``, ``[::1]:9559`` -> (host or None for all, port)."""
     host, sep, port_text = address.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"invalid listen address {address!r} (expected [HOST]:PORT)")
-    host = host.strip("[]")
+    bracketed = host.startswith("[") and host.endswith("]") and len(host) > 2
+    if (not sep or not (port_text.isascii() and port_text.isdigit())
+            or int(port_text) > 65535 or len(port_text) > 5
+            # An IPv6 address only in brackets, as Go's SplitHostPort wants it.
+            or (not bracketed and any(c in host for c in ":[]"))):
+        raise ValueError(f"invalid listen address {address!r} (expected [HOST]:PORT, "
+                         "an IPv6 host in brackets)")
+    if bracketed:
+        host = host[1:-1]
     return (host or None), int(port_text)
 
 

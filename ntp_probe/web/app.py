@@ -165,8 +165,9 @@ async def logs_handler(request: web.Request) -> web.Response:
         return web.Response(status=status, text=text + "\n", headers={"Vary": "Accept"})
 
     raw = request.query.get("id", "")
-    # Bounded: int() of thousands of digits is refused by Python (a 500) and never an id.
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+    # Bounded: int() of thousands of digits is refused by Python (a 500); any shorter
+    # number is an id, if one never issued (404).
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 64):
         return answer(400, "Bad request", "id parameter must be a probe number")
     state = request.app[STATE]
     history, entry_id = state.history, int(raw)

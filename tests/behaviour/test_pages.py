@@ -117,6 +117,10 @@ async def test_logs_tells_aged_out_from_never_issued(
     assert never.status == 404
     assert await never.text() == (
         "probe 2 never ran: the probes since the exporter started are 0 to 1\n")
+    huge = await client.get("/logs", params={"id": "9" * 40})  # still a number: 404
+    assert huge.status == 404 and (await huge.text()).startswith("probe 999")
+    too_long = await client.get("/logs", params={"id": "9" * 65})
+    assert too_long.status == 400
 
     status, ctype, body = await page(client, "/logs", id="2")
     assert (status, ctype.split(";")[0]) == (404, "text/html")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ntp_probe.cli.main import DEFAULT_LISTEN, listen_addresses, probe_parser, serve_parser
-from ntp_probe.cli.serve import unrestricted
+from ntp_probe.cli.serve import parse_listen, unrestricted
 from ntp_probe.config.load import parse_config
 
 
@@ -81,3 +81,29 @@ def test_listen_addresses_from_the_variable(monkeypatch: pytest.MonkeyPatch, env
         monkeypatch.setenv("NTP_PROBE_WEB_LISTEN_ADDRESS", env)
     assert listen_addresses(None) == want
     assert listen_addresses([":1"]) == [":1"]  # a flag wins
+
+
+@pytest.mark.parametrize(("address", "parsed"), [
+    (":9559", (None, 9559)),
+    ("0.0.0.0:9559", ("0.0.0.0", 9559)),
+    ("[::1]:9559", ("::1", 9559)),
+    ("[::]:0", ("::", 0)),
+    ("localhost:80", ("localhost", 80)),
+])
+def test_listen_addresses(address: str, parsed: tuple[str | None, int]) -> None:
+    assert parse_listen(address) == parsed
+
+
+@pytest.mark.parametrize("address", [
+    "9559", "[::1:9559", "::1]:9559", "::1:9559", "[]:9559", "host:", "host:65536",
+    "host:\u0663", "host:+80", "host:000009559",
+])
+def test_bad_listen_addresses(address: str) -> None:
+    with pytest.raises(ValueError, match="invalid listen address"):
+        parse_listen(address)
+
+
+def test_a_count_too_large_to_be_meant_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        serve_parser().parse_args(["--history.limit", "99999999999999999999"])
+    assert "must be at most 1000000000" in capsys.readouterr().err
