@@ -397,9 +397,10 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
     ))
     if near_leap:
         log("within 24 h of an announced leap second: causality tolerance widened by 1 s")
-    reason = maths.check(best, _limits(settings, near_leap))
-    if reason is not None:
-        m.fail(Reason(reason))
+    failed = maths.check(best, _limits(settings, near_leap))
+    if failed is not None:
+        log(f"check failed: {failed}: {failed.why}")
+        m.fail(Reason(failed))
     log(functools.partial(_selected_line, offset, delay, root_distance))
 
 

@@ -558,6 +558,7 @@ async def test_sanity_check_failures_keep_the_gauges(
     result, log = await probe(fake_ntp.target, make_module(**settings))
     assert not result.success
     assert result.failure == reason, log.text()
+    assert f"check failed: {reason}: " in log.text()  # with the values that failed it
     # One failure series, whatever else failed too.
     assert render(result).count("probe_ntp_failure_info{") == 1
     assert_measurement(result)

@@ -361,6 +361,24 @@ def test_check_reason(sample: Sample, limits: SanityLimits, reason: str) -> None
     assert check(sample, limits) == reason
 
 
+@pytest.mark.parametrize(("sample", "limits", "why"), [
+    (make_sample(stratum=5), dataclasses.replace(LIMITS, max_stratum=4),
+     "stratum 5 > max_stratum 4"),
+    (make_sample(stratum=16), LIMITS, "stratum 16 (unsynchronised)"),
+    (make_sample(leap=3), LIMITS, "leap indicator 3 (unsynchronised)"),
+    (make_sample(ref_age=37 * 3600.0), LIMITS,
+     "reference time 133200 s old > max_reference_age 129600 s"),
+    (make_sample(root_dispersion=seconds_to_short(2.0)), LIMITS,
+     "> max_root_distance 1.5 s"),
+    (make_sample(server_ahead=1.25, out=1.25, back=1.25), ALL_ON,
+     "|offset| 1.250000 s > fail_if_offset_exceeds 1 s"),
+])
+def test_a_failed_check_says_why_with_the_values(sample: Sample, limits: SanityLimits,
+                                                 why: str) -> None:
+    failed = check(sample, limits)
+    assert failed is not None and why in failed.why, failed and failed.why
+
+
 def test_implausible_time_uses_server_time_not_local() -> None:
     # Local clock in 2020, server correct in 2025: plausible.
     local_2020 = (UNIX_2025 - 5 * 365 * 86400) * NS

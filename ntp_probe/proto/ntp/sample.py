@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -165,32 +166,54 @@ def reference_unix(sample: Sample) -> float:
     return (sample.t3_unix_ns + ts_diff_ns(ref, sample.t3)) / 1e9
 
 
-def check(sample: Sample, limits: SanityLimits) -> str | None:
-    """Return the first failed sanity check's reason for the selected sample, or None.
+class Failed(str):
+    """A failed sanity check: compares as its reason, and says why in ``why``."""
+
+    why: str
+
+    def __new__(cls, reason: str, why: str) -> Failed:
+        failed = super().__new__(cls, reason)
+        failed.why = why
+        return failed
+
+
+def _utc(unix: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
+
+
+def check(sample: Sample, limits: SanityLimits) -> Failed | None:
+    """Return the first failed sanity check for the selected sample, or None.
 
     The order is the contract's: stratum, leap, implausible time, reference after
     transmit, stale reference, root distance, causality, offset.
     """
     p = sample.packet
     if p.stratum == 0 or p.stratum >= MAX_STRATUM or p.stratum > limits.max_stratum:
-        return "stratum_unsynchronized"
+        return Failed("stratum_unsynchronized", f"stratum {p.stratum}" + (
+            f" > max_stratum {limits.max_stratum}" if 0 < p.stratum < MAX_STRATUM
+            else " (unsynchronised)"))
     if p.leap == Leap.UNSYNCHRONIZED:
-        return "leap_unsynchronized"
-    if sample.t3_unix_ns / 1e9 < limits.min_plausible_unix:
-        return "implausible_time"
+        return Failed("leap_unsynchronized", "leap indicator 3 (unsynchronised)")
+    server_time = sample.t3_unix_ns / 1e9
+    if server_time < limits.min_plausible_unix:
+        return Failed("implausible_time", f"server time {_utc(server_time)} before "
+                      f"min_plausible_time {_utc(limits.min_plausible_unix)}")
     age = reference_age(sample)
     if age is not None:
         if age < 0:
-            return "reference_after_transmit"
+            return Failed("reference_after_transmit",
+                          f"reference time {-age:.6f} s after the transmit time")
         if limits.max_reference_age > 0 and age > limits.max_reference_age:
-            return "stale_reference"
+            return Failed("stale_reference", f"reference time {age:.0f} s old > "
+                          f"max_reference_age {limits.max_reference_age:g} s")
     if limits.max_root_distance > 0 and sample.root_distance > limits.max_root_distance:
-        return "excess_root_distance"
-    if (
-        limits.max_causality_violation > 0
-        and causality_violation(sample.offset, sample.delay) > limits.max_causality_violation
-    ):
-        return "causality_violation"
+        return Failed("excess_root_distance", f"root distance {sample.root_distance:.6f} s > "
+                      f"max_root_distance {limits.max_root_distance:g} s")
+    violation = causality_violation(sample.offset, sample.delay)
+    if limits.max_causality_violation > 0 and violation > limits.max_causality_violation:
+        return Failed("causality_violation", f"|offset| - rtt/2 = {violation:.6f} s > "
+                      f"max_causality_violation {limits.max_causality_violation:g} s")
     if limits.fail_if_offset_exceeds > 0 and abs(sample.offset) > limits.fail_if_offset_exceeds:
-        return "offset_exceeded"
+        return Failed("offset_exceeded", f"|offset| {abs(sample.offset):.6f} s > "
+                      f"fail_if_offset_exceeds {limits.fail_if_offset_exceeds:g} s")
     return None
