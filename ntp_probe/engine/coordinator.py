@@ -70,6 +70,7 @@ class _Flight:
     other waits (what asyncio.shield gives, without its extra future and callbacks)."""
 
     module: Module
+    ends: float  # its deadline, on the loop's clock
     task: asyncio.Task[None] = field(init=False)  # set once the flight exists: it runs it
     waiters: list[asyncio.Future[_Result]] = field(default_factory=list)
 
@@ -118,11 +119,15 @@ class Coordinator:
                 if age < module.min_probe_interval:
                     return Outcome(cached.result, cached.log, age=age)
         loop = asyncio.get_running_loop()
+        ends = loop.time() + timeout
         flight = self._flights.get(key)
-        shared = flight is not None and flight.module == module
+        # Joined only when it ends within this request's budget: a request with a shorter
+        # scrape timeout than the burst in flight gets a shorter burst of its own, not a
+        # timeout that would blame the server for the wait.
+        shared = flight is not None and flight.module == module and flight.ends <= ends
         if flight is None or not shared:
             guard = self._guard(config, module)
-            flight = _Flight(module)
+            flight = _Flight(module, ends)
             flight.task = loop.create_task(self._run(key, flight, target, module, timeout,
                                                      guard))
             self._flights[key] = flight
@@ -137,9 +142,9 @@ class Coordinator:
                 # alongside it when the loop is late, and throw its samples away.
                 result, log = await waiter
         except TimeoutError:
-            # Only a request that joined a longer burst can get here.
+            # Only when the loop ran late: the burst joined was due to end in time.
             log = ProbeLog(str(target), module.name)
-            log("joined a burst that outlasts this request's timeout")
+            log("joined a burst that outlasted this request's timeout")
             result = Measurement()
             result.fail(Reason.TIMEOUT)
             result.duration = timeout

@@ -603,6 +603,31 @@ async def test_identical_concurrent_probes_share_one_burst(
     assert metric(await metrics(client), "ntp_probe_ntp_packets_sent_total") == 2
 
 
+async def test_a_request_with_a_shorter_budget_runs_its_own_burst(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    path = tmp_path / "modules.yaml"
+    client, _ = await start(aiohttp_client, path,
+                            config_text(module_yaml("two", timeout="5s", samples=2)))
+
+    def first_slow(req: Request) -> list[Send]:
+        return [Send(reply(req), delay=0.4 if req.index == 0 else 0.0)]
+
+    fake_ntp.behaviour = first_slow
+    long_one = asyncio.create_task(probe(client, fake_ntp.target, "two"))
+    await fake_ntp.wait_for_requests(1)
+    # A scrape timeout of 0.8 s leaves 0.3 s: the burst in flight (5 s) would outlast it.
+    resp = await client.get("/probe", params={"target": fake_ntp.target, "module": "two"},
+                            headers={"X-Prometheus-Scrape-Timeout-Seconds": "0.8"})
+    short_body = await resp.text()
+    assert resp.status == 200
+    assert metric(short_body, "probe_success") == 1, short_body
+    status, long_body = await long_one
+    assert status == 200 and metric(long_body, "probe_success") == 1, long_body
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) == 4  # the long burst's two, and the short one's own two
+
+
 # --- client hang-up ----------------------------------------------------------------------
 
 
