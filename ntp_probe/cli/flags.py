@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from typing import Any
 
 
@@ -24,13 +25,18 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
-        self.env_errors: list[str] = []
+        # (the flag's spellings, the error) of each variable that does not convert
+        self.env_errors: list[tuple[tuple[str, ...], str]] = []
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
-        """Parse; an invalid environment variable is an error like an invalid flag."""
-        if self.env_errors:
-            self.error("; ".join(self.env_errors))
-        return super().parse_args(args, namespace)
+        """Parse; an invalid environment variable is an error like an invalid flag, unless
+        the flag itself is on the command line (the flag wins)."""
+        given = list(sys.argv[1:] if args is None else args)
+        errors = [why for spellings, why in self.env_errors
+                  if not any(a in spellings or a.split("=", 1)[0] in spellings for a in given)]
+        if errors:
+            self.error("; ".join(errors))
+        return super().parse_args(given, namespace)
 
 
 def flag(parser: Parser, name: str, default: Any, *aliases: str, **kwargs: Any) -> None:
@@ -45,7 +51,8 @@ def flag(parser: Parser, name: str, default: Any, *aliases: str, **kwargs: Any) 
             if choices is not None and converted not in choices:
                 raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}")
         except argparse.ArgumentTypeError as exc:
-            parser.env_errors.append(f"environment variable {env}={value!r}: {exc}")
+            parser.env_errors.append(((name, *aliases),
+                                      f"environment variable {env}={value!r}: {exc}"))
         default = value
     help_text = kwargs.pop("help", "")
     shown = "" if default is None else f" (default: {default})"

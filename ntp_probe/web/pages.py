@@ -142,6 +142,9 @@ def _history_row(e: Entry) -> str:
 
 def _history(history: History) -> str:
     rows = "".join(_history_row(e) for e in history)
+    if not rows and history.limit == 0:
+        return (f"<p class='hint'>{history.issued_count} probes since the start; none is "
+                "kept (--history.limit=0).</p>")
     if not rows:
         return "<p class='hint'>No probes yet: run one above, or let Prometheus scrape.</p>"
     head = "".join(f"<th class='{css}'>{_e(label)}</th>" if css else f"<th>{_e(label)}</th>"

@@ -62,6 +62,17 @@ async def test_landing_page_shows_the_time_figures_and_the_form(
     assert "<option value='ntp' selected" in body and "<option value='one' selected" not in body
 
 
+async def test_landing_page_without_history_says_none_is_kept(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    client, _ = await start(aiohttp_client, tmp_path / "m.yaml",
+                            config_text(module_yaml("one")), history_limit=0)
+    await probe(client, fake_ntp.target, "one")
+    _, _, body = await page(client, "/")
+    assert "1 probes since the start; none is kept (--history.limit=0)." in body
+    assert "No probes yet" not in body
+
+
 async def test_landing_page_escapes_descriptions_and_targets(
     aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
 ) -> None:

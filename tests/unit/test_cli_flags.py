@@ -107,3 +107,11 @@ def test_a_count_too_large_to_be_meant_is_refused(capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit):
         serve_parser().parse_args(["--history.limit", "99999999999999999999"])
     assert "must be at most 1000000000" in capsys.readouterr().err
+
+
+def test_a_flag_given_overrides_its_invalid_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NTP_PROBE_TIMEOUT_OFFSET", "abc")
+    assert serve_parser().parse_args(["--timeout-offset", "1"]).timeout_offset == 1.0
+    assert serve_parser().parse_args(["--timeout-offset=2"]).timeout_offset == 2.0
+    with pytest.raises(SystemExit):
+        serve_parser().parse_args([])  # without the flag, the variable is the value: refused
