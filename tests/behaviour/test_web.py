@@ -148,7 +148,7 @@ async def test_unparsable_target_is_400(client: Client, target: str) -> None:
     assert value(await get_metrics(client), "ntp_probe_ntp_packets_sent_total") == 0
 
 
-@pytest.mark.parametrize("header", ["abc", "0", "-1", "nan", "inf", ""])
+@pytest.mark.parametrize("header", ["abc", "0", "-1", "nan", "inf", "\u0663"])
 async def test_bad_scrape_timeout_header_is_400(
     client: Client, fake_ntp: FakeNTPServer, header: str
 ) -> None:
@@ -161,6 +161,14 @@ async def test_bad_scrape_timeout_header_is_400(
     assert_one_line(await resp.text())
     await fake_ntp.drain()
     assert fake_ntp.requests == []
+
+
+async def test_an_empty_scrape_timeout_header_is_no_header(
+    client: Client, fake_ntp: FakeNTPServer
+) -> None:
+    resp = await client.get("/probe", params={"target": fake_ntp.target, "module": "ntp"},
+                            headers={"X-Prometheus-Scrape-Timeout-Seconds": ""})
+    assert resp.status == 200, await resp.text()
 
 
 # --- probes ------------------------------------------------------------------------------
