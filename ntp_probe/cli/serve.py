@@ -79,21 +79,34 @@ def parse_listen(address: str) -> tuple[str | None, int]:
 
 
 def systemd_sockets() -> list[socket.socket]:
-    """The listening sockets systemd passed (LISTEN_PID/LISTEN_FDS, from fd 3 on)."""
+    """The listening sockets systemd passed (LISTEN_PID/LISTEN_FDS, from fd 3 on).
+
+    Raises OSError naming the descriptor when one of them is not a socket."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         return []
     try:
         count = int(os.environ.get("LISTEN_FDS", "0"))
     except ValueError:
         return []
-    return [socket.socket(fileno=_SD_LISTEN_FDS_START + i) for i in range(count)]
+    out = []
+    for fd in range(_SD_LISTEN_FDS_START, _SD_LISTEN_FDS_START + count):
+        try:
+            out.append(socket.socket(fileno=fd))
+        except OSError as exc:
+            raise OSError(exc.errno, f"descriptor {fd} from LISTEN_FDS: "
+                                     f"{exc.strerror or exc}") from None
+    return out
 
 
 async def serve(args: argparse.Namespace, config: Config) -> int:
     """Serve until SIGINT/SIGTERM; SIGHUP reloads the configuration."""
     inherited: list[socket.socket] = []
     if args.systemd_socket:
-        inherited = systemd_sockets()
+        try:
+            inherited = systemd_sockets()
+        except OSError as exc:
+            logger.error("--web.systemd-socket: %s", exc.strerror)
+            return 2
         if not inherited:
             logger.error("--web.systemd-socket: systemd passed no socket (LISTEN_FDS)")
             return 2

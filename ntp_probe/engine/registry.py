@@ -75,7 +75,10 @@ PROBERS: Mapping[str, ProberSpec] = {
         ProberSpec(
             "ntp_group", group.probe, group.DESCRIPTION, ("ntp", "ntp_group"),
             _COMMON + _families(group), group.REASONS, target=group.resolve_target,
-            ntp_keys_unused=("kernel_correlation",),
+            # A member is one server: every address of a name would need series per member
+            # and address, which the group does not expose.
+            ntp_keys_unused=("all_addresses", "max_addresses", "addresses_required",
+                             "kernel_correlation"),
         ),
         ProberSpec(
             "nts", nts.probe, nts.DESCRIPTION, ("ntp", "nts"),

@@ -290,7 +290,7 @@ def take_sample(burst: Burst, i: int, p: ntp.Packet, t1_ns: int, t4_ns: int, tx_
         burst.received -= 1
         burst.discarded += 1
         log(f"sample {i + 1}: reply discarded: negative delay {s.measured_delay * 1e6:.3f}us, "
-            f"beyond the server's precision ({p.precision_seconds * 1e6:.3f}us)")
+            f"beyond the server's precision ({s.delay_tolerance * 1e6:.3f}us)")
         return None
     burst.samples.append(s)
     burst.tx_kernel &= tx_kernel
@@ -314,7 +314,7 @@ def delay_text(s: maths.Sample) -> str:
     if s.measured_delay >= 0:
         return f"delay={s.delay * 1e6:.3f}us"
     return (f"delay={s.delay * 1e6:.3f}us (measured {s.measured_delay * 1e6:.3f}us, within "
-            f"the server's precision of {s.packet.precision_seconds * 1e6:.3f}us)")
+            f"the server's precision of {s.delay_tolerance * 1e6:.3f}us)")
 
 
 def _utc(ts: int, pivot_ns: int) -> str:

@@ -443,6 +443,21 @@ def test_systemd_socket_activation(tmp_path: Path) -> None:
         stop_process(proc)
 
 
+def test_systemd_socket_that_is_not_a_socket_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "not-a-socket"
+    path.write_text("")
+    with open(path, "rb") as f:
+        done = subprocess.run(
+            [sys.executable, "-c", SOCKET_ACTIVATION, str(f.fileno()), *exporter_command(),
+             "--web.systemd-socket"],
+            capture_output=True, stdin=subprocess.DEVNULL, pass_fds=(f.fileno(),),
+            env=child_env(), timeout=30)
+    err = done.stderr.decode()
+    assert done.returncode == 2, err
+    assert "--web.systemd-socket: descriptor 3 from LISTEN_FDS:" in err, err
+    assert "Traceback" not in err
+
+
 def test_several_listen_addresses(tmp_path: Path) -> None:
     other = free_tcp_port()
     e = start_exporter(tmp_path, (f"--web.listen-address=[::1]:{other}",))

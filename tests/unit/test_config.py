@@ -196,6 +196,8 @@ def test_unknown_module_key_names_full_path() -> None:
     ("nts", "all_addresses", "true"),
     ("nts", "kernel_correlation", "true"),
     ("ntp_group", "kernel_correlation", "true"),
+    ("ntp_group", "all_addresses", "true"),
+    ("ntp_group", "addresses_required", "any"),
 ])
 def test_ntp_keys_a_prober_does_not_use_are_refused(prober: str, key: str, value: str) -> None:
     # Accepted and then ignored, they would read as in force.

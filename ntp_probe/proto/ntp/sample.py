@@ -67,12 +67,16 @@ class Sample:
         return max(self.measured_delay, 0.0)
 
     @property
+    def delay_tolerance(self) -> float:
+        """How negative δ may be: the server's precision, a claim of its own, so taken as
+        :data:`COARSEST_CLOCK` at the coarsest (a claimed 2^127 s would excuse anything)."""
+        return min(self.packet.precision_seconds, COARSEST_CLOCK)
+
+    @property
     def delay_plausible(self) -> bool:
         """Whether δ is no more negative than the server's precision explains. Beyond
-        that, the server claims to have held the request longer than the round trip took.
-        The precision is the server's own claim: one coarser than :data:`COARSEST_CLOCK`
-        explains no more than that (a claimed precision of 2^127 s would excuse anything)."""
-        return self.measured_delay >= -min(self.packet.precision_seconds, COARSEST_CLOCK)
+        that, the server claims to have held the request longer than the round trip took."""
+        return self.measured_delay >= -self.delay_tolerance
 
     @property
     def server_processing(self) -> float:
