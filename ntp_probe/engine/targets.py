@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from ntp_probe.proto.address import ip_address
 
 # RFC 1123 host names (underscores tolerated: they occur in real internal zones).
+# \Z, not $: $ also matches before a final newline ("localhost\n" would pass).
 _HOSTNAME_RE = re.compile(
-    r"^(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$"
+    r"^(?=.{1,253}\.?\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?\Z"
 )
 
-_ZONE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_ZONE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")
 
 
 class TargetError(ValueError):

@@ -18,15 +18,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import os
 import select
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 from weakref import WeakKeyDictionary
+
+from ntp_probe.proto.address import ip_address
 
 # Linux value on every architecture Python runs on here; Python's socket module does not
 # export it.
@@ -132,6 +136,32 @@ def sockaddr_for(address: str, port: int, family: int) -> SockAddr:
                                    socket.AI_NUMERICHOST)
         return infos[0][4]  # type: ignore[return-value]  # an AF_INET6 sockaddr
     return (address, port)
+
+
+def _offender(sockaddr: bytes) -> str | None:
+    """The address of whoever sent an ICMP error: the sockaddr the kernel appends to
+    struct sock_extended_err (SO_EE_OFFENDER), or None when it gives none."""
+    if len(sockaddr) < 2:
+        return None
+    family = int.from_bytes(sockaddr[:2], sys.byteorder)
+    if family == socket.AF_INET and len(sockaddr) >= 8:
+        return socket.inet_ntop(socket.AF_INET, sockaddr[4:8])
+    if family == socket.AF_INET6 and len(sockaddr) >= 24:
+        return socket.inet_ntop(socket.AF_INET6, sockaddr[8:24])
+    return None
+
+
+def _same_host(a: str, b: str) -> bool:
+    """Whether two address texts name one host (IPv4-mapped IPv6 as its IPv4 address)."""
+    def packed(text: str) -> bytes:
+        ip = ip_address(text.split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return ip.packed
+    try:
+        return packed(a) == packed(b)
+    except ValueError:
+        return True  # not an address pair to judge: as before, trust the kernel's match
 
 
 class DatagramPump(Generic[T]):
@@ -329,12 +359,14 @@ class DatagramPump(Generic[T]):
             except OSError:
                 break
             stamp = error = None
+            offender = b""
             for level, kind, cdata in anc:
                 if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPING and len(cdata) >= 16:
                     sec, nsec = _TIMESPEC.unpack_from(cdata)  # the first: the software stamp
                     stamp = sec * 1_000_000_000 + nsec
                 elif (level, kind) in _RECVERR_CMSGS and len(cdata) >= _EXTENDED_ERR.size:
                     error = _EXTENDED_ERR.unpack_from(cdata)
+                    offender = cdata[_EXTENDED_ERR.size:]
             if error is None:
                 continue
             errno_, origin, _, _, _, _, data = error
@@ -344,6 +376,13 @@ class DatagramPump(Generic[T]):
                 if data == until:
                     break
             elif origin in _ORIGIN_ICMP and addr and tuple(addr[:2]) == tuple(self._dest[:2]):
+                sender = _offender(offender)
+                if (errno_ == errno.ECONNREFUSED and sender is not None
+                        and not _same_host(sender, str(self._dest[0]))):
+                    # Only the target's own host can say that nothing listens on its port
+                    # (a router says "no route"): anyone else forged it.
+                    self._log(f"ICMP port unreachable from {sender}, not the target: ignored")
+                    continue
                 about_dest = True
                 self._icmp(errno_)
         return about_dest

@@ -18,3 +18,26 @@ def ip_address(text: str) -> IPAddress:
     """``ipaddress.ip_address(text)``, cached; ValueError when ``text`` is no address
     (a zone, ``%eth0``, is not part of it)."""
     return ipaddress.ip_address(text)
+
+
+# IPv6 prefixes whose addresses carry an IPv4 address they lead to (RFC 6052 NAT64, the
+# well-known and the local-use prefix with the IPv4 address in the last 32 bits; RFC 2765
+# IPv4-translated addresses), besides the mapped, 6to4 and Teredo forms ipaddress knows.
+_LAST_32_BITS = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"),
+                 ipaddress.IPv6Network("::ffff:0:0:0/96"))
+_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated IPv4-compatible ::a.b.c.d
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address leads to through a translator or tunnel (mapped,
+    NAT64, IPv4-translated, IPv4-compatible, 6to4, Teredo's client), or None: a policy on
+    IPv4 networks must see it, or 64:ff9b::10.0.0.1 would reach a denied 10.0.0.1."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    if any(ip in net for net in _LAST_32_BITS) or (ip in _COMPATIBLE and int(ip) > 1):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None

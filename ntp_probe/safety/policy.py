@@ -14,7 +14,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ntp_probe.proto.address import ip_address
+from ntp_probe.proto.address import embedded_ipv4, ip_address
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -47,9 +47,12 @@ class Rules:
         except ValueError:
             return False
         candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            # ::ffff:a.b.c.d reaches a.b.c.d: match it as either form.
-            candidates.append(ip.ipv4_mapped)
+        if isinstance(ip, ipaddress.IPv6Address):
+            # ::ffff:a.b.c.d, 64:ff9b::a.b.c.d, 2002:AABB:CCDD:: ... reach a.b.c.d: match
+            # them as either address (a denied rule on either refuses).
+            inner = embedded_ipv4(ip)
+            if inner is not None:
+                candidates.append(inner)
         return any(
             c in net for c in candidates for net in self.networks if net.version == c.version
         )

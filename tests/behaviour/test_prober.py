@@ -357,6 +357,44 @@ async def test_ipv6_closed_port_fails_fast() -> None:
     assert counts(result) == (1, 0, 1)
 
 
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def forge_port_unreachable(req: Request, server_port: int, sender: str) -> None:
+    """An ICMP port unreachable about ``req``, sent from ``sender``: the IP and UDP headers
+    of the request it quotes are all an off-path host needs to make one."""
+    client, client_port = req.addr
+    quoted_ip = bytes([0x45, 0, 0, 76, 0, 0, 0x40, 0, 64, 17, 0, 0]) + socket.inet_aton(
+        client) + socket.inet_aton(LOOPBACK)
+    quoted_udp = client_port.to_bytes(2, "big") + server_port.to_bytes(2, "big") + bytes(
+        [0, 56, 0, 0])
+    icmp = bytes([3, 3, 0, 0, 0, 0, 0, 0]) + quoted_ip + quoted_udp
+    icmp = icmp[:2] + _checksum(icmp).to_bytes(2, "big") + icmp[4:]
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as raw:
+        raw.bind((sender, 0))
+        raw.sendto(icmp, (client, 0))
+
+
+async def test_a_port_unreachable_from_another_host_is_ignored(fake_ntp: FakeNTPServer) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("forging an ICMP error needs a raw socket (root)")
+
+    def forged_then_genuine(req: Request) -> list[Send]:
+        forge_port_unreachable(req, fake_ntp.port, "127.0.0.9")
+        return [Send(reply(req), delay=0.05)]
+
+    fake_ntp.behaviour = forged_then_genuine
+    result, log = await probe(fake_ntp.target, make_module(reply_timeout=1.0))
+    assert result.success, (result.failure, log.text())
+    assert "ICMP port unreachable from 127.0.0.9, not the target: ignored" in log.text()
+
+
 JUNK: dict[str, Callable[[Request], bytes]] = {
     "wrong_origin": lambda req: wrong_origin(req),
     "wrong_mode_client": lambda req: wrong_mode(req, ntp.Mode.CLIENT),

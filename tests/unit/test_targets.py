@@ -69,6 +69,7 @@ def test_parse_target_valid(raw: str, host: str, port: int | None, text: str) ->
         ("http://x", "not a URL"),
         ("a b", "' ' is not allowed in a host name"),
         ("a\nb", "is not allowed in a host name"),
+        ("localhost\n:123", "is not allowed in a host name"),  # $ matched before a final \n
         ("1.2.3.4.5", "an IPv4 address has four numbers"),
         ("1.2.3", "abbreviated IPv4 address"),
         ("999.1.1.1", "each of the four numbers is 0-255"),
@@ -121,7 +122,8 @@ def test_target_str_brackets_ipv6_only() -> None:
 
 
 @pytest.mark.parametrize("raw", ["1.2.3.4%eth0", "1.2.3.4%eth0:123", "::1%", "fe80::1%a b",
-                                 "fe80::1%x\ny", "[fe80::1%]:123"])
+                                 "fe80::1%x\ny", "[fe80::1%]:123",
+                                 "[fe80::1%eth0\n]:123"])
 def test_parse_target_rejects_bad_zone_ids(raw: str) -> None:
     with pytest.raises(TargetError):
         parse_target(raw)
