@@ -119,9 +119,9 @@ def test_rule_unit_tests_catch_a_changed_threshold(tmp_path: Path) -> None:
     shutil.copytree(PROM_DIR / "rules", tmp_path / "rules")
     alerts = tmp_path / "rules" / "ntp_alerts.yml"
     text = alerts.read_text()
-    assert "abs(probe_ntp_offset_seconds) > 0.100" in text
-    alerts.write_text(text.replace("abs(probe_ntp_offset_seconds) > 0.100",
-                                   "abs(probe_ntp_offset_seconds) > 0.300"))
+    assert "abs(probe_ntp_offset_seconds)) > 0.100" in text
+    alerts.write_text(text.replace("abs(probe_ntp_offset_seconds)) > 0.100",
+                                   "abs(probe_ntp_offset_seconds)) > 0.300"))
     done = promtool("test", "rules", "ntp_alerts_test.yml", cwd=tmp_path / "rules" / "tests")
     assert done.returncode == 1, done.stdout + done.stderr
     assert "alertname: NTPOffsetCritical" in done.stdout + done.stderr

@@ -265,7 +265,12 @@ def test_kubernetes_agent_uses_the_host_network_and_agent_modules() -> None:
     (ds,) = by_kind("DaemonSet")
     assert ds["spec"]["template"]["spec"]["hostNetwork"] is True
     (monitor,) = by_kind("PodMonitor")
-    endpoints = monitor["spec"]["podMetricsEndpoints"]
+    every = monitor["spec"]["podMetricsEndpoints"]
+    # Every endpoint's job is ntp*, which NTPProbeScrapeFailed watches.
+    for e in every:
+        assert {"targetLabel": "job", "replacement": "ntp_agent"} in e["relabelings"], e
+    assert [e["path"] for e in every].count("/metrics") == 1
+    endpoints = [e for e in every if e["path"] != "/metrics"]
     modules = sorted(e["params"]["module"][0] for e in endpoints)
     assert modules == ["hybrid", "kernel", "local"]
     assert set(modules) <= PACKAGED_MODULES  # the DaemonSet runs the packaged modules
