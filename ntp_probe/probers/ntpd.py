@@ -92,6 +92,9 @@ PEER_REACH_LAST = Family("probe_ntpd_peer_reach_last",
 PEERS = Family("probe_ntpd_peers",
                "Number of ntpd's associations in each selection state.", ("selection",))
 
+# ntpd with a pool and its peers has tens of associations.
+MAX_ASSOCIATIONS = 256
+
 # --- sysstats / iostats -----------------------------------------------------------------------
 
 UPTIME = Family("probe_ntpd_uptime_seconds", "Seconds since ntpd started.")
@@ -513,6 +516,12 @@ async def _collect(session: _Session, pump: DatagramPump[Response | ErrorReply],
             log(f"<- READSTAT: {exc}")
             m.fail(Reason.MODE6_BAD_REPLY)
         else:
+            if len(associations) > MAX_ASSOCIATIONS:
+                # Each costs a round trip and a dozen series: a daemon listing thousands (a
+                # hostile one) must not hold the probe to its deadline or flood Prometheus.
+                log(f"<- READSTAT lists {len(associations)} associations: reading the first "
+                    f"{MAX_ASSOCIATIONS}")
+                associations = associations[:MAX_ASSOCIATIONS]
             got.words = dict(associations)
             status = reply.status
             log(lambda: f"<- READSTAT: status {status:#06x}, {len(associations)} associations"

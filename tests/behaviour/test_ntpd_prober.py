@@ -413,6 +413,25 @@ async def test_an_association_gone_since_readstat_is_no_error(server: FakeNtpd) 
         str(SYS_PEER), str(CANDIDATE)]
 
 
+async def test_thousands_of_associations_are_read_only_up_to_the_cap(server: FakeNtpd) -> None:
+    listed = range(1, 1001)
+
+    def many(req: Request) -> list[bytes]:
+        if req.opcode == READSTAT:
+            data = b"".join(struct.pack("!HH", a, PEER_WORDS[SYS_PEER]) for a in listed)
+            return fragments(req, data, SYSTEM_STATUS)
+        if req.opcode == READVAR and req.association in listed:
+            return fragments(req, peer_variables(SYS_PEER), PEER_WORDS[SYS_PEER])
+        return healthy(req)
+
+    server.behaviour = many
+    out = await run(server, timeout=10.0)
+    assert f"1000 associations: reading the first {ntpd.MAX_ASSOCIATIONS}" in out.log
+    asked = {r.association for r in server.requests if r.opcode == READVAR} - {0}
+    assert asked == set(range(1, ntpd.MAX_ASSOCIATIONS + 1))
+    assert len(label_sets(out.m, "probe_ntpd_peer_info")) == ntpd.MAX_ASSOCIATIONS
+
+
 async def test_unknown_stats_variable_asks_one_at_a_time(server: FakeNtpd) -> None:
     def old_daemon(req: Request) -> list[bytes]:
         # An ntpd without the NTPv1 counters and without the "_r" totals.
