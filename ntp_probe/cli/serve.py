@@ -160,14 +160,30 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    reloads: set[asyncio.Task[str | None]] = set()
+    reloads: set[asyncio.Task[None]] = set()
+    queued = False  # a reload is waiting to start: it will read the file as it is then
+    gate = asyncio.Lock()
+
+    async def reload_on_signal() -> None:
+        nonlocal queued
+        async with gate:
+            queued = False
+            await state.reload()
 
     def on_sighup() -> None:
-        task = loop.create_task(state.reload())
+        nonlocal queued
+        if queued:  # a storm of signals is one reload more, not one each
+            return
+        queued = True
+        task = loop.create_task(reload_on_signal())
         reloads.add(task)  # a reference until it is done, or it may vanish mid-run
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    # asyncio's wake-up pipe fills under a signal storm; CPython's default then warns from
+    # inside the C signal handler, which can deadlock the process (bpo-30050) and writes
+    # tracebacks. A full pipe already means a wake-up is pending: nothing is lost.
+    signal.set_wakeup_fd(signal.set_wakeup_fd(-1), warn_on_full_buffer=False)
     # Everything built so far (modules, the app, the config) lives as long as the process:
     # keep it out of the cyclic collector's full passes, which otherwise walk it every few
     # hundred probes (the probe history keeps objects alive long enough to reach gen 2).

@@ -115,6 +115,27 @@ def test_sighup_reload_good_then_bad(tmp_path: Path, chronyd: Chronyd) -> None:
         stop_process(e.proc)
 
 
+def test_a_sighup_storm_is_a_few_reloads_and_no_traceback(tmp_path: Path) -> None:
+    config = tmp_path / "modules.yaml"
+    config.write_text(modules("first"))
+    e = start_exporter(tmp_path, (f"--config.file={config}",))
+    try:
+        config.write_text(modules("last"))
+        sent, until = 0, time.monotonic() + 2.0  # bounded: 2 s or 200,000 signals
+        while time.monotonic() < until and sent < 200_000:
+            os.kill(e.proc.pid, signal.SIGHUP)
+            sent += 1
+        # The file as it was after the storm is loaded, and the exporter still answers.
+        wait_for(lambda: "last:" in e.get("/config")[2], "the reload after the storm", e)
+        assert e.get("/-/healthy")[0] == 200
+        log = e.log()
+        assert "Traceback" not in log and "Exception ignored" not in log, log[-2000:]
+        reloads = log.count("reloaded 1 modules")
+        assert 1 <= reloads < sent, (reloads, sent)
+    finally:
+        stop_process(e.proc)
+
+
 # --- log formats -----------------------------------------------------------------------
 
 
