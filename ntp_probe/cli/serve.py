@@ -126,6 +126,10 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
                   max_concurrent=args.max_concurrent, config_path=args.config_file,
                   history=History(args.history_limit), web_config=web_config)
     max_connections = _fit_open_files(args.max_connections, args.max_concurrent)
+    if max_connections <= args.max_concurrent:
+        logger.warning("--web.max-connections=%d does not exceed --probe.max-concurrent=%d: "
+                       "with every connection busy with a probe, /metrics and /-/healthy "
+                       "cannot connect", max_connections, args.max_concurrent)
     guard = ConnectionGuard(max_connections=max_connections, header_timeout=args.header_timeout,
                             idle_timeout=args.idle_timeout)
     loop = asyncio.get_running_loop()

@@ -196,16 +196,20 @@ class Time:
 
 @dataclass(frozen=True, slots=True)
 class Text:
-    """A string; empty allowed unless ``required``; one line."""
+    """A string; empty allowed unless ``required``; one line; with ``absolute``, a path
+    from the root (a relative one would depend on the exporter's working directory)."""
 
     required: bool = False
     max_length: int = 4096
+    absolute: bool = False
 
     def parse(self, value: object, key: str) -> str:
         """Parse and check."""
         if not isinstance(value, str) or "\n" in value or len(value) > self.max_length \
                 or (self.required and not value):
             raise ConfigError(f"{key}: expected one line of text, got {show(value)}")
+        if self.absolute and value and not value.startswith("/"):
+            raise ConfigError(f"{key}: expected an absolute path, got {show(value)}")
         return value
 
     def dump(self, value: Any) -> object:
@@ -306,7 +310,7 @@ class ChronySettings:
     port: int = setting(323, IntRange(1, 65535))
     # A unix socket path (chronyd's bindcmdaddress, /run/chrony/chronyd.sock): when set, the
     # probe talks to it and the target only labels the probe.
-    socket: str = setting("", Text())
+    socket: str = setting("", Text(absolute=True))
     min_candidates: int = setting(1, IntRange(0, 1000))
     request_timeout: float = setting(0.5, Duration(positive=True, maximum=60.0))
     preferred_ip_protocol: str = setting("ip4", Choice(IP_PROTOCOLS))

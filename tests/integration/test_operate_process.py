@@ -479,6 +479,20 @@ def test_systemd_socket_that_is_not_a_socket_is_a_clear_error(tmp_path: Path) ->
     assert "Traceback" not in err
 
 
+def test_connections_no_more_than_probes_is_warned_about(tmp_path: Path) -> None:
+    e = start_exporter(tmp_path, ("--web.max-connections=8", "--probe.max-concurrent=8"))
+    try:
+        assert ("--web.max-connections=8 does not exceed --probe.max-concurrent=8" in e.log()), \
+            e.log()
+    finally:
+        stop_process(e.proc)
+    e = start_exporter(tmp_path, ("--web.max-connections=9", "--probe.max-concurrent=8"))
+    try:
+        assert "does not exceed" not in e.log(), e.log()
+    finally:
+        stop_process(e.proc)
+
+
 def test_several_listen_addresses(tmp_path: Path) -> None:
     other = free_tcp_port()
     e = start_exporter(tmp_path, (f"--web.listen-address=[::1]:{other}",))

@@ -429,6 +429,16 @@ def test_error_messages_never_quote_more_than_a_line() -> None:
     assert len(str(exc.value)) < 300
 
 
+def test_a_chrony_socket_path_must_be_absolute() -> None:
+    text = "modules:\n  c:\n    prober: chrony\n    chrony:\n      socket: {}\n"
+    with pytest.raises(ConfigError) as exc:
+        parse(text.format("run/chronyd.sock"))
+    assert problem(exc.value) == ("modules.c.chrony.socket: expected an absolute path, "
+                                  "got 'run/chronyd.sock'")
+    assert parse(text.format("/run/chrony/chronyd.sock")).modules["c"].chrony.socket == (
+        "/run/chrony/chronyd.sock")
+
+
 @pytest.mark.parametrize(("line", "why"), [
     ("    timeout: 99999h\n", "modules.m.timeout: duration '99999h' is longer than a year"),
     ("    timeout: 6m\n", "modules.m.timeout: '6m' is longer than the maximum 5m"),
