@@ -21,7 +21,7 @@ from ntp_probe.safety.kod import KodTable
 from ntp_probe.safety.policy import TargetPolicy, parse_rules
 from tests import conftest
 from tests.behaviour import fake_server
-from tests.behaviour.fake_server import FakeNTPServer, Request, Send, answer, kod
+from tests.behaviour.fake_server import FakeNTPServer, Request, Send, answer, kod, reply
 from tests.conftest import FakeClock, gauges, probe, value
 
 fake_ntp = fake_server.fake_ntp
@@ -180,6 +180,24 @@ async def test_kod_deny_hold_configurable(fake_ntp: FakeNTPServer) -> None:
     result, _ = await probe(fake_ntp.target, module, guard=Guard(kod=KodTable()))
     assert result.failure == "kod_deny"
     assert value(result, "probe_ntp_backoff_remaining_seconds") == 600.0
+
+
+async def test_a_deny_arriving_after_its_wait_is_still_honoured(fake_ntp: FakeNTPServer) -> None:
+    def late_deny(req: Request) -> list[Send]:
+        if req.index == 0:  # after the 100 ms reply timeout, while sample 2 waits
+            return [Send(kod(req, b"DENY"), delay=0.15)]
+        return [Send(reply(req), delay=0.3)]
+
+    fake_ntp.behaviour = late_deny
+    guard = Guard(kod=KodTable())
+    module = make_module(samples=3, interval=0.01, reply_timeout=0.1)
+    result, log = await probe(fake_ntp.target, module, guard=guard)
+    assert result.failure == "kod_deny", log.text()
+    assert kiss_codes(result) == ["DENY"]
+    assert len(fake_ntp.requests) == 2  # the burst stopped at the DENY
+    again, _ = await probe(fake_ntp.target, module, guard=guard)
+    assert again.failure == "backoff"
+    await assert_nothing_sent(fake_ntp, 2, again)
 
 
 async def test_other_kiss_code_does_not_back_off(fake_ntp: FakeNTPServer) -> None:

@@ -94,6 +94,23 @@ def test_a_reply_after_its_wait_expired_is_late_not_invalid() -> None:
     assert isinstance(c.receive(reply(origin=NONCE + 1), SERVER), rules.Accepted)
 
 
+def test_a_late_kiss_o_death_is_still_honoured_but_not_under_nts() -> None:
+    deny = reply(stratum=0, refid=b"DENY", leap=3)
+    c = rules.Client(SERVER)
+    c.request(NONCE)
+    c.expire()
+    c.request(NONCE + 1)
+    late = c.receive(deny, SERVER)
+    assert isinstance(late, rules.Accepted) and late.packet.kiss_code == "DENY"
+    assert c.receive(deny, SERVER) == rules.Discarded("duplicate of an answered request")
+    # With an authentication hook (NTS), a late, unauthenticated KoD is only late.
+    nts = rules.Client(SERVER)
+    nts.request(NONCE)
+    nts.expire()
+    nts.request(NONCE + 1)
+    assert nts.receive(deny, SERVER, lambda data: None) == rules.Late(NONCE)
+
+
 def test_a_new_request_expires_the_previous_one() -> None:
     c = rules.Client(SERVER)
     c.request(NONCE)

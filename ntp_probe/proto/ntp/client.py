@@ -114,6 +114,12 @@ class Client:
             return Discarded("duplicate of an answered request", "duplicate")
         if origin != self._pending:
             if seen is False:
+                if pkt.kiss_code is not None and authenticate is None:
+                    # A Kiss-o'-Death is honoured however late: its origin is our nonce,
+                    # and a server that said go away must not be asked again (NTS, whose
+                    # KoDs are unauthenticated, decides through its own hook).
+                    self._seen[origin] = True
+                    return Accepted(pkt)
                 # Genuine but too late: a server that is merely slow must read as
                 # "timeout", not as sending invalid replies.
                 return Late(origin)
