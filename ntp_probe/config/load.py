@@ -301,13 +301,13 @@ def _yaml_error(exc: yaml.YAMLError, source: str) -> ConfigError:
     return ConfigError(f"{source}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {text}")
 
 
-def parse_config(text: str, source: str) -> Config:
-    """Parse modules.yaml text; raise :class:`ConfigError` naming every problem."""
+def _load_yaml(text: str, source: str) -> tuple[Any, list[tuple[str, Position]]]:
+    """The document and its duplicate keys; ConfigError when it is no YAML to use."""
     if len(text) > MAX_FILE_BYTES:
         raise ConfigError(f"{source}: larger than {MAX_FILE_BYTES} bytes")
     loader = _Loader(text)
     try:
-        raw = loader.get_single_data()
+        return loader.get_single_data(), loader.duplicates
     except yaml.YAMLError as exc:
         raise _yaml_error(exc, source) from None
     except (ValueError, OverflowError) as exc:  # constructors, e.g. an out-of-range date
@@ -316,8 +316,23 @@ def parse_config(text: str, source: str) -> Config:
         raise ConfigError(f"{source}: nested too deeply") from None
     finally:
         loader.dispose()
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """YAML read as the modules file is (keys as written, no aliases, bounded nesting), for
+    the other files in YAML; a duplicate key is an error too."""
+    raw, duplicates = _load_yaml(text, source)
+    if duplicates:
+        key, at = duplicates[0]
+        raise ConfigError(f"{source}:{at.line}:{at.column}: duplicate key {show(key)}")
+    return raw
+
+
+def parse_config(text: str, source: str) -> Config:
+    """Parse modules.yaml text; raise :class:`ConfigError` naming every problem."""
+    raw, duplicates = _load_yaml(text, source)
     problems = _Problems(source)
-    for key, position in loader.duplicates:
+    for key, position in duplicates:
         problems.add(position, "", f"duplicate key {show(key)} (the later one would "
                      "silently win)")
     if not isinstance(raw, dict):

@@ -31,11 +31,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import yaml
 from aiohttp import web
 from cachetools import LRUCache
 
-from ntp_probe.config.load import read_config_file
+from ntp_probe.config.load import read_config_file, read_yaml
 from ntp_probe.config.schema import ConfigError
 
 _TLS_VERSIONS = {
@@ -238,12 +237,11 @@ def load_web_config(path: str | None) -> WebConfig:
         return WebConfig()
     file = Path(path)
     try:
-        # As the modules file is read: a FIFO is an error at once, not a start that hangs.
-        raw = yaml.safe_load(read_config_file(path))
+        # As the modules file is read: a FIFO is an error at once, not a start that hangs;
+        # a user named "yes" stays "yes" (YAML 1.1 would make it True), as in Go.
+        raw = read_yaml(read_config_file(path), path)
     except ConfigError as exc:
         raise WebConfigError(str(exc)) from None
-    except yaml.YAMLError as exc:
-        raise WebConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
     top = _mapping(raw, "(top level)")
     for key in top:
         if key not in ("tls_server_config", "basic_auth_users", "http_server_config"):

@@ -430,6 +430,15 @@ def test_http2_false_is_accepted(tmp_path: Path) -> None:
     assert load_web_config(str(path)).ssl_context is None
 
 
+def test_a_user_named_like_a_yaml_boolean_keeps_the_name(tmp_path: Path) -> None:
+    path = tmp_path / "web.yml"
+    path.write_text(f"basic_auth_users:\n  yes: '{bcrypt_hash(PASSWORD)}'\n")
+    assert list(load_web_config(str(path)).users) == ["yes"]
+    path.write_text("basic_auth_users:\n  a: x\n  a: y\n")
+    with pytest.raises(WebConfigError, match="duplicate key 'a'"):
+        load_web_config(str(path))
+
+
 def test_only_min_version_is_no_conflict(pki: Pki) -> None:
     path = pki.dir / "min-only.yml"
     path.write_text("tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n"
