@@ -20,18 +20,20 @@ def ip_address(text: str) -> IPAddress:
     return ipaddress.ip_address(text)
 
 
-# IPv6 prefixes whose addresses carry an IPv4 address they lead to (RFC 6052 NAT64, the
-# well-known and the local-use prefix with the IPv4 address in the last 32 bits; RFC 2765
-# IPv4-translated addresses), besides the mapped, 6to4 and Teredo forms ipaddress knows.
-_LAST_32_BITS = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"),
-                 ipaddress.IPv6Network("::ffff:0:0:0/96"))
+# IPv6 prefixes whose addresses carry an IPv4 address in their last 32 bits (RFC 6052's
+# well-known NAT64 prefix; RFC 2765 IPv4-translated addresses), besides the mapped, 6to4 and
+# Teredo forms ipaddress knows. A network's own NAT64 prefix (RFC 8215's 64:ff9b:1::/48
+# among them) places the IPv4 address by its length, which only its operator knows: deny
+# that prefix by its IPv6 CIDR.
+_LAST_32_BITS = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("::ffff:0:0:0/96"))
 _COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated IPv4-compatible ::a.b.c.d
 
 
 def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     """The IPv4 address an IPv6 address leads to through a translator or tunnel (mapped,
-    NAT64, IPv4-translated, IPv4-compatible, 6to4, Teredo's client), or None: a policy on
-    IPv4 networks must see it, or 64:ff9b::10.0.0.1 would reach a denied 10.0.0.1."""
+    well-known NAT64, IPv4-translated, IPv4-compatible, 6to4, Teredo's client), or None: a
+    policy denying IPv4 networks must see it, or 64:ff9b::10.0.0.1 would reach a denied
+    10.0.0.1."""
     if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     if ip.sixtofour is not None:

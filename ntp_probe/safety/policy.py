@@ -40,17 +40,18 @@ class Rules:
         name = host.lower().rstrip(".")
         return name in self.names or any(name.endswith(s) for s in self.suffixes)
 
-    def match_address(self, address: str) -> bool:
-        """Whether an IP address lies in one of the networks."""
+    def match_address(self, address: str, *, carried: bool = False) -> bool:
+        """Whether an IP address lies in one of the networks. An IPv4-mapped address is
+        also its IPv4 address (it is that host); with ``carried`` (for denying), so is the
+        IPv4 address any other IPv6 form carries (64:ff9b::a.b.c.d, 6to4, ...), which
+        leads there but is no proof of being it, so it never admits."""
         try:
             ip = ip_address(address.split("%", 1)[0])
         except ValueError:
             return False
         candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
         if isinstance(ip, ipaddress.IPv6Address):
-            # ::ffff:a.b.c.d, 64:ff9b::a.b.c.d, 2002:AABB:CCDD:: ... reach a.b.c.d: match
-            # them as either address (a denied rule on either refuses).
-            inner = embedded_ipv4(ip)
+            inner = embedded_ipv4(ip) if carried else ip.ipv4_mapped
             if inner is not None:
                 candidates.append(inner)
         return any(
@@ -126,7 +127,7 @@ class TargetPolicy:
 
     def check_address(self, host: str, address: str) -> str | None:
         """Refusal reason for ``host`` resolved to ``address``, or None."""
-        if self.denied.match_address(address):
+        if self.denied.match_address(address, carried=True):
             return f"{address} matches denied_targets"
         if not self.allowed:
             return None
@@ -154,10 +155,11 @@ def not_unicast(address: str) -> str | None:
         ip = ip_address(address.split("%", 1)[0])
     except ValueError:
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
+    if isinstance(ip, ipaddress.IPv6Address) and (inner := embedded_ipv4(ip)) is not None:
+        candidates.append(inner)  # 64:ff9b::224.0.0.1 leads to a multicast group too
     for net in _NOT_UNICAST:
-        if ip.version == net.version and ip in net:
+        if any(c.version == net.version and c in net for c in candidates):
             return f"{address} is not a unicast address ({net}): never probed"
     return None
 

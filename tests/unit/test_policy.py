@@ -15,6 +15,7 @@ from ntp_probe.safety.policy import (
     PolicyError,
     TargetPolicy,
     first_refusal,
+    not_unicast,
     parse_rules,
 )
 
@@ -125,23 +126,31 @@ def test_ipv4_mapped_ipv6_matches_ipv4_cidr() -> None:
 
 @pytest.mark.parametrize("address", [
     "64:ff9b::10.0.0.1",  # NAT64, well-known prefix (RFC 6052)
-    "64:ff9b:1::a00:1",  # NAT64, local-use prefix (RFC 8215)
     "::ffff:0:10.0.0.1",  # IPv4-translated (RFC 2765)
     "::10.0.0.1",  # IPv4-compatible (deprecated)
     "2002:a00:1::1",  # 6to4 of 10.0.0.1
     "2001:0:4136:e378:8000:63bf:f5ff:fffe",  # Teredo, client 10.0.0.1
 ])
-def test_an_ipv4_address_inside_ipv6_meets_the_ipv4_rules(address: str) -> None:
+def test_an_ipv4_address_carried_in_ipv6_is_denied_but_never_admits(address: str) -> None:
     deny = policy(denied=("10.0.0.0/8",))
     assert deny.check_name(address) is not None
     assert deny.check_address("h.example", address) is not None
+    # Leading to an allowed host is no proof of being it (6to4 is a whole IPv6 site).
     allow = policy(allowed=("10.0.0.0/8",))
-    assert allow.check_address("h.example", address) is None
+    assert allow.check_address("h.example", address) is not None
+    assert allow.check_address("h.example", "::ffff:10.0.0.1") is None  # mapped: the host
 
 
-@pytest.mark.parametrize("address", ["::", "::1", "2001:db8::a00:1", "64:ff9b:2::a00:1"])
+@pytest.mark.parametrize("address", ["::", "::1", "2001:db8::a00:1", "64:ff9b:1::a00:1"])
 def test_other_ipv6_addresses_carry_no_ipv4(address: str) -> None:
+    # 64:ff9b:1::/48 (local use) places the IPv4 address by its operator's prefix length.
     assert policy(denied=("0.0.0.0/0",)).check_address("h.example", address) is None
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::224.0.0.1", "::ffff:0:255.255.255.255",
+                                     "2002:e000:1::1"])
+def test_an_ipv6_address_leading_to_multicast_or_broadcast_is_never_probed(address: str) -> None:
+    assert not_unicast(address) is not None
 
 
 def test_denied_ipv4_mapped_network_refuses_mapped_address() -> None:
