@@ -173,9 +173,9 @@ class DatagramPump(Generic[T]):
     client.
     """
 
-    __slots__ = ("_dest", "_family", "_log", "_loop", "_matcher", "_sock", "_sockets",
-                 "_tx_stamps", "_waiter", "bind_path", "kernel_timestamps", "last_tx_kernel",
-                 "sent", "source", "truncated", "tx_wanted")
+    __slots__ = ("_deferred", "_dest", "_family", "_log", "_loop", "_matcher", "_sock",
+                 "_sockets", "_tx_stamps", "_waiter", "bind_path", "kernel_timestamps",
+                 "last_tx_kernel", "sent", "source", "truncated", "tx_wanted")
 
     def __init__(self, family: int, dest: SockAddr, matcher: Callable[[Datagram], T | None],
                  log: Log, bind_path: str | None = None, tx_timestamps: bool = False,
@@ -187,6 +187,9 @@ class DatagramPump(Generic[T]):
         self._loop = asyncio.get_running_loop()
         self._sock: socket.socket | None = None
         self._waiter: asyncio.Future[T | None] | None = None
+        # An ICMP error from a host on the path, not the target: the wait's outcome only
+        # if no reply comes before it ends (a forger cannot cut a working exchange short).
+        self._deferred: Unreachable | None = None
         self.bind_path = bind_path
         self.source = source  # the local address to send from ("" = the kernel's choice)
         self.kernel_timestamps = True
@@ -261,13 +264,15 @@ class DatagramPump(Generic[T]):
 
         Returns the send time (Unix ns: the kernel's transmit timestamp where it gives
         one, else the clock read just before the send) and the value, or None when
-        nothing matched in time. Raises :class:`Unreachable` when the send fails or an
-        ICMP error about the destination arrives.
+        nothing matched in time. Raises :class:`Unreachable` when the send fails, at once
+        when the destination host itself reports an ICMP error, and at the end of the
+        wait when a host on the path did and no reply came.
         """
         if self._sock is None:
             raise RuntimeError("DatagramPump used outside its context")
         waiter: asyncio.Future[T | None] = self._loop.create_future()
         self._waiter = waiter
+        self._deferred = None
         t1 = time.time_ns()
         try:
             self._sock.sendto(payload, self._dest)
@@ -283,7 +288,7 @@ class DatagramPump(Generic[T]):
             self._drain_errors(self._sock, until=send_id)
         # A plain timer resolving the waiter is cheaper than an asyncio.timeout scope, and
         # it cannot turn an outside cancellation into a timeout by mistake.
-        timer = self._loop.call_at(until, self._resolve, None)
+        timer = self._loop.call_at(until, self._expire)
         try:
             value = await waiter
         finally:
@@ -376,24 +381,32 @@ class DatagramPump(Generic[T]):
                 if data == until:
                     break
             elif origin in _ORIGIN_ICMP and addr and tuple(addr[:2]) == tuple(self._dest[:2]):
-                sender = _offender(offender)
-                if (errno_ == errno.ECONNREFUSED and sender is not None
-                        and not _same_host(sender, str(self._dest[0]))):
-                    # Only the target's own host can say that nothing listens on its port
-                    # (a router says "no route"): anyone else forged it.
-                    self._log(f"ICMP port unreachable from {sender}, not the target: ignored")
-                    continue
                 about_dest = True
-                self._icmp(errno_)
+                sender = _offender(offender)
+                self._icmp(errno_, None if sender is None or _same_host(
+                    sender, str(self._dest[0])) else sender)
         return about_dest
 
-    def _icmp(self, errno_: int) -> None:
+    def _icmp(self, errno_: int, on_path: str | None) -> None:
+        """An ICMP error about the destination, from the target's host, or from
+        ``on_path``: a router or firewall, or anyone who forged one."""
         why = ("ICMP port unreachable: nothing listens on the target port"
                if errno_ == errno.ECONNREFUSED else f"ICMP error: {os.strerror(errno_)}")
-        if self._waiter is not None and not self._waiter.done():
+        if self._waiter is None or self._waiter.done():
+            self._log(f"{why} (no request waiting)")
+        elif on_path is None:
             self._waiter.set_exception(Unreachable(errno_, why, sent=True))
         else:
-            self._log(f"{why} (no request waiting)")
+            self._log(f"{why}, from {on_path}: the outcome unless a reply comes in time")
+            self._deferred = Unreachable(errno_, f"{why} (from {on_path})", sent=True)
+
+    def _expire(self) -> None:
+        """The wait is over: the deferred ICMP error if one came, else no reply."""
+        if self._waiter is not None and not self._waiter.done():
+            if self._deferred is not None:
+                self._waiter.set_exception(self._deferred)
+            else:
+                self._waiter.set_result(None)
 
     def _resolve(self, value: T | None) -> None:
         if self._waiter is not None and not self._waiter.done():

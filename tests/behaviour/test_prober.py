@@ -366,33 +366,54 @@ def _checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def forge_port_unreachable(req: Request, server_port: int, sender: str) -> None:
-    """An ICMP port unreachable about ``req``, sent from ``sender``: the IP and UDP headers
-    of the request it quotes are all an off-path host needs to make one."""
+def forge_unreachable(req: Request, server_port: int, sender: str, code: int = 3) -> None:
+    """An ICMP destination unreachable (code 3: port, 1: host) about ``req``, sent from
+    ``sender``: the IP and UDP headers of the request it quotes are all an off-path host
+    needs to make one."""
     client, client_port = req.addr
     quoted_ip = bytes([0x45, 0, 0, 76, 0, 0, 0x40, 0, 64, 17, 0, 0]) + socket.inet_aton(
         client) + socket.inet_aton(LOOPBACK)
     quoted_udp = client_port.to_bytes(2, "big") + server_port.to_bytes(2, "big") + bytes(
         [0, 56, 0, 0])
-    icmp = bytes([3, 3, 0, 0, 0, 0, 0, 0]) + quoted_ip + quoted_udp
+    icmp = bytes([3, code, 0, 0, 0, 0, 0, 0]) + quoted_ip + quoted_udp
     icmp = icmp[:2] + _checksum(icmp).to_bytes(2, "big") + icmp[4:]
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as raw:
         raw.bind((sender, 0))
         raw.sendto(icmp, (client, 0))
 
 
-async def test_a_port_unreachable_from_another_host_is_ignored(fake_ntp: FakeNTPServer) -> None:
+@pytest.mark.parametrize("code", [3, 1], ids=["port", "host"])
+async def test_an_unreachable_from_another_host_yields_to_a_reply(fake_ntp: FakeNTPServer,
+                                                                  code: int) -> None:
     if os.geteuid() != 0:
         pytest.skip("forging an ICMP error needs a raw socket (root)")
 
     def forged_then_genuine(req: Request) -> list[Send]:
-        forge_port_unreachable(req, fake_ntp.port, "127.0.0.9")
+        forge_unreachable(req, fake_ntp.port, "127.0.0.9", code)
         return [Send(reply(req), delay=0.05)]
 
     fake_ntp.behaviour = forged_then_genuine
     result, log = await probe(fake_ntp.target, make_module(reply_timeout=1.0))
     assert result.success, (result.failure, log.text())
-    assert "ICMP port unreachable from 127.0.0.9, not the target: ignored" in log.text()
+    assert "from 127.0.0.9: the outcome unless a reply comes in time" in log.text()
+
+
+async def test_an_unreachable_from_the_path_counts_when_no_reply_comes(
+    fake_ntp: FakeNTPServer,
+) -> None:
+    # What a firewall's reject on the way looks like: no reply, an error from another host.
+    if os.geteuid() != 0:
+        pytest.skip("forging an ICMP error needs a raw socket (root)")
+
+    def rejected(req: Request) -> list[Send]:
+        forge_unreachable(req, fake_ntp.port, "127.0.0.9")
+        return []
+
+    fake_ntp.behaviour = rejected
+    result, log = await probe(fake_ntp.target, make_module(samples=2, reply_timeout=0.2))
+    assert result.failure == "unreachable", log.text()
+    assert "(from 127.0.0.9): burst stopped" in log.text()
+    assert counts(result) == (1, 0, 1)
 
 
 JUNK: dict[str, Callable[[Request], bytes]] = {
