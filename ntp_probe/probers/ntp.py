@@ -213,6 +213,15 @@ def _matcher(client: rules.Client, burst: Burst,
         outcome = client.receive(d.data, d.source)
         if isinstance(outcome, rules.Accepted):
             return Reply(outcome.packet, d.rx_ns, d.kernel_timestamp)
+        if isinstance(outcome, rules.LateKoD):
+            # Between samples or during the next one's wait: the burst stops at its next
+            # step, and what the wait brings is not used.
+            if burst.kod is None:
+                burst.kod = outcome.packet
+                burst.received += 1
+                log(f"Kiss-o'-Death {outcome.packet.kiss_code} answering an earlier request, "
+                    f"poll {outcome.packet.poll}: burst stopped")
+            return None
         set_aside(burst, outcome, log)
         return None
     return match
@@ -244,6 +253,8 @@ async def _run_burst(pump: DatagramPump[Reply], client: rules.Client, settings: 
         if not await pace.wait():
             log(f"burst shortened to {i} of {settings.samples} samples to fit the timeout")
             return
+        if burst.kod is not None:  # a late one, while the burst paused between samples
+            return
         nonce = rules.new_nonce()
         request = client.request(nonce)
         reply_until = min(loop.time() + settings.reply_timeout, until)
@@ -254,6 +265,9 @@ async def _run_burst(pump: DatagramPump[Reply], client: rules.Client, settings: 
             client.cancel()
             burst.unreachable = exc.strerror or "unreachable"
             log(f"sample {i + 1}: {burst.unreachable}: burst stopped")
+            return
+        if burst.kod is not None:  # a late one came during this wait
+            client.expire()
             return
         if reply is None:
             client.expire()

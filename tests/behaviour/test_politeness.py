@@ -200,6 +200,21 @@ async def test_a_deny_arriving_after_its_wait_is_still_honoured(fake_ntp: FakeNT
     await assert_nothing_sent(fake_ntp, 2, again)
 
 
+async def test_a_rate_arriving_between_samples_stops_the_burst(fake_ntp: FakeNTPServer) -> None:
+    def late_rate(req: Request) -> list[Send]:
+        if req.index == 0:  # after the 100 ms reply timeout, before sample 2 at 300 ms
+            return [Send(kod(req, b"RATE"), delay=0.2)]
+        return [Send(reply(req))]
+
+    fake_ntp.behaviour = late_rate
+    module = make_module(samples=3, interval=0.3, reply_timeout=0.1)
+    result, log = await probe(fake_ntp.target, module, guard=Guard(kod=KodTable()))
+    assert result.failure == "kod_rate", log.text()
+    assert "Kiss-o'-Death RATE answering an earlier request" in log.text()
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) == 1  # no second sample was sent
+
+
 async def test_other_kiss_code_does_not_back_off(fake_ntp: FakeNTPServer) -> None:
     fake_ntp.behaviour = kod_behaviour(b"INIT")
     table = KodTable()

@@ -101,7 +101,8 @@ def test_a_late_kiss_o_death_is_still_honoured_but_not_under_nts() -> None:
     c.expire()
     c.request(NONCE + 1)
     late = c.receive(deny, SERVER)
-    assert isinstance(late, rules.Accepted) and late.packet.kiss_code == "DENY"
+    assert isinstance(late, rules.LateKoD) and late.packet.kiss_code == "DENY"
+    assert c.pending == NONCE + 1  # the request waiting still waits
     assert c.receive(deny, SERVER) == rules.Discarded("duplicate of an answered request")
     # With an authentication hook (NTS), a late, unauthenticated KoD is only late.
     nts = rules.Client(SERVER)

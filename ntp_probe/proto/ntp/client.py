@@ -14,6 +14,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import overload
 
 from ntp_probe.proto.ntp import packet as ntp
 
@@ -43,7 +44,15 @@ class Late:
     origin: int
 
 
-Outcome = Accepted | Discarded | Late
+@dataclass(frozen=True, slots=True)
+class LateKoD:
+    """A Kiss-o'-Death answering a request whose wait already ended: genuine (its origin
+    is our nonce), so the burst must still stop and back off."""
+
+    packet: ntp.Packet
+
+
+Outcome = Accepted | Discarded | Late | LateKoD
 
 
 def new_nonce() -> int:
@@ -87,9 +96,20 @@ class Client:
         """The outstanding request never left (the send failed): forget it."""
         self._pending = None
 
+    @overload
+    def receive(self, data: bytes, source: Address) -> Outcome: ...
+
+    @overload
+    def receive(self, data: bytes, source: Address,
+                authenticate: Callable[[bytes], Discarded | None]) -> Accepted | Discarded | Late:
+        ...
+
     def receive(self, data: bytes, source: Address,
                 authenticate: Callable[[bytes], Discarded | None] | None = None) -> Outcome:
         """Judge one datagram received on the burst's socket.
+
+        A Kiss-o'-Death answering a request whose wait ended is :class:`LateKoD`, not
+        :class:`Late`, unless ``authenticate`` is given.
 
         ``authenticate`` (NTS) judges the datagram once every other rule has found it the
         reply to the outstanding request, before it is marked answered: what it refuses
@@ -119,7 +139,7 @@ class Client:
                     # and a server that said go away must not be asked again (NTS, whose
                     # KoDs are unauthenticated, decides through its own hook).
                     self._seen[origin] = True
-                    return Accepted(pkt)
+                    return LateKoD(pkt)
                 # Genuine but too late: a server that is merely slow must read as
                 # "timeout", not as sending invalid replies.
                 return Late(origin)
