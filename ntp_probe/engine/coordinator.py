@@ -70,9 +70,20 @@ class _Flight:
     other waits (what asyncio.shield gives, without its extra future and callbacks)."""
 
     module: Module
-    ends: float  # its deadline, on the loop's clock
+    ends: float  # when it will likely be over, on the loop's clock (see _likely_end)
     task: asyncio.Task[None] = field(init=False)  # set once the flight exists: it runs it
     waiters: list[asyncio.Future[_Result]] = field(default_factory=list)
+
+
+def _likely_end(module: Module, now: float, timeout: float) -> float:
+    """When a probe of ``module`` started ``now`` will likely be over: an ntp burst (or a
+    group's, its members' at once) when its last sample has waited out its reply timeout,
+    at the latest; other probers, at their deadline."""
+    deadline = now + timeout
+    if module.prober not in ("ntp", "ntp_group"):
+        return deadline
+    s = module.ntp
+    return min(deadline, now + (s.samples - 1) * s.sample_interval + s.reply_timeout)
 
 
 class Coordinator:
@@ -119,15 +130,16 @@ class Coordinator:
                 if age < module.min_probe_interval:
                     return Outcome(cached.result, cached.log, age=age)
         loop = asyncio.get_running_loop()
-        ends = loop.time() + timeout
+        now = loop.time()
         flight = self._flights.get(key)
-        # Joined only when it ends within this request's budget: a request with a shorter
-        # scrape timeout than the burst in flight gets a shorter burst of its own, not a
-        # timeout that would blame the server for the wait.
-        shared = flight is not None and flight.module == module and flight.ends <= ends
+        # Joined only when it will likely be over within this request's budget: a request
+        # with a shorter scrape timeout than the burst in flight needs gets a shorter burst
+        # of its own, not a timeout that would blame the server for the wait.
+        shared = (flight is not None and flight.module == module
+                  and flight.ends <= now + timeout)
         if flight is None or not shared:
             guard = self._guard(config, module)
-            flight = _Flight(module, ends)
+            flight = _Flight(module, _likely_end(module, now, timeout))
             flight.task = loop.create_task(self._run(key, flight, target, module, timeout,
                                                      guard))
             self._flights[key] = flight

@@ -629,6 +629,26 @@ async def test_a_request_with_a_shorter_budget_runs_its_own_burst(
     assert len(fake_ntp.requests) == 4  # the long burst's two, and the short one's own two
 
 
+async def test_a_request_whose_budget_outlasts_the_burst_shares_it(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    # The burst in flight has a 5 s deadline but will be over in about 0.5 s (2 samples,
+    # 500 ms reply timeout): a request with 1.5 s of budget shares it.
+    path = tmp_path / "modules.yaml"
+    client, _ = await start(aiohttp_client, path,
+                            config_text(module_yaml("two", timeout="5s", samples=2)))
+    fake_ntp.behaviour = delayed(0.1)
+    first = asyncio.create_task(probe(client, fake_ntp.target, "two"))
+    await fake_ntp.wait_for_requests(1)
+    resp = await client.get("/probe", params={"target": fake_ntp.target, "module": "two"},
+                            headers={"X-Prometheus-Scrape-Timeout-Seconds": "2"})
+    assert resp.status == 200 and metric(await resp.text(), "probe_success") == 1
+    status, body = await first
+    assert status == 200 and metric(body, "probe_success") == 1, body
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) == 2  # one burst for both
+
+
 # --- client hang-up ----------------------------------------------------------------------
 
 
