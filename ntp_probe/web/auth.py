@@ -265,7 +265,12 @@ def load_web_config(path: str | None) -> WebConfig:
         # Accepting it would promise what the server cannot do: aiohttp speaks HTTP/1.1 only.
         raise WebConfigError("http_server_config.http2: HTTP/2 is not supported; "
                              "remove the key or set it to false")
-    headers = {str(k): str(v) for k, v in _mapping(http.get("headers"), "headers").items()}
+    headers: dict[str, str] = {}
+    for name, value in _mapping(http.get("headers"), "headers").items():
+        if not isinstance(value, str):  # YAML read off as 90 for 1:30, False for off
+            raise WebConfigError(f"http_server_config.headers.{name}: expected text, got "
+                                 f"{value!r}: quote the value")
+        headers[name] = value
     for name, value in headers.items():
         # Checked here: a bad one would make every response fail as it is written.
         if not _TOKEN.fullmatch(name):

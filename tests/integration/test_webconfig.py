@@ -362,6 +362,8 @@ MORE_BAD_WEB_CONFIGS = {
     ),
     "header-name-not-a-token": ('http_server_config:\n  headers: {"X Bad": a}\n',
                                 "http_server_config.headers"),
+    "header-value-not-text": ("http_server_config:\n  headers: {X-Time: 1:30}\n",
+                              "http_server_config.headers.X-Time: expected text, got 90"),
     # exporter-toolkit's key, but aiohttp serves HTTP/1.1 only: say so, do not pretend.
     "http2-on": ("http_server_config:\n  http2: true\n", "http_server_config.http2"),
 }
