@@ -18,7 +18,7 @@ import os
 import re
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from importlib import resources
 from typing import Any
 
@@ -225,7 +225,7 @@ def dump_block(settings: object) -> dict[str, Any]:
 
 
 def _parse_module(name: str, raw: object, problems: _Problems,
-                  at: Position | None) -> Module | None:
+                  at: Position | None, base: str = "") -> Module | None:
     where = f"modules.{name}"
     if raw is None:
         raw = Node()
@@ -260,6 +260,14 @@ def _parse_module(name: str, raw: object, problems: _Problems,
     if prober == "nts" and blocks["ntp"].version != 4:
         # NTS authenticates with NTPv4 extension fields; another version cannot carry them.
         problems.add(_at(raw, "ntp"), f"{where}.ntp.version", "must be 4 for prober: nts")
+    if prober == "nts" and blocks["nts"].ca_file:
+        # Relative to the config file, as the leap file; checked now, not at the first probe.
+        ca_file = os.path.join(base, blocks["nts"].ca_file)
+        if not os.path.isfile(ca_file):
+            nts_raw = raw.get("nts")
+            problems.add(_at(nts_raw, "ca_file") if isinstance(nts_raw, dict) else None,
+                         f"{where}.nts.ca_file", f"no such file {show(ca_file)}")
+        blocks["nts"] = replace(blocks["nts"], ca_file=ca_file)
     ntp_raw = raw.get("ntp")
     if isinstance(ntp_raw, dict):
         for key in spec.ntp_keys_unused:
@@ -347,7 +355,8 @@ def parse_config(text: str, source: str) -> Config:
                      "expected a non-empty mapping of module names")
     else:
         for name, body in modules_raw.items():
-            module = _parse_module(str(name), body, problems, _at(modules_raw, name))
+            module = _parse_module(str(name), body, problems, _at(modules_raw, name),
+                                   os.path.dirname(source))
             if module is not None:
                 modules[str(name)] = module
     policy = _parse_policy(raw, "", problems)

@@ -429,6 +429,19 @@ def test_error_messages_never_quote_more_than_a_line() -> None:
     assert len(str(exc.value)) < 300
 
 
+def test_an_nts_ca_file_is_relative_to_the_config_file_and_must_exist(tmp_path: Path) -> None:
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "ca.pem").write_text("")
+    path = tmp_path / "modules.yaml"
+    text = "modules:\n  n:\n    prober: nts\n    nts:\n      ca_file: {}\n"
+    path.write_text(text.format("certs/ca.pem"))
+    assert load_config(str(path)).modules["n"].nts.ca_file == str(tmp_path / "certs" / "ca.pem")
+    path.write_text(text.format("certs/missing.pem"))
+    with pytest.raises(ConfigError) as exc:
+        load_config(str(path))
+    assert "modules.n.nts.ca_file: no such file" in str(exc.value)
+
+
 def test_a_chrony_socket_path_must_be_absolute() -> None:
     text = "modules:\n  c:\n    prober: chrony\n    chrony:\n      socket: {}\n"
     with pytest.raises(ConfigError) as exc:
