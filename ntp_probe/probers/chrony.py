@@ -23,10 +23,10 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any
 
 from ntp_probe.config.schema import ChronySettings, Module
-from ntp_probe.engine.context import Log, ProbeContext
+from ntp_probe.engine.context import ProbeContext
 from ntp_probe.engine.result import Measurement, Perf, Reason
 from ntp_probe.engine.targets import Target
 from ntp_probe.exposition.families import Family
@@ -601,6 +601,15 @@ class Session:
     def _record(self, command: Command, status: CommandStatus) -> None:
         self.got.statuses[(command.name.lower(), status)] = None
 
+    def _new_name(self, data: SourceData | SourceStats,
+                  kept: dict[int, SourceData] | dict[int, SourceStats]) -> bool:
+        """Whether no source of ``data``'s name was kept yet: a second one (which chronyd
+        never reports; a forged reply might) would repeat its series and count twice."""
+        if any(k.name == data.name for k in kept.values()):
+            self._log(f"{type(data).__name__} of a second source named {data.name}: left out")
+            return False
+        return True
+
     async def run(self) -> None:
         """TRACKING, N_SOURCES, each source's SOURCE_DATA and SOURCESTATS, SERVER_STATS.
 
@@ -629,10 +638,12 @@ class Session:
                     answer = await self.ask(command, index)
                     if answer is None or answer[0] is CommandStatus.TIMEOUT:
                         return
-                    if isinstance(answer[1], SourceData):
-                        got.sources[index] = answer[1]
-                    elif isinstance(answer[1], SourceStats):
-                        got.sourcestats[index] = answer[1]
+                    data = answer[1]
+                    if isinstance(data, SourceData) and self._new_name(data, got.sources):
+                        got.sources[index] = data
+                    elif isinstance(data, SourceStats) and self._new_name(data,
+                                                                          got.sourcestats):
+                        got.sourcestats[index] = data
             got.every_source_asked = True
         answer = await self.ask(Command.SERVER_STATS)
         if answer is not None and isinstance(answer[1], ServerStats):
@@ -701,31 +712,14 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
     return m
 
 
-_Named = TypeVar("_Named", SourceData, SourceStats)
-
-
-def _first_of_each_name(by_index: dict[int, _Named], log: Log) -> list[_Named]:
-    """The entries in index order, one per name: a second source of the same name (which
-    chronyd never reports; a forged reply might) would repeat every one of its series."""
-    out: dict[str, _Named] = {}
-    for index in sorted(by_index):
-        entry = by_index[index]
-        if entry.name in out:
-            log(f"{type(entry).__name__} of source {index} repeats the name {entry.name}: "
-                "left out")
-        else:
-            out[entry.name] = entry
-    return list(out.values())
-
-
-def _emit(m: Measurement, got: Collected, log: Log) -> None:
+def _emit(m: Measurement, got: Collected) -> None:
     """Every sample, in the families' declaration order."""
     t = got.tracking
     if t is not None:
         m.add(TRACKING_INFO, 1, t.refid, t.name)
         for family, read in _TRACKING_GAUGES:
             m.add(family, read(t))
-    sources = _first_of_each_name(got.sources, log)
+    sources = [got.sources[i] for i in sorted(got.sources)]
     for s in sources:
         m.add(SOURCE_INFO, 1, s.name, s.mode.label, s.state.label)
     for family, read_source in _SOURCE_GAUGES:
@@ -739,7 +733,7 @@ def _emit(m: Measurement, got: Collected, log: Log) -> None:
             counts[s.state] += 1
         for state, count in counts.items():
             m.add(SOURCES, count, state.label)
-    stats = _first_of_each_name(got.sourcestats, log)
+    stats = [got.sourcestats[i] for i in sorted(got.sourcestats)]
     for family, read_stats in _SOURCESTATS_GAUGES:
         for st in stats:
             m.add(family, read_stats(st), st.name)
@@ -755,7 +749,7 @@ def _emit(m: Measurement, got: Collected, log: Log) -> None:
 def _conclude(got: Collected, settings: ChronySettings, ctx: ProbeContext,
               server: str) -> None:
     m, log = ctx.measurement, ctx.log
-    _emit(m, got, log)
+    _emit(m, got)
     report = ChronyReport(
         server, got.tracking,
         tuple((got.sources[i], got.sourcestats.get(i)) for i in sorted(got.sources)),

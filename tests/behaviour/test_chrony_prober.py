@@ -485,8 +485,13 @@ async def test_hostile_source_values_are_contained(fake: FakeCommandPort) -> Non
         "192.0.2.1", "192.0.2.2"]
     assert len(label_sets(m, "probe_chrony_sourcestats_samples")) == 2
     assert value(m, "probe_chrony_sources", state="candidate") == 1
-    assert "SourceData of source 2 repeats the name 192.0.2.1: left out" in log.text()
+    assert "SourceData of a second source named 192.0.2.1: left out" in log.text()
     render(m, None)  # and it renders
+    # A repeated source does not count twice towards min_candidates either.
+    fake.chronyd.sources = [FakeSource("192.0.2.1", state=0)] * 3
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module(min_candidates=2))
+    assert m.failure == "too_few_sources", log.text()
+    assert value(m, "probe_chrony_sources", state="sync") == 1
 
 
 async def test_a_daemon_claiming_millions_of_sources_is_asked_about_a_few(
