@@ -50,7 +50,12 @@ _CLIENT_AUTH = {
     "RequireAnyClientCert": ssl.CERT_REQUIRED,
     "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
 }
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 field names
+# The headers exporter-toolkit lets a web config set, and the values it accepts for some.
+_HEADERS = {h.lower(): h for h in ("Strict-Transport-Security", "X-Content-Type-Options",
+                                   "X-Frame-Options", "X-XSS-Protection",
+                                   "Content-Security-Policy")}
+_HEADER_VALUES = {"X-Content-Type-Options": ("nosniff",),
+                  "X-Frame-Options": ("deny", "sameorigin")}
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # tab is allowed in a field value
 _TLS_KEYS = {"cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version",
              "max_version"}
@@ -267,17 +272,25 @@ def load_web_config(path: str | None) -> WebConfig:
                              "remove the key or set it to false")
     headers: dict[str, str] = {}
     for name, value in _mapping(http.get("headers"), "headers").items():
+        # exporter-toolkit's rules: a few security headers only (Content-Length or
+        # Transfer-Encoding set here would corrupt every response), some values fixed.
+        canonical = _HEADERS.get(str(name).lower())
+        if canonical is None:
+            raise WebConfigError(f"http_server_config.headers: {name!r} cannot be configured "
+                                 f"(one of {', '.join(_HEADERS.values())})")
+        if canonical in headers:
+            raise WebConfigError(f"http_server_config.headers: {canonical} given twice")
         if not isinstance(value, str):  # YAML read off as 90 for 1:30, False for off
             raise WebConfigError(f"http_server_config.headers.{name}: expected text, got "
                                  f"{value!r}: quote the value")
-        headers[name] = value
-    for name, value in headers.items():
-        # Checked here: a bad one would make every response fail as it is written.
-        if not _TOKEN.fullmatch(name):
-            raise WebConfigError(f"http_server_config.headers: {name!r} is not a header name")
+        allowed = _HEADER_VALUES.get(canonical)
+        if allowed is not None and value.lower() not in allowed:
+            raise WebConfigError(f"http_server_config.headers.{name}: expected one of "
+                                 f"{', '.join(allowed)}, got {value!r}")
         if _CONTROL.search(value):
             raise WebConfigError(
                 f"http_server_config.headers.{name}: a value cannot hold control characters")
+        headers[canonical] = value
     tls = _tls(_mapping(top.get("tls_server_config"), "tls_server_config"), file.parent)
     dummy = b""
     if users:

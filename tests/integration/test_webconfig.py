@@ -357,13 +357,22 @@ MORE_BAD_WEB_CONFIGS = {
         "tls_server_config: min_version TLS13 is above max_version TLS12",
     ),
     "header-value-with-newline": (
-        'http_server_config:\n  headers: {X-Ok: "a\\r\\nSet-Cookie: evil=1"}\n',
-        "http_server_config.headers.X-Ok",
+        'http_server_config:\n  headers: {Content-Security-Policy: "a\\r\\nSet-Cookie: x"}\n',
+        "http_server_config.headers.Content-Security-Policy",
     ),
     "header-name-not-a-token": ('http_server_config:\n  headers: {"X Bad": a}\n',
                                 "http_server_config.headers"),
-    "header-value-not-text": ("http_server_config:\n  headers: {X-Time: 1:30}\n",
-                              "http_server_config.headers.X-Time: expected text, got 90"),
+    "header-value-not-text": (
+        "http_server_config:\n  headers: {Strict-Transport-Security: 1:30}\n",
+        "http_server_config.headers.Strict-Transport-Security: expected text, got 90"),
+    # exporter-toolkit's list: a Content-Length set here would cut every response short.
+    "header-not-configurable": ('http_server_config:\n  headers: {Content-Length: "5"}\n',
+                                "http_server_config.headers: 'Content-Length' cannot be"),
+    "header-value-not-allowed": ("http_server_config:\n  headers: {X-Frame-Options: allowall}\n",
+                                 "http_server_config.headers.X-Frame-Options: expected one of"),
+    "header-twice-by-case": (
+        "http_server_config:\n  headers: {x-frame-options: deny, X-Frame-Options: deny}\n",
+        "http_server_config.headers: X-Frame-Options given twice"),
     # exporter-toolkit's key, but aiohttp serves HTTP/1.1 only: say so, do not pretend.
     "http2-on": ("http_server_config:\n  http2: true\n", "http_server_config.http2"),
 }
