@@ -70,20 +70,22 @@ class _Flight:
     other waits (what asyncio.shield gives, without its extra future and callbacks)."""
 
     module: Module
-    ends: float  # when it will likely be over, on the loop's clock (see _likely_end)
+    ends: float  # when it is over at the latest, on the loop's clock (see _latest_end)
     task: asyncio.Task[None] = field(init=False)  # set once the flight exists: it runs it
     waiters: list[asyncio.Future[_Result]] = field(default_factory=list)
 
 
-def _likely_end(module: Module, now: float, timeout: float) -> float:
-    """When a probe of ``module`` started ``now`` will likely be over: an ntp burst (or a
-    group's, its members' at once) when its last sample has waited out its reply timeout,
-    at the latest; other probers, at their deadline."""
+def _latest_end(module: Module, now: float, timeout: float) -> float:
+    """When a probe of ``module`` started ``now`` is over at the latest: an ntp burst (or a
+    group's, its members' at once) when every sample has waited out its reply timeout, each
+    sent no sooner than the sample interval and the last wait allow; other probers, at
+    their deadline."""
     deadline = now + timeout
     if module.prober not in ("ntp", "ntp_group"):
         return deadline
     s = module.ntp
-    return min(deadline, now + (s.samples - 1) * s.sample_interval + s.reply_timeout)
+    step = max(s.sample_interval, s.reply_timeout)
+    return min(deadline, now + (s.samples - 1) * step + s.reply_timeout)
 
 
 class Coordinator:
@@ -132,14 +134,14 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         now = loop.time()
         flight = self._flights.get(key)
-        # Joined only when it will likely be over within this request's budget: a request
-        # with a shorter scrape timeout than the burst in flight needs gets a shorter burst
-        # of its own, not a timeout that would blame the server for the wait.
+        # Joined only when it is over within this request's budget: a request with a
+        # shorter scrape timeout than the burst in flight may need gets a shorter burst of
+        # its own, not a timeout that would blame the server for the wait.
         shared = (flight is not None and flight.module == module
                   and flight.ends <= now + timeout)
         if flight is None or not shared:
             guard = self._guard(config, module)
-            flight = _Flight(module, _likely_end(module, now, timeout))
+            flight = _Flight(module, _latest_end(module, now, timeout))
             flight.task = loop.create_task(self._run(key, flight, target, module, timeout,
                                                      guard))
             self._flights[key] = flight
@@ -154,7 +156,8 @@ class Coordinator:
                 # alongside it when the loop is late, and throw its samples away.
                 result, log = await waiter
         except TimeoutError:
-            # Only when the loop ran late: the burst joined was due to end in time.
+            # Only when the loop ran late, or the burst's name took long to resolve: its
+            # samples were due to be over in time.
             log = ProbeLog(str(target), module.name)
             log("joined a burst that outlasted this request's timeout")
             result = Measurement()

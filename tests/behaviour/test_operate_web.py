@@ -649,6 +649,27 @@ async def test_a_request_whose_budget_outlasts_the_burst_shares_it(
     assert len(fake_ntp.requests) == 2  # one burst for both
 
 
+async def test_a_burst_of_slow_replies_is_not_joined_by_a_request_it_would_outlast(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    # Replies take 200 ms, longer than the 50 ms spacing: the next request waits for the
+    # reply, so 3 samples take about 0.6 s, up to 0.9 s with reply_timeout 300 ms.
+    path = tmp_path / "modules.yaml"
+    block = module_yaml("slow", timeout="5s", samples=3, reply_timeout="300ms").replace(
+        "sample_interval: 10ms", "sample_interval: 50ms")
+    client, _ = await start(aiohttp_client, path, config_text(block))
+    fake_ntp.behaviour = delayed(0.2)
+    first = asyncio.create_task(probe(client, fake_ntp.target, "slow"))
+    await fake_ntp.wait_for_requests(1)
+    # 0.5 s of budget: more than 3 x 50 ms + 300 ms, less than the burst can last.
+    resp = await client.get("/probe", params={"target": fake_ntp.target, "module": "slow"},
+                            headers={"X-Prometheus-Scrape-Timeout-Seconds": "1"})
+    body = await resp.text()
+    assert metric(body, "probe_success") == 1, body
+    status, long_body = await first
+    assert status == 200 and metric(long_body, "probe_success") == 1, long_body
+
+
 # --- client hang-up ----------------------------------------------------------------------
 
 
