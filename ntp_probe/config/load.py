@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import ssl
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -263,10 +264,11 @@ def _parse_module(name: str, raw: object, problems: _Problems,
     if prober == "nts" and blocks["nts"].ca_file:
         # Relative to the config file, as the leap file; checked now, not at the first probe.
         ca_file = os.path.join(base, blocks["nts"].ca_file)
-        if not os.path.isfile(ca_file):
+        why = _unusable_ca_file(ca_file)
+        if why is not None:
             nts_raw = raw.get("nts")
             problems.add(_at(nts_raw, "ca_file") if isinstance(nts_raw, dict) else None,
-                         f"{where}.nts.ca_file", f"no such file {show(ca_file)}")
+                         f"{where}.nts.ca_file", why)
         blocks["nts"] = replace(blocks["nts"], ca_file=ca_file)
     ntp_raw = raw.get("ntp")
     if isinstance(ntp_raw, dict):
@@ -281,6 +283,17 @@ def _parse_module(name: str, raw: object, problems: _Problems,
         min_probe_interval=_value(_INTERVAL, raw, "min_probe_interval", where, problems, 0.0),
         **blocks,
     )
+
+
+def _unusable_ca_file(path: str) -> str | None:
+    """Why ``path`` cannot serve as trusted CAs (not a file, no PEM certificate), or None."""
+    if not os.path.isfile(path):
+        return f"{show(path)} is not a file"
+    try:
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, OSError) as exc:
+        return f"{show(path)} holds no usable PEM certificate ({exc})"
+    return None
 
 
 def _parse_policy(raw: Mapping[str, Any], where: str, problems: _Problems) -> TargetPolicy:

@@ -75,11 +75,14 @@ class Datagram:
 
 class Unreachable(OSError):
     """The destination cannot be reached: the send failed (``sent`` False), or an ICMP
-    error came back about a datagram that did leave (``sent`` True)."""
+    error came back about a datagram that did leave (``sent`` True); ``on_path`` names the
+    host that sent it when that was not the target (a router, a firewall, a forger)."""
 
-    def __init__(self, errno: int | None, why: str, *, sent: bool) -> None:
+    def __init__(self, errno: int | None, why: str, *, sent: bool,
+                 on_path: str | None = None) -> None:
         super().__init__(errno, why)
         self.sent = sent
+        self.on_path = on_path
 
 
 class _Sockets:
@@ -390,15 +393,20 @@ class DatagramPump(Generic[T]):
     def _icmp(self, errno_: int, on_path: str | None) -> None:
         """An ICMP error about the destination, from the target's host, or from
         ``on_path``: a router or firewall, or anyone who forged one."""
-        why = ("ICMP port unreachable: nothing listens on the target port"
-               if errno_ == errno.ECONNREFUSED else f"ICMP error: {os.strerror(errno_)}")
+        if on_path is not None:
+            kind = "port unreachable" if errno_ == errno.ECONNREFUSED else os.strerror(errno_)
+            why = f"ICMP {kind} from {on_path}, not the target"
+        elif errno_ == errno.ECONNREFUSED:
+            why = "ICMP port unreachable: nothing listens on the target port"
+        else:
+            why = f"ICMP error: {os.strerror(errno_)}"
         if self._waiter is None or self._waiter.done():
             self._log(f"{why} (no request waiting)")
         elif on_path is None:
             self._waiter.set_exception(Unreachable(errno_, why, sent=True))
         else:
-            self._log(f"{why}, from {on_path}: the outcome unless a reply comes in time")
-            self._deferred = Unreachable(errno_, f"{why} (from {on_path})", sent=True)
+            self._log(f"{why}: the outcome unless a reply comes in time")
+            self._deferred = Unreachable(errno_, why, sent=True, on_path=on_path)
 
     def _expire(self) -> None:
         """The wait is over: the deferred ICMP error if one came, else no reply."""

@@ -318,8 +318,15 @@ async def _run_burst(pump: DatagramPump[_Reply], client: rules.Client, settings:
         try:
             t1_ns, reply = await pump.exchange(request, reply_until)
         except Unreachable as exc:
-            client.cancel()
             burst.unreachable = exc.strerror or "unreachable"
+            if exc.on_path is not None:
+                # From another host, and no reply came: this sample is lost, the next
+                # may get through (one forged packet must not end the burst).
+                client.expire()
+                log(f"sample {i + 1}: {burst.unreachable}")
+                continue
+            # Nothing listens, or the send failed: more requests would only fail too.
+            client.cancel()
             log(f"sample {i + 1}: {burst.unreachable}: burst stopped")
             return
         finally:

@@ -395,7 +395,8 @@ async def test_an_unreachable_from_another_host_yields_to_a_reply(fake_ntp: Fake
     fake_ntp.behaviour = forged_then_genuine
     result, log = await probe(fake_ntp.target, make_module(reply_timeout=1.0))
     assert result.success, (result.failure, log.text())
-    assert "from 127.0.0.9: the outcome unless a reply comes in time" in log.text()
+    assert "from 127.0.0.9, not the target: the outcome unless a reply comes in time" in (
+        log.text())
 
 
 async def test_an_unreachable_from_the_path_counts_when_no_reply_comes(
@@ -412,8 +413,26 @@ async def test_an_unreachable_from_the_path_counts_when_no_reply_comes(
     fake_ntp.behaviour = rejected
     result, log = await probe(fake_ntp.target, make_module(samples=2, reply_timeout=0.2))
     assert result.failure == "unreachable", log.text()
-    assert "(from 127.0.0.9): burst stopped" in log.text()
-    assert counts(result) == (1, 0, 1)
+    assert "sample 2: ICMP port unreachable from 127.0.0.9, not the target" in log.text()
+    assert counts(result) == (2, 0, 1.0)  # each sample tried: the error may be forged
+
+
+async def test_a_forged_unreachable_and_a_lost_reply_cost_one_sample(
+    fake_ntp: FakeNTPServer,
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("forging an ICMP error needs a raw socket (root)")
+
+    def first_lost_and_forged(req: Request) -> list[Send]:
+        if req.index == 0:
+            forge_unreachable(req, fake_ntp.port, "127.0.0.9", code=1)
+            return []
+        return [Send(reply(req))]
+
+    fake_ntp.behaviour = first_lost_and_forged
+    result, log = await probe(fake_ntp.target, make_module(samples=2, reply_timeout=0.2))
+    assert result.success, (result.failure, log.text())
+    assert counts(result) == (2, 1, 0.5)
 
 
 JUNK: dict[str, Callable[[Request], bytes]] = {

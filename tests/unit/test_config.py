@@ -431,7 +431,7 @@ def test_error_messages_never_quote_more_than_a_line() -> None:
 
 def test_an_nts_ca_file_is_relative_to_the_config_file_and_must_exist(tmp_path: Path) -> None:
     (tmp_path / "certs").mkdir()
-    (tmp_path / "certs" / "ca.pem").write_text("")
+    (tmp_path / "certs" / "ca.pem").write_text(_self_signed_pem())
     path = tmp_path / "modules.yaml"
     text = "modules:\n  n:\n    prober: nts\n    nts:\n      ca_file: {}\n"
     path.write_text(text.format("certs/ca.pem"))
@@ -439,7 +439,31 @@ def test_an_nts_ca_file_is_relative_to_the_config_file_and_must_exist(tmp_path: 
     path.write_text(text.format("certs/missing.pem"))
     with pytest.raises(ConfigError) as exc:
         load_config(str(path))
-    assert "modules.n.nts.ca_file: no such file" in str(exc.value)
+    assert "modules.n.nts.ca_file: " in str(exc.value) and "is not a file" in str(exc.value)
+    (tmp_path / "certs" / "junk.pem").write_text("not a certificate\n")
+    path.write_text(text.format("certs/junk.pem"))
+    with pytest.raises(ConfigError, match="holds no usable PEM certificate"):
+        load_config(str(path))
+
+
+def _self_signed_pem() -> str:
+    """A CA certificate in PEM, made here (the test needs a real one to load)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def test_a_chrony_socket_path_must_be_absolute() -> None:
