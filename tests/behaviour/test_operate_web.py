@@ -604,49 +604,43 @@ async def test_identical_concurrent_probes_share_one_burst(
     assert metric(await metrics(client), "ntp_probe_ntp_packets_sent_total") == 2
 
 
-async def test_a_request_with_a_shorter_budget_runs_its_own_burst(
-    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
-) -> None:
-    path = tmp_path / "modules.yaml"
-    client, _ = await start(aiohttp_client, path,
-                            config_text(module_yaml("two", timeout="5s", samples=2)))
-
-    def first_slow(req: Request) -> list[Send]:
-        return [Send(reply(req), delay=0.4 if req.index == 0 else 0.0)]
-
-    fake_ntp.behaviour = first_slow
-    long_one = asyncio.create_task(probe(client, fake_ntp.target, "two"))
+async def scrape_beside_a_burst(client: Client, fake_ntp: FakeNTPServer, module: str,
+                                scrape_timeout: str) -> tuple[str, str]:
+    """A scrape with ``scrape_timeout`` while an identical one without it is in flight:
+    both bodies, the later scrape's first."""
+    first = asyncio.create_task(probe(client, fake_ntp.target, module))
     await fake_ntp.wait_for_requests(1)
-    # A scrape timeout of 0.8 s leaves 0.3 s: the burst in flight (5 s) would outlast it.
-    resp = await client.get("/probe", params={"target": fake_ntp.target, "module": "two"},
-                            headers={"X-Prometheus-Scrape-Timeout-Seconds": "0.8"})
-    short_body = await resp.text()
-    assert resp.status == 200
-    assert metric(short_body, "probe_success") == 1, short_body
-    status, long_body = await long_one
-    assert status == 200 and metric(long_body, "probe_success") == 1, long_body
-    await fake_ntp.drain()
-    assert len(fake_ntp.requests) == 4  # the long burst's two, and the short one's own two
+    resp = await client.get("/probe", params={"target": fake_ntp.target, "module": module},
+                            headers={"X-Prometheus-Scrape-Timeout-Seconds": scrape_timeout})
+    later = await resp.text()
+    assert resp.status == 200, later
+    status, earlier = await first
+    assert status == 200, earlier
+    return later, earlier
 
 
-async def test_a_request_whose_budget_outlasts_the_burst_shares_it(
-    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+@pytest.mark.parametrize(("scrape_timeout", "shared"), [
+    # 2 samples, each waiting at most its 500 ms reply timeout: over within 1 s.
+    ("2", True),  # 1.5 s of budget: the later scrape shares the burst
+    ("0.8", False),  # 0.3 s: too little to be sure; it runs its own (shorter) burst
+])
+async def test_a_scrape_shares_a_burst_only_if_sure_to_be_over_in_its_budget(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer,
+    scrape_timeout: str, shared: bool,
 ) -> None:
-    # The burst in flight has a 5 s deadline but will be over in about 0.5 s (2 samples,
-    # 500 ms reply timeout): a request with 1.5 s of budget shares it.
     path = tmp_path / "modules.yaml"
     client, _ = await start(aiohttp_client, path,
                             config_text(module_yaml("two", timeout="5s", samples=2)))
     fake_ntp.behaviour = delayed(0.1)
-    first = asyncio.create_task(probe(client, fake_ntp.target, "two"))
-    await fake_ntp.wait_for_requests(1)
-    resp = await client.get("/probe", params={"target": fake_ntp.target, "module": "two"},
-                            headers={"X-Prometheus-Scrape-Timeout-Seconds": "2"})
-    assert resp.status == 200 and metric(await resp.text(), "probe_success") == 1
-    status, body = await first
-    assert status == 200 and metric(body, "probe_success") == 1, body
+    later, earlier = await scrape_beside_a_burst(client, fake_ntp, "two", scrape_timeout)
+    assert metric(later, "probe_success") == 1, later
+    assert metric(earlier, "probe_success") == 1, earlier
+    sent_later = metric(later, "probe_ntp_samples_sent") or 0
+    assert metric(earlier, "probe_ntp_samples_sent") == 2
     await fake_ntp.drain()
-    assert len(fake_ntp.requests) == 2  # one burst for both
+    # Shared: one burst of 2, reported to both. Not: the later one's own packets too.
+    assert len(fake_ntp.requests) == (2 if shared else 2 + sent_later)
+    assert shared == (sent_later == 2 and len(fake_ntp.requests) == 2)
 
 
 async def test_a_burst_of_slow_replies_is_not_joined_by_a_request_it_would_outlast(
@@ -659,15 +653,10 @@ async def test_a_burst_of_slow_replies_is_not_joined_by_a_request_it_would_outla
         "sample_interval: 10ms", "sample_interval: 50ms")
     client, _ = await start(aiohttp_client, path, config_text(block))
     fake_ntp.behaviour = delayed(0.2)
-    first = asyncio.create_task(probe(client, fake_ntp.target, "slow"))
-    await fake_ntp.wait_for_requests(1)
     # 0.5 s of budget: more than 3 x 50 ms + 300 ms, less than the burst can last.
-    resp = await client.get("/probe", params={"target": fake_ntp.target, "module": "slow"},
-                            headers={"X-Prometheus-Scrape-Timeout-Seconds": "1"})
-    body = await resp.text()
-    assert metric(body, "probe_success") == 1, body
-    status, long_body = await first
-    assert status == 200 and metric(long_body, "probe_success") == 1, long_body
+    later, earlier = await scrape_beside_a_burst(client, fake_ntp, "slow", "1")
+    assert metric(later, "probe_success") == 1, later
+    assert metric(earlier, "probe_success") == 1, earlier
 
 
 # --- client hang-up ----------------------------------------------------------------------

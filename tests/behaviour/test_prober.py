@@ -366,6 +366,12 @@ def _checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
+def require_raw_socket() -> None:
+    """Skip unless this process may open a raw socket (root) to forge ICMP errors."""
+    if os.geteuid() != 0:
+        pytest.skip("forging an ICMP error needs a raw socket (root)")
+
+
 def forge_unreachable(req: Request, server_port: int, sender: str, code: int = 3) -> None:
     """An ICMP destination unreachable (code 3: port, 1: host) about ``req``, sent from
     ``sender``: the IP and UDP headers of the request it quotes are all an off-path host
@@ -385,8 +391,7 @@ def forge_unreachable(req: Request, server_port: int, sender: str, code: int = 3
 @pytest.mark.parametrize("code", [3, 1], ids=["port", "host"])
 async def test_an_unreachable_from_another_host_yields_to_a_reply(fake_ntp: FakeNTPServer,
                                                                   code: int) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("forging an ICMP error needs a raw socket (root)")
+    require_raw_socket()
 
     def forged_then_genuine(req: Request) -> list[Send]:
         forge_unreachable(req, fake_ntp.port, "127.0.0.9", code)
@@ -403,8 +408,7 @@ async def test_an_unreachable_from_the_path_counts_when_no_reply_comes(
     fake_ntp: FakeNTPServer,
 ) -> None:
     # What a firewall's reject on the way looks like: no reply, an error from another host.
-    if os.geteuid() != 0:
-        pytest.skip("forging an ICMP error needs a raw socket (root)")
+    require_raw_socket()
 
     def rejected(req: Request) -> list[Send]:
         forge_unreachable(req, fake_ntp.port, "127.0.0.9")
@@ -420,8 +424,7 @@ async def test_an_unreachable_from_the_path_counts_when_no_reply_comes(
 async def test_a_forged_unreachable_and_a_lost_reply_cost_one_sample(
     fake_ntp: FakeNTPServer,
 ) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("forging an ICMP error needs a raw socket (root)")
+    require_raw_socket()
 
     def first_lost_and_forged(req: Request) -> list[Send]:
         if req.index == 0:
