@@ -584,6 +584,12 @@ class Session:
         try:
             _, received = await self._pump.exchange(payload,
                                                     min(sent_at + pace.timeout, pace.until))
+        except Unreachable as exc:
+            if exc.on_path is None or attempt == _ATTEMPTS:
+                raise
+            # From another host, and no reply came: maybe forged; the retry decides.
+            self._log(f"<- {name}: {exc.strerror} (attempt {attempt})")
+            return None
         finally:
             requests.current = None
             requests.expired.append((command, sequence))

@@ -431,10 +431,14 @@ class _Session:
             try:
                 _, reply = await pump.exchange(payload, min(now + pace.timeout, pace.until))
             except Unreachable as exc:
-                self.stopped = True
-                log(f"<- {exc.strerror or 'unreachable'}: nothing more sent")
-                m.fail(Reason.UNREACHABLE)
-                return None
+                if exc.on_path is None or last is not None:
+                    self.stopped = True
+                    log(f"<- {exc.strerror or 'unreachable'}: nothing more sent")
+                    m.fail(Reason.UNREACHABLE)
+                    return None
+                # From another host, and no reply came: maybe forged; the retry decides.
+                log(f"<- {what} seq {t.sequence:#06x}: {exc.strerror}")
+                reply = None
             finally:
                 self.current = None
                 self.earlier.add(t.sequence)

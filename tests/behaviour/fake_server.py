@@ -22,6 +22,7 @@ round that proves every datagram sent before it has been read), never with sleep
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import socket
 import time
@@ -327,3 +328,38 @@ async def fake_ntp() -> AsyncIterator[FakeNTPServer]:
         server.close()
     if server.errors:
         raise server.errors[0]
+
+
+# --- forged ICMP errors ------------------------------------------------------------------
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def require_raw_socket() -> None:
+    """Skip unless this process may open a raw socket (root) to forge ICMP errors."""
+    if os.geteuid() != 0:
+        pytest.skip("forging an ICMP error needs a raw socket (root)")
+
+
+def forge_unreachable(client_addr: tuple[str, int], server_port: int, sender: str,
+                      code: int = 3) -> None:
+    """An ICMP destination unreachable (code 3: port, 1: host) about a request from
+    ``client_addr`` to ``server_port`` on 127.0.0.1, sent from ``sender``: the IP and UDP
+    headers of the request it quotes are all an off-path host needs to make one."""
+    client, client_port = client_addr
+    quoted_ip = bytes([0x45, 0, 0, 76, 0, 0, 0x40, 0, 64, 17, 0, 0]) + socket.inet_aton(
+        client) + socket.inet_aton(LOOPBACK)
+    quoted_udp = client_port.to_bytes(2, "big") + server_port.to_bytes(2, "big") + bytes(
+        [0, 56, 0, 0])
+    icmp = bytes([3, code, 0, 0, 0, 0, 0, 0]) + quoted_ip + quoted_udp
+    icmp = icmp[:2] + _checksum(icmp).to_bytes(2, "big") + icmp[4:]
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as raw:
+        raw.bind((sender, 0))
+        raw.sendto(icmp, (client, 0))

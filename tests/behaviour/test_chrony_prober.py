@@ -27,6 +27,7 @@ from ntp_probe.exposition.render import render
 from ntp_probe.net.udp import Datagram
 from ntp_probe.probers import chrony
 from ntp_probe.proto.cmdmon import Command
+from tests.behaviour.fake_server import forge_unreachable, require_raw_socket
 from tests.conftest import label_sets, names, probe, value
 
 LOOPBACK = "127.0.0.1"
@@ -504,6 +505,24 @@ async def test_a_daemon_claiming_millions_of_sources_is_asked_about_a_few(
     assert max(r.index or 0 for r in asked) == chrony.MAX_SOURCES - 1
     assert len(asked) == 2 * chrony.MAX_SOURCES
     assert (SERVER_STATS, None) in fake.commands()
+
+
+async def test_an_icmp_error_from_another_host_leaves_the_retry_to_decide(
+    fake: FakeCommandPort
+) -> None:
+    require_raw_socket()
+
+    def first_lost_and_forged(req: Req) -> list[tuple[bytes, float]]:
+        if req.n == 0:
+            forge_unreachable(req.addr, fake.port, "127.0.0.9")
+            return []
+        return [(fake.chronyd.answer(req), 0.0)]
+
+    fake.behaviour = first_lost_and_forged
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
+    assert m.failure is None, log.text()
+    assert "from 127.0.0.9, not the target (attempt 1)" in log.text()
+    assert len(sent_lines(log.text(), "TRACKING")) == 2
 
 
 async def test_a_reply_from_another_port_is_discarded(fake: FakeCommandPort) -> None:

@@ -22,6 +22,7 @@ from ntp_probe.engine.context import ProbeContext, ProbeLog
 from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.targets import parse_target
 from ntp_probe.probers import ntpd
+from tests.behaviour.fake_server import forge_unreachable, require_raw_socket
 from tests.conftest import free_udp_port, gauges, label_sets, value
 
 LOOPBACK = "127.0.0.1"
@@ -131,9 +132,11 @@ class FakeNtpd(asyncio.DatagramProtocol):
     delay: float = 0.0  # added before every reply (network or server latency)
     requests: list[Request] = field(default_factory=list)
     transport: asyncio.DatagramTransport | None = None
+    last_addr: tuple[str, int] = ("", 0)  # where the latest request came from
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()
+        self.last_addr = addr
         _, flags, sequence, _, association, _, count = struct.unpack_from("!BBHHHHH", data)
         text = data[12:12 + count].decode()
         req = Request(flags & 0x1F, sequence, association,
@@ -411,6 +414,26 @@ async def test_an_association_gone_since_readstat_is_no_error(server: FakeNtpd) 
     assert "error badassoc (4)" in out.log
     assert sorted(d["assoc"] for d in label_sets(out.m, "probe_ntpd_peer_info")) == [
         str(SYS_PEER), str(CANDIDATE)]
+
+
+async def test_an_icmp_error_from_another_host_leaves_the_retry_to_decide(
+    server: FakeNtpd
+) -> None:
+    require_raw_socket()
+    forged: list[Request] = []
+
+    def first_lost_and_forged(req: Request) -> list[bytes]:
+        if not forged:
+            forged.append(req)
+            forge_unreachable(server.last_addr, server.port, "127.0.0.9")
+            return []
+        return healthy(req)
+
+    server.behaviour = first_lost_and_forged
+    out = await run(server)
+    assert out.m.failure is None, out.log
+    assert "from 127.0.0.9, not the target" in out.log
+    assert "(retry)" in out.log
 
 
 async def test_thousands_of_associations_are_read_only_up_to_the_cap(server: FakeNtpd) -> None:

@@ -35,8 +35,10 @@ from tests.behaviour.fake_server import (
     Request,
     Send,
     answer,
+    forge_unreachable,
     kod,
     reply,
+    require_raw_socket,
     silent,
     truncated,
     wrong_mode,
@@ -357,44 +359,13 @@ async def test_ipv6_closed_port_fails_fast() -> None:
     assert counts(result) == (1, 0, 1)
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def require_raw_socket() -> None:
-    """Skip unless this process may open a raw socket (root) to forge ICMP errors."""
-    if os.geteuid() != 0:
-        pytest.skip("forging an ICMP error needs a raw socket (root)")
-
-
-def forge_unreachable(req: Request, server_port: int, sender: str, code: int = 3) -> None:
-    """An ICMP destination unreachable (code 3: port, 1: host) about ``req``, sent from
-    ``sender``: the IP and UDP headers of the request it quotes are all an off-path host
-    needs to make one."""
-    client, client_port = req.addr
-    quoted_ip = bytes([0x45, 0, 0, 76, 0, 0, 0x40, 0, 64, 17, 0, 0]) + socket.inet_aton(
-        client) + socket.inet_aton(LOOPBACK)
-    quoted_udp = client_port.to_bytes(2, "big") + server_port.to_bytes(2, "big") + bytes(
-        [0, 56, 0, 0])
-    icmp = bytes([3, code, 0, 0, 0, 0, 0, 0]) + quoted_ip + quoted_udp
-    icmp = icmp[:2] + _checksum(icmp).to_bytes(2, "big") + icmp[4:]
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as raw:
-        raw.bind((sender, 0))
-        raw.sendto(icmp, (client, 0))
-
-
 @pytest.mark.parametrize("code", [3, 1], ids=["port", "host"])
 async def test_an_unreachable_from_another_host_yields_to_a_reply(fake_ntp: FakeNTPServer,
                                                                   code: int) -> None:
     require_raw_socket()
 
     def forged_then_genuine(req: Request) -> list[Send]:
-        forge_unreachable(req, fake_ntp.port, "127.0.0.9", code)
+        forge_unreachable(req.addr, fake_ntp.port, "127.0.0.9", code)
         return [Send(reply(req), delay=0.05)]
 
     fake_ntp.behaviour = forged_then_genuine
@@ -411,7 +382,7 @@ async def test_an_unreachable_from_the_path_counts_when_no_reply_comes(
     require_raw_socket()
 
     def rejected(req: Request) -> list[Send]:
-        forge_unreachable(req, fake_ntp.port, "127.0.0.9")
+        forge_unreachable(req.addr, fake_ntp.port, "127.0.0.9")
         return []
 
     fake_ntp.behaviour = rejected
@@ -428,7 +399,7 @@ async def test_a_forged_unreachable_and_a_lost_reply_cost_one_sample(
 
     def first_lost_and_forged(req: Request) -> list[Send]:
         if req.index == 0:
-            forge_unreachable(req, fake_ntp.port, "127.0.0.9", code=1)
+            forge_unreachable(req.addr, fake_ntp.port, "127.0.0.9", code=1)
             return []
         return [Send(reply(req))]
 
