@@ -259,6 +259,8 @@ def create_app(state: State, guard: ConnectionGuard | None = None) -> web.Applic
         app = web.Application(middlewares=[*([_busy(guard)] if guard else []), auth])
         guard = None
     app.on_response_prepare.append(_nosniff)
+    if state.web_config.headers:
+        app.on_response_prepare.append(state.web_config.add_headers)
     app[STATE] = state
     for path, handler in (("/probe", probe_handler), ("/metrics", metrics_handler),
                           ("/-/healthy", healthy_handler), ("/-/ready", healthy_handler),

@@ -146,9 +146,10 @@ class WebConfig:
         return False
 
     def middleware(self) -> Callable[..., Awaitable[web.StreamResponse]] | None:
-        """aiohttp middleware enforcing basic auth and adding the configured headers; None
-        when there are neither users nor headers (nothing to do on every request)."""
-        if not self.users and not self.headers:
+        """aiohttp middleware enforcing basic auth; None without users (nothing to do on
+        every request). The configured headers go on every response through
+        :meth:`add_headers`, the router's 404s and 405s included."""
+        if not self.users:
             return None
 
         @web.middleware
@@ -160,18 +161,19 @@ class WebConfig:
                 allowed = await self.authorized(request.headers.get("Authorization"))
             except TooBusy:
                 return web.Response(status=429, text="too many password checks pending\n",
-                                    headers={"Retry-After": "1", **self.headers})
+                                    headers={"Retry-After": "1"})
             if not allowed:
-                return web.Response(
-                    status=401, text="Unauthorized\n",
-                    headers={"WWW-Authenticate": 'Basic realm="ntp_probe"', **self.headers},
-                )
-            response = await handler(request)
-            for name, value in self.headers.items():
-                response.headers[name] = value
-            return response
+                return web.Response(status=401, text="Unauthorized\n",
+                                    headers={"WWW-Authenticate": 'Basic realm="ntp_probe"'})
+            return await handler(request)
 
         return mw
+
+    async def add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        """The configured headers, as a response signal: on every response, errors
+        included, as exporter-toolkit sets them before any handler runs."""
+        for name, value in self.headers.items():
+            response.headers[name] = value
 
 
 def _mapping(raw: object, key: str) -> dict[str, Any]:

@@ -115,8 +115,9 @@ class Server:
         return f"{scheme or self.scheme}://{LOOPBACK}:{self.port}{path}"
 
     def get(self, path: str, headers: Mapping[str, str] | None = None,
-            scheme: str | None = None) -> Response:
-        request = urllib.request.Request(self.url(path, scheme), headers=dict(headers or {}))
+            scheme: str | None = None, method: str = "GET") -> Response:
+        request = urllib.request.Request(self.url(path, scheme), headers=dict(headers or {}),
+                                         method=method)
         try:
             with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT,
                                         context=self.context) as resp:
@@ -236,6 +237,17 @@ def test_https_unauthorized(tls_server: Server, headers: dict[str, str], path: s
     assert resp.headers.get("WWW-Authenticate", "").startswith("Basic"), resp.headers
     assert "probe_success" not in resp.body
     assert_headers(resp)
+
+
+def test_configured_headers_are_on_the_routers_answers_too(tls_server: Server) -> None:
+    # aiohttp's 404 and 405 are raised past every handler: the headers come from the
+    # response signal, as exporter-toolkit sets them before any handler.
+    missing = tls_server.get("/no-such-page", basic(USER, PASSWORD))
+    assert missing.status == 404
+    assert_headers(missing)
+    not_allowed = tls_server.get("/metrics", basic(USER, PASSWORD), method="POST")
+    assert not_allowed.status == 405
+    assert_headers(not_allowed)
 
 
 def test_auth_scheme_is_case_insensitive(tls_server: Server) -> None:
