@@ -541,6 +541,7 @@ class Session:
         self._log = ctx.log
         self._loop = asyncio.get_running_loop()
         self.got = got
+        self._path_error: Unreachable | None = None  # this command's, from a host on the path
 
     async def ask(self, command: Command, index: int | None = None,
                   ) -> tuple[CommandStatus, cmdmon.ReplyData | None] | None:
@@ -548,6 +549,7 @@ class Session:
         the deadline (nothing sent)."""
         name = command.name if index is None else f"{command.name} {index}"
         bad: BadReply | None = None
+        self._path_error = None
         for attempt in range(1, _ATTEMPTS + 1):
             if not await self._pace.wait():
                 # No reply could come before the deadline: not sending is kinder to the
@@ -568,6 +570,9 @@ class Session:
                     self._record(command, CommandStatus.UNSUPPORTED)
                     return CommandStatus.UNSUPPORTED, None
                 bad = result
+        if bad is None and self._path_error is not None:
+            # No reply overrode the ICMP error a host on the path sent: it is the answer.
+            raise self._path_error
         status = CommandStatus.INVALID if bad is not None else CommandStatus.TIMEOUT
         self._record(command, status)
         return status, None
@@ -585,10 +590,12 @@ class Session:
             _, received = await self._pump.exchange(payload,
                                                     min(sent_at + pace.timeout, pace.until))
         except Unreachable as exc:
-            if exc.on_path is None or attempt == _ATTEMPTS:
+            if exc.on_path is None:
                 raise
-            # From another host, and no reply came: maybe forged; the retry decides.
+            # From another host, and no reply came: maybe forged; a reply to the retry
+            # overrides it, silence (or no time for a retry) does not.
             self._log(f"<- {name}: {exc.strerror} (attempt {attempt})")
+            self._path_error = exc
             return None
         finally:
             requests.current = None

@@ -410,6 +410,7 @@ class _Session:
         loop, pace = asyncio.get_running_loop(), self.pace
         what = f"{opcode.name} assoc {association}"
         last: _Try | None = None
+        path_error: Unreachable | None = None  # from a host on the path, not the target
         garbled = False  # some try got fragments or datagrams that failed a check
         no_time = False  # the retry was not sent: no reply could have come in time
         for _ in range(2):
@@ -431,13 +432,15 @@ class _Session:
             try:
                 _, reply = await pump.exchange(payload, min(now + pace.timeout, pace.until))
             except Unreachable as exc:
-                if exc.on_path is None or last is not None:
+                if exc.on_path is None:
                     self.stopped = True
                     log(f"<- {exc.strerror or 'unreachable'}: nothing more sent")
                     m.fail(Reason.UNREACHABLE)
                     return None
-                # From another host, and no reply came: maybe forged; the retry decides.
+                # From another host, and no reply came: maybe forged; a reply to the retry
+                # overrides it, silence (or no time for a retry) does not.
                 log(f"<- {what} seq {t.sequence:#06x}: {exc.strerror}")
+                path_error = exc
                 reply = None
             finally:
                 self.current = None
@@ -455,6 +458,11 @@ class _Session:
                    if r.fragment_count else "")
                 + (f" ({t.bad} datagrams discarded)" if t.bad else ""))
         if last is None:
+            return None
+        if path_error is not None and not garbled:
+            self.stopped = True
+            log(f"<- {path_error.strerror or 'unreachable'}: nothing more sent")
+            m.fail(Reason.UNREACHABLE)
             return None
         if garbled:
             m.fail(Reason.MODE6_BAD_REPLY)

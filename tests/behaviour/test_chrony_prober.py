@@ -524,6 +524,18 @@ async def test_an_icmp_error_from_another_host_leaves_the_retry_to_decide(
     assert "from 127.0.0.9, not the target (attempt 1)" in log.text()
     assert len(sent_lines(log.text(), "TRACKING")) == 2
 
+    # Silence on the retry does not override the error: a router's "no route" stays one.
+    def forged_then_silent(req: Req) -> list[tuple[bytes, float]]:
+        if req.command == TRACKING and req.sequence == fake.requests[0].sequence:
+            forge_unreachable(req.addr, fake.port, "127.0.0.9")
+        return []
+
+    fake.requests.clear()
+    fake.behaviour = forged_then_silent
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
+    assert m.failure == "unreachable", log.text()
+    assert len(sent_lines(log.text(), "TRACKING")) == 2
+
 
 async def test_a_reply_from_another_port_is_discarded(fake: FakeCommandPort) -> None:
     loop = asyncio.get_running_loop()

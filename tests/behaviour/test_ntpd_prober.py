@@ -435,6 +435,20 @@ async def test_an_icmp_error_from_another_host_leaves_the_retry_to_decide(
     assert "from 127.0.0.9, not the target" in out.log
     assert "(retry)" in out.log
 
+    # Silence on the retry does not override the error: a router's "no route" stays one.
+    forged.clear()
+
+    def forged_then_silent(req: Request) -> list[bytes]:
+        if not forged:
+            forged.append(req)
+            forge_unreachable(server.last_addr, server.port, "127.0.0.9")
+        return []
+
+    server.behaviour = forged_then_silent
+    out = await run(server)
+    assert out.m.failure == "unreachable", out.log
+    assert "(retry)" in out.log
+
 
 async def test_thousands_of_associations_are_read_only_up_to_the_cap(server: FakeNtpd) -> None:
     listed = range(1, 1001)
