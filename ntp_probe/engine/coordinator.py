@@ -75,6 +75,10 @@ class _Flight:
     waiters: list[asyncio.Future[_Result]] = field(default_factory=list)
 
 
+_FIXED_SLACK = 0.05
+_SLACK_PER_SAMPLE = 0.01
+
+
 def _latest_end(module: Module, now: float, timeout: float) -> float:
     """When a probe of ``module`` started ``now`` is over at the latest: an ntp burst (or a
     group's, its members' at once) when every sample has waited out its reply timeout, each
@@ -85,7 +89,9 @@ def _latest_end(module: Module, now: float, timeout: float) -> float:
         return deadline
     s = module.ntp
     step = max(s.sample_interval, s.reply_timeout)
-    return min(deadline, now + (s.samples - 1) * step + s.reply_timeout)
+    # Each send can be a little late (the loop's turn), and the verdict takes its moment.
+    slack = _FIXED_SLACK + _SLACK_PER_SAMPLE * s.samples
+    return min(deadline, now + (s.samples - 1) * step + s.reply_timeout + slack)
 
 
 class Coordinator:

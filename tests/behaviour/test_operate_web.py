@@ -26,12 +26,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
 from ntp_probe.config.load import load_config, parse_config
+from ntp_probe.engine.coordinator import _latest_end
 from ntp_probe.engine.targets import parse_target
 from ntp_probe.exposition.internals import Internals
 from ntp_probe.web.app import State, create_app, probe_handler
 from ntp_probe.web.history import History
 from tests.behaviour import fake_server
 from tests.behaviour.fake_server import FakeNTPServer, Request, Send, answer, reply, silent
+from tests.conftest import make_module
 
 fake_ntp = fake_server.fake_ntp
 
@@ -641,6 +643,16 @@ async def test_a_scrape_shares_a_burst_only_if_sure_to_be_over_in_its_budget(
     # Shared: one burst of 2, reported to both. Not: the later one's own packets too.
     assert len(fake_ntp.requests) == (2 if shared else 2 + sent_later)
     assert shared == (sent_later == 2 and len(fake_ntp.requests) == 2)
+
+
+def test_the_latest_end_of_a_burst_allows_for_late_sends() -> None:
+    # 2 samples 1 s apart, 500 ms reply timeout: 1.5 s of waits, and each send may come a
+    # little late (the loop's turn) and the verdict take its moment: a joiner with exactly
+    # 1.5 s left could be cut off by a burst that then succeeds (a re-audit saw 1.506 s).
+    module = make_module(samples=2, interval=1.0, reply_timeout=0.5, timeout=10.0)
+    end = _latest_end(module, 100.0, 10.0)
+    assert 101.55 <= end <= 101.6
+    assert _latest_end(module, 100.0, 1.0) == 101.0  # never past the deadline
 
 
 async def test_a_burst_of_slow_replies_is_not_joined_by_a_request_it_would_outlast(
