@@ -391,3 +391,21 @@ def clock_untouched() -> Iterator[None]:
             f"the kernel clock discipline changed during the tests: (freq, status, offset) "
             f"{before[1:]} -> {after[1:]}"
         )
+
+
+def crl_only_pem() -> str:
+    """A PEM file holding a certificate revocation list and no certificate: it loads as
+    trusted CAs, and trusts nothing."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    crl = (x509.CertificateRevocationListBuilder()
+           .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")]))
+           .last_update(now).next_update(now + datetime.timedelta(days=1))
+           .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()))
+    return crl.public_bytes(serialization.Encoding.PEM).decode()

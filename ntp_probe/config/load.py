@@ -290,9 +290,11 @@ def _unusable_ca_file(path: str) -> str | None:
     if not os.path.isfile(path):
         return f"{show(path)} is not a file"
     try:
-        ssl.create_default_context(cafile=path)
+        context = ssl.create_default_context(cafile=path)
     except (ssl.SSLError, OSError) as exc:
         return f"{show(path)} holds no usable PEM certificate ({exc})"
+    if not context.cert_store_stats()["x509"]:  # a CRL alone loads, and trusts nothing
+        return f"{show(path)} holds no certificate"
     return None
 
 

@@ -234,6 +234,8 @@ def _tls(raw: dict[str, Any], base: Path) -> ssl.SSLContext | None:
         except (ssl.SSLError, OSError) as exc:
             raise WebConfigError(
                 f"tls_server_config.client_ca_file: cannot load certificates: {exc}") from None
+        if not ctx.cert_store_stats()["x509"]:  # a CRL alone loads, and trusts nothing
+            raise WebConfigError("tls_server_config.client_ca_file: holds no certificate")
         ctx.verify_mode = _CLIENT_AUTH[auth]
     return ctx
 

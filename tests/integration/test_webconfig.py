@@ -24,7 +24,13 @@ import bcrypt
 import pytest
 
 from ntp_probe.web.auth import WebConfigError, load_web_config
-from tests.conftest import LOOPBACK, free_tcp_port, require_binary, stop_process
+from tests.conftest import (
+    LOOPBACK,
+    crl_only_pem,
+    free_tcp_port,
+    require_binary,
+    stop_process,
+)
 from tests.integration.test_exporter import child_env, exporter_command, parse_exposition
 
 pytestmark = pytest.mark.integration
@@ -459,6 +465,16 @@ def test_a_user_named_like_a_yaml_boolean_keeps_the_name(tmp_path: Path) -> None
     assert list(load_web_config(str(path)).users) == ["yes"]
     path.write_text("basic_auth_users:\n  a: x\n  a: y\n")
     with pytest.raises(WebConfigError, match="duplicate key 'a'"):
+        load_web_config(str(path))
+
+
+def test_a_client_ca_file_holding_only_a_crl_is_refused(pki: Pki) -> None:
+    (pki.dir / "crl-only.pem").write_text(crl_only_pem())
+    path = pki.dir / "crl-ca.yml"
+    path.write_text("tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n"
+                    "  client_auth_type: RequireAndVerifyClientCert\n"
+                    "  client_ca_file: crl-only.pem\n")
+    with pytest.raises(WebConfigError, match="client_ca_file: holds no certificate"):
         load_web_config(str(path))
 
 

@@ -18,6 +18,7 @@ from ntp_probe.config.schema import (
     format_duration,
     parse_duration,
 )
+from tests.conftest import crl_only_pem
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 JAN_2024 = 1_704_067_200.0
@@ -443,6 +444,10 @@ def test_an_nts_ca_file_is_relative_to_the_config_file_and_must_exist(tmp_path: 
     (tmp_path / "certs" / "junk.pem").write_text("not a certificate\n")
     path.write_text(text.format("certs/junk.pem"))
     with pytest.raises(ConfigError, match="holds no usable PEM certificate"):
+        load_config(str(path))
+    (tmp_path / "certs" / "crl.pem").write_text(crl_only_pem())
+    path.write_text(text.format("certs/crl.pem"))
+    with pytest.raises(ConfigError, match="holds no certificate"):
         load_config(str(path))
 
 
