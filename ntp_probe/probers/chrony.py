@@ -541,7 +541,6 @@ class Session:
         self._log = ctx.log
         self._loop = asyncio.get_running_loop()
         self.got = got
-        self._path_error: Unreachable | None = None  # this command's, from a host on the path
 
     async def ask(self, command: Command, index: int | None = None,
                   ) -> tuple[CommandStatus, cmdmon.ReplyData | None] | None:
@@ -549,7 +548,7 @@ class Session:
         the deadline (nothing sent)."""
         name = command.name if index is None else f"{command.name} {index}"
         bad: BadReply | None = None
-        self._path_error = None
+        path_error: Unreachable | None = None  # from a host on the path, not the target
         for attempt in range(1, _ATTEMPTS + 1):
             if not await self._pace.wait():
                 # No reply could come before the deadline: not sending is kinder to the
@@ -561,6 +560,9 @@ class Session:
                     return None
                 break
             result = await self._attempt(command, index, name, attempt)
+            if isinstance(result, Unreachable):
+                path_error = result
+                continue
             if isinstance(result, cmdmon.Reply):
                 status = _status_of(result.status)
                 self._record(command, status)
@@ -570,15 +572,17 @@ class Session:
                     self._record(command, CommandStatus.UNSUPPORTED)
                     return CommandStatus.UNSUPPORTED, None
                 bad = result
-        if bad is None and self._path_error is not None:
+        if bad is None and path_error is not None:
             # No reply overrode the ICMP error a host on the path sent: it is the answer.
-            raise self._path_error
+            raise path_error
         status = CommandStatus.INVALID if bad is not None else CommandStatus.TIMEOUT
         self._record(command, status)
         return status, None
 
     async def _attempt(self, command: Command, index: int | None, name: str,
-                       attempt: int) -> Received | None:
+                       attempt: int) -> Received | Unreachable | None:
+        """One request and its wait: the datagram that answered it, the ICMP error a host
+        on the path sent (the target's own errors are raised), or None."""
         sequence = secrets.randbits(32)
         payload = cmdmon.encode_request(command, sequence, index=index)
         requests = self._requests
@@ -595,8 +599,7 @@ class Session:
             # From another host, and no reply came: maybe forged; a reply to the retry
             # overrides it, silence (or no time for a retry) does not.
             self._log(f"<- {name}: {exc.strerror} (attempt {attempt})")
-            self._path_error = exc
-            return None
+            return exc
         finally:
             requests.current = None
             requests.expired.append((command, sequence))
@@ -645,7 +648,7 @@ class Session:
             got.n_sources = answer[1].n_sources
             if got.n_sources > MAX_SOURCES:
                 self._log(f"chronyd reports {got.n_sources} sources: asking about the "
-                             f"first {MAX_SOURCES}")
+                          f"first {MAX_SOURCES}")
             for index in range(min(got.n_sources, MAX_SOURCES)):
                 for command in (Command.SOURCE_DATA, Command.SOURCESTATS):
                     answer = await self.ask(command, index)

@@ -401,6 +401,12 @@ class _Session:
             return False
         return h.mode == mode6.MODE_CONTROL and h.response and h.sequence in self.earlier
 
+    def _unreachable(self, exc: Unreachable) -> None:
+        """The ICMP error that ends the probe: nothing more is sent."""
+        self.stopped = True
+        self.ctx.log(f"<- {exc.strerror or 'unreachable'}: nothing more sent")
+        self.ctx.measurement.fail(Reason.UNREACHABLE)
+
     async def request(self, pump: DatagramPump[Response | ErrorReply], opcode: Opcode,
                       association: int = 0,
                       names: Sequence[str] = ()) -> Response | ErrorReply | None:
@@ -433,9 +439,7 @@ class _Session:
                 _, reply = await pump.exchange(payload, min(now + pace.timeout, pace.until))
             except Unreachable as exc:
                 if exc.on_path is None:
-                    self.stopped = True
-                    log(f"<- {exc.strerror or 'unreachable'}: nothing more sent")
-                    m.fail(Reason.UNREACHABLE)
+                    self._unreachable(exc)
                     return None
                 # From another host, and no reply came: maybe forged; a reply to the retry
                 # overrides it, silence (or no time for a retry) does not.
@@ -460,9 +464,7 @@ class _Session:
         if last is None:
             return None
         if path_error is not None and not garbled:
-            self.stopped = True
-            log(f"<- {path_error.strerror or 'unreachable'}: nothing more sent")
-            m.fail(Reason.UNREACHABLE)
+            self._unreachable(path_error)
             return None
         if garbled:
             m.fail(Reason.MODE6_BAD_REPLY)
