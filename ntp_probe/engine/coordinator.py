@@ -19,7 +19,7 @@ from cachetools import TLRUCache
 
 from ntp_probe.config.schema import Config, Module
 from ntp_probe.engine.context import ProbeLog
-from ntp_probe.engine.registry import server_key
+from ntp_probe.engine.registry import PROBERS, server_key
 from ntp_probe.engine.result import Measurement, Reason
 from ntp_probe.engine.runner import guard_for, run_probe
 from ntp_probe.engine.targets import Target
@@ -75,23 +75,10 @@ class _Flight:
     waiters: list[asyncio.Future[_Result]] = field(default_factory=list)
 
 
-_FIXED_SLACK = 0.05
-_SLACK_PER_SAMPLE = 0.01
-
-
 def _latest_end(module: Module, now: float, timeout: float) -> float:
-    """When a probe of ``module`` started ``now`` is over at the latest: an ntp burst (or a
-    group's, its members' at once) when every sample has waited out its reply timeout, each
-    sent no sooner than the sample interval and the last wait allow; other probers, at
-    their deadline."""
-    deadline = now + timeout
-    if module.prober not in ("ntp", "ntp_group"):
-        return deadline
-    s = module.ntp
-    step = max(s.sample_interval, s.reply_timeout)
-    # Each send can be a little late (the loop's turn), and the verdict takes its moment.
-    slack = _FIXED_SLACK + _SLACK_PER_SAMPLE * s.samples
-    return min(deadline, now + (s.samples - 1) * step + s.reply_timeout + slack)
+    """When a probe of ``module`` started ``now`` is over at the latest."""
+    longest = PROBERS[module.prober].longest
+    return now + (timeout if longest is None else min(timeout, longest(module)))
 
 
 class Coordinator:

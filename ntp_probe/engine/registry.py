@@ -43,6 +43,9 @@ class ProberSpec:
     # The port a target without one means (None: the target is not contacted), so that
     # host and host:default name the same server.
     default_port: Callable[[Module], int | None] = lambda module: None
+    # How long a probe lasts at the most before its deadline cuts it (None: up to the
+    # deadline), for the coordinator's choice to share a burst in flight.
+    longest: Callable[[Module], float] | None = None
     # How a ``target`` parameter is read when it is not host[:port] (a group's name or
     # member list); None: parse_target.
     target: Callable[[Config, str], Target] | None = None
@@ -61,6 +64,7 @@ PROBERS: Mapping[str, ProberSpec] = {
             _COMMON + _NETWORK + _families(ntp) + _families(kernel) + _families(hybrid)
             + _families(leapcheck),
             (*hybrid.REASONS, Reason.LEAP_MISMATCH), default_port=lambda module: module.ntp.port,
+            longest=ntp.longest,
         ),
         ProberSpec(
             "chrony", chrony.probe, chrony.DESCRIPTION, ("chrony",),
@@ -75,6 +79,7 @@ PROBERS: Mapping[str, ProberSpec] = {
         ProberSpec(
             "ntp_group", group.probe, group.DESCRIPTION, ("ntp", "ntp_group"),
             _COMMON + _families(group), group.REASONS, target=group.resolve_target,
+            longest=ntp.longest,
             # A member is one server: every address of a name would need series per member
             # and address, which the group does not expose.
             ntp_keys_unused=("all_addresses", "max_addresses", "addresses_required",

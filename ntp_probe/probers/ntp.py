@@ -18,7 +18,7 @@ from ntp_probe.engine.targets import Target
 from ntp_probe.exposition.families import Family
 from ntp_probe.net.resolve import Resolved
 from ntp_probe.net.udp import Datagram, DatagramPump, Unreachable, sockaddr_for
-from ntp_probe.probers import common
+from ntp_probe.probers import common, pacing
 from ntp_probe.probers.leapcheck import leap_check
 from ntp_probe.probers.pacing import Pace
 from ntp_probe.proto.ntp import client as rules
@@ -99,6 +99,13 @@ LEAP_TOLERANCE = 1.0  # seconds added to max_causality_violation around a leap s
 # Time kept back from the deadline to summarise the burst and render the reply.
 _SUMMARY_MARGIN = 0.005
 _LOGGED_DISCARDS = 5  # discarded datagrams logged one by one per burst; the rest counted
+
+
+def longest(module: Module) -> float:
+    """How long the module's burst lasts at the most, before its deadline (a group's
+    members burst at once, so the same)."""
+    s = module.ntp
+    return pacing.longest(s.samples, s.sample_interval, s.reply_timeout)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,16 @@ from __future__ import annotations
 import asyncio
 
 MIN_REPLY_WINDOW = 0.05
+# What a schedule's longest run adds for the loop's turn before each send and the verdict.
+_SLACK = 0.05
+_SLACK_PER_REQUEST = 0.01
+
+
+def longest(requests: int, interval: float, timeout: float) -> float:
+    """How long ``requests`` paced requests take at the most, before any deadline: each
+    waits out its timeout, and the next goes no sooner than the interval and that wait."""
+    step = max(interval, timeout)
+    return (requests - 1) * step + timeout + _SLACK + _SLACK_PER_REQUEST * requests
 
 
 class Pace:
