@@ -160,12 +160,11 @@ class Internals:
             self._children[key] = children
         children[0].inc()
         children[1].observe(result.duration)
-        if result.packets_sent:
-            self.packets_sent.inc(result.packets_sent)
+        self.count_packets(result)
 
-    def cancelled(self, result: Measurement) -> None:
-        """Count the packets of a probe cancelled before it finished (its client went
-        away): not a probe result, but the servers saw its packets."""
+    def count_packets(self, result: Measurement) -> None:
+        """Count a probe's packets; alone for one cancelled before it finished (its client
+        went away): not a probe result, but the servers saw its packets."""
         if result.packets_sent:
             self.packets_sent.inc(result.packets_sent)
 
