@@ -264,7 +264,7 @@ def _parse_module(name: str, raw: object, problems: _Problems,
     if prober == "nts" and blocks["nts"].ca_file:
         # Relative to the config file, as the leap file; checked now, not at the first probe.
         ca_file = os.path.join(base, blocks["nts"].ca_file)
-        why = _unusable_ca_file(ca_file)
+        why = ca_file_problem(ca_file)
         if why is not None:
             nts_raw = raw.get("nts")
             problems.add(_at(nts_raw, "ca_file") if isinstance(nts_raw, dict) else None,
@@ -285,7 +285,7 @@ def _parse_module(name: str, raw: object, problems: _Problems,
     )
 
 
-def _unusable_ca_file(path: str) -> str | None:
+def ca_file_problem(path: str) -> str | None:
     """Why ``path`` cannot serve as trusted CAs (not a file, no PEM certificate), or None."""
     if not os.path.isfile(path):
         return f"{show(path)} is not a file"

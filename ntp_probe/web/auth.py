@@ -34,7 +34,7 @@ from typing import Any
 from aiohttp import web
 from cachetools import LRUCache
 
-from ntp_probe.config.load import read_config_file, read_yaml
+from ntp_probe.config.load import ca_file_problem, read_config_file, read_yaml
 from ntp_probe.config.schema import ConfigError
 
 _TLS_VERSIONS = {
@@ -228,14 +228,11 @@ def _tls(raw: dict[str, Any], base: Path) -> ssl.SSLContext | None:
     if _CLIENT_AUTH[auth] != ssl.CERT_NONE:
         if "client_ca_file" not in raw:
             raise WebConfigError(f"tls_server_config.client_ca_file: required for {auth}")
-        try:
-            ctx.load_verify_locations(
-                _path(base, raw["client_ca_file"], "tls_server_config.client_ca_file"))
-        except (ssl.SSLError, OSError) as exc:
-            raise WebConfigError(
-                f"tls_server_config.client_ca_file: cannot load certificates: {exc}") from None
-        if not ctx.cert_store_stats()["x509"]:  # a CRL alone loads, and trusts nothing
-            raise WebConfigError("tls_server_config.client_ca_file: holds no certificate")
+        ca_file = _path(base, raw["client_ca_file"], "tls_server_config.client_ca_file")
+        why = ca_file_problem(ca_file)  # as the NTS ca_file: a CRL alone trusts nothing
+        if why is not None:
+            raise WebConfigError(f"tls_server_config.client_ca_file: {why}")
+        ctx.load_verify_locations(ca_file)
         ctx.verify_mode = _CLIENT_AUTH[auth]
     return ctx
 

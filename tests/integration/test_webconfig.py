@@ -474,7 +474,7 @@ def test_a_client_ca_file_holding_only_a_crl_is_refused(pki: Pki) -> None:
     path.write_text("tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n"
                     "  client_auth_type: RequireAndVerifyClientCert\n"
                     "  client_ca_file: crl-only.pem\n")
-    with pytest.raises(WebConfigError, match="client_ca_file: holds no certificate"):
+    with pytest.raises(WebConfigError, match=r"client_ca_file: .* holds no certificate"):
         load_web_config(str(path))
 
 
