@@ -57,10 +57,12 @@ MAJORITY = Family("probe_ntp_group_majority",
                   "Whether a majority of the candidates (members that answered and passed "
                   "their own checks) share an intersection.")
 TRUECHIMERS = Family("probe_ntp_group_truechimers",
-                     "Members whose correctness interval overlaps the intersection.")
+                     "Members whose correctness interval overlaps the intersection (members "
+                     "naming the same address and port count once).")
 FALSETICKERS = Family("probe_ntp_group_falsetickers",
                       "Members that answered, passed their checks, and disagree with the "
-                      "majority (every such member when there is no majority).")
+                      "majority (every such member when there is no majority; members naming "
+                      "the same address and port count once).")
 LOCAL_CLOCK_OFFSET = Family(
     "probe_ntp_group_local_clock_offset_seconds",
     "Midpoint of the intersection: how far the truechimers' consensus is ahead of the "
@@ -201,27 +203,47 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
         f"each with up to {module.ntp.samples} samples")
     children = [ProbeContext(ctx.deadline, PrefixedLog(log, f"[{member}] "), ctx.guard,
                              Measurement()) for member in members]
-    await asyncio.gather(*(ntp.probe(member, module, child)
-                           for member, child in zip(members, children, strict=True)))
-    results: list[tuple[str, Measurement, float | None, float | None]] = []
+    # Members that resolve to the same address and port are one server under two
+    # spellings: it gets one burst and one vote, as chrony keeps one source for them.
+    servers: list[tuple[str, int] | None] = [None] * len(members)
+    measured_by: dict[tuple[str, int], int] = {}
+
+    async def one(i: int) -> None:
+        found = await ntp.prepare(members[i], module, children[i])
+        if found is None:
+            return
+        servers[i] = server = (found[0].address, found[1])
+        if server not in measured_by:
+            measured_by[server] = i
+            await ntp.burst(found, module, children[i])
+
+    await asyncio.gather(*(one(i) for i in range(len(members))))
+    results: list[tuple[str, str, Measurement, float | None, float | None]] = []
     candidates: list[Candidate] = []
-    for member, child in zip(members, children, strict=True):
-        name, cm = str(member), child.measurement
-        m.packets_sent += cm.packets_sent
+    for i, (member, child) in enumerate(zip(members, children, strict=True)):
+        name = str(member)
+        m.packets_sent += child.measurement.packets_sent
+        server = servers[i]
+        twin = measured_by[server] if server is not None else i
+        owner, cm = str(members[twin]), children[twin].measurement
+        if twin != i:
+            assert server is not None
+            log(f"member {name}: the same server as {owner} ({server[0]} port {server[1]}): "
+                "measured once, counted once in the selection")
         report = ntp.report_of(cm)
         if report is None or report.offset is None:
-            results.append((name, cm, None, None))
+            results.append((name, owner, cm, None, None))
             continue
         distance = max(report.root_distance or 0.0, MIN_DISTANCE)
-        results.append((name, cm, report.offset, distance))
-        if cm.failure is None or cm.failure in _NOT_UNFIT:
+        results.append((name, owner, cm, report.offset, distance))
+        if twin == i and (cm.failure is None or cm.failure in _NOT_UNFIT):
             candidates.append(Candidate(name, report.offset, distance))
     selection = intersect(candidates)
     states = dict.fromkeys(selection.truechimers, "truechimer")
     states.update(dict.fromkeys(selection.falsetickers, "falseticker"))
     summary = []
-    for name, cm, offset, width in results:
-        state = states.get(name, "unreachable" if offset is None else "unfit")
+    for name, owner, cm, offset, width in results:
+        state = states.get(owner, "unreachable" if offset is None else "unfit")
         failure = cm.failure.value if cm.failure is not None else None
         m.add(MEMBER_UP, 1 if cm.success else 0, name)
         if offset is not None and width is not None:

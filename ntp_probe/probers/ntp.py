@@ -446,15 +446,31 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
     """Measure one NTP server: resolve, run the burst, report (with all_addresses: every
     address of the name, each with its own burst)."""
     settings = module.ntp
-    port = target.port if target.port is not None else settings.port
-    until = ctx.deadline - _SUMMARY_MARGIN
     if settings.all_addresses:
-        return await _probe_every_address(target, settings, port, until, ctx)
-    resolved = await common.prepare(target, port, ctx, preferred=settings.preferred_ip_protocol,
-                                    fallback=settings.ip_protocol_fallback, until=until)
-    if resolved is not None:
-        await _burst_to(resolved, port, settings, until, ctx)
+        port = target.port if target.port is not None else settings.port
+        return await _probe_every_address(target, settings, port,
+                                          ctx.deadline - _SUMMARY_MARGIN, ctx)
+    found = await prepare(target, module, ctx)
+    if found is not None:
+        await burst(found, module, ctx)
     return ctx.measurement
+
+
+async def prepare(target: Target, module: Module,
+                  ctx: ProbeContext) -> tuple[Resolved, int] | None:
+    """The first half of :func:`probe` (without all_addresses): the address and port the
+    burst goes to, once the target policy allows it; None with the failure recorded."""
+    settings = module.ntp
+    port = target.port if target.port is not None else settings.port
+    resolved = await common.prepare(target, port, ctx, preferred=settings.preferred_ip_protocol,
+                                    fallback=settings.ip_protocol_fallback,
+                                    until=ctx.deadline - _SUMMARY_MARGIN)
+    return None if resolved is None else (resolved, port)
+
+
+async def burst(server: tuple[Resolved, int], module: Module, ctx: ProbeContext) -> None:
+    """The second half of :func:`probe`: the burst to a server :func:`prepare` admitted."""
+    await _burst_to(server[0], server[1], module.ntp, ctx.deadline - _SUMMARY_MARGIN, ctx)
 
 
 async def _burst_to(resolved: Resolved, port: int, settings: NTPSettings, until: float,

@@ -115,6 +115,22 @@ async def test_one_falseticker_among_four(servers: Start) -> None:
     assert the_report(m).check_offset == offset
 
 
+async def test_one_server_under_two_spellings_is_measured_once_and_votes_once(
+        servers: Start) -> None:
+    # A liar named twice would otherwise outvote the one honest server.
+    liar, honest = await servers(offset=0.5), await servers(offset=0.0)
+    alias = f"localhost:{liar.port}"
+    m = await probe_group([liar.target, alias, honest.target])
+    assert states(m) == {liar.target: "falseticker", alias: "falseticker",
+                         honest.target: "falseticker"}
+    assert m.failure is Reason.NO_MAJORITY
+    assert value(m, "probe_ntp_group_falsetickers") == 2
+    assert value(m, "probe_ntp_group_member_offset_seconds", member=alias) == value(
+        m, "probe_ntp_group_member_offset_seconds", member=liar.target)
+    assert m.packets_sent == 4  # two samples to each of the two servers
+    assert len(liar.requests) == 2
+
+
 async def test_max_falsetickers_tolerates_one(servers: Start) -> None:
     members = [await servers(offset=o) for o in (0.0, 0.0, 0.0, -2.0, 0.0)]
     m = await probe_group([s.target for s in members], group_module(max_falsetickers=1))
