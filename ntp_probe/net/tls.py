@@ -154,6 +154,9 @@ class TLSClient:
         self._conn = conn
         ip = is_ip_literal(server_name)
         if not ip:
+            # An absolute name: SNI carries no trailing dot (RFC 6066, section 3), and the
+            # certificate names the host without it.
+            server_name = server_name.removesuffix(".")
             conn.set_tlsext_host_name(server_name.encode("idna"))
         conn.set_connect_state()
         while True:
@@ -173,6 +176,8 @@ class TLSClient:
                 verify_hostname(conn, server_name)
         except (VerificationError, CertificateError) as exc:
             self.identity_error = str(exc)
+        except ValueError as exc:  # a subjectAltName that does not parse names nobody
+            self.identity_error = f"unreadable subjectAltName: {exc}"
 
     @property
     def version(self) -> str:

@@ -9,6 +9,7 @@ its reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import errno
 import os
@@ -46,10 +47,8 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
-    """(CA file, server certificate, server key): a CA and a leaf for 127.0.0.1."""
-    d = tmp_path_factory.mktemp("pki")
+def _make_pki(d: Path, san: x509.ExtensionType) -> PKI:
+    """(CA file, server certificate, server key) in ``d``: a CA and a leaf with ``san``."""
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (x509.CertificateBuilder().subject_name(_name("fake-ca")).issuer_name(_name("fake-ca"))
@@ -62,8 +61,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
             .public_key(key.public_key()).serial_number(2)
             .not_valid_before(now - dt.timedelta(days=1))
             .not_valid_after(now + dt.timedelta(days=5))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(IPv4Address(LOOPBACK))]),
-                           critical=False)
+            .add_extension(san, critical=False)
             .sign(ca_key, hashes.SHA256()))
     pem = serialization.Encoding.PEM
     (d / "ca.pem").write_bytes(ca.public_bytes(pem))
@@ -71,6 +69,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     (d / "leaf.key").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
                                                    serialization.NoEncryption()))
     return d / "ca.pem", d / "leaf.pem", d / "leaf.key"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    """(CA file, server certificate, server key): a CA and a leaf for 127.0.0.1."""
+    return _make_pki(tmp_path_factory.mktemp("pki"),
+                     x509.SubjectAlternativeName([x509.IPAddress(IPv4Address(LOOPBACK))]))
 
 
 @dataclass
@@ -192,9 +197,9 @@ class _NTPServer(asyncio.DatagramProtocol):
         self.transport.sendto(answer, addr)
 
 
-@pytest.fixture
-async def fake(pki: PKI) -> AsyncIterator[FakeNTS]:
-    _, cert, key = pki
+@contextlib.asynccontextmanager
+async def running_fake(cert: Path, key: Path) -> AsyncIterator[FakeNTS]:
+    """The fake NTS-KE and NTS NTP servers, presenting ``cert``."""
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.use_certificate_file(str(cert))
@@ -231,13 +236,20 @@ async def fake(pki: PKI) -> AsyncIterator[FakeNTS]:
         transport.close()
 
 
+@pytest.fixture
+async def fake(pki: PKI) -> AsyncIterator[FakeNTS]:
+    async with running_fake(pki[1], pki[2]) as fake:
+        yield fake
+
+
 def module(ca: Path, *, samples: int = 2, timeout: float = 2.0, ke_timeout: float = 1.0,
-           reply_timeout: float = 0.2) -> Module:
+           reply_timeout: float = 0.2, server_name: str = "") -> Module:
     return Module(name="nts", prober="nts", timeout=timeout,
                   ntp=NTPSettings(samples=samples, sample_interval=0.01,
                                   reply_timeout=reply_timeout,
                                   preferred_ip_protocol="ip4"),
-                  nts=NTSSettings(ca_file=str(ca), ke_timeout=ke_timeout))
+                  nts=NTSSettings(ca_file=str(ca), ke_timeout=ke_timeout,
+                                  server_name=server_name))
 
 
 async def test_authenticated_burst_uses_each_cookie_once(fake: FakeNTS, pki: PKI) -> None:
@@ -396,3 +408,26 @@ async def test_no_socket_for_the_burst_is_a_local_error_not_the_servers(
     m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0]))
     assert m.failure is Reason.LOCAL_ERROR, log.text()
     assert fake.requests == [] and m.packets_sent == 0
+
+
+async def test_a_certificate_whose_names_do_not_parse_is_refused_not_a_500(
+        tmp_path: Path) -> None:
+    # A subjectAltName of garbage bytes: the identity check cannot read it (it raised and
+    # the scrape was a 500).
+    bad_san = x509.UnrecognizedExtension(x509.OID_SUBJECT_ALTERNATIVE_NAME, b"\x30\x03\x04\x01\x00")
+    ca, cert, key = _make_pki(tmp_path, bad_san)
+    async with running_fake(cert, key) as fake:
+        m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(ca))
+    # OpenSSL does not build the chain of such a certificate either: the chain's verdict,
+    # which ranks first, or the name's; never an exception.
+    assert m.failure in (Reason.NTS_CERT_UNTRUSTED, Reason.NTS_CERT_NAME_MISMATCH), log.text()
+    assert "unreadable subjectAltName" in log.text()
+    assert value(m, "probe_nts_cert_identity_verified") == 0
+    assert value(m, "probe_ssl_earliest_cert_expiry") is not None
+
+
+async def test_an_absolute_server_name_matches_without_its_dot(tmp_path: Path) -> None:
+    ca, cert, key = _make_pki(tmp_path, x509.SubjectAlternativeName([x509.DNSName("localhost")]))
+    async with running_fake(cert, key) as fake:
+        m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(ca, server_name="localhost."))
+    assert m.failure is None, log.text()
