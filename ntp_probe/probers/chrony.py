@@ -461,7 +461,9 @@ class Requests:
 
     def __init__(self, log: Callable[[str], None], source: tuple[str, int] | None) -> None:
         self._log = log
-        self._source = source  # the UDP address and port replies must come from
+        # The UDP address and port replies must come from; a datagram's source address
+        # carries no zone (fe80::1%2), the scope id apart.
+        self._source = None if source is None else (source[0].partition("%")[0], source[1])
         self.current: tuple[Command, int] | None = None
         self.expired: list[tuple[Command, int]] = []
 

@@ -586,3 +586,13 @@ async def test_socket_mode_checks_the_policy_and_sends_nothing(tmp_path: Path) -
     assert m.failure == "chrony_socket", log.text()  # nothing listens there
     assert "allowed.example only labels this probe and is not contacted" in log.text()
     assert entries(tmp_path) == []  # the reply socket was removed
+
+
+def test_a_link_local_daemon_answers_without_its_zone_in_the_source() -> None:
+    # fe80::1%2 is the target; the datagram's source names the zone as its scope id only.
+    lines: list[str] = []
+    requests = chrony.Requests(lines.append, ("fe80::1%2", 323))
+    requests.match(Datagram(b"x", ("fe80::1", 323, 0, 2), 0, False))
+    requests.match(Datagram(b"x", ("fe80::2", 323, 0, 2), 0, False))
+    assert lines == ["datagram ignored: no request waiting",
+                     "datagram from fe80::2 port 323 discarded: not the target"]

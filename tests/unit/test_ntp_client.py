@@ -62,6 +62,14 @@ def test_ipv6_sources_compare_on_address_and_port_only() -> None:
     assert isinstance(c.receive(reply(), ("2001:db8::1", 123, 0, 0)), rules.Accepted)
 
 
+def test_a_link_local_server_answers_without_its_zone_in_the_source() -> None:
+    c = rules.Client(("fe80::1%2", 123))
+    c.request(NONCE)
+    assert c.receive(reply(), ("fe80::1", 123, 0, 3)) == rules.Discarded(
+        "from fe80::1:123, not the target")  # the same address on another link
+    assert isinstance(c.receive(reply(), ("fe80::1", 123, 0, 2)), rules.Accepted)
+
+
 def test_malformed_wrong_mode_and_zero_timestamps_are_discarded_with_reasons() -> None:
     c = rules.Client(SERVER)
     c.request(NONCE)

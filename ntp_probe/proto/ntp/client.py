@@ -64,10 +64,15 @@ class Client:
     """Request and reply matching for one burst towards ``server`` (address, port)."""
 
     # Slots: a thousand bursts in flight hold a thousand of these.
-    __slots__ = ("_pending", "_seen", "server", "version")
+    __slots__ = ("_pending", "_scope", "_seen", "_source", "server", "version")
 
     def __init__(self, server: tuple[str, int], version: int = 4) -> None:
         self.server = server
+        # A link-local address carries its zone (fe80::1%2); a datagram's source gives the
+        # address without it and the zone as its scope id.
+        address, _, zone = server[0].partition("%")
+        self._source = (address, server[1])
+        self._scope = int(zone) if zone.isdigit() else None
         self.version = version
         self._pending: int | None = None
         # nonce -> True once answered, False once its wait expired (one small dict, not
@@ -116,7 +121,8 @@ class Client:
         leaves the request outstanding, so a forgery cannot use up the wait for the
         genuine reply.
         """
-        if tuple(source[:2]) != self.server:
+        if tuple(source[:2]) != self._source or (
+                self._scope is not None and len(source) > 3 and source[3] != self._scope):
             return Discarded(f"from {source[0]}:{source[1]}, not the target", "not from the target")
         try:
             pkt = ntp.decode(data)
