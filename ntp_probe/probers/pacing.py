@@ -54,5 +54,10 @@ class Pace:
             return False
         if send_at > now:
             await asyncio.sleep(send_at - now)
+            # A busy loop wakes late: the request goes now, so the reply must still fit,
+            # and the next is spaced from now (the interval is a minimum, not a grid).
+            send_at = loop.time()
+            if not self.fits(send_at):
+                return False
         self._next = send_at + self.interval
         return True
