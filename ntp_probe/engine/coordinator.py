@@ -118,6 +118,8 @@ class Coordinator:
         # Keyed by the server reached, not by how the target was spelled; a reload that left
         # the module as it was keeps its entries (modules compare by value).
         key = (module.name, *server_key(module, target))
+        if config is not self._guards_of:
+            self._adopt(config)
         if module.min_probe_interval > 0:
             cached = self._last.get(key)
             if cached is not None and cached.module == module:
@@ -169,10 +171,19 @@ class Coordinator:
             flight.waiters.remove(waiter)
         return Outcome(result, log, shared=shared)
 
+    def _adopt(self, config: Config) -> None:
+        """A new configuration object (a reload): guards are built again, and results
+        made under another target policy, leap file or group list are not served again."""
+        old = self._guards_of
+        if old is not None and (old.policy, old.groups, old.leapfile) != (
+                config.policy, config.groups, config.leapfile):
+            self._last.clear()
+        self._guards.clear()
+        self._guards_of = config
+
     def _guard(self, config: Config, module: Module) -> Guard:
         if config is not self._guards_of:
-            self._guards.clear()
-            self._guards_of = config
+            self._adopt(config)
         cached = self._guards.get(module.name)
         if cached is not None and cached[0] is module:
             return cached[1]

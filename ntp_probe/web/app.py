@@ -41,6 +41,7 @@ class State:
     history: History = field(default_factory=History)
     web_config: WebConfig = field(default_factory=WebConfig)
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _reloads: set[asyncio.Future[str | None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         # The leap file was read with the configuration (off the event loop).
@@ -53,8 +54,15 @@ class State:
         """Reload the configuration file; on error keep the old one and return why.
 
         The file is read and parsed in a thread: a slow disk or a huge file must not
-        stall the probes in flight. Reloads run one at a time.
+        stall the probes in flight. Reloads run one at a time, and a reload goes on to the
+        end when its caller goes away (a client of POST /-/reload that hung up).
         """
+        task = asyncio.ensure_future(self._reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+        return await asyncio.shield(task)
+
+    async def _reload(self) -> str | None:
         async with self._reloading:
             try:
                 config = await asyncio.to_thread(load_config, self.config_path)

@@ -215,6 +215,20 @@ async def test_reload_with_a_changed_file_swaps_the_modules(
     assert set(state.config.modules) == {"new", "other"}
 
 
+async def test_a_reload_whose_caller_goes_away_still_finishes(tmp_path: Path) -> None:
+    # curl -m 1 -X POST /-/reload against a big file: the handler is cancelled while the
+    # file is read in its thread; the reload must still be applied and reported.
+    path = tmp_path / "modules.yaml"
+    state = make_state(path, text=config_text(module_yaml("old")))
+    path.write_text(config_text(module_yaml("new")))
+    caller = asyncio.create_task(state.reload())
+    await asyncio.sleep(0)  # the reload has started: its thread is reading the file
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await poll(lambda: set(state.config.modules) == {"new"}, "the reload to be applied")
+
+
 async def test_a_reload_that_changes_a_modules_policy_applies_it_to_the_next_probe(
     aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
 ) -> None:

@@ -118,6 +118,22 @@ async def test_min_probe_interval_survives_a_reload_that_changed_nothing(
     assert len(fake_ntp.requests) == 1
 
 
+async def test_a_reload_that_denies_the_target_is_not_answered_from_the_cache(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    path = tmp_path / "m.yaml"
+    block = module_yaml("m", extra="    min_probe_interval: 1h\n")
+    client, _ = await start(aiohttp_client, path, config_text(block))
+    params = {"target": f"127.0.0.1:{fake_ntp.port}", "module": "m"}
+    body = await (await client.get("/probe", params=params)).text()
+    assert metric(body, "probe_success") == 1
+    path.write_text("denied_targets: [127.0.0.0/8]\n" + config_text(block))
+    assert (await client.post("/-/reload")).status == 200
+    body = await (await client.get("/probe", params=params)).text()
+    assert metric(body, "probe_ntp_failure_info", reason="target_forbidden") == 1, body
+    assert metric(body, "probe_ntp_result_age_seconds") is None
+
+
 # --- the min_probe_interval cache is bounded in time and bytes -----------------------------
 
 async def test_cache_entries_live_as_long_as_their_interval(fake_ntp: FakeNTPServer) -> None:
