@@ -35,6 +35,7 @@ from ntp_probe.probers import common
 from ntp_probe.probers.pacing import Pace
 from ntp_probe.proto import cmdmon
 from ntp_probe.proto.cmdmon import (
+    AddressFamily,
     Command,
     LeapStatus,
     NSources,
@@ -321,6 +322,7 @@ class Collected:
     tracking: Tracking | None = None
     tracking_status: CommandStatus | None = None  # None: TRACKING was never sent
     n_sources: int | None = None
+    unresolved: int = 0  # sources chronyd has no address for yet, left out as chronyc does
     every_source_asked: bool = False  # each source's commands were sent and answered
     sources: dict[int, SourceData] = field(default_factory=dict)
     sourcestats: dict[int, SourceStats] = field(default_factory=dict)
@@ -657,6 +659,13 @@ class Session:
                     if answer is None or answer[0] is CommandStatus.TIMEOUT:
                         return
                     data = answer[1]
+                    if isinstance(data, SourceData) and data.address.family is \
+                            AddressFamily.ID:
+                        # Not resolved yet (a name, a pool's empty place): chronyc's
+                        # sources and sourcestats leave it out too (only -a shows it).
+                        self._log(f"source {index} ({data.name}) has no address yet: left out")
+                        got.unresolved += 1
+                        break
                     if isinstance(data, SourceData) and self._new_name(data, got.sources):
                         got.sources[index] = data
                     elif isinstance(data, SourceStats) and self._new_name(data,
@@ -784,7 +793,7 @@ def _conclude(got: Collected, settings: ChronySettings, ctx: ProbeContext,
     elif t.leap_status is LeapStatus.UNSYNCHRONISED:
         m.fail(Reason.LEAP_UNSYNCHRONIZED)
     selectable = report.selectable
-    if got.n_sources is not None and len(got.sources) < got.n_sources:
+    if got.n_sources is not None and len(got.sources) + got.unresolved < got.n_sources:
         log(f"{len(got.sources)} of {got.n_sources} sources obtained")
     if selectable < settings.min_candidates:
         log(f"{selectable} sources in state sync or candidate, "

@@ -59,7 +59,10 @@ def cfloat(x: float) -> int:
 
 
 def ipv4(text: str) -> bytes:
-    """chrony's IPAddr for an IPv4 address: 16 address bytes, family 1, padding."""
+    """chrony's IPAddr for an IPv4 address: 16 address bytes, family 1, padding; for
+    ``ID#n``, an unresolved source's identifier (family 3)."""
+    if text.startswith("ID#"):
+        return struct.pack(">I", int(text[3:])).ljust(16, b"\0") + struct.pack(">HH", 3, 0)
     return bytes(int(p) for p in text.split(".")).ljust(16, b"\0") + struct.pack(">HH", 1, 0)
 
 
@@ -596,3 +599,18 @@ def test_a_link_local_daemon_answers_without_its_zone_in_the_source() -> None:
     requests.match(Datagram(b"x", ("fe80::2", 323, 0, 2), 0, False))
     assert lines == ["datagram ignored: no request waiting",
                      "datagram from fe80::2 port 323 discarded: not the target"]
+
+
+async def test_a_source_without_an_address_yet_is_left_out_as_chronyc_does(
+        fake: FakeCommandPort) -> None:
+    # chronyd started before DNS answered: the unresolved names are ID#n entries, which
+    # `chronyc sources` does not list.
+    fake.chronyd.sources.insert(0, FakeSource("ID#0000000001", state=1))
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
+    assert m.failure is None, log.text()
+    assert {s["source"] for s in label_sets(m, "probe_chrony_source_info")} == {
+        "192.0.2.1", "192.0.2.2"}
+    assert value(m, "probe_chrony_sources", state="unusable") == 0
+    assert "source 0 (ID#0000000001) has no address yet: left out" in log.text()
+    assert (SOURCESTATS, 0) not in fake.commands()  # not asked about: nothing to show
+    assert "sources obtained" not in log.text()
