@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -38,8 +40,7 @@ class _Parser(flags.Parser):
 
     def error(self, message: str) -> NoReturn:
         """Bad arguments: UNKNOWN."""
-        print(f"NTP UNKNOWN: {message}")
-        raise SystemExit(UNKNOWN)
+        raise SystemExit(_emit(UNKNOWN, f"NTP UNKNOWN: {_text(message)}"))
 
 
 def check_parser() -> argparse.ArgumentParser:
@@ -73,15 +74,22 @@ def _perf(item: Perf, warning: float | None = None, critical: float | None = Non
 
 
 def _perfdata(m: Measurement, warning: float, critical: float) -> str:
+    checked = next((r for r in m.reports if r.check_offset is not None), None)
     items = []
     for report in m.reports:
         for item in report.perfdata():
-            if item.label == "offset":
+            if item.checked and report is checked:  # the value -w and -c judged
                 items.append(_perf(item, warning, critical))
             else:
                 items.append(_perf(item))
     items.append(_perf(Perf("time", m.duration, "s")))
     return " ".join(items)
+
+
+def _text(text: str) -> str:
+    """A status line's text: one line, and no '|', which would start the perfdata
+    (a target or module name must not be able to inject values)."""
+    return " ".join(text.split()).replace("|", "/")
 
 
 def evaluate(target: str, module: Module, m: Measurement, warning: float,
@@ -97,7 +105,7 @@ def evaluate(target: str, module: Module, m: Measurement, warning: float,
         state = CRITICAL if abs(offset) >= critical else WARNING if abs(offset) >= warning \
             else OK
         summary = f"{target} offset {offset:+.6f} s (module {module.name})"
-    line = f"NTP {_STATES[state]}: {summary}"
+    line = f"NTP {_STATES[state]}: {_text(summary)}"
     return state, f"{line} | {perfdata}" if perfdata else line
 
 
@@ -126,9 +134,29 @@ def main(argv: Sequence[str]) -> int:
             raise Unknown(f"invalid configuration: {str(exc).splitlines()[0]}") from None
         code, line = asyncio.run(check(args, config))
     except Unknown as exc:
-        code, line = UNKNOWN, f"NTP UNKNOWN: {exc}"
+        code, line = UNKNOWN, f"NTP UNKNOWN: {_text(str(exc))}"
     except Exception as exc:  # a plugin must answer UNKNOWN, never a traceback
-        code, line = UNKNOWN, f"NTP UNKNOWN: internal error: {type(exc).__name__}: {exc}"
-    print(" ".join(line.split("\n")))
-    sys.stdout.flush()
-    return code
+        why = f"internal error: {type(exc).__name__}: {exc}"
+        code, line = UNKNOWN, f"NTP UNKNOWN: {_text(why)}"
+    return _emit(code, line)
+
+
+def _emit(code: int, line: str) -> int:
+    """Print the status line; ``code``, or UNKNOWN when it cannot be written (stdout
+    closed, a broken pipe, a full disk): never a traceback, which Nagios reads as WARNING."""
+    out = sys.stdout
+    try:
+        if out is None:
+            return UNKNOWN
+        try:
+            out.write(line + "\n")
+        except UnicodeEncodeError:  # an ASCII-only stdout and a non-ASCII module name
+            out.write(line.encode("ascii", "replace").decode("ascii") + "\n")
+        out.flush()
+        return code
+    except (OSError, ValueError):
+        # Nothing more can be written there; the interpreter's own flush at exit must not
+        # fail again and print a traceback.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        return UNKNOWN

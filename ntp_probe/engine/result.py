@@ -73,6 +73,7 @@ class Perf:
     label: str
     value: float
     unit: str = ""  # "s", "%", "c" (a counter) or "" (a plain number)
+    checked: bool = False  # the report's check_offset: the value -w and -c apply to
 
 
 class Report(Protocol):

@@ -398,7 +398,8 @@ class ChronyReport:
         t = self.tracking
         if t is not None:
             out += [
-                Perf("offset", t.system_time, "s"), Perf("last_offset", t.last_offset, "s"),
+                Perf("offset", t.system_time, "s", checked=True),
+                Perf("last_offset", t.last_offset, "s"),
                 Perf("rms_offset", t.rms_offset, "s"), Perf("frequency_ppm", t.frequency_ppm),
                 Perf("skew_ppm", t.skew_ppm), Perf("root_delay", t.root_delay, "s"),
                 Perf("root_dispersion", t.root_dispersion, "s"),

@@ -177,7 +177,8 @@ class GroupReport:
         """Local clock offset (with a majority), truechimers, falsetickers."""
         out = []
         if self.local_clock_offset is not None:
-            out.append(Perf("local_clock_offset", self.local_clock_offset, "s"))
+            out.append(Perf("local_clock_offset", self.local_clock_offset, "s",
+                            checked=True))
         out += [Perf("truechimers", float(self.count("truechimer"))),
                 Perf("falsetickers", float(self.count("falseticker")))]
         return out

@@ -75,7 +75,8 @@ class KernelReport:
     def perfdata(self) -> list[Perf]:
         """Kernel offset, maxerror, esterror, frequency, sync."""
         c = self.clock
-        return [Perf("kernel_offset", c.offset, "s"), Perf("maxerror", c.maxerror, "s"),
+        return [Perf("kernel_offset", c.offset, "s", checked=True),
+                Perf("maxerror", c.maxerror, "s"),
                 Perf("esterror", c.esterror, "s"),
                 Perf("frequency_ppm", c.frequency_ratio * 1e6),
                 Perf("synchronised", 1.0 if c.synchronized else 0.0)]

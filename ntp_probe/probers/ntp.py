@@ -188,7 +188,7 @@ class NTPReport:
         """offset, delay, jitter, stratum, root distance, samples."""
         out = []
         if self.offset is not None and self.rtt is not None:
-            out += [Perf("offset", self.offset, "s"), Perf("delay", self.rtt, "s"),
+            out += [Perf("offset", self.offset, "s", checked=True), Perf("delay", self.rtt, "s"),
                     Perf("jitter", self.jitter or 0.0, "s"),
                     Perf("stratum", float(self.stratum or 0)),
                     Perf("root_distance", self.root_distance or 0.0, "s")]

@@ -266,7 +266,7 @@ class NTPDReport:
         """offset, sys jitter, root dispersion, stratum, peers, sys.peer or candidate."""
         out = []
         if self.offset is not None:
-            out.append(Perf("offset", self.offset, "s"))
+            out.append(Perf("offset", self.offset, "s", checked=True))
         if self.sys_jitter is not None:
             out.append(Perf("sys_jitter", self.sys_jitter, "s"))
         if self.root_dispersion is not None:

@@ -141,7 +141,7 @@ class NTSReport:
         """Authenticated offset, days to the earliest certificate expiry, cookies."""
         out = []
         if self.offset is not None:
-            out.append(Perf("nts_offset", self.offset, "s"))
+            out.append(Perf("nts_offset", self.offset, "s", checked=True))
         if self.earliest_expiry is not None:
             out.append(Perf("cert_days_left", (self.earliest_expiry - time.time()) / 86400))
         out.append(Perf("authenticated_samples", float(self.authenticated)))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +111,50 @@ def test_a_bad_config_file_is_unknown(tmp_path: Path, capsys: pytest.CaptureFixt
     path.write_text("modules:\n  m:\n    prober: nope\n")
     assert exit_code(["check", "127.0.0.1", "--config.file", str(path)]) == 3
     assert capsys.readouterr().out.startswith("NTP UNKNOWN: invalid configuration: ")
+
+
+def test_input_cannot_start_the_perfdata(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # Nagios splits the line at its first '|': text from the command line or the config
+    # must not inject values there.
+    assert exit_code(["check", "a|offset=99s b"]) == 3
+    out = capsys.readouterr().out
+    assert out.startswith("NTP UNKNOWN: ") and "|" not in out, out
+    path = tmp_path / "modules.yaml"
+    path.write_text("modules:\n  'x|offset=9s':\n    prober: kernel\n")
+    exit_code(["check", "localhost", "--config.file", str(path), "--module", "x|offset=9s"])
+    out = capsys.readouterr().out
+    assert out.count("|") == 1 and "(module x/offset=9s)" in out, out
+
+
+def test_the_thresholds_go_with_the_value_they_judge(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # The kernel module judges the kernel's offset: its perfdata carries -w and -c.
+    assert exit_code(["check", "localhost", "--module", "kernel", "-w", "0.5", "-c", "1"]) in (
+        0, 1, 2)
+    _, perf = split(capsys.readouterr().out.strip())
+    assert any(re.fullmatch(r"kernel_offset=-?[0-9.]+s;0\.500000;1\.000000", p) for p in perf), (
+        perf)
+    assert not any(";" in p for p in perf if not p.startswith("kernel_offset="))
+
+
+@pytest.mark.parametrize("stdout", ["closed", "full", "broken pipe"])
+def test_a_status_line_that_cannot_be_written_is_unknown_without_a_traceback(
+        stdout: str) -> None:
+    command = [sys.executable, "-m", "ntp_probe", "check", "0x7f.1"]
+    if stdout == "closed":
+        done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              preexec_fn=lambda: os.close(1), timeout=60)
+    elif stdout == "full":
+        with open("/dev/full", "wb") as full:
+            done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, timeout=60)
+    else:
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            done = subprocess.run(command, stdout=write, stderr=subprocess.PIPE, timeout=60)
+        finally:
+            os.close(write)
+    assert done.returncode == 3, done.stderr
+    assert b"Traceback" not in done.stderr and b"Exception ignored" not in done.stderr, (
+        done.stderr)
