@@ -2,7 +2,8 @@
 
 The variable's name is the flag's in capitals, dots and dashes as underscores
 (``--web.listen-address`` -> ``NTP_PROBE_WEB_LISTEN_ADDRESS``); a flag on the command line
-wins. A variable that does not convert is reported like a bad flag, naming the variable.
+wins. A variable that does not convert is reported like a bad flag, naming the variable; an
+empty one counts as unset.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def flag(parser: Parser, name: str, default: Any, *aliases: str, **kwargs: Any) 
     """Add the flag ``name`` (and its ``aliases``, e.g. ``-w``), its default taken from its
     environment variable when that is set."""
     env = env_name(name)
-    value = os.environ.get(env)
+    # An empty variable is an unset one, as kingpin (blackbox, node_exporter) reads it.
+    value = os.environ.get(env) or None
     if value is not None:
         convert, choices = kwargs.get("type"), kwargs.get("choices")
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import logging
 import os
@@ -91,10 +92,22 @@ def systemd_sockets() -> list[socket.socket]:
     out = []
     for fd in range(_SD_LISTEN_FDS_START, _SD_LISTEN_FDS_START + count):
         try:
-            out.append(socket.socket(fileno=fd))
+            sock = socket.socket(fileno=fd)
         except OSError as exc:
             raise OSError(exc.errno, f"descriptor {fd} from LISTEN_FDS: "
                                      f"{exc.strerror or exc}") from None
+        # A datagram socket, or a stream socket never bound (listen() would bind it to a
+        # random port on every address), is a unit file's mistake, not a place to serve.
+        if sock.type != socket.SOCK_STREAM:
+            sock.detach()
+            raise OSError(errno.EPROTOTYPE, f"descriptor {fd} from LISTEN_FDS: not a stream "
+                                            "socket (ListenStream= in the .socket unit)")
+        name = sock.getsockname()
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and name[1] == 0:
+            sock.detach()
+            raise OSError(errno.EDESTADDRREQ, f"descriptor {fd} from LISTEN_FDS: not bound "
+                                              "to an address")
+        out.append(sock)
     return out
 
 

@@ -247,6 +247,8 @@ class GuardedSite(web.BaseSite):
     def name(self) -> str:
         """The URL this site serves."""
         scheme = "https" if self._ssl_context else "http"
+        if self._sock is not None and self._sock.family == socket.AF_UNIX:
+            return f"{scheme}+unix://{self._sock.getsockname()}"
         if self._sock is not None:
             host, port = self._sock.getsockname()[:2]
         else:

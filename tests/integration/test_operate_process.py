@@ -464,18 +464,32 @@ def test_systemd_socket_activation(tmp_path: Path) -> None:
         stop_process(proc)
 
 
-def test_systemd_socket_that_is_not_a_socket_is_a_clear_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("passed", "why"), [
+    ("file", "Socket operation on non-socket"),
+    ("udp", "not a stream socket"),
+    ("unbound", "not bound to an address"),  # listen() would bind a random port everywhere
+])
+def test_systemd_socket_that_cannot_serve_is_a_clear_error(tmp_path: Path, passed: str,
+                                                           why: str) -> None:
     path = tmp_path / "not-a-socket"
     path.write_text("")
-    with open(path, "rb") as f:
+    with contextlib.ExitStack() as stack:
+        if passed == "file":
+            fd = stack.enter_context(open(path, "rb")).fileno()
+        else:
+            kind = socket.SOCK_DGRAM if passed == "udp" else socket.SOCK_STREAM
+            sock = stack.enter_context(socket.socket(socket.AF_INET, kind))
+            if passed == "udp":
+                sock.bind(("127.0.0.1", 0))
+            fd = sock.fileno()
         done = subprocess.run(
-            [sys.executable, "-c", SOCKET_ACTIVATION, str(f.fileno()), *exporter_command(),
+            [sys.executable, "-c", SOCKET_ACTIVATION, str(fd), *exporter_command(),
              "--web.systemd-socket"],
-            capture_output=True, stdin=subprocess.DEVNULL, pass_fds=(f.fileno(),),
+            capture_output=True, stdin=subprocess.DEVNULL, pass_fds=(fd,),
             env=child_env(), timeout=30)
     err = done.stderr.decode()
     assert done.returncode == 2, err
-    assert "--web.systemd-socket: descriptor 3 from LISTEN_FDS:" in err, err
+    assert f"--web.systemd-socket: descriptor 3 from LISTEN_FDS: {why}" in err, err
     assert "Traceback" not in err
 
 

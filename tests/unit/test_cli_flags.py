@@ -34,6 +34,16 @@ def test_environment_values_are_used_and_flags_win(monkeypatch: pytest.MonkeyPat
     assert serve_parser().parse_args(["--history.limit=9"]).history_limit == 9
 
 
+def test_an_empty_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As kingpin reads it (blackbox, node_exporter): `Environment=NTP_PROBE_X=` in a unit.
+    for name in ("NTP_PROBE_HISTORY_LIMIT", "NTP_PROBE_CONFIG_FILE", "NTP_PROBE_LOG_LEVEL",
+                 "NTP_PROBE_TIMEOUT_OFFSET"):
+        monkeypatch.setenv(name, "")
+    args = serve_parser().parse_args([])
+    assert (args.history_limit, args.config_file, args.log_level, args.timeout_offset) == (
+        100, None, "info", 0.5)
+
+
 @pytest.mark.parametrize("bad", ["nan", "inf", "-1", "x"])
 def test_seconds_flags_must_be_finite(bad: str) -> None:
     with pytest.raises(SystemExit):
