@@ -413,6 +413,22 @@ async def _authenticated_burst(server: Resolved, port: int, settings: NTPSetting
         ntp.conclude(burst, settings, ctx, (server.address, port))
 
 
+def _hold_back_key_exchange(burst: ntp.Burst, ke: tuple[str, int], server: tuple[str, int],
+                            settings: NTPSettings, ctx: ProbeContext) -> None:
+    """A Kiss-o'-Death from the NTP server holds the NTS-KE server back as long: in a
+    backoff each scrape would otherwise still cost it a TLS handshake and fresh cookies.
+    A normal answer clears both."""
+    if ke == server:
+        return
+    if burst.kod is not None:
+        step = ctx.guard.record_kod(ke[0], ke[1], burst.kod.kiss_code or "", burst.kod.poll,
+                                    settings.kod_rate_max_backoff, settings.kod_deny_backoff)
+        if step > 0:
+            ctx.log(f"no NTS-KE with {ke[0]} port {ke[1]} for {step:.0f}s either")
+    elif burst.samples:
+        ctx.guard.answered(ke[0], ke[1])
+
+
 async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measurement:
     """Probe one NTS server: KE and certificates, then the authenticated burst."""
     settings, nts = module.ntp, module.nts
@@ -442,6 +458,8 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
             return m
         burst = ntp.Burst()
         await _authenticated_burst(server, port, settings, session, burst, until, ctx)
+        _hold_back_key_exchange(burst, (state.ke_server, ke_port), (server.address, port),
+                                settings, ctx)
     finally:
         # Also when the runner's backstop cut the burst: the samples taken were
         # authenticated, and the NTP conclusion (which ran first) has their offset.

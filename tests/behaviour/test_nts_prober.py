@@ -37,6 +37,8 @@ from ntp_probe.net.tls import TLSClient
 from ntp_probe.net.udp import DatagramPump
 from ntp_probe.probers import nts_session
 from ntp_probe.proto.nts import ef, ke
+from ntp_probe.safety.guard import Guard
+from ntp_probe.safety.kod import KodTable
 from tests.conftest import LOOPBACK, label_sets, probe, value
 
 Records = Callable[[int], bytes]  # NTP port -> the KE response bytes
@@ -85,7 +87,8 @@ class FakeNTS:
     ke_port: int = 0
     ntp_port: int = 0
     records: Records | None = None  # None: a normal response
-    ntp_mode: str = "ok"  # ok | nak | tamper | uid
+    ntp_mode: str = "ok"  # ok | nak | tamper | uid | plain | rate (an authenticated KoD)
+    ke_connections: int = 0
     withhold: int = 0  # requests answered only along with the next answered one (late)
     withheld: list[bytes] = field(default_factory=list)
     keys: dict[bytes, tuple[bytes, bytes]] = field(default_factory=dict)  # cookie -> keys
@@ -120,6 +123,7 @@ async def _io(sock: socket.socket, op: Callable[[], bytes | int | None]) -> byte
 
 
 async def _serve_ke(fake: FakeNTS, ctx: SSL.Context, sock: socket.socket) -> None:
+    fake.ke_connections += 1
     conn = SSL.Connection(ctx, sock)
     conn.set_accept_state()
     try:
@@ -173,6 +177,9 @@ class _NTPServer(asyncio.DatagramProtocol):
             return
         header = struct.pack("!BBbbII4sQQQQ", 0x24, 2, 0, -20, 0, 0, b"GPS\0", now, origin,
                              now, now)
+        if fake.ntp_mode == "rate":  # LI 3, stratum 0, kiss code RATE, poll 2^4
+            header = struct.pack("!BBbbII4sQQQQ", 0xE4, 0, 4, -20, 0, 0, b"RATE", 0, origin,
+                                 now, now)
         if fake.ntp_mode == "plain":  # the NTS fields stripped on the way
             assert self.transport is not None
             self.transport.sendto(header, addr)
@@ -431,3 +438,18 @@ async def test_an_absolute_server_name_matches_without_its_dot(tmp_path: Path) -
     async with running_fake(cert, key) as fake:
         m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(ca, server_name="localhost."))
     assert m.failure is None, log.text()
+
+
+async def test_a_kiss_of_death_holds_back_the_key_exchange_too(fake: FakeNTS, pki: PKI) -> None:
+    # During the backoff no NTP packet goes out, and no TLS handshake that would cost the
+    # server fresh cookies either.
+    fake.ntp_mode = "rate"
+    mod = module(pki[0])
+    guard = Guard(kod=KodTable())
+    m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", mod, guard=guard)
+    assert m.failure is Reason.KOD_RATE, log.text()
+    assert "no NTS-KE with 127.0.0.1 port" in log.text()
+    connections, requests = fake.ke_connections, len(fake.requests)
+    m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", mod, guard=guard)
+    assert m.failure is Reason.BACKOFF, log.text()
+    assert (fake.ke_connections, len(fake.requests)) == (connections, requests)
