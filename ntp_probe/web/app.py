@@ -122,7 +122,7 @@ async def probe_handler(request: web.Request) -> web.Response:
     if outcome.age is None and not outcome.shared:
         state.internals.observe(module_name, result)
     body = render(result, outcome.age)
-    entry = state.history.add(module_name, str(target), result, log, body)
+    entry = state.history.add(module_name, str(target), result, log, body, module)
     if not debug:
         return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
     text = pages.debug_text(entry, module_to_dict(module))
@@ -192,8 +192,7 @@ async def logs_handler(request: web.Request) -> web.Response:
                       f"probe {entry_id} is no longer in the history "
                       f"(--history.limit={history.limit}: the last {history.limit} probes "
                       "and as many failures are kept)")
-    module = state.config.modules.get(entry.module)
-    settings = module_to_dict(module) if module else {}
+    settings = module_to_dict(entry.definition) if entry.definition is not None else {}
     if wants_html:
         return web.Response(text=pages.log_page(entry, settings), content_type="text/html",
                             headers={"Vary": "Accept"})

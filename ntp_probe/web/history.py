@@ -7,6 +7,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ntp_probe.config.schema import Module
 from ntp_probe.engine.context import ProbeLog
 from ntp_probe.engine.result import Measurement, Report
 
@@ -25,6 +26,7 @@ class Entry:
     log: ProbeLog  # joined into text only when someone opens /logs
     metrics: str
     reports: tuple[Report, ...] = ()  # the prober's typed reports (offset, rtt, ...)
+    definition: Module | None = None  # the module as the probe ran it (a reload may change it)
 
 
 class History:
@@ -37,11 +39,11 @@ class History:
         self._next_id = 0
 
     def add(self, module: str, target: str, m: Measurement, log: ProbeLog,
-            metrics: str) -> Entry:
+            metrics: str, definition: Module | None = None) -> Entry:
         """Record a probe and return its entry."""
         entry = Entry(self._next_id, time.time(), module, target, m.success,
                       None if m.failure is None else m.failure.value, m.duration, log, metrics,
-                      tuple(m.reports))
+                      tuple(m.reports), definition)
         self._next_id += 1
         if self.limit <= 0:
             return entry

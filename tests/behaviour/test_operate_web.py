@@ -468,6 +468,11 @@ async def test_logs_show_each_probes_log_and_metrics(
     assert "probe_ntp_samples_received 2" in text
     assert "probe_ntp_failure_info" not in text
     assert "Module configuration:" in text and "samples: 2" in text
+    # A reload that changes the module does not rewrite what the probe ran with.
+    path.write_text(config_text(module_yaml("one", samples=5)))
+    assert (await client.post("/-/reload")).status == 200
+    text = await (await client.get("/logs", params={"id": str(success_id)})).text()
+    assert "samples: 2" in text and "samples: 5" not in text, text
 
     resp = await client.get("/logs", params={"id": str(failure_id)})
     assert resp.status == 200
