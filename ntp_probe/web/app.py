@@ -124,7 +124,7 @@ async def probe_handler(request: web.Request) -> web.Response:
     body = render(result, outcome.age)
     entry = state.history.add(module_name, str(target), result, log, body, module)
     if not debug:
-        return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE})
+        return _exposition(request, body.encode())
     text = pages.debug_text(entry, module_to_dict(module))
     if outcome.age is not None:
         # The log below is the earlier probe's: say so, or it reads as a fresh one.
@@ -138,8 +138,29 @@ async def probe_handler(request: web.Request) -> web.Response:
 
 async def metrics_handler(request: web.Request) -> web.Response:
     """GET /metrics: the exporter's internals."""
-    body = request.app[STATE].internals.render()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+    return _exposition(request, request.app[STATE].internals.render())
+
+
+def _exposition(request: web.Request, body: bytes) -> web.Response:
+    """A text exposition, gzip-compressed when the scraper accepts it (Prometheus always
+    does), as client_golang's handler answers."""
+    response = web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+    accepted = request.headers.get("Accept-Encoding")
+    if accepted and _accepts_gzip(accepted):
+        response.enable_compression(web.ContentCoding.gzip)
+    return response
+
+
+def _accepts_gzip(header: str) -> bool:
+    for part in header.split(","):
+        name, _, params = part.partition(";")
+        if name.strip().lower() == "gzip":
+            q = params.strip().lower().removeprefix("q=")
+            try:
+                return not params.strip() or float(q) > 0
+            except ValueError:
+                return False
+    return False
 
 
 async def healthy_handler(request: web.Request) -> web.Response:

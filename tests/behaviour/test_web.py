@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
 from collections.abc import Callable
 
@@ -283,6 +284,25 @@ async def test_metrics_endpoint(client: Client, fake_ntp: FakeNTPServer) -> None
     assert any(n.startswith("process_") for n in names)
     # /metrics holds internals only, never a probe's series.
     assert not any(n.startswith("probe_") for n in names)
+
+
+@pytest.mark.parametrize(("accept", "encoding"), [
+    ("gzip", "gzip"), ("deflate, gzip;q=1.0, *;q=0.5", "gzip"),  # Prometheus sends these
+    ("gzip;q=0", None), ("identity", None), (None, None),
+])
+async def test_expositions_are_gzipped_when_the_scraper_accepts_it(
+        client: Client, fake_ntp: FakeNTPServer, accept: str | None,
+        encoding: str | None) -> None:
+    headers = {} if accept is None else {"Accept-Encoding": accept}
+    for path, params in (("/probe", {"target": fake_ntp.target, "module": "burst"}),
+                         ("/metrics", {})):
+        resp = await client.get(path, params=params, headers=headers, auto_decompress=False,
+                                skip_auto_headers=["Accept-Encoding"])
+        raw = await resp.read()
+        assert resp.headers.get("Content-Encoding") == encoding, path
+        text = (gzip.decompress(raw) if encoding else raw).decode()
+        assert resp.headers["Content-Type"].startswith(CONTENT_TYPE_PREFIX)
+        assert "probe_success 1" in text if path == "/probe" else "ntp_probe_build_info" in text
 
 
 @pytest.mark.parametrize("path", ["/-/healthy", "/-/ready"])
