@@ -136,6 +136,9 @@ def _parse(raw: str) -> Target:
         raise TargetError("a target is host[:port], not a URL")
     if not text:
         raise TargetError("it is empty")
+    if "," in text:
+        raise TargetError("one server per target; a comma-separated list of members needs a "
+                          "module with prober: ntp_group")
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
