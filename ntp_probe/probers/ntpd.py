@@ -6,7 +6,7 @@ READSTAT (the associations and their peer status words), READVAR of the system v
 the READVARs of ``ntpq -c sysstats`` and ``ntpq -c iostats``. Each request gets its own
 sequence number, ``request_timeout`` and one retry, and is only sent when its reply can
 arrive before the deadline. A server that stays silent through a retry (``restrict ...
-noquery`` drops mode 6 silently) is sent nothing more.
+noquery`` drops mode 6 silently, ``limited`` rate-limits it) is sent nothing more.
 """
 
 from __future__ import annotations
@@ -474,7 +474,7 @@ class _Session:
         else:
             # restrict ... noquery drops mode 6 without a word.
             self.stopped = True
-            log("server silent (ntpd's restrict noquery?): nothing more sent")
+            log("server silent (ntpd's restrict noquery or limited?): nothing more sent")
             m.fail(Reason.MODE6_TIMEOUT)
         return None
 
@@ -626,6 +626,9 @@ def _emit_peer(association: int, variables: dict[str, str], word: int,
                ctx: ProbeContext) -> PeerRow:
     m = ctx.measurement
     address = variables.get("srcadr", "")
+    if address in ("", "0.0.0.0", "::") and variables.get("srchost"):
+        # A pool (or a name not resolved yet) has no address; ntpq -p shows its srchost.
+        address = variables["srchost"]
     refid = variables.get("refid", "")
     selection = mode6.decode_peer_status(word).selection_name
     labels = (str(association), address)

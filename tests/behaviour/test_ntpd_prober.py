@@ -608,3 +608,13 @@ async def test_unknown_and_unreadable_variables_are_tolerated(server: FakeNtpd) 
     assert value(out.m, "probe_ntpd_tai_offset_seconds") == 37
     report = ntpd.report_of(out.m)
     assert report is not None and report.check_offset is None
+
+
+def test_a_pool_association_is_named_by_its_srchost_as_ntpq_shows_it() -> None:
+    ctx = ProbeContext(0.0)
+    ntpd._emit_peer(17773, {"srcadr": "0.0.0.0", "srchost": "pool.example.net",
+                            "refid": "POOL"}, 0x8811, ctx)
+    ntpd._emit_peer(17774, {"srcadr": "192.0.2.9", "srchost": "ntp.example.net",
+                            "refid": "GPS"}, 0x9614, ctx)
+    assert [s["peer"] for s in label_sets(ctx.measurement, "probe_ntpd_peer_info")] == [
+        "pool.example.net", "192.0.2.9"]
