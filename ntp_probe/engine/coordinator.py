@@ -58,9 +58,12 @@ class Outcome:
     log: ProbeLog
     age: float | None = None  # seconds, when served from the min_probe_interval cache
     shared: bool = False  # joined a burst another request started
+    # The one requester per burst that counts it in the exporter's metrics: the one that
+    # started it or, when that one hung up, the first still waiting.
+    counted: bool = False
 
 
-_Result = tuple[Measurement, ProbeLog]
+_Result = tuple[Measurement, ProbeLog, bool]  # and whether this requester counts the burst
 
 
 @dataclass(slots=True)
@@ -145,11 +148,11 @@ class Coordinator:
         try:
             if shared:
                 async with asyncio.timeout(timeout):
-                    result, log = await waiter
+                    result, log, counted = await waiter
             else:
                 # The burst keeps its own deadline; a second timeout here could only fire
                 # alongside it when the loop is late, and throw its samples away.
-                result, log = await waiter
+                result, log, counted = await waiter
         except TimeoutError:
             # Only when the loop ran late, or the burst's name took long to resolve: its
             # samples were due to be over in time.
@@ -158,6 +161,7 @@ class Coordinator:
             result = Measurement()
             result.fail(Reason.TIMEOUT)
             result.duration = timeout
+            counted = False
         except asyncio.CancelledError:
             if not flight.task.done() and all(
                     w.done() for w in flight.waiters if w is not waiter):
@@ -169,7 +173,7 @@ class Coordinator:
             raise
         finally:
             flight.waiters.remove(waiter)
-        return Outcome(result, log, shared=shared)
+        return Outcome(result, log, shared=shared, counted=counted)
 
     def _adopt(self, config: Config) -> None:
         """A new configuration object (a reload): guards are built again, and results
@@ -215,6 +219,8 @@ class Coordinator:
                 del self._flights[key]
         if module.min_probe_interval > 0:
             self._last[key] = _Cached(module, self._clock(), result, log)
+        counted = False
         for waiter in flight.waiters:
             if not waiter.done():
-                waiter.set_result((result, log))
+                waiter.set_result((result, log, not counted))
+                counted = True

@@ -119,7 +119,7 @@ async def probe_handler(request: web.Request) -> web.Response:
     finally:
         state.in_flight -= 1
     result, log = outcome.result, outcome.log
-    if outcome.age is None and not outcome.shared:
+    if outcome.counted:
         state.internals.observe(module_name, result)
     body = render(result, outcome.age)
     entry = state.history.add(module_name, str(target), result, log, body, module)

@@ -816,6 +816,10 @@ async def test_one_of_two_sharing_clients_hanging_up_does_not_cancel_the_burst(
     assert metric(body, "probe_ntp_samples_sent") == 1
     assert 'probe_ntp_failure_info{reason="timeout"} 1' in body
     assert len(fake_ntp.requests) == 1
+    # The burst is counted once, by the request that stayed (the one that started it left).
+    text = await metrics(client)
+    assert metric(text, "ntp_probe_probes_total", module="one", result="failure") == 1
+    assert metric(text, "ntp_probe_ntp_packets_sent_total") == 1
 
 
 async def test_a_prober_bug_in_a_shared_burst_is_a_one_line_500_for_every_sharer(
