@@ -209,6 +209,48 @@ class NTPReport:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class AddressesReport:
+    """All addresses of a name (all_addresses): each one's offset, and which one the check
+    judges: with ``addresses_required: all`` the farthest off, since every address must
+    be right; with ``any``, the NTP report's (the best address)."""
+
+    required: str
+    offsets: tuple[tuple[str, float | None], ...]  # (address, offset; None: no usable answer)
+
+    @property
+    def title(self) -> str:
+        """Section name."""
+        return "all_addresses"
+
+    @property
+    def check_offset(self) -> float | None:
+        """The offset farthest from zero when every address must be right."""
+        known = [o for _, o in self.offsets if o is not None]
+        return max(known, key=abs) if self.required == "all" and known else None
+
+    def rows(self) -> list[tuple[str, str]]:
+        """Human-readable lines."""
+        return [("addresses_required", self.required)] + [
+            (address, "no usable answer" if o is None else f"offset {o:+.9f} s")
+            for address, o in self.offsets]
+
+    def perfdata(self) -> list[Perf]:
+        """Addresses probed and answered, and the farthest offset when it is judged."""
+        out = [Perf("addresses", float(len(self.offsets))),
+               Perf("addresses_answered",
+                    float(sum(1 for _, o in self.offsets if o is not None)))]
+        worst = self.check_offset
+        if worst is not None:
+            out.append(Perf("worst_offset", worst, "s", checked=True))
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready data."""
+        return {"addresses_required": self.required,
+                "addresses": [{"address": a, "offset_seconds": o} for a, o in self.offsets]}
+
+
 def report_of(m: Measurement) -> NTPReport | None:
     """The NTP report in a measurement, if an NTP burst ran."""
     return next((r for r in m.reports if isinstance(r, NTPReport)), None)
@@ -545,6 +587,12 @@ async def _probe_every_address(target: Target, settings: NTPSettings, port: int,
 
     chosen = min(ok, key=distance) if ok else children[0].measurement
     m.samples += chosen.samples
+    offsets = []
+    for resolved, child in zip(found, children, strict=True):
+        report = report_of(child.measurement)
+        offsets.append((resolved.address, None if report is None else report.offset))
+    # First: the check judges the first report with an offset to judge.
+    m.reports.append(AddressesReport(settings.addresses_required, tuple(offsets)))
     m.reports += chosen.reports
     required_all = settings.addresses_required == "all"
     if failed and (required_all or not ok):

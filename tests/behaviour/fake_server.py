@@ -214,16 +214,16 @@ class FakeNTPServer:
 
     @classmethod
     async def start(
-        cls, behaviour: Behaviour | None = None, host: str = LOOPBACK
+        cls, behaviour: Behaviour | None = None, host: str = LOOPBACK, port: int = 0
     ) -> FakeNTPServer:
-        """Bind ``host`` (127.0.0.1, or ::1) on an OS-chosen port, and a second socket for
-        other-port sends."""
+        """Bind ``host`` (127.0.0.1, or ::1) on ``port`` (0: an OS-chosen one), and a second
+        socket for other-port sends."""
         server = cls() if behaviour is None else cls(behaviour=behaviour)
         server.host = host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Protocol(server), local_addr=(host, 0), family=family
+            lambda: _Protocol(server), local_addr=(host, port), family=family
         )
         server._transport = transport
         server.port = int(transport.get_extra_info("sockname")[1])

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from ntp_probe.cli import check
 from ntp_probe.engine.targets import Target
 from ntp_probe.net import resolve
 from ntp_probe.net.resolve import HostsFile, ResolveError, Resolver
 from ntp_probe.safety.guard import Guard
 from ntp_probe.safety.policy import TargetPolicy, parse_rules
 from tests.behaviour import fake_server
-from tests.behaviour.fake_server import FakeNTPServer
+from tests.behaviour.fake_server import FakeNTPServer, answer
 from tests.conftest import label_sets, make_module, probe, value
 
 fake_ntp = fake_server.fake_ntp
@@ -77,6 +78,28 @@ async def test_all_addresses_required_fails_on_one_dead_address(
     assert result.failure == "unreachable", log.text()
     assert value(result, "probe_ntp_address_up", address="127.0.0.1", ip_protocol="4") == 1
     assert "1 of 2 addresses succeeded (addresses_required: all)" in log.text()
+
+
+@pytest.mark.parametrize(("required", "judged"), [("all", 5.0), ("any", 0.0)])
+async def test_the_check_judges_the_farthest_address_when_all_are_required(
+    hosts: Hosts, fake_ntp: FakeNTPServer, required: str, judged: float
+) -> None:
+    # 127.0.0.2 runs 5 s ahead; 127.0.0.1, with the smaller root distance, is the best.
+    skewed = await FakeNTPServer.start(answer(offset=5.0, root_dispersion=0.01),
+                                       host="127.0.0.2", port=fake_ntp.port)
+    try:
+        fake_ntp.behaviour = answer(root_dispersion=0.0001)
+        hosts("127.0.0.1 skew.test\n127.0.0.2 skew.test\n")
+        module = make_module(all_addresses=True, addresses_required=required)
+        result, log = await probe(Target("skew.test", fake_ntp.port), module)
+    finally:
+        skewed.close()
+    assert result.success, log.text()
+    code, line = check.evaluate("skew.test", module, result, 0.01, 0.05)
+    assert code == (2 if judged else 0), line
+    offset = next(r.check_offset for r in result.reports if r.check_offset is not None)
+    assert offset == pytest.approx(judged, abs=0.005)
+    assert "addresses=2 addresses_answered=2" in line
 
 
 async def test_max_addresses_bounds_the_fan_out(hosts: Hosts,
