@@ -34,10 +34,24 @@ class Parser(argparse.ArgumentParser):
         the flag itself is on the command line (the flag wins)."""
         given = list(sys.argv[1:] if args is None else args)
         errors = [why for spellings, why in self.env_errors
-                  if not any(a in spellings or a.split("=", 1)[0] in spellings for a in given)]
+                  if not any(_spells(a, spellings) for a in given)]
         if errors:
             self.error("; ".join(errors))
         return super().parse_args(given, namespace)
+
+
+def _spells(arg: str, spellings: tuple[str, ...]) -> bool:
+    """Whether the command-line word ``arg`` gives the flag of ``spellings`` as argparse
+    reads it: ``--flag``, ``--flag=V``, ``-wV`` or an abbreviation such as ``--warn``."""
+    name = arg.split("=", 1)[0]
+    for spelling in spellings:
+        if spelling.startswith("--"):
+            if name == spelling or (name.startswith("--") and len(name) > 2
+                                    and spelling.startswith(name)):
+                return True
+        elif arg.startswith(spelling):  # a short flag, its value attached or not
+            return True
+    return False
 
 
 def flag(parser: Parser, name: str, default: Any, *aliases: str, **kwargs: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from ntp_probe.cli.check import check_parser
 from ntp_probe.cli.main import DEFAULT_LISTEN, listen_addresses, probe_parser, serve_parser
 from ntp_probe.cli.serve import parse_listen, unrestricted
 from ntp_probe.config.load import parse_config
@@ -125,3 +126,11 @@ def test_a_flag_given_overrides_its_invalid_variable(monkeypatch: pytest.MonkeyP
     assert serve_parser().parse_args(["--timeout-offset=2"]).timeout_offset == 2.0
     with pytest.raises(SystemExit):
         serve_parser().parse_args([])  # without the flag, the variable is the value: refused
+
+
+@pytest.mark.parametrize("argv", [["-w0.02"], ["-w", "0.02"], ["--warn=0.02"],
+                                  ["--warning", "0.02"], ["--w=0.02"]])
+def test_every_spelling_of_a_given_flag_overrides_its_invalid_variable(
+        monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
+    monkeypatch.setenv("NTP_PROBE_WARNING", "bad")
+    assert check_parser().parse_args(["127.0.0.1", *argv]).warning == 0.02
