@@ -447,12 +447,13 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
                                       min(loop.time() + nts.ke_timeout, until))
         if session is None:
             return m
+        # Named before it is checked: a refused or unresolvable server is shown too.
+        port = session.port
+        state.ntp_server, state.ntp_port = session.server or resolved.address, port
+        m.add(NTP_SERVER_INFO, 1, state.ntp_server, str(port))
         server = await _ntp_server(session.server, resolved, ctx, settings, until)
         if server is None:
             return m
-        port = session.port
-        state.ntp_server, state.ntp_port = session.server or server.address, port
-        m.add(NTP_SERVER_INFO, 1, state.ntp_server, str(port))
         # The negotiated server passes the same checks as a target: policy, KoD backoff.
         if not common.allowed(session.server or target.host, server.address, port, ctx):
             return m

@@ -39,6 +39,7 @@ from ntp_probe.probers import nts_session
 from ntp_probe.proto.nts import ef, ke
 from ntp_probe.safety.guard import Guard
 from ntp_probe.safety.kod import KodTable
+from ntp_probe.safety.policy import TargetPolicy, parse_rules
 from tests.conftest import LOOPBACK, label_sets, probe, value
 
 Records = Callable[[int], bytes]  # NTP port -> the KE response bytes
@@ -453,3 +454,22 @@ async def test_a_kiss_of_death_holds_back_the_key_exchange_too(fake: FakeNTS, pk
     m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", mod, guard=guard)
     assert m.failure is Reason.BACKOFF, log.text()
     assert (fake.ke_connections, len(fake.requests)) == (connections, requests)
+
+
+async def test_a_refused_negotiated_server_is_named(fake: FakeNTS, pki: PKI) -> None:
+    # The KE names 127.0.0.66, which the policy denies: target_forbidden, and the series
+    # says which server was refused (the target itself is allowed).
+    def records(ntp_port: int) -> bytes:
+        recs = [ke.Record(1, b"\0\0", True), ke.Record(4, b"\0\x0f", True),
+                ke.Record(6, b"127.0.0.66", True), ke.Record(7, struct.pack("!H", ntp_port), True),
+                ke.Record(5, os.urandom(100)), ke.Record(0, b"", True)]
+        return b"".join(r.encode() for r in recs)
+
+    fake.records = records
+    denied = TargetPolicy(denied=parse_rules(["127.0.0.66/32"], "denied_targets"))
+    m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0]),
+                         guard=Guard(policies=(denied,)))
+    assert m.failure is Reason.TARGET_FORBIDDEN, log.text()
+    assert label_sets(m, "probe_nts_ntp_server_info") == [
+        {"server": "127.0.0.66", "port": str(fake.ntp_port)}]
+    assert not fake.requests
