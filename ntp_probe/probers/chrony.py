@@ -407,8 +407,9 @@ class ChronyReport:
                 Perf("root_distance", t.root_delay / 2 + t.root_dispersion, "s"),
                 Perf("stratum", float(t.stratum)),
             ]
-        out += [Perf("sources", float(len(self.sources))),
-                Perf("sources_selectable", float(self.selectable))]
+        if ("n_sources", "ok") in self.commands:  # no invented zeros when none was read
+            out += [Perf("sources", float(len(self.sources))),
+                    Perf("sources_selectable", float(self.selectable))]
         return out
 
     def to_json(self) -> dict[str, Any]:

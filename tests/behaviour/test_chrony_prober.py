@@ -614,3 +614,13 @@ async def test_a_source_without_an_address_yet_is_left_out_as_chronyc_does(
     assert "source 0 (ID#0000000001) has no address yet: left out" in log.text()
     assert (SOURCESTATS, 0) not in fake.commands()  # not asked about: nothing to show
     assert "sources obtained" not in log.text()
+
+
+async def test_no_source_counts_in_the_perfdata_when_none_were_read(
+        fake: FakeCommandPort) -> None:
+    fake.behaviour = lambda req: []  # chronyd silent: nothing was learnt about sources
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module(timeout="500ms"))
+    assert m.failure == "chrony_timeout", log.text()
+    report = chrony.report_of(m)
+    assert report is not None
+    assert not {"sources", "sources_selectable"} & {p.label for p in report.perfdata()}
