@@ -224,7 +224,9 @@ async def _key_exchange(resolved: Resolved, port: int, nts: NTSSettings, ctx: Pr
         return None
     except HandshakeError as exc:
         log(f"NTS-KE TLS failed during {phase}: {exc}")
-        m.fail(Reason.NTS_KE_TLS)
+        # A server that speaks none of our ALPN protocols says so with a fatal alert.
+        m.fail(Reason.NTS_ALPN_MISMATCH if "no application protocol" in str(exc)
+               else Reason.NTS_KE_TLS)
         return None
     except ke.KEFailure as exc:
         log(f"NTS-KE response rejected ({exc.reason}): {exc}")

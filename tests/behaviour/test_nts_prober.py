@@ -473,3 +473,23 @@ async def test_a_refused_negotiated_server_is_named(fake: FakeNTS, pki: PKI) -> 
     assert label_sets(m, "probe_nts_ntp_server_info") == [
         {"server": "127.0.0.66", "port": str(fake.ntp_port)}]
     assert not fake.requests
+
+
+async def test_a_server_that_speaks_no_offered_alpn_is_an_alpn_mismatch(pki: PKI) -> None:
+    # As GnuTLS servers (chronyd) answer a ClientHello without ntske/1: a fatal TLS alert,
+    # no_application_protocol (120), in a plaintext alert record.
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.write(bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 120]))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(refuse, LOOPBACK, 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        m, log = await probe(f"{LOOPBACK}:{port}", module(pki[0]))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert m.failure is Reason.NTS_ALPN_MISMATCH, log.text()
+    assert "no application protocol" in log.text()
