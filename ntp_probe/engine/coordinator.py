@@ -118,8 +118,9 @@ class Coordinator:
     async def probe(self, config: Config, module: Module, target: Target,
                     timeout: float) -> Outcome:
         """Probe ``target`` with ``module`` within ``timeout`` seconds."""
-        # Keyed by the server reached, not by how the target was spelled; a reload that left
-        # the module as it was keeps its entries (modules compare by value).
+        # Keyed by the canonical target and the port it means, spelled out or not (a name
+        # and its address are two keys); a reload that left the module, the policy, the
+        # groups and the leap file as they were keeps its entries (they compare by value).
         key = (module.name, *server_key(module, target))
         if config is not self._guards_of:
             self._adopt(config)
