@@ -270,6 +270,12 @@ def _parse_module(name: str, raw: object, problems: _Problems,
             problems.add(_at(nts_raw, "ca_file") if isinstance(nts_raw, dict) else None,
                          f"{where}.nts.ca_file", why)
         blocks["nts"] = replace(blocks["nts"], ca_file=ca_file)
+    if prober == "nts" and blocks["nts"].server_name:
+        why = server_name_problem(blocks["nts"].server_name)
+        if why is not None:
+            nts_raw = raw.get("nts")
+            problems.add(_at(nts_raw, "server_name") if isinstance(nts_raw, dict) else None,
+                         f"{where}.nts.server_name", why)
     ntp_raw = raw.get("ntp")
     if isinstance(ntp_raw, dict):
         for key in spec.ntp_keys_unused:
@@ -283,6 +289,22 @@ def _parse_module(name: str, raw: object, problems: _Problems,
         min_probe_interval=_value(_INTERVAL, raw, "min_probe_interval", where, problems, 0.0),
         **blocks,
     )
+
+
+def server_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be what a certificate names (and SNI carries), or None: it must
+    be a host name (internationalised ones in their IDNA form) or an IP address."""
+    try:
+        ascii_name = name.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        return f"{name[:64]!r} is not a host name ({exc})"
+    try:
+        target = parse_target(ascii_name)
+    except TargetError as exc:
+        return str(exc).replace("invalid target", "not a host name or address:", 1)
+    if target.port is not None or "%" in target.host or name.startswith("["):
+        return f"{name[:64]!r}: a host name or an address only, without brackets, port or zone"
+    return None
 
 
 def ca_file_problem(path: str) -> str | None:

@@ -26,7 +26,7 @@ import ssl
 from collections.abc import Callable
 
 from cryptography import x509
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
 from service_identity.pyopenssl import verify_hostname, verify_ip_address
 
@@ -176,8 +176,8 @@ class TLSClient:
                 verify_hostname(conn, server_name)
         except (VerificationError, CertificateError) as exc:
             self.identity_error = str(exc)
-        except ValueError as exc:  # a subjectAltName that does not parse names nobody
-            self.identity_error = f"unreadable subjectAltName: {exc}"
+        except Exception as exc:  # a certificate that does not parse names nobody
+            self.identity_error = f"unreadable certificate names: {type(exc).__name__}: {exc}"
 
     @property
     def version(self) -> str:
@@ -194,14 +194,16 @@ class TLSClient:
         """The protocol the server selected, b"" for none."""
         return self._connection.get_alpn_proto_negotiated() or b""
 
-    def peer_chain(self) -> list[x509.Certificate]:
-        """The certificates the server sent, leaf first."""
-        return self._connection.get_peer_cert_chain(as_cryptography=True) or []
+    def peer_chain(self) -> list[x509.Certificate | str]:
+        """The certificates the server sent, leaf first; one that cryptography cannot read
+        (OpenSSL is more lenient: a fractional GeneralizedTime, a duplicate extension) is
+        the reason why, in its place."""
+        return [_readable(c) for c in self._connection.get_peer_cert_chain() or []]
 
-    def verified_chain(self) -> list[x509.Certificate]:
+    def verified_chain(self) -> list[x509.Certificate | str]:
         """The chain OpenSSL built to a trust anchor, leaf first; empty when none."""
-        chain = self._connection.get_verified_chain(as_cryptography=True)
-        return list(chain) if chain and not self.verify_errors else []
+        chain = self._connection.get_verified_chain()
+        return [_readable(c) for c in chain] if chain and not self.verify_errors else []
 
     async def send(self, data: bytes) -> None:
         """Write all of ``data``."""
@@ -282,6 +284,19 @@ class TLSClient:
                 loop.remove_writer(fd)
             else:
                 loop.remove_reader(fd)
+
+
+def _readable(cert: crypto.X509) -> x509.Certificate | str:
+    """``cert`` as cryptography reads it, with the fields the probe reports; or why not."""
+    try:
+        converted = cert.to_cryptography()
+        # Parsed lazily: read now what is reported, so a bad field fails here.
+        converted.subject.rfc4514_string()
+        converted.issuer.rfc4514_string()
+        converted.not_valid_after_utc.timestamp()
+    except Exception as exc:  # whatever cryptography refuses
+        return f"{type(exc).__name__}: {exc}"
+    return converted
 
 
 def _describe(exc: BaseException) -> str:

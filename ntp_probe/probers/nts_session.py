@@ -114,15 +114,21 @@ class _Reply:
 def _certificates(client: TLSClient, ctx: ProbeContext, state: _State) -> Reason | None:
     """Write the certificate gauges and log the chain; the reason to stop, if any."""
     m, log = ctx.measurement, ctx.log
-    chain = client.peer_chain()
-    for depth, cert in enumerate(chain):
+    sent = client.peer_chain()
+    unreadable = False
+    for depth, cert in enumerate(sent):
+        if isinstance(cert, str):
+            unreadable = True
+            log(f"certificate {depth}: cannot be read ({cert})")
+            continue
         log(f"certificate {depth}: subject {cert.subject.rfc4514_string()}, issuer "
             f"{cert.issuer.rfc4514_string()}, notAfter "
             f"{cert.not_valid_after_utc.isoformat()}")
+    chain = [c for c in sent if not isinstance(c, str)]
     if chain:
         state.earliest_expiry = min(c.not_valid_after_utc.timestamp() for c in chain)
         m.add(SSL_EARLIEST_EXPIRY, state.earliest_expiry)
-        verified = client.verified_chain() or chain
+        verified = [c for c in client.verified_chain() if not isinstance(c, str)] or chain
         m.add(SSL_LAST_CHAIN_EXPIRY, min(c.not_valid_after_utc.timestamp() for c in verified))
     for depth, code, text in client.verify_errors:
         log(f"certificate chain: depth {depth}: error {code} ({text})")
@@ -133,7 +139,7 @@ def _certificates(client: TLSClient, ctx: ProbeContext, state: _State) -> Reason
     if client.identity_error is not None:
         log(f"certificate identity: {state.server_name}: {client.identity_error}")
     codes = {code for _, code, _ in client.verify_errors}
-    if codes - TIME_ERRORS:
+    if codes - TIME_ERRORS or unreadable:  # what cannot be read cannot be judged either
         return Reason.NTS_CERT_UNTRUSTED
     if codes:
         return Reason.NTS_CERT_EXPIRED

@@ -9,6 +9,7 @@ its reason.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import errno
@@ -50,8 +51,9 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _make_pki(d: Path, san: x509.ExtensionType) -> PKI:
-    """(CA file, server certificate, server key) in ``d``: a CA and a leaf with ``san``."""
+def _make_pki(d: Path, san: x509.ExtensionType, *extra: x509.ExtensionType) -> PKI:
+    """(CA file, server certificate, server key) in ``d``: a CA and a leaf with ``san``
+    (and the ``extra`` extensions)."""
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (x509.CertificateBuilder().subject_name(_name("fake-ca")).issuer_name(_name("fake-ca"))
@@ -60,12 +62,14 @@ def _make_pki(d: Path, san: x509.ExtensionType) -> PKI:
           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
           .sign(ca_key, hashes.SHA256()))
     key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (x509.CertificateBuilder().subject_name(_name("fake")).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(2)
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=5))
-            .add_extension(san, critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    builder = (x509.CertificateBuilder().subject_name(_name("fake")).issuer_name(ca.subject)
+               .public_key(key.public_key()).serial_number(2)
+               .not_valid_before(now - dt.timedelta(days=1))
+               .not_valid_after(now + dt.timedelta(days=5))
+               .add_extension(san, critical=False))
+    for extension in extra:
+        builder = builder.add_extension(extension, critical=False)
+    leaf = builder.sign(ca_key, hashes.SHA256())
     pem = serialization.Encoding.PEM
     (d / "ca.pem").write_bytes(ca.public_bytes(pem))
     (d / "leaf.pem").write_bytes(leaf.public_bytes(pem))
@@ -392,6 +396,23 @@ def test_config_reads_the_nts_block() -> None:
     assert set(NTS_AEAD_IDS) == set(ef.AEAD_ALGORITHMS)
 
 
+@pytest.mark.parametrize("name", ["..", ".", "a b", "*.example", "x" * 64 + ".example",
+                                  "127.0.0.1.", "[::1]", "ntp.example:4460", "fe80::1%1"])
+def test_a_server_name_no_certificate_can_carry_is_refused_at_load(name: str) -> None:
+    # Each was a 500 (IDNA) or a name mismatch blamed on the server's certificate.
+    with pytest.raises(ConfigError, match=r"nts\.server_name"):
+        parse_config(f"modules:\n  n:\n    prober: nts\n    nts: {{server_name: '{name}'}}\n",
+                     "t")
+
+
+@pytest.mark.parametrize("name", ["ntp.example.", "NTP.Example", "bücher.example", "192.0.2.1",
+                                  "2001:db8::1"])
+def test_host_names_and_addresses_are_server_names(name: str) -> None:
+    config = parse_config(f"modules:\n  n:\n    prober: nts\n    nts: {{server_name: '{name}'}}\n",
+                          "t")
+    assert config.modules["n"].nts.server_name == name
+
+
 def test_trust_anchors_are_loaded_once_per_version_of_their_file(pki: PKI,
                                                                  tmp_path: Path) -> None:
     # Parsing a CA bundle takes milliseconds on the event loop: not on every probe.
@@ -429,7 +450,7 @@ async def test_a_certificate_whose_names_do_not_parse_is_refused_not_a_500(
     # OpenSSL does not build the chain of such a certificate either: the chain's verdict,
     # which ranks first, or the name's; never an exception.
     assert m.failure in (Reason.NTS_CERT_UNTRUSTED, Reason.NTS_CERT_NAME_MISMATCH), log.text()
-    assert "unreadable subjectAltName" in log.text()
+    assert "unreadable certificate names: ValueError" in log.text()
     assert value(m, "probe_nts_cert_identity_verified") == 0
     assert value(m, "probe_ssl_earliest_cert_expiry") is not None
 
@@ -493,3 +514,64 @@ async def test_a_server_that_speaks_no_offered_alpn_is_an_alpn_mismatch(pki: PKI
         await server.wait_closed()
     assert m.failure is Reason.NTS_ALPN_MISMATCH, log.text()
     assert "no application protocol" in log.text()
+
+
+async def test_a_certificate_cryptography_cannot_read_is_untrusted_not_a_500(
+        tmp_path: Path) -> None:
+    # Two subjectAltName extensions: OpenSSL completes the handshake, cryptography refuses
+    # to load the certificate (DuplicateExtension). Made by renaming a second extension's
+    # OID in the DER (which also breaks the signature: the chain is untrusted anyway).
+    dns = x509.SubjectAlternativeName([x509.DNSName("localhost")])
+    ca, cert, key = _make_pki(tmp_path, dns, x509.UnrecognizedExtension(
+        x509.ObjectIdentifier("2.5.29.99"), dns.public_bytes()))
+    leaf = x509.load_pem_x509_certificate(cert.read_bytes())
+    der = leaf.public_bytes(serialization.Encoding.DER)
+    assert der.count(b"\x06\x03\x55\x1d\x63") == 1
+    twice = x509.load_der_x509_certificate(der.replace(b"\x06\x03\x55\x1d\x63",
+                                                       b"\x06\x03\x55\x1d\x11"))
+    with pytest.raises(x509.DuplicateExtension):
+        _ = twice.extensions
+    cert.write_bytes(b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(
+        twice.public_bytes(serialization.Encoding.DER)) + b"-----END CERTIFICATE-----\n")
+    async with running_fake(cert, key) as fake:
+        m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(ca, server_name="localhost"))
+    assert m.failure is Reason.NTS_CERT_UNTRUSTED, log.text()
+    assert "unreadable certificate names: DuplicateExtension" in log.text()
+    assert value(m, "probe_nts_cert_identity_verified") == 0
+    assert value(m, "probe_ssl_earliest_cert_expiry") is not None
+
+
+async def test_a_certificate_whose_validity_cryptography_cannot_read_is_untrusted(
+        tmp_path: Path) -> None:
+    # notAfter as a GeneralizedTime with fractional seconds: OpenSSL reads it, cryptography
+    # does not load the certificate at all.
+    ca, cert, key = _make_pki(tmp_path, x509.SubjectAlternativeName(
+        [x509.IPAddress(IPv4Address(LOOPBACK))]))
+    der = x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(
+        serialization.Encoding.DER)
+    # notAfter becomes a GeneralizedTime four bytes longer, and so do Validity,
+    # tbsCertificate and Certificate (SEQUENCEs with long-form lengths, 0x81 or 0x82).
+    at = der.index(b"\x30\x1e\x17\x0d")
+    not_after = der[at + 19:at + 32]
+    assert der[at + 17:at + 19] == b"\x17\x0d" and not_after.endswith(b"Z")
+    validity = (b"\x30\x22" + der[at + 2:at + 17] + b"\x18\x11"
+                + b"20" + not_after[:-1] + b".5Z")
+
+    def header(offset: int) -> tuple[bytes, int]:
+        """A SEQUENCE's header at ``offset``, grown by 4, and its length."""
+        width = der[offset + 1] - 0x80
+        assert der[offset] == 0x30 and width in (1, 2)
+        size = int.from_bytes(der[offset + 2:offset + 2 + width], "big") + 4
+        assert size < 256 ** width  # the length keeps its width
+        return der[offset:offset + 2] + size.to_bytes(width, "big"), 2 + width
+
+    cert_header, cert_width = header(0)
+    tbs_header, tbs_width = header(cert_width)
+    patched = (cert_header + tbs_header + der[cert_width + tbs_width:at] + validity
+               + der[at + 32:])
+    cert.write_bytes(b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(patched)
+                     + b"-----END CERTIFICATE-----\n")
+    async with running_fake(cert, key) as fake:
+        m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(ca))
+    assert m.failure is Reason.NTS_CERT_UNTRUSTED, log.text()
+    assert "certificate 0: cannot be read (" in log.text()
