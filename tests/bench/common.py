@@ -673,10 +673,11 @@ def wrk_rotate_script(d: Path, port: int, module_prefix: str,
 
 
 def run_wrk(wrk: str, url: str, script: Path, seconds: int, threads: int = 2,
-            connections: int = 50) -> dict[str, Any]:
-    """One bounded wrk run; returns the figures its Lua ``done`` printed."""
+            connections: int = 50, headers: Sequence[str] = ()) -> dict[str, Any]:
+    """One bounded wrk run (each of ``headers`` sent as ``Name: value``); returns the
+    figures its Lua ``done`` printed."""
     cmd = [wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s",
-           "-s", str(script), url]
+           *(arg for header in headers for arg in ("-H", header)), "-s", str(script), url]
     r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                        timeout=seconds + 60, check=False)
     for line in r.stdout.splitlines():

@@ -42,6 +42,7 @@ import contextlib  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -118,12 +119,13 @@ def check_addresses(port: int, threads: int) -> None:
 
 
 def measure_ours(wrk: str, exporter: common.Server, script: Path, seconds: int, threads: int,
-                 connections: int, ours_pids: list[int]) -> dict[str, Any]:
+                 connections: int, ours_pids: list[int],
+                 headers: Sequence[str] = ()) -> dict[str, Any]:
     """One wrk run on ntp_probe: the exporter's own probe count and its CPU seconds."""
     before, before_ok = probes_counted(exporter.base)
     foreign = common.ForeignCpu(ours_pids)
     cpu0 = common.cpu_seconds(exporter.pid)
-    r = common.run_wrk(wrk, exporter.base, script, seconds, threads, connections)
+    r = common.run_wrk(wrk, exporter.base, script, seconds, threads, connections, headers)
     time.sleep(SETTLE)
     r["cpu_s"] = common.cpu_seconds(exporter.pid) - cpu0
     r["foreign_cpu_s"] = foreign.seconds()
@@ -135,11 +137,12 @@ def measure_ours(wrk: str, exporter: common.Server, script: Path, seconds: int, 
 
 
 def measure_blackbox(wrk: str, bb: common.Server, script: Path, seconds: int, threads: int,
-                     connections: int, ours_pids: list[int]) -> dict[str, Any]:
+                     connections: int, ours_pids: list[int],
+                     headers: Sequence[str] = ()) -> dict[str, Any]:
     """One wrk run on blackbox_exporter: completed requests (= probes) and its CPU seconds."""
     foreign = common.ForeignCpu(ours_pids)
     cpu0 = common.cpu_seconds(bb.pid)
-    r = common.run_wrk(wrk, bb.base, script, seconds, threads, connections)
+    r = common.run_wrk(wrk, bb.base, script, seconds, threads, connections, headers)
     time.sleep(SETTLE)
     r["cpu_s"] = common.cpu_seconds(bb.pid) - cpu0
     r["foreign_cpu_s"] = foreign.seconds()
@@ -177,11 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="wrk threads (default 2, <= 254)")
     ap.add_argument("--connections", type=int, default=64,
                     help="wrk connections, i.e. requests in flight (default 64)")
+    ap.add_argument("--gzip", action="store_true",
+                    help="send Accept-Encoding: gzip, as Prometheus does, to both exporters")
     ap.add_argument("--profile", action="store_true",
                     help="also py-spy the exporter during one extra, uncounted run")
     args = ap.parse_args(argv)
     seconds = args.seconds or (3 if args.quick else 8)
     rounds = args.rounds or (1 if args.quick else 3)
+    headers = ("Accept-Encoding: gzip",) if args.gzip else ()
     if not 1 <= args.threads <= 254 or args.connections < args.threads:
         ap.error("need 1 <= --threads <= 254 and --connections >= --threads")
     common.raise_fd_limit()
@@ -223,10 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(1, rounds + 1):
             common.say(f"round {rnd}/{rounds}: ntp_probe ...")
             ours.append(measure_ours(wrk, exporter, ours_script, seconds, args.threads,
-                                     args.connections, ours_pids))
+                                     args.connections, ours_pids, headers))
             common.say(f"round {rnd}/{rounds}: blackbox_exporter icmp ...")
             theirs.append(measure_blackbox(wrk, bb, bb_script, seconds, args.threads,
-                                           args.connections, ours_pids))
+                                           args.connections, ours_pids, headers))
         if args.profile:
             profile = profile_exporter(wrk, exporter, ours_script, seconds, args.threads,
                                        args.connections)
@@ -261,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{a['probes_per_cpu_s'] / b['probes_per_cpu_s']:.2f}x"
             for a, b in zip(ours, theirs, strict=True)),
         f"the exporter ran on {common.interpreter()}",
+        "requests sent Accept-Encoding: gzip, as Prometheus does" if args.gzip else
+        "requests sent no Accept-Encoding (plain text; Prometheus asks for gzip: --gzip)",
         f"every request in flight names a distinct target: wrk thread T walks 127.T.0.1 .. "
         f"127.T.255.254 ({args.threads} threads, {args.connections} connections)",
         "'other load CPU s': busy CPU seconds on the machine during the run not spent by "
