@@ -20,7 +20,7 @@ from ntp_probe.cli import flags
 from ntp_probe.config.load import load_config
 from ntp_probe.config.schema import Config, ConfigError, Module
 from ntp_probe.engine.registry import resolve_target
-from ntp_probe.engine.result import Measurement, Perf
+from ntp_probe.engine.result import Measurement, Perf, Report
 from ntp_probe.engine.runner import guard_for, run_probe
 from ntp_probe.engine.targets import TargetError
 
@@ -74,7 +74,7 @@ def _perf(item: Perf, warning: float | None = None, critical: float | None = Non
 
 
 def _perfdata(m: Measurement, warning: float, critical: float) -> str:
-    checked = next((r for r in m.reports if r.check_offset is not None), None)
+    checked = _judged(m)
     items = []
     for report in m.reports:
         for item in report.perfdata():
@@ -84,6 +84,12 @@ def _perfdata(m: Measurement, warning: float, critical: float) -> str:
                 items.append(_perf(item))
     items.append(_perf(Perf("time", m.duration, "s")))
     return " ".join(items)
+
+
+def _judged(m: Measurement) -> Report | None:
+    """The report whose offset -w and -c judge: the last that has one (a summary over
+    the others, such as all_addresses', comes after them)."""
+    return next((r for r in reversed(m.reports) if r.check_offset is not None), None)
 
 
 def _text(text: str) -> str:
@@ -96,7 +102,8 @@ def evaluate(target: str, module: Module, m: Measurement, warning: float,
              critical: float) -> tuple[int, str]:
     """The plugin's state and status line for a finished probe."""
     perfdata = _perfdata(m, warning, critical)
-    offset = next((r.check_offset for r in m.reports if r.check_offset is not None), None)
+    judged = _judged(m)
+    offset = None if judged is None else judged.check_offset
     if not m.success:
         state, summary = CRITICAL, f"{target} probe failed: {m.failure}"
     elif offset is None:

@@ -591,9 +591,9 @@ async def _probe_every_address(target: Target, settings: NTPSettings, port: int,
     for resolved, child in zip(found, children, strict=True):
         report = report_of(child.measurement)
         offsets.append((resolved.address, None if report is None else report.offset))
-    # First: the check judges the first report with an offset to judge.
-    m.reports.append(AddressesReport(settings.addresses_required, tuple(offsets)))
     m.reports += chosen.reports
+    # Last: the check judges the last report with an offset to judge.
+    m.reports.append(AddressesReport(settings.addresses_required, tuple(offsets)))
     required_all = settings.addresses_required == "all"
     if failed and (required_all or not ok):
         for cm in failed:

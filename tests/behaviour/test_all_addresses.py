@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ntp_probe.cli import check
+from ntp_probe.cli import check, report
 from ntp_probe.engine.targets import Target
 from ntp_probe.net import resolve
 from ntp_probe.net.resolve import HostsFile, ResolveError, Resolver
@@ -97,9 +97,12 @@ async def test_the_check_judges_the_farthest_address_when_all_are_required(
     assert result.success, log.text()
     code, line = check.evaluate("skew.test", module, result, 0.01, 0.05)
     assert code == (2 if judged else 0), line
-    offset = next(r.check_offset for r in result.reports if r.check_offset is not None)
+    offset = float(line.split(" offset ")[1].split()[0])
     assert offset == pytest.approx(judged, abs=0.005)
     assert "addresses=2 addresses_answered=2" in line
+    # The text report's headline still names the best address and its offset.
+    headline = report.text("skew.test", "t", result, log).splitlines()[0]
+    assert "server 127.0.0.1 port" in headline, headline
 
 
 async def test_max_addresses_bounds_the_fan_out(hosts: Hosts,
