@@ -431,6 +431,9 @@ def _parse_groups(raw: Mapping[str, Any], problems: _Problems) -> dict[str, tupl
             try:
                 if not isinstance(member, str):
                     raise TargetError(f"expected host or host:port, got {show(member)}")
+                if "," in member:
+                    raise TargetError(f"{show(member)}: one member per item (a YAML list: "
+                                      "[a, b] or one '- host' line each)")
                 text = str(parse_target(member))
             except TargetError as exc:
                 problems.add(at, f"{where}[{i}]", str(exc))

@@ -111,7 +111,8 @@ def allowed(host: str, address: str, port: int, ctx: ProbeContext) -> bool:
     backoff = guard.backoff(address, port)
     if backoff is not None:
         code, left = backoff
-        log(f"backing off after Kiss-o'-Death {code} from {address} port {port}: "
+        # (An NTS-KE server is held back for the KoD of the NTP server it named.)
+        log(f"backing off {address} port {port} after a Kiss-o'-Death {code}: "
             f"{left:.0f}s left; nothing sent")
         m.add(BACKOFF_REMAINING, left)
         m.add(KISS_CODE, 1, code)

@@ -32,6 +32,7 @@ def test_groups_are_kept_as_canonical_targets() -> None:
     ("{eu: [a.example, 'http://b']}", r"groups.eu\[1\]: invalid target 'http://b'"),
     ("{eu: [a.example, A.example]}", r"groups.eu\[1\]: a.example is listed twice"),
     ("{eu: [a.example, 5]}", r"groups.eu\[1\]: expected host or host:port, got 5"),
+    ("{eu: ['a.example,b.example']}", r"groups.eu\[0\]: .* one member per item"),
 ])
 def test_bad_groups_are_config_errors_with_positions(groups: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
