@@ -14,7 +14,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from ntp_probe.cli import flags
 from ntp_probe.config.load import load_config
@@ -23,6 +23,9 @@ from ntp_probe.engine.registry import resolve_target
 from ntp_probe.engine.result import Measurement, Perf, Report
 from ntp_probe.engine.runner import guard_for, run_probe
 from ntp_probe.engine.targets import TargetError
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 _STATES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
@@ -41,6 +44,13 @@ class _Parser(flags.Parser):
     def error(self, message: str) -> NoReturn:
         """Bad arguments: UNKNOWN."""
         raise SystemExit(_emit(UNKNOWN, f"NTP UNKNOWN: {_text(message)}"))
+
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        # --help into a closed pipe or a full disk: UNKNOWN, not a traceback.
+        try:
+            super()._print_message(message, file)
+        except (OSError, ValueError):
+            raise SystemExit(UNKNOWN) from None
 
 
 def check_parser() -> argparse.ArgumentParser:

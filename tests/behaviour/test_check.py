@@ -138,10 +138,14 @@ def test_the_thresholds_go_with_the_value_they_judge(
     assert not any(";" in p for p in perf if not p.startswith("kernel_offset="))
 
 
-@pytest.mark.parametrize("stdout", ["closed", "full", "broken pipe"])
+# (--help with no stdout at all goes to stderr, as argparse does: not a failure.)
+@pytest.mark.parametrize(("stdout", "argv"), [
+    ("closed", ["0x7f.1"]), ("full", ["0x7f.1"]), ("broken pipe", ["0x7f.1"]),
+    ("full", ["--help"]), ("broken pipe", ["--help"]),
+])
 def test_a_status_line_that_cannot_be_written_is_unknown_without_a_traceback(
-        stdout: str) -> None:
-    command = [sys.executable, "-m", "ntp_probe", "check", "0x7f.1"]
+        stdout: str, argv: list[str]) -> None:
+    command = [sys.executable, "-m", "ntp_probe", "check", *argv]
     if stdout == "closed":
         done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               preexec_fn=lambda: os.close(1), timeout=60)
