@@ -165,6 +165,16 @@ def _files_first(nsswitch: str = "/etc/nsswitch.conf") -> bool:
     return True  # glibc's default when the file or the line is missing: files first
 
 
+@dataclass(slots=True)
+class _Lookup:
+    """One lookup in flight: as the callers await it, as the pool queued it, and how many
+    callers wait for it."""
+
+    future: asyncio.Future[Any]
+    queued: Future[Any]
+    waiting: int = 0
+
+
 class Resolver:
     """Bounded, coalescing, caching lookups: one address per (name, family), or every
     address of a name."""
@@ -186,13 +196,18 @@ class Resolver:
         self._answers: TTLCache[_Key, str] = TTLCache(maxsize=4096, ttl=_CACHE_TTL)
         self._all: TTLCache[_Key, _Addresses] = TTLCache(maxsize=1024, ttl=_CACHE_TTL)
         self._failures: TTLCache[_Key, str] = TTLCache(maxsize=4096, ttl=_NEGATIVE_TTL)
-        self._in_flight: dict[_Key, asyncio.Future[Any]] = {}
+        self._in_flight: dict[_Key, _Lookup] = {}
 
     async def lookup(self, host: str, family: int) -> tuple[str, bool]:
         """(address, from cache) for ``host`` in ``family``; :class:`ResolveError` says why not."""
         if self._hosts is not None:
-            local = self._hosts.lookup(host, family)
-            if local is not None:
+            listed = self._hosts.lookup_all(host)
+            if listed:
+                # A name the hosts file lists is answered from it alone: its other family
+                # is not asked of DNS, so no flood of lookups can delay it.
+                local = next((a for fam, a in listed if fam == family), None)
+                if local is None:
+                    raise ResolveError("the hosts file lists no address of that family")
                 return local, False
         key = (host, family)
         hit = self._answers.get(key)
@@ -220,14 +235,21 @@ class Resolver:
         failure = self._failures.get(key)
         if failure is not None:
             raise ResolveError(failure)
-        future = self._in_flight.get(key)
-        if future is None:
-            loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(self._executor, lookup, *args)
-            self._in_flight[key] = future
-            future.add_done_callback(functools.partial(self._done, key, answers))
-        # Shielded: a probe that gives up must not cancel a lookup others share.
-        result: _A = await asyncio.shield(future)
+        flight = self._in_flight.get(key)
+        if flight is None:
+            queued = self._executor.submit(lookup, *args)
+            flight = self._in_flight[key] = _Lookup(asyncio.wrap_future(queued), queued)
+            flight.future.add_done_callback(functools.partial(self._done, key, answers))
+        flight.waiting += 1
+        try:
+            # Shielded: a probe that gives up must not cancel a lookup others share.
+            result: _A = await asyncio.shield(flight.future)
+        finally:
+            flight.waiting -= 1
+            if not flight.waiting:
+                # Nobody waits any more: a lookup still queued behind stuck ones is dropped
+                # before it takes a thread (one already running goes on, and is cached).
+                flight.queued.cancel()
         return result
 
     def _done(self, key: _Key, answers: TTLCache[_Key, Any],

@@ -145,6 +145,39 @@ async def test_names_in_the_hosts_file_never_wait_behind_dead_lookups(tmp_path: 
             await task
 
 
+async def test_a_name_in_the_hosts_file_is_not_asked_of_dns_for_its_other_family(
+        tmp_path: Path) -> None:
+    # localhost with ip6 preferred: an IPv4-only hosts entry must not send the AAAA
+    # question into a pool that a flood of dead names keeps busy.
+    hosts_path = tmp_path / "hosts"
+    hosts_path.write_text("127.0.0.1 v4only.test\n")
+    lookups = Lookups({})
+    resolver = Resolver(getaddrinfo=lookups, hosts=HostsFile(str(hosts_path)))
+    got = await resolve("v4only.test", "ip6", True, resolver)
+    assert (got.address, got.ip_protocol) == ("127.0.0.1", 4)
+    with pytest.raises(ResolveError, match="hosts file lists no address of that family"):
+        await resolve("v4only.test", "ip6", False, resolver)
+    assert lookups.calls == []
+
+
+async def test_a_queued_lookup_nobody_waits_for_is_dropped_before_it_runs() -> None:
+    lookups = Lookups({("after.test", socket.AF_INET): "192.0.2.8"})
+    lookups.release.clear()
+    resolver = Resolver(threads=1, getaddrinfo=lookups)
+    stuck = asyncio.create_task(resolver.lookup("stuck.test", socket.AF_INET))
+    abandoned = asyncio.create_task(resolver.lookup("abandoned.test", socket.AF_INET))
+    await asyncio.sleep(0)
+    abandoned.cancel()  # its probe gave up while the lookup waited for the one thread
+    with pytest.raises(asyncio.CancelledError):
+        await abandoned
+    lookups.release.set()
+    with pytest.raises(ResolveError):
+        await stuck
+    # The pool runs in order: once this one is answered, the abandoned one was passed over.
+    assert await resolver.lookup("after.test", socket.AF_INET) == ("192.0.2.8", False)
+    assert [host for host, _ in lookups.calls] == ["stuck.test", "after.test"]
+
+
 def test_the_hosts_file_is_reread_when_it_changes(tmp_path: Path) -> None:
     hosts_path = tmp_path / "hosts"
     hosts_path.write_text("192.0.2.1 a.test\n")
