@@ -39,6 +39,7 @@ class _Cached:
     stored: float  # time.monotonic()
     result: Measurement
     log: ProbeLog
+    timeout: float  # the budget the probe had: it serves requests with no larger one
 
     def size(self) -> int:
         """Rough bytes held: the log lines dominate, then the samples. Estimated without
@@ -126,7 +127,9 @@ class Coordinator:
             self._adopt(config)
         if module.min_probe_interval > 0:
             cached = self._last.get(key)
-            if cached is not None and cached.module == module:
+            # A result of a shorter budget (a scrape-timeout header anyone can send, which
+            # may leave no time for a reply) is not served to a request with a longer one.
+            if cached is not None and cached.module == module and cached.timeout >= timeout:
                 age = self._clock() - cached.stored
                 if age < module.min_probe_interval:
                     return Outcome(cached.result, cached.log, age=age)
@@ -219,7 +222,7 @@ class Coordinator:
             if self._flights.get(key) is flight:
                 del self._flights[key]
         if module.min_probe_interval > 0:
-            self._last[key] = _Cached(module, self._clock(), result, log)
+            self._last[key] = _Cached(module, self._clock(), result, log, timeout)
         counted = False
         for waiter in flight.waiters:
             if not waiter.done():

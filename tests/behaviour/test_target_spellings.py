@@ -134,6 +134,26 @@ async def test_a_reload_that_denies_the_target_is_not_answered_from_the_cache(
     assert metric(body, "probe_ntp_result_age_seconds") is None
 
 
+async def test_a_short_scrape_timeout_cannot_poison_the_cache(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    # Anyone can send a scrape-timeout header that leaves no time for a reply; that
+    # failure must not be what the real scrapes get for the next hour.
+    block = module_yaml("m", extra="    min_probe_interval: 1h\n")
+    client, _ = await start(aiohttp_client, tmp_path / "m.yaml", config_text(block))
+    params = {"target": f"127.0.0.1:{fake_ntp.port}", "module": "m"}
+    short = {"X-Prometheus-Scrape-Timeout-Seconds": "0.55"}  # 0.05 s after the offset
+    body = await (await client.get("/probe", params=params, headers=short)).text()
+    assert metric(body, "probe_success") == 0, body
+    body = await (await client.get("/probe", params=params)).text()
+    assert metric(body, "probe_success") == 1, body
+    assert metric(body, "probe_ntp_result_age_seconds") is None  # a fresh probe
+    # The full result serves the short request in turn: no third burst.
+    body = await (await client.get("/probe", params=params, headers=short)).text()
+    assert metric(body, "probe_success") == 1 and metric(
+        body, "probe_ntp_result_age_seconds") is not None, body
+
+
 # --- the min_probe_interval cache is bounded in time and bytes -----------------------------
 
 async def test_cache_entries_live_as_long_as_their_interval(fake_ntp: FakeNTPServer) -> None:
@@ -171,5 +191,5 @@ def test_sizing_a_cache_entry_formats_no_log_line() -> None:
     log = ProbeLog("t", "m")
     for _ in range(3):
         log(line)
-    assert _Cached(make_module(), 0.0, Measurement(), log).size() > 1024
+    assert _Cached(make_module(), 0.0, Measurement(), log, 1.0).size() > 1024
     assert formatted == []
