@@ -74,6 +74,7 @@ class _Flight:
     other waits (what asyncio.shield gives, without its extra future and callbacks)."""
 
     module: Module
+    config: Config  # the configuration it started under (a reload may replace it)
     ends: float  # when it is over at the latest, on the loop's clock (see _latest_end)
     task: asyncio.Task[None] = field(init=False)  # set once the flight exists: it runs it
     waiters: list[asyncio.Future[_Result]] = field(default_factory=list)
@@ -139,11 +140,11 @@ class Coordinator:
         # Joined only when it is over within this request's budget: a request with a
         # shorter scrape timeout than the burst in flight may need gets a shorter burst of
         # its own, not a timeout that would blame the server for the wait.
-        shared = (flight is not None and flight.module == module
+        shared = (flight is not None and flight.module == module and flight.config is config
                   and flight.ends <= now + timeout)
         if flight is None or not shared:
             guard = self._guard(config, module)
-            flight = _Flight(module, _latest_end(module, now, timeout))
+            flight = _Flight(module, config, _latest_end(module, now, timeout))
             flight.task = loop.create_task(self._run(key, flight, target, module, timeout,
                                                      guard))
             self._flights[key] = flight
@@ -221,7 +222,8 @@ class Coordinator:
         finally:
             if self._flights.get(key) is flight:
                 del self._flights[key]
-        if module.min_probe_interval > 0:
+        # Not kept when a reload came in meanwhile: the target may be denied now.
+        if module.min_probe_interval > 0 and self._guards_of is flight.config:
             self._last[key] = _Cached(module, self._clock(), result, log, timeout)
         counted = False
         for waiter in flight.waiters:

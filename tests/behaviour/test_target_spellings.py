@@ -4,6 +4,7 @@ server reached, not the spelling; the min_probe_interval cache stays bounded."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,8 +17,9 @@ from ntp_probe.engine.coordinator import Coordinator, _Cached
 from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.targets import TargetError, parse_target
 from ntp_probe.safety.guard import Guard
+from ntp_probe.safety.policy import TargetPolicy, parse_rules
 from tests.behaviour import fake_server
-from tests.behaviour.fake_server import FakeNTPServer, Send, kod
+from tests.behaviour.fake_server import FakeNTPServer, Send, kod, silent
 from tests.behaviour.test_operate_web import config_text, metric, module_yaml, start
 from tests.conftest import FakeClock, make_module
 
@@ -152,6 +154,25 @@ async def test_a_short_scrape_timeout_cannot_poison_the_cache(
     body = await (await client.get("/probe", params=params, headers=short)).text()
     assert metric(body, "probe_success") == 1 and metric(
         body, "probe_ntp_result_age_seconds") is not None, body
+
+
+async def test_a_burst_that_outlives_a_reload_does_not_refill_the_cache(
+        fake_ntp: FakeNTPServer) -> None:
+    coordinator = Coordinator()
+    module = make_module(min_probe_interval=3600.0, reply_timeout=0.3)
+    before = Config(modules={"t": module}, source="test")
+    fake_ntp.behaviour = silent
+    target = parse_target(fake_ntp.target)
+    burst = asyncio.create_task(coordinator.probe(before, module, target, 2.0))
+    await fake_ntp.wait_for_requests(1)
+    # The reload denies the target while the burst still waits for its reply.
+    after = Config(modules={"t": module}, source="test",
+                   policy=TargetPolicy(denied=parse_rules(["127.0.0.0/8"], "denied_targets")))
+    other = await coordinator.probe(after, module, parse_target("127.0.0.2:123"), 2.0)
+    assert other.result.failure == "target_forbidden"
+    assert (await burst).result.failure == "timeout"
+    again = await coordinator.probe(after, module, target, 2.0)
+    assert again.age is None and again.result.failure == "target_forbidden"
 
 
 # --- the min_probe_interval cache is bounded in time and bytes -----------------------------
