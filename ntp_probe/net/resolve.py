@@ -141,10 +141,14 @@ class HostsFile:
             fields = line.split("#", 1)[0].split()
             if len(fields) < 2:
                 continue
+            if "%" in fields[0]:  # the C library's files source reads no zone either
+                continue
             try:
                 ip = ipaddress.ip_address(fields[0])
             except ValueError:
                 continue
+            if ip.version == 6 and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped  # IPv4 carried as IPv6 is IPv4, as for a literal target
             fam = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
             for name in fields[1:]:
                 names.setdefault(name.lower().rstrip("."), []).append((fam, str(ip)))

@@ -34,6 +34,7 @@ from ntp_probe.net.udp import Datagram, DatagramPump, SockAddr, Unreachable, soc
 from ntp_probe.probers import common
 from ntp_probe.probers.pacing import Pace
 from ntp_probe.proto import cmdmon
+from ntp_probe.proto.address import zone_scope
 from ntp_probe.proto.cmdmon import (
     AddressFamily,
     Command,
@@ -461,19 +462,21 @@ class Requests:
     sequence number is no longer the awaited one.
     """
 
-    __slots__ = ("_log", "_source", "current", "expired")
+    __slots__ = ("_log", "_scope", "_source", "current", "expired")
 
     def __init__(self, log: Callable[[str], None], source: tuple[str, int] | None) -> None:
         self._log = log
         # The UDP address and port replies must come from; a datagram's source address
         # carries no zone (fe80::1%2), the scope id apart.
         self._source = None if source is None else (source[0].partition("%")[0], source[1])
+        self._scope = None if source is None else zone_scope(source[0])
         self.current: tuple[Command, int] | None = None
         self.expired: list[tuple[Command, int]] = []
 
     def match(self, d: Datagram) -> Received | None:
         """The awaited reply decoded (or why it does not decode); None to keep waiting."""
-        if self._source is not None and (str(d.source[0]), d.source[1]) != self._source:
+        if self._source is not None and ((str(d.source[0]), d.source[1]) != self._source or (
+                self._scope is not None and len(d.source) > 3 and d.source[3] != self._scope)):
             self._log(f"datagram from {d.source[0]} port {d.source[1]} discarded: "
                       "not the target")
             return None

@@ -28,7 +28,7 @@ from ntp_probe.net.udp import Datagram, DatagramPump, Unreachable, sockaddr_for
 from ntp_probe.probers import common
 from ntp_probe.probers.pacing import Pace
 from ntp_probe.proto import mode6
-from ntp_probe.proto.address import ip_address
+from ntp_probe.proto.address import ip_address, zone_scope
 from ntp_probe.proto.mode6 import ErrorCode, ErrorReply, Mode6Error, Opcode, Reassembler, Response
 
 DESCRIPTION = ("ntpd's own view over mode 6 control messages (what ntpq shows): system "
@@ -342,6 +342,7 @@ class _Session:
                  ctx: ProbeContext) -> None:
         self.server = server
         self.server_ip = ip_address(server[0].split("%", 1)[0])
+        self.server_scope = zone_scope(server[0])  # link-local: the interface it is on
         # Retries go at once; the pace only keeps requests whose reply cannot arrive.
         self.pace = Pace(0.0, settings.request_timeout, until)
         self.ctx = ctx
@@ -392,7 +393,8 @@ class _Session:
             ip = ip_address(str(source[0]).split("%", 1)[0])
         except ValueError:
             return False
-        return ip == self.server_ip and source[1] == self.server[1]
+        return ip == self.server_ip and source[1] == self.server[1] and (
+            self.server_scope is None or len(source) < 4 or source[3] == self.server_scope)
 
     def _late(self, data: bytes) -> bool:
         try:

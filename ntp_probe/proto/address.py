@@ -43,3 +43,10 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     if any(ip in net for net in _LAST_32_BITS) or (ip in _COMPATIBLE and int(ip) > 1):
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return None
+
+
+def zone_scope(address: str) -> int | None:
+    """The scope id of a link-local address's numeric zone (``fe80::1%2`` -> 2), the one
+    a datagram's source gives apart from its address; None without a numeric zone."""
+    _, _, zone = address.partition("%")
+    return int(zone) if zone.isdigit() else None

@@ -597,8 +597,10 @@ def test_a_link_local_daemon_answers_without_its_zone_in_the_source() -> None:
     requests = chrony.Requests(lines.append, ("fe80::1%2", 323))
     requests.match(Datagram(b"x", ("fe80::1", 323, 0, 2), 0, False))
     requests.match(Datagram(b"x", ("fe80::2", 323, 0, 2), 0, False))
+    requests.match(Datagram(b"x", ("fe80::1", 323, 0, 3), 0, False))  # another link
     assert lines == ["datagram ignored: no request waiting",
-                     "datagram from fe80::2 port 323 discarded: not the target"]
+                     "datagram from fe80::2 port 323 discarded: not the target",
+                     "datagram from fe80::1 port 323 discarded: not the target"]
 
 
 async def test_a_source_without_an_address_yet_is_left_out_as_chronyc_does(

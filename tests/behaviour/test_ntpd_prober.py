@@ -618,3 +618,10 @@ def test_a_pool_association_is_named_by_its_srchost_as_ntpq_shows_it() -> None:
                             "refid": "GPS"}, 0x9614, ctx)
     assert [s["peer"] for s in label_sets(ctx.measurement, "probe_ntpd_peer_info")] == [
         "pool.example.net", "192.0.2.9"]
+
+
+def test_a_link_local_ntpd_answers_from_its_own_link_only() -> None:
+    session = ntpd._Session(("fe80::1%2", 123), NTPDSettings(), 0.0, ProbeContext(0.0))
+    assert session._from_server(("fe80::1", 123, 0, 2))
+    assert not session._from_server(("fe80::1", 123, 0, 3))  # the same address, another link
+    assert not session._from_server(("fe80::2", 123, 0, 2))

@@ -187,3 +187,13 @@ def test_the_hosts_file_is_reread_when_it_changes(tmp_path: Path) -> None:
     hosts._checked = -10.0  # the next lookup looks at the file again
     assert hosts.lookup("a.test", socket.AF_INET) == "192.0.2.22"
     assert hosts.lookup("a.test", socket.AF_INET6) is None
+
+
+def test_the_hosts_file_reads_mapped_ipv4_as_ipv4_and_no_zones(tmp_path: Path) -> None:
+    # Replies come from 127.0.0.1 (or ::ffff:127.0.0.1), never from "::ffff:7f00:1"; and
+    # a zone in the file would bypass the canonical spelling of targets.
+    hosts_path = tmp_path / "hosts"
+    hosts_path.write_text("::ffff:127.0.0.1 mapped.test\nfe80::1%lo zoned.test\n")
+    hosts = HostsFile(str(hosts_path))
+    assert hosts.lookup_all("mapped.test") == ((socket.AF_INET, "127.0.0.1"),)
+    assert hosts.lookup_all("zoned.test") == ()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import overload
 
+from ntp_probe.proto.address import zone_scope
 from ntp_probe.proto.ntp import packet as ntp
 
 Address = tuple[object, ...]
@@ -70,9 +71,8 @@ class Client:
         self.server = server
         # A link-local address carries its zone (fe80::1%2); a datagram's source gives the
         # address without it and the zone as its scope id.
-        address, _, zone = server[0].partition("%")
-        self._source = (address, server[1])
-        self._scope = int(zone) if zone.isdigit() else None
+        self._source = (server[0].partition("%")[0], server[1])
+        self._scope = zone_scope(server[0])
         self.version = version
         self._pending: int | None = None
         # nonce -> True once answered, False once its wait expired (one small dict, not
