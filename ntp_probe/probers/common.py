@@ -85,7 +85,7 @@ async def _looked_up(target: Target, ctx: ProbeContext, lookup: Awaitable[_T],
             found = await lookup
     except (ResolveError, TimeoutError) as exc:
         ctx.measurement.add(common.DNS_LOOKUP, time.perf_counter() - started)
-        ctx.log(f"resolve {target.host}: {exc or 'timed out'}")
+        ctx.log(f"resolve {target.host}: {str(exc) or 'timed out'}")
         ctx.measurement.fail(Reason.RESOLVE)
         return None
     ctx.measurement.add(common.DNS_LOOKUP, time.perf_counter() - started)

@@ -380,7 +380,7 @@ async def _ntp_server(session_server: str | None, ke_address: Resolved, ctx: Pro
             return await resolve(session_server.rstrip("."), settings.preferred_ip_protocol,
                                  settings.ip_protocol_fallback)
     except (ResolveError, TimeoutError) as exc:
-        log(f"resolve negotiated NTP server {session_server}: {exc or 'timed out'}")
+        log(f"resolve negotiated NTP server {session_server}: {str(exc) or 'timed out'}")
         m.fail(Reason.RESOLVE)
         return None
 

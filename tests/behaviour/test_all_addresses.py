@@ -6,6 +6,7 @@ installs: a made-up name never reaches the machine's resolver.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -152,3 +153,19 @@ async def test_without_fallback_only_the_preferred_family_is_probed(
     assert result.failure == "resolve", log.text()
     assert "no ip4 address (ip_protocol_fallback is off; 1 of the other family)" in log.text()
     assert result.packets_sent == 0
+
+
+async def test_a_lookup_that_runs_out_of_time_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+
+    def stuck(host: str, family: int) -> str:
+        release.wait(timeout=5)
+        raise ResolveError("released")
+
+    monkeypatch.setattr(resolve, "_default", Resolver(getaddrinfo=stuck))
+    try:
+        result, log = await probe(Target("stuck.test", 123), make_module(), timeout=0.3)
+    finally:
+        release.set()
+    assert result.failure == "resolve", log.text()
+    assert "resolve stuck.test: timed out" in log.text()
