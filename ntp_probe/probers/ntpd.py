@@ -587,6 +587,16 @@ def _convert(variables: dict[str, str], name: str, convert: Callable[[str], Any]
         return None
 
 
+# Longest text kept from a variable for a label: a host name is at most 253 characters,
+# ntpd's version string far less. A hostile server's 15 KB values, times 256 associations,
+# would otherwise make one scrape tens of megabytes (and the history keeps it).
+MAX_LABEL_TEXT = 256
+
+
+def _text(value: str) -> str:
+    return value if len(value) <= MAX_LABEL_TEXT else value[:MAX_LABEL_TEXT - 3] + "..."
+
+
 def _emit_system(variables: dict[str, str], status: int, ctx: ProbeContext) -> dict[str, Any]:
     m = ctx.measurement
     values: dict[str, Any] = {}
@@ -594,8 +604,8 @@ def _emit_system(variables: dict[str, str], status: int, ctx: ProbeContext) -> d
     if leap is None or not 0 <= leap <= 3:
         leap = mode6.decode_system_status(status).leap
     values["leap"] = leap
-    values["version"] = variables.get("version", "")
-    values["refid"] = variables.get("refid", "")
+    values["version"] = _text(variables.get("version", ""))
+    values["refid"] = _text(variables.get("refid", ""))
     m.add(INFO, 1, values["version"], values["refid"])
     m.add(LEAP, leap)
     gauges: tuple[tuple[str, Family, Callable[[str], Any]], ...] = (
@@ -627,11 +637,11 @@ def _emit_system(variables: dict[str, str], status: int, ctx: ProbeContext) -> d
 def _emit_peer(association: int, variables: dict[str, str], word: int,
                ctx: ProbeContext) -> PeerRow:
     m = ctx.measurement
-    address = variables.get("srcadr", "")
+    address = _text(variables.get("srcadr", ""))
     if address in ("", "0.0.0.0", "::") and variables.get("srchost"):
         # A pool (or a name not resolved yet) has no address; ntpq -p shows its srchost.
-        address = variables["srchost"]
-    refid = variables.get("refid", "")
+        address = _text(variables["srchost"])
+    refid = _text(variables.get("refid", ""))
     selection = mode6.decode_peer_status(word).selection_name
     labels = (str(association), address)
     m.add(PEER_INFO, 1, *labels, refid, selection)

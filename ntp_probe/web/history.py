@@ -29,6 +29,10 @@ class Entry:
     definition: Module | None = None  # the module as the probe ran it (a reload may change it)
 
 
+# Longest exposition kept per entry: a daemon's probe with 256 sources is about 150 KB.
+MAX_METRICS = 512 * 1024
+
+
 class History:
     """The last ``limit`` probes, plus the last ``limit`` failures even once they fall out."""
 
@@ -40,7 +44,11 @@ class History:
 
     def add(self, module: str, target: str, m: Measurement, log: ProbeLog,
             metrics: str, definition: Module | None = None) -> Entry:
-        """Record a probe and return its entry."""
+        """Record a probe and return its entry (an exposition over :data:`MAX_METRICS`
+        is not kept: the history holds up to twice ``limit`` entries)."""
+        if len(metrics) > MAX_METRICS:
+            metrics = (f"# {len(metrics)} characters of metrics were returned and not kept "
+                       f"(more than {MAX_METRICS})\n")
         entry = Entry(self._next_id, time.time(), module, target, m.success,
                       None if m.failure is None else m.failure.value, m.duration, log, metrics,
                       tuple(m.reports), definition)

@@ -625,3 +625,11 @@ def test_a_link_local_ntpd_answers_from_its_own_link_only() -> None:
     assert session._from_server(("fe80::1", 123, 0, 2))
     assert not session._from_server(("fe80::1", 123, 0, 3))  # the same address, another link
     assert not session._from_server(("fe80::2", 123, 0, 2))
+
+
+def test_a_hostile_ntpds_long_values_are_cut_in_labels() -> None:
+    ctx = ProbeContext(0.0)
+    ntpd._emit_peer(17773, {"srcadr": "a" * 15000, "refid": "b" * 15000}, 0x9614, ctx)
+    (labels,) = label_sets(ctx.measurement, "probe_ntpd_peer_info")
+    assert len(labels["peer"]) == len(labels["refid"]) == ntpd.MAX_LABEL_TEXT
+    assert labels["peer"].endswith("...")

@@ -26,11 +26,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
 from ntp_probe.config.load import load_config, parse_config
+from ntp_probe.engine.context import ProbeLog
 from ntp_probe.engine.coordinator import _latest_end
+from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.targets import parse_target
 from ntp_probe.exposition.internals import Internals
 from ntp_probe.web.app import State, create_app, probe_handler
-from ntp_probe.web.history import History
+from ntp_probe.web.history import MAX_METRICS, History
 from tests.behaviour import fake_server
 from tests.behaviour.fake_server import FakeNTPServer, Request, Send, answer, reply, silent
 from tests.conftest import make_module
@@ -871,3 +873,11 @@ async def test_a_burst_cancelled_under_its_waiters_cancels_them(
     assert done == set(waiting), "a request still waits on the cancelled burst"
     assert all(t.cancelled() for t in waiting)
     assert state.coordinator.bursts_in_flight == 0
+
+
+def test_the_history_does_not_keep_a_huge_exposition() -> None:
+    # A hostile daemon can make one probe's metrics megabytes; 200 of them were kept.
+    history = History(2)
+    entry = history.add("m", "t", Measurement(), ProbeLog("t", "m"), "x" * (MAX_METRICS + 1))
+    assert len(entry.metrics) < 200 and "not kept" in entry.metrics
+    assert history.add("m", "t", Measurement(), ProbeLog("t", "m"), "ok\n").metrics == "ok\n"
