@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -207,6 +208,11 @@ class _Proxy(asyncio.Protocol):
             self.inner.resume_writing()
 
 
+# A credential-bearing header in a request's raw bytes as aiohttp quotes them (a repr:
+# the value runs to an escaped line end, a quote or the end of the text).
+_SECRET_HEADER = re.compile(r"(?i)((?:proxy-)?authorization|cookie)(\s*:)[^\\\r\n'\"]*")
+
+
 class BadRequestFilter(logging.Filter):
     """aiohttp logs every malformed request (URL too long, bad bytes) at error level with a
     traceback: the client's fault, not the exporter's. One line at info instead."""
@@ -215,7 +221,9 @@ class BadRequestFilter(logging.Filter):
         """Rewrite records about HTTP parse errors; pass the rest unchanged."""
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
-            what = " ".join(str(exc.message).split())[:200]
+            # The raw bytes may hold a password (basic auth) or a cookie: never logged.
+            what = _SECRET_HEADER.sub(r"\1\2 <redacted>", " ".join(str(exc.message).split()))
+            what = what[:200]
             record.levelno, record.levelname = logging.INFO, "INFO"
             record.msg, record.args = "bad HTTP request answered 400: %s", (what,)
             record.exc_info, record.exc_text = None, None
