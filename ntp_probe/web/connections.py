@@ -21,6 +21,7 @@ import asyncio
 import logging
 import re
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,10 +82,13 @@ class ConnectionGuard:
         """Connections open now."""
         return len(self._conns)
 
-    def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
-        """A protocol factory whose connections this guard watches."""
+    def wrap(self, factory: Callable[[], asyncio.Protocol],
+             ssl_context: ssl.SSLContext | None = None) -> Callable[[], asyncio.Protocol]:
+        """A protocol factory whose connections this guard watches; with ``ssl_context``
+        the TLS handshake runs once the guard has admitted the TCP connection, so that
+        connections that never finish it count against the limit and time out too."""
         def make() -> asyncio.Protocol:
-            return _Proxy(self, factory())
+            return _Proxy(self, factory(), ssl_context)
         return make
 
     # --- connection life ---------------------------------------------------------------
@@ -100,6 +104,12 @@ class ConnectionGuard:
         if self._sweeper is None:
             self._schedule(loop)
         return True
+
+    def _secured(self, proxy: _Proxy, transport: asyncio.BaseTransport) -> None:
+        """TLS is up: the connection is now closed through its TLS transport."""
+        conn = self._conns.get(proxy)
+        if conn is not None:
+            conn.transport = transport
 
     def _closed(self, proxy: _Proxy) -> None:
         self._conns.pop(proxy, None)
@@ -173,19 +183,53 @@ class _Proxy(asyncio.Protocol):
     """Stands between the transport and aiohttp's protocol, so the guard sees the
     connection open and close."""
 
-    __slots__ = ("_forwarded", "guard", "inner")
+    __slots__ = ("_early", "_forwarded", "_handshake", "_ssl", "guard", "inner")
 
-    def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol) -> None:
+    def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.guard = guard
         self.inner = inner
+        self._ssl = ssl_context
         self._forwarded = False
+        self._handshake: asyncio.Task[None] | None = None
+        # What TLS delivered before the handshake's waiter woke us (the first request
+        # often comes with the client's Finished): handed on, in order, once forwarded.
+        self._early: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self.guard._opened(self, transport):
             transport.abort()  # type: ignore[attr-defined]
             return
+        if self._ssl is None:
+            self._forwarded = True
+            self.inner.connection_made(transport)
+            return
+        # Nothing may be read before TLS takes the transport over (start_tls resumes).
+        transport.pause_reading()  # type: ignore[attr-defined]
+        self._handshake = asyncio.get_running_loop().create_task(
+            self._start_tls(transport, self._ssl))
+
+    async def _start_tls(self, transport: asyncio.BaseTransport,
+                         context: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            secured = await loop.start_tls(
+                transport, self, context, server_side=True,  # type: ignore[arg-type]
+                ssl_handshake_timeout=self.guard.header_timeout)
+        except (OSError, TimeoutError, ssl.SSLError, RuntimeError):
+            # A failed or abandoned handshake: asyncio has closed what it could.
+            self.guard._closed(self)
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        if secured is None or secured.is_closing():
+            self.guard._closed(self)
+            return
+        self.guard._secured(self, secured)
         self._forwarded = True
-        self.inner.connection_made(transport)
+        self.inner.connection_made(secured)
+        early, self._early = self._early, []
+        for data in early:
+            self.inner.data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard._closed(self)
@@ -195,6 +239,8 @@ class _Proxy(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._forwarded:
             self.inner.data_received(data)
+        elif self._ssl is not None:
+            self._early.append(data)
 
     def eof_received(self) -> bool | None:
         return self.inner.eof_received() if self._forwarded else None
@@ -270,12 +316,11 @@ class GuardedSite(web.BaseSite):
         server = self._runner.server
         assert server is not None, "runner not set up"
         loop = asyncio.get_running_loop()
+        factory = self._guard.wrap(server, self._ssl_context)
         if self._sock is not None:
-            self._server = await loop.create_server(
-                self._guard.wrap(server), sock=self._sock, ssl=self._ssl_context,
-                backlog=self._backlog)
+            self._server = await loop.create_server(factory, sock=self._sock,
+                                                    backlog=self._backlog)
             return
         self._server = await loop.create_server(
-            self._guard.wrap(server), self._host, self._port, ssl=self._ssl_context,
-            backlog=self._backlog, reuse_address=True,
+            factory, self._host, self._port, backlog=self._backlog, reuse_address=True,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import http.client
 import os
+import select
 import socket
 import ssl
 import subprocess
@@ -321,6 +322,37 @@ def test_a_client_waiting_for_its_password_check_keeps_its_connection(tmp_path: 
         assert data.startswith(b"HTTP/1.1 200 "), data[:200]
         assert b"ntp_probe_build_info" in data
     finally:
+        stop_process(server.proc)
+
+
+def test_tls_connections_that_never_finish_the_handshake_are_limited_and_timed_out(
+        pki: Pki, tmp_path: Path) -> None:
+    # Silent TCP connections to the TLS port: before the handshake they must already count
+    # against --web.max-connections and --web.read-header-timeout, or enough of them use up
+    # every descriptor (asyncio alone gives a handshake 60 s).
+    web = write_web_config(pki.dir / "web-limits.yml", tls=True)  # beside its cert files
+    context = ssl.create_default_context(cafile=str(pki.cert))
+    server = start_server(tmp_path, web, context, ("--web.read-header-timeout=0.3",
+                                                   "--web.max-connections=8"))
+    silent = [socket.create_connection((LOOPBACK, server.port), timeout=10) for _ in range(20)]
+    try:
+        assert server.get("/-/healthy", basic(USER, PASSWORD)).status == 200
+        deadline = time.monotonic() + 10
+        open_ones = list(silent)
+        while open_ones and time.monotonic() < deadline:
+            ready, _, _ = select.select(open_ones, [], [], 0.2)
+            for s in ready:
+                try:
+                    closed = s.recv(1) == b""
+                except OSError:
+                    closed = True
+                if closed:
+                    open_ones.remove(s)
+        assert not open_ones, f"{len(open_ones)} silent connections still open"
+        assert server.get("/-/healthy", basic(USER, PASSWORD)).status == 200
+    finally:
+        for s in silent:
+            s.close()
         stop_process(server.proc)
 
 
