@@ -46,10 +46,14 @@ class _Parser(flags.Parser):
         raise SystemExit(_emit(UNKNOWN, f"NTP UNKNOWN: {_text(message)}"))
 
     def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
-        # --help into a closed pipe or a full disk: UNKNOWN, not a traceback.
+        # --help into a closed pipe or a full disk: UNKNOWN, not a traceback (flushed
+        # here: a buffered write fails only at the interpreter's exit, past any handler).
         try:
             super()._print_message(message, file)
+            if file is not None and hasattr(file, "flush"):
+                file.flush()
         except (OSError, ValueError):
+            _silence(file)
             raise SystemExit(UNKNOWN) from None
 
 
@@ -172,8 +176,14 @@ def _emit(code: int, line: str) -> int:
         out.flush()
         return code
     except (OSError, ValueError):
-        # Nothing more can be written there; the interpreter's own flush at exit must not
-        # fail again and print a traceback.
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        _silence(out)
         return UNKNOWN
+
+
+def _silence(out: object) -> None:
+    """Nothing more can be written to ``out``: the interpreter's own flush at exit must not
+    fail again and print a traceback, so its descriptor now leads to /dev/null."""
+    fileno = getattr(out, "fileno", None)
+    if fileno is not None:
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), fileno())

@@ -159,6 +159,7 @@ def test_a_status_line_that_cannot_be_written_is_unknown_without_a_traceback(
             done = subprocess.run(command, stdout=write, stderr=subprocess.PIPE, timeout=60)
         finally:
             os.close(write)
-    assert done.returncode == 3, done.stderr
+    # argparse itself ignores a failed write of --help from Python 3.11.4 on (exit 0).
+    assert done.returncode == 3 or (argv == ["--help"] and done.returncode == 0), done.stderr
     assert b"Traceback" not in done.stderr and b"Exception ignored" not in done.stderr, (
         done.stderr)
