@@ -250,15 +250,19 @@ class Resolver:
             result: _A = await asyncio.shield(flight.future)
         finally:
             flight.waiting -= 1
-            if not flight.waiting:
-                # Nobody waits any more: a lookup still queued behind stuck ones is dropped
-                # before it takes a thread (one already running goes on, and is cached).
-                flight.queued.cancel()
+            # Nobody waits any more: a lookup still queued behind stuck ones is dropped
+            # before it takes a thread (one already running goes on, and is cached). It is
+            # forgotten at once, so a caller arriving now starts a new one, not a cancelled one.
+            if not flight.waiting and flight.queued.cancel() and \
+                    self._in_flight.get(key) is flight:
+                del self._in_flight[key]
         return result
 
     def _done(self, key: _Key, answers: TTLCache[_Key, Any],
               future: asyncio.Future[Any]) -> None:
-        self._in_flight.pop(key, None)
+        flight = self._in_flight.get(key)
+        if flight is not None and flight.future is future:
+            del self._in_flight[key]
         if future.cancelled():
             return
         exc = future.exception()

@@ -197,3 +197,22 @@ def test_the_hosts_file_reads_mapped_ipv4_as_ipv4_and_no_zones(tmp_path: Path) -
     hosts = HostsFile(str(hosts_path))
     assert hosts.lookup_all("mapped.test") == ((socket.AF_INET, "127.0.0.1"),)
     assert hosts.lookup_all("zoned.test") == ()
+
+
+async def test_a_caller_arriving_as_the_last_one_gives_up_gets_its_own_lookup() -> None:
+    lookups = Lookups({("good.test", socket.AF_INET): "192.0.2.8"})
+    lookups.release.clear()
+    resolver = Resolver(threads=1, getaddrinfo=lookups)
+    stuck = asyncio.create_task(resolver.lookup("stuck.test", socket.AF_INET))
+    leaving = asyncio.create_task(resolver.lookup("good.test", socket.AF_INET))
+    await asyncio.sleep(0)
+    leaving.cancel()
+    # Runs right after the leaver drops the queued lookup, before the pool's cancellation
+    # comes back to the loop: it must not join the dropped lookup.
+    staying = asyncio.create_task(resolver.lookup("good.test", socket.AF_INET))
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    lookups.release.set()
+    assert await staying == ("192.0.2.8", False)
+    with pytest.raises(ResolveError):
+        await stuck
