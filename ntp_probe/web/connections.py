@@ -254,9 +254,8 @@ class _Proxy(asyncio.Protocol):
             self.inner.resume_writing()
 
 
-# A credential-bearing header in a request's raw bytes as aiohttp quotes them (a repr:
-# the value runs to an escaped line end, a quote or the end of the text).
-_SECRET_HEADER = re.compile(r"(?i)((?:proxy-)?authorization|cookie)(\s*:)[^\\\r\n'\"]*")
+# Where aiohttp's message starts quoting the request's bytes (b'...' or bytearray(...)).
+_RAW_BYTES = re.compile(r"""(?:^|\s)(?:b['"]|bytearray\()""")
 
 
 class BadRequestFilter(logging.Filter):
@@ -267,8 +266,11 @@ class BadRequestFilter(logging.Filter):
         """Rewrite records about HTTP parse errors; pass the rest unchanged."""
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
-            # The raw bytes may hold a password (basic auth) or a cookie: never logged.
-            what = _SECRET_HEADER.sub(r"\1\2 <redacted>", " ".join(str(exc.message).split()))
+            # aiohttp quotes the request's raw bytes, which may hold a password (basic
+            # auth) or a cookie in any shape (folded, escaped, cut): only the reason is
+            # kept, never the bytes.
+            what = _RAW_BYTES.split(" ".join(str(exc.message).split()), maxsplit=1)[0]
+            what = what.rstrip(" :") or "malformed request"
             what = what[:200]
             record.levelno, record.levelname = logging.INFO, "INFO"
             record.msg, record.args = "bad HTTP request answered 400: %s", (what,)
