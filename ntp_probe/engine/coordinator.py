@@ -82,8 +82,14 @@ class _Flight:
 
 def _latest_end(module: Module, now: float, timeout: float) -> float:
     """When a probe of ``module`` started ``now`` is over at the latest."""
+    return now + min(timeout, _full_budget(module))
+
+
+def _full_budget(module: Module) -> float:
+    """The budget with which a probe of ``module`` is never cut short: its own timeout, or
+    the longest its burst can take when that is shorter."""
     longest = PROBERS[module.prober].longest
-    return now + (timeout if longest is None else min(timeout, longest(module)))
+    return module.timeout if longest is None else min(module.timeout, longest(module))
 
 
 class Coordinator:
@@ -128,9 +134,13 @@ class Coordinator:
             self._adopt(config)
         if module.min_probe_interval > 0:
             cached = self._last.get(key)
-            # A result of a shorter budget (a scrape-timeout header anyone can send, which
-            # may leave no time for a reply) is not served to a request with a longer one.
-            if cached is not None and cached.module == module and cached.timeout >= timeout:
+            # A result cut short by its budget (a scrape-timeout header anyone can send may
+            # leave no time for a reply) is not served to a request whose budget gives a
+            # whole burst: that one probes once, and its result serves everyone after. So
+            # a key sees at most two bursts per interval, and a short one never sticks.
+            full = _full_budget(module)
+            if cached is not None and cached.module == module and (
+                    cached.timeout >= full or timeout <= cached.timeout or timeout < full):
                 age = self._clock() - cached.stored
                 if age < module.min_probe_interval:
                     return Outcome(cached.result, cached.log, age=age)

@@ -175,6 +175,22 @@ async def test_a_burst_that_outlives_a_reload_does_not_refill_the_cache(
     assert again.age is None and again.result.failure == "target_forbidden"
 
 
+async def test_rising_scrape_timeouts_cannot_force_a_burst_each(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    # Each header a little longer than the last: every budget is whole (the module's
+    # burst takes about 0.56 s), so the first result serves all the others.
+    block = module_yaml("m", extra="    min_probe_interval: 1h\n")
+    client, _ = await start(aiohttp_client, tmp_path / "m.yaml", config_text(block))
+    params = {"target": f"127.0.0.1:{fake_ntp.port}", "module": "m"}
+    for i in range(10):
+        header = {"X-Prometheus-Scrape-Timeout-Seconds": f"{1.5 + i * 0.0001:.4f}"}
+        body = await (await client.get("/probe", params=params, headers=header)).text()
+        assert metric(body, "probe_success") == 1, body
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) == 1
+
+
 # --- the min_probe_interval cache is bounded in time and bytes -----------------------------
 
 async def test_cache_entries_live_as_long_as_their_interval(fake_ntp: FakeNTPServer) -> None:
