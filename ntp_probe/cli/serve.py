@@ -103,7 +103,8 @@ def systemd_sockets() -> list[socket.socket]:
             raise OSError(errno.EPROTOTYPE, f"descriptor {fd} from LISTEN_FDS: not a stream "
                                             "socket (ListenStream= in the .socket unit)")
         name = sock.getsockname()
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and name[1] == 0:
+        if (name[1] == 0 if sock.family in (socket.AF_INET, socket.AF_INET6)
+                else sock.family == socket.AF_UNIX and not name):
             sock.detach()
             raise OSError(errno.EDESTADDRREQ, f"descriptor {fd} from LISTEN_FDS: not bound "
                                               "to an address")

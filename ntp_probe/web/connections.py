@@ -304,7 +304,10 @@ class GuardedSite(web.BaseSite):
         """The URL this site serves."""
         scheme = "https" if self._ssl_context else "http"
         if self._sock is not None and self._sock.family == socket.AF_UNIX:
-            return f"{scheme}+unix://{self._sock.getsockname()}"
+            path = self._sock.getsockname()
+            if isinstance(path, bytes):  # an abstract socket: "@name", as ss shows it
+                path = "@" + path[1:].decode(errors="replace")
+            return f"{scheme}+unix://{path}"
         if self._sock is not None:
             host, port = self._sock.getsockname()[:2]
         else:

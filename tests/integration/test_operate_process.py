@@ -468,6 +468,7 @@ def test_systemd_socket_activation(tmp_path: Path) -> None:
     ("file", "Socket operation on non-socket"),
     ("udp", "not a stream socket"),
     ("unbound", "not bound to an address"),  # listen() would bind a random port everywhere
+    ("unbound unix", "not bound to an address"),
 ])
 def test_systemd_socket_that_cannot_serve_is_a_clear_error(tmp_path: Path, passed: str,
                                                            why: str) -> None:
@@ -478,7 +479,8 @@ def test_systemd_socket_that_cannot_serve_is_a_clear_error(tmp_path: Path, passe
             fd = stack.enter_context(open(path, "rb")).fileno()
         else:
             kind = socket.SOCK_DGRAM if passed == "udp" else socket.SOCK_STREAM
-            sock = stack.enter_context(socket.socket(socket.AF_INET, kind))
+            family = socket.AF_UNIX if passed == "unbound unix" else socket.AF_INET
+            sock = stack.enter_context(socket.socket(family, kind))
             if passed == "udp":
                 sock.bind(("127.0.0.1", 0))
             fd = sock.fileno()
