@@ -135,12 +135,11 @@ class Coordinator:
         if module.min_probe_interval > 0:
             cached = self._last.get(key)
             # A result cut short by its budget (a scrape-timeout header anyone can send may
-            # leave no time for a reply) is not served to a request whose budget gives a
-            # whole burst: that one probes once, and its result serves everyone after. So
-            # a key sees at most two bursts per interval, and a short one never sticks.
-            full = _full_budget(module)
+            # leave no time for a reply) is served only to requests with at most twice its
+            # budget; a longer one probes afresh. So a short result never sticks, and the
+            # budgets of the bursts in one interval at least double: a handful at most.
             if cached is not None and cached.module == module and (
-                    cached.timeout >= full or timeout <= cached.timeout or timeout < full):
+                    cached.timeout >= _full_budget(module) or timeout <= 2 * cached.timeout):
                 age = self._clock() - cached.stored
                 if age < module.min_probe_interval:
                     return Outcome(cached.result, cached.log, age=age)

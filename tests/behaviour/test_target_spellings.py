@@ -191,6 +191,23 @@ async def test_rising_scrape_timeouts_cannot_force_a_burst_each(
     assert len(fake_ntp.requests) == 1
 
 
+async def test_rising_short_scrape_timeouts_force_only_a_few_bursts(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    # Budgets from 50 to 500 ms, each cut short (the burst needs 3 samples 0.3 s apart):
+    # only those at more than twice the cached budget probe again.
+    block = module_yaml("m", samples=3, extra="    min_probe_interval: 1h\n")
+    block = block.replace("sample_interval: 10ms", "sample_interval: 300ms")
+    client, _ = await start(aiohttp_client, tmp_path / "m.yaml", config_text(block))
+    params = {"target": f"127.0.0.1:{fake_ntp.port}", "module": "m"}
+    fresh = 0
+    for budget_ms in range(50, 501, 10):
+        header = {"X-Prometheus-Scrape-Timeout-Seconds": f"{0.5 + budget_ms / 1000:.3f}"}
+        body = await (await client.get("/probe", params=params, headers=header)).text()
+        fresh += metric(body, "probe_ntp_result_age_seconds") is None
+    assert fresh == 4  # 50, 110, 230, 470 ms
+
+
 # --- the min_probe_interval cache is bounded in time and bytes -----------------------------
 
 async def test_cache_entries_live_as_long_as_their_interval(fake_ntp: FakeNTPServer) -> None:
