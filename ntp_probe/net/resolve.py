@@ -324,7 +324,24 @@ async def resolve_all(host: str, resolver: Resolver | None = None) -> list[Resol
         found = await resolver.lookup_all(host)
     except ResolveError as exc:
         raise ResolveError(f"no address for {host!r} ({exc})") from None
-    return [Resolved(address, family, cached=False) for family, address in found]
+    out: list[Resolved] = []
+    for family, address in found:
+        resolved = _unmapped(Resolved(address, family, cached=False))
+        if resolved not in out:  # an AAAA of ::ffff:192.0.2.1 beside the A of 192.0.2.1
+            out.append(resolved)
+    return out
+
+
+def _unmapped(resolved: Resolved) -> Resolved:
+    """IPv4 carried as IPv6 (an AAAA record of ::ffff:a.b.c.d) is IPv4, as for a literal
+    target: replies come from the IPv4 address, and a group counts the server once."""
+    if resolved.family != socket.AF_INET6:
+        return resolved
+    try:
+        mapped = ipaddress.IPv6Address(resolved.address.split("%", 1)[0]).ipv4_mapped
+    except ValueError:
+        return resolved
+    return resolved if mapped is None else Resolved(str(mapped), socket.AF_INET, resolved.cached)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -371,5 +388,5 @@ async def resolve(host: str, preferred: str = "ip6", fallback: bool = True,
         except ResolveError as exc:
             reasons.append(f"{'ip6' if family == socket.AF_INET6 else 'ip4'}: {exc}")
             continue
-        return Resolved(address, family, cached=cached)
+        return _unmapped(Resolved(address, family, cached=cached))
     raise ResolveError(f"no address for {host!r} ({'; '.join(reasons)})")

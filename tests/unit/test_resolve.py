@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ntp_probe.net.resolve import HostsFile, ResolveError, Resolver, literal, resolve
+from ntp_probe.net.resolve import HostsFile, ResolveError, Resolver, literal, resolve, resolve_all
 
 
 class Lookups:
@@ -216,3 +216,13 @@ async def test_a_caller_arriving_as_the_last_one_gives_up_gets_its_own_lookup() 
     assert await staying == ("192.0.2.8", False)
     with pytest.raises(ResolveError):
         await stuck
+
+
+async def test_an_ipv4_mapped_answer_is_ipv4() -> None:
+    lookups = Lookups({("mapped.test", socket.AF_INET6): "::ffff:192.0.2.9",
+                       ("mapped.test", socket.AF_INET): "192.0.2.9"})
+    resolver = Resolver(getaddrinfo=lookups)
+    got = await resolve("mapped.test", "ip6", True, resolver)
+    assert (got.address, got.family) == ("192.0.2.9", socket.AF_INET)
+    assert [(r.address, r.family) for r in await resolve_all("mapped.test", resolver)] == [
+        ("192.0.2.9", socket.AF_INET)]
