@@ -75,9 +75,45 @@ class _Flight:
 
     module: Module
     config: Config  # the configuration it started under (a reload may replace it)
+    timeout: float  # its budget
     ends: float  # when it is over at the latest, on the loop's clock (see _latest_end)
     task: asyncio.Task[None] = field(init=False)  # set once the flight exists: it runs it
     waiters: list[asyncio.Future[_Result]] = field(default_factory=list)
+
+
+# Bursts of one module and target in flight at once: one, and one more for a request whose
+# budget none of them fits. Beyond that a request joins what is there, so that requests
+# with ever other scrape-timeout headers cannot multiply the packets a server gets.
+_MAX_FLIGHTS = 2
+
+
+def _joinable(flights: list[_Flight], module: Module, config: Config, now: float,
+              timeout: float) -> _Flight | None:
+    """The burst in flight a request of ``timeout`` should share, or None to start one.
+
+    A burst is shared when it is over within the request's budget and had at least half
+    that budget (or a whole burst's): a shorter scrape timeout gets a burst of its own, not
+    a wait that would blame the server, and a scrape is not handed a burst an outsider's
+    short header cut down. At the limit of bursts in flight, the best one is shared
+    whatever its budget."""
+    full = None
+    fits: list[_Flight] = []
+    same: list[_Flight] = []
+    for f in flights:
+        if f.module != module or f.config is not config:
+            continue
+        same.append(f)
+        if f.ends <= now + timeout:
+            if full is None:
+                full = _full_budget(module)
+            if f.timeout >= full or 2 * f.timeout >= timeout:
+                fits.append(f)
+    if fits:
+        return max(fits, key=lambda f: f.timeout)
+    if len(same) < _MAX_FLIGHTS:
+        return None
+    within = [f for f in same if f.ends <= now + timeout]
+    return max(within, key=lambda f: f.timeout) if within else min(same, key=lambda f: f.ends)
 
 
 def _latest_end(module: Module, now: float, timeout: float) -> float:
@@ -99,7 +135,8 @@ class Coordinator:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.kod = kod if kod is not None else KodTable()
         self.leaps = LeapMemory()
-        self._flights: dict[_Key, _Flight] = {}
+        # Bursts in flight per key: usually one; see _MAX_FLIGHTS.
+        self._flights: dict[_Key, list[_Flight]] = {}
         # Each entry lives as long as its module's min_probe_interval, and the cache is
         # bounded by an estimate of the bytes it holds, not by its number of entries.
         self._last: TLRUCache[_Key, _Cached] = TLRUCache(
@@ -121,7 +158,7 @@ class Coordinator:
     @property
     def bursts_in_flight(self) -> int:
         """Distinct probes running now."""
-        return len(self._flights)
+        return sum(len(flights) for flights in self._flights.values())
 
     async def probe(self, config: Config, module: Module, target: Target,
                     timeout: float) -> Outcome:
@@ -145,18 +182,16 @@ class Coordinator:
                     return Outcome(cached.result, cached.log, age=age)
         loop = asyncio.get_running_loop()
         now = loop.time()
-        flight = self._flights.get(key)
-        # Joined only when it is over within this request's budget: a request with a
-        # shorter scrape timeout than the burst in flight may need gets a shorter burst of
-        # its own, not a timeout that would blame the server for the wait.
-        shared = (flight is not None and flight.module == module and flight.config is config
-                  and flight.ends <= now + timeout)
-        if flight is None or not shared:
+        flights = self._flights.setdefault(key, [])
+        found = _joinable(flights, module, config, now, timeout)
+        shared = found is not None
+        if found is None:
             guard = self._guard(config, module)
-            flight = _Flight(module, config, _latest_end(module, now, timeout))
-            flight.task = loop.create_task(self._run(key, flight, target, module, timeout,
-                                                     guard))
-            self._flights[key] = flight
+            found = _Flight(module, config, timeout, _latest_end(module, now, timeout))
+            found.task = loop.create_task(self._run(key, found, target, module, timeout,
+                                                    guard))
+            flights.append(found)
+        flight = found
         waiter: asyncio.Future[_Result] = loop.create_future()
         flight.waiters.append(waiter)
         try:
@@ -182,12 +217,18 @@ class Coordinator:
                 flight.task.cancel()
                 # Forget it now: a request arriving before the task unwinds must start a
                 # fresh burst, not join one that is being cancelled.
-                if self._flights.get(key) is flight:
-                    del self._flights[key]
+                self._forget(key, flight)
             raise
         finally:
             flight.waiters.remove(waiter)
         return Outcome(result, log, shared=shared, counted=counted)
+
+    def _forget(self, key: _Key, flight: _Flight) -> None:
+        flights = self._flights.get(key)
+        if flights is not None and flight in flights:
+            flights.remove(flight)
+            if not flights:
+                del self._flights[key]
 
     def _adopt(self, config: Config) -> None:
         """A new configuration object (a reload): guards are built again, and results
@@ -229,10 +270,12 @@ class Coordinator:
                     waiter.set_exception(exc)
             return
         finally:
-            if self._flights.get(key) is flight:
-                del self._flights[key]
-        # Not kept when a reload came in meanwhile: the target may be denied now.
-        if module.min_probe_interval > 0 and self._guards_of is flight.config:
+            self._forget(key, flight)
+        # Not kept when a reload came in meanwhile (the target may be denied now), nor over
+        # a result with a longer budget (bursts end in any order).
+        kept = self._last.get(key) if module.min_probe_interval > 0 else None
+        if module.min_probe_interval > 0 and self._guards_of is flight.config and (
+                kept is None or kept.module != module or kept.timeout <= timeout):
             self._last[key] = _Cached(module, self._clock(), result, log, timeout)
         counted = False
         for waiter in flight.waiters:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pytest_aiohttp import AiohttpClient
@@ -19,7 +20,7 @@ from ntp_probe.engine.targets import TargetError, parse_target
 from ntp_probe.safety.guard import Guard
 from ntp_probe.safety.policy import TargetPolicy, parse_rules
 from tests.behaviour import fake_server
-from tests.behaviour.fake_server import FakeNTPServer, Send, kod, silent
+from tests.behaviour.fake_server import FakeNTPServer, Send, kod, reply, silent
 from tests.behaviour.test_operate_web import config_text, metric, module_yaml, start
 from tests.conftest import FakeClock, make_module
 
@@ -206,6 +207,73 @@ async def test_rising_short_scrape_timeouts_force_only_a_few_bursts(
         body = await (await client.get("/probe", params=params, headers=header)).text()
         fresh += metric(body, "probe_ntp_result_age_seconds") is None
     assert fresh == 4  # 50, 110, 230, 470 ms
+
+
+async def test_concurrent_falling_scrape_timeouts_start_at_most_two_bursts(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    # Ten requests at once, each with a shorter budget than the last and none long
+    # enough for the whole burst (3 samples 0.3 s apart): each would fit no burst already
+    # in flight; only two are started, the others share one.
+    block = module_yaml("m", samples=3, extra="    min_probe_interval: 1h\n")
+    block = block.replace("sample_interval: 10ms", "sample_interval: 300ms")
+    client, _ = await start(aiohttp_client, tmp_path / "m.yaml", config_text(block))
+    params = {"target": f"127.0.0.1:{fake_ntp.port}", "module": "m"}
+
+    async def scrape(budget: float) -> int:
+        header = {"X-Prometheus-Scrape-Timeout-Seconds": f"{0.5 + budget:.2f}"}
+        return (await client.get("/probe", params=params, headers=header)).status
+
+    statuses = await asyncio.gather(*(scrape(1.5 - i * 0.05) for i in range(10)))
+    assert statuses == [200] * 10
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) <= 6, len(fake_ntp.requests)
+
+
+async def test_a_scrape_does_not_share_a_burst_a_short_header_cut_down(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    # An outsider's 0.1 s budget allows one sample of three; the real scrape a moment
+    # later, with the whole budget, must get all three, not that burst.
+    block = module_yaml("m", samples=3)
+    block = block.replace("sample_interval: 10ms", "sample_interval: 50ms")
+    client, _ = await start(aiohttp_client, tmp_path / "m.yaml", config_text(block))
+    fake_ntp.behaviour = lambda req: [Send(reply(req), delay=0.04)]
+    params = {"target": f"127.0.0.1:{fake_ntp.port}", "module": "m"}
+    short = asyncio.ensure_future(client.get(
+        "/probe", params=params, headers={"X-Prometheus-Scrape-Timeout-Seconds": "0.6"}))
+    await fake_ntp.wait_for_requests(1)
+    body = await (await client.get("/probe", params=params)).text()
+    assert metric(body, "probe_ntp_samples_sent") == 3, body
+    assert metric(await (await short).text(), "probe_ntp_samples_sent") == 1
+
+
+async def test_a_burst_ending_last_does_not_replace_a_longer_budgets_result(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    block = module_yaml("m", samples=3, extra="    min_probe_interval: 1h\n")
+    block = block.replace("sample_interval: 10ms", "sample_interval: 50ms")
+    client, _ = await start(aiohttp_client, tmp_path / "m.yaml", config_text(block))
+    fake_ntp.behaviour = lambda req: [Send(reply(req), delay=0.04)]
+    params = {"target": f"127.0.0.1:{fake_ntp.port}", "module": "m"}
+
+    def get(budget: float) -> Any:
+        header = {"X-Prometheus-Scrape-Timeout-Seconds": f"{0.5 + budget:.2f}"}
+        return client.get("/probe", params=params, headers=header)
+
+    longer = asyncio.ensure_future(get(0.5))
+    await fake_ntp.wait_for_requests(1)
+    # The burst in flight may take 0.5 s, more than this budget: a burst of its own, which
+    # ends last.
+    shorter = asyncio.ensure_future(get(0.45))
+    await (await longer).text()
+    await (await shorter).text()
+    sent = len(fake_ntp.requests)
+    assert sent == 6
+    # The 0.5 s result is kept: a 0.95 s budget is served it (0.45 s would be too short).
+    body = await (await get(0.95)).text()
+    assert metric(body, "probe_ntp_result_age_seconds") is not None, body
+    assert len(fake_ntp.requests) == sent
 
 
 # --- the min_probe_interval cache is bounded in time and bytes -----------------------------
