@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError
 
 logger = logging.getLogger("ntp_probe.web")
 
@@ -254,6 +254,7 @@ class _Proxy(asyncio.Protocol):
             self.inner.resume_writing()
 
 
+_URL_CREDENTIALS = re.compile(r"\S*@\S*")
 # Where aiohttp's message starts quoting the request's bytes (b'...' or bytearray(...)).
 _RAW_BYTES = re.compile(r"""(?:^|\s)(?:b['"]|bytearray\()""")
 
@@ -269,8 +270,12 @@ class BadRequestFilter(logging.Filter):
             # aiohttp quotes the request's raw bytes, which may hold a password (basic
             # auth) or a cookie in any shape (folded, escaped, cut): only the reason is
             # kept, never the bytes.
-            what = _RAW_BYTES.split(" ".join(str(exc.message).split()), maxsplit=1)[0]
-            what = what.rstrip(" :") or "malformed request"
+            if isinstance(exc, InvalidURLError):  # its message is the URL itself
+                what = "invalid URL in the request line"
+            else:
+                what = _RAW_BYTES.split(" ".join(str(exc.message).split()), maxsplit=1)[0]
+                # Whatever quotes no bytes but names a URL with credentials (user:pw@).
+                what = _URL_CREDENTIALS.sub("<url>", what).rstrip(" :") or "malformed request"
             what = what[:200]
             record.levelno, record.levelname = logging.INFO, "INFO"
             record.msg, record.args = "bad HTTP request answered 400: %s", (what,)

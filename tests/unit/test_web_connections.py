@@ -6,7 +6,7 @@ import logging
 import sys
 
 import pytest
-from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.http_exceptions import BadHttpMessage, InvalidURLError
 
 from ntp_probe.web.connections import BadRequestFilter
 
@@ -31,3 +31,16 @@ def test_a_malformed_request_is_logged_in_one_line_without_its_bytes(message: st
     assert text.startswith("bad HTTP request answered 400: ") and "\n" not in text
     assert "YWxpY2U6czNj" not in text, text
     assert len(text) > len("bad HTTP request answered 400: ") + 5  # the reason stays
+
+
+def test_an_invalid_url_is_not_logged() -> None:
+    # aiohttp's InvalidURLError carries the URL, credentials included.
+    try:
+        raise InvalidURLError("https://admin:YWxpY2U6czNj@host:99999/probe?password=x")
+    except InvalidURLError:
+        record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1,
+                                   "Error handling request", None, sys.exc_info())
+    assert BadRequestFilter().filter(record)
+    text = record.getMessage()
+    assert "YWxpY2U6czNj" not in text and "password" not in text, text
+    assert text == "bad HTTP request answered 400: invalid URL in the request line"
