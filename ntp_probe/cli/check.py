@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
-import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
-from ntp_probe.cli import flags
+from ntp_probe.cli import flags, output
 from ntp_probe.config.load import load_config
 from ntp_probe.config.schema import Config, ConfigError, Module
 from ntp_probe.engine.registry import resolve_target
@@ -25,7 +22,7 @@ from ntp_probe.engine.runner import guard_for, run_probe
 from ntp_probe.engine.targets import TargetError
 
 if TYPE_CHECKING:
-    from _typeshed import SupportsWrite
+    pass
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 _STATES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
@@ -45,16 +42,7 @@ class _Parser(flags.Parser):
         """Bad arguments: UNKNOWN."""
         raise SystemExit(_emit(UNKNOWN, f"NTP UNKNOWN: {_text(message)}"))
 
-    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
-        # --help into a closed pipe or a full disk: UNKNOWN, not a traceback (flushed
-        # here: a buffered write fails only at the interpreter's exit, past any handler).
-        try:
-            super()._print_message(message, file)
-            if file is not None and hasattr(file, "flush"):
-                file.flush()
-        except (OSError, ValueError):
-            _silence(file)
-            raise SystemExit(UNKNOWN) from None
+    output_failed = UNKNOWN  # --help that cannot be written
 
 
 def check_parser() -> argparse.ArgumentParser:
@@ -165,25 +153,4 @@ def main(argv: Sequence[str]) -> int:
 def _emit(code: int, line: str) -> int:
     """Print the status line; ``code``, or UNKNOWN when it cannot be written (stdout
     closed, a broken pipe, a full disk): never a traceback, which Nagios reads as WARNING."""
-    out = sys.stdout
-    try:
-        if out is None:
-            return UNKNOWN
-        try:
-            out.write(line + "\n")
-        except UnicodeEncodeError:  # an ASCII-only stdout and a non-ASCII module name
-            out.write(line.encode("ascii", "replace").decode("ascii") + "\n")
-        out.flush()
-        return code
-    except (OSError, ValueError):
-        _silence(out)
-        return UNKNOWN
-
-
-def _silence(out: object) -> None:
-    """Nothing more can be written to ``out``: the interpreter's own flush at exit must not
-    fail again and print a traceback, so its descriptor now leads to /dev/null."""
-    fileno = getattr(out, "fileno", None)
-    if fileno is not None:
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), fileno())
+    return code if output.write(line + "\n") else UNKNOWN

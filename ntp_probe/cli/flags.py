@@ -12,7 +12,12 @@ import argparse
 import math
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from ntp_probe.cli import output
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 
 def env_name(flag: str) -> str:
@@ -28,6 +33,19 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         # (the flag's spellings, the error) of each variable that does not convert
         self.env_errors: list[tuple[tuple[str, ...], str]] = []
+
+    output_failed = 1  # exit status when --help or --version cannot be written
+
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        # --help into a closed pipe or a full disk: an exit status, not a traceback
+        # (flushed here: a buffered write fails only at the interpreter's exit).
+        try:
+            super()._print_message(message, file)
+            if file is not None and hasattr(file, "flush"):
+                file.flush()
+        except (OSError, ValueError):
+            output.silence(file)
+            raise SystemExit(self.output_failed) from None
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
         """Parse; an invalid environment variable is an error like an invalid flag, unless

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from ntp_probe import __version__
-from ntp_probe.cli import check, logs, report
+from ntp_probe.cli import check, logs, output, report
 from ntp_probe.cli.flags import Parser, env_name, flag, number, positive_float
 from ntp_probe.cli.probe import probe
 from ntp_probe.cli.serve import serve
@@ -176,7 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except WebConfigError as exc:
             logger.error("invalid web configuration: %s", exc)
             return 1
-        print(f"configuration OK: {len(config.modules)} modules from {config.source}")
+        if not output.write(f"configuration OK: {len(config.modules)} modules from "
+                            f"{config.source}\n"):
+            return 1
         return 0
     if config is None:
         return 1

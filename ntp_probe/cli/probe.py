@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ntp_probe.cli import report
+from ntp_probe.cli import output, report
 from ntp_probe.config.schema import Config
 from ntp_probe.engine.registry import resolve_target
 from ntp_probe.engine.runner import guard_for, run_probe
@@ -25,5 +25,6 @@ async def probe(args: argparse.Namespace, config: Config) -> int:
         print(exc, file=sys.stderr)
         return 2
     m, log = await run_probe(target, module, module.timeout, guard=guard_for(config, module))
-    sys.stdout.write(report.report(args.output_format, str(target), module.name, m, log))
+    if not output.write(report.report(args.output_format, str(target), module.name, m, log)):
+        return 1
     return 0 if m.success else 1

@@ -163,3 +163,26 @@ def test_a_status_line_that_cannot_be_written_is_unknown_without_a_traceback(
     assert done.returncode == 3 or (argv == ["--help"] and done.returncode == 0), done.stderr
     assert b"Traceback" not in done.stderr and b"Exception ignored" not in done.stderr, (
         done.stderr)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["probe", "--help"], ["--version"],
+                                  ["--config.check"], ["probe", "0.0.0.0"]])
+@pytest.mark.parametrize("stdout", ["full", "broken pipe"])
+def test_every_command_fails_quietly_when_stdout_cannot_be_written(
+        stdout: str, argv: list[str]) -> None:
+    command = [sys.executable, "-m", "ntp_probe", *argv]
+    if stdout == "full":
+        with open("/dev/full", "wb") as full:
+            done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, timeout=60)
+    else:
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            done = subprocess.run(command, stdout=write, stderr=subprocess.PIPE, timeout=60)
+        finally:
+            os.close(write)
+    # argparse itself ignores a failed write of --help/--version from Python 3.11.4 on.
+    assert done.returncode == 1 or (argv[-1].startswith("--") and done.returncode == 0), (
+        done.returncode, done.stderr)
+    assert b"Traceback" not in done.stderr and b"Exception ignored" not in done.stderr, (
+        done.stderr)

@@ -1,0 +1,34 @@
+"""Writing to standard output when it may not be writable (closed, a broken pipe, a full
+disk): a failure to write is reported by exit status, never by a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+
+def write(text: str) -> bool:
+    """Write ``text`` to standard output and flush; False when that failed."""
+    out = sys.stdout
+    try:
+        if out is None:
+            return False
+        try:
+            out.write(text)
+        except UnicodeEncodeError:  # an ASCII-only stdout and non-ASCII text
+            out.write(text.encode("ascii", "replace").decode("ascii"))
+        out.flush()
+        return True
+    except (OSError, ValueError):
+        silence(out)
+        return False
+
+
+def silence(out: object) -> None:
+    """Nothing more can be written to ``out``: the interpreter's own flush at exit must not
+    fail again and print a traceback, so its descriptor now leads to /dev/null."""
+    fileno = getattr(out, "fileno", None)
+    if fileno is not None:
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), fileno())
