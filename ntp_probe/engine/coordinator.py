@@ -203,8 +203,8 @@ class Coordinator:
                 # alongside it when the loop is late, and throw its samples away.
                 result, log, counted = await waiter
         except TimeoutError:
-            # Only when the loop ran late, or the burst's name took long to resolve: its
-            # samples were due to be over in time.
+            # When the loop ran late, the burst's name took long to resolve, or the limit
+            # of bursts in flight made this request share one that may outlast it.
             log = ProbeLog(str(target), module.name)
             log("joined a burst that outlasted this request's timeout")
             result = Measurement()

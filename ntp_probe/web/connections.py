@@ -268,14 +268,15 @@ class BadRequestFilter(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
             # aiohttp quotes the request's raw bytes, which may hold a password (basic
-            # auth) or a cookie in any shape (folded, escaped, cut): only the reason is
-            # kept, never the bytes.
-            if isinstance(exc, InvalidURLError):  # its message is the URL itself
-                what = "invalid URL in the request line"
-            else:
-                what = _RAW_BYTES.split(" ".join(str(exc.message).split()), maxsplit=1)[0]
-                # Whatever quotes no bytes but names a URL with credentials (user:pw@).
-                what = _URL_CREDENTIALS.sub("<url>", what).rstrip(" :") or "malformed request"
+            # auth) or a cookie in any shape (folded, escaped, cut): never logged. Only
+            # the kind of error and, where aiohttp's C parser words one before the
+            # quoted bytes, its reason; a message in any other shape (the pure-Python
+            # parser quotes lines plainly; an invalid URL is the URL itself) is not logged.
+            text = " ".join(str(exc.message).split())
+            quoted = _RAW_BYTES.search(text)
+            reason = "" if quoted is None or isinstance(exc, InvalidURLError) else (
+                _URL_CREDENTIALS.sub("<url>", text[:quoted.start()]).rstrip(" :"))
+            what = f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
             what = what[:200]
             record.levelno, record.levelname = logging.INFO, "INFO"
             record.msg, record.args = "bad HTTP request answered 400: %s", (what,)

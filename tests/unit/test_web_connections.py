@@ -43,4 +43,18 @@ def test_an_invalid_url_is_not_logged() -> None:
     assert BadRequestFilter().filter(record)
     text = record.getMessage()
     assert "YWxpY2U6czNj" not in text and "password" not in text, text
-    assert text == "bad HTTP request answered 400: invalid URL in the request line"
+    assert text == "bad HTTP request answered 400: InvalidURLError"
+
+
+@pytest.mark.parametrize("message", [
+    "Bad status line 'GET /probe?password=YWxpY2U6czNj HTTP/1.1 extra'",  # pure-Python parser
+    "YWxpY2U6czNj",  # a chunk size line, as the pure-Python parser reports it
+])
+def test_a_message_in_another_shape_is_logged_by_its_kind_only(message: str) -> None:
+    try:
+        raise BadHttpMessage(message)
+    except BadHttpMessage:
+        record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1,
+                                   "Error handling request", None, sys.exc_info())
+    assert BadRequestFilter().filter(record)
+    assert record.getMessage() == "bad HTTP request answered 400: BadHttpMessage"
