@@ -79,7 +79,13 @@ class _Flight:
     ends: float  # when it is over at the latest, on the loop's clock (see _latest_end)
     task: asyncio.Task[None] = field(init=False)  # set once the flight exists: it runs it
     waiters: list[asyncio.Future[_Result]] = field(default_factory=list)
+    orphaned: bool = False  # every requester left; it runs on to fill the cache
 
+
+# Bursts of modules with min_probe_interval that run on after their last requester left
+# (so that clients hanging up cannot make every request a burst), at most at once; past
+# that such bursts are cancelled like any other.
+MAX_ORPHANED_BURSTS = 64
 
 # Bursts of one module and target in flight at once: one, and one more for a request whose
 # budget none of them fits. Beyond that a request joins what is there, so that requests
@@ -148,6 +154,7 @@ class Coordinator:
         self._guards_of: Config | None = None
         # Told of the packets a cancelled burst had sent: no result counts them otherwise.
         self.on_cancelled: Callable[[Measurement], None] | None = None
+        self._orphans = 0  # bursts running on after every requester left
 
     @property
     def cached_bytes(self) -> int:
@@ -214,10 +221,17 @@ class Coordinator:
         except asyncio.CancelledError:
             if not flight.task.done() and all(
                     w.done() for w in flight.waiters if w is not waiter):
-                flight.task.cancel()
-                # Forget it now: a request arriving before the task unwinds must start a
-                # fresh burst, not join one that is being cancelled.
-                self._forget(key, flight)
+                if module.min_probe_interval > 0 and self._orphans < MAX_ORPHANED_BURSTS:
+                    # Run on: its result serves the next scrape. Cancelled, the burst
+                    # would leave nothing cached, and clients that hang up at once could
+                    # send a server a packet each, min_probe_interval or not.
+                    flight.orphaned = True
+                    self._orphans += 1
+                else:
+                    flight.task.cancel()
+                    # Forget it now: a request arriving before the task unwinds must start
+                    # a fresh burst, not join one that is being cancelled.
+                    self._forget(key, flight)
             raise
         finally:
             flight.waiters.remove(waiter)
@@ -271,6 +285,8 @@ class Coordinator:
             return
         finally:
             self._forget(key, flight)
+            if flight.orphaned:
+                self._orphans -= 1
         # Not kept when a reload came in meanwhile (the target may be denied now), nor over
         # a result with a longer budget (bursts end in any order).
         kept = self._last.get(key) if module.min_probe_interval > 0 else None
@@ -282,3 +298,5 @@ class Coordinator:
             if not waiter.done():
                 waiter.set_result((result, log, not counted))
                 counted = True
+        if not counted and self.on_cancelled is not None:
+            self.on_cancelled(result)  # nobody took it: its packets are counted here

@@ -824,6 +824,36 @@ async def test_one_of_two_sharing_clients_hanging_up_does_not_cancel_the_burst(
     assert metric(text, "ntp_probe_ntp_packets_sent_total") == 1
 
 
+async def test_clients_hanging_up_cannot_make_every_request_a_burst(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    # With min_probe_interval, a burst whose client left runs on and fills the cache:
+    # otherwise each request that hangs up at once sends the server a packet.
+    path = tmp_path / "modules.yaml"
+    block = module_yaml("polite", extra="    min_probe_interval: 1h\n")
+    client, state = await start(aiohttp_client, path, config_text(block))
+    fake_ntp.behaviour = lambda req: [Send(reply(req), delay=0.2)]
+    url = client.make_url("/probe").with_query(target=fake_ntp.target, module="polite")
+    session = aiohttp.ClientSession()
+    try:
+        for _ in range(5):
+            leaver = asyncio.ensure_future(session.get(url))
+            await poll(lambda: state.in_flight == 1, "the probe in flight")
+            leaver.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await leaver
+            await poll(lambda: state.in_flight == 0, "the handler ended")
+    finally:
+        await session.close()
+    await poll(lambda: state.coordinator.bursts_in_flight == 0, "the orphaned burst ended")
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) == 1
+    status, body = await probe(client, fake_ntp.target, "polite")
+    assert status == 200 and metric(body, "probe_success") == 1, body
+    assert metric(body, "probe_ntp_result_age_seconds") is not None  # the orphan's result
+    assert metric(await metrics(client), "ntp_probe_ntp_packets_sent_total") == 1
+
+
 async def test_a_prober_bug_in_a_shared_burst_is_a_one_line_500_for_every_sharer(
     aiohttp_client: AiohttpClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
