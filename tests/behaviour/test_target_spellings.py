@@ -5,7 +5,7 @@ server reached, not the spelling; the min_probe_interval cache stays bounded."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,22 +137,39 @@ async def test_a_reload_that_denies_the_target_is_not_answered_from_the_cache(
     assert metric(body, "probe_ntp_result_age_seconds") is None
 
 
+async def polite_client(aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer,
+                        *, samples: int = 1, interval: str = "10ms", cached: bool = True,
+                        ) -> Callable[[float | None], Awaitable[Any]]:
+    """An exporter with module m (min_probe_interval 1h unless ``cached`` is False) on
+    ``fake_ntp``; returns get(budget): a /probe request whose scrape-timeout header leaves
+    ``budget`` seconds (None: no header)."""
+    extra = "    min_probe_interval: 1h\n" if cached else ""
+    block = module_yaml("m", samples=samples, extra=extra).replace(
+        "sample_interval: 10ms", f"sample_interval: {interval}")
+    client, _ = await start(aiohttp_client, tmp_path / "m.yaml", config_text(block))
+    params = {"target": f"127.0.0.1:{fake_ntp.port}", "module": "m"}
+
+    def get(budget: float | None) -> Any:
+        headers = {} if budget is None else {
+            "X-Prometheus-Scrape-Timeout-Seconds": f"{0.5 + budget:.4f}"}
+        return client.get("/probe", params=params, headers=headers)
+
+    return get
+
+
 async def test_a_short_scrape_timeout_cannot_poison_the_cache(
     aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
 ) -> None:
     # Anyone can send a scrape-timeout header that leaves no time for a reply; that
     # failure must not be what the real scrapes get for the next hour.
-    block = module_yaml("m", extra="    min_probe_interval: 1h\n")
-    client, _ = await start(aiohttp_client, tmp_path / "m.yaml", config_text(block))
-    params = {"target": f"127.0.0.1:{fake_ntp.port}", "module": "m"}
-    short = {"X-Prometheus-Scrape-Timeout-Seconds": "0.55"}  # 0.05 s after the offset
-    body = await (await client.get("/probe", params=params, headers=short)).text()
+    get = await polite_client(aiohttp_client, tmp_path, fake_ntp)
+    body = await (await get(0.05)).text()
     assert metric(body, "probe_success") == 0, body
-    body = await (await client.get("/probe", params=params)).text()
+    body = await (await get(None)).text()
     assert metric(body, "probe_success") == 1, body
     assert metric(body, "probe_ntp_result_age_seconds") is None  # a fresh probe
     # The full result serves the short request in turn: no third burst.
-    body = await (await client.get("/probe", params=params, headers=short)).text()
+    body = await (await get(0.05)).text()
     assert metric(body, "probe_success") == 1 and metric(
         body, "probe_ntp_result_age_seconds") is not None, body
 
@@ -181,12 +198,9 @@ async def test_rising_scrape_timeouts_cannot_force_a_burst_each(
 ) -> None:
     # Each header a little longer than the last: every budget is whole (the module's
     # burst takes about 0.56 s), so the first result serves all the others.
-    block = module_yaml("m", extra="    min_probe_interval: 1h\n")
-    client, _ = await start(aiohttp_client, tmp_path / "m.yaml", config_text(block))
-    params = {"target": f"127.0.0.1:{fake_ntp.port}", "module": "m"}
+    get = await polite_client(aiohttp_client, tmp_path, fake_ntp)
     for i in range(10):
-        header = {"X-Prometheus-Scrape-Timeout-Seconds": f"{1.5 + i * 0.0001:.4f}"}
-        body = await (await client.get("/probe", params=params, headers=header)).text()
+        body = await (await get(1.0 + i * 0.0001)).text()
         assert metric(body, "probe_success") == 1, body
     await fake_ntp.drain()
     assert len(fake_ntp.requests) == 1
@@ -197,14 +211,10 @@ async def test_rising_short_scrape_timeouts_force_only_a_few_bursts(
 ) -> None:
     # Budgets from 50 to 500 ms, each cut short (the burst needs 3 samples 0.3 s apart):
     # only those at more than twice the cached budget probe again.
-    block = module_yaml("m", samples=3, extra="    min_probe_interval: 1h\n")
-    block = block.replace("sample_interval: 10ms", "sample_interval: 300ms")
-    client, _ = await start(aiohttp_client, tmp_path / "m.yaml", config_text(block))
-    params = {"target": f"127.0.0.1:{fake_ntp.port}", "module": "m"}
+    get = await polite_client(aiohttp_client, tmp_path, fake_ntp, samples=3, interval="300ms")
     fresh = 0
     for budget_ms in range(50, 501, 10):
-        header = {"X-Prometheus-Scrape-Timeout-Seconds": f"{0.5 + budget_ms / 1000:.3f}"}
-        body = await (await client.get("/probe", params=params, headers=header)).text()
+        body = await (await get(budget_ms / 1000)).text()
         fresh += metric(body, "probe_ntp_result_age_seconds") is None
     assert fresh == 4  # 50, 110, 230, 470 ms
 
@@ -215,14 +225,10 @@ async def test_concurrent_falling_scrape_timeouts_start_at_most_two_bursts(
     # Ten requests at once, each with a shorter budget than the last and none long
     # enough for the whole burst (3 samples 0.3 s apart): each would fit no burst already
     # in flight; only two are started, the others share one.
-    block = module_yaml("m", samples=3, extra="    min_probe_interval: 1h\n")
-    block = block.replace("sample_interval: 10ms", "sample_interval: 300ms")
-    client, _ = await start(aiohttp_client, tmp_path / "m.yaml", config_text(block))
-    params = {"target": f"127.0.0.1:{fake_ntp.port}", "module": "m"}
+    get = await polite_client(aiohttp_client, tmp_path, fake_ntp, samples=3, interval="300ms")
 
     async def scrape(budget: float) -> int:
-        header = {"X-Prometheus-Scrape-Timeout-Seconds": f"{0.5 + budget:.2f}"}
-        return (await client.get("/probe", params=params, headers=header)).status
+        return int((await get(budget)).status)
 
     statuses = await asyncio.gather(*(scrape(1.5 - i * 0.05) for i in range(10)))
     assert statuses == [200] * 10
@@ -235,15 +241,12 @@ async def test_a_scrape_does_not_share_a_burst_a_short_header_cut_down(
 ) -> None:
     # An outsider's 0.1 s budget allows one sample of three; the real scrape a moment
     # later, with the whole budget, must get all three, not that burst.
-    block = module_yaml("m", samples=3)
-    block = block.replace("sample_interval: 10ms", "sample_interval: 50ms")
-    client, _ = await start(aiohttp_client, tmp_path / "m.yaml", config_text(block))
+    get = await polite_client(aiohttp_client, tmp_path, fake_ntp, samples=3, interval="50ms",
+                              cached=False)
     fake_ntp.behaviour = lambda req: [Send(reply(req), delay=0.04)]
-    params = {"target": f"127.0.0.1:{fake_ntp.port}", "module": "m"}
-    short = asyncio.ensure_future(client.get(
-        "/probe", params=params, headers={"X-Prometheus-Scrape-Timeout-Seconds": "0.6"}))
+    short = asyncio.ensure_future(get(0.1))
     await fake_ntp.wait_for_requests(1)
-    body = await (await client.get("/probe", params=params)).text()
+    body = await (await get(None)).text()
     assert metric(body, "probe_ntp_samples_sent") == 3, body
     assert metric(await (await short).text(), "probe_ntp_samples_sent") == 1
 
@@ -251,16 +254,8 @@ async def test_a_scrape_does_not_share_a_burst_a_short_header_cut_down(
 async def test_a_burst_ending_last_does_not_replace_a_longer_budgets_result(
     aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
 ) -> None:
-    block = module_yaml("m", samples=3, extra="    min_probe_interval: 1h\n")
-    block = block.replace("sample_interval: 10ms", "sample_interval: 50ms")
-    client, _ = await start(aiohttp_client, tmp_path / "m.yaml", config_text(block))
+    get = await polite_client(aiohttp_client, tmp_path, fake_ntp, samples=3, interval="50ms")
     fake_ntp.behaviour = lambda req: [Send(reply(req), delay=0.04)]
-    params = {"target": f"127.0.0.1:{fake_ntp.port}", "module": "m"}
-
-    def get(budget: float) -> Any:
-        header = {"X-Prometheus-Scrape-Timeout-Seconds": f"{0.5 + budget:.2f}"}
-        return client.get("/probe", params=params, headers=header)
-
     longer = asyncio.ensure_future(get(0.5))
     await fake_ntp.wait_for_requests(1)
     # The burst in flight may take 0.5 s, more than this budget: a burst of its own, which
