@@ -163,6 +163,11 @@ class Coordinator:
         return int(self._last.currsize)
 
     @property
+    def orphaned_bursts(self) -> int:
+        """Bursts running on after every requester left (see MAX_ORPHANED_BURSTS)."""
+        return self._orphans
+
+    @property
     def bursts_in_flight(self) -> int:
         """Distinct probes running now."""
         return sum(len(flights) for flights in self._flights.values())
@@ -221,7 +226,9 @@ class Coordinator:
         except asyncio.CancelledError:
             if not flight.task.done() and all(
                     w.done() for w in flight.waiters if w is not waiter):
-                if module.min_probe_interval > 0 and self._orphans < MAX_ORPHANED_BURSTS:
+                if flight.orphaned:
+                    pass  # a request that joined it after its first ones left, left too
+                elif module.min_probe_interval > 0 and self._orphans < MAX_ORPHANED_BURSTS:
                     # Run on: its result serves the next scrape. Cancelled, the burst
                     # would leave nothing cached, and clients that hang up at once could
                     # send a server a packet each, min_probe_interval or not.

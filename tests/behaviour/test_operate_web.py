@@ -846,6 +846,8 @@ async def test_clients_hanging_up_cannot_make_every_request_a_burst(
     finally:
         await session.close()
     await poll(lambda: state.coordinator.bursts_in_flight == 0, "the orphaned burst ended")
+    # Each later request joined the orphan and left too: it is still one orphan, ended.
+    assert state.coordinator.orphaned_bursts == 0
     await fake_ntp.drain()
     assert len(fake_ntp.requests) == 1
     status, body = await probe(client, fake_ntp.target, "polite")
