@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 from ntp_probe.cli import flags, output
 from ntp_probe.config.load import load_config
@@ -20,9 +20,6 @@ from ntp_probe.engine.registry import resolve_target
 from ntp_probe.engine.result import Measurement, Perf, Report
 from ntp_probe.engine.runner import guard_for, run_probe
 from ntp_probe.engine.targets import TargetError
-
-if TYPE_CHECKING:
-    pass
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 _STATES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}

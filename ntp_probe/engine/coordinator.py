@@ -194,15 +194,15 @@ class Coordinator:
                     return Outcome(cached.result, cached.log, age=age)
         loop = asyncio.get_running_loop()
         now = loop.time()
-        flights = self._flights.setdefault(key, [])
-        found = _joinable(flights, module, config, now, timeout)
+        flights = self._flights.get(key)
+        found = _joinable(flights, module, config, now, timeout) if flights else None
         shared = found is not None
         if found is None:
             guard = self._guard(config, module)
             found = _Flight(module, config, timeout, _latest_end(module, now, timeout))
             found.task = loop.create_task(self._run(key, found, target, module, timeout,
                                                     guard))
-            flights.append(found)
+            self._flights.setdefault(key, []).append(found)
         flight = found
         waiter: asyncio.Future[_Result] = loop.create_future()
         flight.waiters.append(waiter)
@@ -262,8 +262,7 @@ class Coordinator:
         self._guards_of = config
 
     def _guard(self, config: Config, module: Module) -> Guard:
-        if config is not self._guards_of:
-            self._adopt(config)
+        # probe() has adopted ``config`` already.
         cached = self._guards.get(module.name)
         if cached is not None and cached[0] is module:
             return cached[1]

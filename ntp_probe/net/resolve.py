@@ -338,9 +338,10 @@ def _unmapped(resolved: Resolved) -> Resolved:
     if resolved.family != socket.AF_INET6:
         return resolved
     try:
-        mapped = ipaddress.IPv6Address(resolved.address.split("%", 1)[0]).ipv4_mapped
+        ip = ip_address(resolved.address.split("%", 1)[0])
     except ValueError:
         return resolved
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
     return resolved if mapped is None else Resolved(str(mapped), socket.AF_INET, resolved.cached)
 
 

@@ -227,8 +227,7 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
         server = servers[i]
         twin = measured_by[server] if server is not None else i
         owner, cm = str(members[twin]), children[twin].measurement
-        if twin != i:
-            assert server is not None
+        if twin != i and server is not None:
             log(f"member {name}: the same server as {owner} ({server[0]} port {server[1]}): "
                 "measured once, counted once in the selection")
         report = ntp.report_of(cm)
