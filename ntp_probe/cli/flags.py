@@ -15,6 +15,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ntp_probe.cli import output
+from ntp_probe.config.schema import ConfigError, parse_duration
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -106,9 +107,23 @@ def number(text: str, kind: type[float] | type[int]) -> float:
     return value
 
 
+def seconds(text: str) -> float:
+    """Seconds as a number (``0.5``, as blackbox's float flags) or a duration (``500ms``, ``2s``,
+    as kingpin's duration flags and Prometheus' configs spell them)."""
+    try:
+        return number(text, float)
+    except argparse.ArgumentTypeError:
+        pass
+    try:
+        return parse_duration(text.strip(), "")
+    except ConfigError:
+        raise argparse.ArgumentTypeError(
+            f"expected seconds or a duration like 0.5s or 500ms, got {text!r}") from None
+
+
 def positive_float(text: str) -> float:
-    """A number of seconds above 0."""
-    value = number(text, float)
+    """Seconds above 0, as a number or a duration."""
+    value = seconds(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text}")
     return value

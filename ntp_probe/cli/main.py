@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from ntp_probe import __version__
 from ntp_probe.cli import check, logs, output, report
-from ntp_probe.cli.flags import Parser, env_name, flag, number, positive_float
+from ntp_probe.cli.flags import Parser, env_name, flag, number, positive_float, seconds
 from ntp_probe.cli.probe import probe
 from ntp_probe.cli.serve import serve
 from ntp_probe.config.load import load_config
@@ -29,7 +29,7 @@ DEFAULT_LISTEN = ":9559"
 
 
 def _non_negative_float(text: str) -> float:
-    value = number(text, float)
+    value = seconds(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a number of seconds, not negative: {text}")
     return value

@@ -80,7 +80,7 @@ def exit_code(argv: list[str]) -> int:
 @pytest.mark.parametrize(("argv", "why"), [
     (["check", "127.0.0.1", "--module", "nope"], "unknown module 'nope' (known: ntp"),
     (["check", "127.0.0.1", "-w", "0.2", "-c", "0.1"], "-w 0.2 is above -c 0.1"),
-    (["check", "127.0.0.1", "-w", "soon"], "expected a number"),
+    (["check", "127.0.0.1", "-w", "soon"], "expected seconds or a duration"),
     (["check", "0x7f.1"], "non-standard form"),
     (["check"], "required: target"),
 ])

@@ -45,10 +45,22 @@ def test_an_empty_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> N
         100, None, "info", 0.5)
 
 
-@pytest.mark.parametrize("bad", ["nan", "inf", "-1", "x"])
+@pytest.mark.parametrize("bad", ["nan", "inf", "-1", "x", "-1s", "1e400s", "2 s", "s"])
 def test_seconds_flags_must_be_finite(bad: str) -> None:
     with pytest.raises(SystemExit):
         serve_parser().parse_args([f"--timeout-offset={bad}"])
+
+
+@pytest.mark.parametrize(("flag", "dest"), [
+    ("--timeout-offset", "timeout_offset"), ("--web.read-header-timeout", "header_timeout"),
+    ("--web.idle-timeout", "idle_timeout")])
+@pytest.mark.parametrize(("text", "value"), [("0.25", 0.25), ("250ms", 0.25), ("2s", 2.0),
+                                             ("1m30s", 90.0)])
+def test_seconds_flags_take_numbers_and_durations(flag: str, dest: str, text: str,
+                                                  value: float) -> None:
+    # blackbox's --timeout-offset is a number of seconds; kingpin's duration flags and
+    # Prometheus' configs spell seconds as durations: both mean the same here.
+    assert getattr(serve_parser().parse_args([flag, text]), dest) == value
 
 
 def test_help_shows_defaults_and_variables() -> None:
