@@ -106,7 +106,7 @@ def _joinable(flights: list[_Flight], module: Module, config: Config, now: float
     fits: list[_Flight] = []
     same: list[_Flight] = []
     for f in flights:
-        if f.module != module or f.config is not config:
+        if f.module != module or not _same_world(f.config, config):
             continue
         same.append(f)
         if f.ends <= now + timeout:
@@ -120,6 +120,16 @@ def _joinable(flights: list[_Flight], module: Module, config: Config, now: float
         return None
     within = [f for f in same if f.ends <= now + timeout]
     return max(within, key=lambda f: f.timeout) if within else min(same, key=lambda f: f.ends)
+
+
+def _same_world(made: Config, now: Config | None) -> bool:
+    """Whether a result made under ``made`` holds under ``now``: the same target policy,
+    groups and leap file. A reload that changed none of them (a flood of them included)
+    neither starts bursts nor loses results; the module is compared on its own."""
+    if made is now:
+        return True
+    return now is not None and (made.policy, made.groups, made.leapfile) == (
+        now.policy, now.groups, now.leapfile)
 
 
 def _latest_end(module: Module, now: float, timeout: float) -> float:
@@ -255,8 +265,7 @@ class Coordinator:
         """A new configuration object (a reload): guards are built again, and results
         made under another target policy, leap file or group list are not served again."""
         old = self._guards_of
-        if old is not None and (old.policy, old.groups, old.leapfile) != (
-                config.policy, config.groups, config.leapfile):
+        if old is not None and not _same_world(old, config):
             self._last.clear()
         self._guards.clear()
         self._guards_of = config
@@ -293,10 +302,10 @@ class Coordinator:
             self._forget(key, flight)
             if flight.orphaned:
                 self._orphans -= 1
-        # Not kept when a reload came in meanwhile (the target may be denied now), nor over
-        # a result with a longer budget (bursts end in any order).
+        # Not kept when a reload changed the world meanwhile (the target may be denied
+        # now), nor over a result with a longer budget (bursts end in any order).
         kept = self._last.get(key) if module.min_probe_interval > 0 else None
-        if module.min_probe_interval > 0 and self._guards_of is flight.config and (
+        if module.min_probe_interval > 0 and _same_world(flight.config, self._guards_of) and (
                 kept is None or kept.module != module or kept.timeout <= timeout):
             self._last[key] = _Cached(module, self._clock(), result, log, timeout)
         counted = False

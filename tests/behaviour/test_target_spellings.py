@@ -193,6 +193,30 @@ async def test_a_burst_that_outlives_a_reload_does_not_refill_the_cache(
     assert again.age is None and again.result.failure == "target_forbidden"
 
 
+async def test_reloads_that_change_nothing_neither_start_nor_lose_bursts(
+        fake_ntp: FakeNTPServer) -> None:
+    # POST /-/reload is open to anyone (as in blackbox): a flood of reloads of the same file
+    # must not let each scrape start a burst of its own, nor drop the result that serves
+    # the interval.
+    coordinator = Coordinator()
+    module = make_module(min_probe_interval=3600.0)
+    fake_ntp.behaviour = lambda req: [Send(reply(req), delay=0.2)]
+    target = parse_target(fake_ntp.target)
+
+    def reloaded() -> Config:
+        return Config(modules={"t": module}, source="test")
+
+    first = asyncio.create_task(coordinator.probe(reloaded(), module, target, 2.0))
+    await fake_ntp.wait_for_requests(1)
+    joined = await coordinator.probe(reloaded(), module, target, 2.0)
+    assert joined.shared and joined.result.success, joined
+    assert (await first).result.success
+    again = await coordinator.probe(reloaded(), module, target, 2.0)
+    assert again.age is not None and again.result.success
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) == 1
+
+
 async def test_rising_scrape_timeouts_cannot_force_a_burst_each(
     aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
 ) -> None:
