@@ -34,6 +34,32 @@ logger = logging.getLogger("ntp_probe.web")
 
 _LOG_INTERVAL = 10.0  # seconds between two log lines about the same kind of trouble
 
+# A plain-HTTP request on a TLS port (an http:// scrape of an https:// exporter) gets Go's
+# answer, as exporter-toolkit's servers give it: recognised by its first five bytes, which
+# no TLS record starts with.
+_HTTP_STARTS = (b"GET /", b"HEAD ", b"POST ", b"PUT /", b"OPTIO")
+_NOT_TLS = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
+
+
+async def _first_bytes(transport: asyncio.BaseTransport) -> bytes:
+    """Up to five bytes the client sent first, left in the socket for TLS to read (b"" at
+    end of file). The transport, paused, owns the descriptor; a duplicate is watched."""
+    loop = asyncio.get_running_loop()
+    peer: socket.socket = transport.get_extra_info("socket").dup()
+    with peer:
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(peer.fileno(), readable)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(peer.fileno())
+        return peer.recv(5, socket.MSG_PEEK)
+
 
 @dataclass(slots=True)
 class _Conn:
@@ -183,7 +209,7 @@ class _Proxy(asyncio.Protocol):
     """Stands between the transport and aiohttp's protocol, so the guard sees the
     connection open and close."""
 
-    __slots__ = ("_early", "_forwarded", "_handshake", "_ssl", "guard", "inner")
+    __slots__ = ("_early", "_forwarded", "_handshake", "_refused", "_ssl", "guard", "inner")
 
     def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol,
                  ssl_context: ssl.SSLContext | None = None) -> None:
@@ -195,6 +221,7 @@ class _Proxy(asyncio.Protocol):
         # What TLS delivered before the handshake's waiter woke us (the first request
         # often comes with the client's Finished): handed on, in order, once forwarded.
         self._early: list[bytes] = []
+        self._refused = False  # plain HTTP on the TLS port: answered, the rest discarded
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self.guard._opened(self, transport):
@@ -212,6 +239,26 @@ class _Proxy(asyncio.Protocol):
     async def _start_tls(self, transport: asyncio.BaseTransport,
                          context: ssl.SSLContext) -> None:
         loop = asyncio.get_running_loop()
+        # The transport registers its reader after connection_made whether paused or not
+        # (asyncio 3.11): toggled now, nothing is read from the socket until TLS resumes it.
+        transport.resume_reading()  # type: ignore[attr-defined]
+        transport.pause_reading()  # type: ignore[attr-defined]
+        try:
+            first = await _first_bytes(transport)
+        except OSError:
+            first = b""
+        if not first:
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        if first.startswith(_HTTP_STARTS):
+            # Answered, then the request is read and dropped until the client closes (or
+            # the header timeout does): closing with it unread would reset the connection
+            # and could take the answer with it.
+            self._refused = True
+            transport.write(_NOT_TLS)  # type: ignore[attr-defined]
+            transport.write_eof()  # type: ignore[attr-defined]
+            transport.resume_reading()  # type: ignore[attr-defined]
+            return
         try:
             secured = await loop.start_tls(
                 transport, self, context, server_side=True,  # type: ignore[arg-type]
@@ -235,14 +282,17 @@ class _Proxy(asyncio.Protocol):
         self.guard._closed(self)
         if self._forwarded:
             self.inner.connection_lost(exc)
+        elif self._handshake is not None:
+            self._handshake.cancel()  # still waiting for the first bytes: stop watching
 
     def data_received(self, data: bytes) -> None:
         if self._forwarded:
             self.inner.data_received(data)
-        elif self._ssl is not None:
+        elif self._ssl is not None and not self._refused:
             self._early.append(data)
 
     def eof_received(self) -> bool | None:
+        # None closes the transport (the refused connection's end, once the client closed).
         return self.inner.eof_received() if self._forwarded else None
 
     def pause_writing(self) -> None:
