@@ -51,9 +51,9 @@ def check_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="HOST, HOST:PORT, IP:PORT or [IPv6]:PORT")
     flags.flag(p, "--module", "ntp", help="module name")
     flags.flag(p, "--warning", DEFAULT_WARNING, "-w", type=flags.positive_float,
-               metavar="SECONDS", help="WARNING at |offset| >= this")
+               metavar="SECONDS", help="WARNING at |offset| above this")
     flags.flag(p, "--critical", DEFAULT_CRITICAL, "-c", type=flags.positive_float,
-               metavar="SECONDS", help="CRITICAL at |offset| >= this")
+               metavar="SECONDS", help="CRITICAL at |offset| above this")
     flags.flag(p, "--config.file", None, dest="config_file", metavar="FILE",
                help="modules file (default: the packaged modules)")
     return p
@@ -108,7 +108,8 @@ def evaluate(target: str, module: Module, m: Measurement, warning: float,
     elif offset is None:
         state, summary = OK, f"{target} probe succeeded (module {module.name})"
     else:
-        state = CRITICAL if abs(offset) >= critical else WARNING if abs(offset) >= warning \
+        # Beyond the threshold, not at it: a plain -w N is the Nagios range 0:N.
+        state = CRITICAL if abs(offset) > critical else WARNING if abs(offset) > warning \
             else OK
         summary = f"{target} offset {offset:+.6f} s (module {module.name})"
     line = f"NTP {_STATES[state]}: {_text(summary)}"

@@ -50,6 +50,9 @@ class KernelReport:
     """The kernel clock as the CLI shows it."""
 
     clock: KernelClock
+    # Whether its offset is the one ``check`` judges: in hybrid it is the NTP offset, and
+    # the kernel's (0 under chrony, or any undisciplined kernel) is only shown.
+    judged: bool = True
 
     @property
     def title(self) -> str:
@@ -69,13 +72,13 @@ class KernelReport:
 
     @property
     def check_offset(self) -> float | None:
-        """The offset the kernel still slews out."""
-        return self.clock.offset
+        """The offset the kernel still slews out (None where another one is judged)."""
+        return self.clock.offset if self.judged else None
 
     def perfdata(self) -> list[Perf]:
         """Kernel offset, maxerror, esterror, frequency, sync."""
         c = self.clock
-        return [Perf("kernel_offset", c.offset, "s", checked=True),
+        return [Perf("kernel_offset", c.offset, "s", checked=self.judged),
                 Perf("maxerror", c.maxerror, "s"),
                 Perf("esterror", c.esterror, "s"),
                 Perf("frequency_ppm", c.frequency_ratio * 1e6),
@@ -89,8 +92,9 @@ class KernelReport:
                 "maxerror_seconds": c.maxerror, "esterror_seconds": c.esterror, "tai": c.tai}
 
 
-def read_clock(ctx: ProbeContext) -> KernelClock | None:
-    """Read and report the kernel clock; on failure log why and fail kernel_unavailable."""
+def read_clock(ctx: ProbeContext, *, judged: bool = True) -> KernelClock | None:
+    """Read and report the kernel clock; on failure log why and fail kernel_unavailable.
+    ``judged``: whether ``check`` applies its thresholds to the kernel's offset."""
     # Imported on first use: ctypes costs memory an exporter without kernel probes never needs.
     from ntp_probe.net import adjtimex
     from ntp_probe.proto.timex import KernelClockError
@@ -118,7 +122,7 @@ def read_clock(ctx: ProbeContext) -> KernelClock | None:
     m.add(TICK, clock.tick)
     for flag in clock.flags:
         m.add(STATUS_FLAGS, 1, flag)
-    m.reports.append(KernelReport(clock))
+    m.reports.append(KernelReport(clock, judged))
     return clock
 
 

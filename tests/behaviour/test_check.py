@@ -6,7 +6,9 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +16,7 @@ from ntp_probe.cli import check
 from ntp_probe.cli.main import main
 from ntp_probe.config.load import parse_config
 from ntp_probe.config.schema import Config
+from ntp_probe.engine.result import Measurement, Perf
 from tests.behaviour import fake_server
 from tests.behaviour.fake_server import FakeNTPServer, answer
 
@@ -136,6 +139,48 @@ def test_the_thresholds_go_with_the_value_they_judge(
     assert any(re.fullmatch(r"kernel_offset=-?[0-9.]+s;0\.500000;1\.000000", p) for p in perf), (
         perf)
     assert not any(";" in p for p in perf if not p.startswith("kernel_offset="))
+
+
+async def test_hybrid_judges_the_servers_offset_not_the_kernels(fake_ntp: FakeNTPServer) -> None:
+    # The kernel's offset is 0 under chrony or on any undisciplined kernel: judged, every
+    # hybrid check would be OK however far the server is.
+    fake_ntp.behaviour = answer(offset=0.2)
+    config = parse_config(
+        "modules:\n  one:\n    timeout: 2s\n    ntp:\n      samples: 1\n"
+        "      preferred_ip_protocol: ip4\n      reply_timeout: 500ms\n"
+        "      kernel_correlation: true\n", "test")
+    code, line = await run(fake_ntp.target, config=config)
+    status, perf = split(line)
+    assert code == 2 and status.startswith(f"NTP CRITICAL: {fake_ntp.target} offset +0.2"), line
+    assert any(p.startswith("offset=") and p.endswith(";0.010000;0.050000") for p in perf), perf
+    assert any(re.fullmatch(r"kernel_offset=-?[0-9.]+s", p) for p in perf), perf
+
+
+@dataclass(frozen=True)
+class Judged:
+    """A report whose offset is exactly what the test says."""
+
+    check_offset: float
+    title: str = "fixed"
+
+    def rows(self) -> list[tuple[str, str]]:
+        return []
+
+    def to_json(self) -> dict[str, Any]:
+        return {}
+
+    def perfdata(self) -> list[Perf]:
+        return [Perf("offset", self.check_offset, "s", checked=True)]
+
+
+@pytest.mark.parametrize(("offset", "state"), [
+    (0.01, 0), (-0.01, 0), (0.0100001, 1), (0.05, 1), (-0.0500001, 2)])
+def test_an_offset_at_a_threshold_has_not_reached_it(offset: float, state: int) -> None:
+    # A plain -w N is the Nagios range 0:N (check_ntp_time's reading): N itself is inside.
+    m = Measurement()
+    m.reports.append(Judged(offset))
+    got, line = check.evaluate("t", CONFIG.modules["one"], m, 0.01, 0.05)
+    assert got == state, line
 
 
 def run_unwritable(argv: list[str], stdout: str) -> subprocess.CompletedProcess[bytes]:
