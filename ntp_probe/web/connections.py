@@ -29,6 +29,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError
+from aiohttp.web_protocol import RequestPayloadError
 
 logger = logging.getLogger("ntp_probe.web")
 
@@ -309,20 +310,35 @@ _URL_CREDENTIALS = re.compile(r"\S*@\S*")
 _RAW_BYTES = re.compile(r"""(?:^|\s)(?:b['"]|bytearray\()""")
 
 
+def _client_fault(exc: BaseException | None) -> BaseException | None:
+    """The request's own fault behind a logged exception, or None: an HTTP parse error, or
+    what it wraps (a body read after the answer, undecodable or badly chunked, fails as
+    RequestPayloadError caused by one)."""
+    for _ in range(4):  # aiohttp wraps once or twice; a longer chain is not its shape
+        if exc is None or isinstance(exc, HttpProcessingError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 class BadRequestFilter(logging.Filter):
-    """aiohttp logs every malformed request (URL too long, bad bytes) at error level with a
-    traceback: the client's fault, not the exporter's. One line at info instead."""
+    """aiohttp logs every malformed request (URL too long, bad bytes, a body that does not
+    decode) at error level with a traceback: the client's fault, not the exporter's. One
+    line at info instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite records about HTTP parse errors; pass the rest unchanged."""
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
+        logged = record.exc_info[1] if record.exc_info else None
+        exc = _client_fault(logged)
+        if exc is None and isinstance(logged, RequestPayloadError):
+            exc = logged  # its message may quote the body: logged by its kind only
+        if exc is not None:
             # aiohttp quotes the request's raw bytes, which may hold a password (basic
             # auth) or a cookie in any shape (folded, escaped, cut): never logged. Only
             # the kind of error and, where aiohttp's C parser words one before the
             # quoted bytes, its reason; a message in any other shape (the pure-Python
             # parser quotes lines plainly; an invalid URL is the URL itself) is not logged.
-            text = " ".join(str(exc.message).split())
+            text = " ".join(str(getattr(exc, "message", "")).split())
             quoted = _RAW_BYTES.search(text)
             reason = "" if quoted is None or isinstance(exc, InvalidURLError) else (
                 _URL_CREDENTIALS.sub("<url>", text[:quoted.start()]).rstrip(" :"))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
+import zlib
 
 import pytest
-from aiohttp.http_exceptions import BadHttpMessage, InvalidURLError
+from aiohttp.http_exceptions import BadHttpMessage, ContentEncodingError, InvalidURLError
+from aiohttp.web_protocol import RequestPayloadError
 
 from ntp_probe.web.connections import BadRequestFilter
 
@@ -54,3 +56,40 @@ def test_an_invalid_url_is_not_logged() -> None:
 def test_a_message_in_another_shape_is_logged_by_its_kind_only(message: str) -> None:
     record = filtered(BadHttpMessage(message))
     assert record.getMessage() == "bad HTTP request answered 400: BadHttpMessage"
+
+
+def wrapped(cause: Exception) -> Exception:
+    """``cause`` as aiohttp raises it from a body read after the answer."""
+    try:
+        raise cause
+    except Exception as exc:
+        try:
+            raise RequestPayloadError(str(exc)) from exc
+        except RequestPayloadError as outer:
+            return outer
+
+
+@pytest.mark.parametrize("exc", [
+    # curl -H 'Content-Encoding: gzip' --data-binary 'not gzip' (the C parser).
+    RequestPayloadError("400, message:\n  Can not decode content-encoding: gzip"),
+    # A trailer the pure-Python parser refuses, quoting it plainly, in its wrapper.
+    wrapped(BadHttpMessage("Invalid HTTP header: b'Authorization: Basic YWxpY2U6czNj\x01'")),
+])
+def test_a_body_that_fails_after_the_answer_is_one_line_without_its_bytes(
+        exc: Exception) -> None:
+    record = filtered(exc)
+    text = record.getMessage()
+    assert record.levelno == logging.INFO and record.exc_info is None, text
+    assert text.startswith("bad HTTP request answered 400: ") and "\n" not in text
+    assert "YWxpY2U6czNj" not in text, text
+
+
+def test_an_undecodable_body_names_its_error_by_kind() -> None:
+    try:
+        zlib.decompress(b"not gzip at all")
+    except zlib.error as z:
+        try:
+            raise ContentEncodingError("Can not decode content-encoding: gzip") from z
+        except ContentEncodingError as exc:
+            record = filtered(wrapped(exc))
+    assert record.getMessage() == "bad HTTP request answered 400: ContentEncodingError"
