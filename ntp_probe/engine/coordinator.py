@@ -164,6 +164,9 @@ class Coordinator:
         self._guards_of: Config | None = None
         # Told of the packets a cancelled burst had sent: no result counts them otherwise.
         self.on_cancelled: Callable[[Measurement], None] | None = None
+        # Told of a burst that ran to its end after every requester left (module name,
+        # result): a probe run, which no request counts.
+        self.on_unclaimed: Callable[[str, Measurement], None] | None = None
         self._orphans = 0  # bursts running on after every requester left
 
     @property
@@ -313,5 +316,5 @@ class Coordinator:
             if not waiter.done():
                 waiter.set_result((result, log, not counted))
                 counted = True
-        if not counted and self.on_cancelled is not None:
-            self.on_cancelled(result)  # nobody took it: its packets are counted here
+        if not counted and self.on_unclaimed is not None:
+            self.on_unclaimed(module.name, result)  # nobody took it: counted here

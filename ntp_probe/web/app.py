@@ -50,6 +50,7 @@ class State:
         # Read when /metrics is scraped: no gauge update on every probe's way in and out.
         self.internals.in_flight.set_function(lambda: self.in_flight)
         self.coordinator.on_cancelled = self.internals.count_packets
+        self.coordinator.on_unclaimed = self.internals.observe
 
     async def reload(self) -> str | None:
         """Reload the configuration file; on error keep the old one and return why.

@@ -853,7 +853,11 @@ async def test_clients_hanging_up_cannot_make_every_request_a_burst(
     status, body = await probe(client, fake_ntp.target, "polite")
     assert status == 200 and metric(body, "probe_success") == 1, body
     assert metric(body, "probe_ntp_result_age_seconds") is not None  # the orphan's result
-    assert metric(await metrics(client), "ntp_probe_ntp_packets_sent_total") == 1
+    # It ran to its end: a probe, counted once (the served copy is not another).
+    internals = await metrics(client)
+    assert metric(internals, "ntp_probe_ntp_packets_sent_total") == 1
+    assert metric(internals, "ntp_probe_probes_total", module="polite", result="success") == 1
+    assert metric(internals, "ntp_probe_probe_duration_seconds_count", module="polite") == 1
 
 
 async def test_a_prober_bug_in_a_shared_burst_is_a_one_line_500_for_every_sharer(
