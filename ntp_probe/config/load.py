@@ -336,7 +336,14 @@ def _parse_policy(raw: Mapping[str, Any], where: str, problems: _Problems) -> Ta
     return TargetPolicy(allowed=rules[0], denied=rules[1])
 
 
-def _yaml_error(exc: yaml.YAMLError, source: str) -> ConfigError:
+def _yaml_error(exc: yaml.YAMLError, source: str, text: str = "") -> ConfigError:
+    if isinstance(exc, yaml.reader.ReaderError):
+        # A character YAML does not allow (a NUL from a half-written file, an escape code):
+        # PyYAML gives its index only.
+        before = text[:exc.position]
+        line, column = before.count("\n") + 1, exc.position - before.rfind("\n")
+        return ConfigError(f"{source}:{line}:{column}: invalid YAML: control character "
+                           f"U+{exc.character:04X} is not allowed")
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     problem = getattr(exc, "problem", None) or str(exc)
     context = getattr(exc, "context", None)
@@ -350,7 +357,10 @@ def _load_yaml(text: str, source: str) -> tuple[Any, list[tuple[str, Position]]]
     """The document and its duplicate keys; ConfigError when it is no YAML to use."""
     if len(text) > MAX_FILE_BYTES:
         raise ConfigError(f"{source}: larger than {MAX_FILE_BYTES} bytes")
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)  # its reader refuses control characters at once
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, source, text) from None
     try:
         return loader.get_single_data(), loader.duplicates
     except yaml.YAMLError as exc:

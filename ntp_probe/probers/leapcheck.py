@@ -7,6 +7,8 @@ an expired or badly hashed one) the verdict is ``unknown``.
 
 from __future__ import annotations
 
+import time
+
 from ntp_probe.engine.context import ProbeContext
 from ntp_probe.engine.result import Reason
 from ntp_probe.exposition.families import Family
@@ -29,7 +31,8 @@ def leap_check(ctx: ProbeContext, leap_indicator: int, server_unix_time: float, 
     clock, so that a leap is judged by the day the server is in); a mismatch fails the
     probe with ``leap_mismatch`` when ``fail_on_mismatch`` (the module's
     ntp.fail_on_leap_mismatch)."""
-    verdict = leap_verdict(ctx.guard.leapfile, leap_indicator, server_unix_time)
+    verdict = leap_verdict(ctx.guard.leapfile, leap_indicator, server_unix_time,
+                           local_time=time.time())
     ctx.measurement.add(LEAP_CHECK, 1, verdict.value)
     if verdict in _MISMATCHES:
         ctx.log(f"leap indicator {leap_indicator} against the leap file: {verdict.value}")

@@ -47,10 +47,12 @@ the last day of the month, which is therefore the latest any server may start.""
 
 _LEAP_INDICATOR_UNSYNCHRONISED = 3
 
-_UPDATED = re.compile(r"#\$\s*([0-9]+)\s*", re.ASCII)
-_EXPIRES = re.compile(r"#@\s*([0-9]+)\s*", re.ASCII)
+# Numbers are bounded (an NTP timestamp in seconds has at most 20 digits; TAI - UTC a few):
+# Python refuses to convert numbers of over 4300 digits.
+_UPDATED = re.compile(r"#\$\s*([0-9]{1,20})\s*", re.ASCII)
+_EXPIRES = re.compile(r"#@\s*([0-9]{1,20})\s*", re.ASCII)
 _HASH = re.compile(r"#h\s*((?:[0-9a-fA-F]{1,8}\s+){4}[0-9a-fA-F]{1,8})\s*", re.ASCII)
-_DATA = re.compile(r"([0-9]+)\s+([0-9]+)\s*(?:#.*)?", re.ASCII)
+_DATA = re.compile(r"([0-9]{1,20})\s+([0-9]{1,6})\s*(?:#.*)?", re.ASCII)
 
 
 class LeapFileError(ValueError):
@@ -181,10 +183,12 @@ def leap_verdict(
     *,
     announce_window: float = DEFAULT_ANNOUNCE_WINDOW,
     required_within: float = DEFAULT_REQUIRED_WITHIN,
+    local_time: float | None = None,
 ) -> LeapVerdict:
     """Compare a server's leap indicator, read at ``server_time``, with the file.
 
-    * ``unknown``: no file, a bad hash, a file expired at ``server_time``, a server
+    * ``unknown``: no file, a bad hash, a file expired at ``server_time`` or at
+      ``local_time`` (the exporter's clock, by which its metrics call the file invalid), a server
       that is unsynchronised (indicator 3), or a question reaching past the expiry
       (the file vouches for no leap beyond it).
     * ``missing_announcement``: indicator 0 although the next leap is at most
@@ -200,6 +204,7 @@ def leap_verdict(
     if (
         leapfile is None
         or not leapfile.valid(server_time)
+        or (local_time is not None and not leapfile.valid(local_time))
         or leap_indicator == _LEAP_INDICATOR_UNSYNCHRONISED
     ):
         return LeapVerdict.UNKNOWN

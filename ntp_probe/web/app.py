@@ -73,6 +73,10 @@ class State:
                 for line in str(exc).splitlines():
                     logger.error("reload failed, keeping the previous configuration: %s", line)
                 return str(exc)
+            except Exception as exc:  # a loader bug: still a failed reload, still reported
+                self.internals.config_failed()
+                logger.exception("reload failed, keeping the previous configuration")
+                return f"{self.config_path}: cannot be loaded: {type(exc).__name__}"
             self.config = config
             self.internals.config_loaded(len(config.modules))
             self.internals.use_leapfile(config.leapfile)

@@ -31,6 +31,7 @@ from ntp_probe.engine.coordinator import _latest_end
 from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.targets import parse_target
 from ntp_probe.exposition.internals import Internals
+from ntp_probe.web import app as app_module
 from ntp_probe.web.app import State, create_app, probe_handler
 from ntp_probe.web.history import MAX_METRICS, History
 from tests.behaviour import fake_server
@@ -340,8 +341,10 @@ async def test_reload_of_a_deleted_file_keeps_the_old_config(
         config_text(module_yaml("new").replace(
             "      samples: 1\n", "      samples: 1\n      min_plausible_time: 2024-13-01\n"
         )).encode(),
+        b"\x00" * 64,  # what a crash in the middle of a rewrite leaves
+        config_text(module_yaml("new")).replace("samples: 1", "samples: 1 # \x1b[1m").encode(),
     ],
-    ids=["latin-1-file", "impossible-date"],
+    ids=["latin-1-file", "impossible-date", "zero-filled", "escape-code"],
 )
 async def test_unreadable_config_is_a_failed_reload(
     aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer, broken: bytes
@@ -358,6 +361,25 @@ async def test_unreadable_config_is_a_failed_reload(
     assert_one_line(body)
     assert metric(await metrics(client), "ntp_probe_config_last_reload_successful") == 0
     assert body.startswith("failed to reload config:") and str(path) in body, body
+
+
+async def test_a_loader_bug_is_a_failed_reload_too(
+    aiohttp_client: AiohttpClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No loader raises anything but ConfigError on purpose; the bug is stood in for.
+    path = tmp_path / "modules.yaml"
+    client, state = await start(aiohttp_client, path, config_text(module_yaml("old")))
+
+    def buggy(path: str | None) -> None:
+        raise RuntimeError("a loader bug")
+
+    monkeypatch.setattr(app_module, "load_config", buggy)
+    resp = await client.post("/-/reload")
+    body = await resp.text()
+    assert resp.status == 500 and body.startswith("failed to reload config:"), body
+    assert_one_line(body)
+    assert metric(await metrics(client), "ntp_probe_config_last_reload_successful") == 0
+    assert set(state.config.modules) == {"old"}
 
 
 async def test_reload_needs_post(aiohttp_client: AiohttpClient, tmp_path: Path) -> None:

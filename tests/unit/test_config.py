@@ -311,6 +311,20 @@ def test_bad_yaml() -> None:
     assert "\n" not in msg
 
 
+@pytest.mark.parametrize(("text", "where", "char"), [
+    ("modules:\n  a: {description: \"x\x00y\"}\n", "2:22", "0000"),
+    ("\x00" * 64, "1:1", "0000"),
+    ("modules:\n  a: {}\n# \x1b[1m\n", "3:3", "001B"),
+    ("modules:\n  a: {description: \"x\x80y\"}\n", "2:22", "0080"),
+])
+def test_a_control_character_is_a_one_line_error_with_its_place(
+        text: str, where: str, char: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse(text)
+    assert str(exc.value) == (
+        f"test.yaml:{where}: invalid YAML: control character U+{char} is not allowed")
+
+
 @pytest.mark.parametrize(
     "text", ["modules: {}\n", "modules:\n", "modules: []\n", "modules: 3\n", "{}\n"]
 )

@@ -207,6 +207,8 @@ def test_missing_hash_line_is_not_valid() -> None:
         ("#@\t3991593600", "#@\t", "malformed"),
         ("#@\t3991593600", "#@\t3991593600 x", "malformed"),
         ("#$\t3960835200", "#$\tsoon", "malformed"),
+        ("#$\t3960835200", "#$\t" + "9" * 5000, "malformed"),  # beyond int()'s 4300 digits
+        ("3692217600      37", "3692217600      " + "3" * 5000, "malformed"),
         ("#$\t3960835200", "#$\t\u0663\u0669\u0666", "malformed"),  # Arabic-Indic digits
         ("39b8e49e", "", "malformed"),
         ("39b8e49e", "39b8e49e0", "malformed"),
@@ -393,6 +395,16 @@ def test_verdict_unknown_without_a_trustworthy_file(li: int) -> None:
     assert leap_verdict(None, li, now) is UNKNOWN
     # The real file, expired in June 2026, cannot judge December 2026.
     assert leap_verdict(parse_leapfile(IERS_2025), li, now) is UNKNOWN
+
+
+def test_verdict_unknown_when_the_file_has_expired_by_the_exporters_clock(
+        insert_file: LeapFile) -> None:
+    # A server months behind still reads the file as current: the exporter's own clock,
+    # by which /metrics calls the file invalid, says it is not.
+    behind = utc(2026, 12, 31, 12)
+    assert leap_verdict(insert_file, 1, behind) is OK
+    assert leap_verdict(insert_file, 1, behind, local_time=insert_file.expires + 1) is UNKNOWN
+    assert leap_verdict(insert_file, 1, behind, local_time=behind) is OK
 
 
 def test_verdict_windows_are_adjustable(insert_file: LeapFile) -> None:
