@@ -232,7 +232,8 @@ class IntList:
             raise ConfigError(f"{key}: expected a list of 1..{self.max_items} of {allowed}, "
                               f"got {show(value)}")
         for item in value:
-            if isinstance(item, bool) or item not in self.options:
+            # 16.0 == 16 in Python: only a real integer is one of the options.
+            if type(item) is not int or item not in self.options:
                 raise ConfigError(f"{key}: {show(item)} is not one of {allowed}")
         if len(set(value)) != len(value):
             raise ConfigError(f"{key}: duplicate entries in {show(value)}")
