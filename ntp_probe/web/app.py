@@ -43,6 +43,9 @@ class State:
     web_config: WebConfig = field(default_factory=WebConfig)
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
     _reloads: set[asyncio.Future[str | None]] = field(default_factory=set)
+    # /config's text for one configuration: rendered once, off the event loop (thousands
+    # of modules take seconds in PyYAML, and every request would wait).
+    _config_yaml: tuple[Config, asyncio.Future[str]] | None = None
 
     def __post_init__(self) -> None:
         # The leap file was read with the configuration (off the event loop).
@@ -51,6 +54,14 @@ class State:
         self.internals.in_flight.set_function(lambda: self.in_flight)
         self.coordinator.on_cancelled = self.internals.count_packets
         self.coordinator.on_unclaimed = self.internals.observe
+
+    async def config_yaml(self) -> str:
+        """The loaded configuration as YAML, rendered once per configuration."""
+        config = self.config
+        if self._config_yaml is None or self._config_yaml[0] is not config:
+            rendering = asyncio.ensure_future(asyncio.to_thread(config_to_yaml, config))
+            self._config_yaml = (config, rendering)
+        return await asyncio.shield(self._config_yaml[1])
 
     async def reload(self) -> str | None:
         """Reload the configuration file; on error keep the old one and return why.
@@ -189,8 +200,7 @@ async def reload_handler(request: web.Request) -> web.Response:
 
 async def config_handler(request: web.Request) -> web.Response:
     """GET /config: the loaded configuration as YAML."""
-    return web.Response(text=config_to_yaml(request.app[STATE].config),
-                        content_type="text/plain")
+    return web.Response(text=await request.app[STATE].config_yaml(), content_type="text/plain")
 
 
 async def logs_handler(request: web.Request) -> web.Response:

@@ -394,7 +394,7 @@ def test_config_reads_the_nts_block() -> None:
     with pytest.raises(ConfigError, match="not one of"):
         parse_config("modules:\n  n:\n    prober: nts\n    nts: {aead: [30]}\n", "t")
     # 16.0 == 16, but a float would reach the wire format as one (a 500 at every scrape).
-    with pytest.raises(ConfigError, match="16.0 is not one of"):
+    with pytest.raises(ConfigError, match=r"16\.0 is not one of"):
         parse_config("modules:\n  n:\n    prober: nts\n    nts: {aead: [16.0, 15]}\n", "t")
     assert set(NTS_AEAD_IDS) == set(ef.AEAD_ALGORITHMS)
 

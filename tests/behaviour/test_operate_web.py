@@ -25,7 +25,8 @@ from aiohttp.test_utils import TestClient, make_mocked_request
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
-from ntp_probe.config.load import load_config, parse_config
+from ntp_probe.config.load import config_to_yaml, load_config, parse_config
+from ntp_probe.config.schema import Config
 from ntp_probe.engine.context import ProbeLog
 from ntp_probe.engine.coordinator import _latest_end
 from ntp_probe.engine.result import Measurement
@@ -426,6 +427,28 @@ async def test_config_endpoint_reflects_the_loaded_modules(
     assert (await client.post("/-/reload")).status == 200
     data = yaml.safe_load(await (await client.get("/config")).text())
     assert list(data["modules"]) == ["gamma"]
+
+
+async def test_config_is_rendered_once_per_configuration(
+    aiohttp_client: AiohttpClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Thousands of modules take PyYAML seconds: GET /config, open to anyone, must not
+    # make the exporter do that again for every request.
+    path = tmp_path / "modules.yaml"
+    client, _ = await start(aiohttp_client, path, config_text(module_yaml("alpha")))
+    rendered: list[str] = []
+
+    def counted(config: Config) -> str:
+        rendered.append(config.source)
+        return config_to_yaml(config)
+
+    monkeypatch.setattr(app_module, "config_to_yaml", counted)
+    texts = await asyncio.gather(*(client.get("/config") for _ in range(5)))
+    assert len({await r.text() for r in texts}) == 1
+    assert len(rendered) == 1
+    assert (await client.post("/-/reload")).status == 200
+    await (await client.get("/config")).text()
+    assert len(rendered) == 2
 
 
 # --- history: landing page and /logs --------------------------------------------------
