@@ -94,18 +94,20 @@ class _Session:
     auth_failed: int = 0
     uid_mismatch: int = 0
     nak: bool = False
+    # A NAK echoed the outstanding request's identifier; it stands if no authentic reply
+    # follows within the reply timeout.
+    nak_pending: bool = False
     cookies_returned: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class _Reply:
-    """An authenticated reply (or an NTS NAK echoing our identifier)."""
+    """An authenticated reply."""
 
     packet: ntppkt.Packet
     t4_unix_ns: int
     kernel_timestamp: bool
     cookies: tuple[bytes, ...] = ()
-    nak: bool = False
 
 
 # --- NTS-KE ----------------------------------------------------------------------------
@@ -258,20 +260,23 @@ def _blackbox_version(openssl_name: str) -> str:
 
 def _matcher(client: rules.Client, burst: ntp.Burst, session: _Session,
              log: Callable[[str], None]) -> Callable[[Datagram], _Reply | None]:
-    # What authenticating the reply found: the cookies it returns, or that it is a NAK.
+    # What authenticating the reply found: the cookies it returns.
     cookies: tuple[bytes, ...] = ()
-    nak = False
 
     def authenticate(data: bytes) -> rules.Discarded | None:
-        nonlocal cookies, nak
+        nonlocal cookies
         uid = session.uid
         if uid is None:  # the request is being sent: nothing of ours can be answered yet
             return rules.Discarded("no request of this session is waiting", "no request")
         try:
-            cookies, nak = ef.verify_reply(data, uid, session.s2c,
-                                           aead_id=session.aead).cookies, False
+            cookies = ef.verify_reply(data, uid, session.s2c, aead_id=session.aead).cookies
         except ef.NTSNak:
-            cookies, nak = (), True
+            # A NAK is not authenticated: anyone who saw the request can send one. As RFC
+            # 8915 (5.7) asks, an authentic reply is still awaited; the NAK stands if none
+            # comes.
+            session.nak_pending = True
+            return rules.Discarded("NTS NAK (kiss code NTSN, our uid echoed), not "
+                                   "authenticated: waiting for an authentic reply", "nts nak")
         except ef.NTSUIDMismatch as exc:
             session.uid_mismatch += 1
             return rules.Discarded(str(exc), "unique identifier mismatch")
@@ -283,7 +288,7 @@ def _matcher(client: rules.Client, burst: ntp.Burst, session: _Session,
     def match(d: Datagram) -> _Reply | None:
         outcome = client.receive(d.data, d.source, authenticate)
         if isinstance(outcome, rules.Accepted):
-            return _Reply(outcome.packet, d.rx_ns, d.kernel_timestamp, cookies, nak)
+            return _Reply(outcome.packet, d.rx_ns, d.kernel_timestamp, cookies)
         ntp.set_aside(burst, outcome, log)
         return None
     return match
@@ -317,6 +322,7 @@ async def _run_burst(pump: DatagramPump[_Reply], client: rules.Client, settings:
         cookie = session.cookies.pop(0)  # used once, never again
         placeholders = _placeholders(session, settings.samples - i - 1, len(cookie))
         session.uid = os.urandom(_UID_LENGTH)
+        session.nak_pending = False
         request = header + ef.build_request_fields(
             header, session.uid, cookie, session.c2s, placeholders=placeholders,
             aead_id=session.aead)
@@ -341,15 +347,16 @@ async def _run_burst(pump: DatagramPump[_Reply], client: rules.Client, settings:
             session.uid = None
         if reply is None:
             client.expire()
+            if session.nak_pending:
+                session.nak = True
+                burst.received += 1  # the server answered, with a NAK
+                log(f"sample {i + 1}: NTS NAK and no authentic reply: the server rejected "
+                    f"the cookie or the authenticator; burst stopped")
+                return
             log(f"sample {i + 1}: no authenticated reply")
             continue
         burst.received += 1
         p = reply.packet
-        if reply.nak:
-            session.nak = True
-            log(f"sample {i + 1}: NTS NAK (kiss code NTSN, our uid echoed): the server "
-                f"rejected the cookie or the authenticator; burst stopped")
-            return
         session.cookies.extend(reply.cookies)
         session.cookies_returned += len(reply.cookies)
         s = ntp.take_sample(burst, i, p, t1_ns, reply.t4_unix_ns, pump.last_tx_kernel,

@@ -92,7 +92,9 @@ class FakeNTS:
     ke_port: int = 0
     ntp_port: int = 0
     records: Records | None = None  # None: a normal response
-    ntp_mode: str = "ok"  # ok | nak | tamper | uid | plain | rate (an authenticated KoD)
+    # ok | nak | tamper | uid | plain | rate (an authenticated KoD) | nak_then_ok (a forged
+    # NAK ahead of the authentic reply) | empty_cookie (the reply's new cookie is empty)
+    ntp_mode: str = "ok"
     ke_connections: int = 0
     withhold: int = 0  # requests answered only along with the next answered one (late)
     withheld: list[bytes] = field(default_factory=list)
@@ -173,13 +175,14 @@ class _NTPServer(asyncio.DatagramProtocol):
         _, s2c = fake.keys[cookie[:100]]
         now = int((time.time() + 2208988800) * 2**32)
         origin = struct.unpack_from("!Q", data, 40)[0]
-        if fake.ntp_mode == "nak":
+        if fake.ntp_mode in ("nak", "nak_then_ok"):
             # LI 3, mode 4, stratum 0, kiss code NTSN: the UID echoed, no authenticator.
             header = struct.pack("!BBbbII4sQQQQ", 0xE4, 0, 0, -20, 0, 0, b"NTSN", 0, origin,
                                  0, 0)
             assert self.transport is not None
             self.transport.sendto(header + ef.encode_field(0x0104, uid[:32]), addr)
-            return
+            if fake.ntp_mode == "nak":
+                return
         header = struct.pack("!BBbbII4sQQQQ", 0x24, 2, 0, -20, 0, 0, b"GPS\0", now, origin,
                              now, now)
         if fake.ntp_mode == "rate":  # LI 3, stratum 0, kiss code RATE, poll 2^4
@@ -192,7 +195,9 @@ class _NTPServer(asyncio.DatagramProtocol):
         uid_field = ef.encode_field(0x0104, os.urandom(32) if fake.ntp_mode == "uid" else uid[:32])
         new_cookie = os.urandom(100)
         fake.keys[new_cookie] = fake.keys[cookie[:100]]
-        plaintext = ef.encode_field(ef.FieldType.NTS_COOKIE, new_cookie)
+        plaintext = (struct.pack("!HH", ef.FieldType.NTS_COOKIE, 4)  # a field with no body
+                     if fake.ntp_mode == "empty_cookie"
+                     else ef.encode_field(ef.FieldType.NTS_COOKIE, new_cookie))
         nonce = os.urandom(16)
         ct = ef.aead_algorithm(15).encrypt(s2c, nonce, plaintext, header + uid_field)
         if fake.ntp_mode == "tamper":
@@ -327,6 +332,28 @@ async def test_replies_that_must_not_count(fake: FakeNTS, pki: PKI, mode: str,
     if mode == "nak":
         assert len(fake.requests) == 1  # the burst stops at the NAK
         assert label_sets(m, "probe_ntp_kiss_code_info") == [{"code": "NTSN"}]
+
+
+async def test_a_nak_followed_by_an_authentic_reply_does_not_end_the_burst(
+        fake: FakeNTS, pki: PKI) -> None:
+    # A NAK is not authenticated: one forged by anyone who saw the request must not turn a
+    # working server into nts_nak (RFC 8915, 5.7: wait for an authentic reply).
+    fake.ntp_mode = "nak_then_ok"
+    m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0], samples=3))
+    assert m.failure is None, log.text()
+    assert value(m, "probe_nts_authenticated") == 1
+    assert len(fake.requests) == 3
+    assert "not authenticated: waiting for an authentic reply" in log.text()
+
+
+async def test_an_empty_cookie_in_a_reply_is_not_kept(fake: FakeNTS, pki: PKI) -> None:
+    # The KE gives 8 cookies; the replies' new ones are empty and cannot be sent back: the
+    # burst ends when the good ones are used up (it used to be a 500 at the ninth sample).
+    fake.ntp_mode = "empty_cookie"
+    m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0], samples=10))
+    assert m.failure is None, log.text()
+    assert len(fake.requests) == 8
+    assert "no unused cookie left: burst stopped after 8 samples" in log.text()
 
 
 def _records(*recs: ke.Record) -> Records:

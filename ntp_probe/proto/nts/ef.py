@@ -352,7 +352,8 @@ def verify_reply(
         raise NTSAuthFailed("NTS authenticator does not verify") from None
     inner = [f for _, f in _parse_fields(plaintext, 0)]
     return VerifiedReply(
-        cookies=tuple(f.value for f in inner if f.field_type == FieldType.NTS_COOKIE),
+        # An empty cookie could never be sent back (a request needs one): not a cookie.
+        cookies=tuple(f.value for f in inner if f.field_type == FieldType.NTS_COOKIE and f.value),
         encrypted_fields=tuple(inner),
         unauthenticated_field_types=tuple(f.field_type for _, f in fields[auth_indexes[0] + 1:]),
     )
