@@ -462,7 +462,7 @@ class Requests:
     sequence number is no longer the awaited one.
     """
 
-    __slots__ = ("_log", "_scope", "_source", "current", "expired")
+    __slots__ = ("_log", "_scope", "_source", "current", "expired", "undecodable")
 
     def __init__(self, log: Callable[[str], None], source: tuple[str, int] | None) -> None:
         self._log = log
@@ -472,6 +472,10 @@ class Requests:
         self._scope = None if source is None else zone_scope(source[0])
         self.current: tuple[Command, int] | None = None
         self.expired: list[tuple[Command, int]] = []
+        # Why the last datagram from the daemon's address that is no command reply at all
+        # was ignored: the request's answer when nothing better comes (a chronyd speaking
+        # another protocol version says no more than that).
+        self.undecodable: str | None = None
 
     def match(self, d: Datagram) -> Received | None:
         """The awaited reply decoded (or why it does not decode); None to keep waiting."""
@@ -493,6 +497,13 @@ class Requests:
         except cmdmon.UnsupportedReplyError as exc:
             return BadReply(str(exc), unsupported=True)
         except cmdmon.CmdmonError as exc:
+            if cmdmon.reply_echo(d.data) is None:
+                # Not a command reply at all (garbage, or another protocol version's):
+                # chronyc ignores it and keeps waiting, so one forged datagram cannot
+                # stand in for chronyd's reply.
+                self.undecodable = str(exc)
+                self._log(f"datagram ignored: {exc}")
+                return None
             return BadReply(str(exc), unsupported=False)
 
     def _late(self, data: bytes) -> str:
@@ -596,6 +607,7 @@ class Session:
         payload = cmdmon.encode_request(command, sequence, index=index)
         requests = self._requests
         requests.current = (command, sequence)
+        requests.undecodable = None
         self._log(lambda: f"-> {name} sequence {sequence:08x} attempt {attempt} "
                   f"({len(payload)} B)")
         pace, sent_at = self._pace, self._loop.time()
@@ -613,9 +625,12 @@ class Session:
             requests.current = None
             requests.expired.append((command, sequence))
         if received is None:
-            self._log(f"<- {name}: no reply in time (attempt {attempt})")
-            return None
-        pace.seen(self._loop.time() - sent_at)
+            if requests.undecodable is None:
+                self._log(f"<- {name}: no reply in time (attempt {attempt})")
+                return None
+            received = BadReply(requests.undecodable, unsupported=False)
+        else:
+            pace.seen(self._loop.time() - sent_at)
         if isinstance(received, BadReply):
             self._log(f"<- {name}: bad reply: {received.why}")
         else:

@@ -373,6 +373,21 @@ async def test_garbage_tracking_replies_are_bad_replies(
     assert statuses(m)["server_stats"] == "ok"
 
 
+@pytest.mark.parametrize("noise", [b"\x17" * 100, b"\x06", b"\x06\x02\x00\x00",
+                                   b"\x05\x02" + b"\0" * 102])
+async def test_datagrams_that_are_no_reply_do_not_hide_the_reply_after_them(
+    fake: FakeCommandPort, noise: bytes
+) -> None:
+    # As chronyc: what is not a command reply at all (noise, another protocol version) is
+    # ignored, so one forged datagram ahead of chronyd's reply cannot fail the probe.
+    fake.behaviour = lambda req: [(noise, 0.0), (fake.chronyd.answer(req), 0.01)]
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
+    assert m.failure is None, log.text()
+    assert set(statuses(m).values()) == {"ok"}
+    assert len(sent_lines(log.text(), "TRACKING")) == 1
+    assert "datagram ignored: " in log.text()
+
+
 async def test_unauthorised_tracking_is_reported_with_the_rest(fake: FakeCommandPort) -> None:
     def behaviour(req: Req) -> list[tuple[bytes, float]]:
         if req.command == TRACKING:
