@@ -20,6 +20,7 @@ from ntp_probe.engine.registry import resolve_target
 from ntp_probe.engine.result import Measurement, Perf, Report
 from ntp_probe.engine.runner import guard_for, run_probe
 from ntp_probe.engine.targets import TargetError
+from ntp_probe.engine.text import visible
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 _STATES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
@@ -94,7 +95,7 @@ def _judged(m: Measurement) -> Report | None:
 def _text(text: str) -> str:
     """A status line's text: one line, and no '|', which would start the perfdata
     (a target or module name must not be able to inject values)."""
-    return " ".join(text.split()).replace("|", "/")
+    return visible(" ".join(text.split())).replace("|", "/")
 
 
 def evaluate(target: str, module: Module, m: Measurement, warning: float,

@@ -7,6 +7,8 @@ import logging
 import sys
 import time
 
+from ntp_probe.engine.text import visible
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
           "error": logging.ERROR}
 
@@ -23,9 +25,12 @@ def _level(record: logging.LogRecord) -> str:
 
 
 def _logfmt_value(value: str) -> str:
-    if value and not any(c in value for c in ' "=\\\n\t'):
+    # Quoted when needed; a newline as \n and any other character that is not printable
+    # (a server's text, a client's) as \xNN, so that one record stays one clean line.
+    if value and value.isprintable() and not any(c in value for c in ' "=\\'):
         return value
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return '"' + visible(escaped) + '"'
 
 
 # Fields a record may carry besides its message (ProbeLog's target and module): the

@@ -6,6 +6,7 @@ import json
 
 from ntp_probe.engine.context import ProbeLog
 from ntp_probe.engine.result import Measurement
+from ntp_probe.engine.text import visible
 from ntp_probe.exposition.render import render
 
 FORMATS = ("text", "json", "prometheus")
@@ -15,12 +16,14 @@ def text(target: str, module: str, m: Measurement, log: ProbeLog) -> str:
     """The human-readable report: a headline, each report's rows, the probe's log."""
     # The headline says what was found, not only OK: the first lines of the first report
     # (the server and its offset; the kernel clock's state and whether it is synchronised).
-    found = "; ".join(f"{k} {v}" for k, v in m.reports[0].rows()[:2]) if m.reports else ""
+    # Values may quote a daemon (its version, a refid): shown escaped, like the log lines.
+    found = "; ".join(f"{k} {visible(v)}" for k, v in m.reports[0].rows()[:2]) \
+        if m.reports else ""
     lines = [f"{target} (module {module}): "
              + ("OK" if m.success else f"FAILED: {m.failure}")
              + f" in {m.duration * 1000:.1f} ms" + (f": {found}" if found else "")]
     for report in m.reports:
-        lines += [f"  {k:<14} {v}" for k, v in report.rows()]
+        lines += [f"  {k:<14} {visible(v)}" for k, v in report.rows()]
     lines.append("log:")
     lines += ["  " + line for line in log.lines]
     return "\n".join(lines) + "\n"

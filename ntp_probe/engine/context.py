@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ntp_probe.engine.result import Measurement
+from ntp_probe.engine.text import visible
 from ntp_probe.safety.guard import Guard
 
 _logger = logging.getLogger("ntp_probe.probe")
@@ -73,7 +74,8 @@ class ProbeLog(Log):
     def lines(self) -> list[str]:
         """The lines kept, each stamped with the milliseconds since the probe started."""
         start = self._start
-        return [f"{(at - start) * 1000:9.3f}ms {_text(message)}"
+        # Lines quote what servers sent (a daemon's variables, a refid): shown escaped.
+        return [f"{(at - start) * 1000:9.3f}ms {visible(_text(message))}"
                 for at, message in self._entries]
 
     def text(self) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from ntp_probe.cli import report
 from ntp_probe.config.schema import Module, NTPDSettings
 from ntp_probe.engine.context import ProbeContext, ProbeLog
 from ntp_probe.engine.result import Measurement
@@ -608,6 +609,23 @@ async def test_unknown_and_unreadable_variables_are_tolerated(server: FakeNtpd) 
     assert value(out.m, "probe_ntpd_tai_offset_seconds") == 37
     report = ntpd.report_of(out.m)
     assert report is not None and report.check_offset is None
+
+
+async def test_a_hostile_version_string_reaches_no_terminal_raw(server: FakeNtpd) -> None:
+    # ntpq shows such text escaped (cat -v style); the CLI's report and the probe log too.
+    hostile = SYSTEM_VARIABLES.replace(b"ntpd ntpsec-1.2.2", b"\x1b[2J\x1b]0;pwned\x07")
+
+    def escape_codes(req: Request) -> list[bytes]:
+        if req.opcode == READVAR and req.association == 0 and not req.names:
+            return fragments(req, hostile, SYSTEM_STATUS)
+        return healthy(req)
+
+    server.behaviour = escape_codes
+    out = await run(server)
+    assert out.m.failure is None, out.log
+    text = report.text("t", "ntpd", out.m, ProbeLog())
+    assert "\x1b" not in text and "\\x1b[2J\\x1b]0;pwned\\x07" in text, text
+    assert "\x1b" not in out.log
 
 
 def test_a_pool_association_is_named_by_its_srchost_as_ntpq_shows_it() -> None:

@@ -1,0 +1,49 @@
+"""Text from servers and clients is shown escaped: in log lines (logfmt and JSON), probe logs
+and the CLI's report."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from ntp_probe.cli.logs import JSONFormatter, LogfmtFormatter
+from ntp_probe.engine.context import ProbeLog
+from ntp_probe.engine.text import visible
+
+HOSTILE = "v\x1b[2J\x1b]0;title\x07\r\t\u202e\x85end"
+
+
+def test_printable_text_is_unchanged() -> None:
+    for text in ("", "ntpd ntpsec-1.2.2 2023-01-01", "refid GPS", "café ünïcode 時刻"):
+        assert visible(text) == text
+
+
+def test_every_character_that_is_not_printable_is_escaped() -> None:
+    shown = visible(HOSTILE)
+    assert shown == "v\\x1b[2J\\x1b]0;title\\x07\\x0d\\x09\\u202e\\x85end"
+    assert shown.isprintable()
+
+
+def record(message: str) -> logging.LogRecord:
+    return logging.LogRecord("ntp_probe.probe", logging.DEBUG, __file__, 1, "%s", (message,),
+                             None)
+
+
+@pytest.mark.parametrize("formatter", [LogfmtFormatter(), JSONFormatter()])
+def test_a_log_line_carries_no_control_character(formatter: logging.Formatter) -> None:
+    line = formatter.format(record(f"<- READVAR: version={HOSTILE}\nforged=1"))
+    assert line.isprintable(), line  # no escape code, no carriage return, one line
+    if isinstance(formatter, JSONFormatter):
+        assert json.loads(line)["msg"] == f"<- READVAR: version={HOSTILE}\nforged=1"
+    else:
+        assert 'msg="<- READVAR: version=v\\x1b[2J' in line and "\\nforged=1" in line
+
+
+def test_a_probe_log_shows_server_text_escaped() -> None:
+    log = ProbeLog("t", "m")
+    log(f"version {HOSTILE}")
+    log(lambda: f"refid {HOSTILE}")
+    assert all(line.isprintable() for line in log.lines), log.lines
+    assert "\x1b" not in log.text()
