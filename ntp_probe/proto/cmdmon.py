@@ -207,8 +207,9 @@ _STATE_SYMBOLS = {
 @dataclass(frozen=True)
 class Address:
     """chrony's IPAddr as text: dotted quad, RFC 5952 IPv6 (as inet_ntop), ``ID#nnnnnnnnnn``
-    for an unresolved source, or ``""`` for UNSPEC (and for families chrony does not know,
-    which chrony itself treats as UNSPEC)."""
+    for an unresolved source, ``[UNSPEC]`` for UNSPEC and ``[UNKNOWN]`` for a family chrony
+    does not know (family UNSPEC, as chrony treats it): the texts of chrony's
+    ``UTI_IPToString``, so that no source is named by an empty label."""
 
     family: AddressFamily
     text: str
@@ -223,9 +224,12 @@ class _NamedByRefid:
     @property
     def name(self) -> str:
         """chronyc's name column: the refid as text where there is no address (a refclock,
-        or an unsynchronised daemon's reference), otherwise the address."""
+        or an unsynchronised daemon's reference), otherwise the address. TRACKING's name
+        may be empty (chronyc prints ``Reference ID : 00000000 ()``); a source's never is:
+        without an address or a refid with text it is the address's ``[UNSPEC]``."""
         if self.address.family is AddressFamily.UNSPEC:
-            return refid_text(int(self.refid, 16))
+            text = refid_text(int(self.refid, 16))
+            return text if text or isinstance(self, Tracking) else self.address.text
         return self.address.text
 
 
@@ -510,7 +514,8 @@ def decode_address(addr: bytes, family: int) -> Address:
         return Address(AddressFamily.INET6, _ipv6_text(addr))
     if family == AddressFamily.ID:
         return Address(AddressFamily.ID, f"ID#{int.from_bytes(addr[:4], 'big'):010d}")
-    return Address(AddressFamily.UNSPEC, "")
+    return Address(AddressFamily.UNSPEC, "[UNSPEC]" if family == AddressFamily.UNSPEC
+                   else "[UNKNOWN]")
 
 
 def _ipv6_text(addr: bytes) -> str:

@@ -249,8 +249,9 @@ def test_timespec(sec_high: int, sec_low: int, nsec: int, ns: int) -> None:
          Address(AddressFamily.INET6, "::ffff:192.0.2.1")),  # inet_ntop's mapped form
         (2, bytes(12) + bytes([192, 0, 2, 1]), Address(AddressFamily.INET6, "::192.0.2.1")),
         (3, struct.pack(">I", 42), Address(AddressFamily.ID, "ID#0000000042")),
-        (0, bytes(16), Address(AddressFamily.UNSPEC, "")),
-        (9, bytes([1, 2, 3, 4]), Address(AddressFamily.UNSPEC, "")),  # unknown: chrony's UNSPEC
+        (0, bytes(16), Address(AddressFamily.UNSPEC, "[UNSPEC]")),
+        # Unknown: chrony's UNSPEC, named as chrony's UTI_IPToString names it.
+        (9, bytes([1, 2, 3, 4]), Address(AddressFamily.UNSPEC, "[UNKNOWN]")),
     ],
 )
 def test_address(family: int, addr: bytes, expected: Address) -> None:
@@ -330,7 +331,7 @@ def test_tracking_fields_in_order() -> None:
     ))
     t = decode(data, Command.TRACKING).data
     assert t == Tracking(
-        refid="47505300", address=Address(AddressFamily.UNSPEC, ""), stratum=1,
+        refid="47505300", address=Address(AddressFamily.UNSPEC, "[UNSPEC]"), stratum=1,
         leap_status=LeapStatus.UNSYNCHRONISED, ref_time_ns=7_000_000_008,
         system_time=1000 * 2.0**-25, last_offset=2000 * 2.0**-25, rms_offset=3000 * 2.0**-25,
         frequency_ppm=4000 * 2.0**-25, residual_frequency_ppm=5000 * 2.0**-25,
@@ -414,6 +415,16 @@ def test_sourcestats() -> None:
     s = decode(reply(Command.SOURCESTATS, 6, refclock), Command.SOURCESTATS).data
     assert isinstance(s, SourceStats)
     assert s.name == "PPS"
+    # Neither an address nor a refid with text (an unknown family, a refid of 0): a name
+    # still, as chronyc prints one.
+    nameless = sourcestats_body(ref_id=0, ip=ipaddr(999, bytes(16)))
+    s = decode(reply(Command.SOURCESTATS, 6, nameless), Command.SOURCESTATS).data
+    assert isinstance(s, SourceStats)
+    assert s.name == "[UNKNOWN]"
+    data = source_data_body(ip=ipaddr(999, bytes(16)))
+    d = decode(reply(Command.SOURCE_DATA, 3, data), Command.SOURCE_DATA).data
+    assert isinstance(d, SourceData)
+    assert d.name == "[UNKNOWN]"
 
 
 def test_select_data() -> None:
