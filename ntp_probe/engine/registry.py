@@ -89,8 +89,10 @@ PROBERS: Mapping[str, ProberSpec] = {
             "nts", nts.probe, nts.DESCRIPTION, ("ntp", "nts"),
             _COMMON + _NETWORK + _families(ntp) + _families(nts), nts.REASONS,
             default_port=lambda module: module.nts.port,
+            # The NTP port comes from the KE (its port record, or 123): nts.port is the
+            # KE's own.
             ntp_keys_unused=("all_addresses", "max_addresses", "addresses_required",
-                             "kernel_correlation", "source_ip_address"),
+                             "kernel_correlation", "source_ip_address", "port"),
         ),
         ProberSpec(
             "kernel", kernel.probe, "the local kernel clock discipline state (adjtimex)", (),

@@ -195,6 +195,7 @@ def test_unknown_module_key_names_full_path() -> None:
 @pytest.mark.parametrize(("prober", "key", "value"), [
     ("nts", "source_ip_address", "192.0.2.1"),
     ("nts", "all_addresses", "true"),
+    ("nts", "port", "4123"),  # the NTP port comes from the key exchange
     ("nts", "kernel_correlation", "true"),
     ("ntp_group", "kernel_correlation", "true"),
     ("ntp_group", "all_addresses", "true"),
