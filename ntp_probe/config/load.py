@@ -263,7 +263,8 @@ def _parse_module(name: str, raw: object, problems: _Problems,
         problems.add(_at(raw, "ntp"), f"{where}.ntp.version", "must be 4 for prober: nts")
     if prober == "nts" and blocks["nts"].ca_file:
         # Relative to the config file, as the leap file; checked now, not at the first probe.
-        ca_file = os.path.join(base, blocks["nts"].ca_file)
+        # Made absolute: /config's dump, saved elsewhere, must name the same file.
+        ca_file = os.path.abspath(os.path.join(base, blocks["nts"].ca_file))
         why = ca_file_problem(ca_file)
         if why is not None:
             nts_raw = raw.get("nts")
@@ -482,7 +483,7 @@ def _parse_leapfile(raw: Mapping[str, Any], base: str,
         return "", None
     if not value:
         return "", None
-    path = os.path.join(base, value)
+    path = os.path.abspath(os.path.join(base, value))  # as ca_file: the dump names the file
     try:
         return path, read_leapfile(path)
     except ConfigError as exc:

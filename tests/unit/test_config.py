@@ -19,6 +19,7 @@ from ntp_probe.config.schema import (
     parse_duration,
 )
 from tests.conftest import crl_only_pem
+from tests.unit.test_leapfile import REAL_ENTRIES, build
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 JAN_2024 = 1_704_067_200.0
@@ -464,6 +465,26 @@ def test_an_nts_ca_file_is_relative_to_the_config_file_and_must_exist(tmp_path: 
     path.write_text(text.format("certs/crl.pem"))
     with pytest.raises(ConfigError, match="holds no certificate"):
         load_config(str(path))
+
+
+def test_config_dump_round_trips_relative_paths_from_another_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # --config.file sub/modules.yaml, from the directory above: the dump must name the
+    # same files wherever it is saved (relative paths would now be relative to it).
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "ca.pem").write_text(_self_signed_pem())
+    (sub / "leap.list").write_text(build(REAL_ENTRIES))
+    (sub / "modules.yaml").write_text(
+        "leapfile: leap.list\nmodules:\n  n:\n    prober: nts\n    nts:\n      ca_file: ca.pem\n")
+    monkeypatch.chdir(tmp_path)
+    config = load_config("sub/modules.yaml")
+    assert config.modules["n"].nts.ca_file == str(sub / "ca.pem")
+    assert config.leapfile_path == str(sub / "leap.list")
+    (sub / "again.yaml").write_text(config_to_yaml(config))
+    again = load_config("sub/again.yaml")
+    assert dict(again.modules) == dict(config.modules)
+    assert again.leapfile_path == config.leapfile_path
 
 
 def _self_signed_pem() -> str:
