@@ -361,10 +361,11 @@ def test_tls_connections_that_never_finish_the_handshake_are_limited_and_timed_o
                     open_ones.remove(s)
         assert not open_ones, f"{len(open_ones)} silent connections still open"
         assert server.get("/-/healthy", basic(USER, PASSWORD)).status == 200
-        # Nothing is left open for them (each was watched for its first bytes).
+        # Nothing is left open for them (each was watched for its first bytes). At most as
+        # many as before: the health check's own connection may have been open then.
         while len(list(fds.iterdir())) > fds_before and time.monotonic() < deadline:
             time.sleep(0.05)  # poll interval, bounded by the deadline
-        assert len(list(fds.iterdir())) == fds_before
+        assert len(list(fds.iterdir())) <= fds_before
     finally:
         for s in silent:
             s.close()
