@@ -228,6 +228,11 @@ def dump_block(settings: object) -> dict[str, Any]:
 def _parse_module(name: str, raw: object, problems: _Problems,
                   at: Position | None, base: str = "") -> Module | None:
     where = f"modules.{name}"
+    if not name or not name.isprintable() or name != name.strip():
+        # module= must be able to name it, and a 400's one-line reason list it.
+        problems.add(at, f"modules.{show(name)}", "a module name must be non-empty "
+                     "printable text without surrounding spaces")
+        return None
     if raw is None:
         raw = Node()
     if not isinstance(raw, dict):

@@ -540,6 +540,14 @@ def test_names_are_taken_as_written_not_as_yaml_1_1_values() -> None:
     assert list(parse(config_to_yaml(config)).modules) == names  # /config round-trips
 
 
+@pytest.mark.parametrize("name", ['""', '"nl\\nx"', '" padded"', '"tab\\t"', '"esc\\e[1m"'])
+def test_a_module_name_no_request_could_use_is_refused(name: str) -> None:
+    # An empty name is never chosen (module= empty means ntp); one with a newline would
+    # split the 400's one-line list of modules.
+    with pytest.raises(ConfigError, match="a module name must be non-empty printable text"):
+        parse(f"modules:\n  {name}:\n    prober: ntp\n")
+
+
 def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     fifo = tmp_path / "modules.yaml"
     os.mkfifo(fifo)
