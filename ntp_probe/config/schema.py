@@ -258,9 +258,14 @@ class Address:
         if value == "":
             return ""
         try:
-            return str(ipaddress.ip_address(value if isinstance(value, str) else ""))
+            address = ipaddress.ip_address(value if isinstance(value, str) else "")
         except ValueError:
             raise ConfigError(f"{key}: expected an IP address, got {show(value)}") from None
+        if address.is_multicast or address == ipaddress.IPv4Address("255.255.255.255"):
+            # A source address is one of this host's own: a group or broadcast address
+            # could never be bound as one.
+            raise ConfigError(f"{key}: {address} is not a unicast address")
+        return str(address)
 
     def dump(self, value: Any) -> object:
         """As written in YAML."""

@@ -548,6 +548,12 @@ def test_a_module_name_no_request_could_use_is_refused(name: str) -> None:
         parse(f"modules:\n  {name}:\n    prober: ntp\n")
 
 
+@pytest.mark.parametrize("address", ["224.0.0.1", "ff02::1", "255.255.255.255"])
+def test_a_source_address_must_be_unicast(address: str) -> None:
+    with pytest.raises(ConfigError, match="is not a unicast address"):
+        parse(f"modules:\n  m:\n    ntp:\n      source_ip_address: '{address}'\n")
+
+
 def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     fifo = tmp_path / "modules.yaml"
     os.mkfifo(fifo)
