@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from ntp_probe import __version__
@@ -19,7 +20,7 @@ from ntp_probe.cli import check, logs, output, report
 from ntp_probe.cli.flags import Parser, env_name, flag, number, positive_float, seconds
 from ntp_probe.cli.probe import probe
 from ntp_probe.cli.serve import serve
-from ntp_probe.config.load import load_config
+from ntp_probe.config.load import leapfile_warning, load_config
 from ntp_probe.config.schema import Config, ConfigError
 from ntp_probe.web.auth import WebConfigError, load_web_config
 
@@ -140,14 +141,19 @@ def listen_addresses(given: list[str] | None) -> list[str]:
     return [a.strip() for a in env.split(",") if a.strip()] or [DEFAULT_LISTEN]
 
 
-def _load(path: str | None) -> Config | None:
+def _load(path: str | None, *, serving: bool = True) -> Config | None:
     try:
-        return load_config(path)
+        config = load_config(path)
     except ConfigError as exc:
         # One log line per problem: each names its file, line and key.
         for line in str(exc).splitlines():
             logger.error("invalid configuration: %s", line)
         return None
+    # For the exporter and --config.check; an ad-hoc probe's leap verdict says it itself.
+    warning = leapfile_warning(config, time.time()) if serving else None
+    if warning is not None:
+        logger.warning("%s", warning)
+    return config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "probe":
         args = probe_parser().parse_args(argv[1:])
         logs.setup(args.log_level, args.log_format)
-        config = _load(args.config_file)
+        config = _load(args.config_file, serving=False)
         return 2 if config is None else asyncio.run(probe(args, config))
     if argv and argv[0] == "serve":
         argv = argv[1:]

@@ -18,6 +18,7 @@ import os
 import re
 import ssl
 import stat
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from importlib import resources
@@ -469,6 +470,22 @@ def read_leapfile(path: str) -> LeapFile:
         return parse_leapfile(read_config_file(path))
     except LeapFileError as exc:
         raise ConfigError(f"{path}: not a leap-seconds.list file: {exc}") from None
+
+
+def leapfile_warning(config: Config, now: float) -> str | None:
+    """Why the loaded leap file cannot vouch for leap seconds at ``now`` (its hash, its
+    expiry), or None: it loads, but every leap check reads unknown."""
+    leapfile = config.leapfile
+    if leapfile is None:
+        return None
+    if not leapfile.hash_valid:
+        why = "its #h hash is missing or does not match its contents"
+    elif leapfile.expired(now):
+        why = f"it expired on {time.strftime('%Y-%m-%d', time.gmtime(leapfile.expires))}"
+    else:
+        return None
+    return (f"leap file {config.leapfile_path}: {why}; leap checks read unknown until a "
+            "current file is loaded (update tzdata, or the file named by leapfile:)")
 
 
 def _parse_leapfile(raw: Mapping[str, Any], base: str,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from ntp_probe.config.load import config_to_yaml, load_config, module_to_dict
+from ntp_probe.config.load import config_to_yaml, leapfile_warning, load_config, module_to_dict
 from ntp_probe.config.schema import Config, ConfigError
 from ntp_probe.engine.coordinator import Coordinator
 from ntp_probe.engine.registry import resolve_target
@@ -92,6 +93,9 @@ class State:
             self.internals.config_loaded(len(config.modules))
             self.internals.use_leapfile(config.leapfile)
             logger.info("reloaded %d modules from %s", len(config.modules), config.source)
+            warning = leapfile_warning(config, time.time())
+            if warning is not None:
+                logger.warning("%s", warning)
             return None
 
 

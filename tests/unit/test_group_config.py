@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ntp_probe.cli.main import main
 from ntp_probe.config import load
 from ntp_probe.config.load import config_to_yaml, parse_config
 from ntp_probe.config.schema import ConfigError
@@ -63,6 +64,32 @@ def test_a_leapfile_relative_to_the_config_file(tmp_path: Path) -> None:
     assert config.leapfile_path == str(tmp_path / "leap.list")
     assert config.leapfile is not None and config.leapfile.hash_valid
     assert config.leapfile.tai_offset(1.8e9) == 37
+
+
+def test_a_leap_file_that_cannot_vouch_is_warned_about(tmp_path: Path) -> None:
+    path = tmp_path / "leap.list"
+    path.write_text(build(REAL_ENTRIES))
+    config = parse_config(f"leapfile: {path}\n" + MODULES, "t")
+    before_expiry = config.leapfile.expires - 1 if config.leapfile else 0
+    assert load.leapfile_warning(config, before_expiry) is None
+    warning = load.leapfile_warning(config, before_expiry + 2)
+    assert warning is not None and "it expired on 2027-06-28" in warning, warning
+    path.write_text(build(REAL_ENTRIES, words=(1, 2, 3, 4, 5)))
+    broken = parse_config(f"leapfile: {path}\n" + MODULES, "t")
+    warning = load.leapfile_warning(broken, before_expiry)
+    assert warning is not None and "hash is missing or does not match" in warning, warning
+    assert load.leapfile_warning(parse_config('leapfile: ""\n' + MODULES, "t"), 0) is None
+
+
+def test_config_check_passes_but_warns_of_a_leap_file_that_cannot_vouch(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "leap.list").write_text(build(REAL_ENTRIES, words=(1, 2, 3, 4, 5)))
+    modules = tmp_path / "modules.yaml"
+    modules.write_text("leapfile: leap.list\n" + MODULES)
+    assert main(["--config.check", f"--config.file={modules}"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("configuration OK")
+    assert "level=warn" in captured.err and "hash is missing or does not match" in captured.err
 
 
 def test_a_broken_hash_loads_but_is_not_valid(tmp_path: Path) -> None:
