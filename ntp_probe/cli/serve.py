@@ -146,6 +146,7 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
                        "cannot connect", max_connections, args.max_concurrent)
     guard = ConnectionGuard(max_connections=max_connections, header_timeout=args.header_timeout,
                             idle_timeout=args.idle_timeout)
+    guard.before_tls = web_config.refresh_tls
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(guard.exception_handler)
     quiet_bad_requests()

@@ -22,8 +22,11 @@ import base64
 import binascii
 import functools
 import hashlib
+import logging
+import os
 import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -82,6 +85,69 @@ class TooBusy(Exception):
     """Too many password checks are pending."""
 
 
+logger = logging.getLogger("ntp_probe.web")
+
+# How often new connections look at the certificate files: a rotation is picked up within
+# this, at the cost of a few stat() calls a second at most.
+_TLS_CHECK_INTERVAL = 1.0
+
+
+def _signature(paths: tuple[str, ...]) -> tuple[tuple[int, int, int] | None, ...]:
+    """What the files are now (through symlinks: a Kubernetes secret swaps a link)."""
+    out: list[tuple[int, int, int] | None] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+@dataclass(slots=True)
+class _TLSFiles:
+    """The files a server's TLS context was loaded from, as they were then."""
+
+    context: ssl.SSLContext
+    cert: str
+    key: str
+    client_ca: str | None
+    signature: tuple[tuple[int, int, int] | None, ...] = ()
+    checked: float = 0.0
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (self.cert, self.key) + ((self.client_ca,) if self.client_ca else ())
+
+    def refresh(self) -> None:
+        """Load the certificate, key and client CA again if their files changed (looked at
+        no more than once a second); a pair that does not load is logged, the old kept."""
+        now = time.monotonic()
+        if now - self.checked < _TLS_CHECK_INTERVAL:
+            return
+        self.checked = now
+        signature = _signature(self.paths)
+        if signature == self.signature:
+            return
+        self.signature = signature  # a broken change is logged once, not per connection
+        try:
+            # Tried on a scratch context first: a certificate loaded into the live one
+            # with a key that does not match would fail every handshake.
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert, self.key)
+            why = ca_file_problem(self.client_ca) if self.client_ca else None
+            if why is not None:
+                raise ValueError(f"client_ca_file: {why}")
+            self.context.load_cert_chain(self.cert, self.key)
+            if self.client_ca:
+                self.context.load_verify_locations(self.client_ca)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            logger.error("TLS files changed but do not load, the previous ones stay in use: "
+                         "%s", exc)
+            return
+        logger.info("TLS files changed: new connections use them")
+
+
 def _cost(hashed: bytes) -> int:
     return int(hashed.split(b"$")[2])
 
@@ -96,6 +162,8 @@ class WebConfig:
 
     ssl_context: ssl.SSLContext | None = None
     users: Mapping[str, bytes] = field(default_factory=dict)
+    # Where ssl_context's certificate, key and client CA come from (see refresh_tls).
+    _tls_files: _TLSFiles | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     _verified: LRUCache[tuple[str, bytes], bool] = field(
         default_factory=lambda: LRUCache(maxsize=1024)
@@ -169,6 +237,13 @@ class WebConfig:
 
         return mw
 
+    def refresh_tls(self) -> None:
+        """Before a TLS handshake: a certificate, key or client CA whose file changed is
+        loaded again for new connections, as exporter-toolkit reads them for each one (a
+        renewed certificate needs no restart)."""
+        if self._tls_files is not None:
+            self._tls_files.refresh()
+
     async def add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
         """The configured headers, as a response signal: on every response, errors
         included, as exporter-toolkit sets them before any handler runs."""
@@ -193,7 +268,7 @@ def _path(base: Path, raw: object, key: str) -> str:
     return str(path)
 
 
-def _tls(raw: dict[str, Any], base: Path) -> ssl.SSLContext | None:
+def _tls(raw: dict[str, Any], base: Path) -> _TLSFiles | None:
     if not raw:
         return None
     for key in raw:
@@ -234,7 +309,11 @@ def _tls(raw: dict[str, Any], base: Path) -> ssl.SSLContext | None:
             raise WebConfigError(f"tls_server_config.client_ca_file: {why}")
         ctx.load_verify_locations(ca_file)
         ctx.verify_mode = _CLIENT_AUTH[auth]
-    return ctx
+    else:
+        ca_file = None
+    files = _TLSFiles(ctx, cert, key, ca_file)
+    files.signature = _signature(files.paths)
+    return files
 
 
 def load_web_config(path: str | None) -> WebConfig:
@@ -297,4 +376,5 @@ def load_web_config(path: str | None) -> WebConfig:
     if users:
         cost = max(_cost(h) for h in users.values())
         dummy = _bcrypt().hashpw(b"ntp_probe-dummy", _bcrypt().gensalt(rounds=cost))
-    return WebConfig(ssl_context=tls, users=users, headers=headers, _dummy=dummy)
+    return WebConfig(ssl_context=None if tls is None else tls.context, users=users,
+                     headers=headers, _tls_files=tls, _dummy=dummy)

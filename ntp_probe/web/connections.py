@@ -95,6 +95,8 @@ class ConnectionGuard:
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
+        # Called before each TLS handshake (the web config's certificate refresh).
+        self.before_tls: Callable[[], None] | None = None
         self._conns: dict[_Proxy, _Conn] = {}  # insertion order: oldest first
         self._by_handler: dict[object, _Proxy] = {}
         self._sweeper: asyncio.TimerHandle | None = None
@@ -260,6 +262,8 @@ class _Proxy(asyncio.Protocol):
             transport.write_eof()  # type: ignore[attr-defined]
             transport.resume_reading()  # type: ignore[attr-defined]
             return
+        if self.guard.before_tls is not None:
+            self.guard.before_tls()
         try:
             secured = await loop.start_tls(
                 transport, self, context, server_side=True,  # type: ignore[arg-type]

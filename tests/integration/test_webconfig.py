@@ -11,6 +11,7 @@ import base64
 import http.client
 import os
 import select
+import shutil
 import socket
 import ssl
 import subprocess
@@ -76,8 +77,12 @@ class Pki:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def make_pki(d: Path) -> Pki:
+    """A self-signed certificate for 127.0.0.1 and its key, in ``d``."""
     openssl = require_binary("openssl")
-    d = tmp_path_factory.mktemp("pki")
     cert, key = d / "cert.pem", d / "key.pem"
     run = subprocess.run(
         [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
@@ -279,6 +284,48 @@ def test_plain_http_to_the_tls_port_gets_gos_400(tls_server: Server) -> None:
     assert data.startswith(b"HTTP/1.0 400 Bad Request\r\n"), data[:200]
     # The server is still fine afterwards, over TLS.
     assert tls_server.get("/metrics", basic(USER, PASSWORD)).status == 200
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(pki: Pki, tmp_path: Path) -> None:
+    # As exporter-toolkit reads its files for each connection: cert-manager and the like
+    # replace the files, and the exporter must not serve the old certificate until it
+    # expires. A pair that does not match is refused and the old one kept meanwhile.
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("cert.pem", "key.pem"):
+        shutil.copy(pki.dir / name, live / name)
+    web = write_web_config(live / "web.yml", tls=True, users=False)
+    server = start_server(tmp_path, web, ssl.create_default_context(cafile=str(pki.cert)))
+
+    def served() -> str:
+        return ssl.get_server_certificate((LOOPBACK, server.port), timeout=HTTP_TIMEOUT)
+
+    def wait_for_cert(pem: str) -> None:
+        deadline = time.monotonic() + 10
+        while served().strip() != pem.strip() and time.monotonic() < deadline:
+            time.sleep(0.1)  # poll interval, bounded by the deadline
+        assert served().strip() == pem.strip()
+
+    try:
+        old = (live / "cert.pem").read_text()
+        assert served().strip() == old.strip()
+        (tmp_path / "renewed").mkdir()
+        renewed = make_pki(tmp_path / "renewed")
+        # A certificate whose key has not arrived yet: refused, the old pair stays.
+        shutil.copy(renewed.cert, live / "cert.new")
+        os.replace(live / "cert.new", live / "cert.pem")
+        deadline = time.monotonic() + 10
+        while "do not load" not in server.log() and time.monotonic() < deadline:
+            served()  # a new connection looks at the files
+            time.sleep(0.1)  # poll interval, bounded by the deadline
+        assert "do not load" in server.log(), server.log()
+        assert served().strip() == old.strip()
+        shutil.copy(renewed.key, live / "key.new")
+        os.replace(live / "key.new", live / "key.pem")
+        wait_for_cert(renewed.cert.read_text())
+        assert "TLS files changed: new connections use them" in server.log()
+    finally:
+        stop_process(server.proc)
 
 
 def test_https_rejects_untrusted_client_view(tls_server: Server) -> None:
