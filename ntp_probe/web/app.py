@@ -44,6 +44,7 @@ class State:
     web_config: WebConfig = field(default_factory=WebConfig)
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
     _reloads: set[asyncio.Future[str | None]] = field(default_factory=set)
+    _queued: asyncio.Future[str | None] | None = None  # a reload not yet reading the file
     # /config's text for one configuration: rendered once, off the event loop (thousands
     # of modules take seconds in PyYAML, and every request would wait).
     _config_yaml: tuple[Config, asyncio.Future[str]] | None = None
@@ -69,15 +70,27 @@ class State:
 
         The file is read and parsed in a thread: a slow disk or a huge file must not
         stall the probes in flight. Reloads run one at a time, and a reload goes on to the
-        end when its caller goes away (a client of POST /-/reload that hung up).
+        end when its caller goes away (a client of POST /-/reload that hung up). Callers
+        that come while one waits to start share it: a flood of POST /-/reload is one more
+        reload, not one each (a reload already reading may have missed the change, so one
+        more always follows it).
         """
-        task = asyncio.ensure_future(self._reload())
-        self._reloads.add(task)
-        task.add_done_callback(self._reloads.discard)
+        task = self._queued
+        if task is None:
+            task = self._queued = asyncio.ensure_future(self._reload())
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
+            task.add_done_callback(self._unqueue)
         return await asyncio.shield(task)
+
+    def _unqueue(self, task: asyncio.Future[str | None]) -> None:
+        if self._queued is task:  # ended before it started (cancelled at shutdown)
+            self._queued = None
 
     async def _reload(self) -> str | None:
         async with self._reloading:
+            if self._queued is asyncio.current_task():
+                self._queued = None  # reading now: later callers queue the next one
             try:
                 config = await asyncio.to_thread(load_config, self.config_path)
             except ConfigError as exc:

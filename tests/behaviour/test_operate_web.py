@@ -383,6 +383,31 @@ async def test_a_loader_bug_is_a_failed_reload_too(
     assert set(state.config.modules) == {"old"}
 
 
+async def test_a_flood_of_reloads_is_a_reload_or_two(
+    aiohttp_client: AiohttpClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # POST /-/reload is open to anyone (as in blackbox): each one must not read and parse
+    # the file again. Those that come while one waits share it.
+    path = tmp_path / "modules.yaml"
+    client, state = await start(aiohttp_client, path, config_text(module_yaml("old")))
+    loads: list[str | None] = []
+
+    def counted(config_path: str | None) -> Config:
+        loads.append(config_path)
+        return load_config(config_path)
+
+    monkeypatch.setattr(app_module, "load_config", counted)
+    path.write_text(config_text(module_yaml("new")))
+    answers = await asyncio.gather(*(client.post("/-/reload") for _ in range(30)))
+    assert all(r.status == 200 for r in answers)
+    assert 1 <= len(loads) <= 2, loads
+    assert set(state.config.modules) == {"new"}
+    # A reload asked after they are done reads the file again.
+    before = len(loads)
+    assert (await client.post("/-/reload")).status == 200
+    assert len(loads) == before + 1
+
+
 async def test_reload_needs_post(aiohttp_client: AiohttpClient, tmp_path: Path) -> None:
     path = tmp_path / "modules.yaml"
     client, _ = await start(aiohttp_client, path, config_text(module_yaml("old")))
