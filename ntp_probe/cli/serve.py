@@ -138,7 +138,8 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
     internals.config_loaded(len(config.modules))
     state = State(config=config, internals=internals, timeout_offset=args.timeout_offset,
                   max_concurrent=args.max_concurrent, config_path=args.config_file,
-                  history=History(args.history_limit), web_config=web_config)
+                  history=History(args.history_limit), web_config=web_config,
+                  web_config_path=args.web_config_file)
     max_connections = _fit_open_files(args.max_connections, args.max_concurrent)
     if max_connections <= args.max_concurrent:
         logger.warning("--web.max-connections=%d does not exceed --probe.max-concurrent=%d: "

@@ -20,7 +20,7 @@ from ntp_probe.engine.targets import TargetError
 from ntp_probe.exposition.internals import Internals
 from ntp_probe.exposition.render import CONTENT_TYPE, render
 from ntp_probe.web import pages
-from ntp_probe.web.auth import WebConfig
+from ntp_probe.web.auth import WebConfig, WebConfigError, load_web_config
 from ntp_probe.web.connections import ConnectionGuard
 from ntp_probe.web.history import History
 
@@ -39,6 +39,7 @@ class State:
     max_concurrent: int = 100
     in_flight: int = 0
     config_path: str | None = None
+    web_config_path: str | None = None  # --web.config.file: users and headers reload too
     coordinator: Coordinator = field(default_factory=Coordinator)
     history: History = field(default_factory=History)
     web_config: WebConfig = field(default_factory=WebConfig)
@@ -83,6 +84,20 @@ class State:
             task.add_done_callback(self._unqueue)
         return await asyncio.shield(task)
 
+    async def _reload_web_config(self) -> None:
+        """Read --web.config.file again with the modules: new users and headers apply to
+        the next request; a file that does not load keeps the previous one (logged)."""
+        if self.web_config_path is None:
+            return
+        try:
+            # In a thread: checking the bcrypt hashes is deliberately slow.
+            new = await asyncio.to_thread(load_web_config, self.web_config_path)
+        except WebConfigError as exc:
+            logger.error("web config reload failed, keeping the previous one: %s", exc)
+            return
+        for what in self.web_config.adopt(new):
+            logger.warning("web config: %s changed; it needs a restart to apply", what)
+
     def _unqueue(self, task: asyncio.Future[str | None]) -> None:
         if self._queued is task:  # ended before it started (cancelled at shutdown)
             self._queued = None
@@ -102,6 +117,7 @@ class State:
                 self.internals.config_failed()
                 logger.exception("reload failed, keeping the previous configuration")
                 return f"{self.config_path}: cannot be loaded: {type(exc).__name__}"
+            await self._reload_web_config()
             self.config = config
             self.internals.config_loaded(len(config.modules))
             self.internals.use_leapfile(config.leapfile)

@@ -116,6 +116,13 @@ class _TLSFiles:
     signature: tuple[tuple[int, int, int] | None, ...] = ()
     checked: float = 0.0
 
+    def same_settings(self, other: _TLSFiles) -> bool:
+        """Whether ``other`` was loaded from the same files with the same settings."""
+        mine, theirs = self.context, other.context
+        return self.paths == other.paths and (
+            mine.verify_mode, mine.minimum_version, mine.maximum_version) == (
+            theirs.verify_mode, theirs.minimum_version, theirs.maximum_version)
+
     @property
     def paths(self) -> tuple[str, ...]:
         return (self.cert, self.key) + ((self.client_ca,) if self.client_ca else ())
@@ -236,6 +243,27 @@ class WebConfig:
             return await handler(request)
 
         return mw
+
+    def adopt(self, new: WebConfig) -> list[str]:
+        """Take ``new``'s users and headers (a reload), as exporter-toolkit reads them for
+        each request; returns what cannot change without a restart (turning basic auth,
+        the headers or TLS on or off, other TLS settings), which stays as it was."""
+        later = []
+        if bool(new.users) != bool(self.users):
+            later.append("turning basic auth on or off")
+        elif new.users != self.users:
+            self.users, self._dummy = new.users, new._dummy
+            self._verified.clear()  # a removed user or a changed password logs in no more
+        if bool(new.headers) != bool(self.headers):
+            later.append("adding the first header or removing the last")
+        else:
+            self.headers = new.headers
+        old_tls, new_tls = self._tls_files, new._tls_files
+        if (old_tls is None) != (new_tls is None) or (
+                old_tls is not None and new_tls is not None and not old_tls.same_settings(
+                    new_tls)):
+            later.append("TLS settings (the files' contents are read again by themselves)")
+        return later
 
     def refresh_tls(self) -> None:
         """Before a TLS handshake: a certificate, key or client CA whose file changed is

@@ -328,6 +328,32 @@ def test_a_renewed_certificate_is_served_without_a_restart(pki: Pki, tmp_path: P
         stop_process(server.proc)
 
 
+def test_a_reload_takes_new_passwords_and_headers(tmp_path: Path) -> None:
+    # exporter-toolkit reads the file for each request: a rotated password must not need
+    # a restart. What cannot change in place (auth turned off) is logged and kept.
+    web = tmp_path / "web.yml"
+    web.write_text(f"basic_auth_users:\n  {USER}: '{bcrypt_hash(PASSWORD)}'\n"
+                   "http_server_config:\n  headers:\n    X-Frame-Options: deny\n")
+    server = start_server(tmp_path, web, None)
+    try:
+        web.write_text(f"basic_auth_users:\n  {USER}: '{bcrypt_hash('rotated')}'\n"
+                       "http_server_config:\n  headers:\n    X-Frame-Options: sameorigin\n")
+        assert server.get("/-/reload", basic(USER, PASSWORD), method="POST").status == 200
+        assert server.get("/metrics", basic(USER, PASSWORD)).status == 401
+        fresh = server.get("/metrics", basic(USER, "rotated"))
+        assert fresh.status == 200 and fresh.headers.get("X-Frame-Options") == "sameorigin"
+        web.write_text("")  # auth off: needs a restart, so it stays on meanwhile
+        assert server.get("/-/reload", basic(USER, "rotated"), method="POST").status == 200
+        assert server.get("/metrics").status == 401
+        assert "basic auth on or off changed; it needs a restart" in server.log(), server.log()
+        web.write_text("basic_auth_users: [\n")  # broken: logged, the previous one kept
+        assert server.get("/-/reload", basic(USER, "rotated"), method="POST").status == 200
+        assert "web config reload failed, keeping the previous one" in server.log()
+        assert server.get("/metrics", basic(USER, "rotated")).status == 200
+    finally:
+        stop_process(server.proc)
+
+
 def test_https_rejects_untrusted_client_view(tls_server: Server) -> None:
     """A client trusting only the system CAs cannot verify the self-signed cert: the
     exporter serves the configured certificate, not some other one."""
