@@ -110,10 +110,6 @@ class HostsFile:
         self._checked = -self._RECHECK
         self._names: dict[str, _Addresses] = {}
 
-    def lookup(self, host: str, family: int) -> str | None:
-        """The first address of ``family`` the file gives ``host``, or None."""
-        return next((a for fam, a in self.lookup_all(host) if fam == family), None)
-
     def lookup_all(self, host: str) -> _Addresses:
         """Every (family, address) the file gives ``host``, in file order."""
         now = time.monotonic()
@@ -180,16 +176,15 @@ class _Lookup:
 
 
 class Resolver:
-    """Bounded, coalescing, caching lookups: one address per (name, family), or every
-    address of a name."""
+    """Bounded, coalescing, caching lookups of every address of a name: one getaddrinfo
+    for both families, whose queries the C library sends at once (as Go's resolver, which
+    blackbox uses, asks both at once: a name with no AAAA costs one round trip, not two)."""
 
     def __init__(self, threads: int = MAX_LOOKUP_THREADS,
                  getaddrinfo: Callable[[str, int], str] | None = None,
                  hosts: HostsFile | None = None) -> None:
         # ``getaddrinfo`` (host, family) -> address is replaceable so that tests never
-        # send a made-up name to the machine's resolver; every-address lookups then ask
-        # it once per family.
-        self._getaddrinfo = getaddrinfo or _getaddrinfo
+        # send a made-up name to the machine's resolver; it is then asked once per family.
         self._getaddrinfo_all: Callable[[str], _Addresses] = (
             _getaddrinfo_all if getaddrinfo is None
             else functools.partial(_one_per_family, getaddrinfo))
@@ -197,40 +192,24 @@ class Resolver:
             hosts = HostsFile()
         self._hosts = hosts
         self._executor = DaemonPool(threads, "ntp_probe-resolve")
-        self._answers: TTLCache[_Key, str] = TTLCache(maxsize=4096, ttl=_CACHE_TTL)
-        self._all: TTLCache[_Key, _Addresses] = TTLCache(maxsize=1024, ttl=_CACHE_TTL)
+        self._all: TTLCache[_Key, _Addresses] = TTLCache(maxsize=4096, ttl=_CACHE_TTL)
         self._failures: TTLCache[_Key, str] = TTLCache(maxsize=4096, ttl=_NEGATIVE_TTL)
         self._in_flight: dict[_Key, _Lookup] = {}
 
-    async def lookup(self, host: str, family: int) -> tuple[str, bool]:
-        """(address, from cache) for ``host`` in ``family``; :class:`ResolveError` says why not."""
-        if self._hosts is not None:
-            listed = self._hosts.lookup_all(host)
-            if listed:
-                # A name the hosts file lists is answered from it alone: its other family
-                # is not asked of DNS, so no flood of lookups can delay it.
-                local = next((a for fam, a in listed if fam == family), None)
-                if local is None:
-                    raise ResolveError("the hosts file lists no address of that family")
-                return local, False
-        key = (host, family)
-        hit = self._answers.get(key)
-        if hit is not None:
-            return hit, True
-        return await self._shared(key, self._answers, self._getaddrinfo, host, family), False
-
-    async def lookup_all(self, host: str) -> _Addresses:
-        """Every (family, address) of ``host``, IPv6 and IPv4; :class:`ResolveError` says
-        why there are none. Coalesced and cached like :meth:`lookup`."""
+    async def lookup_all(self, host: str) -> tuple[_Addresses, bool]:
+        """Every (family, address) of ``host``, in the resolver's order, and whether they
+        came from the cache; :class:`ResolveError` says why there are none. A name the
+        hosts file lists is answered from it alone (neither family is asked of DNS, so no
+        flood of lookups can delay it)."""
         if self._hosts is not None:
             local = self._hosts.lookup_all(host)
             if local:
-                return local
+                return local, False
         key = (host, None)
         hit = self._all.get(key)
         if hit is not None:
-            return hit
-        return await self._shared(key, self._all, self._getaddrinfo_all, host)
+            return hit, True
+        return await self._shared(key, self._all, self._getaddrinfo_all, host), False
 
     async def _shared(self, key: _Key, answers: TTLCache[_Key, _A],
                       lookup: Callable[..., _A], *args: Any) -> _A:
@@ -271,24 +250,11 @@ class Resolver:
         else:
             self._failures[key] = str(exc)
 
-    def cached(self, host: str, family: int) -> bool:
-        """Whether an answer for (host, family) is cached."""
-        return (host, family) in self._answers
-
-
-def _getaddrinfo(host: str, family: int) -> str:
-    try:
-        infos = socket.getaddrinfo(host, None, family=family, type=socket.SOCK_DGRAM)
-    except (OSError, UnicodeError) as exc:
-        raise ResolveError(_describe(exc)) from None
-    for fam, _, _, _, sockaddr in infos:
-        if fam == family:
-            return str(sockaddr[0])
-    raise ResolveError("no address of that family")
 
 
 def _one_per_family(getaddrinfo: Callable[[str, int], str], host: str) -> _Addresses:
-    """Every address of ``host`` as far as a one-address-per-family lookup tells."""
+    """Every address of ``host`` as far as a one-address-per-family lookup tells (the
+    tests' stand-in for getaddrinfo)."""
     out, reasons = [], []
     for family in (socket.AF_INET6, socket.AF_INET):
         try:
@@ -321,12 +287,12 @@ async def resolve_all(host: str, resolver: Resolver | None = None) -> list[Resol
         return [resolved]
     resolver = resolver or default_resolver()
     try:
-        found = await resolver.lookup_all(host)
+        found, cached = await resolver.lookup_all(host)
     except ResolveError as exc:
         raise ResolveError(f"no address for {host!r} ({exc})") from None
     out: list[Resolved] = []
     for family, address in found:
-        resolved = _unmapped(Resolved(address, family, cached=False))
+        resolved = _unmapped(Resolved(address, family, cached=cached))
         if resolved not in out:  # an AAAA of ::ffff:192.0.2.1 beside the A of 192.0.2.1
             out.append(resolved)
     return out
@@ -369,7 +335,10 @@ def default_resolver() -> Resolver:
 
 async def resolve(host: str, preferred: str = "ip6", fallback: bool = True,
                   resolver: Resolver | None = None) -> Resolved:
-    """Resolve ``host`` to one address of the preferred family, else (with fallback) the other.
+    """Resolve ``host`` to one address, as blackbox's chooseProtocol picks it: the first of
+    the preferred family, else (with fallback) the last of the other. An IPv4-mapped IPv6
+    address is IPv4 (replies come from the IPv4 address), so a module that wants IPv6
+    only never probes one.
 
     IP literals are used as given, whatever the preference. Raises :class:`ResolveError`
     with the resolver's own words for why.
@@ -377,17 +346,12 @@ async def resolve(host: str, preferred: str = "ip6", fallback: bool = True,
     resolved = literal(host)
     if resolved is not None:
         return resolved
-    resolver = resolver or default_resolver()
-    first = FAMILIES[preferred]
-    order = [first]
-    if fallback:
-        order.append(socket.AF_INET if first == socket.AF_INET6 else socket.AF_INET6)
-    reasons = []
-    for family in order:
-        try:
-            address, cached = await resolver.lookup(host, family)
-        except ResolveError as exc:
-            reasons.append(f"{'ip6' if family == socket.AF_INET6 else 'ip4'}: {exc}")
-            continue
-        return _unmapped(Resolved(address, family, cached=cached))
-    raise ResolveError(f"no address for {host!r} ({'; '.join(reasons)})")
+    family = FAMILIES[preferred]
+    addresses = await resolve_all(host, resolver)
+    chosen = next((r for r in addresses if r.family == family), None)
+    if chosen is not None:
+        return chosen
+    if not fallback:
+        raise ResolveError(f"no {preferred} address for {host!r} (ip_protocol_fallback is "
+                           f"off; {len(addresses)} of the other family)")
+    return addresses[-1]

@@ -41,14 +41,16 @@ async def test_identical_lookups_in_flight_share_one_call() -> None:
     lookups = Lookups({("a.test", socket.AF_INET): "192.0.2.7"})
     lookups.release.clear()
     resolver = Resolver(threads=2, getaddrinfo=lookups)
-    tasks = [asyncio.create_task(resolver.lookup("a.test", socket.AF_INET)) for _ in range(5)]
+    tasks = [asyncio.create_task(resolver.lookup_all("a.test")) for _ in range(5)]
     await asyncio.sleep(0)
     lookups.release.set()
     results = await asyncio.gather(*tasks)
-    assert results == [("192.0.2.7", False)] * 5
-    assert lookups.calls == [("a.test", socket.AF_INET)]
-    assert await resolver.lookup("a.test", socket.AF_INET) == ("192.0.2.7", True)
-    assert len(lookups.calls) == 1
+    found = ((socket.AF_INET, "192.0.2.7"),)
+    assert results == [(found, False)] * 5
+    # One lookup (the stand-in is asked per family; getaddrinfo asks both at once).
+    assert lookups.calls == [("a.test", socket.AF_INET6), ("a.test", socket.AF_INET)]
+    assert await resolver.lookup_all("a.test") == (found, True)
+    assert len(lookups.calls) == 2
 
 
 async def test_failures_are_cached_briefly_with_their_reason() -> None:
@@ -56,8 +58,8 @@ async def test_failures_are_cached_briefly_with_their_reason() -> None:
     resolver = Resolver(getaddrinfo=lookups)
     for _ in range(3):
         with pytest.raises(ResolveError, match="Name or service not known"):
-            await resolver.lookup("dead.test", socket.AF_INET)
-    assert len(lookups.calls) == 1
+            await resolver.lookup_all("dead.test")
+    assert len(lookups.calls) == 2  # once, for both families
 
 
 async def test_every_address_lookups_use_the_same_lookup_coalesced_and_cached() -> None:
@@ -69,8 +71,8 @@ async def test_every_address_lookups_use_the_same_lookup_coalesced_and_cached() 
     await asyncio.sleep(0)
     lookups.release.set()
     want = ((socket.AF_INET6, "2001:db8::7"), (socket.AF_INET, "192.0.2.7"))
-    assert await asyncio.gather(*tasks) == [want] * 3
-    assert await resolver.lookup_all("dual.test") == want
+    assert await asyncio.gather(*tasks) == [(want, False)] * 3
+    assert await resolver.lookup_all("dual.test") == (want, True)
     assert lookups.calls == [("dual.test", socket.AF_INET6), ("dual.test", socket.AF_INET)]
     # A name with no address: the reason, once, then from the brief negative cache.
     for _ in range(2):
@@ -83,12 +85,12 @@ async def test_a_giving_up_caller_does_not_cancel_the_shared_lookup() -> None:
     lookups = Lookups({("slow.test", socket.AF_INET): "192.0.2.9"})
     lookups.release.clear()
     resolver = Resolver(getaddrinfo=lookups)
-    impatient = asyncio.create_task(resolver.lookup("slow.test", socket.AF_INET))
-    patient = asyncio.create_task(resolver.lookup("slow.test", socket.AF_INET))
+    impatient = asyncio.create_task(resolver.lookup_all("slow.test"))
+    patient = asyncio.create_task(resolver.lookup_all("slow.test"))
     await asyncio.sleep(0)
     impatient.cancel()
     lookups.release.set()
-    assert await patient == ("192.0.2.9", False)
+    assert await patient == (((socket.AF_INET, "192.0.2.9"),), False)
     assert impatient.cancelled()
 
 
@@ -96,8 +98,7 @@ async def test_stuck_lookups_hold_only_the_resolvers_own_threads() -> None:
     lookups = Lookups({("hosts.test", socket.AF_INET): "192.0.2.1"})
     lookups.release.clear()
     resolver = Resolver(threads=2, getaddrinfo=lookups)
-    stuck = [asyncio.create_task(resolver.lookup(f"stuck{i}.test", socket.AF_INET))
-             for i in range(2)]
+    stuck = [asyncio.create_task(resolver.lookup_all(f"stuck{i}.test")) for i in range(2)]
     await asyncio.sleep(0)
     # The event loop's default executor is untouched by the stuck lookups.
     loop = asyncio.get_running_loop()
@@ -109,13 +110,41 @@ async def test_stuck_lookups_hold_only_the_resolvers_own_threads() -> None:
 
 
 async def test_resolve_prefers_then_falls_back_and_says_why() -> None:
-    lookups = Lookups({("v4only.test", socket.AF_INET): "192.0.2.4"})
+    lookups = Lookups({("v4only.test", socket.AF_INET): "192.0.2.4",
+                       ("dual.test", socket.AF_INET): "192.0.2.5",
+                       ("dual.test", socket.AF_INET6): "2001:db8::5"})
     resolver = Resolver(getaddrinfo=lookups)
     got = await resolve("v4only.test", "ip6", True, resolver)
     assert (got.address, got.ip_protocol) == ("192.0.2.4", 4)
     with pytest.raises(ResolveError) as caught:
         await resolve("v4only.test", "ip6", False, resolver)
-    assert "ip6: Name or service not known" in str(caught.value)
+    assert "no ip6 address for 'v4only.test' (ip_protocol_fallback is off; 1 of the other" \
+        in str(caught.value)
+    for preferred, address in (("ip6", "2001:db8::5"), ("ip4", "192.0.2.5")):
+        assert (await resolve("dual.test", preferred, False, resolver)).address == address
+    with pytest.raises(ResolveError, match="Name or service not known"):
+        await resolve("dead.test", "ip6", True, resolver)
+
+
+async def test_a_mapped_ipv6_answer_is_ipv4_whatever_the_preference() -> None:
+    # An AAAA of ::ffff:127.0.0.2 is reached over IPv4: a module that wants IPv6 only must
+    # not probe it, and one that prefers IPv4 takes it first (blackbox: To4() != nil).
+    lookups = Lookups({("mapped.test", socket.AF_INET6): "::ffff:127.0.0.2"})
+    resolver = Resolver(getaddrinfo=lookups)
+    with pytest.raises(ResolveError, match="no ip6 address"):
+        await resolve("mapped.test", "ip6", False, resolver)
+    got = await resolve("mapped.test", "ip4", False, resolver)
+    assert (got.address, got.ip_protocol) == ("127.0.0.2", 4)
+
+
+async def test_the_fallback_is_the_last_address_of_the_other_family_as_in_blackbox() -> None:
+    # blackbox's chooseProtocol keeps overwriting its fallback: the last one wins, and
+    # probe_ip_addr_hash is meant to agree across exporters.
+    resolver = Resolver(getaddrinfo=Lookups({}))
+    resolver._all[("multi4.test", None)] = (
+        (socket.AF_INET, "127.0.0.2"), (socket.AF_INET, "127.0.0.3"), (socket.AF_INET, "127.0.0.5"))
+    assert (await resolve("multi4.test", "ip6", True, resolver)).address == "127.0.0.5"
+    assert (await resolve("multi4.test", "ip4", True, resolver)).address == "127.0.0.2"
 
 
 def test_literals_are_used_as_given() -> None:
@@ -131,14 +160,12 @@ async def test_names_in_the_hosts_file_never_wait_behind_dead_lookups(tmp_path: 
     lookups = Lookups({})
     lookups.release.clear()  # every lookup that reaches the threads hangs
     resolver = Resolver(threads=2, getaddrinfo=lookups, hosts=HostsFile(str(hosts_path)))
-    dead = [asyncio.create_task(resolver.lookup(f"dead{i}.test", socket.AF_INET))
-            for i in range(8)]
+    dead = [asyncio.create_task(resolver.lookup_all(f"dead{i}.test")) for i in range(8)]
     await asyncio.sleep(0)
-    assert await asyncio.wait_for(resolver.lookup("NTP-Local.test.", socket.AF_INET), 1.0) == (
-        "192.0.2.5", False)
-    assert await resolver.lookup("alias.test", socket.AF_INET) == ("192.0.2.5", False)
-    assert await resolver.lookup("ntp-local.test", socket.AF_INET6) == ("2001:db8::5", False)
-    assert ("ntp-local.test", socket.AF_INET) not in lookups.calls
+    both = ((socket.AF_INET, "192.0.2.5"), (socket.AF_INET6, "2001:db8::5"))
+    assert await asyncio.wait_for(resolver.lookup_all("NTP-Local.test."), 1.0) == (both, False)
+    assert await resolver.lookup_all("alias.test") == (((socket.AF_INET, "192.0.2.5"),), False)
+    assert not [call for call in lookups.calls if call[0] == "ntp-local.test"]
     lookups.release.set()
     for task in dead:
         with pytest.raises(ResolveError):
@@ -155,7 +182,7 @@ async def test_a_name_in_the_hosts_file_is_not_asked_of_dns_for_its_other_family
     resolver = Resolver(getaddrinfo=lookups, hosts=HostsFile(str(hosts_path)))
     got = await resolve("v4only.test", "ip6", True, resolver)
     assert (got.address, got.ip_protocol) == ("127.0.0.1", 4)
-    with pytest.raises(ResolveError, match="hosts file lists no address of that family"):
+    with pytest.raises(ResolveError, match="no ip6 address"):
         await resolve("v4only.test", "ip6", False, resolver)
     assert lookups.calls == []
 
@@ -164,8 +191,8 @@ async def test_a_queued_lookup_nobody_waits_for_is_dropped_before_it_runs() -> N
     lookups = Lookups({("after.test", socket.AF_INET): "192.0.2.8"})
     lookups.release.clear()
     resolver = Resolver(threads=1, getaddrinfo=lookups)
-    stuck = asyncio.create_task(resolver.lookup("stuck.test", socket.AF_INET))
-    abandoned = asyncio.create_task(resolver.lookup("abandoned.test", socket.AF_INET))
+    stuck = asyncio.create_task(resolver.lookup_all("stuck.test"))
+    abandoned = asyncio.create_task(resolver.lookup_all("abandoned.test"))
     await asyncio.sleep(0)
     abandoned.cancel()  # its probe gave up while the lookup waited for the one thread
     with pytest.raises(asyncio.CancelledError):
@@ -174,19 +201,18 @@ async def test_a_queued_lookup_nobody_waits_for_is_dropped_before_it_runs() -> N
     with pytest.raises(ResolveError):
         await stuck
     # The pool runs in order: once this one is answered, the abandoned one was passed over.
-    assert await resolver.lookup("after.test", socket.AF_INET) == ("192.0.2.8", False)
-    assert [host for host, _ in lookups.calls] == ["stuck.test", "after.test"]
+    assert await resolver.lookup_all("after.test") == (((socket.AF_INET, "192.0.2.8"),), False)
+    assert [host for host, _ in lookups.calls] == ["stuck.test"] * 2 + ["after.test"] * 2
 
 
 def test_the_hosts_file_is_reread_when_it_changes(tmp_path: Path) -> None:
     hosts_path = tmp_path / "hosts"
     hosts_path.write_text("192.0.2.1 a.test\n")
     hosts = HostsFile(str(hosts_path))
-    assert hosts.lookup("a.test", socket.AF_INET) == "192.0.2.1"
+    assert hosts.lookup_all("a.test") == ((socket.AF_INET, "192.0.2.1"),)
     hosts_path.write_text("192.0.2.22 a.test\n")
     hosts._checked = -10.0  # the next lookup looks at the file again
-    assert hosts.lookup("a.test", socket.AF_INET) == "192.0.2.22"
-    assert hosts.lookup("a.test", socket.AF_INET6) is None
+    assert hosts.lookup_all("a.test") == ((socket.AF_INET, "192.0.2.22"),)
 
 
 def test_the_hosts_file_reads_mapped_ipv4_as_ipv4_and_no_zones(tmp_path: Path) -> None:
@@ -203,17 +229,17 @@ async def test_a_caller_arriving_as_the_last_one_gives_up_gets_its_own_lookup() 
     lookups = Lookups({("good.test", socket.AF_INET): "192.0.2.8"})
     lookups.release.clear()
     resolver = Resolver(threads=1, getaddrinfo=lookups)
-    stuck = asyncio.create_task(resolver.lookup("stuck.test", socket.AF_INET))
-    leaving = asyncio.create_task(resolver.lookup("good.test", socket.AF_INET))
+    stuck = asyncio.create_task(resolver.lookup_all("stuck.test"))
+    leaving = asyncio.create_task(resolver.lookup_all("good.test"))
     await asyncio.sleep(0)
     leaving.cancel()
     # Runs right after the leaver drops the queued lookup, before the pool's cancellation
     # comes back to the loop: it must not join the dropped lookup.
-    staying = asyncio.create_task(resolver.lookup("good.test", socket.AF_INET))
+    staying = asyncio.create_task(resolver.lookup_all("good.test"))
     with pytest.raises(asyncio.CancelledError):
         await leaving
     lookups.release.set()
-    assert await staying == ("192.0.2.8", False)
+    assert await staying == (((socket.AF_INET, "192.0.2.8"),), False)
     with pytest.raises(ResolveError):
         await stuck
 
