@@ -172,18 +172,15 @@ async def probe_handler(request: web.Request) -> web.Response:
     if outcome.counted:
         state.internals.observe(module_name, result)
     body = render(result, outcome.age)
-    entry = state.history.add(module_name, str(target), result, log, body, module)
+    # The log is the earlier probe's, or the shared burst's: said wherever it is shown.
+    note = "" if outcome.age is None and not outcome.shared else (
+        f"Served from the min_probe_interval cache: result age {outcome.age:.1f} s, nothing "
+        "sent. The log is the earlier probe's." if outcome.age is not None else
+        "Shared the burst of an identical probe already in flight: no extra packet was sent.")
+    entry = state.history.add(module_name, str(target), result, log, body, module, note)
     if not debug:
         return _exposition(request, body.encode())
-    text = pages.debug_text(entry, module_to_dict(module))
-    if outcome.age is not None:
-        # The log below is the earlier probe's: say so, or it reads as a fresh one.
-        text = (f"Served from the min_probe_interval cache: result age {outcome.age:.1f} s, "
-                "nothing sent. The log is the earlier probe's.\n\n" + text)
-    elif outcome.shared:
-        text = ("Shared the burst of an identical probe already in flight: no extra packet "
-                "was sent.\n\n" + text)
-    return web.Response(text=text)
+    return web.Response(text=pages.debug_text(entry, module_to_dict(module)))
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

@@ -27,6 +27,9 @@ class Entry:
     metrics: str
     reports: tuple[Report, ...] = ()  # the prober's typed reports (offset, rtt, ...)
     definition: Module | None = None  # the module as the probe ran it (a reload may change it)
+    # Why this answer is not a probe of its own (served from the cache, or a shared
+    # burst), shown with its log: otherwise the log reads as a fresh probe's.
+    note: str = ""
 
 
 # Longest exposition kept per entry: a daemon's probe with 256 sources is about 150 KB.
@@ -43,7 +46,7 @@ class History:
         self._next_id = 0
 
     def add(self, module: str, target: str, m: Measurement, log: ProbeLog,
-            metrics: str, definition: Module | None = None) -> Entry:
+            metrics: str, definition: Module | None = None, note: str = "") -> Entry:
         """Record a probe and return its entry (an exposition over :data:`MAX_METRICS`
         is not kept: the history holds up to twice ``limit`` entries)."""
         if len(metrics) > MAX_METRICS:
@@ -51,7 +54,7 @@ class History:
                        f"(more than {MAX_METRICS})\n")
         entry = Entry(self._next_id, time.time(), module, target, m.success,
                       None if m.failure is None else m.failure.value, m.duration, log, metrics,
-                      tuple(m.reports), definition)
+                      tuple(m.reports), definition, note)
         self._next_id += 1
         if self.limit <= 0:
             return entry

@@ -6,6 +6,7 @@ configuration is escaped; the pages need no JavaScript.
 from __future__ import annotations
 
 import html
+import itertools
 import time
 
 import yaml
@@ -130,7 +131,9 @@ def _history_row(e: Entry) -> str:
         ("num", _e(offset)),
         ("num", _e(rtt)),
         ("num", _e(stratum)),
-        ("", f"<a href='logs?id={e.id}'>log</a>"),
+        ("", f"<a href='logs?id={e.id}'>log</a>"
+             + (f" <span class='note' title='{_e(e.note)}'>(not sent: "
+                f"{'cached' if 'cache' in e.note else 'shared'})</span>" if e.note else "")),
     )
     tds = "".join(
         f"<td class='{css}' data-label='{_e(label)}'>{content}</td>" if css
@@ -140,8 +143,14 @@ def _history_row(e: Entry) -> str:
     return f"<tr class='{result}'>{tds}</tr>"
 
 
+# Rows the landing page shows at most: with a large --history.limit the page would take the
+# event loop long enough to delay probes; the rest stay at /logs?id=N.
+MAX_ROWS = 1000
+
+
 def _history(history: History) -> str:
-    rows = "".join(_history_row(e) for e in history)
+    entries = list(itertools.islice(history, MAX_ROWS + 1))
+    rows = "".join(_history_row(e) for e in entries[:MAX_ROWS])
     if not rows and history.limit == 0:
         return (f"<p class='hint'>{history.issued_count} probes since the start; none is "
                 "kept (--history.limit=0).</p>")
@@ -152,7 +161,9 @@ def _history(history: History) -> str:
     return (
         f"<table id='history'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
         f"<p class='hint'>The last {history.limit} probes, newest first, then up to as many "
-        "older failures.</p>"
+        "older failures"
+        + (f"; the newest {MAX_ROWS} shown here, the others at logs?id=N" if len(entries)
+           > MAX_ROWS else "") + ".</p>"
     )
 
 
@@ -213,7 +224,8 @@ def _module_yaml(entry: Entry, module: dict[str, object]) -> str:
 def debug_text(entry: Entry, module: dict[str, object]) -> str:
     """The debug=true answer, and /logs for clients that do not ask for HTML."""
     return (
-        "Logs for the probe:\n" + entry.log.text()
+        (f"{entry.note}\n\n" if entry.note else "")
+        + "Logs for the probe:\n" + entry.log.text()
         + "\n\nMetrics that would have been returned:\n" + entry.metrics
         + "\n\nModule configuration:\n" + _module_yaml(entry, module)
     )
@@ -237,7 +249,8 @@ def log_page(entry: Entry, module: dict[str, object]) -> str:
         f"{_BACK}<h1>Probe {entry.id} <small class='{state}'>"
         f"<span class='result'>{_e(state)}</span></small></h1>"
         f"<dl class='summary'>{summary}</dl>"
-        f"<h2>Log</h2><pre id='log'>{_e(entry.log.text())}</pre>"
+        + (f"<p class='hint' id='note'>{_e(entry.note)}</p>" if entry.note else "")
+        + f"<h2>Log</h2><pre id='log'>{_e(entry.log.text())}</pre>"
         f"<h2>Metrics</h2><pre id='metrics'>{_e(entry.metrics)}</pre>"
         f"<h2>Module configuration</h2><pre id='module'>{_e(_module_yaml(entry, module))}</pre>"
         f"{_BACK}"

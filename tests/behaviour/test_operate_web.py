@@ -29,10 +29,11 @@ from ntp_probe.config.load import config_to_yaml, load_config, parse_config
 from ntp_probe.config.schema import Config
 from ntp_probe.engine.context import ProbeLog
 from ntp_probe.engine.coordinator import _latest_end
-from ntp_probe.engine.result import Measurement
+from ntp_probe.engine.result import Measurement, Reason
 from ntp_probe.engine.targets import parse_target
 from ntp_probe.exposition.internals import Internals
 from ntp_probe.web import app as app_module
+from ntp_probe.web import pages
 from ntp_probe.web.app import State, create_app, probe_handler
 from ntp_probe.web.history import MAX_METRICS, History
 from tests.behaviour import fake_server
@@ -668,6 +669,29 @@ async def test_min_probe_interval_serves_the_last_result(
     debug = await resp.text()
     assert debug.startswith("Served from the min_probe_interval cache: result age ")
     assert "nothing sent" in debug.splitlines()[0]
+    # So do the pages of the history: the landing page's row and the probe's /logs, for a
+    # browser and for curl (the log there is the first probe's).
+    landing = await (await client.get("/")).text()
+    assert landing.count("(not sent: cached)") == 2, landing
+    served = await client.get("/logs", params={"id": "1"}, headers={"Accept": "text/html"})
+    assert "Served from the min_probe_interval cache" in await served.text()
+    text = await (await client.get("/logs", params={"id": "1"})).text()
+    assert text.startswith("Served from the min_probe_interval cache: result age ")
+    first_log = await (await client.get("/logs", params={"id": "0"})).text()
+    assert first_log.startswith("Logs for the probe:")
+
+
+def test_the_landing_page_shows_at_most_its_row_limit() -> None:
+    # A large --history.limit must not make GET / take the event loop for long.
+    history = History(limit=pages.MAX_ROWS + 50)
+    for i in range(pages.MAX_ROWS + 50):
+        m = Measurement()
+        m.fail(Reason.TIMEOUT)
+        history.add("m", f"192.0.2.{i % 250}:123", m, ProbeLog(), "")
+    page = pages.landing(load_config(None), history, "ntp")
+    assert page.count("<tr class='failure'>") == pages.MAX_ROWS
+    assert f"the newest {pages.MAX_ROWS} shown here" in page
+    assert f"logs?id={pages.MAX_ROWS + 49}'" in page and "logs?id=0'" not in page
 
 
 # --- coalescing ------------------------------------------------------------------------
