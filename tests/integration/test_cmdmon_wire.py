@@ -476,8 +476,9 @@ def _fake_ntp_server(sock: socket.socket, stop: threading.Event) -> None:
             continue
         now = time.time() + AHEAD
         # LI 0, VN 4, mode 4; stratum 1; the client's poll; precision 2**-20; refid "GPS".
+        # The poll byte echoed as it came (chronyd may send a negative poll: 0xfa is -6).
         packet = struct.pack(
-            ">BBbbII4sQ8sQQ", 0x24, 1, data[2], -20, 0, 0x10, b"GPS\0", _ntp_ts(now - 1),
+            ">BBBbII4sQ8sQQ", 0x24, 1, data[2], -20, 0, 0x10, b"GPS\0", _ntp_ts(now - 1),
             data[40:48], _ntp_ts(now), _ntp_ts(now),
         )
         sock.sendto(packet, addr)
