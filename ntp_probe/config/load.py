@@ -561,8 +561,7 @@ def module_to_dict(module: Module) -> dict[str, Any]:
         out["description"] = module.description
     out["timeout"] = format_duration(module.timeout)
     out.update(_policy_to_dict(module.policy))
-    if module.min_probe_interval:
-        out["min_probe_interval"] = format_duration(module.min_probe_interval)
+    out["min_probe_interval"] = format_duration(module.min_probe_interval)  # 0s: off
     for block in PROBERS[module.prober].settings:
         out[block] = dump_block(getattr(module, block))
     for key in PROBERS[module.prober].ntp_keys_unused:
