@@ -114,6 +114,9 @@ def _why_not_a_name(host: str) -> str:
             return f"the label {_short(label)} is longer than 63 characters"
         bad = next((c for c in label if not (c.isascii() and (c.isalnum() or c in "-_"))), None)
         if bad is not None:
+            if bad.isalnum():  # a letter of another script: the name is an IDN
+                return (f"{bad!r} is not allowed in a host name (write an international "
+                        "name in its ASCII form, xn--...)")
             return f"{bad!r} is not allowed in a host name"
         if label.startswith("-") or label.endswith("-"):
             return f"the label {_short(label)} starts or ends with '-'"

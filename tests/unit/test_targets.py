@@ -83,6 +83,7 @@ def test_parse_target_valid(raw: str, host: str, port: int | None, text: str) ->
         ("a." * 127 + "a", "at most 253 characters"),  # longer than 253 octets
         ("host%eth0", "'%' is not allowed in a host name"),
         ("ho$t", "'$' is not allowed"),
+        ("bücher.example", "write an international name in its ASCII form, xn--"),
         ("127.0.0.1:123,127.0.0.2", "needs a module with prober: ntp_group"),
     ],
 )
