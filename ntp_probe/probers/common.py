@@ -84,9 +84,14 @@ async def _looked_up(target: Target, ctx: ProbeContext, lookup: Awaitable[_T],
         async with asyncio.timeout_at(until):
             found = await lookup
     except (ResolveError, TimeoutError) as exc:
-        ctx.measurement.add(common.DNS_LOOKUP, time.perf_counter() - started)
+        m = ctx.measurement
+        m.add(common.DNS_LOOKUP, time.perf_counter() - started)
+        # No address: 0, as blackbox's gauges read when its resolution fails (dashboards
+        # that show the IP version or join on the hash see the failure, not a gap).
+        m.add(common.IP_PROTOCOL, 0)
+        m.add(common.IP_ADDR_HASH, 0)
         ctx.log(f"resolve {target.host}: {str(exc) or 'timed out'}")
-        ctx.measurement.fail(Reason.RESOLVE)
+        m.fail(Reason.RESOLVE)
         return None
     ctx.measurement.add(common.DNS_LOOKUP, time.perf_counter() - started)
     return found
@@ -142,6 +147,8 @@ async def prepare_all(target: Target, ctx: ProbeContext, limit: int, until: floa
         if not found:
             ctx.log(f"resolve {target.host}: no {preferred} address "
                     f"(ip_protocol_fallback is off; {len(skipped)} of the other family)")
+            ctx.measurement.add(common.IP_PROTOCOL, 0)  # as for any failed resolution
+            ctx.measurement.add(common.IP_ADDR_HASH, 0)
             ctx.measurement.fail(Reason.RESOLVE)
             return None
         if skipped:

@@ -153,6 +153,22 @@ async def test_without_fallback_only_the_preferred_family_is_probed(
     assert result.failure == "resolve", log.text()
     assert "no ip4 address (ip_protocol_fallback is off; 1 of the other family)" in log.text()
     assert result.packets_sent == 0
+    assert (value(result, "probe_ip_protocol"), value(result, "probe_ip_addr_hash")) == (0, 0)
+
+
+@pytest.mark.parametrize("all_addresses", [False, True])
+async def test_a_failed_resolution_reads_ip_protocol_and_hash_0_as_blackbox(
+    hosts: Hosts, fake_ntp: FakeNTPServer, all_addresses: bool
+) -> None:
+    hosts("::1 six.test\n")
+    for target, module in (
+            ("nothere.test", make_module(all_addresses=all_addresses)),
+            ("six.test", make_module(all_addresses=all_addresses, preferred_ip_protocol="ip4",
+                                     ip_protocol_fallback=False))):
+        result, log = await probe(Target(target, fake_ntp.port), module)
+        assert result.failure == "resolve", log.text()
+        assert value(result, "probe_ip_protocol") == 0
+        assert value(result, "probe_ip_addr_hash") == 0
 
 
 async def test_a_lookup_that_runs_out_of_time_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
