@@ -18,8 +18,10 @@ every connection under a :class:`ConnectionGuard`:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import select
 import socket
 import ssl
 import time
@@ -42,24 +44,62 @@ _HTTP_STARTS = (b"GET /", b"HEAD ", b"POST ", b"PUT /", b"OPTIO")
 _NOT_TLS = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
 
 
-async def _first_bytes(transport: asyncio.BaseTransport) -> bytes:
-    """Up to five bytes the client sent first, left in the socket for TLS to read (b"" at
-    end of file). The transport, paused, owns the descriptor; a duplicate is watched."""
-    loop = asyncio.get_running_loop()
-    peer: socket.socket = transport.get_extra_info("socket").dup()
-    with peer:
-        ready: asyncio.Future[None] = loop.create_future()
+class FirstBytes:
+    """Waits for the first bytes of TLS connections before their handshake, through one
+    epoll set the event loop watches by its one descriptor: a connection that sends
+    nothing costs no descriptor beyond its own (the transport, paused, owns that one, so
+    the loop cannot watch it directly)."""
 
-        def readable() -> None:
-            if not ready.done():
+    def __init__(self) -> None:
+        self._epoll: select.epoll | None = None
+        self._waiting: dict[int, asyncio.Future[None]] = {}
+
+    def watch(self, fd: int) -> asyncio.Future[None]:
+        """A future done when ``fd`` can be read (or is closed by its peer); the caller
+        hands it to :meth:`forget`, before the descriptor is closed at the latest."""
+        loop = asyncio.get_running_loop()
+        if self._epoll is None:
+            self._epoll = select.epoll()
+            loop.add_reader(self._epoll.fileno(), self._ready)
+        ready: asyncio.Future[None] = loop.create_future()
+        self._waiting[fd] = ready
+        self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT)
+        return ready
+
+    @staticmethod
+    def peek(fd: int) -> bytes:
+        """Up to five bytes waiting on ``fd``, left there for TLS to read (b"" at end of
+        file)."""
+        # A socket object over the same descriptor, detached again: it must not close it.
+        sock = socket.socket(fileno=fd)
+        try:
+            return sock.recv(5, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        finally:
+            sock.detach()
+
+    def forget(self, fd: int, ready: asyncio.Future[None]) -> None:
+        """Stop waiting on ``fd`` for ``ready``: called before the descriptor is closed (it
+        may be reused by the next connection at once)."""
+        if self._waiting.get(fd) is ready:
+            del self._waiting[fd]
+            if self._epoll is not None:
+                with contextlib.suppress(OSError):
+                    self._epoll.unregister(fd)
+
+    def _ready(self) -> None:
+        assert self._epoll is not None
+        for fd, _ in self._epoll.poll(0):
+            ready = self._waiting.get(fd)
+            if ready is not None and not ready.done():
                 ready.set_result(None)
 
-        loop.add_reader(peer.fileno(), readable)
-        try:
-            await ready
-        finally:
-            loop.remove_reader(peer.fileno())
-        return peer.recv(5, socket.MSG_PEEK)
+    def close(self) -> None:
+        """Stop watching (at shutdown)."""
+        if self._epoll is not None:
+            with contextlib.suppress(RuntimeError):  # the loop may be closed already
+                asyncio.get_running_loop().remove_reader(self._epoll.fileno())
+            self._epoll.close()
+            self._epoll = None
 
 
 @dataclass(slots=True)
@@ -97,6 +137,7 @@ class ConnectionGuard:
         self.idle_timeout = idle_timeout
         # Called before each TLS handshake (the web config's certificate refresh).
         self.before_tls: Callable[[], None] | None = None
+        self.first_bytes = FirstBytes()
         self._conns: dict[_Proxy, _Conn] = {}  # insertion order: oldest first
         self._by_handler: dict[object, _Proxy] = {}
         self._sweeper: asyncio.TimerHandle | None = None
@@ -176,7 +217,8 @@ class ConnectionGuard:
             self._schedule(loop)
 
     def close(self) -> None:
-        """Stop the timer (at shutdown)."""
+        """Stop the timer and the first-bytes watch (at shutdown)."""
+        self.first_bytes.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -212,7 +254,8 @@ class _Proxy(asyncio.Protocol):
     """Stands between the transport and aiohttp's protocol, so the guard sees the
     connection open and close."""
 
-    __slots__ = ("_early", "_forwarded", "_handshake", "_refused", "_ssl", "guard", "inner")
+    __slots__ = ("_early", "_forwarded", "_handshake", "_peeking", "_refused", "_ssl", "guard",
+                 "inner")
 
     def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol,
                  ssl_context: ssl.SSLContext | None = None) -> None:
@@ -225,6 +268,7 @@ class _Proxy(asyncio.Protocol):
         # often comes with the client's Finished): handed on, in order, once forwarded.
         self._early: list[bytes] = []
         self._refused = False  # plain HTTP on the TLS port: answered, the rest discarded
+        self._peeking: tuple[int, asyncio.Future[None]] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self.guard._opened(self, transport):
@@ -246,10 +290,22 @@ class _Proxy(asyncio.Protocol):
         # (asyncio 3.11): toggled now, nothing is read from the socket until TLS resumes it.
         transport.resume_reading()  # type: ignore[attr-defined]
         transport.pause_reading()  # type: ignore[attr-defined]
+        first_bytes, first = self.guard.first_bytes, b""
         try:
-            first = await _first_bytes(transport)
-        except OSError:
-            first = b""
+            fd = transport.get_extra_info("socket").fileno()
+            ready = first_bytes.watch(fd)
+        except OSError:  # closed already
+            pass
+        else:
+            self._peeking = (fd, ready)
+            try:
+                await ready
+                first = first_bytes.peek(fd)
+            except OSError:
+                pass
+            finally:
+                first_bytes.forget(fd, ready)
+                self._peeking = None
         if not first:
             transport.abort()  # type: ignore[attr-defined]
             return
@@ -288,6 +344,9 @@ class _Proxy(asyncio.Protocol):
         if self._forwarded:
             self.inner.connection_lost(exc)
         elif self._handshake is not None:
+            if self._peeking is not None:
+                # Now: the descriptor closes right after this, and may be reused at once.
+                self.guard.first_bytes.forget(*self._peeking)
             self._handshake.cancel()  # still waiting for the first bytes: stop watching
 
     def data_received(self, data: bytes) -> None:

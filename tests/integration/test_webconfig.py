@@ -407,6 +407,29 @@ def test_a_client_waiting_for_its_password_check_keeps_its_connection(tmp_path: 
         stop_process(server.proc)
 
 
+def test_a_silent_tls_connection_holds_one_descriptor(pki: Pki, tmp_path: Path) -> None:
+    # The connection cap is fitted to the open-files limit at one descriptor per
+    # connection: waiting for a TLS client's first bytes must not take a second one.
+    web = write_web_config(pki.dir / "web-fds.yml", tls=True)
+    context = ssl.create_default_context(cafile=str(pki.cert))
+    server = start_server(tmp_path, web, context)
+    fds = Path(f"/proc/{server.proc.pid}/fd")
+    assert server.get("/-/healthy", basic(USER, PASSWORD)).status == 200
+    before = len(list(fds.iterdir()))
+    silent = [socket.create_connection((LOOPBACK, server.port), timeout=10) for _ in range(20)]
+    try:
+        deadline = time.monotonic() + 10
+        while len(list(fds.iterdir())) < before + 20 and time.monotonic() < deadline:
+            time.sleep(0.05)  # poll interval, bounded by the deadline
+        # A request after them: by its answer, every silent one is being watched.
+        assert server.get("/-/healthy", basic(USER, PASSWORD)).status == 200
+        assert len(list(fds.iterdir())) <= before + 20 + 2  # + the watch's epoll, + slack
+    finally:
+        for s in silent:
+            s.close()
+        stop_process(server.proc)
+
+
 def test_tls_connections_that_never_finish_the_handshake_are_limited_and_timed_out(
         pki: Pki, tmp_path: Path) -> None:
     # Silent TCP connections to the TLS port: before the handshake they must already count
