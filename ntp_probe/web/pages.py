@@ -13,6 +13,7 @@ import yaml
 
 from ntp_probe import __version__
 from ntp_probe.config.schema import Config, format_duration
+from ntp_probe.engine.text import visible
 from ntp_probe.web.history import Entry, History
 
 # One stylesheet for every page. Below 720 px the history table turns into one card per
@@ -221,12 +222,18 @@ def _module_yaml(entry: Entry, module: dict[str, object]) -> str:
     return yaml.safe_dump({entry.module: module}, sort_keys=False)
 
 
+def _shown(metrics: str) -> str:
+    """The exposition for people to read: label values quote servers (a daemon's version
+    string), so characters that are not printable are escaped, line by line."""
+    return "".join(visible(line) + "\n" for line in metrics.splitlines())
+
+
 def debug_text(entry: Entry, module: dict[str, object]) -> str:
     """The debug=true answer, and /logs for clients that do not ask for HTML."""
     return (
         (f"{entry.note}\n\n" if entry.note else "")
         + "Logs for the probe:\n" + entry.log.text()
-        + "\n\nMetrics that would have been returned:\n" + entry.metrics
+        + "\n\nMetrics that would have been returned:\n" + _shown(entry.metrics)
         + "\n\nModule configuration:\n" + _module_yaml(entry, module)
     )
 
@@ -251,7 +258,7 @@ def log_page(entry: Entry, module: dict[str, object]) -> str:
         f"<dl class='summary'>{summary}</dl>"
         + (f"<p class='hint' id='note'>{_e(entry.note)}</p>" if entry.note else "")
         + f"<h2>Log</h2><pre id='log'>{_e(entry.log.text())}</pre>"
-        f"<h2>Metrics</h2><pre id='metrics'>{_e(entry.metrics)}</pre>"
+        f"<h2>Metrics</h2><pre id='metrics'>{_e(_shown(entry.metrics))}</pre>"
         f"<h2>Module configuration</h2><pre id='module'>{_e(_module_yaml(entry, module))}</pre>"
         f"{_BACK}"
     ))

@@ -10,7 +10,10 @@ import pytest
 
 from ntp_probe.cli.logs import JSONFormatter, LogfmtFormatter
 from ntp_probe.engine.context import ProbeLog
+from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.text import visible
+from ntp_probe.web import pages
+from ntp_probe.web.history import History
 
 HOSTILE = "v\x1b[2J\x1b]0;title\x07\r\t\u202e\x85end"
 
@@ -47,3 +50,13 @@ def test_a_probe_log_shows_server_text_escaped() -> None:
     log(lambda: f"refid {HOSTILE}")
     assert all(line.isprintable() for line in log.lines), log.lines
     assert "\x1b" not in log.text()
+
+
+def test_debug_and_log_pages_show_the_metrics_escaped() -> None:
+    # Label values quote servers: fine for Prometheus, but debug=true and /logs are read
+    # by people, on terminals and in browsers.
+    entry = History().add("ntpd", "t", Measurement(), ProbeLog(),
+                          f'probe_ntpd_info{{version="{HOSTILE}"}} 1\n')
+    for page in (pages.debug_text(entry, {}), pages.log_page(entry, {})):
+        assert "\x1b" not in page and "\x07" not in page
+        assert "v\\x1b[2J" in page
