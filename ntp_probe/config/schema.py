@@ -261,6 +261,9 @@ class Address:
             address = ipaddress.ip_address(value if isinstance(value, str) else "")
         except ValueError:
             raise ConfigError(f"{key}: expected an IP address, got {show(value)}") from None
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            raise ConfigError(f"{key}: {address} is IPv4 written as IPv6: write "
+                              f"{address.ipv4_mapped}")
         if address.is_multicast or address == ipaddress.IPv4Address("255.255.255.255"):
             # A source address is one of this host's own: a group or broadcast address
             # could never be bound as one.

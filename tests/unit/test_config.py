@@ -554,6 +554,13 @@ def test_a_source_address_must_be_unicast(address: str) -> None:
         parse(f"modules:\n  m:\n    ntp:\n      source_ip_address: '{address}'\n")
 
 
+@pytest.mark.parametrize("address", ["::ffff:224.0.0.1", "::ffff:127.0.0.1"])
+def test_a_source_address_is_not_ipv4_written_as_ipv6(address: str) -> None:
+    # Sockets of either family could never bind it as given: every probe failed local_error.
+    with pytest.raises(ConfigError, match="is IPv4 written as IPv6: write"):
+        parse(f"modules:\n  m:\n    ntp:\n      source_ip_address: '{address}'\n")
+
+
 def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     fifo = tmp_path / "modules.yaml"
     os.mkfifo(fifo)
