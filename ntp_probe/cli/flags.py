@@ -15,7 +15,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ntp_probe.cli import output
-from ntp_probe.config.schema import ConfigError, parse_duration
+from ntp_probe.config.schema import MAX_DURATION, ConfigError, parse_duration
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -111,14 +111,16 @@ def seconds(text: str) -> float:
     """Seconds as a number (``0.5``, as blackbox's float flags) or a duration (``500ms``, ``2s``,
     as kingpin's duration flags and Prometheus' configs spell them)."""
     try:
-        return number(text, float)
+        value = number(text, float)
     except argparse.ArgumentTypeError:
-        pass
-    try:
-        return parse_duration(text.strip(), "")
-    except ConfigError:
-        raise argparse.ArgumentTypeError(
-            f"expected seconds or a duration like 0.5s or 500ms, got {text!r}") from None
+        try:
+            return parse_duration(text.strip(), "")
+        except ConfigError:
+            raise argparse.ArgumentTypeError(
+                f"expected seconds or a duration like 0.5s or 500ms, got {text!r}") from None
+    if value > MAX_DURATION:  # as for a duration: no setting means more than a year
+        raise argparse.ArgumentTypeError(f"{text} seconds is longer than a year")
+    return value
 
 
 def positive_float(text: str) -> float:

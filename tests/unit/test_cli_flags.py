@@ -45,7 +45,8 @@ def test_an_empty_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> N
         100, None, "info", 0.5)
 
 
-@pytest.mark.parametrize("bad", ["nan", "inf", "-1", "x", "-1s", "1e400s", "2 s", "s"])
+@pytest.mark.parametrize("bad", ["nan", "inf", "-1", "x", "-1s", "1e400s", "2 s", "s", "1e300",
+                                 "367d"])
 def test_seconds_flags_must_be_finite(bad: str) -> None:
     with pytest.raises(SystemExit):
         serve_parser().parse_args([f"--timeout-offset={bad}"])
