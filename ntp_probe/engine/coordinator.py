@@ -237,7 +237,13 @@ class Coordinator:
             result.duration = timeout
             counted = False
         except asyncio.CancelledError:
-            if not flight.task.done() and all(
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Cancelled after its result came, before it resumed (its client hung up
+                # at that moment): if it was the one to count the burst, it still does.
+                result, _, counted = waiter.result()
+                if counted and self.on_unclaimed is not None:
+                    self.on_unclaimed(module.name, result)
+            elif not flight.task.done() and all(
                     w.done() for w in flight.waiters if w is not waiter):
                 if flight.orphaned:
                     pass  # a request that joined it after its first ones left, left too

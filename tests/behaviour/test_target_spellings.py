@@ -13,6 +13,7 @@ import pytest
 from pytest_aiohttp import AiohttpClient
 
 from ntp_probe.config.schema import Config
+from ntp_probe.engine import coordinator as coordinator_module
 from ntp_probe.engine.context import ProbeLog
 from ntp_probe.engine.coordinator import Coordinator, _Cached
 from ntp_probe.engine.result import Measurement
@@ -215,6 +216,30 @@ async def test_reloads_that_change_nothing_neither_start_nor_lose_bursts(
     assert again.age is not None and again.result.success
     await fake_ntp.drain()
     assert len(fake_ntp.requests) == 1
+
+
+async def test_a_request_cancelled_as_its_result_arrives_still_counts_the_burst(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its client hangs up in the loop pass between the burst's result and the request's
+    # resumption: the burst ran, and the request that was to count it must still do so.
+    coordinator = Coordinator()
+    counted: list[str] = []
+    coordinator.on_unclaimed = lambda module, result: counted.append(module)
+    request: asyncio.Task[object] | None = None
+
+    async def burst(*args: object, **kwargs: object) -> tuple[Measurement, ProbeLog]:
+        assert request is not None
+        asyncio.get_running_loop().call_soon(request.cancel)  # before its wake-up
+        return Measurement(), ProbeLog()
+
+    monkeypatch.setattr(coordinator_module, "run_probe", burst)
+    module = make_module()
+    request = asyncio.create_task(coordinator.probe(
+        Config(modules={"t": module}, source="test"), module, parse_target("127.0.0.1:1"),
+        1.0))
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert counted == [module.name]
 
 
 async def test_rising_scrape_timeouts_cannot_force_a_burst_each(
