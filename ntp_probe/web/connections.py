@@ -42,6 +42,7 @@ _LOG_INTERVAL = 10.0  # seconds between two log lines about the same kind of tro
 # no TLS record starts with.
 _HTTP_STARTS = (b"GET /", b"HEAD ", b"POST ", b"PUT /", b"OPTIO")
 _NOT_TLS = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
+_PIECES_WAIT, _PIECE_INTERVAL = 20, 0.05  # how long the first five bytes may take in pieces
 
 
 class FirstBytes:
@@ -301,6 +302,13 @@ class _Proxy(asyncio.Protocol):
             try:
                 await ready
                 first = first_bytes.peek(fd)
+                # The start of an HTTP method in pieces (a client writing byte by byte):
+                # Go waits for the five bytes; here a while, then TLS decides.
+                for _ in range(_PIECES_WAIT):
+                    if not (0 < len(first) < 5 and any(m.startswith(first) for m in _HTTP_STARTS)):
+                        break
+                    await asyncio.sleep(_PIECE_INTERVAL)
+                    first = first_bytes.peek(fd)
             except OSError:
                 pass
             finally:

@@ -282,6 +282,16 @@ def test_plain_http_to_the_tls_port_gets_gos_400(tls_server: Server) -> None:
         while chunk := s.recv(65536):
             data += chunk
     assert data.startswith(b"HTTP/1.0 400 Bad Request\r\n"), data[:200]
+    # A client that writes its request line in pieces gets the same answer (Go waits for
+    # the five bytes it decides on).
+    with socket.create_connection((LOOPBACK, tls_server.port), timeout=HTTP_TIMEOUT) as s:
+        s.sendall(b"G")
+        time.sleep(0.2)  # the pause between the pieces is the point of the test
+        s.sendall(b"ET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.0 400 Bad Request\r\n"), data[:200]
     # The server is still fine afterwards, over TLS.
     assert tls_server.get("/metrics", basic(USER, PASSWORD)).status == 200
 
