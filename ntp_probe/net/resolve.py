@@ -185,7 +185,7 @@ class Resolver:
                  hosts: HostsFile | None = None) -> None:
         # ``getaddrinfo`` (host, family) -> address is replaceable so that tests never
         # send a made-up name to the machine's resolver; it is then asked once per family.
-        self._getaddrinfo_all: Callable[[str], _Addresses] = (
+        self._getaddrinfo_all: Callable[[str, int | None], _Addresses] = (
             _getaddrinfo_all if getaddrinfo is None
             else functools.partial(_one_per_family, getaddrinfo))
         if hosts is None and getaddrinfo is None and _files_first():
@@ -196,20 +196,27 @@ class Resolver:
         self._failures: TTLCache[_Key, str] = TTLCache(maxsize=4096, ttl=_NEGATIVE_TTL)
         self._in_flight: dict[_Key, _Lookup] = {}
 
-    async def lookup_all(self, host: str) -> tuple[_Addresses, bool]:
+    async def lookup_all(self, host: str, family: int | None = None
+                         ) -> tuple[_Addresses, bool]:
         """Every (family, address) of ``host``, in the resolver's order, and whether they
-        came from the cache; :class:`ResolveError` says why there are none. A name the
-        hosts file lists is answered from it alone (neither family is asked of DNS, so no
-        flood of lookups can delay it)."""
+        came from the cache; :class:`ResolveError` says why there are none. With
+        ``family``, only that family is asked for (one query type: a module that never
+        uses the other must not wait for its answer). A name the hosts file lists is
+        answered from it alone (nothing is asked of DNS, so no flood of lookups can delay
+        it)."""
         if self._hosts is not None:
             local = self._hosts.lookup_all(host)
             if local:
+                if family is not None:
+                    local = tuple(found for found in local if found[0] == family)
+                    if not local:
+                        raise ResolveError("the hosts file lists no address of that family")
                 return local, False
-        key = (host, None)
+        key = (host, family)
         hit = self._all.get(key)
         if hit is not None:
             return hit, True
-        return await self._shared(key, self._all, self._getaddrinfo_all, host), False
+        return await self._shared(key, self._all, self._getaddrinfo_all, host, family), False
 
     async def _shared(self, key: _Key, answers: TTLCache[_Key, _A],
                       lookup: Callable[..., _A], *args: Any) -> _A:
@@ -252,11 +259,12 @@ class Resolver:
 
 
 
-def _one_per_family(getaddrinfo: Callable[[str, int], str], host: str) -> _Addresses:
-    """Every address of ``host`` as far as a one-address-per-family lookup tells (the
-    tests' stand-in for getaddrinfo)."""
+def _one_per_family(getaddrinfo: Callable[[str, int], str], host: str,
+                    only: int | None = None) -> _Addresses:
+    """Every address of ``host`` (of family ``only`` when given) as far as a
+    one-address-per-family lookup tells (the tests' stand-in for getaddrinfo)."""
     out, reasons = [], []
-    for family in (socket.AF_INET6, socket.AF_INET):
+    for family in (socket.AF_INET6, socket.AF_INET) if only is None else (only,):
         try:
             out.append((family, getaddrinfo(host, family)))
         except ResolveError as exc:
@@ -266,9 +274,10 @@ def _one_per_family(getaddrinfo: Callable[[str, int], str], host: str) -> _Addre
     return tuple(out)
 
 
-def _getaddrinfo_all(host: str) -> _Addresses:
+def _getaddrinfo_all(host: str, family: int | None = None) -> _Addresses:
     try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+        infos = socket.getaddrinfo(host, None, family=family or socket.AF_UNSPEC,
+                                   type=socket.SOCK_DGRAM)
     except (OSError, UnicodeError) as exc:
         raise ResolveError(_describe(exc)) from None
     out: list[tuple[int, str]] = []
@@ -280,14 +289,16 @@ def _getaddrinfo_all(host: str) -> _Addresses:
     return tuple(out)
 
 
-async def resolve_all(host: str, resolver: Resolver | None = None) -> list[Resolved]:
-    """Every address of ``host`` (an IP literal is its only address)."""
+async def resolve_all(host: str, resolver: Resolver | None = None,
+                      family: int | None = None) -> list[Resolved]:
+    """Every address of ``host`` (of ``family`` only, when given; an IP literal is its only
+    address)."""
     resolved = literal(host)
     if resolved is not None:
         return [resolved]
     resolver = resolver or default_resolver()
     try:
-        found, cached = await resolver.lookup_all(host)
+        found, cached = await resolver.lookup_all(host, family)
     except ResolveError as exc:
         raise ResolveError(f"no address for {host!r} ({exc})") from None
     out: list[Resolved] = []
@@ -347,7 +358,8 @@ async def resolve(host: str, preferred: str = "ip6", fallback: bool = True,
     if resolved is not None:
         return resolved
     family = FAMILIES[preferred]
-    addresses = await resolve_all(host, resolver)
+    # Without fallback only the preferred family is asked for, as blackbox asks.
+    addresses = await resolve_all(host, resolver, None if fallback else family)
     chosen = next((r for r in addresses if r.family == family), None)
     if chosen is not None:
         return chosen

@@ -137,10 +137,13 @@ async def prepare_all(target: Target, ctx: ProbeContext, limit: int, until: floa
     is used as given, whatever the preference)."""
     if refused(ctx, ctx.guard.refuse(target.host)):
         return None
-    found = await _looked_up(target, ctx, resolve_all(target.host), until)
+    family = FAMILIES[preferred]
+    # Without fallback only the preferred family is asked for (the other's answer, slow
+    # or lost, must not hold up a probe that never uses it).
+    found = await _looked_up(target, ctx, resolve_all(
+        target.host, family=None if fallback else family), until)
     if found is None:
         return None
-    family = FAMILIES[preferred]
     if literal(target.host) is None and not fallback:
         skipped = [r for r in found if r.family != family]
         found = [r for r in found if r.family == family]

@@ -116,14 +116,38 @@ async def test_resolve_prefers_then_falls_back_and_says_why() -> None:
     resolver = Resolver(getaddrinfo=lookups)
     got = await resolve("v4only.test", "ip6", True, resolver)
     assert (got.address, got.ip_protocol) == ("192.0.2.4", 4)
-    with pytest.raises(ResolveError) as caught:
+    # Without fallback only the preferred family is asked for, as blackbox asks: the
+    # other's answer, slow or lost, cannot hold the probe up.
+    lookups.calls.clear()
+    with pytest.raises(ResolveError, match="Name or service not known"):
         await resolve("v4only.test", "ip6", False, resolver)
-    assert "no ip6 address for 'v4only.test' (ip_protocol_fallback is off; 1 of the other" \
-        in str(caught.value)
+    assert lookups.calls == [("v4only.test", socket.AF_INET6)]
     for preferred, address in (("ip6", "2001:db8::5"), ("ip4", "192.0.2.5")):
         assert (await resolve("dual.test", preferred, False, resolver)).address == address
     with pytest.raises(ResolveError, match="Name or service not known"):
         await resolve("dead.test", "ip6", True, resolver)
+
+
+async def test_without_fallback_the_other_familys_answer_is_not_awaited() -> None:
+    # A resolver that never answers A queries: a module that wants IPv6 only must not wait
+    # for them (blackbox asks for the one family only), nor fail resolve by their timeout.
+    released = threading.Event()
+
+    def v6_answers(host: str, family: int) -> str:
+        if family == socket.AF_INET:
+            released.wait(timeout=5)
+            raise ResolveError("timed out")
+        return "2001:db8::6"
+
+    resolver = Resolver(getaddrinfo=v6_answers)
+    try:
+        got = await asyncio.wait_for(resolve("v6.test", "ip6", False, resolver), 2.0)
+        assert got.address == "2001:db8::6"
+        found = await asyncio.wait_for(
+            resolve_all("v6.test", resolver, family=socket.AF_INET6), 2.0)
+        assert [r.address for r in found] == ["2001:db8::6"]
+    finally:
+        released.set()
 
 
 async def test_a_mapped_ipv6_answer_is_ipv4_whatever_the_preference() -> None:
@@ -133,8 +157,10 @@ async def test_a_mapped_ipv6_answer_is_ipv4_whatever_the_preference() -> None:
     resolver = Resolver(getaddrinfo=lookups)
     with pytest.raises(ResolveError, match="no ip6 address"):
         await resolve("mapped.test", "ip6", False, resolver)
-    got = await resolve("mapped.test", "ip4", False, resolver)
+    got = await resolve("mapped.test", "ip4", True, resolver)
     assert (got.address, got.ip_protocol) == ("127.0.0.2", 4)
+    with pytest.raises(ResolveError):  # ip4 only: only A is asked for, and there is none
+        await resolve("mapped.test", "ip4", False, resolver)
 
 
 async def test_the_fallback_is_the_last_address_of_the_other_family_as_in_blackbox() -> None:
@@ -182,7 +208,7 @@ async def test_a_name_in_the_hosts_file_is_not_asked_of_dns_for_its_other_family
     resolver = Resolver(getaddrinfo=lookups, hosts=HostsFile(str(hosts_path)))
     got = await resolve("v4only.test", "ip6", True, resolver)
     assert (got.address, got.ip_protocol) == ("127.0.0.1", 4)
-    with pytest.raises(ResolveError, match="no ip6 address"):
+    with pytest.raises(ResolveError, match="the hosts file lists no address of that family"):
         await resolve("v4only.test", "ip6", False, resolver)
     assert lookups.calls == []
 
