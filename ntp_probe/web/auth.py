@@ -107,9 +107,12 @@ def _signature(paths: tuple[str, ...]) -> tuple[tuple[int, int, int] | None, ...
 
 @dataclass(slots=True)
 class _TLSFiles:
-    """The files a server's TLS context was loaded from, as they were then."""
+    """A server's TLS context, the settings and files it was built from, and what the
+    files were then."""
 
     context: ssl.SSLContext
+    raw: dict[str, Any]  # tls_server_config as written
+    base: Path  # the web config's directory (relative paths)
     cert: str
     key: str
     client_ca: str | None
@@ -117,42 +120,36 @@ class _TLSFiles:
     checked: float = 0.0
 
     def same_settings(self, other: _TLSFiles) -> bool:
-        """Whether ``other`` was loaded from the same files with the same settings."""
-        mine, theirs = self.context, other.context
-        return self.paths == other.paths and (
-            mine.verify_mode, mine.minimum_version, mine.maximum_version) == (
-            theirs.verify_mode, theirs.minimum_version, theirs.maximum_version)
+        """Whether ``other`` comes from the same files with the same settings."""
+        return (self.raw, self.paths) == (other.raw, other.paths)
 
     @property
     def paths(self) -> tuple[str, ...]:
         return (self.cert, self.key) + ((self.client_ca,) if self.client_ca else ())
 
-    def refresh(self) -> None:
-        """Load the certificate, key and client CA again if their files changed (looked at
-        no more than once a second); a pair that does not load is logged, the old kept."""
+    def refresh(self) -> ssl.SSLContext:
+        """The context for a new connection: built afresh from the files when they
+        changed (looked at no more than once a second), so that a renewed certificate of
+        another key type replaces the old one and a client CA taken out of the bundle is
+        no longer trusted; files that do not build one are logged, the old context kept."""
         now = time.monotonic()
         if now - self.checked < _TLS_CHECK_INTERVAL:
-            return
+            return self.context
         self.checked = now
         signature = _signature(self.paths)
         if signature == self.signature:
-            return
+            return self.context
         self.signature = signature  # a broken change is logged once, not per connection
         try:
-            # Tried on a scratch context first: a certificate loaded into the live one
-            # with a key that does not match would fail every handshake.
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert, self.key)
-            why = ca_file_problem(self.client_ca) if self.client_ca else None
-            if why is not None:
-                raise ValueError(f"client_ca_file: {why}")
-            self.context.load_cert_chain(self.cert, self.key)
-            if self.client_ca:
-                self.context.load_verify_locations(self.client_ca)
-        except (ssl.SSLError, OSError, ValueError) as exc:
+            fresh = _tls(self.raw, self.base)
+        except WebConfigError as exc:
             logger.error("TLS files changed but do not load, the previous ones stay in use: "
                          "%s", exc)
-            return
+            return self.context
+        assert fresh is not None  # built from a non-empty tls_server_config
+        self.context = fresh.context
         logger.info("TLS files changed: new connections use them")
+        return self.context
 
 
 def _cost(hashed: bytes) -> int:
@@ -265,12 +262,14 @@ class WebConfig:
             later.append("TLS settings (the files' contents are read again by themselves)")
         return later
 
-    def refresh_tls(self) -> None:
-        """Before a TLS handshake: a certificate, key or client CA whose file changed is
-        loaded again for new connections, as exporter-toolkit reads them for each one (a
-        renewed certificate needs no restart)."""
-        if self._tls_files is not None:
-            self._tls_files.refresh()
+    def refresh_tls(self) -> ssl.SSLContext | None:
+        """The TLS context for a new connection (None without TLS): certificate, key and
+        client CA files that changed are read again, as exporter-toolkit reads them for
+        each connection (a renewed certificate needs no restart)."""
+        if self._tls_files is None:
+            return self.ssl_context
+        self.ssl_context = self._tls_files.refresh()
+        return self.ssl_context
 
     async def add_headers(self, request: web.Request, response: web.StreamResponse) -> None:
         """The configured headers, as a response signal: on every response, errors
@@ -339,7 +338,7 @@ def _tls(raw: dict[str, Any], base: Path) -> _TLSFiles | None:
         ctx.verify_mode = _CLIENT_AUTH[auth]
     else:
         ca_file = None
-    files = _TLSFiles(ctx, cert, key, ca_file)
+    files = _TLSFiles(ctx, dict(raw), base, cert, key, ca_file)
     files.signature = _signature(files.paths)
     return files
 

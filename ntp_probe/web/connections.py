@@ -136,8 +136,9 @@ class ConnectionGuard:
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
-        # Called before each TLS handshake (the web config's certificate refresh).
-        self.before_tls: Callable[[], None] | None = None
+        # Called before each TLS handshake for the context to use (the web config's,
+        # built again when its certificate files change).
+        self.before_tls: Callable[[], ssl.SSLContext | None] | None = None
         self.first_bytes = FirstBytes()
         self._conns: dict[_Proxy, _Conn] = {}  # insertion order: oldest first
         self._by_handler: dict[object, _Proxy] = {}
@@ -327,7 +328,7 @@ class _Proxy(asyncio.Protocol):
             transport.resume_reading()  # type: ignore[attr-defined]
             return
         if self.guard.before_tls is not None:
-            self.guard.before_tls()
+            context = self.guard.before_tls() or context
         try:
             secured = await loop.start_tls(
                 transport, self, context, server_side=True,  # type: ignore[arg-type]

@@ -80,13 +80,18 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-def make_pki(d: Path) -> Pki:
-    """A self-signed certificate for 127.0.0.1 and its key, in ``d``."""
+def make_pki(d: Path, *, rsa: bool = False, signer: Pki | None = None,
+             name: str = "localhost") -> Pki:
+    """A certificate for 127.0.0.1 and its key in ``d`` (EC unless ``rsa``), self-signed
+    or signed by ``signer``."""
     openssl = require_binary("openssl")
     cert, key = d / "cert.pem", d / "key.pem"
+    new_key = (["-newkey", "rsa:2048"] if rsa else
+               ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
+    signed = [] if signer is None else ["-CA", str(signer.cert), "-CAkey", str(signer.key)]
     run = subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+        [openssl, "req", "-x509", *new_key, *signed, "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "2", "-subj", f"/CN={name}",
          "-addext", "subjectAltName=IP:127.0.0.1"],
         capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
     )
@@ -334,6 +339,60 @@ def test_a_renewed_certificate_is_served_without_a_restart(pki: Pki, tmp_path: P
         os.replace(live / "key.new", live / "key.pem")
         wait_for_cert(renewed.cert.read_text())
         assert "TLS files changed: new connections use them" in server.log()
+        # Renewed with another key type (EC to RSA, key first as certbot writes in place):
+        # the RSA certificate is served, not the EC one beside it.
+        (tmp_path / "rsa").mkdir()
+        rsa = make_pki(tmp_path / "rsa", rsa=True)
+        shutil.copy(rsa.key, live / "key.pem")
+        shutil.copy(rsa.cert, live / "cert.pem")
+        wait_for_cert(rsa.cert.read_text())
+    finally:
+        stop_process(server.proc)
+
+
+def test_a_client_ca_taken_out_of_the_bundle_is_no_longer_trusted(
+        pki: Pki, tmp_path: Path) -> None:
+    # mTLS: rotating client_ca_file from one CA to another must lock out clients of the
+    # old one (exporter-toolkit reads the file for each connection).
+    cas, clients = [], []
+    for i in (1, 2):
+        (tmp_path / f"ca{i}").mkdir()
+        cas.append(make_pki(tmp_path / f"ca{i}", name=f"ca{i}"))
+        (tmp_path / f"client{i}").mkdir()
+        clients.append(make_pki(tmp_path / f"client{i}", signer=cas[-1], name=f"client{i}"))
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("cert.pem", "key.pem"):
+        shutil.copy(pki.dir / name, live / name)
+    shutil.copy(cas[0].cert, live / "ca.pem")
+    web = live / "web.yml"
+    web.write_text("tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n"
+                   "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.pem\n")
+
+    def context(client: Pki) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(pki.cert))
+        ctx.load_cert_chain(str(client.cert), str(client.key))
+        return ctx
+
+    def admitted(client: Pki) -> bool:
+        request = urllib.request.Request(f"https://{LOOPBACK}:{server.port}/-/healthy")
+        try:
+            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT,
+                                        context=context(client)) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError, http.client.HTTPException):
+            return False
+
+    server = start_server(tmp_path, web, context(clients[0]))
+    try:
+        assert admitted(clients[0]) and not admitted(clients[1])
+        shutil.copy(cas[1].cert, live / "ca.new")
+        os.replace(live / "ca.new", live / "ca.pem")
+        deadline = time.monotonic() + 10
+        while not admitted(clients[1]) and time.monotonic() < deadline:
+            time.sleep(0.1)  # poll interval, bounded by the deadline
+        assert admitted(clients[1])
+        assert not admitted(clients[0])
     finally:
         stop_process(server.proc)
 
