@@ -169,7 +169,7 @@ class WebConfig:
     # Where ssl_context's certificate, key and client CA come from (see refresh_tls).
     _tls_files: _TLSFiles | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
-    _verified: LRUCache[tuple[str, bytes], bool] = field(
+    _verified: LRUCache[tuple[str, bytes, bytes], bool] = field(
         default_factory=lambda: LRUCache(maxsize=1024)
     )
     # Compared against when the user is unknown, at the configured hashes' cost, so that a
@@ -197,7 +197,9 @@ class WebConfig:
         secret = password.encode()
         # bcrypt is deliberately slow: remember successful checks by a digest of the
         # password, so repeated scrapes with the same credentials cost one hash lookup.
-        key = (user, hashlib.sha256(secret).digest())
+        # Keyed by the hash checked against too: a check that ends after a reload changed
+        # the password must not vouch for the old one under the new hash.
+        key = (user, stored or b"", hashlib.sha256(secret).digest())
         if stored is not None and self._verified.get(key):
             return True
         if len(secret) > MAX_PASSWORD_BYTES:

@@ -16,6 +16,7 @@ from pytest_aiohttp import AiohttpClient
 from ntp_probe.web import auth
 from ntp_probe.web.app import create_app
 from ntp_probe.web.auth import WebConfigError, load_web_config
+from tests.behaviour.test_operate_web import poll
 from tests.behaviour.test_web import make_state
 
 Client = TestClient[web.Request, web.Application]
@@ -79,3 +80,19 @@ async def test_a_flood_of_wrong_passwords_is_turned_away_at_once(
     assert busy.headers["X-Content-Type-Options"] == "nosniff"
     # The right password still works once the flood has drained.
     assert (await client.get("/metrics", headers=basic(USER, PASSWORD))).status == 200
+
+
+async def test_a_password_check_that_ends_after_a_rotation_vouches_for_nothing(
+        tmp_path: Path) -> None:
+    # A reload changes alice's password while her first (slow) check runs: that check
+    # may let its own request in, but must not make the old password good from then on.
+    old = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=12)).decode()
+    config = load_web_config(str(web_config_file(tmp_path, old)))
+    header = basic(USER, PASSWORD)["Authorization"]
+    checking = asyncio.create_task(config.authorized(header))
+    await poll(lambda: config._pending == 1, "the check in its thread")
+    new = bcrypt.hashpw(b"rotated", bcrypt.gensalt(rounds=4)).decode()
+    assert config.adopt(load_web_config(str(web_config_file(tmp_path, new)))) == []
+    await checking
+    assert not await config.authorized(header)
+    assert await config.authorized(basic(USER, "rotated")["Authorization"])
