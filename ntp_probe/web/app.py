@@ -84,19 +84,12 @@ class State:
             task.add_done_callback(self._unqueue)
         return await asyncio.shield(task)
 
-    async def _reload_web_config(self) -> None:
-        """Read --web.config.file again with the modules: new users and headers apply to
-        the next request; a file that does not load keeps the previous one (logged)."""
+    async def _read_web_config(self) -> WebConfig | None:
+        """--web.config.file read again with the modules (None when there is none)."""
         if self.web_config_path is None:
-            return
-        try:
-            # In a thread: checking the bcrypt hashes is deliberately slow.
-            new = await asyncio.to_thread(load_web_config, self.web_config_path)
-        except WebConfigError as exc:
-            logger.error("web config reload failed, keeping the previous one: %s", exc)
-            return
-        for what in self.web_config.adopt(new):
-            logger.warning("web config: %s changed; it needs a restart to apply", what)
+            return None
+        # In a thread: checking the bcrypt hashes is deliberately slow.
+        return await asyncio.to_thread(load_web_config, self.web_config_path)
 
     def _unqueue(self, task: asyncio.Future[str | None]) -> None:
         if self._queued is task:  # ended before it started (cancelled at shutdown)
@@ -108,6 +101,14 @@ class State:
                 self._queued = None  # reading now: later callers queue the next one
             try:
                 config = await asyncio.to_thread(load_config, self.config_path)
+                web_config = await self._read_web_config()
+            except WebConfigError as exc:
+                # Both files or neither: a reload that could not take the web config
+                # (a password rotation that failed) must say so, not answer OK.
+                self.internals.config_failed()
+                logger.error("reload failed, keeping the previous configuration: web config: "
+                             "%s", exc)
+                return f"{self.web_config_path}: {exc}"
             except ConfigError as exc:
                 self.internals.config_failed()
                 for line in str(exc).splitlines():
@@ -117,7 +118,10 @@ class State:
                 self.internals.config_failed()
                 logger.exception("reload failed, keeping the previous configuration")
                 return f"{self.config_path}: cannot be loaded: {type(exc).__name__}"
-            await self._reload_web_config()
+            if web_config is not None:
+                # New users, passwords and headers apply to the next request.
+                for what in self.web_config.adopt(web_config):
+                    logger.warning("web config: %s changed; it needs a restart to apply", what)
             self.config = config
             self.internals.config_loaded(len(config.modules))
             self.internals.use_leapfile(config.leapfile)

@@ -415,10 +415,13 @@ def test_a_reload_takes_new_passwords_and_headers(tmp_path: Path) -> None:
         assert server.get("/-/reload", basic(USER, "rotated"), method="POST").status == 200
         assert server.get("/metrics").status == 401
         assert "basic auth on or off changed; it needs a restart" in server.log(), server.log()
-        web.write_text("basic_auth_users: [\n")  # broken: logged, the previous one kept
-        assert server.get("/-/reload", basic(USER, "rotated"), method="POST").status == 200
-        assert "web config reload failed, keeping the previous one" in server.log()
-        assert server.get("/metrics", basic(USER, "rotated")).status == 200
+        web.write_text("basic_auth_users: [\n")  # broken: a failed reload, the old one kept
+        failed = server.get("/-/reload", basic(USER, "rotated"), method="POST")
+        assert failed.status == 500 and str(web) in failed.body, failed
+        assert "reload failed, keeping the previous configuration: web config" in server.log()
+        after = server.get("/metrics", basic(USER, "rotated"))
+        assert after.status == 200
+        assert "ntp_probe_config_last_reload_successful 0" in after.body
     finally:
         stop_process(server.proc)
 
