@@ -27,8 +27,10 @@ logger = logging.getLogger("ntp_probe")
 
 
 # Descriptors kept free beside the HTTP connections: one UDP socket per probe in flight,
-# plus the listening socket, logs, the resolver's threads and the like.
-_SPARE_FDS = 64
+# plus the listening socket, logs, the resolver's threads and the like; and as many as
+# asyncio accepts in one pass (the listen backlog) before the guard can close the excess.
+_LISTEN_BACKLOG = 128
+_SPARE_FDS = 64 + _LISTEN_BACKLOG
 _SHUTDOWN_GRACE = 1.0
 _SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): the first socket systemd passes
 _GC_YOUNG_THRESHOLD = 50_000
@@ -159,9 +161,11 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
     await runner.setup()
     if inherited:
         sites = [GuardedSite(runner, None, 0, guard, ssl_context=web_config.ssl_context,
+                             backlog=_LISTEN_BACKLOG,
                              sock=s) for s in inherited]
     else:
-        sites = [GuardedSite(runner, host, port, guard, ssl_context=web_config.ssl_context)
+        sites = [GuardedSite(runner, host, port, guard, ssl_context=web_config.ssl_context,
+                             backlog=_LISTEN_BACKLOG)
                  for host, port in listen]
     for site in sites:
         try:
