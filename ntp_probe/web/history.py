@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ntp_probe.config.schema import Module
@@ -63,12 +63,18 @@ class History:
             self._failures.append(entry)
         return entry
 
-    def __iter__(self) -> Iterator[Entry]:
-        """Newest first: the recent ring, then older failures no longer in it."""
-        seen = {e.id for e in self._recent}
-        older = [e for e in self._failures if e.id not in seen]
-        yield from reversed(self._recent)
-        yield from reversed(older)
+    def listed(self, rows: int) -> tuple[list[Entry], int]:
+        """What a page of at most about ``2 * rows`` rows lists, newest first: the newest
+        ``rows`` of the recent ring, then up to ``rows`` failures not among them (failures
+        are kept longer, and a page cut short must not drop them first); and how many
+        kept entries are left out."""
+        recent = list(itertools.islice(reversed(self._recent), rows))
+        shown = {e.id for e in recent}
+        failures = [e for e in reversed(self._failures) if e.id not in shown]
+        in_ring = {e.id for e in self._recent}
+        kept = len(self._recent) + sum(1 for e in self._failures if e.id not in in_ring)
+        listed = recent + failures[:rows]
+        return listed, kept - len(listed)
 
     @property
     def issued_count(self) -> int:

@@ -6,7 +6,6 @@ configuration is escaped; the pages need no JavaScript.
 from __future__ import annotations
 
 import html
-import itertools
 import time
 
 import yaml
@@ -150,8 +149,8 @@ MAX_ROWS = 1000
 
 
 def _history(history: History) -> str:
-    entries = list(itertools.islice(history, MAX_ROWS + 1))
-    rows = "".join(_history_row(e) for e in entries[:MAX_ROWS])
+    entries, left_out = history.listed(MAX_ROWS)
+    rows = "".join(_history_row(e) for e in entries)
     if not rows and history.limit == 0:
         return (f"<p class='hint'>{history.issued_count} probes since the start; none is "
                 "kept (--history.limit=0).</p>")
@@ -163,8 +162,9 @@ def _history(history: History) -> str:
         f"<table id='history'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
         f"<p class='hint'>The last {history.limit} probes, newest first, then up to as many "
         "older failures"
-        + (f"; the newest {MAX_ROWS} shown here, the others at logs?id=N" if len(entries)
-           > MAX_ROWS else "") + ".</p>"
+        + (f"; {left_out} of them not listed here (at most {MAX_ROWS} probes and "
+           f"{MAX_ROWS} older failures are), each still at logs?id=N" if left_out else "")
+        + ".</p>"
     )
 
 

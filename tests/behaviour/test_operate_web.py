@@ -685,13 +685,24 @@ def test_the_landing_page_shows_at_most_its_row_limit() -> None:
     # A large --history.limit must not make GET / take the event loop for long.
     history = History(limit=pages.MAX_ROWS + 50)
     for i in range(pages.MAX_ROWS + 50):
-        m = Measurement()
-        m.fail(Reason.TIMEOUT)
-        history.add("m", f"192.0.2.{i % 250}:123", m, ProbeLog(), "")
+        history.add("m", f"192.0.2.{i % 250}:123", Measurement(), ProbeLog(), "")
     page = pages.landing(load_config(None), history, "ntp")
-    assert page.count("<tr class='failure'>") == pages.MAX_ROWS
-    assert f"the newest {pages.MAX_ROWS} shown here" in page
+    assert page.count("<tr class='success'>") == pages.MAX_ROWS
+    assert "50 of them not listed here" in page
     assert f"logs?id={pages.MAX_ROWS + 49}'" in page and "logs?id=0'" not in page
+
+
+def test_failures_kept_longer_stay_listed_beyond_the_row_limit() -> None:
+    # A failure, then more successes than the page lists: the failure is still on it.
+    history = History(limit=pages.MAX_ROWS + 500)
+    failed = Measurement()
+    failed.fail(Reason.UNREACHABLE)
+    history.add("m", "192.0.2.9:123", failed, ProbeLog(), "")
+    for _ in range(pages.MAX_ROWS + 100):
+        history.add("m", "192.0.2.1:123", Measurement(), ProbeLog(), "")
+    page = pages.landing(load_config(None), history, "ntp")
+    assert page.count("<tr class='failure'>") == 1 and "logs?id=0'" in page
+    assert page.count("<tr class='success'>") == pages.MAX_ROWS
 
 
 # --- coalescing ------------------------------------------------------------------------
