@@ -125,6 +125,15 @@ def healthy(req: Request) -> list[bytes]:
 Behaviour = Callable[[Request], list[bytes]]
 
 
+def system_variables(text: bytes) -> Behaviour:
+    """A healthy ntpd whose system READVAR (ntpq -c rv) answers ``text``."""
+    def behaviour(req: Request) -> list[bytes]:
+        if req.opcode == READVAR and req.association == 0 and not req.names:
+            return fragments(req, text, SYSTEM_STATUS)
+        return healthy(req)
+    return behaviour
+
+
 @dataclass
 class FakeNtpd(asyncio.DatagramProtocol):
     """A mode 6 server: records every request, sends what ``behaviour`` returns."""
@@ -592,15 +601,9 @@ async def test_a_deadline_too_short_for_every_association(server: FakeNtpd) -> N
 
 
 async def test_unknown_and_unreadable_variables_are_tolerated(server: FakeNtpd) -> None:
-    odd = (SYSTEM_VARIABLES.replace(b"offset=-0.250000", b"offset=fast")
-           + b', future_var=1, quoted="a, b=c", bare_flag')
-
-    def with_odd_variables(req: Request) -> list[bytes]:
-        if req.opcode == READVAR and req.association == 0 and not req.names:
-            return fragments(req, odd, SYSTEM_STATUS)
-        return healthy(req)
-
-    server.behaviour = with_odd_variables
+    server.behaviour = system_variables(
+        SYSTEM_VARIABLES.replace(b"offset=-0.250000", b"offset=fast")
+        + b', future_var=1, quoted="a, b=c", bare_flag')
     out = await run(server)
     assert out.m.failure is None, out.log
     assert value(out.m, "probe_ntpd_offset_seconds") is None
@@ -613,14 +616,8 @@ async def test_unknown_and_unreadable_variables_are_tolerated(server: FakeNtpd) 
 
 async def test_a_hostile_version_string_reaches_no_terminal_raw(server: FakeNtpd) -> None:
     # ntpq shows such text escaped (cat -v style); the CLI's report and the probe log too.
-    hostile = SYSTEM_VARIABLES.replace(b"ntpd ntpsec-1.2.2", b"\x1b[2J\x1b]0;pwned\x07")
-
-    def escape_codes(req: Request) -> list[bytes]:
-        if req.opcode == READVAR and req.association == 0 and not req.names:
-            return fragments(req, hostile, SYSTEM_STATUS)
-        return healthy(req)
-
-    server.behaviour = escape_codes
+    server.behaviour = system_variables(
+        SYSTEM_VARIABLES.replace(b"ntpd ntpsec-1.2.2", b"\x1b[2J\x1b]0;pwned\x07"))
     out = await run(server)
     assert out.m.failure is None, out.log
     text = report.text("t", "ntpd", out.m, ProbeLog())
