@@ -35,8 +35,9 @@ _CACHE_TTL = 60.0
 # Failures are kept briefly: long enough to stop a storm of lookups of a dead name, short
 # enough that a fixed record is seen at the next scrape or two.
 _NEGATIVE_TTL = 5.0
-# Threads for lookups: each stuck lookup of a distinct name holds one.
-MAX_LOOKUP_THREADS = 8
+# Threads for lookups: each stuck lookup of a distinct name and family holds one (a name
+# is asked for in two lookups, one per family, at the same time).
+MAX_LOOKUP_THREADS = 16
 
 _Key = tuple[str, int | None]  # (host, family); None: every family
 _Addresses = tuple[tuple[int, str], ...]  # (family, address) pairs
@@ -184,10 +185,10 @@ class Resolver:
                  getaddrinfo: Callable[[str, int], str] | None = None,
                  hosts: HostsFile | None = None) -> None:
         # ``getaddrinfo`` (host, family) -> address is replaceable so that tests never
-        # send a made-up name to the machine's resolver; it is then asked once per family.
-        self._getaddrinfo_all: Callable[[str, int | None], _Addresses] = (
+        # send a made-up name to the machine's resolver.
+        self._getaddrinfo_all: Callable[[str, int], _Addresses] = (
             _getaddrinfo_all if getaddrinfo is None
-            else functools.partial(_one_per_family, getaddrinfo))
+            else functools.partial(_one_address, getaddrinfo))
         if hosts is None and getaddrinfo is None and _files_first():
             hosts = HostsFile()
         self._hosts = hosts
@@ -196,21 +197,18 @@ class Resolver:
         self._failures: TTLCache[_Key, str] = TTLCache(maxsize=4096, ttl=_NEGATIVE_TTL)
         self._in_flight: dict[_Key, _Lookup] = {}
 
-    async def lookup_all(self, host: str, family: int | None = None
-                         ) -> tuple[_Addresses, bool]:
-        """Every (family, address) of ``host``, in the resolver's order, and whether they
-        came from the cache; :class:`ResolveError` says why there are none. With
-        ``family``, only that family is asked for (one query type: a module that never
-        uses the other must not wait for its answer). A name the hosts file lists is
-        answered from it alone (nothing is asked of DNS, so no flood of lookups can delay
-        it)."""
+    async def lookup_all(self, host: str, family: int) -> tuple[_Addresses, bool]:
+        """Every (family, address) of ``host`` in ``family``, in the resolver's order, and
+        whether they came from the cache; :class:`ResolveError` says why there are none.
+        One query type per lookup: the other family's, slow or lost, cannot hold it up.
+        A name the hosts file lists is answered from it alone (nothing is asked of DNS,
+        so no flood of lookups can delay it)."""
         if self._hosts is not None:
-            local = self._hosts.lookup_all(host)
-            if local:
-                if family is not None:
-                    local = tuple(found for found in local if found[0] == family)
-                    if not local:
-                        raise ResolveError("the hosts file lists no address of that family")
+            listed = self._hosts.lookup_all(host)
+            if listed:
+                local = tuple(found for found in listed if found[0] == family)
+                if not local:
+                    raise ResolveError("the hosts file lists no address of that family")
                 return local, False
         key = (host, family)
         hit = self._all.get(key)
@@ -259,25 +257,16 @@ class Resolver:
 
 
 
-def _one_per_family(getaddrinfo: Callable[[str, int], str], host: str,
-                    only: int | None = None) -> _Addresses:
-    """Every address of ``host`` (of family ``only`` when given) as far as a
-    one-address-per-family lookup tells (the tests' stand-in for getaddrinfo)."""
-    out, reasons = [], []
-    for family in (socket.AF_INET6, socket.AF_INET) if only is None else (only,):
-        try:
-            out.append((family, getaddrinfo(host, family)))
-        except ResolveError as exc:
-            reasons.append(str(exc))
-    if not out:
-        raise ResolveError("; ".join(reasons))
-    return tuple(out)
+def _one_address(getaddrinfo: Callable[[str, int], str], host: str,
+                 family: int) -> _Addresses:
+    """The address of ``host`` in ``family`` as a one-address lookup tells (the tests'
+    stand-in for getaddrinfo)."""
+    return ((family, getaddrinfo(host, family)),)
 
 
-def _getaddrinfo_all(host: str, family: int | None = None) -> _Addresses:
+def _getaddrinfo_all(host: str, family: int) -> _Addresses:
     try:
-        infos = socket.getaddrinfo(host, None, family=family or socket.AF_UNSPEC,
-                                   type=socket.SOCK_DGRAM)
+        infos = socket.getaddrinfo(host, None, family=family, type=socket.SOCK_DGRAM)
     except (OSError, UnicodeError) as exc:
         raise ResolveError(_describe(exc)) from None
     out: list[tuple[int, str]] = []
@@ -289,23 +278,45 @@ def _getaddrinfo_all(host: str, family: int | None = None) -> _Addresses:
     return tuple(out)
 
 
+async def _of_family(resolver: Resolver, host: str, family: int) -> list[Resolved]:
+    """The addresses of one family (IPv4-mapped ones as IPv4); ResolveError says why none."""
+    found, cached = await resolver.lookup_all(host, family)
+    out: list[Resolved] = []
+    for fam, address in found:
+        resolved = _unmapped(Resolved(address, fam, cached=cached))
+        if resolved not in out:
+            out.append(resolved)
+    return out
+
+
+def _families(first: int) -> tuple[int, int]:
+    return first, socket.AF_INET if first == socket.AF_INET6 else socket.AF_INET6
+
+
 async def resolve_all(host: str, resolver: Resolver | None = None,
                       family: int | None = None) -> list[Resolved]:
-    """Every address of ``host`` (of ``family`` only, when given; an IP literal is its only
-    address)."""
+    """Every address of ``host``: of ``family`` only when given, else of both, IPv6 first,
+    each family asked in its own query at the same time (as Go's resolver asks): an answer
+    for one family is kept when the other's query goes unanswered (getaddrinfo asked for
+    both at once fails as a whole then). An IP literal is its only address."""
     resolved = literal(host)
     if resolved is not None:
         return [resolved]
     resolver = resolver or default_resolver()
-    try:
-        found, cached = await resolver.lookup_all(host, family)
-    except ResolveError as exc:
-        raise ResolveError(f"no address for {host!r} ({exc})") from None
+    families = (family,) if family is not None else _families(socket.AF_INET6)
+    answers = await asyncio.gather(*(_of_family(resolver, host, f) for f in families),
+                                   return_exceptions=True)
     out: list[Resolved] = []
-    for family, address in found:
-        resolved = _unmapped(Resolved(address, family, cached=cached))
-        if resolved not in out:  # an AAAA of ::ffff:192.0.2.1 beside the A of 192.0.2.1
-            out.append(resolved)
+    reasons = []
+    for fam, answer in zip(families, answers, strict=True):
+        if isinstance(answer, ResolveError):
+            reasons.append(f"{'ip6' if fam == socket.AF_INET6 else 'ip4'}: {answer}")
+        elif isinstance(answer, BaseException):
+            raise answer
+        else:
+            out += [r for r in answer if r not in out]  # a mapped AAAA beside its A
+    if not out:
+        raise ResolveError(f"no address for {host!r} ({'; '.join(reasons)})")
     return out
 
 
@@ -357,12 +368,32 @@ async def resolve(host: str, preferred: str = "ip6", fallback: bool = True,
     resolved = literal(host)
     if resolved is not None:
         return resolved
-    family = FAMILIES[preferred]
-    # Without fallback only the preferred family is asked for, as blackbox asks.
-    addresses = await resolve_all(host, resolver, None if fallback else family)
-    chosen = next((r for r in addresses if r.family == family), None)
-    if chosen is not None:
-        return chosen
+    resolver = resolver or default_resolver()
+    family, other = _families(FAMILIES[preferred])
+    # Without fallback only the preferred family is asked for, as blackbox asks; with it
+    # both at once, and an answer of the preferred family is taken without waiting for
+    # the other's (which may never come).
+    lookups = {f: asyncio.ensure_future(_of_family(resolver, host, f))
+               for f in ((family, other) if fallback else (family,))}
+    try:
+        reasons, addresses = [], []
+        for fam in lookups:
+            try:
+                found = await lookups[fam]
+            except ResolveError as exc:
+                reasons.append(f"{'ip6' if fam == socket.AF_INET6 else 'ip4'}: {exc}")
+                continue
+            chosen = next((r for r in found if r.family == family), None)
+            if chosen is not None:
+                return chosen
+            addresses += found
+    finally:
+        for lookup in lookups.values():
+            if lookup.done() and not lookup.cancelled():
+                lookup.exception()  # taken: one not needed must not be reported unretrieved
+            lookup.cancel()  # the lookup itself is shared: it goes on, and is cached
+    if not addresses:
+        raise ResolveError(f"no address for {host!r} ({'; '.join(reasons)})")
     if not fallback:
         raise ResolveError(f"no {preferred} address for {host!r} (ip_protocol_fallback is "
                            f"off; {len(addresses)} of the other family)")

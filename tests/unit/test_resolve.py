@@ -41,16 +41,16 @@ async def test_identical_lookups_in_flight_share_one_call() -> None:
     lookups = Lookups({("a.test", socket.AF_INET): "192.0.2.7"})
     lookups.release.clear()
     resolver = Resolver(threads=2, getaddrinfo=lookups)
-    tasks = [asyncio.create_task(resolver.lookup_all("a.test")) for _ in range(5)]
+    tasks = [asyncio.create_task(resolver.lookup_all("a.test", socket.AF_INET))
+             for _ in range(5)]
     await asyncio.sleep(0)
     lookups.release.set()
     results = await asyncio.gather(*tasks)
     found = ((socket.AF_INET, "192.0.2.7"),)
     assert results == [(found, False)] * 5
-    # One lookup (the stand-in is asked per family; getaddrinfo asks both at once).
-    assert lookups.calls == [("a.test", socket.AF_INET6), ("a.test", socket.AF_INET)]
-    assert await resolver.lookup_all("a.test") == (found, True)
-    assert len(lookups.calls) == 2
+    assert lookups.calls == [("a.test", socket.AF_INET)]
+    assert await resolver.lookup_all("a.test", socket.AF_INET) == (found, True)
+    assert len(lookups.calls) == 1
 
 
 async def test_failures_are_cached_briefly_with_their_reason() -> None:
@@ -58,35 +58,63 @@ async def test_failures_are_cached_briefly_with_their_reason() -> None:
     resolver = Resolver(getaddrinfo=lookups)
     for _ in range(3):
         with pytest.raises(ResolveError, match="Name or service not known"):
-            await resolver.lookup_all("dead.test")
-    assert len(lookups.calls) == 2  # once, for both families
+            await resolver.lookup_all("dead.test", socket.AF_INET)
+    assert len(lookups.calls) == 1
 
 
-async def test_every_address_lookups_use_the_same_lookup_coalesced_and_cached() -> None:
+async def test_every_address_lookups_ask_each_family_once_coalesced_and_cached() -> None:
     lookups = Lookups({("dual.test", socket.AF_INET6): "2001:db8::7",
                        ("dual.test", socket.AF_INET): "192.0.2.7"})
     lookups.release.clear()
     resolver = Resolver(threads=2, getaddrinfo=lookups)
-    tasks = [asyncio.create_task(resolver.lookup_all("dual.test")) for _ in range(3)]
+    tasks = [asyncio.create_task(resolve_all("dual.test", resolver)) for _ in range(3)]
     await asyncio.sleep(0)
     lookups.release.set()
-    want = ((socket.AF_INET6, "2001:db8::7"), (socket.AF_INET, "192.0.2.7"))
-    assert await asyncio.gather(*tasks) == [(want, False)] * 3
-    assert await resolver.lookup_all("dual.test") == (want, True)
-    assert lookups.calls == [("dual.test", socket.AF_INET6), ("dual.test", socket.AF_INET)]
-    # A name with no address: the reason, once, then from the brief negative cache.
+    for found in await asyncio.gather(*tasks):
+        assert [(r.address, r.family) for r in found] == [
+            ("2001:db8::7", socket.AF_INET6), ("192.0.2.7", socket.AF_INET)]
+    again = await resolve_all("dual.test", resolver)
+    assert all(r.cached for r in again)
+    assert sorted(lookups.calls) == sorted([("dual.test", socket.AF_INET6),
+                                            ("dual.test", socket.AF_INET)])
+    # A name with no address: the reasons, once, then from the brief negative cache.
     for _ in range(2):
-        with pytest.raises(ResolveError, match="Name or service not known"):
-            await resolver.lookup_all("dead.test")
+        with pytest.raises(ResolveError, match="ip6: Name or service not known; ip4: "):
+            await resolve_all("dead.test", resolver)
     assert len(lookups.calls) == 4
+
+
+async def test_an_unanswered_family_does_not_hide_the_other_familys_answer() -> None:
+    # getaddrinfo asked for both at once fails as a whole when one query is dropped; blackbox
+    # (Go) keeps the answer of the family that came: so do the two lookups here.
+    released = threading.Event()
+
+    def a_dropped(host: str, family: int) -> str:
+        if family == socket.AF_INET:
+            released.wait(timeout=5)
+            raise ResolveError("Temporary failure in name resolution")
+        return "2001:db8::8"
+
+    resolver = Resolver(getaddrinfo=a_dropped)
+    try:
+        # ip6 preferred: its answer is taken without waiting for the A query.
+        got = await asyncio.wait_for(resolve("v6.test", "ip6", True, resolver), 2.0)
+        assert got.address == "2001:db8::8"
+        released.set()  # now the A query fails
+        # ip4 preferred falls back to the AAAA answer; every-address lookups keep it too.
+        got = await resolve("v6.test", "ip4", True, resolver)
+        assert (got.address, got.ip_protocol) == ("2001:db8::8", 6)
+        assert [r.address for r in await resolve_all("v6.test", resolver)] == ["2001:db8::8"]
+    finally:
+        released.set()
 
 
 async def test_a_giving_up_caller_does_not_cancel_the_shared_lookup() -> None:
     lookups = Lookups({("slow.test", socket.AF_INET): "192.0.2.9"})
     lookups.release.clear()
     resolver = Resolver(getaddrinfo=lookups)
-    impatient = asyncio.create_task(resolver.lookup_all("slow.test"))
-    patient = asyncio.create_task(resolver.lookup_all("slow.test"))
+    impatient = asyncio.create_task(resolver.lookup_all("slow.test", socket.AF_INET))
+    patient = asyncio.create_task(resolver.lookup_all("slow.test", socket.AF_INET))
     await asyncio.sleep(0)
     impatient.cancel()
     lookups.release.set()
@@ -98,7 +126,8 @@ async def test_stuck_lookups_hold_only_the_resolvers_own_threads() -> None:
     lookups = Lookups({("hosts.test", socket.AF_INET): "192.0.2.1"})
     lookups.release.clear()
     resolver = Resolver(threads=2, getaddrinfo=lookups)
-    stuck = [asyncio.create_task(resolver.lookup_all(f"stuck{i}.test")) for i in range(2)]
+    stuck = [asyncio.create_task(resolver.lookup_all(f"stuck{i}.test", socket.AF_INET))
+             for i in range(2)]
     await asyncio.sleep(0)
     # The event loop's default executor is untouched by the stuck lookups.
     loop = asyncio.get_running_loop()
@@ -118,10 +147,11 @@ async def test_resolve_prefers_then_falls_back_and_says_why() -> None:
     assert (got.address, got.ip_protocol) == ("192.0.2.4", 4)
     # Without fallback only the preferred family is asked for, as blackbox asks: the
     # other's answer, slow or lost, cannot hold the probe up.
-    lookups.calls.clear()
+    lookups.table[("fresh4.test", socket.AF_INET)] = "192.0.2.6"
     with pytest.raises(ResolveError, match="Name or service not known"):
-        await resolve("v4only.test", "ip6", False, resolver)
-    assert lookups.calls == [("v4only.test", socket.AF_INET6)]
+        await resolve("fresh4.test", "ip6", False, resolver)
+    assert [call for call in lookups.calls if call[0] == "fresh4.test"] == [
+        ("fresh4.test", socket.AF_INET6)]
     for preferred, address in (("ip6", "2001:db8::5"), ("ip4", "192.0.2.5")):
         assert (await resolve("dual.test", preferred, False, resolver)).address == address
     with pytest.raises(ResolveError, match="Name or service not known"):
@@ -167,7 +197,7 @@ async def test_the_fallback_is_the_last_address_of_the_other_family_as_in_blackb
     # blackbox's chooseProtocol keeps overwriting its fallback: the last one wins, and
     # probe_ip_addr_hash is meant to agree across exporters.
     resolver = Resolver(getaddrinfo=Lookups({}))
-    resolver._all[("multi4.test", None)] = (
+    resolver._all[("multi4.test", socket.AF_INET)] = (
         (socket.AF_INET, "127.0.0.2"), (socket.AF_INET, "127.0.0.3"), (socket.AF_INET, "127.0.0.5"))
     assert (await resolve("multi4.test", "ip6", True, resolver)).address == "127.0.0.5"
     assert (await resolve("multi4.test", "ip4", True, resolver)).address == "127.0.0.2"
@@ -186,11 +216,14 @@ async def test_names_in_the_hosts_file_never_wait_behind_dead_lookups(tmp_path: 
     lookups = Lookups({})
     lookups.release.clear()  # every lookup that reaches the threads hangs
     resolver = Resolver(threads=2, getaddrinfo=lookups, hosts=HostsFile(str(hosts_path)))
-    dead = [asyncio.create_task(resolver.lookup_all(f"dead{i}.test")) for i in range(8)]
+    dead = [asyncio.create_task(resolver.lookup_all(f"dead{i}.test", socket.AF_INET))
+            for i in range(8)]
     await asyncio.sleep(0)
     both = ((socket.AF_INET, "192.0.2.5"), (socket.AF_INET6, "2001:db8::5"))
-    assert await asyncio.wait_for(resolver.lookup_all("NTP-Local.test."), 1.0) == (both, False)
-    assert await resolver.lookup_all("alias.test") == (((socket.AF_INET, "192.0.2.5"),), False)
+    found = await asyncio.wait_for(resolve_all("NTP-Local.test.", resolver), 1.0)
+    assert sorted((r.family, r.address) for r in found) == sorted(both)
+    assert await resolver.lookup_all("alias.test", socket.AF_INET) == (
+        ((socket.AF_INET, "192.0.2.5"),), False)
     assert not [call for call in lookups.calls if call[0] == "ntp-local.test"]
     lookups.release.set()
     for task in dead:
@@ -217,8 +250,8 @@ async def test_a_queued_lookup_nobody_waits_for_is_dropped_before_it_runs() -> N
     lookups = Lookups({("after.test", socket.AF_INET): "192.0.2.8"})
     lookups.release.clear()
     resolver = Resolver(threads=1, getaddrinfo=lookups)
-    stuck = asyncio.create_task(resolver.lookup_all("stuck.test"))
-    abandoned = asyncio.create_task(resolver.lookup_all("abandoned.test"))
+    stuck = asyncio.create_task(resolver.lookup_all("stuck.test", socket.AF_INET))
+    abandoned = asyncio.create_task(resolver.lookup_all("abandoned.test", socket.AF_INET))
     await asyncio.sleep(0)
     abandoned.cancel()  # its probe gave up while the lookup waited for the one thread
     with pytest.raises(asyncio.CancelledError):
@@ -227,8 +260,9 @@ async def test_a_queued_lookup_nobody_waits_for_is_dropped_before_it_runs() -> N
     with pytest.raises(ResolveError):
         await stuck
     # The pool runs in order: once this one is answered, the abandoned one was passed over.
-    assert await resolver.lookup_all("after.test") == (((socket.AF_INET, "192.0.2.8"),), False)
-    assert [host for host, _ in lookups.calls] == ["stuck.test"] * 2 + ["after.test"] * 2
+    assert await resolver.lookup_all("after.test", socket.AF_INET) == (
+        ((socket.AF_INET, "192.0.2.8"),), False)
+    assert [host for host, _ in lookups.calls] == ["stuck.test", "after.test"]
 
 
 def test_the_hosts_file_is_reread_when_it_changes(tmp_path: Path) -> None:
@@ -255,13 +289,13 @@ async def test_a_caller_arriving_as_the_last_one_gives_up_gets_its_own_lookup() 
     lookups = Lookups({("good.test", socket.AF_INET): "192.0.2.8"})
     lookups.release.clear()
     resolver = Resolver(threads=1, getaddrinfo=lookups)
-    stuck = asyncio.create_task(resolver.lookup_all("stuck.test"))
-    leaving = asyncio.create_task(resolver.lookup_all("good.test"))
+    stuck = asyncio.create_task(resolver.lookup_all("stuck.test", socket.AF_INET))
+    leaving = asyncio.create_task(resolver.lookup_all("good.test", socket.AF_INET))
     await asyncio.sleep(0)
     leaving.cancel()
     # Runs right after the leaver drops the queued lookup, before the pool's cancellation
     # comes back to the loop: it must not join the dropped lookup.
-    staying = asyncio.create_task(resolver.lookup_all("good.test"))
+    staying = asyncio.create_task(resolver.lookup_all("good.test", socket.AF_INET))
     with pytest.raises(asyncio.CancelledError):
         await leaving
     lookups.release.set()
