@@ -27,19 +27,23 @@ logger = logging.getLogger("ntp_probe")
 
 
 # Descriptors kept free beside the HTTP connections: one UDP socket per probe in flight,
-# plus the listening socket, logs, the resolver's threads and the like; and as many as
-# asyncio accepts in one pass (the listen backlog) before the guard can close the excess.
+# plus the listening socket, logs, the resolver's threads and the like.
+_SPARE_FDS = 64
+# asyncio accepts up to the listen backlog in one pass, and sets up and closes what the
+# guard refuses only in the passes after: room for two passes is kept beside the cap, and
+# a low open-files limit gets a smaller backlog rather than a cap of almost nothing.
 _LISTEN_BACKLOG = 128
-_SPARE_FDS = 64 + _LISTEN_BACKLOG
+_MIN_BACKLOG = 8
 _SHUTDOWN_GRACE = 1.0
 _SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): the first socket systemd passes
 _GC_YOUNG_THRESHOLD = 50_000
 
 
-def _fit_open_files(max_connections: int, max_probes: int) -> int:
-    """The connection cap, kept below the open-files limit (raised towards the hard limit
-    when it is too low), so that running out of descriptors cannot stop the exporter."""
-    need = max_connections + max_probes + _SPARE_FDS
+def _fit_open_files(max_connections: int, max_probes: int) -> tuple[int, int]:
+    """The connection cap and the listen backlog, kept below the open-files limit (raised
+    towards the hard limit when it is too low), so that running out of descriptors cannot
+    stop the exporter."""
+    need = max_connections + max_probes + _SPARE_FDS + 2 * _LISTEN_BACKLOG
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < need:
         target = need if hard == resource.RLIM_INFINITY else min(need, hard)
@@ -48,13 +52,16 @@ def _fit_open_files(max_connections: int, max_probes: int) -> int:
             soft = target
         except (ValueError, OSError):
             pass
-    if soft != resource.RLIM_INFINITY and soft < need:
-        fitted = max(1, soft - max_probes - _SPARE_FDS)
-        logger.warning("open-files limit %d is too low for --web.max-connections=%d and "
-                       "--probe.max-concurrent=%d: serving at most %d connections (raise "
-                       "LimitNOFILE / ulimit -n)", soft, max_connections, max_probes, fitted)
-        return fitted
-    return max_connections
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return max_connections, _LISTEN_BACKLOG
+    room = max(0, soft - max_probes - _SPARE_FDS)
+    backlog = max(_MIN_BACKLOG, min(_LISTEN_BACKLOG, room // 8))
+    fitted = max(1, min(max_connections, room - 2 * backlog))
+    logger.warning("open-files limit %d is too low for --web.max-connections=%d and "
+                   "--probe.max-concurrent=%d: serving at most %d connections, accepting "
+                   "%d at a time (raise LimitNOFILE / ulimit -n)", soft, max_connections,
+                   max_probes, fitted, backlog)
+    return fitted, backlog
 
 
 def unrestricted(host: str | None, config: Config) -> bool:
@@ -142,7 +149,7 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
                   max_concurrent=args.max_concurrent, config_path=args.config_file,
                   history=History(args.history_limit), web_config=web_config,
                   web_config_path=args.web_config_file)
-    max_connections = _fit_open_files(args.max_connections, args.max_concurrent)
+    max_connections, backlog = _fit_open_files(args.max_connections, args.max_concurrent)
     if max_connections <= args.max_concurrent:
         logger.warning("--web.max-connections=%d does not exceed --probe.max-concurrent=%d: "
                        "with every connection busy with a probe, /metrics and /-/healthy "
@@ -161,11 +168,11 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
     await runner.setup()
     if inherited:
         sites = [GuardedSite(runner, None, 0, guard, ssl_context=web_config.ssl_context,
-                             backlog=_LISTEN_BACKLOG,
+                             backlog=backlog,
                              sock=s) for s in inherited]
     else:
         sites = [GuardedSite(runner, host, port, guard, ssl_context=web_config.ssl_context,
-                             backlog=_LISTEN_BACKLOG)
+                             backlog=backlog)
                  for host, port in listen]
     for site in sites:
         try:
