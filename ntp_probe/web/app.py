@@ -119,9 +119,15 @@ class State:
                 logger.exception("reload failed, keeping the previous configuration")
                 return f"{self.config_path}: cannot be loaded: {type(exc).__name__}"
             if web_config is not None:
-                # New users, passwords and headers apply to the next request.
-                for what in self.web_config.adopt(web_config):
-                    logger.warning("web config: %s changed; it needs a restart to apply", what)
+                later = self.web_config.restart_needed(web_config)
+                if later:
+                    # Nothing taken, and said so: a reload that answered OK would read as
+                    # done to whoever automates it.
+                    why = f"{self.web_config_path}: {'; '.join(later)} needs a restart"
+                    self.internals.config_failed()
+                    logger.error("reload failed, keeping the previous configuration: %s", why)
+                    return why
+                self.web_config.adopt(web_config)  # new users, passwords, headers: now
             self.config = config
             self.internals.config_loaded(len(config.modules))
             self.internals.use_leapfile(config.leapfile)

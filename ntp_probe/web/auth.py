@@ -143,8 +143,9 @@ class _TLSFiles:
         try:
             fresh = _tls(self.raw, self.base)
         except WebConfigError as exc:
-            logger.error("TLS files changed but do not load, the previous ones stay in use: "
-                         "%s", exc)
+            # A warning: a rotation written file by file passes through such states.
+            logger.warning("TLS files changed but do not load, the previous ones stay in "
+                           "use: %s", exc)
             return self.context
         assert fresh is not None  # built from a non-empty tls_server_config
         self.context = fresh.context
@@ -243,26 +244,29 @@ class WebConfig:
 
         return mw
 
-    def adopt(self, new: WebConfig) -> list[str]:
-        """Take ``new``'s users and headers (a reload), as exporter-toolkit reads them for
-        each request; returns what cannot change without a restart (turning basic auth,
-        the headers or TLS on or off, other TLS settings), which stays as it was."""
+    def restart_needed(self, new: WebConfig) -> list[str]:
+        """What in ``new`` cannot be taken without a restart: turning basic auth, the
+        headers or TLS on or off (the server is set up for them at start), other TLS
+        settings."""
         later = []
         if bool(new.users) != bool(self.users):
             later.append("turning basic auth on or off")
-        elif new.users != self.users:
-            self.users, self._dummy = new.users, new._dummy
-            self._verified.clear()  # a removed user or a changed password logs in no more
         if bool(new.headers) != bool(self.headers):
             later.append("adding the first header or removing the last")
-        else:
-            self.headers = new.headers
         old_tls, new_tls = self._tls_files, new._tls_files
         if (old_tls is None) != (new_tls is None) or (
                 old_tls is not None and new_tls is not None and not old_tls.same_settings(
                     new_tls)):
             later.append("TLS settings (the files' contents are read again by themselves)")
         return later
+
+    def adopt(self, new: WebConfig) -> None:
+        """Take ``new``'s users and headers (a reload that :meth:`restart_needed` found
+        nothing in), as exporter-toolkit reads them for each request."""
+        if new.users != self.users:
+            self.users, self._dummy = new.users, new._dummy
+            self._verified.clear()  # a removed user or a changed password logs in no more
+        self.headers = new.headers
 
     def refresh_tls(self) -> ssl.SSLContext | None:
         """The TLS context for a new connection (None without TLS): certificate, key and

@@ -92,7 +92,9 @@ async def test_a_password_check_that_ends_after_a_rotation_vouches_for_nothing(
     checking = asyncio.create_task(config.authorized(header))
     await poll(lambda: config._pending == 1, "the check in its thread")
     new = bcrypt.hashpw(b"rotated", bcrypt.gensalt(rounds=4)).decode()
-    assert config.adopt(load_web_config(str(web_config_file(tmp_path, new)))) == []
+    rotated = load_web_config(str(web_config_file(tmp_path, new)))
+    assert config.restart_needed(rotated) == []
+    config.adopt(rotated)
     await checking
     assert not await config.authorized(header)
     assert await config.authorized(basic(USER, "rotated")["Authorization"])
