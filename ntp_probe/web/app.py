@@ -123,7 +123,8 @@ class State:
                 if later:
                     # Nothing taken, and said so: a reload that answered OK would read as
                     # done to whoever automates it.
-                    why = f"{self.web_config_path}: {'; '.join(later)} needs a restart"
+                    why = (f"{self.web_config_path}: a restart is needed for "
+                           f"{'; '.join(later)}")
                     self.internals.config_failed()
                     logger.error("reload failed, keeping the previous configuration: %s", why)
                     return why

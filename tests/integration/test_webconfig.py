@@ -414,7 +414,7 @@ def test_a_reload_takes_new_passwords_and_headers(tmp_path: Path) -> None:
         web.write_text("")  # auth off: needs a restart, so the reload fails and says so
         refused = server.get("/-/reload", basic(USER, "rotated"), method="POST")
         assert refused.status == 500 and "turning basic auth on or off" in refused.body \
-            and "needs a restart" in refused.body, refused
+            and "a restart is needed for" in refused.body, refused
         assert server.get("/metrics").status == 401
         web.write_text("basic_auth_users: [\n")  # broken: a failed reload, the old one kept
         failed = server.get("/-/reload", basic(USER, "rotated"), method="POST")
