@@ -106,6 +106,10 @@ def resolve_target(config: Config, raw: str) -> GroupTarget:
         raise TargetError(f"{len(parts)} members: a group has at most {MAX_GROUP_MEMBERS}")
     members: list[Target] = []
     for part in parts:
+        if part.strip() in config.groups:
+            # Not a host to look up (a short name would go to DNS and read as unreachable).
+            raise TargetError(f"{part.strip()[:64]!r} is a group: a comma-separated list "
+                              "names servers; probe a group by its name alone")
         member = parse_target(part)
         if member in members:
             raise TargetError(f"member {str(member)!r} is listed twice")
@@ -132,6 +136,10 @@ class GroupReport:
     members: tuple[MemberResult, ...]
     low: float | None
     high: float | None
+    # As the selection counted them: members naming one server count once, as in the
+    # metrics (counting the rows would count each spelling).
+    truechimers: int
+    falsetickers: int
 
     @property
     def title(self) -> str:
@@ -144,10 +152,6 @@ class GroupReport:
         if self.low is None or self.high is None:
             return None
         return (self.low + self.high) / 2
-
-    def count(self, state: str) -> int:
-        """Members in ``state``."""
-        return sum(1 for r in self.members if r.state == state)
 
     def rows(self) -> list[tuple[str, str]]:
         """Human-readable lines."""
@@ -164,8 +168,8 @@ class GroupReport:
         else:
             rows.append(("intersection", f"[{self.low:+.9f}, {self.high:+.9f}] s"))
             rows.append(("local clock offset", f"{self.local_clock_offset:+.9f} s"))
-        rows.append(("truechimers", str(self.count("truechimer"))))
-        rows.append(("falsetickers", str(self.count("falseticker"))))
+        rows.append(("truechimers", str(self.truechimers)))
+        rows.append(("falsetickers", str(self.falsetickers)))
         return rows
 
     @property
@@ -179,8 +183,8 @@ class GroupReport:
         if self.local_clock_offset is not None:
             out.append(Perf("local_clock_offset", self.local_clock_offset, "s",
                             checked=True))
-        out += [Perf("truechimers", float(self.count("truechimer"))),
-                Perf("falsetickers", float(self.count("falseticker")))]
+        out += [Perf("truechimers", float(self.truechimers)),
+                Perf("falsetickers", float(self.falsetickers))]
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -189,6 +193,7 @@ class GroupReport:
             "group": self.group, "majority": self.low is not None,
             "intersection_low_seconds": self.low, "intersection_high_seconds": self.high,
             "local_clock_offset_seconds": self.local_clock_offset,
+            "truechimers": self.truechimers, "falsetickers": self.falsetickers,
             "members": [{"member": r.member, "state": r.state, "offset_seconds": r.offset,
                          "root_distance_seconds": r.root_distance, "failure": r.failure}
                         for r in self.members],
@@ -255,7 +260,8 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
         summary.append(MemberResult(name, state, offset, width, failure))
         log(f"member {name}: {state}" + (f" ({failure})" if failure else ""))
     _conclude(m, selection, module.ntp_group.max_falsetickers, log)
-    m.reports.append(GroupReport(str(target), tuple(summary), selection.low, selection.high))
+    m.reports.append(GroupReport(str(target), tuple(summary), selection.low, selection.high,
+                                 len(selection.truechimers), len(selection.falsetickers)))
     return m
 
 

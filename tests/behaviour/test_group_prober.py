@@ -125,6 +125,12 @@ async def test_one_server_under_two_spellings_is_measured_once_and_votes_once(
                          honest.target: "falseticker"}
     assert m.failure is Reason.NO_MAJORITY
     assert value(m, "probe_ntp_group_falsetickers") == 2
+    # The CLI's report and check's perfdata count as the metrics do, not per spelling.
+    report = the_report(m)
+    assert (report.truechimers, report.falsetickers) == (0, 2)
+    assert ("falsetickers", "2") in report.rows()
+    assert {p.label: p.value for p in report.perfdata()}["falsetickers"] == 2
+    assert report.to_json()["falsetickers"] == 2
     assert value(m, "probe_ntp_group_member_offset_seconds", member=alias) == value(
         m, "probe_ntp_group_member_offset_seconds", member=liar.target)
     assert m.packets_sent == 4  # two samples to each of the two servers
@@ -216,6 +222,9 @@ def test_a_group_is_bounded_and_names_known_groups() -> None:
         resolve_target(config, module, "192.0.2.1,192.0.2.1")
     with pytest.raises(TargetError, match="invalid target"):
         resolve_target(config, module, "192.0.2.1,,192.0.2.2")
+    # A group's name in a list is not a host name to look up.
+    with pytest.raises(TargetError, match=r"'eu' is a group: .*by its name alone"):
+        resolve_target(config, module, "192.0.2.9, eu")
 
 
 async def test_a_group_through_the_web(servers: Start, aiohttp_client: AiohttpClient) -> None:
