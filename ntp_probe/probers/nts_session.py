@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from ntp_probe.config.schema import Module, NTPSettings, NTSSettings
 from ntp_probe.engine.context import ProbeContext
@@ -98,6 +98,22 @@ class _Session:
     # follows within the reply timeout.
     nak_pending: bool = False
     cookies_returned: int = 0
+    # Every cookie this session was given: one a server hands out again (the one just
+    # spent, or one copy many times) is not kept, so that no cookie goes out twice and two
+    # requests can never be linked by it (RFC 8915, section 5.7).
+    seen: set[bytes] = field(default_factory=set)
+
+    def keep(self, cookies: Iterable[bytes]) -> int:
+        """Add the cookies not seen before to the unused ones; returns how many were
+        repeats, dropped."""
+        repeats = 0
+        for cookie in cookies:
+            if cookie in self.seen:
+                repeats += 1
+            else:
+                self.seen.add(cookie)
+                self.cookies.append(cookie)
+        return repeats
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,8 +261,11 @@ async def _key_exchange(resolved: Resolved, port: int, nts: NTSSettings, ctx: Pr
     log(f"NTS-KE: AEAD {response.aead_id}, {len(response.cookies)} cookies of "
         f"{len(response.cookies[0])} bytes, NTP server {response.server or '(same address)'} "
         f"port {response.ntp_port}")
-    return _Session(c2s, s2c, response.aead_id, list(response.cookies), response.server,
-                    response.ntp_port)
+    session = _Session(c2s, s2c, response.aead_id, [], response.server, response.ntp_port)
+    repeats = session.keep(response.cookies)
+    if repeats:
+        log(f"NTS-KE: {repeats} repeated cookies dropped (a cookie is sent once only)")
+    return session
 
 
 def _blackbox_version(openssl_name: str) -> str:
@@ -357,8 +376,11 @@ async def _run_burst(pump: DatagramPump[_Reply], client: rules.Client, settings:
             continue
         burst.received += 1
         p = reply.packet
-        session.cookies.extend(reply.cookies)
-        session.cookies_returned += len(reply.cookies)
+        repeats = session.keep(reply.cookies)
+        session.cookies_returned += len(reply.cookies) - repeats
+        if repeats:
+            log(f"sample {i + 1}: {repeats} cookies the server gave before dropped "
+                "(a cookie is sent once only)")
         s = ntp.take_sample(burst, i, p, t1_ns, reply.t4_unix_ns, pump.last_tx_kernel,
                             reply.kernel_timestamp, log)
         if burst.kod is not None:

@@ -93,8 +93,10 @@ class FakeNTS:
     ntp_port: int = 0
     records: Records | None = None  # None: a normal response
     # ok | nak | tamper | uid | plain | rate (an authenticated KoD) | nak_then_ok (a forged
-    # NAK ahead of the authentic reply) | empty_cookie (the reply's new cookie is empty)
+    # NAK ahead of the authentic reply) | empty_cookie (the reply's new cookie is empty) |
+    # spent_cookie (the reply "returns" the cookie its request spent)
     ntp_mode: str = "ok"
+    ke_one_cookie: bool = False  # the KE response gives one cookie eight times
     ke_connections: int = 0
     withhold: int = 0  # requests answered only along with the next answered one (late)
     withheld: list[bytes] = field(default_factory=list)
@@ -141,7 +143,8 @@ async def _serve_ke(fake: FakeNTS, ctx: SSL.Context, sock: socket.socket) -> Non
         c2s, s2c = (conn.export_keying_material(ef.EXPORTER_LABEL, 32,
                                                 ef.exporter_context(15, d))
                     for d in (ef.Direction.C2S, ef.Direction.S2C))
-        cookies = [os.urandom(100) for _ in range(8)]
+        cookies = ([os.urandom(100)] * 8 if fake.ke_one_cookie
+                   else [os.urandom(100) for _ in range(8)])
         for c in cookies:
             fake.keys[c] = (c2s, s2c)
         data = (fake.records(fake.ntp_port) if fake.records is not None
@@ -193,7 +196,7 @@ class _NTPServer(asyncio.DatagramProtocol):
             self.transport.sendto(header, addr)
             return
         uid_field = ef.encode_field(0x0104, os.urandom(32) if fake.ntp_mode == "uid" else uid[:32])
-        new_cookie = os.urandom(100)
+        new_cookie = cookie[:100] if fake.ntp_mode == "spent_cookie" else os.urandom(100)
         fake.keys[new_cookie] = fake.keys[cookie[:100]]
         plaintext = (struct.pack("!HH", ef.FieldType.NTS_COOKIE, 4)  # a field with no body
                      if fake.ntp_mode == "empty_cookie"
@@ -354,6 +357,26 @@ async def test_an_empty_cookie_in_a_reply_is_not_kept(fake: FakeNTS, pki: PKI) -
     assert m.failure is None, log.text()
     assert len(fake.requests) == 8
     assert "no unused cookie left: burst stopped after 8 samples" in log.text()
+
+
+@pytest.mark.parametrize("where", ["replies", "ke"])
+async def test_a_cookie_handed_out_again_is_never_sent_twice(fake: FakeNTS, pki: PKI,
+                                                            where: str) -> None:
+    # RFC 8915, 5.7: one cookie in two requests links them. A server that gives back the
+    # cookie just spent, or a KE that repeats one cookie, must not make us send it again.
+    if where == "replies":
+        fake.ntp_mode = "spent_cookie"
+    else:
+        fake.ke_one_cookie = True
+    m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0], samples=10,
+                                                               timeout=5.0))
+    assert m.failure is None, log.text()
+    sent = [r[48 + 36 + 4:48 + 36 + 104] for r in fake.requests]
+    assert len(sent) == len(set(sent)), log.text()
+    assert "(a cookie is sent once only)" in log.text()
+    # Replies that only return spent cookies leave the KE's eight; one repeated cookie
+    # from the KE is one, and each reply brings a fresh one.
+    assert len(sent) == (8 if where == "replies" else 10)
 
 
 def _records(*recs: ke.Record) -> Records:
