@@ -106,6 +106,12 @@ def _context(ca_file: str, alpn: bytes, stamp: tuple[int, int] | None) -> SSL.Co
     except SSL.Error as exc:
         raise HandshakeError(f"cannot load trust anchors from {ca_file!r}: "
                              f"{_describe(exc)}") from None
+    # Every certificate given is an anchor, a private PKI's issuing CA too, as for Go's
+    # roots (blackbox) and chrony's ntstrustedcerts; a chain then ends at the first anchor
+    # met, so its expiry is that of the chain blackbox reports.
+    store = ctx.get_cert_store()
+    if store is not None:  # None only for a context without a store, never here
+        store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
     return ctx
 
 

@@ -222,7 +222,7 @@ async def running_fake(cert: Path, key: Path) -> AsyncIterator[FakeNTS]:
     """The fake NTS-KE and NTS NTP servers, presenting ``cert``."""
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
-    ctx.use_certificate_file(str(cert))
+    ctx.use_certificate_chain_file(str(cert))  # the leaf, and any intermediates after it
     ctx.use_privatekey_file(str(key))
     ctx.set_alpn_select_callback(lambda conn, protos: b"ntske/1")
     loop = asyncio.get_running_loop()
@@ -628,3 +628,50 @@ async def test_a_certificate_whose_validity_cryptography_cannot_read_is_untruste
         m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(ca))
     assert m.failure is Reason.NTS_CERT_UNTRUSTED, log.text()
     assert "certificate 0: cannot be read (" in log.text()
+
+
+def _cert(subject: str, issuer: x509.Certificate | None, issuer_key: ec.EllipticCurvePrivateKey
+          | None, days: int, *, ca: bool) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A certificate valid for ``days`` from yesterday, self-signed without an issuer."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    builder = (x509.CertificateBuilder().subject_name(_name(subject))
+               .issuer_name(issuer.subject if issuer else _name(subject))
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(days=1))
+               .not_valid_after(now + dt.timedelta(days=days)))
+    if ca:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                                        critical=True)
+    else:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(IPv4Address(LOOPBACK))]), critical=False)
+    return builder.sign(issuer_key or key, hashes.SHA256()), key
+
+
+@pytest.mark.parametrize(("anchors", "chain_ends"), [
+    ("intermediate", "leaf"),  # the issuing CA alone is a trust anchor, as in Go and chrony
+    ("root+intermediate", "leaf"),  # the chain stops at the first anchor, as blackbox's does
+    ("root", "root"),
+])
+async def test_any_certificate_in_ca_file_is_a_trust_anchor(
+        tmp_path: Path, anchors: str, chain_ends: str) -> None:
+    root, root_key = _cert("root", None, None, 10, ca=True)
+    inter, inter_key = _cert("intermediate", root, root_key, 365, ca=True)
+    leaf, leaf_key = _cert("leaf", inter, inter_key, 30, ca=False)
+    pem = serialization.Encoding.PEM
+    (tmp_path / "chain.pem").write_bytes(leaf.public_bytes(pem) + inter.public_bytes(pem))
+    (tmp_path / "leaf.key").write_bytes(leaf_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    certs = {"root": root, "intermediate": inter}
+    (tmp_path / "ca.pem").write_bytes(b"".join(certs[name].public_bytes(pem)
+                                               for name in anchors.split("+")))
+    async with running_fake(tmp_path / "chain.pem", tmp_path / "leaf.key") as fake:
+        m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(tmp_path / "ca.pem"))
+    assert m.failure is None, log.text()
+    assert value(m, "probe_nts_cert_verified") == 1
+    # blackbox's definition: the earliest notAfter of the verified chain.
+    ends = {"leaf": leaf, "root": root}[chain_ends]
+    assert value(m, "probe_ssl_last_chain_expiry_timestamp_seconds") == \
+        ends.not_valid_after_utc.timestamp()
+    assert value(m, "probe_ssl_earliest_cert_expiry") == leaf.not_valid_after_utc.timestamp()
