@@ -134,6 +134,9 @@ class Burst:
     local_error: str | None = None
     tx_kernel: bool = True  # every sample's T1 from the kernel's transmit timestamp
     rx_kernel: bool = True  # every sample's T4 from the kernel's receive timestamp
+    # (kiss code, seconds left): a KoD another probe of the server received stopped this
+    # burst (two jobs scraping one server are what makes it send RATE).
+    held_back: tuple[str, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,8 +296,21 @@ def set_aside(burst: Burst, outcome: rules.Discarded | rules.Late,
         burst.unlogged[kind] = burst.unlogged.get(kind, 0) + 1
 
 
+def held_back(burst: Burst, server: tuple[str, int], i: int, ctx: ProbeContext) -> bool:
+    """Whether a backoff began while the burst ran (a KoD another probe of the server
+    received): then no more packets (RFC 5905, 7.4). Shared by the ntp and nts bursts."""
+    backoff = ctx.guard.backoff(server[0], server[1])
+    if backoff is None:
+        return False
+    burst.held_back = backoff
+    ctx.log(f"another probe got a Kiss-o'-Death {backoff[0]} from {server[0]} port "
+            f"{server[1]}: backing off {backoff[1]:.0f}s, burst stopped after {i} samples")
+    return True
+
+
 async def _run_burst(pump: DatagramPump[Reply], client: rules.Client, settings: NTPSettings,
-                     burst: Burst, until: float, ctx: ProbeContext) -> None:
+                     burst: Burst, until: float, ctx: ProbeContext,
+                     server: tuple[str, int]) -> None:
     loop = asyncio.get_running_loop()
     log = ctx.log
     pace = Pace(settings.sample_interval, settings.reply_timeout, until)
@@ -303,6 +319,8 @@ async def _run_burst(pump: DatagramPump[Reply], client: rules.Client, settings: 
             log(f"burst shortened to {i} of {settings.samples} samples to fit the timeout")
             return
         if burst.kod is not None:  # a late one, while the burst paused between samples
+            return
+        if i and held_back(burst, server, i, ctx):  # the first was admitted just now
             return
         nonce = rules.new_nonce()
         request = client.request(nonce)
@@ -419,6 +437,9 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
         code = burst.kod.kiss_code or ""
         m.add(common.KISS_CODE, 1, code)
         m.fail(KOD_REASONS.get(code, Reason.KOD_OTHER))
+    elif burst.held_back is not None and not burst.samples:
+        m.add(common.KISS_CODE, 1, burst.held_back[0])
+        m.fail(Reason.BACKOFF)
     if not burst.samples:
         _add_counts(m, burst)
         m.reports.append(NTPReport(server[0], server[1], burst.sent, burst.received))
@@ -535,7 +556,7 @@ async def _burst_to(resolved: Resolved, port: int, settings: NTPSettings, until:
                             _matcher(client, burst, log), log, tx_timestamps=True,
                             source=settings.source_ip_address)
         async with pump:
-            await _run_burst(pump, client, settings, burst, until, ctx)
+            await _run_burst(pump, client, settings, burst, until, ctx, (resolved.address, port))
     except OSError as exc:
         # No socket (out of descriptors) or no usable scope: this host's trouble.
         log(f"local error, nothing sent: {exc.strerror or exc}")
@@ -615,6 +636,9 @@ def conclude(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
         if step > 0:
             log(f"no packet to {server[0]} port {server[1]} for {step:.0f}s ({code})")
             m.add(common.BACKOFF_REMAINING, step)
+    elif burst.held_back is not None:
+        if not burst.samples:  # stopped before any answer: the backoff is the outcome
+            m.add(common.BACKOFF_REMAINING, burst.held_back[1])
     elif burst.samples:
         guard.answered(server[0], server[1])
     if burst.unlogged:

@@ -325,7 +325,7 @@ def _placeholders(session: _Session, still_needed: int, cookie_length: int) -> i
 
 async def _run_burst(pump: DatagramPump[_Reply], client: rules.Client, settings: NTPSettings,
                      burst: ntp.Burst, session: _Session, until: float,
-                     ctx: ProbeContext) -> None:
+                     ctx: ProbeContext, server: tuple[str, int]) -> None:
     loop = asyncio.get_running_loop()
     log = ctx.log
     pace = Pace(settings.sample_interval, settings.reply_timeout, until)
@@ -335,6 +335,8 @@ async def _run_burst(pump: DatagramPump[_Reply], client: rules.Client, settings:
             return
         if not await pace.wait():
             log(f"burst shortened to {i} of {settings.samples} samples to fit the timeout")
+            return
+        if i and ntp.held_back(burst, server, i, ctx):
             return
         nonce = rules.new_nonce()
         header = client.request(nonce)
@@ -428,7 +430,8 @@ async def _authenticated_burst(server: Resolved, port: int, settings: NTPSetting
         pump = DatagramPump(server.family, sockaddr_for(server.address, port, server.family),
                             _matcher(client, burst, session, log), log, tx_timestamps=True)
         async with pump:
-            await _run_burst(pump, client, settings, burst, session, until, ctx)
+            await _run_burst(pump, client, settings, burst, session, until, ctx,
+                             (server.address, port))
     except OSError as exc:
         # No socket (out of descriptors): this host's trouble, as for the ntp prober.
         log(f"local error, nothing sent: {exc.strerror or exc}")

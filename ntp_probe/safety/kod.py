@@ -77,9 +77,13 @@ class KodTable:
         return step
 
     def clear(self, address: str, port: int) -> None:
-        """Forget an address (it answered normally after its backoff)."""
+        """Forget an address that answered normally after its backoff. A backoff still
+        running stays: it came from a KoD another probe received while this one's burst
+        ran, and that burst's earlier answers do not lift it."""
         if self._still_active():
-            self._table.pop((address, port), None)
+            entry = self._table.get((address, port))
+            if entry is not None and entry.until <= self._clock():
+                del self._table[(address, port)]
 
     def _still_active(self) -> bool:
         if self._active and not self._table:

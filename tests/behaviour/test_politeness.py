@@ -6,6 +6,7 @@ everything sent before it has been read) and must have seen no request at all.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -300,3 +301,33 @@ async def test_coordinator_keeps_kod_state_across_probes(fake_ntp: FakeNTPServer
     third = await coordinator.probe(config, module, Target("localhost", fake_ntp.port), 2.0)
     assert third.result.failure == "backoff"
     await assert_nothing_sent(fake_ntp, 1, third.result)
+
+
+@pytest.mark.parametrize("first_answered", [True, False])
+async def test_a_kod_another_probe_got_stops_a_running_burst(
+        fake_ntp: FakeNTPServer, first_answered: bool) -> None:
+    # Two jobs scraping one server are what makes it send RATE or DENY: a burst already
+    # running sends nothing more once the other probe got the KoD, and its own earlier
+    # answers do not lift the backoff.
+    table = KodTable()
+    guard = Guard(kod=table)
+    if not first_answered:
+        fake_ntp.behaviour = lambda req: []
+    module = make_module(samples=3, interval=0.3, reply_timeout=0.1)
+    running = asyncio.create_task(probe(fake_ntp.target, module, guard=guard))
+    await fake_ntp.wait_for_requests(1)
+    table.record("127.0.0.1", fake_ntp.port, "DENY", 0, 3600.0, DEFAULT_DENY_HOLD)
+    result, log = await running
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) == 1, log.text()
+    assert "burst stopped after 1 samples" in log.text()
+    assert table.remaining("127.0.0.1", fake_ntp.port) is not None
+    if first_answered:
+        assert result.success, result.failure  # what it measured before stands
+        assert value(result, "probe_ntp_backoff_remaining_seconds") is None
+    else:
+        assert result.failure == "backoff"
+        assert kiss_codes(result) == ["DENY"]
+        assert failure_series(result) == ['probe_ntp_failure_info{reason="backoff"} 1']
+        left = value(result, "probe_ntp_backoff_remaining_seconds")
+        assert left is not None and 0 < left <= DEFAULT_DENY_HOLD

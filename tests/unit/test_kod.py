@@ -139,9 +139,10 @@ def test_remaining_counts_down_then_none(table: KodTable, clock: FakeClock) -> N
     assert table.remaining(ADDR, PORT) is None
 
 
-def test_clear_forgets(table: KodTable) -> None:
+def test_clear_forgets(table: KodTable, clock: FakeClock) -> None:
     rate(table)
     rate(table)
+    clock.advance(129)  # an answer after the 128 s backoff
     table.clear(ADDR, PORT)
     assert table.remaining(ADDR, PORT) is None
     assert len(table) == 0
@@ -149,13 +150,13 @@ def test_clear_forgets(table: KodTable) -> None:
     table.clear("198.51.100.1", 9)  # unknown keys are fine
 
 
-def test_keys_are_per_address_and_port(table: KodTable) -> None:
+def test_keys_are_per_address_and_port(table: KodTable, clock: FakeClock) -> None:
+    rate(table, port=124)
+    clock.advance(65)
     rate(table)
-    assert table.remaining(ADDR, 124) is None
     assert table.remaining("192.0.2.2", PORT) is None
-    assert rate(table, port=124) == 64.0  # its own step, not doubled
-    assert rate(table) == 128.0
-    table.clear(ADDR, 124)
+    assert rate(table) == 128.0  # doubled: its own step, not port 124's
+    table.clear(ADDR, 124)  # port 124's backoff is over: only its state goes
     assert table.remaining(ADDR, PORT) == ("RATE", 128.0)
     assert len(table) == 1
 
@@ -171,8 +172,9 @@ def test_guard_delegates_to_table(table: KodTable, clock: FakeClock) -> None:
     guard = Guard(kod=table)
     assert guard.record_kod(ADDR, PORT, "RATE", 8, CAP, HOLD) == 256.0
     assert guard.backoff(ADDR, PORT) == ("RATE", 256.0)
-    guard.answered(ADDR, PORT)
-    assert guard.backoff(ADDR, PORT) is None
+    clock.advance(257)
+    guard.answered(ADDR, PORT)  # after the backoff: the state goes
+    assert len(table) == 0
     bare = Guard()
     assert bare.record_kod(ADDR, PORT, "RATE", 8, CAP, HOLD) == 0.0
     assert bare.backoff(ADDR, PORT) is None
@@ -191,5 +193,18 @@ def test_a_table_emptied_by_expiry_backs_off_again_on_the_next_kod(
     table.record("192.0.2.2", 123, "DENY", 0, 3600, 100)
     left = table.remaining("192.0.2.2", 123)
     assert left is not None and left[0] == "DENY"
+    clock.advance(101)
     table.clear("192.0.2.2", 123)
-    assert table.remaining("192.0.2.2", 123) is None
+    assert len(table) == 0
+
+
+def test_an_answer_does_not_lift_a_backoff_still_running() -> None:
+    # The KoD came to another probe while this one's burst ran on answers.
+    clock = FakeClock()
+    table = KodTable(clock=clock)
+    table.record("192.0.2.1", 123, "DENY", 0, 3600.0, 300.0)
+    table.clear("192.0.2.1", 123)
+    assert table.remaining("192.0.2.1", 123) == ("DENY", 300.0)
+    clock.advance(301)
+    table.clear("192.0.2.1", 123)
+    assert len(table) == 0
