@@ -42,6 +42,7 @@ from ntp_probe.proto.cmdmon import (
     NSources,
     ServerStats,
     SourceData,
+    SourceMode,
     SourceState,
     SourceStats,
     Status,
@@ -223,6 +224,11 @@ REASONS = (
 _SUMMARY_MARGIN = 0.005
 _ATTEMPTS = 2  # a request and one retry
 _SELECTABLE = (SourceState.SYNC, SourceState.CANDIDATE)
+
+
+def _selection_rank(source: SourceData) -> int:
+    """0 for the selected source, 1 for a candidate, 2 for any other state."""
+    return _SELECTABLE.index(source.state) if source.state in _SELECTABLE else 2
 # Each source costs two round trips: a daemon claiming millions (a hostile one) must not
 # hold a probe to its deadline and its exposition to megabytes. chronyd with a pool of
 # pools has tens.
@@ -327,6 +333,9 @@ class Collected:
     every_source_asked: bool = False  # each source's commands were sent and answered
     sources: dict[int, SourceData] = field(default_factory=dict)
     sourcestats: dict[int, SourceStats] = field(default_factory=dict)
+    # Sources under a name another source shows (two refclocks with one refid): counted in
+    # the states and the success rule, without series of their own (they would repeat).
+    unlisted: list[SourceData] = field(default_factory=list)
     serverstats: ServerStats | None = None
     statuses: dict[tuple[str, CommandStatus], None] = field(default_factory=dict)  # ordered set
     transport_failure: Reason | None = None  # the socket or the route failed
@@ -341,6 +350,7 @@ class ChronyReport:
     sources: tuple[tuple[SourceData, SourceStats | None], ...]
     serverstats: ServerStats | None
     commands: tuple[tuple[str, str], ...]
+    unlisted: tuple[SourceData, ...] = ()  # counted, not shown: a name shown already
 
     @property
     def title(self) -> str:
@@ -390,7 +400,12 @@ class ChronyReport:
     @property
     def selectable(self) -> int:
         """Sources in state sync or candidate."""
-        return sum(1 for s, _ in self.sources if s.state in _SELECTABLE)
+        return sum(1 for s in self.every_source if s.state in _SELECTABLE)
+
+    @property
+    def every_source(self) -> list[SourceData]:
+        """The sources shown, then those under a name already shown."""
+        return [s for s, _ in self.sources] + list(self.unlisted)
 
     def perfdata(self) -> list[Perf]:
         """System time, last and RMS offset, frequency, skew, root delay, dispersion and
@@ -409,7 +424,7 @@ class ChronyReport:
                 Perf("stratum", float(t.stratum)),
             ]
         if ("n_sources", "ok") in self.commands:  # no invented zeros when none was read
-            out += [Perf("sources", float(len(self.sources))),
+            out += [Perf("sources", float(len(self.every_source))),
                     Perf("sources_selectable", float(self.selectable))]
         return out
 
@@ -641,14 +656,28 @@ class Session:
     def _record(self, command: Command, status: CommandStatus) -> None:
         self.got.statuses[(command.name.lower(), status)] = None
 
-    def _new_name(self, data: SourceData | SourceStats,
-                  kept: dict[int, SourceData] | dict[int, SourceStats]) -> bool:
-        """Whether no source of ``data``'s name was kept yet: a second one (which chronyd
-        never reports; a forged reply might) would repeat its series and count twice."""
-        if any(k.name == data.name for k in kept.values()):
-            self._log(f"{type(data).__name__} of a second source named {data.name}: left out")
-            return False
-        return True
+    def _keep_source(self, index: int, data: SourceData) -> None:
+        """Keep a source's data. Two refclocks may go by one refid (chronyc lists both);
+        one set of series per name, so the one further in the selection (sync, then
+        candidate, else the first) is shown, and the other is counted only. Two sources
+        at one address chronyd never has: a forged reply's repeat is left out."""
+        got = self.got
+        twin = next((i for i, k in got.sources.items() if k.name == data.name), None)
+        if twin is None:
+            got.sources[index] = data
+            return
+        shown, counted = got.sources[twin], data
+        if not shown.mode is data.mode is SourceMode.REFCLOCK:
+            self._log(f"a second source at {data.name}: left out")
+            return
+        if _selection_rank(data) < _selection_rank(shown):
+            del got.sources[twin]
+            got.sourcestats.pop(twin, None)
+            got.sources[index] = data
+            shown, counted = data, shown
+        got.unlisted.append(counted)
+        self._log(f"two sources named {data.name}: the {shown.state.label} one has the "
+                  f"series, the {counted.state.label} one is only counted")
 
     async def run(self) -> None:
         """TRACKING, N_SOURCES, each source's SOURCE_DATA and SOURCESTATS, SERVER_STATS.
@@ -686,10 +715,10 @@ class Session:
                         self._log(f"source {index} ({data.name}) has no address yet: left out")
                         got.unresolved += 1
                         break
-                    if isinstance(data, SourceData) and self._new_name(data, got.sources):
-                        got.sources[index] = data
-                    elif isinstance(data, SourceStats) and self._new_name(data,
-                                                                          got.sourcestats):
+                    if isinstance(data, SourceData):
+                        self._keep_source(index, data)
+                    elif isinstance(data, SourceStats) and index in got.sources and all(
+                            k.name != data.name for k in got.sourcestats.values()):
                         got.sourcestats[index] = data
             got.every_source_asked = True
         answer = await self.ask(Command.SERVER_STATS)
@@ -776,7 +805,7 @@ def _emit(m: Measurement, got: Collected) -> None:
                 m.add(family, value, s.name)
     if got.n_sources is not None:
         counts = dict.fromkeys(SourceState, 0)
-        for s in sources:
+        for s in (*sources, *got.unlisted):
             counts[s.state] += 1
         for state, count in counts.items():
             m.add(SOURCES, count, state.label)
@@ -800,7 +829,7 @@ def _conclude(got: Collected, settings: ChronySettings, ctx: ProbeContext,
     report = ChronyReport(
         server, got.tracking,
         tuple((got.sources[i], got.sourcestats.get(i)) for i in sorted(got.sources)),
-        got.serverstats, tuple((c, s.value) for c, s in got.statuses),
+        got.serverstats, tuple((c, s.value) for c, s in got.statuses), tuple(got.unlisted),
     )
     m.reports.append(report)
     if got.transport_failure is not None:
@@ -813,12 +842,19 @@ def _conclude(got: Collected, settings: ChronySettings, ctx: ProbeContext,
     elif t.leap_status is LeapStatus.UNSYNCHRONISED:
         m.fail(Reason.LEAP_UNSYNCHRONIZED)
     selectable = report.selectable
-    if got.n_sources is not None and len(got.sources) + got.unresolved < got.n_sources:
-        log(f"{len(got.sources)} of {got.n_sources} sources obtained")
+    obtained = len(got.sources) + len(got.unlisted)
+    if got.n_sources is not None and obtained + got.unresolved < got.n_sources:
+        log(f"{obtained} of {got.n_sources} sources obtained")
     if selectable < settings.min_candidates:
         log(f"{selectable} sources in state sync or candidate, "
             f"min_candidates is {settings.min_candidates}")
-        if got.n_sources is None or got.every_source_asked:
+        if got.n_sources is None:
+            # Not how many sources there are: chronyd's answer to N_SOURCES says why.
+            status = next((s for c, s in got.statuses if c == "n_sources"), None)
+            log("the number of sources was not obtained: no verdict on them")
+            m.fail(Reason.CHRONY_TIMEOUT if status is None else
+                   _TRACKING_FAILURE.get(status, Reason.CHRONY_BAD_REPLY))
+        elif got.every_source_asked:
             m.fail(Reason.TOO_FEW_SOURCES)
         else:
             # The sources not read may be the candidates: the deadline, not chronyd, is short.

@@ -9,6 +9,7 @@ tests synchronise on the requests the fake received, never on sleeps.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import math
 import re
 import struct
@@ -92,6 +93,7 @@ def refused(req: Req, status: int) -> bytes:
 class FakeSource:
     address: str
     state: int  # RPY_SD_ST_*: 0 sync, 4 candidate, 2 falseticker, ...
+    mode: int = 0  # RPY_SD_MD_*: 0 server, 1 peer, 2 refclock (its refid as the address)
     stratum: int = 2
     poll: int = 6
     reach: int = 0o377
@@ -155,10 +157,13 @@ class FakeChronyd:
         s = self.sources[req.index]
         if req.command == SOURCE_DATA:
             return header(req, RPY_SOURCE_DATA) + struct.pack(
-                ">20shHHHHHI3I", ipv4(s.address), s.poll, s.stratum, s.state, 0, 0, s.reach,
+                ">20shHHHHHI3I", ipv4(s.address), s.poll, s.stratum, s.state, s.mode, 0, s.reach,
                 s.since_sample, cfloat(s.measured_offset), cfloat(s.offset), cfloat(s.error))
+        # A refclock's statistics name it by refid, with no address (as chronyd does).
+        refid, address = ((int(ipaddress.IPv4Address(s.address)), bytes(20)) if s.mode == 2
+                          else (0, ipv4(s.address)))
         return header(req, RPY_SOURCESTATS) + struct.pack(
-            ">I20s3I5I", 0, ipv4(s.address), s.samples, s.runs, s.span, cfloat(s.stddev),
+            ">I20s3I5I", refid, address, s.samples, s.runs, s.span, cfloat(s.stddev),
             cfloat(s.frequency), cfloat(s.skew), cfloat(s.est_offset), cfloat(0.0001))
 
 
@@ -504,13 +509,57 @@ async def test_hostile_source_values_are_contained(fake: FakeCommandPort) -> Non
         "192.0.2.1", "192.0.2.2"]
     assert len(label_sets(m, "probe_chrony_sourcestats_samples")) == 2
     assert value(m, "probe_chrony_sources", state="candidate") == 1
-    assert "SourceData of a second source named 192.0.2.1: left out" in log.text()
+    assert "a second source at 192.0.2.1: left out" in log.text()
     render(m, None)  # and it renders
     # A repeated source does not count twice towards min_candidates either.
     fake.chronyd.sources = [FakeSource("192.0.2.1", state=0)] * 3
     m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module(min_candidates=2))
     assert m.failure == "too_few_sources", log.text()
     assert value(m, "probe_chrony_sources", state="sync") == 1
+
+
+async def test_two_refclocks_with_one_refid_are_both_counted(fake: FakeCommandPort) -> None:
+    # chronyd takes two refclocks with one refid (chronyc lists "#? GPS" and "#* GPS"):
+    # one set of series per name, the selected one's; both count towards the verdict.
+    gps = "71.80.83.0"  # refid "GPS"
+    fake.chronyd.sources = [FakeSource(gps, state=1, mode=2, samples=0),
+                            FakeSource(gps, state=0, mode=2, samples=7)]
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
+    assert m.failure is None, log.text()
+    assert label_sets(m, "probe_chrony_source_info") == [
+        {"source": "GPS", "mode": "refclock", "state": "sync"}]
+    assert value(m, "probe_chrony_sourcestats_samples", source="GPS") == 7  # its own stats
+    assert value(m, "probe_chrony_sources", state="sync") == 1
+    assert value(m, "probe_chrony_sources", state="unusable") == 1
+    assert "two sources named GPS: the sync one has the series" in log.text()
+    render(m, None)
+    # Two candidates of one name both count towards min_candidates.
+    fake.chronyd.sources = [FakeSource(gps, state=4, mode=2)] * 2
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module(min_candidates=2))
+    assert m.failure is None, log.text()
+
+
+@pytest.mark.parametrize(("n_sources", "reason"), [
+    ("timeout", "chrony_timeout"), ("unauthorized", "chrony_unauthorized"),
+    ("malformed", "chrony_bad_reply"),
+])
+async def test_sources_never_counted_are_no_verdict_on_them(
+        fake: FakeCommandPort, n_sources: str, reason: str) -> None:
+    # Tracking answered, N_SOURCES did not: how many sources there are is unknown, so the
+    # reason is chronyd's answer to N_SOURCES, not too_few_sources.
+    def behaviour(req: Req) -> list[tuple[bytes, float]]:
+        if req.command != N_SOURCES:
+            return [(fake.chronyd.answer(req), 0.0)]
+        if n_sources == "timeout":
+            return []
+        if n_sources == "unauthorized":
+            return [(refused(req, STT_UNAUTH), 0.0)]
+        return [(header(req, RPY_N_SOURCES), 0.0)]  # its count cut off
+
+    fake.behaviour = behaviour
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
+    assert m.failure == reason, log.text()
+    assert value(m, "probe_chrony_tracking_stratum") == 3
 
 
 async def test_a_daemon_claiming_millions_of_sources_is_asked_about_a_few(
