@@ -279,6 +279,18 @@ class DatagramPump(Generic[T]):
         t1 = time.time_ns()
         try:
             self._sock.sendto(payload, self._dest)
+        except BlockingIOError as exc:
+            self._waiter = None
+            if self._family != socket.AF_UNIX:
+                raise Unreachable(exc.errno, f"send failed: {exc.strerror or exc}",
+                                  sent=False) from None
+            # The daemon's receive queue is full (a busy or stopped daemon, or many probes
+            # at once): wait for room, as a blocking send would, within this wait's time.
+            if not await self._send_when_room(payload, until):
+                self._log("the daemon's socket queue stayed full: not sent")
+                return t1, None
+            self._waiter = waiter
+            t1 = time.time_ns()
         except OSError as exc:
             self._waiter = None
             raise Unreachable(exc.errno, f"send failed: {exc.strerror or exc}",
@@ -305,6 +317,22 @@ class DatagramPump(Generic[T]):
             if kernel_t1 is not None:
                 t1 = kernel_t1
         return t1, value
+
+    async def _send_when_room(self, payload: bytes, until: float) -> bool:
+        """Send on a unix datagram socket whose peer's queue is full, retrying until loop
+        time ``until``; whether it went. Polled: an unconnected unix socket reports
+        itself writable whatever the peer's queue holds."""
+        pause = 0.001
+        while self._loop.time() + pause < until:
+            await asyncio.sleep(pause)
+            if self._sock is None:
+                return False
+            try:
+                self._sock.sendto(payload, self._dest)
+                return True
+            except BlockingIOError:
+                pause = min(pause * 2, 0.025)
+        return False
 
     def _on_readable(self, events: int) -> None:
         sock = self._sock

@@ -197,3 +197,56 @@ async def test_pumps_in_flight_together_each_get_their_own_outcome(private_dir: 
         assert await echo(99) == b"re:99"
     finally:
         stop(server)
+
+
+def full_server(path: Path) -> socket.socket:
+    """A unix datagram server nobody reads, its receive queue filled to the brim."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(path))
+    server.setblocking(False)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:
+        filler.setblocking(False)
+        for _ in range(100_000):
+            try:
+                filler.sendto(b"queued", str(path))
+            except BlockingIOError:
+                return server
+    raise AssertionError("the queue never filled")
+
+
+@pytest.mark.parametrize("room_later", [True, False])
+async def test_a_full_daemon_queue_is_waited_on_not_a_send_failure(
+        private_dir: Path, room_later: bool) -> None:
+    # A busy or stopped chronyd, or many probes at once, fill its socket's queue (ten
+    # datagrams by default): a send that finds no room waits for it, as chronyc's blocking
+    # send does; it is no socket failure.
+    path = private_dir / "server.sock"
+    server = full_server(path)
+    loop = asyncio.get_running_loop()
+
+    def serve() -> None:  # drains the queue, answers what has a return address
+        while True:
+            try:
+                data, source = server.recvfrom(4096)
+            except BlockingIOError:
+                return
+            if source:
+                server.sendto(b"re:" + data, source)
+
+    if room_later:
+        loop.call_later(0.05, loop.add_reader, server.fileno(), serve)
+    log = ProbeLog()
+    try:
+        async with DatagramPump(socket.AF_UNIX, str(path),
+                                lambda d: d.data if d.data.startswith(b"re:") else None, log,
+                                bind_path=str(private_dir / "c.sock")) as pump:
+            _, value = await pump.exchange(b"x", loop.time() + (2.0 if room_later else 0.2))
+        if room_later:
+            assert (value, pump.sent) == (b"re:x", 1)
+        else:
+            assert (value, pump.sent) == (None, 0)
+            assert "the daemon's socket queue stayed full: not sent" in log.text()
+    finally:
+        if room_later:
+            loop.remove_reader(server.fileno())
+        server.close()
