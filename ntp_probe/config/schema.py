@@ -222,6 +222,34 @@ class Text:
         return value
 
 
+# A unix socket path's room (sun_path, its NUL included), and the longest name the chrony
+# prober binds for its replies beside the daemon's socket (ntp_probe.PID.12HEX.sock).
+SUN_PATH_MAX = 107
+UNIX_REPLY_NAME_MAX = len("ntp_probe.4194304.0123456789ab.sock")
+
+
+@dataclass(frozen=True, slots=True)
+class UnixSocketPath(Text):
+    """An absolute path to a daemon's unix datagram socket, short enough for the socket
+    and for the reply socket the probe binds in the same directory."""
+
+    absolute: bool = True
+
+    def parse(self, value: object, key: str) -> str:
+        """Parse and check."""
+        path = Text.parse(self, value, key)  # (slots dataclasses break super())
+        if not path:
+            return path
+        directory = path.rsplit("/", 1)[0] or "/"
+        reply = len(directory.rstrip("/").encode()) + 1 + UNIX_REPLY_NAME_MAX
+        if len(path.encode()) > SUN_PATH_MAX or reply > SUN_PATH_MAX:
+            raise ConfigError(f"{key}: {show(value)} is too long for a unix socket: the probe "
+                              f"binds its reply socket beside it, at most {SUN_PATH_MAX} "
+                              f"bytes (a directory of up to "
+                              f"{SUN_PATH_MAX - 1 - UNIX_REPLY_NAME_MAX} bytes)")
+        return path
+
+
 @dataclass(frozen=True, slots=True)
 class IntList:
     """A non-empty list of distinct integers, each one of ``options``; order is kept (it is
@@ -324,7 +352,7 @@ class ChronySettings:
     port: int = setting(323, IntRange(1, 65535))
     # A unix socket path (chronyd's bindcmdaddress, /run/chrony/chronyd.sock): when set, the
     # probe talks to it and the target only labels the probe.
-    socket: str = setting("", Text(absolute=True))
+    socket: str = setting("", UnixSocketPath())
     min_candidates: int = setting(1, IntRange(0, 1000))
     request_timeout: float = setting(0.5, Duration(positive=True, maximum=60.0))
     preferred_ip_protocol: str = setting("ip4", Choice(IP_PROTOCOLS))

@@ -11,6 +11,8 @@ import pytest
 
 from ntp_probe.config.load import config_to_yaml, load_config, parse_config
 from ntp_probe.config.schema import (
+    SUN_PATH_MAX,
+    UNIX_REPLY_NAME_MAX,
     Config,
     ConfigError,
     Module,
@@ -18,6 +20,7 @@ from ntp_probe.config.schema import (
     format_duration,
     parse_duration,
 )
+from ntp_probe.probers import chrony
 from tests.conftest import crl_only_pem
 from tests.unit.test_leapfile import REAL_ENTRIES, build
 
@@ -517,6 +520,21 @@ def test_a_chrony_socket_path_must_be_absolute() -> None:
                                   "got 'run/chronyd.sock'")
     assert parse(text.format("/run/chrony/chronyd.sock")).modules["c"].chrony.socket == (
         "/run/chrony/chronyd.sock")
+
+
+def test_a_chrony_socket_path_must_leave_room_for_the_reply_socket() -> None:
+    # The probe binds its reply socket beside chronyd's: a directory too long for that
+    # name is refused at load, not a chrony_socket failure at every probe.
+    text = "modules:\n  c:\n    prober: chrony\n    chrony:\n      socket: {}\n"
+    fits = "/" + "d" * (SUN_PATH_MAX - 2 - UNIX_REPLY_NAME_MAX)
+    assert parse(text.format(fits + "/chronyd.sock")).modules["c"].chrony.socket
+    with pytest.raises(ConfigError, match="too long for a unix socket"):
+        parse(text.format(fits + "d/chronyd.sock"))
+    with pytest.raises(ConfigError, match="too long for a unix socket"):
+        parse(text.format("/" + "s" * SUN_PATH_MAX))
+    # The bound is the chrony prober's own longest reply name.
+    assert len(os.path.basename(chrony._bind_path("/run/chrony/chronyd.sock"))) <= \
+        UNIX_REPLY_NAME_MAX
 
 
 @pytest.mark.parametrize(("line", "why"), [
