@@ -130,7 +130,9 @@ class Internals:
             "Unix time of the last successful configuration load.", registry=r,
         )
         self.packets_sent = Counter(
-            "ntp_probe_ntp_packets_sent", "NTP request packets sent.", registry=r
+            "ntp_probe_ntp_packets_sent",
+            "Request datagrams probes sent to servers: NTP and NTS time requests, ntpd's "
+            "mode 6 and chronyd's command requests.", registry=r
         )
         self._leapfile = _LeapFileCollector()
         r.register(self._leapfile)
