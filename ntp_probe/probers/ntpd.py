@@ -182,9 +182,12 @@ REASONS = (
     Reason.LEAP_UNSYNCHRONIZED, Reason.NO_SYS_PEER, Reason.TOO_FEW_SOURCES,
 )
 
-_SYS_PEER, _PPS_PEER, _CANDIDATE = 6, 7, 4
+_SYS_PEER, _PPS_PEER, _CANDIDATE, _BACKUP = 6, 7, 4, 5
 # pps.peer is the system peer when it is a PPS source: it counts as one.
 _SYSTEM_PEER_CODES = (_SYS_PEER, _PPS_PEER)
+# Which associations to read first when there are too many to read all: selection code ->
+# rank (system peers, then candidates, then backups; the rest after).
+_READ_ORDER = {_SYS_PEER: 0, _PPS_PEER: 0, _CANDIDATE: 1, _BACKUP: 2}
 _LEAP_ALARM = 3
 # Time kept back from the deadline to summarise and render the reply.
 _SUMMARY_MARGIN = 0.005
@@ -315,6 +318,7 @@ class _Collected:
     """What the probe obtained so far; reported even when the probe is cut off."""
 
     words: dict[int, int] | None = None  # association -> latest peer status word
+    to_read: list[int] | None = None  # the associations asked about, when not all
     system: dict[str, str] | None = None
     system_status: int = 0
     peers: dict[int, dict[str, str]] = field(default_factory=dict)
@@ -348,6 +352,9 @@ class _Session:
         self.ctx = ctx
         self.sequence = secrets.randbelow(0x10000)
         self.current: _Try | None = None
+        # The first try of a request being retried: its reply, complete later than
+        # request_timeout, is as good as the retry's (ntpq waits seconds).
+        self.previous: _Try | None = None
         self.earlier: set[int] = set()  # sequences of requests no longer awaited
         # Send nothing more: the server is silent or unreachable, or the deadline left no
         # time for a request (none later can fit either: time only moves on, and the
@@ -365,6 +372,8 @@ class _Session:
             log("late reply to an earlier request ignored" if self._late(d.data)
                 else f"datagram discarded ({len(d.data)} bytes): no request waiting")
             return None
+        if self.previous is not None and self._sequence(d.data) == self.previous.sequence:
+            t = self.previous
         try:
             reply = mode6.decode_reply(d.data, opcode=t.opcode, sequence=t.sequence,
                                        association=t.association)
@@ -403,6 +412,15 @@ class _Session:
             return False
         return h.mode == mode6.MODE_CONTROL and h.response and h.sequence in self.earlier
 
+    @staticmethod
+    def _sequence(data: bytes) -> int | None:
+        """The sequence number of a control response, None for anything else."""
+        try:
+            h = mode6.decode_header(data)
+        except Mode6Error:
+            return None
+        return h.sequence if h.mode == mode6.MODE_CONTROL and h.response else None
+
     def _unreachable(self, exc: Unreachable) -> None:
         """The ICMP error that ends the probe: nothing more is sent."""
         self.stopped = True
@@ -431,7 +449,7 @@ class _Session:
                 break
             self.sequence = (self.sequence + 1) & 0xFFFF
             t = _Try(opcode, self.sequence, association)
-            self.current = t
+            self.current, self.previous = t, last
             payload = mode6.encode_request(opcode, t.sequence, association,
                                            mode6.variable_list(names))
             log(functools.partial(_request_line, what, t.sequence, last is not None, opcode,
@@ -449,7 +467,7 @@ class _Session:
                 path_error = exc
                 reply = None
             finally:
-                self.current = None
+                self.current = self.previous = None
                 self.earlier.add(t.sequence)
             if reply is not None:
                 pace.seen(loop.time() - now)
@@ -532,13 +550,21 @@ async def _collect(session: _Session, pump: DatagramPump[Response | ErrorReply],
             log(f"<- READSTAT: {exc}")
             m.fail(Reason.MODE6_BAD_REPLY)
         else:
+            if any(a == 0 for a, _ in associations):
+                # Association 0 is the system itself, never a peer.
+                log("<- READSTAT lists association 0: ignored")
+                associations = [(a, w) for a, w in associations if a != 0]
+            got.words = dict(associations)  # all of them: the counts and the verdict
             if len(associations) > MAX_ASSOCIATIONS:
                 # Each costs a round trip and a dozen series: a daemon listing thousands (a
                 # hostile one) must not hold the probe to its deadline or flood Prometheus.
-                log(f"<- READSTAT lists {len(associations)} associations: reading the first "
-                    f"{MAX_ASSOCIATIONS}")
-                associations = associations[:MAX_ASSOCIATIONS]
-            got.words = dict(associations)
+                # The ones read are those furthest in the selection (ntpd lists the newest
+                # first, and the configured servers, the system peer among them, last).
+                log(f"<- READSTAT lists {len(associations)} associations: reading "
+                    f"{MAX_ASSOCIATIONS}, the system peer and candidates first")
+                words = got.words
+                got.to_read = sorted(words, key=lambda a: _READ_ORDER.get(
+                    mode6.decode_peer_status(words[a]).selection, 3))[:MAX_ASSOCIATIONS]
             status = reply.status
             log(lambda: f"<- READSTAT: status {status:#06x}, {len(associations)} associations"
                 + "".join(f"{', ' if i else ': '}{a} "
@@ -555,7 +581,7 @@ async def _collect(session: _Session, pump: DatagramPump[Response | ErrorReply],
         m.fail(Reason.MODE6_ERROR)
 
     words = got.words or {}
-    for association in list(words):
+    for association in got.to_read if got.to_read is not None else list(words):
         reply = await session.request(pump, Opcode.READVAR, association)
         if isinstance(reply, Response):
             got.peers[association] = _decode_variables(reply, f"READVAR assoc {association}",

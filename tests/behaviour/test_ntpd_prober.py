@@ -461,22 +461,58 @@ async def test_an_icmp_error_from_another_host_leaves_the_retry_to_decide(
 
 
 async def test_thousands_of_associations_are_read_only_up_to_the_cap(server: FakeNtpd) -> None:
+    # ntpd lists the newest associations first: the configured servers, the system peer
+    # among them, come last. Those past the cap still count, and the system peer is read.
     listed = range(1, 1001)
+
+    def word(association: int) -> int:
+        return PEER_WORDS[SYS_PEER if association == 1000 else CANDIDATE]
 
     def many(req: Request) -> list[bytes]:
         if req.opcode == READSTAT:
-            data = b"".join(struct.pack("!HH", a, PEER_WORDS[SYS_PEER]) for a in listed)
+            data = b"".join(struct.pack("!HH", a, word(a)) for a in listed)
             return fragments(req, data, SYSTEM_STATUS)
         if req.opcode == READVAR and req.association in listed:
-            return fragments(req, peer_variables(SYS_PEER), PEER_WORDS[SYS_PEER])
+            return fragments(req, peer_variables(SYS_PEER), word(req.association))
         return healthy(req)
 
     server.behaviour = many
-    out = await run(server, timeout=10.0)
-    assert f"1000 associations: reading the first {ntpd.MAX_ASSOCIATIONS}" in out.log
-    asked = {r.association for r in server.requests if r.opcode == READVAR} - {0}
-    assert asked == set(range(1, ntpd.MAX_ASSOCIATIONS + 1))
+    out = await run(server, timeout=10.0, min_candidates=1000)
+    assert out.m.failure is None, out.log
+    assert f"1000 associations: reading {ntpd.MAX_ASSOCIATIONS}, the system peer" in out.log
+    asked = [r.association for r in server.requests if r.opcode == READVAR and r.association]
+    assert len(asked) == ntpd.MAX_ASSOCIATIONS and asked[0] == 1000
     assert len(label_sets(out.m, "probe_ntpd_peer_info")) == ntpd.MAX_ASSOCIATIONS
+    assert selections(out.m)["sys.peer"] == 1 and selections(out.m)["candidate"] == 999
+
+
+async def test_association_0_in_the_list_is_no_peer(server: FakeNtpd) -> None:
+    # Association 0 is the system: listed by a hostile server, it is neither read as a
+    # peer nor counted (here it would be the only sys.peer).
+    def with_zero(req: Request) -> list[bytes]:
+        if req.opcode == READSTAT:
+            data = struct.pack("!HHHH", 0, PEER_WORDS[SYS_PEER], CANDIDATE,
+                               PEER_WORDS[CANDIDATE])
+            return fragments(req, data, SYSTEM_STATUS)
+        return healthy(req)
+
+    server.behaviour = with_zero
+    out = await run(server)
+    assert out.m.failure == "no_sys_peer", out.log
+    assert "association 0: ignored" in out.log
+    assert [r.association for r in server.requests if r.opcode == READVAR] == [0, CANDIDATE,
+                                                                               0, 0, 0]
+    assert selections(out.m)["sys.peer"] == 0
+
+
+async def test_a_complete_reply_after_request_timeout_still_counts(server: FakeNtpd) -> None:
+    # A slow ntpd answers each request after request_timeout: the reply to the first try,
+    # complete while the retry waits, is as good as the retry's (ntpq waits seconds).
+    server.delay = 0.3
+    out = await run(server, timeout=10.0, request_timeout=0.2)
+    assert out.m.failure is None, out.log
+    assert len(label_sets(out.m, "probe_ntpd_peer_info")) == 3
+    assert len(server.requests) == 16  # each request and its retry, none more
 
 
 async def test_unknown_stats_variable_asks_one_at_a_time(server: FakeNtpd) -> None:
