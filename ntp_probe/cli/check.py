@@ -1,9 +1,9 @@
 """``ntp-probe check TARGET``: one probe as a Nagios / Icinga plugin.
 
 One status line, ``NTP OK|WARNING|CRITICAL|UNKNOWN: summary | perfdata``, and the
-plugin exit codes: 0 OK, 1 WARNING (|offset| at or above -w), 2 CRITICAL (|offset| at or
-above -c, or the probe failed: its reason is in the line), 3 UNKNOWN (bad arguments,
-unknown module, bad configuration, or anything unexpected).
+plugin exit codes: 0 OK, 1 WARNING (|offset| above -w), 2 CRITICAL (|offset| above -c,
+the probe failed: its reason is in the line, or it gave no offset to judge), 3 UNKNOWN
+(bad arguments, unknown module, bad configuration, or anything unexpected).
 """
 
 from __future__ import annotations
@@ -107,7 +107,10 @@ def evaluate(target: str, module: Module, m: Measurement, warning: float,
     if not m.success:
         state, summary = CRITICAL, f"{target} probe failed: {m.failure}"
     elif offset is None:
-        state, summary = OK, f"{target} probe succeeded (module {module.name})"
+        # As check_ntp_peer: an offset that cannot be judged is no OK (an ntpd whose
+        # variables lack it).
+        state, summary = CRITICAL, (f"{target} probe succeeded but gave no offset to judge "
+                                    f"(module {module.name})")
     else:
         # Beyond the threshold, not at it: a plain -w N is the Nagios range 0:N.
         state = CRITICAL if abs(offset) > critical else WARNING if abs(offset) > warning \

@@ -183,6 +183,16 @@ def test_an_offset_at_a_threshold_has_not_reached_it(offset: float, state: int) 
     assert got == state, line
 
 
+def test_a_success_with_no_offset_to_judge_is_critical() -> None:
+    # An ntpd whose system variables lack the offset: as check_ntp_peer, no OK for what
+    # cannot be judged.
+    m = Measurement()
+    got, line = check.evaluate("t", CONFIG.modules["one"], m, 0.01, 0.05)
+    assert m.success
+    assert (got, line) == (2, "NTP CRITICAL: t probe succeeded but gave no offset to judge "
+                              "(module one) | time=0s")
+
+
 def run_unwritable(argv: list[str], stdout: str) -> subprocess.CompletedProcess[bytes]:
     """``python -m ntp_probe ARGV`` with a standard output that cannot be written: closed,
     /dev/full, or a pipe nobody reads; checks that no traceback was printed."""
