@@ -98,22 +98,29 @@ async def _looked_up(target: Target, ctx: ProbeContext, lookup: Awaitable[_T],
 
 
 def admit(target: Target, resolved: Resolved, port: int, ctx: ProbeContext) -> bool:
-    """The checks on a resolved address (see :func:`allowed`); the IP gauges when it may
-    be sent to."""
-    if not allowed(target.host, resolved.address, port, ctx):
+    """The checks on a resolved address (see :func:`allowed`). The IP gauges once the
+    policy permits the address, a backoff included (as blackbox, right after resolution:
+    a dashboard joined on them keeps the target through a KoD's 24 hours)."""
+    if refused(ctx, ctx.guard.refuse(target.host, resolved.address)):
         return False
     ctx.measurement.add(common.IP_PROTOCOL, resolved.ip_protocol)
     ctx.measurement.add(common.IP_ADDR_HASH, ip_hash(resolved.address))
-    return True
+    return _no_backoff(resolved.address, port, ctx)
 
 
 def allowed(host: str, address: str, port: int, ctx: ProbeContext) -> bool:
     """The policy again on the address (a permitted name may point at a denied address),
     then any KoD backoff from that server; the failure recorded when it may not be sent to."""
-    m, log, guard = ctx.measurement, ctx.log, ctx.guard
-    if refused(ctx, guard.refuse(host, address)):
+    if refused(ctx, ctx.guard.refuse(host, address)):
         return False
-    backoff = guard.backoff(address, port)
+    return _no_backoff(address, port, ctx)
+
+
+def _no_backoff(address: str, port: int, ctx: ProbeContext) -> bool:
+    """Whether no KoD backoff holds the server back (when one does, the failure is
+    recorded)."""
+    m, log = ctx.measurement, ctx.log
+    backoff = ctx.guard.backoff(address, port)
     if backoff is not None:
         code, left = backoff
         # (An NTS-KE server is held back for the KoD of the NTP server it named.)

@@ -244,6 +244,9 @@ async def test_expired_backoff_then_normal_answer_clears_state(fake_ntp: FakeNTP
     assert during.failure == "backoff"
     assert value(during, "probe_ntp_backoff_remaining_seconds") == 34.0
     await assert_nothing_sent(fake_ntp, 1, during)
+    # The address is known and permitted: its IP gauges stay (dashboards join on them).
+    assert value(during, "probe_ip_protocol") == 4
+    assert value(during, "probe_ip_addr_hash") == value(first, "probe_ip_addr_hash")
 
     clock.advance(35)  # past the 64 s backoff
     fake_ntp.behaviour = answer()
