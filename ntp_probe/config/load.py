@@ -309,7 +309,9 @@ def server_name_problem(name: str) -> str | None:
         target = parse_target(ascii_name)
     except TargetError as exc:
         return str(exc).replace("invalid target", "not a host name or address:", 1)
-    if target.port is not None or "%" in target.host or name.startswith("["):
+    if name != name.strip():
+        return f"{name[:64]!r}: no spaces around the name (SNI would carry them)"
+    if target.port is not None or "%" in name or name.startswith("["):
         return f"{name[:64]!r}: a host name or an address only, without brackets, port or zone"
     return None
 

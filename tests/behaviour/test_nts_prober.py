@@ -450,7 +450,8 @@ def test_config_reads_the_nts_block() -> None:
 
 
 @pytest.mark.parametrize("name", ["..", ".", "a b", "*.example", "x" * 64 + ".example",
-                                  "127.0.0.1.", "[::1]", "ntp.example:4460", "fe80::1%1"])
+                                  "127.0.0.1.", "[::1]", "ntp.example:4460", "fe80::1%1",
+                                  "::1%lo", " localhost", "localhost "])
 def test_a_server_name_no_certificate_can_carry_is_refused_at_load(name: str) -> None:
     # Each was a 500 (IDNA) or a name mismatch blamed on the server's certificate.
     with pytest.raises(ConfigError, match=r"nts\.server_name"):
