@@ -8,11 +8,13 @@ deadline (``asyncio.timeout_at`` around each step) cancels the wait cleanly; a b
 handshake in a worker thread could not be interrupted and would outlive the probe.
 
 Chain and identity are judged separately so that an expired certificate and a certificate
-for another name read differently: OpenSSL verifies the chain, and its verify callback only
-records each error (depth, X509_V_ERR code) and lets the handshake finish, so the
-certificates can still be reported; the name is then checked with ``service_identity``
-(RFC 6125, SAN only, IP addresses against IP SANs). Deciding what to do with the verdicts is
-the caller's.
+for another name read differently: the handshake finishes whatever the certificates (so
+that they can still be reported), then OpenSSL verifies the chain the server sent against
+the trust anchors (its first error: depth, X509_V_ERR code, OpenSSL's words), and the name is
+checked with ``service_identity`` (RFC 6125, SAN only, IP addresses against IP SANs).
+Deciding what to do with the verdicts is the caller's. No verify callback: pyOpenSSL makes
+each one a cffi closure in memory both writable and executable, which systemd's
+MemoryDenyWriteExecute= (set by the shipped units) refuses.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ Log = Callable[[str], None]
 # "not trusted": an expired or not-yet-valid certificate of a chain that is otherwise sound.
 X509_V_ERR_CERT_NOT_YET_VALID = 9
 X509_V_ERR_CERT_HAS_EXPIRED = 10
+X509_V_ERR_UNSPECIFIED = 1
+X509_V_ERR_INVALID_PURPOSE = 26
 TIME_ERRORS = frozenset({X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED})
 _READ_SIZE = 16384  # one TLS record's plaintext at most
 # OpenSSL's words for the codes a monitored server is likely to cause (x509_vfy.h); the
@@ -129,14 +133,42 @@ class TLSClient:
         self._conn: SSL.Connection | None = None
         self.verify_errors: list[tuple[int, int, str]] = []  # (depth, code, message)
         self.identity_error: str | None = None
+        self._verified: list[crypto.X509] = []
 
-    def _on_verify(self, conn: SSL.Connection, cert: object, errno: int, depth: int,
-                   ok: int) -> bool:
-        if not ok:
-            self.verify_errors.append((depth, errno, verify_error_text(errno)))
-        # Finish the handshake whatever the verdict: the certificates must still be
-        # reported, and the caller refuses to go on when an error was recorded.
-        return True
+    def _verify_chain(self, conn: SSL.Connection) -> None:
+        """Verify the chain the server sent against the context's trust anchors, at the
+        current time, for a TLS server (the leaf's extended key usage, when it has one,
+        must allow serverAuth, as OpenSSL's sslserver purpose asks)."""
+        sent = conn.get_peer_cert_chain() or []
+        if not sent:
+            self.verify_errors.append((0, X509_V_ERR_UNSPECIFIED, "no certificate"))
+            return
+        store = self._ctx.get_cert_store()
+        if store is None:  # never for a client context
+            self.verify_errors.append((0, X509_V_ERR_UNSPECIFIED, "no trust store"))
+            return
+        try:
+            self._verified = crypto.X509StoreContext(store, sent[0], sent[1:]) \
+                .get_verified_chain()
+        except crypto.X509StoreContextError as exc:
+            code, depth, message = exc.errors
+            self.verify_errors.append((depth, code, str(message)))
+            return
+        leaf = _readable(sent[0])
+        if isinstance(leaf, str):  # the caller reports it, as untrusted
+            return
+        try:
+            usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            return
+        except ValueError as exc:  # an extension that does not parse
+            self.verify_errors.append((0, X509_V_ERR_UNSPECIFIED, f"bad extension: {exc}"))
+            return
+        allowed = (x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
+                   x509.oid.ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE)
+        if not any(oid in usage for oid in allowed):
+            self.verify_errors.append((0, X509_V_ERR_INVALID_PURPOSE,
+                                       verify_error_text(X509_V_ERR_INVALID_PURPOSE)))
 
     async def connect(self, address: str, port: int, family: int) -> None:
         """Open the TCP connection (Nagle off: NTS-KE is a few small request/response
@@ -155,8 +187,7 @@ class TLSClient:
         sent as SNI, or an IP address, which RFC 6066 keeps out of SNI)."""
         if self._sock is None:
             raise RuntimeError("handshake before connect")
-        conn = SSL.Connection(self._ctx, self._sock)
-        conn.set_verify(SSL.VERIFY_PEER, self._on_verify)  # this connection's own record
+        conn = SSL.Connection(self._ctx, self._sock)  # VERIFY_NONE: verified after
         self._conn = conn
         ip = is_ip_literal(server_name)
         if not ip:
@@ -175,6 +206,7 @@ class TLSClient:
                 await self._ready(write=True)
             except (SSL.Error, OSError) as exc:
                 raise HandshakeError(_describe(exc)) from None
+        self._verify_chain(conn)
         try:
             if ip:
                 verify_ip_address(conn, server_name.split("%", 1)[0])
@@ -208,8 +240,7 @@ class TLSClient:
 
     def verified_chain(self) -> list[x509.Certificate | str]:
         """The chain OpenSSL built to a trust anchor, leaf first; empty when none."""
-        chain = self._connection.get_verified_chain()
-        return [_readable(c) for c in chain] if chain and not self.verify_errors else []
+        return [] if self.verify_errors else [_readable(c) for c in self._verified]
 
     async def send(self, data: bytes) -> None:
         """Write all of ``data``."""

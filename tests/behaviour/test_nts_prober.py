@@ -17,6 +17,7 @@ import os
 import random
 import socket
 import struct
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -632,7 +633,8 @@ async def test_a_certificate_whose_validity_cryptography_cannot_read_is_untruste
 
 
 def _cert(subject: str, issuer: x509.Certificate | None, issuer_key: ec.EllipticCurvePrivateKey
-          | None, days: int, *, ca: bool) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+          | None, days: int, *, ca: bool, usage: x509.ObjectIdentifier | None = None
+          ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A certificate valid for ``days`` from yesterday, self-signed without an issuer."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
@@ -647,6 +649,8 @@ def _cert(subject: str, issuer: x509.Certificate | None, issuer_key: ec.Elliptic
     else:
         builder = builder.add_extension(
             x509.SubjectAlternativeName([x509.IPAddress(IPv4Address(LOOPBACK))]), critical=False)
+    if usage is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     return builder.sign(issuer_key or key, hashes.SHA256()), key
 
 
@@ -676,3 +680,53 @@ async def test_any_certificate_in_ca_file_is_a_trust_anchor(
     assert value(m, "probe_ssl_last_chain_expiry_timestamp_seconds") == \
         ends.not_valid_after_utc.timestamp()
     assert value(m, "probe_ssl_earliest_cert_expiry") == leaf.not_valid_after_utc.timestamp()
+
+
+# Run in a child whose memory may never become executable once writable (the kernel's
+# PR_SET_MDWE, what systemd's MemoryDenyWriteExecute=yes in the shipped units sets up).
+_UNDER_MDWE = """
+import ctypes, sys
+if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, REFUSE_EXEC_GAIN
+    sys.exit(77)
+from ntp_probe.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+async def test_a_probe_needs_no_writable_executable_memory(fake: FakeNTS, pki: PKI,
+                                                           tmp_path: Path) -> None:
+    # pyOpenSSL's verify callback was a cffi closure in W+X memory: under the shipped
+    # systemd units every NTS probe was a 500 (MemoryError).
+    config = tmp_path / "modules.yaml"
+    config.write_text("modules:\n  nts:\n    prober: nts\n    timeout: 5s\n"
+                      f"    nts: {{ca_file: '{pki[0]}'}}\n"
+                      "    ntp: {samples: 1, preferred_ip_protocol: ip4}\n")
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _UNDER_MDWE, "probe", f"{LOOPBACK}:{fake.ke_port}",
+        "--module", "nts", "--config.file", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(child.communicate(), 60)
+    if child.returncode == 77:
+        pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3 or later)")
+    assert b"Traceback" not in err and b"MemoryError" not in out + err, (out, err)
+    assert child.returncode == 0, (out, err)
+    assert len(fake.requests) == 1  # authenticated, and the burst went out
+
+
+@pytest.mark.parametrize(("usage", "verified"), [
+    (x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, 1), (x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH, 0)])
+async def test_a_leaf_for_another_purpose_is_untrusted(
+        tmp_path: Path, usage: x509.ObjectIdentifier, verified: int) -> None:
+    # As OpenSSL's TLS client checks (the sslserver purpose): a certificate whose extended
+    # key usage leaves out serverAuth is no server's.
+    root, root_key = _cert("root", None, None, 10, ca=True)
+    leaf, leaf_key = _cert("leaf", root, root_key, 5, ca=False, usage=usage)
+    pem = serialization.Encoding.PEM
+    (tmp_path / "leaf.pem").write_bytes(leaf.public_bytes(pem))
+    (tmp_path / "leaf.key").write_bytes(leaf_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (tmp_path / "ca.pem").write_bytes(root.public_bytes(pem))
+    async with running_fake(tmp_path / "leaf.pem", tmp_path / "leaf.key") as fake:
+        m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(tmp_path / "ca.pem"))
+    assert value(m, "probe_nts_cert_verified") == verified, log.text()
+    assert m.failure is (None if verified else Reason.NTS_CERT_UNTRUSTED), log.text()
