@@ -207,9 +207,9 @@ _STATE_SYMBOLS = {
 @dataclass(frozen=True)
 class Address:
     """chrony's IPAddr as text: dotted quad, RFC 5952 IPv6 (as inet_ntop), ``ID#nnnnnnnnnn``
-    for an unresolved source, ``[UNSPEC]`` for UNSPEC and ``[UNKNOWN]`` for a family chrony
-    does not know (family UNSPEC, as chrony treats it): the texts of chrony's
-    ``UTI_IPToString``, so that no source is named by an empty label."""
+    for an unresolved source, ``[UNSPEC]`` for UNSPEC and for a family chrony does not know
+    (chronyc's ``UTI_IPNetworkToHost`` makes it UNSPEC before printing): what chronyc
+    prints, so that no source is named by an empty label."""
 
     family: AddressFamily
     text: str
@@ -514,8 +514,7 @@ def decode_address(addr: bytes, family: int) -> Address:
         return Address(AddressFamily.INET6, _ipv6_text(addr))
     if family == AddressFamily.ID:
         return Address(AddressFamily.ID, f"ID#{int.from_bytes(addr[:4], 'big'):010d}")
-    return Address(AddressFamily.UNSPEC, "[UNSPEC]" if family == AddressFamily.UNSPEC
-                   else "[UNKNOWN]")
+    return Address(AddressFamily.UNSPEC, "[UNSPEC]")
 
 
 def _ipv6_text(addr: bytes) -> str:
