@@ -333,8 +333,9 @@ class NTPSettings:
     max_causality_violation: float = setting(0.0, Duration())
     min_plausible_time: float = setting(1_704_067_200.0, Time())  # 2024-01-01T00:00:00Z
     reply_timeout: float = setting(1.0, Duration(positive=True))
-    kod_rate_max_backoff: float = setting(3600.0, Duration())
-    kod_deny_backoff: float = setting(86400.0, Duration())
+    # Never 0: a KoD is always honoured (RFC 5905, 7.4: the client MUST back off / stop).
+    kod_rate_max_backoff: float = setting(3600.0, Duration(positive=True))
+    kod_deny_backoff: float = setting(86400.0, Duration(positive=True))
     kernel_correlation: bool = setting(False, Flag())
     # blackbox's key: the local address probes are sent from (multi-homed hosts, NAT).
     source_ip_address: str = setting("", Address())

@@ -599,3 +599,11 @@ def test_a_huge_file_is_refused(tmp_path: Path) -> None:
     path.write_text("# " + "x" * (2 * 1024 * 1024) + "\n")
     with pytest.raises(ConfigError, match="larger than"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize("key", ["kod_rate_max_backoff", "kod_deny_backoff"])
+def test_a_kiss_of_death_backoff_cannot_be_turned_off(key: str) -> None:
+    # 0 made every KoD go unheeded (RFC 5905, 7.4: the client MUST back off / stop).
+    with pytest.raises(ConfigError, match=rf"modules\.m\.ntp\.{key}: must be greater than 0"):
+        parse(f"modules:\n  m:\n    ntp:\n      {key}: 0s\n")
+    assert parse(f"modules:\n  m:\n    ntp:\n      {key}: 1s\n").modules["m"].ntp
