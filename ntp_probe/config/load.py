@@ -433,6 +433,7 @@ def _parse_groups(raw: Mapping[str, Any], problems: _Problems) -> dict[str, tupl
                      "expected a mapping of group names to lists of members")
         return {}
     out: dict[str, tuple[str, ...]] = {}
+    group_names = {name.lower() for name in groups_raw if isinstance(name, str)}
     for name, members in groups_raw.items():
         where, at = f"groups.{name}", _at(groups_raw, name)
         if not isinstance(name, str) or not _GROUP_NAME_RE.fullmatch(name):
@@ -450,6 +451,9 @@ def _parse_groups(raw: Mapping[str, Any], problems: _Problems) -> dict[str, tupl
             try:
                 if not isinstance(member, str):
                     raise TargetError(f"expected host or host:port, got {show(member)}")
+                if member.strip().lower() in group_names:
+                    raise TargetError(f"{show(member)} is a group: groups do not nest (a "
+                                      "member is a server, host or host:port)")
                 if "," in member:
                     raise TargetError(f"{show(member)}: one member per item (a YAML list: "
                                       "[a, b] or one '- host' line each)")

@@ -34,6 +34,8 @@ def test_groups_are_kept_as_canonical_targets() -> None:
     ("{eu: [a.example, A.example]}", r"groups.eu\[1\]: a.example is listed twice"),
     ("{eu: [a.example, 5]}", r"groups.eu\[1\]: expected host or host:port, got 5"),
     ("{eu: ['a.example,b.example']}", r"groups.eu\[0\]: .* one member per item"),
+    # Groups do not nest: a group's name as a member is no host name to look up.
+    ("{eu: [a.example], all: [EU, b.example]}", r"groups.all\[0\]: 'EU' is a group"),
 ])
 def test_bad_groups_are_config_errors_with_positions(groups: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
