@@ -105,9 +105,9 @@ def resolve_target(config: Config, raw: str) -> GroupTarget:
     if len(parts) > MAX_GROUP_MEMBERS:
         raise TargetError(f"{len(parts)} members: a group has at most {MAX_GROUP_MEMBERS}")
     members: list[Target] = []
-    names = {name.lower() for name in config.groups}
+    group_names = {name.lower() for name in config.groups}
     for part in parts:
-        if part.strip().lower() in names:
+        if part.strip().lower() in group_names:
             # Not a host to look up (a short name would go to DNS and read as unreachable).
             raise TargetError(f"{part.strip()[:64]!r} is a group: a comma-separated list "
                               "names servers; probe a group by its name alone")

@@ -465,6 +465,10 @@ def _hold_back_key_exchange(burst: ntp.Burst, ke: tuple[str, int], server: tuple
                                     settings.kod_rate_max_backoff, settings.kod_deny_backoff)
         if step > 0:
             ctx.log(f"no NTS-KE with {ke[0]} port {ke[1]} for {step:.0f}s either")
+    elif burst.held_back is not None:  # the KoD came to another probe of the NTP server
+        code, left = burst.held_back
+        ctx.guard.hold(ke[0], ke[1], code, left)
+        ctx.log(f"no NTS-KE with {ke[0]} port {ke[1]} for {left:.0f}s either")
     elif burst.samples:
         ctx.guard.answered(ke[0], ke[1])
 

@@ -45,6 +45,11 @@ class Guard:
             return 0.0
         return self.kod.record(address, port, code, poll, rate_cap, deny_hold)
 
+    def hold(self, address: str, port: int, code: str, seconds: float) -> None:
+        """Back off from this address too, for ``seconds``, as for a KoD ``code``."""
+        if self.kod is not None:
+            self.kod.hold(address, port, code, seconds)
+
     def near_leap(self, address: str, port: int, leap: int, server_unix: float) -> bool:
         """Whether the server's time is within 24 h of a leap second it announced."""
         if self.leaps is None:  # no memory: only while the announcement is visible

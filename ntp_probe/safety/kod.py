@@ -76,6 +76,13 @@ class KodTable:
         self._active = True
         return step
 
+    def hold(self, address: str, port: int, code: str, seconds: float) -> None:
+        """Back off from an address for ``seconds`` as for ``code`` (an NTS-KE server held
+        back as long as the NTP server it named)."""
+        if seconds > 0:
+            self._table[(address, port)] = Backoff(code, self._clock() + seconds, seconds)
+            self._active = True
+
     def clear(self, address: str, port: int) -> None:
         """Forget an address that answered normally after its backoff. A backoff still
         running stays: it came from a KoD another probe received while this one's burst

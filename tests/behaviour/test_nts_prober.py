@@ -20,7 +20,7 @@ import struct
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -530,6 +530,29 @@ async def test_a_kiss_of_death_holds_back_the_key_exchange_too(fake: FakeNTS, pk
     m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", mod, guard=guard)
     assert m.failure is Reason.BACKOFF, log.text()
     assert (fake.ke_connections, len(fake.requests)) == (connections, requests)
+
+
+async def test_a_kod_another_probe_got_holds_back_the_key_exchange_too(
+        fake: FakeNTS, pki: PKI) -> None:
+    # A DENY recorded for the NTP server while the burst runs (another probe got it): the
+    # burst stops, and the next probe makes no TLS handshake either.
+    mod = module(pki[0], samples=3, timeout=5.0)
+    mod = replace(mod, ntp=replace(mod.ntp, sample_interval=0.3))
+    table = KodTable()
+    guard = Guard(kod=table)
+    running = asyncio.create_task(probe(f"{LOOPBACK}:{fake.ke_port}", mod, guard=guard))
+    deadline = asyncio.get_running_loop().time() + 3.0
+    while not fake.requests:  # a poll with a deadline: the first request is out
+        assert asyncio.get_running_loop().time() < deadline, "no request came"
+        await asyncio.sleep(0.005)
+    table.record(LOOPBACK, fake.ntp_port, "DENY", 0, 3600.0, 86400.0)
+    m, log = await running
+    assert m.failure is None and len(fake.requests) == 1, log.text()
+    assert "no NTS-KE with 127.0.0.1 port" in log.text()
+    connections = fake.ke_connections
+    m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", mod, guard=guard)
+    assert m.failure is Reason.BACKOFF, log.text()
+    assert fake.ke_connections == connections
 
 
 async def test_a_refused_negotiated_server_is_named(fake: FakeNTS, pki: PKI) -> None:
