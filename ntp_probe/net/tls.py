@@ -10,9 +10,10 @@ handshake in a worker thread could not be interrupted and would outlive the prob
 Chain and identity are judged separately so that an expired certificate and a certificate
 for another name read differently: the handshake finishes whatever the certificates (so
 that they can still be reported), then OpenSSL verifies the chain the server sent against
-the trust anchors (its first error: depth, X509_V_ERR code, OpenSSL's words), and the name is
-checked with ``service_identity`` (RFC 6125, SAN only, IP addresses against IP SANs).
-Deciding what to do with the verdicts is the caller's. No verify callback: pyOpenSSL makes
+the trust anchors (its first error: depth, X509_V_ERR code, OpenSSL's words; and, as Go's
+verifier, the extended key usage of each certificate), and the name is checked with
+``service_identity`` (RFC 6125, SAN only, IP addresses against IP SANs). Deciding what to
+do with the verdicts is the caller's. No verify callback: pyOpenSSL makes
 each one a cffi closure in memory both writable and executable, which systemd's
 MemoryDenyWriteExecute= (set by the shipped units) refuses.
 """
@@ -137,8 +138,8 @@ class TLSClient:
 
     def _verify_chain(self, conn: SSL.Connection) -> None:
         """Verify the chain the server sent against the context's trust anchors, at the
-        current time, for a TLS server (the leaf's extended key usage, when it has one,
-        must allow serverAuth, as OpenSSL's sslserver purpose asks)."""
+        current time, for a TLS server: as Go's verifier (blackbox), every certificate of
+        the chain whose extended key usage is restricted must allow serverAuth."""
         sent = conn.get_peer_cert_chain() or []
         if not sent:
             self.verify_errors.append((0, X509_V_ERR_UNSPECIFIED, "no certificate"))
@@ -148,27 +149,17 @@ class TLSClient:
             self.verify_errors.append((0, X509_V_ERR_UNSPECIFIED, "no trust store"))
             return
         try:
-            self._verified = crypto.X509StoreContext(store, sent[0], sent[1:]) \
-                .get_verified_chain()
+            verified = crypto.X509StoreContext(store, sent[0], sent[1:]).get_verified_chain()
         except crypto.X509StoreContextError as exc:
             code, depth, message = exc.errors
             self.verify_errors.append((depth, code, str(message)))
             return
-        leaf = _readable(sent[0])
-        if isinstance(leaf, str):  # the caller reports it, as untrusted
-            return
-        try:
-            usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        except x509.ExtensionNotFound:
-            return
-        except ValueError as exc:  # an extension that does not parse
-            self.verify_errors.append((0, X509_V_ERR_UNSPECIFIED, f"bad extension: {exc}"))
-            return
-        allowed = (x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
-                   x509.oid.ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE)
-        if not any(oid in usage for oid in allowed):
-            self.verify_errors.append((0, X509_V_ERR_INVALID_PURPOSE,
-                                       verify_error_text(X509_V_ERR_INVALID_PURPOSE)))
+        for depth, cert in enumerate(verified):
+            why = _server_use_problem(cert)
+            if why is not None:
+                self.verify_errors.append((depth, X509_V_ERR_INVALID_PURPOSE, why))
+                return
+        self._verified = verified
 
     async def connect(self, address: str, port: int, family: int) -> None:
         """Open the TCP connection (Nagle off: NTS-KE is a few small request/response
@@ -321,6 +312,25 @@ class TLSClient:
                 loop.remove_writer(fd)
             else:
                 loop.remove_reader(fd)
+
+
+def _server_use_problem(cert: crypto.X509) -> str | None:
+    """Why ``cert`` may not be part of a TLS server's chain, by its extended key usage
+    (none, serverAuth or anyExtendedKeyUsage will do); None when it may."""
+    readable = _readable(cert)
+    if isinstance(readable, str):
+        return f"unreadable certificate: {readable}"
+    try:
+        usage = readable.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    except ValueError as exc:  # an extension that does not parse
+        return f"bad extension: {exc}"
+    allowed = (x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
+               x509.oid.ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE)
+    if any(oid in usage for oid in allowed):
+        return None
+    return verify_error_text(X509_V_ERR_INVALID_PURPOSE)
 
 
 def _readable(cert: crypto.X509) -> x509.Certificate | str:

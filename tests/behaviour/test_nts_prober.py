@@ -736,20 +736,27 @@ async def test_a_probe_needs_no_writable_executable_memory(fake: FakeNTS, pki: P
     assert len(fake.requests) == 1  # authenticated, and the burst went out
 
 
-@pytest.mark.parametrize(("usage", "verified"), [
-    (x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, 1), (x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH, 0)])
-async def test_a_leaf_for_another_purpose_is_untrusted(
-        tmp_path: Path, usage: x509.ObjectIdentifier, verified: int) -> None:
-    # As OpenSSL's TLS client checks (the sslserver purpose): a certificate whose extended
-    # key usage leaves out serverAuth is no server's.
+SERVER_AUTH = x509.oid.ExtendedKeyUsageOID.SERVER_AUTH
+CLIENT_AUTH = x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH
+
+
+@pytest.mark.parametrize(("leaf_usage", "ca_usage", "verified"), [
+    (SERVER_AUTH, None, 1), (None, SERVER_AUTH, 1), (CLIENT_AUTH, None, 0),
+    (SERVER_AUTH, CLIENT_AUTH, 0)])
+async def test_a_chain_for_another_purpose_is_untrusted(
+        tmp_path: Path, leaf_usage: x509.ObjectIdentifier | None,
+        ca_usage: x509.ObjectIdentifier | None, verified: int) -> None:
+    # As Go's verifier (blackbox): a certificate of the chain whose extended key usage
+    # leaves out serverAuth, the leaf's or an intermediate CA's, makes it no server's.
     root, root_key = _cert("root", None, None, 10, ca=True)
-    leaf, leaf_key = _cert("leaf", root, root_key, 5, ca=False, usage=usage)
+    inter, inter_key = _cert("intermediate", root, root_key, 9, ca=True, usage=ca_usage)
+    leaf, leaf_key = _cert("leaf", inter, inter_key, 5, ca=False, usage=leaf_usage)
     pem = serialization.Encoding.PEM
-    (tmp_path / "leaf.pem").write_bytes(leaf.public_bytes(pem))
+    (tmp_path / "chain.pem").write_bytes(leaf.public_bytes(pem) + inter.public_bytes(pem))
     (tmp_path / "leaf.key").write_bytes(leaf_key.private_bytes(
         pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     (tmp_path / "ca.pem").write_bytes(root.public_bytes(pem))
-    async with running_fake(tmp_path / "leaf.pem", tmp_path / "leaf.key") as fake:
+    async with running_fake(tmp_path / "chain.pem", tmp_path / "leaf.key") as fake:
         m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(tmp_path / "ca.pem"))
     assert value(m, "probe_nts_cert_verified") == verified, log.text()
     assert m.failure is (None if verified else Reason.NTS_CERT_UNTRUSTED), log.text()
