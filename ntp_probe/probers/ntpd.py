@@ -189,6 +189,7 @@ _SYSTEM_PEER_CODES = (_SYS_PEER, _PPS_PEER)
 # rank (system peers, then candidates, then backups; the rest after).
 _READ_ORDER = {_SYS_PEER: 0, _PPS_PEER: 0, _CANDIDATE: 1, _BACKUP: 2}
 _LEAP_ALARM = 3
+_LOGGED_ASSOCIATIONS = 64  # listed in READSTAT's log line
 # Time kept back from the deadline to summarise and render the reply.
 _SUMMARY_MARGIN = 0.005
 _LOGGED_VARIABLES = 8  # a reply's log line shows this many variables, then a count
@@ -386,6 +387,12 @@ class _Session:
             log(f"reply discarded ({len(d.data)} bytes): {exc}")
             return None
         if isinstance(reply, ErrorReply):
+            if t is self.previous:
+                # The retry may still be answered: a late error to the first try must not
+                # beat it (ntpq ignores replies to an earlier sequence altogether).
+                log(f"late error {reply.name} to the first try (seq {t.sequence:#06x}) "
+                    "ignored: waiting for the retry's answer")
+                return None
             return reply
         try:
             if not t.reassembler.add(reply):
@@ -566,10 +573,13 @@ async def _collect(session: _Session, pump: DatagramPump[Response | ErrorReply],
                 got.to_read = sorted(words, key=lambda a: _READ_ORDER.get(
                     mode6.decode_peer_status(words[a]).selection, 3))[:MAX_ASSOCIATIONS]
             status = reply.status
+            listed = associations[:_LOGGED_ASSOCIATIONS]  # a hostile list stays a line
             log(lambda: f"<- READSTAT: status {status:#06x}, {len(associations)} associations"
                 + "".join(f"{', ' if i else ': '}{a} "
                           f"{mode6.decode_peer_status(w).selection_name}"
-                          for i, (a, w) in enumerate(associations)))
+                          for i, (a, w) in enumerate(listed))
+                + (f", ... ({len(associations) - len(listed)} more)"
+                   if len(associations) > len(listed) else ""))
     elif isinstance(reply, ErrorReply):
         m.fail(Reason.MODE6_ERROR)
 

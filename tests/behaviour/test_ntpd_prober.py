@@ -484,6 +484,7 @@ async def test_thousands_of_associations_are_read_only_up_to_the_cap(server: Fak
     assert len(asked) == ntpd.MAX_ASSOCIATIONS and asked[0] == 1000
     assert len(label_sets(out.m, "probe_ntpd_peer_info")) == ntpd.MAX_ASSOCIATIONS
     assert selections(out.m)["sys.peer"] == 1 and selections(out.m)["candidate"] == 999
+    assert "... (936 more)" in out.log  # the log lists the first 64, not a megabyte line
 
 
 async def test_association_0_in_the_list_is_no_peer(server: FakeNtpd) -> None:
@@ -503,6 +504,30 @@ async def test_association_0_in_the_list_is_no_peer(server: FakeNtpd) -> None:
     assert [r.association for r in server.requests if r.opcode == READVAR] == [0, CANDIDATE,
                                                                                0, 0, 0]
     assert selections(out.m)["sys.peer"] == 0
+
+
+async def test_a_late_error_to_the_first_try_does_not_beat_the_retry(server: FakeNtpd) -> None:
+    # The first READSTAT's error comes while the retry waits; the retry's answer comes
+    # after it: the retry's answer stands, as ntpq would read it.
+    loop = asyncio.get_running_loop()
+    tries: list[Request] = []
+
+    def error_first(req: Request) -> list[bytes]:
+        if req.opcode != READSTAT:
+            return healthy(req)
+        tries.append(req)
+        if len(tries) == 1:
+            loop.call_later(0.3, server._send, error_reply(req, 5), server.last_addr)
+        else:
+            for datagram in healthy(req):
+                loop.call_later(0.15, server._send, datagram, server.last_addr)
+        return []
+
+    server.behaviour = error_first
+    out = await run(server, timeout=5.0, request_timeout=0.2)
+    assert out.m.failure is None, out.log
+    assert "late error unknownvar to the first try" in out.log
+    assert len(label_sets(out.m, "probe_ntpd_peer_info")) == 3
 
 
 async def test_a_complete_reply_after_request_timeout_still_counts(server: FakeNtpd) -> None:
