@@ -381,8 +381,8 @@ async def _run_burst(pump: DatagramPump[_Reply], client: rules.Client, settings:
         repeats = session.keep(reply.cookies)
         session.cookies_returned += len(reply.cookies) - repeats
         if repeats:
-            log(f"sample {i + 1}: {repeats} cookies the server gave before dropped "
-                "(a cookie is sent once only)")
+            log(f"sample {i + 1}: {repeats} repeated cookies (given before, or twice in "
+                "this reply) dropped (a cookie is sent once only)")
         s = ntp.take_sample(burst, i, p, t1_ns, reply.t4_unix_ns, pump.last_tx_kernel,
                             reply.kernel_timestamp, log)
         if burst.kod is not None:
@@ -390,8 +390,8 @@ async def _run_burst(pump: DatagramPump[_Reply], client: rules.Client, settings:
         if s is None:
             continue
         pace.seen(s.delay)
-        log(f"sample {i + 1}: authenticated reply of {len(reply.cookies)} new cookies, "
-            f"T1={s.t1:016x} T2={s.t2:016x} T3={s.t3:016x} T4={s.t4:016x} "
+        log(f"sample {i + 1}: authenticated reply of {len(reply.cookies) - repeats} new "
+            f"cookies, T1={s.t1:016x} T2={s.t2:016x} T3={s.t3:016x} T4={s.t4:016x} "
             f"offset={s.offset * 1e6:+.3f}us {ntp.delay_text(s)} "
             f"stratum={p.stratum} refid={p.refid_text}")
 
