@@ -453,23 +453,19 @@ async def _authenticated_burst(server: Resolved, port: int, settings: NTPSetting
         ntp.conclude(burst, settings, ctx, (server.address, port))
 
 
-def _hold_back_key_exchange(burst: ntp.Burst, ke: tuple[str, int], server: tuple[str, int],
-                            settings: NTPSettings, ctx: ProbeContext) -> None:
-    """A Kiss-o'-Death from the NTP server holds the NTS-KE server back as long: in a
-    backoff each scrape would otherwise still cost it a TLS handshake and fresh cookies.
-    A normal answer clears both."""
+def _hold_back_key_exchange(burst: ntp.Burst | None, ke: tuple[str, int],
+                            server: tuple[str, int], ctx: ProbeContext) -> None:
+    """While the NTP server is backed off (a Kiss-o'-Death this burst or another probe
+    got), the NTS-KE server is held back as long: each scrape would otherwise still cost
+    it a TLS handshake and fresh cookies. A normal answer clears both."""
     if ke == server:
         return
-    if burst.kod is not None:
-        step = ctx.guard.record_kod(ke[0], ke[1], burst.kod.kiss_code or "", burst.kod.poll,
-                                    settings.kod_rate_max_backoff, settings.kod_deny_backoff)
-        if step > 0:
-            ctx.log(f"no NTS-KE with {ke[0]} port {ke[1]} for {step:.0f}s either")
-    elif burst.held_back is not None:  # the KoD came to another probe of the NTP server
-        code, left = burst.held_back
+    backoff = ctx.guard.backoff(server[0], server[1])
+    if backoff is not None:
+        code, left = backoff
         ctx.guard.hold(ke[0], ke[1], code, left)
         ctx.log(f"no NTS-KE with {ke[0]} port {ke[1]} for {left:.0f}s either")
-    elif burst.samples:
+    elif burst is not None and burst.samples:
         ctx.guard.answered(ke[0], ke[1])
 
 
@@ -500,11 +496,13 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
             return m
         # The negotiated server passes the same checks as a target: policy, KoD backoff.
         if not common.allowed(session.server or target.host, server.address, port, ctx):
+            _hold_back_key_exchange(None, (state.ke_server, ke_port), (server.address, port),
+                                    ctx)
             return m
         burst = ntp.Burst()
         await _authenticated_burst(server, port, settings, session, burst, until, ctx)
         _hold_back_key_exchange(burst, (state.ke_server, ke_port), (server.address, port),
-                                settings, ctx)
+                                ctx)
     finally:
         # Also when the runner's backstop cut the burst: the samples taken were
         # authenticated, and the NTP conclusion (which ran first) has their offset.

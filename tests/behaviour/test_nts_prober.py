@@ -555,6 +555,22 @@ async def test_a_kod_another_probe_got_holds_back_the_key_exchange_too(
     assert fake.ke_connections == connections
 
 
+async def test_a_backoff_found_after_the_key_exchange_holds_it_back(fake: FakeNTS,
+                                                                     pki: PKI) -> None:
+    # Another probe (a plain ntp one) got the DENY: the first NTS probe learns the NTP
+    # server from a key exchange and stops there; the next makes no handshake at all.
+    table = KodTable()
+    table.record(LOOPBACK, fake.ntp_port, "DENY", 0, 3600.0, 86400.0)
+    guard = Guard(kod=table)
+    m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0]), guard=guard)
+    assert m.failure is Reason.BACKOFF and not fake.requests, log.text()
+    assert "no NTS-KE with 127.0.0.1 port" in log.text()
+    connections = fake.ke_connections
+    m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0]), guard=guard)
+    assert m.failure is Reason.BACKOFF, log.text()
+    assert fake.ke_connections == connections
+
+
 async def test_a_refused_negotiated_server_is_named(fake: FakeNTS, pki: PKI) -> None:
     # The KE names 127.0.0.66, which the policy denies: target_forbidden, and the series
     # says which server was refused (the target itself is allowed).
