@@ -87,18 +87,27 @@ def show(value: object) -> str:
 
 # --- field kinds -----------------------------------------------------------------------
 
+_KOD_WHY = " (a Kiss-o'-Death is honoured at least for RFC 5905's shortest poll, 64 s)"
+
+
 @dataclass(frozen=True, slots=True)
 class Duration:
-    """A duration in seconds: 0 allowed unless ``positive``, at most ``maximum``."""
+    """A duration in seconds: 0 allowed unless ``positive``, at least ``minimum`` (and
+    then its ``why``), at most ``maximum``."""
 
     positive: bool = False
     maximum: float = MAX_DURATION
+    minimum: float = 0.0
+    why: str = ""
 
     def parse(self, value: object, key: str) -> float:
         """Parse and check."""
         seconds = parse_duration(value, key)
         if self.positive and seconds <= 0:
             raise ConfigError(f"{key}: must be greater than 0")
+        if seconds < self.minimum:
+            raise ConfigError(f"{key}: {show(value)} is shorter than the minimum "
+                              f"{format_duration(self.minimum)}{self.why}")
         if seconds > self.maximum:
             raise ConfigError(f"{key}: {show(value)} is longer than the maximum "
                               f"{format_duration(self.maximum)}")
@@ -333,9 +342,10 @@ class NTPSettings:
     max_causality_violation: float = setting(0.0, Duration())
     min_plausible_time: float = setting(1_704_067_200.0, Time())  # 2024-01-01T00:00:00Z
     reply_timeout: float = setting(1.0, Duration(positive=True))
-    # Never 0: a KoD is always honoured (RFC 5905, 7.4: the client MUST back off / stop).
-    kod_rate_max_backoff: float = setting(3600.0, Duration(positive=True))
-    kod_deny_backoff: float = setting(86400.0, Duration(positive=True))
+    # A KoD is always honoured (RFC 5905, 7.4: the client MUST back off, or stop): never
+    # for less than the shortest poll interval.
+    kod_rate_max_backoff: float = setting(3600.0, Duration(minimum=64.0, why=_KOD_WHY))
+    kod_deny_backoff: float = setting(86400.0, Duration(minimum=64.0, why=_KOD_WHY))
     kernel_correlation: bool = setting(False, Flag())
     # blackbox's key: the local address probes are sent from (multi-homed hosts, NAT).
     source_ip_address: str = setting("", Address())

@@ -146,7 +146,8 @@ def _other_value(kind: object, default: object) -> object:
     if isinstance(kind, IntRange):
         return kind.hi if default != kind.hi else kind.lo
     if isinstance(kind, Duration):
-        return "1.25s"  # no default is 1.25 s, and every maximum is longer
+        # No default is 1.25 s (or 100 s), every maximum is longer, every minimum shorter.
+        return "1.25s" if kind.minimum <= 1.25 else "100s"
     if isinstance(kind, Text):
         return "/run/test/some.sock"
     if isinstance(kind, Address):

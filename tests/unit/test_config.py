@@ -603,7 +603,9 @@ def test_a_huge_file_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("key", ["kod_rate_max_backoff", "kod_deny_backoff"])
 def test_a_kiss_of_death_backoff_cannot_be_turned_off(key: str) -> None:
-    # 0 made every KoD go unheeded (RFC 5905, 7.4: the client MUST back off / stop).
-    with pytest.raises(ConfigError, match=rf"modules\.m\.ntp\.{key}: must be greater than 0"):
-        parse(f"modules:\n  m:\n    ntp:\n      {key}: 0s\n")
-    assert parse(f"modules:\n  m:\n    ntp:\n      {key}: 1s\n").modules["m"].ntp
+    # 0 (or 1ns) made every KoD go unheeded (RFC 5905, 7.4: the client MUST back off).
+    for short in ("0s", "1ns", "63s"):
+        with pytest.raises(ConfigError, match=rf"modules\.m\.ntp\.{key}: .* is shorter than "
+                                              r"the minimum 64s \(a Kiss-o'-Death"):
+            parse(f"modules:\n  m:\n    ntp:\n      {key}: {short}\n")
+    assert parse(f"modules:\n  m:\n    ntp:\n      {key}: 64s\n").modules["m"].ntp
