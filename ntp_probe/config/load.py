@@ -34,6 +34,7 @@ from ntp_probe.config.schema import (
     Duration,
     Module,
     format_duration,
+    group_key,
     show,
 )
 from ntp_probe.engine.registry import PROBERS
@@ -433,11 +434,15 @@ def _parse_groups(raw: Mapping[str, Any], problems: _Problems) -> dict[str, tupl
                      "expected a mapping of group names to lists of members")
         return {}
     out: dict[str, tuple[str, ...]] = {}
-    group_names = {name.lower() for name in groups_raw if isinstance(name, str)}
+    group_names = {group_key(name) for name in groups_raw if isinstance(name, str)}
     for name, members in groups_raw.items():
         where, at = f"groups.{name}", _at(groups_raw, name)
         if not isinstance(name, str) or not _GROUP_NAME_RE.fullmatch(name):
             problems.add(at, where, "a group name is 1 to 64 letters, digits, '_', '.' or '-'")
+            continue
+        twin = next((g for g in out if group_key(g) == group_key(name)), None)
+        if twin is not None:
+            problems.add(at, where, f"the same name as group {twin} (group names ignore case)")
             continue
         if not isinstance(members, list) or not members:
             problems.add(at, where, "expected a non-empty list of members (host or host:port)")
@@ -451,7 +456,7 @@ def _parse_groups(raw: Mapping[str, Any], problems: _Problems) -> dict[str, tupl
             try:
                 if not isinstance(member, str):
                     raise TargetError(f"expected host or host:port, got {show(member)}")
-                if member.strip().lower() in group_names:
+                if group_key(member) in group_names:
                     raise TargetError(f"{show(member)} is a group: groups do not nest (a "
                                       "member is a server, host or host:port)")
                 if "," in member:

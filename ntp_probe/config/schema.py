@@ -444,3 +444,19 @@ class Config:
     # The leap-seconds.list in use ("" when none) and what it said when loaded.
     leapfile_path: str = ""
     leapfile: LeapFile | None = None
+
+    def group_named(self, name: str) -> str | None:
+        """The configured group ``name`` means, if any: group names ignore case, a port
+        and a trailing dot (so that no member or target that names a group is taken for a
+        host and looked up)."""
+        key = group_key(name)
+        return next((g for g in self.groups if group_key(g) == key), None)
+
+
+def group_key(name: str) -> str:
+    """What tells groups apart: the name without case, surrounding spaces, port or
+    trailing dot."""
+    host = name.strip()
+    if host.count(":") == 1:  # host:port (an IPv6 address has more colons)
+        host = host.split(":", 1)[0]
+    return host.rstrip(".").lower()

@@ -95,19 +95,19 @@ def resolve_target(config: Config, raw: str) -> GroupTarget:
     reason."""
     text = raw.strip()
     if "," not in text:
-        names = config.groups.get(text)
-        if names is None:
+        found = config.group_named(text)
+        if found is None:
             known = ", ".join(config.groups) or "none configured"
             raise TargetError(f"no group named {text[:64]!r} (known: {known}); give a group "
                               "name or a comma-separated list of members")
-        return GroupTarget(text, None, tuple(parse_target(name) for name in names))
+        return GroupTarget(found, None,
+                           tuple(parse_target(name) for name in config.groups[found]))
     parts = text.split(",")
     if len(parts) > MAX_GROUP_MEMBERS:
         raise TargetError(f"{len(parts)} members: a group has at most {MAX_GROUP_MEMBERS}")
     members: list[Target] = []
-    group_names = {name.lower() for name in config.groups}
     for part in parts:
-        if part.strip().lower() in group_names:
+        if config.group_named(part) is not None:
             # Not a host to look up (a short name would go to DNS and read as unreachable).
             raise TargetError(f"{part.strip()[:64]!r} is a group: a comma-separated list "
                               "names servers; probe a group by its name alone")

@@ -223,7 +223,9 @@ def test_a_group_is_bounded_and_names_known_groups() -> None:
     with pytest.raises(TargetError, match="invalid target"):
         resolve_target(config, module, "192.0.2.1,,192.0.2.2")
     # A group's name in a list is not a host name to look up.
-    for spelling in ("eu", " EU"):
+    # Group names ignore case (a port or a trailing dot too, in a list).
+    assert str(resolve_target(config, module, "EU")) == "eu"
+    for spelling in ("eu", " EU", "eu:123", "Eu."):
         with pytest.raises(TargetError, match=r"is a group: .*by its name alone"):
             resolve_target(config, module, f"192.0.2.9,{spelling}")
 

@@ -36,6 +36,9 @@ def test_groups_are_kept_as_canonical_targets() -> None:
     ("{eu: ['a.example,b.example']}", r"groups.eu\[0\]: .* one member per item"),
     # Groups do not nest: a group's name as a member is no host name to look up.
     ("{eu: [a.example], all: [EU, b.example]}", r"groups.all\[0\]: 'EU' is a group"),
+    ("{eu: [a.example], all: [b.example, 'eu:123']}", r"groups.all\[1\]: 'eu:123' is a group"),
+    ("{eu: [a.example], all: [b.example, eu.]}", r"groups.all\[1\]: 'eu.' is a group"),
+    ("{eu: [a.example], EU: [b.example]}", r"groups.EU: the same name as group eu"),
 ])
 def test_bad_groups_are_config_errors_with_positions(groups: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
