@@ -13,6 +13,7 @@ from aiohttp import web
 
 from ntp_probe.config.load import config_to_yaml, leapfile_warning, load_config, module_to_dict
 from ntp_probe.config.schema import Config, ConfigError
+from ntp_probe.engine.context import ProbeLog
 from ntp_probe.engine.coordinator import Coordinator
 from ntp_probe.engine.registry import resolve_target
 from ntp_probe.engine.runner import SCRAPE_TIMEOUT_HEADER, TimeoutHeaderError, probe_timeout
@@ -175,8 +176,19 @@ async def probe_handler(request: web.Request) -> web.Response:
             text=f"too many probes in flight (--probe.max-concurrent={state.max_concurrent})\n",
         )
     state.in_flight += 1
+    started = time.perf_counter()
     try:
         outcome = await state.coordinator.probe(config, module, target, timeout)
+    except asyncio.CancelledError:
+        # The client hung up (or the server is stopping): listed, as blackbox lists it,
+        # so that a scrape Prometheus gave up on can still be looked into.
+        log = ProbeLog(str(target), module_name)
+        log(f"the client hung up after {time.perf_counter() - started:.3f}s, before the "
+            "answer: this request's probe was stopped (a burst other requests share, or "
+            "one that fills the min_probe_interval cache, runs on)", essential=True)
+        state.history.add_cancelled(module_name, str(target), time.perf_counter() - started,
+                                    log, module)
+        raise
     finally:
         state.in_flight -= 1
     result, log = outcome.result, outcome.log

@@ -63,6 +63,19 @@ class History:
             self._failures.append(entry)
         return entry
 
+    def add_cancelled(self, module: str, target: str, duration: float, log: ProbeLog,
+                      definition: Module | None = None) -> Entry:
+        """Record a probe whose client hung up before the answer: a failure (reason
+        ``cancelled``, which is no metric's), kept as failures are, as blackbox lists one."""
+        entry = Entry(self._next_id, time.time(), module, target, False, "cancelled",
+                      duration, log, "# no metrics: the client hung up before the answer\n",
+                      (), definition)
+        self._next_id += 1
+        if self.limit > 0:
+            self._recent.append(entry)
+            self._failures.append(entry)
+        return entry
+
     def listed(self, rows: int) -> tuple[list[Entry], int]:
         """What a page of at most about ``2 * rows`` rows lists, newest first: the newest
         ``rows`` of the recent ring, then up to ``rows`` failures not among them (failures
