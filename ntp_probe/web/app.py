@@ -203,7 +203,7 @@ async def probe_handler(request: web.Request) -> web.Response:
     entry = state.history.add(module_name, str(target), result, log, body, module, note)
     if not debug:
         return _exposition(request, body.encode())
-    return web.Response(text=pages.debug_text(entry, module_to_dict(module)))
+    return web.Response(text=pages.debug_text(entry, module_to_dict(module), body))
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

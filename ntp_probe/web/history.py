@@ -50,7 +50,7 @@ class History:
         """Record a probe and return its entry (an exposition over :data:`MAX_METRICS`
         is not kept: the history holds up to twice ``limit`` entries)."""
         if len(metrics) > MAX_METRICS:
-            metrics = (f"# {len(metrics)} characters of metrics were returned and not kept "
+            metrics = (f"# {len(metrics)} characters of metrics, not kept "
                        f"(more than {MAX_METRICS})\n")
         entry = Entry(self._next_id, time.time(), module, target, m.success,
                       None if m.failure is None else m.failure.value, m.duration, log, metrics,

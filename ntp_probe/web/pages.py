@@ -228,12 +228,14 @@ def _shown(metrics: str) -> str:
     return "".join(visible(line) + "\n" for line in metrics.splitlines())
 
 
-def debug_text(entry: Entry, module: dict[str, object]) -> str:
-    """The debug=true answer, and /logs for clients that do not ask for HTML."""
+def debug_text(entry: Entry, module: dict[str, object], metrics: str | None = None) -> str:
+    """The debug=true answer (with the whole exposition as ``metrics``: the history keeps
+    a bounded copy), and /logs for clients that do not ask for HTML."""
     return (
         (f"{entry.note}\n\n" if entry.note else "")
         + "Logs for the probe:\n" + entry.log.text()
-        + "\n\nMetrics that would have been returned:\n" + _shown(entry.metrics)
+        + "\n\nMetrics that would have been returned:\n"
+        + _shown(entry.metrics if metrics is None else metrics)
         + "\n\nModule configuration:\n" + _module_yaml(entry, module)
     )
 

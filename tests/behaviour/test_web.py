@@ -17,6 +17,7 @@ from pytest_aiohttp import AiohttpClient
 from ntp_probe.config.load import load_config
 from ntp_probe.config.schema import Config, Module, NTPSettings
 from ntp_probe.exposition.internals import Internals
+from ntp_probe.web import history
 from ntp_probe.web.app import State, create_app
 from tests.behaviour import fake_server
 from tests.behaviour.fake_server import (
@@ -230,6 +231,20 @@ async def test_debug_output(client: Client, fake_ntp: FakeNTPServer) -> None:
     assert "samples: 3" in text
     assert "sample_interval: 10ms" in text
     assert "reply_timeout: 500ms" in text
+
+
+async def test_debug_output_shows_metrics_too_large_to_keep(
+        client: Client, fake_ntp: FakeNTPServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The history keeps a bounded copy of each exposition (a hostile daemon's may be
+    # megabytes); debug=true still shows the whole of what would have been returned.
+    monkeypatch.setattr(history, "MAX_METRICS", 200)
+    resp = await client.get(
+        "/probe", params={"target": fake_ntp.target, "module": "burst", "debug": "true"})
+    text = await resp.text()
+    assert "probe_success 1" in text and "not kept" not in text, text
+    logs = await (await client.get("/logs", params={"id": "0"},
+                                   headers={"Accept": "text/plain"})).text()
+    assert "characters of metrics, not kept (more than 200)" in logs, logs
 
 
 @pytest.mark.parametrize(
