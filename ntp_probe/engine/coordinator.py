@@ -231,7 +231,8 @@ class Coordinator:
             # When the loop ran late, the burst's name took long to resolve, or the limit
             # of bursts in flight made this request share one that may outlast it.
             log = ProbeLog(str(target), module.name)
-            log("joined a burst that outlasted this request's timeout")
+            log(f"joined the burst of an identical probe in flight, which outlasted this "
+                f"request's timeout of {timeout:g}s (this log begins at that timeout)")
             result = Measurement()
             result.fail(Reason.TIMEOUT)
             result.duration = timeout
