@@ -396,7 +396,8 @@ def _client_fault(exc: BaseException | None) -> BaseException | None:
 class BadRequestFilter(logging.Filter):
     """aiohttp logs every malformed request (URL too long, bad bytes, a body that does not
     decode) at error level with a traceback: the client's fault, not the exporter's. One
-    line at info instead."""
+    line at debug instead, as Go's server (blackbox) logs none: a scanner must not fill
+    the log."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite records about HTTP parse errors; pass the rest unchanged."""
@@ -416,9 +417,10 @@ class BadRequestFilter(logging.Filter):
                 _URL_CREDENTIALS.sub("<url>", text[:quoted.start()]).rstrip(" :"))
             what = f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
             what = what[:200]
-            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             record.msg, record.args = "bad HTTP request answered 400: %s", (what,)
             record.exc_info, record.exc_text = None, None
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True
 
 

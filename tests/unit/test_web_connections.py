@@ -13,15 +13,38 @@ from aiohttp.web_protocol import RequestPayloadError
 from ntp_probe.web.connections import BadRequestFilter
 
 
-def filtered(exc: Exception) -> logging.LogRecord:
-    """aiohttp's log record for ``exc``, as BadRequestFilter leaves it."""
+def record_of(exc: Exception) -> logging.LogRecord:
+    """aiohttp's log record for ``exc``."""
     try:
         raise exc
     except Exception:
-        record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1,
-                                   "Error handling request", None, sys.exc_info())
-    assert BadRequestFilter().filter(record)
+        return logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1,
+                                 "Error handling request", None, sys.exc_info())
+
+
+def filtered(exc: Exception) -> logging.LogRecord:
+    """aiohttp's log record for ``exc``, as BadRequestFilter leaves it (at debug level)."""
+    record = record_of(exc)
+    server_log = logging.getLogger("aiohttp.server")
+    level = server_log.level
+    server_log.setLevel(logging.DEBUG)
+    try:
+        assert BadRequestFilter().filter(record)
+    finally:
+        server_log.setLevel(level)
     return record
+
+
+def test_a_malformed_request_is_not_logged_above_debug() -> None:
+    # As Go's server (blackbox) logs none: a scanner must not fill the log.
+    server_log = logging.getLogger("aiohttp.server")
+    level = server_log.level
+    server_log.setLevel(logging.INFO)
+    try:
+        assert not BadRequestFilter().filter(record_of(BadHttpMessage("Bad status line")))
+        assert BadRequestFilter().filter(record_of(RuntimeError("a bug: logged")))
+    finally:
+        server_log.setLevel(level)
 
 
 @pytest.mark.parametrize("message", [
@@ -35,7 +58,7 @@ def filtered(exc: Exception) -> logging.LogRecord:
 def test_a_malformed_request_is_logged_in_one_line_without_its_bytes(message: str) -> None:
     record = filtered(BadHttpMessage(message))
     text = record.getMessage()
-    assert record.levelno == logging.INFO and record.exc_info is None
+    assert record.levelno == logging.DEBUG and record.exc_info is None
     assert text.startswith("bad HTTP request answered 400: ") and "\n" not in text
     assert "YWxpY2U6czNj" not in text, text
     assert len(text) > len("bad HTTP request answered 400: ") + 5  # the reason stays
@@ -79,7 +102,7 @@ def test_a_body_that_fails_after_the_answer_is_one_line_without_its_bytes(
         exc: Exception) -> None:
     record = filtered(exc)
     text = record.getMessage()
-    assert record.levelno == logging.INFO and record.exc_info is None, text
+    assert record.levelno == logging.DEBUG and record.exc_info is None, text
     assert text.startswith("bad HTTP request answered 400: ") and "\n" not in text
     assert "YWxpY2U6czNj" not in text, text
 
