@@ -151,9 +151,7 @@ async def probe_handler(request: web.Request) -> web.Response:
     """GET /probe?target=&module=[&debug=true]."""
     state = request.app[STATE]
     query = request.query
-    raw_target = query.get("target", "")
-    if not raw_target:
-        return _bad_request("target parameter is missing")
+    # The module first, as blackbox: an unknown one is counted even without a target.
     module_name = query.get("module", DEFAULT_MODULE) or DEFAULT_MODULE
     config = state.config
     module = config.modules.get(module_name)
@@ -161,6 +159,9 @@ async def probe_handler(request: web.Request) -> web.Response:
         state.internals.module_unknown.inc()
         return _bad_request(f"unknown module {module_name[:64]!r} "
                             f"(known: {', '.join(config.modules)})")
+    raw_target = query.get("target", "")
+    if not raw_target:
+        return _bad_request("target parameter is missing")
     try:
         target = resolve_target(config, module, raw_target)
         timeout = probe_timeout(

@@ -122,6 +122,10 @@ async def test_unknown_module_is_400_and_counted(client: Client) -> None:
         assert_one_line(body)
         assert "nope" in body
         assert value(await get_metrics(client), "ntp_probe_module_unknown_total") == expected
+    # Checked before the target, as blackbox does: counted without one too.
+    resp = await client.get("/probe", params={"module": "nope"})
+    assert resp.status == 400 and "nope" in await resp.text()
+    assert value(await get_metrics(client), "ntp_probe_module_unknown_total") == 3
 
 
 async def test_unknown_module_reason_stays_one_line(client: Client) -> None:
