@@ -152,7 +152,8 @@ def _history(history: History) -> str:
     entries, left_out = history.listed(MAX_ROWS)
     rows = "".join(_history_row(e) for e in entries)
     if not rows and history.limit == 0:
-        return (f"<p class='hint'>{history.issued_count} probes since the start; none is "
+        n = history.issued_count
+        return (f"<p class='hint'>{n} probe{'' if n == 1 else 's'} since the start; none is "
                 "kept (--history.limit=0).</p>")
     if not rows:
         return "<p class='hint'>No probes yet: run one above, or let Prometheus scrape.</p>"

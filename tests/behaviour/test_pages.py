@@ -69,7 +69,7 @@ async def test_landing_page_without_history_says_none_is_kept(
                             config_text(module_yaml("one")), history_limit=0)
     await probe(client, fake_ntp.target, "one")
     _, _, body = await page(client, "/")
-    assert "1 probes since the start; none is kept (--history.limit=0)." in body
+    assert "1 probe since the start; none is kept (--history.limit=0)." in body
     assert "No probes yet" not in body
 
 
