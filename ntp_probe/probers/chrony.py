@@ -594,7 +594,14 @@ class Session:
                 if attempt == 1:
                     return None
                 break
-            result = await self._attempt(command, index, name, attempt)
+            try:
+                result = await self._attempt(command, index, name, attempt)
+            except Unreachable as exc:
+                # Sent, and no reply can come (the failure reason says why): listed with
+                # every command sent, as no answer.
+                if exc.sent:
+                    self._record(command, CommandStatus.TIMEOUT)
+                raise
             if isinstance(result, Unreachable):
                 path_error = result
                 continue
@@ -609,6 +616,7 @@ class Session:
                 bad = result
         if bad is None and path_error is not None:
             # No reply overrode the ICMP error a host on the path sent: it is the answer.
+            self._record(command, CommandStatus.TIMEOUT)
             raise path_error
         status = CommandStatus.INVALID if bad is not None else CommandStatus.TIMEOUT
         self._record(command, status)

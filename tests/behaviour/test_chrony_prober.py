@@ -29,7 +29,7 @@ from ntp_probe.net.udp import Datagram
 from ntp_probe.probers import chrony
 from ntp_probe.proto.cmdmon import Command
 from tests.behaviour.fake_server import forge_unreachable, require_raw_socket
-from tests.conftest import label_sets, names, probe, value
+from tests.conftest import free_udp_port, label_sets, names, probe, value
 
 LOOPBACK = "127.0.0.1"
 
@@ -602,6 +602,16 @@ async def test_an_icmp_error_from_another_host_leaves_the_retry_to_decide(
     m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
     assert m.failure == "unreachable", log.text()
     assert len(sent_lines(log.text(), "TRACKING")) == 2
+    assert statuses(m) == {"tracking": "timeout"}  # sent, and listed: no answer came
+
+
+async def test_a_command_sent_to_a_closed_port_is_listed(fake: FakeCommandPort) -> None:
+    # "for every command sent": the ICMP port unreachable that ends the probe leaves the
+    # command listed, as no answer (the reason, unreachable, says why).
+    port = free_udp_port()
+    m, log = await probe(f"{LOOPBACK}:{port}", chrony_module())
+    assert m.failure == "unreachable", log.text()
+    assert statuses(m) == {"tracking": "timeout"}
 
 
 async def test_a_reply_from_another_port_is_discarded(fake: FakeCommandPort) -> None:
