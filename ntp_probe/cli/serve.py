@@ -16,7 +16,7 @@ from aiohttp import web
 
 from ntp_probe import __version__
 from ntp_probe.cli import sdnotify
-from ntp_probe.config.schema import Config
+from ntp_probe.config.schema import MAX_GROUP_MEMBERS, Config
 from ntp_probe.exposition.internals import Internals
 from ntp_probe.web.app import State, create_app
 from ntp_probe.web.auth import WebConfigError, load_web_config
@@ -26,8 +26,8 @@ from ntp_probe.web.history import History
 logger = logging.getLogger("ntp_probe")
 
 
-# Descriptors kept free beside the HTTP connections: one UDP socket per probe in flight,
-# plus the listening socket, logs, the resolver's threads and the like.
+# Descriptors kept free beside the HTTP connections and the probes' sockets: the listening
+# socket, logs, the resolver's threads and the like (a quarter of a very low limit).
 _SPARE_FDS = 64
 # asyncio accepts up to the listen backlog in one pass, and sets up and closes what the
 # guard refuses only in the passes after: room for two passes is kept beside the cap, and
@@ -39,11 +39,21 @@ _SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): the first socket systemd passes
 _GC_YOUNG_THRESHOLD = 50_000
 
 
-def _fit_open_files(max_connections: int, max_probes: int) -> tuple[int, int]:
-    """The connection cap and the listen backlog, kept below the open-files limit (raised
-    towards the hard limit when it is too low), so that running out of descriptors cannot
-    stop the exporter."""
-    need = max_connections + max_probes + _SPARE_FDS + 2 * _LISTEN_BACKLOG
+def probe_sockets(config: Config) -> int:
+    """The most sockets one probe of ``config`` holds at once: one, but one per member of
+    a group and one per address of an all_addresses probe."""
+    most = 1
+    for module in config.modules.values():
+        if module.prober == "ntp_group":
+            most = max(most, MAX_GROUP_MEMBERS)
+        elif module.ntp.all_addresses:
+            most = max(most, module.ntp.max_addresses)
+    return most
+
+
+def _raise_open_files(need: int) -> int:
+    """Raise the soft open-files limit towards ``need`` (up to the hard limit); the soft
+    limit now (RLIM_INFINITY included)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < need:
         target = need if hard == resource.RLIM_INFINITY else min(need, hard)
@@ -52,15 +62,27 @@ def _fit_open_files(max_connections: int, max_probes: int) -> tuple[int, int]:
             soft = target
         except (ValueError, OSError):
             pass
+    return soft
+
+
+def _fit_open_files(max_connections: int, probe_fds: int) -> tuple[int, int]:
+    """The connection cap and the listen backlog, kept below the open-files limit (raised
+    towards the hard limit when it is too low), so that running out of descriptors cannot
+    stop the exporter: with too few, connections and the probes' sockets (``probe_fds`` at
+    most) share them, and a probe past its share fails on its own (local_error)."""
+    need = max_connections + probe_fds + _SPARE_FDS + 2 * _LISTEN_BACKLOG
+    soft = _raise_open_files(need)
     if soft == resource.RLIM_INFINITY or soft >= need:
         return max_connections, _LISTEN_BACKLOG
-    room = max(0, soft - max_probes - _SPARE_FDS)
-    backlog = max(_MIN_BACKLOG, min(_LISTEN_BACKLOG, room // 8))
-    fitted = max(1, min(max_connections, room - 2 * backlog))
-    logger.warning("open-files limit %d is too low for --web.max-connections=%d and "
-                   "--probe.max-concurrent=%d: serving at most %d connections, accepting "
-                   "%d at a time (raise LimitNOFILE / ulimit -n)", soft, max_connections,
-                   max_probes, fitted, backlog)
+    room = max(0, soft - min(_SPARE_FDS, soft // 4))
+    connections_room = room - min(probe_fds, room // 2)
+    backlog = max(_MIN_BACKLOG, min(_LISTEN_BACKLOG, connections_room // 8))
+    fitted = max(1, min(max_connections, connections_room - 2 * backlog))
+    logger.warning("open-files limit %d is too low for --web.max-connections=%d and %d "
+                   "probe sockets (--probe.max-concurrent, groups and all_addresses): "
+                   "serving at most %d connections, accepting %d at a time (raise "
+                   "LimitNOFILE / ulimit -n)", soft, max_connections, probe_fds, fitted,
+                   backlog)
     return fitted, backlog
 
 
@@ -149,7 +171,20 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
                   max_concurrent=args.max_concurrent, config_path=args.config_file,
                   history=History(args.history_limit), web_config=web_config,
                   web_config_path=args.web_config_file)
-    max_connections, backlog = _fit_open_files(args.max_connections, args.max_concurrent)
+    max_connections, backlog = _fit_open_files(
+        args.max_connections, args.max_concurrent * probe_sockets(config))
+
+    def reloaded(new: Config) -> None:
+        # A reload may bring groups: their sockets need room too.
+        need = (max_connections + args.max_concurrent * probe_sockets(new) + _SPARE_FDS
+                + 2 * backlog)
+        soft = _raise_open_files(need)
+        if soft != resource.RLIM_INFINITY and soft < need:
+            logger.warning("open-files limit %d is below the %d this configuration may need "
+                           "(probes past it fail with local_error; raise LimitNOFILE / "
+                           "ulimit -n)", soft, need)
+
+    state.on_config = reloaded
     if max_connections <= args.max_concurrent:
         logger.warning("--web.max-connections=%d does not exceed --probe.max-concurrent=%d: "
                        "with every connection busy with a probe, /metrics and /-/healthy "

@@ -44,6 +44,8 @@ class State:
     coordinator: Coordinator = field(default_factory=Coordinator)
     history: History = field(default_factory=History)
     web_config: WebConfig = field(default_factory=WebConfig)
+    # Told of each configuration a reload takes (the server raises its open-files limit).
+    on_config: Callable[[Config], None] | None = None
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
     _reloads: set[asyncio.Future[str | None]] = field(default_factory=set)
     _queued: asyncio.Future[str | None] | None = None  # a reload not yet reading the file
@@ -131,6 +133,8 @@ class State:
                     return why
                 self.web_config.adopt(web_config)  # new users, passwords, headers: now
             self.config = config
+            if self.on_config is not None:
+                self.on_config(config)
             self.internals.config_loaded(len(config.modules))
             self.internals.use_leapfile(config.leapfile)
             logger.info("reloaded %d modules from %s", len(config.modules), config.source)

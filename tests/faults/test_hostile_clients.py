@@ -113,10 +113,12 @@ def test_a_low_open_files_limit_shrinks_the_connection_cap(tmp_path: Path) -> No
                 s.close()
         log = e.log()
         assert "open-files limit 300 is too low" in log
-        # 300 less a descriptor per probe (100) and 64 spare leaves 136: a backlog of 17
-        # (room for two accept passes, before the guard closes the excess) and 102
-        # connections, not a cap of almost nothing.
-        assert "serving at most 102 connections, accepting 17 at a time" in log, log
+        # The packaged modules have a group (16 sockets a probe: 1,600 for 100 probes).
+        # 300 less 64 spare leaves 236, of which the probes' sockets get at most half: 118
+        # for connections, a backlog of 14 (room for two accept passes, before the guard
+        # closes the excess) and 90 connections, not a cap of almost nothing.
+        assert ("and 1600 probe sockets (--probe.max-concurrent, groups and all_addresses): "
+                "serving at most 90 connections, accepting 14 at a time") in log, log
         assert "Traceback" not in log
     finally:
         stop_process(e.proc)

@@ -1,0 +1,37 @@
+"""cli.serve: the connection cap fitted to the open-files limit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from ntp_probe.cli import serve
+from ntp_probe.config.load import parse_config
+
+
+def test_a_group_or_all_addresses_probe_counts_a_socket_per_member() -> None:
+    # A group probe holds one socket per member at once (up to 16), an all_addresses
+    # probe one per address: the descriptor budget must see them.
+    plain = parse_config("modules:\n  n: {prober: ntp}\n", "t")
+    group = parse_config("modules:\n  n: {prober: ntp}\n  g: {prober: ntp_group}\n", "t")
+    every = parse_config("modules:\n  a:\n    ntp: {all_addresses: true, max_addresses: 5}\n",
+                         "t")
+    assert [serve.probe_sockets(c) for c in (plain, group, every)] == [1, 16, 5]
+
+
+@pytest.mark.parametrize(("soft", "expected"), [
+    (64, "(8, 8)"),  # still serves: /metrics and /-/healthy must connect
+    (1024, "(360, 60)"),
+])
+def test_a_low_limit_leaves_connections_half_of_the_room(soft: int, expected: str) -> None:
+    # In a child: a lowered hard limit cannot be raised again without privileges.
+    code = ("import resource, sys\n"
+            f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {soft}))\n"
+            "from ntp_probe.cli import serve\n"
+            "print(serve._fit_open_files(512, 1600))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert done.stdout.strip() == expected, done.stderr
+    assert "open-files limit" in done.stderr  # said, with what to raise
