@@ -203,8 +203,11 @@ async def test_reload_with_a_changed_file_swaps_the_modules(
     assert stamp_before is not None
 
     path.write_text(config_text(module_yaml("new"), module_yaml("other", samples=2)))
+    told: list[set[str]] = []  # the server's hook (it fits the open-files limit to it)
+    state.on_config = lambda config: told.append(set(config.modules))
     resp = await client.post("/-/reload")
     assert resp.status == 200, await resp.text()
+    assert told == [{"new", "other"}]
 
     status, body = await probe(client, fake_ntp.target, "new")
     assert status == 200 and metric(body, "probe_success") == 1, body
