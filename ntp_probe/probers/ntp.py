@@ -281,13 +281,15 @@ def _matcher(client: rules.Client, burst: Burst,
 
 def set_aside(burst: Burst, outcome: rules.Discarded | rules.Late,
               log: Callable[[str], None]) -> None:
-    """A datagram that is not the awaited reply, into the burst's books: a discard counts
-    against the server, a late reply does not. The first few are logged one by one, the
-    rest counted by kind. Shared by the ntp and nts bursts."""
+    """A datagram that is not the awaited reply, into the burst's books: a discard from
+    the target's host counts against the server, a late reply or a datagram from another
+    host (anyone may send one) does not. The first few are logged one by one, the rest
+    counted by kind. Shared by the ntp and nts bursts."""
     if isinstance(outcome, rules.Late):
         why, kind = "late reply to an expired request ignored", "late"
     else:
-        burst.discarded += 1
+        if not outcome.foreign:
+            burst.discarded += 1
         why, kind = f"reply discarded: {outcome.reason}", outcome.kind
     if burst.logged < _LOGGED_DISCARDS:
         burst.logged += 1

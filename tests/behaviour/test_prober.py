@@ -451,6 +451,26 @@ async def test_reply_from_another_port_is_logged_and_reported_invalid(
     assert result.failure == "invalid_reply"
 
 
+async def test_junk_from_another_host_does_not_blame_a_silent_server(
+    fake_ntp: FakeNTPServer,
+) -> None:
+    # Anyone may spray the probe's socket: a silent server stays 'timeout' (unreachable
+    # alerts), not 'invalid_reply', and the junk is still logged.
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other.bind(("127.0.0.2", 0))
+    try:
+        def spray(req: Request) -> list[Send]:
+            other.sendto(reply(req), req.addr)  # a perfect reply, from the wrong host
+            return []
+
+        fake_ntp.behaviour = spray
+        result, log = await probe(fake_ntp.target, make_module(reply_timeout=0.2))
+    finally:
+        other.close()
+    assert "reply discarded: from 127.0.0.2:" in log.text()
+    assert result.failure == "timeout", log.text()
+
+
 async def test_reply_from_another_port_does_not_displace_the_genuine_one(
     fake_ntp: FakeNTPServer,
 ) -> None:

@@ -44,14 +44,19 @@ def test_the_reply_to_the_pending_request_is_accepted_once() -> None:
     assert again == rules.Discarded("duplicate of an answered request")
 
 
-@pytest.mark.parametrize(("source", "why"), [
-    (("192.0.2.2", 123), "from 192.0.2.2:123, not the target"),
-    (("192.0.2.1", 1123), "from 192.0.2.1:1123, not the target"),
+@pytest.mark.parametrize(("source", "why", "foreign"), [
+    (("192.0.2.2", 123), "from 192.0.2.2:123, not the target", True),
+    (("192.0.2.1", 1123), "from 192.0.2.1:1123, not the target's port", False),
 ])
-def test_replies_from_elsewhere_are_discarded(source: tuple[str, int], why: str) -> None:
+def test_replies_from_elsewhere_are_discarded(source: tuple[str, int], why: str,
+                                              foreign: bool) -> None:
+    # Another host's datagram says nothing about the server (anyone may send one): it is
+    # marked foreign, and does not count against it.
     c = rules.Client(SERVER)
     c.request(NONCE)
-    assert c.receive(reply(), source) == rules.Discarded(why)
+    outcome = c.receive(reply(), source)
+    assert outcome == rules.Discarded(why)
+    assert isinstance(outcome, rules.Discarded) and outcome.foreign is foreign
     assert c.pending == NONCE  # still waiting for the genuine reply
     assert isinstance(c.receive(reply(), SERVER), rules.Accepted)
 

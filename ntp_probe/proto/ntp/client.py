@@ -36,6 +36,9 @@ class Discarded:
 
     reason: str
     kind: str = field(default="", compare=False)
+    # From another host than the target: anyone can send those, so they never count
+    # against the server (its verdict stays timeout when nothing else came).
+    foreign: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +124,13 @@ class Client:
         leaves the request outstanding, so a forgery cannot use up the wait for the
         genuine reply.
         """
-        if tuple(source[:2]) != self._source or (
-                self._scope is not None and len(source) > 3 and source[3] != self._scope):
-            return Discarded(f"from {source[0]}:{source[1]}, not the target", "not from the target")
+        other_link = self._scope is not None and len(source) > 3 and source[3] != self._scope
+        if source[0] != self._source[0] or other_link:
+            return Discarded(f"from {source[0]}:{source[1]}, not the target",
+                             "from another host", foreign=True)
+        if source[1] != self._source[1]:
+            return Discarded(f"from {source[0]}:{source[1]}, not the target's port",
+                             "not from the target's port")
         try:
             pkt = ntp.decode(data)
         except ntp.NTPDecodeError as exc:
