@@ -197,7 +197,7 @@ class DatagramPump(Generic[T]):
         self.source = source  # the local address to send from ("" = the kernel's choice)
         self.kernel_timestamps = True
         self.sent = 0  # datagrams that left: counted at the send, so a cut-off wait keeps it
-        self.truncated = 0  # datagrams discarded as longer than MAX_DATAGRAM
+        self.truncated = 0  # the destination host's datagrams discarded as too long
         # Kernel transmit stamps cost a system call per send: only for an exchange whose T1
         # is used (NTP and NTS time samples, not the daemons' command protocols).
         self.tx_wanted = tx_timestamps and family != socket.AF_UNIX
@@ -368,8 +368,14 @@ class DatagramPump(Generic[T]):
                     rx_ns = sec * 1_000_000_000 + nsec
                     kernel = True
             if flags & socket.MSG_TRUNC:
-                self.truncated += 1
-                self._log(f"datagram discarded: longer than {MAX_DATAGRAM} bytes (truncated)")
+                # Counted against the server only when it came from the destination's
+                # host: anyone may send the socket a long datagram.
+                foreign = isinstance(source, tuple) and isinstance(self._dest, tuple) and \
+                    source[0] != self._dest[0]
+                if not foreign:
+                    self.truncated += 1
+                self._log(f"datagram discarded: longer than {MAX_DATAGRAM} bytes (truncated)"
+                          + (f", from {source[0]}, not the destination" if foreign else ""))
                 continue
             if not kernel:
                 self.kernel_timestamps = False

@@ -133,10 +133,14 @@ async def test_the_transmit_stamp_is_read_at_the_send_and_wakes_nothing() -> Non
         assert not plain.tx_wanted and not plain.last_tx_kernel
 
 
-async def test_a_truncated_datagram_is_discarded_and_logged() -> None:
+@pytest.mark.parametrize("sender", [LOOPBACK, "127.0.0.2"])
+async def test_a_truncated_datagram_is_discarded_and_logged(sender: str) -> None:
+    # Counted against the destination only when it sent it: anyone may send a long one.
     server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     server.bind((LOOPBACK, 0))
     server.setblocking(False)
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other.bind((sender, 0))
     port = server.getsockname()[1]
     loop = asyncio.get_running_loop()
     seen: list[int] = []
@@ -147,7 +151,7 @@ async def test_a_truncated_datagram_is_discarded_and_logged() -> None:
 
     def on_request() -> None:
         _, source = server.recvfrom(64)
-        server.sendto(b"L" * (MAX_DATAGRAM + 100), source)  # cut short by the receiver
+        other.sendto(b"L" * (MAX_DATAGRAM + 100), source)  # cut short by the receiver
         server.sendto(b"ok", source)
 
     loop.add_reader(server.fileno(), on_request)
@@ -159,9 +163,11 @@ async def test_a_truncated_datagram_is_discarded_and_logged() -> None:
     finally:
         loop.remove_reader(server.fileno())
         server.close()
+        other.close()
     assert value == b"ok"
     assert seen == [2]  # the long datagram never reached the matcher
     assert "truncated" in log.text()
+    assert pump.truncated == (1 if sender == LOOPBACK else 0)
 
 
 async def test_pumps_in_flight_together_each_get_their_own_outcome(private_dir: Path) -> None:
