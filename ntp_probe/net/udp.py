@@ -370,8 +370,10 @@ class DatagramPump(Generic[T]):
             if flags & socket.MSG_TRUNC:
                 # Counted against the server only when it came from the destination's
                 # host: anyone may send the socket a long datagram.
-                foreign = isinstance(source, tuple) and isinstance(self._dest, tuple) and \
-                    source[0] != self._dest[0]
+                foreign = isinstance(source, tuple) and isinstance(self._dest, tuple) and (
+                    source[0] != self._dest[0] or (  # or the same address on another link
+                        len(source) > 3 and len(self._dest) > 3 and bool(self._dest[3])
+                        and source[3] != self._dest[3]))
                 if not foreign:
                     self.truncated += 1
                 self._log(f"datagram discarded: longer than {MAX_DATAGRAM} bytes (truncated)"

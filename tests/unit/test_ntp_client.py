@@ -71,7 +71,9 @@ def test_a_link_local_server_answers_without_its_zone_in_the_source() -> None:
     c = rules.Client(("fe80::1%2", 123))
     c.request(NONCE)
     assert c.receive(reply(), ("fe80::1", 123, 0, 3)) == rules.Discarded(
-        "from fe80::1:123, not the target")  # the same address on another link
+        "from [fe80::1%3]:123, not the target")  # the same address on another link
+    assert c.receive(reply(), ("2001:db8::9", 123, 0, 0)) == rules.Discarded(
+        "from [2001:db8::9]:123, not the target")
     assert isinstance(c.receive(reply(), ("fe80::1", 123, 0, 2)), rules.Accepted)
 
 
