@@ -17,6 +17,7 @@ from aiohttp import web
 from ntp_probe import __version__
 from ntp_probe.cli import sdnotify
 from ntp_probe.config.schema import MAX_GROUP_MEMBERS, Config
+from ntp_probe.engine.runner import limit_probe_sockets
 from ntp_probe.exposition.internals import Internals
 from ntp_probe.web.app import State, create_app
 from ntp_probe.web.auth import WebConfigError, load_web_config
@@ -65,19 +66,30 @@ def _raise_open_files(need: int) -> int:
     return soft
 
 
+def _probe_room(soft: int, connections: int, backlog: int) -> int | None:
+    """The probe sockets the open-files limit leaves beside the connections, their accept
+    passes and the spare (None: no limit)."""
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(1, soft - min(_SPARE_FDS, soft // 4) - connections - 2 * backlog)
+
+
 def _fit_open_files(max_connections: int, probe_fds: int) -> tuple[int, int]:
     """The connection cap and the listen backlog, kept below the open-files limit (raised
     towards the hard limit when it is too low), so that running out of descriptors cannot
     stop the exporter: with too few, connections and the probes' sockets (``probe_fds`` at
-    most) share them, and a probe past its share fails on its own (local_error)."""
+    most) share them, and a probe past its share fails on its own (local_error). The
+    probes' share is enforced (:func:`limit_probe_sockets`)."""
     need = max_connections + probe_fds + _SPARE_FDS + 2 * _LISTEN_BACKLOG
     soft = _raise_open_files(need)
     if soft == resource.RLIM_INFINITY or soft >= need:
+        limit_probe_sockets(_probe_room(soft, max_connections, _LISTEN_BACKLOG))
         return max_connections, _LISTEN_BACKLOG
     room = max(0, soft - min(_SPARE_FDS, soft // 4))
     connections_room = room - min(probe_fds, room // 2)
     backlog = max(_MIN_BACKLOG, min(_LISTEN_BACKLOG, connections_room // 8))
     fitted = max(1, min(max_connections, connections_room - 2 * backlog))
+    limit_probe_sockets(_probe_room(soft, fitted, backlog))
     logger.warning("open-files limit %d is too low for --web.max-connections=%d and %d "
                    "probe sockets (--probe.max-concurrent, groups and all_addresses): "
                    "serving at most %d connections, accepting %d at a time (raise "
@@ -179,6 +191,7 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
         need = (max_connections + args.max_concurrent * probe_sockets(new) + _SPARE_FDS
                 + 2 * backlog)
         soft = _raise_open_files(need)
+        limit_probe_sockets(_probe_room(soft, max_connections, backlog))
         if soft != resource.RLIM_INFINITY and soft < need:
             logger.warning("open-files limit %d is below the %d this configuration may need "
                            "(probes past it fail with local_error; raise LimitNOFILE / "

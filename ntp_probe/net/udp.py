@@ -125,6 +125,23 @@ class _Sockets:
 _SETS: WeakKeyDictionary[asyncio.AbstractEventLoop, _Sockets] = WeakKeyDictionary()
 
 
+@dataclass(slots=True)
+class _Budget:
+    limit: int | None = None  # probe sockets open at once at most (None: no limit)
+    open: int = 0
+
+
+_BUDGET = _Budget()
+
+
+def limit_probe_sockets(limit: int | None) -> None:
+    """At most ``limit`` pump sockets open at once (None: no limit). Past it a probe's
+    socket is refused (EMFILE: the probe fails local_error) before the process runs out of
+    descriptors, which would stop the server from accepting connections, /-/healthy's
+    included."""
+    _BUDGET.limit = limit
+
+
 def _sockets(loop: asyncio.AbstractEventLoop) -> _Sockets:
     found = _SETS.get(loop)
     if found is None:
@@ -205,6 +222,10 @@ class DatagramPump(Generic[T]):
         self.last_tx_kernel = False  # whether the last exchange's T1 is the kernel's
 
     async def __aenter__(self) -> DatagramPump[T]:
+        budget = _BUDGET
+        if budget.limit is not None and budget.open >= budget.limit:
+            raise OSError(errno.EMFILE, f"{budget.open} probe sockets open, all the open-files "
+                          "limit leaves room for (raise LimitNOFILE / ulimit -n)")
         # Non-blocking from the start: no separate system call to make it so.
         sock = socket.socket(self._family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         bound = False
@@ -245,6 +266,7 @@ class DatagramPump(Generic[T]):
                     os.unlink(self.bind_path)
             raise
         self._sock = sock
+        budget.open += 1
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -256,6 +278,7 @@ class DatagramPump(Generic[T]):
             self._sockets.remove(self._sock.fileno())
             self._sock.close()
             self._sock = None
+            _BUDGET.open -= 1
             if self.bind_path is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(self.bind_path)

@@ -261,6 +261,13 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
         summary.append(MemberResult(name, state, offset, width, failure))
         log(f"member {name}: {state}" + (f" ({failure})" if failure else ""))
     _conclude(m, selection, module.ntp_group.max_falsetickers, log)
+    local = [str(member) for member, child in zip(members, children, strict=True)
+             if child.measurement.failure is Reason.LOCAL_ERROR]
+    if local:
+        # This host could not measure them (out of sockets): no verdict on the group,
+        # whose selection lacks them, and none that blames its servers.
+        log(f"not measured for a local error: {', '.join(local)}: local_error")
+        m.fail(Reason.LOCAL_ERROR)
     m.reports.append(GroupReport(str(target), tuple(summary), selection.low, selection.high,
                                  len(selection.truechimers), len(selection.falsetickers)))
     return m

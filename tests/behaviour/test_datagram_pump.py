@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -11,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from ntp_probe.engine.context import ProbeLog
-from ntp_probe.net.udp import MAX_DATAGRAM, Datagram, DatagramPump, Unreachable
+from ntp_probe.net.udp import (
+    MAX_DATAGRAM,
+    Datagram,
+    DatagramPump,
+    Unreachable,
+    limit_probe_sockets,
+)
 
 LOOPBACK = "127.0.0.1"
 
@@ -256,3 +263,25 @@ async def test_a_full_daemon_queue_is_waited_on_not_a_send_failure(
         if room_later:
             loop.remove_reader(server.fileno())
         server.close()
+
+
+async def test_past_the_probe_socket_budget_a_pump_is_refused(private_dir: Path) -> None:
+    # The server keeps descriptors for its connections: past the probes' share a pump gets
+    # EMFILE at once (the probe fails local_error) instead of the process running out.
+    path = private_dir / "server.sock"
+    server = echo_server(path)
+    limit_probe_sockets(1)
+    try:
+        async with DatagramPump(socket.AF_UNIX, str(path), lambda d: d.data, ProbeLog(),
+                                bind_path=str(private_dir / "a.sock")):
+            with pytest.raises(OSError) as refused:
+                async with DatagramPump(socket.AF_UNIX, str(path), lambda d: d.data,
+                                        ProbeLog(), bind_path=str(private_dir / "b.sock")):
+                    pass
+            assert refused.value.errno == errno.EMFILE
+        async with DatagramPump(socket.AF_UNIX, str(path), lambda d: d.data, ProbeLog(),
+                                bind_path=str(private_dir / "b.sock")):
+            pass  # the first one's socket is closed: room again
+    finally:
+        limit_probe_sockets(None)
+        stop(server)

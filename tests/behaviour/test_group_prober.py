@@ -19,7 +19,7 @@ from ntp_probe.config.schema import Config, Module, NTPGroupSettings, NTPSetting
 from ntp_probe.engine.context import ProbeContext
 from ntp_probe.engine.registry import resolve_target
 from ntp_probe.engine.result import Measurement, Reason
-from ntp_probe.engine.runner import guard_for, run_probe
+from ntp_probe.engine.runner import guard_for, limit_probe_sockets, run_probe
 from ntp_probe.engine.targets import TargetError
 from ntp_probe.exposition.internals import Internals
 from ntp_probe.probers import group, ntp
@@ -370,3 +370,19 @@ async def test_leapfile_series_on_metrics_after_start_and_reload(
     config_path.write_text("leapfile: ''\nmodules:\n  n: {prober: ntp}\n")
     assert (await client.post("/-/reload")).status == 200
     assert await metrics() == {}
+
+
+async def test_members_this_host_could_not_measure_are_no_verdict_on_the_group(
+        servers: Start) -> None:
+    # Out of probe sockets (the open-files limit's share), a member fails local_error: the
+    # group's verdict is the exporter's local_error, not a no_majority blamed on servers.
+    members = [await servers(offset=0.0) for _ in range(3)]
+    limit_probe_sockets(2)
+    try:
+        m = await probe_group([s.target for s in members])
+    finally:
+        limit_probe_sockets(None)
+    failures = [labels["reason"] for labels in
+                label_sets(m, "probe_ntp_group_member_failure_info")]
+    assert failures == ["local_error"]
+    assert m.failure is Reason.LOCAL_ERROR

@@ -21,17 +21,22 @@ def test_a_group_or_all_addresses_probe_counts_a_socket_per_member() -> None:
     assert [serve.probe_sockets(c) for c in (plain, group, every)] == [1, 16, 5]
 
 
+# (connections, backlog) and the probe sockets' share, enforced: what is left after the
+# spare (a quarter of a very low limit), the connections and two accept passes.
 @pytest.mark.parametrize(("soft", "expected"), [
-    (64, "(8, 8)"),  # still serves: /metrics and /-/healthy must connect
-    (1024, "(360, 60)"),
+    (64, "(8, 8) 24"),  # still serves: /metrics and /-/healthy must connect
+    (1024, "(360, 60) 480"),
+    (4096, "(512, 128) 3264"),  # enough: every probe socket fits
 ])
 def test_a_low_limit_leaves_connections_half_of_the_room(soft: int, expected: str) -> None:
     # In a child: a lowered hard limit cannot be raised again without privileges.
     code = ("import resource, sys\n"
             f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {soft}))\n"
             "from ntp_probe.cli import serve\n"
-            "print(serve._fit_open_files(512, 1600))\n")
+            "from ntp_probe.net import udp\n"
+            "print(serve._fit_open_files(512, 1600), udp._BUDGET.limit)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, check=True)
     assert done.stdout.strip() == expected, done.stderr
-    assert "open-files limit" in done.stderr  # said, with what to raise
+    if soft < 2432:  # 512 connections, 1600 probe sockets, 64 spare, two accept passes
+        assert "open-files limit" in done.stderr  # said, with what to raise
