@@ -80,6 +80,7 @@ class _Flight:
     task: asyncio.Task[None] = field(init=False)  # set once the flight exists: it runs it
     waiters: list[asyncio.Future[_Result]] = field(default_factory=list)
     orphaned: bool = False  # every requester left; it runs on to fill the cache
+    log: ProbeLog = field(default_factory=ProbeLog)  # the burst's, shown to who left it
 
 
 # Bursts of modules with min_probe_interval that run on after their last requester left
@@ -185,9 +186,10 @@ class Coordinator:
         """Distinct probes running now."""
         return sum(len(flights) for flights in self._flights.values())
 
-    async def probe(self, config: Config, module: Module, target: Target,
-                    timeout: float) -> Outcome:
-        """Probe ``target`` with ``module`` within ``timeout`` seconds."""
+    async def probe(self, config: Config, module: Module, target: Target, timeout: float,
+                    on_cancel: Callable[[ProbeLog], None] | None = None) -> Outcome:
+        """Probe ``target`` with ``module`` within ``timeout`` seconds. When the request is
+        cancelled (its client hung up), ``on_cancel`` gets the burst's log so far."""
         # Keyed by the canonical target and the port it means, spelled out or not (a name
         # and its address are two keys); a reload that left the module, the policy, the
         # groups and the leap file as they were keeps its entries (they compare by value).
@@ -212,7 +214,8 @@ class Coordinator:
         shared = found is not None
         if found is None:
             guard = self._guard(config, module)
-            found = _Flight(module, config, timeout, _latest_end(module, now, timeout))
+            found = _Flight(module, config, timeout, _latest_end(module, now, timeout),
+                            log=ProbeLog(str(target), module.name))
             found.task = loop.create_task(self._run(key, found, target, module, timeout,
                                                     guard))
             self._flights.setdefault(key, []).append(found)
@@ -238,6 +241,8 @@ class Coordinator:
             result.duration = timeout
             counted = False
         except asyncio.CancelledError:
+            if on_cancel is not None:
+                on_cancel(flight.log)
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 # Cancelled after its result came, before it resumed (its client hung up
                 # at that moment): if it was the one to count the burst, it still does.
@@ -293,7 +298,7 @@ class Coordinator:
                    timeout: float, guard: Guard) -> None:
         partial = Measurement()
         try:
-            result, log = await run_probe(target, module, timeout, guard=guard,
+            result, log = await run_probe(target, module, timeout, log=flight.log, guard=guard,
                                           measurement=partial)
         except asyncio.CancelledError:
             # The last request left, or the exporter is shutting down: whoever still

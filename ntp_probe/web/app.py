@@ -182,18 +182,21 @@ async def probe_handler(request: web.Request) -> web.Response:
         )
     state.in_flight += 1
     started = time.perf_counter()
+
+    def cancelled(log: ProbeLog) -> None:
+        # The client hung up (or the server is stopping): listed with the burst's log so
+        # far, as blackbox lists it, so that a scrape Prometheus gave up on can still be
+        # looked into.
+        waited = time.perf_counter() - started
+        note = (f"The client hung up after {waited:.3f} s, before the answer. The log is "
+                "the burst's: it was stopped, unless other requests share it or it fills "
+                "the min_probe_interval cache (then it runs on, and its log goes on).")
+        logger.debug("probe of %s (module %s) cancelled: the client hung up after %.3fs",
+                     target, module_name, waited)
+        state.history.add_cancelled(module_name, str(target), waited, log, module, note)
+
     try:
-        outcome = await state.coordinator.probe(config, module, target, timeout)
-    except asyncio.CancelledError:
-        # The client hung up (or the server is stopping): listed, as blackbox lists it,
-        # so that a scrape Prometheus gave up on can still be looked into.
-        log = ProbeLog(str(target), module_name)
-        log(f"the client hung up after {time.perf_counter() - started:.3f}s, before the "
-            "answer: this request's probe was stopped (a burst other requests share, or "
-            "one that fills the min_probe_interval cache, runs on)", essential=True)
-        state.history.add_cancelled(module_name, str(target), time.perf_counter() - started,
-                                    log, module)
-        raise
+        outcome = await state.coordinator.probe(config, module, target, timeout, cancelled)
     finally:
         state.in_flight -= 1
     result, log = outcome.result, outcome.log

@@ -64,12 +64,12 @@ class History:
         return entry
 
     def add_cancelled(self, module: str, target: str, duration: float, log: ProbeLog,
-                      definition: Module | None = None) -> Entry:
+                      definition: Module | None = None, note: str = "") -> Entry:
         """Record a probe whose client hung up before the answer: a failure (reason
         ``cancelled``, which is no metric's), kept as failures are, as blackbox lists one."""
         entry = Entry(self._next_id, time.time(), module, target, False, "cancelled",
                       duration, log, "# no metrics: the client hung up before the answer\n",
-                      (), definition)
+                      (), definition, note)
         self._next_id += 1
         if self.limit > 0:
             self._recent.append(entry)
