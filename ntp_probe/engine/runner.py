@@ -12,7 +12,7 @@ from ntp_probe.engine.context import ProbeContext, ProbeLog
 from ntp_probe.engine.registry import probe_function
 from ntp_probe.engine.result import Measurement, Reason
 from ntp_probe.engine.targets import Target
-from ntp_probe.net import udp
+from ntp_probe.net import budget
 from ntp_probe.safety.guard import Guard
 from ntp_probe.safety.kod import KodTable
 from ntp_probe.safety.leap import LeapMemory
@@ -51,7 +51,7 @@ def probe_timeout(module_timeout: float, header: str | None, offset: float) -> f
 def limit_probe_sockets(limit: int | None) -> None:
     """At most ``limit`` probe sockets open at once (None: no limit): what the open-files
     limit leaves the probes, so that they cannot take the server's descriptors."""
-    udp.limit_probe_sockets(limit)
+    budget.limit_probe_sockets(limit)
 
 
 def guard_for(config: Config, module: Module, kod: KodTable | None = None,

@@ -33,6 +33,7 @@ from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
 from service_identity.pyopenssl import verify_hostname, verify_ip_address
 
+from ntp_probe.net import budget
 from ntp_probe.proto.address import ip_address
 
 Log = Callable[[str], None]
@@ -164,7 +165,12 @@ class TLSClient:
     async def connect(self, address: str, port: int, family: int) -> None:
         """Open the TCP connection (Nagle off: NTS-KE is a few small request/response
         writes, and delayed ACKs would cost tens of milliseconds)."""
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        budget.take()  # within the probes' share of the open-files limit, or LocalSocketError
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            budget.give_back()
+            raise budget.LocalSocketError(exc.errno, exc.strerror) from None
         sock.setblocking(False)
         self._sock = sock
         try:
@@ -282,6 +288,7 @@ class TLSClient:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+            budget.give_back()
 
     @property
     def _connection(self) -> SSL.Connection:

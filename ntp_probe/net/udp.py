@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 from weakref import WeakKeyDictionary
 
+from ntp_probe.net import budget
 from ntp_probe.proto.address import ip_address
 
 # Linux value on every architecture Python runs on here; Python's socket module does not
@@ -125,23 +126,6 @@ class _Sockets:
 _SETS: WeakKeyDictionary[asyncio.AbstractEventLoop, _Sockets] = WeakKeyDictionary()
 
 
-@dataclass(slots=True)
-class _Budget:
-    limit: int | None = None  # probe sockets open at once at most (None: no limit)
-    open: int = 0
-
-
-_BUDGET = _Budget()
-
-
-def limit_probe_sockets(limit: int | None) -> None:
-    """At most ``limit`` pump sockets open at once (None: no limit). Past it a probe's
-    socket is refused (EMFILE: the probe fails local_error) before the process runs out of
-    descriptors, which would stop the server from accepting connections, /-/healthy's
-    included."""
-    _BUDGET.limit = limit
-
-
 def _sockets(loop: asyncio.AbstractEventLoop) -> _Sockets:
     found = _SETS.get(loop)
     if found is None:
@@ -222,12 +206,13 @@ class DatagramPump(Generic[T]):
         self.last_tx_kernel = False  # whether the last exchange's T1 is the kernel's
 
     async def __aenter__(self) -> DatagramPump[T]:
-        budget = _BUDGET
-        if budget.limit is not None and budget.open >= budget.limit:
-            raise OSError(errno.EMFILE, f"{budget.open} probe sockets open, all the open-files "
-                          "limit leaves room for (raise LimitNOFILE / ulimit -n)")
-        # Non-blocking from the start: no separate system call to make it so.
-        sock = socket.socket(self._family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        budget.take()  # within the probes' share of the open-files limit, or LocalSocketError
+        try:
+            # Non-blocking from the start: no separate system call to make it so.
+            sock = socket.socket(self._family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        except OSError as exc:
+            budget.give_back()
+            raise budget.LocalSocketError(exc.errno, exc.strerror) from None
         bound = False
         try:
             try:
@@ -261,12 +246,12 @@ class DatagramPump(Generic[T]):
             self._sockets.add(sock.fileno(), self._on_readable)
         except OSError:
             sock.close()
+            budget.give_back()
             if bound and self.bind_path is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(self.bind_path)
             raise
         self._sock = sock
-        budget.open += 1
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -278,7 +263,7 @@ class DatagramPump(Generic[T]):
             self._sockets.remove(self._sock.fileno())
             self._sock.close()
             self._sock = None
-            _BUDGET.open -= 1
+            budget.give_back()
             if self.bind_path is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(self.bind_path)

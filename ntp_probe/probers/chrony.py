@@ -30,6 +30,7 @@ from ntp_probe.engine.context import ProbeContext
 from ntp_probe.engine.result import Measurement, Perf, Reason
 from ntp_probe.engine.targets import Target
 from ntp_probe.exposition.families import Family
+from ntp_probe.net.budget import LocalSocketError
 from ntp_probe.net.udp import Datagram, DatagramPump, SockAddr, Unreachable, sockaddr_for
 from ntp_probe.probers import common
 from ntp_probe.probers.pacing import Pace
@@ -784,6 +785,9 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
     except Unreachable as exc:
         got.transport_failure = Reason.CHRONY_SOCKET if bind_path else Reason.UNREACHABLE
         log(f"{server}: {exc.strerror or exc}")
+    except LocalSocketError as exc:  # no socket: this host's trouble
+        got.transport_failure = Reason.LOCAL_ERROR
+        log(f"local error, nothing sent: {exc.strerror or exc}")
     except OSError as exc:
         got.transport_failure = Reason.CHRONY_SOCKET if bind_path else Reason.UNREACHABLE
         where = f"reply socket {bind_path}" if bind_path else "local socket"

@@ -24,6 +24,7 @@ from ntp_probe.engine.context import ProbeContext
 from ntp_probe.engine.result import Measurement, Perf, Reason
 from ntp_probe.engine.targets import Target
 from ntp_probe.exposition.families import Family
+from ntp_probe.net.budget import LocalSocketError
 from ntp_probe.net.udp import Datagram, DatagramPump, Unreachable, sockaddr_for
 from ntp_probe.probers import common
 from ntp_probe.probers.pacing import Pace
@@ -775,6 +776,9 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
                             session.match, log)
         async with pump:
             await _collect(session, pump, got, ctx)
+    except LocalSocketError as exc:  # no socket: this host's trouble
+        log(f"local error, nothing sent: {exc.strerror or exc}")
+        m.fail(Reason.LOCAL_ERROR)
     except OSError as exc:
         log(f"local socket error: {exc.strerror or exc}")
         m.fail(Reason.UNREACHABLE)

@@ -16,6 +16,7 @@ from ntp_probe.config.schema import Module, NTPSettings, NTSSettings
 from ntp_probe.engine.context import ProbeContext
 from ntp_probe.engine.result import Measurement, Reason
 from ntp_probe.engine.targets import Target
+from ntp_probe.net.budget import LocalSocketError
 from ntp_probe.net.resolve import Resolved, ResolveError, resolve
 from ntp_probe.net.tls import TIME_ERRORS, ConnectError, HandshakeError, TLSClient
 from ntp_probe.net.udp import Datagram, DatagramPump, Unreachable, sockaddr_for
@@ -245,6 +246,10 @@ async def _key_exchange(resolved: Resolved, port: int, nts: NTSSettings, ctx: Pr
     except ConnectError as exc:
         log(f"NTS-KE connect to {resolved.address} port {port} failed: {exc.strerror}")
         m.fail(Reason.NTS_KE_CONNECT)
+        return None
+    except LocalSocketError as exc:
+        log(f"local error, nothing sent: {exc.strerror or exc}")
+        m.fail(Reason.LOCAL_ERROR)
         return None
     except HandshakeError as exc:
         log(f"NTS-KE TLS failed during {phase}: {exc}")

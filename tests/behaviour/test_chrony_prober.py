@@ -25,6 +25,7 @@ from ntp_probe.config.schema import Module
 from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.runner import guard_for
 from ntp_probe.exposition.render import render
+from ntp_probe.net.budget import limit_probe_sockets
 from ntp_probe.net.udp import Datagram
 from ntp_probe.probers import chrony
 from ntp_probe.proto.cmdmon import Command
@@ -700,3 +701,15 @@ async def test_no_source_counts_in_the_perfdata_when_none_were_read(
     report = chrony.report_of(m)
     assert report is not None
     assert not {"sources", "sources_selectable"} & {p.label for p in report.perfdata()}
+
+
+async def test_no_socket_left_is_a_local_error(fake: FakeCommandPort) -> None:
+    # Past the probes' share of the open-files limit: this host's trouble, not the
+    # daemon's (over UDP it read 'unreachable', over the unix socket 'chrony_socket').
+    limit_probe_sockets(0)
+    try:
+        m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
+    finally:
+        limit_probe_sockets(None)
+    assert m.failure == "local_error", log.text()
+    assert not fake.requests

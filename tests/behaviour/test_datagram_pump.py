@@ -12,13 +12,8 @@ from pathlib import Path
 import pytest
 
 from ntp_probe.engine.context import ProbeLog
-from ntp_probe.net.udp import (
-    MAX_DATAGRAM,
-    Datagram,
-    DatagramPump,
-    Unreachable,
-    limit_probe_sockets,
-)
+from ntp_probe.net.budget import limit_probe_sockets
+from ntp_probe.net.udp import MAX_DATAGRAM, Datagram, DatagramPump, Unreachable
 
 LOOPBACK = "127.0.0.1"
 

@@ -22,6 +22,7 @@ from ntp_probe.config.schema import Module, NTPDSettings
 from ntp_probe.engine.context import ProbeContext, ProbeLog
 from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.targets import parse_target
+from ntp_probe.net.budget import limit_probe_sockets
 from ntp_probe.probers import ntpd
 from tests.behaviour.fake_server import forge_unreachable, require_raw_socket
 from tests.conftest import free_udp_port, gauges, label_sets, value
@@ -709,3 +710,15 @@ def test_a_hostile_ntpds_long_values_are_cut_in_labels() -> None:
     (labels,) = label_sets(ctx.measurement, "probe_ntpd_peer_info")
     assert len(labels["peer"]) == len(labels["refid"]) == ntpd.MAX_LABEL_TEXT
     assert labels["peer"].endswith("...")
+
+
+async def test_no_socket_left_is_a_local_error(server: FakeNtpd) -> None:
+    # Past the probes' share of the open-files limit: this host's trouble, not the
+    # server's (it read 'unreachable').
+    limit_probe_sockets(0)
+    try:
+        out = await run(server)
+    finally:
+        limit_probe_sockets(None)
+    assert out.m.failure == "local_error", out.log
+    assert not server.requests

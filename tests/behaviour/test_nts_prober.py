@@ -35,6 +35,7 @@ from OpenSSL import SSL
 from ntp_probe.config.load import parse_config
 from ntp_probe.config.schema import NTS_AEAD_IDS, ConfigError, Module, NTPSettings, NTSSettings
 from ntp_probe.engine.result import Reason
+from ntp_probe.net.budget import limit_probe_sockets
 from ntp_probe.net.tls import TLSClient
 from ntp_probe.net.udp import DatagramPump
 from ntp_probe.probers import nts_session
@@ -776,3 +777,16 @@ async def test_a_chain_for_another_purpose_is_untrusted(
         m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(tmp_path / "ca.pem"))
     assert value(m, "probe_nts_cert_verified") == verified, log.text()
     assert m.failure is (None if verified else Reason.NTS_CERT_UNTRUSTED), log.text()
+
+
+async def test_no_socket_left_for_the_key_exchange_is_a_local_error(fake: FakeNTS,
+                                                                    pki: PKI) -> None:
+    # The probes' share of the open-files limit used up: the KE's TCP socket counts too,
+    # and its refusal is this host's trouble, not a 500 or the server's fault.
+    limit_probe_sockets(0)
+    try:
+        m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0]))
+    finally:
+        limit_probe_sockets(None)
+    assert m.failure is Reason.LOCAL_ERROR, log.text()
+    assert fake.ke_connections == 0

@@ -33,8 +33,8 @@ def test_a_low_limit_leaves_connections_half_of_the_room(soft: int, expected: st
     code = ("import resource, sys\n"
             f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {soft}))\n"
             "from ntp_probe.cli import serve\n"
-            "from ntp_probe.net import udp\n"
-            "print(serve._fit_open_files(512, 1600), udp._BUDGET.limit)\n")
+            "from ntp_probe.net import budget\n"
+            "print(serve._fit_open_files(512, 1600), budget._BUDGET.limit)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, check=True)
     assert done.stdout.strip() == expected, done.stderr
