@@ -431,6 +431,10 @@ def quiet_bad_requests() -> None:
         server_log.addFilter(BadRequestFilter())
 
 
+# The kernel's listen queue, whatever asyncio accepts per pass.
+KERNEL_BACKLOG = 128
+
+
 class GuardedSite(web.BaseSite):
     """aiohttp's TCPSite with every connection under a :class:`ConnectionGuard`."""
 
@@ -471,7 +475,14 @@ class GuardedSite(web.BaseSite):
         if self._sock is not None:
             self._server = await loop.create_server(factory, sock=self._sock,
                                                     backlog=self._backlog)
-            return
-        self._server = await loop.create_server(
-            factory, self._host, self._port, backlog=self._backlog, reuse_address=True,
-        )
+        else:
+            self._server = await loop.create_server(
+                factory, self._host, self._port, backlog=self._backlog, reuse_address=True,
+            )
+        # asyncio accepts up to its backlog per pass (what a low open-files limit keeps
+        # small); the kernel's queue takes no descriptor, so it stays full-size and a
+        # connection waits there instead of being dropped (a client retrying after 1 s).
+        for listening in self._server.sockets:
+            with contextlib.suppress(OSError), socket.fromfd(
+                    listening.fileno(), listening.family, listening.type) as dup:
+                dup.listen(max(self._backlog, KERNEL_BACKLOG))  # the same socket, by its dup

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,6 +120,13 @@ def test_a_low_open_files_limit_shrinks_the_connection_cap(tmp_path: Path) -> No
         # closes the excess) and 90 connections, not a cap of almost nothing.
         assert ("and 1600 probe sockets (--probe.max-concurrent, groups and all_addresses): "
                 "serving at most 90 connections, accepting 14 at a time") in log, log
+        # The kernel's listen queue takes no descriptor: it stays at 128, so that a
+        # connection waits there rather than being dropped (its client retrying in 1 s).
+        ss = shutil.which("ss")
+        if ss is not None:
+            listing = subprocess.run([ss, "-Hlnt", f"sport = :{e.port}"], capture_output=True,
+                                     text=True, timeout=30).stdout.split()
+            assert listing[:3] == ["LISTEN", "0", "128"], listing
         assert "Traceback" not in log
     finally:
         stop_process(e.proc)
