@@ -31,7 +31,7 @@ from typing import Generic, TypeVar
 from weakref import WeakKeyDictionary
 
 from ntp_probe.net import budget
-from ntp_probe.proto.address import ip_address
+from ntp_probe.proto.address import ip_address, source_text
 
 # Linux value on every architecture Python runs on here; Python's socket module does not
 # export it.
@@ -58,6 +58,7 @@ _ORIGIN_ICMP = (2, 3)
 _ORIGIN_TIMESTAMPING = 4
 _ERR_ANC_SIZE = 512
 _MAX_PENDING_TX = 64
+_LOGGED_TOO_LONG = 3  # too-long datagrams logged one by one; the rest only counted
 
 T = TypeVar("T")
 Log = Callable[[str], None]
@@ -179,7 +180,7 @@ class DatagramPump(Generic[T]):
 
     __slots__ = ("_deferred", "_dest", "_family", "_log", "_loop", "_matcher", "_sock",
                  "_sockets", "_tx_stamps", "_waiter", "bind_path", "kernel_timestamps",
-                 "last_tx_kernel", "sent", "source", "truncated", "tx_wanted")
+                 "last_tx_kernel", "sent", "source", "too_long", "truncated", "tx_wanted")
 
     def __init__(self, family: int, dest: SockAddr, matcher: Callable[[Datagram], T | None],
                  log: Log, bind_path: str | None = None, tx_timestamps: bool = False,
@@ -199,6 +200,7 @@ class DatagramPump(Generic[T]):
         self.kernel_timestamps = True
         self.sent = 0  # datagrams that left: counted at the send, so a cut-off wait keeps it
         self.truncated = 0  # the destination host's datagrams discarded as too long
+        self.too_long = 0  # every datagram discarded as too long, whoever sent it
         # Kernel transmit stamps cost a system call per send: only for an exchange whose T1
         # is used (NTP and NTS time samples, not the daemons' command protocols).
         self.tx_wanted = tx_timestamps and family != socket.AF_UNIX
@@ -259,6 +261,9 @@ class DatagramPump(Generic[T]):
 
     def close(self) -> None:
         """Stop reading, close the socket and remove a bound unix path (idempotent)."""
+        if self._sock is not None and self.too_long > _LOGGED_TOO_LONG:
+            self._log(f"{self.too_long - _LOGGED_TOO_LONG} more too-long datagrams not "
+                      "logged one by one")
         if self._sock is not None:
             self._sockets.remove(self._sock.fileno())
             self._sock.close()
@@ -384,8 +389,12 @@ class DatagramPump(Generic[T]):
                         and source[3] != self._dest[3]))
                 if not foreign:
                     self.truncated += 1
-                self._log(f"datagram discarded: longer than {MAX_DATAGRAM} bytes (truncated)"
-                          + (f", from {source[0]}, not the destination" if foreign else ""))
+                self.too_long += 1
+                if self.too_long <= _LOGGED_TOO_LONG:  # a flood must not fill the log
+                    where = source_text(source) if isinstance(source, tuple) else "the socket"
+                    self._log(f"datagram from {where} discarded: longer than {MAX_DATAGRAM} "
+                              f"bytes (truncated)"
+                              + (", not from the destination" if foreign else ""))
                 continue
             if not kernel:
                 self.kernel_timestamps = False

@@ -50,3 +50,14 @@ def zone_scope(address: str) -> int | None:
     a datagram's source gives apart from its address; None without a numeric zone."""
     _, _, zone = address.partition("%")
     return int(zone) if zone.isdigit() else None
+
+
+def source_text(source: tuple[object, ...]) -> str:
+    """A datagram's source address as text: ``host:port``, ``[v6]:port``, and
+    ``[fe80::1%3]:port`` with the interface index of a link-local source."""
+    host = str(source[0])
+    port = source[1] if len(source) > 1 else 0
+    if ":" not in host:
+        return f"{host}:{port}"
+    scope = source[3] if len(source) > 3 else 0
+    return f"[{host}{f'%{scope}' if scope else ''}]:{port}"

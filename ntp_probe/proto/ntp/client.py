@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import overload
 
-from ntp_probe.proto.address import zone_scope
+from ntp_probe.proto.address import source_text, zone_scope
 from ntp_probe.proto.ntp import packet as ntp
 
 Address = tuple[object, ...]
@@ -126,10 +126,10 @@ class Client:
         """
         other_link = self._scope is not None and len(source) > 3 and source[3] != self._scope
         if source[0] != self._source[0] or other_link:
-            return Discarded(f"from {_where(source)}, not the target", "from another host",
+            return Discarded(f"from {source_text(source)}, not the target", "from another host",
                              foreign=True)
         if source[1] != self._source[1]:
-            return Discarded(f"from {_where(source)}, not the target's port",
+            return Discarded(f"from {source_text(source)}, not the target's port",
                              "not from the target's port")
         try:
             pkt = ntp.decode(data)
@@ -172,13 +172,3 @@ class Client:
         self._seen[origin] = True
         self._pending = None
         return Accepted(pkt)
-
-
-def _where(source: Address) -> str:
-    """A datagram's source as text: ``host:port``, ``[v6]:port``, ``[fe80::1%3]:port`` with
-    the interface index of a link-local source."""
-    host = str(source[0])
-    if ":" not in host:
-        return f"{host}:{source[1]}"
-    scope = source[3] if len(source) > 3 else 0
-    return f"[{host}{f'%{scope}' if scope else ''}]:{source[1]}"
