@@ -187,9 +187,10 @@ class Coordinator:
         return sum(len(flights) for flights in self._flights.values())
 
     async def probe(self, config: Config, module: Module, target: Target, timeout: float,
-                    on_cancel: Callable[[ProbeLog], None] | None = None) -> Outcome:
+                    on_cancel: Callable[[ProbeLog, str], None] | None = None) -> Outcome:
         """Probe ``target`` with ``module`` within ``timeout`` seconds. When the request is
-        cancelled (its client hung up), ``on_cancel`` gets the burst's log so far."""
+        cancelled (its client hung up), ``on_cancel`` gets the burst's log and what became
+        of the burst ("it was stopped", "it runs on to fill ...")."""
         # Keyed by the canonical target and the port it means, spelled out or not (a name
         # and its address are two keys); a reload that left the module, the policy, the
         # groups and the leap file as they were keeps its entries (they compare by value).
@@ -241,29 +242,35 @@ class Coordinator:
             result.duration = timeout
             counted = False
         except asyncio.CancelledError:
-            if on_cancel is not None:
-                on_cancel(flight.log)
+            fate = "it ran on for the other requests sharing it"
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 # Cancelled after its result came, before it resumed (its client hung up
                 # at that moment): if it was the one to count the burst, it still does.
+                fate = "it had just finished"
                 result, _, counted = waiter.result()
                 if counted and self.on_unclaimed is not None:
                     self.on_unclaimed(module.name, result)
-            elif not flight.task.done() and all(
-                    w.done() for w in flight.waiters if w is not waiter):
+            elif flight.task.done():
+                fate = "it had ended"
+            elif all(w.done() for w in flight.waiters if w is not waiter):
                 if flight.orphaned:
-                    pass  # a request that joined it after its first ones left, left too
+                    # A request that joined it after its first ones left, left too.
+                    fate = "it runs on to fill the min_probe_interval cache"
                 elif module.min_probe_interval > 0 and self._orphans < MAX_ORPHANED_BURSTS:
                     # Run on: its result serves the next scrape. Cancelled, the burst
                     # would leave nothing cached, and clients that hang up at once could
                     # send a server a packet each, min_probe_interval or not.
                     flight.orphaned = True
                     self._orphans += 1
+                    fate = "it runs on to fill the min_probe_interval cache"
                 else:
+                    fate = "it was stopped"
                     flight.task.cancel()
                     # Forget it now: a request arriving before the task unwinds must start
                     # a fresh burst, not join one that is being cancelled.
                     self._forget(key, flight)
+            if on_cancel is not None:
+                on_cancel(flight.log, fate)
             raise
         finally:
             flight.waiters.remove(waiter)

@@ -183,14 +183,13 @@ async def probe_handler(request: web.Request) -> web.Response:
     state.in_flight += 1
     started = time.perf_counter()
 
-    def cancelled(log: ProbeLog) -> None:
+    def cancelled(log: ProbeLog, fate: str) -> None:
         # The client hung up (or the server is stopping): listed with the burst's log so
         # far, as blackbox lists it, so that a scrape Prometheus gave up on can still be
         # looked into.
         waited = time.perf_counter() - started
         note = (f"The client hung up after {waited:.3f} s, before the answer. The log is "
-                "the burst's: it was stopped, unless other requests share it or it fills "
-                "the min_probe_interval cache (then it runs on, and its log goes on).")
+                f"the burst's: {fate}.")
         logger.debug("probe of %s (module %s) cancelled: the client hung up after %.3fs",
                      target, module_name, waited)
         state.history.add_cancelled(module_name, str(target), waited, log, module, note)
