@@ -199,9 +199,12 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
 
     state.on_config = reloaded
     if max_connections <= args.max_concurrent:
+        # /metrics and /-/healthy are never limited: one connection is kept from probes.
+        state.max_concurrent = max(1, max_connections - 1)
         logger.warning("--web.max-connections=%d does not exceed --probe.max-concurrent=%d: "
-                       "with every connection busy with a probe, /metrics and /-/healthy "
-                       "cannot connect", max_connections, args.max_concurrent)
+                       "at most %d probes in flight (more get 503), so that /metrics and "
+                       "/-/healthy can still connect", max_connections, args.max_concurrent,
+                       state.max_concurrent)
     guard = ConnectionGuard(max_connections=max_connections, header_timeout=args.header_timeout,
                             idle_timeout=args.idle_timeout)
     guard.before_tls = web_config.refresh_tls

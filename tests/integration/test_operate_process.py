@@ -498,8 +498,8 @@ def test_systemd_socket_that_cannot_serve_is_a_clear_error(tmp_path: Path, passe
 def test_connections_no_more_than_probes_is_warned_about(tmp_path: Path) -> None:
     e = start_exporter(tmp_path, ("--web.max-connections=8", "--probe.max-concurrent=8"))
     try:
-        assert ("--web.max-connections=8 does not exceed --probe.max-concurrent=8" in e.log()), \
-            e.log()
+        assert ("--web.max-connections=8 does not exceed --probe.max-concurrent=8: at most 7 "
+                "probes in flight (more get 503)" in e.log()), e.log()
     finally:
         stop_process(e.proc)
     e = start_exporter(tmp_path, ("--web.max-connections=9", "--probe.max-concurrent=8"))
