@@ -88,7 +88,8 @@ def _fit_open_files(max_connections: int, probe_fds: int) -> tuple[int, int]:
     room = max(0, soft - min(_SPARE_FDS, soft // 4))
     connections_room = room - min(probe_fds, room // 2)
     backlog = max(_MIN_BACKLOG, min(_LISTEN_BACKLOG, connections_room // 8))
-    fitted = max(1, min(max_connections, connections_room - 2 * backlog))
+    # Two at least: one for a probe, one for /metrics and /-/healthy.
+    fitted = max(min(2, max_connections), min(max_connections, connections_room - 2 * backlog))
     limit_probe_sockets(_probe_room(soft, fitted, backlog))
     logger.warning("open-files limit %d is too low for --web.max-connections=%d and %d "
                    "probe sockets (--probe.max-concurrent, groups and all_addresses): "
@@ -198,9 +199,12 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
                            "ulimit -n)", soft, need)
 
     state.on_config = reloaded
-    if max_connections <= args.max_concurrent:
+    if max_connections < 2:
+        logger.warning("--web.max-connections=1: while a probe runs, /metrics and "
+                       "/-/healthy cannot connect")
+    elif max_connections <= args.max_concurrent:
         # /metrics and /-/healthy are never limited: one connection is kept from probes.
-        state.max_concurrent = max(1, max_connections - 1)
+        state.max_concurrent = max_connections - 1
         logger.warning("--web.max-connections=%d does not exceed --probe.max-concurrent=%d: "
                        "at most %d probes in flight (more get 503), so that /metrics and "
                        "/-/healthy can still connect", max_connections, args.max_concurrent,

@@ -24,6 +24,7 @@ def test_a_group_or_all_addresses_probe_counts_a_socket_per_member() -> None:
 # (connections, backlog) and the probe sockets' share, enforced: what is left after the
 # spare (a quarter of a very low limit), the connections and two accept passes.
 @pytest.mark.parametrize(("soft", "expected"), [
+    (32, "(2, 8) 6"),  # two at least: one for a probe, one for /-/healthy
     (64, "(8, 8) 24"),  # still serves: /metrics and /-/healthy must connect
     (1024, "(360, 60) 480"),
     (4096, "(512, 128) 3264"),  # enough: every probe socket fits
