@@ -242,7 +242,7 @@ class Coordinator:
             result.duration = timeout
             counted = False
         except asyncio.CancelledError:
-            fate = "it ran on for the other requests sharing it"
+            fate = "it runs on for the other requests sharing it"
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 # Cancelled after its result came, before it resumed (its client hung up
                 # at that moment): if it was the one to count the burst, it still does.
