@@ -66,12 +66,17 @@ def _raise_open_files(need: int) -> int:
     return soft
 
 
+def _spare(soft: int) -> int:
+    """Descriptors kept free: _SPARE_FDS, or a quarter of a very low limit."""
+    return min(_SPARE_FDS, soft // 4)
+
+
 def _probe_room(soft: int, connections: int, backlog: int) -> int | None:
     """The probe sockets the open-files limit leaves beside the connections, their accept
     passes and the spare (None: no limit)."""
     if soft == resource.RLIM_INFINITY:
         return None
-    return max(1, soft - min(_SPARE_FDS, soft // 4) - connections - 2 * backlog)
+    return max(1, soft - _spare(soft) - connections - 2 * backlog)
 
 
 def _fit_open_files(max_connections: int, probe_fds: int) -> tuple[int, int]:
@@ -85,7 +90,7 @@ def _fit_open_files(max_connections: int, probe_fds: int) -> tuple[int, int]:
     if soft == resource.RLIM_INFINITY or soft >= need:
         limit_probe_sockets(_probe_room(soft, max_connections, _LISTEN_BACKLOG))
         return max_connections, _LISTEN_BACKLOG
-    room = max(0, soft - min(_SPARE_FDS, soft // 4))
+    room = max(0, soft - _spare(soft))
     connections_room = room - min(probe_fds, room // 2)
     backlog = max(_MIN_BACKLOG, min(_LISTEN_BACKLOG, connections_room // 8))
     # Two at least: one for a probe, one for /metrics and /-/healthy.

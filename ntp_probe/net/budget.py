@@ -6,6 +6,7 @@ accepting connections (/-/healthy's included)."""
 from __future__ import annotations
 
 import errno
+import socket
 from dataclasses import dataclass
 
 
@@ -37,6 +38,17 @@ def take() -> None:
                                "open-files limit leaves room for (raise LimitNOFILE / "
                                "ulimit -n)")
     budget.open += 1
+
+
+def open_socket(family: int, kind: int) -> socket.socket:
+    """A probe socket counted against the budget (:func:`give_back` when it is closed);
+    :class:`LocalSocketError` past the budget or when the system gives none."""
+    take()
+    try:
+        return socket.socket(family, kind)
+    except OSError as exc:
+        give_back()
+        raise LocalSocketError(exc.errno, exc.strerror) from None
 
 
 def give_back() -> None:

@@ -165,12 +165,7 @@ class TLSClient:
     async def connect(self, address: str, port: int, family: int) -> None:
         """Open the TCP connection (Nagle off: NTS-KE is a few small request/response
         writes, and delayed ACKs would cost tens of milliseconds)."""
-        budget.take()  # within the probes' share of the open-files limit, or LocalSocketError
-        try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as exc:
-            budget.give_back()
-            raise budget.LocalSocketError(exc.errno, exc.strerror) from None
+        sock = budget.open_socket(family, socket.SOCK_STREAM)  # within the probes' share
         sock.setblocking(False)
         self._sock = sock
         try:

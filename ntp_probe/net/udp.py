@@ -208,13 +208,9 @@ class DatagramPump(Generic[T]):
         self.last_tx_kernel = False  # whether the last exchange's T1 is the kernel's
 
     async def __aenter__(self) -> DatagramPump[T]:
-        budget.take()  # within the probes' share of the open-files limit, or LocalSocketError
-        try:
-            # Non-blocking from the start: no separate system call to make it so.
-            sock = socket.socket(self._family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
-        except OSError as exc:
-            budget.give_back()
-            raise budget.LocalSocketError(exc.errno, exc.strerror) from None
+        # Within the probes' share of the open-files limit; non-blocking from the start (no
+        # separate system call to make it so).
+        sock = budget.open_socket(self._family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         bound = False
         try:
             try:
@@ -261,10 +257,10 @@ class DatagramPump(Generic[T]):
 
     def close(self) -> None:
         """Stop reading, close the socket and remove a bound unix path (idempotent)."""
-        if self._sock is not None and self.too_long > _LOGGED_TOO_LONG:
-            self._log(f"{self.too_long - _LOGGED_TOO_LONG} more too-long datagrams not "
-                      "logged one by one")
         if self._sock is not None:
+            if self.too_long > _LOGGED_TOO_LONG:
+                self._log(f"{self.too_long - _LOGGED_TOO_LONG} more too-long datagrams not "
+                          "logged one by one")
             self._sockets.remove(self._sock.fileno())
             self._sock.close()
             self._sock = None
