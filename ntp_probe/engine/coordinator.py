@@ -165,6 +165,10 @@ class Coordinator:
         self._guards_of: Config | None = None
         # Told of the packets a cancelled burst had sent: no result counts them otherwise.
         self.on_cancelled: Callable[[Measurement], None] | None = None
+        # Told of a request cancelled before its answer (its client hung up): its module,
+        # target, seconds waited, the burst's log and what became of the burst.
+        self.on_request_cancelled: Callable[[Module, Target, float, ProbeLog, str],
+                                            None] | None = None
         # Told of a burst that ran to its end after every requester left (module name,
         # result): a probe run, which no request counts.
         self.on_unclaimed: Callable[[str, Measurement], None] | None = None
@@ -186,11 +190,10 @@ class Coordinator:
         """Distinct probes running now."""
         return sum(len(flights) for flights in self._flights.values())
 
-    async def probe(self, config: Config, module: Module, target: Target, timeout: float,
-                    on_cancel: Callable[[ProbeLog, str], None] | None = None) -> Outcome:
-        """Probe ``target`` with ``module`` within ``timeout`` seconds. When the request is
-        cancelled (its client hung up), ``on_cancel`` gets the burst's log and what became
-        of the burst ("it was stopped", "it runs on to fill ...")."""
+    async def probe(self, config: Config, module: Module, target: Target,
+                    timeout: float) -> Outcome:
+        """Probe ``target`` with ``module`` within ``timeout`` seconds (a request cancelled
+        before its answer is told to :attr:`on_request_cancelled`)."""
         # Keyed by the canonical target and the port it means, spelled out or not (a name
         # and its address are two keys); a reload that left the module, the policy, the
         # groups and the leap file as they were keeps its entries (they compare by value).
@@ -269,8 +272,8 @@ class Coordinator:
                     # Forget it now: a request arriving before the task unwinds must start
                     # a fresh burst, not join one that is being cancelled.
                     self._forget(key, flight)
-            if on_cancel is not None:
-                on_cancel(flight.log, fate)
+            if self.on_request_cancelled is not None:
+                self.on_request_cancelled(module, target, loop.time() - now, flight.log, fate)
             raise
         finally:
             flight.waiters.remove(waiter)

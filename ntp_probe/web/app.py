@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from ntp_probe.config.load import config_to_yaml, leapfile_warning, load_config, module_to_dict
-from ntp_probe.config.schema import Config, ConfigError
+from ntp_probe.config.schema import Config, ConfigError, Module
 from ntp_probe.engine.context import ProbeLog
 from ntp_probe.engine.coordinator import Coordinator
 from ntp_probe.engine.registry import resolve_target
 from ntp_probe.engine.runner import SCRAPE_TIMEOUT_HEADER, TimeoutHeaderError, probe_timeout
-from ntp_probe.engine.targets import TargetError
+from ntp_probe.engine.targets import Target, TargetError
 from ntp_probe.exposition.internals import Internals
 from ntp_probe.exposition.render import CONTENT_TYPE, render
 from ntp_probe.web import pages
@@ -53,12 +53,24 @@ class State:
     # of modules take seconds in PyYAML, and every request would wait).
     _config_yaml: tuple[Config, asyncio.Future[str]] | None = None
 
+    def _cancelled(self, module: Module, target: Target, waited: float, log: ProbeLog,
+                   fate: str) -> None:
+        """A request whose client hung up (or the server is stopping): listed with the
+        burst's log so far, as blackbox lists it, so that a scrape Prometheus gave up on
+        can still be looked into."""
+        note = (f"The client hung up after {waited:.3f} s, before the answer. The log is "
+                f"the burst's: {fate}.")
+        logger.debug("probe of %s (module %s) cancelled: the client hung up after %.3fs",
+                     target, module.name, waited)
+        self.history.add_cancelled(module.name, str(target), waited, log, module, note)
+
     def __post_init__(self) -> None:
         # The leap file was read with the configuration (off the event loop).
         self.internals.use_leapfile(self.config.leapfile)
         # Read when /metrics is scraped: no gauge update on every probe's way in and out.
         self.internals.in_flight.set_function(lambda: self.in_flight)
         self.coordinator.on_cancelled = self.internals.count_packets
+        self.coordinator.on_request_cancelled = self._cancelled
         self.coordinator.on_unclaimed = self.internals.observe
 
     async def config_yaml(self) -> str:
@@ -181,21 +193,8 @@ async def probe_handler(request: web.Request) -> web.Response:
             text=f"too many probes in flight (--probe.max-concurrent={state.max_concurrent})\n",
         )
     state.in_flight += 1
-    started = time.perf_counter()
-
-    def cancelled(log: ProbeLog, fate: str) -> None:
-        # The client hung up (or the server is stopping): listed with the burst's log so
-        # far, as blackbox lists it, so that a scrape Prometheus gave up on can still be
-        # looked into.
-        waited = time.perf_counter() - started
-        note = (f"The client hung up after {waited:.3f} s, before the answer. The log is "
-                f"the burst's: {fate}.")
-        logger.debug("probe of %s (module %s) cancelled: the client hung up after %.3fs",
-                     target, module_name, waited)
-        state.history.add_cancelled(module_name, str(target), waited, log, module, note)
-
     try:
-        outcome = await state.coordinator.probe(config, module, target, timeout, cancelled)
+        outcome = await state.coordinator.probe(config, module, target, timeout)
     finally:
         state.in_flight -= 1
     result, log = outcome.result, outcome.log
