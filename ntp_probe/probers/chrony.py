@@ -676,7 +676,7 @@ class Session:
             got.sources[index] = data
             return
         shown, counted = got.sources[twin], data
-        if not shown.mode is data.mode is SourceMode.REFCLOCK:
+        if not (shown.mode is SourceMode.REFCLOCK and data.mode is SourceMode.REFCLOCK):
             self._log(f"a second source at {data.name}: left out")
             return
         if _selection_rank(data) < _selection_rank(shown):
