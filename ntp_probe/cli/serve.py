@@ -214,11 +214,12 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
                        "at most %d probes in flight (more get 503), so that /metrics and "
                        "/-/healthy can still connect", max_connections, args.max_concurrent,
                        state.max_concurrent)
+    # Up to one accept pass of connections may wait for a slot: the descriptors fitted
+    # for a second pass (_fit_open_files) hold them.
     guard = ConnectionGuard(max_connections=max_connections, header_timeout=args.header_timeout,
-                            idle_timeout=args.idle_timeout)
+                            idle_timeout=args.idle_timeout, max_waiting=backlog)
     guard.before_tls = web_config.refresh_tls
     loop = asyncio.get_running_loop()
-    loop.set_exception_handler(guard.exception_handler)
     quiet_bad_requests()
     # handler_cancellation: a client that hangs up cancels its probe (and closes its socket).
     # shutdown_timeout: at SIGTERM, probes in flight get this long, then are cancelled.

@@ -9,16 +9,21 @@ every connection under a :class:`ConnectionGuard`:
   connecting, and the next request's within ``idle_timeout`` of the last response;
   otherwise it is closed (the checks run on a timer, not per byte);
 - at most ``max_connections`` are open; a new one beyond that evicts the oldest
-  connection that is not serving a request (an idle or slow client), so a real request
-  still gets in; when every connection is busy the new one is closed at once;
-- the event loop's "socket.accept() out of system resource" errors, which asyncio logs
-  with a traceback at every retry, are logged once per interval as one line.
+  connection that is idle (no request begun) or slow (a request begun and not complete
+  within a grace), so a real request still gets in; a connection whose request has just
+  come in is never evicted for a newer one. When none can go, the new connection waits
+  for a free slot, unread, in a short queue; when that is full too, the exporter stops
+  accepting (:class:`Acceptor`) and new connections wait in the kernel's listen queue,
+  as on Go's servers at their limit, instead of being reset;
+- accepting out of descriptors (EMFILE) pauses accepting for a second and is logged
+  once per interval as one line (asyncio's own accept loop logs a traceback each time).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import select
@@ -108,6 +113,40 @@ class _Conn:
     transport: asyncio.BaseTransport
     deadline: float  # loop time by which the next request's headers must be in
     busy: int = 0  # requests being served
+    # Loop time a request not yet dispatched began: its first bytes, or the connection's
+    # admission (a client sends its request just after connecting). None: none begun.
+    since: float | None = None
+
+
+@dataclass(slots=True)
+class _Waiting:
+    """A connection waiting for a slot, its bytes left in the socket."""
+
+    transport: asyncio.BaseTransport
+    since: float  # loop time it came
+    fd: int  # -1: unknown
+    watch: asyncio.Future[None] | None = None  # done once it sends (or closes)
+
+
+# A request begun this long ago (or a connection admitted this long ago that has sent
+# nothing) and still not dispatched is a slow or silent client's: evictable.
+_GRACE = 1.0
+# Connections looked into (a system call each) per eviction, however many are open.
+_MAX_LOOKS = 16
+
+
+def _has_bytes(transport: asyncio.BaseTransport) -> bool:
+    """Whether the client has sent anything not read yet (its close included)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        FirstBytes.peek(sock.fileno())
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True  # reset or gone: its own close is on the way
+    return True
 
 
 class _Throttled:
@@ -132,15 +171,23 @@ class ConnectionGuard:
     """Connection limits and timeouts for one listening server."""
 
     def __init__(self, *, max_connections: int, header_timeout: float,
-                 idle_timeout: float) -> None:
+                 idle_timeout: float, max_waiting: int = 16) -> None:
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
+        self.max_waiting = max_waiting
+        self._grace = min(_GRACE, header_timeout / 2)
         # Called before each TLS handshake for the context to use (the web config's,
         # built again when its certificate files change).
         self.before_tls: Callable[[], ssl.SSLContext | None] | None = None
         self.first_bytes = FirstBytes()
         self._conns: dict[_Proxy, _Conn] = {}  # insertion order: oldest first
+        # Connections waiting for a slot, unread, in the order they came; and those of
+        # them whose request has come, in that order.
+        self._waiting: dict[_Proxy, _Waiting] = {}
+        self._sent: dict[_Proxy, None] = {}
+        self._checker: asyncio.TimerHandle | None = None  # runs while any wait
+        self._check_period = max(0.05, self._grace / 2)
         self._by_handler: dict[object, _Proxy] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self.evicted = 0
@@ -148,6 +195,9 @@ class ConnectionGuard:
         self.timed_out = 0
         self._log_full = _Throttled("connection limit reached (--web.max-connections)")
         self._log_accept = _Throttled("cannot accept connections")
+        # Resumed when a connection closes, if they had paused.
+        self.acceptors: list[Acceptor] = []
+        self.incoming = 0  # accepted by an Acceptor, not yet seen by _opened
 
     @property
     def open(self) -> int:
@@ -165,17 +215,75 @@ class ConnectionGuard:
 
     # --- connection life ---------------------------------------------------------------
 
-    def _opened(self, proxy: _Proxy, transport: asyncio.BaseTransport) -> bool:
-        loop = asyncio.get_running_loop()
-        if len(self._conns) >= self.max_connections and not self._evict_one():
+    def _opened(self, proxy: _Proxy, transport: asyncio.BaseTransport) -> bool | None:
+        """A new connection: True admitted (handed to aiohttp already), None waiting for a
+        slot, False refused."""
+        now = asyncio.get_running_loop().time()
+        self.incoming = max(0, self.incoming - 1)
+        if len(self._conns) >= self.max_connections:
+            self._evict_one(now)
+        if len(self._conns) < self.max_connections and not self._waiting:
+            self._admit(proxy, transport, now)
+            return True
+        if len(self._waiting) >= self.max_waiting and not self._drop_silent_waiting(now):
+            # Only for connections no Acceptor took (it stops accepting before this).
             self.refused += 1
-            self._log_full("every connection is serving a request; new connection closed")
+            self._log_full("every connection is serving a request and the queue for a "
+                           "free one is full; new connection closed")
             return False
-        self._conns[proxy] = _Conn(transport, loop.time() + self.header_timeout)
+        self._wait(proxy, transport, now)
+        self._admit_waiting()
+        if proxy.conn is not None:
+            return True
+        self._log_full("every connection is serving a request; a new one waits for a slot")
+        return None
+
+    def room(self) -> bool:
+        """Whether a new connection can be taken now (admitted or queued), making room by
+        closing an idle or slow connection, or a silent waiting one, where needed."""
+        taken = len(self._conns) + len(self._waiting) + self.incoming
+        if taken < self.max_connections + self.max_waiting:
+            return True
+        now = asyncio.get_running_loop().time()
+        return self._evict_one(now) or self._drop_silent_waiting(now)
+
+    def _admit(self, proxy: _Proxy, transport: asyncio.BaseTransport, now: float) -> None:
+        conn = _Conn(transport, now + self.header_timeout, since=now)
+        self._conns[proxy] = conn
+        proxy.conn = conn
         self._by_handler[proxy.inner] = proxy
         if self._sweeper is None:
-            self._schedule(loop)
-        return True
+            self._schedule(asyncio.get_running_loop())
+        proxy.admitted(transport)
+
+    def _wait(self, proxy: _Proxy, transport: asyncio.BaseTransport, now: float) -> None:
+        """Queue ``proxy`` for a slot; its first bytes are watched for, not read."""
+        sock = transport.get_extra_info("socket")
+        waiting = _Waiting(transport, now, -1 if sock is None else sock.fileno())
+        if waiting.fd >= 0:
+            with contextlib.suppress(OSError):  # closed already: it only times out
+                waiting.watch = self.first_bytes.watch(waiting.fd)
+                waiting.watch.add_done_callback(functools.partial(self._sent_bytes, proxy))
+        self._waiting[proxy] = waiting
+        if self._checker is None:
+            loop = asyncio.get_running_loop()
+            self._checker = loop.call_later(self._check_period, self._check_waiting)
+
+    def _sent_bytes(self, proxy: _Proxy, watch: asyncio.Future[None]) -> None:
+        waiting = self._waiting.get(proxy)
+        if waiting is not None and waiting.watch is watch and not watch.cancelled():
+            self._sent[proxy] = None
+            self._make_room()
+
+    def _unwait(self, proxy: _Proxy) -> _Waiting | None:
+        waiting = self._waiting.pop(proxy, None)
+        if waiting is not None:
+            self._sent.pop(proxy, None)
+            if waiting.watch is not None:
+                # Before the descriptor closes: it may be reused by the next connection.
+                self.first_bytes.forget(waiting.fd, waiting.watch)
+                waiting.watch.cancel()
+        return waiting
 
     def _secured(self, proxy: _Proxy, transport: asyncio.BaseTransport) -> None:
         """TLS is up: the connection is now closed through its TLS transport."""
@@ -184,15 +292,62 @@ class ConnectionGuard:
             conn.transport = transport
 
     def _closed(self, proxy: _Proxy) -> None:
-        self._conns.pop(proxy, None)
-        self._by_handler.pop(proxy.inner, None)
+        self._unwait(proxy)
+        if self._conns.pop(proxy, None) is not None:
+            self._by_handler.pop(proxy.inner, None)
+            self._admit_waiting()
+        for acceptor in self.acceptors:
+            acceptor.start()
 
-    def _evict_one(self) -> bool:
+    def _admit_waiting(self) -> None:
+        """Hand free slots to the connections waiting: those whose request has come first,
+        in that order, then the oldest (one that sent nothing would hold a slot only to
+        be evicted or time out)."""
+        while self._waiting and len(self._conns) < self.max_connections:
+            proxy = next(iter(self._sent or self._waiting))
+            waiting = self._unwait(proxy)
+            if waiting is not None and not waiting.transport.is_closing():
+                self._admit(proxy, waiting.transport, asyncio.get_running_loop().time())
+
+    def _make_room(self) -> None:
+        """Evict idle and slow connections for the waiting ones whose request has come."""
+        self._admit_waiting()
+        now = asyncio.get_running_loop().time()
+        while self._sent and len(self._conns) >= self.max_connections:
+            if not self._evict_one(now):
+                break
+
+    def _evict_one(self, now: float) -> bool:
+        """Close the oldest connection that is idle or slow; whether there was one."""
+        looks = 0
         for proxy, conn in self._conns.items():
-            if not conn.busy:
+            if conn.busy or conn.transport.get_write_buffer_size():  # type: ignore[attr-defined]
+                continue  # serving a request, or its answer not all sent yet
+            if conn.since is None:
+                if looks >= _MAX_LOOKS:
+                    break
+                looks += 1
+                if _has_bytes(conn.transport):
+                    conn.since = now  # a request in the socket, not read yet: not idle
+                    continue
+            elif now - conn.since < self._grace:
+                continue  # a request is coming in
+            self.evicted += 1
+            self._log_full("closing the oldest idle or slow connection for a new one")
+            self._drop(proxy, conn)
+            return True
+        return False
+
+    def _drop_silent_waiting(self, now: float) -> bool:
+        """Close the oldest waiting connection that has sent nothing within the grace (it
+        would only time out); whether there was one."""
+        for proxy, waiting in self._waiting.items():
+            if now - waiting.since < self._grace:
+                break  # the rest are younger still
+            if proxy not in self._sent:
+                self._unwait(proxy)
                 self.evicted += 1
-                self._log_full("closing the oldest idle connection for a new one")
-                self._drop(proxy, conn)
+                waiting.transport.abort()  # type: ignore[attr-defined]
                 return True
         return False
 
@@ -218,12 +373,35 @@ class ConnectionGuard:
         if self._conns:
             self._schedule(loop)
 
+    def _check_waiting(self) -> None:
+        """While connections wait: time out those waiting too long, and evict for those
+        whose request has come the connections that became slow or idle meanwhile."""
+        self._checker = None
+        now = asyncio.get_running_loop().time()
+        for proxy, waiting in list(self._waiting.items()):
+            if now < waiting.since + self.header_timeout:
+                break  # the rest came later
+            self._unwait(proxy)
+            self.timed_out += 1
+            waiting.transport.abort()  # type: ignore[attr-defined]
+        self._make_room()
+        if self._waiting:
+            self._checker = asyncio.get_running_loop().call_later(self._check_period,
+                                                                  self._check_waiting)
+        for acceptor in self.acceptors:
+            acceptor.start()
+
     def close(self) -> None:
-        """Stop the timer and the first-bytes watch (at shutdown)."""
+        """Stop the timers and the first-bytes watch, close connections still waiting for
+        a slot (at shutdown)."""
+        for proxy, waiting in list(self._waiting.items()):
+            self._unwait(proxy)
+            waiting.transport.abort()  # type: ignore[attr-defined]
         self.first_bytes.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        for timer in (self._sweeper, self._checker):
+            if timer is not None:
+                timer.cancel()
+        self._sweeper = self._checker = None
 
     # --- requests ------------------------------------------------------------------------
 
@@ -234,30 +412,139 @@ class ConnectionGuard:
         conn = self._conns.get(proxy) if proxy is not None else None
         if conn is not None:
             conn.busy += 1
+            conn.since = None
         return conn
 
     def served(self, conn: _Conn) -> None:
         """The request is answered: the connection's next request has ``idle_timeout``."""
         conn.busy -= 1
-        conn.deadline = asyncio.get_running_loop().time() + self.idle_timeout
+        loop = asyncio.get_running_loop()
+        conn.deadline = loop.time() + self.idle_timeout
+        if self._sent and not conn.busy:
+            # Once the answer is written (this same pass): an idle connection gives its
+            # slot to one waiting with its request.
+            loop.call_soon(self._make_room)
 
-    def exception_handler(self, loop: asyncio.AbstractEventLoop,
-                          context: dict[str, Any]) -> None:
-        """asyncio's exception handler, with accept errors reduced to one line per interval."""
-        message = str(context.get("message", ""))
-        if message.startswith("socket.accept()"):
-            exc = context.get("exception")
-            self._log_accept(str(exc) if exc else message)
-            return
-        loop.default_exception_handler(context)
+    @property
+    def grace(self) -> float:
+        """Seconds a request coming in is safe from eviction."""
+        return self._grace
+
+    def accept_failed(self, exc: OSError) -> None:
+        """A failed accept (out of descriptors): one line per interval."""
+        self._log_accept(str(exc))
+
+
+class Acceptor:
+    """Accepts a listening socket's connections for a :class:`ConnectionGuard`, and stops
+    accepting while the guard has no room: connections then wait in the kernel's listen
+    queue (as Go's servers leave them at their limit) instead of being accepted only to
+    be reset. asyncio's own accept loop cannot be paused through its public API."""
+
+    def __init__(self, guard: ConnectionGuard, factory: Callable[[], asyncio.Protocol],
+                 listening: socket.socket, per_pass: int) -> None:
+        self._guard = guard
+        self._factory = factory
+        self._loop = asyncio.get_running_loop()
+        # The listening socket's own descriptor, not a duplicate: the server closes it,
+        # and close() detaches this object first.
+        self._sock = socket.socket(listening.family, listening.type, fileno=listening.fileno())
+        self._sock.setblocking(False)  # as asyncio leaves its servers' sockets
+        self._per_pass = per_pass
+        self._accepting = False
+        self._recheck: asyncio.TimerHandle | None = None  # while full: look again
+        self._backoff: asyncio.TimerHandle | None = None  # out of descriptors: wait
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def listen(self, backlog: int) -> None:
+        """Put the socket in listening state with a kernel queue of ``backlog``."""
+        self._sock.listen(backlog)
+
+    def start(self) -> None:
+        """Accept whenever the guard has room (not before a back-off after running out of
+        descriptors is over)."""
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
+        if not self._accepting and self._backoff is None and self._sock.fileno() >= 0:
+            self._accepting = True
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    def _stop_reading(self) -> None:
+        if self._accepting:
+            self._accepting = False
+            self._loop.remove_reader(self._sock.fileno())
+
+    def _full(self) -> None:
+        # Looked at again when a connection closes, and after the grace in which a
+        # request coming in is safe from eviction (it may be evictable then).
+        self._stop_reading()
+        if self._recheck is None:
+            self._recheck = self._loop.call_later(self._guard.grace, self.start)
+
+    def _back_off(self) -> None:
+        self._stop_reading()
+        if self._backoff is None:
+            self._backoff = self._loop.call_later(_ACCEPT_RETRY, self._backed_off)
+
+    def _backed_off(self) -> None:
+        self._backoff = None
+        self.start()
+
+    def _accept(self) -> None:
+        guard = self._guard
+        for _ in range(self._per_pass):
+            if not guard.room():
+                self._full()
+                return
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                # Out of descriptors or memory (Linux keeps reporting the socket ready):
+                # try again in a while, as asyncio does.
+                guard.accept_failed(exc)
+                self._back_off()
+                return
+            conn.setblocking(False)
+            guard.incoming += 1
+            task = self._loop.create_task(self._connect(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, conn)
+        except (OSError, RuntimeError) as exc:  # gone before its transport was made
+            self._guard.incoming = max(0, self._guard.incoming - 1)
+            conn.close()
+            logger.debug("connection lost before it was served: %s", exc)
+
+    def close(self) -> None:
+        """Stop accepting (before the server closes the listening socket)."""
+        for timer in (self._recheck, self._backoff):
+            if timer is not None:
+                timer.cancel()
+        self._recheck = self._backoff = None
+        if self._sock.fileno() >= 0:
+            self._stop_reading()
+        self._accepting = False
+        for task in self._tasks:
+            task.cancel()
+        if self._sock.fileno() >= 0:
+            self._sock.detach()
+
+
+_ACCEPT_RETRY = 1.0  # seconds before accepting again after running out of descriptors
 
 
 class _Proxy(asyncio.Protocol):
     """Stands between the transport and aiohttp's protocol, so the guard sees the
     connection open and close."""
 
-    __slots__ = ("_early", "_forwarded", "_handshake", "_peeking", "_refused", "_ssl", "guard",
-                 "inner")
+    __slots__ = ("_early", "_forwarded", "_handshake", "_peeking", "_refused", "_ssl", "conn",
+                 "guard", "inner")
 
     def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol,
                  ssl_context: ssl.SSLContext | None = None) -> None:
@@ -271,14 +558,30 @@ class _Proxy(asyncio.Protocol):
         self._early: list[bytes] = []
         self._refused = False  # plain HTTP on the TLS port: answered, the rest discarded
         self._peeking: tuple[int, asyncio.Future[None]] | None = None
+        self.conn: _Conn | None = None  # set once admitted
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self.guard._opened(self, transport):
-            transport.abort()  # type: ignore[attr-defined]
+        admitted = self.guard._opened(self, transport)  # True: served already
+        if admitted is None:
+            # Waits for a slot, its bytes left in the socket. asyncio 3.11 registers the
+            # reader after this call even when paused: paused again once it has.
+            transport.pause_reading()  # type: ignore[attr-defined]
+            asyncio.get_running_loop().call_soon(self._keep_paused, transport)
             return
+        if not admitted:
+            transport.abort()  # type: ignore[attr-defined]
+
+    def _keep_paused(self, transport: asyncio.BaseTransport) -> None:
+        if self.conn is None and not transport.is_closing():
+            transport.resume_reading()  # type: ignore[attr-defined]
+            transport.pause_reading()  # type: ignore[attr-defined]
+
+    def admitted(self, transport: asyncio.BaseTransport) -> None:
+        """The guard gave this connection a slot: serve it."""
         if self._ssl is None:
             self._forwarded = True
             self.inner.connection_made(transport)
+            transport.resume_reading()  # type: ignore[attr-defined]  # if it waited
             return
         # Nothing may be read before TLS takes the transport over (start_tls resumes).
         transport.pause_reading()  # type: ignore[attr-defined]
@@ -360,6 +663,9 @@ class _Proxy(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._forwarded:
+            conn = self.conn
+            if conn is not None and conn.since is None:
+                conn.since = asyncio.get_running_loop().time()
             self.inner.data_received(data)
         elif self._ssl is not None and not self._refused:
             self._early.append(data)
@@ -438,7 +744,7 @@ KERNEL_BACKLOG = 128
 class GuardedSite(web.BaseSite):
     """aiohttp's TCPSite with every connection under a :class:`ConnectionGuard`."""
 
-    __slots__ = ("_guard", "_host", "_port", "_sock")
+    __slots__ = ("_acceptors", "_guard", "_host", "_port", "_sock")
 
     def __init__(self, runner: web.BaseRunner, host: str | None, port: int,
                  guard: ConnectionGuard, *, ssl_context: Any = None,
@@ -448,6 +754,7 @@ class GuardedSite(web.BaseSite):
         self._port = port
         self._guard = guard
         self._sock = sock  # a listening socket handed over (systemd socket activation)
+        self._acceptors: list[Acceptor] = []
 
     @property
     def name(self) -> str:
@@ -472,17 +779,30 @@ class GuardedSite(web.BaseSite):
         assert server is not None, "runner not set up"
         loop = asyncio.get_running_loop()
         factory = self._guard.wrap(server, self._ssl_context)
+        # Bound, not served by asyncio: the guard's acceptors accept (and stop accepting).
         if self._sock is not None:
             self._server = await loop.create_server(factory, sock=self._sock,
-                                                    backlog=self._backlog)
+                                                    start_serving=False)
         else:
             self._server = await loop.create_server(
-                factory, self._host, self._port, backlog=self._backlog, reuse_address=True,
+                factory, self._host, self._port, reuse_address=True, start_serving=False,
             )
-        # asyncio accepts up to its backlog per pass (what a low open-files limit keeps
-        # small); the kernel's queue takes no descriptor, so it stays full-size and a
-        # connection waits there instead of being dropped (a client retrying after 1 s).
         for listening in self._server.sockets:
-            with contextlib.suppress(OSError), socket.fromfd(
-                    listening.fileno(), listening.family, listening.type) as dup:
-                dup.listen(max(self._backlog, KERNEL_BACKLOG))  # the same socket, by its dup
+            acceptor = Acceptor(self._guard, factory, listening,
+                                self._backlog)
+            # The kernel's queue takes no descriptor: it stays full-size, so a connection
+            # waits there instead of being dropped (a client retrying after 1 s), however
+            # few the exporter accepts per pass (what a low open-files limit keeps small).
+            acceptor.listen(max(self._backlog, KERNEL_BACKLOG))
+            self._acceptors.append(acceptor)
+            self._guard.acceptors.append(acceptor)
+            acceptor.start()
+
+    async def stop(self) -> None:
+        """Stop accepting, then close the listening sockets."""
+        for acceptor in self._acceptors:
+            acceptor.close()
+            if acceptor in self._guard.acceptors:
+                self._guard.acceptors.remove(acceptor)
+        self._acceptors.clear()
+        await super().stop()

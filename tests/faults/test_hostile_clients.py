@@ -190,3 +190,163 @@ def test_a_connection_serving_a_probe_is_neither_timed_out_nor_evicted(
     assert b"\nprobe_success 0\n" in response
     assert b'probe_ntp_failure_info{reason="timeout"} 1' in response
     assert "connection limit reached" in guarded.log()
+
+
+def fill_probe_slots(port: int, silent: list[socket.socket]) -> list[socket.socket]:
+    """A connection per never-answering server in ``silent`` (distinct targets, so no
+    burst is shared), each waiting on its probe (3.5 s budget); returns once every probe's
+    first request has reached its server."""
+    busy = []
+    for server in silent:
+        target = f"{LOOPBACK}:{server.getsockname()[1]}"
+        s = connect(port)
+        s.sendall(f"GET /probe?module=ntp&target={target} HTTP/1.1\r\nHost: x\r\n"
+                  "X-Prometheus-Scrape-Timeout-Seconds: 3.5\r\n"
+                  "Connection: close\r\n\r\n".encode())
+        busy.append(s)
+    for server in silent:
+        server.recvfrom(512)
+    return busy
+
+
+def test_requests_beyond_the_limit_wait_for_a_slot_instead_of_being_reset(
+        tmp_path: Path) -> None:
+    # A low open-files limit: 8 connections, 7 probes in flight at most, 8 connections
+    # waiting for a slot. With every probe slot taken, 40 clients connect at once: each
+    # new connection used to evict the one before it, whose request had come in but was
+    # not read yet (reset), and past the limit connections were reset; now they wait
+    # (in the exporter's queue, then the kernel's) and every one is answered.
+    prlimit = shutil.which("prlimit")
+    if prlimit is None:
+        pytest.skip("prlimit (util-linux) not installed")
+    from tests.integration import test_exporter
+
+    original = test_exporter.exporter_command
+    test_exporter.exporter_command = lambda: [prlimit, "--nofile=64:64", *original()]
+    try:
+        e = start_exporter(tmp_path, ())
+    finally:
+        test_exporter.exporter_command = original
+    try:
+        assert "serving at most 8 connections, accepting 8 at a time" in e.log(), e.log()
+        silent = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(7)]
+        clients: list[socket.socket] = []
+        busy: list[socket.socket] = []
+        try:
+            for server in silent:
+                server.bind((LOOPBACK, 0))
+                server.settimeout(5)
+            busy = fill_probe_slots(e.port, silent)
+            clients = [connect(e.port) for _ in range(40)]
+            for s in clients:
+                s.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answers = []
+            for s in clients:
+                try:
+                    answers.append(read_response(s))
+                except ConnectionResetError:
+                    answers.append(b"reset")
+        finally:
+            for s in clients + busy + silent:
+                s.close()
+        assert [a[:15] for a in answers] == [b"HTTP/1.1 200 OK"] * 40, e.log()[-3000:]
+        assert "Traceback" not in e.log()
+    finally:
+        stop_process(e.proc)
+
+
+def test_silent_connections_beyond_the_limit_do_not_hold_up_a_request(
+        tmp_path: Path) -> None:
+    # Silent connections fill the limit and the queue behind it; a real request must
+    # not wait behind them for the 10 s header timeout: idle ones are evicted for it, and
+    # of those waiting, one with a request in its socket is let in first.
+    e = start_exporter(tmp_path, ("--web.max-connections=4", "--probe.max-concurrent=3",
+                                  "--web.read-header-timeout=10"))
+    try:
+        hogs = [connect(e.port) for _ in range(60)]
+        try:
+            for _ in range(3):
+                assert healthy(e.port)  # its socket times out after 5 s
+        finally:
+            for s in hogs:
+                s.close()
+    finally:
+        stop_process(e.proc)
+
+
+# A child process that listens through an Acceptor, then takes every descriptor it may
+# open: its accept fails (EMFILE) until the parent writes a line to its stdin, which
+# makes it give them back. Each client gets b"hi" once accepted.
+_OUT_OF_FDS = r"""
+import asyncio, logging, os, resource, socket, sys
+from ntp_probe.web.connections import Acceptor, ConnectionGuard
+
+logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(message)s")
+
+served = None
+
+class Hi(asyncio.Protocol):
+    def connection_made(self, transport):
+        transport.write(b"hi")
+        transport.close()
+        served.set()
+
+async def main():
+    global served
+    served = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    guard = ConnectionGuard(max_connections=10, header_timeout=5, idle_timeout=5)
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    acceptor = Acceptor(guard, guard.wrap(Hi), listening, 8)
+    acceptor.listen(16)
+    released = asyncio.Event()
+    hogs = []
+    def release():
+        loop.remove_reader(0)
+        sys.stdin.readline()
+        for fd in hogs:
+            os.close(fd)
+        released.set()
+    loop.add_reader(0, release)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    try:
+        while True:
+            hogs.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    print(listening.getsockname()[1], flush=True)
+    acceptor.start()
+    await released.wait()
+    await asyncio.wait_for(served.wait(), 10)  # once the back-off (1 s) is over
+    acceptor.close()
+    listening.close()
+
+asyncio.run(main())
+"""
+
+
+def test_accepting_out_of_descriptors_backs_off_and_resumes(tmp_path: Path) -> None:
+    script = tmp_path / "out_of_fds.py"
+    script.write_text(_OUT_OF_FDS)
+    import sys
+
+    child = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stderr is not None
+        port = int(child.stdout.readline())
+        with socket.create_connection((LOOPBACK, port), timeout=10) as client:
+            # The kernel completed the handshake; the child cannot accept it yet.
+            line = child.stderr.readline().decode()
+            assert "cannot accept connections: [Errno 24] Too many open files" in line, line
+            child.stdin.write(b"go\n")
+            child.stdin.flush()
+            client.settimeout(10)
+            assert client.recv(16) == b"hi"  # accepted once the back-off was over
+        assert child.wait(timeout=30) == 0
+        rest = child.stderr.read().decode()
+        assert "Traceback" not in rest, rest
+    finally:
+        stop_process(child)

@@ -715,3 +715,29 @@ def test_load_web_config_missing_file(tmp_path: Path) -> None:
     with pytest.raises(WebConfigError) as exc:
         load_web_config(str(tmp_path / "no-such-web-config.yml"))
     assert "no-such-web-config.yml" in str(exc.value)
+
+
+def test_tls_clients_beyond_the_connection_limit_wait_their_turn(
+        pki: Pki, tmp_path: Path) -> None:
+    # 12 clients at once against a limit of 2: those beyond it wait for a slot, their
+    # ClientHello left unread in the socket, and then make their handshake; none is reset
+    # (each new connection used to evict the one before it, handshake and all).
+    from concurrent.futures import ThreadPoolExecutor
+
+    web = write_web_config(pki.dir / "web-queue.yml", tls=True)
+    context = ssl.create_default_context(cafile=str(pki.cert))
+    server = start_server(tmp_path, web, context, ("--web.max-connections=2",
+                                                   "--probe.max-concurrent=1"))
+    try:
+        def fetch(_: int) -> int | str:
+            try:
+                return server.get("/-/healthy", basic(USER, PASSWORD)).status
+            except (OSError, http.client.HTTPException, urllib.error.URLError) as exc:
+                return repr(exc)
+
+        with ThreadPoolExecutor(12) as pool:
+            statuses = list(pool.map(fetch, range(12)))
+        assert statuses == [200] * 12, statuses
+        assert "Traceback" not in server.log()
+    finally:
+        stop_process(server.proc)
