@@ -42,11 +42,14 @@ _GC_YOUNG_THRESHOLD = 50_000
 
 def probe_sockets(config: Config) -> int:
     """The most sockets one probe of ``config`` holds at once: one, but one per member of
-    a group and one per address of an all_addresses probe."""
+    a group, one per address of an all_addresses probe, and two for NTS (the key
+    exchange's, and the NTP exchange's counted before it)."""
     most = 1
     for module in config.modules.values():
         if module.prober == "ntp_group":
             most = max(most, MAX_GROUP_MEMBERS)
+        elif module.prober == "nts":
+            most = max(most, 2)
         elif module.ntp.all_addresses:
             most = max(most, module.ntp.max_addresses)
     return most

@@ -56,6 +56,25 @@ def give_back() -> None:
     _BUDGET.open -= 1
 
 
+class Reservation:
+    """A probe socket counted now and opened later: a probe that needs a second socket
+    once a first has done its work (NTS: the key exchange's TLS connection, then the NTP
+    exchange's socket) finds out before it sends anything, not after."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        take()  # LocalSocketError past the budget
+        self.held = True
+
+    def release(self) -> None:
+        """Give it back: the socket it stood for is about to be opened, or never will be
+        (idempotent)."""
+        if self.held:
+            self.held = False
+            give_back()
+
+
 def in_use() -> int:
     """Probe sockets open now."""
     return _BUDGET.open

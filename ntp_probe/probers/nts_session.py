@@ -16,7 +16,7 @@ from ntp_probe.config.schema import Module, NTPSettings, NTSSettings
 from ntp_probe.engine.context import ProbeContext
 from ntp_probe.engine.result import Measurement, Reason
 from ntp_probe.engine.targets import Target
-from ntp_probe.net.budget import LocalSocketError
+from ntp_probe.net.budget import LocalSocketError, Reservation
 from ntp_probe.net.resolve import Resolved, ResolveError, resolve
 from ntp_probe.net.tls import TIME_ERRORS, ConnectError, HandshakeError, TLSClient
 from ntp_probe.net.udp import Datagram, DatagramPump, Unreachable, sockaddr_for
@@ -423,7 +423,7 @@ async def _ntp_server(session_server: str | None, ke_address: Resolved, ctx: Pro
 
 async def _authenticated_burst(server: Resolved, port: int, settings: NTPSettings,
                                session: _Session, burst: ntp.Burst, until: float,
-                               ctx: ProbeContext) -> None:
+                               ctx: ProbeContext, reservation: Reservation) -> None:
     """The module's burst over NTS; concluded (gauges, reasons, KoD memory) by the NTP
     prober's own rules, whatever cut it short."""
     m, log = ctx.measurement, ctx.log
@@ -432,6 +432,7 @@ async def _authenticated_burst(server: Resolved, port: int, settings: NTPSetting
     client = rules.Client((server.address, port), NTS_VERSION)
     pump: DatagramPump[_Reply] | None = None
     try:
+        reservation.release()  # the pump's socket takes its place, in this same step
         pump = DatagramPump(server.family, sockaddr_for(server.address, port, server.family),
                             _matcher(client, burst, session, log), log, tx_timestamps=True)
         async with pump:
@@ -486,6 +487,14 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
     if resolved is None:
         return m
     state = _State(resolved.address, ke_port, nts.server_name or target.host)
+    try:
+        # The NTP exchange's socket, counted before the key exchange takes the server's
+        # handshake and cookies: past the probes' share, nothing is sent at all.
+        reservation = Reservation()
+    except LocalSocketError as exc:
+        ctx.log(f"local error, nothing sent: {exc.strerror or exc}")
+        m.fail(Reason.LOCAL_ERROR)
+        return m
     burst: ntp.Burst | None = None
     try:
         session = await _key_exchange(resolved, ke_port, nts, ctx, state,
@@ -505,10 +514,12 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
                                     ctx)
             return m
         burst = ntp.Burst()
-        await _authenticated_burst(server, port, settings, session, burst, until, ctx)
+        await _authenticated_burst(server, port, settings, session, burst, until, ctx,
+                                   reservation)
         _hold_back_key_exchange(burst, (state.ke_server, ke_port), (server.address, port),
                                 ctx)
     finally:
+        reservation.release()
         # Also when the runner's backstop cut the burst: the samples taken were
         # authenticated, and the NTP conclusion (which ran first) has their offset.
         authenticated = len(burst.samples) if burst is not None else 0

@@ -35,6 +35,7 @@ from OpenSSL import SSL
 from ntp_probe.config.load import parse_config
 from ntp_probe.config.schema import NTS_AEAD_IDS, ConfigError, Module, NTPSettings, NTSSettings
 from ntp_probe.engine.result import Reason
+from ntp_probe.net import budget
 from ntp_probe.net.budget import limit_probe_sockets
 from ntp_probe.net.tls import TLSClient
 from ntp_probe.net.udp import DatagramPump
@@ -790,3 +791,26 @@ async def test_no_socket_left_for_the_key_exchange_is_a_local_error(fake: FakeNT
         limit_probe_sockets(None)
     assert m.failure is Reason.LOCAL_ERROR, log.text()
     assert fake.ke_connections == 0
+
+
+async def test_room_for_the_key_exchange_but_not_the_burst_sends_nothing(
+        fake: FakeNTS, pki: PKI) -> None:
+    # One probe socket left: the KE's TLS connection would fit, the NTP exchange's socket
+    # after it would not. The server must not pay a handshake and cookies for a probe
+    # that cannot send its requests: the second socket is counted before the first.
+    limit_probe_sockets(1)
+    try:
+        m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0]))
+    finally:
+        limit_probe_sockets(None)
+    assert m.failure is Reason.LOCAL_ERROR, log.text()
+    assert fake.ke_connections == 0 and fake.requests == []
+    assert budget.in_use() == 0
+    # With room for both, the same probe works, and gives back what it counted.
+    limit_probe_sockets(2)
+    try:
+        m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0]))
+    finally:
+        limit_probe_sockets(None)
+    assert m.failure is None, log.text()
+    assert budget.in_use() == 0

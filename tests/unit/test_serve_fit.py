@@ -11,14 +11,16 @@ from ntp_probe.cli import serve
 from ntp_probe.config.load import parse_config
 
 
-def test_a_group_or_all_addresses_probe_counts_a_socket_per_member() -> None:
+def test_a_group_all_addresses_or_nts_probe_counts_every_socket_it_holds() -> None:
     # A group probe holds one socket per member at once (up to 16), an all_addresses
     # probe one per address: the descriptor budget must see them.
     plain = parse_config("modules:\n  n: {prober: ntp}\n", "t")
     group = parse_config("modules:\n  n: {prober: ntp}\n  g: {prober: ntp_group}\n", "t")
     every = parse_config("modules:\n  a:\n    ntp: {all_addresses: true, max_addresses: 5}\n",
                          "t")
-    assert [serve.probe_sockets(c) for c in (plain, group, every)] == [1, 16, 5]
+    # An NTS probe counts the NTP exchange's socket before its key exchange opens one.
+    nts = parse_config("modules:\n  s: {prober: nts}\n", "t")
+    assert [serve.probe_sockets(c) for c in (plain, group, every, nts)] == [1, 16, 5, 2]
 
 
 # (connections, backlog) and the probe sockets' share, enforced: what is left after the
