@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import time
 from collections import deque
@@ -99,8 +100,20 @@ class History:
         return 0 <= entry_id < self._next_id
 
     def get(self, entry_id: int) -> Entry | None:
-        """An entry by id, if still kept."""
-        for entry in (*self._recent, *self._failures):
-            if entry.id == entry_id:
-                return entry
+        """An entry by id, if still kept: found by position, not by walking the history
+        (``--history.limit`` may keep a hundred thousand)."""
+        recent = self._recent
+        if recent:
+            # Every probe enters the recent ring: its ids run without gaps.
+            i = entry_id - recent[0].id
+            if 0 <= i < len(recent):
+                return recent[i]
+        failures = self._failures  # ids ascending
+        i = bisect.bisect_left(failures, entry_id, key=_entry_id)
+        if i < len(failures) and failures[i].id == entry_id:
+            return failures[i]
         return None
+
+
+def _entry_id(entry: Entry) -> int:
+    return entry.id

@@ -1025,6 +1025,24 @@ async def test_a_burst_cancelled_under_its_waiters_cancels_them(
     assert state.coordinator.bursts_in_flight == 0
 
 
+def test_history_entries_are_found_by_id_recent_and_kept_failures_alike() -> None:
+    history = History(limit=50)
+    failed = Measurement()
+    failed.fail(Reason.TIMEOUT)
+    for i in range(400):  # every seventh a failure, all but the last 50 out of the ring
+        history.add("m", f"t{i}", failed if i % 7 == 0 else Measurement(), ProbeLog(), "")
+    history.add_cancelled("m", "t400", 1.0, ProbeLog())
+    kept = {e.id for e in history.listed(1000)[0]}
+    assert kept == set(range(351, 401)) | {i for i in range(0, 351, 7)}.intersection(
+        range(400 - 7 * 49, 351))
+    for i in range(-1, 402):
+        entry = history.get(i)
+        if i in kept:
+            assert entry is not None and entry.id == i and entry.target == f"t{i}"
+        else:
+            assert entry is None, i
+
+
 def test_the_history_does_not_keep_a_huge_exposition() -> None:
     # A hostile daemon can make one probe's metrics megabytes; 200 of them were kept.
     history = History(2)
