@@ -84,10 +84,12 @@ class History:
         kept entries are left out."""
         recent = list(itertools.islice(reversed(self._recent), rows))
         shown = {e.id for e in recent}
-        failures = [e for e in reversed(self._failures) if e.id not in shown]
-        in_ring = {e.id for e in self._recent}
-        kept = len(self._recent) + sum(1 for e in self._failures if e.id not in in_ring)
-        listed = recent + failures[:rows]
+        failures = list(itertools.islice(
+            (e for e in reversed(self._failures) if e.id not in shown), rows))
+        # Failures still kept that have left the ring: those older than its first entry.
+        first = self._recent[0].id if self._recent else self._next_id
+        kept = len(self._recent) + bisect.bisect_left(self._failures, first, key=_entry_id)
+        listed = recent + failures
         return listed, kept - len(listed)
 
     @property

@@ -1033,6 +1033,8 @@ def test_history_entries_are_found_by_id_recent_and_kept_failures_alike() -> Non
         history.add("m", f"t{i}", failed if i % 7 == 0 else Measurement(), ProbeLog(), "")
     history.add_cancelled("m", "t400", 1.0, ProbeLog())
     kept = {e.id for e in history.listed(1000)[0]}
+    listed, left_out = history.listed(10)  # 10 of the ring, 10 older failures
+    assert len(listed) == 20 and left_out == len(kept) - 20 == 72
     assert kept == set(range(351, 401)) | {i for i in range(0, 351, 7)}.intersection(
         range(400 - 7 * 49, 351))
     for i in range(-1, 402):
