@@ -23,7 +23,7 @@ from ntp_probe.exposition.render import CONTENT_TYPE, render
 from ntp_probe.web import pages
 from ntp_probe.web.auth import WebConfig, WebConfigError, load_web_config
 from ntp_probe.web.connections import ConnectionGuard
-from ntp_probe.web.history import History
+from ntp_probe.web.history import Entry, History
 
 logger = logging.getLogger("ntp_probe.web")
 
@@ -263,7 +263,8 @@ async def config_handler(request: web.Request) -> web.Response:
 
 
 async def logs_handler(request: web.Request) -> web.Response:
-    """GET /logs?id=N: one recent probe's log and metrics; a page for browsers, the
+    """GET /logs?id=N, or ?target=T[&module=M] for the newest kept probe of a target (as
+    blackbox_exporter 0.25): one recent probe's log and metrics; a page for browsers, the
     debug=true text for every other client (curl, scripts)."""
     wants_html = "text/html" in request.headers.get("Accept", "")
 
@@ -273,13 +274,24 @@ async def logs_handler(request: web.Request) -> web.Response:
                                 content_type="text/html", headers={"Vary": "Accept"})
         return web.Response(status=status, text=text + "\n", headers={"Vary": "Accept"})
 
+    state = request.app[STATE]
+    history = state.history
+    if "id" not in request.query and "target" in request.query:
+        target, module = request.query["target"], request.query.get("module") or None
+        entry = history.latest(target, module)
+        if entry is None:
+            of = f" with module {module!r}" if module is not None else ""
+            return answer(404, "No such probe",
+                          f"no probe of target {target!r}{of} is in the history "
+                          f"(--history.limit={history.limit})")
+        return _log_answer(entry, wants_html)
     raw = request.query.get("id", "")
     # Bounded: int() of thousands of digits is refused by Python (a 500); any shorter
     # number is an id, if one never issued (404).
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 64):
-        return answer(400, "Bad request", "id parameter must be a probe number")
-    state = request.app[STATE]
-    history, entry_id = state.history, int(raw)
+        return answer(400, "Bad request", "id parameter must be a probe number (or give "
+                      "target, and optionally module, for the newest probe of a target)")
+    entry_id = int(raw)
     entry = history.get(entry_id)
     if entry is None and not history.issued(entry_id):
         # Ids restart at 0 with the process: an old link may name one never issued here.
@@ -293,6 +305,10 @@ async def logs_handler(request: web.Request) -> web.Response:
                       f"probe {entry_id} is no longer in the history "
                       f"(--history.limit={history.limit}: the last {history.limit} probes "
                       "and as many failures are kept)")
+    return _log_answer(entry, wants_html)
+
+
+def _log_answer(entry: Entry, wants_html: bool) -> web.Response:
     settings = module_to_dict(entry.definition) if entry.definition is not None else {}
     if wants_html:
         return web.Response(text=pages.log_page(entry, settings), content_type="text/html",

@@ -116,6 +116,14 @@ class History:
             return failures[i]
         return None
 
+    def latest(self, target: str, module: str | None = None) -> Entry | None:
+        """The newest kept probe of ``target`` (as the request named it), of ``module``
+        when given."""
+        for entry in itertools.chain(reversed(self._recent), reversed(self._failures)):
+            if entry.target == target and (module is None or entry.module == module):
+                return entry
+        return None
+
 
 def _entry_id(entry: Entry) -> int:
     return entry.id

@@ -558,6 +558,39 @@ async def test_logs_show_each_probes_log_and_metrics(
     assert "leap=3" in text  # the packet line shows why
 
 
+async def test_logs_of_the_newest_probe_of_a_target_and_module(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    # blackbox_exporter 0.25's /logs?target=...&module=...: the newest kept probe of the
+    # target (and module, when given), without looking its id up first.
+    path = tmp_path / "modules.yaml"
+    text = config_text(module_yaml("one") + module_yaml("two"))
+    client, _ = await start(aiohttp_client, path, text)
+    fake_ntp.behaviour = answer(leap=3)
+    await probe(client, fake_ntp.target, "one")  # leap_unsynchronized
+    fake_ntp.behaviour = answer()
+    await probe(client, fake_ntp.target, "one")
+    fake_ntp.behaviour = answer(leap=3)
+    await probe(client, fake_ntp.target, "two")
+
+    async def logs(**params: str) -> tuple[int, str]:
+        resp = await client.get("/logs", params=params)
+        return resp.status, await resp.text()
+
+    status, body = await logs(target=fake_ntp.target, module="one")
+    assert status == 200 and "probe_success 1" in body and "module=one" in body, body
+    status, body = await logs(target=fake_ntp.target)  # any module: the newest
+    assert status == 200 and "probe_success 0" in body and "module=two" in body, body
+    status, body = await logs(target=fake_ntp.target, module="three")
+    assert status == 404
+    assert_one_line(body)
+    status, body = await logs(target="192.0.2.1:123")
+    assert status == 404 and "192.0.2.1:123" in body
+    status, body = await logs(module="one")  # neither id nor target
+    assert status == 400
+    assert_one_line(body)
+
+
 @pytest.mark.parametrize(
     ("raw", "status"),
     [
