@@ -22,6 +22,7 @@ from ntp_probe.cli.probe import probe
 from ntp_probe.cli.serve import serve
 from ntp_probe.config.load import leapfile_warning, load_config
 from ntp_probe.config.schema import Config, ConfigError
+from ntp_probe.engine.context import ProbeLog
 from ntp_probe.web.auth import WebConfigError, load_web_config
 
 logger = logging.getLogger("ntp_probe")
@@ -96,6 +97,9 @@ def serve_parser() -> argparse.ArgumentParser:
           metavar="SECONDS", help="subtracted from Prometheus' scrape timeout")
     flag(p, "--probe.max-concurrent", "100", dest="max_concurrent", type=_positive_int,
           metavar="N", help="probes in flight before /probe answers 503")
+    flag(p, "--log.prober", "debug", dest="log_prober", choices=sorted(logs.LEVELS),
+          help="level at which each probe's log lines are written to the log (they appear "
+          "when --log.level lets that level through)")
     flag(p, "--web.config.file", None, dest="web_config_file", metavar="FILE",
           help="TLS and basic auth, in Prometheus exporter-toolkit format")
     flag(p, "--web.max-connections", "512", dest="max_connections", type=_positive_int,
@@ -173,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = serve_parser().parse_args(argv)
     args.listen = listen_addresses(args.listen)
     logs.setup(args.log_level, args.log_format)
+    ProbeLog.level = logs.LEVELS[args.log_prober]
     config = _load(args.config_file)
     if args.config_check:
         if config is None:

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.text import visible
@@ -33,13 +34,15 @@ class Log:
 
 class ProbeLog(Log):
     """Per-probe log lines (for debug=true, /logs and the CLI), mirrored to the logger at
-    DEBUG.
+    :attr:`level` (DEBUG; ``--log.prober`` sets it, as blackbox_exporter's).
 
     A line is stored as (milliseconds since the start, message) and stamped only when the
     log is read: most probes' logs are never read.
     """
 
     __slots__ = ("_debug", "_entries", "_start", "fields", "suppressed")
+
+    level: ClassVar[int] = logging.DEBUG  # the level lines are mirrored to the logger at
 
     # A server flooding junk must not grow one probe's log without bound; lines marked
     # essential (the verdict) are kept beyond it.
@@ -52,7 +55,7 @@ class ProbeLog(Log):
         # not inside msg; LogRecord reserves "module", hence the prefix.
         self.fields = {"probe_target": target, "probe_module": module}
         self._start = time.perf_counter()
-        self._debug = _logger.isEnabledFor(logging.DEBUG)
+        self._debug = _logger.isEnabledFor(ProbeLog.level)
 
     def __call__(self, message: Message, *, essential: bool = False) -> None:
         """Add a line stamped with the time since the probe started. A costly line can be
@@ -63,7 +66,7 @@ class ProbeLog(Log):
             return
         entries.append((time.perf_counter(), message))
         if self._debug:
-            _logger.debug("%s", _text(message), extra=self.fields)
+            _logger.log(ProbeLog.level, "%s", _text(message), extra=self.fields)
 
     @property
     def line_count(self) -> int:

@@ -205,6 +205,30 @@ def test_probe_logs_carry_target_and_module_as_fields(tmp_path: Path) -> None:
                    if not r["msg"].startswith("probe "))
 
 
+def test_log_prober_sets_the_level_of_probe_lines(tmp_path: Path) -> None:
+    # blackbox_exporter's --log.prober: at info, every probe's lines reach the log at the
+    # default --log.level; the last probe (default debug) is not there.
+    config = tmp_path / "modules.yaml"
+    config.write_text(modules("only"))
+    e = start_exporter(tmp_path, (f"--config.file={config}", "--log.format", "json",
+                                  "--log.prober", "info"))
+    target = f"127.0.0.1:{free_udp_port()}"
+    try:
+        e.get(f"/probe?target={target}&module=only")
+        wait_for(lambda: "verdict" in e.log(), "the probe's lines at info", e)
+    finally:
+        stop_process(e.proc)
+    records = [json.loads(line) for line in e.log().splitlines() if line.startswith("{")]
+    probe_lines = [r for r in records if r["logger"] == "ntp_probe.probe"]
+    assert probe_lines and all(r["level"] == "info" for r in probe_lines), records
+    quiet = start_exporter(tmp_path, (f"--config.file={config}",))
+    try:
+        assert quiet.get(f"/probe?target={target}&module=only")[0] == 200
+    finally:
+        stop_process(quiet.proc)
+    assert "verdict" not in quiet.log() and "logger=ntp_probe.probe" not in quiet.log()
+
+
 # --- sd_notify -------------------------------------------------------------------------
 
 
