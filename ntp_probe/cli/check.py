@@ -49,7 +49,13 @@ def check_parser() -> argparse.ArgumentParser:
                 description="Run one probe and print one Nagios/Icinga plugin status line.",
                 epilog="exit status: 0 OK, 1 WARNING, 2 CRITICAL (also when the probe fails), "
                 "3 UNKNOWN (bad arguments or configuration).")
-    p.add_argument("target", help="HOST, HOST:PORT, IP:PORT or [IPv6]:PORT")
+    p.add_argument("target", nargs="?", help="HOST, HOST:PORT, IP:PORT or [IPv6]:PORT")
+    # check_ntp_peer's spellings, so that an Icinga or Nagios command written for it works.
+    p.add_argument("-H", "--hostname", metavar="HOST", help="the target, as check_ntp_peer "
+                   "takes it (instead of the argument)")
+    p.add_argument("-p", "--port", type=_port, metavar="PORT", help="the target's port")
+    p.add_argument("-t", "--timeout", type=flags.positive_float, metavar="SECONDS",
+                   help="the probe's time budget (default: the module's timeout)")
     flags.flag(p, "--module", "ntp", help="module name")
     flags.flag(p, "--warning", DEFAULT_WARNING, "-w", type=flags.positive_float,
                metavar="SECONDS", help="WARNING at |offset| above this")
@@ -58,6 +64,34 @@ def check_parser() -> argparse.ArgumentParser:
     flags.flag(p, "--config.file", None, dest="config_file", metavar="FILE",
                help="modules file (default: the packaged modules)")
     return p
+
+
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and 0 < int(text) < 65536):
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}")
+    return int(text)
+
+
+def _target_text(args: argparse.Namespace) -> str:
+    """The target as the arguments give it: the argument or -H, with -p's port."""
+    if args.target and args.hostname:
+        raise Unknown("give the target once: as the argument or with -H")
+    text = args.target or args.hostname
+    if not text:
+        raise Unknown("required: target (as the argument, or -H HOST)")
+    if args.port is None:
+        return str(text)
+    if text.startswith("["):
+        named = "]:" in text
+        joined = f"{text}:{args.port}"
+    elif text.count(":") == 1:
+        named, joined = True, text
+    else:  # a name, an IPv4 address, or an IPv6 address without brackets
+        named = False
+        joined = f"[{text}]:{args.port}" if ":" in text else f"{text}:{args.port}"
+    if named:
+        raise Unknown(f"the target {text!r} names a port already: -p {args.port} too")
+    return joined
 
 
 def _number(value: float) -> str:
@@ -128,10 +162,11 @@ async def check(args: argparse.Namespace, config: Config) -> tuple[int, str]:
     if args.warning > args.critical:
         raise Unknown(f"-w {args.warning:g} is above -c {args.critical:g}")
     try:
-        target = resolve_target(config, module, args.target)
+        target = resolve_target(config, module, _target_text(args))
     except TargetError as exc:
         raise Unknown(str(exc)) from None
-    m, _ = await run_probe(target, module, module.timeout, guard=guard_for(config, module))
+    timeout = module.timeout if args.timeout is None else args.timeout
+    m, _ = await run_probe(target, module, timeout, guard=guard_for(config, module))
     return evaluate(str(target), module, m, args.warning, args.critical)
 
 

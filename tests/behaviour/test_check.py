@@ -72,6 +72,28 @@ async def test_a_failed_probe_is_critical_with_its_reason(fake_ntp: FakeNTPServe
     assert line.startswith(f"NTP CRITICAL: {fake_ntp.target} probe failed: leap_unsynchronized")
 
 
+async def test_check_ntp_peers_host_port_and_timeout_flags(fake_ntp: FakeNTPServer) -> None:
+    # An Icinga or Nagios command written for check_ntp_peer (-H HOST -p PORT -t SECONDS)
+    # works as it is.
+    fake_ntp.behaviour = answer(offset=0.0)
+    args = check.check_parser().parse_args(["-H", fake_ntp.host, "-p", str(fake_ntp.port),
+                                            "--module", "one", "-t", "5"])
+    code, line = await check.check(args, CONFIG)
+    assert code == 0 and line.startswith(f"NTP OK: {fake_ntp.target} offset "), line
+    # An IPv6 address takes the port in brackets, as the target does.
+    assert check._target_text(check.check_parser().parse_args(
+        ["-H", "::1", "-p", "4123"])) == "[::1]:4123"
+    # -t is the probe's budget: a server that never answers is given up on after it, not
+    # after the module's 2 s (the probe's own duration, in the perfdata, says which).
+    fake_ntp.behaviour = lambda req: []
+    args = check.check_parser().parse_args([fake_ntp.target, "--module", "one",
+                                            "-t", "0.3"])
+    code, line = await check.check(args, CONFIG)
+    assert code == 2 and "probe failed: timeout" in line, line
+    duration = float(next(p for p in split(line)[1] if p.startswith("time="))[5:-1])
+    assert duration <= 0.3, line
+
+
 def exit_code(argv: list[str]) -> int:
     """main()'s exit code, whether it returns it or argparse raises it."""
     try:
@@ -86,6 +108,11 @@ def exit_code(argv: list[str]) -> int:
     (["check", "127.0.0.1", "-w", "soon"], "expected seconds or a duration"),
     (["check", "0x7f.1"], "non-standard form"),
     (["check"], "required: target"),
+    (["check", "127.0.0.1", "-H", "127.0.0.2"], "give the target once"),
+    (["check", "-H", "127.0.0.1:123", "-p", "123"], "names a port already: -p 123 too"),
+    (["check", "-H", "[::1]:123", "-p", "123"], "names a port already"),
+    (["check", "-H", "127.0.0.1", "-p", "99999"], "expected a port number, got '99999'"),
+    (["check", "-H", "127.0.0.1", "-t", "0"], "-t"),
 ])
 def test_bad_arguments_are_unknown(argv: list[str], why: str,
                                    capsys: pytest.CaptureFixture[str]) -> None:
