@@ -267,7 +267,8 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
 
     def on_sighup() -> None:
         nonlocal queued
-        if queued:  # a storm of signals is one reload more, not one each
+        # A storm of signals is one reload more, not one each; none once shutting down.
+        if queued or stop.is_set():
             return
         queued = True
         task = loop.create_task(reload_on_signal())
@@ -293,6 +294,11 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
     watchdog = sdnotify.start_watchdog()
     await stop.wait()
     logger.info("shutting down")
+    # From here a SIGHUP (logrotate, a configuration tool) neither reloads nor, once the
+    # loop is closed and asyncio has put the default action back, ends the process by
+    # signal instead of its clean exit.
+    loop.remove_signal_handler(signal.SIGHUP)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     sdnotify.notify("STOPPING=1")
     await sdnotify.stop_watchdog(watchdog)
     await runner.cleanup()

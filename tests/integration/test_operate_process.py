@@ -136,6 +136,22 @@ def test_a_sighup_storm_is_a_few_reloads_and_no_traceback(tmp_path: Path) -> Non
         stop_process(e.proc)
 
 
+def test_a_sighup_after_sigterm_does_not_reload(tmp_path: Path) -> None:
+    # Shutting down (probes in flight get their grace), a SIGHUP from logrotate or a
+    # config tool must not start loading the files again.
+    config = tmp_path / "modules.yaml"
+    config.write_text(modules("first"))
+    e = start_exporter(tmp_path, (f"--config.file={config}",))
+    try:
+        e.proc.send_signal(signal.SIGTERM)
+        e.proc.send_signal(signal.SIGHUP)
+        assert e.proc.wait(timeout=DEADLINE) == 0, e.log()
+    finally:
+        stop_process(e.proc)
+    log = e.log()
+    assert "shutting down" in log and "reloaded" not in log, log
+
+
 # --- log formats -----------------------------------------------------------------------
 
 
