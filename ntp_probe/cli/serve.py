@@ -263,7 +263,8 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
         nonlocal queued
         async with gate:
             queued = False
-            await state.reload()
+            if not stop.is_set():  # a SIGTERM handled after the SIGHUP, before this ran
+                await state.reload()
 
     def on_sighup() -> None:
         nonlocal queued
