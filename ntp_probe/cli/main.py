@@ -103,8 +103,9 @@ def serve_parser() -> argparse.ArgumentParser:
     flag(p, "--web.config.file", None, dest="web_config_file", metavar="FILE",
           help="TLS and basic auth, in Prometheus exporter-toolkit format")
     flag(p, "--web.max-connections", "512", dest="max_connections", type=_positive_int,
-          metavar="N", help="HTTP connections open at once; beyond it the oldest idle one "
-          "is closed (kept below the open-files limit)")
+          metavar="N", help="HTTP connections served at once; beyond it a new one waits "
+          "for a slot, and one whose request has come makes room by closing an idle or slow "
+          "one (kept below the open-files limit)")
     flag(p, "--web.read-header-timeout", "10", dest="header_timeout", type=positive_float,
           metavar="SECONDS", help="a new connection must send its request headers within this")
     flag(p, "--web.idle-timeout", "30", dest="idle_timeout", type=positive_float,

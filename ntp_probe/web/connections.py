@@ -116,6 +116,9 @@ class _Conn:
     # Loop time a request not yet dispatched began: its first bytes, or the connection's
     # admission (a client sends its request just after connecting). None: none begun.
     since: float | None = None
+    partial: bool = False  # bytes of that request came, not yet its whole head
+    heard: bool = False  # anything came since it was admitted
+    stalled: float | None = None  # loop time its answer stopped draining (client not reading)
 
 
 @dataclass(slots=True)
@@ -125,28 +128,49 @@ class _Waiting:
     transport: asyncio.BaseTransport
     since: float  # loop time it came
     fd: int  # -1: unknown
-    watch: asyncio.Future[None] | None = None  # done once it sends (or closes)
+    tls: bool
+    watch: asyncio.Future[None] | None = None  # until its first bytes come (or it closes)
 
 
-# A request begun this long ago (or a connection admitted this long ago that has sent
-# nothing) and still not dispatched is a slow or silent client's: evictable.
+# A connection admitted this long ago that has sent nothing, or whose whole request head
+# came this long ago and is still not dispatched, is a silent or stuck client's.
 _GRACE = 1.0
+# A request head still incomplete after this long (a client sending it piece by piece)
+# gives way to a waiting connection whose request is complete.
+_PARTIAL_GRACE = 0.25
 # Connections looked into (a system call each) per eviction, however many are open.
 _MAX_LOOKS = 16
+# A request head longer than this is not waited for: aiohttp answers it (431 or 400).
+_HEAD_PEEK = 8192
+_HEAD_END = b"\r\n\r\n"
 
 
-def _has_bytes(transport: asyncio.BaseTransport) -> bool:
-    """Whether the client has sent anything not read yet (its close included)."""
+def _waiting_bytes(transport: asyncio.BaseTransport) -> bytes | None:
+    """What the client has sent and nobody has read yet, up to _HEAD_PEEK bytes (left in
+    the socket); None when nothing; b"" when it closed (or reset)."""
     sock = transport.get_extra_info("socket")
     if sock is None:
-        return False
+        return None
+    peeking = socket.socket(fileno=sock.fileno())  # the same descriptor: detached again
     try:
-        FirstBytes.peek(sock.fileno())
+        return peeking.recv(_HEAD_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except (BlockingIOError, InterruptedError):
-        return False
+        return None
     except OSError:
-        return True  # reset or gone: its own close is on the way
-    return True
+        return b""  # reset or gone: its own close is on the way
+    finally:
+        peeking.detach()
+
+
+def _complete(data: bytes, tls: bool) -> bool:
+    """Whether ``data`` (the start of what a client sent) holds a whole request head: for
+    plain HTTP its blank line, for TLS its first record (the ClientHello). A close, bytes
+    that are neither, or more than _HEAD_PEEK count as complete: answered at once."""
+    if not data or len(data) >= _HEAD_PEEK:
+        return True
+    if tls and data[0] == 0x16:  # a TLS handshake record
+        return len(data) >= 5 and len(data) >= 5 + int.from_bytes(data[3:5], "big")
+    return tls or _HEAD_END in data
 
 
 class _Throttled:
@@ -168,7 +192,15 @@ class _Throttled:
 
 
 class ConnectionGuard:
-    """Connection limits and timeouts for one listening server."""
+    """Connection limits and timeouts for one listening server.
+
+    Beyond ``max_connections`` a new connection waits, unread, for a slot (at most
+    ``max_waiting`` of them; past that the acceptors stop accepting). A waiting connection
+    whose whole request head is in its socket makes room: an idle connection, one whose
+    answer has not drained for ``header_timeout``, or one sending its request too slowly
+    or not at all is closed for it. Connections that send nothing, or only part of a
+    request, never take a slot from anyone.
+    """
 
     def __init__(self, *, max_connections: int, header_timeout: float,
                  idle_timeout: float, max_waiting: int = 16) -> None:
@@ -177,23 +209,29 @@ class ConnectionGuard:
         self.idle_timeout = idle_timeout
         self.max_waiting = max_waiting
         self._grace = min(_GRACE, header_timeout / 2)
+        self._partial_grace = min(_PARTIAL_GRACE, self._grace)
         # Called before each TLS handshake for the context to use (the web config's,
         # built again when its certificate files change).
         self.before_tls: Callable[[], ssl.SSLContext | None] | None = None
         self.first_bytes = FirstBytes()
         self._conns: dict[_Proxy, _Conn] = {}  # insertion order: oldest first
         # Connections waiting for a slot, unread, in the order they came; and those of
-        # them whose request has come, in that order.
+        # them whose whole request head has come, in that order.
         self._waiting: dict[_Proxy, _Waiting] = {}
-        self._sent: dict[_Proxy, None] = {}
+        self._ready: dict[_Proxy, None] = {}
         self._checker: asyncio.TimerHandle | None = None  # runs while any wait
-        self._check_period = max(0.05, self._grace / 2)
+        self._check_period = max(0.05, self._partial_grace)
+        self._ready_wait = max(header_timeout, idle_timeout)
         self._by_handler: dict[object, _Proxy] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.evicted = 0
         self.refused = 0
         self.timed_out = 0
-        self._log_full = _Throttled("connection limit reached (--web.max-connections)")
+        # One throttle per event, so that each line's count is of what it says.
+        full = "connection limit reached (--web.max-connections)"
+        self._log_refused, self._log_waits, self._log_evicted = (
+            _Throttled(full), _Throttled(full), _Throttled(full))
         self._log_accept = _Throttled("cannot accept connections")
         # Resumed when a connection closes, if they had paused.
         self.acceptors: list[Acceptor] = []
@@ -213,42 +251,69 @@ class ConnectionGuard:
             return _Proxy(self, factory(), ssl_context)
         return make
 
+    def _now(self) -> float:
+        # The loop's clock without asking for the running loop each time (a system call
+        # on Python 3.11): this runs for every request.
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop.time()
+
     # --- connection life ---------------------------------------------------------------
 
     def _opened(self, proxy: _Proxy, transport: asyncio.BaseTransport) -> bool | None:
         """A new connection: True admitted (handed to aiohttp already), None waiting for a
         slot, False refused."""
-        now = asyncio.get_running_loop().time()
+        now = self._now()
         self.incoming = max(0, self.incoming - 1)
-        if len(self._conns) >= self.max_connections:
-            self._evict_one(now)
         if len(self._conns) < self.max_connections and not self._waiting:
             self._admit(proxy, transport, now)
             return True
-        if len(self._waiting) >= self.max_waiting and not self._drop_silent_waiting(now):
+        if len(self._waiting) >= self.max_waiting and not self._drop_unready_waiting(now):
             # Only for connections no Acceptor took (it stops accepting before this).
             self.refused += 1
-            self._log_full("every connection is serving a request and the queue for a "
-                           "free one is full; new connection closed")
+            self._log_refused("every connection is busy and the queue for a free one is "
+                              "full; new connection closed")
             return False
         self._wait(proxy, transport, now)
         self._admit_waiting()
         if proxy.conn is not None:
             return True
-        self._log_full("every connection is serving a request; a new one waits for a slot")
+        self._log_waits("every connection is busy; a new one waits for a slot")
         return None
 
     def room(self) -> bool:
-        """Whether a new connection can be taken now (admitted or queued), making room by
-        closing an idle or slow connection, or a silent waiting one, where needed."""
+        """Whether a new connection can be taken now (admitted or queued); makes room by
+        closing a waiting connection that has sent no whole request within a moment, or
+        one holding a slot that has sent nothing at all within the grace (a flood of
+        silent connections must not keep real ones in the kernel's queue)."""
         taken = len(self._conns) + len(self._waiting) + self.incoming
         if taken < self.max_connections + self.max_waiting:
             return True
-        now = asyncio.get_running_loop().time()
-        return self._evict_one(now) or self._drop_silent_waiting(now)
+        now = self._now()
+        return self._drop_unready_waiting(now) or self._evict_silent(now)
 
-    def _admit(self, proxy: _Proxy, transport: asyncio.BaseTransport, now: float) -> None:
-        conn = _Conn(transport, now + self.header_timeout, since=now)
+    def _evict_silent(self, now: float) -> bool:
+        looks = 0
+        for proxy, conn in self._conns.items():
+            if looks >= _MAX_LOOKS:
+                break
+            if (conn.busy or conn.heard or conn.since is None
+                    or now - conn.since < self._grace):
+                continue
+            looks += 1
+            if _waiting_bytes(conn.transport) is None:  # nothing came at all
+                self._evict(proxy, conn)
+                return True
+        return False
+
+    def _admit(self, proxy: _Proxy, transport: asyncio.BaseTransport, now: float,
+               since: float | None = None) -> None:
+        """Give ``proxy`` a slot; ``since``: when its request began, if before now."""
+        # A TLS handshake counts as a request head coming in: one stalled in it gives way
+        # as soon as one that is slow.
+        conn = _Conn(transport, now + self.header_timeout, since=now if since is None else since,
+                     partial=proxy.tls)
         self._conns[proxy] = conn
         proxy.conn = conn
         self._by_handler[proxy.inner] = proxy
@@ -259,26 +324,37 @@ class ConnectionGuard:
     def _wait(self, proxy: _Proxy, transport: asyncio.BaseTransport, now: float) -> None:
         """Queue ``proxy`` for a slot; its first bytes are watched for, not read."""
         sock = transport.get_extra_info("socket")
-        waiting = _Waiting(transport, now, -1 if sock is None else sock.fileno())
+        waiting = _Waiting(transport, now, -1 if sock is None else sock.fileno(),
+                           proxy.tls)
         if waiting.fd >= 0:
             with contextlib.suppress(OSError):  # closed already: it only times out
                 waiting.watch = self.first_bytes.watch(waiting.fd)
-                waiting.watch.add_done_callback(functools.partial(self._sent_bytes, proxy))
+                waiting.watch.add_done_callback(functools.partial(self._bytes_came, proxy))
         self._waiting[proxy] = waiting
         if self._checker is None:
             loop = asyncio.get_running_loop()
             self._checker = loop.call_later(self._check_period, self._check_waiting)
 
-    def _sent_bytes(self, proxy: _Proxy, watch: asyncio.Future[None]) -> None:
+    def _bytes_came(self, proxy: _Proxy, watch: asyncio.Future[None]) -> None:
         waiting = self._waiting.get(proxy)
-        if waiting is not None and waiting.watch is watch and not watch.cancelled():
-            self._sent[proxy] = None
-            self._make_room()
+        if waiting is None or waiting.watch is not watch or watch.cancelled():
+            return
+        # Fired once (the socket stays readable: it is not read): from here the checker
+        # looks again until the request's head is all there.
+        self.first_bytes.forget(waiting.fd, watch)
+        waiting.watch = None
+        self._look(proxy, waiting)
+        self._make_room()
+
+    def _look(self, proxy: _Proxy, waiting: _Waiting) -> None:
+        data = _waiting_bytes(waiting.transport)
+        if data is not None and _complete(data, waiting.tls):
+            self._ready[proxy] = None
 
     def _unwait(self, proxy: _Proxy) -> _Waiting | None:
         waiting = self._waiting.pop(proxy, None)
         if waiting is not None:
-            self._sent.pop(proxy, None)
+            self._ready.pop(proxy, None)
             if waiting.watch is not None:
                 # Before the descriptor closes: it may be reused by the next connection.
                 self.first_bytes.forget(waiting.fd, waiting.watch)
@@ -286,10 +362,12 @@ class ConnectionGuard:
         return waiting
 
     def _secured(self, proxy: _Proxy, transport: asyncio.BaseTransport) -> None:
-        """TLS is up: the connection is now closed through its TLS transport."""
+        """TLS is up: the connection is now closed through its TLS transport, and its
+        request comes next."""
         conn = self._conns.get(proxy)
         if conn is not None:
             conn.transport = transport
+            conn.since, conn.partial = self._now(), False
 
     def _closed(self, proxy: _Proxy) -> None:
         self._unwait(proxy)
@@ -300,51 +378,74 @@ class ConnectionGuard:
             acceptor.start()
 
     def _admit_waiting(self) -> None:
-        """Hand free slots to the connections waiting: those whose request has come first,
-        in that order, then the oldest (one that sent nothing would hold a slot only to
-        be evicted or time out)."""
+        """Hand free slots to the connections waiting: those whose request head has come
+        first, in that order, then the oldest."""
         while self._waiting and len(self._conns) < self.max_connections:
-            proxy = next(iter(self._sent or self._waiting))
+            proxy = next(iter(self._ready or self._waiting))
+            ready = proxy in self._ready
             waiting = self._unwait(proxy)
             if waiting is not None and not waiting.transport.is_closing():
-                self._admit(proxy, waiting.transport, asyncio.get_running_loop().time())
+                # One with no whole request yet has had its time since it came: it gives
+                # way as soon as it is slow, however long it waited here.
+                self._admit(proxy, waiting.transport, self._now(),
+                            None if ready else waiting.since)
 
     def _make_room(self) -> None:
-        """Evict idle and slow connections for the waiting ones whose request has come."""
+        """Evict idle, stuck and slow connections for the waiting ones whose request head
+        has come."""
         self._admit_waiting()
-        now = asyncio.get_running_loop().time()
-        while self._sent and len(self._conns) >= self.max_connections:
+        now = self._now()
+        while self._ready and len(self._conns) >= self.max_connections:
             if not self._evict_one(now):
                 break
 
     def _evict_one(self, now: float) -> bool:
-        """Close the oldest connection that is idle or slow; whether there was one."""
+        """Close the oldest connection that is stuck or slow (a client that stopped
+        reading its answer, or sends its request too slowly or not at all), else the
+        oldest idle one (a keep-alive client between requests, which reconnects); whether
+        there was one."""
         looks = 0
+        idle: tuple[_Proxy, _Conn] | None = None
         for proxy, conn in self._conns.items():
-            if conn.busy or conn.transport.get_write_buffer_size():  # type: ignore[attr-defined]
-                continue  # serving a request, or its answer not all sent yet
-            if conn.since is None:
-                if looks >= _MAX_LOOKS:
-                    break
-                looks += 1
-                if _has_bytes(conn.transport):
-                    conn.since = now  # a request in the socket, not read yet: not idle
+            if conn.busy:
+                continue
+            if conn.transport.get_write_buffer_size():  # type: ignore[attr-defined]
+                # Its answer is still being sent: unless the client stopped reading it.
+                if conn.stalled is None or now - conn.stalled < self.header_timeout:
                     continue
-            elif now - conn.since < self._grace:
+            elif conn.since is None:
+                if idle is not None or looks >= _MAX_LOOKS:
+                    continue
+                looks += 1
+                data = _waiting_bytes(conn.transport)
+                if data is None:
+                    idle = (proxy, conn)
+                else:  # its next request is in the socket, not read yet
+                    conn.since, conn.partial = now, not _complete(data, False)
+                continue
+            elif now - conn.since < (self._partial_grace if conn.partial else self._grace):
                 continue  # a request is coming in
-            self.evicted += 1
-            self._log_full("closing the oldest idle or slow connection for a new one")
-            self._drop(proxy, conn)
+            self._evict(proxy, conn)
+            return True
+        if idle is not None:
+            self._evict(*idle)
             return True
         return False
 
-    def _drop_silent_waiting(self, now: float) -> bool:
-        """Close the oldest waiting connection that has sent nothing within the grace (it
-        would only time out); whether there was one."""
+    def _evict(self, proxy: _Proxy, conn: _Conn) -> None:
+        self.evicted += 1
+        self._log_evicted("closing an idle or slow connection for one whose request has "
+                          "come")
+        self._drop(proxy, conn)
+
+    def _drop_unready_waiting(self, now: float) -> bool:
+        """Close the oldest waiting connection that has sent no whole request head within a
+        moment (a client sends its request as it connects; the queue is watched for it):
+        it would only time out. Whether there was one."""
         for proxy, waiting in self._waiting.items():
-            if now - waiting.since < self._grace:
-                break  # the rest are younger still
-            if proxy not in self._sent:
+            if now - waiting.since < self._partial_grace:
+                break  # the rest came later still
+            if proxy not in self._ready:
                 self._unwait(proxy)
                 self.evicted += 1
                 waiting.transport.abort()  # type: ignore[attr-defined]
@@ -374,16 +475,20 @@ class ConnectionGuard:
             self._schedule(loop)
 
     def _check_waiting(self) -> None:
-        """While connections wait: time out those waiting too long, and evict for those
-        whose request has come the connections that became slow or idle meanwhile."""
+        """While connections wait: time out those waiting too long, look again at those
+        whose request head was not all there, and make room for those whose is."""
         self._checker = None
-        now = asyncio.get_running_loop().time()
+        now = self._now()
         for proxy, waiting in list(self._waiting.items()):
-            if now < waiting.since + self.header_timeout:
-                break  # the rest came later
-            self._unwait(proxy)
-            self.timed_out += 1
-            waiting.transport.abort()  # type: ignore[attr-defined]
+            # Its whole request sent, a client has met the header timeout: it waits as
+            # long as an idle connection may (the slots may be held that long).
+            limit = self._ready_wait if proxy in self._ready else self.header_timeout
+            if now >= waiting.since + limit:
+                self._unwait(proxy)
+                self.timed_out += 1
+                waiting.transport.abort()  # type: ignore[attr-defined]
+            elif waiting.watch is None and proxy not in self._ready:
+                self._look(proxy, waiting)
         self._make_room()
         if self._waiting:
             self._checker = asyncio.get_running_loop().call_later(self._check_period,
@@ -413,22 +518,41 @@ class ConnectionGuard:
         if conn is not None:
             conn.busy += 1
             conn.since = None
+            conn.partial = False
         return conn
 
     def served(self, conn: _Conn) -> None:
         """The request is answered: the connection's next request has ``idle_timeout``."""
         conn.busy -= 1
-        loop = asyncio.get_running_loop()
-        conn.deadline = loop.time() + self.idle_timeout
-        if self._sent and not conn.busy:
+        now = self._now()
+        conn.deadline = now + self.idle_timeout
+        if self._ready and not conn.busy:
             # Once the answer is written (this same pass): an idle connection gives its
             # slot to one waiting with its request.
-            loop.call_soon(self._make_room)
+            asyncio.get_running_loop().call_soon(self._make_room)
+
+    def answered(self, request: web.BaseRequest) -> None:
+        """An answer is going out on the request's connection (every answer, the router's
+        404s and 405s included, which no handler marks busy): the connection is idle
+        from here, with ``idle_timeout`` for its next request."""
+        proxy = self._by_handler.get(request.protocol)
+        conn = self._conns.get(proxy) if proxy is not None else None
+        if conn is not None and not conn.busy:
+            conn.since = None
+            conn.partial = False
+            conn.deadline = self._now() + self.idle_timeout
+
+    def writing_paused(self, conn: _Conn | None, paused: bool) -> None:
+        """The connection's answer stopped draining (the client's window is full), or
+        drains again."""
+        if conn is not None:
+            conn.stalled = self._now() if paused else None
 
     @property
-    def grace(self) -> float:
-        """Seconds a request coming in is safe from eviction."""
-        return self._grace
+    def recheck(self) -> float:
+        """Seconds after which a full guard may have room again without a connection
+        closing (a waiting connection's moment, or a silent one's grace, has passed)."""
+        return self._check_period
 
     def accept_failed(self, exc: OSError) -> None:
         """A failed accept (out of descriptors): one line per interval."""
@@ -476,11 +600,11 @@ class Acceptor:
             self._loop.remove_reader(self._sock.fileno())
 
     def _full(self) -> None:
-        # Looked at again when a connection closes, and after the grace in which a
-        # request coming in is safe from eviction (it may be evictable then).
+        # Looked at again when a connection closes, and a moment later (a waiting
+        # connection that has sent nothing may give way by then).
         self._stop_reading()
         if self._recheck is None:
-            self._recheck = self._loop.call_later(self._guard.grace, self.start)
+            self._recheck = self._loop.call_later(self._guard.recheck, self.start)
 
     def _back_off(self) -> None:
         self._stop_reading()
@@ -559,6 +683,11 @@ class _Proxy(asyncio.Protocol):
         self._refused = False  # plain HTTP on the TLS port: answered, the rest discarded
         self._peeking: tuple[int, asyncio.Future[None]] | None = None
         self.conn: _Conn | None = None  # set once admitted
+
+    @property
+    def tls(self) -> bool:
+        """Whether the connection speaks TLS (its first bytes are a ClientHello)."""
+        return self._ssl is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         admitted = self.guard._opened(self, transport)  # True: served already
@@ -664,21 +793,37 @@ class _Proxy(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._forwarded:
             conn = self.conn
-            if conn is not None and conn.since is None:
-                conn.since = asyncio.get_running_loop().time()
+            if conn is not None and not conn.busy:
+                conn.heard = True
+                if conn.since is None:
+                    conn.since = self.guard._now()
+                # Whether the request's head is still coming (a request cut between its
+                # pieces reads as partial until aiohttp dispatches it, a moment later).
+                conn.partial = _HEAD_END not in data
             self.inner.data_received(data)
         elif self._ssl is not None and not self._refused:
             self._early.append(data)
 
     def eof_received(self) -> bool | None:
-        # None closes the transport (the refused connection's end, once the client closed).
-        return self.inner.eof_received() if self._forwarded else None
+        if not self._forwarded:
+            return None  # closes the transport (the refused connection's end)
+        self.inner.eof_received()
+        close = getattr(self.inner, "close", None)
+        if self._ssl is not None or close is None:
+            return None  # TLS has no half-close
+        # The client is done sending (a half-close after its request: `nc -N`, a shell's
+        # printf | nc): its request is answered, then the connection closed, as Go's
+        # server does; aiohttp would close it at once and drop the answer.
+        close()  # aiohttp: no further requests; closes once its handlers are done
+        return True
 
     def pause_writing(self) -> None:
+        self.guard.writing_paused(self.conn, True)
         if self._forwarded:
             self.inner.pause_writing()
 
     def resume_writing(self) -> None:
+        self.guard.writing_paused(self.conn, False)
         if self._forwarded:
             self.inner.resume_writing()
 
@@ -793,7 +938,10 @@ class GuardedSite(web.BaseSite):
             # The kernel's queue takes no descriptor: it stays full-size, so a connection
             # waits there instead of being dropped (a client retrying after 1 s), however
             # few the exporter accepts per pass (what a low open-files limit keeps small).
-            acceptor.listen(max(self._backlog, KERNEL_BACKLOG))
+            # A socket systemd hands over listens already, with the unit's Backlog=.
+            if self._sock is None or not self._sock.getsockopt(socket.SOL_SOCKET,
+                                                               socket.SO_ACCEPTCONN):
+                acceptor.listen(max(self._backlog, KERNEL_BACKLOG))
             self._acceptors.append(acceptor)
             self._guard.acceptors.append(acceptor)
             acceptor.start()

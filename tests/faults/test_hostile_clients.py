@@ -3,6 +3,7 @@ many of them, a low open-files limit, bad requests. Nothing takes /-/healthy dow
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -350,3 +351,128 @@ def test_accepting_out_of_descriptors_backs_off_and_resumes(tmp_path: Path) -> N
         assert "Traceback" not in rest, rest
     finally:
         stop_process(child)
+
+
+def test_clients_sending_part_of_a_request_do_not_hold_up_a_whole_one(
+        tmp_path: Path) -> None:
+    # Twenty clients send a request line and then nothing, against a limit of 3: they take
+    # the slots and the queue, but only a connection whose whole request head has come
+    # makes room, and a request still incomplete after a moment gives way to it. Before,
+    # any bytes counted as a request: the real one waited behind all twenty, each holding
+    # a slot for a second (6 s here, past the 5 s this client waits).
+    e = start_exporter(tmp_path, ("--web.max-connections=3", "--probe.max-concurrent=2"))
+    partial = []
+    try:
+        for _ in range(20):
+            s = connect(e.port)
+            s.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n")
+            partial.append(s)
+        for _ in range(3):
+            assert healthy(e.port)  # its socket times out after 5 s
+    finally:
+        for s in partial:
+            s.close()
+        stop_process(e.proc)
+
+
+def test_a_keep_alive_connection_outlives_idle_ones_evicted_for_waiting_requests(
+        tmp_path: Path) -> None:
+    # A scraper's keep-alive connection idles between scrapes while clients sending part of
+    # a request crowd the limit: the slow ones give way, not the scraper's connection.
+    e = start_exporter(tmp_path, ("--web.max-connections=3", "--probe.max-concurrent=2"))
+    partial: list[socket.socket] = []
+    try:
+        with connect(e.port) as scraper:
+            def scrape() -> bytes:
+                scraper.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
+                return scraper.recv(4096)
+
+            assert scrape().startswith(b"HTTP/1.1 200")
+            for _ in range(12):
+                s = connect(e.port)
+                s.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n")
+                partial.append(s)
+            # The scenario, not a wait for an event: they have been at it for longer than
+            # a request takes to come in (a quarter of a second).
+            time.sleep(0.5)
+            for _ in range(3):
+                assert healthy(e.port)  # each a whole request: room is made for it
+                assert scrape().startswith(b"HTTP/1.1 200")  # on the same connection
+    finally:
+        for s in partial:
+            s.close()
+        stop_process(e.proc)
+
+
+def test_a_client_that_half_closes_after_its_request_gets_the_answer(
+        guarded: Exporter) -> None:
+    # `printf 'GET ...' | nc -N`: the request, then shutdown(SHUT_WR). Go's server answers
+    # it; aiohttp closed the connection at the client's end of file, answer unsent.
+    for path in ("/-/healthy", "/metrics"):
+        with connect(guarded.port) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            s.shutdown(socket.SHUT_WR)
+            assert read_response(s).startswith(b"HTTP/1.1 200 OK"), path
+
+
+def test_a_keep_alive_connection_answered_by_the_router_is_not_cut(
+        guarded: Exporter) -> None:
+    # 404s and 405s pass no route handler; the connection's header deadline used to run
+    # on from its first request and cut it at --web.read-header-timeout (0.5 s here).
+    with connect(guarded.port) as s:
+        until = time.monotonic() + 3 * HEADER_TIMEOUT
+        answered = 0
+        while time.monotonic() < until:
+            s.sendall(b"GET /no-such-page HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 404"), answered
+            answered += 1
+            time.sleep(HEADER_TIMEOUT / 5)  # a client pacing its requests (not a wait)
+        assert answered >= 10
+
+
+def send_queue_bytes(port: int) -> list[int]:
+    """Bytes waiting in the exporter's send queue of each connection it has (ss)."""
+    ss = shutil.which("ss")
+    assert ss is not None
+    out = subprocess.run([ss, "-Htn", f"sport = :{port}"], capture_output=True, text=True,
+                         timeout=30).stdout
+    return [int(line.split()[2]) for line in out.splitlines() if line.startswith("ESTAB")]
+
+
+def test_clients_that_do_not_read_their_answers_give_way(tmp_path: Path) -> None:
+    # Two clients pipeline /metrics requests and never read: once the socket buffers are
+    # full their answers stop draining, and their connections are neither busy nor idle.
+    # After --web.read-header-timeout without draining they give way to a whole request;
+    # before, they held the slots until --web.idle-timeout (30 s), and a request waiting
+    # for one was reset after the header timeout (1 s here).
+    if shutil.which("ss") is None:
+        pytest.skip("ss (iproute2) not installed")
+    e = start_exporter(tmp_path, ("--web.max-connections=2", "--probe.max-concurrent=1",
+                                  "--web.read-header-timeout=1"))
+    hogs = []
+    try:
+        for _ in range(2):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            s.connect((LOOPBACK, e.port))
+            s.setblocking(False)
+            request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+            with contextlib.suppress(BlockingIOError):
+                for _ in range(3000):  # bounded; stops when its send buffer is full
+                    s.send(request)
+            hogs.append(s)
+        # Stalled: both send queues stop growing (polled, with a deadline).
+        deadline, last = time.monotonic() + 20, [-1]
+        while time.monotonic() < deadline:
+            queued = send_queue_bytes(e.port)
+            if len(queued) == 2 and min(queued) > 0 and queued == last:
+                break
+            last = queued
+            time.sleep(0.2)  # poll interval, bounded by the deadline
+        else:
+            pytest.fail(f"the answers did not stall: {last}")
+        assert healthy(e.port)  # its socket times out after 5 s
+    finally:
+        for s in hogs:
+            s.close()
+        stop_process(e.proc)

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -484,7 +485,7 @@ os.execv(sys.argv[2], sys.argv[2:])
 def test_systemd_socket_activation(tmp_path: Path) -> None:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
-    listener.listen()
+    listener.listen(1000)  # the unit's Backlog=
     port = listener.getsockname()[1]
     command = exporter_command()
     log_path = tmp_path / "exporter.log"
@@ -500,6 +501,12 @@ def test_systemd_socket_activation(tmp_path: Path) -> None:
     try:
         wait_for(lambda: e.get("/-/healthy")[0] == 200, "healthy on the inherited socket", e)
         assert f"listening on http://127.0.0.1:{port}" in e.log()
+        # The socket listens with the unit's backlog, not one the exporter chose.
+        ss = shutil.which("ss")
+        if ss is not None:
+            listing = subprocess.run([ss, "-Hlnt", f"sport = :{port}"], capture_output=True,
+                                     text=True, timeout=30).stdout.split()
+            assert listing[:3] == ["LISTEN", "0", "1000"], listing
     finally:
         stop_process(proc)
 
