@@ -780,37 +780,30 @@ async def test_a_chain_for_another_purpose_is_untrusted(
     assert m.failure is (None if verified else Reason.NTS_CERT_UNTRUSTED), log.text()
 
 
-async def test_no_socket_left_for_the_key_exchange_is_a_local_error(fake: FakeNTS,
-                                                                    pki: PKI) -> None:
-    # The probes' share of the open-files limit used up: the KE's TCP socket counts too,
-    # and its refusal is this host's trouble, not a 500 or the server's fault.
-    limit_probe_sockets(0)
+async def probe_with_sockets(limit: int, fake: FakeNTS, pki: PKI) -> Any:
+    """A probe of ``fake`` with ``limit`` probe sockets left in the open-files share."""
+    limit_probe_sockets(limit)
     try:
-        m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0]))
+        return await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0]))
     finally:
         limit_probe_sockets(None)
-    assert m.failure is Reason.LOCAL_ERROR, log.text()
-    assert fake.ke_connections == 0
 
 
-async def test_room_for_the_key_exchange_but_not_the_burst_sends_nothing(
-        fake: FakeNTS, pki: PKI) -> None:
-    # One probe socket left: the KE's TLS connection would fit, the NTP exchange's socket
-    # after it would not. The server must not pay a handshake and cookies for a probe
-    # that cannot send its requests: the second socket is counted before the first.
-    limit_probe_sockets(1)
-    try:
-        m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0]))
-    finally:
-        limit_probe_sockets(None)
+# 0: the KE's TCP socket counts too, and its refusal is this host's trouble, not a 500 or
+# the server's fault. 1: the KE's TLS connection would fit, the NTP exchange's socket
+# after it would not; the server must not pay a handshake and cookies for a probe that
+# cannot send its requests, so the second socket is counted before the first.
+@pytest.mark.parametrize("limit", [0, 1])
+async def test_no_room_for_both_sockets_is_a_local_error_and_nothing_sent(
+        fake: FakeNTS, pki: PKI, limit: int) -> None:
+    m, log = await probe_with_sockets(limit, fake, pki)
     assert m.failure is Reason.LOCAL_ERROR, log.text()
     assert fake.ke_connections == 0 and fake.requests == []
     assert budget.in_use() == 0
-    # With room for both, the same probe works, and gives back what it counted.
-    limit_probe_sockets(2)
-    try:
-        m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0]))
-    finally:
-        limit_probe_sockets(None)
+
+
+async def test_room_for_both_sockets_probes_and_gives_them_back(fake: FakeNTS,
+                                                                pki: PKI) -> None:
+    m, log = await probe_with_sockets(2, fake, pki)
     assert m.failure is None, log.text()
     assert budget.in_use() == 0

@@ -94,18 +94,24 @@ def test_healthy_answers_while_idle_connections_fill_the_limit(guarded: Exporter
     assert "connection limit reached" in guarded.log()
 
 
-def test_a_low_open_files_limit_shrinks_the_connection_cap(tmp_path: Path) -> None:
+def start_limited(tmp_path: Path, nofile: int, args: tuple[str, ...]) -> Exporter:
+    """The exporter under an open-files limit of ``nofile`` (prlimit), with ``args``."""
     prlimit = shutil.which("prlimit")
     if prlimit is None:
         pytest.skip("prlimit (util-linux) not installed")
     from tests.integration import test_exporter
 
     original = test_exporter.exporter_command
-    test_exporter.exporter_command = lambda: [prlimit, "--nofile=300:300", *original()]
+    test_exporter.exporter_command = lambda: [prlimit, f"--nofile={nofile}:{nofile}",
+                                              *original()]
     try:
-        e = start_exporter(tmp_path, ("--web.max-connections=1000",))
+        return start_exporter(tmp_path, args)
     finally:
         test_exporter.exporter_command = original
+
+
+def test_a_low_open_files_limit_shrinks_the_connection_cap(tmp_path: Path) -> None:
+    e = start_limited(tmp_path, 300, ("--web.max-connections=1000",))
     try:
         hogs = [connect(e.port) for _ in range(400)]  # more than the process may open
         try:
@@ -217,17 +223,7 @@ def test_requests_beyond_the_limit_wait_for_a_slot_instead_of_being_reset(
     # new connection used to evict the one before it, whose request had come in but was
     # not read yet (reset), and past the limit connections were reset; now they wait
     # (in the exporter's queue, then the kernel's) and every one is answered.
-    prlimit = shutil.which("prlimit")
-    if prlimit is None:
-        pytest.skip("prlimit (util-linux) not installed")
-    from tests.integration import test_exporter
-
-    original = test_exporter.exporter_command
-    test_exporter.exporter_command = lambda: [prlimit, "--nofile=64:64", *original()]
-    try:
-        e = start_exporter(tmp_path, ())
-    finally:
-        test_exporter.exporter_command = original
+    e = start_limited(tmp_path, 64, ())
     try:
         assert "serving at most 8 connections, accepting 8 at a time" in e.log(), e.log()
         silent = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(7)]

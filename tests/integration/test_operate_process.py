@@ -21,6 +21,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -203,20 +204,25 @@ def test_log_format_logfmt(tmp_path: Path) -> None:
     assert not any(line.startswith("{") for line in lines)
 
 
-def test_probe_logs_carry_target_and_module_as_fields(tmp_path: Path) -> None:
+def probe_log_records(tmp_path: Path, *args: str) -> tuple[str, list[dict[str, Any]]]:
+    """One probe of a silent port by an exporter logging JSON with ``args``: the target
+    and the log records of the probe's own lines (logger ntp_probe.probe)."""
     config = tmp_path / "modules.yaml"
     config.write_text(modules("only"))
-    e = start_exporter(tmp_path, (f"--config.file={config}", "--log.format", "json",
-                                  "--log.level", "debug"))
+    e = start_exporter(tmp_path, (f"--config.file={config}", "--log.format", "json", *args))
     target = f"127.0.0.1:{free_udp_port()}"
     try:
         e.get(f"/probe?target={target}&module=only")
-        wait_for(lambda: "verdict" in e.log(), "the probe's debug lines", e)
+        wait_for(lambda: "verdict" in e.log(), "the probe's lines in the log", e)
     finally:
         stop_process(e.proc)
     records = [json.loads(line) for line in e.log().splitlines() if line.startswith("{")]
-    probe_lines = [r for r in records if r["logger"] == "ntp_probe.probe"]
-    assert probe_lines, records
+    return target, [r for r in records if r["logger"] == "ntp_probe.probe"]
+
+
+def test_probe_logs_carry_target_and_module_as_fields(tmp_path: Path) -> None:
+    target, probe_lines = probe_log_records(tmp_path, "--log.level", "debug")
+    assert probe_lines
     assert all(r["target"] == target and r["module"] == "only" for r in probe_lines)
     assert not any("target=" in r["msg"] or "module=only" in r["msg"] for r in probe_lines
                    if not r["msg"].startswith("probe "))
@@ -225,19 +231,10 @@ def test_probe_logs_carry_target_and_module_as_fields(tmp_path: Path) -> None:
 def test_log_prober_sets_the_level_of_probe_lines(tmp_path: Path) -> None:
     # blackbox_exporter's --log.prober: at info, every probe's lines reach the log at the
     # default --log.level; the last probe (default debug) is not there.
+    _, probe_lines = probe_log_records(tmp_path, "--log.prober", "info")
+    assert probe_lines and all(r["level"] == "info" for r in probe_lines), probe_lines
     config = tmp_path / "modules.yaml"
-    config.write_text(modules("only"))
-    e = start_exporter(tmp_path, (f"--config.file={config}", "--log.format", "json",
-                                  "--log.prober", "info"))
     target = f"127.0.0.1:{free_udp_port()}"
-    try:
-        e.get(f"/probe?target={target}&module=only")
-        wait_for(lambda: "verdict" in e.log(), "the probe's lines at info", e)
-    finally:
-        stop_process(e.proc)
-    records = [json.loads(line) for line in e.log().splitlines() if line.startswith("{")]
-    probe_lines = [r for r in records if r["logger"] == "ntp_probe.probe"]
-    assert probe_lines and all(r["level"] == "info" for r in probe_lines), records
     quiet = start_exporter(tmp_path, (f"--config.file={config}",))
     try:
         assert quiet.get(f"/probe?target={target}&module=only")[0] == 200
