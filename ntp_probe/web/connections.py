@@ -163,13 +163,13 @@ def _waiting_bytes(transport: asyncio.BaseTransport) -> bytes | None:
 
 
 def _complete(data: bytes, tls: bool) -> bool:
-    """Whether ``data`` (the start of what a client sent) holds a whole request head: for
-    plain HTTP its blank line, for TLS its first record (the ClientHello). A close, bytes
-    that are neither, or more than _HEAD_PEEK count as complete: answered at once."""
-    if not data or len(data) >= _HEAD_PEEK:
-        return True
+    """Whether ``data`` (the start of what a client sent, not empty) holds a whole request
+    head: for plain HTTP its blank line, for TLS its first record (the ClientHello; bytes
+    that are not TLS are answered at once). A head longer than _HEAD_PEEK without its
+    blank line is not whole: it is refused (431) once it gets a slot, but takes none."""
     if tls and data[0] == 0x16:  # a TLS handshake record
-        return len(data) >= 5 and len(data) >= 5 + int.from_bytes(data[3:5], "big")
+        return len(data) >= _HEAD_PEEK or (
+            len(data) >= 5 and len(data) >= 5 + int.from_bytes(data[3:5], "big"))
     return tls or _HEAD_END in data
 
 
@@ -348,7 +348,11 @@ class ConnectionGuard:
 
     def _look(self, proxy: _Proxy, waiting: _Waiting) -> None:
         data = _waiting_bytes(waiting.transport)
-        if data is not None and _complete(data, waiting.tls):
+        if data == b"":
+            # Closed or reset without a request (a TCP health check, `nc -z`): gone now.
+            self._unwait(proxy)
+            waiting.transport.abort()  # type: ignore[attr-defined]
+        elif data is not None and _complete(data, waiting.tls):
             self._ready[proxy] = None
 
     def _unwait(self, proxy: _Proxy) -> _Waiting | None:
@@ -420,8 +424,11 @@ class ConnectionGuard:
                 data = _waiting_bytes(conn.transport)
                 if data is None:
                     idle = (proxy, conn)
-                else:  # its next request is in the socket, not read yet
+                elif data:  # its next request is in the socket, not read yet
                     conn.since, conn.partial = now, not _complete(data, False)
+                else:  # closed by the client, its end not read yet: gone anyway
+                    self._evict(proxy, conn)
+                    return True
                 continue
             elif now - conn.since < (self._partial_grace if conn.partial else self._grace):
                 continue  # a request is coming in
@@ -809,12 +816,15 @@ class _Proxy(asyncio.Protocol):
             return None  # closes the transport (the refused connection's end)
         self.inner.eof_received()
         close = getattr(self.inner, "close", None)
-        if self._ssl is not None or close is None:
-            return None  # TLS has no half-close
-        # The client is done sending (a half-close after its request: `nc -N`, a shell's
-        # printf | nc): its request is answered, then the connection closed, as Go's
-        # server does; aiohttp would close it at once and drop the answer.
-        close()  # aiohttp: no further requests; closes once its handlers are done
+        conn = self.conn
+        pending = conn is not None and (conn.busy > 0 or (
+            conn.heard and conn.since is not None and not conn.partial))
+        if self._ssl is not None or close is None or not pending:
+            return None  # closed now: TLS has no half-close, and nothing is asked
+        # The client is done sending, its request in (a half-close after it: `nc -N`, a
+        # shell's printf | nc): answered, then the connection closed, as Go's server
+        # does; aiohttp would close it at once and drop the answer.
+        close()  # aiohttp: no further requests; closes once its handler is done
         return True
 
     def pause_writing(self) -> None:

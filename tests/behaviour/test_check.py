@@ -178,8 +178,11 @@ async def test_hybrid_judges_the_servers_offset_not_the_kernels(fake_ntp: FakeNT
         "      kernel_correlation: true\n", "test")
     code, line = await run(fake_ntp.target, config=config)
     status, perf = split(line)
-    assert code == 2 and status.startswith(f"NTP CRITICAL: {fake_ntp.target} offset +0.2"), line
-    assert any(p.startswith("offset=") and p.endswith(";0.010000;0.050000") for p in perf), perf
+    # The server's offset (0.2 s give or take the exchange's few microseconds) is judged.
+    assert code == 2 and status.startswith(f"NTP CRITICAL: {fake_ntp.target} offset +0."), line
+    offset_perf = next(p for p in perf if p.startswith("offset="))
+    assert offset_perf.endswith(";0.010000;0.050000"), perf
+    assert float(offset_perf[7:].split("s")[0]) == pytest.approx(0.2, abs=0.005), perf
     assert any(re.fullmatch(r"kernel_offset=-?[0-9.]+s", p) for p in perf), perf
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -371,8 +372,15 @@ def test_clients_sending_part_of_a_request_do_not_hold_up_a_whole_one(
         stop_process(e.proc)
 
 
+# A request line alone, and a head of more than 8 KiB still without its blank line (it
+# used to count as whole once that long).
+@pytest.mark.parametrize("part", [
+    b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n",
+    b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n" + b"X-A: " + b"a" * 4100 + b"\r\nX-B: "
+    + b"b" * 4100 + b"\r\n",
+], ids=["request-line", "8-KiB-head"])
 def test_a_keep_alive_connection_outlives_idle_ones_evicted_for_waiting_requests(
-        tmp_path: Path) -> None:
+        tmp_path: Path, part: bytes) -> None:
     # A scraper's keep-alive connection idles between scrapes while clients sending part of
     # a request crowd the limit: the slow ones give way, not the scraper's connection.
     e = start_exporter(tmp_path, ("--web.max-connections=3", "--probe.max-concurrent=2"))
@@ -386,7 +394,7 @@ def test_a_keep_alive_connection_outlives_idle_ones_evicted_for_waiting_requests
             assert scrape().startswith(b"HTTP/1.1 200")
             for _ in range(12):
                 s = connect(e.port)
-                s.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n")
+                s.sendall(part)
                 partial.append(s)
             # The scenario, not a wait for an event: they have been at it for longer than
             # a request takes to come in (a quarter of a second).
@@ -471,4 +479,42 @@ def test_clients_that_do_not_read_their_answers_give_way(tmp_path: Path) -> None
     finally:
         for s in hogs:
             s.close()
+        stop_process(e.proc)
+
+
+def test_a_client_that_closes_without_a_request_is_closed_at_once(tmp_path: Path) -> None:
+    # A TCP health check (`nc -z`) connects and closes; a keep-alive client half-closes
+    # after reading its answer. The exporter closes its side at once (Go's servers do),
+    # not after the default header (10 s) or idle (30 s) timeout: kept open, such
+    # connections held slots, and a storm of them locked /-/healthy out.
+    e = start_exporter(tmp_path, ())
+    try:
+        with connect(e.port) as s:
+            s.shutdown(socket.SHUT_WR)
+            assert s.recv(4096) == b""  # within the 5 s socket timeout
+        with connect(e.port) as s:
+            s.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            s.shutdown(socket.SHUT_WR)
+            assert s.recv(4096) == b""
+    finally:
+        stop_process(e.proc)
+
+
+def test_a_storm_of_connections_closed_without_a_request_takes_no_slot(
+        tmp_path: Path) -> None:
+    # Against a limit of 3 and the default timeouts (10 s, 30 s): 60 connect-and-close
+    # clients (health checks), each connection closed or reset before a request, then
+    # /-/healthy must answer within its 5 s (they used to count as whole requests in the
+    # queue, go first and hold the slots until the header timeout).
+    e = start_exporter(tmp_path, ("--web.max-connections=3", "--probe.max-concurrent=2"))
+    try:
+        for i in range(60):
+            s = connect(e.port)
+            if i % 2:  # half of them reset
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        for _ in range(3):
+            assert healthy(e.port)
+    finally:
         stop_process(e.proc)
