@@ -19,7 +19,7 @@ from ntp_probe.config.schema import Config, ConfigError, Module
 from ntp_probe.engine.registry import resolve_target
 from ntp_probe.engine.result import Measurement, Perf, Report
 from ntp_probe.engine.runner import guard_for, run_probe
-from ntp_probe.engine.targets import TargetError
+from ntp_probe.engine.targets import Target, TargetError, parse_target
 from ntp_probe.engine.text import visible
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
@@ -53,7 +53,7 @@ def check_parser() -> argparse.ArgumentParser:
     # check_ntp_peer's spellings, so that an Icinga or Nagios command written for it works.
     p.add_argument("-H", "--hostname", metavar="HOST", help="the target, as check_ntp_peer "
                    "takes it (instead of the argument)")
-    p.add_argument("-p", "--port", type=_port, metavar="PORT", help="the target's port")
+    p.add_argument("-p", "--port", metavar="PORT", help="the target's port")
     p.add_argument("-t", "--timeout", type=flags.positive_float, metavar="SECONDS",
                    help="the probe's time budget (default: the module's timeout)")
     flags.flag(p, "--module", "ntp", help="module name")
@@ -66,12 +66,6 @@ def check_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _port(text: str) -> int:
-    if not (text.isascii() and text.isdigit() and 0 < int(text) < 65536):
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}")
-    return int(text)
-
-
 def _target_text(args: argparse.Namespace) -> str:
     """The target as the arguments give it: the argument or -H, with -p's port."""
     if args.target and args.hostname:
@@ -81,17 +75,13 @@ def _target_text(args: argparse.Namespace) -> str:
         raise Unknown("required: target (as the argument, or -H HOST)")
     if args.port is None:
         return str(text)
-    if text.startswith("["):
-        named = "]:" in text
-        joined = f"{text}:{args.port}"
-    elif text.count(":") == 1:
-        named, joined = True, text
-    else:  # a name, an IPv4 address, or an IPv6 address without brackets
-        named = False
-        joined = f"[{text}]:{args.port}" if ":" in text else f"{text}:{args.port}"
-    if named:
+    try:
+        target = parse_target(text)
+    except TargetError as exc:
+        raise Unknown(str(exc)) from None
+    if target.port is not None:
         raise Unknown(f"the target {text!r} names a port already: -p {args.port} too")
-    return joined
+    return f"{Target(target.host)}:{args.port}"  # checked with the target (1-65535)
 
 
 def _number(value: float) -> str:

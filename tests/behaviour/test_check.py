@@ -111,7 +111,7 @@ def exit_code(argv: list[str]) -> int:
     (["check", "127.0.0.1", "-H", "127.0.0.2"], "give the target once"),
     (["check", "-H", "127.0.0.1:123", "-p", "123"], "names a port already: -p 123 too"),
     (["check", "-H", "[::1]:123", "-p", "123"], "names a port already"),
-    (["check", "-H", "127.0.0.1", "-p", "99999"], "expected a port number, got '99999'"),
+    (["check", "-H", "127.0.0.1", "-p", "99999"], "port '99999' is not 1-65535"),
     (["check", "-H", "127.0.0.1", "-t", "0"], "-t"),
 ])
 def test_bad_arguments_are_unknown(argv: list[str], why: str,
