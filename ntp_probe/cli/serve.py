@@ -268,8 +268,7 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
 
     def on_sighup() -> None:
         nonlocal queued
-        # A storm of signals is one reload more, not one each; none once shutting down.
-        if queued or stop.is_set():
+        if queued:  # a storm of signals is one reload more, not one each
             return
         queued = True
         task = loop.create_task(reload_on_signal())

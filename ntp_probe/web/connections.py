@@ -76,12 +76,7 @@ class FirstBytes:
     def peek(fd: int) -> bytes:
         """Up to five bytes waiting on ``fd``, left there for TLS to read (b"" at end of
         file)."""
-        # A socket object over the same descriptor, detached again: it must not close it.
-        sock = socket.socket(fileno=fd)
-        try:
-            return sock.recv(5, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        finally:
-            sock.detach()
+        return _peek(fd, 5)
 
     def forget(self, fd: int, ready: asyncio.Future[None]) -> None:
         """Stop waiting on ``fd`` for ``ready``: called before the descriptor is closed (it
@@ -145,21 +140,29 @@ _HEAD_PEEK = 8192
 _HEAD_END = b"\r\n\r\n"
 
 
+def _peek(fd: int, size: int) -> bytes:
+    """Up to ``size`` bytes waiting on ``fd``, left there (b"" at end of file;
+    BlockingIOError when none)."""
+    # A socket object over the same descriptor, detached again: it must not close it.
+    sock = socket.socket(fileno=fd)
+    try:
+        return sock.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    finally:
+        sock.detach()
+
+
 def _waiting_bytes(transport: asyncio.BaseTransport) -> bytes | None:
     """What the client has sent and nobody has read yet, up to _HEAD_PEEK bytes (left in
     the socket); None when nothing; b"" when it closed (or reset)."""
     sock = transport.get_extra_info("socket")
     if sock is None:
         return None
-    peeking = socket.socket(fileno=sock.fileno())  # the same descriptor: detached again
     try:
-        return peeking.recv(_HEAD_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        return _peek(sock.fileno(), _HEAD_PEEK)
     except (BlockingIOError, InterruptedError):
         return None
     except OSError:
         return b""  # reset or gone: its own close is on the way
-    finally:
-        peeking.detach()
 
 
 def _complete(data: bytes, tls: bool) -> bool:
