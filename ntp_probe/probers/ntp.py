@@ -267,12 +267,14 @@ def _matcher(client: rules.Client, burst: Burst,
             return Reply(outcome.packet, d.rx_ns, d.kernel_timestamp)
         if isinstance(outcome, rules.LateKoD):
             # Between samples or during the next one's wait: the burst stops at its next
-            # step, and what the wait brings is not used.
+            # step. Returned, it ends a wait in progress at once (the burst sees burst.kod
+            # before it reads the reply); between samples nothing waits for it.
             if burst.kod is None:
                 burst.kod = outcome.packet
                 burst.received += 1
                 log(f"Kiss-o'-Death {outcome.packet.kiss_code} answering an earlier request, "
                     f"poll {outcome.packet.poll}: burst stopped")
+                return Reply(outcome.packet, d.rx_ns, d.kernel_timestamp)
             return None
         set_aside(burst, outcome, log)
         return None

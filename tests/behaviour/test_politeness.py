@@ -201,6 +201,21 @@ async def test_a_deny_arriving_after_its_wait_is_still_honoured(fake_ntp: FakeNT
     await assert_nothing_sent(fake_ntp, 2, again)
 
 
+async def test_a_late_kod_ends_the_wait_in_progress(fake_ntp: FakeNTPServer) -> None:
+    def late_rate(req: Request) -> list[Send]:
+        if req.index == 0:  # after its 1 s reply timeout, while sample 2 waits
+            return [Send(kod(req, b"RATE"), delay=1.2)]
+        return []  # sample 2 is never answered: only the KoD can end its wait early
+
+    fake_ntp.behaviour = late_rate
+    module = make_module(samples=3, interval=0.01, reply_timeout=1.0)
+    result, log = await probe(fake_ntp.target, module, guard=Guard(kod=KodTable()))
+    assert result.failure == "kod_rate", log.text()
+    assert len(fake_ntp.requests) == 2
+    # Sample 2's wait would last until about 2 s; the KoD at 1.2 s stops the burst there.
+    assert result.duration < 1.8, log.text()
+
+
 async def test_a_rate_arriving_between_samples_stops_the_burst(fake_ntp: FakeNTPServer) -> None:
     def late_rate(req: Request) -> list[Send]:
         if req.index == 0:  # after the 100 ms reply timeout, before sample 2 at 300 ms
