@@ -402,8 +402,21 @@ def test_disabled_limits_do_not_fail() -> None:
     )
     stale = make_sample(ref_age=10 * 86400.0)
     assert check(stale, dataclasses.replace(LIMITS, max_reference_age=0.0)) is None
-    far = make_sample(root_dispersion=seconds_to_short(100.0))
+    far = make_sample(root_dispersion=seconds_to_short(15.0))
     assert check(far, dataclasses.replace(LIMITS, max_root_distance=0.0)) is None
+
+
+@pytest.mark.parametrize("root_delay,root_dispersion", [(0.0, 16.0), (32.0, 0.0), (2.0, 15.0),
+                                                        (0.0, 65535.99)])
+def test_rfc5905_maxdisp_fails_even_with_the_limit_off(root_delay: float,
+                                                       root_dispersion: float) -> None:
+    # RFC 5905's packet test: root delay/2 + root dispersion >= MAXDISP (16 s) is invalid.
+    s = make_sample(root_delay=seconds_to_short(root_delay),
+                    root_dispersion=seconds_to_short(root_dispersion))
+    for limit in (0.0, 1000.0):
+        failed = check(s, dataclasses.replace(LIMITS, max_root_distance=limit))
+        assert failed == "excess_root_distance"
+        assert failed is not None and "MAXDISP" in failed.why
 
 
 def test_limits_are_exclusive_bounds() -> None:

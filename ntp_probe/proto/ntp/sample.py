@@ -22,6 +22,7 @@ from ntp_probe.proto.ntp.packet import (
 )
 
 MAX_STRATUM = 16  # RFC 5905: 16 means unsynchronised
+MAX_DISPERSION = 16.0  # RFC 5905's MAXDISP, seconds: a server claiming this much knows nothing
 
 
 # The coarsest server clock a negative delay is excused by: 1/16 s, four times the 15.6 ms
@@ -210,6 +211,11 @@ def check(sample: Sample, limits: SanityLimits) -> Failed | None:
         if limits.max_reference_age > 0 and age > limits.max_reference_age:
             return Failed("stale_reference", f"reference time {age:.0f} s old > "
                           f"max_reference_age {limits.max_reference_age:g} s")
+    header_distance = p.root_delay_seconds / 2 + p.root_dispersion_seconds
+    if header_distance >= MAX_DISPERSION:
+        # RFC 5905's packet test ("invalid header values"), whatever the module's limit.
+        return Failed("excess_root_distance", f"root delay/2 + root dispersion "
+                      f"{header_distance:.6f} s >= {MAX_DISPERSION:g} s (RFC 5905 MAXDISP)")
     if limits.max_root_distance > 0 and sample.root_distance > limits.max_root_distance:
         return Failed("excess_root_distance", f"root distance {sample.root_distance:.6f} s > "
                       f"max_root_distance {limits.max_root_distance:g} s")
