@@ -32,7 +32,8 @@ from ntp_probe.engine.context import ProbeLog
 from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.runner import run_probe
 from ntp_probe.engine.targets import Target, parse_target
-from ntp_probe.net import adjtimex
+from ntp_probe.net import adjtimex, resolve
+from ntp_probe.net.resolve import HostsFile, ResolveError, Resolver
 from ntp_probe.proto import timex
 from ntp_probe.safety.guard import Guard
 from ntp_probe.safety.policy import TargetPolicy
@@ -409,3 +410,20 @@ def crl_only_pem() -> str:
            .last_update(now).next_update(now + datetime.timedelta(days=1))
            .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()))
     return crl.public_bytes(serialization.Encoding.PEM).decode()
+
+
+Hosts = Callable[[str], object]
+
+
+def _no_dns(host: str, family: int) -> str:
+    raise ResolveError(f"{host}: the test resolver has no such name")
+
+
+@pytest.fixture
+def hosts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hosts]:
+    """Installs a resolver reading a hosts file and never the machine's DNS; yields the
+    function that writes the file."""
+    path = tmp_path / "hosts"
+    resolver = Resolver(getaddrinfo=_no_dns, hosts=HostsFile(str(path)))
+    monkeypatch.setattr(resolve, "_default", resolver)
+    yield path.write_text

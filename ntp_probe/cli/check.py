@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import ipaddress
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
+from ntp_probe import __version__
 from ntp_probe.cli import flags, output
 from ntp_probe.config.load import load_config
 from ntp_probe.config.schema import Config, ConfigError, Module
@@ -40,7 +43,19 @@ class _Parser(flags.Parser):
         """Bad arguments: UNKNOWN."""
         raise SystemExit(_emit(UNKNOWN, f"NTP UNKNOWN: {_text(message)}"))
 
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        """After --help or --version: UNKNOWN, as the monitoring plugins exit."""
+        if message:
+            self._print_message(message)
+        raise SystemExit(UNKNOWN if status == 0 else status)
+
     output_failed = UNKNOWN  # --help that cannot be written
+
+
+# check_ntp_peer's thresholds on other values than the offset: refused with a clear reason
+# (taken with their value, so that the value is not read as the target).
+_UNSUPPORTED = {"-W": "stratum", "-C": "stratum", "-j": "jitter", "-k": "jitter",
+                "-m": "usable time sources", "-n": "usable time sources"}
 
 
 def check_parser() -> argparse.ArgumentParser:
@@ -48,22 +63,86 @@ def check_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ntp-probe check",
                 description="Run one probe and print one Nagios/Icinga plugin status line.",
                 epilog="exit status: 0 OK, 1 WARNING, 2 CRITICAL (also when the probe fails), "
-                "3 UNKNOWN (bad arguments or configuration).")
+                "3 UNKNOWN (bad arguments or configuration; also after --help and --version, "
+                "as the monitoring plugins).")
     p.add_argument("target", nargs="?", help="HOST, HOST:PORT, IP:PORT or [IPv6]:PORT")
+    p.add_argument("-V", "--version", action="version", version=f"ntp-probe check {__version__}")
     # check_ntp_peer's spellings, so that an Icinga or Nagios command written for it works.
-    p.add_argument("-H", "--hostname", metavar="HOST", help="the target, as check_ntp_peer "
-                   "takes it (instead of the argument)")
-    p.add_argument("-p", "--port", metavar="PORT", help="the target's port")
-    p.add_argument("-t", "--timeout", type=flags.positive_float, metavar="SECONDS",
-                   help="the probe's time budget (default: the module's timeout)")
+    flags.flag(p, "--hostname", None, "-H", metavar="HOST",
+               help="the target, as check_ntp_peer takes it (instead of the argument)")
+    flags.flag(p, "--port", None, "-p", metavar="PORT", help="the target's port")
+    flags.flag(p, "--timeout", None, "-t", type=flags.positive_float, metavar="SECONDS",
+               help="the probe's time budget (default: the module's timeout)")
+    family = p.add_mutually_exclusive_group()
+    family.add_argument("-4", "--use-ipv4", dest="family", action="store_const", const="ip4",
+                        help="IPv4 only (a name's IPv6 addresses are not tried)")
+    family.add_argument("-6", "--use-ipv6", dest="family", action="store_const", const="ip6",
+                        help="IPv6 only (a name's IPv4 addresses are not tried)")
     flags.flag(p, "--module", "ntp", help="module name")
-    flags.flag(p, "--warning", DEFAULT_WARNING, "-w", type=flags.positive_float,
-               metavar="SECONDS", help="WARNING at |offset| above this")
-    flags.flag(p, "--critical", DEFAULT_CRITICAL, "-c", type=flags.positive_float,
-               metavar="SECONDS", help="CRITICAL at |offset| above this")
+    flags.flag(p, "--warning", None, "-w", type=flags.positive_float, metavar="SECONDS",
+               help=f"WARNING at |offset| above this (default {DEFAULT_WARNING:g}; with only "
+               "-c given, at most -c)")
+    flags.flag(p, "--critical", None, "-c", type=flags.positive_float, metavar="SECONDS",
+               help=f"CRITICAL at |offset| above this (default {DEFAULT_CRITICAL:g}; with "
+               "only -w given, at least -w)")
     flags.flag(p, "--config.file", None, dest="config_file", metavar="FILE",
                help="modules file (default: the packaged modules)")
+    for spelling, what in _UNSUPPORTED.items():
+        p.add_argument(spelling, dest=f"unsupported_{spelling[1]}", metavar="THRESHOLD",
+                       help=f"check_ntp_peer's {what} threshold: not supported (UNKNOWN)")
     return p
+
+
+def thresholds(args: argparse.Namespace) -> tuple[float, float]:
+    """(warning, critical) from -w and -c. With one of them given, the other's default
+    yields to it, as no warning should come after the critical state."""
+    warning, critical = args.warning, args.critical
+    if warning is None and critical is None:
+        return DEFAULT_WARNING, DEFAULT_CRITICAL
+    if warning is None:
+        return min(DEFAULT_WARNING, critical), critical
+    if critical is None:
+        return warning, max(DEFAULT_CRITICAL, warning)
+    if warning > critical:
+        raise Unknown(f"-w {warning:g} is above -c {critical:g}")
+    return warning, critical
+
+
+def _unsupported(args: argparse.Namespace) -> None:
+    for spelling, what in _UNSUPPORTED.items():
+        if getattr(args, f"unsupported_{spelling[1]}") is not None:
+            raise Unknown(f"{spelling} ({what} threshold of check_ntp_peer) is not supported: "
+                          "ntp-probe check judges the offset (-w, -c); the other values are "
+                          "in its perfdata")
+
+
+def _with_family(module: Module, family: str | None) -> Module:
+    """``module`` restricted to one address family (-4, -6): each settings block that
+    chooses a family prefers ``family`` and does not fall back to the other."""
+    if family is None:
+        return module
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(module):
+        block = getattr(module, f.name)
+        if (dataclasses.is_dataclass(block) and not isinstance(block, type)
+                and hasattr(block, "preferred_ip_protocol")):
+            changes[f.name] = dataclasses.replace(
+                block, preferred_ip_protocol=family, ip_protocol_fallback=False)
+    return dataclasses.replace(module, **changes)
+
+
+def _family_fits(family: str | None, target: Target) -> None:
+    """-4 or -6 with an address of the other family: UNKNOWN, as check_ntp_time cannot
+    look such an address up either."""
+    if family is None:
+        return
+    try:
+        address = ipaddress.ip_address(target.host.partition("%")[0])
+    except ValueError:  # a name: the module's lookup keeps to the family
+        return
+    if (address.version == 4) != (family == "ip4"):
+        raise Unknown(f"-{family[2]} given, but {target.host} is an IPv{address.version} "
+                      "address")
 
 
 def _target_text(args: argparse.Namespace) -> str:
@@ -149,15 +228,17 @@ async def check(args: argparse.Namespace, config: Config) -> tuple[int, str]:
     module = config.modules.get(args.module)
     if module is None:
         raise Unknown(f"unknown module {args.module!r} (known: {', '.join(config.modules)})")
-    if args.warning > args.critical:
-        raise Unknown(f"-w {args.warning:g} is above -c {args.critical:g}")
+    _unsupported(args)
+    warning, critical = thresholds(args)
+    module = _with_family(module, args.family)
     try:
         target = resolve_target(config, module, _target_text(args))
     except TargetError as exc:
         raise Unknown(str(exc)) from None
+    _family_fits(args.family, target)
     timeout = module.timeout if args.timeout is None else args.timeout
     m, _ = await run_probe(target, module, timeout, guard=guard_for(config, module))
-    return evaluate(str(target), module, m, args.warning, args.critical)
+    return evaluate(str(target), module, m, warning, critical)
 
 
 def main(argv: Sequence[str]) -> int:

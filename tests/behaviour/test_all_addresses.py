@@ -7,38 +7,20 @@ installs: a made-up name never reaches the machine's resolver.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
 from ntp_probe.cli import check, report
 from ntp_probe.engine.targets import Target
 from ntp_probe.net import resolve
-from ntp_probe.net.resolve import HostsFile, ResolveError, Resolver
+from ntp_probe.net.resolve import ResolveError, Resolver
 from ntp_probe.safety.guard import Guard
 from ntp_probe.safety.policy import TargetPolicy, parse_rules
 from tests.behaviour import fake_server
 from tests.behaviour.fake_server import FakeNTPServer, answer
-from tests.conftest import label_sets, make_module, probe, value
+from tests.conftest import Hosts, label_sets, make_module, probe, value
 
 fake_ntp = fake_server.fake_ntp
-
-
-Hosts = Callable[[str], object]
-
-
-def _no_dns(host: str, family: int) -> str:
-    raise ResolveError(f"{host}: the test resolver has no such name")
-
-
-@pytest.fixture
-def hosts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hosts]:
-    """Installs a resolver reading a hosts file; yields the function that writes it."""
-    path = tmp_path / "hosts"
-    resolver = Resolver(getaddrinfo=_no_dns, hosts=HostsFile(str(path)))
-    monkeypatch.setattr(resolve, "_default", resolver)
-    yield path.write_text
 
 
 async def test_every_address_is_probed_and_any_one_will_do(

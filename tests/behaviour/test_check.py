@@ -19,6 +19,7 @@ from ntp_probe.config.schema import Config
 from ntp_probe.engine.result import Measurement, Perf
 from tests.behaviour import fake_server
 from tests.behaviour.fake_server import FakeNTPServer, answer
+from tests.conftest import Hosts
 
 fake_ntp = fake_server.fake_ntp
 
@@ -63,6 +64,41 @@ async def test_thresholds_can_be_set(fake_ntp: FakeNTPServer) -> None:
     code, line = await run(fake_ntp.target, "-w", "0.1", "-c", "0.5")
     assert code == 0, line
     assert "offset=" in line and ";0.100000;0.500000" in line
+
+
+@pytest.mark.parametrize(("given", "offset", "code", "perf"), [
+    # One threshold alone is judged with, as check_ntp_time does; the other's default
+    # yields so that WARNING never comes after CRITICAL.
+    (["-c", "0.005"], 0.0, 0, ";0.005000;0.005000"),
+    (["-c", "0.005"], 0.02, 2, ";0.005000;0.005000"),
+    (["-w", "0.1"], 0.02, 0, ";0.100000;0.100000"),
+    (["-w", "0.1"], 0.2, 2, ";0.100000;0.100000"),
+    (["-w", "0.001"], 0.02, 1, ";0.001000;0.050000"),
+])
+async def test_one_threshold_alone(fake_ntp: FakeNTPServer, given: list[str], offset: float,
+                                   code: int, perf: str) -> None:
+    fake_ntp.behaviour = answer(offset=offset)
+    got, line = await run(fake_ntp.target, *given)
+    assert got == code and perf in line, line
+
+
+async def test_check_ntp_time_address_family_flags(fake_ntp: FakeNTPServer,
+                                                   hosts: Hosts) -> None:
+    fake_ntp.behaviour = answer(offset=0.0)
+    hosts("127.0.0.1 four.test\n")
+    target = f"four.test:{fake_ntp.port}"
+    code, line = await run(target, "-4")
+    assert code == 0, line
+    # -6 allows no IPv4 address, not even through the fallback the module would take.
+    code, line = await run(target, "-6")
+    assert code == 2 and "probe failed: resolve" in line, line
+    assert len(fake_ntp.requests) == 1
+    # An address of the other family cannot be probed with it either.
+    with pytest.raises(check.Unknown, match=r"^-6 given, but 127\.0\.0\.1 is an IPv4 address$"):
+        await run(fake_ntp.target, "-6")
+    with pytest.raises(check.Unknown, match="::1 is an IPv6 address"):
+        await run(f"[::1]:{fake_ntp.port}", "-4")
+    assert len(fake_ntp.requests) == 1
 
 
 async def test_a_failed_probe_is_critical_with_its_reason(fake_ntp: FakeNTPServer) -> None:
@@ -119,6 +155,37 @@ def test_bad_arguments_are_unknown(argv: list[str], why: str,
     assert exit_code(argv) == 3
     out = capsys.readouterr().out
     assert out.startswith("NTP UNKNOWN: ") and why in out and out.count("\n") == 1, out
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["check", "--help"], "usage: ntp-probe check"), (["check", "-V"], "ntp-probe check 0."),
+    (["check", "--version"], "ntp-probe check 0.")])
+def test_help_and_version_exit_unknown_as_plugins_do(argv: list[str], says: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert exit_code(argv) == 3
+    assert capsys.readouterr().out.startswith(says)
+
+
+@pytest.mark.parametrize("flag", ["-W", "-C", "-j", "-k", "-m", "-n"])
+def test_check_ntp_peers_other_thresholds_are_refused_clearly(
+        flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # Taken with their value: "3" is not read as the target.
+    assert exit_code(["check", "-H", "127.0.0.1", "-p", "9", flag, "3"]) == 3
+    out = capsys.readouterr().out
+    assert out.startswith(f"NTP UNKNOWN: {flag} (") and "not supported" in out, out
+
+
+async def test_host_port_and_timeout_come_from_variables_too(
+        fake_ntp: FakeNTPServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_ntp.behaviour = lambda req: []
+    monkeypatch.setenv("NTP_PROBE_HOSTNAME", fake_ntp.host)
+    monkeypatch.setenv("NTP_PROBE_PORT", str(fake_ntp.port))
+    monkeypatch.setenv("NTP_PROBE_TIMEOUT", "0.2")
+    args = check.check_parser().parse_args(["--module", "one"])
+    code, line = await check.check(args, CONFIG)
+    assert code == 2 and f"{fake_ntp.target} probe failed: timeout" in line, line
+    duration = float(next(p for p in split(line)[1] if p.startswith("time="))[5:-1])
+    assert duration <= 0.2, line
 
 
 def test_flags_come_from_ntp_probe_variables_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
