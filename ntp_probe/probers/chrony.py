@@ -352,6 +352,7 @@ class ChronyReport:
     serverstats: ServerStats | None
     commands: tuple[tuple[str, str], ...]
     unlisted: tuple[SourceData, ...] = ()  # counted, not shown: a name shown already
+    complete: bool = False  # every source was read (no deadline cut the reading short)
 
     @property
     def title(self) -> str:
@@ -390,7 +391,8 @@ class ChronyReport:
         if st is not None:
             rows.append(("serverstats", f"ntp {st.ntp_hits} received, {st.ntp_drops} dropped; "
                                         f"command {st.cmd_hits} received, {st.cmd_drops} dropped"))
-        rows.append(("commands", ", ".join(f"{c} {s}" for c, s in self.commands)))
+        if self.commands:
+            rows.append(("commands", ", ".join(f"{c} {s}" for c, s in self.commands)))
         return rows
 
     @property
@@ -424,7 +426,7 @@ class ChronyReport:
                 Perf("root_distance", t.root_delay / 2 + t.root_dispersion, "s"),
                 Perf("stratum", float(t.stratum)),
             ]
-        if ("n_sources", "ok") in self.commands:  # no invented zeros when none was read
+        if self.complete:  # no invented zeros, nor a part read taken for the whole
             out += [Perf("sources", float(len(self.every_source))),
                     Perf("sources_selectable", float(self.selectable))]
         return out
@@ -815,7 +817,7 @@ def _emit(m: Measurement, got: Collected) -> None:
             value = read_source(s)
             if value is not None:
                 m.add(family, value, s.name)
-    if got.n_sources is not None:
+    if got.every_source_asked:  # counts of a partial read would be wrong, not partial
         counts = dict.fromkeys(SourceState, 0)
         for s in (*sources, *got.unlisted):
             counts[s.state] += 1
@@ -842,6 +844,7 @@ def _conclude(got: Collected, settings: ChronySettings, ctx: ProbeContext,
         server, got.tracking,
         tuple((got.sources[i], got.sourcestats.get(i)) for i in sorted(got.sources)),
         got.serverstats, tuple((c, s.value) for c, s in got.statuses), tuple(got.unlisted),
+        got.every_source_asked,
     )
     m.reports.append(report)
     if got.transport_failure is not None:
