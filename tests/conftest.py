@@ -29,6 +29,7 @@ import pytest
 
 from ntp_probe.config.schema import Module, NTPSettings
 from ntp_probe.engine.context import ProbeLog
+from ntp_probe.engine.registry import PROBERS
 from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.runner import run_probe
 from ntp_probe.engine.targets import Target, parse_target
@@ -87,10 +88,19 @@ def make_module(*, samples: int = 1, interval: float = 0.01, reply_timeout: floa
 async def probe(target: str | Target, module: Module, *, timeout: float | None = None,
                 guard: Guard | None = None,
                 log: ProbeLog | None = None) -> tuple[Measurement, ProbeLog]:
-    """run_probe with the module's timeout (or ``timeout``); returns the measurement and log."""
+    """run_probe with the module's timeout (or ``timeout``); returns the measurement and log.
+
+    Every probe a test runs also checks the prober registry: the failure reason and every
+    family emitted are among those its prober declares (the docs and the config read them)."""
     t = parse_target(target) if isinstance(target, str) else target
-    return await run_probe(t, module, module.timeout if timeout is None else timeout,
-                           log=log, guard=guard)
+    m, got_log = await run_probe(t, module, module.timeout if timeout is None else timeout,
+                                 log=log, guard=guard)
+    spec = PROBERS[module.prober]
+    assert m.failure is None or m.failure in spec.reasons, (
+        f"prober {module.prober} failed {m.failure!r}, not among its registered reasons")
+    undeclared = {f.name for f, _, _ in m.samples} - {f.name for f in spec.families}
+    assert not undeclared, f"prober {module.prober} emitted undeclared {sorted(undeclared)}"
+    return m, got_log
 
 
 def gauges(m: Measurement) -> list[tuple[str, Pairs, float]]:

@@ -87,7 +87,8 @@ PROBERS: Mapping[str, ProberSpec] = {
         ),
         ProberSpec(
             "nts", nts.probe, nts.DESCRIPTION, ("ntp", "nts"),
-            _COMMON + _NETWORK + _families(ntp) + _families(nts), nts.REASONS,
+            _COMMON + _NETWORK + _families(ntp) + _families(nts) + _families(leapcheck),
+            nts.REASONS,
             default_port=lambda module: module.nts.port,
             # The NTP port comes from the KE (its port record, or 123): nts.port is the
             # KE's own.

@@ -68,7 +68,7 @@ LOCAL_CLOCK_OFFSET = Family(
     "Midpoint of the intersection: how far the truechimers' consensus is ahead of the "
     "exporter's own clock, in seconds (absent without a majority).")
 
-REASONS = (Reason.NO_MAJORITY, Reason.FALSETICKERS)
+REASONS = (Reason.LOCAL_ERROR, Reason.NO_MAJORITY, Reason.FALSETICKERS)
 
 # ntpd's MINDISTANCE: an interval is never narrower than this on either side.
 MIN_DISTANCE = 0.001

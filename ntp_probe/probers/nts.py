@@ -78,7 +78,7 @@ _NTS_REASONS = (
     Reason.NTS_NO_COOKIES, Reason.NTS_NAK, Reason.NTS_AUTH_FAILED,
 )
 _ORDER = list(Reason)
-REASONS = tuple(sorted({*ntp.REASONS, *_NTS_REASONS}, key=_ORDER.index))
+REASONS = tuple(sorted({*ntp.REASONS, *_NTS_REASONS, Reason.LEAP_MISMATCH}, key=_ORDER.index))
 DESCRIPTION = "NTS (RFC 8915): NTS-KE certificate health and an authenticated NTP burst"
 
 _SESSION = "ntp_probe.probers.nts_session"
