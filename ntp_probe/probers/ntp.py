@@ -501,7 +501,8 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
 def _add_counts(m: Measurement, burst: Burst) -> None:
     m.add(SAMPLES_SENT, burst.sent)
     m.add(SAMPLES_RECEIVED, burst.received)
-    m.add(PACKET_LOSS, maths.loss_ratio(burst.sent, burst.received))
+    if burst.sent:  # nothing sent (a budget too short for one request): no loss to speak of
+        m.add(PACKET_LOSS, maths.loss_ratio(burst.sent, burst.received))
 
 
 def _selected_line(offset: float, delay: float, root_distance: float) -> str:
