@@ -225,11 +225,16 @@ class _NamedByRefid:
     def name(self) -> str:
         """chronyc's name column: the refid as text where there is no address (a refclock,
         or an unsynchronised daemon's reference), otherwise the address. TRACKING's name
-        may be empty (chronyc prints ``Reference ID : 00000000 ()``); a source's never is:
-        without an address or a refid with text it is the address's ``[UNSPEC]``."""
+        may be empty (chronyc prints ``Reference ID : 00000000 ()``); a source's never is
+        (an empty label is no label to PromQL): a refid without text is named by its hex
+        digits (as SOURCE_DATA names the same refclock), no refid at all by the address's
+        ``[UNSPEC]``."""
         if self.address.family is AddressFamily.UNSPEC:
-            text = refid_text(int(self.refid, 16))
-            return text if text or isinstance(self, Tracking) else self.address.text
+            refid = int(self.refid, 16)
+            text = refid_text(refid)
+            if text or isinstance(self, Tracking):
+                return text
+            return self.refid if refid else self.address.text
         return self.address.text
 
 
@@ -296,9 +301,11 @@ class SourceData:
 
     @property
     def name(self) -> str:
-        """chronyc's name column: a refclock's refid as text, otherwise the address."""
+        """chronyc's name column: a refclock's refid as text (its hex digits when it has no
+        printable byte, as SOURCESTATS names it), otherwise the address."""
         if self.mode is SourceMode.REFCLOCK and self.address.family is AddressFamily.INET4:
-            return refid_text(int(ipaddress.IPv4Address(self.address.text)))
+            refid = int(ipaddress.IPv4Address(self.address.text))
+            return refid_text(refid) or (format_refid(refid) if refid else "[UNSPEC]")
         return self.address.text
 
 

@@ -428,6 +428,21 @@ def test_sourcestats() -> None:
     assert d.name == "[UNSPEC]"
 
 
+@pytest.mark.parametrize(("refid", "name"), [
+    (0xC3A90000, "C3A90000"),  # refid "é" (UTF-8): no printable ASCII byte
+    (0x50505300, "PPS"), (0, "[UNSPEC]")])
+def test_a_refclock_has_one_non_empty_name_in_both_replies(refid: int, name: str) -> None:
+    # chronyc prints an empty name; as a label it would be no label, and SOURCE_DATA and
+    # SOURCESTATS of the one refclock must join on it.
+    stats = decode(reply(Command.SOURCESTATS, 6, sourcestats_body(
+        ref_id=refid, ip=ipaddr(0, b""))), Command.SOURCESTATS).data
+    data = decode(reply(Command.SOURCE_DATA, 3, source_data_body(
+        ip=ipaddr(1, refid.to_bytes(4, "big")), mode=int(SourceMode.REFCLOCK))),
+        Command.SOURCE_DATA).data
+    assert isinstance(stats, SourceStats) and isinstance(data, SourceData)
+    assert stats.name == data.name == name
+
+
 def test_select_data() -> None:
     s = decode(reply(Command.SELECT_DATA, 23, select_data_body()), Command.SELECT_DATA).data
     assert s == SelectData(
