@@ -187,7 +187,7 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
         logger.error("invalid web configuration: %s", exc)
         return 1
     internals = Internals()
-    internals.config_loaded(len(config.modules))
+    internals.config_loaded(tuple(config.modules))
     state = State(config=config, internals=internals, timeout_offset=args.timeout_offset,
                   max_concurrent=args.max_concurrent, config_path=args.config_file,
                   history=History(args.history_limit), web_config=web_config,

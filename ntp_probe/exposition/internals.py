@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Protocol
 
 from prometheus_client import (
@@ -138,11 +138,16 @@ class Internals:
         r.register(self._leapfile)
         self._children: dict[tuple[str, bool], tuple[Counter, Histogram]] = {}
 
-    def config_loaded(self, modules: int) -> None:
-        """Record a successful (re)load."""
-        self.modules_configured.set(modules)
+    def config_loaded(self, modules: Collection[str]) -> None:
+        """Record a successful (re)load of ``modules`` (their names). Each module's probe
+        series exist from now on, at 0, so that rate() and increase() count its first
+        probe too (a series born at 1 has no increase)."""
+        self.modules_configured.set(len(modules))
         self.reload_ok.set(1)
         self.reload_time.set(time.time())
+        for module in modules:
+            for success in (True, False):
+                self._series(module, success)
 
     def use_leapfile(self, source: LeapSource | None) -> None:
         """Expose the leap file a (re)load read, or none."""
@@ -154,15 +159,19 @@ class Internals:
 
     def observe(self, module: str, result: Measurement) -> None:
         """Count a finished probe."""
-        key = (module, result.success)
-        children = self._children.get(key)
-        if children is None:  # labels() takes a lock and builds a key: do it once per module
-            children = (self.probes.labels(module, "success" if result.success else "failure"),
-                        self.duration.labels(module))
-            self._children[key] = children
+        children = self._series(module, result.success)
         children[0].inc()
         children[1].observe(result.duration)
         self.count_packets(result)
+
+    def _series(self, module: str, success: bool) -> tuple[Counter, Histogram]:
+        key = (module, success)
+        children = self._children.get(key)
+        if children is None:  # labels() takes a lock and builds a key: do it once per module
+            children = (self.probes.labels(module, "success" if success else "failure"),
+                        self.duration.labels(module))
+            self._children[key] = children
+        return children
 
     def count_packets(self, result: Measurement) -> None:
         """Count a probe's packets; alone for one cancelled before it finished (its client

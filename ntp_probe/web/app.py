@@ -147,7 +147,7 @@ class State:
             self.config = config
             if self.on_config is not None:
                 self.on_config(config)
-            self.internals.config_loaded(len(config.modules))
+            self.internals.config_loaded(tuple(config.modules))
             self.internals.use_leapfile(config.leapfile)
             logger.info("reloaded %d modules from %s", len(config.modules), config.source)
             warning = leapfile_warning(config, time.time())

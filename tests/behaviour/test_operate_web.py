@@ -76,7 +76,7 @@ def make_state(path: Path, history_limit: int = 100, text: str | None = None) ->
         path.write_text(text)
     config = load_config(str(path))
     internals = Internals()
-    internals.config_loaded(len(config.modules))
+    internals.config_loaded(tuple(config.modules))
     return State(config=config, internals=internals, config_path=str(path),
                  history=History(history_limit))
 

@@ -61,7 +61,7 @@ TEST_MODULES = {
 def make_state(config: Config | None = None, max_concurrent: int = 100) -> State:
     config = config or Config(modules=TEST_MODULES, source="test")
     internals = Internals()
-    internals.config_loaded(len(config.modules))
+    internals.config_loaded(tuple(config.modules))
     return State(config=config, internals=internals, max_concurrent=max_concurrent)
 
 
@@ -293,7 +293,10 @@ async def test_metrics_endpoint(client: Client, fake_ntp: FakeNTPServer) -> None
     assert "_created" not in text  # client_python's extra series, which no Go exporter has
     assert value(text, "ntp_probe_probes_total", module="burst", result="success") == 1
     assert value(text, "ntp_probe_probes_total", module="ntp", result="failure") == 1
-    assert value(text, "ntp_probe_probes_total", module="ntp", result="success") is None
+    # Every configured module's series exist from the start, at 0: rate() sees the first.
+    assert value(text, "ntp_probe_probes_total", module="ntp", result="success") == 0
+    assert value(text, "ntp_probe_probes_total", module="slow", result="failure") == 0
+    assert value(text, "ntp_probe_probe_duration_seconds_count", module="slow") == 0
     assert value(text, "ntp_probe_ntp_packets_sent_total") == 4
     assert value(text, "ntp_probe_build_info") == 1
     assert value(text, "ntp_probe_probes_in_flight") == 0
