@@ -201,6 +201,12 @@ def _text(text: str) -> str:
     return visible(" ".join(text.split())).replace("|", "/")
 
 
+def _why_no_offset(m: Measurement) -> str:
+    unsynchronised = [r.title for r in m.reports
+                      if any(p.label == "synchronised" and p.value == 0 for p in r.perfdata())]
+    return f": {unsynchronised[0]} clock unsynchronised" if unsynchronised else ""
+
+
 def evaluate(target: str, module: Module, m: Measurement, warning: float,
              critical: float) -> tuple[int, str]:
     """The plugin's state and status line for a finished probe."""
@@ -213,7 +219,7 @@ def evaluate(target: str, module: Module, m: Measurement, warning: float,
         # As check_ntp_peer: an offset that cannot be judged is no OK (an ntpd whose
         # variables lack it).
         state, summary = CRITICAL, (f"{target} probe succeeded but gave no offset to judge "
-                                    f"(module {module.name})")
+                                    f"(module {module.name}){_why_no_offset(m)}")
     else:
         # Beyond the threshold, not at it: a plain -w N is the Nagios range 0:N.
         state = CRITICAL if abs(offset) > critical else WARNING if abs(offset) > warning \

@@ -72,13 +72,15 @@ class KernelReport:
 
     @property
     def check_offset(self) -> float | None:
-        """The offset the kernel still slews out (None where another one is judged)."""
-        return self.clock.offset if self.judged else None
+        """The offset the kernel still slews out; None where another one is judged, and
+        when the kernel is unsynchronised: then nothing disciplines the clock, and its
+        offset (0) says nothing (check_ntp_time reads an unsynchronised server likewise)."""
+        return self.clock.offset if self.judged and self.clock.synchronized else None
 
     def perfdata(self) -> list[Perf]:
         """Kernel offset, maxerror, esterror, frequency, sync."""
         c = self.clock
-        return [Perf("kernel_offset", c.offset, "s", checked=self.judged),
+        return [Perf("kernel_offset", c.offset, "s", checked=self.check_offset is not None),
                 Perf("maxerror", c.maxerror, "s"),
                 Perf("esterror", c.esterror, "s"),
                 Perf("frequency_ppm", c.frequency_ratio * 1e6),

@@ -17,6 +17,8 @@ from ntp_probe.cli.main import main
 from ntp_probe.config.load import parse_config
 from ntp_probe.config.schema import Config
 from ntp_probe.engine.result import Measurement, Perf
+from ntp_probe.net import adjtimex
+from ntp_probe.proto import timex
 from tests.behaviour import fake_server
 from tests.behaviour.fake_server import FakeNTPServer, answer
 from tests.conftest import Hosts
@@ -224,15 +226,38 @@ def test_input_cannot_start_the_perfdata(tmp_path: Path,
     assert out.count("|") == 1 and "(module x/offset=9s)" in out, out
 
 
+def kernel_clock(*, status: int, return_code: int, offset: float = 0.0002) -> timex.KernelClock:
+    """A kernel clock state this machine's own cannot be put in (nothing may discipline it
+    here): synchronised or not, as a time daemon leaves it."""
+    return timex.KernelClock(offset=offset, frequency_ratio=1e-6, maxerror=0.01,
+                             esterror=0.001, status=status, constant=7, precision=1e-9,
+                             tolerance_ratio=5e-4, tick=0.01, tai=37, return_code=return_code)
+
+
 def test_the_thresholds_go_with_the_value_they_judge(
-        capsys: pytest.CaptureFixture[str]) -> None:
-    # The kernel module judges the kernel's offset: its perfdata carries -w and -c.
-    assert exit_code(["check", "localhost", "--module", "kernel", "-w", "0.5", "-c", "1"]) in (
-        0, 1, 2)
-    _, perf = split(capsys.readouterr().out.strip())
-    assert any(re.fullmatch(r"kernel_offset=-?[0-9.]+s;0\.500000;1\.000000", p) for p in perf), (
-        perf)
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # The kernel module judges a synchronised kernel's offset: its perfdata carries -w, -c.
+    clock = kernel_clock(status=0x0001 | timex.STA_NANO, return_code=0)  # PLL, TIME_OK
+    monkeypatch.setattr(adjtimex, "read", lambda: clock)
+    assert exit_code(["check", "localhost", "--module", "kernel", "-w", "0.0001",
+                      "-c", "1"]) == 1
+    status, perf = split(capsys.readouterr().out.strip())
+    assert status == "NTP WARNING: localhost offset +0.000200 s (module kernel)"
+    assert "kernel_offset=0.0002s;0.000100;1.000000" in perf, perf
     assert not any(";" in p for p in perf if not p.startswith("kernel_offset="))
+
+
+def test_an_unsynchronised_kernel_has_no_offset_to_judge(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # STA_UNSYNC or TIME_ERROR: nothing disciplines the clock, its offset says nothing.
+    for status, code in ((timex.STA_UNSYNC, 0), (0x0001, timex.TIME_ERROR)):
+        clock = kernel_clock(status=status, return_code=code, offset=0.0)
+        monkeypatch.setattr(adjtimex, "read", lambda c=clock: c)
+        assert exit_code(["check", "localhost", "--module", "kernel"]) == 2
+        status_line, perf = split(capsys.readouterr().out.strip())
+        assert status_line == ("NTP CRITICAL: localhost probe succeeded but gave no offset to "
+                               "judge (module kernel): kernel clock unsynchronised")
+        assert "synchronised=0" in perf and "kernel_offset=0s" in perf, perf
 
 
 async def test_hybrid_judges_the_servers_offset_not_the_kernels(fake_ntp: FakeNTPServer) -> None:
