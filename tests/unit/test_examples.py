@@ -180,6 +180,20 @@ def test_template_unit_takes_its_settings_from_the_instance_env_file() -> None:
     assert "%i" in values(unit["Unit"], "Description")[0]
 
 
+def test_socket_unit_activates_the_service_on_its_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    unit = parse_unit((EXAMPLES / "systemd" / "ntp-probe.socket").read_text())
+    assert set(unit) == {"Unit", "Socket", "Install"}
+    assert values(unit["Socket"], "ListenStream") == ["9559"]
+    assert values(unit["Install"], "WantedBy") == ["sockets.target"]
+    service = (EXAMPLES / "systemd" / "ntp-probe.service").read_text()
+    assert "Environment=NTP_PROBE_WEB_LISTEN_ADDRESS=:9559" in service
+    # The commented-out line the socket unit's comment says to uncomment turns it on.
+    line = next(x for x in service.splitlines() if "NTP_PROBE_WEB_SYSTEMD_SOCKET" in x)
+    name, _, value = line.removeprefix("#Environment=").partition("=")
+    monkeypatch.setenv(name, value)
+    assert serve_parser().parse_args([]).systemd_socket is True
+
+
 def flag_env_names() -> set[str]:
     """NTP_PROBE_* for every `ntp-probe` flag (README: caps, dots and dashes as _)."""
     names = set()
