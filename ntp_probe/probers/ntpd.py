@@ -184,6 +184,8 @@ REASONS = (
 )
 
 _SYS_PEER, _PPS_PEER, _CANDIDATE, _BACKUP = 6, 7, 4, 5
+# ntpsec's NTP_MAXPOLL_UNK: a peer's ppoll before its first packet (ntpq shows hpoll then).
+_POLL_UNKNOWN = "99"
 # pps.peer is the system peer when it is a PPS source: it counts as one.
 _SYSTEM_PEER_CODES = (_SYS_PEER, _PPS_PEER)
 # Which associations to read first when there are too many to read all: selection code ->
@@ -686,7 +688,8 @@ def _emit_peer(association: int, variables: dict[str, str], word: int,
     measured = {name: _convert(variables, name, mode6.ms_to_seconds, ctx)
                 for name in ("offset", "delay", "dispersion", "jitter")}
     polls = [p for p in (_convert(variables, n, mode6.log2_seconds, ctx)
-                         for n in ("hpoll", "ppoll")) if p is not None]
+                         for n in ("hpoll", "ppoll")
+                         if variables.get(n, "").strip() != _POLL_UNKNOWN) if p is not None]
     reach = _convert(variables, "reach", mode6.reach_register, ctx)
     for family, value in ((PEER_STRATUM, stratum), (PEER_OFFSET, measured["offset"]),
                           (PEER_DELAY, measured["delay"]),

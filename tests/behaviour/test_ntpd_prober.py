@@ -662,6 +662,21 @@ async def test_a_deadline_too_short_for_every_association(server: FakeNtpd) -> N
     assert value(out.m, "probe_ntpd_uptime_seconds") is None  # the counters come last
 
 
+async def test_a_peer_poll_not_known_yet_is_no_error(server: FakeNtpd) -> None:
+    # ntpsec's ppoll=99 (NTP_MAXPOLL_UNK) until the peer's first packet: ntpq shows hpoll.
+    def fresh_peers(req: Request) -> list[bytes]:
+        if req.association == SYS_PEER:
+            body = peer_variables(SYS_PEER).replace(b"ppoll=6", b"ppoll=99")
+            return fragments(req, body, PEER_WORDS[SYS_PEER])
+        return healthy(req)
+
+    server.behaviour = fresh_peers
+    out = await run(server)
+    assert out.m.failure is None, out.log
+    assert peer_value(out.m, "probe_ntpd_peer_poll_seconds", SYS_PEER) == 64
+    assert "ppoll ignored" not in out.log, out.log
+
+
 async def test_unknown_and_unreadable_variables_are_tolerated(server: FakeNtpd) -> None:
     server.behaviour = system_variables(
         SYSTEM_VARIABLES.replace(b"offset=-0.250000", b"offset=fast")
