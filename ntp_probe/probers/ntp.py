@@ -606,13 +606,17 @@ async def _probe_every_address(target: Target, settings: NTPSettings, port: int,
     ok = [c.measurement for c in children if c.measurement.success]
     failed = [c.measurement for c in children if not c.measurement.success]
     # The unlabelled series describe the succeeding address with the smallest root
-    # distance (else the first address), so dashboards built for one address still work.
+    # distance, so dashboards built for one address still work; with none succeeding, an
+    # address that answered (its values show why it failed), else the first address.
     def distance(cm: Measurement) -> float:
         r = report_of(cm)
         return r.root_distance if r is not None and r.root_distance is not None else 1e9
 
-    chosen = min(ok, key=distance) if ok else children[0].measurement
-    m.samples += chosen.samples
+    answered = [cm for cm in failed if (r := report_of(cm)) is not None and r.offset is not None]
+    chosen = (min(ok, key=distance) if ok else min(answered, key=distance) if answered
+              else children[0].measurement)
+    m.samples += [s for s in chosen.samples if s[0] is not common.BACKOFF_REMAINING]
+    _kiss_codes_of_every_address(m, chosen, [c.measurement for c in children])
     offsets = []
     for resolved, child in zip(found, children, strict=True):
         report = report_of(child.measurement)
@@ -628,6 +632,26 @@ async def _probe_every_address(target: Target, settings: NTPSettings, port: int,
     log(f"{len(ok)} of {len(found)} addresses succeeded "
         f"(addresses_required: {settings.addresses_required})")
     return m
+
+
+def _kiss_codes_of_every_address(m: Measurement, chosen: Measurement,
+                                 every: list[Measurement]) -> None:
+    """A Kiss-o'-Death or a backoff at any address is the probe's to report, not only the
+    chosen address's (the NTPKissOfDeath alert reads it): each code once, and the longest
+    backoff left."""
+    codes = {labels for labels, _ in chosen.values(common.KISS_CODE)}
+    backoffs = []
+    for cm in every:
+        if cm is not chosen:
+            for labels, v in cm.values(common.KISS_CODE):
+                if labels not in codes:
+                    codes.add(labels)
+                    m.add(common.KISS_CODE, v, *labels)
+        left = cm.value(common.BACKOFF_REMAINING)
+        if left is not None:
+            backoffs.append(left)
+    if backoffs:
+        m.add(common.BACKOFF_REMAINING, max(backoffs))
 
 
 def conclude(burst: Burst, settings: NTPSettings, ctx: ProbeContext,

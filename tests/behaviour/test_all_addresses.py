@@ -15,9 +15,10 @@ from ntp_probe.engine.targets import Target
 from ntp_probe.net import resolve
 from ntp_probe.net.resolve import ResolveError, Resolver
 from ntp_probe.safety.guard import Guard
+from ntp_probe.safety.kod import KodTable
 from ntp_probe.safety.policy import TargetPolicy, parse_rules
 from tests.behaviour import fake_server
-from tests.behaviour.fake_server import FakeNTPServer, answer
+from tests.behaviour.fake_server import FakeNTPServer, Send, answer, kod
 from tests.conftest import Hosts, label_sets, make_module, probe, value
 
 fake_ntp = fake_server.fake_ntp
@@ -86,6 +87,49 @@ async def test_the_check_judges_the_farthest_address_when_all_are_required(
     # The text report's headline still names the best address and its offset.
     headline = report.text("skew.test", "t", result, log).splitlines()[0]
     assert "server 127.0.0.1 port" in headline, headline
+
+
+@pytest.mark.parametrize("required", ["any", "all"])
+async def test_a_kiss_of_death_from_any_address_is_reported(
+    hosts: Hosts, fake_ntp: FakeNTPServer, required: str
+) -> None:
+    # 127.0.0.1 answers well and is the address the unlabelled series describe; 127.0.0.2
+    # says DENY. That is news for the probe (the NTPKissOfDeath alert reads the code).
+    deny = await FakeNTPServer.start(lambda req: [Send(kod(req, b"DENY"))], host="127.0.0.2",
+                                     port=fake_ntp.port)
+    guard = Guard(kod=KodTable())
+    hosts("127.0.0.1 kod.test\n127.0.0.2 kod.test\n")
+    module = make_module(all_addresses=True, addresses_required=required)
+    try:
+        for _ in range(2):  # the KoD, then the backoff from it
+            result, log = await probe(Target("kod.test", fake_ntp.port), module, guard=guard)
+            assert result.success == (required == "any"), log.text()
+            assert value(result, "probe_ntp_kiss_code_info", code="DENY") == 1, log.text()
+            assert value(result, "probe_ntp_backoff_remaining_seconds") == pytest.approx(
+                86400, abs=5)
+            assert value(result, "probe_ntp_stratum") == 2  # still 127.0.0.1's values
+    finally:
+        deny.close()
+    assert result.failure == (None if required == "any" else "backoff")
+    assert len(deny.requests) == 1
+
+
+async def test_with_no_address_succeeding_an_answering_one_is_described(
+    hosts: Hosts, fake_ntp: FakeNTPServer
+) -> None:
+    # 127.0.0.1 is silent; 127.0.0.2 answers, unsynchronised: its values say why.
+    fake_ntp.behaviour = lambda req: []
+    unsynced = await FakeNTPServer.start(answer(stratum=16, leap=3), host="127.0.0.2",
+                                         port=fake_ntp.port)
+    hosts("127.0.0.1 half.test\n127.0.0.2 half.test\n")
+    try:
+        result, log = await probe(Target("half.test", fake_ntp.port),
+                                  make_module(all_addresses=True, reply_timeout=0.3))
+    finally:
+        unsynced.close()
+    assert result.failure == "timeout", log.text()
+    assert value(result, "probe_ntp_stratum") == 16, log.text()
+    assert value(result, "probe_ntp_samples_received") == 1
 
 
 async def test_max_addresses_bounds_the_fan_out(hosts: Hosts,
