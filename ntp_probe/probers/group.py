@@ -68,7 +68,8 @@ LOCAL_CLOCK_OFFSET = Family(
     "Midpoint of the intersection: how far the truechimers' consensus is ahead of the "
     "exporter's own clock, in seconds (absent without a majority).")
 
-REASONS = (Reason.LOCAL_ERROR, Reason.NO_MAJORITY, Reason.FALSETICKERS)
+REASONS = (Reason.TARGET_FORBIDDEN, Reason.LOCAL_ERROR, Reason.NO_MAJORITY,
+           Reason.FALSETICKERS)
 
 # ntpd's MINDISTANCE: an interval is never narrower than this on either side.
 MIN_DISTANCE = 0.001
@@ -268,6 +269,11 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
         # whose selection lacks them, and none that blames its servers.
         log(f"not measured for a local error: {', '.join(local)}: local_error")
         m.fail(Reason.LOCAL_ERROR)
+    if all(child.measurement.failure is Reason.TARGET_FORBIDDEN for child in children):
+        # The exporter's own policy refused every member: no verdict on the servers (a
+        # no_majority would page for a configuration choice).
+        log("every member is refused by the target policy: target_forbidden")
+        m.fail(Reason.TARGET_FORBIDDEN)
     m.reports.append(GroupReport(str(target), tuple(summary), selection.low, selection.high,
                                  len(selection.truechimers), len(selection.falsetickers)))
     return m
