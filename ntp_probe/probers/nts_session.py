@@ -215,7 +215,8 @@ async def _key_exchange(resolved: Resolved, port: int, nts: NTSSettings, ctx: Pr
                 log(f"certificate not accepted ({stop}): no KE request sent")
                 m.fail(stop)
                 return None
-            phase, started = "records", now
+            # From here: the certificate checks above are not the KE records' time.
+            phase, started = "records", time.perf_counter()
             request = ke.encode_request(nts.aead)
             decoder = ke.KEDecoder()
             for record in ke.KEDecoder().feed(request):
@@ -229,8 +230,9 @@ async def _key_exchange(resolved: Resolved, port: int, nts: NTSSettings, ctx: Pr
                     _log_record(log, "received", record)
             records = decoder.finish()
             m.add(KE_DURATION, time.perf_counter() - started, "records")
-            state.cookies_received = sum(
-                1 for r in records if r.record_type == ke.RecordType.NEW_COOKIE)
+            # Each cookie once: repeats are dropped (a cookie is sent once only).
+            state.cookies_received = len(
+                {r.body for r in records if r.record_type == ke.RecordType.NEW_COOKIE})
             m.add(COOKIES_RECEIVED, state.cookies_received)
             response = ke.validate_response(records, nts.aead)
             state.aead = response.aead_id
@@ -523,7 +525,9 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
         # Also when the runner's backstop cut the burst: the samples taken were
         # authenticated, and the NTP conclusion (which ran first) has their offset.
         authenticated = len(burst.samples) if burst is not None else 0
-        m.add(AUTHENTICATED, 1 if authenticated else 0)
+        # A Kiss-o'-Death counts too: in NTS it is honoured only once authenticated.
+        kod = burst is not None and burst.kod is not None
+        m.add(AUTHENTICATED, 1 if authenticated or kod else 0)
         concluded = ntp.report_of(m) if burst is not None else None
         m.reports.append(NTSReport(
             state.ke_server, state.ke_port, state.server_name, state.tls_version, state.cipher,

@@ -380,6 +380,7 @@ async def test_a_cookie_handed_out_again_is_never_sent_twice(fake: FakeNTS, pki:
     # Replies that only return spent cookies leave the KE's eight; one repeated cookie
     # from the KE is one, and each reply brings a fresh one.
     assert len(sent) == (8 if where == "replies" else 10)
+    assert value(m, "probe_nts_cookies_received") == (8 if where == "replies" else 1)
 
 
 def _records(*recs: ke.Record) -> Records:
@@ -528,6 +529,8 @@ async def test_a_kiss_of_death_holds_back_the_key_exchange_too(fake: FakeNTS, pk
     m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", mod, guard=guard)
     assert m.failure is Reason.KOD_RATE, log.text()
     assert "no NTS-KE with 127.0.0.1 port" in log.text()
+    # The KoD was authenticated (an unauthenticated one is not honoured): the reply was.
+    assert value(m, "probe_nts_authenticated") == 1
     connections, requests = fake.ke_connections, len(fake.requests)
     m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", mod, guard=guard)
     assert m.failure is Reason.BACKOFF, log.text()
