@@ -81,10 +81,10 @@ def check_parser() -> argparse.ArgumentParser:
     flags.flag(p, "--module", "ntp", help="module name")
     flags.flag(p, "--warning", None, "-w", type=flags.positive_float, metavar="SECONDS",
                help=f"WARNING at |offset| above this (default {DEFAULT_WARNING:g}; with only "
-               "-c given, at most -c)")
+               "-c given, at most a fifth of it)")
     flags.flag(p, "--critical", None, "-c", type=flags.positive_float, metavar="SECONDS",
                help=f"CRITICAL at |offset| above this (default {DEFAULT_CRITICAL:g}; with "
-               "only -w given, at least -w)")
+               "only -w given, at least five times it)")
     flags.flag(p, "--config.file", None, dest="config_file", metavar="FILE",
                help="modules file (default: the packaged modules)")
     for spelling, what in _UNSUPPORTED.items():
@@ -94,15 +94,17 @@ def check_parser() -> argparse.ArgumentParser:
 
 
 def thresholds(args: argparse.Namespace) -> tuple[float, float]:
-    """(warning, critical) from -w and -c. With one of them given, the other's default
-    yields to it, as no warning should come after the critical state."""
+    """(warning, critical) from -w and -c. With one of them given, the other keeps its
+    default unless that would put it on the wrong side: then it keeps the defaults' ratio
+    to the one given, so that both states stay reachable (``-w 0.1`` alone: -c 0.5)."""
     warning, critical = args.warning, args.critical
+    ratio = DEFAULT_CRITICAL / DEFAULT_WARNING
     if warning is None and critical is None:
         return DEFAULT_WARNING, DEFAULT_CRITICAL
     if warning is None:
-        return min(DEFAULT_WARNING, critical), critical
+        return min(DEFAULT_WARNING, critical / ratio), critical
     if critical is None:
-        return warning, max(DEFAULT_CRITICAL, warning)
+        return warning, max(DEFAULT_CRITICAL, warning * ratio)
     if warning > critical:
         raise Unknown(f"-w {warning:g} is above -c {critical:g}")
     return warning, critical

@@ -69,12 +69,16 @@ async def test_thresholds_can_be_set(fake_ntp: FakeNTPServer) -> None:
 
 
 @pytest.mark.parametrize(("given", "offset", "code", "perf"), [
-    # One threshold alone is judged with, as check_ntp_time does; the other's default
-    # yields so that WARNING never comes after CRITICAL.
-    (["-c", "0.005"], 0.0, 0, ";0.005000;0.005000"),
-    (["-c", "0.005"], 0.02, 2, ";0.005000;0.005000"),
-    (["-w", "0.1"], 0.02, 0, ";0.100000;0.100000"),
-    (["-w", "0.1"], 0.2, 2, ";0.100000;0.100000"),
+    # One threshold alone is judged with, as check_ntp_time does; the other keeps its
+    # default, or the defaults' ratio (5) to the one given where the default would be on
+    # the wrong side: both states stay reachable.
+    (["-c", "0.005"], 0.0, 0, ";0.001000;0.005000"),
+    (["-c", "0.005"], 0.003, 1, ";0.001000;0.005000"),
+    (["-c", "0.005"], 0.02, 2, ";0.001000;0.005000"),
+    (["-c", "0.5"], 0.02, 1, ";0.010000;0.500000"),
+    (["-w", "0.1"], 0.02, 0, ";0.100000;0.500000"),
+    (["-w", "0.1"], 0.2, 1, ";0.100000;0.500000"),
+    (["-w", "0.1"], 0.7, 2, ";0.100000;0.500000"),
     (["-w", "0.001"], 0.02, 1, ";0.001000;0.050000"),
 ])
 async def test_one_threshold_alone(fake_ntp: FakeNTPServer, given: list[str], offset: float,
