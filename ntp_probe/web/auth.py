@@ -187,15 +187,15 @@ class WebConfig:
         if scheme.lower() != "basic":  # RFC 7235: the scheme is case-insensitive
             return False
         try:
-            user, sep, password = base64.b64decode(token.strip(), validate=True).decode().partition(
-                ":"
-            )
-        except (binascii.Error, UnicodeDecodeError):
+            raw_user, sep, secret = base64.b64decode(token.strip(), validate=True).partition(b":")
+        except binascii.Error:
             return False
         if not sep:
             return False
+        # The password as bytes, as Go compares it: one in another encoding than UTF-8
+        # (Latin-1 from an old client) still matches the bcrypt hash made of those bytes.
+        user = raw_user.decode(errors="surrogateescape")
         stored = self.users.get(user)
-        secret = password.encode()
         # bcrypt is deliberately slow: remember successful checks by a digest of the
         # password, so repeated scrapes with the same credentials cost one hash lookup.
         # Keyed by the hash checked against too: a check that ends after a reload changed
@@ -322,7 +322,16 @@ def _tls(raw: dict[str, Any], base: Path) -> _TLSFiles | None:
                 raise WebConfigError(
                     f"tls_server_config.{name}: expected one of {', '.join(_TLS_VERSIONS)}"
                 )
-            setattr(ctx, attr, _TLS_VERSIONS[raw[name]])
+            version = _TLS_VERSIONS[raw[name]]
+            if (name == "min_version" and version < ssl.TLSVersion.TLSv1_2
+                    and ctx.security_level >= 1):
+                # OpenSSL 3 offers TLS below 1.2 only at security level 0, which would let
+                # weak ciphers in for every client: said, not done.
+                logger.warning("tls_server_config.min_version %s: this OpenSSL refuses TLS "
+                               "below 1.2 at its security level (%d); TLS 1.2 is the minimum "
+                               "in effect", raw[name], ctx.security_level)
+                continue
+            setattr(ctx, attr, version)
     if ("min_version" in raw and "max_version" in raw
             and ctx.minimum_version > ctx.maximum_version):  # no handshake could succeed
         raise WebConfigError(
@@ -333,6 +342,11 @@ def _tls(raw: dict[str, Any], base: Path) -> _TLSFiles | None:
         raise WebConfigError(
             f"tls_server_config.client_auth_type: expected one of {', '.join(_CLIENT_AUTH)}"
         )
+    if _CLIENT_AUTH[auth] == ssl.CERT_NONE and raw.get("client_ca_file"):
+        # As exporter-toolkit: a CA file alone turns on no client check, and an operator
+        # who set one believes it does.
+        raise WebConfigError("tls_server_config.client_ca_file: set without a client_auth_type "
+                             "that checks client certificates (e.g. RequireAndVerifyClientCert)")
     if _CLIENT_AUTH[auth] != ssl.CERT_NONE:
         if "client_ca_file" not in raw:
             raise WebConfigError(f"tls_server_config.client_ca_file: required for {auth}")

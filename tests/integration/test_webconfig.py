@@ -7,6 +7,7 @@ here is stopped by its PID.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.client
 import os
@@ -578,6 +579,11 @@ MORE_BAD_WEB_CONFIGS = {
         "  client_auth_type: RequireAndVerifyClientCert\n",
         "tls_server_config.client_ca_file",
     ),
+    # exporter-toolkit refuses it too: a CA file alone would check no client certificate.
+    "client-ca-without-client-auth": (
+        "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n"
+        "  client_ca_file: cert.pem\n",
+        "tls_server_config.client_ca_file: set without a client_auth_type"),
     "users-not-a-mapping": ("basic_auth_users: [alice]\n", "basic_auth_users"),
     "user-with-colon": (f"basic_auth_users:\n  'a:b': '{bcrypt_hash(PASSWORD)}'\n",
                         "basic_auth_users.a:b"),
@@ -693,6 +699,34 @@ def test_a_client_ca_file_holding_only_a_crl_is_refused(pki: Pki) -> None:
                     "  client_ca_file: crl-only.pem\n")
     with pytest.raises(WebConfigError, match=r"client_ca_file: .* holds no certificate"):
         load_web_config(str(path))
+
+
+def test_a_min_version_openssl_will_not_offer_is_said(pki: Pki,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    # exporter-toolkit's TLS10 and TLS11 load, but OpenSSL 3 offers neither above security
+    # level 0: a warning says TLS 1.2 is the minimum in effect, rather than nothing.
+    path = pki.dir / "tls10.yml"
+    path.write_text("tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n"
+                    "  min_version: TLS10\n")
+    context = load_web_config(str(path)).ssl_context
+    assert context is not None
+    said = [r.getMessage() for r in caplog.records if "min_version TLS10" in r.getMessage()]
+    assert bool(said) == (context.security_level >= 1), said
+    if said:
+        assert "TLS 1.2 is the minimum in effect" in said[0]
+
+
+def test_a_password_in_another_encoding_than_utf8_logs_in(tmp_path: Path) -> None:
+    # Go compares the password's bytes: a Latin-1 client's 'p\xe4ss' matches its hash.
+    secret = "p\xe4ss".encode("latin-1")
+    hashed = bcrypt.hashpw(secret, bcrypt.gensalt(rounds=4)).decode()
+    path = tmp_path / "web.yml"
+    path.write_text(f"basic_auth_users:\n  latin: '{hashed}'\n")
+    config = load_web_config(str(path))
+    header = "Basic " + base64.b64encode(b"latin:" + secret).decode()
+    assert asyncio.run(config.authorized(header))
+    wrong = "Basic " + base64.b64encode(b"latin:" + "p\xe4ss".encode()).decode()
+    assert not asyncio.run(config.authorized(wrong))
 
 
 def test_only_min_version_is_no_conflict(pki: Pki) -> None:
