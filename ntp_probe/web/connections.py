@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError
-from aiohttp.web_protocol import RequestPayloadError
+from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError, LineTooLong
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 logger = logging.getLogger("ntp_probe.web")
 
@@ -895,6 +895,36 @@ def quiet_bad_requests() -> None:
         server_log.addFilter(BadRequestFilter())
 
 
+class _PlainErrors(RequestHandler):
+    """aiohttp's request handler, answering a malformed request with a fixed line of its
+    own: aiohttp's message quotes the request's raw bytes, an Authorization header's
+    password among them, and spans several lines (Go's servers answer a fixed text)."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """The 400 of a request that does not parse: one line, nothing of the request."""
+        if status == 400 and isinstance(exc, HttpProcessingError):
+            message = ("400 Bad Request: request line or header field too long\n"
+                       if isinstance(exc, LineTooLong) else
+                       f"400 Bad Request: malformed HTTP request ({type(exc).__name__})\n")
+        response = super().handle_error(request, status, exc, message)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+
+def _plain_errors(server: web.Server) -> Callable[[], asyncio.Protocol]:
+    """``server``'s protocol factory, its handlers answering malformed requests with
+    :class:`_PlainErrors`' text (made by aiohttp, so that its handler arguments apply)."""
+    def make() -> asyncio.Protocol:
+        handler = server()
+        if type(handler) is RequestHandler:  # the same slots: only the methods change
+            handler.__class__ = _PlainErrors
+        return handler
+    return make
+
+
 # The kernel's listen queue, whatever asyncio accepts per pass.
 KERNEL_BACKLOG = 128
 
@@ -936,7 +966,7 @@ class GuardedSite(web.BaseSite):
         server = self._runner.server
         assert server is not None, "runner not set up"
         loop = asyncio.get_running_loop()
-        factory = self._guard.wrap(server, self._ssl_context)
+        factory = self._guard.wrap(_plain_errors(server), self._ssl_context)
         # Bound, not served by asyncio: the guard's acceptors accept (and stop accepting).
         if self._sock is not None:
             self._server = await loop.create_server(factory, sock=self._sock,

@@ -153,6 +153,28 @@ def test_bad_http_is_a_400_and_one_log_line(guarded: Exporter) -> None:
     assert "level=error" not in log
 
 
+@pytest.mark.parametrize(("request_bytes", "says"), [
+    # A bare-LF request: aiohttp's message quoted it whole, the password with it.
+    (b"GET /metrics HTTP/1.1\nHost: x\nAuthorization: Basic YWxpY2U6czNjcmV0\n\n",
+     b"400 Bad Request: malformed HTTP request"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Basic YWxpY2U6czNjcmV0" + b"A" * 9000
+     + b"\r\n\r\n", b"400 Bad Request: request line or header field too long"),
+    (b"GE T / HTTP/1.1\r\nHost: x\r\nAuthorization: Basic YWxpY2U6czNjcmV0\r\n\r\n",
+     b"400 Bad Request: malformed HTTP request"),
+])
+def test_a_malformed_request_is_answered_without_its_bytes(
+        guarded: Exporter, request_bytes: bytes, says: bytes) -> None:
+    with connect(guarded.port) as s:
+        s.sendall(request_bytes)
+        answer = read_response(s)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0].endswith(b" 400 Bad Request"), answer[:300]
+    assert b"x-content-type-options: nosniff" in head.lower()
+    # One line of its own, nothing of the request: no credentials sent back.
+    assert body.startswith(says) and body.count(b"\n") == 1, body
+    assert b"YWxpY2U6czNjcmV0" not in answer
+
+
 def test_every_answer_says_nosniff(guarded: Exporter) -> None:
     for request, status in (("GET /-/healthy", 200), ("HEAD /metrics", 200),
                             ("GET /no-such-page", 404), ("OPTIONS *", 404),
