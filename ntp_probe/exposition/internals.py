@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from collections.abc import Collection, Iterator
@@ -141,10 +142,16 @@ class Internals:
     def config_loaded(self, modules: Collection[str]) -> None:
         """Record a successful (re)load of ``modules`` (their names). Each module's probe
         series exist from now on, at 0, so that rate() and increase() count its first
-        probe too (a series born at 1 has no increase)."""
+        probe too (a series born at 1 has no increase); those of a module no longer
+        configured go (renaming modules must not pile up series for the process's life)."""
         self.modules_configured.set(len(modules))
         self.reload_ok.set(1)
         self.reload_time.set(time.time())
+        for module, success in [key for key in self._children if key[0] not in modules]:
+            del self._children[module, success]
+            self.probes.remove(module, "success" if success else "failure")
+            with contextlib.suppress(KeyError):  # the module's two results share it
+                self.duration.remove(module)
         for module in modules:
             for success in (True, False):
                 self._series(module, success)

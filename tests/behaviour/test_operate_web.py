@@ -221,6 +221,11 @@ async def test_reload_with_a_changed_file_swaps_the_modules(
     stamp_after = metric(after, "ntp_probe_config_last_reload_success_timestamp_seconds")
     assert stamp_after is not None and stamp_after >= stamp_before
     assert set(state.config.modules) == {"new", "other"}
+    # The old module's series went with it; the new ones' are there from the reload.
+    assert metric(before, "ntp_probe_probes_total", module="old", result="success") == 1
+    assert metric(after, "ntp_probe_probes_total", module="old") is None
+    assert metric(after, "ntp_probe_probe_duration_seconds_count", module="old") is None
+    assert metric(after, "ntp_probe_probes_total", module="new", result="failure") == 0
 
 
 async def test_a_reload_whose_caller_goes_away_still_finishes(tmp_path: Path) -> None:
