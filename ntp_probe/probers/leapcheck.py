@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from ntp_probe.engine.context import ProbeContext
-from ntp_probe.engine.result import Reason
+from ntp_probe.engine.result import Measurement, Reason
 from ntp_probe.exposition.families import Family
 from ntp_probe.proto.leapfile import LeapVerdict, leap_verdict
 
@@ -23,6 +23,18 @@ LEAP_CHECK = Family(
 )
 
 _MISMATCHES = (LeapVerdict.MISSING_ANNOUNCEMENT, LeapVerdict.UNEXPECTED_ANNOUNCEMENT)
+_MISMATCH_VALUES = frozenset(v.value for v in _MISMATCHES)
+
+
+def mismatch_of_any(measurements: list[Measurement]) -> str | None:
+    """The first mismatch verdict among several servers' (every address of one name),
+    or None: clients that pick a server announcing the wrong leap are misled whichever
+    address the other series describe."""
+    for m in measurements:
+        for (verdict,), _ in m.values(LEAP_CHECK):
+            if verdict in _MISMATCH_VALUES:
+                return verdict
+    return None
 
 
 def leap_check(ctx: ProbeContext, leap_indicator: int, server_unix_time: float, *,

@@ -27,7 +27,7 @@ from ntp_probe.probers.leapcheck import LEAP_CHECK
 from ntp_probe.safety.policy import TargetPolicy, parse_rules
 from ntp_probe.web.app import State, create_app
 from tests.behaviour.fake_server import FakeNTPServer, answer
-from tests.conftest import free_udp_port, label_sets, value
+from tests.conftest import Hosts, free_udp_port, label_sets, value
 from tests.unit.test_leapfile import REAL_ENTRIES, build, utc
 from tests.unit.test_leapfile import ntp as ntp_seconds
 
@@ -265,12 +265,13 @@ def leap_config(tmp_path: Path, text: str, **ntp_settings: object) -> Config:
                         str(tmp_path / "modules.yaml"))
 
 
-async def probe_with_leap_check(server: FakeNTPServer, config: Config) -> Measurement:
+async def probe_with_leap_check(server: FakeNTPServer, config: Config,
+                                target: str | None = None) -> Measurement:
     """An ntp probe: its report step checks the server's leap indicator against the file."""
     module = config.modules["n"]
     ctx = ProbeContext(asyncio.get_running_loop().time() + module.timeout,
                        guard=guard_for(config, module))
-    m = await ntp.probe(resolve_target(config, module, server.target), module, ctx)
+    m = await ntp.probe(resolve_target(config, module, target or server.target), module, ctx)
     assert ntp.report_of(m) is not None
     return m
 
@@ -289,6 +290,23 @@ async def test_an_announcement_the_file_does_not_schedule(servers: Start,
     m = await probe_with_leap_check(server, leap_config(tmp_path, QUIET))
     assert m.values(LEAP_CHECK) == [(("unexpected_announcement",), 1)]
     assert m.success  # reported only, by default
+
+
+async def test_every_address_of_a_name_is_leap_checked(servers: Start, tmp_path: Path,
+                                                       hosts: Hosts) -> None:
+    # 127.0.0.1 is the best address and right; 127.0.0.2 announces a leap the file does
+    # not schedule. Clients that pick it are misled: the name's verdict says so.
+    good = await servers(leap=0, root_dispersion=0.0001)
+    wrong = await FakeNTPServer.start(answer(leap=1, root_dispersion=0.01), host="127.0.0.2",
+                                      port=good.port)
+    hosts("127.0.0.1 two.test\n127.0.0.2 two.test\n")
+    config = leap_config(tmp_path, QUIET, all_addresses="true")
+    try:
+        m = await probe_with_leap_check(good, config, f"two.test:{good.port}")
+    finally:
+        wrong.close()
+    assert m.values(LEAP_CHECK) == [(("unexpected_announcement",), 1)]
+    assert m.value(ntp.ROOT_DISPERSION) == pytest.approx(0.0001, abs=2e-5)  # still the best's
 
 
 @pytest.mark.parametrize("stratum", [16, 0])
