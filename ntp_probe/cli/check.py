@@ -12,6 +12,9 @@ import argparse
 import asyncio
 import dataclasses
 import ipaddress
+import os
+import re
+import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -29,6 +32,8 @@ OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 _STATES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
 DEFAULT_WARNING = 0.010
 DEFAULT_CRITICAL = 0.050
+HOSTNAME_ENV = flags.env_name("--hostname")
+_NEGATIVE = re.compile(r"-\d+(\.\d*)?([eE][-+]?\d+)?|-\.\d+([eE][-+]?\d+)?")
 
 
 class Unknown(Exception):
@@ -51,6 +56,18 @@ class _Parser(flags.Parser):
 
     output_failed = UNKNOWN  # --help that cannot be written
 
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """Parse; ``-o -0.2`` is an expected offset, not an option (with -4 and -6
+        defined, argparse reads every negative number as one)."""
+        words = list(sys.argv[1:] if args is None else args)
+        joined: list[str] = []
+        while words:
+            word = words.pop(0)
+            if word in ("-o", "--time-offset") and words and _NEGATIVE.fullmatch(words[0]):
+                word = f"{word}={words.pop(0)}"
+            joined.append(word)
+        return super().parse_args(joined, namespace)
+
 
 # check_ntp_peer's thresholds on other values than the offset: refused with a clear reason
 # (taken with their value, so that the value is not read as the target).
@@ -68,11 +85,22 @@ def check_parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", help="HOST, HOST:PORT, IP:PORT or [IPv6]:PORT")
     p.add_argument("-V", "--version", action="version", version=f"ntp-probe check {__version__}")
     # check_ntp_peer's spellings, so that an Icinga or Nagios command written for it works.
-    flags.flag(p, "--hostname", None, "-H", metavar="HOST",
-               help="the target, as check_ntp_peer takes it (instead of the argument)")
-    flags.flag(p, "--port", None, "-p", metavar="PORT", help="the target's port")
+    # -H's variable yields to a target argument. -p has none: Kubernetes sets
+    # NTP_PROBE_PORT=tcp://... in every pod of a namespace with a Service named ntp-probe.
+    p.add_argument("-H", "--hostname", metavar="HOST",
+                   help="the target, as check_ntp_peer takes it (instead of the argument) "
+                   f"[env {HOSTNAME_ENV}]")
+    p.add_argument("-p", "--port", metavar="PORT", help="the target's port")
     flags.flag(p, "--timeout", None, "-t", type=flags.positive_float, metavar="SECONDS",
                help="the probe's time budget (default: the module's timeout)")
+    p.add_argument("-o", "--time-offset", type=_seconds, default=0.0,
+                   metavar="SECONDS", help="the server's expected offset (check_ntp_time's): "
+                   "-w and -c judge the offset less this")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="UNKNOWN instead of CRITICAL when the probe fails or gives no offset "
+                   "(check_ntp_time's)")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="accepted for check_ntp_time's commands: the one status line says all")
     family = p.add_mutually_exclusive_group()
     family.add_argument("-4", "--use-ipv4", dest="family", action="store_const", const="ip4",
                         help="IPv4 only (a name's IPv6 addresses are not tried)")
@@ -81,16 +109,21 @@ def check_parser() -> argparse.ArgumentParser:
     flags.flag(p, "--module", "ntp", help="module name")
     flags.flag(p, "--warning", None, "-w", type=flags.positive_float, metavar="SECONDS",
                help=f"WARNING at |offset| above this (default {DEFAULT_WARNING:g}; with only "
-               "-c given, at most a fifth of it)")
+               "-c given at or below that, a fifth of -c)")
     flags.flag(p, "--critical", None, "-c", type=flags.positive_float, metavar="SECONDS",
                help=f"CRITICAL at |offset| above this (default {DEFAULT_CRITICAL:g}; with "
-               "only -w given, at least five times it)")
+               "only -w given at or above that, five times -w)")
     flags.flag(p, "--config.file", None, dest="config_file", metavar="FILE",
                help="modules file (default: the packaged modules)")
     for spelling, what in _UNSUPPORTED.items():
         p.add_argument(spelling, dest=f"unsupported_{spelling[1]}", metavar="THRESHOLD",
                        help=f"check_ntp_peer's {what} threshold: not supported (UNKNOWN)")
     return p
+
+
+def _seconds(text: str) -> float:
+    """A finite number of seconds, negative allowed (an expected offset)."""
+    return flags.number(text, float)
 
 
 def thresholds(args: argparse.Namespace) -> tuple[float, float]:
@@ -102,9 +135,9 @@ def thresholds(args: argparse.Namespace) -> tuple[float, float]:
     if warning is None and critical is None:
         return DEFAULT_WARNING, DEFAULT_CRITICAL
     if warning is None:
-        return min(DEFAULT_WARNING, critical / ratio), critical
+        return (DEFAULT_WARNING if critical > DEFAULT_WARNING else critical / ratio), critical
     if critical is None:
-        return warning, max(DEFAULT_CRITICAL, warning * ratio)
+        return warning, DEFAULT_CRITICAL if warning < DEFAULT_CRITICAL else warning * ratio
     if warning > critical:
         raise Unknown(f"-w {warning:g} is above -c {critical:g}")
     return warning, critical
@@ -148,10 +181,11 @@ def _family_fits(family: str | None, target: Target) -> None:
 
 
 def _target_text(args: argparse.Namespace) -> str:
-    """The target as the arguments give it: the argument or -H, with -p's port."""
+    """The target as the arguments give it: the argument or -H (or its variable, which a
+    target argument overrides), with -p's port."""
     if args.target and args.hostname:
         raise Unknown("give the target once: as the argument or with -H")
-    text = args.target or args.hostname
+    text = args.target or args.hostname or os.environ.get(HOSTNAME_ENV) or None
     if not text:
         raise Unknown("required: target (as the argument, or -H HOST)")
     if args.port is None:
@@ -210,23 +244,27 @@ def _why_no_offset(m: Measurement) -> str:
 
 
 def evaluate(target: str, module: Module, m: Measurement, warning: float,
-             critical: float) -> tuple[int, str]:
-    """The plugin's state and status line for a finished probe."""
+             critical: float, *, expected: float = 0.0, quiet: bool = False) -> tuple[int, str]:
+    """The plugin's state and status line for a finished probe; ``expected`` is the
+    server's expected offset (-o), ``quiet`` makes a failure UNKNOWN (-q)."""
     perfdata = _perfdata(m, warning, critical)
     judged = _judged(m)
     offset = None if judged is None else judged.check_offset
+    unknown_offset = UNKNOWN if quiet else CRITICAL
     if not m.success:
-        state, summary = CRITICAL, f"{target} probe failed: {m.failure}"
+        state, summary = unknown_offset, f"{target} probe failed: {m.failure}"
     elif offset is None:
         # As check_ntp_peer: an offset that cannot be judged is no OK (an ntpd whose
         # variables lack it).
-        state, summary = CRITICAL, (f"{target} probe succeeded but gave no offset to judge "
-                                    f"(module {module.name}){_why_no_offset(m)}")
+        state, summary = unknown_offset, (f"{target} probe succeeded but gave no offset to "
+                                          f"judge (module {module.name}){_why_no_offset(m)}")
     else:
         # Beyond the threshold, not at it: a plain -w N is the Nagios range 0:N.
-        state = CRITICAL if abs(offset) > critical else WARNING if abs(offset) > warning \
-            else OK
+        off = abs(offset - expected)
+        state = CRITICAL if off > critical else WARNING if off > warning else OK
         summary = f"{target} offset {offset:+.6f} s (module {module.name})"
+        if expected:
+            summary += f", {offset - expected:+.6f} s from the expected {expected:+.6f} s"
     line = f"NTP {_STATES[state]}: {_text(summary)}"
     return state, f"{line} | {perfdata}" if perfdata else line
 
@@ -246,7 +284,8 @@ async def check(args: argparse.Namespace, config: Config) -> tuple[int, str]:
     _family_fits(args.family, target)
     timeout = module.timeout if args.timeout is None else args.timeout
     m, _ = await run_probe(target, module, timeout, guard=guard_for(config, module))
-    return evaluate(str(target), module, m, warning, critical)
+    return evaluate(str(target), module, m, warning, critical, expected=args.time_offset,
+                    quiet=args.quiet)
 
 
 def main(argv: Sequence[str]) -> int:

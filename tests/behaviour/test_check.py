@@ -80,6 +80,8 @@ async def test_thresholds_can_be_set(fake_ntp: FakeNTPServer) -> None:
     (["-w", "0.1"], 0.2, 1, ";0.100000;0.500000"),
     (["-w", "0.1"], 0.7, 2, ";0.100000;0.500000"),
     (["-w", "0.001"], 0.02, 1, ";0.001000;0.050000"),
+    (["-w", "0.02"], 0.07, 2, ";0.020000;0.050000"),  # -c keeps its default
+    (["-c", "0.03"], 0.02, 1, ";0.010000;0.030000"),  # -w keeps its default
 ])
 async def test_one_threshold_alone(fake_ntp: FakeNTPServer, given: list[str], offset: float,
                                    code: int, perf: str) -> None:
@@ -181,17 +183,46 @@ def test_check_ntp_peers_other_thresholds_are_refused_clearly(
     assert out.startswith(f"NTP UNKNOWN: {flag} (") and "not supported" in out, out
 
 
-async def test_host_port_and_timeout_come_from_variables_too(
+async def test_host_and_timeout_come_from_variables_too(
         fake_ntp: FakeNTPServer, monkeypatch: pytest.MonkeyPatch) -> None:
     fake_ntp.behaviour = lambda req: []
-    monkeypatch.setenv("NTP_PROBE_HOSTNAME", fake_ntp.host)
-    monkeypatch.setenv("NTP_PROBE_PORT", str(fake_ntp.port))
+    monkeypatch.setenv("NTP_PROBE_HOSTNAME", "192.0.2.1")  # a target argument wins over it
+    # What Kubernetes sets in every pod of a namespace with a Service named ntp-probe: -p
+    # has no variable, so it is no port.
+    monkeypatch.setenv("NTP_PROBE_PORT", "tcp://10.96.0.12:9559")
     monkeypatch.setenv("NTP_PROBE_TIMEOUT", "0.2")
-    args = check.check_parser().parse_args(["--module", "one"])
+    args = check.check_parser().parse_args([fake_ntp.target, "--module", "one"])
     code, line = await check.check(args, CONFIG)
     assert code == 2 and f"{fake_ntp.target} probe failed: timeout" in line, line
     duration = float(next(p for p in split(line)[1] if p.startswith("time="))[5:-1])
     assert duration <= 0.2, line
+    # With no argument, the variable names the target.
+    monkeypatch.setenv("NTP_PROBE_HOSTNAME", fake_ntp.target)
+    args = check.check_parser().parse_args(["--module", "one"])
+    code, line = await check.check(args, CONFIG)
+    assert code == 2 and f"{fake_ntp.target} probe failed: timeout" in line, line
+
+
+@pytest.mark.parametrize(("extra", "offset", "code", "says"), [
+    # check_ntp_time's -o: the expected offset; -w and -c judge the offset less it.
+    (["-o", "0.2"], 0.2, 0, "from the expected +0.200000 s"),
+    (["-o", "-0.2"], 0.2, 2, "from the expected -0.200000 s"),
+    (["-o", "0.18", "-v"], 0.2, 1, "offset +0.2"),
+])
+async def test_check_ntp_times_expected_offset(fake_ntp: FakeNTPServer, extra: list[str],
+                                               offset: float, code: int, says: str) -> None:
+    fake_ntp.behaviour = answer(offset=offset)
+    got, line = await run(fake_ntp.target, *extra)
+    assert got == code and says in line, line
+
+
+async def test_quiet_makes_a_failure_unknown(fake_ntp: FakeNTPServer) -> None:
+    # check_ntp_time's -q: UNKNOWN rather than CRITICAL when no offset can be had.
+    fake_ntp.behaviour = answer(leap=3)
+    code, line = await run(fake_ntp.target, "-q")
+    assert code == 3 and "probe failed: leap_unsynchronized" in line, line
+    code, line = await run(fake_ntp.target)
+    assert code == 2, line
 
 
 def test_flags_come_from_ntp_probe_variables_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
