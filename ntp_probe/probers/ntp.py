@@ -18,8 +18,8 @@ from ntp_probe.engine.targets import Target
 from ntp_probe.exposition.families import Family
 from ntp_probe.net.resolve import Resolved
 from ntp_probe.net.udp import Datagram, DatagramPump, Unreachable, sockaddr_for
-from ntp_probe.probers import common, pacing
-from ntp_probe.probers.leapcheck import LEAP_CHECK, leap_check, mismatch_of_any
+from ntp_probe.probers import common, leapcheck, pacing
+from ntp_probe.probers.leapcheck import leap_check
 from ntp_probe.probers.pacing import Pace
 from ntp_probe.proto.ntp import client as rules
 from ntp_probe.proto.ntp import packet as ntp
@@ -616,11 +616,11 @@ async def _probe_every_address(target: Target, settings: NTPSettings, port: int,
     chosen = (min(ok, key=distance) if ok else min(answered, key=distance) if answered
               else children[0].measurement)
     every = [c.measurement for c in children]
-    mismatch = mismatch_of_any(every)
+    mismatch = leapcheck.mismatch_of_any(every)
     m.samples += [s for s in chosen.samples if s[0] is not common.BACKOFF_REMAINING
-                  and (mismatch is None or s[0] is not LEAP_CHECK)]
+                  and (mismatch is None or s[0] is not leapcheck.LEAP_CHECK)]
     if mismatch is not None:  # whichever address announces the wrong leap, the name does
-        m.add(LEAP_CHECK, 1, mismatch)
+        m.add(leapcheck.LEAP_CHECK, 1, mismatch)
     _kiss_codes_of_every_address(m, chosen, every)
     offsets = []
     for resolved, child in zip(found, children, strict=True):

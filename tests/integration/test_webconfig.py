@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import http.client
+import logging
 import os
 import select
 import shutil
@@ -701,16 +702,34 @@ def test_a_client_ca_file_holding_only_a_crl_is_refused(pki: Pki) -> None:
         load_web_config(str(path))
 
 
-def test_a_min_version_openssl_will_not_offer_is_said(pki: Pki,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_a_min_version_openssl_will_not_offer_is_said(pki: Pki) -> None:
     # exporter-toolkit's TLS10 and TLS11 load, but OpenSSL 3 offers neither above security
     # level 0: a warning says TLS 1.2 is the minimum in effect, rather than nothing.
     path = pki.dir / "tls10.yml"
     path.write_text("tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n"
                     "  min_version: TLS10\n")
-    context = load_web_config(str(path)).ssl_context
+    class Kept(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    handler = Kept()
+    # On the logger itself, at its own level: an earlier test in this process may have set
+    # up the exporter's logging (the root's handlers and level), which caplog relies on.
+    logger = logging.getLogger("ntp_probe.web")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        context = load_web_config(str(path)).ssl_context
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     assert context is not None
-    said = [r.getMessage() for r in caplog.records if "min_version TLS10" in r.getMessage()]
+    said = [r.getMessage() for r in handler.records if "min_version TLS10" in r.getMessage()]
     assert bool(said) == (context.security_level >= 1), said
     if said:
         assert "TLS 1.2 is the minimum in effect" in said[0]
