@@ -820,13 +820,17 @@ class _Proxy(asyncio.Protocol):
         self.inner.eof_received()
         close = getattr(self.inner, "close", None)
         conn = self.conn
-        pending = conn is not None and (conn.busy > 0 or (
-            conn.heard and conn.since is not None and not conn.partial))
+        # A request being served when the client's end of file comes: the client hung up
+        # (curl -m, Prometheus at its scrape timeout, a closed socket: all send a FIN, as
+        # a half-close does), and its probe is cancelled, as Go's servers cancel the
+        # request's context. Closed now, as aiohttp does: its handler is cancelled.
+        pending = conn is not None and conn.busy == 0 and (
+            conn.heard and conn.since is not None and not conn.partial)
         if self._ssl is not None or close is None or not pending:
             return None  # closed now: TLS has no half-close, and nothing is asked
-        # The client is done sending, its request in (a half-close after it: `nc -N`, a
-        # shell's printf | nc): answered, then the connection closed, as Go's server
-        # does; aiohttp would close it at once and drop the answer.
+        # The client is done sending, its request in but not yet dispatched (a
+        # half-close right after it: `nc -N`, a shell's printf | nc): answered, then the
+        # connection closed; aiohttp would close it at once and drop the answer.
         close()  # aiohttp: no further requests; closes once its handler is done
         return True
 

@@ -441,6 +441,33 @@ def test_a_client_that_half_closes_after_its_request_gets_the_answer(
             assert read_response(s).startswith(b"HTTP/1.1 200 OK"), path
 
 
+def test_a_client_that_closes_its_connection_cancels_its_probe(tmp_path: Path) -> None:
+    # curl -m, Prometheus at its scrape timeout and a closed socket end with a FIN, not a
+    # reset: the burst stops there, as the README says (Go cancels the request's context).
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind((LOOPBACK, 0))
+    silent.settimeout(5)
+    config = tmp_path / "modules.yaml"
+    config.write_text("modules:\n  slow:\n    timeout: 10s\n    ntp: {samples: 3, "
+                      "sample_interval: 1s, reply_timeout: 200ms}\n")
+    e = start_exporter(tmp_path, (f"--config.file={config}",))
+    try:
+        with connect(e.port) as s:
+            s.sendall(f"GET /probe?module=slow&target={LOOPBACK}:{silent.getsockname()[1]} "
+                      "HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            silent.recv(512)  # the burst's first request: the probe is under way
+        # Closed (a FIN). Without the cancel, requests 2 and 3 come 1 s and 2 s later.
+        silent.settimeout(2.5)
+        with pytest.raises(TimeoutError):
+            silent.recv(512)
+        status, _, body = e.get(f"/logs?target={LOOPBACK}:{silent.getsockname()[1]}"
+                                "&module=slow")
+        assert status == 200 and "The client hung up" in body and "it was stopped" in body, body
+    finally:
+        stop_process(e.proc)
+        silent.close()
+
+
 def test_a_keep_alive_connection_answered_by_the_router_is_not_cut(
         guarded: Exporter) -> None:
     # 404s and 405s pass no route handler; the connection's header deadline used to run
