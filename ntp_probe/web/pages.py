@@ -118,6 +118,14 @@ _HISTORY_COLUMNS = (
 )
 
 
+def _note_label(e: Entry) -> str:
+    """What a row's note says in a word: a client that hung up (its burst may have sent
+    packets), or an answer that sent none (served from the cache or a shared burst)."""
+    if e.reason == "cancelled":
+        return "client hung up"
+    return "not sent: cached" if "cache" in e.note else "not sent: shared"
+
+
 def _history_row(e: Entry) -> str:
     result = "success" if e.success else "failure"
     offset, rtt, stratum = _time_figures(e)
@@ -132,8 +140,8 @@ def _history_row(e: Entry) -> str:
         ("num", _e(rtt)),
         ("num", _e(stratum)),
         ("", f"<a href='logs?id={e.id}'>log</a>"
-             + (f" <span class='note' title='{_e(e.note)}'>(not sent: "
-                f"{'cached' if 'cache' in e.note else 'shared'})</span>" if e.note else "")),
+             + (f" <span class='note' title='{_e(e.note)}'>({_note_label(e)})</span>"
+                if e.note else "")),
     )
     tds = "".join(
         f"<td class='{css}' data-label='{_e(label)}'>{content}</td>" if css

@@ -900,6 +900,8 @@ async def test_client_disconnect_cancels_the_probe(
     # can still be looked into.
     page = await (await client.get("/")).text()
     assert ">cancelled<" in page, page
+    # It started the burst: packets went out, nothing says otherwise.
+    assert "(client hung up)" in page and "not sent" not in page, page
     logs = await (await client.get("/logs", params={"id": "1"})).text()
     assert "The client hung up after" in logs and "the burst's: it was stopped." in logs, logs
     # The burst's own lines, as far as it got.
