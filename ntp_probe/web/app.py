@@ -262,6 +262,20 @@ async def config_handler(request: web.Request) -> web.Response:
     return web.Response(text=await request.app[STATE].config_yaml(), content_type="text/plain")
 
 
+def _as_kept(config: Config, raw: str, module_name: str | None) -> str:
+    """A target as /probe keeps it in the history (``LOCALHOST:123``, ``::1`` and a group
+    list with spaces are kept as ``localhost:123``, ``[::1]`` and without them), so that
+    /logs finds a probe by the target as its request named it."""
+    modules = [config.modules[module_name]] if module_name in config.modules else list(
+        config.modules.values())
+    for module in modules:
+        try:
+            return str(resolve_target(config, module, raw))
+        except TargetError:
+            continue
+    return raw
+
+
 async def logs_handler(request: web.Request) -> web.Response:
     """GET /logs?id=N, or ?target=T[&module=M] for the newest kept probe of a target (as
     blackbox_exporter 0.25): one recent probe's log and metrics; a page for browsers, the
@@ -278,7 +292,7 @@ async def logs_handler(request: web.Request) -> web.Response:
     history = state.history
     if "id" not in request.query and "target" in request.query:
         target, module = request.query["target"], request.query.get("module") or None
-        entry = history.latest(target, module)
+        entry = history.latest(_as_kept(state.config, target, module), module)
         if entry is None:
             of = f" with module {module!r}" if module is not None else ""
             return answer(404, "No such probe",

@@ -589,6 +589,12 @@ async def test_logs_of_the_newest_probe_of_a_target_and_module(
     status, body = await logs(target=fake_ntp.target, module="three")
     assert status == 404
     assert_one_line(body)
+    # The target as the request named it, spelled another way than the history keeps it.
+    for spelling in (f"127.0.0.1:000{fake_ntp.port}", f"[::ffff:127.0.0.1]:{fake_ntp.port}"):
+        status, body = await logs(target=spelling, module="one")
+        assert status == 200 and "probe_success 1" in body, (spelling, body)
+        status, body = await logs(target=spelling)
+        assert status == 200 and "module=two" in body, (spelling, body)
     status, body = await logs(target="192.0.2.1:123")
     assert status == 404 and "192.0.2.1:123" in body
     status, body = await logs(module="one")  # neither id nor target
