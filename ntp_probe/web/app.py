@@ -266,8 +266,8 @@ def _as_kept(config: Config, raw: str, module_name: str | None) -> str:
     """A target as /probe keeps it in the history (``LOCALHOST:123``, ``::1`` and a group
     list with spaces are kept as ``localhost:123``, ``[::1]`` and without them), so that
     /logs finds a probe by the target as its request named it."""
-    modules = [config.modules[module_name]] if module_name in config.modules else list(
-        config.modules.values())
+    named = config.modules.get(module_name) if module_name is not None else None
+    modules = [named] if named is not None else list(config.modules.values())
     for module in modules:
         try:
             return str(resolve_target(config, module, raw))
