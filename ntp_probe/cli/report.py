@@ -34,16 +34,21 @@ def _number(value: float) -> int | float:
 
 
 def as_json(target: str, module: str, m: Measurement, log: ProbeLog) -> str:
-    """The report as one JSON document: metrics as {name, labels, value} objects."""
+    """The report as one JSON document: metrics as {name, labels, value} objects, the same
+    series in the same order as the exposition (``--format prometheus``, /probe)."""
+    series = [{"name": "probe_success", "labels": {}, "value": 1 if m.success else 0},
+              {"name": "probe_duration_seconds", "labels": {}, "value": m.duration}]
+    series += [{"name": family.name, "labels": dict(zip(family.labels, labels, strict=True)),
+                "value": _number(value)}
+               for family, labels, value in sorted(m.samples, key=lambda s: s[0].order)]
+    if m.failure is not None:
+        series.append({"name": "probe_ntp_failure_info",
+                       "labels": {"reason": m.failure.value}, "value": 1})
     return json.dumps({
         "target": target, "module": module, "success": m.success,
         "failure_reason": None if m.failure is None else m.failure.value,
         "duration_seconds": m.duration,
-        "metrics": [
-            {"name": family.name, "labels": dict(zip(family.labels, labels, strict=True)),
-             "value": _number(value)}
-            for family, labels, value in m.samples
-        ],
+        "metrics": series,
         "reports": {r.title: r.to_json() for r in m.reports},
         "log": log.lines,
     }, indent=2)

@@ -20,7 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from ntp_probe.cli import report
 from ntp_probe.engine.context import PrefixedLog, ProbeContext, ProbeLog
 from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.runner import probe_timeout, run_probe
@@ -858,3 +860,17 @@ async def test_an_ntp_probe_adds_its_series_in_exposition_order(
     orders = [family.order for family, _, _ in result.samples]
     assert len(orders) >= 6, log.text()
     assert orders == sorted(orders), [family.name for family, _, _ in result.samples]
+
+
+@pytest.mark.parametrize("leap", [0, 3])
+async def test_json_output_holds_the_expositions_series(fake_ntp: FakeNTPServer,
+                                                        leap: int) -> None:
+    # `probe --format json` and `--format prometheus` print the same result: the same
+    # series in the same order, probe_success, the duration and the failure included.
+    fake_ntp.behaviour = answer(leap=leap)
+    result, log = await probe(fake_ntp.target, make_module())
+    data = json.loads(report.as_json(fake_ntp.target, "m", result, log))
+    exposition = [(s.name, s.labels) for family in text_string_to_metric_families(render(result))
+                  for s in family.samples]
+    assert [(s["name"], s["labels"]) for s in data["metrics"]] == exposition
+    assert (data["metrics"][-1]["name"] == "probe_ntp_failure_info") == (leap == 3)
