@@ -323,6 +323,12 @@ def _tls(raw: dict[str, Any], base: Path) -> _TLSFiles | None:
                     f"tls_server_config.{name}: expected one of {', '.join(_TLS_VERSIONS)}"
                 )
             version = _TLS_VERSIONS[raw[name]]
+            if name == "max_version" and version < ssl.TLSVersion.TLSv1_2 \
+                    and ctx.security_level >= 1:
+                raise WebConfigError(
+                    f"tls_server_config.max_version {raw[name]}: this OpenSSL refuses TLS "
+                    f"below 1.2 at its security level ({ctx.security_level}): no handshake "
+                    "could succeed")
             if (name == "min_version" and version < ssl.TLSVersion.TLSv1_2
                     and ctx.security_level >= 1):
                 # OpenSSL 3 offers TLS below 1.2 only at security level 0, which would let

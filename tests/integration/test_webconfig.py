@@ -585,6 +585,10 @@ MORE_BAD_WEB_CONFIGS = {
         "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n"
         "  client_ca_file: cert.pem\n",
         "tls_server_config.client_ca_file: set without a client_auth_type"),
+    # OpenSSL 3 (security level 1 and up) offers nothing below TLS 1.2: nothing would connect.
+    "max-version-below-tls12": (
+        "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n"
+        "  max_version: TLS11\n", "tls_server_config.max_version TLS11"),
     "users-not-a-mapping": ("basic_auth_users: [alice]\n", "basic_auth_users"),
     "user-with-colon": (f"basic_auth_users:\n  'a:b': '{bcrypt_hash(PASSWORD)}'\n",
                         "basic_auth_users.a:b"),
