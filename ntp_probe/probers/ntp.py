@@ -137,6 +137,8 @@ class Burst:
     # (kiss code, seconds left): a KoD another probe of the server received stopped this
     # burst (two jobs scraping one server are what makes it send RATE).
     held_back: tuple[str, float] | None = None
+    # Ends the pause between samples at once (set while the burst runs): a late KoD.
+    interrupt: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +276,8 @@ def _matcher(client: rules.Client, burst: Burst,
                 burst.received += 1
                 log(f"Kiss-o'-Death {outcome.packet.kiss_code} answering an earlier request, "
                     f"poll {outcome.packet.poll}: burst stopped")
+                if burst.interrupt is not None:
+                    burst.interrupt()
                 return Reply(outcome.packet, d.rx_ns, d.kernel_timestamp)
             return None
         set_aside(burst, outcome, log)
@@ -318,6 +322,7 @@ async def _run_burst(pump: DatagramPump[Reply], client: rules.Client, settings: 
     loop = asyncio.get_running_loop()
     log = ctx.log
     pace = Pace(settings.sample_interval, settings.reply_timeout, until)
+    burst.interrupt = pace.interrupt
     for i in range(settings.samples):
         if not await pace.wait():
             log(f"burst shortened to {i} of {settings.samples} samples to fit the timeout")

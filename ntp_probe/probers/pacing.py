@@ -24,15 +24,26 @@ def longest(requests: int, interval: float, timeout: float) -> float:
     return (requests - 1) * step + timeout + _SLACK + _SLACK_PER_REQUEST * requests
 
 
+def _wake(pause: asyncio.Future[None]) -> None:
+    if not pause.done():
+        pause.set_result(None)
+
+
 class Pace:
     """The schedule of one burst (or one session of requests) over one deadline."""
 
-    __slots__ = ("_next", "interval", "timeout", "until", "worst_rtt")
+    __slots__ = ("_next", "_pause", "interval", "timeout", "until", "worst_rtt")
 
     def __init__(self, interval: float, timeout: float, until: float) -> None:
         self.interval, self.timeout, self.until = interval, timeout, until
         self.worst_rtt = 0.0
         self._next = float("-inf")
+        self._pause: asyncio.Future[None] | None = None  # the pause in progress, if any
+
+    def interrupt(self) -> None:
+        """End the pause in progress now (a Kiss-o'-Death came: the burst is over)."""
+        if self._pause is not None and not self._pause.done():
+            self._pause.set_result(None)
 
     def fits(self, send_at: float) -> bool:
         """Whether a request sent at ``send_at`` (loop time) can have its reply in time."""
@@ -53,7 +64,14 @@ class Pace:
         if not self.fits(send_at):
             return False
         if send_at > now:
-            await asyncio.sleep(send_at - now)
+            # A future and a timer rather than asyncio.sleep: interrupt() can end it.
+            pause = self._pause = loop.create_future()
+            timer = loop.call_at(send_at, _wake, pause)
+            try:
+                await pause
+            finally:
+                timer.cancel()
+                self._pause = None
             # A busy loop wakes late: the request goes now, so the reply must still fit,
             # and the next is spaced from now (the interval is a minimum, not a grid).
             send_at = loop.time()

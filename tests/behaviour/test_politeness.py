@@ -223,12 +223,14 @@ async def test_a_rate_arriving_between_samples_stops_the_burst(fake_ntp: FakeNTP
         return [Send(reply(req))]
 
     fake_ntp.behaviour = late_rate
-    module = make_module(samples=3, interval=0.3, reply_timeout=0.1)
+    module = make_module(samples=3, interval=2.0, reply_timeout=0.1, timeout=6.0)
     result, log = await probe(fake_ntp.target, module, guard=Guard(kod=KodTable()))
     assert result.failure == "kod_rate", log.text()
     assert "Kiss-o'-Death RATE answering an earlier request" in log.text()
     await fake_ntp.drain()
     assert len(fake_ntp.requests) == 1  # no second sample was sent
+    # Nor was the pause waited out: the probe ended at the KoD (0.2 s), not at 2 s.
+    assert result.duration < 1.5, log.text()
 
 
 async def test_other_kiss_code_does_not_back_off(fake_ntp: FakeNTPServer) -> None:
