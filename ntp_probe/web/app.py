@@ -340,7 +340,7 @@ async def index_handler(request: web.Request) -> web.Response:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _served(handler: Handler, guard: ConnectionGuard | None) -> Handler:
+def _served(handler: Handler, guard: ConnectionGuard | None, probe: bool = False) -> Handler:
     """``handler`` as every route answers: its connection kept busy while it runs (not
     timed out or evicted), and no traceback ever reaching a client (an unexpected error is
     a one-line 500).
@@ -350,7 +350,7 @@ def _served(handler: Handler, guard: ConnectionGuard | None) -> Handler:
     middleware included, which it leaves out when there are none.
     """
     async def serve(request: web.Request) -> web.StreamResponse:
-        conn = guard.serving(request) if guard is not None else None
+        conn = guard.serving(request, probe) if guard is not None else None
         try:
             return await handler(request)
         except web.HTTPException:
@@ -360,7 +360,7 @@ def _served(handler: Handler, guard: ConnectionGuard | None) -> Handler:
             return web.Response(status=500, text=f"internal error: {type(exc).__name__}\n")
         finally:
             if conn is not None and guard is not None:
-                guard.served(conn)
+                guard.served(conn, probe)
 
     return serve
 
@@ -387,12 +387,13 @@ def _busy(guard: ConnectionGuard) -> Callable[..., Awaitable[web.StreamResponse]
 
     @web.middleware
     async def busy(request: web.Request, handler: Handler) -> web.StreamResponse:
-        conn = guard.serving(request)
+        probe = request.path == "/probe"
+        conn = guard.serving(request, probe)
         try:
             return await handler(request)
         finally:
             if conn is not None:
-                guard.served(conn)
+                guard.served(conn, probe)
 
     return busy
 
@@ -416,6 +417,6 @@ def create_app(state: State, guard: ConnectionGuard | None = None) -> web.Applic
                           ("/-/healthy", healthy_handler), ("/-/ready", healthy_handler),
                           ("/config", config_handler), ("/logs", logs_handler),
                           ("/", index_handler)):
-        app.router.add_get(path, _served(handler, guard))
+        app.router.add_get(path, _served(handler, guard, handler is probe_handler))
     app.router.add_post("/-/reload", _served(reload_handler, guard))
     return app

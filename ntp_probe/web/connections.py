@@ -108,6 +108,7 @@ class _Conn:
     transport: asyncio.BaseTransport
     deadline: float  # loop time by which the next request's headers must be in
     busy: int = 0  # requests being served
+    probing: int = 0  # of them, probes (a hang-up cancels those; other answers still go)
     # Loop time a request not yet dispatched began: its first bytes, or the connection's
     # admission (a client sends its request just after connecting). None: none begun.
     since: float | None = None
@@ -520,20 +521,23 @@ class ConnectionGuard:
 
     # --- requests ------------------------------------------------------------------------
 
-    def serving(self, request: web.Request) -> _Conn | None:
+    def serving(self, request: web.Request, probe: bool = False) -> _Conn | None:
         """Mark the request's connection busy (never timed out or evicted) until
-        :meth:`served`; returns what to hand :meth:`served` (None: not a guarded one)."""
+        :meth:`served`; returns what to hand :meth:`served` (None: not a guarded one).
+        ``probe``: the request runs a probe, which the client's end of file cancels."""
         proxy = self._by_handler.get(request.protocol)
         conn = self._conns.get(proxy) if proxy is not None else None
         if conn is not None:
             conn.busy += 1
+            conn.probing += probe
             conn.since = None
             conn.partial = False
         return conn
 
-    def served(self, conn: _Conn) -> None:
+    def served(self, conn: _Conn, probe: bool = False) -> None:
         """The request is answered: the connection's next request has ``idle_timeout``."""
         conn.busy -= 1
+        conn.probing -= probe
         now = self._now()
         conn.deadline = now + self.idle_timeout
         if self._ready and not conn.busy:
@@ -820,17 +824,17 @@ class _Proxy(asyncio.Protocol):
         self.inner.eof_received()
         close = getattr(self.inner, "close", None)
         conn = self.conn
-        # A request being served when the client's end of file comes: the client hung up
+        # A probe being run when the client's end of file comes: the client hung up
         # (curl -m, Prometheus at its scrape timeout, a closed socket: all send a FIN, as
-        # a half-close does), and its probe is cancelled, as Go's servers cancel the
+        # a half-close does), and the probe is cancelled, as Go's servers cancel the
         # request's context. Closed now, as aiohttp does: its handler is cancelled.
-        pending = conn is not None and conn.busy == 0 and (
-            conn.heard and conn.since is not None and not conn.partial)
+        pending = conn is not None and conn.probing == 0 and (conn.busy > 0 or (
+            conn.heard and conn.since is not None and not conn.partial))
         if self._ssl is not None or close is None or not pending:
             return None  # closed now: TLS has no half-close, and nothing is asked
-        # The client is done sending, its request in but not yet dispatched (a
-        # half-close right after it: `nc -N`, a shell's printf | nc): answered, then the
-        # connection closed; aiohttp would close it at once and drop the answer.
+        # The client is done sending, its request in (a half-close after it: `nc -N`, a
+        # shell's printf | nc), and it asks no probe (or one not yet begun): answered,
+        # then the connection closed; aiohttp would close it at once and drop the answer.
         close()  # aiohttp: no further requests; closes once its handler is done
         return True
 

@@ -478,6 +478,22 @@ def test_a_client_waiting_for_its_password_check_keeps_its_connection(tmp_path: 
                 data += chunk
         assert data.startswith(b"HTTP/1.1 200 "), data[:200]
         assert b"ntp_probe_build_info" in data
+        # A half-close while the check runs (`printf ... | nc -N`) is no hang-up: only a
+        # probe is cancelled by the client's end of file. Answered, right or wrong password.
+        for password, status in ((b"slow-password", b"200"), (b"wrong", b"401")):
+            with socket.create_connection((LOOPBACK, server.port), timeout=30) as s:
+                token = base64.b64encode(b"slow:" + password).decode()
+                s.sendall(f"GET /-/healthy HTTP/1.1\r\nHost: x\r\nAuthorization: Basic "
+                          f"{token}\r\n\r\n".encode())
+                # The client's behaviour, not a synchronisation: its end of file comes 50 ms
+                # on, well inside the half-second check (a FIN with the request would be
+                # read before the check begins).
+                time.sleep(0.05)
+                s.shutdown(socket.SHUT_WR)
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            assert data.startswith(b"HTTP/1.1 " + status + b" "), (password, data[:200])
     finally:
         stop_process(server.proc)
 
