@@ -113,6 +113,7 @@ class _Conn:
     # admission (a client sends its request just after connecting). None: none begun.
     since: float | None = None
     partial: bool = False  # bytes of that request came, not yet its whole head
+    tail: bytes = b""  # the last bytes received: a head's end may span two reads
     heard: bool = False  # anything came since it was admitted
     stalled: float | None = None  # loop time its answer stopped draining (client not reading)
 
@@ -532,6 +533,7 @@ class ConnectionGuard:
             conn.probing += probe
             conn.since = None
             conn.partial = False
+            conn.tail = b""
         return conn
 
     def served(self, conn: _Conn, probe: bool = False) -> None:
@@ -812,8 +814,11 @@ class _Proxy(asyncio.Protocol):
                 if conn.since is None:
                     conn.since = self.guard._now()
                 # Whether the request's head is still coming (a request cut between its
-                # pieces reads as partial until aiohttp dispatches it, a moment later).
-                conn.partial = _HEAD_END not in data
+                # pieces reads as partial until aiohttp dispatches it, a moment later); its
+                # blank line may come split across two reads.
+                joined = conn.tail + data
+                conn.partial = _HEAD_END not in joined
+                conn.tail = joined[-3:]
             self.inner.data_received(data)
         elif self._ssl is not None and not self._refused:
             self._early.append(data)

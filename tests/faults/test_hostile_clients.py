@@ -439,6 +439,15 @@ def test_a_client_that_half_closes_after_its_request_gets_the_answer(
             s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             s.shutdown(socket.SHUT_WR)
             assert read_response(s).startswith(b"HTTP/1.1 200 OK"), path
+    # The head's blank line in a read of its own: the head is whole all the same.
+    for last in (b"\r\n", b"\n"):
+        with connect(guarded.port) as s:
+            head = b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n"
+            s.sendall(head[:-len(last)])
+            time.sleep(0.05)  # the client's pace, so that the server reads two pieces
+            s.sendall(last)
+            s.shutdown(socket.SHUT_WR)
+            assert read_response(s).startswith(b"HTTP/1.1 200 OK"), last
 
 
 def test_a_client_that_closes_its_connection_cancels_its_probe(tmp_path: Path) -> None:
