@@ -343,7 +343,7 @@ def _tls(raw: dict[str, Any], base: Path) -> _TLSFiles | None:
         raise WebConfigError(
             f"tls_server_config: min_version {raw['min_version']} is above max_version "
             f"{raw['max_version']}")
-    auth = raw.get("client_auth_type", "NoClientCert")
+    auth = raw.get("client_auth_type") or "NoClientCert"  # "" too, as exporter-toolkit
     if auth not in _CLIENT_AUTH:
         raise WebConfigError(
             f"tls_server_config.client_auth_type: expected one of {', '.join(_CLIENT_AUTH)}"

@@ -768,6 +768,15 @@ def test_a_password_in_another_encoding_than_utf8_logs_in(tmp_path: Path) -> Non
     assert not asyncio.run(config.authorized(wrong))
 
 
+def test_an_empty_client_auth_type_is_no_client_cert(pki: Pki) -> None:
+    # exporter-toolkit reads "" as NoClientCert; a file written for it loads here too.
+    path = pki.dir / "empty-auth.yml"
+    path.write_text("tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n"
+                    "  client_auth_type: ''\n")
+    context = load_web_config(str(path)).ssl_context
+    assert context is not None and context.verify_mode == ssl.CERT_NONE
+
+
 def test_only_min_version_is_no_conflict(pki: Pki) -> None:
     path = pki.dir / "min-only.yml"
     path.write_text("tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n"
