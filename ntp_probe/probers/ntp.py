@@ -285,6 +285,11 @@ def _matcher(client: rules.Client, burst: Burst,
     return match
 
 
+def _interrupt(burst: Burst) -> None:
+    if burst.interrupt is not None:
+        burst.interrupt()
+
+
 def set_aside(burst: Burst, outcome: rules.Discarded | rules.Late,
               log: Callable[[str], None]) -> None:
     """A datagram that is not the awaited reply, into the burst's books: a discard from
@@ -565,8 +570,17 @@ async def _burst_to(resolved: Resolved, port: int, settings: NTPSettings, until:
         pump = DatagramPump(resolved.family, sockaddr_for(resolved.address, port, resolved.family),
                             _matcher(client, burst, log), log, tx_timestamps=True,
                             source=settings.source_ip_address)
-        async with pump:
-            await _run_burst(pump, client, settings, burst, until, ctx, (resolved.address, port))
+        # A burst that pauses between samples stops pausing when another probe gets a KoD
+        # from its server (it sends nothing more then).
+        unwatch = ctx.guard.watch_kod(resolved.address, port, functools.partial(
+            _interrupt, burst)) if settings.samples > 1 else None
+        try:
+            async with pump:
+                await _run_burst(pump, client, settings, burst, until, ctx,
+                                 (resolved.address, port))
+        finally:
+            if unwatch is not None:
+                unwatch()
     except OSError as exc:
         # No socket (out of descriptors) or no usable scope: this host's trouble.
         log(f"local error, nothing sent: {exc.strerror or exc}")

@@ -7,6 +7,7 @@ memory and the leap-seconds.list loaded with the configuration.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ntp_probe.proto.leapfile import LeapFile
@@ -44,6 +45,12 @@ class Guard:
         if self.kod is None:
             return 0.0
         return self.kod.record(address, port, code, poll, rate_cap, deny_hold)
+
+    def watch_kod(self, address: str, port: int,
+                  told: Callable[[], None]) -> Callable[[], None] | None:
+        """Call ``told`` when a backoff from this address begins; returns the function
+        that stops watching (None: no KoD memory, nothing to watch)."""
+        return self.kod.watch(address, port, told) if self.kod is not None else None
 
     def hold(self, address: str, port: int, code: str, seconds: float) -> None:
         """Back off from this address too, for ``seconds``, as for a KoD ``code``."""

@@ -38,6 +38,22 @@ class KodTable:
         # False while the table is known to be empty: nearly always, and every probe asks.
         # (Even the cache's own emptiness test first expires entries.)
         self._active = False
+        # Bursts pausing between samples of a server, told when a backoff from it begins.
+        self._watchers: dict[tuple[str, int], list[Callable[[], None]]] = {}
+
+    def watch(self, address: str, port: int, told: Callable[[], None]) -> Callable[[], None]:
+        """Call ``told`` when a backoff from this address begins (another probe got a KoD);
+        returns the function that stops watching."""
+        key = (address, port)
+        self._watchers.setdefault(key, []).append(told)
+
+        def unwatch() -> None:
+            watchers = self._watchers.get(key)
+            if watchers is not None and told in watchers:
+                watchers.remove(told)
+                if not watchers:
+                    del self._watchers[key]
+        return unwatch
 
     def remaining(self, address: str, port: int) -> tuple[str, float] | None:
         """(kiss code, seconds left) while backing off from this address, else None."""
@@ -74,6 +90,8 @@ class KodTable:
             return 0.0
         self._table[key] = Backoff(code, now + step, step)
         self._active = True
+        for told in list(self._watchers.get(key, ())):
+            told()
         return step
 
     def hold(self, address: str, port: int, code: str, seconds: float) -> None:
