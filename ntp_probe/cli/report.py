@@ -7,6 +7,7 @@ import json
 from ntp_probe.engine.context import ProbeLog
 from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.text import visible
+from ntp_probe.exposition import families
 from ntp_probe.exposition.render import render
 
 FORMATS = ("text", "json", "prometheus")
@@ -36,13 +37,13 @@ def _number(value: float) -> int | float:
 def as_json(target: str, module: str, m: Measurement, log: ProbeLog) -> str:
     """The report as one JSON document: metrics as {name, labels, value} objects, the same
     series in the same order as the exposition (``--format prometheus``, /probe)."""
-    series = [{"name": "probe_success", "labels": {}, "value": 1 if m.success else 0},
-              {"name": "probe_duration_seconds", "labels": {}, "value": m.duration}]
+    series = [{"name": families.SUCCESS.name, "labels": {}, "value": 1 if m.success else 0},
+              {"name": families.DURATION.name, "labels": {}, "value": m.duration}]
     series += [{"name": family.name, "labels": dict(zip(family.labels, labels, strict=True)),
                 "value": _number(value)}
                for family, labels, value in sorted(m.samples, key=lambda s: s[0].order)]
     if m.failure is not None:
-        series.append({"name": "probe_ntp_failure_info",
+        series.append({"name": families.FAILURE.name,
                        "labels": {"reason": m.failure.value}, "value": 1})
     return json.dumps({
         "target": target, "module": module, "success": m.success,

@@ -42,8 +42,8 @@ class Pace:
 
     def interrupt(self) -> None:
         """End the pause in progress now (a Kiss-o'-Death came: the burst is over)."""
-        if self._pause is not None and not self._pause.done():
-            self._pause.set_result(None)
+        if self._pause is not None:
+            _wake(self._pause)
 
     def fits(self, send_at: float) -> bool:
         """Whether a request sent at ``send_at`` (loop time) can have its reply in time."""

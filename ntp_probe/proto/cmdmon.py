@@ -231,10 +231,7 @@ class _NamedByRefid:
         ``[UNSPEC]``."""
         if self.address.family is AddressFamily.UNSPEC:
             refid = int(self.refid, 16)
-            text = refid_text(refid)
-            if text or isinstance(self, Tracking):
-                return text
-            return self.refid if refid else self.address.text
+            return refid_text(refid) if isinstance(self, Tracking) else _refclock_name(refid)
         return self.address.text
 
 
@@ -304,8 +301,7 @@ class SourceData:
         """chronyc's name column: a refclock's refid as text (its hex digits when it has no
         printable byte, as SOURCESTATS names it), otherwise the address."""
         if self.mode is SourceMode.REFCLOCK and self.address.family is AddressFamily.INET4:
-            refid = int(ipaddress.IPv4Address(self.address.text))
-            return refid_text(refid) or (format_refid(refid) if refid else "[UNSPEC]")
+            return _refclock_name(int(ipaddress.IPv4Address(self.address.text)))
         return self.address.text
 
 
@@ -501,6 +497,13 @@ def decode_timespec_ns(sec_high: int, sec_low: int, nsec: int) -> int:
     if seconds >= 1 << 63:
         seconds -= 1 << 64
     return seconds * _NS + min(nsec, _NSEC_MAX)
+
+
+def _refclock_name(refid: int) -> str:
+    """A source known by its refid, named as chronyc does (its text), but never empty: the
+    hex digits of a refid without text, ``[UNSPEC]`` for none at all (as for an address of
+    no family)."""
+    return refid_text(refid) or (format_refid(refid) if refid else "[UNSPEC]")
 
 
 def refid_text(refid: int) -> str:

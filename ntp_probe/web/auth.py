@@ -323,16 +323,15 @@ def _tls(raw: dict[str, Any], base: Path) -> _TLSFiles | None:
                     f"tls_server_config.{name}: expected one of {', '.join(_TLS_VERSIONS)}"
                 )
             version = _TLS_VERSIONS[raw[name]]
-            if name == "max_version" and version < ssl.TLSVersion.TLSv1_2 \
-                    and ctx.security_level >= 1:
+            # OpenSSL 3 offers TLS below 1.2 only at security level 0.
+            unoffered = version < ssl.TLSVersion.TLSv1_2 and ctx.security_level >= 1
+            if name == "max_version" and unoffered:
                 raise WebConfigError(
                     f"tls_server_config.max_version {raw[name]}: this OpenSSL refuses TLS "
                     f"below 1.2 at its security level ({ctx.security_level}): no handshake "
                     "could succeed")
-            if (name == "min_version" and version < ssl.TLSVersion.TLSv1_2
-                    and ctx.security_level >= 1):
-                # OpenSSL 3 offers TLS below 1.2 only at security level 0, which would let
-                # weak ciphers in for every client: said, not done.
+            if name == "min_version" and unoffered:
+                # Level 0 would let weak ciphers in for every client: said, not done.
                 logger.warning("tls_server_config.min_version %s: this OpenSSL refuses TLS "
                                "below 1.2 at its security level (%d); TLS 1.2 is the minimum "
                                "in effect", raw[name], ctx.security_level)

@@ -816,9 +816,9 @@ class _Proxy(asyncio.Protocol):
                 # Whether the request's head is still coming (a request cut between its
                 # pieces reads as partial until aiohttp dispatches it, a moment later); its
                 # blank line may come split across two reads.
-                joined = conn.tail + data
-                conn.partial = _HEAD_END not in joined
-                conn.tail = joined[-3:]
+                # (Only the joint is joined: no copy of the request per read.)
+                conn.partial = _HEAD_END not in data and _HEAD_END not in conn.tail + data[:3]
+                conn.tail = data[-3:] if len(data) >= 3 else (conn.tail + data)[-3:]
             self.inner.data_received(data)
         elif self._ssl is not None and not self._refused:
             self._early.append(data)
