@@ -285,7 +285,9 @@ def _matcher(client: rules.Client, burst: Burst,
     return match
 
 
-def _interrupt(burst: Burst) -> None:
+def interrupt(burst: Burst) -> None:
+    """End the burst's pause in progress, if any (a KoD came: it sends nothing more).
+    Shared by the ntp and nts bursts."""
     if burst.interrupt is not None:
         burst.interrupt()
 
@@ -573,7 +575,7 @@ async def _burst_to(resolved: Resolved, port: int, settings: NTPSettings, until:
         # A burst that pauses between samples stops pausing when another probe gets a KoD
         # from its server (it sends nothing more then).
         unwatch = ctx.guard.watch_kod(resolved.address, port, functools.partial(
-            _interrupt, burst)) if settings.samples > 1 else None
+            interrupt, burst)) if settings.samples > 1 else None
         try:
             async with pump:
                 await _run_burst(pump, client, settings, burst, until, ctx,

@@ -7,6 +7,7 @@ TLS and AEAD stack that nothing else in the exporter needs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -336,6 +337,7 @@ async def _run_burst(pump: DatagramPump[_Reply], client: rules.Client, settings:
     loop = asyncio.get_running_loop()
     log = ctx.log
     pace = Pace(settings.sample_interval, settings.reply_timeout, until)
+    burst.interrupt = pace.interrupt
     for i in range(settings.samples):
         if not session.cookies:
             log(f"no unused cookie left: burst stopped after {i} samples")
@@ -437,9 +439,16 @@ async def _authenticated_burst(server: Resolved, port: int, settings: NTPSetting
         reservation.release()  # the pump's socket takes its place, in this same step
         pump = DatagramPump(server.family, sockaddr_for(server.address, port, server.family),
                             _matcher(client, burst, session, log), log, tx_timestamps=True)
-        async with pump:
-            await _run_burst(pump, client, settings, burst, session, until, ctx,
-                             (server.address, port))
+        # As the ntp burst: a KoD another probe gets from the server ends a pause at once.
+        unwatch = ctx.guard.watch_kod(server.address, port, functools.partial(
+            ntp.interrupt, burst)) if settings.samples > 1 else None
+        try:
+            async with pump:
+                await _run_burst(pump, client, settings, burst, session, until, ctx,
+                                 (server.address, port))
+        finally:
+            if unwatch is not None:
+                unwatch()
     except OSError as exc:
         # No socket (out of descriptors): this host's trouble, as for the ntp prober.
         log(f"local error, nothing sent: {exc.strerror or exc}")

@@ -539,10 +539,11 @@ async def test_a_kiss_of_death_holds_back_the_key_exchange_too(fake: FakeNTS, pk
 
 async def test_a_kod_another_probe_got_holds_back_the_key_exchange_too(
         fake: FakeNTS, pki: PKI) -> None:
-    # A DENY recorded for the NTP server while the burst runs (another probe got it): the
-    # burst stops, and the next probe makes no TLS handshake either.
-    mod = module(pki[0], samples=3, timeout=5.0)
-    mod = replace(mod, ntp=replace(mod.ntp, sample_interval=0.3))
+    # A DENY recorded for the NTP server while the burst pauses (another probe got it):
+    # the burst stops at once, not after its 20 s pause, and the next probe makes no TLS
+    # handshake either.
+    mod = module(pki[0], samples=3, timeout=30.0)
+    mod = replace(mod, ntp=replace(mod.ntp, sample_interval=20.0))
     table = KodTable()
     guard = Guard(kod=table)
     running = asyncio.create_task(probe(f"{LOOPBACK}:{fake.ke_port}", mod, guard=guard))
@@ -553,6 +554,7 @@ async def test_a_kod_another_probe_got_holds_back_the_key_exchange_too(
     table.record(LOOPBACK, fake.ntp_port, "DENY", 0, 3600.0, 86400.0)
     m, log = await running
     assert m.failure is None and len(fake.requests) == 1, log.text()
+    assert m.duration < 10.0, log.text()  # the pause ended, a long way short of its 20 s
     assert "no NTS-KE with 127.0.0.1 port" in log.text()
     connections = fake.ke_connections
     m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", mod, guard=guard)
