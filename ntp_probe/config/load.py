@@ -596,5 +596,7 @@ def config_to_yaml(config: Config) -> str:
         data["groups"] = {name: list(members) for name, members in config.groups.items()}
     data["leapfile"] = config.leapfile_path
     data["modules"] = {name: module_to_dict(m) for name, m in config.modules.items()}
-    # libyaml's emitter where PyYAML has it: the same text, many times faster.
-    return yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False)
+    # libyaml's emitter where PyYAML has it: the same text, many times faster. Text in
+    # any script is shown as written (people read /config); control characters stay escaped.
+    return yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False,
+                     allow_unicode=True)

@@ -369,6 +369,17 @@ def test_config_to_yaml_round_trips_packaged_default() -> None:
     assert list(again.modules) == list(cfg.modules)
 
 
+def test_config_to_yaml_keeps_non_ascii_text_readable() -> None:
+    # /config is read by people: a description in any script comes back as written, not
+    # as \u escapes; what YAML cannot carry plainly (a control character) is still escaped.
+    cfg = parse_config(
+        'modules:\n  münchen: {description: "Zeit über NTP \u2014 \u65e5\u672c \\t"}\n', "t")
+    text = config_to_yaml(cfg)
+    assert "münchen:" in text and "Zeit über NTP — 日本" in text, text
+    assert "\t" not in text
+    assert parse_config(text, "again").modules == cfg.modules
+
+
 def test_config_to_yaml_round_trips_custom_config() -> None:
     text = """
 modules:
