@@ -138,12 +138,14 @@ class Internals:
         self._leapfile = _LeapFileCollector()
         r.register(self._leapfile)
         self._children: dict[tuple[str, bool], tuple[Counter, Histogram]] = {}
+        self._loaded = False  # no configuration loaded yet: series come with first probes
 
     def config_loaded(self, modules: Collection[str]) -> None:
         """Record a successful (re)load of ``modules`` (their names). Each module's probe
         series exist from now on, at 0, so that rate() and increase() count its first
         probe too (a series born at 1 has no increase); those of a module no longer
         configured go (renaming modules must not pile up series for the process's life)."""
+        self._loaded = True
         self.modules_configured.set(len(modules))
         self.reload_ok.set(1)
         self.reload_time.set(time.time())
@@ -165,8 +167,14 @@ class Internals:
         self.reload_ok.set(0)
 
     def observe(self, module: str, result: Measurement) -> None:
-        """Count a finished probe."""
-        children = self._series(module, result.success)
+        """Count a finished probe. One of a module a reload removed while it ran counts
+        only its packets: its series went with the module and do not come back."""
+        children = self._children.get((module, result.success))
+        if children is None:
+            if self._loaded:  # every configured module's series exist since the load
+                self.count_packets(result)
+                return
+            children = self._series(module, result.success)
         children[0].inc()
         children[1].observe(result.duration)
         self.count_packets(result)

@@ -228,6 +228,29 @@ async def test_reload_with_a_changed_file_swaps_the_modules(
     assert metric(after, "ntp_probe_probes_total", module="new", result="failure") == 0
 
 
+async def test_a_probe_running_through_a_reload_that_removes_its_module_brings_none_back(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    # The removed module's series went with the reload; its probe, still waiting for a
+    # reply then, must not bring them back when it ends. Its packet still counts.
+    fake_ntp.behaviour = silent
+    path = tmp_path / "modules.yaml"
+    client, _ = await start(aiohttp_client, path,
+                            config_text(module_yaml("slow", reply_timeout="1s"),
+                                        module_yaml("kept")))
+    running = asyncio.ensure_future(probe(client, fake_ntp.target, "slow"))
+    await fake_ntp.wait_for_requests(1)
+    path.write_text(config_text(module_yaml("kept")))
+    assert (await client.post("/-/reload")).status == 200
+    status, body = await running
+    assert status == 200 and metric(body, "probe_success") == 0, body
+    after = await metrics(client)
+    assert metric(after, "ntp_probe_probes_total", module="slow") is None, after
+    assert metric(after, "ntp_probe_probe_duration_seconds_count", module="slow") is None
+    assert metric(after, "ntp_probe_probes_total", module="kept", result="failure") == 0
+    assert metric(after, "ntp_probe_ntp_packets_sent_total") == 1
+
+
 async def test_a_reload_whose_caller_goes_away_still_finishes(tmp_path: Path) -> None:
     # curl -m 1 -X POST /-/reload against a big file: the handler is cancelled while the
     # file is read in its thread; the reload must still be applied and reported.
