@@ -97,17 +97,19 @@ class KernelClock:
 
 def decode(tx: Timex, return_code: int) -> KernelClock:
     """Convert a filled ``struct timex`` (STA_NANO aware) to :class:`KernelClock`."""
-    offset_unit = 1e-9 if tx.status & STA_NANO else 1e-6
+    # Divided, not multiplied by 1e-6: a division rounds once, so the values are
+    # node_exporter's timex values bit for bit (20 us is 2e-05, not 1.9999999999999998e-05).
+    per_second = 1e9 if tx.status & STA_NANO else 1e6
     return KernelClock(
-        offset=tx.offset * offset_unit,
+        offset=tx.offset / per_second,
         frequency_ratio=tx.freq / _SCALED_PPM,
-        maxerror=tx.maxerror * 1e-6,
-        esterror=tx.esterror * 1e-6,
+        maxerror=tx.maxerror / 1e6,
+        esterror=tx.esterror / 1e6,
         status=tx.status,
         constant=tx.constant,
-        precision=tx.precision * 1e-6,
+        precision=tx.precision / 1e6,
         tolerance_ratio=tx.tolerance / _SCALED_PPM,
-        tick=tx.tick * 1e-6,
+        tick=tx.tick / 1e6,
         tai=tx.tai,
         return_code=return_code,
     )

@@ -155,6 +155,19 @@ def test_error_bounds_tick_precision_tolerance_and_tai() -> None:
 
 
 @needs_lp64
+@pytest.mark.parametrize("raw", [20, 3, 7, 1500, 999_999, 16_000_000, -29])
+def test_values_are_node_exporters_bit_for_bit(raw: int) -> None:
+    # node_exporter divides the kernel's integers by 1e6 (1e9): one rounding. Equality,
+    # not approx: a dashboard may join or compare the two exporters' series.
+    clock = decode(offset=raw, maxerror=abs(raw), esterror=abs(raw), tick=abs(raw),
+                   precision=abs(raw))
+    assert clock.offset == raw / 1e6
+    assert (clock.maxerror, clock.esterror, clock.tick, clock.precision) == (abs(raw) / 1e6,) * 4
+    assert decode(offset=raw, status=STA_NANO).offset == raw / 1e9
+    assert decode(esterror=20).esterror == 2e-05
+
+
+@needs_lp64
 def test_nano_mode_does_not_rescale_error_bounds() -> None:
     """STA_NANO changes offset (and time.tv_usec) only; maxerror/esterror stay in us."""
     clock = decode(maxerror=1000, esterror=500, status=STA_NANO)
