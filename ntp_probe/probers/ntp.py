@@ -331,6 +331,10 @@ async def _run_burst(pump: DatagramPump[Reply], client: rules.Client, settings: 
     pace = Pace(settings.sample_interval, settings.reply_timeout, until)
     burst.interrupt = pace.interrupt
     for i in range(settings.samples):
+        # A KoD another probe got while the last sample was out (no pause to end then):
+        # no pause, nothing more sent. One got during the pause ends it (Pace.interrupt).
+        if i and held_back(burst, server, i, ctx):
+            return
         if not await pace.wait():
             log(f"burst shortened to {i} of {settings.samples} samples to fit the timeout")
             return
@@ -553,11 +557,17 @@ async def burst(server: tuple[Resolved, int], module: Module, ctx: ProbeContext)
     await _burst_to(server[0], server[1], module.ntp, ctx.deadline - _SUMMARY_MARGIN, ctx)
 
 
+def samples_text(settings: NTPSettings) -> str:
+    """The burst's plan for the log: "1 sample", or "up to 3 samples every 2s"."""
+    if settings.samples == 1:
+        return "1 sample"
+    return f"up to {settings.samples} samples every {settings.sample_interval:g}s"
+
+
 async def _burst_to(resolved: Resolved, port: int, settings: NTPSettings, until: float,
                     ctx: ProbeContext) -> None:
     log = ctx.log
-    log(lambda: f"probing {resolved.address} port {port}, up to {settings.samples} "
-        f"sample{'s' if settings.samples != 1 else ''} every {settings.sample_interval:g}s")
+    log(lambda: f"probing {resolved.address} port {port}, {samples_text(settings)}")
     burst = Burst()
     client = rules.Client((resolved.address, port), settings.version)
     pump: DatagramPump[Reply] | None = None

@@ -339,6 +339,10 @@ async def _run_burst(pump: DatagramPump[_Reply], client: rules.Client, settings:
     pace = Pace(settings.sample_interval, settings.reply_timeout, until)
     burst.interrupt = pace.interrupt
     for i in range(settings.samples):
+        # A KoD another probe got while the last sample was out (no pause to end then):
+        # no pause, nothing more sent. One got during the pause ends it (Pace.interrupt).
+        if i and ntp.held_back(burst, server, i, ctx):
+            return
         if not session.cookies:
             log(f"no unused cookie left: burst stopped after {i} samples")
             return
@@ -431,8 +435,7 @@ async def _authenticated_burst(server: Resolved, port: int, settings: NTPSetting
     """The module's burst over NTS; concluded (gauges, reasons, KoD memory) by the NTP
     prober's own rules, whatever cut it short."""
     m, log = ctx.measurement, ctx.log
-    log(f"probing {server.address} port {port} over NTS, up to {settings.samples} "
-        f"sample{'s' if settings.samples != 1 else ''} every {settings.sample_interval:g}s")
+    log(f"probing {server.address} port {port} over NTS, {ntp.samples_text(settings)}")
     client = rules.Client((server.address, port), NTS_VERSION)
     pump: DatagramPump[_Reply] | None = None
     try:

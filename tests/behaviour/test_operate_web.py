@@ -934,7 +934,7 @@ async def test_client_disconnect_cancels_the_probe(
     logs = await (await client.get("/logs", params={"id": "1"})).text()
     assert "The client hung up after" in logs and "the burst's: it was stopped." in logs, logs
     # The burst's own lines, as far as it got.
-    assert f"probing 127.0.0.1 port {fake_ntp.port}" in logs, logs
+    assert f"probing 127.0.0.1 port {fake_ntp.port}, 1 sample\n" in logs, logs
     internals = await metrics(client)
     assert metric(internals, "ntp_probe_ntp_packets_sent_total") == 2, internals
     assert metric(internals, "ntp_probe_probes_total", module="hang", result="success") == 1

@@ -249,6 +249,24 @@ async def test_a_kod_another_probe_gets_ends_a_bursts_pause(fake_ntp: FakeNTPSer
     assert result.duration < 10, log.text()  # not the 20 s pause
 
 
+async def test_a_kod_another_probe_gets_while_a_sample_is_out_stops_the_burst_at_once(
+        fake_ntp: FakeNTPServer) -> None:
+    # The RATE is recorded (as another probe's would be) while the first request is out,
+    # before its reply: no pause is in progress to end, and the next 20 s one must not run.
+    table = KodTable()
+
+    def rate_recorded_meanwhile(req: Request) -> list[Send]:
+        table.record(fake_ntp.host, fake_ntp.port, "RATE", 0, 3600.0, 86400.0)
+        return [Send(reply(req))]
+
+    fake_ntp.behaviour = rate_recorded_meanwhile
+    pausing = make_module(samples=3, interval=20.0, reply_timeout=0.5, timeout=30.0)
+    result, log = await probe(fake_ntp.target, pausing, guard=Guard(kod=table))
+    assert "another probe got a Kiss-o'-Death RATE" in log.text(), log.text()
+    assert len(fake_ntp.requests) == 1 and result.failure is None
+    assert result.duration < 10.0, log.text()  # not the 20 s pause
+
+
 async def test_other_kiss_code_does_not_back_off(fake_ntp: FakeNTPServer) -> None:
     fake_ntp.behaviour = kod_behaviour(b"INIT")
     table = KodTable()

@@ -121,6 +121,7 @@ async def test_injected_offset_is_measured(fake_ntp: FakeNTPServer, injected: fl
     rtt = value(result, "probe_ntp_rtt_seconds")
     assert rtt is not None and 0 <= rtt < 0.05
     assert counts(result) == (3, 3, 0)
+    assert f"port {fake_ntp.port}, up to 3 samples every " in log.text()
     assert value(result, "probe_ip_protocol") == 4
     assert value(result, "probe_ntp_stratum") == 2
     assert value(result, "probe_ntp_server_info", refid="127.0.0.1", version="4") == 1
