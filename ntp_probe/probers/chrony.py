@@ -331,7 +331,10 @@ class Collected:
     tracking_status: CommandStatus | None = None  # None: TRACKING was never sent
     n_sources: int | None = None
     unresolved: int = 0  # sources chronyd has no address for yet, left out as chronyc does
-    every_source_asked: bool = False  # each source's commands were sent and answered
+    # Each source's commands were sent and answered, and each source's data read (or
+    # chronyd said the source is gone): only then are counts of sources whole.
+    every_source_read: bool = False
+    unreadable: int = 0  # sources whose data came in a reply that could not be used
     sources: dict[int, SourceData] = field(default_factory=dict)
     sourcestats: dict[int, SourceStats] = field(default_factory=dict)
     # Sources under a name another source shows (two refclocks with one refid): counted in
@@ -352,7 +355,7 @@ class ChronyReport:
     serverstats: ServerStats | None
     commands: tuple[tuple[str, str], ...]
     unlisted: tuple[SourceData, ...] = ()  # counted, not shown: a name shown already
-    complete: bool = False  # every source was read (no deadline cut the reading short)
+    complete: bool = False  # every source was read (no deadline or bad reply cut it short)
 
     @property
     def title(self) -> str:
@@ -579,6 +582,7 @@ class Session:
         self._log = ctx.log
         self._loop = asyncio.get_running_loop()
         self.got = got
+        self.last_status: Status | None = None  # chronyd's status in the last reply read
 
     async def ask(self, command: Command, index: int | None = None,
                   ) -> tuple[CommandStatus, cmdmon.ReplyData | None] | None:
@@ -609,6 +613,7 @@ class Session:
                 path_error = result
                 continue
             if isinstance(result, cmdmon.Reply):
+                self.last_status = result.status
                 status = _status_of(result.status)
                 self._record(command, status)
                 return status, result.data
@@ -715,6 +720,7 @@ class Session:
                           f"first {MAX_SOURCES}")
             for index in range(min(got.n_sources, MAX_SOURCES)):
                 for command in (Command.SOURCE_DATA, Command.SOURCESTATS):
+                    self.last_status = None
                     answer = await self.ask(command, index)
                     if answer is None or answer[0] is CommandStatus.TIMEOUT:
                         return
@@ -728,10 +734,14 @@ class Session:
                         break
                     if isinstance(data, SourceData):
                         self._keep_source(index, data)
+                    elif command is Command.SOURCE_DATA and \
+                            self.last_status is not Status.NOSUCHSOURCE:
+                        # Not "gone since N_SOURCES": a source is there, state unknown.
+                        got.unreadable += 1
                     elif isinstance(data, SourceStats) and index in got.sources and all(
                             k.name != data.name for k in got.sourcestats.values()):
                         got.sourcestats[index] = data
-            got.every_source_asked = True
+            got.every_source_read = not got.unreadable
         answer = await self.ask(Command.SERVER_STATS)
         if answer is not None and isinstance(answer[1], ServerStats):
             got.serverstats = answer[1]
@@ -817,7 +827,7 @@ def _emit(m: Measurement, got: Collected) -> None:
             value = read_source(s)
             if value is not None:
                 m.add(family, value, s.name)
-    if got.every_source_asked:  # counts of a partial read would be wrong, not partial
+    if got.every_source_read:  # counts of a partial read would be wrong, not partial
         counts = dict.fromkeys(SourceState, 0)
         for s in (*sources, *got.unlisted):
             counts[s.state] += 1
@@ -844,7 +854,7 @@ def _conclude(got: Collected, settings: ChronySettings, ctx: ProbeContext,
         server, got.tracking,
         tuple((got.sources[i], got.sourcestats.get(i)) for i in sorted(got.sources)),
         got.serverstats, tuple((c, s.value) for c, s in got.statuses), tuple(got.unlisted),
-        got.every_source_asked,
+        got.every_source_read,
     )
     m.reports.append(report)
     if got.transport_failure is not None:
@@ -869,8 +879,14 @@ def _conclude(got: Collected, settings: ChronySettings, ctx: ProbeContext,
             log("the number of sources was not obtained: no verdict on them")
             m.fail(Reason.CHRONY_TIMEOUT if status is None else
                    _TRACKING_FAILURE.get(status, Reason.CHRONY_BAD_REPLY))
-        elif got.every_source_asked:
+        elif got.every_source_read:
             m.fail(Reason.TOO_FEW_SOURCES)
+        elif got.unreadable:
+            # The sources not read may be the candidates: chronyd's replies, not their
+            # states, are what is wrong.
+            log(f"{got.unreadable} sources could not be read: chrony_bad_reply, not "
+                "too_few_sources")
+            m.fail(Reason.CHRONY_BAD_REPLY)
         else:
             # The sources not read may be the candidates: the deadline, not chronyd, is short.
             log("the sources not obtained may be candidates: chrony_timeout, not too_few_sources")

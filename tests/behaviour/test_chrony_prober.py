@@ -501,6 +501,41 @@ async def test_a_deadline_that_cuts_the_sources_short_is_no_verdict_on_them(
     assert m.failure == "too_few_sources", log.text()
 
 
+@pytest.mark.parametrize("unreadable", [
+    FakeSource("192.0.2.3", state=0, reach=0x1FF),  # beyond the 8-bit register: bad reply
+    FakeSource("192.0.2.3", state=9),  # a state this codec does not know: unsupported
+])
+async def test_an_unreadable_source_leaves_the_counts_out(fake: FakeCommandPort,
+                                                          unreadable: FakeSource) -> None:
+    # The counts are whole only when every source was read: the source whose reply could
+    # not be used may be the one in sync (NTPDaemonNoSelectableSource reads the counts).
+    fake.chronyd.sources = [FakeSource("192.0.2.1", state=4), FakeSource("192.0.2.2", state=2),
+                            unreadable]
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
+    assert m.failure is None, log.text()  # the one candidate is enough
+    assert "2 of 3 sources obtained" in log.text()
+    assert value(m, "probe_chrony_sources", state="sync") is None, log.text()
+    assert value(m, "probe_chrony_sources", state="candidate") is None
+    report = chrony.report_of(m)
+    assert report is not None and "sources" not in {p.label for p in report.perfdata()}
+    # Too few candidates read: chronyd's reply is what is wrong, not its sources.
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module(min_candidates=2))
+    assert m.failure == "chrony_bad_reply", log.text()
+    assert "1 sources could not be read" in log.text()
+
+
+async def test_a_source_gone_since_n_sources_keeps_the_counts_whole(
+        fake: FakeCommandPort) -> None:
+    # chronyd removed a source between N_SOURCES and its SOURCE_DATA (NOSUCHSOURCE): the
+    # sources there are were all read.
+    fake.chronyd.sources = [FakeSource("192.0.2.1", state=4), FakeSource("192.0.2.2", state=2)]
+    fake.chronyd.n_sources = 3  # the third is refused: STT_NOSUCHSOURCE
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
+    assert m.failure is None, log.text()
+    assert value(m, "probe_chrony_sources", state="candidate") == 1, log.text()
+    assert value(m, "probe_chrony_sources", state="falseticker") == 1
+
+
 async def test_hostile_source_values_are_contained(fake: FakeCommandPort) -> None:
     fake.chronyd.sources = [
         FakeSource("192.0.2.1", state=0, poll=2000),  # 2**2000 s: no float holds it
