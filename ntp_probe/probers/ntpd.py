@@ -526,7 +526,8 @@ def _decode_variables(reply: Response, what: str, ctx: ProbeContext) -> dict[str
 async def _read_stats(session: _Session, pump: DatagramPump[Response | ErrorReply],
                       names: Sequence[str], got: _Collected, ctx: ProbeContext) -> None:
     """READVAR of a sysstats/iostats list; on unknownvar (an older or newer ntpd) one
-    variable at a time, as ntpq does, the unknown ones left out."""
+    variable at a time, as ntpq does, the unknown ones left out. Any other error leaves
+    the list's counters out: the verdict does not read them, so it is no failure."""
     reply = await session.request(pump, Opcode.READVAR, 0, names)
     if isinstance(reply, Response):
         got.stats.update(_decode_variables(reply, "READVAR assoc 0", ctx))
@@ -534,7 +535,7 @@ async def _read_stats(session: _Session, pump: DatagramPump[Response | ErrorRepl
     if not isinstance(reply, ErrorReply):
         return
     if reply.code != ErrorCode.UNKNOWNVAR:
-        ctx.measurement.fail(Reason.MODE6_ERROR)
+        ctx.log(f"counters {_names_text(names)} refused: left out")
         return
     ctx.log("unknown variable in the list: asking one at a time")
     for name in names:
@@ -543,7 +544,7 @@ async def _read_stats(session: _Session, pump: DatagramPump[Response | ErrorRepl
             got.stats.update(_decode_variables(one, "READVAR assoc 0", ctx))
         elif isinstance(one, ErrorReply):
             if one.code != ErrorCode.UNKNOWNVAR:
-                ctx.measurement.fail(Reason.MODE6_ERROR)
+                ctx.log(f"counter {name} refused: it and the list's rest left out")
                 return
         else:
             return  # unanswered (recorded) or out of time

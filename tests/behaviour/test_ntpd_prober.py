@@ -413,6 +413,27 @@ async def test_error_reply_is_mode6_error_with_its_name(server: FakeNtpd) -> Non
     assert not label_sets(out.m, "probe_ntpd_info")
 
 
+@pytest.mark.parametrize("one_at_a_time", [False, True])
+async def test_refused_counters_are_left_out_not_a_failure(server: FakeNtpd,
+                                                             one_at_a_time: bool) -> None:
+    # The verdict reads the system variables and the peers, never the counters: ntpd
+    # refusing the sysstats/iostats lists (adminproh) costs their series only.
+    def refuse_counters(req: Request) -> list[bytes]:
+        if req.opcode == READVAR and req.association == 0 and req.names:
+            if one_at_a_time and len(req.names) > 1:
+                return [error_reply(req, 5)]  # unknownvar: asked again one by one
+            return [error_reply(req, 7)]
+        return healthy(req)
+
+    server.behaviour = refuse_counters
+    out = await run(server)
+    assert out.m.failure is None, out.log
+    assert "refused" in out.log and "error adminproh (7)" in out.log
+    assert value(out.m, "probe_ntpd_packets_received_total") is None
+    assert len(label_sets(out.m, "probe_ntpd_peer_info")) == 3
+    assert label_sets(out.m, "probe_ntpd_info")
+
+
 async def test_an_association_gone_since_readstat_is_no_error(server: FakeNtpd) -> None:
     def outlier_gone(req: Request) -> list[bytes]:
         if req.opcode == READVAR and req.association == OUTLIER:
