@@ -18,18 +18,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from ntp_probe.cli import report
 from ntp_probe.config.load import load_config
 from ntp_probe.config.schema import Config, Module
-from ntp_probe.engine.context import ProbeLog
 from ntp_probe.engine.coordinator import Coordinator
 from ntp_probe.engine.result import Measurement
-from ntp_probe.engine.runner import run_probe
 from ntp_probe.engine.targets import parse_target
 from ntp_probe.exposition.render import render
 from ntp_probe.net import adjtimex
 from ntp_probe.probers import hybrid as correlation
 from ntp_probe.proto import timex
+from ntp_probe.safety.guard import Guard
+from ntp_probe.safety.policy import TargetPolicy, parse_rules
 from tests.behaviour import fake_server
 from tests.behaviour.fake_server import FakeNTPServer, answer, silent
-from tests.conftest import gauges
+from tests.conftest import gauges, probe
 
 # The fixture, made visible to pytest in this module.
 fake_ntp = fake_server.fake_ntp
@@ -74,12 +74,6 @@ def packaged(name: str) -> Module:
 
 def with_ntp(module: Module, **settings: Any) -> Module:
     return dataclasses.replace(module, ntp=dataclasses.replace(module.ntp, **settings))
-
-
-async def probe(target: str, module: Module) -> tuple[Measurement, ProbeLog]:
-    log = ProbeLog()
-    result, _ = await run_probe(parse_target(target), module, module.timeout, log)
-    return result, log
 
 
 def names(result: Measurement) -> set[str]:
@@ -274,6 +268,19 @@ async def test_hybrid_silent_server_reports_kernel_but_no_correlation(
     assert series(result, "probe_kernel_clock_state_info") == [
         ({"state": adjtimex.read().state}, 1.0)
     ]
+
+
+async def test_hybrid_reports_the_kernel_when_nothing_was_sent(
+    fake_ntp: FakeNTPServer,
+) -> None:
+    # A refused target (as a backoff or a failed lookup) sends nothing: the kernel's
+    # series are there all the same, so alerts on them do not hang on the NTP side.
+    policy = TargetPolicy(denied=parse_rules(["127.0.0.0/8"], "denied_targets"))
+    result, log = await probe(fake_ntp.target, hybrid(), guard=Guard(policies=(policy,)))
+    assert result.failure == "target_forbidden", log.text()
+    assert not fake_ntp.requests
+    assert not set(KERNEL_GAUGES) - names(result), log.text()
+    assert not set(CORRELATION_GAUGES) & names(result)
 
 
 async def test_hybrid_kernel_unavailable_keeps_ntp_metrics(
