@@ -109,7 +109,9 @@ class Internals:
             registry=r,
         )
         self.in_flight = Gauge(
-            "ntp_probe_probes_in_flight", "Probes currently running.", registry=r
+            "ntp_probe_probes_in_flight",
+            "/probe requests waiting for their answer (what --probe.max-concurrent limits).",
+            registry=r
         )
         self.rejected = Counter(
             "ntp_probe_probes_rejected",
