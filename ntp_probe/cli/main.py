@@ -69,6 +69,12 @@ def _bool(text: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _negation(parser: Parser, name: str, dest: str) -> None:
+    """kingpin's --no-FLAG for a boolean flag (it overrides the flag's variable too)."""
+    parser.add_argument(f"--no-{name[2:]}", dest=dest, action="store_false",
+                        help=f"the opposite of {name}")
+
+
 def _common(parser: Parser) -> None:
     flag(parser, "--config.file", None, dest="config_file", metavar="FILE",
           help="modules file; replaces the packaged default modules")
@@ -80,8 +86,10 @@ def _common(parser: Parser) -> None:
 
 def serve_parser() -> argparse.ArgumentParser:
     """Flags of the exporter (the default command)."""
+    # No abbreviations (--config.chec): kingpin refuses them, and a flag added later
+    # would change what one means. (check takes them, as the plugins' getopt_long does.)
     p = Parser(
-        prog="ntp-probe",
+        prog="ntp-probe", allow_abbrev=False,
         description="Prometheus exporter for NTP (blackbox_exporter style). "
         "Subcommands: serve (default), probe TARGET, check TARGET (Nagios/Icinga plugin).",
     )
@@ -93,6 +101,7 @@ def serve_parser() -> argparse.ArgumentParser:
     flag(p, "--web.systemd-socket", "false", dest="systemd_socket", type=_bool, nargs="?",
           const=True, metavar="BOOL",
           help="listen on the sockets systemd passes (socket activation) instead")
+    _negation(p, "--web.systemd-socket", "systemd_socket")
     flag(p, "--timeout-offset", "0.5", dest="timeout_offset", type=_non_negative_float,
           metavar="SECONDS", help="subtracted from Prometheus' scrape timeout")
     flag(p, "--probe.max-concurrent", "100", dest="max_concurrent", type=_positive_int,
@@ -114,6 +123,7 @@ def serve_parser() -> argparse.ArgumentParser:
           help="recent probes kept for the landing page (failures: as many again)")
     flag(p, "--config.check", "false", dest="config_check", type=_bool, nargs="?", const=True,
           metavar="BOOL", help="validate the configuration and exit 0 (valid) or 1")
+    _negation(p, "--config.check", "config_check")
     p.add_argument("--version", action="version", version=f"ntp-probe {__version__}")
     return p
 
@@ -123,7 +133,7 @@ def probe_parser() -> argparse.ArgumentParser:
     modules = load_config(None).modules
     listing = "\n".join(f"  {name:<10} {m.description}" for name, m in modules.items())
     p = Parser(
-        prog="ntp-probe probe",
+        prog="ntp-probe probe", allow_abbrev=False,
         description="Run one probe and print the result.",
         epilog=f"packaged modules (a --config.file replaces them):\n{listing}\n\n"
         "exit status: 0 the probe succeeded, 1 it failed (the reason is printed),\n"
@@ -177,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = argv[1:]
     args = serve_parser().parse_args(argv)
     args.listen = listen_addresses(args.listen)
+    # An empty value is no web config, as exporter-toolkit reads its default "" (a unit's
+    # --web.config.file=${VAR} with VAR unset).
+    args.web_config_file = args.web_config_file or None
     logs.setup(args.log_level, args.log_format)
     ProbeLog.level = logs.LEVELS[args.log_prober]
     config = _load(args.config_file)

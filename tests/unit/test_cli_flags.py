@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from ntp_probe.cli.check import check_parser
-from ntp_probe.cli.main import DEFAULT_LISTEN, listen_addresses, probe_parser, serve_parser
+from ntp_probe.cli.main import (
+    DEFAULT_LISTEN,
+    listen_addresses,
+    main,
+    probe_parser,
+    serve_parser,
+)
 from ntp_probe.cli.serve import parse_listen, unrestricted
 from ntp_probe.config.load import parse_config
 
@@ -147,3 +153,31 @@ def test_every_spelling_of_a_given_flag_overrides_its_invalid_variable(
         monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
     monkeypatch.setenv("NTP_PROBE_WARNING", "bad")
     assert check_parser().parse_args(["127.0.0.1", *argv]).warning == 0.02
+
+
+@pytest.mark.parametrize("argv", [["--config.chec"], ["--log.l", "info"],
+                                  ["--web.listen", "127.0.0.1:1"], ["--history", "3"]])
+def test_the_exporter_refuses_abbreviated_flags(argv: list[str],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # As kingpin does: a typo is an error, and a flag added later cannot change what an
+    # abbreviation in a unit file means.
+    with pytest.raises(SystemExit) as exit_:
+        serve_parser().parse_args(argv)
+    assert exit_.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        probe_parser().parse_args(["127.0.0.1", "--modul", "ntp"])
+
+
+def test_kingpins_negated_boolean_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NTP_PROBE_CONFIG_CHECK", "true")
+    assert serve_parser().parse_args([]).config_check is True
+    args = serve_parser().parse_args(["--no-config.check", "--no-web.systemd-socket"])
+    assert (args.config_check, args.systemd_socket) == (False, False)
+    assert serve_parser().parse_args(["--web.systemd-socket"]).systemd_socket is True
+
+
+def test_an_empty_web_config_flag_is_no_web_config(capsys: pytest.CaptureFixture[str]) -> None:
+    # exporter-toolkit's default is "": a unit's --web.config.file=${VAR} with VAR unset.
+    assert main(["--config.check", "--web.config.file="]) == 0
+    assert "configuration OK" in capsys.readouterr().out
