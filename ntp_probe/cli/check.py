@@ -94,8 +94,8 @@ def check_parser() -> argparse.ArgumentParser:
     flags.flag(p, "--timeout", None, "-t", type=flags.positive_float, metavar="SECONDS",
                help="the probe's time budget (default: the module's timeout)")
     p.add_argument("-o", "--time-offset", type=_seconds, default=0.0,
-                   metavar="SECONDS", help="the server's expected offset (check_ntp_time's): "
-                   "-w and -c judge the offset less this")
+                   metavar="SECONDS", help="check_ntp_time's: added to the offset before -w "
+                   "and -c judge it (a server known to be 1 s behind: -o 1)")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="UNKNOWN instead of CRITICAL when the probe fails or gives no offset "
                    "(check_ntp_time's)")
@@ -212,13 +212,14 @@ def _perf(item: Perf, warning: float | None = None, critical: float | None = Non
     return out
 
 
-def _perfdata(m: Measurement, warning: float, critical: float) -> str:
+def _perfdata(m: Measurement, warning: float, critical: float, added: float = 0.0) -> str:
     checked = _judged(m)
     items = []
     for report in m.reports:
         for item in report.perfdata():
-            if item.checked and report is checked:  # the value -w and -c judged
-                items.append(_perf(item, warning, critical))
+            if item.checked and report is checked:  # the value -w and -c judged, as judged
+                items.append(_perf(dataclasses.replace(item, value=item.value + added), warning,
+                                   critical))
             else:
                 items.append(_perf(item))
     items.append(_perf(Perf("time", m.duration, "s")))
@@ -245,9 +246,10 @@ def _why_no_offset(m: Measurement) -> str:
 
 def evaluate(target: str, module: Module, m: Measurement, warning: float,
              critical: float, *, expected: float = 0.0, quiet: bool = False) -> tuple[int, str]:
-    """The plugin's state and status line for a finished probe; ``expected`` is the
-    server's expected offset (-o), ``quiet`` makes a failure UNKNOWN (-q)."""
-    perfdata = _perfdata(m, warning, critical)
+    """The plugin's state and status line for a finished probe; ``expected`` (-o) is
+    added to the offset before it is judged, as check_ntp_time adds it (and shows the sum
+    in the perfdata); ``quiet`` makes a failure UNKNOWN (-q)."""
+    perfdata = _perfdata(m, warning, critical, expected)
     judged = _judged(m)
     offset = None if judged is None else judged.check_offset
     unknown_offset = UNKNOWN if quiet else CRITICAL
@@ -260,11 +262,11 @@ def evaluate(target: str, module: Module, m: Measurement, warning: float,
                                           f"judge (module {module.name}){_why_no_offset(m)}")
     else:
         # Beyond the threshold, not at it: a plain -w N is the Nagios range 0:N.
-        off = abs(offset - expected)
+        off = abs(offset + expected)
         state = CRITICAL if off > critical else WARNING if off > warning else OK
         summary = f"{target} offset {offset:+.6f} s (module {module.name})"
         if expected:
-            summary += f", {offset - expected:+.6f} s from the expected {expected:+.6f} s"
+            summary += f", {offset + expected:+.6f} s with -o {expected:+.6f} s added"
     line = f"NTP {_STATES[state]}: {_text(summary)}"
     return state, f"{line} | {perfdata}" if perfdata else line
 

@@ -204,16 +204,24 @@ async def test_host_and_timeout_come_from_variables_too(
 
 
 @pytest.mark.parametrize(("extra", "offset", "code", "says"), [
-    # check_ntp_time's -o: the expected offset; -w and -c judge the offset less it.
-    (["-o", "0.2"], 0.2, 0, "from the expected +0.200000 s"),
-    (["-o", "-0.2"], 0.2, 2, "from the expected -0.200000 s"),
-    (["-o", "0.18", "-v"], 0.2, 1, "offset +0.2"),
+    # check_ntp_time's -o is added to the offset before -w and -c judge it (its
+    # offset = calc_offset(...) + time_offset): a server 0.2 s ahead is OK with -o -0.2.
+    (["-o", "-0.2"], 0.2, 0, "+0.000"),
+    (["-o", "0.2"], 0.2, 2, "+0.400"),
+    (["-o", "-0.18", "-v"], 0.2, 1, "+0.020"),
+    (["-o", "0.2"], -0.2, 0, "+0.000"),  # 0.2 s behind
 ])
-async def test_check_ntp_times_expected_offset(fake_ntp: FakeNTPServer, extra: list[str],
-                                               offset: float, code: int, says: str) -> None:
+async def test_check_ntp_times_time_offset(fake_ntp: FakeNTPServer, extra: list[str],
+                                           offset: float, code: int, says: str) -> None:
     fake_ntp.behaviour = answer(offset=offset)
     got, line = await run(fake_ntp.target, *extra)
-    assert got == code and says in line, line
+    assert got == code, line
+    status, perfdata = split(line)
+    raw = float(status.split(" offset ")[1].split()[0])
+    assert raw == pytest.approx(offset, abs=0.002) and f", {says}" in status, line
+    # The perfdata holds the value judged, as check_ntp_time's does.
+    judged = float(next(p for p in perfdata if p.startswith("offset="))[7:].split("s;")[0])
+    assert judged == pytest.approx(float(says), abs=0.002), line
 
 
 async def test_quiet_makes_a_failure_unknown(fake_ntp: FakeNTPServer) -> None:
