@@ -196,13 +196,16 @@ class WebConfig:
         # (Latin-1 from an old client) still matches the bcrypt hash made of those bytes.
         user = raw_user.decode(errors="surrogateescape")
         stored = self.users.get(user)
-        # bcrypt is deliberately slow: remember successful checks by a digest of the
-        # password, so repeated scrapes with the same credentials cost one hash lookup.
-        # Keyed by the hash checked against too: a check that ends after a reload changed
-        # the password must not vouch for the old one under the new hash.
+        # bcrypt is deliberately slow: remember checks by a digest of the password, so
+        # repeated scrapes with the same credentials cost one hash lookup; failed ones too,
+        # as exporter-toolkit does (a Prometheus that missed a password rotation would
+        # otherwise cost a bcrypt per target per scrape). Keyed by the hash checked against
+        # too: a check that ends after a reload changed the password must not vouch for
+        # the old one under the new hash, nor a user added since stay refused.
         key = (user, stored or b"", hashlib.sha256(secret).digest())
-        if stored is not None and self._verified.get(key):
-            return True
+        known = self._verified.get(key)
+        if known is not None:
+            return known
         if len(secret) > MAX_PASSWORD_BYTES:
             return False
         if self._pending >= MAX_PENDING_CHECKS:
@@ -215,10 +218,9 @@ class WebConfig:
                 self._executor, _bcrypt().checkpw, secret, stored or self._dummy)
         finally:
             self._pending -= 1
-        if ok and stored is not None:
-            self._verified[key] = True
-            return True
-        return False
+        ok = ok and stored is not None
+        self._verified[key] = ok
+        return ok
 
     def middleware(self) -> Callable[..., Awaitable[web.StreamResponse]] | None:
         """aiohttp middleware enforcing basic auth; None without users (nothing to do on

@@ -98,3 +98,24 @@ async def test_a_password_check_that_ends_after_a_rotation_vouches_for_nothing(
     await checking
     assert not await config.authorized(header)
     assert await config.authorized(basic(USER, "rotated")["Authorization"])
+
+
+async def test_a_wrong_password_costs_one_bcrypt_however_often_it_comes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As exporter-toolkit caches both outcomes: a Prometheus scraping many targets with a
+    # password rotated away costs one check, not one per scrape.
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+    config = load_web_config(str(web_config_file(tmp_path, hashed)))
+    checks: list[bytes] = []
+    real = bcrypt.checkpw
+
+    def counted(password: bytes, hashed_password: bytes) -> bool:
+        checks.append(password)
+        return real(password, hashed_password)
+
+    monkeypatch.setattr(bcrypt, "checkpw", counted)
+    for _ in range(5):
+        assert not await config.authorized(basic(USER, "stale")["Authorization"])
+        assert not await config.authorized(basic("mallory", "stale")["Authorization"])
+        assert await config.authorized(basic(USER, PASSWORD)["Authorization"])
+    assert sorted(checks) == [PASSWORD.encode(), b"stale", b"stale"]
