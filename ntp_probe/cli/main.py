@@ -19,11 +19,9 @@ from ntp_probe import __version__
 from ntp_probe.cli import check, logs, output, report
 from ntp_probe.cli.flags import Parser, env_name, flag, number, positive_float, seconds
 from ntp_probe.cli.probe import probe
-from ntp_probe.cli.serve import serve
 from ntp_probe.config.load import leapfile_warning, load_config
 from ntp_probe.config.schema import Config, ConfigError
 from ntp_probe.engine.context import ProbeLog
-from ntp_probe.web.auth import WebConfigError, load_web_config
 
 logger = logging.getLogger("ntp_probe")
 
@@ -183,6 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.setup(args.log_level, args.log_format)
         config = _load(args.config_file, serving=False)
         return 2 if config is None else asyncio.run(probe(args, config))
+    # The web stack (aiohttp: a third of a second to import) only for the exporter: a
+    # Nagios check runs within its -t, start-up included.
+    from ntp_probe.cli.serve import serve
+    from ntp_probe.web.auth import WebConfigError, load_web_config
+
     if argv and argv[0] == "serve":
         argv = argv[1:]
     args = serve_parser().parse_args(argv)

@@ -84,6 +84,18 @@ def test_layers_import_only_what_the_layout_allows(layer: str) -> None:
     assert not bad, "\n".join(bad)
 
 
+def test_a_check_or_a_probe_does_not_load_the_web_stack() -> None:
+    # A Nagios check runs within its -t, its start-up included: aiohttp's import alone
+    # took a third of a second.
+    code = ("import sys; from ntp_probe.cli import main; "
+            "rc = main.main(['check', 'no such target:x']); "
+            "rc2 = main.main(['probe', 'no such target:x']); "
+            "print(rc, rc2, sorted(m for m in sys.modules if m.split('.')[0] == 'aiohttp'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.stdout.strip().endswith("3 2 []"), (done.stdout, done.stderr)
+
+
 def test_proto_is_sans_io() -> None:
     bad = [f"{p.relative_to(PACKAGE)}: {name}"
            for p in layer_files("proto") for name in imports_of(p)
