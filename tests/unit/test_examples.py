@@ -22,8 +22,10 @@ import yaml
 
 from ntp_probe.cli.main import serve_parser
 from ntp_probe.config.load import load_config, module_to_dict, parse_config
+from ntp_probe.config.schema import Config
 from ntp_probe.exposition.families import declared
 from ntp_probe.exposition.internals import Internals
+from ntp_probe.safety.guard import Guard
 
 ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "prometheus"
@@ -287,20 +289,45 @@ def test_kubernetes_agent_uses_the_host_network_and_agent_modules() -> None:
     endpoints = [e for e in every if e["path"] != "/metrics"]
     modules = sorted(e["params"]["module"][0] for e in endpoints)
     assert modules == ["hybrid", "kernel", "local"]
-    assert set(modules) <= PACKAGED_MODULES  # the DaemonSet runs the packaged modules
+    # Its ConfigMap restates the packaged modules it scrapes, unchanged.
+    config = workload_config(ds)
+    packaged = load_config(None).modules
+    assert {name: config.modules[name] for name in modules} == {
+        name: packaged[name] for name in modules}
     for e in endpoints:
         assert e["path"] == "/probe"
         assert e["params"]["target"][0] in ("127.0.0.1", "localhost")
 
 
-def test_kubernetes_config_map_is_a_valid_modules_file() -> None:
-    (cm,) = by_kind("ConfigMap")
-    config = parse_config(cm["data"]["modules.yaml"], "ConfigMap")
-    (deployment,) = by_kind("Deployment")
-    args = containers(deployment)[0]["args"]
-    assert "--config.file=/etc/ntp-probe/modules.yaml" in args
-    mount = containers(deployment)[0]["volumeMounts"][0]
+def workload_config(workload: dict[str, Any]) -> Config:
+    """The modules file a workload runs: its ConfigMap, mounted where --config.file reads."""
+    container = containers(workload)[0]
+    assert "--config.file=/etc/ntp-probe/modules.yaml" in container["args"]
+    (mount,) = container["volumeMounts"]
     assert mount["mountPath"] == "/etc/ntp-probe"
+    (volume,) = workload["spec"]["template"]["spec"]["volumes"]
+    assert volume["name"] == mount["name"]
+    (cm,) = [c for c in by_kind("ConfigMap")
+             if c["metadata"]["name"] == volume["configMap"]["name"]]
+    return parse_config(cm["data"]["modules.yaml"], "ConfigMap")
+
+
+def test_the_agent_probes_its_own_node_only() -> None:
+    # Its /probe listens on every node's address: nothing but loopback may be probed.
+    (ds,) = by_kind("DaemonSet")
+    config = workload_config(ds)
+    guard = Guard(policies=(config.policy,))
+    for allowed in ("127.0.0.1", "::1", "localhost"):
+        assert guard.refuse(allowed) is None, allowed
+    for refused in ("192.0.2.1", "10.0.0.1", "2001:db8::1"):
+        assert guard.refuse(refused) is not None, refused
+    assert guard.refuse("ntp.example.net", "192.0.2.1") is not None
+    assert guard.refuse("localhost", "127.0.0.1") is None
+
+
+def test_kubernetes_config_map_is_a_valid_modules_file() -> None:
+    (deployment,) = by_kind("Deployment")
+    config = workload_config(deployment)
     # The Probe resources use modules this ConfigMap defines.
     for probe in by_kind("Probe"):
         assert probe["apiVersion"] == "monitoring.coreos.com/v1"
