@@ -78,7 +78,8 @@ PROBERS: Mapping[str, ProberSpec] = {
         ),
         ProberSpec(
             "ntp_group", group.probe, group.DESCRIPTION, ("ntp", "ntp_group"),
-            _COMMON + _families(group), group.REASONS, target=group.resolve_target,
+            _COMMON + _families(group) + (prepare.BACKOFF_REMAINING, prepare.KISS_CODE),
+            group.REASONS, target=group.resolve_target,
             longest=ntp.longest,
             # A member is one server: every address of a name would need series per member
             # and address, which the group does not expose.

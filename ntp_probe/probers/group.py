@@ -68,7 +68,7 @@ LOCAL_CLOCK_OFFSET = Family(
     "Midpoint of the intersection: how far the truechimers' consensus is ahead of the "
     "exporter's own clock, in seconds (absent without a majority).")
 
-REASONS = (Reason.TARGET_FORBIDDEN, Reason.LOCAL_ERROR, Reason.NO_MAJORITY,
+REASONS = (Reason.TARGET_FORBIDDEN, Reason.BACKOFF, Reason.LOCAL_ERROR, Reason.NO_MAJORITY,
            Reason.FALSETICKERS)
 
 # ntpd's MINDISTANCE: an interval is never narrower than this on either side.
@@ -261,6 +261,8 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
             m.add(MEMBER_FAILURE, 1, name, failure)
         summary.append(MemberResult(name, state, offset, width, failure))
         log(f"member {name}: {state}" + (f" ({failure})" if failure else ""))
+    # A member's Kiss-o'-Death or backoff is the group's to report: NTPKissOfDeath reads it.
+    ntp.kiss_codes_of_every(m, [child.measurement for child in children])
     _conclude(m, selection, module.ntp_group.max_falsetickers, log)
     local = [str(member) for member, child in zip(members, children, strict=True)
              if child.measurement.failure is Reason.LOCAL_ERROR]
@@ -269,11 +271,17 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
         # whose selection lacks them, and none that blames its servers.
         log(f"not measured for a local error: {', '.join(local)}: local_error")
         m.fail(Reason.LOCAL_ERROR)
-    if all(child.measurement.failure is Reason.TARGET_FORBIDDEN for child in children):
+    refused = [child.measurement.failure for child in children]
+    if all(f is Reason.TARGET_FORBIDDEN for f in refused):
         # The exporter's own policy refused every member: no verdict on the servers (a
         # no_majority would page for a configuration choice).
         log("every member is refused by the target policy: target_forbidden")
         m.fail(Reason.TARGET_FORBIDDEN)
+    elif all(f in (Reason.TARGET_FORBIDDEN, Reason.BACKOFF) for f in refused):
+        # Nothing was sent: every member asked us to back off (or is refused). No verdict
+        # on the servers either; the Kiss-o'-Death alert says why.
+        log("every member is backed off from (or refused): backoff")
+        m.fail(Reason.BACKOFF)
     m.reports.append(GroupReport(str(target), tuple(summary), selection.low, selection.high,
                                  len(selection.truechimers), len(selection.falsetickers)))
     return m

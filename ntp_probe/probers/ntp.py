@@ -652,7 +652,7 @@ async def _probe_every_address(target: Target, settings: NTPSettings, port: int,
                   and (mismatch is None or s[0] is not leapcheck.LEAP_CHECK)]
     if mismatch is not None:  # whichever address announces the wrong leap, the name does
         m.add(leapcheck.LEAP_CHECK, 1, mismatch)
-    _kiss_codes_of_every_address(m, chosen, every)
+    kiss_codes_of_every(m, every, chosen)
     offsets = []
     for resolved, child in zip(found, children, strict=True):
         report = report_of(child.measurement)
@@ -670,12 +670,12 @@ async def _probe_every_address(target: Target, settings: NTPSettings, port: int,
     return m
 
 
-def _kiss_codes_of_every_address(m: Measurement, chosen: Measurement,
-                                 every: list[Measurement]) -> None:
-    """A Kiss-o'-Death or a backoff at any address is the probe's to report, not only the
-    chosen address's (the NTPKissOfDeath alert reads it): each code once, and the longest
-    backoff left."""
-    codes = {labels for labels, _ in chosen.values(common.KISS_CODE)}
+def kiss_codes_of_every(m: Measurement, every: list[Measurement],
+                        chosen: Measurement | None = None) -> None:
+    """A Kiss-o'-Death or a backoff at any address (or group member) is the probe's to
+    report, not only that of the ``chosen`` one whose series were copied already (the
+    NTPKissOfDeath alert reads it): each code once, and the longest backoff left."""
+    codes = set() if chosen is None else {labels for labels, _ in chosen.values(common.KISS_CODE)}
     backoffs = []
     for cm in every:
         if cm is not chosen:

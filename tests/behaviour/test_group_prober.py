@@ -24,10 +24,12 @@ from ntp_probe.engine.targets import TargetError
 from ntp_probe.exposition.internals import Internals
 from ntp_probe.probers import group, ntp
 from ntp_probe.probers.leapcheck import LEAP_CHECK
+from ntp_probe.safety.guard import Guard
+from ntp_probe.safety.kod import KodTable
 from ntp_probe.safety.policy import TargetPolicy, parse_rules
 from ntp_probe.web.app import State, create_app
-from tests.behaviour.fake_server import FakeNTPServer, answer
-from tests.conftest import Hosts, free_udp_port, label_sets, value
+from tests.behaviour.fake_server import FakeNTPServer, Send, answer, kod
+from tests.conftest import Hosts, free_udp_port, label_sets, probe, value
 from tests.unit.test_leapfile import REAL_ENTRIES, build, utc
 from tests.unit.test_leapfile import ntp as ntp_seconds
 
@@ -205,6 +207,36 @@ async def test_the_target_policy_applies_to_each_member(servers: Start) -> None:
     # The exporter's own policy, not the servers: no no_majority, which pages.
     assert m.failure is Reason.TARGET_FORBIDDEN
     assert value(m, "probe_ntp_group_majority") == 0
+
+
+async def test_a_members_kiss_of_death_is_the_groups_and_every_member_backed_off_is_backoff(
+        servers: Start) -> None:
+    # NTPKissOfDeath reads the probe's kiss codes: a member's must show. Once every member
+    # is backed off, nothing is sent: backoff, not a no_majority that pages for 24 h.
+    rate, deny = await servers(), await servers()
+    rate.behaviour = lambda req: [Send(kod(req, b"RATE"))]
+    deny.behaviour = lambda req: [Send(kod(req, b"DENY"))]
+    module = group_module()
+    config = Config(modules={"g": module}, source="test")
+    target = resolve_target(config, module, f"{rate.target},{deny.target}")
+    guard = Guard(kod=KodTable())
+    m, log = await probe(target, module, guard=guard)
+    assert {labels["reason"] for labels in label_sets(
+        m, "probe_ntp_group_member_failure_info")} == {"kod_rate", "kod_deny"}
+    assert label_sets(m, "probe_ntp_kiss_code_info") == [{"code": "RATE"}, {"code": "DENY"}]
+    assert value(m, "probe_ntp_backoff_remaining_seconds") == pytest.approx(86400.0, abs=5)
+    sent = len(rate.requests) + len(deny.requests)
+    m, log = await probe(target, module, guard=guard)
+    assert m.failure is Reason.BACKOFF, log.text()
+    assert len(rate.requests) + len(deny.requests) == sent
+    assert {labels["code"] for labels in label_sets(m, "probe_ntp_kiss_code_info")} == {
+        "RATE", "DENY"}
+    # One member backed off in a healthy group: the probe passes, the code still shows.
+    good = [await servers(offset=0.0) for _ in range(3)]
+    target = resolve_target(config, module, ",".join([deny.target, *(g.target for g in good)]))
+    m, log = await probe(target, module, guard=guard)
+    assert m.failure is None, log.text()
+    assert label_sets(m, "probe_ntp_kiss_code_info") == [{"code": "DENY"}]
 
 
 def test_a_group_is_bounded_and_names_known_groups() -> None:
