@@ -41,6 +41,10 @@ class LeapSource(Protocol):
     def expires(self) -> int:
         """When the file expires."""
 
+    @property
+    def hash_valid(self) -> bool:
+        """Whether its hash matches its contents."""
+
     def valid(self, now: float) -> bool:
         """Hash ok and not expired at ``now``."""
 
@@ -67,19 +71,23 @@ class _LeapFileCollector:
                               "Whether the loaded leap-seconds.list has a matching hash and "
                               "has not expired."),
             GaugeMetricFamily("ntp_probe_leapfile_tai_offset_seconds",
-                              "TAI - UTC now, according to the loaded leap-seconds.list."),
+                              "TAI - UTC now, according to the loaded leap-seconds.list "
+                              "(absent when its hash does not match)."),
             GaugeMetricFamily("ntp_probe_leapfile_next_leap_timestamp_seconds",
                               "Unix time of the midnight after the next leap second the "
-                              "loaded leap-seconds.list schedules (absent if none)."),
+                              "loaded leap-seconds.list schedules (absent if none, or when "
+                              "its hash does not match)."),
         )
         if source is not None:
             expiry, valid, tai, leap = families
             expiry.add_metric([], source.expires)
             valid.add_metric([], 1 if source.valid(now) else 0)
-            offset = source.tai_offset(now)
+            # What a file whose hash fails says is vouched for by nothing (ntpd refuses
+            # such a file): its TAI offset and next leap are not shown as facts.
+            offset = source.tai_offset(now) if source.hash_valid else None
             if offset is not None:
                 tai.add_metric([], offset)
-            upcoming = source.next_leap(now)
+            upcoming = source.next_leap(now) if source.hash_valid else None
             if upcoming is not None:
                 leap.add_metric([], upcoming.after)
         yield from families

@@ -21,6 +21,7 @@ Times in the public API are Unix seconds (Unix = NTP - 2208988800).
 
 from __future__ import annotations
 
+import datetime
 import enum
 import hashlib
 import math
@@ -32,6 +33,7 @@ NTP_UNIX_OFFSET = 2_208_988_800
 """Seconds from the NTP era 0 epoch (1900-01-01) to the Unix epoch (1970-01-01)."""
 
 _DAY = 86_400
+_UNIX_EPOCH_ORDINAL = datetime.date(1970, 1, 1).toordinal()
 
 DEFAULT_ANNOUNCE_WINDOW = 31 * _DAY
 """How early a leap indicator may be set before the leap.
@@ -135,8 +137,9 @@ def parse_leapfile(text: str) -> LeapFile:
     A missing or mismatching ``#h`` line gives ``hash_valid=False``. Raises
     LeapFileError when a line is neither a comment nor a well-formed ``#$``, ``#@``,
     ``#h`` or data line, when ``#$``, ``#@`` or ``#h`` appears twice, when ``#$`` or
-    ``#@`` or every data line is missing, or when the data lines are not midnights
-    in increasing order with TAI - UTC changing by exactly one second each time.
+    ``#@`` or every data line is missing, or when the data lines are not the first of a
+    month at midnight, in increasing order, with TAI - UTC changing by exactly one second
+    each time.
     """
     updated: int | None = None
     expires: int | None = None
@@ -244,6 +247,14 @@ def _check_entries(entries: list[LeapEntry]) -> None:
         # NTP and Unix epochs are both midnights, so the check works in either scale.
         if entry.start % _DAY:
             raise LeapFileError(f"entry at {entry.start} is not a midnight UTC")
+        # A leap second ends a month (UTC's rule; ntpd refuses a file that says otherwise).
+        try:
+            day = datetime.date.fromordinal(_UNIX_EPOCH_ORDINAL + entry.start // _DAY)
+        except (ValueError, OverflowError):
+            raise LeapFileError(f"entry at {entry.start} is out of range") from None
+        if day.day != 1:
+            raise LeapFileError(f"entry at {entry.start} ({day.isoformat()}) is not the "
+                                "first of a month")
     for prev, entry in pairwise(entries):
         if entry.start <= prev.start:
             raise LeapFileError(f"entry at {entry.start} is not after {prev.start}")

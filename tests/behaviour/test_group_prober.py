@@ -403,14 +403,14 @@ async def test_leapfile_series_on_metrics_after_start_and_reload(
         "ntp_probe_leapfile_tai_offset_seconds": 37.0,
         "ntp_probe_leapfile_next_leap_timestamp_seconds": leap,
     }
-    # A reload reads the file again: now with a broken hash and no leap scheduled.
-    leapfile.write_text(build(REAL_ENTRIES, updated=UPDATED, expires=ntp_seconds(EXPIRES),
-                              words=(1, 2, 3, 4, 5)))
+    # A reload reads the file again: now with a broken hash. What it says is vouched for
+    # by nothing (ntpd refuses such a file): no TAI offset, no next leap from it.
+    leapfile.write_text(build([*REAL_ENTRIES, (ntp_seconds(leap), 38)], updated=UPDATED,
+                              expires=ntp_seconds(EXPIRES), words=(1, 2, 3, 4, 5)))
     assert (await client.post("/-/reload")).status == 200
     assert await metrics() == {
         "ntp_probe_leapfile_expiry_timestamp_seconds": EXPIRES,
         "ntp_probe_leapfile_valid": 0.0,
-        "ntp_probe_leapfile_tai_offset_seconds": 37.0,
     }
     # A named file that is no longer a leap file fails the reload and keeps the old one.
     leapfile.write_text("not a leap file\n")

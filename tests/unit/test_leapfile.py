@@ -169,7 +169,7 @@ def test_comments_are_not_hashed() -> None:
 @pytest.mark.parametrize(
     ("old", "new"),
     [
-        ("3692217600      37", "3692304000      37"),  # a data line's date
+        ("3692217600      37", "3694896000      37"),  # a data line's date (1 Feb 2017)
         ("#@\t3991593600", "#@\t3991680000"),  # the expiry: extending it must show
         ("#$\t3960835200", "#$\t3960921600"),  # the update time
         ("49db2447 571e5e1b", "49db2447 571e5e1c"),  # the hash itself
@@ -219,6 +219,9 @@ def test_missing_hash_line_is_not_valid() -> None:
         ("#@\t3991593600", "#", "no '#@'"),
         ("#$\t3960835200", "#", "no '#\\$'"),
         ("3692217600      37", "3692217601      37", "midnight"),
+        # 2 Jan 2017: a leap second ends a month (ntpd refuses such a file too)
+        ("3692217600      37", "3692304000      37", "2017-01-02.*first of a month"),
+        ("3692217600      37", "261408988800      37", "out of range"),  # year 10183
         ("3692217600      37", "3644697600      37", "not after"),
         ("3692217600      37", "3692217600      36", "from 36 to 36"),
         ("3692217600      37", "3692217600      39", "from 36 to 39"),
