@@ -75,8 +75,10 @@ def _bcrypt() -> ModuleType:
 # bcrypt reads at most 72 bytes of a password; longer ones are refused (bcrypt 5 raises, and
 # Go's bcrypt, which exporter-toolkit uses, refuses them too).
 MAX_PASSWORD_BYTES = 72
-# Password checks queued or running at once; beyond it a request gets 429 at once, so a
-# flood of wrong passwords cannot delay everyone else's checks without bound.
+# Password checks queued or running at once for one configured user (and for all unknown
+# user names together); beyond it a request gets 429 at once, so a flood of wrong passwords
+# cannot delay everyone else's checks without bound, and a flood naming one user (or
+# made-up ones) does not lock out another user's first login (Prometheus after a restart).
 MAX_PENDING_CHECKS = 32
 _CHECK_THREADS = 2
 
@@ -176,7 +178,8 @@ class WebConfig:
     # Compared against when the user is unknown, at the configured hashes' cost, so that a
     # wrong user name costs what a wrong password costs: timing tells no user names apart.
     _dummy: bytes = b""
-    _pending: int = 0
+    # Checks pending per lane: a configured user's name, or None for unknown names.
+    _pending: dict[str | None, int] = field(default_factory=dict)
     _executor: ThreadPoolExecutor | None = None
 
     async def authorized(self, header: str | None) -> bool:
@@ -208,16 +211,22 @@ class WebConfig:
             return known
         if len(secret) > MAX_PASSWORD_BYTES:
             return False
-        if self._pending >= MAX_PENDING_CHECKS:
+        lane = user if stored is not None else None
+        pending = self._pending.get(lane, 0)
+        if pending >= MAX_PENDING_CHECKS:
             raise TooBusy
         if self._executor is None:
             self._executor = ThreadPoolExecutor(_CHECK_THREADS, thread_name_prefix="ntp_probe-auth")
-        self._pending += 1
+        self._pending[lane] = pending + 1
         try:
             ok = await asyncio.get_running_loop().run_in_executor(
                 self._executor, _bcrypt().checkpw, secret, stored or self._dummy)
         finally:
-            self._pending -= 1
+            left = self._pending[lane] - 1
+            if left:
+                self._pending[lane] = left
+            else:
+                del self._pending[lane]
         ok = ok and stored is not None
         self._verified[key] = ok
         return ok
