@@ -105,9 +105,13 @@ PROBERS: Mapping[str, ProberSpec] = {
 
 
 def server_key(module: Module, target: Target) -> tuple[str, int | None]:
-    """The server a probe of ``target`` reaches: the target's canonical host and the port
-    it means, whether or not it was spelled out."""
+    """The server a probe of ``target`` reaches: the target's canonical host (a group
+    list's members in one order) and the port it means, whether or not it was spelled out."""
     port = target.port if target.port is not None else PROBERS[module.prober].default_port(module)
+    if isinstance(target, group.GroupTarget) and "," in target.host:
+        # An ad-hoc list is its set of members: listed in another order, it is the same
+        # group (its probes share bursts and min_probe_interval results).
+        return ",".join(sorted(str(member) for member in target.members)), port
     return target.host, port
 
 

@@ -17,6 +17,7 @@ from pytest_aiohttp import AiohttpClient
 from ntp_probe.config.load import load_config, parse_config
 from ntp_probe.config.schema import Config, Module, NTPGroupSettings, NTPSettings
 from ntp_probe.engine.context import ProbeContext
+from ntp_probe.engine.coordinator import Coordinator
 from ntp_probe.engine.registry import resolve_target
 from ntp_probe.engine.result import Measurement, Reason
 from ntp_probe.engine.runner import guard_for, limit_probe_sockets, run_probe
@@ -237,6 +238,25 @@ async def test_a_members_kiss_of_death_is_the_groups_and_every_member_backed_off
     m, log = await probe(target, module, guard=guard)
     assert m.failure is None, log.text()
     assert label_sets(m, "probe_ntp_kiss_code_info") == [{"code": "DENY"}]
+
+
+async def test_a_list_in_another_order_shares_the_burst(servers: Start) -> None:
+    # Reordering an ad-hoc list must not buy a burst at each member per order: the
+    # at-most-two-bursts-per-target rule holds for the set of members.
+    members = [await servers(offset=0.0) for _ in range(3)]
+    module = group_module()
+    config = Config(modules={"g": module}, source="test")
+    coordinator = Coordinator()
+    orders = [members, members[::-1], [members[1], members[0], members[2]]]
+    targets = [resolve_target(config, module, ",".join(s.target for s in order))
+               for order in orders]
+    outcomes = await asyncio.gather(*(coordinator.probe(config, module, t, 2.0)
+                                      for t in targets * 3))
+    assert all(o.result.success for o in outcomes)
+    # One burst of 2 samples per member for the nine requests (at most two bursts would
+    # be allowed; they all start together, so one serves them).
+    assert [len(s.requests) for s in members] == [2, 2, 2]
+    assert sum(o.shared for o in outcomes) == 8
 
 
 def test_a_group_is_bounded_and_names_known_groups() -> None:
