@@ -722,6 +722,18 @@ def test_a_client_ca_file_holding_only_a_crl_is_refused(pki: Pki) -> None:
         load_web_config(str(path))
 
 
+def test_tls12_offers_gos_aead_suites_only(pki: Pki) -> None:
+    # exporter-toolkit's defaults: no CBC with SHA-256/384, no DHE (Python's list has them).
+    path = pki.dir / "suites.yml"
+    path.write_text("tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n")
+    context = load_web_config(str(path)).ssl_context
+    assert context is not None
+    tls12 = {c["name"] for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"}
+    assert tls12 and all(("GCM" in n or "CHACHA20" in n) and n.startswith("ECDHE")
+                         for n in tls12), tls12
+    assert "ECDHE-RSA-AES128-GCM-SHA256" in tls12
+
+
 def test_a_min_version_openssl_will_not_offer_is_said(pki: Pki) -> None:
     # exporter-toolkit's TLS10 and TLS11 load, but OpenSSL 3 offers neither above security
     # level 0: a warning says TLS 1.2 is the minimum in effect, rather than nothing.
