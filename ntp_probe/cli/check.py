@@ -15,6 +15,7 @@ import ipaddress
 import os
 import re
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -271,8 +272,10 @@ def evaluate(target: str, module: Module, m: Measurement, warning: float,
     return state, f"{line} | {perfdata}" if perfdata else line
 
 
-async def check(args: argparse.Namespace, config: Config) -> tuple[int, str]:
-    """Run the probe the arguments describe; (exit code, status line)."""
+async def check(args: argparse.Namespace, config: Config,
+                spent: float = 0.0) -> tuple[int, str]:
+    """Run the probe the arguments describe; (exit code, status line). ``spent``: seconds
+    of the time budget the process used before (its start-up)."""
     module = config.modules.get(args.module)
     if module is None:
         raise Unknown(f"unknown module {args.module!r} (known: {', '.join(config.modules)})")
@@ -285,6 +288,9 @@ async def check(args: argparse.Namespace, config: Config) -> tuple[int, str]:
         raise Unknown(str(exc)) from None
     _family_fits(args.family, target)
     timeout = module.timeout if args.timeout is None else args.timeout
+    # -t bounds the whole run, as check_ntp_time's alarm does (a scheduler whose own
+    # timeout equals it would kill the plugin): the start-up and the line's printing too.
+    timeout = max(timeout - spent - _PRINT_MARGIN, _PRINT_MARGIN)
     m, _ = await run_probe(target, module, timeout, guard=guard_for(config, module))
     return evaluate(str(target), module, m, warning, critical, expected=args.time_offset,
                     quiet=args.quiet)
@@ -298,13 +304,28 @@ def main(argv: Sequence[str]) -> int:
             config = load_config(args.config_file)
         except ConfigError as exc:
             raise Unknown(f"invalid configuration: {str(exc).splitlines()[0]}") from None
-        code, line = asyncio.run(check(args, config))
+        code, line = asyncio.run(check(args, config, spent=_spent()))
     except Unknown as exc:
         code, line = UNKNOWN, f"NTP UNKNOWN: {_text(str(exc))}"
     except Exception as exc:  # a plugin must answer UNKNOWN, never a traceback
         why = f"internal error: {type(exc).__name__}: {exc}"
         code, line = UNKNOWN, f"NTP UNKNOWN: {_text(why)}"
     return _emit(code, line)
+
+
+_PRINT_MARGIN = 0.05  # seconds kept for the verdict and its line after the probe
+
+
+def _spent() -> float:
+    """Seconds since this process started (0 where /proc cannot say)."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as stat:
+            # Field 22, starttime, in clock ticks after boot; the name (2) may hold spaces.
+            started = int(stat.read().rsplit(")", 1)[1].split()[19])
+        ticks = os.sysconf("SC_CLK_TCK")
+        return max(time.clock_gettime(time.CLOCK_BOOTTIME) - started / ticks, 0.0)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
 
 
 def _emit(code: int, line: str) -> int:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +146,26 @@ def exit_code(argv: list[str]) -> int:
         return main(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
+
+
+def test_the_timeout_bounds_the_whole_run_start_up_included(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # check_ntp_time's -t is an alarm over its whole run: the process's start-up (0.8 s
+    # here, as if a loaded host took that long to import) comes out of the probe's budget.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # never answers
+        silent.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+        monkeypatch.setattr(check, "_spent", lambda: 0.8)
+        assert exit_code(["check", target, "-t", "1"]) == 2
+    line = capsys.readouterr().out
+    assert "probe failed: timeout" in line, line
+    duration = float(next(p for p in split(line)[1] if p.startswith("time="))[5:-1])
+    assert duration <= 0.25, line  # 1 - 0.8 - the margin for printing, not 1 s
+
+
+def test_the_start_up_time_is_read_from_the_process() -> None:
+    spent = check._spent()
+    assert 0.0 < spent < time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 @pytest.mark.parametrize(("argv", "why"), [
