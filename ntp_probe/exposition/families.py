@@ -28,6 +28,9 @@ class Family:
     help: str
     labels: tuple[str, ...] = ()
     type: MetricType = "gauge"
+    # Seconds left until something (a backoff's end): a result served again from the
+    # min_probe_interval cache shows it less the result's age, as it stands now.
+    countdown: bool = False
     # Position in the exposition, the pre-rendered HELP/TYPE lines and the start of a
     # sample line (``name `` or ``name{label="``), set at declaration: rendering a probe
     # then only formats values.

@@ -51,7 +51,10 @@ def render(m: Measurement, result_age: float | None = None) -> str:
     out = [_SUCCESS[m.success], f"{_DURATION}{format_value(m.duration)}\n"]
     samples = m.samples
     if result_age is not None:
-        samples = [*samples, (common.RESULT_AGE, (), result_age)]
+        # Countdowns as they stand now, not as when the result was measured.
+        samples = [(f, labels, max(v - result_age, 0.0) if f.countdown else v)
+                   for f, labels, v in samples]
+        samples.append((common.RESULT_AGE, (), result_age))
     # Probers add samples in declaration order almost always: sort (stable, so series of
     # one family keep the order the prober added them) only when they are not.
     last = -1

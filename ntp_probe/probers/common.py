@@ -28,6 +28,7 @@ _T = TypeVar("_T")
 BACKOFF_REMAINING = Family(
     "probe_ntp_backoff_remaining_seconds",
     "Seconds until this server may be sent to again after a Kiss-o'-Death.",
+    countdown=True,
 )
 KISS_CODE = Family("probe_ntp_kiss_code_info", "Kiss-o'-Death code received from the server.",
                    ("code",))

@@ -15,7 +15,7 @@ from ntp_probe.engine.runner import TimeoutHeaderError, probe_timeout
 from ntp_probe.exposition import families
 from ntp_probe.exposition.families import Family, declared
 from ntp_probe.exposition.render import format_value, render
-from ntp_probe.probers import ntp
+from ntp_probe.probers import common, ntp
 from tests.conftest import value
 from tests.contract import VALID_SAMPLE_METRICS
 
@@ -270,3 +270,24 @@ def test_fail_keeps_the_reason_that_ranks_first() -> None:
     r.add(ntp.STRATUM, 3)
     assert value(r, "probe_ntp_stratum") == 3.0
     assert value(r, "probe_ntp_rtt_seconds") is None
+
+
+def test_a_result_served_again_counts_its_backoff_down() -> None:
+    # From the min_probe_interval cache 5 s later, a backoff that had 884 s left has 879:
+    # the gauge says how long until the server may be sent to again, now.
+    m = Measurement()
+    m.fail(Reason.KOD_RATE)
+    m.add(common.BACKOFF_REMAINING, 884.0)
+    m.add(common.KISS_CODE, 1, "RATE")
+    m.add(ntp.STRATUM, 0)
+    fresh = parse(render(m))
+    again = parse(render(m, 5.0))
+    assert fresh["probe_ntp_backoff_remaining_seconds"] == 884.0
+    assert again["probe_ntp_backoff_remaining_seconds"] == 879.0
+    assert again["probe_ntp_result_age_seconds"] == 5.0
+    assert again["probe_ntp_stratum"] == 0 and again["probe_ntp_kiss_code_info"] == 1
+    assert parse(render(m, 900.0))["probe_ntp_backoff_remaining_seconds"] == 0.0
+
+
+def parse(text: str) -> dict[str, float]:
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
