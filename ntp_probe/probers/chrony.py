@@ -3,8 +3,9 @@
 One probe asks TRACKING, N_SOURCES, then SOURCE_DATA and SOURCESTATS for each source, then
 SERVER_STATS, over UDP (``host[:port]``, port 323) or over chronyd's unix socket when the
 module names one. Every request has its own timeout and one retry with a new sequence
-number; a request is only sent when its reply can still arrive before the probe's deadline
-(the shared pace of probers.pacing), so a short deadline shortens the probe instead of
+number (a late reply to the first attempt still answers it); a request is only sent when
+its reply can still arrive before the probe's deadline (the shared pace of
+probers.pacing), so a short deadline shortens the probe instead of
 overrunning it, and what was obtained is reported. A command chronyd refuses (over UDP
 chrony 4.3 answers SERVER_STATS with UNAUTH) is listed in
 ``probe_chrony_command_status_info`` and the rest is still emitted.
@@ -479,11 +480,12 @@ def report_of(m: Measurement) -> ChronyReport | None:
 class Requests:
     """The request awaiting its reply, and those sent before it: the pump's matcher.
 
-    A reply to an earlier request (an attempt that timed out) is late and ignored: its
-    sequence number is no longer the awaited one.
+    A reply to an earlier request is late and ignored, but one to an earlier attempt of
+    the request now awaited (a daemon slower than ``request_timeout``) answers it, as the
+    ntpd prober takes a late answer to its first try.
     """
 
-    __slots__ = ("_log", "_scope", "_source", "current", "expired", "undecodable")
+    __slots__ = ("_log", "_scope", "_source", "current", "expired", "retried", "undecodable")
 
     def __init__(self, log: Callable[[str], None], source: tuple[str, int] | None) -> None:
         self._log = log
@@ -493,6 +495,7 @@ class Requests:
         self._scope = None if source is None else zone_scope(source[0])
         self.current: tuple[Command, int] | None = None
         self.expired: list[tuple[Command, int]] = []
+        self.retried: list[int] = []  # sequences of the awaited request's earlier attempts
         # Why the last datagram from the daemon's address that is no command reply at all
         # was ignored: the request's answer when nothing better comes (a chronyd speaking
         # another protocol version says no more than that).
@@ -510,6 +513,10 @@ class Requests:
             self._log(f"datagram ignored: {self._late(d.data) or 'no request waiting'}")
             return None
         command, sequence = current
+        echo = cmdmon.reply_echo(d.data)
+        if echo is not None and echo[0] == command and echo[1] in self.retried:
+            self._log(f"late reply to the earlier attempt (sequence {echo[1]:08x}) taken")
+            sequence = echo[1]
         try:
             return cmdmon.decode_reply(d.data, command, sequence)
         except cmdmon.ReplyMismatchError as exc:
@@ -591,6 +598,7 @@ class Session:
         name = command.name if index is None else f"{command.name} {index}"
         bad: BadReply | None = None
         path_error: Unreachable | None = None  # from a host on the path, not the target
+        self._requests.retried = []  # a new request: no earlier attempt answers it
         for attempt in range(1, _ATTEMPTS + 1):
             if not await self._pace.wait():
                 # No reply could come before the deadline: not sending is kinder to the
@@ -655,6 +663,7 @@ class Session:
         finally:
             requests.current = None
             requests.expired.append((command, sequence))
+            requests.retried.append(sequence)
         if received is None:
             if requests.undecodable is None:
                 self._log(f"<- {name}: no reply in time (attempt {attempt})")

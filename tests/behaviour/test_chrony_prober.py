@@ -410,27 +410,51 @@ async def test_unauthorised_tracking_is_reported_with_the_rest(fake: FakeCommand
     assert value(m, "probe_chrony_serverstats_ntp_packets_received_total") == 1000
 
 
-async def test_late_reply_to_the_first_attempt_is_ignored(fake: FakeCommandPort) -> None:
+async def test_a_late_reply_to_the_first_attempt_answers_the_request(
+        fake: FakeCommandPort) -> None:
+    # A chronyd slower than request_timeout: its answer to attempt 1 comes while the retry
+    # waits, and answers the request (as the ntpd prober takes a late first-try reply);
+    # the retry is never answered. Before, every such daemon failed chrony_timeout.
     held: list[Req] = []
 
     def behaviour(req: Req) -> list[tuple[bytes, float]]:
         if req.command != TRACKING:
             return [(fake.chronyd.answer(req), 0.0)]
         if not held:
-            held.append(req)  # answered only once the retry is in
-            return []
-        # The late answer to attempt 1 (stratum 14) arrives first, then the retry's (3).
-        late = replace(fake.chronyd, stratum=14).tracking(held[0])
-        return [(late, 0.0), (fake.chronyd.answer(req), 0.0)]
+            held.append(req)
+            return [(replace(fake.chronyd, stratum=14).tracking(req), 0.4)]
+        return []
 
     fake.behaviour = behaviour
     m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module(request_timeout="300ms"))
     assert m.failure is None, log.text()
-    assert value(m, "probe_chrony_tracking_stratum") == 3
+    assert value(m, "probe_chrony_tracking_stratum") == 14
     first, second = sent_lines(log.text(), "TRACKING")
-    assert f"late reply to TRACKING sequence {first[0]}" in log.text()
+    assert f"late reply to the earlier attempt (sequence {first[0]}) taken" in log.text()
     assert f"{held[0].sequence:08x}" == first[0] != second[0]
     assert statuses(m)["tracking"] == "ok"
+
+
+async def test_a_late_reply_to_an_earlier_request_answers_nothing(
+        fake: FakeCommandPort) -> None:
+    # TRACKING's answer, late, arrives while N_SOURCES waits: ignored as late.
+    held: list[Req] = []
+
+    def behaviour(req: Req) -> list[tuple[bytes, float]]:
+        if req.command == TRACKING and not held:
+            held.append(req)
+            return []
+        if req.command == N_SOURCES and len(held) == 1:
+            held.append(req)
+            return [(fake.chronyd.tracking(held[0]), 0.0),
+                    (fake.chronyd.answer(req), 0.05)]
+        return [(fake.chronyd.answer(req), 0.0)]
+
+    fake.behaviour = behaviour
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module(request_timeout="300ms"))
+    assert m.failure is None, log.text()
+    assert f"late reply to TRACKING sequence {held[0].sequence:08x}" in log.text()
+    assert value(m, "probe_chrony_sources", state="sync") == 1
 
 
 def test_only_a_reply_echoing_an_expired_request_reads_as_late() -> None:
