@@ -75,12 +75,14 @@ def _bcrypt() -> ModuleType:
 # bcrypt reads at most 72 bytes of a password; longer ones are refused (bcrypt 5 raises, and
 # Go's bcrypt, which exporter-toolkit uses, refuses them too).
 MAX_PASSWORD_BYTES = 72
-# Password checks queued or running at once for one configured user (and for all unknown
-# user names together); beyond it a request gets 429 at once, so a flood of wrong passwords
-# cannot delay everyone else's checks without bound, and a flood naming one user (or
-# made-up ones) does not lock out another user's first login (Prometheus after a restart).
-MAX_PENDING_CHECKS = 32
-_CHECK_THREADS = 2
+# Password checks wait their turn, as exporter-toolkit's do, unless the queue is so long
+# that the answer would come later than this: then 429 at once, so a flood of wrong
+# passwords cannot delay checks without bound. Checks for configured user names and for
+# unknown (made-up) ones have their own threads: a flood of made-up names delays no user's
+# login. The queue's length allowed follows the measured time of one check.
+MAX_CHECK_WAIT = 5.0
+MIN_PENDING_CHECKS = 8  # allowed whatever a check costs
+_THREADS = {True: 2, False: 1}  # for configured user names, for unknown ones
 
 
 class TooBusy(Exception):
@@ -172,15 +174,20 @@ class WebConfig:
     # Where ssl_context's certificate, key and client CA come from (see refresh_tls).
     _tls_files: _TLSFiles | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    # Checks remembered: successes and failures apart, so that a flood of wrong passwords
+    # cannot push a good login out (it would cost a bcrypt again, queued behind the flood).
     _verified: LRUCache[tuple[str, bytes, bytes], bool] = field(
+        default_factory=lambda: LRUCache(maxsize=1024)
+    )
+    _refused: LRUCache[tuple[str, bytes, bytes], bool] = field(
         default_factory=lambda: LRUCache(maxsize=1024)
     )
     # Compared against when the user is unknown, at the configured hashes' cost, so that a
     # wrong user name costs what a wrong password costs: timing tells no user names apart.
     _dummy: bytes = b""
-    # Checks pending per lane: a configured user's name, or None for unknown names.
-    _pending: dict[str | None, int] = field(default_factory=dict)
-    _executor: ThreadPoolExecutor | None = None
+    _pending: dict[bool, int] = field(default_factory=dict)  # per lane: a configured name?
+    _executors: dict[bool, ThreadPoolExecutor] = field(default_factory=dict)
+    check_seconds: float = 0.05  # one check's time, as last measured (at load, then each)
 
     async def authorized(self, header: str | None) -> bool:
         """Check an Authorization header against basic_auth_users (True when none are set)."""
@@ -206,29 +213,42 @@ class WebConfig:
         # too: a check that ends after a reload changed the password must not vouch for
         # the old one under the new hash, nor a user added since stay refused.
         key = (user, stored or b"", hashlib.sha256(secret).digest())
-        known = self._verified.get(key)
-        if known is not None:
-            return known
+        if self._verified.get(key):
+            return True
+        if key in self._refused:
+            return False
         if len(secret) > MAX_PASSWORD_BYTES:
             return False
-        lane = user if stored is not None else None
+        lane = stored is not None
         pending = self._pending.get(lane, 0)
-        if pending >= MAX_PENDING_CHECKS:
+        if pending >= self.queue_limit(lane):
             raise TooBusy
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(_CHECK_THREADS, thread_name_prefix="ntp_probe-auth")
+        executor = self._executors.get(lane)
+        if executor is None:
+            executor = self._executors[lane] = ThreadPoolExecutor(
+                _THREADS[lane], thread_name_prefix="ntp_probe-auth")
         self._pending[lane] = pending + 1
         try:
             ok = await asyncio.get_running_loop().run_in_executor(
-                self._executor, _bcrypt().checkpw, secret, stored or self._dummy)
+                executor, self._timed_check, secret, stored or self._dummy)
         finally:
-            left = self._pending[lane] - 1
-            if left:
-                self._pending[lane] = left
-            else:
-                del self._pending[lane]
-        ok = ok and stored is not None
-        self._verified[key] = ok
+            self._pending[lane] -= 1
+        if ok and stored is not None:
+            self._verified[key] = True
+            return True
+        self._refused[key] = False
+        return False
+
+    def queue_limit(self, known: bool) -> int:
+        """Checks that may wait in a lane: as many as its threads get through within
+        MAX_CHECK_WAIT at the measured pace."""
+        per_second = _THREADS[known] / max(self.check_seconds, 1e-4)
+        return max(MIN_PENDING_CHECKS, int(MAX_CHECK_WAIT * per_second))
+
+    def _timed_check(self, secret: bytes, hashed: bytes) -> bool:
+        started = time.perf_counter()
+        ok: bool = _bcrypt().checkpw(secret, hashed)
+        self.check_seconds = time.perf_counter() - started
         return ok
 
     def middleware(self) -> Callable[..., Awaitable[web.StreamResponse]] | None:
@@ -276,7 +296,9 @@ class WebConfig:
         nothing in), as exporter-toolkit reads them for each request."""
         if new.users != self.users:
             self.users, self._dummy = new.users, new._dummy
+            self.check_seconds = new.check_seconds
             self._verified.clear()  # a removed user or a changed password logs in no more
+            self._refused.clear()  # and a user added since is not refused from memory
         self.headers = new.headers
 
     def refresh_tls(self) -> ssl.SSLContext | None:
@@ -440,8 +462,11 @@ def load_web_config(path: str | None) -> WebConfig:
         headers[canonical] = value
     tls = _tls(_mapping(top.get("tls_server_config"), "tls_server_config"), file.parent)
     dummy = b""
+    check_seconds = 0.05
     if users:
         cost = max(_cost(h) for h in users.values())
+        started = time.perf_counter()  # a hash costs what a check costs: the first estimate
         dummy = _bcrypt().hashpw(b"ntp_probe-dummy", _bcrypt().gensalt(rounds=cost))
+        check_seconds = time.perf_counter() - started
     return WebConfig(ssl_context=None if tls is None else tls.context, users=users,
-                     headers=headers, _tls_files=tls, _dummy=dummy)
+                     headers=headers, _tls_files=tls, _dummy=dummy, check_seconds=check_seconds)
