@@ -670,17 +670,23 @@ async def _probe_every_address(target: Target, settings: NTPSettings, port: int,
     return m
 
 
+# Kiss codes that say a server is not synchronised yet, not that it refuses us.
+_UNSYNCHRONISED_CODES = frozenset({"INIT", "STEP"})
+
+
 def kiss_codes_of_every(m: Measurement, every: list[Measurement],
                         chosen: Measurement | None = None) -> None:
     """A Kiss-o'-Death or a backoff at any address (or group member) is the probe's to
     report, not only that of the ``chosen`` one whose series were copied already (the
-    NTPKissOfDeath alert reads it): each code once, and the longest backoff left."""
+    NTPKissOfDeath alert reads it): each code once, and the longest backoff left. INIT
+    and STEP are not: they say that address or member is unsynchronised, which the
+    probe as a whole is not (NTPServerUnsynchronised reads them)."""
     codes = set() if chosen is None else {labels for labels, _ in chosen.values(common.KISS_CODE)}
     backoffs = []
     for cm in every:
         if cm is not chosen:
             for labels, v in cm.values(common.KISS_CODE):
-                if labels not in codes:
+                if labels not in codes and labels[0] not in _UNSYNCHRONISED_CODES:
                     codes.add(labels)
                     m.add(common.KISS_CODE, v, *labels)
         left = cm.value(common.BACKOFF_REMAINING)

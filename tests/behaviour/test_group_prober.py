@@ -233,11 +233,18 @@ async def test_a_members_kiss_of_death_is_the_groups_and_every_member_backed_off
     assert {labels["code"] for labels in label_sets(m, "probe_ntp_kiss_code_info")} == {
         "RATE", "DENY"}
     # One member backed off in a healthy group: the probe passes, the code still shows.
+    # A member saying INIT (not synchronised yet) is its own affair: NTPServerUnsynchronised
+    # reads INIT and STEP, and would page for the whole group.
+    starting = await servers()
+    starting.behaviour = lambda req: [Send(kod(req, b"INIT"))]
     good = [await servers(offset=0.0) for _ in range(3)]
-    target = resolve_target(config, module, ",".join([deny.target, *(g.target for g in good)]))
+    target = resolve_target(config, module, ",".join(
+        [deny.target, starting.target, *(g.target for g in good)]))
     m, log = await probe(target, module, guard=guard)
     assert m.failure is None, log.text()
     assert label_sets(m, "probe_ntp_kiss_code_info") == [{"code": "DENY"}]
+    assert {"member": starting.target, "reason": "kod_other"} in label_sets(
+        m, "probe_ntp_group_member_failure_info")
 
 
 async def test_a_list_in_another_order_shares_the_burst(servers: Start) -> None:
