@@ -438,10 +438,12 @@ class _Session:
         self.ctx.measurement.fail(Reason.UNREACHABLE)
 
     async def request(self, pump: DatagramPump[Response | ErrorReply], opcode: Opcode,
-                      association: int = 0,
-                      names: Sequence[str] = ()) -> Response | ErrorReply | None:
+                      association: int = 0, names: Sequence[str] = (), *,
+                      required: bool = True) -> Response | ErrorReply | None:
         """Send one request (and one retry): the response, the error reply, or None when
-        there is none (the failure is recorded and logged) or no time was left to ask."""
+        there is none (the failure is recorded and logged) or no time was left to ask.
+        A request not ``required`` (the counters: the verdict does not read them) that
+        gets no usable reply is logged, not a failure."""
         m, log = self.ctx.measurement, self.ctx.log
         loop, pace = asyncio.get_running_loop(), self.pace
         what = f"{opcode.name} assoc {association}"
@@ -497,15 +499,20 @@ class _Session:
             self._unreachable(path_error)
             return None
         if garbled:
-            m.fail(Reason.MODE6_BAD_REPLY)
+            reason = Reason.MODE6_BAD_REPLY
         elif no_time:
             log("no reply, and no time left for a retry")
-            m.fail(Reason.MODE6_TIMEOUT)
+            reason = Reason.MODE6_TIMEOUT
         else:
             # restrict ... noquery drops mode 6 without a word.
             self.stopped = True
             log("server silent (ntpd's restrict noquery or limited?): nothing more sent")
-            m.fail(Reason.MODE6_TIMEOUT)
+            reason = Reason.MODE6_TIMEOUT
+        if required:
+            m.fail(reason)
+        else:
+            log(f"{what}: no usable reply ({reason.value}): left out, no failure (the "
+                "verdict does not read it)")
         return None
 
 
@@ -526,9 +533,10 @@ def _decode_variables(reply: Response, what: str, ctx: ProbeContext) -> dict[str
 async def _read_stats(session: _Session, pump: DatagramPump[Response | ErrorReply],
                       names: Sequence[str], got: _Collected, ctx: ProbeContext) -> None:
     """READVAR of a sysstats/iostats list; on unknownvar (an older or newer ntpd) one
-    variable at a time, as ntpq does, the unknown ones left out. Any other error leaves
-    the list's counters out: the verdict does not read them, so it is no failure."""
-    reply = await session.request(pump, Opcode.READVAR, 0, names)
+    variable at a time, as ntpq does, the unknown ones left out. Any other error, or no
+    usable reply, leaves the list's counters out: the verdict does not read them, so it
+    is no failure."""
+    reply = await session.request(pump, Opcode.READVAR, 0, names, required=False)
     if isinstance(reply, Response):
         got.stats.update(_decode_variables(reply, "READVAR assoc 0", ctx))
         return
@@ -539,7 +547,7 @@ async def _read_stats(session: _Session, pump: DatagramPump[Response | ErrorRepl
         return
     ctx.log("unknown variable in the list: asking one at a time")
     for name in names:
-        one = await session.request(pump, Opcode.READVAR, 0, (name,))
+        one = await session.request(pump, Opcode.READVAR, 0, (name,), required=False)
         if isinstance(one, Response):
             got.stats.update(_decode_variables(one, "READVAR assoc 0", ctx))
         elif isinstance(one, ErrorReply):
