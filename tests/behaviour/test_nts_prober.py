@@ -105,6 +105,7 @@ class FakeNTS:
     withheld: list[bytes] = field(default_factory=list)
     keys: dict[bytes, tuple[bytes, bytes]] = field(default_factory=dict)  # cookie -> keys
     requests: list[bytes] = field(default_factory=list)
+    on_request: Callable[[], None] | None = None  # called as each NTP request arrives
 
 
 def normal_response(ntp_port: int, cookies: list[bytes]) -> bytes:
@@ -171,6 +172,8 @@ class _NTPServer(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         fake = self.fake
         fake.requests.append(data)
+        if fake.on_request is not None:
+            fake.on_request()
         fields: dict[int, bytes] = {}
         off = 48
         while off < len(data):
@@ -560,6 +563,24 @@ async def test_a_kod_another_probe_got_holds_back_the_key_exchange_too(
     m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", mod, guard=guard)
     assert m.failure is Reason.BACKOFF, log.text()
     assert fake.ke_connections == connections
+
+
+async def test_a_kod_another_probe_got_while_a_sample_was_out_ends_the_burst_at_once(
+        fake: FakeNTS, pki: PKI) -> None:
+    # The DENY is recorded as the first request arrives, before its reply: no pause is in
+    # progress for the KoD to end, and the next one (20 s) must not run.
+    mod = module(pki[0], samples=3, timeout=30.0)
+    mod = replace(mod, ntp=replace(mod.ntp, sample_interval=20.0))
+    table = KodTable()
+
+    def deny_recorded_meanwhile() -> None:
+        table.record(LOOPBACK, fake.ntp_port, "DENY", 0, 3600.0, 86400.0)
+
+    fake.on_request = deny_recorded_meanwhile
+    m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", mod, guard=Guard(kod=table))
+    assert m.failure is None and len(fake.requests) == 1, log.text()
+    assert "another probe got a Kiss-o'-Death DENY" in log.text()
+    assert m.duration < 10.0, log.text()  # not the 20 s pause
 
 
 async def test_a_backoff_found_after_the_key_exchange_holds_it_back(fake: FakeNTS,
