@@ -93,7 +93,8 @@ def check_parser() -> argparse.ArgumentParser:
                    f"[env {HOSTNAME_ENV}]")
     p.add_argument("-p", "--port", metavar="PORT", help="the target's port")
     flags.flag(p, "--timeout", None, "-t", type=flags.positive_float, metavar="SECONDS",
-               help="the probe's time budget (default: the module's timeout)")
+               help="the whole run's time budget, start-up included, as check_ntp_time's "
+               "alarm (default: the module's timeout)")
     p.add_argument("-o", "--time-offset", type=_seconds, default=0.0,
                    metavar="SECONDS", help="check_ntp_time's: added to the offset before -w "
                    "and -c judge it (a server known to be 1 s behind: -o 1)")

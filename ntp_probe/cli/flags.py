@@ -63,6 +63,8 @@ def _spells(arg: str, spellings: tuple[str, ...]) -> bool:
     """Whether the command-line word ``arg`` gives the flag of ``spellings`` as argparse
     reads it: ``--flag``, ``--flag=V``, ``-wV`` or an abbreviation such as ``--warn``."""
     name = arg.split("=", 1)[0]
+    if name.startswith("--no-"):  # kingpin's negation gives the flag too
+        name = "--" + name[5:]
     for spelling in spellings:
         if spelling.startswith("--"):
             if name == spelling or (name.startswith("--") and len(name) > 2

@@ -893,8 +893,8 @@ def _conclude(got: Collected, settings: ChronySettings, ctx: ProbeContext,
         elif got.unreadable:
             # The sources not read may be the candidates: chronyd's replies, not their
             # states, are what is wrong.
-            log(f"{got.unreadable} sources could not be read: chrony_bad_reply, not "
-                "too_few_sources")
+            log(f"{got.unreadable} source{'s' if got.unreadable != 1 else ''} could not be "
+                "read: chrony_bad_reply, not too_few_sources")
             m.fail(Reason.CHRONY_BAD_REPLY)
         else:
             # The sources not read may be the candidates: the deadline, not chronyd, is short.

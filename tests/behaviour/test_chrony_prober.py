@@ -545,7 +545,7 @@ async def test_an_unreadable_source_leaves_the_counts_out(fake: FakeCommandPort,
     # Too few candidates read: chronyd's reply is what is wrong, not its sources.
     m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module(min_candidates=2))
     assert m.failure == "chrony_bad_reply", log.text()
-    assert "1 sources could not be read" in log.text()
+    assert "1 source could not be read" in log.text()
 
 
 async def test_a_source_gone_since_n_sources_keeps_the_counts_whole(

@@ -170,6 +170,9 @@ def test_the_exporter_refuses_abbreviated_flags(argv: list[str],
 
 
 def test_kingpins_negated_boolean_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A flag on the command line wins over its variable, also an invalid one.
+    monkeypatch.setenv("NTP_PROBE_CONFIG_CHECK", "bogus")
+    assert serve_parser().parse_args(["--no-config.check"]).config_check is False
     monkeypatch.setenv("NTP_PROBE_CONFIG_CHECK", "true")
     assert serve_parser().parse_args([]).config_check is True
     args = serve_parser().parse_args(["--no-config.check", "--no-web.systemd-socket"])
