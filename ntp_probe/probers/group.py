@@ -15,14 +15,15 @@ and the midpoint of the intersection measures it.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from ntp_probe.config.schema import MAX_GROUP_MEMBERS, Config, Module
+from ntp_probe.config.schema import MAX_GROUP_MEMBERS, Config, Module, NTPSettings
 from ntp_probe.engine.context import Log, PrefixedLog, ProbeContext
 from ntp_probe.engine.result import Measurement, Perf, Reason
 from ntp_probe.engine.targets import Target, TargetError, parse_target
 from ntp_probe.exposition.families import Family
+from ntp_probe.net.resolve import Resolved
 from ntp_probe.probers import ntp
 from ntp_probe.proto.ntp.select import Candidate, Selection, intersect
 
@@ -216,6 +217,8 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
     servers: list[tuple[str, int] | None] = [None] * len(members)
     measured_by: dict[tuple[str, int], int] = {}
 
+    shared: set[int] = set()  # members measured by another group probe's burst
+
     async def one(i: int) -> None:
         found = await ntp.prepare(members[i], module, children[i])
         if found is None:
@@ -223,14 +226,18 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
         servers[i] = server = (found[0].address, found[1])
         if server not in measured_by:
             measured_by[server] = i
-            await ntp.burst(found, module, children[i])
+            measured = await _member_burst(found, module, children[i])
+            if measured is not None:
+                children[i] = replace(children[i], measurement=measured)
+                shared.add(i)
 
     await asyncio.gather(*(one(i) for i in range(len(members))))
     results: list[tuple[str, str, Measurement, float | None, float | None]] = []
     candidates: list[Candidate] = []
     for i, (member, child) in enumerate(zip(members, children, strict=True)):
         name = str(member)
-        m.packets_sent += child.measurement.packets_sent
+        if i not in shared:  # another probe's burst: its packets are counted there
+            m.packets_sent += child.measurement.packets_sent
         server = servers[i]
         twin = measured_by[server] if server is not None else i
         owner, cm = str(members[twin]), children[twin].measurement
@@ -285,6 +292,64 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
     m.reports.append(GroupReport(str(target), tuple(summary), selection.low, selection.high,
                                  len(selection.truechimers), len(selection.falsetickers)))
     return m
+
+
+@dataclass(slots=True)
+class _MemberFlight:
+    """A member's burst in flight for one group probe, which others may share."""
+
+    started: float
+    deadline: float
+    guard: object
+    done: asyncio.Future[Measurement]
+
+
+# Member bursts in flight, by (the module's NTP settings, address, port): concurrent group
+# probes whose lists name the same server share its burst, as identical probes share one,
+# so lists that differ in their other members cannot multiply the packets a server gets.
+_member_flights: dict[tuple[NTPSettings, str, int], list[_MemberFlight]] = {}
+
+
+async def _member_burst(found: tuple[Resolved, int], module: Module,
+                        ctx: ProbeContext) -> Measurement | None:
+    """Measure a member: share a burst another group probe has in flight to the same
+    server with the same settings, when it ends within this probe's deadline (its
+    measurement is returned), else run one (None: ``ctx.measurement`` has it)."""
+    key = (module.ntp, found[0].address, found[1])
+    flights = _member_flights.get(key, [])
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    # Over within our deadline, with at least half our budget (not a burst a short
+    # scrape-timeout header cut down), and under the same policy and KoD memory.
+    usable = [f for f in flights if f.deadline <= ctx.deadline and f.guard is ctx.guard
+              and f.deadline - f.started >= (ctx.deadline - now) / 2]
+    if usable:
+        flight = max(usable, key=lambda f: f.deadline)  # the longest burst that fits
+        try:
+            measured = await asyncio.shield(flight.done)
+        except asyncio.CancelledError:
+            if not flight.done.cancelled():
+                raise  # this probe was cancelled
+            # Its own probe was cancelled (a client hung up): measure it ourselves.
+        else:
+            ctx.log(f"measured by a burst another group probe has in flight to "
+                    f"{found[0].address} port {found[1]}: no extra packet was sent")
+            return measured
+    flight = _MemberFlight(now, ctx.deadline, ctx.guard, loop.create_future())
+    _member_flights.setdefault(key, []).append(flight)  # the list as it is now
+    try:
+        await ntp.burst(found, module, ctx)
+    except BaseException:
+        flight.done.cancel()
+        raise
+    else:
+        flight.done.set_result(ctx.measurement)
+    finally:
+        flights = _member_flights[key]
+        flights.remove(flight)
+        if not flights:
+            del _member_flights[key]
+    return None
 
 
 def _conclude(m: Measurement, selection: Selection, max_falsetickers: int,

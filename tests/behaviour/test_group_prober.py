@@ -29,7 +29,7 @@ from ntp_probe.safety.guard import Guard
 from ntp_probe.safety.kod import KodTable
 from ntp_probe.safety.policy import TargetPolicy, parse_rules
 from ntp_probe.web.app import State, create_app
-from tests.behaviour.fake_server import FakeNTPServer, Send, answer, kod
+from tests.behaviour.fake_server import FakeNTPServer, Send, answer, kod, reply
 from tests.conftest import Hosts, free_udp_port, label_sets, probe, value
 from tests.unit.test_leapfile import REAL_ENTRIES, build, utc
 from tests.unit.test_leapfile import ntp as ntp_seconds
@@ -264,6 +264,52 @@ async def test_a_list_in_another_order_shares_the_burst(servers: Start) -> None:
     # be allowed; they all start together, so one serves them).
     assert [len(s.requests) for s in members] == [2, 2, 2]
     assert sum(o.shared for o in outcomes) == 8
+
+
+async def test_lists_sharing_a_member_share_its_burst(servers: Start) -> None:
+    # Ten lists that differ in their other member, probed at once: the shared member gets
+    # one burst, not ten (the other members vary, so each list is a target of its own).
+    shared, *others = [await servers(offset=0.0) for _ in range(11)]
+    module = group_module()
+    config = Config(modules={"g": module}, source="test")
+    coordinator = Coordinator()
+    targets = [resolve_target(config, module, f"{shared.target},{other.target}")
+               for other in others]
+    outcomes = await asyncio.gather(*(coordinator.probe(config, module, t, 2.0)
+                                      for t in targets))
+    assert all(o.result.success for o in outcomes), [o.log.text() for o in outcomes]
+    assert len(shared.requests) == 2  # one burst of two samples
+    assert all(len(o.requests) == 2 for o in others)
+    # Each packet is counted once, by the probe that sent it.
+    assert sum(o.result.packets_sent for o in outcomes) == 2 + 2 * len(others)
+    assert sum("measured by a burst another group probe has in flight" in o.log.text()
+               for o in outcomes) == len(others) - 1
+    assert not group._member_flights  # nothing left behind
+
+
+async def test_a_shared_member_burst_whose_probe_is_cancelled_is_measured_again(
+        servers: Start) -> None:
+    # The first list's client hangs up while the second waits on its burst to the shared
+    # member: the second measures the member itself rather than lose it.
+    shared, one, two = [await servers(offset=0.0) for _ in range(3)]
+    shared.behaviour = lambda req: [Send(reply(req), delay=0.2)]
+    module = group_module()
+    config = Config(modules={"g": module}, source="test")
+    guard = guard_for(config, module)
+    first = asyncio.create_task(run_probe(
+        resolve_target(config, module, f"{shared.target},{one.target}"), module, 2.0,
+        guard=guard))
+    await shared.wait_for_requests(1)
+    second = asyncio.create_task(run_probe(
+        resolve_target(config, module, f"{shared.target},{two.target}"), module, 2.0,
+        guard=guard))
+    await two.wait_for_requests(1)  # the second probe is under way, waiting on the first
+    first.cancel()
+    m, log = await second
+    assert m.success, log.text()
+    assert states(m)[shared.target] == "truechimer"
+    assert len(shared.requests) >= 2  # measured again by the second probe's own burst
+    assert not group._member_flights
 
 
 def test_a_group_is_bounded_and_names_known_groups() -> None:
