@@ -28,6 +28,19 @@ def basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": f"Basic {token}"}
 
 
+def count_bcrypt_checks(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The passwords bcrypt checks from now on, in order."""
+    checks: list[bytes] = []
+    real = bcrypt.checkpw
+
+    def counted(password: bytes, hashed_password: bytes) -> bool:
+        checks.append(password)
+        return real(password, hashed_password)
+
+    monkeypatch.setattr(bcrypt, "checkpw", counted)
+    return checks
+
+
 def web_config_file(tmp_path: Path, hashed: str) -> Path:
     path = tmp_path / "web.yml"
     path.write_text(f"basic_auth_users:\n  {USER}: '{hashed}'\n")
@@ -119,14 +132,7 @@ async def test_a_wrong_password_costs_one_bcrypt_however_often_it_comes(
     # password rotated away costs one check, not one per scrape.
     hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
     config = load_web_config(str(web_config_file(tmp_path, hashed)))
-    checks: list[bytes] = []
-    real = bcrypt.checkpw
-
-    def counted(password: bytes, hashed_password: bytes) -> bool:
-        checks.append(password)
-        return real(password, hashed_password)
-
-    monkeypatch.setattr(bcrypt, "checkpw", counted)
+    checks = count_bcrypt_checks(monkeypatch)
     for _ in range(5):
         assert not await config.authorized(basic(USER, "stale")["Authorization"])
         assert not await config.authorized(basic("mallory", "stale")["Authorization"])
@@ -166,13 +172,6 @@ async def test_a_flood_of_wrong_passwords_cannot_push_a_good_login_out(
     assert await config.authorized(good)
     for i in range(1100):
         assert not await config.authorized(basic(USER, f"wrong{i}")["Authorization"])
-    checks: list[bytes] = []
-    real = bcrypt.checkpw
-
-    def counted(password: bytes, hashed_password: bytes) -> bool:
-        checks.append(password)
-        return real(password, hashed_password)
-
-    monkeypatch.setattr(bcrypt, "checkpw", counted)
+    checks = count_bcrypt_checks(monkeypatch)
     assert await config.authorized(good)
     assert checks == []
