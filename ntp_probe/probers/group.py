@@ -217,8 +217,6 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
     servers: list[tuple[str, int] | None] = [None] * len(members)
     measured_by: dict[tuple[str, int], int] = {}
 
-    shared: set[int] = set()  # members measured by another group probe's burst
-
     async def one(i: int) -> None:
         found = await ntp.prepare(members[i], module, children[i])
         if found is None:
@@ -226,18 +224,21 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
         servers[i] = server = (found[0].address, found[1])
         if server not in measured_by:
             measured_by[server] = i
-            measured = await _member_burst(found, module, children[i])
+            measured = None
+            try:
+                measured = await _member_burst(found, module, children[i])
+            finally:
+                # Counted as each burst ends, also one a hang-up cut off: the packets went.
+                if measured is None:
+                    m.packets_sent += children[i].measurement.packets_sent
             if measured is not None:
                 children[i] = replace(children[i], measurement=measured)
-                shared.add(i)
 
     await asyncio.gather(*(one(i) for i in range(len(members))))
     results: list[tuple[str, str, Measurement, float | None, float | None]] = []
     candidates: list[Candidate] = []
-    for i, (member, child) in enumerate(zip(members, children, strict=True)):
+    for i, member in enumerate(members):
         name = str(member)
-        if i not in shared:  # another probe's burst: its packets are counted there
-            m.packets_sent += child.measurement.packets_sent
         server = servers[i]
         twin = measured_by[server] if server is not None else i
         owner, cm = str(members[twin]), children[twin].measurement
@@ -316,25 +317,29 @@ async def _member_burst(found: tuple[Resolved, int], module: Module,
     server with the same settings, when it ends within this probe's deadline (its
     measurement is returned), else run one (None: ``ctx.measurement`` has it)."""
     key = (module.ntp, found[0].address, found[1])
-    flights = _member_flights.get(key, [])
     loop = asyncio.get_running_loop()
-    now = loop.time()
-    # Over within our deadline, with at least half our budget (not a burst a short
-    # scrape-timeout header cut down), and under the same policy and KoD memory.
-    usable = [f for f in flights if f.deadline <= ctx.deadline and f.guard is ctx.guard
-              and f.deadline - f.started >= (ctx.deadline - now) / 2]
-    if usable:
+    while True:
+        now = loop.time()
+        # Over within our deadline, with at least half our budget (not a burst a short
+        # scrape-timeout header cut down), and under the same policy and KoD memory.
+        usable = [f for f in _member_flights.get(key, ())
+                  if f.deadline <= ctx.deadline and f.guard is ctx.guard
+                  and f.deadline - f.started >= (ctx.deadline - now) / 2]
+        if not usable:
+            break
         flight = max(usable, key=lambda f: f.deadline)  # the longest burst that fits
         try:
             measured = await asyncio.shield(flight.done)
         except asyncio.CancelledError:
-            if not flight.done.cancelled():
-                raise  # this probe was cancelled
-            # Its own probe was cancelled (a client hung up): measure it ourselves.
-        else:
-            ctx.log(f"measured by a burst another group probe has in flight to "
-                    f"{found[0].address} port {found[1]}: no extra packet was sent")
-            return measured
+            task = asyncio.current_task()
+            if not flight.done.cancelled() or (task is not None and task.cancelling()):
+                raise  # this probe was cancelled (also when that burst's was, at once)
+            # That burst's probe was cancelled (its client hung up): look again, another
+            # waiting probe may have started one; else measure the member ourselves.
+            continue
+        ctx.log(f"measured by a burst another group probe has in flight to "
+                f"{found[0].address} port {found[1]}: no extra packet was sent")
+        return measured
     flight = _MemberFlight(now, ctx.deadline, ctx.guard, loop.create_future())
     _member_flights.setdefault(key, []).append(flight)  # the list as it is now
     try:

@@ -16,7 +16,7 @@ from pytest_aiohttp import AiohttpClient
 
 from ntp_probe.config.load import load_config, parse_config
 from ntp_probe.config.schema import Config, Module, NTPGroupSettings, NTPSettings
-from ntp_probe.engine.context import ProbeContext
+from ntp_probe.engine.context import ProbeContext, ProbeLog
 from ntp_probe.engine.coordinator import Coordinator
 from ntp_probe.engine.registry import resolve_target
 from ntp_probe.engine.result import Measurement, Reason
@@ -30,6 +30,7 @@ from ntp_probe.safety.kod import KodTable
 from ntp_probe.safety.policy import TargetPolicy, parse_rules
 from ntp_probe.web.app import State, create_app
 from tests.behaviour.fake_server import FakeNTPServer, Send, answer, kod, reply
+from tests.behaviour.test_operate_web import poll
 from tests.conftest import Hosts, free_udp_port, label_sets, probe, value
 from tests.unit.test_leapfile import REAL_ENTRIES, build, utc
 from tests.unit.test_leapfile import ntp as ntp_seconds
@@ -287,29 +288,75 @@ async def test_lists_sharing_a_member_share_its_burst(servers: Start) -> None:
     assert not group._member_flights  # nothing left behind
 
 
-async def test_a_shared_member_burst_whose_probe_is_cancelled_is_measured_again(
+async def test_a_shared_member_burst_whose_probe_is_cancelled_is_measured_once_again(
         servers: Start) -> None:
-    # The first list's client hangs up while the second waits on its burst to the shared
-    # member: the second measures the member itself rather than lose it.
+    # The first list's client hangs up while three others wait on its burst to the shared
+    # member: one of them measures the member again, and the other two share that burst.
+    shared, first_other, *others = [await servers(offset=0.0) for _ in range(5)]
+    shared.behaviour = lambda req: [Send(reply(req), delay=0.2)]
+    module = group_module()
+    config = Config(modules={"g": module}, source="test")
+    guard = guard_for(config, module)
+
+    def start(other: FakeNTPServer) -> asyncio.Task[tuple[Measurement, ProbeLog]]:
+        target = resolve_target(config, module, f"{shared.target},{other.target}")
+        return asyncio.create_task(run_probe(target, module, 2.0, guard=guard))
+
+    first = start(first_other)
+    await shared.wait_for_requests(1)
+    followers = [start(other) for other in others]
+    for other in others:
+        await other.wait_for_requests(1)  # each follower is under way, waiting on the first
+    first.cancel()
+    results = await asyncio.gather(*followers)
+    assert all(m.success for m, _ in results), [log.text() for _, log in results]
+    assert all(states(m)[shared.target] == "truechimer" for m, _ in results)
+    # The first burst's one request, then one burst of two samples for the three.
+    assert len(shared.requests) == 3
+    assert not group._member_flights
+
+
+async def test_a_burst_and_its_sharer_cancelled_at_once_send_nothing_more(
+        servers: Start) -> None:
+    # Both clients hang up in the same turn of the loop: the sharer must not take the
+    # shared burst's end for its cue to measure the member itself, for nobody.
     shared, one, two = [await servers(offset=0.0) for _ in range(3)]
     shared.behaviour = lambda req: [Send(reply(req), delay=0.2)]
     module = group_module()
     config = Config(modules={"g": module}, source="test")
     guard = guard_for(config, module)
-    first = asyncio.create_task(run_probe(
-        resolve_target(config, module, f"{shared.target},{one.target}"), module, 2.0,
-        guard=guard))
+    tasks = [asyncio.create_task(run_probe(
+        resolve_target(config, module, f"{shared.target},{other.target}"), module, 2.0,
+        guard=guard)) for other in (one, two)]
     await shared.wait_for_requests(1)
-    second = asyncio.create_task(run_probe(
-        resolve_target(config, module, f"{shared.target},{two.target}"), module, 2.0,
-        guard=guard))
-    await two.wait_for_requests(1)  # the second probe is under way, waiting on the first
-    first.cancel()
-    m, log = await second
-    assert m.success, log.text()
-    assert states(m)[shared.target] == "truechimer"
-    assert len(shared.requests) >= 2  # measured again by the second probe's own burst
+    await two.wait_for_requests(1)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await shared.drain()
+    assert len(shared.requests) == 1
     assert not group._member_flights
+    leftover = [t for t in asyncio.all_tasks() if "_member_burst" in repr(t.get_coro())
+                or "probe.<locals>.one" in repr(t.get_coro())]
+    assert leftover == []
+
+
+async def test_a_cancelled_group_probe_counts_the_packets_it_sent(servers: Start) -> None:
+    # Its client hung up mid-burst: the packets went out, and /metrics counts them.
+    slow, quick = await servers(offset=0.0), await servers(offset=0.0)
+    slow.behaviour = lambda req: [Send(reply(req), delay=0.5)]
+    module = group_module()
+    config = Config(modules={"g": module}, source="test")
+    coordinator = Coordinator()
+    counted: list[int] = []
+    coordinator.on_cancelled = lambda m: counted.append(m.packets_sent)
+    target = resolve_target(config, module, f"{slow.target},{quick.target}")
+    request = asyncio.create_task(coordinator.probe(config, module, target, 2.0))
+    await slow.wait_for_requests(1)
+    await quick.wait_for_requests(2)
+    request.cancel()
+    await poll(lambda: bool(counted), "the cancelled burst counted")
+    assert counted[0] >= 3  # the quick member's two, and the slow member's first
 
 
 def test_a_group_is_bounded_and_names_known_groups() -> None:
