@@ -75,11 +75,11 @@ def _bcrypt() -> ModuleType:
 # bcrypt reads at most 72 bytes of a password; longer ones are refused (bcrypt 5 raises, and
 # Go's bcrypt, which exporter-toolkit uses, refuses them too).
 MAX_PASSWORD_BYTES = 72
-# Password checks wait their turn, as exporter-toolkit's do, unless the queue is so long
-# that the answer would come later than this: then 429 at once, so a flood of wrong
-# passwords cannot delay checks without bound. Checks for configured user names and for
-# unknown (made-up) ones have their own threads: a flood of made-up names delays no user's
-# login. The queue's length allowed follows the measured time of one check.
+# Password checks wait their turn, as exporter-toolkit's do, unless the work queued ahead
+# (each check at the measured time of its hash's bcrypt cost) would make the answer come
+# later than this: then 429 at once, so a flood of wrong passwords cannot delay checks
+# without bound. Checks for configured user names and for unknown (made-up) ones have their
+# own threads: a flood of made-up names delays no user's login.
 MAX_CHECK_WAIT = 5.0
 MIN_PENDING_CHECKS = 8  # allowed whatever a check costs
 _THREADS = {True: 2, False: 1}  # for configured user names, for unknown ones
@@ -187,7 +187,10 @@ class WebConfig:
     _dummy: bytes = b""
     _pending: dict[bool, int] = field(default_factory=dict)  # per lane: a configured name?
     _executors: dict[bool, ThreadPoolExecutor] = field(default_factory=dict)
-    check_seconds: float = 0.05  # one check's time, as last measured (at load, then each)
+    # One check's time by bcrypt cost, as last measured (the highest cost at load, then
+    # every check), and the work queued in each lane, in seconds of it.
+    cost_seconds: dict[int, float] = field(default_factory=dict)
+    _queued: dict[bool, float] = field(default_factory=dict)
 
     async def authorized(self, header: str | None) -> bool:
         """Check an Authorization header against basic_auth_users (True when none are set)."""
@@ -220,35 +223,44 @@ class WebConfig:
         if len(secret) > MAX_PASSWORD_BYTES:
             return False
         lane = stored is not None
-        pending = self._pending.get(lane, 0)
-        if pending >= self.queue_limit(lane):
+        hashed = stored or self._dummy
+        cost = _cost(hashed)
+        estimate = self.estimate(cost)
+        pending, queued = self._pending.get(lane, 0), self._queued.get(lane, 0.0)
+        if pending >= MIN_PENDING_CHECKS and (queued + estimate) / _THREADS[lane] > MAX_CHECK_WAIT:
             raise TooBusy
         executor = self._executors.get(lane)
         if executor is None:
             executor = self._executors[lane] = ThreadPoolExecutor(
                 _THREADS[lane], thread_name_prefix="ntp_probe-auth")
-        self._pending[lane] = pending + 1
+        self._pending[lane], self._queued[lane] = pending + 1, queued + estimate
         try:
             ok = await asyncio.get_running_loop().run_in_executor(
-                executor, self._timed_check, secret, stored or self._dummy)
+                executor, self._timed_check, secret, hashed, cost)
         finally:
             self._pending[lane] -= 1
+            self._queued[lane] = max(self._queued[lane] - estimate, 0.0)
         if ok and stored is not None:
             self._verified[key] = True
             return True
         self._refused[key] = False
         return False
 
-    def queue_limit(self, known: bool) -> int:
-        """Checks that may wait in a lane: as many as its threads get through within
-        MAX_CHECK_WAIT at the measured pace."""
-        per_second = _THREADS[known] / max(self.check_seconds, 1e-4)
-        return max(MIN_PENDING_CHECKS, int(MAX_CHECK_WAIT * per_second))
+    def estimate(self, cost: int) -> float:
+        """Seconds one check of a hash of bcrypt ``cost`` takes here: as measured for that
+        cost, else from another cost's measurement (each step doubles the work)."""
+        known = self.cost_seconds.get(cost)
+        if known is not None:
+            return known
+        if self.cost_seconds:
+            other, seconds = max(self.cost_seconds.items())
+            return seconds * 2.0 ** (cost - other)
+        return 0.05 * 2.0 ** (cost - 10)  # about this machine's, until one is measured
 
-    def _timed_check(self, secret: bytes, hashed: bytes) -> bool:
+    def _timed_check(self, secret: bytes, hashed: bytes, cost: int) -> bool:
         started = time.perf_counter()
         ok: bool = _bcrypt().checkpw(secret, hashed)
-        self.check_seconds = time.perf_counter() - started
+        self.cost_seconds[cost] = time.perf_counter() - started
         return ok
 
     def middleware(self) -> Callable[..., Awaitable[web.StreamResponse]] | None:
@@ -296,7 +308,7 @@ class WebConfig:
         nothing in), as exporter-toolkit reads them for each request."""
         if new.users != self.users:
             self.users, self._dummy = new.users, new._dummy
-            self.check_seconds = new.check_seconds
+            self.cost_seconds = new.cost_seconds
             self._verified.clear()  # a removed user or a changed password logs in no more
             self._refused.clear()  # and a user added since is not refused from memory
         self.headers = new.headers
@@ -462,11 +474,11 @@ def load_web_config(path: str | None) -> WebConfig:
         headers[canonical] = value
     tls = _tls(_mapping(top.get("tls_server_config"), "tls_server_config"), file.parent)
     dummy = b""
-    check_seconds = 0.05
+    cost_seconds: dict[int, float] = {}
     if users:
         cost = max(_cost(h) for h in users.values())
         started = time.perf_counter()  # a hash costs what a check costs: the first estimate
         dummy = _bcrypt().hashpw(b"ntp_probe-dummy", _bcrypt().gensalt(rounds=cost))
-        check_seconds = time.perf_counter() - started
+        cost_seconds[cost] = time.perf_counter() - started
     return WebConfig(ssl_context=None if tls is None else tls.context, users=users,
-                     headers=headers, _tls_files=tls, _dummy=dummy, check_seconds=check_seconds)
+                     headers=headers, _tls_files=tls, _dummy=dummy, cost_seconds=cost_seconds)

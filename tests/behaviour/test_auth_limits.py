@@ -98,14 +98,20 @@ async def test_a_flood_of_wrong_passwords_is_turned_away_at_once(
     assert (await client.get("/metrics", headers=basic(USER, PASSWORD))).status == 200
 
 
-def test_the_queue_allowed_follows_what_a_check_costs(tmp_path: Path) -> None:
-    config = load_web_config(str(web_config_file(
-        tmp_path, bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode())))
-    config.check_seconds = 0.08  # bcrypt cost 10 on this machine
-    assert config.queue_limit(True) == int(auth.MAX_CHECK_WAIT * 2 / 0.08)
-    assert config.queue_limit(False) == int(auth.MAX_CHECK_WAIT * 1 / 0.08)
-    config.check_seconds = 10.0  # however slow, a few may wait
-    assert config.queue_limit(True) == auth.MIN_PENDING_CHECKS
+async def test_a_cheap_users_check_does_not_shorten_an_expensive_ones_estimate(
+        tmp_path: Path) -> None:
+    # Each hash's check is estimated at its own bcrypt cost: one quick login of a cost-4
+    # user must not make the queue for a cost-12 user look 250 times shorter than it is.
+    cheap = bcrypt.hashpw(b"a", bcrypt.gensalt(rounds=4)).decode()
+    dear = bcrypt.hashpw(b"b", bcrypt.gensalt(rounds=12)).decode()
+    path = tmp_path / "web.yml"
+    path.write_text(f"basic_auth_users:\n  a: '{cheap}'\n  b: '{dear}'\n")
+    config = load_web_config(str(path))
+    assert set(config.cost_seconds) == {12}  # measured at load, the highest cost
+    assert not await config.authorized(basic("a", "wrong")["Authorization"])
+    assert set(config.cost_seconds) == {4, 12}
+    assert config.estimate(12) > 50 * config.estimate(4)
+    assert config.estimate(10) == pytest.approx(config.estimate(12) / 4)
 
 
 async def test_a_password_check_that_ends_after_a_rotation_vouches_for_nothing(
