@@ -305,6 +305,11 @@ class Address:
             # A source address is one of this host's own: a group or broadcast address
             # could never be bound as one.
             raise ConfigError(f"{key}: {address} is not a unicast address")
+        if isinstance(address, ipaddress.IPv6Address) and address.is_link_local and \
+                not address.scope_id:
+            # The kernel binds a link-local address only on its link: name it.
+            raise ConfigError(f"{key}: the link-local {address} needs its interface, as in "
+                              f"{address}%eth0")
         return str(address)
 
     def dump(self, value: Any) -> object:

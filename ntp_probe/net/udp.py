@@ -224,7 +224,10 @@ class DatagramPump(Generic[T]):
                     bound = True
             else:
                 if self.source:
-                    sock.bind((self.source, 0))
+                    # Through getaddrinfo: a link-local source's zone (fe80::1%eth0) becomes
+                    # the scope id the kernel needs; the 2-tuple form would drop it.
+                    sock.bind(socket.getaddrinfo(self.source, 0, self._family, socket.SOCK_DGRAM,
+                                                 0, socket.AI_NUMERICHOST)[0][4])
                 # Not connect()ed: a reply from another address or port (a multi-homed
                 # server answering from its other address, a spoofer) must reach us to be
                 # logged as discarded. IP_RECVERR still reports ICMP errors on an

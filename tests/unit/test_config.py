@@ -590,6 +590,15 @@ def test_a_source_address_is_not_ipv4_written_as_ipv6(address: str) -> None:
         parse(f"modules:\n  m:\n    ntp:\n      source_ip_address: '{address}'\n")
 
 
+def test_a_link_local_source_address_needs_its_interface() -> None:
+    # The kernel binds fe80::1 only on a link: without the zone every probe failed
+    # local_error ("Invalid argument").
+    with pytest.raises(ConfigError, match="needs its interface"):
+        parse("modules:\n  m:\n    ntp:\n      source_ip_address: 'fe80::1'\n")
+    config = parse("modules:\n  m:\n    ntp:\n      source_ip_address: 'fe80::1%lo'\n")
+    assert config.modules["m"].ntp.source_ip_address == "fe80::1%lo"
+
+
 def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     fifo = tmp_path / "modules.yaml"
     os.mkfifo(fifo)
