@@ -35,6 +35,10 @@ _CACHE_TTL = 60.0
 # Failures are kept briefly: long enough to stop a storm of lookups of a dead name, short
 # enough that a fixed record is seen at the next scrape or two.
 _NEGATIVE_TTL = 5.0
+# How long the preferred family's answer is waited for before the other family is asked
+# too (RFC 8305's resolution delay is 50 ms for the other order; a recursive lookup with
+# nothing cached often takes longer than that).
+OTHER_FAMILY_AFTER = 0.25
 # Threads for lookups: each stuck lookup of a distinct name and family holds one (a name
 # is asked for in two lookups, one per family, at the same time).
 MAX_LOOKUP_THREADS = 16
@@ -370,12 +374,19 @@ async def resolve(host: str, preferred: str = "ip6", fallback: bool = True,
         return resolved
     resolver = resolver or default_resolver()
     family, other = _families(FAMILIES[preferred])
-    # Without fallback only the preferred family is asked for, as blackbox asks; with it
-    # both at once, and an answer of the preferred family is taken without waiting for
-    # the other's (which may never come).
-    lookups = {f: asyncio.ensure_future(_of_family(resolver, host, f))
-               for f in ((family, other) if fallback else (family,))}
+    # Without fallback only the preferred family is asked for, as blackbox asks. With it,
+    # the other family too, unless the preferred one answers with an address first (from
+    # the cache at once, else within OTHER_FAMILY_AFTER): a name whose other family's
+    # query is lost then costs no resolver thread held for the C library's timeout. A
+    # preferred query that is slow or lost does not hide the other family's answer.
+    lookups = {family: asyncio.ensure_future(_of_family(resolver, host, family))}
     try:
+        if fallback:
+            first = lookups[family]
+            await asyncio.wait((first,), timeout=OTHER_FAMILY_AFTER)
+            if not (first.done() and first.exception() is None
+                    and any(r.family == family for r in first.result())):
+                lookups[other] = asyncio.ensure_future(_of_family(resolver, host, other))
         reasons, addresses = [], []
         for fam in lookups:
             try:

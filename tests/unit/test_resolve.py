@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from ntp_probe.net.resolve import HostsFile, ResolveError, Resolver, literal, resolve, resolve_all
+from ntp_probe.net.resolve import (
+    OTHER_FAMILY_AFTER,
+    HostsFile,
+    ResolveError,
+    Resolver,
+    literal,
+    resolve,
+    resolve_all,
+)
 
 
 class Lookups:
@@ -113,6 +121,32 @@ async def test_an_unanswered_family_does_not_hide_the_other_familys_answer() -> 
         assert [r.address for r in await resolve_all("v6.test", resolver)] == ["2001:db8::8"]
     finally:
         released.set()
+
+
+async def test_a_preferred_answer_in_time_asks_nothing_of_the_other_family() -> None:
+    # A resolver that drops AAAA queries held a thread for the C library's 10 s per
+    # probe of such a name even when the A answer was cached: 16 such names starved every
+    # other lookup. The other family is asked only when the preferred one has not
+    # answered with an address within OTHER_FAMILY_AFTER.
+    lookups = Lookups({("v4.test", socket.AF_INET): "192.0.2.4"})
+    resolver = Resolver(getaddrinfo=lookups)
+    for _ in range(2):  # from DNS, then from the cache
+        got = await resolve("v4.test", "ip4", True, resolver)
+        assert got.address == "192.0.2.4"
+    assert lookups.calls == [("v4.test", socket.AF_INET)]
+    # A preferred family that is slow (here: not answered within the delay) gets the other
+    # asked too, and its answer is still taken when it comes first.
+    lookups.table[("slow.test", socket.AF_INET)] = "192.0.2.9"
+    lookups.table[("slow.test", socket.AF_INET6)] = "2001:db8::9"
+    lookups.release.clear()
+    asking = asyncio.create_task(resolve("slow.test", "ip4", True, resolver))
+    # Past the delay both are asked (a poll with a deadline).
+    deadline = asyncio.get_running_loop().time() + OTHER_FAMILY_AFTER + 2.0
+    while ("slow.test", socket.AF_INET6) not in lookups.calls:
+        assert asyncio.get_running_loop().time() < deadline, lookups.calls
+        await asyncio.sleep(0.01)
+    lookups.release.set()
+    assert (await asking).address == "192.0.2.9"
 
 
 async def test_a_giving_up_caller_does_not_cancel_the_shared_lookup() -> None:
