@@ -39,6 +39,9 @@ _NEGATIVE_TTL = 5.0
 # too (RFC 8305's resolution delay is 50 ms for the other order; a recursive lookup with
 # nothing cached often takes longer than that).
 OTHER_FAMILY_AFTER = 0.25
+# With every address asked for: how much longer the other family's answer is waited for
+# once one family has answered (a lost query must not cost the answered addresses).
+OTHER_FAMILY_GRACE = 1.0
 # Threads for lookups: each stuck lookup of a distinct name and family holds one (a name
 # is asked for in two lookups, one per family, at the same time).
 MAX_LOOKUP_THREADS = 16
@@ -298,29 +301,51 @@ def _families(first: int) -> tuple[int, int]:
 
 
 async def resolve_all(host: str, resolver: Resolver | None = None,
-                      family: int | None = None) -> list[Resolved]:
+                      family: int | None = None,
+                      log: Callable[[str], None] | None = None) -> list[Resolved]:
     """Every address of ``host``: of ``family`` only when given, else of both, IPv6 first,
     each family asked in its own query at the same time (as Go's resolver asks): an answer
     for one family is kept when the other's query goes unanswered (getaddrinfo asked for
-    both at once fails as a whole then). An IP literal is its only address."""
+    both at once fails as a whole then), which is waited for OTHER_FAMILY_GRACE more at
+    most once one family has answered. A family left out is said to ``log``. An IP
+    literal is its only address."""
     resolved = literal(host)
     if resolved is not None:
         return [resolved]
     resolver = resolver or default_resolver()
     families = (family,) if family is not None else _families(socket.AF_INET6)
-    answers = await asyncio.gather(*(_of_family(resolver, host, f) for f in families),
-                                   return_exceptions=True)
-    out: list[Resolved] = []
-    reasons = []
-    for fam, answer in zip(families, answers, strict=True):
-        if isinstance(answer, ResolveError):
-            reasons.append(f"{'ip6' if fam == socket.AF_INET6 else 'ip4'}: {answer}")
-        elif isinstance(answer, BaseException):
-            raise answer
-        else:
-            out += [r for r in answer if r not in out]  # a mapped AAAA beside its A
+    lookups = {f: asyncio.ensure_future(_of_family(resolver, host, f)) for f in families}
+    try:
+        pending: set[asyncio.Future[list[Resolved]]] = set(lookups.values())
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if pending and any(not d.exception() and d.result() for d in done):
+                _, pending = await asyncio.wait(pending, timeout=OTHER_FAMILY_GRACE)
+                break
+        out: list[Resolved] = []
+        reasons = []
+        for fam, lookup in lookups.items():
+            name = "ip6" if fam == socket.AF_INET6 else "ip4"
+            if lookup in pending:
+                reasons.append(f"{name}: no answer {OTHER_FAMILY_GRACE:g}s after the other "
+                               "family's")
+                continue
+            exc = lookup.exception()
+            if isinstance(exc, ResolveError):
+                reasons.append(f"{name}: {exc}")
+            elif exc is not None:
+                raise exc
+            else:
+                out += [r for r in lookup.result() if r not in out]  # a mapped AAAA beside A
+    finally:
+        for lookup in lookups.values():
+            if lookup.done() and not lookup.cancelled():
+                lookup.exception()  # retrieved: one left out must not be reported unretrieved
+            lookup.cancel()  # the lookup itself is shared: it goes on, and is cached
     if not out:
         raise ResolveError(f"no address for {host!r} ({'; '.join(reasons)})")
+    if reasons and log is not None:
+        log(f"resolve {host}: {'; '.join(reasons)}: those addresses are not probed")
     return out
 
 

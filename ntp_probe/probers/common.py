@@ -149,7 +149,7 @@ async def prepare_all(target: Target, ctx: ProbeContext, limit: int, until: floa
     # Without fallback only the preferred family is asked for (the other's answer, slow
     # or lost, must not hold up a probe that never uses it).
     found = await _looked_up(target, ctx, resolve_all(
-        target.host, family=None if fallback else family), until)
+        target.host, family=None if fallback else family, log=ctx.log), until)
     if found is None:
         return None
     if literal(target.host) is None and not fallback:

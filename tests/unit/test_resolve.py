@@ -15,6 +15,7 @@ import pytest
 
 from ntp_probe.net.resolve import (
     OTHER_FAMILY_AFTER,
+    OTHER_FAMILY_GRACE,
     HostsFile,
     ResolveError,
     Resolver,
@@ -147,6 +148,41 @@ async def test_a_preferred_answer_in_time_asks_nothing_of_the_other_family() -> 
         await asyncio.sleep(0.01)
     lookups.release.set()
     assert (await asking).address == "192.0.2.9"
+
+
+async def test_every_address_keeps_the_answered_family_and_says_what_it_left_out() -> None:
+    # all_addresses: one family answered, the other's query lost. The probe's whole
+    # deadline went by and the name failed resolve, its answered addresses thrown away;
+    # the other family now gets OTHER_FAMILY_GRACE more, and what is left out is logged.
+    released = threading.Event()
+
+    def a_dropped(host: str, family: int) -> str:
+        if family == socket.AF_INET:
+            released.wait(timeout=5)
+            raise ResolveError("Temporary failure in name resolution")
+        if host == "servfail.test":
+            raise ResolveError("Temporary failure in name resolution (SERVFAIL)")
+        return "2001:db8::8"
+
+    resolver = Resolver(getaddrinfo=a_dropped)
+    lines: list[str] = []
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        found = await asyncio.wait_for(resolve_all("v6.test", resolver, log=lines.append),
+                                       OTHER_FAMILY_GRACE + 2.0)
+        assert [r.address for r in found] == ["2001:db8::8"]
+        assert loop.time() - started < OTHER_FAMILY_GRACE + 1.0
+        assert lines == [f"resolve v6.test: ip4: no answer {OTHER_FAMILY_GRACE:g}s after the "
+                         "other family's: those addresses are not probed"]
+    finally:
+        released.set()
+    lines.clear()
+    resolver._all[("servfail.test", socket.AF_INET)] = ((socket.AF_INET, "192.0.2.1"),)
+    found = await resolve_all("servfail.test", resolver, log=lines.append)
+    assert [r.address for r in found] == ["192.0.2.1"]
+    assert lines == ["resolve servfail.test: ip6: Temporary failure in name resolution "
+                     "(SERVFAIL): those addresses are not probed"]
 
 
 async def test_a_giving_up_caller_does_not_cancel_the_shared_lookup() -> None:
