@@ -75,11 +75,12 @@ def _bcrypt() -> ModuleType:
 # bcrypt reads at most 72 bytes of a password; longer ones are refused (bcrypt 5 raises, and
 # Go's bcrypt, which exporter-toolkit uses, refuses them too).
 MAX_PASSWORD_BYTES = 72
-# Password checks wait their turn, as exporter-toolkit's do, unless the work queued ahead
-# (each check at the measured time of its hash's bcrypt cost) would make the answer come
-# later than this: then 429 at once, so a flood of wrong passwords cannot delay checks
-# without bound. Checks for configured user names and for unknown (made-up) ones have their
-# own threads: a flood of made-up names delays no user's login.
+# Password checks wait their turn, as exporter-toolkit's do, unless the work queued in their
+# lane (each check at the measured time of its hash's bcrypt cost) would make the answer
+# come later than this: then 429 at once, so a flood of wrong passwords cannot delay checks
+# without bound. Each configured user name is a lane, and every unknown (made-up) name
+# together one more, with threads of its own: a flood naming one user (or made-up ones)
+# leaves another user's login a place in the queue.
 MAX_CHECK_WAIT = 5.0
 MIN_PENDING_CHECKS = 8  # allowed whatever a check costs
 _THREADS = {True: 2, False: 1}  # for configured user names, for unknown ones
@@ -185,12 +186,13 @@ class WebConfig:
     # Compared against when the user is unknown, at the configured hashes' cost, so that a
     # wrong user name costs what a wrong password costs: timing tells no user names apart.
     _dummy: bytes = b""
-    _pending: dict[bool, int] = field(default_factory=dict)  # per lane: a configured name?
-    _executors: dict[bool, ThreadPoolExecutor] = field(default_factory=dict)
+    # Per lane: a configured user's name, or None for every unknown name together.
+    _pending: dict[str | None, int] = field(default_factory=dict)
+    _executors: dict[bool, ThreadPoolExecutor] = field(default_factory=dict)  # known name?
     # One check's time by bcrypt cost, as last measured (the highest cost at load, then
     # every check), and the work queued in each lane, in seconds of it.
     cost_seconds: dict[int, float] = field(default_factory=dict)
-    _queued: dict[bool, float] = field(default_factory=dict)
+    _queued: dict[str | None, float] = field(default_factory=dict)
 
     async def authorized(self, header: str | None) -> bool:
         """Check an Authorization header against basic_auth_users (True when none are set)."""
@@ -222,24 +224,28 @@ class WebConfig:
             return False
         if len(secret) > MAX_PASSWORD_BYTES:
             return False
-        lane = stored is not None
+        known = stored is not None
+        lane = user if known else None
         hashed = stored or self._dummy
         cost = _cost(hashed)
         estimate = self.estimate(cost)
         pending, queued = self._pending.get(lane, 0), self._queued.get(lane, 0.0)
-        if pending >= MIN_PENDING_CHECKS and (queued + estimate) / _THREADS[lane] > MAX_CHECK_WAIT:
+        if pending >= MIN_PENDING_CHECKS and (queued + estimate) / _THREADS[known] > MAX_CHECK_WAIT:
             raise TooBusy
-        executor = self._executors.get(lane)
+        executor = self._executors.get(known)
         if executor is None:
-            executor = self._executors[lane] = ThreadPoolExecutor(
-                _THREADS[lane], thread_name_prefix="ntp_probe-auth")
+            executor = self._executors[known] = ThreadPoolExecutor(
+                _THREADS[known], thread_name_prefix="ntp_probe-auth")
         self._pending[lane], self._queued[lane] = pending + 1, queued + estimate
         try:
             ok = await asyncio.get_running_loop().run_in_executor(
                 executor, self._timed_check, secret, hashed, cost)
         finally:
-            self._pending[lane] -= 1
-            self._queued[lane] = max(self._queued[lane] - estimate, 0.0)
+            if self._pending[lane] == 1:
+                del self._pending[lane], self._queued[lane]
+            else:
+                self._pending[lane] -= 1
+                self._queued[lane] = max(self._queued[lane] - estimate, 0.0)
         if ok and stored is not None:
             self._verified[key] = True
             return True
