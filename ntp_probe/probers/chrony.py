@@ -897,6 +897,7 @@ def _conclude(got: Collected, settings: ChronySettings, ctx: ProbeContext,
                 "read: chrony_bad_reply, not too_few_sources")
             m.fail(Reason.CHRONY_BAD_REPLY)
         else:
-            # The sources not read may be the candidates: the deadline, not chronyd, is short.
+            # The sources not read may be the candidates: the deadline ended the reading, or
+            # chronyd stopped answering (a source's request unanswered twice).
             log("the sources not obtained may be candidates: chrony_timeout, not too_few_sources")
             m.fail(Reason.CHRONY_TIMEOUT)
