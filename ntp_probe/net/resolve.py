@@ -42,8 +42,8 @@ OTHER_FAMILY_AFTER = 0.25
 # With every address asked for: how much longer the other family's answer is waited for
 # once one family has answered (a lost query must not cost the answered addresses).
 OTHER_FAMILY_GRACE = 1.0
-# Threads for lookups: each stuck lookup of a distinct name and family holds one (a name
-# is asked for in two lookups, one per family, at the same time).
+# Threads for lookups, half for each family: each stuck lookup of a distinct name and
+# family holds one.
 MAX_LOOKUP_THREADS = 16
 
 _Key = tuple[str, int | None]  # (host, family); None: every family
@@ -184,9 +184,9 @@ class _Lookup:
 
 
 class Resolver:
-    """Bounded, coalescing, caching lookups of every address of a name: one getaddrinfo
-    for both families, whose queries the C library sends at once (as Go's resolver, which
-    blackbox uses, asks both at once: a name with no AAAA costs one round trip, not two)."""
+    """Bounded, coalescing, caching lookups of the addresses of a name, one getaddrinfo per
+    family (a lost query of one family cannot fail the other's), on threads of each
+    family's own."""
 
     def __init__(self, threads: int = MAX_LOOKUP_THREADS,
                  getaddrinfo: Callable[[str, int], str] | None = None,
@@ -199,7 +199,11 @@ class Resolver:
         if hosts is None and getaddrinfo is None and _files_first():
             hosts = HostsFile()
         self._hosts = hosts
-        self._executor = DaemonPool(threads, "ntp_probe-resolve")
+        # Threads of their own for each family: a resolver that drops one query type (AAAA,
+        # typically) fills only that family's, so names answered in the other still resolve.
+        self._executors: dict[int, DaemonPool] = {
+            socket.AF_INET6: DaemonPool(max(threads // 2, 1), "ntp_probe-resolve6"),
+            socket.AF_INET: DaemonPool(max(threads - threads // 2, 1), "ntp_probe-resolve4")}
         self._all: TTLCache[_Key, _Addresses] = TTLCache(maxsize=4096, ttl=_CACHE_TTL)
         self._failures: TTLCache[_Key, str] = TTLCache(maxsize=4096, ttl=_NEGATIVE_TTL)
         self._in_flight: dict[_Key, _Lookup] = {}
@@ -232,7 +236,8 @@ class Resolver:
             raise ResolveError(failure)
         flight = self._in_flight.get(key)
         if flight is None:
-            queued = self._executor.submit(lookup, *args)
+            family = key[1] if key[1] in self._executors else socket.AF_INET
+            queued = self._executors[family].submit(lookup, *args)
             flight = self._in_flight[key] = _Lookup(asyncio.wrap_future(queued), queued)
             flight.future.add_done_callback(functools.partial(self._done, key, answers))
         flight.waiting += 1
@@ -294,6 +299,12 @@ async def _of_family(resolver: Resolver, host: str, family: int) -> list[Resolve
         if resolved not in out:
             out.append(resolved)
     return out
+
+
+def _has_family(lookup: asyncio.Future[list[Resolved]], family: int) -> bool:
+    """Whether ``lookup`` is done with an address of ``family``."""
+    return (lookup.done() and not lookup.cancelled() and lookup.exception() is None
+            and any(r.family == family for r in lookup.result()))
 
 
 def _families(first: int) -> tuple[int, int]:
@@ -402,23 +413,39 @@ async def resolve(host: str, preferred: str = "ip6", fallback: bool = True,
     # Without fallback only the preferred family is asked for, as blackbox asks. With it,
     # the other family too, unless the preferred one answers with an address first (from
     # the cache at once, else within OTHER_FAMILY_AFTER): a name whose other family's
-    # query is lost then costs no resolver thread held for the C library's timeout. A
+    # query is lost then costs no resolver thread held for the C library's timeout. Once
+    # the other family has answered, the preferred one gets OTHER_FAMILY_GRACE more: a
     # preferred query that is slow or lost does not hide the other family's answer.
-    lookups = {family: asyncio.ensure_future(_of_family(resolver, host, family))}
+    preferred_lookup = asyncio.ensure_future(_of_family(resolver, host, family))
+    lookups = {family: preferred_lookup}
     try:
         if fallback:
-            first = lookups[family]
-            await asyncio.wait((first,), timeout=OTHER_FAMILY_AFTER)
-            if not (first.done() and first.exception() is None
-                    and any(r.family == family for r in first.result())):
-                lookups[other] = asyncio.ensure_future(_of_family(resolver, host, other))
+            await asyncio.wait((preferred_lookup,), timeout=OTHER_FAMILY_AFTER)
+            if not _has_family(preferred_lookup, family):
+                other_lookup = lookups[other] = asyncio.ensure_future(
+                    _of_family(resolver, host, other))
+                await asyncio.wait((preferred_lookup, other_lookup),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if not preferred_lookup.done() and _has_family(other_lookup, other):
+                    await asyncio.wait((preferred_lookup,), timeout=OTHER_FAMILY_GRACE)
+                if not _has_family(preferred_lookup, family):
+                    await asyncio.wait((other_lookup,))  # the preferred one has none
+        else:
+            await asyncio.wait((preferred_lookup,))
         reasons, addresses = [], []
-        for fam in lookups:
-            try:
-                found = await lookups[fam]
-            except ResolveError as exc:
-                reasons.append(f"{'ip6' if fam == socket.AF_INET6 else 'ip4'}: {exc}")
+        for fam, lookup in lookups.items():
+            name = "ip6" if fam == socket.AF_INET6 else "ip4"
+            if not lookup.done():
+                reasons.append(f"{name}: no answer {OTHER_FAMILY_GRACE:g}s after the other "
+                               "family's")
                 continue
+            exc = lookup.exception()
+            if isinstance(exc, ResolveError):
+                reasons.append(f"{name}: {exc}")
+                continue
+            if exc is not None:
+                raise exc
+            found = lookup.result()
             chosen = next((r for r in found if r.family == family), None)
             if chosen is not None:
                 return chosen

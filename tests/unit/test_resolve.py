@@ -185,6 +185,52 @@ async def test_every_address_keeps_the_answered_family_and_says_what_it_left_out
                      "(SERVFAIL): those addresses are not probed"]
 
 
+async def test_a_lost_preferred_query_does_not_hide_the_other_familys_answer() -> None:
+    # The default preference (ip6) with a resolver that drops AAAA: the A answer came,
+    # but the preferred lookup was awaited first, to the C library's timeout, and the
+    # probe failed resolve. The preferred family now gets OTHER_FAMILY_GRACE more once
+    # the other has answered.
+    released = threading.Event()
+
+    def aaaa_dropped(host: str, family: int) -> str:
+        if family == socket.AF_INET6:
+            released.wait(timeout=10)
+            raise ResolveError("Temporary failure in name resolution")
+        return "192.0.2.6"
+
+    resolver = Resolver(getaddrinfo=aaaa_dropped)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        got = await asyncio.wait_for(resolve("half6.test", "ip6", True, resolver), 5.0)
+        assert (got.address, got.ip_protocol) == ("192.0.2.6", 4)
+        assert loop.time() - started < OTHER_FAMILY_AFTER + OTHER_FAMILY_GRACE + 1.0
+    finally:
+        released.set()
+
+
+async def test_lost_queries_of_one_family_leave_the_others_threads_free() -> None:
+    # Each family has threads of its own: lookups stuck on dropped AAAA queries (more
+    # than there are threads) do not delay an A lookup.
+    released = threading.Event()
+
+    def aaaa_dropped(host: str, family: int) -> str:
+        if family == socket.AF_INET6:
+            released.wait(timeout=10)
+            raise ResolveError("Temporary failure in name resolution")
+        return "192.0.2.7"
+
+    resolver = Resolver(threads=4, getaddrinfo=aaaa_dropped)
+    stuck = [asyncio.create_task(resolver.lookup_all(f"half6-{i}.test", socket.AF_INET6))
+             for i in range(6)]
+    try:
+        found, _ = await asyncio.wait_for(resolver.lookup_all("fast.test", socket.AF_INET), 2.0)
+        assert found == ((socket.AF_INET, "192.0.2.7"),)
+    finally:
+        released.set()
+        await asyncio.gather(*stuck, return_exceptions=True)
+
+
 async def test_a_giving_up_caller_does_not_cancel_the_shared_lookup() -> None:
     lookups = Lookups({("slow.test", socket.AF_INET): "192.0.2.9"})
     lookups.release.clear()
