@@ -27,6 +27,7 @@ import os
 import re
 import ssl
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -162,6 +163,16 @@ def _cost(hashed: bytes) -> int:
     return int(hashed.split(b"$")[2])
 
 
+@dataclass(slots=True)
+class _Check:
+    """A password check waiting for (or on) a thread."""
+
+    secret: bytes
+    hashed: bytes
+    cost: int
+    done: asyncio.Future[bool]
+
+
 class WebConfigError(ValueError):
     """A web configuration problem; the message names the key."""
 
@@ -189,6 +200,12 @@ class WebConfig:
     # Per lane: a configured user's name, or None for every unknown name together.
     _pending: dict[str | None, int] = field(default_factory=dict)
     _executors: dict[bool, ThreadPoolExecutor] = field(default_factory=dict)  # known name?
+    # Checks waiting for a thread, by lane, and the lanes in their turn: the threads take
+    # one check from each lane in turn, so a lane full of a flood's checks delays another
+    # lane's check by one check per lane, not by the whole flood.
+    _waiting: dict[str | None, deque[_Check]] = field(default_factory=dict)
+    _turns: dict[bool, deque[str | None]] = field(default_factory=dict)
+    _running: dict[bool, int] = field(default_factory=dict)
     # One check's time by bcrypt cost, as last measured (the highest cost at load, then
     # every check), and the work queued in each lane, in seconds of it.
     cost_seconds: dict[int, float] = field(default_factory=dict)
@@ -230,16 +247,20 @@ class WebConfig:
         cost = _cost(hashed)
         estimate = self.estimate(cost)
         pending, queued = self._pending.get(lane, 0), self._queued.get(lane, 0.0)
-        if pending >= MIN_PENDING_CHECKS and (queued + estimate) / _THREADS[known] > MAX_CHECK_WAIT:
+        # Served in turn with the other lanes with checks waiting: each of them slows it.
+        lanes = len(self._turns.get(known, ())) + (lane not in self._waiting)
+        wait = (queued + estimate) * lanes / _THREADS[known]
+        if pending >= MIN_PENDING_CHECKS and wait > MAX_CHECK_WAIT:
             raise TooBusy
-        executor = self._executors.get(known)
-        if executor is None:
-            executor = self._executors[known] = ThreadPoolExecutor(
-                _THREADS[known], thread_name_prefix="ntp_probe-auth")
         self._pending[lane], self._queued[lane] = pending + 1, queued + estimate
+        check = _Check(secret, hashed, cost, asyncio.get_running_loop().create_future())
+        self._waiting.setdefault(lane, deque()).append(check)
+        turns = self._turns.setdefault(known, deque())
+        if lane not in turns:
+            turns.append(lane)
+        self._dispatch(known)
         try:
-            ok = await asyncio.get_running_loop().run_in_executor(
-                executor, self._timed_check, secret, hashed, cost)
+            ok = await check.done
         finally:
             if self._pending[lane] == 1:
                 del self._pending[lane], self._queued[lane]
@@ -251,6 +272,40 @@ class WebConfig:
             return True
         self._refused[key] = False
         return False
+
+    def _dispatch(self, known: bool) -> None:
+        """Hand waiting checks to free threads, one lane after another."""
+        turns = self._turns.get(known)
+        while turns and self._running.get(known, 0) < _THREADS[known]:
+            lane = turns.popleft()
+            waiting = self._waiting[lane]
+            check = waiting.popleft()
+            if waiting:
+                turns.append(lane)  # its next check waits for the other lanes' turns
+            else:
+                del self._waiting[lane]
+            if check.done.done():  # its caller gave up waiting
+                continue
+            executor = self._executors.get(known)
+            if executor is None:
+                executor = self._executors[known] = ThreadPoolExecutor(
+                    _THREADS[known], thread_name_prefix="ntp_probe-auth")
+            self._running[known] = self._running.get(known, 0) + 1
+            running = asyncio.wrap_future(executor.submit(
+                self._timed_check, check.secret, check.hashed, check.cost))
+            running.add_done_callback(functools.partial(self._checked, known, check))
+
+    def _checked(self, known: bool, check: _Check, running: asyncio.Future[bool]) -> None:
+        self._running[known] -= 1
+        if not check.done.done():
+            exc = running.exception()
+            if exc is None:
+                check.done.set_result(running.result())
+            else:
+                check.done.set_exception(exc)
+        elif not running.cancelled():
+            running.exception()  # retrieved: its caller gave up
+        self._dispatch(known)
 
     def estimate(self, cost: int) -> float:
         """Seconds one check of a hash of bcrypt ``cost`` takes here: as measured for that

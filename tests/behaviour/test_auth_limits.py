@@ -204,3 +204,25 @@ async def test_a_sustained_flood_naming_one_user_leaves_another_a_place(
         for task in flood:
             task.cancel()
         await asyncio.gather(*flood, return_exceptions=True)
+
+
+async def test_floods_naming_several_users_delay_another_by_a_check_per_lane(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every configured user's lane feeds the same two threads: served first come, first
+    # served, carol's first login waited behind every flooded lane's checks (24 s with
+    # five). The threads now take one check from each lane in turn.
+    users = [f"u{i}" for i in range(5)]
+    hashed = bcrypt.hashpw(b"x", bcrypt.gensalt(rounds=6)).decode()
+    quick = bcrypt.hashpw(b"carols", bcrypt.gensalt(rounds=6)).decode()
+    path = tmp_path / "web.yml"
+    path.write_text("basic_auth_users:\n" + "".join(f"  {u}: '{hashed}'\n" for u in users)
+                    + f"  carol: '{quick}'\n")
+    config = load_web_config(str(path))
+    checks = count_bcrypt_checks(monkeypatch)
+    flood = [asyncio.create_task(config.authorized(basic(u, f"wrong{i}")["Authorization"]))
+             for i in range(8) for u in users]
+    await asyncio.sleep(0)  # every flood check is queued (none has a thread's answer yet)
+    assert await config.authorized(basic("carol", "carols")["Authorization"])
+    await asyncio.gather(*flood)
+    # Two checks were running, then one from each of the five lanes, then carol's.
+    assert checks.index(b"carols") <= 2 + len(users), checks
