@@ -12,6 +12,7 @@ import datetime as dt
 import ipaddress
 import math
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -305,11 +306,24 @@ class Address:
             # A source address is one of this host's own: a group or broadcast address
             # could never be bound as one.
             raise ConfigError(f"{key}: {address} is not a unicast address")
-        if isinstance(address, ipaddress.IPv6Address) and address.is_link_local and \
-                not address.scope_id:
+        zone = address.scope_id if isinstance(address, ipaddress.IPv6Address) else None
+        if isinstance(address, ipaddress.IPv6Address) and address.is_link_local and not zone:
             # The kernel binds a link-local address only on its link: name it.
             raise ConfigError(f"{key}: the link-local {address} needs its interface, as in "
                               f"{address}%eth0")
+        if zone:
+            if not address.is_link_local:
+                raise ConfigError(f"{key}: a zone (%interface) only goes with a link-local "
+                                  f"address, not {address}")
+            try:
+                if not zone.isdigit():
+                    socket.if_nametoindex(zone)
+                else:
+                    socket.if_indextoname(int(zone))
+            except (OSError, OverflowError, ValueError):
+                # Every probe would fail to bind it (an interface added later: reload then).
+                raise ConfigError(f"{key}: zone {zone!r} names no interface of this "
+                                  "host") from None
         return str(address)
 
     def dump(self, value: Any) -> object:
