@@ -46,6 +46,12 @@ OTHER_FAMILY_GRACE = 1.0
 # family holds one.
 MAX_LOOKUP_THREADS = 16
 
+# getaddrinfo's answers that there is no address (no such name, none of the family): not
+# failures of the resolver.
+_NO_ADDRESS_ERRORS = frozenset(
+    code for code in (getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None))
+    if code is not None)
+
 _Key = tuple[str, int | None]  # (host, family); None: every family
 _Addresses = tuple[tuple[int, str], ...]  # (family, address) pairs
 _A = TypeVar("_A")
@@ -81,7 +87,12 @@ class DaemonPool(Executor):
 
 
 class ResolveError(Exception):
-    """The host has no usable address; the message says why."""
+    """The host has no usable address; the message says why. ``no_address``: the
+    resolver answered that there is none (of that family), rather than failing."""
+
+    def __init__(self, message: str, *, no_address: bool = False) -> None:
+        super().__init__(message)
+        self.no_address = no_address
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +216,8 @@ class Resolver:
             socket.AF_INET6: DaemonPool(max(threads // 2, 1), "ntp_probe-resolve6"),
             socket.AF_INET: DaemonPool(max(threads - threads // 2, 1), "ntp_probe-resolve4")}
         self._all: TTLCache[_Key, _Addresses] = TTLCache(maxsize=4096, ttl=_CACHE_TTL)
-        self._failures: TTLCache[_Key, str] = TTLCache(maxsize=4096, ttl=_NEGATIVE_TTL)
+        self._failures: TTLCache[_Key, ResolveError] = TTLCache(maxsize=4096,
+                                                                  ttl=_NEGATIVE_TTL)
         self._in_flight: dict[_Key, _Lookup] = {}
 
     async def lookup_all(self, host: str, family: int) -> tuple[_Addresses, bool]:
@@ -219,7 +231,8 @@ class Resolver:
             if listed:
                 local = tuple(found for found in listed if found[0] == family)
                 if not local:
-                    raise ResolveError("the hosts file lists no address of that family")
+                    raise ResolveError("the hosts file lists no address of that family",
+                                       no_address=True)
                 return local, False
         key = (host, family)
         hit = self._all.get(key)
@@ -233,7 +246,7 @@ class Resolver:
         answer is cached in ``answers``, a failure (with its reason) briefly."""
         failure = self._failures.get(key)
         if failure is not None:
-            raise ResolveError(failure)
+            raise ResolveError(str(failure), no_address=failure.no_address)
         flight = self._in_flight.get(key)
         if flight is None:
             family = key[1] if key[1] in self._executors else socket.AF_INET
@@ -265,7 +278,8 @@ class Resolver:
         if exc is None:
             answers[key] = future.result()
         else:
-            self._failures[key] = str(exc)
+            self._failures[key] = (exc if isinstance(exc, ResolveError)
+                                   else ResolveError(str(exc)))
 
 
 
@@ -280,13 +294,14 @@ def _getaddrinfo_all(host: str, family: int) -> _Addresses:
     try:
         infos = socket.getaddrinfo(host, None, family=family, type=socket.SOCK_DGRAM)
     except (OSError, UnicodeError) as exc:
-        raise ResolveError(_describe(exc)) from None
+        raise ResolveError(_describe(exc), no_address=isinstance(exc, socket.gaierror) and (
+            exc.errno in _NO_ADDRESS_ERRORS)) from None
     out: list[tuple[int, str]] = []
     for fam, _, _, _, sockaddr in infos:
         if fam in (socket.AF_INET, socket.AF_INET6) and (fam, str(sockaddr[0])) not in out:
             out.append((fam, str(sockaddr[0])))
     if not out:
-        raise ResolveError("no address")
+        raise ResolveError("no address", no_address=True)
     return tuple(out)
 
 
@@ -334,16 +349,20 @@ async def resolve_all(host: str, resolver: Resolver | None = None,
                 _, pending = await asyncio.wait(pending, timeout=OTHER_FAMILY_GRACE)
                 break
         out: list[Resolved] = []
-        reasons = []
+        reasons: list[str] = []
+        left_out: list[str] = []  # families that may have addresses, not had
         for fam, lookup in lookups.items():
             name = "ip6" if fam == socket.AF_INET6 else "ip4"
             if lookup in pending:
                 reasons.append(f"{name}: no answer {OTHER_FAMILY_GRACE:g}s after the other "
                                "family's")
+                left_out.append(reasons[-1])
                 continue
             exc = lookup.exception()
             if isinstance(exc, ResolveError):
                 reasons.append(f"{name}: {exc}")
+                if not exc.no_address:
+                    left_out.append(reasons[-1])
             elif exc is not None:
                 raise exc
             else:
@@ -355,8 +374,8 @@ async def resolve_all(host: str, resolver: Resolver | None = None,
             lookup.cancel()  # the lookup itself is shared: it goes on, and is cached
     if not out:
         raise ResolveError(f"no address for {host!r} ({'; '.join(reasons)})")
-    if reasons and log is not None:
-        log(f"resolve {host}: {'; '.join(reasons)}: those addresses are not probed")
+    if left_out and log is not None:
+        log(f"resolve {host}: {'; '.join(left_out)}: any such addresses are not probed")
     return out
 
 

@@ -174,7 +174,7 @@ async def test_every_address_keeps_the_answered_family_and_says_what_it_left_out
         assert [r.address for r in found] == ["2001:db8::8"]
         assert loop.time() - started < OTHER_FAMILY_GRACE + 1.0
         assert lines == [f"resolve v6.test: ip4: no answer {OTHER_FAMILY_GRACE:g}s after the "
-                         "other family's: those addresses are not probed"]
+                         "other family's: any such addresses are not probed"]
     finally:
         released.set()
     lines.clear()
@@ -182,7 +182,14 @@ async def test_every_address_keeps_the_answered_family_and_says_what_it_left_out
     found = await resolve_all("servfail.test", resolver, log=lines.append)
     assert [r.address for r in found] == ["192.0.2.1"]
     assert lines == ["resolve servfail.test: ip6: Temporary failure in name resolution "
-                     "(SERVFAIL): those addresses are not probed"]
+                     "(SERVFAIL): any such addresses are not probed"]
+    # A family the resolver says has no address (NODATA) is no news: not logged.
+    lines.clear()
+    resolver._all[("v4only.test", socket.AF_INET)] = ((socket.AF_INET, "192.0.2.2"),)
+    resolver._failures[("v4only.test", socket.AF_INET6)] = ResolveError(
+        "No address associated with hostname", no_address=True)
+    found = await resolve_all("v4only.test", resolver, log=lines.append)
+    assert [r.address for r in found] == ["192.0.2.2"] and lines == []
 
 
 async def test_a_lost_preferred_query_does_not_hide_the_other_familys_answer() -> None:
