@@ -41,6 +41,23 @@ def count_bcrypt_checks(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     return checks
 
 
+def alice_and_carol(tmp_path: Path, alice_rounds: int) -> auth.WebConfig:
+    """A web config of alice (PASSWORD, at bcrypt cost ``alice_rounds``) and carol
+    ("carols", cost 4)."""
+    slow = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=alice_rounds)).decode()
+    quick = bcrypt.hashpw(b"carols", bcrypt.gensalt(rounds=4)).decode()
+    path = tmp_path / "web.yml"
+    path.write_text(f"basic_auth_users:\n  {USER}: '{slow}'\n  carol: '{quick}'\n")
+    return load_web_config(str(path))
+
+
+async def cancel_all(tasks: list[asyncio.Task[bool]]) -> None:
+    """Cancel a flood's checks still waiting, and wait for them to end."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def web_config_file(tmp_path: Path, hashed: str) -> Path:
     path = tmp_path / "web.yml"
     path.write_text(f"basic_auth_users:\n  {USER}: '{hashed}'\n")
@@ -150,11 +167,7 @@ async def test_a_flood_does_not_lock_out_a_first_login(tmp_path: Path) -> None:
     # Forty connections sending wrong passwords held every check slot: a login not cached
     # yet (a Prometheus after a restart) got 429 for as long as the flood lasted. Checks
     # now queue, as exporter-toolkit's do, and made-up user names have their own thread.
-    slow = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=9)).decode()
-    quick = bcrypt.hashpw(b"carols", bcrypt.gensalt(rounds=4)).decode()
-    path = tmp_path / "web.yml"
-    path.write_text(f"basic_auth_users:\n  {USER}: '{slow}'\n  carol: '{quick}'\n")
-    config = load_web_config(str(path))
+    config = alice_and_carol(tmp_path, alice_rounds=9)
     flood = [asyncio.create_task(config.authorized(basic(name, f"wrong{i}")["Authorization"]))
              for i in range(40) for name in (USER, f"madeup{i}")]
     try:
@@ -162,9 +175,7 @@ async def test_a_flood_does_not_lock_out_a_first_login(tmp_path: Path) -> None:
         assert await config.authorized(basic("carol", "carols")["Authorization"])
         assert await config.authorized(basic(USER, PASSWORD)["Authorization"])
     finally:
-        for task in flood:
-            task.cancel()
-        await asyncio.gather(*flood, return_exceptions=True)
+        await cancel_all(flood)
 
 
 async def test_a_flood_of_wrong_passwords_cannot_push_a_good_login_out(
@@ -187,11 +198,7 @@ async def test_a_sustained_flood_naming_one_user_leaves_another_a_place(
     # The flood keeps its own lane full (here: a tiny wait allowed, so 8 checks): more of
     # it gets 429 at once, while another configured user's first login still queues.
     monkeypatch.setattr(auth, "MAX_CHECK_WAIT", 0.001)
-    slow = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=10)).decode()
-    quick = bcrypt.hashpw(b"carols", bcrypt.gensalt(rounds=4)).decode()
-    path = tmp_path / "web.yml"
-    path.write_text(f"basic_auth_users:\n  {USER}: '{slow}'\n  carol: '{quick}'\n")
-    config = load_web_config(str(path))
+    config = alice_and_carol(tmp_path, alice_rounds=10)
     flood = [asyncio.create_task(config.authorized(basic(USER, f"wrong{i}")["Authorization"]))
              for i in range(auth.MIN_PENDING_CHECKS)]
     try:
@@ -201,9 +208,7 @@ async def test_a_sustained_flood_naming_one_user_leaves_another_a_place(
             await config.authorized(basic(USER, "one more")["Authorization"])
         assert await config.authorized(basic("carol", "carols")["Authorization"])
     finally:
-        for task in flood:
-            task.cancel()
-        await asyncio.gather(*flood, return_exceptions=True)
+        await cancel_all(flood)
 
 
 async def test_floods_naming_several_users_delay_another_by_a_check_per_lane(

@@ -46,6 +46,24 @@ class Lookups:
             raise ResolveError("Name or service not known") from None
 
 
+class Dropping:
+    """A getaddrinfo stand-in whose queries of ``family`` are lost (they fail once
+    released, as the C library's timeout would end them); the other family answers
+    ``address``, except for the names in ``failing``."""
+
+    def __init__(self, family: int, address: str, failing: tuple[str, ...] = ()) -> None:
+        self.family, self.address, self.failing = family, address, failing
+        self.released = threading.Event()
+
+    def __call__(self, host: str, family: int) -> str:
+        if family == self.family:
+            self.released.wait(timeout=10)
+            raise ResolveError("Temporary failure in name resolution")
+        if host in self.failing:
+            raise ResolveError("Temporary failure in name resolution (SERVFAIL)")
+        return self.address
+
+
 async def test_identical_lookups_in_flight_share_one_call() -> None:
     lookups = Lookups({("a.test", socket.AF_INET): "192.0.2.7"})
     lookups.release.clear()
@@ -96,15 +114,9 @@ async def test_every_address_lookups_ask_each_family_once_coalesced_and_cached()
 async def test_an_unanswered_family_does_not_hide_the_other_familys_answer() -> None:
     # getaddrinfo asked for both at once fails as a whole when one query is dropped; blackbox
     # (Go) keeps the answer of the family that came: so do the two lookups here.
-    released = threading.Event()
-
-    def a_dropped(host: str, family: int) -> str:
-        if family == socket.AF_INET:
-            released.wait(timeout=5)
-            raise ResolveError("Temporary failure in name resolution")
-        return "2001:db8::8"
-
-    resolver = Resolver(getaddrinfo=a_dropped)
+    dropping = Dropping(socket.AF_INET, "2001:db8::8")
+    released = dropping.released
+    resolver = Resolver(getaddrinfo=dropping)
     try:
         # ip6 preferred: its answer is taken without waiting for the A query; without
         # fallback the A query is not even asked for (blackbox asks for one family only).
@@ -154,17 +166,9 @@ async def test_every_address_keeps_the_answered_family_and_says_what_it_left_out
     # all_addresses: one family answered, the other's query lost. The probe's whole
     # deadline went by and the name failed resolve, its answered addresses thrown away;
     # the other family now gets OTHER_FAMILY_GRACE more, and what is left out is logged.
-    released = threading.Event()
-
-    def a_dropped(host: str, family: int) -> str:
-        if family == socket.AF_INET:
-            released.wait(timeout=5)
-            raise ResolveError("Temporary failure in name resolution")
-        if host == "servfail.test":
-            raise ResolveError("Temporary failure in name resolution (SERVFAIL)")
-        return "2001:db8::8"
-
-    resolver = Resolver(getaddrinfo=a_dropped)
+    dropping = Dropping(socket.AF_INET, "2001:db8::8", failing=("servfail.test",))
+    released = dropping.released
+    resolver = Resolver(getaddrinfo=dropping)
     lines: list[str] = []
     try:
         loop = asyncio.get_running_loop()
@@ -197,15 +201,9 @@ async def test_a_lost_preferred_query_does_not_hide_the_other_familys_answer() -
     # but the preferred lookup was awaited first, to the C library's timeout, and the
     # probe failed resolve. The preferred family now gets OTHER_FAMILY_GRACE more once
     # the other has answered.
-    released = threading.Event()
-
-    def aaaa_dropped(host: str, family: int) -> str:
-        if family == socket.AF_INET6:
-            released.wait(timeout=10)
-            raise ResolveError("Temporary failure in name resolution")
-        return "192.0.2.6"
-
-    resolver = Resolver(getaddrinfo=aaaa_dropped)
+    dropping = Dropping(socket.AF_INET6, "192.0.2.6")
+    released = dropping.released
+    resolver = Resolver(getaddrinfo=dropping)
     try:
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -219,15 +217,9 @@ async def test_a_lost_preferred_query_does_not_hide_the_other_familys_answer() -
 async def test_lost_queries_of_one_family_leave_the_others_threads_free() -> None:
     # Each family has threads of its own: lookups stuck on dropped AAAA queries (more
     # than there are threads) do not delay an A lookup.
-    released = threading.Event()
-
-    def aaaa_dropped(host: str, family: int) -> str:
-        if family == socket.AF_INET6:
-            released.wait(timeout=10)
-            raise ResolveError("Temporary failure in name resolution")
-        return "192.0.2.7"
-
-    resolver = Resolver(threads=4, getaddrinfo=aaaa_dropped)
+    dropping = Dropping(socket.AF_INET6, "192.0.2.7")
+    released = dropping.released
+    resolver = Resolver(threads=4, getaddrinfo=dropping)
     stuck = [asyncio.create_task(resolver.lookup_all(f"half6-{i}.test", socket.AF_INET6))
              for i in range(6)]
     try:
