@@ -42,8 +42,8 @@ OTHER_FAMILY_AFTER = 0.25
 # With every address asked for: how much longer the other family's answer is waited for
 # once one family has answered (a lost query must not cost the answered addresses).
 OTHER_FAMILY_GRACE = 1.0
-# Threads for lookups, half for each family: each stuck lookup of a distinct name and
-# family holds one.
+# Threads for lookups, for each family: each stuck lookup of a distinct name and family
+# holds one.
 MAX_LOOKUP_THREADS = 16
 
 # getaddrinfo's answers that there is no address (no such name, none of the family): not
@@ -213,8 +213,8 @@ class Resolver:
         # Threads of their own for each family: a resolver that drops one query type (AAAA,
         # typically) fills only that family's, so names answered in the other still resolve.
         self._executors: dict[int, DaemonPool] = {
-            socket.AF_INET6: DaemonPool(max(threads // 2, 1), "ntp_probe-resolve6"),
-            socket.AF_INET: DaemonPool(max(threads - threads // 2, 1), "ntp_probe-resolve4")}
+            socket.AF_INET6: DaemonPool(threads, "ntp_probe-resolve6"),
+            socket.AF_INET: DaemonPool(threads, "ntp_probe-resolve4")}
         self._all: TTLCache[_Key, _Addresses] = TTLCache(maxsize=4096, ttl=_CACHE_TTL)
         self._failures: TTLCache[_Key, ResolveError] = TTLCache(maxsize=4096,
                                                                   ttl=_NEGATIVE_TTL)
@@ -445,8 +445,11 @@ async def resolve(host: str, preferred: str = "ip6", fallback: bool = True,
                     _of_family(resolver, host, other))
                 await asyncio.wait((preferred_lookup, other_lookup),
                                    return_when=asyncio.FIRST_COMPLETED)
-                if not preferred_lookup.done() and _has_family(other_lookup, other):
-                    await asyncio.wait((preferred_lookup,), timeout=OTHER_FAMILY_GRACE)
+                if not preferred_lookup.done():
+                    # The other family came first: with an address, the preferred one gets
+                    # OTHER_FAMILY_GRACE more; without, it is the only hope, waited for.
+                    grace = OTHER_FAMILY_GRACE if _has_family(other_lookup, other) else None
+                    await asyncio.wait((preferred_lookup,), timeout=grace)
                 if not _has_family(preferred_lookup, family):
                     await asyncio.wait((other_lookup,))  # the preferred one has none
         else:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ntp_probe.net.resolve import (
+    FAMILIES,
     OTHER_FAMILY_AFTER,
     OTHER_FAMILY_GRACE,
     HostsFile,
@@ -212,6 +213,26 @@ async def test_a_lost_preferred_query_does_not_hide_the_other_familys_answer() -
         assert loop.time() - started < OTHER_FAMILY_AFTER + OTHER_FAMILY_GRACE + 1.0
     finally:
         released.set()
+
+
+@pytest.mark.parametrize("preferred", ["ip4", "ip6"])
+async def test_a_slow_preferred_answer_is_waited_for_when_the_other_family_has_none(
+        preferred: str) -> None:
+    # A cold cache: the preferred family answers after 0.6 s, the other says at once it
+    # has no address (NODATA) or fails. Its failure must not end the wait for the
+    # preferred answer (the name failed resolve after 0.25 s).
+    family = FAMILIES[preferred]
+    answer = "192.0.2.8" if family == socket.AF_INET else "2001:db8::8"
+
+    def slow_preferred(host: str, asked: int) -> str:
+        if asked != family:
+            raise ResolveError("No address associated with hostname", no_address=True)
+        threading.Event().wait(OTHER_FAMILY_AFTER + 0.35)  # the resolver's own slowness
+        return answer
+
+    got = await asyncio.wait_for(resolve("slow.test", preferred, True,
+                                         Resolver(getaddrinfo=slow_preferred)), 5.0)
+    assert got.address == answer
 
 
 async def test_lost_queries_of_one_family_leave_the_others_threads_free() -> None:
