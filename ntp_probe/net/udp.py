@@ -226,8 +226,13 @@ class DatagramPump(Generic[T]):
                 if self.source:
                     # Through getaddrinfo: a link-local source's zone (fe80::1%eth0) becomes
                     # the scope id the kernel needs; the 2-tuple form would drop it.
-                    sock.bind(socket.getaddrinfo(self.source, 0, self._family, socket.SOCK_DGRAM,
-                                                 0, socket.AI_NUMERICHOST)[0][4])
+                    try:
+                        local = socket.getaddrinfo(self.source, 0, self._family,
+                                                   socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST)
+                    except socket.gaierror:
+                        raise OSError(errno.ENODEV, f"source address {self.source}: its zone "
+                                      "names no interface of this host") from None
+                    sock.bind(local[0][4])
                 # Not connect()ed: a reply from another address or port (a multi-homed
                 # server answering from its other address, a spoofer) must reach us to be
                 # logged as discarded. IP_RECVERR still reports ICMP errors on an

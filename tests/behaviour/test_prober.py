@@ -842,6 +842,13 @@ async def test_a_source_address_of_the_other_family_is_a_local_error(
     assert fake_ntp.requests == []
 
 
+async def test_a_source_zone_naming_no_interface_says_so() -> None:
+    # Accepted at load (the interface may come later); each probe says why it sent nothing.
+    result, log = await probe("[::1]:123", make_module(source_ip_address="fe80::1%nosuch0"))
+    assert result.failure == "local_error", log.text()
+    assert "fe80::1%nosuch0: its zone names no interface of this host" in log.text()
+
+
 @pytest.mark.parametrize("case", ["answered", "kod_after_a_sample", "silent"])
 async def test_an_ntp_probe_adds_its_series_in_exposition_order(
     fake_ntp: FakeNTPServer, case: str

@@ -598,11 +598,10 @@ def test_a_link_local_source_address_needs_its_interface() -> None:
     config = parse("modules:\n  m:\n    ntp:\n      source_ip_address: 'fe80::1%lo'\n")
     assert config.modules["m"].ntp.source_ip_address == "fe80::1%lo"
     assert parse("modules:\n  m:\n    ntp:\n      source_ip_address: 'fe80::1%1'\n")
-    # Zones that would pass and then fail every probe's bind.
-    for bad, why in (("fe80::1%nosuch", "names no interface"), ("fe80::1%LO", "names no"),
-                     ("::1%lo", "only goes with a link-local")):
-        with pytest.raises(ConfigError, match=why):
-            parse(f"modules:\n  m:\n    ntp:\n      source_ip_address: '{bad}'\n")
+    with pytest.raises(ConfigError, match="only goes with a link-local"):
+        parse("modules:\n  m:\n    ntp:\n      source_ip_address: '::1%lo'\n")
+    # An interface that is not there now may come later (its probes say so meanwhile).
+    assert parse("modules:\n  m:\n    ntp:\n      source_ip_address: 'fe80::1%nosuch'\n")
 
 
 def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
