@@ -515,10 +515,12 @@ class Requests:
         command, sequence = current
         echo = cmdmon.reply_echo(d.data)
         if echo is not None and echo[0] == command and echo[1] in self.retried:
-            self._log(f"late reply to the earlier attempt (sequence {echo[1]:08x}) taken")
-            sequence = echo[1]
+            sequence = echo[1]  # a late reply to an earlier attempt of this request
         try:
-            return cmdmon.decode_reply(d.data, command, sequence)
+            reply = cmdmon.decode_reply(d.data, command, sequence)
+            if current[1] != sequence:  # said once it decoded, not before
+                self._log(f"late reply to the earlier attempt (sequence {sequence:08x}) taken")
+            return reply
         except cmdmon.ReplyMismatchError as exc:
             self._log(f"datagram ignored: {self._late(d.data) or exc}")
             return None

@@ -149,7 +149,8 @@ class State:
                 self.on_config(config)
             self.internals.config_loaded(tuple(config.modules))
             self.internals.use_leapfile(config.leapfile)
-            logger.info("reloaded %d modules from %s", len(config.modules), config.source)
+            logger.info("reloaded %d module%s from %s", len(config.modules),
+                        "" if len(config.modules) == 1 else "s", config.source)
             warning = leapfile_warning(config, time.time())
             if warning is not None:
                 logger.warning("%s", warning)

@@ -132,7 +132,7 @@ def test_a_sighup_storm_is_a_few_reloads_and_no_traceback(tmp_path: Path) -> Non
         assert e.get("/-/healthy")[0] == 200
         log = e.log()
         assert "Traceback" not in log and "Exception ignored" not in log, log[-2000:]
-        reloads = log.count("reloaded 1 modules")
+        reloads = log.count("reloaded 1 module from")
         assert 1 <= reloads < sent, (reloads, sent)
     finally:
         stop_process(e.proc)
