@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -276,8 +277,7 @@ def _matcher(client: rules.Client, burst: Burst,
                 burst.received += 1
                 log(f"Kiss-o'-Death {outcome.packet.kiss_code} answering an earlier request, "
                     f"poll {outcome.packet.poll}: burst stopped")
-                if burst.interrupt is not None:
-                    burst.interrupt()
+                interrupt(burst)
                 return Reply(outcome.packet, d.rx_ns, d.kernel_timestamp)
             return None
         set_aside(burst, outcome, log)
@@ -286,10 +286,24 @@ def _matcher(client: rules.Client, burst: Burst,
 
 
 def interrupt(burst: Burst) -> None:
-    """End the burst's pause in progress, if any (a KoD came: it sends nothing more).
-    Shared by the ntp and nts bursts."""
+    """End the burst's pause in progress, if any (a KoD came: it sends nothing more)."""
     if burst.interrupt is not None:
         burst.interrupt()
+
+
+@contextlib.contextmanager
+def kod_watched(burst: Burst, server: tuple[str, int], samples: int,
+                ctx: ProbeContext) -> Iterator[None]:
+    """While the burst runs, a KoD another probe gets from its server ends the burst's
+    pause between samples at once (it sends nothing more then); a one-sample burst never
+    pauses. Shared by the ntp and nts bursts."""
+    unwatch = ctx.guard.watch_kod(server[0], server[1], functools.partial(
+        interrupt, burst)) if samples > 1 else None
+    try:
+        yield
+    finally:
+        if unwatch is not None:
+            unwatch()
 
 
 def set_aside(burst: Burst, outcome: rules.Discarded | rules.Late,
@@ -582,17 +596,10 @@ async def _burst_to(resolved: Resolved, port: int, settings: NTPSettings, until:
         pump = DatagramPump(resolved.family, sockaddr_for(resolved.address, port, resolved.family),
                             _matcher(client, burst, log), log, tx_timestamps=True,
                             source=settings.source_ip_address)
-        # A burst that pauses between samples stops pausing when another probe gets a KoD
-        # from its server (it sends nothing more then).
-        unwatch = ctx.guard.watch_kod(resolved.address, port, functools.partial(
-            interrupt, burst)) if settings.samples > 1 else None
-        try:
+        server = (resolved.address, port)
+        with kod_watched(burst, server, settings.samples, ctx):
             async with pump:
-                await _run_burst(pump, client, settings, burst, until, ctx,
-                                 (resolved.address, port))
-        finally:
-            if unwatch is not None:
-                unwatch()
+                await _run_burst(pump, client, settings, burst, until, ctx, server)
     except OSError as exc:
         # No socket (out of descriptors) or no usable scope: this host's trouble.
         log(f"local error, nothing sent: {exc.strerror or exc}")

@@ -7,7 +7,6 @@ TLS and AEAD stack that nothing else in the exporter needs.
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -442,16 +441,10 @@ async def _authenticated_burst(server: Resolved, port: int, settings: NTPSetting
         reservation.release()  # the pump's socket takes its place, in this same step
         pump = DatagramPump(server.family, sockaddr_for(server.address, port, server.family),
                             _matcher(client, burst, session, log), log, tx_timestamps=True)
-        # As the ntp burst: a KoD another probe gets from the server ends a pause at once.
-        unwatch = ctx.guard.watch_kod(server.address, port, functools.partial(
-            ntp.interrupt, burst)) if settings.samples > 1 else None
-        try:
+        with ntp.kod_watched(burst, (server.address, port), settings.samples, ctx):
             async with pump:
                 await _run_burst(pump, client, settings, burst, session, until, ctx,
                                  (server.address, port))
-        finally:
-            if unwatch is not None:
-                unwatch()
     except OSError as exc:
         # No socket (out of descriptors): this host's trouble, as for the ntp prober.
         log(f"local error, nothing sent: {exc.strerror or exc}")
