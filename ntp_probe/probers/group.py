@@ -74,10 +74,13 @@ REASONS = (Reason.TARGET_FORBIDDEN, Reason.BACKOFF, Reason.LOCAL_ERROR, Reason.N
 
 # ntpd's MINDISTANCE: an interval is never narrower than this on either side.
 MIN_DISTANCE = 0.001
-# Checks of the member against the local clock or the local leap file, not against itself:
-# a member failing only these still takes part in the selection, which is what judges it.
+# Failures that say nothing against the time a member gave: checks against the local clock
+# or the local leap file, and a Kiss-o'-Death that ended its burst after a valid sample (a
+# request to slow down or go away, not a fault of that sample). A member failing only these
+# still takes part in the selection, which is what judges its time.
 _NOT_UNFIT = frozenset({Reason.OFFSET_EXCEEDED, Reason.CAUSALITY_VIOLATION,
-                        Reason.LEAP_MISMATCH})
+                        Reason.LEAP_MISMATCH, Reason.KOD_RATE, Reason.KOD_DENY,
+                        Reason.KOD_RSTR, Reason.KOD_OTHER})
 
 
 @dataclass(frozen=True, slots=True)

@@ -248,6 +248,24 @@ async def test_a_members_kiss_of_death_is_the_groups_and_every_member_backed_off
         m, "probe_ntp_group_member_failure_info")
 
 
+async def test_a_kiss_of_death_after_a_valid_sample_keeps_the_members_vote(
+        servers: Start) -> None:
+    # Rate-limited after its first answer: that answer is valid time and votes, or a
+    # three-member group would be left two voters by a server asking us to slow down.
+    good = [await servers(offset=0.0) for _ in range(2)]
+    limited = await servers(offset=0.0)
+    first = limited.behaviour
+    limited.behaviour = lambda req: (first(req) if req.index == 0
+                                     else [Send(kod(req, b"RATE"))])
+    m = await probe_group([s.target for s in [*good, limited]])
+    assert len(limited.requests) == 2
+    assert label_sets(m, "probe_ntp_group_member_failure_info") == [
+        {"member": limited.target, "reason": "kod_rate"}]
+    assert states(m)[limited.target] == "truechimer"
+    assert value(m, "probe_ntp_group_truechimers") == 3
+    assert m.success, m.failure
+
+
 async def test_a_list_in_another_order_shares_the_burst(servers: Start) -> None:
     # Reordering an ad-hoc list must not buy a burst at each member per order: the
     # at-most-two-bursts-per-target rule holds for the set of members.
