@@ -672,6 +672,10 @@ async def _probe_every_address(target: Target, settings: NTPSettings, port: int,
         for cm in failed:
             if cm.failure is not None:
                 m.fail(cm.failure)
+    if mismatch is not None and settings.fail_on_leap_mismatch:
+        # The name's verdict is a mismatch, which the module asks to fail on: also when
+        # other addresses succeed (addresses_required: any), as the verdict shown says.
+        m.fail(Reason.LEAP_MISMATCH)
     log(f"{len(ok)} of {len(found)} addresses succeeded "
         f"(addresses_required: {settings.addresses_required})")
     return m

@@ -479,6 +479,24 @@ async def test_every_address_of_a_name_is_leap_checked(servers: Start, tmp_path:
     assert m.value(ntp.ROOT_DISPERSION) == pytest.approx(0.0001, abs=2e-5)  # still the best's
 
 
+async def test_a_mismatch_at_any_address_fails_the_name_when_asked(
+        servers: Start, tmp_path: Path, hosts: Hosts) -> None:
+    # addresses_required: any lets the wrong address fail alone, but the name's verdict
+    # is the mismatch, and fail_on_leap_mismatch asks to fail on it.
+    good = await servers(leap=0, root_dispersion=0.0001)
+    wrong = await FakeNTPServer.start(answer(leap=1, root_dispersion=0.01), host="127.0.0.2",
+                                      port=good.port)
+    hosts("127.0.0.1 two.test\n127.0.0.2 two.test\n")
+    config = leap_config(tmp_path, QUIET, all_addresses="true", addresses_required="any",
+                         fail_on_leap_mismatch=True)
+    try:
+        m = await probe_with_leap_check(good, config, f"two.test:{good.port}")
+    finally:
+        wrong.close()
+    assert m.values(LEAP_CHECK) == [(("unexpected_announcement",), 1)]
+    assert m.failure is Reason.LEAP_MISMATCH
+
+
 @pytest.mark.parametrize("stratum", [16, 0])
 async def test_an_unsynchronised_server_vouches_for_no_leap(servers: Start, tmp_path: Path,
                                                             stratum: int) -> None:
