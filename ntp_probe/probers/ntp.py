@@ -401,8 +401,9 @@ def take_sample(burst: Burst, i: int, p: ntp.Packet, t1_ns: int, t4_ns: int, tx_
     the ntp and nts bursts."""
     if p.kiss_code is not None:
         burst.kod = p
-        log(f"sample {i + 1}: Kiss-o'-Death {p.kiss_code} (stratum 0), poll {p.poll}: "
-            "burst stopped")
+        t1, t4 = ntp.ts_from_unix_ns(t1_ns), ntp.ts_from_unix_ns(t4_ns)
+        log(f"sample {i + 1}: {_stamps(t1, p.receive_ts, p.transmit_ts, t4, t1_ns)} "
+            f"Kiss-o'-Death {p.kiss_code} (stratum 0), poll {p.poll}: burst stopped")
         return None
     s = maths.Sample(ntp.ts_from_unix_ns(t1_ns), p.receive_ts, p.transmit_ts,
                      ntp.ts_from_unix_ns(t4_ns), p, t1_ns)
@@ -410,8 +411,9 @@ def take_sample(burst: Burst, i: int, p: ntp.Packet, t1_ns: int, t4_ns: int, tx_
         # The server claims to have held the request longer than the round trip took.
         burst.received -= 1
         burst.discarded += 1
-        log(f"sample {i + 1}: reply discarded: negative delay {s.measured_delay * 1e6:.3f}us, "
-            f"beyond the server's precision ({s.delay_tolerance * 1e6:.3f}us)")
+        log(f"sample {i + 1}: {_stamps(s.t1, s.t2, s.t3, s.t4, t1_ns)} reply discarded: negative "
+            f"delay {s.measured_delay * 1e6:.3f}us, beyond the server's precision "
+            f"({s.delay_tolerance * 1e6:.3f}us)")
         return None
     burst.samples.append(s)
     burst.tx_kernel &= tx_kernel
@@ -419,11 +421,16 @@ def take_sample(burst: Burst, i: int, p: ntp.Packet, t1_ns: int, t4_ns: int, tx_
     return s
 
 
+def _stamps(t1: int, t2: int, t3: int, t4: int, pivot_ns: int) -> str:
+    """T1..T4 for the probe log: NTP timestamps in hex and as UTC (a zero one, as a
+    Kiss-o'-Death may carry, without); ``pivot_ns`` resolves their eras."""
+    return " ".join(f"T{n}={ts:016x}" + (f" ({_utc(ts, pivot_ns)})" if ts else "")
+                    for n, ts in ((1, t1), (2, t2), (3, t3), (4, t4)))
+
+
 def _sample_line(i: int, s: maths.Sample, tx_kernel: bool, rx_kernel: bool) -> str:
     p = s.packet
-    stamps = " ".join(f"T{n}={ts:016x} ({_utc(ts, s.t1_unix_ns)})"
-                      for n, ts in ((1, s.t1), (2, s.t2), (3, s.t3), (4, s.t4)))
-    return (f"sample {i + 1}: {stamps} "
+    return (f"sample {i + 1}: {_stamps(s.t1, s.t2, s.t3, s.t4, s.t1_unix_ns)} "
             f"({'kernel' if tx_kernel else 'user-space'} T1, "
             f"{'kernel' if rx_kernel else 'user-space'} T4) "
             f"offset={s.offset * 1e6:+.3f}us {delay_text(s)} "
@@ -471,9 +478,12 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
         code = burst.kod.kiss_code or ""
         m.add(common.KISS_CODE, 1, code)
         m.fail(KOD_REASONS.get(code, Reason.KOD_OTHER))
-    elif burst.held_back is not None and not burst.samples:
+    elif burst.held_back is not None:
+        # Another probe's KoD stopped this burst: it is backing off too, and says why it
+        # sent fewer samples; with no answer yet, the backoff is its outcome.
         m.add(common.KISS_CODE, 1, burst.held_back[0])
-        m.fail(Reason.BACKOFF)
+        if not burst.samples:
+            m.fail(Reason.BACKOFF)
     if not burst.samples:
         _add_counts(m, burst)
         m.reports.append(NTPReport(server[0], server[1], burst.sent, burst.received))
@@ -719,8 +729,7 @@ def conclude(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
             log(f"no packet to {server[0]} port {server[1]} for {step:.0f}s ({code})")
             m.add(common.BACKOFF_REMAINING, step)
     elif burst.held_back is not None:
-        if not burst.samples:  # stopped before any answer: the backoff is the outcome
-            m.add(common.BACKOFF_REMAINING, burst.held_back[1])
+        m.add(common.BACKOFF_REMAINING, burst.held_back[1])
     elif burst.samples:
         guard.answered(server[0], server[1])
     if burst.unlogged:

@@ -233,6 +233,8 @@ async def test_kod_after_a_good_sample_keeps_the_measurement(fake_ntp: FakeNTPSe
     await fake_ntp.drain()
     assert len(fake_ntp.requests) == 2, log.text()
     assert result.failure == "kod_rate"
+    assert re.search(r"sample 2: T1=[0-9a-f]{16} \(\S+Z\) T2=\S+ .*T4=\S+ \(\S+Z\) "
+                     r"Kiss-o'-Death RATE", log.text()), log.text()
     assert_offset(result, 0.25)
     assert counts(result) == (2, 2, 0)
 
@@ -537,6 +539,9 @@ async def test_negative_delay_is_discarded(fake_ntp: FakeNTPServer) -> None:
     assert result.failure == "invalid_reply", log.text()
     assert counts(result) == (1, 0, 1)
     assert_no_measurement(result)
+    # The one refusal whose four timestamps are all known: the log shows them.
+    assert re.search(r"sample 1: T1=[0-9a-f]{16} \(\S+Z\) T2=\S+ \(\S+Z\) T3=\S+ \(\S+Z\) "
+                     r"T4=\S+ \(\S+Z\) reply discarded: negative delay", log.text()), log.text()
 
 
 async def test_negative_delay_within_server_precision_is_kept(fake_ntp: FakeNTPServer) -> None:
