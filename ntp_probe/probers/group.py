@@ -104,7 +104,7 @@ def resolve_target(config: Config, raw: str) -> GroupTarget:
         if found is None:
             known = ", ".join(config.groups) or "none configured"
             raise TargetError(f"no group named {text[:64]!r} (known: {known}); give a group "
-                              "name or a comma-separated list of members")
+                              "name or a comma-separated list of two members or more")
         return GroupTarget(found, None,
                            tuple(parse_target(name) for name in config.groups[found]))
     parts = text.split(",")
