@@ -30,9 +30,10 @@ def probe_timeout(module_timeout: float, header: str | None, offset: float) -> f
     """blackbox's rule: min(module timeout, header - offset); the module timeout alone
     without the header.
 
-    When the offset would eat the whole scrape timeout, the header's own value is the
-    bound instead, so a probe still never outlives its scrape. An empty header counts as
-    none, as in blackbox.
+    When the offset would eat the whole scrape timeout, half of it is the bound instead:
+    the other half is left for the answer to reach the scraper, so a probe still never
+    outlives its scrape (blackbox falls back to the module timeout there). An empty header
+    counts as none, as in blackbox.
     """
     if header is None or not header.strip():
         return module_timeout
@@ -44,7 +45,7 @@ def probe_timeout(module_timeout: float, header: str | None, offset: float) -> f
         raise TimeoutHeaderError(f"invalid {SCRAPE_TIMEOUT_HEADER} header {header!r}") from None
     if not math.isfinite(scrape) or scrape <= 0:
         raise TimeoutHeaderError(f"invalid {SCRAPE_TIMEOUT_HEADER} header {header!r}")
-    budget = scrape - offset if scrape - offset > 0 else scrape
+    budget = scrape - offset if scrape - offset > 0 else scrape / 2
     return min(module_timeout, budget)
 
 

@@ -29,9 +29,11 @@ from tests.contract import VALID_SAMPLE_METRICS
         (5.0, None, 0.0, 5.0),
         (5.0, "10", 0.5, 5.0),  # module timeout is smaller
         (10.0, "3", 0.5, 2.5),  # header - offset is smaller
-        (10.0, "0.3", 0.5, 0.3),  # offset would eat it all: the header alone bounds it
-        (10.0, "0.5", 0.5, 0.5),  # offset equal to the header: same rule
-        (0.2, "0.3", 0.5, 0.2),
+        # The offset would eat it all: half the header bounds it, the other half is left
+        # for the answer (the whole header made scrapes time out now and then).
+        (10.0, "0.3", 0.5, 0.15),
+        (10.0, "0.5", 0.5, 0.25),  # offset equal to the header: same rule
+        (0.1, "0.3", 0.5, 0.1),
         (10.0, "10", 0.0, 10.0),
         (10.0, " 4.5 ", 0.5, 4.0),  # surrounding blanks tolerated
         (10.0, "9.75", 0.25, 9.5),
@@ -64,7 +66,7 @@ def test_probe_timeout_never_exceeds_header_or_module() -> None:
     for header in ("0.01", "0.3", "0.5", "0.51", "1", "2.5", "9.9", "10", "60"):
         for module in (0.1, 1.0, 5.0, 10.0):
             t = probe_timeout(module, header, 0.5)
-            assert 0 < t <= min(module, float(header))
+            assert 0 < t <= module and t < float(header)
 
 
 # --- format_value -------------------------------------------------------------------
