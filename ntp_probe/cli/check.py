@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import sys
@@ -24,7 +25,7 @@ from ntp_probe.cli import flags, output
 from ntp_probe.config.load import load_config
 from ntp_probe.config.schema import Config, ConfigError, Module
 from ntp_probe.engine.registry import resolve_target
-from ntp_probe.engine.result import Measurement, Perf, Report
+from ntp_probe.engine.result import Measurement, Perf, Reason, Report
 from ntp_probe.engine.runner import guard_for, run_probe
 from ntp_probe.engine.targets import Target, TargetError, parse_target
 from ntp_probe.engine.text import visible
@@ -35,6 +36,9 @@ DEFAULT_WARNING = 0.010
 DEFAULT_CRITICAL = 0.050
 HOSTNAME_ENV = flags.env_name("--hostname")
 _NEGATIVE = re.compile(r"-\d+(\.\d*)?([eE][-+]?\d+)?|-\.\d+([eE][-+]?\d+)?")
+# A threshold range starting below zero (``-w -1:1``), which argparse would read as an option.
+_NEGATIVE_RANGE = re.compile(r"-[\d.][^\s]*")
+_THRESHOLD_FLAGS = ("-w", "--warning", "-c", "--critical")
 
 
 class Unknown(Exception):
@@ -58,13 +62,15 @@ class _Parser(flags.Parser):
     output_failed = UNKNOWN  # --help that cannot be written
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
-        """Parse; ``-o -0.2`` is an expected offset, not an option (with -4 and -6
-        defined, argparse reads every negative number as one)."""
+        """Parse; ``-o -0.2`` is an expected offset and ``-w -1:1`` a range, not options
+        (with -4 and -6 defined, argparse reads every negative number as one)."""
         words = list(sys.argv[1:] if args is None else args)
         joined: list[str] = []
         while words:
             word = words.pop(0)
-            if word in ("-o", "--time-offset") and words and _NEGATIVE.fullmatch(words[0]):
+            negative = _NEGATIVE if word in ("-o", "--time-offset") else (
+                _NEGATIVE_RANGE if word in _THRESHOLD_FLAGS else None)
+            if negative is not None and words and negative.fullmatch(words[0]):
                 word = f"{word}={words.pop(0)}"
             joined.append(word)
         return super().parse_args(joined, namespace)
@@ -99,8 +105,8 @@ def check_parser() -> argparse.ArgumentParser:
                    metavar="SECONDS", help="check_ntp_time's: added to the offset before -w "
                    "and -c judge it (a server known to be 1 s behind: -o 1)")
     p.add_argument("-q", "--quiet", action="store_true",
-                   help="UNKNOWN instead of CRITICAL when the probe fails or gives no offset "
-                   "(check_ntp_time's)")
+                   help="UNKNOWN instead of CRITICAL when the server answered without an "
+                   "offset to judge (check_ntp_time's: no answer at all stays CRITICAL)")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="accepted for check_ntp_time's commands: the one status line says all")
     family = p.add_mutually_exclusive_group()
@@ -109,12 +115,13 @@ def check_parser() -> argparse.ArgumentParser:
     family.add_argument("-6", "--use-ipv6", dest="family", action="store_const", const="ip6",
                         help="IPv6 only (a name's IPv4 addresses are not tried)")
     flags.flag(p, "--module", "ntp", help="module name")
-    flags.flag(p, "--warning", None, "-w", type=flags.positive_float, metavar="SECONDS",
-               help=f"WARNING at |offset| above this (default {DEFAULT_WARNING:g}; with only "
-               "-c given at or below that, a fifth of -c)")
-    flags.flag(p, "--critical", None, "-c", type=flags.positive_float, metavar="SECONDS",
-               help=f"CRITICAL at |offset| above this (default {DEFAULT_CRITICAL:g}; with "
-               "only -w given at or above that, five times -w)")
+    flags.flag(p, "--warning", None, "-w", type=threshold_range, metavar="RANGE",
+               help=f"WARNING when |offset| is outside this Nagios range: N (0:N, |offset| "
+               "above N), N: , ~:N, A:B, or @A:B (inside); seconds or durations (default "
+               f"{DEFAULT_WARNING:g}; with only a plain -c at or below that, a fifth of -c)")
+    flags.flag(p, "--critical", None, "-c", type=threshold_range, metavar="RANGE",
+               help=f"CRITICAL when |offset| is outside this Nagios range (as -w; default "
+               f"{DEFAULT_CRITICAL:g}; with only a plain -w at or above that, five times -w)")
     flags.flag(p, "--config.file", None, dest="config_file", metavar="FILE",
                help="modules file (default: the packaged modules)")
     for spelling, what in _UNSUPPORTED.items():
@@ -128,20 +135,83 @@ def _seconds(text: str) -> float:
     return flags.number(text, float)
 
 
-def thresholds(args: argparse.Namespace) -> tuple[float, float]:
-    """(warning, critical) from -w and -c. With one of them given, the other keeps its
-    default unless that would put it on the wrong side: then it keeps the defaults' ratio
-    to the one given, so that both states stay reachable (``-w 0.1`` alone: -c 0.5)."""
-    warning, critical = args.warning, args.critical
+@dataclasses.dataclass(frozen=True, slots=True)
+class Range:
+    """A threshold in the Nagios plugin guidelines' range format: a value outside
+    [start, end] alerts, or one inside it with ``@``."""
+
+    start: float
+    end: float
+    inside: bool = False
+
+    @classmethod
+    def upto(cls, end: float) -> Range:
+        """The plain threshold N: the range 0:N."""
+        return cls(0.0, end)
+
+    @property
+    def plain(self) -> bool:
+        """Whether it is a plain N (0:N)."""
+        return self.start == 0 and not self.inside and math.isfinite(self.end)
+
+    def alerts(self, value: float) -> bool:
+        """Whether ``value`` reaches this threshold."""
+        within = self.start <= value <= self.end
+        return within if self.inside else not within
+
+    def __str__(self) -> str:
+        """As the perfdata carries it: a plain N as the number, others as a range."""
+        if self.plain:
+            return _threshold_number(self.end)
+        start = "~" if self.start == -math.inf else _threshold_number(self.start)
+        end = "" if self.end == math.inf else _threshold_number(self.end)
+        return f"{'@' if self.inside else ''}{start}:{end}"
+
+
+def _threshold_number(value: float) -> str:
+    """Six decimals, as the monitoring plugins print thresholds; more where six would
+    print another threshold than the one applied (``-c 0.0000004``)."""
+    text = f"{value:.6f}"
+    return text if float(text) == value else f"{value:.9f}".rstrip("0")
+
+
+def threshold_range(text: str) -> Range:
+    """``-w`` / ``-c``: a Nagios range (``N``, ``N:``, ``~:N``, ``A:B``, ``@A:B``), each
+    bound in seconds or a duration; an empty bound is 0 before the colon, infinity after."""
+    body = text.strip()
+    inside = body.startswith("@")
+    body = body.removeprefix("@")
+    if ":" in body:
+        low, _, high = body.partition(":")
+        start = -math.inf if low == "~" else flags.seconds(low) if low else 0.0
+        end = flags.seconds(high) if high else math.inf
+    else:
+        start, end = 0.0, flags.seconds(body)
+    if start > end:
+        raise argparse.ArgumentTypeError(f"range {text!r} starts above its end")
+    return Range(start, end, inside)
+
+
+def thresholds(args: argparse.Namespace) -> tuple[Range, Range]:
+    """(warning, critical) from -w and -c. With one plain threshold given alone, the other
+    keeps its default unless that would put it on the wrong side: then it keeps the
+    defaults' ratio to the one given, so that both states stay reachable (``-w 0.1``
+    alone: -c 0.5). Any two given are taken as they are, as check_ntp_time takes them
+    (CRITICAL is judged first)."""
+    warning: Range | None = args.warning
+    critical: Range | None = args.critical
     ratio = DEFAULT_CRITICAL / DEFAULT_WARNING
     if warning is None and critical is None:
-        return DEFAULT_WARNING, DEFAULT_CRITICAL
+        return Range.upto(DEFAULT_WARNING), Range.upto(DEFAULT_CRITICAL)
     if warning is None:
-        return (DEFAULT_WARNING if critical > DEFAULT_WARNING else critical / ratio), critical
+        assert critical is not None
+        if critical.plain and critical.end <= DEFAULT_WARNING:
+            return Range.upto(critical.end / ratio), critical
+        return Range.upto(DEFAULT_WARNING), critical
     if critical is None:
-        return warning, DEFAULT_CRITICAL if warning < DEFAULT_CRITICAL else warning * ratio
-    if warning > critical:
-        raise Unknown(f"-w {warning:g} is above -c {critical:g}")
+        if warning.plain and warning.end >= DEFAULT_CRITICAL:
+            return warning, Range.upto(warning.end * ratio)
+        return warning, Range.upto(DEFAULT_CRITICAL)
     return warning, critical
 
 
@@ -173,13 +243,14 @@ def _family_fits(family: str | None, target: Target) -> None:
     look such an address up either."""
     if family is None:
         return
-    try:
-        address = ipaddress.ip_address(target.host.partition("%")[0])
-    except ValueError:  # a name: the module's lookup keeps to the family
-        return
-    if (address.version == 4) != (family == "ip4"):
-        raise Unknown(f"-{family[2]} given, but {target.host} is an IPv{address.version} "
-                      "address")
+    for host in target.hosts():  # a group's members too
+        try:
+            address = ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:  # a name: the module's lookup keeps to the family
+            continue
+        if (address.version == 4) != (family == "ip4"):
+            raise Unknown(f"-{family[2]} given, but {host} is an IPv{address.version} "
+                          "address")
 
 
 def _target_text(args: argparse.Namespace) -> str:
@@ -206,15 +277,15 @@ def _number(value: float) -> str:
     return "0" if text in ("", "-0") else text
 
 
-def _perf(item: Perf, warning: float | None = None, critical: float | None = None) -> str:
+def _perf(item: Perf, warning: Range | None = None, critical: Range | None = None) -> str:
     label = item.label if item.label.replace("_", "").isalnum() else f"'{item.label}'"
     out = f"{label}={_number(item.value)}{item.unit}"
     if warning is not None and critical is not None:
-        out += f";{warning:.6f};{critical:.6f}"
+        out += f";{warning};{critical}"
     return out
 
 
-def _perfdata(m: Measurement, warning: float, critical: float, added: float = 0.0) -> str:
+def _perfdata(m: Measurement, warning: Range, critical: Range, added: float = 0.0) -> str:
     checked = _judged(m)
     items = []
     for report in m.reports:
@@ -246,8 +317,13 @@ def _why_no_offset(m: Measurement) -> str:
     return f": {unsynchronised[0]} clock unsynchronised" if unsynchronised else ""
 
 
-def evaluate(target: str, module: Module, m: Measurement, warning: float,
-             critical: float, *, expected: float = 0.0, quiet: bool = False) -> tuple[int, str]:
+# Failures that mean the server did not answer at all: CRITICAL even with -q.
+_NO_ANSWER = frozenset({Reason.TIMEOUT, Reason.UNREACHABLE, Reason.MODE6_TIMEOUT,
+                        Reason.CHRONY_TIMEOUT, Reason.NTS_KE_CONNECT})
+
+
+def evaluate(target: str, module: Module, m: Measurement, warning: Range,
+             critical: Range, *, expected: float = 0.0, quiet: bool = False) -> tuple[int, str]:
     """The plugin's state and status line for a finished probe; ``expected`` (-o) is
     added to the offset before it is judged, as check_ntp_time adds it (and shows the sum
     in the perfdata); ``quiet`` makes a failure UNKNOWN (-q)."""
@@ -256,7 +332,10 @@ def evaluate(target: str, module: Module, m: Measurement, warning: float,
     offset = None if judged is None else judged.check_offset
     unknown_offset = UNKNOWN if quiet else CRITICAL
     if not m.success:
-        state, summary = unknown_offset, f"{target} probe failed: {m.failure}"
+        # -q spares a server that answered without an offset to judge; one that did not
+        # answer stays CRITICAL, as in check_ntp_time ("No response") and check_ntp_peer.
+        state = CRITICAL if m.failure in _NO_ANSWER else unknown_offset
+        summary = f"{target} probe failed: {m.failure}"
     elif offset is None:
         # As check_ntp_peer: an offset that cannot be judged is no OK (an ntpd whose
         # variables lack it).
@@ -265,7 +344,7 @@ def evaluate(target: str, module: Module, m: Measurement, warning: float,
     else:
         # Beyond the threshold, not at it: a plain -w N is the Nagios range 0:N.
         off = abs(offset + expected)
-        state = CRITICAL if off > critical else WARNING if off > warning else OK
+        state = CRITICAL if critical.alerts(off) else WARNING if warning.alerts(off) else OK
         summary = f"{target} offset {offset:+.6f} s (module {module.name})"
         if expected:
             summary += f", {offset + expected:+.6f} s with -o {expected:+.6f} s added"

@@ -35,6 +35,10 @@ class Target:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return host if self.port is None else f"{host}:{self.port}"
 
+    def hosts(self) -> tuple[str, ...]:
+        """The hosts a probe of this target sends to (a group's: its members')."""
+        return (self.host,)
+
 
 def _parse_port(text: str) -> int:
     if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 65535:

@@ -90,6 +90,10 @@ class GroupTarget(Target):
 
     members: tuple[Target, ...] = ()
 
+    def hosts(self) -> tuple[str, ...]:
+        """The members' hosts."""
+        return tuple(member.host for member in self.members)
+
     def __str__(self) -> str:
         return self.host
 

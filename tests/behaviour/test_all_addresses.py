@@ -79,7 +79,8 @@ async def test_the_check_judges_the_farthest_address_when_all_are_required(
     finally:
         skewed.close()
     assert result.success, log.text()
-    code, line = check.evaluate("skew.test", module, result, 0.01, 0.05)
+    code, line = check.evaluate("skew.test", module, result, check.Range.upto(0.01),
+                                check.Range.upto(0.05))
     assert code == (2 if judged else 0), line
     offset = float(line.split(" offset ")[1].split()[0])
     assert offset == pytest.approx(judged, abs=0.005)

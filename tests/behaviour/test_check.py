@@ -23,7 +23,7 @@ from ntp_probe.net import adjtimex
 from ntp_probe.proto import timex
 from tests.behaviour import fake_server
 from tests.behaviour.fake_server import FakeNTPServer, answer
-from tests.conftest import Hosts
+from tests.conftest import Hosts, free_udp_port
 
 fake_ntp = fake_server.fake_ntp
 
@@ -170,7 +170,8 @@ def test_the_start_up_time_is_read_from_the_process() -> None:
 
 @pytest.mark.parametrize(("argv", "why"), [
     (["check", "127.0.0.1", "--module", "nope"], "unknown module 'nope' (known: ntp"),
-    (["check", "127.0.0.1", "-w", "0.2", "-c", "0.1"], "-w 0.2 is above -c 0.1"),
+    (["check", "127.0.0.1", "-w", "0.2:0.1"], "range '0.2:0.1' starts above its end"),
+    (["check", "127.0.0.1", "-c", "@"], "expected seconds or a duration"),
     (["check", "127.0.0.1", "-w", "soon"], "expected seconds or a duration"),
     (["check", "0x7f.1"], "non-standard form"),
     (["check"], "required: target"),
@@ -259,6 +260,51 @@ async def test_quiet_makes_a_failure_unknown(fake_ntp: FakeNTPServer) -> None:
     assert code == 3 and "probe failed: leap_unsynchronized" in line, line
     code, line = await run(fake_ntp.target)
     assert code == 2, line
+    # A server that does not answer at all stays CRITICAL, as check_ntp_time's "No
+    # response from NTP server" does under -q: or a dead server would stop paging.
+    fake_ntp.behaviour = fake_server.silent
+    code, line = await run(fake_ntp.target, "-q", "-t", "0.3")
+    assert code == 2 and "probe failed: timeout" in line, line
+    code, line = await run(f"127.0.0.1:{free_udp_port()}", "-q")
+    assert code == 2 and "probe failed: unreachable" in line, line
+
+
+@pytest.mark.parametrize(("warning", "critical", "offset", "code", "perf"), [
+    # The Nagios plugin guidelines' ranges, judged on |offset| as check_ntp_time does.
+    ("~:0.5", "~:1", 0.02, 0, ";~:0.500000;~:1.000000"),
+    ("-1:1", "-2:2", 0.02, 0, ";-1.000000:1.000000;-2.000000:2.000000"),
+    ("@0:0.5", "1", 0.02, 1, ";@0.000000:0.500000;1.000000"),  # alert inside
+    ("10:", "20:", 0.02, 2, ";10.000000:;20.000000:"),  # |offset| below 20 s: critical
+    ("0.001:0.1", "0:0.2", 0.02, 0, ";0.001000:0.100000;0.200000"),
+    ("1", "0.5", 0.7, 2, ";1.000000;0.500000"),  # -w above -c: taken as given
+    ("1", "0.5", 0.02, 0, ";1.000000;0.500000"),
+    ("0", "0", 0.02, 2, ";0.000000;0.000000"),  # 0:0: any offset reaches it
+    ("10ms", "~:50ms", 0.02, 1, ";0.010000;~:0.050000"),
+])
+async def test_threshold_ranges(fake_ntp: FakeNTPServer, warning: str, critical: str,
+                                offset: float, code: int, perf: str) -> None:
+    fake_ntp.behaviour = answer(offset=offset)
+    got, line = await run(fake_ntp.target, "-w", warning, "-c", critical)
+    assert got == code, line
+    assert re.search(r" offset=[0-9.]+s" + re.escape(perf) + "( |$)", line), line
+
+
+def test_a_threshold_finer_than_six_decimals_is_printed_as_applied() -> None:
+    m = Measurement()
+    m.reports.append(Judged(0.000003))
+    got, line = check.evaluate("t", CONFIG.modules["one"], m, check.Range.upto(2e-7),
+                               check.Range.upto(1e-6))
+    assert got == 2 and "offset=0.000003s;0.0000002;0.000001 " in line, line
+
+
+async def test_minus_4_and_6_apply_to_a_groups_members(fake_ntp: FakeNTPServer) -> None:
+    config = parse_config("modules:\n  g:\n    prober: ntp_group\n    timeout: 2s\n"
+                          "    ntp: {samples: 1, reply_timeout: 500ms}\n", "test")
+    members = f"{fake_ntp.target},127.0.0.2:{fake_ntp.port}"
+    args = check.check_parser().parse_args([members, "--module", "g", "-6"])
+    with pytest.raises(check.Unknown, match=r"^-6 given, but 127\.0\.0\.1 is an IPv4 address$"):
+        await check.check(args, config)
+    assert not fake_ntp.requests
 
 
 def test_flags_come_from_ntp_probe_variables_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -372,7 +418,8 @@ def test_an_offset_at_a_threshold_has_not_reached_it(offset: float, state: int) 
     # A plain -w N is the Nagios range 0:N (check_ntp_time's reading): N itself is inside.
     m = Measurement()
     m.reports.append(Judged(offset))
-    got, line = check.evaluate("t", CONFIG.modules["one"], m, 0.01, 0.05)
+    got, line = check.evaluate("t", CONFIG.modules["one"], m, check.Range.upto(0.01),
+                               check.Range.upto(0.05))
     assert got == state, line
 
 
@@ -380,7 +427,8 @@ def test_a_success_with_no_offset_to_judge_is_critical() -> None:
     # An ntpd whose system variables lack the offset: as check_ntp_peer, no OK for what
     # cannot be judged.
     m = Measurement()
-    got, line = check.evaluate("t", CONFIG.modules["one"], m, 0.01, 0.05)
+    got, line = check.evaluate("t", CONFIG.modules["one"], m, check.Range.upto(0.01),
+                               check.Range.upto(0.05))
     assert m.success
     assert (got, line) == (2, "NTP CRITICAL: t probe succeeded but gave no offset to judge "
                               "(module one) | time=0s")

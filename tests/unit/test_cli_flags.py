@@ -152,7 +152,7 @@ def test_a_flag_given_overrides_its_invalid_variable(monkeypatch: pytest.MonkeyP
 def test_every_spelling_of_a_given_flag_overrides_its_invalid_variable(
         monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
     monkeypatch.setenv("NTP_PROBE_WARNING", "bad")
-    assert check_parser().parse_args(["127.0.0.1", *argv]).warning == 0.02
+    assert check_parser().parse_args(["127.0.0.1", *argv]).warning.end == 0.02
 
 
 @pytest.mark.parametrize("argv", [["--config.chec"], ["--log.l", "info"],
