@@ -322,7 +322,7 @@ class _Collected:
     """What the probe obtained so far; reported even when the probe is cut off."""
 
     words: dict[int, int] | None = None  # association -> latest peer status word
-    to_read: list[int] | None = None  # the associations asked about, when not all
+    to_read: list[int] | None = None  # the associations to ask about, in that order
     system: dict[str, str] | None = None
     system_status: int = 0
     peers: dict[int, dict[str, str]] = field(default_factory=dict)
@@ -574,16 +574,18 @@ async def _collect(session: _Session, pump: DatagramPump[Response | ErrorReply],
                 log("<- READSTAT lists association 0: ignored")
                 associations = [(a, w) for a, w in associations if a != 0]
             got.words = dict(associations)  # all of them: the counts and the verdict
+            # Read those furthest in the selection first (ntpd lists the newest first, and
+            # the configured servers, the system peer among them, last): a deadline that
+            # cuts the reading short leaves out the rejected ones, not the system peer.
+            words = got.words
+            got.to_read = sorted(words, key=lambda a: _READ_ORDER.get(
+                mode6.decode_peer_status(words[a]).selection, 3))
             if len(associations) > MAX_ASSOCIATIONS:
                 # Each costs a round trip and a dozen series: a daemon listing thousands (a
                 # hostile one) must not hold the probe to its deadline or flood Prometheus.
-                # The ones read are those furthest in the selection (ntpd lists the newest
-                # first, and the configured servers, the system peer among them, last).
                 log(f"<- READSTAT lists {len(associations)} associations: reading "
                     f"{MAX_ASSOCIATIONS}, the system peer and candidates first")
-                words = got.words
-                got.to_read = sorted(words, key=lambda a: _READ_ORDER.get(
-                    mode6.decode_peer_status(words[a]).selection, 3))[:MAX_ASSOCIATIONS]
+                del got.to_read[MAX_ASSOCIATIONS:]
             status = reply.status
             listed = associations[:_LOGGED_ASSOCIATIONS]  # a hostile list stays a line
             log(lambda: f"<- READSTAT: status {status:#06x}, {len(associations)} associations"

@@ -517,6 +517,27 @@ async def test_thousands_of_associations_are_read_only_up_to_the_cap(server: Fak
     assert "... (936 more)" in out.log  # the log lists the first 64, not a megabyte line
 
 
+async def test_the_system_peer_and_candidates_are_read_first(server: FakeNtpd) -> None:
+    # ntpd lists the newest associations first and the configured servers last: a deadline
+    # that cuts the reading short must leave out the rejected ones, not the system peer.
+    words = {1: OUTLIER, 2: CANDIDATE, 3: OUTLIER, 4: SYS_PEER, 5: CANDIDATE}
+
+    def listed(req: Request) -> list[bytes]:
+        if req.opcode == READSTAT:
+            data = b"".join(struct.pack("!HH", a, PEER_WORDS[w]) for a, w in words.items())
+            return fragments(req, data, SYSTEM_STATUS)
+        if req.opcode == READVAR and req.association in words:
+            selection = words[req.association]
+            return fragments(req, peer_variables(selection), PEER_WORDS[selection])
+        return healthy(req)
+
+    server.behaviour = listed
+    out = await run(server)
+    assert out.m.failure is None, out.log
+    asked = [r.association for r in server.requests if r.opcode == READVAR and r.association]
+    assert asked == [4, 2, 5, 1, 3]
+
+
 async def test_association_0_in_the_list_is_no_peer(server: FakeNtpd) -> None:
     # Association 0 is the system: listed by a hostile server, it is neither read as a
     # peer nor counted (here it would be the only sys.peer).
