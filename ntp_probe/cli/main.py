@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -176,11 +178,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A plugin's output is its one status line: logging goes to stderr, errors only.
         logs.setup("error", "logfmt")
         return check.main(argv[1:])
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the exporter handles it, or during a probe
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # stderr may be gone
+            sys.stderr.write("ntp-probe: interrupted\n")
+        return 130
+
+
+class _EarlyHangup:
+    """Notes a SIGHUP that comes while the exporter starts (before its own handler), which
+    would otherwise end the process: the exporter reloads once it serves."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        signal.signal(signal.SIGHUP, self._note)
+
+    def _note(self, signum: int, frame: object) -> None:
+        self.seen = True
+
+    def __call__(self) -> bool:
+        return self.seen
+
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] == "probe":
         args = probe_parser().parse_args(argv[1:])
         logs.setup(args.log_level, args.log_format)
         config = _load(args.config_file, serving=False)
         return 2 if config is None else asyncio.run(probe(args, config))
+    hangup = _EarlyHangup()
     # The web stack (aiohttp: a third of a second to import) only for the exporter: a
     # Nagios check runs within its -t, start-up included.
     from ntp_probe.cli.serve import serve
@@ -197,12 +224,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ProbeLog.level = logs.LEVELS[args.log_prober]
     config = _load(args.config_file)
     if args.config_check:
-        if config is None:
-            return 1
-        try:
+        valid = config is not None
+        try:  # also when the modules file failed: every problem in one run
             load_web_config(args.web_config_file)
         except WebConfigError as exc:
             logger.error("invalid web configuration: %s", exc)
+            valid = False
+        if config is None or not valid:
             return 1
         if not output.write(f"configuration OK: {len(config.modules)} modules from "
                             f"{config.source}\n"):
@@ -210,4 +238,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if config is None:
         return 1
-    return asyncio.run(serve(args, config))
+    return asyncio.run(serve(args, config, hangup))

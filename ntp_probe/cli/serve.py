@@ -11,6 +11,7 @@ import os
 import resource
 import signal
 import socket
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -164,8 +165,10 @@ def systemd_sockets() -> list[socket.socket]:
     return out
 
 
-async def serve(args: argparse.Namespace, config: Config) -> int:
-    """Serve until SIGINT/SIGTERM; SIGHUP reloads the configuration."""
+async def serve(args: argparse.Namespace, config: Config,
+                early_hup: Callable[[], bool] = lambda: False) -> int:
+    """Serve until SIGINT/SIGTERM; SIGHUP reloads the configuration. ``early_hup`` says
+    whether a SIGHUP came during start-up, before this could handle it: one reload then."""
     inherited: list[socket.socket] = []
     if args.systemd_socket:
         try:
@@ -245,9 +248,9 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
             logger.error("cannot listen on %s: %s", site.name, exc.strerror or exc)
             await runner.cleanup()
             return 1
+    urls = [url for site in sites for url in site.urls()]
     logger.info("listening on %s with %d modules from %s (version %s); landing page %s/",
-                ", ".join(s.name for s in sites), len(config.modules), config.source,
-                __version__, sites[0].name)
+                ", ".join(urls), len(config.modules), config.source, __version__, urls[0])
     if not inherited and any(unrestricted(host, config) for host, _ in listen):
         logger.warning("listening on every address with no allowed_targets: anyone who can "
                        "reach this port can make the exporter send NTP packets to any "
@@ -276,6 +279,8 @@ async def serve(args: argparse.Namespace, config: Config) -> int:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    if early_hup():  # the file may have changed since it was read: read it again
+        on_sighup()
     # asyncio's wake-up pipe fills under a signal storm; CPython's default then warns from
     # inside the C signal handler, which can deadlock the process (bpo-30050) and writes
     # tracebacks. A full pipe already means a wake-up is pending: nothing is lost.

@@ -123,7 +123,9 @@ class State:
                 self.internals.config_failed()
                 logger.error("reload failed, keeping the previous configuration: web config: "
                              "%s", exc)
-                return f"{self.web_config_path}: {exc}"
+                why = str(exc)  # a YAML error names the file already
+                return why if why.startswith(f"{self.web_config_path}:") else (
+                    f"{self.web_config_path}: {why}")
             except ConfigError as exc:
                 self.internals.config_failed()
                 for line in str(exc).splitlines():

@@ -973,6 +973,19 @@ class GuardedSite(web.BaseSite):
         host = f"[{host}]" if ":" in host else host
         return f"{scheme}://{host}:{port}"
 
+    def urls(self) -> list[str]:
+        """The URLs of the sockets listening once started: the port the kernel chose for
+        port 0, and each address family of a host bound twice (``:9559``)."""
+        scheme = "https" if self._ssl_context else "http"
+        out = []
+        server = self._server
+        for listening in server.sockets if isinstance(server, asyncio.Server) else ():
+            if listening.family not in (socket.AF_INET, socket.AF_INET6):
+                return [self.name]
+            host, port = listening.getsockname()[:2]
+            out.append(f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}")
+        return out or [self.name]
+
     async def start(self) -> None:
         """Listen."""
         await super().start()

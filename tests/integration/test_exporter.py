@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -154,17 +154,19 @@ def start_exporter(
     *,
     via_env: bool = False,
     env: Mapping[str, str] | None = None,
+    command: Sequence[str] | None = None,
 ) -> Exporter:
     """Start ``ntp-probe`` listening on 127.0.0.1 and a free port; wait for /-/healthy.
 
     ``via_env`` passes the listen address as NTP_PROBE_WEB_LISTEN_ADDRESS instead of the
-    flag; ``env`` adds variables. Retries with another port if the chosen one was taken.
+    flag; ``env`` adds variables; ``command`` runs instead of ``ntp-probe``. Retries with
+    another port if the chosen one was taken.
     """
     problems = []
     for attempt in range(3):
         port = free_tcp_port()
         address = f"{LOOPBACK}:{port}"
-        argv = [*exporter_command(), *args]
+        argv = [*(command or exporter_command()), *args]
         extra = dict(env or {})
         if via_env:
             extra["NTP_PROBE_WEB_LISTEN_ADDRESS"] = address

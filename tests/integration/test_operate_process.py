@@ -154,6 +154,60 @@ def test_a_sighup_after_sigterm_does_not_reload(tmp_path: Path) -> None:
     assert "shutting down" in log and "reloaded" not in log, log
 
 
+# The real console entry point, with a SIGHUP sent to itself during start-up, once the
+# exporter can note it and before the event loop handles it (aiohttp's import, the files).
+EARLY_HANGUP = """\
+import os, signal, sys
+from ntp_probe.cli import main
+
+class Noted(main._EarlyHangup):
+    def __init__(self):
+        super().__init__()
+        os.kill(os.getpid(), signal.SIGHUP)
+
+main._EarlyHangup = Noted
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+def test_a_sighup_during_start_up_is_a_reload_once_serving(tmp_path: Path) -> None:
+    # A config tool or logrotate signalling an exporter that is still starting: the
+    # default action would end it (exit 129). It reloads once it serves instead.
+    config = tmp_path / "modules.yaml"
+    config.write_text(modules("first"))
+    script = tmp_path / "early_hangup.py"
+    script.write_text(EARLY_HANGUP)
+    e = start_exporter(tmp_path, (f"--config.file={config}",),
+                       command=[sys.executable, str(script)])
+    try:
+        wait_for(lambda: "reloaded 1 module from" in e.log(), "the early SIGHUP's reload", e)
+        assert e.get("/-/healthy")[0] == 200
+    finally:
+        stop_process(e.proc)
+
+
+@pytest.mark.parametrize("command", ["probe", "check"])
+def test_ctrl_c_during_a_probe_ends_it_in_one_line(command: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.settimeout(DEADLINE)
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+        proc = subprocess.Popen([*exporter_command(), command, target, "--module", "ntp"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=child_env())
+        try:
+            silent.recv(512)  # the probe's first request: it is under way
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=DEADLINE)
+        finally:
+            stop_process(proc)
+    assert b"Traceback" not in err, err
+    if command == "probe":
+        assert proc.returncode == 130 and err.endswith(b"ntp-probe: interrupted\n"), err
+    else:  # a plugin prints its one status line whatever happens
+        assert (proc.returncode, out) == (3, b"NTP UNKNOWN: interrupted\n"), (out, err)
+
+
 # --- log formats -----------------------------------------------------------------------
 
 
@@ -555,10 +609,19 @@ def test_connections_no_more_than_probes_is_warned_about(tmp_path: Path) -> None
 
 def test_several_listen_addresses(tmp_path: Path) -> None:
     other = free_tcp_port()
-    e = start_exporter(tmp_path, (f"--web.listen-address=[::1]:{other}",))
+    e = start_exporter(tmp_path, (f"--web.listen-address=[::1]:{other}",
+                                  "--web.listen-address=127.0.0.2:0"))
     try:
         assert e.get("/-/healthy")[0] == 200  # the address start_exporter adds
         with urllib.request.urlopen(f"http://[::1]:{other}/-/healthy", timeout=5) as resp:
+            assert resp.status == 200
+        # The log names the port the kernel chose for :0, which serves.
+        listening = next(line for line in e.log().splitlines() if "listening on" in line)
+        assert f"http://[::1]:{other}" in listening, listening
+        chosen = re.search(r"http://127\.0\.0\.2:(\d+)", listening)
+        assert chosen is not None and chosen.group(1) != "0", listening
+        with urllib.request.urlopen(f"http://127.0.0.2:{chosen.group(1)}/-/healthy",
+                                    timeout=5) as resp:
             assert resp.status == 200
     finally:
         stop_process(e.proc)

@@ -420,7 +420,7 @@ def test_a_reload_takes_new_passwords_and_headers(tmp_path: Path) -> None:
         assert server.get("/metrics").status == 401
         web.write_text("basic_auth_users: [\n")  # broken: a failed reload, the old one kept
         failed = server.get("/-/reload", basic(USER, "rotated"), method="POST")
-        assert failed.status == 500 and str(web) in failed.body, failed
+        assert failed.status == 500 and failed.body.count(str(web)) == 1, failed  # once
         assert "reload failed, keeping the previous configuration: web config" in server.log()
         after = server.get("/metrics", basic(USER, "rotated"))
         assert after.status == 200
@@ -685,6 +685,20 @@ def test_config_check_rejects_bad_web_config(
     assert rc == 1, out + err
     assert key in out + err, out + err
     assert "configuration OK" not in out
+
+
+def test_config_check_names_the_problems_of_both_files(tmp_path: Path) -> None:
+    # Every problem in one run: not the modules file's, then the web config's next time.
+    modules = tmp_path / "modules.yaml"
+    modules.write_text("modules:\n  m:\n    prober: ntp\n    tiemout: 5s\n")
+    web = tmp_path / "web.yml"
+    web.write_text("tls_srver_config: {}\n")
+    done = subprocess.run([*exporter_command(), "--config.check", f"--config.file={modules}",
+                           f"--web.config.file={web}"], capture_output=True, text=True,
+                          env=child_env(), stdin=subprocess.DEVNULL, timeout=30)
+    assert done.returncode == 1, done
+    assert "tiemout" in done.stderr and "tls_srver_config" in done.stderr, done.stderr
+    assert "configuration OK" not in done.stdout
 
 
 @pytest.mark.parametrize("name", list(MORE_BAD_WEB_CONFIGS))
