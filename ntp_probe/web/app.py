@@ -188,7 +188,9 @@ async def probe_handler(request: web.Request) -> web.Response:
         )
     except (TargetError, TimeoutHeaderError) as exc:
         return _bad_request(str(exc))
-    debug = query.get("debug", "").lower() in ("true", "1", "yes")
+    # Exactly "true", as blackbox reads it: a scrape config's debug=1 must still get the
+    # exposition Prometheus can parse, not the debug page.
+    debug = query.get("debug") == "true"
     if state.in_flight >= state.max_concurrent:
         state.internals.rejected.inc()
         return web.Response(

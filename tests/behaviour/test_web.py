@@ -237,6 +237,16 @@ async def test_debug_output(client: Client, fake_ntp: FakeNTPServer) -> None:
     assert "reply_timeout: 500ms" in text
 
 
+@pytest.mark.parametrize("spelling", ["1", "yes", "TRUE", "True", "on"])
+async def test_only_debug_true_is_the_debug_page(client: Client, fake_ntp: FakeNTPServer,
+                                                spelling: str) -> None:
+    # As blackbox reads it: anything else serves the exposition Prometheus parses.
+    resp = await client.get(
+        "/probe", params={"target": fake_ntp.target, "module": "ntp", "debug": spelling})
+    assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert value(await resp.text(), "probe_success") == 1
+
+
 async def test_debug_output_shows_metrics_too_large_to_keep(
         client: Client, fake_ntp: FakeNTPServer, monkeypatch: pytest.MonkeyPatch) -> None:
     # The history keeps a bounded copy of each exposition (a hostile daemon's may be
