@@ -319,7 +319,11 @@ def server_name_problem(name: str) -> str | None:
 
 def ca_file_problem(path: str) -> str | None:
     """Why ``path`` cannot serve as trusted CAs (not a file, no PEM certificate), or None."""
-    if not os.path.isfile(path):
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError as exc:  # missing, or in a directory this user cannot enter
+        return f"{show(path)}: {exc.strerror or exc}"
+    if not regular:
         return f"{show(path)} is not a file"
     try:
         context = ssl.create_default_context(cafile=path)
