@@ -1,5 +1,5 @@
 """``python -m ntp_probe``."""
 
-from ntp_probe.cli.main import main
+from ntp_probe.cli.main import console
 
-raise SystemExit(main())
+console()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -161,6 +162,29 @@ def test_the_timeout_bounds_the_whole_run_start_up_included(
     assert "probe failed: timeout" in line, line
     duration = float(next(p for p in split(line)[1] if p.startswith("time="))[5:-1])
     assert duration <= 0.25, line  # 1 - 0.8 - the margin for printing, not 1 s
+
+
+async def test_the_console_script_leaves_a_check_as_soon_as_its_line_is_out(
+        fake_ntp: FakeNTPServer) -> None:
+    # The interpreter's teardown would take up to a tenth of a second more of -t: a check
+    # exits right after its line (an atexit hook stands in for the teardown).
+    fake_ntp.behaviour = answer(offset=0.0)
+    script = ("import atexit, sys\n"
+              "atexit.register(lambda: print('teardown', flush=True))\n"
+              "from ntp_probe.cli.main import console\n"
+              "sys.argv = ['ntp-probe', *sys.argv[1:]]\n"
+              "console()\n")
+    argv = [fake_ntp.target, "--module", "ntp_fast", "-4"]
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", script, "check", *argv], capture_output=True,
+        text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0 and done.stdout.startswith("NTP OK: "), done
+    assert "teardown" not in done.stdout, done.stdout
+    # Any other command ends as usual.
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", script, "probe", *argv[:3]],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0 and done.stdout.rstrip().endswith("teardown"), done
 
 
 def test_the_start_up_time_is_read_from_the_process() -> None:
