@@ -336,6 +336,8 @@ def evaluate(target: str, module: Module, m: Measurement, warning: Range,
         # answer stays CRITICAL, as in check_ntp_time ("No response") and check_ntp_peer.
         state = CRITICAL if m.failure in _NO_ANSWER else unknown_offset
         summary = f"{target} probe failed: {m.failure}"
+        if m.failure_detail:
+            summary += f" ({m.failure_detail})"
     elif offset is None:
         # As check_ntp_peer: an offset that cannot be judged is no OK (an ntpd whose
         # variables lack it).

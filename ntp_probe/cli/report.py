@@ -48,6 +48,7 @@ def as_json(target: str, module: str, m: Measurement, log: ProbeLog) -> str:
     return json.dumps({
         "target": target, "module": module, "success": m.success,
         "failure_reason": None if m.failure is None else m.failure.value,
+        "failure_detail": m.failure_detail,
         "duration_seconds": m.duration,
         "metrics": series,
         "reports": {r.title: r.to_json() for r in m.reports},

@@ -105,11 +105,12 @@ Sample = tuple[Family, tuple[str, ...], float]
 class Measurement:
     """One probe's output: samples, the failure reason, counts and reports."""
 
-    __slots__ = ("duration", "failure", "packets_sent", "reports", "samples")
+    __slots__ = ("duration", "failure", "failure_detail", "packets_sent", "reports", "samples")
 
     def __init__(self) -> None:
         self.samples: list[Sample] = []
         self.failure: Reason | None = None
+        self.failure_detail: str | None = None  # why, in words, where a prober said
         self.duration = 0.0
         self.packets_sent = 0  # requests that left this host (for the exporter's counter)
         self.reports: list[Report] = []
@@ -125,10 +126,14 @@ class Measurement:
             raise ValueError(f"{family.name} takes labels {family.labels}, got {labels}")
         self.samples.append((family, labels, value))
 
-    def fail(self, reason: Reason) -> None:
-        """Record a failed check; the reason that ranks first in the contract's order wins."""
+    def fail(self, reason: Reason, detail: str | None = None) -> None:
+        """Record a failed check; the reason that ranks first in the contract's order wins,
+        with its ``detail`` when given (the system's words: the CLI's lines show them)."""
         if self.failure is None or _RANK[reason] < _RANK[self.failure]:
             self.failure = reason
+            self.failure_detail = detail
+        elif reason is self.failure and self.failure_detail is None:
+            self.failure_detail = detail
 
     def values(self, family: Family) -> list[tuple[tuple[str, ...], float]]:
         """(labels, value) of every sample of ``family`` (for tests and reports)."""

@@ -344,6 +344,7 @@ class Collected:
     serverstats: ServerStats | None = None
     statuses: dict[tuple[str, CommandStatus], None] = field(default_factory=dict)  # ordered set
     transport_failure: Reason | None = None  # the socket or the route failed
+    transport_detail: str | None = None  # the system's words for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -807,14 +808,17 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
             await Session(pump, requests, settings, until, ctx, got).run()
     except Unreachable as exc:
         got.transport_failure = Reason.CHRONY_SOCKET if bind_path else Reason.UNREACHABLE
-        log(f"{server}: {exc.strerror or exc}")
+        got.transport_detail = f"{server}: {exc.strerror or exc}"
+        log(got.transport_detail)
     except LocalSocketError as exc:  # no socket: this host's trouble
         got.transport_failure = Reason.LOCAL_ERROR
-        log(f"local error, nothing sent: {exc.strerror or exc}")
+        got.transport_detail = str(exc.strerror or exc)
+        log(f"local error, nothing sent: {got.transport_detail}")
     except OSError as exc:
         got.transport_failure = Reason.CHRONY_SOCKET if bind_path else Reason.UNREACHABLE
         where = f"reply socket {bind_path}" if bind_path else "local socket"
-        log(f"{where}: {exc.strerror or exc}")
+        got.transport_detail = f"{where}: {exc.strerror or exc}"
+        log(got.transport_detail)
     finally:
         if pump is not None:
             m.packets_sent = pump.sent
@@ -869,7 +873,7 @@ def _conclude(got: Collected, settings: ChronySettings, ctx: ProbeContext,
     )
     m.reports.append(report)
     if got.transport_failure is not None:
-        m.fail(got.transport_failure)
+        m.fail(got.transport_failure, got.transport_detail)
     t = got.tracking
     if t is None:
         status = got.tracking_status

@@ -91,8 +91,9 @@ async def _looked_up(target: Target, ctx: ProbeContext, lookup: Awaitable[_T],
         # that show the IP version or join on the hash see the failure, not a gap).
         m.add(common.IP_PROTOCOL, 0)
         m.add(common.IP_ADDR_HASH, 0)
-        ctx.log(f"resolve {target.host}: {str(exc) or 'timed out'}")
-        m.fail(Reason.RESOLVE)
+        why = str(exc) or "timed out"
+        ctx.log(f"resolve {target.host}: {why}")
+        m.fail(Reason.RESOLVE, why)
         return None
     ctx.measurement.add(common.DNS_LOOKUP, time.perf_counter() - started)
     return found
@@ -160,7 +161,7 @@ async def prepare_all(target: Target, ctx: ProbeContext, limit: int, until: floa
                     f"(ip_protocol_fallback is off; {len(skipped)} of the other family)")
             ctx.measurement.add(common.IP_PROTOCOL, 0)  # as for any failed resolution
             ctx.measurement.add(common.IP_ADDR_HASH, 0)
-            ctx.measurement.fail(Reason.RESOLVE)
+            ctx.measurement.fail(Reason.RESOLVE, f"no {preferred} address")
             return None
         if skipped:
             ctx.log(f"{target.host}: {len(skipped)} addresses not {preferred} left out "

@@ -488,9 +488,9 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
         _add_counts(m, burst)
         m.reports.append(NTPReport(server[0], server[1], burst.sent, burst.received))
         if burst.local_error is not None and not burst.sent:
-            m.fail(Reason.LOCAL_ERROR)
+            m.fail(Reason.LOCAL_ERROR, burst.local_error)
         elif burst.unreachable is not None:
-            m.fail(Reason.UNREACHABLE)
+            m.fail(Reason.UNREACHABLE, burst.unreachable)
         else:
             m.fail(Reason.INVALID_REPLY if burst.discarded else Reason.TIMEOUT)
         log("no usable reply")

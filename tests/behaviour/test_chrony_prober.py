@@ -725,6 +725,9 @@ async def test_socket_mode_checks_the_policy_and_sends_nothing(tmp_path: Path) -
     assert m.packets_sent == 0 and entries(tmp_path) == []
     m, log = await probe("allowed.example", module, guard=guard_for(config, module))
     assert m.failure == "chrony_socket", log.text()  # nothing listens there
+    # The system's words go with the reason (check's line shows them).
+    assert m.failure_detail is not None and "No such file or directory" in m.failure_detail, \
+        log.text()
     assert "allowed.example only labels this probe and is not contacted" in log.text()
     assert entries(tmp_path) == []  # the reply socket was removed
 

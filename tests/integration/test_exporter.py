@@ -533,6 +533,7 @@ def test_cli_probe_closed_port_exits_1() -> None:
     assert done.returncode == 1
     data = json.loads(done.stdout)
     assert data["success"] is False and data["failure_reason"] == "unreachable"
+    assert data["failure_detail"].startswith("ICMP port unreachable"), data
 
 
 def test_cli_check_against_chronyd_is_ok_with_perfdata(chronyd: Chronyd) -> None:
