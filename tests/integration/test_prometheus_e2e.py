@@ -95,6 +95,7 @@ DASHBOARD_MAY_BE_EMPTY = {
 ALERT_EXPECTS_DATA: dict[str, bool | None] = {
     "NTPServerUnreachable": True,        # the silent target: reason timeout
     "NTPProbeFailed": False,             # timeout is left to NTPServerUnreachable
+    "NTPProbeFlapping": False,           # the silent target fails every scrape: no change
     "NTPKissOfDeath": False,
     "NTPOffsetHigh": False,
     "NTPOffsetCritical": False,
