@@ -1,8 +1,9 @@
 """Name resolution with blackbox_exporter's preferred_ip_protocol + fallback semantics.
 
 getaddrinfo blocks, so it runs in threads; but a resolver that never answers keeps its
-thread for as long as the C library waits. The lookups therefore get their own small
-executor (never the event loop's default one, which other work needs), identical
+thread for as long as the C library waits. The lookups therefore get small pools of their
+own, one per address family (never the event loop's default executor, which other work
+needs), identical
 lookups in flight share one thread, and both answers and failures are cached briefly so
 that repeated scrapes of a black-holed name do not pile up. Names in the hosts file are
 answered in-process first (where the system consults that file first), so no flood of
@@ -257,6 +258,13 @@ class Resolver:
         try:
             # Shielded: a probe that gives up must not cancel a lookup others share.
             result: _A = await asyncio.shield(flight.future)
+        except ResolveError as exc:
+            # The lookup's exception is every waiter's: passing through here, it took this
+            # frame into its traceback, and the frame holds the lookup that holds the
+            # exception, a cycle only a full collection frees (a flood of names that do not
+            # resolve grew the exporter by kilobytes a name). Cut it; raise one of our own.
+            exc.__traceback__ = None
+            raise ResolveError(str(exc), no_address=exc.no_address) from None
         finally:
             flight.waiting -= 1
             # Nobody waits any more: a lookup still queued behind stuck ones is dropped
@@ -277,9 +285,9 @@ class Resolver:
         exc = future.exception()
         if exc is None:
             answers[key] = future.result()
-        else:
-            self._failures[key] = (exc if isinstance(exc, ResolveError)
-                                   else ResolveError(str(exc)))
+        else:  # kept without the worker's traceback (its frames): the reason is enough
+            self._failures[key] = ResolveError(str(exc), no_address=getattr(
+                exc, "no_address", False))
 
 
 

@@ -326,6 +326,11 @@ class DatagramPump(Generic[T]):
         finally:
             timer.cancel()
             self._waiter = None
+            self._deferred = None
+            # An exception out of the wait (an ICMP error, a cancellation) holds this frame
+            # in its traceback, and the waiter holds the exception: a reference cycle that
+            # outlives the probe until a full collection, which the exporter runs rarely.
+            del waiter, timer
         if self.tx_wanted:
             if send_id not in self._tx_stamps and self._sock is not None:
                 self._drain_errors(self._sock)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import gc
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -104,6 +106,46 @@ async def test_icmp_port_unreachable_ends_the_wait_as_unreachable() -> None:
             await pump.exchange(b"x", loop.time() + 5.0)
     assert caught.value.sent is True
     assert "port unreachable" in str(caught.value)
+
+
+async def test_an_error_or_a_cancellation_out_of_the_wait_leaves_no_reference_cycle() -> None:
+    # The exporter runs the collector's oldest generation rarely: a cycle per probe ended
+    # by an ICMP error or cancelled (the exception, the wait's frame in its traceback, the
+    # waiter holding the exception) outlived the probe, and a flood of such probes grew
+    # the exporter's memory.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((LOOPBACK, 0))
+        closed = s.getsockname()[1]
+    loop = asyncio.get_running_loop()
+
+    async def unreachable() -> None:
+        async with DatagramPump(socket.AF_INET, (LOOPBACK, closed), lambda d: d.data,
+                                ProbeLog()) as pump:
+            with contextlib.suppress(Unreachable):
+                await pump.exchange(b"x", loop.time() + 5.0)
+
+    async def cancelled(silent: socket.socket) -> None:
+        async with DatagramPump(socket.AF_INET, silent.getsockname(), lambda d: d.data,
+                                ProbeLog()) as pump:
+            task = asyncio.ensure_future(pump.exchange(b"x", loop.time() + 5.0))
+            await asyncio.sleep(0)  # one pass: the send is done, the wait begun
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind((LOOPBACK, 0))
+        await unreachable()
+        await cancelled(silent)
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(5):
+                await unreachable()
+                await cancelled(silent)
+            assert gc.collect() == 0
+        finally:
+            gc.enable()
 
 
 async def test_the_transmit_stamp_is_read_at_the_send_and_wakes_nothing() -> None:

@@ -7,6 +7,8 @@ reach the machine's resolver.
 from __future__ import annotations
 
 import asyncio
+import gc
+import math
 import socket
 import threading
 from pathlib import Path
@@ -88,6 +90,26 @@ async def test_failures_are_cached_briefly_with_their_reason() -> None:
         with pytest.raises(ResolveError, match="Name or service not known"):
             await resolver.lookup_all("dead.test", socket.AF_INET)
     assert len(lookups.calls) == 1
+
+
+async def test_failed_lookups_leave_no_reference_cycles() -> None:
+    # The exporter runs the collector's oldest generation rarely (gc.freeze, high
+    # thresholds): a cycle per name that did not resolve, kept by the failure cache until
+    # it expired and old by then, grew the exporter by kilobytes a name under a flood.
+    resolver = Resolver(getaddrinfo=Lookups({}))
+    for i in range(5):  # the pool's threads and the loop's machinery, once
+        with pytest.raises(ResolveError):
+            await resolve(f"warm{i}.test", resolver=resolver)
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(20):
+            with pytest.raises(ResolveError, match="Name or service not known"):
+                await resolve(f"gone{i}.test", resolver=resolver)
+        resolver._failures.expire(math.inf)  # as if their time were up
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 async def test_every_address_lookups_ask_each_family_once_coalesced_and_cached() -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import subprocess
 import sys
+import weakref
 
 import pytest
 
@@ -43,3 +46,26 @@ def test_a_low_limit_leaves_connections_half_of_the_room(soft: int, expected: st
     assert done.stdout.strip() == expected, done.stderr
     if soft < 2432:  # 512 connections, 1600 probe sockets, 64 spare, two accept passes
         assert "open-files limit" in done.stderr  # said, with what to raise
+
+
+async def test_the_exporter_collects_every_generation_now_and_then() -> None:
+    # A garbage cycle that reached the oldest generation, which the exporter's thresholds
+    # collect rarely, is freed by the periodic full collection.
+    freed = asyncio.Event()
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    old = Cycle()
+    gc.collect()  # now in the oldest generation
+    weakref.finalize(old, freed.set)
+    del old
+    gc.disable()  # only the exporter's own collection may free it
+    collector = asyncio.ensure_future(serve.collect_fully(0.01))
+    try:
+        async with asyncio.timeout(10):
+            await freed.wait()
+    finally:
+        collector.cancel()
+        gc.enable()
