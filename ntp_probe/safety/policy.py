@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -71,20 +72,54 @@ def parse_rules(items: Iterable[object], key: str) -> Rules:
         text = item.strip().lower()
         source.append(text)
         try:
-            networks.append(ipaddress.ip_network(text, strict=False))
+            networks.append(_unmapped(ipaddress.ip_network(text, strict=False)))
             continue
         except ValueError:
             pass
-        if text.startswith("*."):
-            rest = text[2:].rstrip(".")
-            if not _valid_name(rest):
-                raise PolicyError(f"{key}[{i}]: invalid wildcard domain {item!r}")
-            suffixes.append("." + rest)
-        elif _valid_name(text.rstrip(".")):
-            names.add(text.rstrip("."))
-        else:
+        name = _ascii_name(text[2:] if text.startswith("*.") else text)
+        if name is None:
             raise PolicyError(f"{key}[{i}]: not a CIDR, host name or *.domain: {item!r}")
+        if name.replace(".", "").isdigit() or _inet_aton_reads(name):
+            # 127.1, 10, 0x7f000001: never a target's name (targets so written are refused),
+            # so the rule would match nothing, and a denial deny nothing.
+            raise PolicyError(f"{key}[{i}]: {item!r} is no host name and no CIDR: write an "
+                              "address as a.b.c.d (or a.b.c.d/len)")
+        if text.startswith("*."):
+            suffixes.append("." + name)
+        else:
+            names.add(name)
     return Rules(tuple(networks), frozenset(names), tuple(suffixes), tuple(source))
+
+
+def _unmapped(network: IPNetwork) -> IPNetwork:
+    """An IPv6 network inside ::ffff:0:0/96 as the IPv4 network it names: a target written
+    as an IPv4-mapped address is probed at (and checked as) its IPv4 address."""
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96 and \
+            network.network_address.ipv4_mapped is not None:
+        return ipaddress.IPv4Network(
+            (network.network_address.ipv4_mapped, network.prefixlen - 96))
+    return network
+
+
+def _ascii_name(text: str) -> str | None:
+    """A host name rule as targets spell it (an international name in its xn-- form, no
+    trailing dot), or None when it is not a host name."""
+    name = text.rstrip(".")
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    return name if _valid_name(name) else None
+
+
+def _inet_aton_reads(name: str) -> bool:
+    """Whether the C library would read ``name`` as an IPv4 address (0x7f.1, 0177.0.0.1)."""
+    try:
+        socket.inet_aton(name)
+    except OSError:
+        return False
+    return True
 
 
 def _valid_name(name: str) -> bool:

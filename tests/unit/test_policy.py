@@ -158,6 +158,38 @@ def test_denied_ipv4_mapped_network_refuses_mapped_address() -> None:
     assert p.check_name("::ffff:127.0.0.1") is not None
 
 
+def test_a_rule_written_ipv4_mapped_is_the_ipv4_network() -> None:
+    # A mapped target is probed at its IPv4 address (canonicalised before the check), so a
+    # rule in the mapped form must name that IPv4 host, or it denies nothing.
+    p = policy(denied=("::ffff:127.0.0.0/104",))
+    assert p.check_address("127.0.0.2", "127.0.0.2") is not None
+    assert p.check_address("mapped.test", "127.0.0.2") is not None
+    assert p.check_address("other.test", "10.0.0.2") is None
+    allowed = policy(allowed=("::ffff:127.0.0.3/128",))
+    assert allowed.check_address("127.0.0.3", "127.0.0.3") is None
+    assert allowed.check_address("127.0.0.4", "127.0.0.4") is not None
+    assert parse_rules(["::ffff:127.0.0.0/104"], "k").networks == (
+        ipaddress.ip_network("127.0.0.0/8"),)
+    # Shorter IPv6 prefixes are IPv6 rules: ::/0 is every IPv6 address, not IPv4 too.
+    assert policy(denied=("::/0",)).check_address("h.test", "192.0.2.1") is None
+
+
+@pytest.mark.parametrize("rule", ["127.1", "10", "1.2.3", "2130706433", "0x7f000001",
+                                  "0177.0.0.1", "127.000.000.001", "*.10", "0x7f.1"])
+def test_a_rule_only_an_address_parser_would_read_is_refused(rule: str) -> None:
+    # Targets so written are refused, so as a name such a rule would match nothing: a
+    # denied_targets entry that denies nothing.
+    why = r"denied_targets\[0\]: .* write an address as a\.b\.c\.d"
+    with pytest.raises(PolicyError, match=why):
+        parse_rules([rule], "denied_targets")
+
+
+def test_an_international_name_rule_matches_its_ascii_form() -> None:
+    rules = parse_rules(["Bücher.Example", "*.bücher.example"], "k")
+    assert rules.match_name("xn--bcher-kva.example")
+    assert rules.match_name("ntp.xn--bcher-kva.example")
+
+
 def test_ipv4_cidr_does_not_match_unrelated_ipv6() -> None:
     p = policy(denied=("0.0.0.0/0",))
     assert p.check_address("h.example", "2001:db8::1") is None
