@@ -19,8 +19,8 @@ from cachetools import TLRUCache
 
 from ntp_probe.config.schema import Config, Module
 from ntp_probe.engine.context import ProbeLog
-from ntp_probe.engine.registry import PROBERS, server_key
-from ntp_probe.engine.result import Measurement, Reason
+from ntp_probe.engine.registry import PROBERS, server_key, timeout_reason
+from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.runner import guard_for, run_probe
 from ntp_probe.engine.targets import Target
 from ntp_probe.safety.guard import Guard
@@ -241,7 +241,7 @@ class Coordinator:
             log(f"joined the burst of an identical probe in flight, which outlasted this "
                 f"request's timeout of {timeout:g}s (this log begins at that timeout)")
             result = Measurement()
-            result.fail(Reason.TIMEOUT)
+            result.fail(timeout_reason(module))
             result.duration = timeout
             counted = False
         except asyncio.CancelledError:

@@ -52,6 +52,9 @@ class ProberSpec:
     # Keys of a shared ntp block this kind does not read: refused in its modules rather
     # than accepted and silently ignored.
     ntp_keys_unused: tuple[str, ...] = ()
+    # The reason when the deadline cuts a probe off before it could say its own (a daemon's
+    # command port timing out is not an NTP server's silence: NTPServerUnreachable).
+    timeout: Reason = Reason.TIMEOUT
 
 
 PROBERS: Mapping[str, ProberSpec] = {
@@ -69,18 +72,18 @@ PROBERS: Mapping[str, ProberSpec] = {
         ProberSpec(
             "chrony", chrony.probe, chrony.DESCRIPTION, ("chrony",),
             _COMMON + _NETWORK + _families(chrony), chrony.REASONS,
-            default_port=lambda module: module.chrony.port,
+            default_port=lambda module: module.chrony.port, timeout=Reason.CHRONY_TIMEOUT,
         ),
         ProberSpec(
             "ntpd", ntpd.probe, ntpd.DESCRIPTION, ("ntpd",),
             _COMMON + _NETWORK + _families(ntpd), ntpd.REASONS,
-            default_port=lambda module: module.ntpd.port,
+            default_port=lambda module: module.ntpd.port, timeout=Reason.MODE6_TIMEOUT,
         ),
         ProberSpec(
             "ntp_group", group.probe, group.DESCRIPTION, ("ntp", "ntp_group"),
             _COMMON + _families(group) + (prepare.BACKOFF_REMAINING, prepare.KISS_CODE),
             group.REASONS, target=group.resolve_target,
-            longest=ntp.longest,
+            longest=ntp.longest, timeout=Reason.NO_MAJORITY,  # no member measured in time
             # A member is one server: every address of a name would need series per member
             # and address, which the group does not expose.
             ntp_keys_unused=("all_addresses", "max_addresses", "addresses_required",
@@ -98,7 +101,7 @@ PROBERS: Mapping[str, ProberSpec] = {
         ),
         ProberSpec(
             "kernel", kernel.probe, "the local kernel clock discipline state (adjtimex)", (),
-            _COMMON + _families(kernel), kernel.REASONS,
+            _COMMON + _families(kernel), kernel.REASONS, timeout=Reason.KERNEL_UNAVAILABLE,
         ),
     )
 }
@@ -120,6 +123,11 @@ def resolve_target(config: Config, module: Module, raw: str) -> Target:
     or what its prober reads there; raise TargetError when it means nothing."""
     read = PROBERS[module.prober].target
     return parse_target(raw) if read is None else read(config, raw)
+
+
+def timeout_reason(module: Module) -> Reason:
+    """The failure reason of a ``module`` probe its deadline cut off."""
+    return PROBERS[module.prober].timeout
 
 
 def probe_function(module: Module) -> ProbeFn:

@@ -9,8 +9,8 @@ import time
 
 from ntp_probe.config.schema import Config, Module
 from ntp_probe.engine.context import ProbeContext, ProbeLog
-from ntp_probe.engine.registry import probe_function
-from ntp_probe.engine.result import Measurement, Reason
+from ntp_probe.engine.registry import probe_function, timeout_reason
+from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.targets import Target
 from ntp_probe.net import budget
 from ntp_probe.safety.guard import Guard
@@ -87,7 +87,7 @@ async def run_probe(target: Target, module: Module, timeout: float, log: ProbeLo
         async with asyncio.timeout_at(ctx.deadline + _BACKSTOP_GRACE):
             await probe_function(module)(target, module, ctx)
     except TimeoutError:
-        ctx.measurement.fail(Reason.TIMEOUT)
+        ctx.measurement.fail(timeout_reason(module))
         ctx.log("probe deadline reached")
     m = ctx.measurement
     m.duration = time.perf_counter() - started

@@ -14,6 +14,7 @@ from ntp_probe.engine.context import ProbeContext
 from ntp_probe.engine.result import Measurement, Perf, Reason
 from ntp_probe.engine.targets import Target
 from ntp_probe.exposition.families import Family
+from ntp_probe.probers import common
 
 if TYPE_CHECKING:
     from ntp_probe.proto.timex import KernelClock
@@ -42,7 +43,7 @@ TICK = Family("probe_kernel_tick_seconds", "Length of a kernel clock tick, in se
 STATUS_FLAGS = Family("probe_kernel_status_flags_info",
                       "Kernel clock status bits that are set (STA_*).", ("flag",))
 
-REASONS = (Reason.KERNEL_UNAVAILABLE,)
+REASONS = (Reason.TARGET_FORBIDDEN, Reason.KERNEL_UNAVAILABLE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +131,10 @@ def read_clock(ctx: ProbeContext, *, judged: bool = True) -> KernelClock | None:
 
 async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measurement:
     """Report the kernel clock state; succeeds when it could be read."""
+    # Nothing is sent, but the module's policy is the module's, whatever its prober (as
+    # for chrony's socket mode): a target it refuses is refused by name.
+    if common.refused(ctx, ctx.guard.refuse(target.host)):
+        return ctx.measurement
     ctx.log(f"target {target} is not contacted: this prober reads the local kernel clock")
     read_clock(ctx)
     return ctx.measurement

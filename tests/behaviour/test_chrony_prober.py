@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import math
 import re
+import socket
 import struct
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -21,9 +22,11 @@ from typing import Any
 import pytest
 
 from ntp_probe.config.load import parse_config
-from ntp_probe.config.schema import Module
+from ntp_probe.config.schema import Config, Module
+from ntp_probe.engine.coordinator import Coordinator
 from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.runner import guard_for
+from ntp_probe.engine.targets import parse_target
 from ntp_probe.exposition.render import render
 from ntp_probe.net.budget import limit_probe_sockets
 from ntp_probe.net.udp import Datagram
@@ -779,3 +782,27 @@ async def test_no_socket_left_is_a_local_error(fake: FakeCommandPort) -> None:
         limit_probe_sockets(None)
     assert m.failure == "local_error", log.text()
     assert not fake.requests
+
+
+async def test_a_request_whose_shared_burst_outlasts_it_fails_as_chronys_timeout() -> None:
+    # At the limit of bursts in flight a request shares one that may outlast its budget:
+    # cut off, it must read chrony_timeout, not the NTP `timeout` that pages as
+    # NTPServerUnreachable.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        module = chrony_module(timeout="5s", request_timeout="2s",
+                               port=silent.getsockname()[1])
+        config = Config(modules={"c": module}, source="test")
+        coordinator = Coordinator()
+        target = parse_target("127.0.0.1")
+        long = [asyncio.ensure_future(coordinator.probe(config, module, target, budget))
+                for budget in (5.0, 4.0)]  # the limit of bursts in flight
+        await asyncio.sleep(0)  # one pass: each has started its burst
+        try:
+            out = await coordinator.probe(config, module, target, 0.3)
+            assert out.result.failure == "chrony_timeout", out.log.text()
+            assert "outlasted this request's timeout" in out.log.text()
+        finally:
+            for task in long:
+                task.cancel()
+            await asyncio.gather(*long, return_exceptions=True)

@@ -162,6 +162,18 @@ async def test_kernel_module_sends_no_packet(fake_ntp: FakeNTPServer) -> None:
     assert "probe_dns_lookup_time_seconds" not in names(result)
 
 
+async def test_the_module_policy_applies_to_the_kernel_prober_too() -> None:
+    # Nothing is sent, but a module's allowed/denied targets are the module's whatever its
+    # prober (as chrony's socket mode applies them): the target is refused by name.
+    policy = TargetPolicy(denied=parse_rules(["badhost", "127.0.0.2/32"], "denied_targets"))
+    for target in ("badhost", "127.0.0.2"):
+        result, log = await probe(target, packaged("kernel"), guard=Guard(policies=(policy,)))
+        assert result.failure == "target_forbidden", log.text()
+        assert "probe_kernel_offset_seconds" not in names(result)
+    result, log = await probe("localhost", packaged("kernel"), guard=Guard(policies=(policy,)))
+    assert result.failure != "target_forbidden", log.text()
+
+
 async def test_kernel_unavailable_fails_with_one_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     unavailable(monkeypatch)
     result, log = await probe("localhost", packaged("kernel"))

@@ -132,6 +132,16 @@ def test_every_reason_belongs_to_a_prober() -> None:
     assert used == set(Reason)
 
 
+def test_a_probe_its_deadline_cuts_off_fails_with_a_reason_of_its_prober() -> None:
+    # A daemon's command port timing out is chrony_timeout or mode6_timeout, not the NTP
+    # server's `timeout` (which pages as NTPServerUnreachable).
+    assert PROBERS["chrony"].timeout is Reason.CHRONY_TIMEOUT
+    assert PROBERS["ntpd"].timeout is Reason.MODE6_TIMEOUT
+    assert PROBERS["ntp"].timeout is Reason.TIMEOUT
+    for spec in PROBERS.values():
+        assert spec.timeout in spec.reasons, spec.name
+
+
 def test_modules_reach_their_probe_function() -> None:
     config = parse_config(
         "modules:\n  n: {prober: ntp}\n  k: {prober: kernel}\n"
