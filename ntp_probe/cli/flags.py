@@ -12,7 +12,7 @@ import argparse
 import math
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ntp_probe.cli import output
 from ntp_probe.config.schema import MAX_DURATION, ConfigError, parse_duration
@@ -36,6 +36,12 @@ class Parser(argparse.ArgumentParser):
         self.env_errors: list[tuple[tuple[str, ...], str]] = []
 
     output_failed = 1  # exit status when --help or --version cannot be written
+    error_status = 2  # for bad arguments: argparse's (the exporter's is kingpin's 1)
+
+    def error(self, message: str) -> NoReturn:
+        """Bad arguments: usage and the reason on standard error, exit ``error_status``."""
+        self.print_usage(sys.stderr)
+        self.exit(self.error_status, f"{self.prog}: error: {message}\n")
 
     def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
         # --help into a closed pipe or a full disk: an exit status, not a traceback

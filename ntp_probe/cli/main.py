@@ -1,4 +1,5 @@
-"""Command line: ``ntp-probe [serve] [flags]`` and ``ntp-probe probe TARGET``.
+"""Command line: ``ntp-probe [serve] [flags]``, ``ntp-probe probe TARGET`` and
+``ntp-probe check TARGET`` (a Nagios / Icinga plugin: :mod:`ntp_probe.cli.check`).
 
 Every flag can also come from an environment variable ``NTP_PROBE_<FLAG>``, the flag's
 name in capitals with dots and dashes as underscores (``--web.listen-address`` ->
@@ -94,6 +95,7 @@ def serve_parser() -> argparse.ArgumentParser:
         description="Prometheus exporter for NTP (blackbox_exporter style). "
         "Subcommands: serve (default), probe TARGET, check TARGET (Nagios/Icinga plugin).",
     )
+    p.error_status = 1  # as kingpin exits on a bad flag: every start-up error is 1
     _common(p)
     env = env_name("--web.listen-address")
     p.add_argument("--web.listen-address", dest="listen", action="append", metavar="[HOST]:PORT",
@@ -138,7 +140,7 @@ def probe_parser() -> argparse.ArgumentParser:
         description="Run one probe and print the result.",
         epilog=f"packaged modules (a --config.file replaces them):\n{listing}\n\n"
         "exit status: 0 the probe succeeded, 1 it failed (the reason is printed),\n"
-        "2 bad arguments or configuration.",
+        "2 bad arguments or configuration, 130 interrupted.",
     )
     p.add_argument("target", help="HOST, HOST:PORT, IP:PORT or [IPv6]:PORT")
     flag(p, "--module", "ntp", help="module name")
@@ -248,8 +250,9 @@ def _main(argv: list[str]) -> int:
             valid = False
         if config is None or not valid:
             return 1
-        if not output.write(f"configuration OK: {len(config.modules)} modules from "
-                            f"{config.source}\n"):
+        count = len(config.modules)
+        if not output.write(f"configuration OK: {count} module{'' if count == 1 else 's'} "
+                            f"from {config.source}\n"):
             return 1
         return 0
     if config is None:

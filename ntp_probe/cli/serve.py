@@ -188,15 +188,15 @@ async def serve(args: argparse.Namespace, config: Config,
             inherited = systemd_sockets()
         except OSError as exc:
             logger.error("--web.systemd-socket: %s", exc.strerror)
-            return 2
+            return 1
         if not inherited:
             logger.error("--web.systemd-socket: systemd passed no socket (LISTEN_FDS)")
-            return 2
+            return 1
     try:
         listen = [parse_listen(a) for a in args.listen]
     except ValueError as exc:
         logger.error("%s", exc)
-        return 2
+        return 1
     try:
         web_config = load_web_config(args.web_config_file)
     except WebConfigError as exc:
@@ -262,8 +262,9 @@ async def serve(args: argparse.Namespace, config: Config,
             await runner.cleanup()
             return 1
     urls = [url for site in sites for url in site.urls()]
-    logger.info("listening on %s with %d modules from %s (version %s); landing page %s/",
-                ", ".join(urls), len(config.modules), config.source, __version__, urls[0])
+    logger.info("listening on %s with %d module%s from %s (version %s); landing page %s/",
+                ", ".join(urls), len(config.modules), "" if len(config.modules) == 1 else "s",
+                config.source, __version__, urls[0])
     if not inherited and any(unrestricted(host, config) for host, _ in listen):
         logger.warning("listening on every address with no allowed_targets: anyone who can "
                        "reach this port can make the exporter send NTP packets to any "

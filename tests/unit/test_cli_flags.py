@@ -21,7 +21,7 @@ def test_an_invalid_environment_variable_is_named(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("NTP_PROBE_HISTORY_LIMIT", "abc")
     with pytest.raises(SystemExit) as exit_:
         serve_parser().parse_args([])
-    assert exit_.value.code == 2
+    assert exit_.value.code == 1  # the exporter's start-up errors are 1, as kingpin's
     err = capsys.readouterr().err
     assert "environment variable NTP_PROBE_HISTORY_LIMIT='abc': expected an integer" in err
     assert "_non_negative_int" not in err
@@ -163,7 +163,7 @@ def test_the_exporter_refuses_abbreviated_flags(argv: list[str],
     # abbreviation in a unit file means.
     with pytest.raises(SystemExit) as exit_:
         serve_parser().parse_args(argv)
-    assert exit_.value.code == 2
+    assert exit_.value.code == 1
     assert "unrecognized arguments" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         probe_parser().parse_args(["127.0.0.1", "--modul", "ntp"])
