@@ -47,6 +47,7 @@ _INSTALL_HINTS = {
     "chronyc": "apt-get install chrony",
     "prometheus": "apt-get install prometheus",
     "promtool": "apt-get install prometheus",
+    "icinga2": "apt-get install icinga2-bin icinga2-common",
 }
 
 LOOPBACK = "127.0.0.1"
