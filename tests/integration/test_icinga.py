@@ -71,7 +71,7 @@ def test_icinga_runs_the_check_through_the_command(tmp_path: Path, chronyd: Chro
         "  enable_active_checks = false\n}\n"
         'object Service "ntp-time" {\n  host_name = "ntp1"\n  check_command = "ntp_probe"\n'
         f'  check_interval = 1s\n  vars.ntp_port = {chronyd.port}\n'
-        '  vars.ntp_probe_module = "ntp_fast"\n  vars.ntp_warning = "~:0.5"\n'
+        '  vars.ntp_module = "ntp_fast"\n  vars.ntp_warning = "~:0.5"\n'
         '  vars.ntp_critical = "1"\n}\n')
     argv, _ = icinga(tmp_path, body)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
