@@ -335,6 +335,7 @@ class Collected:
     # Each source's commands were sent and answered, and each source's data read (or
     # chronyd said the source is gone): only then are counts of sources whole.
     every_source_read: bool = False
+    asked_every_source: bool = False  # up to MAX_SOURCES: the reading ran to its end
     unreadable: int = 0  # sources whose data came in a reply that could not be used
     sources: dict[int, SourceData] = field(default_factory=dict)
     sourcestats: dict[int, SourceStats] = field(default_factory=dict)
@@ -697,6 +698,7 @@ class Session:
         shown, counted = got.sources[twin], data
         if not (shown.mode is SourceMode.REFCLOCK and data.mode is SourceMode.REFCLOCK):
             self._log(f"a second source at {data.name}: left out")
+            got.unreadable += 1  # a source whose reply cannot be used: no counts as whole
             return
         if _selection_rank(data) < _selection_rank(shown):
             del got.sources[twin]
@@ -753,7 +755,9 @@ class Session:
                     elif isinstance(data, SourceStats) and index in got.sources and all(
                             k.name != data.name for k in got.sourcestats.values()):
                         got.sourcestats[index] = data
-            got.every_source_read = not got.unreadable
+            got.asked_every_source = True
+            # Counts only of every source: one not read (past the cap too) could be any.
+            got.every_source_read = not got.unreadable and got.n_sources <= MAX_SOURCES
         answer = await self.ask(Command.SERVER_STATS)
         if answer is not None and isinstance(answer[1], ServerStats):
             got.serverstats = answer[1]
@@ -896,6 +900,12 @@ def _conclude(got: Collected, settings: ChronySettings, ctx: ProbeContext,
                    _TRACKING_FAILURE.get(status, Reason.CHRONY_BAD_REPLY))
         elif got.every_source_read:
             m.fail(Reason.TOO_FEW_SOURCES)
+        elif got.n_sources > MAX_SOURCES and got.asked_every_source and not got.unreadable:
+            # The candidates may be among those past the cap: no verdict on chronyd's
+            # sources, but that it lists more than are read.
+            log(f"chronyd lists {got.n_sources} sources, more than the {MAX_SOURCES} read: "
+                "chrony_bad_reply, not too_few_sources")
+            m.fail(Reason.CHRONY_BAD_REPLY)
         elif got.unreadable:
             # The sources not read may be the candidates: chronyd's replies, not their
             # states, are what is wrong.

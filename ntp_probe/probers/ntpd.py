@@ -624,6 +624,15 @@ async def _collect(session: _Session, pump: DatagramPump[Response | ErrorReply],
         await _read_stats(session, pump, names, got, ctx)
 
 
+def _count(value: str) -> int:
+    """A counter or an uptime: ntpd prints them unsigned; a negative one (only a hostile
+    server sends it) would read as a counter reset."""
+    count = mode6.to_int(value)
+    if count < 0:
+        raise Mode6Error(f"a count cannot be negative: {value.strip()[:32]!r}")
+    return count
+
+
 def _convert(variables: dict[str, str], name: str, convert: Callable[[str], Any],
              ctx: ProbeContext) -> Any:
     """The variable converted, or None when absent or unreadable (logged)."""
@@ -723,7 +732,7 @@ def _emit_stats(stats: dict[str, str], ctx: ProbeContext) -> None:
             # ntpsec's "_r" variables count since the start, the plain ones since the
             # hourly reset: a Prometheus counter wants the former, when the daemon has it.
             total = f"{name}_r" if table is _SYSSTATS and f"{name}_r" in stats else name
-            value = _convert(stats, total, mode6.to_int, ctx)
+            value = _convert(stats, total, _count, ctx)
             if value is not None:
                 m.add(family, value)
 

@@ -25,7 +25,7 @@ from ntp_probe.engine.targets import parse_target
 from ntp_probe.net.budget import limit_probe_sockets
 from ntp_probe.probers import ntpd
 from tests.behaviour.fake_server import forge_unreachable, require_raw_socket
-from tests.conftest import free_udp_port, gauges, label_sets, value
+from tests.conftest import free_udp_port, gauges, label_sets, names, value
 
 LOOPBACK = "127.0.0.1"
 READSTAT, READVAR = 1, 2
@@ -411,6 +411,22 @@ async def test_error_reply_is_mode6_error_with_its_name(server: FakeNtpd) -> Non
     assert len(label_sets(out.m, "probe_ntpd_peer_info")) == 3
     assert value(out.m, "probe_ntpd_packets_received_total") == 1000
     assert not label_sets(out.m, "probe_ntpd_info")
+
+
+async def test_a_negative_counter_is_left_out(server: FakeNtpd) -> None:
+    # ntpd prints its counters unsigned: a negative one (a hostile server's) would read as
+    # a counter reset in Prometheus.
+    def negative(req: Request) -> list[bytes]:
+        if req.opcode == READVAR and req.association == 0 and req.names:
+            body = ", ".join(f"{n}=-{i + 1}" for i, n in enumerate(req.names)).encode()
+            return fragments(req, body, SYSTEM_STATUS)
+        return healthy(req)
+
+    server.behaviour = negative
+    out = await run(server)
+    assert out.m.failure is None, out.log
+    assert not [n for n in names(out.m) if n.endswith("_total") or "uptime" in n], out.log
+    assert "a count cannot be negative" in out.log
 
 
 @pytest.mark.parametrize("how", ["refused", "refused one at a time", "silent", "garbled"])
