@@ -255,9 +255,12 @@ async def _key_exchange(resolved: Resolved, port: int, nts: NTSSettings, ctx: Pr
         return None
     except HandshakeError as exc:
         log(f"NTS-KE TLS failed during {phase}: {exc}")
-        # A server that speaks none of our ALPN protocols says so with a fatal alert.
-        m.fail(Reason.NTS_ALPN_MISMATCH if "no application protocol" in str(exc)
-               else Reason.NTS_KE_TLS)
+        # A server that speaks none of our ALPN protocols says so with a fatal alert; one
+        # that picks a protocol we did not offer (http/1.1) OpenSSL refuses as a bad
+        # extension (its ALPN check's words: TLS servers send no other malformed one).
+        why = str(exc)
+        m.fail(Reason.NTS_ALPN_MISMATCH if "no application protocol" in why
+               or "bad extension" in why else Reason.NTS_KE_TLS)
         return None
     except ke.KEFailure as exc:
         log(f"NTS-KE response rejected ({exc.reason}): {exc}")

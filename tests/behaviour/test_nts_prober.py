@@ -224,13 +224,14 @@ class _NTPServer(asyncio.DatagramProtocol):
 
 
 @contextlib.asynccontextmanager
-async def running_fake(cert: Path, key: Path) -> AsyncIterator[FakeNTS]:
-    """The fake NTS-KE and NTS NTP servers, presenting ``cert``."""
+async def running_fake(cert: Path, key: Path,
+                       alpn: bytes = b"ntske/1") -> AsyncIterator[FakeNTS]:
+    """The fake NTS-KE and NTS NTP servers, presenting ``cert`` (and selecting ``alpn``)."""
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.use_certificate_chain_file(str(cert))  # the leaf, and any intermediates after it
     ctx.use_privatekey_file(str(key))
-    ctx.set_alpn_select_callback(lambda conn, protos: b"ntske/1")
+    ctx.set_alpn_select_callback(lambda conn, protos: alpn)
     loop = asyncio.get_running_loop()
     fake = FakeNTS()
     transport, _ = await loop.create_datagram_endpoint(lambda: _NTPServer(fake),
@@ -636,6 +637,16 @@ async def test_a_server_that_speaks_no_offered_alpn_is_an_alpn_mismatch(pki: PKI
         await server.wait_closed()
     assert m.failure is Reason.NTS_ALPN_MISMATCH, log.text()
     assert "no application protocol" in log.text()
+
+
+async def test_a_server_that_selects_a_protocol_not_offered_is_an_alpn_mismatch(
+        pki: PKI) -> None:
+    # An HTTPS server on the NTS-KE port picking http/1.1 from a ClientHello that offered
+    # only ntske/1: OpenSSL refuses it as a bad ALPN extension.
+    async with running_fake(pki[1], pki[2], alpn=b"http/1.1") as fake:
+        m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0]))
+    assert m.failure is Reason.NTS_ALPN_MISMATCH, log.text()
+    assert not fake.requests
 
 
 async def test_a_certificate_cryptography_cannot_read_is_untrusted_not_a_500(
