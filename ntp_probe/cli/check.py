@@ -317,9 +317,23 @@ def _why_no_offset(m: Measurement) -> str:
     return f": {unsynchronised[0]} clock unsynchronised" if unsynchronised else ""
 
 
-# Failures that mean the server did not answer at all: CRITICAL even with -q.
+# Failures that mean the server did not answer at all: CRITICAL even with -q (a KE server
+# that completes no TLS session, a chronyd whose socket is not there, answer nothing).
 _NO_ANSWER = frozenset({Reason.TIMEOUT, Reason.UNREACHABLE, Reason.MODE6_TIMEOUT,
-                        Reason.CHRONY_TIMEOUT, Reason.NTS_KE_CONNECT})
+                        Reason.CHRONY_TIMEOUT, Reason.CHRONY_SOCKET, Reason.NTS_KE_CONNECT,
+                        Reason.NTS_KE_TLS})
+
+
+def _no_answer(m: Measurement) -> bool:
+    """Whether the probe failed because nothing answered: its reason says so, or it is a
+    group none of whose members answered."""
+    if m.failure in _NO_ANSWER:
+        return True
+    members = [labels for f, labels, _ in m.samples if f.name == "probe_ntp_group_member_up"]
+    failures = [labels[1] for f, labels, _ in m.samples
+                if f.name == "probe_ntp_group_member_failure_info"]
+    return bool(members) and len(failures) == len(members) and all(
+        reason in _NO_ANSWER for reason in failures)
 
 
 def evaluate(target: str, module: Module, m: Measurement, warning: Range,
@@ -334,7 +348,7 @@ def evaluate(target: str, module: Module, m: Measurement, warning: Range,
     if not m.success:
         # -q spares a server that answered without an offset to judge; one that did not
         # answer stays CRITICAL, as in check_ntp_time ("No response") and check_ntp_peer.
-        state = CRITICAL if m.failure in _NO_ANSWER else unknown_offset
+        state = CRITICAL if _no_answer(m) else unknown_offset
         summary = f"{target} probe failed: {m.failure}"
         if m.failure_detail:
             summary += f" ({m.failure_detail})"

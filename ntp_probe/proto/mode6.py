@@ -18,7 +18,6 @@ import re
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
 from enum import IntEnum
 
 HEADER_LEN = 12
@@ -554,8 +553,12 @@ def ms_to_seconds(value: str) -> float:
     in the last place off for about a quarter of values, ``0.03`` -> 2.9999999999999997e-05)."""
     to_float(value)  # refuses what is not a finite number
     v = value.strip()
-    exact = Decimal(int(v[2:], 16)) if _HEX.fullmatch(v) else Decimal(v)
-    return float(exact.scaleb(-3))
+    if _HEX.fullmatch(v):
+        return float(f"{int(v[2:], 16)}e-3")
+    # The decimal exponent moved by three, then one correctly rounded conversion (an
+    # exponent of any size: Python's int and float parsing take it).
+    mantissa, _, exponent = v.lower().partition("e")
+    return float(f"{mantissa}e{int(exponent or 0) - 3}")
 
 
 def ppm(value: str) -> float:

@@ -291,6 +291,22 @@ async def test_quiet_makes_a_failure_unknown(fake_ntp: FakeNTPServer) -> None:
     assert code == 2 and "probe failed: timeout" in line, line
     code, line = await run(f"127.0.0.1:{free_udp_port()}", "-q")
     assert code == 2 and "probe failed: unreachable (ICMP port unreachable: " in line, line
+    # Nor does a chronyd whose socket is not there, or a group none of whose members
+    # answered (its reason, no_majority, is the group's; its members' say why).
+    config = parse_config(
+        "modules:\n  c:\n    prober: chrony\n    chrony: {socket: /nonexistent/chronyd.sock}\n"
+        "  g:\n    prober: ntp_group\n    timeout: 2s\n"
+        "    ntp: {samples: 1, reply_timeout: 200ms}\n", "test")
+    args = check.check_parser().parse_args(["127.0.0.1", "--module", "c", "-q"])
+    code, line = await check.check(args, config)
+    assert code == 2 and "probe failed: chrony_socket" in line, line
+    members = f"{fake_ntp.target},127.0.0.1:{free_udp_port()}"
+    args = check.check_parser().parse_args([members, "--module", "g", "-q"])
+    code, line = await check.check(args, config)
+    assert code == 2 and "probe failed: no_majority" in line, line
+    fake_ntp.behaviour = answer(leap=3)  # one member answers, unsynchronised: -q spares it
+    code, line = await check.check(args, config)
+    assert code == 3 and "probe failed: no_majority" in line, line
 
 
 @pytest.mark.parametrize(("warning", "critical", "offset", "code", "perf"), [

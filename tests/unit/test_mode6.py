@@ -511,7 +511,9 @@ def test_number_converters() -> None:
     # The double nearest the printed value, as ntpq's reader gets it: x / 1000 is one ulp
     # off for about a quarter of values.
     for printed, seconds in (("0.03", 3e-05), ("6e-05", 6e-08), ("0.009205", 9.205e-06),
-                             ("-0.009205", -9.205e-06), ("0x10", 0.016), ("12.5E2", 1.25)):
+                             ("-0.009205", -9.205e-06), ("0x10", 0.016), ("12.5E2", 1.25),
+                             ("1e-999999999999999999999999999999999999", 0.0),
+                             ("0.0e-9999999999999999999", 0.0), ("+5e+3", 5.0)):
         assert mode6.ms_to_seconds(printed) == seconds, printed
     assert mode6.ppm("-3.217") == -3.217
     assert mode6.log2_seconds("-20") == 2.0 ** -20
