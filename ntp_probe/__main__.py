@@ -1,5 +1,5 @@
 """``python -m ntp_probe``."""
 
-from ntp_probe.cli.main import console
+from ntp_probe.cli.entry import console
 
 console()

@@ -13,14 +13,13 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import NoReturn
 
 from ntp_probe import __version__
 from ntp_probe.cli import check, logs, output, report
+from ntp_probe.cli.entry import INTERRUPTED, EarlyHangup
 from ntp_probe.cli.flags import Parser, env_name, flag, number, positive_float, seconds
 from ntp_probe.cli.probe import probe
 from ntp_probe.config.load import leapfile_warning, load_config
@@ -174,58 +173,30 @@ def _load(path: str | None, *, serving: bool = True) -> Config | None:
     return config
 
 
-def console() -> NoReturn:
-    """The ``ntp-probe`` console script (and ``python -m ntp_probe``): :func:`main`, then
-    the exit. A check leaves as soon as its line is out: the interpreter's teardown (the
-    NTS stack's libraries among what it unloads) would take up to a tenth of a second
-    more of the -t that bounds the whole run."""
-    code = main()
-    if sys.argv[1:2] == ["check"]:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                stream.flush()
-        logging.shutdown()
-        os._exit(code)
-    raise SystemExit(code)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line's work: the exit status of ``ntp-probe ARGV``."""
+def main(argv: Sequence[str] | None = None, hangup: EarlyHangup | None = None) -> int:
+    """The command line's work: the exit status of ``ntp-probe ARGV``; ``hangup``: the
+    console script's note of a SIGHUP that came while it loaded (the exporter's)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "check":
         # A plugin's output is its one status line: logging goes to stderr, errors only.
         logs.setup("error", "logfmt")
         return check.main(argv[1:])
     try:
-        return _main(argv)
+        return _main(argv, hangup)
     except KeyboardInterrupt:  # Ctrl-C before the exporter handles it, or during a probe
         with contextlib.suppress(OSError, ValueError, AttributeError):  # stderr may be gone
             sys.stderr.write("ntp-probe: interrupted\n")
-        return 130
+        return INTERRUPTED
 
 
-class _EarlyHangup:
-    """Notes a SIGHUP that comes while the exporter starts (before its own handler), which
-    would otherwise end the process: the exporter reloads once it serves."""
-
-    def __init__(self) -> None:
-        self.seen = False
-        signal.signal(signal.SIGHUP, self._note)
-
-    def _note(self, signum: int, frame: object) -> None:
-        self.seen = True
-
-    def __call__(self) -> bool:
-        return self.seen
-
-
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str], hangup: EarlyHangup | None) -> int:
     if argv and argv[0] == "probe":
         args = probe_parser().parse_args(argv[1:])
         logs.setup(args.log_level, args.log_format)
         config = _load(args.config_file, serving=False)
         return 2 if config is None else asyncio.run(probe(args, config))
-    hangup = _EarlyHangup()
+    if hangup is None:
+        hangup = EarlyHangup()
     # The web stack (aiohttp: a third of a second to import) only for the exporter: a
     # Nagios check runs within its -t, start-up included.
     from ntp_probe.cli.serve import serve

@@ -171,7 +171,7 @@ async def test_the_console_script_leaves_a_check_as_soon_as_its_line_is_out(
     fake_ntp.behaviour = answer(offset=0.0)
     script = ("import atexit, sys\n"
               "atexit.register(lambda: print('teardown', flush=True))\n"
-              "from ntp_probe.cli.main import console\n"
+              "from ntp_probe.cli.entry import console\n"
               "sys.argv = ['ntp-probe', *sys.argv[1:]]\n"
               "console()\n")
     argv = [fake_ntp.target, "--module", "ntp_fast", "-4"]

@@ -154,20 +154,47 @@ def test_a_sighup_after_sigterm_does_not_reload(tmp_path: Path) -> None:
     assert "shutting down" in log and "reloaded" not in log, log
 
 
-# The real console entry point, with a SIGHUP sent to itself during start-up, once the
-# exporter can note it and before the event loop handles it (aiohttp's import, the files).
+# The real console entry point, with a SIGHUP sent to itself as soon as it can note one:
+# before it imports the rest (the probers, aiohttp) and reads the files.
 EARLY_HANGUP = """\
 import os, signal, sys
-from ntp_probe.cli import main
+from ntp_probe.cli import entry
 
-class Noted(main._EarlyHangup):
+class Noted(entry.EarlyHangup):
     def __init__(self):
         super().__init__()
         os.kill(os.getpid(), signal.SIGHUP)
 
-main._EarlyHangup = Noted
-sys.exit(main.main(sys.argv[1:]))
+entry.EarlyHangup = Noted
+sys.argv[0] = "ntp-probe"
+entry.console()
 """
+
+# The real console entry point, interrupted (Ctrl-C) while it imports the command line.
+INTERRUPTED_LOADING = """\
+import sys
+from ntp_probe.cli import entry
+
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "ntp_probe.cli.main":
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, Interrupt())
+entry.console()
+"""
+
+
+@pytest.mark.parametrize("command", ["probe", "check", "serve"])
+def test_ctrl_c_while_loading_is_one_line(command: str) -> None:
+    done = subprocess.run([sys.executable, "-c", INTERRUPTED_LOADING, command, "127.0.0.1"],
+                          capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL, env=child_env())
+    assert "Traceback" not in done.stderr, done.stderr
+    if command == "check":  # a plugin's status line, whatever happens
+        assert (done.returncode, done.stdout) == (3, "NTP UNKNOWN: interrupted\n"), done
+    else:
+        assert (done.returncode, done.stderr) == (130, "ntp-probe: interrupted\n"), done
 
 
 def test_a_sighup_during_start_up_is_a_reload_once_serving(tmp_path: Path) -> None:
