@@ -18,6 +18,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import Any, NoReturn
 
 from ntp_probe import __version__
@@ -154,6 +155,12 @@ class Range:
         """Whether it is a plain N (0:N)."""
         return self.start == 0 and not self.inside and math.isfinite(self.end)
 
+    @property
+    def upper_bound(self) -> bool:
+        """Whether, on an absolute value, it only bounds it from above as a plain N does
+        (``~:N``, ``-1:N``)."""
+        return self.start <= 0 and not self.inside and math.isfinite(self.end)
+
     def alerts(self, value: float) -> bool:
         """Whether ``value`` reaches this threshold."""
         within = self.start <= value <= self.end
@@ -169,10 +176,11 @@ class Range:
 
 
 def _threshold_number(value: float) -> str:
-    """Six decimals, as the monitoring plugins print thresholds; more where six would
-    print another threshold than the one applied (``-c 0.0000004``)."""
+    """Six decimals, as the monitoring plugins print thresholds; where six would print
+    another threshold than the one applied (``-c 0.0000004``), every digit it has, never
+    in exponent form (perfdata has none)."""
     text = f"{value:.6f}"
-    return text if float(text) == value else f"{value:.9f}".rstrip("0")
+    return text if float(text) == value else format(Decimal(repr(value)), "f")
 
 
 def threshold_range(text: str) -> Range:
@@ -193,11 +201,11 @@ def threshold_range(text: str) -> Range:
 
 
 def thresholds(args: argparse.Namespace) -> tuple[Range, Range]:
-    """(warning, critical) from -w and -c. With one plain threshold given alone, the other
-    keeps its default unless that would put it on the wrong side: then it keeps the
-    defaults' ratio to the one given, so that both states stay reachable (``-w 0.1``
-    alone: -c 0.5). Any two given are taken as they are, as check_ntp_time takes them
-    (CRITICAL is judged first)."""
+    """(warning, critical) from -w and -c. With one threshold given alone that bounds the
+    offset from above (N, ~:N), the other keeps its default unless that would put it on
+    the wrong side: then it keeps the defaults' ratio to the one given, so that both
+    states stay reachable (``-w 0.1`` alone: -c 0.5). Any two given are taken as they
+    are, as check_ntp_time takes them (CRITICAL is judged first)."""
     warning: Range | None = args.warning
     critical: Range | None = args.critical
     ratio = DEFAULT_CRITICAL / DEFAULT_WARNING
@@ -205,11 +213,11 @@ def thresholds(args: argparse.Namespace) -> tuple[Range, Range]:
         return Range.upto(DEFAULT_WARNING), Range.upto(DEFAULT_CRITICAL)
     if warning is None:
         assert critical is not None
-        if critical.plain and critical.end <= DEFAULT_WARNING:
+        if critical.upper_bound and critical.end <= DEFAULT_WARNING:
             return Range.upto(critical.end / ratio), critical
         return Range.upto(DEFAULT_WARNING), critical
     if critical is None:
-        if warning.plain and warning.end >= DEFAULT_CRITICAL:
+        if warning.upper_bound and warning.end >= DEFAULT_CRITICAL:
             return warning, Range.upto(warning.end * ratio)
         return warning, Range.upto(DEFAULT_CRITICAL)
     return warning, critical

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import socket
@@ -85,6 +86,9 @@ async def test_thresholds_can_be_set(fake_ntp: FakeNTPServer) -> None:
     (["-w", "0.001"], 0.02, 1, ";0.001000;0.050000"),
     (["-w", "0.02"], 0.07, 2, ";0.020000;0.050000"),  # -c keeps its default
     (["-c", "0.03"], 0.02, 1, ";0.010000;0.030000"),  # -w keeps its default
+    # A range that only bounds |offset| from above is one threshold as a plain N is.
+    (["-w", "~:0.1"], 0.2, 1, ";~:0.100000;0.500000"),
+    (["-w", "-0.1:0.1"], 0.2, 1, ";-0.100000:0.100000;0.500000"),
 ])
 async def test_one_threshold_alone(fake_ntp: FakeNTPServer, given: list[str], offset: float,
                                    code: int, perf: str) -> None:
@@ -335,6 +339,9 @@ def test_a_threshold_finer_than_six_decimals_is_printed_as_applied() -> None:
     got, line = check.evaluate("t", CONFIG.modules["one"], m, check.Range.upto(2e-7),
                                check.Range.upto(1e-6))
     assert got == 2 and "offset=0.000003s;0.0000002;0.000001 " in line, line
+    got, line = check.evaluate("t", CONFIG.modules["one"], m, check.Range.upto(1e-12),
+                               check.Range(1e-10, math.inf))
+    assert "offset=0.000003s;0.000000000001;0.0000000001: " in line, line  # never "0."
 
 
 async def test_minus_4_and_6_apply_to_a_groups_members(fake_ntp: FakeNTPServer) -> None:
