@@ -39,6 +39,7 @@ from ntp_probe.config.schema import (
 )
 from ntp_probe.engine.registry import PROBERS
 from ntp_probe.engine.targets import TargetError, parse_target
+from ntp_probe.probers.pacing import MIN_REPLY_WINDOW
 from ntp_probe.proto.leapfile import LeapFile, LeapFileError, parse_leapfile
 from ntp_probe.safety.policy import PolicyError, TargetPolicy, parse_rules
 
@@ -290,13 +291,34 @@ def _parse_module(name: str, raw: object, problems: _Problems,
             if key in ntp_raw:
                 problems.add(_at(ntp_raw, key), f"{where}.ntp.{key}",
                              f"not used by prober: {prober}")
-    return Module(
+    module = Module(
         name=name, prober=prober, description=description.strip(),
         timeout=_value(_TIMEOUT, raw, "timeout", where, problems, 10.0),
         policy=_parse_policy(raw, where, problems),
         min_probe_interval=_value(_INTERVAL, raw, "min_probe_interval", where, problems, 0.0),
         **blocks,
     )
+    room = _reply_room(module)
+    if room is not None and module.timeout < room:
+        # No request would ever be sent (its reply could not arrive in time), and every
+        # probe would fail, blaming the server.
+        problems.add(_at(raw, "timeout"), f"{where}.timeout",
+                     f"{format_duration(module.timeout)} leaves no room for a reply, which "
+                     f"is given at least {format_duration(room)} (or the request timeout, "
+                     "when shorter)")
+    return module
+
+
+def _reply_room(module: Module) -> float | None:
+    """The least time a module's first request needs before its deadline to be sent: its
+    reply window (pacing), or None for a prober that sends nothing."""
+    if module.prober == "chrony":
+        return min(MIN_REPLY_WINDOW, module.chrony.request_timeout)
+    if module.prober == "ntpd":
+        return min(MIN_REPLY_WINDOW, module.ntpd.request_timeout)
+    if module.prober in ("ntp", "nts", "ntp_group"):
+        return min(MIN_REPLY_WINDOW, module.ntp.reply_timeout)
+    return None
 
 
 def server_name_problem(name: str) -> str | None:

@@ -638,3 +638,23 @@ def test_a_kiss_of_death_backoff_cannot_be_turned_off(key: str) -> None:
                                               r"the minimum 64s \(a Kiss-o'-Death"):
             parse(f"modules:\n  m:\n    ntp:\n      {key}: {short}\n")
     assert parse(f"modules:\n  m:\n    ntp:\n      {key}: 64s\n").modules["m"].ntp
+
+
+@pytest.mark.parametrize(("module", "ok"), [
+    ("{prober: ntp, timeout: 40ms}", False),
+    ("{prober: ntp, timeout: 40ms, ntp: {reply_timeout: 30ms}}", True),
+    ("{prober: ntp, timeout: 50ms}", True),
+    ("{prober: chrony, timeout: 40ms}", False),
+    ("{prober: ntpd, timeout: 40ms, ntpd: {request_timeout: 20ms}}", True),
+    ("{prober: kernel, timeout: 10ms}", True),
+])
+def test_a_timeout_that_leaves_no_room_for_a_reply_is_refused(module: str, ok: bool) -> None:
+    # No request would ever go (its reply could not arrive in time): every probe would fail
+    # with timeout, blaming the server, while --config.check said OK.
+    text = f"modules:\n  t: {module}\n"
+    if ok:
+        parse(text)
+    else:
+        with pytest.raises(ConfigError, match=r"modules\.t\.timeout: 40ms leaves no room for "
+                           r"a reply, which is given at least 50ms"):
+            parse(text)
