@@ -23,6 +23,7 @@ from ntp_probe.engine.registry import PROBERS, server_key, timeout_reason
 from ntp_probe.engine.result import Measurement
 from ntp_probe.engine.runner import guard_for, run_probe
 from ntp_probe.engine.targets import Target
+from ntp_probe.engine.tasks import drop_cancellation
 from ntp_probe.safety.guard import Guard
 from ntp_probe.safety.kod import KodTable
 from ntp_probe.safety.leap import LeapMemory
@@ -222,6 +223,8 @@ class Coordinator:
                             log=ProbeLog(str(target), module.name))
             found.task = loop.create_task(self._run(key, found, target, module, timeout,
                                                     guard))
+            # Its frame holds the flight that holds it: a cancellation must not stay.
+            found.task.add_done_callback(drop_cancellation)
             self._flights.setdefault(key, []).append(found)
         flight = found
         waiter: asyncio.Future[_Result] = loop.create_future()

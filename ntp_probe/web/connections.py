@@ -38,6 +38,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError, LineTooLong
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
+from ntp_probe.engine.tasks import drop_cancellation
+
 logger = logging.getLogger("ntp_probe.web")
 
 _LOG_INTERVAL = 10.0  # seconds between two log lines about the same kind of trouble
@@ -732,6 +734,8 @@ class _Proxy(asyncio.Protocol):
         transport.pause_reading()  # type: ignore[attr-defined]
         self._handshake = asyncio.get_running_loop().create_task(
             self._start_tls(transport, self._ssl))
+        # Its frame holds this proxy, which holds it: a cancellation must not stay.
+        self._handshake.add_done_callback(drop_cancellation)
 
     async def _start_tls(self, transport: asyncio.BaseTransport,
                          context: ssl.SSLContext) -> None:
@@ -781,8 +785,13 @@ class _Proxy(asyncio.Protocol):
             secured = await loop.start_tls(
                 transport, self, context, server_side=True,  # type: ignore[arg-type]
                 ssl_handshake_timeout=self.guard.header_timeout)
-        except (OSError, TimeoutError, ssl.SSLError, RuntimeError):
-            # A failed or abandoned handshake: asyncio has closed what it could.
+        except (OSError, TimeoutError, ssl.SSLError, RuntimeError) as exc:
+            # A failed or abandoned handshake: asyncio has closed what it could. Its waiter
+            # holds this exception, whose traceback holds start_tls's frame, which holds the
+            # waiter and the TLS protocol with its 256 KiB buffer: a cycle the exporter's
+            # rare full collection would free only after a flood of handshakes had piled
+            # hundreds of MB of them up. Cut.
+            exc.__traceback__ = None
             self.guard._closed(self)
             transport.abort()  # type: ignore[attr-defined]
             return
