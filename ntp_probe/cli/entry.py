@@ -4,12 +4,12 @@ probers, aiohttp), before importing any of it."""
 
 from __future__ import annotations
 
+# Only what the interpreter has loaded already (contextlib, os, sys) and signal: every
+# millisecond before the handlers below is one in which a signal ends the process.
 import contextlib
-import logging
 import os
 import signal
 import sys
-from typing import NoReturn
 
 INTERRUPTED = 130  # a shell's status for a process ended by SIGINT
 
@@ -29,26 +29,33 @@ class EarlyHangup:
         return self.seen
 
 
-def console() -> NoReturn:
-    """Run the command line, then exit. A check leaves as soon as its line is out: the
-    interpreter's teardown (the NTS stack's libraries among what it unloads) would take up
-    to a tenth of a second more of the -t that bounds the whole run."""
+def console() -> None:
+    """Run the command line, then exit (it never returns). A check leaves as soon as its
+    line is out: the interpreter's teardown (the NTS stack's libraries among what it
+    unloads) would take up to a tenth of a second more of the -t that bounds the run."""
     command = sys.argv[1:2]
     checking = command == ["check"]
-    hangup = None if command in (["probe"], ["check"]) else EarlyHangup()
     try:
+        hangup = None if command in (["probe"], ["check"]) else EarlyHangup()
         from ntp_probe.cli.main import main
 
         code = main(hangup=hangup)
-    except KeyboardInterrupt:  # Ctrl-C while the command line loads
+        if checking:
+            import logging
+
+            for stream in (sys.stdout, sys.stderr):
+                _flush(stream)
+            logging.shutdown()
+    except KeyboardInterrupt:  # Ctrl-C while the command line loads (main takes it later)
         code = _interrupted(checking)
     if checking:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                stream.flush()
-        logging.shutdown()
         os._exit(code)
     raise SystemExit(code)
+
+
+def _flush(stream: object) -> None:
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # closed, full, or gone
+        stream.flush()  # type: ignore[attr-defined]
 
 
 def _interrupted(checking: bool) -> int:
@@ -56,6 +63,7 @@ def _interrupted(checking: bool) -> int:
     with contextlib.suppress(OSError, ValueError, AttributeError):  # a stream may be gone
         if checking:
             sys.stdout.write("NTP UNKNOWN: interrupted\n")
-            return 3
-        sys.stderr.write("ntp-probe: interrupted\n")
+            _flush(sys.stdout)
+        else:
+            sys.stderr.write("ntp-probe: interrupted\n")
     return 3 if checking else INTERRUPTED

@@ -303,22 +303,29 @@ def _parse_module(name: str, raw: object, problems: _Problems,
         # No request would ever be sent (its reply could not arrive in time), and every
         # probe would fail, blaming the server.
         problems.add(_at(raw, "timeout"), f"{where}.timeout",
-                     f"{format_duration(module.timeout)} leaves no room for a reply, which "
-                     f"is given at least {format_duration(room)} (or the request timeout, "
-                     "when shorter)")
+                     f"{format_duration(module.timeout)} leaves no room for a request and "
+                     f"its reply: at least {format_duration(room)} (50ms for the reply, or "
+                     "the request timeout when shorter, and 20ms for the probe's own)")
     return module
 
 
+# What a probe spends before its first request may go, and keeps back at the end for its
+# verdict (the probers' margins, a few milliseconds), on top of the reply's window.
+_START_ROOM = 0.02
+
+
 def _reply_room(module: Module) -> float | None:
-    """The least time a module's first request needs before its deadline to be sent: its
-    reply window (pacing), or None for a prober that sends nothing."""
+    """The least module timeout with which a first request is sent: its reply window
+    (pacing) and the probers' own margins, or None for a prober that sends nothing."""
     if module.prober == "chrony":
-        return min(MIN_REPLY_WINDOW, module.chrony.request_timeout)
-    if module.prober == "ntpd":
-        return min(MIN_REPLY_WINDOW, module.ntpd.request_timeout)
-    if module.prober in ("ntp", "nts", "ntp_group"):
-        return min(MIN_REPLY_WINDOW, module.ntp.reply_timeout)
-    return None
+        window = min(MIN_REPLY_WINDOW, module.chrony.request_timeout)
+    elif module.prober == "ntpd":
+        window = min(MIN_REPLY_WINDOW, module.ntpd.request_timeout)
+    elif module.prober in ("ntp", "nts", "ntp_group"):
+        window = min(MIN_REPLY_WINDOW, module.ntp.reply_timeout)
+    else:
+        return None
+    return window + _START_ROOM
 
 
 def server_name_problem(name: str) -> str | None:

@@ -642,8 +642,9 @@ def test_a_kiss_of_death_backoff_cannot_be_turned_off(key: str) -> None:
 
 @pytest.mark.parametrize(("module", "ok"), [
     ("{prober: ntp, timeout: 40ms}", False),
-    ("{prober: ntp, timeout: 40ms, ntp: {reply_timeout: 30ms}}", True),
-    ("{prober: ntp, timeout: 50ms}", True),
+    ("{prober: ntp, timeout: 69ms}", False),  # the probe's own margins come on top
+    ("{prober: ntp, timeout: 40ms, ntp: {reply_timeout: 20ms}}", True),
+    ("{prober: ntp, timeout: 70ms}", True),
     ("{prober: chrony, timeout: 40ms}", False),
     ("{prober: ntpd, timeout: 40ms, ntpd: {request_timeout: 20ms}}", True),
     ("{prober: kernel, timeout: 10ms}", True),
@@ -655,6 +656,6 @@ def test_a_timeout_that_leaves_no_room_for_a_reply_is_refused(module: str, ok: b
     if ok:
         parse(text)
     else:
-        with pytest.raises(ConfigError, match=r"modules\.t\.timeout: 40ms leaves no room for "
-                           r"a reply, which is given at least 50ms"):
+        with pytest.raises(ConfigError, match=r"modules\.t\.timeout: \d+ms leaves no room for "
+                           r"a request and its reply: at least 70ms"):
             parse(text)
