@@ -114,27 +114,30 @@ class State:
         async with self._reloading:
             if self._queued is asyncio.current_task():
                 self._queued = None  # reading now: later callers queue the next one
+            # Both files or neither: a reload that could not take the web config (a
+            # password rotation that failed) must say so, not answer OK. Both are read, so
+            # that the answer names every problem at once, as --config.check does.
+            problems: list[str] = []
             try:
                 config = await asyncio.to_thread(load_config, self.config_path)
+            except ConfigError as exc:
+                for line in str(exc).splitlines():
+                    logger.error("reload failed, keeping the previous configuration: %s", line)
+                problems.append(str(exc))
+            except Exception as exc:  # a loader bug: still a failed reload, still reported
+                logger.exception("reload failed, keeping the previous configuration")
+                problems.append(f"{self.config_path}: cannot be loaded: {type(exc).__name__}")
+            try:
                 web_config = await self._read_web_config()
             except WebConfigError as exc:
-                # Both files or neither: a reload that could not take the web config
-                # (a password rotation that failed) must say so, not answer OK.
-                self.internals.config_failed()
                 logger.error("reload failed, keeping the previous configuration: web config: "
                              "%s", exc)
                 why = str(exc)  # a YAML error names the file already
-                return why if why.startswith(f"{self.web_config_path}:") else (
-                    f"{self.web_config_path}: {why}")
-            except ConfigError as exc:
+                problems.append(why if why.startswith(f"{self.web_config_path}:") else
+                                f"{self.web_config_path}: {why}")
+            if problems:
                 self.internals.config_failed()
-                for line in str(exc).splitlines():
-                    logger.error("reload failed, keeping the previous configuration: %s", line)
-                return str(exc)
-            except Exception as exc:  # a loader bug: still a failed reload, still reported
-                self.internals.config_failed()
-                logger.exception("reload failed, keeping the previous configuration")
-                return f"{self.config_path}: cannot be loaded: {type(exc).__name__}"
+                return "; ".join(problems)
             if web_config is not None:
                 later = self.web_config.restart_needed(web_config)
                 if later:

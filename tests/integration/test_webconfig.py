@@ -421,6 +421,10 @@ def test_a_reload_takes_new_passwords_and_headers(tmp_path: Path) -> None:
         web.write_text("basic_auth_users: [\n")  # broken: a failed reload, the old one kept
         failed = server.get("/-/reload", basic(USER, "rotated"), method="POST")
         assert failed.status == 500 and failed.body.count(str(web)) == 1, failed  # once
+        # Both files bad: the answer names the problems of both, as --config.check does.
+        (tmp_path / "modules.yaml").write_text("modules:\n  m: {prober: ntp, tiemout: 5s}\n")
+        both = server.get("/-/reload", basic(USER, "rotated"), method="POST")
+        assert both.status == 500 and "tiemout" in both.body and str(web) in both.body, both
         assert "reload failed, keeping the previous configuration: web config" in server.log()
         after = server.get("/metrics", basic(USER, "rotated"))
         assert after.status == 200
