@@ -411,8 +411,6 @@ def main(argv: Sequence[str]) -> int:
         code, line = asyncio.run(check(args, config, spent=_spent()))
     except Unknown as exc:
         code, line = UNKNOWN, f"NTP UNKNOWN: {_text(str(exc))}"
-    except KeyboardInterrupt:  # still one status line, as a plugin must print
-        code, line = UNKNOWN, "NTP UNKNOWN: interrupted"
     except Exception as exc:  # a plugin must answer UNKNOWN, never a traceback
         why = f"internal error: {type(exc).__name__}: {exc}"
         code, line = UNKNOWN, f"NTP UNKNOWN: {_text(why)}"

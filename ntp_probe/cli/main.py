@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import sys
@@ -19,7 +18,7 @@ from collections.abc import Sequence
 
 from ntp_probe import __version__
 from ntp_probe.cli import check, logs, output, report
-from ntp_probe.cli.entry import INTERRUPTED, EarlyHangup
+from ntp_probe.cli.entry import EarlyHangup
 from ntp_probe.cli.flags import Parser, env_name, flag, number, positive_float, seconds
 from ntp_probe.cli.probe import probe
 from ntp_probe.config.load import leapfile_warning, load_config
@@ -181,12 +180,8 @@ def main(argv: Sequence[str] | None = None, hangup: EarlyHangup | None = None) -
         # A plugin's output is its one status line: logging goes to stderr, errors only.
         logs.setup("error", "logfmt")
         return check.main(argv[1:])
-    try:
-        return _main(argv, hangup)
-    except KeyboardInterrupt:  # Ctrl-C before the exporter handles it, or during a probe
-        with contextlib.suppress(OSError, ValueError, AttributeError):  # stderr may be gone
-            sys.stderr.write("ntp-probe: interrupted\n")
-        return INTERRUPTED
+    # A Ctrl-C anywhere in here is the console script's to report (cli/entry.py).
+    return _main(argv, hangup)
 
 
 def _main(argv: list[str], hangup: EarlyHangup | None) -> int:
