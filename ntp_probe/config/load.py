@@ -317,15 +317,10 @@ _START_ROOM = 0.02
 def _reply_room(module: Module) -> float | None:
     """The least module timeout with which a first request is sent: its reply window
     (pacing) and the probers' own margins, or None for a prober that sends nothing."""
-    if module.prober == "chrony":
-        window = min(MIN_REPLY_WINDOW, module.chrony.request_timeout)
-    elif module.prober == "ntpd":
-        window = min(MIN_REPLY_WINDOW, module.ntpd.request_timeout)
-    elif module.prober in ("ntp", "nts", "ntp_group"):
-        window = min(MIN_REPLY_WINDOW, module.ntp.reply_timeout)
-    else:
+    reply_timeout = PROBERS[module.prober].reply_timeout
+    if reply_timeout is None:
         return None
-    return window + _START_ROOM
+    return min(MIN_REPLY_WINDOW, reply_timeout(module)) + _START_ROOM
 
 
 def server_name_problem(name: str) -> str | None:

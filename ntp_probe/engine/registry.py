@@ -55,6 +55,10 @@ class ProberSpec:
     # The reason when the deadline cuts a probe off before it could say its own (a daemon's
     # command port timing out is not an NTP server's silence: NTPServerUnreachable).
     timeout: Reason = Reason.TIMEOUT
+    # How long a request may wait for its reply at the most (the module's request or
+    # reply timeout; None: the kind sends nothing): config refuses a module timeout that
+    # could not fit the first request's window.
+    reply_timeout: Callable[[Module], float] | None = None
 
 
 PROBERS: Mapping[str, ProberSpec] = {
@@ -67,23 +71,26 @@ PROBERS: Mapping[str, ProberSpec] = {
             _COMMON + _NETWORK + _families(ntp) + _families(kernel) + _families(hybrid)
             + _families(leapcheck),
             (*hybrid.REASONS, Reason.LEAP_MISMATCH), default_port=lambda module: module.ntp.port,
-            longest=ntp.longest,
+            longest=ntp.longest, reply_timeout=lambda module: module.ntp.reply_timeout,
         ),
         ProberSpec(
             "chrony", chrony.probe, chrony.DESCRIPTION, ("chrony",),
             _COMMON + _NETWORK + _families(chrony), chrony.REASONS,
             default_port=lambda module: module.chrony.port, timeout=Reason.CHRONY_TIMEOUT,
+            reply_timeout=lambda module: module.chrony.request_timeout,
         ),
         ProberSpec(
             "ntpd", ntpd.probe, ntpd.DESCRIPTION, ("ntpd",),
             _COMMON + _NETWORK + _families(ntpd), ntpd.REASONS,
             default_port=lambda module: module.ntpd.port, timeout=Reason.MODE6_TIMEOUT,
+            reply_timeout=lambda module: module.ntpd.request_timeout,
         ),
         ProberSpec(
             "ntp_group", group.probe, group.DESCRIPTION, ("ntp", "ntp_group"),
             _COMMON + _families(group) + (prepare.BACKOFF_REMAINING, prepare.KISS_CODE),
             group.REASONS, target=group.resolve_target,
             longest=ntp.longest, timeout=Reason.NO_MAJORITY,  # no member measured in time
+            reply_timeout=lambda module: module.ntp.reply_timeout,
             # A member is one server: every address of a name would need series per member
             # and address, which the group does not expose.
             ntp_keys_unused=("all_addresses", "max_addresses", "addresses_required",
@@ -94,6 +101,7 @@ PROBERS: Mapping[str, ProberSpec] = {
             _COMMON + _NETWORK + _families(ntp) + _families(nts) + _families(leapcheck),
             nts.REASONS,
             default_port=lambda module: module.nts.port,
+            reply_timeout=lambda module: module.ntp.reply_timeout,
             # The NTP port comes from the KE (its port record, or 123): nts.port is the
             # KE's own.
             ntp_keys_unused=("all_addresses", "max_addresses", "addresses_required",

@@ -172,7 +172,9 @@ class TLSClient:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await asyncio.get_running_loop().sock_connect(sock, (address, port))
         except OSError as exc:
-            raise ConnectError(exc.errno, exc.strerror or str(exc)) from None
+            # asyncio's words ("Connect call failed (...)") hide the system's: the errno's.
+            why = os.strerror(exc.errno) if exc.errno else exc.strerror or str(exc)
+            raise ConnectError(exc.errno, why) from None
 
     async def handshake(self, server_name: str) -> None:
         """TLS handshake, then the identity check against ``server_name`` (a host name,

@@ -278,14 +278,14 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
         log(f"member {name}: {state}" + (f" ({failure})" if failure else ""))
     # A member's Kiss-o'-Death or backoff is the group's to report: NTPKissOfDeath reads it.
     ntp.kiss_codes_of_every(m, [child.measurement for child in children])
-    _conclude(m, selection, module.ntp_group.max_falsetickers, log)
+    _conclude(m, selection, module.ntp_group.max_falsetickers, len(members), log)
     local = [str(member) for member, child in zip(members, children, strict=True)
              if child.measurement.failure is Reason.LOCAL_ERROR]
     if local:
         # This host could not measure them (out of sockets): no verdict on the group,
         # whose selection lacks them, and none that blames its servers.
         log(f"not measured for a local error: {', '.join(local)}: local_error")
-        m.fail(Reason.LOCAL_ERROR)
+        m.fail(Reason.LOCAL_ERROR, f"not measured: {', '.join(local)}")
     refused = [child.measurement.failure for child in children]
     if all(f is Reason.TARGET_FORBIDDEN for f in refused):
         # The exporter's own policy refused every member: no verdict on the servers (a
@@ -364,7 +364,7 @@ async def _member_burst(found: tuple[Resolved, int], module: Module,
     return None
 
 
-def _conclude(m: Measurement, selection: Selection, max_falsetickers: int,
+def _conclude(m: Measurement, selection: Selection, max_falsetickers: int, members: int,
               log: Log) -> None:
     truechimers, falsetickers = len(selection.truechimers), len(selection.falsetickers)
     low, high, midpoint = selection.low, selection.high, selection.midpoint
@@ -374,7 +374,9 @@ def _conclude(m: Measurement, selection: Selection, max_falsetickers: int,
     if low is None or high is None or midpoint is None:
         log("no intersection shared by a majority of the candidates (the members that "
             "answered and passed their own checks)")
-        m.fail(Reason.NO_MAJORITY)
+        m.fail(Reason.NO_MAJORITY, f"{truechimers + falsetickers} of {members} members "
+               "usable, no majority of them agrees" if truechimers + falsetickers else
+               f"none of {members} members usable")
         return
     m.add(INTERSECTION_LOW, low)
     m.add(INTERSECTION_HIGH, high)
@@ -383,4 +385,5 @@ def _conclude(m: Measurement, selection: Selection, max_falsetickers: int,
         f"{midpoint * 1e6:+.3f}us from the local clock; {truechimers} truechimers, "
         f"{falsetickers} falsetickers")
     if falsetickers > max_falsetickers:
-        m.fail(Reason.FALSETICKERS)
+        m.fail(Reason.FALSETICKERS, f"{falsetickers} of {members} members, "
+               f"max_falsetickers {max_falsetickers}: {', '.join(selection.falsetickers)}")

@@ -679,9 +679,13 @@ async def _probe_every_address(target: Target, settings: NTPSettings, port: int,
     m.reports.append(AddressesReport(settings.addresses_required, tuple(offsets)))
     required_all = settings.addresses_required == "all"
     if failed and (required_all or not ok):
-        for cm in failed:
+        # The name's verdict is an address's: said with the address, and the system's
+        # words where that address's probe had them.
+        for resolved, child in zip(found, children, strict=True):
+            cm = child.measurement
             if cm.failure is not None:
-                m.fail(cm.failure)
+                m.fail(cm.failure, f"{resolved.address}: {cm.failure_detail}"
+                       if cm.failure_detail else f"at {resolved.address}")
     if mismatch is not None and settings.fail_on_leap_mismatch:
         # The name's verdict is a mismatch, which the module asks to fail on: also when
         # other addresses succeed (addresses_required: any), as the verdict shown says.

@@ -185,7 +185,7 @@ async def _key_exchange(resolved: Resolved, port: int, nts: NTSSettings, ctx: Pr
         client = TLSClient(ca_file=nts.ca_file, alpn=ALPN)
     except HandshakeError as exc:
         log(f"TLS setup failed: {exc}")
-        m.fail(Reason.NTS_KE_TLS)
+        m.fail(Reason.NTS_KE_TLS, f"TLS setup: {exc}")
         return None
     phase = "connect"
     started = time.perf_counter()
@@ -247,11 +247,11 @@ async def _key_exchange(resolved: Resolved, port: int, nts: NTSSettings, ctx: Pr
         return None
     except ConnectError as exc:
         log(f"NTS-KE connect to {resolved.address} port {port} failed: {exc.strerror}")
-        m.fail(Reason.NTS_KE_CONNECT)
+        m.fail(Reason.NTS_KE_CONNECT, f"{resolved.address} port {port}: {exc.strerror}")
         return None
     except LocalSocketError as exc:
         log(f"local error, nothing sent: {exc.strerror or exc}")
-        m.fail(Reason.LOCAL_ERROR)
+        m.fail(Reason.LOCAL_ERROR, str(exc.strerror or exc))
         return None
     except HandshakeError as exc:
         log(f"NTS-KE TLS failed during {phase}: {exc}")
@@ -260,11 +260,11 @@ async def _key_exchange(resolved: Resolved, port: int, nts: NTSSettings, ctx: Pr
         # extension (its ALPN check's words: TLS servers send no other malformed one).
         why = str(exc)
         m.fail(Reason.NTS_ALPN_MISMATCH if "no application protocol" in why
-               or "bad extension" in why else Reason.NTS_KE_TLS)
+               or "bad extension" in why else Reason.NTS_KE_TLS, why)
         return None
     except ke.KEFailure as exc:
         log(f"NTS-KE response rejected ({exc.reason}): {exc}")
-        m.fail(_KE_REASONS.get(exc.reason, Reason.NTS_KE_MALFORMED))
+        m.fail(_KE_REASONS.get(exc.reason, Reason.NTS_KE_MALFORMED), str(exc))
         return None
     finally:
         client.close()
@@ -426,8 +426,9 @@ async def _ntp_server(session_server: str | None, ke_address: Resolved, ctx: Pro
             return await resolve(session_server.rstrip("."), settings.preferred_ip_protocol,
                                  settings.ip_protocol_fallback)
     except (ResolveError, TimeoutError) as exc:
-        log(f"resolve negotiated NTP server {session_server}: {str(exc) or 'timed out'}")
-        m.fail(Reason.RESOLVE)
+        why = f"negotiated NTP server {session_server}: {str(exc) or 'timed out'}"
+        log(f"resolve {why}")
+        m.fail(Reason.RESOLVE, why)
         return None
 
 
@@ -503,7 +504,7 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
         reservation = Reservation()
     except LocalSocketError as exc:
         ctx.log(f"local error, nothing sent: {exc.strerror or exc}")
-        m.fail(Reason.LOCAL_ERROR)
+        m.fail(Reason.LOCAL_ERROR, str(exc.strerror or exc))
         return m
     burst: ntp.Burst | None = None
     try:

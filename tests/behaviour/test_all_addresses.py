@@ -60,6 +60,9 @@ async def test_all_addresses_required_fails_on_one_dead_address(
     result, log = await probe(Target("multi.test", fake_ntp.port),
                               make_module(all_addresses=True))
     assert result.failure == "unreachable", log.text()
+    # The name's verdict says which address, in the system's words (check's line).
+    assert result.failure_detail == (
+        "127.0.0.2: ICMP port unreachable: nothing listens on the target port")
     assert value(result, "probe_ntp_address_up", address="127.0.0.1", ip_protocol="4") == 1
     assert "1 of 2 addresses succeeded (addresses_required: all)" in log.text()
 

@@ -101,6 +101,7 @@ async def test_one_falseticker_among_four(servers: Start) -> None:
     m = await probe_group([s.target for s in [*good, bad]])
     assert states(m) == {**{s.target: "truechimer" for s in good}, bad.target: "falseticker"}
     assert m.failure is Reason.FALSETICKERS
+    assert m.failure_detail == f"1 of 4 members, max_falsetickers 0: {bad.target}"
     assert value(m, "probe_ntp_group_majority") == 1
     assert value(m, "probe_ntp_group_truechimers") == 3
     assert value(m, "probe_ntp_group_falsetickers") == 1
@@ -153,6 +154,7 @@ async def test_a_two_two_split_has_no_majority(servers: Start) -> None:
     members = [await servers(offset=o) for o in (0.0, 0.0, 1.0, 1.0)]
     m = await probe_group([s.target for s in members])
     assert m.failure is Reason.NO_MAJORITY
+    assert m.failure_detail == "4 of 4 members usable, no majority of them agrees"
     assert value(m, "probe_ntp_group_majority") == 0
     assert set(states(m).values()) == {"falseticker"}
     assert value(m, "probe_ntp_group_falsetickers") == 4

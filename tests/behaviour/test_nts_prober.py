@@ -410,6 +410,7 @@ async def test_ke_responses(fake: FakeNTS, pki: PKI, records: Records,
     fake.records = records
     m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0]))
     assert m.failure is reason, log.text()
+    assert m.failure_detail, "the KE rejection's words are the failure's detail"
     assert fake.requests == []  # no NTP packet after a failed KE
 
 
@@ -637,6 +638,8 @@ async def test_a_server_that_speaks_no_offered_alpn_is_an_alpn_mismatch(pki: PKI
         await server.wait_closed()
     assert m.failure is Reason.NTS_ALPN_MISMATCH, log.text()
     assert "no application protocol" in log.text()
+    # The TLS library's words reach `check`'s line and the JSON report.
+    assert m.failure_detail is not None and "no application protocol" in m.failure_detail
 
 
 async def test_a_server_that_selects_a_protocol_not_offered_is_an_alpn_mismatch(

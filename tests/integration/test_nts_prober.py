@@ -284,6 +284,8 @@ async def test_closed_ke_port() -> None:
         ca = make_ca(Path(d), "unused-ca")
         m, log = await probe(f"{LOOPBACK}:{free_tcp_port()}", nts_module(ca))
     assert m.failure is Reason.NTS_KE_CONNECT, log.text()
+    assert m.failure_detail is not None and m.failure_detail.endswith(
+        "Connection refused"), m.failure_detail
     assert value(m, "probe_nts_authenticated") == 0
     assert value(m, "probe_ssl_earliest_cert_expiry") is None
 

@@ -648,6 +648,10 @@ def test_a_kiss_of_death_backoff_cannot_be_turned_off(key: str) -> None:
     ("{prober: chrony, timeout: 40ms}", False),
     ("{prober: ntpd, timeout: 40ms, ntpd: {request_timeout: 20ms}}", True),
     ("{prober: kernel, timeout: 10ms}", True),
+    ("{prober: ntp_group, timeout: 40ms}", False),
+    ("{prober: nts, timeout: 40ms}", False),
+    ("{prober: nts, timeout: 40ms, ntp: {reply_timeout: 20ms}}", True),
+    ("{prober: chrony, timeout: 40ms, chrony: {request_timeout: 20ms}}", True),
 ])
 def test_a_timeout_that_leaves_no_room_for_a_reply_is_refused(module: str, ok: bool) -> None:
     # No request would ever go (its reply could not arrive in time): every probe would fail
