@@ -208,17 +208,18 @@ def thresholds(args: argparse.Namespace) -> tuple[Range, Range]:
     are, as check_ntp_time takes them (CRITICAL is judged first)."""
     warning: Range | None = args.warning
     critical: Range | None = args.critical
-    ratio = DEFAULT_CRITICAL / DEFAULT_WARNING
+    # In decimal: a float product would show (``-c 1e-10``: 2.0000000000000002e-11).
+    ratio = Decimal(repr(DEFAULT_CRITICAL)) / Decimal(repr(DEFAULT_WARNING))
     if warning is None and critical is None:
         return Range.upto(DEFAULT_WARNING), Range.upto(DEFAULT_CRITICAL)
     if warning is None:
         assert critical is not None
         if critical.upper_bound and critical.end <= DEFAULT_WARNING:
-            return Range.upto(critical.end / ratio), critical
+            return Range.upto(float(Decimal(repr(critical.end)) / ratio)), critical
         return Range.upto(DEFAULT_WARNING), critical
     if critical is None:
         if warning.upper_bound and warning.end >= DEFAULT_CRITICAL:
-            return warning, Range.upto(warning.end * ratio)
+            return warning, Range.upto(float(Decimal(repr(warning.end)) * ratio))
         return warning, Range.upto(DEFAULT_CRITICAL)
     return warning, critical
 

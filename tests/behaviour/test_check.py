@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import math
 import os
@@ -95,6 +96,20 @@ async def test_one_threshold_alone(fake_ntp: FakeNTPServer, given: list[str], of
     fake_ntp.behaviour = answer(offset=offset)
     got, line = await run(fake_ntp.target, *given)
     assert got == code and perf in line, line
+
+
+@pytest.mark.parametrize(("given", "shown"), [
+    # Derived in decimal: a float product printed 0.35000000000000003 and
+    # 0.000000000020000000000000002 (every digit, so as to show what is applied).
+    ({"warning": "0.07"}, ("0.070000", "0.350000")),
+    ({"critical": "1e-10"}, ("0.00000000002", "0.0000000001")),
+])
+def test_a_derived_threshold_is_the_decimal_it_reads_as(given: dict[str, str],
+                                                       shown: tuple[str, str]) -> None:
+    args: dict[str, check.Range | None] = {"warning": None, "critical": None}
+    args.update({k: check.threshold_range(v) for k, v in given.items()})
+    warning, critical = check.thresholds(argparse.Namespace(**args))
+    assert (str(warning), str(critical)) == shown
 
 
 async def test_check_ntp_time_address_family_flags(fake_ntp: FakeNTPServer,
