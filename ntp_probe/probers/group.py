@@ -258,7 +258,10 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
             continue
         distance = max(report.root_distance or 0.0, MIN_DISTANCE)
         results.append((name, owner, cm, report.offset, distance))
-        if twin == i and (cm.failure is None or cm.failure in _NOT_UNFIT):
+        # Judged by every check its sample failed, not only the one ranking first: a
+        # Kiss-o'-Death outranks an unsynchronised server's leap_unsynchronized.
+        fit = report.failed_check is None or Reason(report.failed_check) in _NOT_UNFIT
+        if twin == i and fit and (cm.failure is None or cm.failure in _NOT_UNFIT):
             candidates.append(Candidate(name, report.offset, distance))
     selection = intersect(candidates)
     states = dict.fromkeys(selection.truechimers, "truechimer")

@@ -88,6 +88,8 @@ SERVER_INFO = Family("probe_ntp_server_info",
                      ("refid", "version"))
 
 KOD_REASONS = {"RATE": Reason.KOD_RATE, "DENY": Reason.KOD_DENY, "RSTR": Reason.KOD_RSTR}
+# An address's verdicts for which nothing was sent to it.
+_NOTHING_SENT = frozenset({Reason.BACKOFF, Reason.TARGET_FORBIDDEN})
 REASONS = (
     Reason.TARGET_FORBIDDEN, Reason.BACKOFF, Reason.RESOLVE, Reason.LOCAL_ERROR,
     Reason.UNREACHABLE,
@@ -159,6 +161,9 @@ class NTPReport:
     version: int | None = None
     root_distance: float | None = None
     samples: tuple[tuple[float, float, bool], ...] = ()  # (offset, rtt, selected)
+    # The selected sample's first failed check (stratum ... offset_exceeded), whatever
+    # reason ranks first in the probe's verdict (a Kiss-o'-Death after it outranks it).
+    failed_check: str | None = None
 
     @property
     def title(self) -> str:
@@ -524,14 +529,15 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
     m.add(TIMESTAMPING, 1, "kernel" if burst.tx_kernel else "user",
           "kernel" if burst.rx_kernel else "user")
     m.add(SERVER_INFO, 1, refid, str(p.version))
+    failed = maths.check(best, _limits(settings, near_leap))
     m.reports.append(NTPReport(
         server[0], server[1], burst.sent, burst.received, offset, delay, jitter, p.stratum,
         refid, p.leap, p.version, root_distance,
         tuple((s.offset, s.delay, s is best) for s in burst.samples),
+        None if failed is None else str(failed),
     ))
     if near_leap:
         log("within 24 h of an announced leap second: causality tolerance widened by 1 s")
-    failed = maths.check(best, _limits(settings, near_leap))
     if failed is not None:
         log(f"check failed: {failed}: {failed.why}")
         m.fail(Reason(failed))
@@ -680,12 +686,16 @@ async def _probe_every_address(target: Target, settings: NTPSettings, port: int,
     required_all = settings.addresses_required == "all"
     if failed and (required_all or not ok):
         # The name's verdict is an address's: said with the address, and the system's
-        # words where that address's probe had them.
-        for resolved, child in zip(found, children, strict=True):
-            cm = child.measurement
-            if cm.failure is not None:
-                m.fail(cm.failure, f"{resolved.address}: {cm.failure_detail}"
-                       if cm.failure_detail else f"at {resolved.address}")
+        # words where that address's probe had them. An address nothing was sent to
+        # (backed off, refused) gives it only when no address probed failed: one server's
+        # Kiss-o'-Death must not hide that its siblings do not answer.
+        failures = [(resolved.address, child.measurement) for resolved, child
+                    in zip(found, children, strict=True) if child.measurement.failure]
+        probed = [(a, cm) for a, cm in failures if cm.failure not in _NOTHING_SENT]
+        for address, cm in probed or failures:
+            assert cm.failure is not None
+            m.fail(cm.failure, f"{address}: {cm.failure_detail}"
+                   if cm.failure_detail else f"at {address}")
     if mismatch is not None and settings.fail_on_leap_mismatch:
         # The name's verdict is a mismatch, which the module asks to fail on: also when
         # other addresses succeed (addresses_required: any), as the verdict shown says.

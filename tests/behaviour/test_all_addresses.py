@@ -118,6 +118,31 @@ async def test_a_kiss_of_death_from_any_address_is_reported(
     assert len(deny.requests) == 1
 
 
+@pytest.mark.parametrize("required", ["any", "all"])
+async def test_an_address_backed_off_does_not_hide_a_silent_one(
+    hosts: Hosts, fake_ntp: FakeNTPServer, required: str
+) -> None:
+    # 127.0.0.2 says DENY, then is backed off from for a day; 127.0.0.1 does not answer.
+    # Nothing answers: the name's verdict is the silent address's timeout (which pages as
+    # unreachable), not the backoff of the one nothing is sent to.
+    fake_ntp.behaviour = lambda req: []
+    deny = await FakeNTPServer.start(lambda req: [Send(kod(req, b"DENY"))], host="127.0.0.2",
+                                     port=fake_ntp.port)
+    guard = Guard(kod=KodTable())
+    hosts("127.0.0.1 dual.test\n127.0.0.2 dual.test\n")
+    module = make_module(all_addresses=True, addresses_required=required,
+                         timeout=0.5, reply_timeout=0.2)
+    try:
+        for _ in range(2):  # the KoD, then the backoff from it
+            result, log = await probe(Target("dual.test", fake_ntp.port), module, guard=guard)
+            assert value(result, "probe_ntp_kiss_code_info", code="DENY") == 1, log.text()
+    finally:
+        deny.close()
+    assert len(deny.requests) == 1
+    assert result.failure == "timeout", log.text()
+    assert result.failure_detail == "at 127.0.0.1"
+
+
 async def test_with_no_address_succeeding_an_answering_one_is_described(
     hosts: Hosts, fake_ntp: FakeNTPServer
 ) -> None:

@@ -268,6 +268,26 @@ async def test_a_kiss_of_death_after_a_valid_sample_keeps_the_members_vote(
     assert m.success, m.failure
 
 
+async def test_a_kiss_of_death_does_not_make_an_unfit_member_vote(servers: Start) -> None:
+    # Three unsynchronised servers (leap indicator 3) that rate-limit after one answer:
+    # the KoD outranks leap_unsynchronized in each one's verdict, but their samples failed
+    # a check of the server and must not outvote the one honest member.
+    honest = await servers(offset=0.0)
+    liars = [await servers(offset=0.25, leap=3) for _ in range(3)]
+    unsynchronised = answer(offset=0.25, leap=3)
+    for liar in liars:
+        liar.behaviour = lambda req: (unsynchronised(req) if req.index == 0
+                                      else [Send(kod(req, b"RATE"))])
+    m = await probe_group([s.target for s in [honest, *liars]])
+    assert states(m) == {honest.target: "truechimer",
+                         **{liar.target: "unfit" for liar in liars}}
+    assert {labels["reason"] for labels in label_sets(
+        m, "probe_ntp_group_member_failure_info")} == {"kod_rate"}
+    offset = value(m, "probe_ntp_group_local_clock_offset_seconds")
+    assert offset is not None and abs(offset) < TOLERANCE
+    assert m.success, m.failure
+
+
 async def test_a_list_in_another_order_shares_the_burst(servers: Start) -> None:
     # Reordering an ad-hoc list must not buy a burst at each member per order: the
     # at-most-two-bursts-per-target rule holds for the set of members.

@@ -21,9 +21,12 @@ the interval on which a majority of those intervals agree:
 3. If no ``f`` gives ``high > low`` there is no majority, and every candidate is a
    falseticker.
 
-Intervals that merely touch give ``high == low``, which does not count. As in
+Two intervals that merely touch give ``high == low``, which does not count. As in
 ntpd, ``[low, high]`` spans from the lowest to the highest point where ``n - f``
-intervals meet, even if fewer meet somewhere in between.
+intervals meet, even if fewer meet somewhere in between: so a chain of touching
+intervals, [0, 1], [1, 2], [2, 3], is a majority of two on [1, 2] (the RFC's sort puts a
+lower endpoint first at a tie; ntpd keeps ties in insertion order and may not, an exact
+tie of floats that measurements do not produce).
 
 A candidate is a truechimer when its interval contains points of ``[low, high]``
 (RFC 5905 section 11.2.1). This is the rule ntpd and ntpsec apply: the interval
