@@ -337,6 +337,8 @@ class Collected:
     every_source_read: bool = False
     asked_every_source: bool = False  # up to MAX_SOURCES: the reading ran to its end
     unreadable: int = 0  # sources whose data came in a reply that could not be used
+    gone: int = 0  # sources chronyd said were no more (NOSUCHSOURCE) when asked about them
+    changed: bool = False  # the number of sources was another after the reading
     sources: dict[int, SourceData] = field(default_factory=dict)
     sourcestats: dict[int, SourceStats] = field(default_factory=dict)
     # Sources under a name another source shows (two refclocks with one refid): counted in
@@ -615,10 +617,11 @@ class Session:
                 break
             try:
                 result = await self._attempt(command, index, name, attempt)
-            except Unreachable as exc:
-                # Sent, and no reply can come (the failure reason says why): listed with
-                # every command sent, as no answer.
-                if exc.sent:
+            except OSError as exc:
+                # No reply can come now (the failure reason says why): listed with every
+                # command sent, as no answer, when this attempt or an earlier one went
+                # (chronyd's socket removed between a request and its retry).
+                if attempt > 1 or (isinstance(exc, Unreachable) and exc.sent):
                     self._record(command, CommandStatus.TIMEOUT)
                 raise
             if isinstance(result, Unreachable):
@@ -681,6 +684,20 @@ class Session:
             reply = received
             self._log(lambda: f"<- {name}: {reply.status.name}: {_describe(reply.data)}")
         return received
+
+    async def _count_again(self, before: int) -> None:
+        """Sources went away while they were read: ask how many there are now. A number
+        other than before is a list that changed under the reading (chronyd restarted
+        with another configuration, sources deleted): the counts are not of one list."""
+        answer = await self.ask(Command.N_SOURCES)
+        if answer is None or not isinstance(answer[1], NSources):
+            self.got.changed = True  # not known to be the same list
+            return
+        if answer[1].n_sources != before:
+            self._log(f"chronyd now lists {answer[1].n_sources} sources, {before} when the "
+                      "reading began: the list changed while it was read (a restart?), no "
+                      "counts of its sources")
+            self.got.changed = True
 
     def _record(self, command: Command, status: CommandStatus) -> None:
         self.got.statuses[(command.name.lower(), status)] = None
@@ -748,16 +765,21 @@ class Session:
                         break
                     if isinstance(data, SourceData):
                         self._keep_source(index, data)
-                    elif command is Command.SOURCE_DATA and \
-                            self.last_status is not Status.NOSUCHSOURCE:
-                        # Not "gone since N_SOURCES": a source is there, state unknown.
-                        got.unreadable += 1
+                    elif command is Command.SOURCE_DATA:
+                        if self.last_status is Status.NOSUCHSOURCE:
+                            got.gone += 1  # since N_SOURCES: asked again at the end
+                        else:
+                            # Not "gone since N_SOURCES": a source is there, state unknown.
+                            got.unreadable += 1
                     elif isinstance(data, SourceStats) and index in got.sources and all(
                             k.name != data.name for k in got.sourcestats.values()):
                         got.sourcestats[index] = data
             got.asked_every_source = True
+            if got.gone:
+                await self._count_again(got.n_sources)
             # Counts only of every source: one not read (past the cap too) could be any.
-            got.every_source_read = not got.unreadable and got.n_sources <= MAX_SOURCES
+            got.every_source_read = (not got.unreadable and not got.changed
+                                     and got.n_sources <= MAX_SOURCES)
         answer = await self.ask(Command.SERVER_STATS)
         if answer is not None and isinstance(answer[1], ServerStats):
             got.serverstats = answer[1]
@@ -905,6 +927,10 @@ def _conclude(got: Collected, settings: ChronySettings, ctx: ProbeContext,
             # sources, but that it lists more than are read.
             log(f"chronyd lists {got.n_sources} sources, more than the {MAX_SOURCES} read: "
                 "chrony_bad_reply, not too_few_sources")
+            m.fail(Reason.CHRONY_BAD_REPLY)
+        elif got.changed:
+            log("the list of sources changed while it was read: chrony_bad_reply, not "
+                "too_few_sources")
             m.fail(Reason.CHRONY_BAD_REPLY)
         elif got.unreadable:
             # The sources not read may be the candidates: chronyd's replies, not their

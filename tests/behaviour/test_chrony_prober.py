@@ -563,6 +563,28 @@ async def test_a_source_gone_since_n_sources_keeps_the_counts_whole(
     assert value(m, "probe_chrony_sources", state="falseticker") == 1
 
 
+async def test_a_list_of_sources_that_changed_while_read_has_no_counts(
+        fake: FakeCommandPort) -> None:
+    # chronyd restarted with another configuration while its sources were read: N_SOURCES
+    # said 5 (the old daemon), the new one has 2, and the rest read as gone. Counting the
+    # two as every source would pass a verdict on a list nobody has.
+    fake.chronyd.sources = [FakeSource("192.0.2.1", state=0), FakeSource("192.0.2.2", state=4)]
+    asked: list[int] = []
+
+    def behaviour(req: Any) -> list[tuple[bytes, float]]:
+        if req.command == N_SOURCES:
+            asked.append(req.index)
+            fake.chronyd.n_sources = 5 if len(asked) == 1 else None
+        return [(fake.chronyd.answer(req), 0.0)]
+
+    fake.behaviour = behaviour
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module(min_candidates=3))
+    assert len(asked) == 2, log.text()
+    assert "chronyd now lists 2 sources, 5 when the reading began" in log.text()
+    assert label_sets(m, "probe_chrony_sources") == [], log.text()
+    assert m.failure == "chrony_bad_reply", log.text()
+
+
 async def test_hostile_source_values_are_contained(fake: FakeCommandPort) -> None:
     fake.chronyd.sources = [
         FakeSource("192.0.2.1", state=0, poll=2000),  # 2**2000 s: no float holds it
@@ -741,6 +763,36 @@ async def test_socket_mode_checks_the_policy_and_sends_nothing(tmp_path: Path) -
         log.text()
     assert "allowed.example only labels this probe and is not contacted" in log.text()
     assert entries(tmp_path) == []  # the reply socket was removed
+
+
+async def test_a_command_sent_before_the_socket_went_is_listed_as_unanswered(
+        tmp_path: Path) -> None:
+    # chronyd stalled, then stopped (its socket removed) between TRACKING's attempts: the
+    # retry cannot be sent, but the first attempt was, and went unanswered.
+    path = tmp_path / "chronyd.sock"
+    daemon = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    daemon.bind(str(path))
+    daemon.setblocking(False)
+    loop = asyncio.get_running_loop()
+    received = asyncio.Event()
+
+    def stop() -> None:
+        daemon.recv(4096)
+        loop.remove_reader(daemon.fileno())
+        daemon.close()
+        path.unlink()
+        received.set()
+
+    loop.add_reader(daemon.fileno(), stop)
+    try:
+        m, log = await probe("local", chrony_module(socket=str(path)))
+    finally:
+        if not received.is_set():
+            loop.remove_reader(daemon.fileno())
+            daemon.close()
+    assert received.is_set()
+    assert m.failure == "chrony_socket", log.text()
+    assert statuses(m) == {"tracking": "timeout"}, log.text()
 
 
 def test_a_link_local_daemon_answers_without_its_zone_in_the_source() -> None:
