@@ -327,6 +327,10 @@ class _Collected:
     system_status: int = 0
     peers: dict[int, dict[str, str]] = field(default_factory=dict)
     stats: dict[str, str] = field(default_factory=dict)
+    # To tell a daemon restarted during the probe: when READSTAT answered, the system
+    # status then, and when the uptime was read with the system status that came with it.
+    first_status: tuple[float, int] | None = None
+    uptime_status: tuple[float, int] | None = None
 
 
 def _summary(variables: dict[str, str]) -> str:
@@ -531,38 +535,43 @@ def _decode_variables(reply: Response, what: str, ctx: ProbeContext) -> dict[str
 
 
 async def _read_stats(session: _Session, pump: DatagramPump[Response | ErrorReply],
-                      names: Sequence[str], got: _Collected, ctx: ProbeContext) -> None:
+                      names: Sequence[str], got: _Collected, ctx: ProbeContext) -> int | None:
     """READVAR of a sysstats/iostats list; on unknownvar (an older or newer ntpd) one
     variable at a time, as ntpq does, the unknown ones left out. Any other error, or no
     usable reply, leaves the list's counters out: the verdict does not read them, so it
-    is no failure."""
+    is no failure. The system status of the last reply read, or None."""
     reply = await session.request(pump, Opcode.READVAR, 0, names, required=False)
     if isinstance(reply, Response):
         got.stats.update(_decode_variables(reply, "READVAR assoc 0", ctx))
-        return
+        return reply.status
     if not isinstance(reply, ErrorReply):
-        return
+        return None
     if reply.code != ErrorCode.UNKNOWNVAR:
         ctx.log(f"counters {_names_text(names)} refused: left out")
-        return
+        return None
     ctx.log("unknown variable in the list: asking one at a time")
+    status = None
     for name in names:
         one = await session.request(pump, Opcode.READVAR, 0, (name,), required=False)
         if isinstance(one, Response):
             got.stats.update(_decode_variables(one, "READVAR assoc 0", ctx))
+            status = one.status
         elif isinstance(one, ErrorReply):
             if one.code != ErrorCode.UNKNOWNVAR:
                 ctx.log(f"counter {name} refused: it and the list's rest left out")
-                return
+                break
         else:
-            return  # unanswered (recorded) or out of time
+            break  # unanswered (recorded) or out of time
+    return status
 
 
 async def _collect(session: _Session, pump: DatagramPump[Response | ErrorReply],
                    got: _Collected, ctx: ProbeContext) -> None:
     m, log = ctx.measurement, ctx.log
     reply = await session.request(pump, Opcode.READSTAT)
+    loop = asyncio.get_running_loop()
     if isinstance(reply, Response):
+        got.first_status = (loop.time(), reply.status)
         try:
             associations = mode6.decode_readstat(reply.data)
         except Mode6Error as exc:
@@ -621,7 +630,9 @@ async def _collect(session: _Session, pump: DatagramPump[Response | ErrorReply],
     for names in _STATS_REQUESTS:
         if session.stopped:
             return
-        await _read_stats(session, pump, names, got, ctx)
+        read = await _read_stats(session, pump, names, got, ctx)
+        if names is _STATS_REQUESTS[0] and read is not None:
+            got.uptime_status = (loop.time(), read)
 
 
 def _count(value: str) -> int:
@@ -761,6 +772,10 @@ def _conclude(got: _Collected, settings: NTPDSettings, server: tuple[str, int], 
         system.get("sys_jitter"), system.get("rootdelay"), system.get("rootdisp"),
         sys_peer, candidates, rows,
     ))
+    restarted = _restarted(got)
+    if restarted is not None:
+        log(restarted)
+        m.fail(Reason.MODE6_BAD_REPLY, "ntpd restarted during the probe")
     if got.system is None:
         if m.failure is None:
             log("system variables not read: the deadline left no time to ask")
@@ -776,6 +791,27 @@ def _conclude(got: _Collected, settings: NTPDSettings, server: tuple[str, int], 
             log(f"{candidates} sys.peer or candidate, fewer than min_candidates "
                 f"{settings.min_candidates}")
             m.fail(Reason.TOO_FEW_SOURCES)
+
+
+def _restarted(got: _Collected) -> str | None:
+    """Why the answers are of two daemons (one restarted while it was read), or None.
+
+    ntpd's uptime, read last, shorter than the time since its READSTAT answered says it
+    started since; a whole-second uptime may also read so for a daemon started just
+    before the probe, so the system status must have changed in between as well (a
+    restart resets the leap bits and the event counter)."""
+    if got.first_status is None or got.uptime_status is None:
+        return None
+    (first_at, first), (then_at, then) = got.first_status, got.uptime_status
+    try:
+        uptime = _count(got.stats.get("ss_uptime", ""))
+    except Mode6Error:
+        return None
+    if uptime >= then_at - first_at or first == then:
+        return None
+    return (f"ntpd restarted during the probe: uptime {uptime}s, read "
+            f"{then_at - first_at:.3f}s after READSTAT answered, system status {first:#06x} "
+            f"then {then:#06x}: its answers mix two daemons (mode6_bad_reply)")
 
 
 async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measurement:

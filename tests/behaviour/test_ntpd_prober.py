@@ -472,6 +472,28 @@ async def test_an_association_gone_since_readstat_is_no_error(server: FakeNtpd) 
         str(SYS_PEER), str(CANDIDATE)]
 
 
+@pytest.mark.parametrize(("status", "restarted"), [(0xC016, True), (SYSTEM_STATUS, False)])
+async def test_a_daemon_restarted_during_the_probe_is_no_success(
+        server: FakeNtpd, status: int, restarted: bool) -> None:
+    # The uptime, read last, comes from an ntpd started since READSTAT answered (uptime 0,
+    # its status word another: leap 3, a restart): the answers mix two daemons. The same
+    # uptime with an unchanged status is a daemon started just before the probe.
+    def restart(req: Request) -> list[bytes]:
+        if req.names == ("ss_uptime", "ss_numctlreq"):
+            return fragments(req, b"ss_uptime=0, ss_numctlreq=1", status)
+        return healthy(req)
+
+    server.behaviour = restart
+    out = await run(server)
+    if restarted:
+        assert out.m.failure == "mode6_bad_reply", out.log
+        assert out.m.failure_detail == "ntpd restarted during the probe"
+        assert "its answers mix two daemons" in out.log
+    else:
+        assert out.m.failure is None, out.log
+    assert value(out.m, "probe_ntpd_uptime_seconds") == 0
+
+
 async def test_an_icmp_error_from_another_host_leaves_the_retry_to_decide(
     server: FakeNtpd
 ) -> None:
