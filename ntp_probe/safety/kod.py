@@ -72,13 +72,15 @@ class KodTable:
 
         RATE backs off from max(2**poll, 64 s), doubling on each further RATE up to
         ``rate_cap``, and never for less than that KoD's own poll asks; DENY and RSTR stop
-        probing for ``deny_hold``.
+        probing for ``deny_hold``. A backoff running longer is kept (its seconds left are
+        returned): a RATE from a burst in flight, or a module with a shorter cap, does not
+        turn a DENY's day into a minute.
         """
         key = (address, port)
         now = self._clock()
+        previous = self._table.get(key)
         if code == "RATE":
             asked = max(2.0 ** max(min(poll, 17), 0), MIN_RATE_BACKOFF)
-            previous = self._table.get(key)
             if previous is not None and previous.code == "RATE":
                 asked = max(previous.step * 2, asked)
             step = min(asked, rate_cap)
@@ -88,7 +90,10 @@ class KodTable:
             return 0.0
         if step <= 0:
             return 0.0
-        self._table[key] = Backoff(code, now + step, step)
+        if previous is not None and previous.until > now + step:
+            step = previous.until - now
+        else:
+            self._table[key] = Backoff(code, now + step, step)
         self._active = True
         for told in list(self._watchers.get(key, ())):
             told()
@@ -96,10 +101,14 @@ class KodTable:
 
     def hold(self, address: str, port: int, code: str, seconds: float) -> None:
         """Back off from an address for ``seconds`` as for ``code`` (an NTS-KE server held
-        back as long as the NTP server it named)."""
-        if seconds > 0:
-            self._table[(address, port)] = Backoff(code, self._clock() + seconds, seconds)
-            self._active = True
+        back as long as the NTP server it named), unless a longer backoff runs."""
+        if seconds <= 0:
+            return
+        key, until = (address, port), self._clock() + seconds
+        previous = self._table.get(key)
+        if previous is None or previous.until < until:
+            self._table[key] = Backoff(code, until, seconds)
+        self._active = True
 
     def clear(self, address: str, port: int) -> None:
         """Forget an address that answered normally after its backoff. A backoff still

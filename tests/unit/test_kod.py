@@ -60,6 +60,7 @@ def test_further_rate_never_backs_off_less_than_its_poll_asks(table: KodTable,
     assert rate(table, poll=10) == 1024.0  # not the doubled 128 s
     clock.advance(1024.5)
     assert rate(table, poll=3) == 2048.0  # doubling goes on from there
+    clock.advance(2048.5)
     assert rate(table, poll=10, cap=300.0) == 300.0
 
 
@@ -106,8 +107,9 @@ def test_deny_configurable_and_zero_disables(table: KodTable) -> None:
     assert table.remaining("192.0.2.9", PORT) is None
 
 
-def test_rate_after_deny_starts_fresh(table: KodTable) -> None:
+def test_rate_after_deny_starts_fresh(table: KodTable, clock: FakeClock) -> None:
     table.record(ADDR, PORT, "DENY", 3, CAP, HOLD)
+    clock.advance(HOLD + 1)
     assert rate(table) == 64.0
     assert table.remaining(ADDR, PORT) == ("RATE", 64.0)
 
@@ -208,3 +210,27 @@ def test_an_answer_does_not_lift_a_backoff_still_running() -> None:
     clock.advance(301)
     table.clear("192.0.2.1", 123)
     assert len(table) == 0
+
+
+def test_a_rate_does_not_shorten_a_running_deny(table: KodTable, clock: FakeClock) -> None:
+    # A RATE from a burst already in flight comes after the DENY another probe got: the
+    # server said go away for a day, and still did after the RATE.
+    assert table.record(ADDR, PORT, "DENY", 3, CAP, HOLD) == HOLD
+    clock.advance(10.0)
+    assert rate(table) == HOLD - 10.0  # the longer backoff's seconds left
+    assert table.remaining(ADDR, PORT) == ("DENY", HOLD - 10.0)
+
+
+def test_a_shorter_cap_does_not_shorten_a_running_rate(table: KodTable) -> None:
+    rate(table, poll=12, cap=HOLD)  # 4096 s, under a module's cap of a day
+    assert rate(table, poll=3, cap=100.0) == 4096.0
+    assert table.remaining(ADDR, PORT) == ("RATE", 4096.0)
+
+
+def test_a_hold_does_not_shorten_a_running_backoff(table: KodTable) -> None:
+    table.record(ADDR, PORT, "DENY", 3, CAP, HOLD)
+    table.hold(ADDR, PORT, "RATE", 64.0)
+    assert table.remaining(ADDR, PORT) == ("DENY", HOLD)
+    table.hold("192.0.2.2", PORT, "RATE", 64.0)
+    table.hold("192.0.2.2", PORT, "DENY", 128.0)  # a longer one replaces it
+    assert table.remaining("192.0.2.2", PORT) == ("DENY", 128.0)
