@@ -14,13 +14,14 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from cachetools import TLRUCache
 
 from ntp_probe.config.schema import Config, Module
 from ntp_probe.engine.context import ProbeLog
 from ntp_probe.engine.registry import PROBERS, server_key, timeout_reason
-from ntp_probe.engine.result import Measurement
+from ntp_probe.engine.result import Measurement, Reason
 from ntp_probe.engine.runner import guard_for, run_probe
 from ntp_probe.engine.targets import Target
 from ntp_probe.engine.tasks import drop_cancellation
@@ -96,14 +97,15 @@ _MAX_FLIGHTS = 2
 
 
 def _joinable(flights: list[_Flight], module: Module, config: Config, now: float,
-              timeout: float) -> _Flight | None:
-    """The burst in flight a request of ``timeout`` should share, or None to start one.
+              timeout: float) -> _Flight | Literal[False] | None:
+    """The burst in flight a request of ``timeout`` should share, None to start one, or
+    False when it can do neither.
 
     A burst is shared when it is over within the request's budget and had at least half
     that budget (or a whole burst's): a shorter scrape timeout gets a burst of its own, not
     a wait that would blame the server, and a scrape is not handed a burst an outsider's
-    short header cut down. At the limit of bursts in flight, the best one is shared
-    whatever its budget."""
+    short header cut down. At the limit of bursts in flight, the best one over within the
+    budget is shared whatever its own; with none, nothing can be done for the request."""
     full = None
     fits: list[_Flight] = []
     same: list[_Flight] = []
@@ -121,7 +123,25 @@ def _joinable(flights: list[_Flight], module: Module, config: Config, now: float
     if len(same) < _MAX_FLIGHTS:
         return None
     within = [f for f in same if f.ends <= now + timeout]
-    return max(within, key=lambda f: f.timeout) if within else min(same, key=lambda f: f.ends)
+    if not within:
+        return False
+    best: _Flight = max(within, key=lambda f: f.timeout)
+    return best
+
+
+def _no_room(module: Module, target: Target, timeout: float, flights: int) -> Outcome:
+    """A request that can neither share a burst in flight nor start one: this exporter's
+    limit, not the server's silence (a wait for a burst that outlasts it would read
+    timeout, which pages as NTPServerUnreachable)."""
+    log = ProbeLog(str(target), module.name)
+    why = (f"{flights} bursts of this module and target are in flight, none over within "
+           f"this request's budget of {timeout:g}s")
+    log(f"{why}: nothing sent for it (at most {flights} run at once, so that scrape "
+        "timeouts cannot multiply the packets a server gets): local_error")
+    result = Measurement()
+    result.fail(Reason.LOCAL_ERROR, why)
+    result.duration = 0.0
+    return Outcome(result, log, counted=True)
 
 
 def _same_world(made: Config, now: Config | None) -> bool:
@@ -216,6 +236,8 @@ class Coordinator:
         now = loop.time()
         flights = self._flights.get(key)
         found = _joinable(flights, module, config, now, timeout) if flights else None
+        if found is False:
+            return _no_room(module, target, timeout, len(flights or ()))
         shared = found is not None
         if found is None:
             guard = self._guard(config, module)

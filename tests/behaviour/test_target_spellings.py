@@ -285,6 +285,27 @@ async def test_concurrent_falling_scrape_timeouts_start_at_most_two_bursts(
     assert len(fake_ntp.requests) <= 6, len(fake_ntp.requests)
 
 
+async def test_a_request_past_the_limit_of_bursts_does_not_blame_the_server(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    # Two bursts in flight (whole budget, then 1 s), and a third request whose 0.3 s no
+    # burst in flight ends within: it neither waits to fail `timeout` (which pages as
+    # NTPServerUnreachable for a server answering in a millisecond) nor sends a third burst.
+    get = await polite_client(aiohttp_client, tmp_path, fake_ntp, samples=3, interval="300ms",
+                              cached=False)
+    first = asyncio.ensure_future(get(None))
+    await fake_ntp.wait_for_requests(1)
+    second = asyncio.ensure_future(get(1.0))
+    await fake_ntp.wait_for_requests(2)
+    body = await (await get(0.3)).text()
+    assert metric(body, "probe_success") == 0, body
+    assert 'probe_ntp_failure_info{reason="local_error"} 1' in body, body
+    for burst in (first, second):
+        assert metric(await (await burst).text(), "probe_success") == 1
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) == 6  # two bursts of three samples, no third
+
+
 async def test_a_scrape_does_not_share_a_burst_a_short_header_cut_down(
     aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
 ) -> None:
