@@ -52,7 +52,7 @@ def refused(ctx: ProbeContext, refusal: str | None) -> bool:
     if refusal is None:
         return False
     ctx.log(f"target forbidden: {refusal}; nothing sent")
-    ctx.measurement.fail(Reason.TARGET_FORBIDDEN)
+    ctx.measurement.fail(Reason.TARGET_FORBIDDEN, refusal)
     return True
 
 
@@ -130,7 +130,8 @@ def _no_backoff(address: str, port: int, ctx: ProbeContext) -> bool:
             f"{left:.0f}s left; nothing sent")
         m.add(BACKOFF_REMAINING, left)
         m.add(KISS_CODE, 1, code)
-        m.fail(Reason.BACKOFF)
+        m.fail(Reason.BACKOFF, f"Kiss-o'-Death {code} from {address} port {port}, "
+               f"{left:.0f}s left")
         return False
     return True
 

@@ -439,7 +439,7 @@ class _Session:
         """The ICMP error that ends the probe: nothing more is sent."""
         self.stopped = True
         self.ctx.log(f"<- {exc.strerror or 'unreachable'}: nothing more sent")
-        self.ctx.measurement.fail(Reason.UNREACHABLE)
+        self.ctx.measurement.fail(Reason.UNREACHABLE, exc.strerror or None)
 
     async def request(self, pump: DatagramPump[Response | ErrorReply], opcode: Opcode,
                       association: int = 0, names: Sequence[str] = (), *,
@@ -837,10 +837,10 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
             await _collect(session, pump, got, ctx)
     except LocalSocketError as exc:  # no socket: this host's trouble
         log(f"local error, nothing sent: {exc.strerror or exc}")
-        m.fail(Reason.LOCAL_ERROR)
+        m.fail(Reason.LOCAL_ERROR, str(exc.strerror or exc))
     except OSError as exc:
         log(f"local socket error: {exc.strerror or exc}")
-        m.fail(Reason.UNREACHABLE)
+        m.fail(Reason.UNREACHABLE, str(exc.strerror or exc))
     finally:
         # Also when the runner's backstop cuts the probe off: what was obtained counts.
         _conclude(got, settings, server, pump.sent if pump is not None else 0, ctx)

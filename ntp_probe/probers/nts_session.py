@@ -130,14 +130,16 @@ class _Reply:
 # --- NTS-KE ----------------------------------------------------------------------------
 
 
-def _certificates(client: TLSClient, ctx: ProbeContext, state: _State) -> Reason | None:
-    """Write the certificate gauges and log the chain; the reason to stop, if any."""
+def _certificates(client: TLSClient, ctx: ProbeContext,
+                  state: _State) -> tuple[Reason, str] | None:
+    """Write the certificate gauges and log the chain; the reason to stop, with its words,
+    if any."""
     m, log = ctx.measurement, ctx.log
     sent = client.peer_chain()
-    unreadable = False
+    unreadable: str | None = None
     for depth, cert in enumerate(sent):
         if isinstance(cert, str):
-            unreadable = True
+            unreadable = unreadable or f"certificate {depth} cannot be read ({cert})"
             log(f"certificate {depth}: cannot be read ({cert})")
             continue
         log(f"certificate {depth}: subject {cert.subject.rfc4514_string()}, issuer "
@@ -157,13 +159,15 @@ def _certificates(client: TLSClient, ctx: ProbeContext, state: _State) -> Reason
     m.add(CERT_IDENTITY_VERIFIED, 1 if state.identity_verified else 0)
     if client.identity_error is not None:
         log(f"certificate identity: {state.server_name}: {client.identity_error}")
-    codes = {code for _, code, _ in client.verify_errors}
-    if codes - TIME_ERRORS or unreadable:  # what cannot be read cannot be judged either
-        return Reason.NTS_CERT_UNTRUSTED
-    if codes:
-        return Reason.NTS_CERT_EXPIRED
+    other = [(d, t) for d, code, t in client.verify_errors if code not in TIME_ERRORS]
+    if other or unreadable:  # what cannot be read cannot be judged either
+        return Reason.NTS_CERT_UNTRUSTED, (
+            f"depth {other[0][0]}: {other[0][1]}" if other else str(unreadable))
+    if client.verify_errors:
+        depth, _, text = client.verify_errors[0]
+        return Reason.NTS_CERT_EXPIRED, f"depth {depth}: {text}"
     if client.identity_error is not None:
-        return Reason.NTS_CERT_NAME_MISMATCH
+        return Reason.NTS_CERT_NAME_MISMATCH, f"{state.server_name}: {client.identity_error}"
     return None
 
 
@@ -209,11 +213,12 @@ async def _key_exchange(resolved: Resolved, port: int, nts: NTSSettings, ctx: Pr
             stop = _certificates(client, ctx, state)
             if client.alpn != ALPN:
                 log(f"server did not select ALPN {ALPN.decode()}: no KE request sent")
-                m.fail(Reason.NTS_ALPN_MISMATCH)
+                m.fail(Reason.NTS_ALPN_MISMATCH, "the server selected no ALPN protocol"
+                       if not client.alpn else f"the server selected ALPN {client.alpn!r}")
                 return None
             if stop is not None:
-                log(f"certificate not accepted ({stop}): no KE request sent")
-                m.fail(stop)
+                log(f"certificate not accepted ({stop[0]}): no KE request sent")
+                m.fail(*stop)
                 return None
             # From here: the certificate checks above are not the KE records' time.
             phase, started = "records", time.perf_counter()

@@ -394,6 +394,8 @@ async def test_nothing_listening_is_unreachable() -> None:
     ctx = ProbeContext(deadline=loop.time() + 2.0, log=log)
     m = await ntpd.probe(parse_target(f"{LOOPBACK}:{free_udp_port()}"), module, ctx)
     assert m.failure == "unreachable", log.text()
+    assert m.failure_detail is not None and m.failure_detail.startswith(
+        "ICMP port unreachable"), m.failure_detail
     assert m.packets_sent == 1  # the ICMP error ends the probe: no retry, nothing else
 
 

@@ -225,13 +225,15 @@ class _NTPServer(asyncio.DatagramProtocol):
 
 @contextlib.asynccontextmanager
 async def running_fake(cert: Path, key: Path,
-                       alpn: bytes = b"ntske/1") -> AsyncIterator[FakeNTS]:
-    """The fake NTS-KE and NTS NTP servers, presenting ``cert`` (and selecting ``alpn``)."""
+                       alpn: bytes | None = b"ntske/1") -> AsyncIterator[FakeNTS]:
+    """The fake NTS-KE and NTS NTP servers, presenting ``cert`` (and selecting ``alpn``;
+    None: a server that ignores ALPN)."""
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.use_certificate_chain_file(str(cert))  # the leaf, and any intermediates after it
     ctx.use_privatekey_file(str(key))
-    ctx.set_alpn_select_callback(lambda conn, protos: alpn)
+    if alpn is not None:
+        ctx.set_alpn_select_callback(lambda conn, protos: alpn)
     loop = asyncio.get_running_loop()
     fake = FakeNTS()
     transport, _ = await loop.create_datagram_endpoint(lambda: _NTPServer(fake),
@@ -615,6 +617,8 @@ async def test_a_refused_negotiated_server_is_named(fake: FakeNTS, pki: PKI) -> 
     m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0]),
                          guard=Guard(policies=(denied,)))
     assert m.failure is Reason.TARGET_FORBIDDEN, log.text()
+    # check's line says it is the negotiated server that was refused, not the target.
+    assert m.failure_detail is not None and "127.0.0.66" in m.failure_detail
     assert label_sets(m, "probe_nts_ntp_server_info") == [
         {"server": "127.0.0.66", "port": str(fake.ntp_port)}]
     assert not fake.requests
@@ -640,6 +644,15 @@ async def test_a_server_that_speaks_no_offered_alpn_is_an_alpn_mismatch(pki: PKI
     assert "no application protocol" in log.text()
     # The TLS library's words reach `check`'s line and the JSON report.
     assert m.failure_detail is not None and "no application protocol" in m.failure_detail
+
+
+async def test_a_server_that_selects_no_protocol_is_an_alpn_mismatch(pki: PKI) -> None:
+    # A TLS server that ignores ALPN (a plain HTTPS or TLS endpoint on the KE port).
+    async with running_fake(pki[1], pki[2], alpn=None) as fake:
+        m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0]))
+    assert m.failure is Reason.NTS_ALPN_MISMATCH, log.text()
+    assert m.failure_detail == "the server selected no ALPN protocol"
+    assert not fake.requests
 
 
 async def test_a_server_that_selects_a_protocol_not_offered_is_an_alpn_mismatch(
@@ -672,6 +685,8 @@ async def test_a_certificate_cryptography_cannot_read_is_untrusted_not_a_500(
     async with running_fake(cert, key) as fake:
         m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(ca, server_name="localhost"))
     assert m.failure is Reason.NTS_CERT_UNTRUSTED, log.text()
+    assert m.failure_detail is not None and m.failure_detail.startswith("depth 0: "), \
+        m.failure_detail  # the chain's words, in check's line and the JSON
     assert "unreadable certificate names: DuplicateExtension" in log.text()
     assert value(m, "probe_nts_cert_identity_verified") == 0
     assert value(m, "probe_ssl_earliest_cert_expiry") is not None

@@ -173,6 +173,8 @@ async def test_backoff_is_per_port(fake_ntp: FakeNTPServer) -> None:
     # The first port is still backing off.
     again, _ = await probe(fake_ntp.target, make_module(), guard=guard)
     assert again.failure == "backoff"
+    assert again.failure_detail is not None and again.failure_detail.startswith(
+        f"Kiss-o'-Death RATE from 127.0.0.1 port {fake_ntp.port}, "), again.failure_detail
 
 
 async def test_kod_deny_hold_configurable(fake_ntp: FakeNTPServer) -> None:
