@@ -7,8 +7,6 @@ import logging
 import sys
 import time
 
-from ntp_probe.engine.text import visible
-
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
           "error": logging.ERROR}
 
@@ -24,13 +22,30 @@ def _level(record: logging.LogRecord) -> str:
     return "warn" if record.levelno == logging.WARNING else record.levelname.lower()
 
 
+# What go-logfmt's decoder (Loki, the Go exporters' tools) reads inside quotes, as JSON:
+# these escapes, and \uXXXX (a surrogate pair past the BMP) for any other character
+# that is not printable (a server's text, a client's): one record stays one clean line.
+_LOGFMT_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _logfmt_char(c: str) -> str:
+    escape = _LOGFMT_ESCAPES.get(c)
+    if escape is not None:
+        return escape
+    if c.isprintable():
+        return c
+    code = ord(c)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
 def _logfmt_value(value: str) -> str:
-    # Quoted when needed; a newline as \n and any other character that is not printable
-    # (a server's text, a client's) as \xNN, so that one record stays one clean line.
+    # Quoted when needed (a space, a quote, '=', a backslash, anything not printable).
     if value and value.isprintable() and not any(c in value for c in ' "=\\'):
         return value
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return '"' + visible(escaped) + '"'
+    return '"' + "".join(_logfmt_char(c) for c in value) + '"'
 
 
 # Fields a record may carry besides its message (ProbeLog's target and module): the
