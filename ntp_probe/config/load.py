@@ -39,6 +39,7 @@ from ntp_probe.config.schema import (
 )
 from ntp_probe.engine.registry import PROBERS
 from ntp_probe.engine.targets import TargetError, parse_target
+from ntp_probe.engine.text import visible
 from ntp_probe.probers.pacing import MIN_REPLY_WINDOW
 from ntp_probe.proto.leapfile import LeapFile, LeapFileError, parse_leapfile
 from ntp_probe.safety.policy import PolicyError, TargetPolicy, parse_rules
@@ -141,7 +142,9 @@ class _Problems:
     def add(self, position: Position | None, path: str, message: str) -> None:
         where = self.source if position is None else \
             f"{self.source}:{position.line}:{position.column}"
-        self.lines.append(f"{where}: {path + ': ' if path else ''}{message}")
+        # One line each, however the file spells its keys (a quoted key may hold a newline):
+        # a log record or check's status line per problem, not a fragment without a place.
+        self.lines.append(visible(f"{where}: {path + ': ' if path else ''}{message}"))
 
     def raise_if_any(self) -> None:
         if self.lines:

@@ -663,3 +663,13 @@ def test_a_timeout_that_leaves_no_room_for_a_reply_is_refused(module: str, ok: b
         with pytest.raises(ConfigError, match=r"modules\.t\.timeout: \d+ms leaves no room for "
                            r"a request and its reply: at least 70ms"):
             parse(text)
+
+
+def test_a_key_with_a_newline_is_one_line_of_the_error() -> None:
+    # A quoted key may hold a newline or a tab: each problem must stay one line (one log
+    # record, check's one status line), with its place in the file.
+    with pytest.raises(ConfigError) as caught:
+        parse('modules:\n  a:\n    prober: ntp\n    "we\\"ird\\nkey\\tx": 1\n')
+    lines = str(caught.value).splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("test.yaml:4:5: modules.a.we\"ird\\x0akey\\x09x: unknown key"), lines

@@ -44,8 +44,9 @@ def test_a_log_line_carries_no_control_character(formatter: logging.Formatter) -
         assert 'msg="<- READVAR: version=v\\u001b[2J' in line and "\\nforged=1" in line
 
 
-@pytest.mark.parametrize("text", [HOSTILE, "tab\there", "a\tb\u202e key", "emoji \U0001f600 \U000e0001",
-                                  'quote " and \\ backslash', "plain"])
+@pytest.mark.parametrize("text", [HOSTILE, "tab\there", "a\tb\u202e key",
+                                  "emoji \U0001f600 \U000e0001", 'quote " and \\ backslash',
+                                  "plain"])
 def test_a_logfmt_value_reads_back_with_go_logfmts_escapes(text: str) -> None:
     # go-logfmt (Loki, the Go exporters' tools) reads a quoted value's escapes as JSON
     # does, and drops the whole line on any other (\xNN, \UXXXXXXXX).
