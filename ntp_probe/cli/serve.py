@@ -130,6 +130,17 @@ def unrestricted(host: str | None, config: Config) -> bool:
         m.policy.allowed for m in config.modules.values())
 
 
+def listening_hosts(inherited: list[socket.socket],
+                    listen: list[tuple[str | None, int]]) -> list[str | None]:
+    """The addresses served on: systemd's sockets by where they are bound (the shipped
+    unit's ListenStream=9559 is every address; a unix socket, which no one reaches over a
+    network, is left out), else the --web.listen-address hosts."""
+    if inherited:
+        return [s.getsockname()[0] for s in inherited
+                if s.family in (socket.AF_INET, socket.AF_INET6)]
+    return [host for host, _ in listen]
+
+
 def parse_listen(address: str) -> tuple[str | None, int]:
     """``:9559``, ``0.0.0.0:9559``, ``[::1]:9559`` -> (host or None for all, port)."""
     host, sep, port_text = address.rpartition(":")
@@ -265,7 +276,7 @@ async def serve(args: argparse.Namespace, config: Config,
     logger.info("listening on %s with %d module%s from %s (version %s); landing page %s/",
                 ", ".join(urls), len(config.modules), "" if len(config.modules) == 1 else "s",
                 config.source, __version__, urls[0])
-    if not inherited and any(unrestricted(host, config) for host, _ in listen):
+    if any(unrestricted(host, config) for host in listening_hosts(inherited, listen)):
         logger.warning("listening on every address with no allowed_targets: anyone who can "
                        "reach this port can make the exporter send NTP packets to any "
                        "address (see the README's target policy section)")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import pytest
 
 from ntp_probe.cli.check import check_parser
@@ -12,7 +15,7 @@ from ntp_probe.cli.main import (
     probe_parser,
     serve_parser,
 )
-from ntp_probe.cli.serve import parse_listen, unrestricted
+from ntp_probe.cli.serve import listening_hosts, parse_listen, unrestricted
 from ntp_probe.config.load import parse_config
 
 
@@ -95,6 +98,23 @@ def test_probe_help_lists_the_modules_and_exit_codes() -> None:
 def test_listening_everywhere_without_allowed_targets_is_warned_about(
         host: str | None, text: str, warned: bool) -> None:
     assert unrestricted(host, parse_config(text, "t")) is warned
+
+
+def test_systemd_sockets_are_judged_by_where_they_are_bound(tmp_path: Path) -> None:
+    # The shipped unit's ListenStream=9559 is every address: the open-door warning must
+    # come under socket activation too. Bound, never listening: nothing is exposed here.
+    config = parse_config("modules:\n  m: {}\n", "t")
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as everywhere, \
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM) as loopback, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix:
+        everywhere.bind(("::", 0))
+        loopback.bind(("127.0.0.1", 0))
+        unix.bind(str(tmp_path / "s"))
+        assert listening_hosts([loopback, unix], [(None, 9559)]) == ["127.0.0.1"]
+        hosts = listening_hosts([loopback, everywhere, unix], [])
+        assert hosts == ["127.0.0.1", "::"]
+        assert any(unrestricted(host, config) for host in hosts)
+    assert listening_hosts([], [(None, 9559), ("127.0.0.1", 9559)]) == [None, "127.0.0.1"]
 
 
 @pytest.mark.parametrize(("env", "want"), [
