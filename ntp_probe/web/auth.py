@@ -516,17 +516,18 @@ def load_web_config(path: str | None) -> WebConfig:
     for name, value in _mapping(http.get("headers"), "headers").items():
         # exporter-toolkit's rules: a few security headers only (Content-Length or
         # Transfer-Encoding set here would corrupt every response), some values fixed.
+        # Exactly as exporter-toolkit spells them (names and values): a web config that
+        # works here must work for the Go exporters beside it, and the other way round.
         canonical = _HEADERS.get(str(name).lower())
-        if canonical is None:
+        if canonical is None or canonical != name:
+            hint = f": did you mean {canonical!r}?" if canonical is not None else ""
             raise WebConfigError(f"http_server_config.headers: {name!r} cannot be configured "
-                                 f"(one of {', '.join(_HEADERS.values())})")
-        if canonical in headers:
-            raise WebConfigError(f"http_server_config.headers: {canonical} given twice")
+                                 f"(one of {', '.join(_HEADERS.values())}){hint}")
         if not isinstance(value, str):  # YAML read off as 90 for 1:30, False for off
             raise WebConfigError(f"http_server_config.headers.{name}: expected text, got "
                                  f"{value!r}: quote the value")
         allowed = _HEADER_VALUES.get(canonical)
-        if allowed is not None and value.lower() not in allowed:
+        if allowed is not None and value not in allowed:
             raise WebConfigError(f"http_server_config.headers.{name}: expected one of "
                                  f"{', '.join(allowed)}, got {value!r}")
         if _CONTROL.search(value):

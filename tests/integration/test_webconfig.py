@@ -636,9 +636,17 @@ MORE_BAD_WEB_CONFIGS = {
                                 "http_server_config.headers: 'Content-Length' cannot be"),
     "header-value-not-allowed": ("http_server_config:\n  headers: {X-Frame-Options: allowall}\n",
                                  "http_server_config.headers.X-Frame-Options: expected one of"),
-    "header-twice-by-case": (
-        "http_server_config:\n  headers: {x-frame-options: deny, X-Frame-Options: deny}\n",
-        "http_server_config.headers: X-Frame-Options given twice"),
+    # Spelled exactly as exporter-toolkit has them, names and values, or a config that
+    # works here fails in a Go exporter.
+    "header-name-in-another-case": (
+        "http_server_config:\n  headers: {x-frame-options: deny}\n",
+        "http_server_config.headers: 'x-frame-options' cannot be configured (one of "
+        "Strict-Transport-Security, X-Content-Type-Options, X-Frame-Options, "
+        "X-XSS-Protection, Content-Security-Policy): did you mean 'X-Frame-Options'?"),
+    "header-value-in-another-case": (
+        "http_server_config:\n  headers: {X-Frame-Options: DENY}\n",
+        "http_server_config.headers.X-Frame-Options: expected one of deny, sameorigin, got "
+        "'DENY'"),
     # exporter-toolkit's key, but aiohttp serves HTTP/1.1 only: say so, do not pretend.
     "http2-on": ("http_server_config:\n  http2: true\n", "http_server_config.http2"),
 }
