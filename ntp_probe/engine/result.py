@@ -65,6 +65,11 @@ class Reason(StrEnum):
 
 _RANK = {reason: i for i, reason in enumerate(Reason)}
 
+# The detail of a probe that sent nothing because its budget (a short module timeout or
+# scrape-timeout header) left no time for a first request and its reply: local_error,
+# not the server's timeout, which would page as if it had been silent.
+NO_TIME = "the probe's time budget left no room for a request and its reply: nothing sent"
+
 
 @dataclass(frozen=True, slots=True)
 class Perf:

@@ -28,7 +28,7 @@ from typing import Any
 
 from ntp_probe.config.schema import ChronySettings, Module
 from ntp_probe.engine.context import ProbeContext
-from ntp_probe.engine.result import Measurement, Perf, Reason
+from ntp_probe.engine.result import NO_TIME, Measurement, Perf, Reason
 from ntp_probe.engine.targets import Target
 from ntp_probe.exposition.families import Family
 from ntp_probe.net.budget import LocalSocketError
@@ -903,8 +903,14 @@ def _conclude(got: Collected, settings: ChronySettings, ctx: ProbeContext,
     t = got.tracking
     if t is None:
         status = got.tracking_status
-        # Not sent at all: the deadline left no room for one request.
-        m.fail(Reason.CHRONY_TIMEOUT if status is None else _TRACKING_FAILURE[status])
+        if status is not None:
+            m.fail(_TRACKING_FAILURE[status])
+        elif not m.packets_sent and got.transport_failure is None:
+            # Not sent at all: the deadline left no room for one request (not chronyd's
+            # fault, nor its silence).
+            m.fail(Reason.LOCAL_ERROR, NO_TIME)
+        else:
+            m.fail(Reason.CHRONY_TIMEOUT)
     elif t.leap_status is LeapStatus.UNSYNCHRONISED:
         m.fail(Reason.LEAP_UNSYNCHRONIZED)
     selectable = report.selectable

@@ -14,7 +14,7 @@ from typing import Any
 
 from ntp_probe.config.schema import Module, NTPSettings
 from ntp_probe.engine.context import PrefixedLog, ProbeContext
-from ntp_probe.engine.result import Measurement, Perf, Reason
+from ntp_probe.engine.result import NO_TIME, Measurement, Perf, Reason
 from ntp_probe.engine.targets import Target
 from ntp_probe.exposition.families import Family
 from ntp_probe.net.resolve import Resolved
@@ -494,6 +494,8 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
         m.reports.append(NTPReport(server[0], server[1], burst.sent, burst.received))
         if burst.local_error is not None and not burst.sent:
             m.fail(Reason.LOCAL_ERROR, burst.local_error)
+        elif not burst.sent and burst.kod is None and burst.held_back is None:
+            m.fail(Reason.LOCAL_ERROR, NO_TIME)
         elif burst.unreachable is not None:
             m.fail(Reason.UNREACHABLE, burst.unreachable)
         else:

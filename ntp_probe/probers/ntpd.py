@@ -21,7 +21,7 @@ from typing import Any
 
 from ntp_probe.config.schema import Module, NTPDSettings
 from ntp_probe.engine.context import ProbeContext
-from ntp_probe.engine.result import Measurement, Perf, Reason
+from ntp_probe.engine.result import NO_TIME, Measurement, Perf, Reason
 from ntp_probe.engine.targets import Target
 from ntp_probe.exposition.families import Family
 from ntp_probe.net.budget import LocalSocketError
@@ -777,7 +777,11 @@ def _conclude(got: _Collected, settings: NTPDSettings, server: tuple[str, int], 
         log(restarted)
         m.fail(Reason.MODE6_BAD_REPLY, "ntpd restarted during the probe")
     if got.system is None:
-        if m.failure is None:
+        if m.failure is None and not sent:
+            # Not ntpd's fault: this probe's budget (a short scrape-timeout header).
+            log("nothing sent: the deadline left no time to ask")
+            m.fail(Reason.LOCAL_ERROR, NO_TIME)
+        elif m.failure is None:
             log("system variables not read: the deadline left no time to ask")
             m.fail(Reason.MODE6_TIMEOUT)
     elif system["leap"] == _LEAP_ALARM:

@@ -24,7 +24,7 @@ import pytest
 from ntp_probe.config.load import parse_config
 from ntp_probe.config.schema import Config, Module
 from ntp_probe.engine.coordinator import Coordinator
-from ntp_probe.engine.result import Measurement
+from ntp_probe.engine.result import NO_TIME, Measurement
 from ntp_probe.engine.runner import guard_for
 from ntp_probe.engine.targets import parse_target
 from ntp_probe.exposition.render import render
@@ -730,6 +730,16 @@ async def test_a_reply_from_another_port_is_discarded(fake: FakeCommandPort) -> 
     assert "discarded: not the target" in log.text()
     assert value(m, "probe_chrony_tracking_stratum") == 3
     assert len(sent_lines(log.text(), "TRACKING")) == 2
+
+
+async def test_a_budget_too_short_for_any_request_sends_nothing_and_blames_no_one(
+        fake: FakeCommandPort) -> None:
+    # A scrape-timeout header of a few milliseconds (config refuses such a module timeout;
+    # the header can still give one): nothing sent, and not chronyd's chrony_timeout.
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", replace(chrony_module(), timeout=0.02))
+    assert m.failure == "local_error", log.text()
+    assert m.failure_detail == NO_TIME
+    assert not fake.requests
 
 
 async def test_too_few_candidates(fake: FakeCommandPort) -> None:

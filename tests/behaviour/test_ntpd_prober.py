@@ -20,7 +20,7 @@ import pytest
 from ntp_probe.cli import report
 from ntp_probe.config.schema import Module, NTPDSettings
 from ntp_probe.engine.context import ProbeContext, ProbeLog
-from ntp_probe.engine.result import Measurement
+from ntp_probe.engine.result import NO_TIME, Measurement
 from ntp_probe.engine.targets import parse_target
 from ntp_probe.net.budget import limit_probe_sockets
 from ntp_probe.probers import ntpd
@@ -361,6 +361,16 @@ async def test_answer_only_to_the_retry(server: FakeNtpd) -> None:
         assert retry.at - first.at >= 0.1 - 0.01  # not before the request timed out
     assert out.log.count("(retry)") == 8
     assert len(label_sets(out.m, "probe_ntpd_peer_info")) == 3
+
+
+async def test_a_budget_too_short_for_any_request_sends_nothing_and_blames_no_one(
+        server: FakeNtpd) -> None:
+    # A scrape-timeout header of a few milliseconds: no request could get its reply in
+    # time, so none is sent, and mode6_timeout (ntpd's silence) would be untrue.
+    out = await run(server, timeout=0.02)
+    assert out.m.failure == "local_error", out.log
+    assert out.m.failure_detail == NO_TIME
+    assert server.requests == []
 
 
 async def test_silence_is_mode6_timeout_within_the_deadline(server: FakeNtpd) -> None:

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ntp_probe.cli import report
 from ntp_probe.engine.context import PrefixedLog, ProbeContext, ProbeLog
-from ntp_probe.engine.result import Measurement
+from ntp_probe.engine.result import NO_TIME, Measurement
 from ntp_probe.engine.runner import probe_timeout, run_probe
 from ntp_probe.engine.targets import parse_target
 from ntp_probe.exposition.render import render
@@ -707,10 +707,12 @@ async def test_a_burst_cut_off_keeps_its_accounting(fake_ntp: FakeNTPServer) -> 
 async def test_no_request_is_sent_when_its_reply_cannot_arrive_in_time(
     fake_ntp: FakeNTPServer,
 ) -> None:
-    # 40 ms leaves less than the shortest reply window: sending would only blame the server.
+    # 40 ms leaves less than the shortest reply window: sending would only blame the server,
+    # and so would a timeout for a request never sent (it pages as NTPServerUnreachable).
     module = make_module(samples=1, reply_timeout=1.0, timeout=0.04)
     result, log = await probe(fake_ntp.target, module)
-    assert result.failure == "timeout"
+    assert result.failure == "local_error"
+    assert result.failure_detail == NO_TIME
     # Nothing sent, nothing lost: a loss ratio of 0 would read as a healthy path.
     assert counts(result) == (0, 0, None)
     assert "burst shortened to 0 of 1 samples" in log.text()
