@@ -61,6 +61,22 @@ def test_replies_from_elsewhere_are_discarded(source: tuple[str, int], why: str,
     assert isinstance(c.receive(reply(), SERVER), rules.Accepted)
 
 
+@pytest.mark.parametrize(("trailer", "why"), [
+    (bytes(4), "carries a crypto-NAK, to a request without one"),
+    (b"\x00\x00\x00\x01" + bytes(16), "carries a 20-byte MAC, to a request without one"),
+    (b"\x00\x00\x00\x01" + bytes(20), "carries a 24-byte MAC, to a request without one"),
+])
+def test_a_reply_with_a_mac_to_a_request_without_one_is_discarded(trailer: bytes,
+                                                                   why: str) -> None:
+    # RFC 5905's receive(): a crypto-NAK, or a MAC under a key the client does not have,
+    # is not time to use (chronyd's client drops both); the genuine reply may still come.
+    c = rules.Client(SERVER)
+    c.request(NONCE)
+    assert c.receive(reply() + trailer, SERVER) == rules.Discarded(why)
+    assert c.pending == NONCE
+    assert isinstance(c.receive(reply(), SERVER), rules.Accepted)
+
+
 def test_ipv6_sources_compare_on_address_and_port_only() -> None:
     c = rules.Client(("2001:db8::1", 123))
     c.request(NONCE)

@@ -141,6 +141,11 @@ class Client:
             # As chrony and ntpdig: NTPv4 defines no later version, and a server answers a
             # request in the request's version.
             return Discarded(f"version {pkt.version}, newer than NTPv4", "version too new")
+        if pkt.mac is not None:
+            # Our requests carry no MAC: a reply with one is under a key we do not have, or
+            # a crypto-NAK (4 bytes); RFC 5905's receive() drops both, as chronyd does.
+            what = "a crypto-NAK" if len(pkt.mac) == 4 else f"a {len(pkt.mac)}-byte MAC"
+            return Discarded(f"carries {what}, to a request without one", "carries a MAC")
         origin = pkt.origin_ts
         seen = self._seen.get(origin)
         if seen:
