@@ -685,6 +685,41 @@ class Session:
             self._log(lambda: f"<- {name}: {reply.status.name}: {_describe(reply.data)}")
         return received
 
+    async def _read_sources(self, count: int) -> bool:
+        """SOURCE_DATA and SOURCESTATS of sources 0 .. count-1; False when chronyd stopped
+        answering (the probe ends there)."""
+        got = self.got
+        for index in range(count):
+            for command in (Command.SOURCE_DATA, Command.SOURCESTATS):
+                self.last_status = None
+                answer = await self.ask(command, index)
+                if answer is None or answer[0] is CommandStatus.TIMEOUT:
+                    return False
+                data = answer[1]
+                if isinstance(data, SourceData) and data.address.family is AddressFamily.ID:
+                    # Not resolved yet (a name, a pool's empty place): chronyc's sources
+                    # and sourcestats leave it out too (only -a shows it).
+                    self._log(f"source {index} ({data.name}) has no address yet: left out")
+                    got.unresolved += 1
+                    break
+                if isinstance(data, SourceData):
+                    self._keep_source(index, data)
+                elif command is Command.SOURCE_DATA and \
+                        self.last_status is Status.NOSUCHSOURCE:
+                    # Gone since N_SOURCES. chronyd numbers its sources without gaps, so
+                    # every later one is gone too: not asked about, as chronyc stops here
+                    # (the number is asked again at the end).
+                    got.gone = count - index
+                    self._log(f"source {index} and after: no such source")
+                    return True
+                elif command is Command.SOURCE_DATA:
+                    # A source is there, state unknown.
+                    got.unreadable += 1
+                elif isinstance(data, SourceStats) and index in got.sources and all(
+                        k.name != data.name for k in got.sourcestats.values()):
+                    got.sourcestats[index] = data
+        return True
+
     async def _count_again(self, before: int) -> None:
         """Sources went away while they were read: ask how many there are now. A number
         other than before is a list that changed under the reading (chronyd restarted
@@ -749,31 +784,8 @@ class Session:
             if got.n_sources > MAX_SOURCES:
                 self._log(f"chronyd reports {got.n_sources} sources: asking about the "
                           f"first {MAX_SOURCES}")
-            for index in range(min(got.n_sources, MAX_SOURCES)):
-                for command in (Command.SOURCE_DATA, Command.SOURCESTATS):
-                    self.last_status = None
-                    answer = await self.ask(command, index)
-                    if answer is None or answer[0] is CommandStatus.TIMEOUT:
-                        return
-                    data = answer[1]
-                    if isinstance(data, SourceData) and data.address.family is \
-                            AddressFamily.ID:
-                        # Not resolved yet (a name, a pool's empty place): chronyc's
-                        # sources and sourcestats leave it out too (only -a shows it).
-                        self._log(f"source {index} ({data.name}) has no address yet: left out")
-                        got.unresolved += 1
-                        break
-                    if isinstance(data, SourceData):
-                        self._keep_source(index, data)
-                    elif command is Command.SOURCE_DATA:
-                        if self.last_status is Status.NOSUCHSOURCE:
-                            got.gone += 1  # since N_SOURCES: asked again at the end
-                        else:
-                            # Not "gone since N_SOURCES": a source is there, state unknown.
-                            got.unreadable += 1
-                    elif isinstance(data, SourceStats) and index in got.sources and all(
-                            k.name != data.name for k in got.sourcestats.values()):
-                        got.sourcestats[index] = data
+            if not await self._read_sources(min(got.n_sources, MAX_SOURCES)):
+                return
             got.asked_every_source = True
             if got.gone:
                 await self._count_again(got.n_sources)

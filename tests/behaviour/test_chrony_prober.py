@@ -585,6 +585,20 @@ async def test_a_list_of_sources_that_changed_while_read_has_no_counts(
     assert m.failure == "chrony_bad_reply", log.text()
 
 
+async def test_no_source_is_asked_about_after_one_that_is_no_more(
+        fake: FakeCommandPort) -> None:
+    # chronyd numbers its sources without gaps: after NOSUCHSOURCE every later index is
+    # gone too, and chronyc stops asking there. A forged or stale count of 256 must not
+    # cost 512 requests.
+    fake.chronyd.sources = []
+    fake.chronyd.n_sources = 256
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
+    assert fake.commands() == [(TRACKING, None), (N_SOURCES, None), (SOURCE_DATA, 0),
+                               (N_SOURCES, None), (SERVER_STATS, None)], log.text()
+    assert "source 0 and after: no such source" in log.text()
+    assert m.failure == "too_few_sources", log.text()  # the count is the same again
+
+
 async def test_hostile_source_values_are_contained(fake: FakeCommandPort) -> None:
     fake.chronyd.sources = [
         FakeSource("192.0.2.1", state=0, poll=2000),  # 2**2000 s: no float holds it
@@ -656,6 +670,8 @@ async def test_a_daemon_claiming_millions_of_sources_is_asked_about_a_few(
     fake: FakeCommandPort
 ) -> None:
     fake.chronyd.n_sources = 0xFFFFFFFF
+    fake.chronyd.sources = [FakeSource(str(ipaddress.IPv4Address(0x0A000001 + i)), state=1)
+                            for i in range(chrony.MAX_SOURCES + 10)]
     m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module(timeout="10s"))
     assert f"asking about the first {chrony.MAX_SOURCES}" in log.text()
     asked = [r for r in fake.requests if r.command in (SOURCE_DATA, SOURCESTATS)]
