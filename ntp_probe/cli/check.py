@@ -281,9 +281,20 @@ def _target_text(args: argparse.Namespace) -> str:
     return f"{Target(target.host)}:{args.port}"  # checked with the target (1-65535)
 
 
+# Past this a value is a server's nonsense (an ntpd reporting offset=1e308): perfdata
+# says U (the guidelines' "could not be determined"), the status line %g, not 300 digits.
+_ABSURD = 1e12
+
+
 def _number(value: float) -> str:
+    if not abs(value) < _ABSURD:  # NaN too
+        return "U"
     text = f"{value:.6f}".rstrip("0").rstrip(".")
     return "0" if text in ("", "-0") else text
+
+
+def _offset_text(value: float) -> str:
+    return f"{value:+.6f}" if abs(value) < _ABSURD else f"{value:+.6g}"
 
 
 def _perf(item: Perf, warning: Range | None = None, critical: Range | None = None) -> str:
@@ -370,9 +381,9 @@ def evaluate(target: str, module: Module, m: Measurement, warning: Range,
         # Beyond the threshold, not at it: a plain -w N is the Nagios range 0:N.
         off = abs(offset + expected)
         state = CRITICAL if critical.alerts(off) else WARNING if warning.alerts(off) else OK
-        summary = f"{target} offset {offset:+.6f} s (module {module.name})"
+        summary = f"{target} offset {_offset_text(offset)} s (module {module.name})"
         if expected:
-            summary += f", {offset + expected:+.6f} s with -o {expected:+.6f} s added"
+            summary += f", {_offset_text(offset + expected)} s with -o {expected:+.6f} s added"
     line = f"NTP {_STATES[state]}: {_text(summary)}"
     return state, f"{line} | {perfdata}" if perfdata else line
 
