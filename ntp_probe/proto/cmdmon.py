@@ -573,9 +573,12 @@ def decode_reply(data: bytes, command: Command, sequence: int) -> Reply:
 
     Checks, as chronyc does (client.c): header length, protocol version, packet type,
     reserved bytes, then command and sequence echo (:class:`ReplyMismatchError`), then the
-    status and the reply type, and that the length is exactly that of the reply type.
-    A non-SUCCESS status gives a :class:`Reply` with no data. Unknown reply types and status
-    codes raise :class:`UnsupportedReplyError`; anything else wrong :class:`CmdmonError`.
+    status (a non-SUCCESS status gives a :class:`Reply` with no data, whatever its reply
+    type), then the reply type, and that the reply is at least that type's length (a
+    longer one, as from a later chronyd, is read as chronyc reads it). Unlike chronyc, which
+    ignores a short reply and waits on, a short reply is a bad one: a daemon sending
+    truncated replies reads chrony_bad_reply, not chrony_timeout. Unknown reply types and
+    status codes raise :class:`UnsupportedReplyError`; anything else :class:`CmdmonError`.
     """
     r_command, r_type, r_status, r_sequence = _reply_header(data)
     if r_command != command or r_sequence != sequence:
@@ -587,24 +590,19 @@ def decode_reply(data: bytes, command: Command, sequence: int) -> Reply:
         status = Status(r_status)
     except ValueError:
         raise UnsupportedReplyError(f"unknown status {r_status}") from None
-    reply_type = _reply_type(r_type, command, status)
-    expected = reply_length(reply_type)
-    if len(data) != expected:
-        raise CmdmonError(
-            f"{reply_type.name} reply of {len(data)} B, expected exactly {expected} B"
-        )
     if status is not Status.SUCCESS:
-        return Reply(status, reply_type, None)
+        # cmdmon.c answers every refused or failed command with an empty RPY_NULL; chronyc
+        # reads the status before the type ("501 Not authorised" whatever the type says).
+        return Reply(status, ReplyType.NULL, None)
+    reply_type = _reply_type(r_type, command)
+    expected = reply_length(reply_type)
+    if len(data) < expected:
+        raise CmdmonError(f"{reply_type.name} reply of {len(data)} B, expected {expected} B")
     return Reply(status, reply_type, _decode_data(reply_type, data, REPLY_HEADER_LEN))
 
 
-def _reply_type(r_type: int, command: Command, status: Status) -> ReplyType:
-    """The reply type, checked against what may answer ``command`` with ``status``."""
-    if status is not Status.SUCCESS:
-        # cmdmon.c answers every refused or failed command with an empty RPY_NULL.
-        if r_type != ReplyType.NULL:
-            raise CmdmonError(f"status {status.name} with reply type {r_type}, expected NULL")
-        return ReplyType.NULL
+def _reply_type(r_type: int, command: Command) -> ReplyType:
+    """The reply type of a successful reply, checked against what may answer ``command``."""
     if r_type in _EXPECTED_REPLIES[command]:
         return ReplyType(r_type)
     if r_type in _CHRONY_REPLY_TYPES:

@@ -524,6 +524,12 @@ def test_badpktversion_from_older_protocol_is_a_status() -> None:
 T = Command.TRACKING
 
 
+def test_the_status_is_read_before_the_reply_type() -> None:
+    # chronyc prints "501 Not authorised" for an UNAUTH status whatever type it carries.
+    got = decode(header(T, 5, Status.UNAUTH) + bytes(76), T)
+    assert (got.status, got.reply_type, got.data) == (Status.UNAUTH, ReplyType.NULL, None)
+
+
 @pytest.mark.parametrize(
     ("data", "command", "match"),
     [
@@ -533,7 +539,6 @@ T = Command.TRACKING
         (header(T, 1, 2, pkt_type=1), T, "not a command reply"),
         (header(T, 1, 2, res1=1), T, "not a command reply"),
         (header(T, 1, 2, res2=1), T, "not a command reply"),
-        (header(T, 5, Status.UNAUTH) + bytes(76), T, "expected NULL"),
         (header(T, 1, Status.SUCCESS), T, "does not answer"),  # an empty success
         (header(T, 16, 0) + bytes(124), T, "does not answer"),  # NTP_DATA
         (reply(Command.SERVER_STATS, 5, tracking_body()), Command.SERVER_STATS,
@@ -602,13 +607,14 @@ GOOD_REPLIES = [
 
 @pytest.mark.parametrize(("data", "command", "seq"), GOOD_REPLIES)
 def test_truncated_and_overlong_replies(data: bytes, command: Command, seq: int) -> None:
-    assert decode_reply(data, command, seq).reply_type == data[7]
+    good = decode_reply(data, command, seq)
+    assert good.reply_type == data[7]
     for cut in range(len(data)):
         with pytest.raises(CmdmonError):
             decode_reply(data[:cut], command, seq)
+    # Longer is read as chronyc reads it (a later chronyd may append fields).
     for extra in (b"\0", bytes(4), bytes(REQUEST_LEN)):
-        with pytest.raises(CmdmonError, match="expected exactly"):
-            decode_reply(data + extra, command, seq)
+        assert decode_reply(data + extra, command, seq) == good
 
 
 def test_reply_lengths_match_pktlength() -> None:
@@ -629,7 +635,7 @@ def _check_total(data: bytes, command: Command, seq: int) -> None:
     except CmdmonError:
         return
     assert isinstance(result, Reply)
-    assert len(data) == reply_length(result.reply_type)
+    assert len(data) >= reply_length(result.reply_type)
     assert (result.data is None) == (result.status is not Status.SUCCESS)
 
 
