@@ -64,6 +64,9 @@ class Outcome:
     # The one requester per burst that counts it in the exporter's metrics: the one that
     # started it or, when that one hung up, the first still waiting.
     counted: bool = False
+    # A request that joined a burst in flight: how long it waited (its probe's duration,
+    # within its own budget, where the burst's may be longer).
+    waited: float | None = None
 
 
 _Result = tuple[Measurement, ProbeLog, bool]  # and whether this requester counts the burst
@@ -302,7 +305,8 @@ class Coordinator:
             raise
         finally:
             flight.waiters.remove(waiter)
-        return Outcome(result, log, shared=shared, counted=counted)
+        return Outcome(result, log, shared=shared, counted=counted,
+                       waited=loop.time() - now if shared else None)
 
     def _forget(self, key: _Key, flight: _Flight) -> None:
         flights = self._flights.get(key)

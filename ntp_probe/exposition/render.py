@@ -43,12 +43,16 @@ def _order(sample: tuple[common.Family, tuple[str, ...], float]) -> int:
     return sample[0].order
 
 
-def render(m: Measurement, result_age: float | None = None) -> str:
+def render(m: Measurement, result_age: float | None = None,
+           duration: float | None = None) -> str:
     """The measurement in the Prometheus text format (a fresh exposition per probe).
 
-    ``result_age`` marks a result served again from the min_probe_interval cache.
+    ``result_age`` marks a result served again from the min_probe_interval cache;
+    ``duration``, when given, is the probe_duration_seconds shown instead of the
+    measurement's (a request that shared a burst: its own wait, within its own budget).
     """
-    out = [_SUCCESS[m.success], f"{_DURATION}{format_value(m.duration)}\n"]
+    shown = m.duration if duration is None else duration
+    out = [_SUCCESS[m.success], f"{_DURATION}{format_value(shown)}\n"]
     samples = m.samples
     if result_age is not None:
         # Countdowns as they stand now, not as when the result was measured.

@@ -208,7 +208,7 @@ async def probe_handler(request: web.Request) -> web.Response:
     result, log = outcome.result, outcome.log
     if outcome.counted:
         state.internals.observe(module_name, result)
-    body = render(result, outcome.age)
+    body = render(result, outcome.age, outcome.waited)
     # The log is the earlier probe's, or the shared burst's: said wherever it is shown.
     note = "" if outcome.age is None and not outcome.shared else (
         f"Served from the min_probe_interval cache: result age {outcome.age:.1f} s, nothing "

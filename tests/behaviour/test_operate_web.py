@@ -841,6 +841,30 @@ async def test_a_scrape_shares_a_burst_only_if_sure_to_be_over_in_its_budget(
     assert shared == (sent_later == 2 and len(fake_ntp.requests) == 2)
 
 
+async def test_a_scrape_sharing_a_burst_reports_its_own_wait_as_its_duration(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer,
+) -> None:
+    # Joined when the burst was half over: its duration is its own wait, which its own
+    # budget bounds, not the burst's (a 10 s burst reported to a 4 s scrape as 4.0066 s).
+    path = tmp_path / "modules.yaml"
+    client, _ = await start(aiohttp_client, path,
+                            config_text(module_yaml("three", timeout="5s", samples=3)))
+    fake_ntp.behaviour = delayed(0.1)
+    first = asyncio.create_task(probe(client, fake_ntp.target, "three"))
+    await fake_ntp.wait_for_requests(2)
+    resp = await client.get("/probe", params={"target": fake_ntp.target, "module": "three"},
+                            headers={"X-Prometheus-Scrape-Timeout-Seconds": "3"})
+    later = await resp.text()
+    _, earlier = await first
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) == 3  # one burst, shared
+    later_took, burst_took = (metric(later, "probe_duration_seconds"),
+                              metric(earlier, "probe_duration_seconds"))
+    assert later_took is not None and burst_took is not None
+    assert later_took < burst_took - 0.05, (later_took, burst_took)
+    assert metric(later, "probe_ntp_samples_sent") == 3
+
+
 def test_the_latest_end_of_a_burst_allows_for_late_sends() -> None:
     # 2 samples 1 s apart, 500 ms reply timeout: 1.5 s of waits, and each send may come a
     # little late (the loop's turn) and the verdict take its moment: a joiner with exactly
