@@ -19,7 +19,9 @@ from ntp_probe.safety.leap import LeapMemory
 
 SCRAPE_TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
 _BACKSTOP_GRACE = 0.1
-_NUMBER_RE = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")  # ASCII digits only
+# A decimal as Go's strconv.ParseFloat (blackbox's) reads one: a sign and an exponent
+# allowed (+3, 1e1); ASCII digits only, no inf, nan, hex or digit separators.
+_NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 class TimeoutHeaderError(ValueError):

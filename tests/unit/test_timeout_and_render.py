@@ -38,6 +38,9 @@ from tests.contract import VALID_SAMPLE_METRICS
         (10.0, " 4.5 ", 0.5, 4.0),  # surrounding blanks tolerated
         (10.0, "9.75", 0.25, 9.5),
         (10.0, "", 0.5, 10.0),  # an empty header is no header (blackbox)
+        (10.0, "+3", 0.5, 2.5),  # as Go's ParseFloat reads it (blackbox)
+        (10.0, "1e1", 0.5, 9.5),
+        (10.0, "25E-1", 0.5, 2.0),
         (10.0, "  ", 0.5, 10.0),
     ],
 )
@@ -46,7 +49,7 @@ def test_probe_timeout(module: float, header: str | None, offset: float, expecte
 
 
 @pytest.mark.parametrize(
-    "header", ["abc", "1e1", "1_0",
+    "header", ["abc", "1e", "e1", "1e1.5", "++3", "1_0",
                "-1", "0", "-0", "0.0", "nan", "NaN", "inf", "-inf", "Infinity", "1s",
                "0x10", "\u0663", "\uff15.5"]  # Arabic-Indic 3, fullwidth 5: not ASCII
 )
