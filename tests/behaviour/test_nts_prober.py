@@ -778,6 +778,46 @@ async def test_any_certificate_in_ca_file_is_a_trust_anchor(
     assert value(m, "probe_ssl_earliest_cert_expiry") == leaf.not_valid_after_utc.timestamp()
 
 
+async def test_an_expired_copy_of_a_root_does_not_hide_a_valid_cross_signed_path(
+        tmp_path: Path) -> None:
+    # The trust file holds root A and an expired self-signed root B; the server sends
+    # leaf, intermediate (issued by B) and B cross-signed by A, valid. OpenSSL takes the
+    # store's B first and reads "expired"; Go's verifier (blackbox) and chrony find the
+    # path through A, and so must the probe.
+    now = dt.datetime.now(dt.UTC)
+    pem = serialization.Encoding.PEM
+    root_a, a_key = _cert("root A", None, None, 900, ca=True)
+    b_key = ec.generate_private_key(ec.SECP256R1())
+
+    def root_b(issuer: x509.Certificate | None, signer: ec.EllipticCurvePrivateKey,
+               start: dt.datetime, end: dt.datetime) -> x509.Certificate:
+        return (x509.CertificateBuilder().subject_name(_name("root B"))
+                .issuer_name(issuer.subject if issuer else _name("root B"))
+                .public_key(b_key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(start).not_valid_after(end)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(signer, hashes.SHA256()))
+
+    expired_b = root_b(None, b_key, now - dt.timedelta(days=400), now - dt.timedelta(days=1))
+    cross_b = root_b(root_a, a_key, now - dt.timedelta(days=1), now + dt.timedelta(days=800))
+    inter, inter_key = _cert("intermediate", cross_b, b_key, 365, ca=True)
+    leaf, leaf_key = _cert("leaf", inter, inter_key, 30, ca=False)
+    (tmp_path / "chain.pem").write_bytes(b"".join(
+        c.public_bytes(pem) for c in (leaf, inter, cross_b)))
+    (tmp_path / "leaf.key").write_bytes(leaf_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (tmp_path / "ca.pem").write_bytes(root_a.public_bytes(pem) + expired_b.public_bytes(pem))
+    async with running_fake(tmp_path / "chain.pem", tmp_path / "leaf.key") as fake:
+        m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(tmp_path / "ca.pem"))
+    assert m.failure is None, log.text()
+    assert value(m, "probe_nts_cert_verified") == 1
+    # With only the expired root there is no other path: expired, as Go says too.
+    (tmp_path / "ca.pem").write_bytes(expired_b.public_bytes(pem))
+    async with running_fake(tmp_path / "chain.pem", tmp_path / "leaf.key") as fake:
+        m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(tmp_path / "ca.pem"))
+    assert m.failure is Reason.NTS_CERT_EXPIRED, log.text()
+
+
 # Run in a child whose memory may never become executable once writable (the kernel's
 # PR_SET_MDWE, what systemd's MemoryDenyWriteExecute=yes in the shipped units sets up).
 _UNDER_MDWE = """
