@@ -41,6 +41,7 @@ from ntp_probe.engine.registry import PROBERS
 from ntp_probe.engine.targets import TargetError, parse_target
 from ntp_probe.engine.text import visible
 from ntp_probe.probers.pacing import MIN_REPLY_WINDOW
+from ntp_probe.proto.hostname import a_label
 from ntp_probe.proto.leapfile import LeapFile, LeapFileError, parse_leapfile
 from ntp_probe.safety.policy import PolicyError, TargetPolicy, parse_rules
 
@@ -330,7 +331,7 @@ def server_name_problem(name: str) -> str | None:
     """Why ``name`` cannot be what a certificate names (and SNI carries), or None: it must
     be a host name (internationalised ones in their IDNA form) or an IP address."""
     try:
-        ascii_name = name.encode("idna").decode("ascii")
+        ascii_name = a_label(name)
     except UnicodeError as exc:
         return f"{name[:64]!r} is not a host name ({exc})"
     try:

@@ -36,6 +36,7 @@ from service_identity.pyopenssl import verify_hostname, verify_ip_address
 
 from ntp_probe.net import budget
 from ntp_probe.proto.address import ip_address
+from ntp_probe.proto.hostname import a_label
 
 Log = Callable[[str], None]
 
@@ -231,8 +232,8 @@ class TLSClient:
         if not ip:
             # An absolute name: SNI carries no trailing dot (RFC 6066, section 3), and the
             # certificate names the host without it.
-            server_name = server_name.removesuffix(".")
-            conn.set_tlsext_host_name(server_name.encode("idna"))
+            server_name = a_label(server_name.removesuffix("."))
+            conn.set_tlsext_host_name(server_name.encode("ascii"))
         conn.set_connect_state()
         while True:
             try:

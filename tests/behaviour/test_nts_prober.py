@@ -106,6 +106,7 @@ class FakeNTS:
     keys: dict[bytes, tuple[bytes, bytes]] = field(default_factory=dict)  # cookie -> keys
     requests: list[bytes] = field(default_factory=list)
     on_request: Callable[[], None] | None = None  # called as each NTP request arrives
+    server_names: list[bytes | None] = field(default_factory=list)  # each ClientHello's SNI
 
 
 def normal_response(ntp_port: int, cookies: list[bytes]) -> bytes:
@@ -236,6 +237,8 @@ async def running_fake(cert: Path, key: Path,
         ctx.set_alpn_select_callback(lambda conn, protos: alpn)
     loop = asyncio.get_running_loop()
     fake = FakeNTS()
+    ctx.set_tlsext_servername_callback(lambda conn: fake.server_names.append(
+        conn.get_servername()))
     transport, _ = await loop.create_datagram_endpoint(lambda: _NTPServer(fake),
                                                        local_addr=(LOOPBACK, 0))
     fake.ntp_port = transport.get_extra_info("sockname")[1]
@@ -644,6 +647,20 @@ async def test_a_server_that_speaks_no_offered_alpn_is_an_alpn_mismatch(pki: PKI
     assert "no application protocol" in log.text()
     # The TLS library's words reach `check`'s line and the JSON report.
     assert m.failure_detail is not None and "no application protocol" in m.failure_detail
+
+
+@pytest.mark.parametrize(("server_name", "sent"), [
+    ("faß.test", b"xn--fa-hia.test"),  # IDNA 2008, as the certificate is matched (not fass)
+    ("NTP.Example.", b"ntp.example"),  # no trailing dot (RFC 6066), lower case
+    (LOOPBACK, None),  # an address: no SNI (RFC 6066)
+])
+async def test_sni_asks_for_the_name_the_certificate_is_matched_against(
+        fake: FakeNTS, pki: PKI, server_name: str, sent: bytes | None) -> None:
+    m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0], server_name=server_name))
+    assert fake.server_names == [sent], log.text()
+    if sent is not None:  # the certificate names 127.0.0.1 only
+        assert m.failure is Reason.NTS_CERT_NAME_MISMATCH, log.text()
+        assert m.failure_detail is not None and sent.decode() in m.failure_detail
 
 
 async def test_a_server_that_selects_no_protocol_is_an_alpn_mismatch(pki: PKI) -> None:
