@@ -182,6 +182,13 @@ def test_missing_end_of_message():
         parse_response(data)
 
 
+def test_a_session_closed_before_any_record_says_so():
+    # Often the server's own session timeout over a slow path, or a refusal by closing:
+    # the words (check's line, failure_detail) must not only say "malformed".
+    with pytest.raises(KEMalformed, match="closed the session before sending any record"):
+        KEDecoder().finish()
+
+
 def test_stream_ending_inside_a_record_reports_the_partial_bytes():
     decoder = KEDecoder()
     decoder.feed(rec(5, b"c" * 100)[:50])

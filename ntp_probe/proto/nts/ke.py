@@ -278,6 +278,10 @@ class KEDecoder:
     def finish(self) -> tuple[Record, ...]:
         """Declare the end of the stream; return all records or raise if EOM never came."""
         if not self._complete:
+            if not self.records and not self._buffer:
+                # Often not a broken server: its own session timeout (a slow path), or a
+                # refusal by closing (a rate limit): said so, in the failure's words.
+                raise KEMalformed("the server closed the session before sending any record")
             pending = f" ({len(self._buffer)} bytes of a partial record)" if self._buffer else ""
             raise KEMalformed(f"stream ended without End of Message{pending}")
         return self.records
