@@ -494,10 +494,10 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
         m.reports.append(NTPReport(server[0], server[1], burst.sent, burst.received))
         if burst.local_error is not None and not burst.sent:
             m.fail(Reason.LOCAL_ERROR, burst.local_error)
+        elif burst.unreachable is not None:  # a send error or an ICMP one: no route, ...
+            m.fail(Reason.UNREACHABLE, burst.unreachable)
         elif not burst.sent and burst.kod is None and burst.held_back is None:
             m.fail(Reason.LOCAL_ERROR, NO_TIME)
-        elif burst.unreachable is not None:
-            m.fail(Reason.UNREACHABLE, burst.unreachable)
         else:
             m.fail(Reason.INVALID_REPLY if burst.discarded else Reason.TIMEOUT)
         log("no usable reply")

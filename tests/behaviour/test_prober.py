@@ -720,6 +720,20 @@ async def test_no_request_is_sent_when_its_reply_cannot_arrive_in_time(
     assert fake_ntp.requests == []
 
 
+@pytest.mark.parametrize(("burst", "reason"), [
+    # The first send failed (no route: "Network is unreachable"): nothing went out, and
+    # the verdict is the network's, not a time budget that was long enough.
+    (ntp_prober.Burst(unreachable="send failed: Network is unreachable"), "unreachable"),
+    (ntp_prober.Burst(), "local_error"),  # nothing sent, nothing failed: no time for it
+    (ntp_prober.Burst(local_error="Too many open files"), "local_error"),
+])
+def test_a_burst_that_sent_nothing_says_why(burst: ntp_prober.Burst, reason: str) -> None:
+    ctx = ProbeContext(deadline=0.0)
+    ntp_prober._report(burst, make_module().ntp, ctx, ("192.0.2.1", 123))
+    assert ctx.measurement.failure == reason
+    assert ctx.measurement.failure_detail == (burst.unreachable or burst.local_error or NO_TIME)
+
+
 async def test_burst_is_shortened_to_fit_the_timeout(fake_ntp: FakeNTPServer) -> None:
     module = make_module(samples=5, interval=1.0, reply_timeout=0.5, timeout=1.5)
     started = time.monotonic()
