@@ -802,8 +802,9 @@ def _restarted(got: _Collected) -> str | None:
 
     ntpd's uptime, read last, shorter than the time since its READSTAT answered says it
     started since; a whole-second uptime may also read so for a daemon started just
-    before the probe, so the system status must have changed in between as well (a
-    restart resets the leap bits and the event counter)."""
+    before the probe, so the system status must also have changed as a restart changes
+    it: leap bits back to 3 (unsynchronised), or the event counter fallen (it only grows,
+    up to 15, until a restart). A young daemon synchronising meanwhile (3 to 0) is none."""
     if got.first_status is None or got.uptime_status is None:
         return None
     (first_at, first), (then_at, then) = got.first_status, got.uptime_status
@@ -811,7 +812,9 @@ def _restarted(got: _Collected) -> str | None:
         uptime = _count(got.stats.get("ss_uptime", ""))
     except Mode6Error:
         return None
-    if uptime >= then_at - first_at or first == then:
+    leap_reset = then >> 14 == _LEAP_ALARM and first >> 14 != _LEAP_ALARM
+    counter_fell = (then >> 4) & 0xF < (first >> 4) & 0xF
+    if uptime >= then_at - first_at or not (leap_reset or counter_fell):
         return None
     return (f"ntpd restarted during the probe: uptime {uptime}s, read "
             f"{then_at - first_at:.3f}s after READSTAT answered, system status {first:#06x} "

@@ -484,15 +484,22 @@ async def test_an_association_gone_since_readstat_is_no_error(server: FakeNtpd) 
         str(SYS_PEER), str(CANDIDATE)]
 
 
-@pytest.mark.parametrize(("status", "restarted"), [(0xC016, True), (SYSTEM_STATUS, False)])
+@pytest.mark.parametrize(("first", "status", "restarted"), [
+    (SYSTEM_STATUS, 0xC016, True),  # leap back to 3: a restart (and uptime 0)
+    (0x0638, 0x0616, True),  # the event counter fell, 3 to 1: a restart
+    (SYSTEM_STATUS, SYSTEM_STATUS, False),  # started just before the probe: uptime 0
+    (0xC016, 0x0016, False),  # a young daemon synchronising meanwhile: no restart
+])
 async def test_a_daemon_restarted_during_the_probe_is_no_success(
-        server: FakeNtpd, status: int, restarted: bool) -> None:
+        server: FakeNtpd, first: int, status: int, restarted: bool) -> None:
     # The uptime, read last, comes from an ntpd started since READSTAT answered (uptime 0,
-    # its status word another: leap 3, a restart): the answers mix two daemons. The same
-    # uptime with an unchanged status is a daemon started just before the probe.
+    # its status word changed as a restart changes it): the answers mix two daemons.
     def restart(req: Request) -> list[bytes]:
         if req.names == ("ss_uptime", "ss_numctlreq"):
             return fragments(req, b"ss_uptime=0, ss_numctlreq=1", status)
+        if req.opcode == READSTAT:
+            data = b"".join(struct.pack("!HH", a, w) for a, w in PEER_WORDS.items())
+            return fragments(req, data, first)
         return healthy(req)
 
     server.behaviour = restart
