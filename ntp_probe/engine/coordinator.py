@@ -14,7 +14,6 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 from cachetools import TLRUCache
 
@@ -100,15 +99,15 @@ _MAX_FLIGHTS = 2
 
 
 def _joinable(flights: list[_Flight], module: Module, config: Config, now: float,
-              timeout: float) -> _Flight | Literal[False] | None:
-    """The burst in flight a request of ``timeout`` should share, None to start one, or
-    False when it can do neither.
+              timeout: float) -> _Flight | None:
+    """The burst in flight a request of ``timeout`` should share, or None to start one.
 
     A burst is shared when it is over within the request's budget and had at least half
     that budget (or a whole burst's): a shorter scrape timeout gets a burst of its own, not
     a wait that would blame the server, and a scrape is not handed a burst an outsider's
-    short header cut down. At the limit of bursts in flight, the best one over within the
-    budget is shared whatever its own; with none, nothing can be done for the request."""
+    short header cut down. At the limit of bursts in flight, the best one sure to be over
+    within the budget is shared whatever its own; with none, the one that may end soonest
+    (its latest end allows for every reply's whole wait: it usually ends well before)."""
     full = None
     fits: list[_Flight] = []
     same: list[_Flight] = []
@@ -127,24 +126,9 @@ def _joinable(flights: list[_Flight], module: Module, config: Config, now: float
         return None
     within = [f for f in same if f.ends <= now + timeout]
     if not within:
-        return False
+        return min(same, key=lambda f: f.ends)
     best: _Flight = max(within, key=lambda f: f.timeout)
     return best
-
-
-def _no_room(module: Module, target: Target, timeout: float, flights: int) -> Outcome:
-    """A request that can neither share a burst in flight nor start one: this exporter's
-    limit, not the server's silence (a wait for a burst that outlasts it would read
-    timeout, which pages as NTPServerUnreachable)."""
-    log = ProbeLog(str(target), module.name)
-    why = (f"{flights} bursts of this module and target are in flight, none over within "
-           f"this request's budget of {timeout:g}s")
-    log(f"{why}: nothing sent for it (at most {flights} run at once, so that scrape "
-        "timeouts cannot multiply the packets a server gets): local_error")
-    result = Measurement()
-    result.fail(Reason.LOCAL_ERROR, why)
-    result.duration = 0.0
-    return Outcome(result, log, counted=True)
 
 
 def _same_world(made: Config, now: Config | None) -> bool:
@@ -239,9 +223,9 @@ class Coordinator:
         now = loop.time()
         flights = self._flights.get(key)
         found = _joinable(flights, module, config, now, timeout) if flights else None
-        if found is False:
-            return _no_room(module, target, timeout, len(flights or ()))
         shared = found is not None
+        # At the limit of bursts in flight, sharing one that may outlast this budget.
+        beyond = found is not None and found.ends > now + timeout
         if found is None:
             guard = self._guard(config, module)
             found = _Flight(module, config, timeout, _latest_end(module, now, timeout),
@@ -269,7 +253,17 @@ class Coordinator:
             log(f"joined the burst of an identical probe in flight, which outlasted this "
                 f"request's timeout of {timeout:g}s (this log begins at that timeout)")
             result = Measurement()
-            result.fail(timeout_reason(module))
+            if beyond:
+                # This exporter's limit (which keeps scrape timeouts from multiplying the
+                # packets a server gets), not the server's silence: no timeout that pages
+                # as NTPServerUnreachable.
+                why = (f"{_MAX_FLIGHTS} bursts of this module and target were in flight, "
+                       f"none sure to end within this request's budget of {timeout:g}s, and "
+                       "the one shared outlasted it: nothing sent for it")
+                log(f"{why}: local_error")
+                result.fail(Reason.LOCAL_ERROR, why)
+            else:
+                result.fail(timeout_reason(module))
             result.duration = timeout
             counted = False
         except asyncio.CancelledError:
