@@ -339,6 +339,7 @@ class Collected:
     unreadable: int = 0  # sources whose data came in a reply that could not be used
     gone: int = 0  # sources chronyd said were no more (NOSUCHSOURCE) when asked about them
     changed: bool = False  # the number of sources was another after the reading
+    unconfirmed: bool = False  # sources went, and the number could not be asked again
     sources: dict[int, SourceData] = field(default_factory=dict)
     sourcestats: dict[int, SourceStats] = field(default_factory=dict)
     # Sources under a name another source shows (two refclocks with one refid): counted in
@@ -720,19 +721,23 @@ class Session:
                     got.sourcestats[index] = data
         return True
 
-    async def _count_again(self, before: int) -> None:
+    async def _count_again(self, before: int) -> bool:
         """Sources went away while they were read: ask how many there are now. A number
         other than before is a list that changed under the reading (chronyd restarted
-        with another configuration, sources deleted): the counts are not of one list."""
+        with another configuration, sources deleted): the counts are not of one list.
+        False when chronyd did not answer (the probe ends, as after any such request)."""
         answer = await self.ask(Command.N_SOURCES)
         if answer is None or not isinstance(answer[1], NSources):
-            self.got.changed = True  # not known to be the same list
-            return
+            # No time left to ask, no answer, or a refusal: whether the list is the one
+            # read is not known, so neither are the counts (nor a verdict on them).
+            self.got.unconfirmed = True
+            return answer is None or answer[0] is not CommandStatus.TIMEOUT
         if answer[1].n_sources != before:
             self._log(f"chronyd now lists {answer[1].n_sources} sources, {before} when the "
                       "reading began: the list changed while it was read (a restart?), no "
                       "counts of its sources")
             self.got.changed = True
+        return True
 
     def _record(self, command: Command, status: CommandStatus) -> None:
         self.got.statuses[(command.name.lower(), status)] = None
@@ -787,11 +792,11 @@ class Session:
             if not await self._read_sources(min(got.n_sources, MAX_SOURCES)):
                 return
             got.asked_every_source = True
-            if got.gone:
-                await self._count_again(got.n_sources)
+            if got.gone and not await self._count_again(got.n_sources):
+                return  # chronyd stopped answering
             # Counts only of every source: one not read (past the cap too) could be any.
             got.every_source_read = (not got.unreadable and not got.changed
-                                     and got.n_sources <= MAX_SOURCES)
+                                     and not got.unconfirmed and got.n_sources <= MAX_SOURCES)
         answer = await self.ask(Command.SERVER_STATS)
         if answer is not None and isinstance(answer[1], ServerStats):
             got.serverstats = answer[1]

@@ -611,6 +611,30 @@ async def test_no_source_is_asked_about_after_one_that_is_no_more(
     assert m.failure == "too_few_sources", log.text()  # the count is the same again
 
 
+async def test_a_count_asked_again_and_unanswered_ends_the_probe_as_chrony_timeout(
+        fake: FakeCommandPort) -> None:
+    # chronyd stopped answering after a source went: the number asked again gets no reply.
+    # That is its silence (chrony_timeout), not a list that changed (chrony_bad_reply), and
+    # nothing more is sent to it (no SERVER_STATS).
+    fake.chronyd.sources = [FakeSource("192.0.2.1", state=0), FakeSource("192.0.2.2", state=4)]
+    fake.chronyd.n_sources = 5
+    asked: list[int] = []
+
+    def behaviour(req: Any) -> list[tuple[bytes, float]]:
+        if req.command == N_SOURCES:
+            asked.append(req.index)
+            if len(asked) > 1:
+                return []
+        return [(fake.chronyd.answer(req), 0.0)]
+
+    fake.behaviour = behaviour
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module(min_candidates=3))
+    assert m.failure == "chrony_timeout", log.text()
+    assert len(asked) == 3, log.text()  # the first, then the re-ask and its retry
+    assert (SERVER_STATS, None) not in fake.commands(), log.text()
+    assert label_sets(m, "probe_chrony_sources") == [], log.text()
+
+
 async def test_hostile_source_values_are_contained(fake: FakeCommandPort) -> None:
     fake.chronyd.sources = [
         FakeSource("192.0.2.1", state=0, poll=2000),  # 2**2000 s: no float holds it
