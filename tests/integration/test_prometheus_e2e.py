@@ -96,6 +96,7 @@ ALERT_EXPECTS_DATA: dict[str, bool | None] = {
     "NTPServerUnreachable": True,        # the silent target: reason timeout
     "NTPProbeFailed": False,             # timeout is left to NTPServerUnreachable
     "NTPProbeFlapping": False,           # the silent target fails every scrape: no change
+    "NTPProbeDown": True,                # the silent target (no other alert fires yet)
     "NTPKissOfDeath": False,
     "NTPOffsetHigh": False,
     "NTPOffsetCritical": False,
