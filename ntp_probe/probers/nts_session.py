@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from ntp_probe.config.schema import Module, NTPSettings, NTSSettings
 from ntp_probe.engine.context import ProbeContext
-from ntp_probe.engine.result import Measurement, Reason
+from ntp_probe.engine.result import NO_TIME, Measurement, Reason
 from ntp_probe.engine.targets import Target
 from ntp_probe.net.budget import LocalSocketError, Reservation
 from ntp_probe.net.resolve import Resolved, ResolveError, resolve
@@ -35,7 +35,7 @@ from ntp_probe.probers.nts import (
     TLS_VERSION,
     NTSReport,
 )
-from ntp_probe.probers.pacing import Pace
+from ntp_probe.probers.pacing import MIN_REPLY_WINDOW, Pace
 from ntp_probe.proto.ntp import client as rules
 from ntp_probe.proto.ntp import packet as ntppkt
 from ntp_probe.proto.nts import ef, ke
@@ -501,6 +501,12 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
                                     fallback=settings.ip_protocol_fallback, until=until)
     m = ctx.measurement
     if resolved is None:
+        return m
+    if until - loop.time() < MIN_REPLY_WINDOW:
+        # Not even a first round trip could end in time (a scrape-timeout header of a few
+        # milliseconds): nothing sent, and no KE reason that would blame the server.
+        ctx.log("no time left for a key exchange: nothing sent")
+        m.fail(Reason.LOCAL_ERROR, NO_TIME)
         return m
     state = _State(resolved.address, ke_port, nts.server_name or target.host)
     try:

@@ -34,7 +34,7 @@ from OpenSSL import SSL
 
 from ntp_probe.config.load import parse_config
 from ntp_probe.config.schema import NTS_AEAD_IDS, ConfigError, Module, NTPSettings, NTSSettings
-from ntp_probe.engine.result import Reason
+from ntp_probe.engine.result import NO_TIME, Reason
 from ntp_probe.net import budget
 from ntp_probe.net.budget import limit_probe_sockets
 from ntp_probe.net.tls import TLSClient
@@ -282,6 +282,16 @@ def module(ca: Path, *, samples: int = 2, timeout: float = 2.0, ke_timeout: floa
                                   preferred_ip_protocol="ip4"),
                   nts=NTSSettings(ca_file=str(ca), ke_timeout=ke_timeout,
                                   server_name=server_name))
+
+
+async def test_a_budget_too_short_for_a_key_exchange_sends_nothing_and_blames_no_one(
+        fake: FakeNTS, pki: PKI) -> None:
+    # A scrape-timeout header of a few milliseconds: no KE round trip could end in time,
+    # so no connection is made, and nts_ke_connect or nts_ke_tls would be untrue.
+    m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0], timeout=0.03))
+    assert m.failure is Reason.LOCAL_ERROR, log.text()
+    assert m.failure_detail == NO_TIME
+    assert fake.ke_connections == 0
 
 
 async def test_authenticated_burst_uses_each_cookie_once(fake: FakeNTS, pki: PKI) -> None:
