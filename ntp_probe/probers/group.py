@@ -319,6 +319,9 @@ class _MemberFlight:
 # probes whose lists name the same server share its burst, as identical probes share one,
 # so lists that differ in their other members cannot multiply the packets a server gets.
 _member_flights: dict[tuple[NTPSettings, str, int], list[_MemberFlight]] = {}
+# Bursts to one member server in flight at once for group probes: beyond, a probe shares
+# one (the coordinator's limit for identical probes, applied to members).
+MAX_MEMBER_FLIGHTS = 2
 
 
 async def _member_burst(found: tuple[Resolved, int], module: Module,
@@ -332,14 +335,30 @@ async def _member_burst(found: tuple[Resolved, int], module: Module,
         now = loop.time()
         # Over within our deadline, with at least half our budget (not a burst a short
         # scrape-timeout header cut down), and under the same policy and KoD memory.
-        usable = [f for f in _member_flights.get(key, ())
-                  if f.deadline <= ctx.deadline and f.guard is ctx.guard
+        same = [f for f in _member_flights.get(key, ()) if f.guard is ctx.guard]
+        usable = [f for f in same if f.deadline <= ctx.deadline
                   and f.deadline - f.started >= (ctx.deadline - now) / 2]
-        if not usable:
+        beyond = not usable and len(same) >= MAX_MEMBER_FLIGHTS
+        if not usable and not beyond:
             break
-        flight = max(usable, key=lambda f: f.deadline)  # the longest burst that fits
+        # The longest burst that fits; at the limit of bursts in flight to the server (so
+        # that lists with ever other scrape timeouts cannot multiply its packets), the one
+        # that may end soonest, however long.
+        flight = (max(usable, key=lambda f: f.deadline) if usable
+                  else min(same, key=lambda f: f.deadline))
         try:
-            measured = await asyncio.shield(flight.done)
+            if beyond:
+                async with asyncio.timeout_at(ctx.deadline):
+                    measured = await asyncio.shield(flight.done)
+            else:
+                measured = await asyncio.shield(flight.done)
+        except TimeoutError:
+            why = (f"{len(same)} bursts to {found[0].address} port {found[1]} were in flight "
+                   "for other group probes, and the one shared outlasted this probe: "
+                   "nothing sent for it")
+            ctx.log(f"{why}: local_error")
+            ctx.measurement.fail(Reason.LOCAL_ERROR, why)
+            return None
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if not flight.done.cancelled() or (task is not None and task.cancelling()):

@@ -307,6 +307,27 @@ async def test_a_list_in_another_order_shares_the_burst(servers: Start) -> None:
     assert sum(o.shared for o in outcomes) == 8
 
 
+async def test_falling_budgets_cannot_multiply_a_shared_members_bursts(
+        servers: Start) -> None:
+    # Five lists that differ in their other member, each with a shorter budget than the
+    # last: none fits a burst already in flight to the shared member (each ends later
+    # than the next probe's deadline). Two bursts reach it at most; the later probes share
+    # the one that may end soonest, which ends in time here.
+    shared, *others = [await servers(offset=0.0) for _ in range(6)]
+    module = group_module()
+    config = Config(modules={"g": module}, source="test")
+    coordinator = Coordinator()
+    outcomes = []
+    for other, budget in zip(others, (2.0, 1.8, 1.6, 1.4, 1.2), strict=False):
+        target = resolve_target(config, module, f"{shared.target},{other.target}")
+        outcomes.append(asyncio.ensure_future(coordinator.probe(config, module, target,
+                                                                budget)))
+        await asyncio.sleep(0)  # in this order
+    done = await asyncio.gather(*outcomes)
+    assert all(o.result.success for o in done), [o.log.text() for o in done]
+    assert len(shared.requests) <= 2 * 2, len(shared.requests)
+
+
 async def test_lists_sharing_a_member_share_its_burst(servers: Start) -> None:
     # Ten lists that differ in their other member, probed at once: the shared member gets
     # one burst, not ten (the other members vary, so each list is a target of its own).
