@@ -281,14 +281,13 @@ def _target_text(args: argparse.Namespace) -> str:
     return f"{Target(target.host)}:{args.port}"  # checked with the target (1-65535)
 
 
-# Past this a value is a server's nonsense (an ntpd reporting offset=1e308): perfdata
-# says U (the guidelines' "could not be determined"), the status line %g, not 300 digits.
+# Past this a value is a server's nonsense (an ntpd reporting offset=1e308): left out of
+# the perfdata (its U, "could not be determined", is more than Icinga 2 and many graphers
+# parse), shown in %g in the status line, not in 300 digits.
 _ABSURD = 1e12
 
 
 def _number(value: float) -> str:
-    if not abs(value) < _ABSURD:  # NaN too
-        return "U"
     text = f"{value:.6f}".rstrip("0").rstrip(".")
     return "0" if text in ("", "-0") else text
 
@@ -310,6 +309,8 @@ def _perfdata(m: Measurement, warning: Range, critical: Range, added: float = 0.
     items = []
     for report in m.reports:
         for item in report.perfdata():
+            if not abs(item.value + (added if item.checked else 0.0)) < _ABSURD:  # NaN too
+                continue
             if item.checked and report is checked:  # the value -w and -c judged, as judged
                 items.append(_perf(dataclasses.replace(item, value=item.value + added), warning,
                                    critical))

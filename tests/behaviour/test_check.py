@@ -487,14 +487,14 @@ def test_an_offset_at_a_threshold_has_not_reached_it(offset: float, state: int) 
 
 @pytest.mark.parametrize("absurd", [1e308, -1e300, math.inf])
 def test_a_servers_absurd_offset_is_no_line_of_hundreds_of_digits(absurd: float) -> None:
-    # An ntpd reporting offset=1e308: CRITICAL, shown in %g, perfdata U ("could not be
-    # determined", as the plugin guidelines put it), not 300 digits.
+    # An ntpd reporting offset=1e308: CRITICAL, shown in %g, and no perfdata for it (its
+    # U, "could not be determined", Icinga 2 does not parse), not 300 digits.
     m = Measurement()
     m.reports.append(Judged(absurd))
     got, line = check.evaluate("t", CONFIG.modules["one"], m, check.Range.upto(0.01),
                                check.Range.upto(0.05))
     assert got == 2 and len(line) < 200, line
-    assert f"t offset {absurd:+.6g} s" in line and "| offset=Us;0.010000;0.050000" in line, line
+    assert f"t offset {absurd:+.6g} s" in line and "offset=" not in line.split("|")[1], line
 
 
 def test_a_success_with_no_offset_to_judge_is_critical() -> None:
