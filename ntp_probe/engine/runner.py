@@ -60,9 +60,11 @@ def limit_probe_sockets(limit: int | None) -> None:
 def guard_for(config: Config, module: Module, kod: KodTable | None = None,
               leaps: LeapMemory | None = None) -> Guard:
     """The guard for a probe of ``module``: the global policy, then the module's, and the
-    configuration's leap file."""
-    return Guard(policies=tuple(p for p in (config.policy, module.policy) if p), kod=kod,
-                 leaps=leaps, leapfile=config.leapfile)
+    configuration's leap file. Without ``kod`` (a one-off probe: the CLI's), a Kiss-o'-Death
+    memory of its own, so that the probe reports the backoff a KoD starts as /probe does."""
+    return Guard(policies=tuple(p for p in (config.policy, module.policy) if p),
+                 kod=kod if kod is not None else KodTable(), leaps=leaps,
+                 leapfile=config.leapfile)
 
 
 async def run_probe(target: Target, module: Module, timeout: float, log: ProbeLog | None = None,

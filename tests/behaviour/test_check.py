@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from ntp_probe.cli import check
+from ntp_probe.cli import probe as probe_cli
 from ntp_probe.cli.main import main
 from ntp_probe.config.load import parse_config
 from ntp_probe.config.schema import Config
@@ -25,7 +26,7 @@ from ntp_probe.engine.result import Measurement, Perf
 from ntp_probe.net import adjtimex
 from ntp_probe.proto import timex
 from tests.behaviour import fake_server
-from tests.behaviour.fake_server import FakeNTPServer, answer
+from tests.behaviour.fake_server import FakeNTPServer, Send, answer, kod
 from tests.conftest import Hosts, free_udp_port
 
 fake_ntp = fake_server.fake_ntp
@@ -40,6 +41,18 @@ PERF_RE = re.compile(r"^[a-z_]+=-?[0-9.]+(s|%|c)?(;[0-9.]*){0,4}$")
 async def run(target: str, *extra: str, config: Config = CONFIG) -> tuple[int, str]:
     args = check.check_parser().parse_args([target, "--module", "one", *extra])
     return await check.check(args, config)
+
+
+async def test_the_probe_cli_reports_the_backoff_a_kiss_of_death_starts(
+        fake_ntp: FakeNTPServer, capsys: pytest.CaptureFixture[str]) -> None:
+    # As /probe does: the CLI's one-off probe has a KoD memory of its own, so its output
+    # has probe_ntp_backoff_remaining_seconds (the README: the same series as /probe).
+    fake_ntp.behaviour = lambda req: [Send(kod(req, b"DENY"))]
+    args = argparse.Namespace(module="one", target=fake_ntp.target, output_format="prometheus")
+    assert await probe_cli.probe(args, CONFIG) == 1
+    out = capsys.readouterr().out
+    assert "probe_ntp_backoff_remaining_seconds 86400" in out, out
+    assert 'probe_ntp_kiss_code_info{code="DENY"} 1' in out, out
 
 
 def split(line: str) -> tuple[str, list[str]]:
