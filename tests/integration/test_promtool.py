@@ -128,7 +128,7 @@ def test_rule_unit_tests_catch_a_changed_threshold(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("old", "new", "alert"), [
-    ("< 2 > 0", "< 3 > 0", "NTPDaemonFewCandidates"),        # N, the value to adjust
+    (") >= 2", ") >= 3", "NTPDaemonFewCandidates"),        # N, the value to adjust
     ("packets_dropped_total[10m]) > 1", "packets_dropped_total[10m]) > 5",
      "NTPDaemonPacketsDropped"),
     ('refid="POOL"', 'refid="none"', "NTPDaemonSourceUnreachable"),
