@@ -109,6 +109,10 @@ def resolve_target(config: Config, raw: str) -> GroupTarget:
             known = ", ".join(config.groups) or "none configured"
             raise TargetError(f"no group named {text[:64]!r} (known: {known}); give a group "
                               "name or a comma-separated list of two members or more")
+        if ":" in text:
+            # A port (or anything) after a group's name would be silently dropped.
+            raise TargetError(f"{text[:64]!r}: a group is named alone, without a port (its "
+                              "members have their own)")
         return GroupTarget(found, None,
                            tuple(parse_target(name) for name in config.groups[found]))
     parts = text.split(",")

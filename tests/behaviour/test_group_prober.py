@@ -440,6 +440,11 @@ def test_a_group_is_bounded_and_names_known_groups() -> None:
     # A group's name in a list is not a host name to look up.
     # Group names ignore case (a port or a trailing dot too, in a list).
     assert str(resolve_target(config, module, "EU")) == "eu"
+    # A port after a group's name would be dropped without a word: a 400, as any target
+    # that does not parse.
+    for spelling in ("eu:abc", "eu:99999", "eu:123"):
+        with pytest.raises(TargetError, match="a group is named alone, without a port"):
+            resolve_target(config, module, spelling)
     for spelling in ("eu", " EU", "eu:123", "Eu."):
         with pytest.raises(TargetError, match=r"is a group: .*by its name alone"):
             resolve_target(config, module, f"192.0.2.9,{spelling}")
