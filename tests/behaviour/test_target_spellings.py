@@ -285,43 +285,31 @@ async def test_concurrent_falling_scrape_timeouts_start_at_most_two_bursts(
     assert len(fake_ntp.requests) <= 6, len(fake_ntp.requests)
 
 
-async def test_a_request_past_the_limit_shares_a_burst_that_ends_in_time_after_all(
-    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+@pytest.mark.parametrize(("second_budget", "third_budget", "success"), [
+    # The third request's 1.15 s is shorter than either burst's latest end, but the second
+    # really ends after about 1 s (the server answers at once): sharing it succeeds, where
+    # refusing at once would fail a healthy server.
+    (1.2, 1.15, True),
+    # 0.3 s, which the second burst (budget 1 s) outlasts: local_error, not a `timeout`
+    # that would page NTPServerUnreachable for a server answering in a millisecond.
+    (1.0, 0.3, False),
+])
+async def test_a_request_past_the_limit_of_bursts_shares_the_soonest_and_blames_no_one(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer,
+    second_budget: float, third_budget: float, success: bool,
 ) -> None:
     # Bursts of three samples 0.5 s apart (each reply may take its 500 ms): the first
-    # with the whole budget, the second with 1.2 s. The third request's 1.15 s is shorter
-    # than either's latest end, but the second really ends after about 1 s (the server
-    # answers at once): sharing it succeeds, where refusing at once would fail a healthy
-    # server.
+    # with the whole budget, the second with a shorter one; no third burst is sent.
     get = await polite_client(aiohttp_client, tmp_path, fake_ntp, samples=3, interval="300ms",
                               cached=False)
     first = asyncio.ensure_future(get(None))
     await fake_ntp.wait_for_requests(1)
-    second = asyncio.ensure_future(get(1.2))
+    second = asyncio.ensure_future(get(second_budget))
     await fake_ntp.wait_for_requests(2)
-    body = await (await get(1.15)).text()
-    assert metric(body, "probe_success") == 1, body
-    for burst in (first, second):
-        assert metric(await (await burst).text(), "probe_success") == 1
-    await fake_ntp.drain()
-    assert len(fake_ntp.requests) == 6  # two bursts of three samples, no third
-
-
-async def test_a_request_past_the_limit_of_bursts_does_not_blame_the_server(
-    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
-) -> None:
-    # Two bursts in flight (whole budget, then 1 s), and a third request whose 0.3 s no
-    # burst in flight ends within: it neither waits to fail `timeout` (which pages as
-    # NTPServerUnreachable for a server answering in a millisecond) nor sends a third burst.
-    get = await polite_client(aiohttp_client, tmp_path, fake_ntp, samples=3, interval="300ms",
-                              cached=False)
-    first = asyncio.ensure_future(get(None))
-    await fake_ntp.wait_for_requests(1)
-    second = asyncio.ensure_future(get(1.0))
-    await fake_ntp.wait_for_requests(2)
-    body = await (await get(0.3)).text()
-    assert metric(body, "probe_success") == 0, body
-    assert 'probe_ntp_failure_info{reason="local_error"} 1' in body, body
+    body = await (await get(third_budget)).text()
+    assert metric(body, "probe_success") == (1 if success else 0), body
+    if not success:
+        assert 'probe_ntp_failure_info{reason="local_error"} 1' in body, body
     for burst in (first, second):
         assert metric(await (await burst).text(), "probe_success") == 1
     await fake_ntp.drain()
