@@ -99,15 +99,16 @@ _MAX_FLIGHTS = 2
 
 
 def _joinable(flights: list[_Flight], module: Module, config: Config, now: float,
-              timeout: float) -> _Flight | None:
-    """The burst in flight a request of ``timeout`` should share, or None to start one.
+              timeout: float) -> tuple[_Flight | None, bool]:
+    """The burst in flight a request of ``timeout`` should share (None: start one), and
+    whether it fits the request (False: shared only for the limit of bursts in flight).
 
     A burst is shared when it is over within the request's budget and had at least half
     that budget (or a whole burst's): a shorter scrape timeout gets a burst of its own, not
     a wait that would blame the server, and a scrape is not handed a burst an outsider's
-    short header cut down. At the limit of bursts in flight, the best one sure to be over
-    within the budget is shared whatever its own; with none, the one that may end soonest
-    (its latest end allows for every reply's whole wait: it usually ends well before)."""
+    short header cut down. At the limit of bursts in flight, the one with the largest
+    budget (the least cut down) is shared, however long it may take: bursts usually end
+    well before their latest end, which allows for every reply's whole wait."""
     full = None
     fits: list[_Flight] = []
     same: list[_Flight] = []
@@ -121,14 +122,23 @@ def _joinable(flights: list[_Flight], module: Module, config: Config, now: float
             if f.timeout >= full or 2 * f.timeout >= timeout:
                 fits.append(f)
     if fits:
-        return max(fits, key=lambda f: f.timeout)
+        return max(fits, key=lambda f: f.timeout), True
     if len(same) < _MAX_FLIGHTS:
-        return None
-    within = [f for f in same if f.ends <= now + timeout]
-    if not within:
-        return min(same, key=lambda f: f.ends)
-    best: _Flight = max(within, key=lambda f: f.timeout)
-    return best
+        return None, True
+    best: _Flight = max(same, key=lambda f: f.timeout)
+    return best, False
+
+
+def _cut_short(result: Measurement, had: float, wanted: float) -> Measurement:
+    """``result`` (a timeout) as a request with the larger budget ``wanted`` sees it: what
+    was measured, and local_error, the burst having had only ``had``."""
+    seen = Measurement()
+    seen.samples, seen.reports = list(result.samples), list(result.reports)
+    seen.packets_sent, seen.duration = result.packets_sent, result.duration
+    seen.fail(Reason.LOCAL_ERROR, f"{_MAX_FLIGHTS} bursts of this module and target were in "
+              f"flight; the one shared had a budget of {had:g}s, not this request's "
+              f"{wanted:g}s, and timed out")
+    return seen
 
 
 def _same_world(made: Config, now: Config | None) -> bool:
@@ -222,10 +232,11 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         now = loop.time()
         flights = self._flights.get(key)
-        found = _joinable(flights, module, config, now, timeout) if flights else None
+        found, fitting = _joinable(flights, module, config, now, timeout) if flights else (
+            None, True)
         shared = found is not None
-        # At the limit of bursts in flight, sharing one that may outlast this budget.
-        beyond = found is not None and found.ends > now + timeout
+        # At the limit of bursts in flight, sharing one that may not fit this request.
+        beyond = not fitting
         if found is None:
             guard = self._guard(config, module)
             found = _Flight(module, config, timeout, _latest_end(module, now, timeout),
@@ -299,6 +310,12 @@ class Coordinator:
             raise
         finally:
             flight.waiters.remove(waiter)
+        if beyond and flight.timeout < timeout and result.failure is timeout_reason(module):
+            # A burst another request's shorter budget cut short timed out: this one's
+            # budget might have had the reply. Not the server's verdict, nor this request's.
+            result = _cut_short(result, flight.timeout, timeout)
+            log = ProbeLog(str(target), module.name)
+            log(f"{result.failure_detail}: local_error")
         return Outcome(result, log, shared=shared, counted=counted,
                        waited=loop.time() - now if shared else None)
 

@@ -140,12 +140,13 @@ async def test_a_reload_that_denies_the_target_is_not_answered_from_the_cache(
 
 async def polite_client(aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer,
                         *, samples: int = 1, interval: str = "10ms", cached: bool = True,
+                        reply_timeout: str = "500ms",
                         ) -> Callable[[float | None], Awaitable[Any]]:
     """An exporter with module m (min_probe_interval 1h unless ``cached`` is False) on
     ``fake_ntp``; returns get(budget): a /probe request whose scrape-timeout header leaves
     ``budget`` seconds (None: no header)."""
     extra = "    min_probe_interval: 1h\n" if cached else ""
-    block = module_yaml("m", samples=samples, extra=extra).replace(
+    block = module_yaml("m", samples=samples, extra=extra, reply_timeout=reply_timeout).replace(
         "sample_interval: 10ms", f"sample_interval: {interval}")
     client, _ = await start(aiohttp_client, tmp_path / "m.yaml", config_text(block))
     params = {"target": f"127.0.0.1:{fake_ntp.port}", "module": "m"}
@@ -314,6 +315,49 @@ async def test_a_request_past_the_limit_of_bursts_shares_the_soonest_and_blames_
         assert metric(await (await burst).text(), "probe_success") == 1
     await fake_ntp.drain()
     assert len(fake_ntp.requests) == 6  # two bursts of three samples, no third
+
+
+async def test_past_the_limit_a_request_is_not_handed_a_burst_a_short_header_cut_down(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    # The server answers after 0.3 s. A has the whole budget; B, 0.2 s, times out; C, 1 s,
+    # fits neither (A may take 1.5 s, B had too little). At the limit C shares A, the
+    # burst with the largest budget, and gets its reply, not B's timeout (which would
+    # blame a server that answered).
+    get = await polite_client(aiohttp_client, tmp_path, fake_ntp, cached=False,
+                              reply_timeout="1500ms")
+    fake_ntp.behaviour = lambda req: [Send(reply(req), delay=0.3)]
+    first = asyncio.ensure_future(get(None))
+    await fake_ntp.wait_for_requests(1)
+    second = asyncio.ensure_future(get(0.2))
+    await fake_ntp.wait_for_requests(2)
+    body = await (await get(1.0)).text()
+    assert metric(body, "probe_success") == 1, body
+    assert 'reason="timeout"' in await (await second).text()
+    assert metric(await (await first).text(), "probe_success") == 1
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) == 2
+
+
+async def test_past_the_limit_a_cut_down_bursts_timeout_is_not_the_servers(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    # Two bursts cut short by 0.4 s and 0.3 s budgets time out on a server answering after
+    # 0.6 s; a request with 1.5 s, at the limit, shares the larger: its timeout is not the
+    # server's silence for a budget that would have had the reply.
+    get = await polite_client(aiohttp_client, tmp_path, fake_ntp, cached=False,
+                              reply_timeout="1500ms")
+    fake_ntp.behaviour = lambda req: [Send(reply(req), delay=0.6)]
+    first = asyncio.ensure_future(get(0.4))
+    await fake_ntp.wait_for_requests(1)
+    second = asyncio.ensure_future(get(0.3))
+    await fake_ntp.wait_for_requests(2)
+    body = await (await get(1.5)).text()
+    assert 'probe_ntp_failure_info{reason="local_error"} 1' in body, body
+    for burst in (first, second):
+        assert 'reason="timeout"' in await (await burst).text()
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) == 2
 
 
 async def test_a_scrape_does_not_share_a_burst_a_short_header_cut_down(
