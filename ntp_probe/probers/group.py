@@ -347,9 +347,9 @@ async def _member_burst(found: tuple[Resolved, int], module: Module,
             break
         # The longest burst that fits; at the limit of bursts in flight to the server (so
         # that lists with ever other scrape timeouts cannot multiply its packets), the one
-        # that may end soonest, however long.
+        # with the largest budget (the least cut down), however long.
         flight = (max(usable, key=lambda f: f.deadline) if usable
-                  else min(same, key=lambda f: f.deadline))
+                  else max(same, key=lambda f: f.deadline - f.started))
         try:
             if beyond:
                 async with asyncio.timeout_at(ctx.deadline):
@@ -370,6 +370,16 @@ async def _member_burst(found: tuple[Resolved, int], module: Module,
             # That burst's probe was cancelled (its client hung up): look again, another
             # waiting probe may have started one; else measure the member ourselves.
             continue
+        if beyond and measured.failure is Reason.TIMEOUT and \
+                flight.deadline - flight.started < ctx.deadline - now:
+            # Cut short by another probe's shorter budget: its timeout is not the server's
+            # silence for this probe's longer one.
+            why = (f"the burst to {found[0].address} port {found[1]} shared at the limit had "
+                   f"a budget of {flight.deadline - flight.started:.3g}s, less than this "
+                   "probe's, and timed out")
+            ctx.log(f"{why}: local_error")
+            ctx.measurement.fail(Reason.LOCAL_ERROR, why)
+            return None
         ctx.log(f"measured by a burst another group probe has in flight to "
                 f"{found[0].address} port {found[1]}: no extra packet was sent")
         return measured

@@ -328,6 +328,32 @@ async def test_falling_budgets_cannot_multiply_a_shared_members_bursts(
     assert len(shared.requests) <= 2 * 2, len(shared.requests)
 
 
+async def test_past_the_limit_a_member_is_not_handed_a_burst_a_short_budget_cut_down(
+        servers: Start) -> None:
+    # The shared member answers after 0.25 s. A (2 s) and B (0.2 s, which times out) each
+    # burst to it; C (1 s) fits neither and, at the limit, shares A's, the burst with the
+    # largest budget: its member is measured, not handed B's timeout.
+    slow = await servers(offset=0.0)
+    slow.behaviour = lambda req: [Send(reply(req), delay=0.25)]
+    others = [await servers(offset=0.0) for _ in range(3)]
+    module = group_module()
+    config = Config(modules={"g": module}, source="test")
+    coordinator = Coordinator()
+    outcomes = []
+    for i, (other, budget) in enumerate(zip(others, (2.0, 0.2, 1.0), strict=True)):
+        target = resolve_target(config, module, f"{slow.target},{other.target}")
+        outcomes.append(asyncio.ensure_future(coordinator.probe(config, module, target,
+                                                                budget)))
+        if i < 2:  # A's and B's bursts are out before the next probe starts
+            await slow.wait_for_requests(i + 1)
+    whole, short, late = await asyncio.gather(*outcomes)
+    assert whole.result.success, whole.log.text()
+    assert value(short.result, "probe_ntp_group_member_up", member=slow.target) == 0
+    assert value(late.result, "probe_ntp_group_member_up", member=slow.target) == 1, \
+        late.log.text()
+    assert late.result.success, late.log.text()
+
+
 async def test_lists_sharing_a_member_share_its_burst(servers: Start) -> None:
     # Ten lists that differ in their other member, probed at once: the shared member gets
     # one burst, not ten (the other members vary, so each list is a target of its own).
