@@ -803,8 +803,9 @@ def _restarted(got: _Collected) -> str | None:
     ntpd's uptime, read last, shorter than the time since its READSTAT answered says it
     started since; a whole-second uptime may also read so for a daemon started just
     before the probe, so the system status must also have changed as a restart changes
-    it: leap bits back to 3 (unsynchronised), or the event counter fallen (it only grows,
-    up to 15, until a restart). A young daemon synchronising meanwhile (3 to 0) is none."""
+    it: leap bits back to 3 (unsynchronised). A young daemon synchronising meanwhile (3 to
+    0) is none; the event counter says nothing (ntpd sets it back to 1 whenever an event
+    of another kind follows, restart or not)."""
     if got.first_status is None or got.uptime_status is None:
         return None
     (first_at, first), (then_at, then) = got.first_status, got.uptime_status
@@ -813,8 +814,7 @@ def _restarted(got: _Collected) -> str | None:
     except Mode6Error:
         return None
     leap_reset = then >> 14 == _LEAP_ALARM and first >> 14 != _LEAP_ALARM
-    counter_fell = (then >> 4) & 0xF < (first >> 4) & 0xF
-    if uptime >= then_at - first_at or not (leap_reset or counter_fell):
+    if uptime >= then_at - first_at or not leap_reset:
         return None
     return (f"ntpd restarted during the probe: uptime {uptime}s, read "
             f"{then_at - first_at:.3f}s after READSTAT answered, system status {first:#06x} "
