@@ -317,45 +317,32 @@ async def test_a_request_past_the_limit_of_bursts_shares_the_soonest_and_blames_
     assert len(fake_ntp.requests) == 6  # two bursts of three samples, no third
 
 
-async def test_past_the_limit_a_request_is_not_handed_a_burst_a_short_header_cut_down(
-    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
-) -> None:
+@pytest.mark.parametrize(("delay", "budgets", "first_ok", "third"), [
     # The server answers after 0.3 s. A has the whole budget; B, 0.2 s, times out; C, 1 s,
     # fits neither (A may take 1.5 s, B had too little). At the limit C shares A, the
     # burst with the largest budget, and gets its reply, not B's timeout (which would
     # blame a server that answered).
-    get = await polite_client(aiohttp_client, tmp_path, fake_ntp, cached=False,
-                              reply_timeout="1500ms")
-    fake_ntp.behaviour = lambda req: [Send(reply(req), delay=0.3)]
-    first = asyncio.ensure_future(get(None))
-    await fake_ntp.wait_for_requests(1)
-    second = asyncio.ensure_future(get(0.2))
-    await fake_ntp.wait_for_requests(2)
-    body = await (await get(1.0)).text()
-    assert metric(body, "probe_success") == 1, body
-    assert 'reason="timeout"' in await (await second).text()
-    assert metric(await (await first).text(), "probe_success") == 1
-    await fake_ntp.drain()
-    assert len(fake_ntp.requests) == 2
-
-
-async def test_past_the_limit_a_cut_down_bursts_timeout_is_not_the_servers(
-    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+    (0.3, (None, 0.2, 1.0), True, "probe_success 1"),
+    # Two bursts cut short by 0.4 s and 0.3 s time out on a server answering after 0.6 s;
+    # a request with 1.5 s shares the larger: its timeout is not the server's silence for
+    # a budget that would have had the reply.
+    (0.6, (0.4, 0.3, 1.5), False, 'probe_ntp_failure_info{reason="local_error"} 1'),
+])
+async def test_past_the_limit_a_request_is_not_handed_a_cut_down_bursts_timeout(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer, delay: float,
+    budgets: tuple[float | None, float, float], first_ok: bool, third: str,
 ) -> None:
-    # Two bursts cut short by 0.4 s and 0.3 s budgets time out on a server answering after
-    # 0.6 s; a request with 1.5 s, at the limit, shares the larger: its timeout is not the
-    # server's silence for a budget that would have had the reply.
     get = await polite_client(aiohttp_client, tmp_path, fake_ntp, cached=False,
                               reply_timeout="1500ms")
-    fake_ntp.behaviour = lambda req: [Send(reply(req), delay=0.6)]
-    first = asyncio.ensure_future(get(0.4))
+    fake_ntp.behaviour = lambda req: [Send(reply(req), delay=delay)]
+    first = asyncio.ensure_future(get(budgets[0]))
     await fake_ntp.wait_for_requests(1)
-    second = asyncio.ensure_future(get(0.3))
+    second = asyncio.ensure_future(get(budgets[1]))
     await fake_ntp.wait_for_requests(2)
-    body = await (await get(1.5)).text()
-    assert 'probe_ntp_failure_info{reason="local_error"} 1' in body, body
-    for burst in (first, second):
-        assert 'reason="timeout"' in await (await burst).text()
+    body = await (await get(budgets[2])).text()
+    assert third in body, body
+    assert 'reason="timeout"' in await (await second).text()
+    assert (metric(await (await first).text(), "probe_success") == 1) is first_ok
     await fake_ntp.drain()
     assert len(fake_ntp.requests) == 2
 
