@@ -137,7 +137,7 @@ def _cut_short(result: Measurement, had: float, wanted: float) -> Measurement:
     seen.packets_sent, seen.duration = result.packets_sent, result.duration
     seen.fail(Reason.LOCAL_ERROR, f"{_MAX_FLIGHTS} bursts of this module and target were in "
               f"flight; the one shared had a budget of {had:g}s, not this request's "
-              f"{wanted:g}s, and timed out")
+              f"{wanted:g}s, and failed as it ran out ({result.failure})")
     return seen
 
 
@@ -310,9 +310,13 @@ class Coordinator:
             raise
         finally:
             flight.waiters.remove(waiter)
-        if beyond and flight.timeout < timeout and result.failure is timeout_reason(module):
-            # A burst another request's shorter budget cut short timed out: this one's
-            # budget might have had the reply. Not the server's verdict, nor this request's.
+        if beyond and flight.timeout < timeout and result.failure is not None and \
+                result.duration >= max(0.9 * flight.timeout, flight.timeout - 0.1):
+            # A burst another request's shorter budget cut short, failed as its time ran
+            # out (a timeout, a key exchange cut off): this request's budget might have had
+            # the answer. Not the server's verdict, nor this request's. (One that failed
+            # well within its budget, a group's no_majority of members that all answered,
+            # is a verdict, passed on.)
             result = _cut_short(result, flight.timeout, timeout)
             log = ProbeLog(str(target), module.name)
             log(f"{result.failure_detail}: local_error")

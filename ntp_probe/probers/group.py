@@ -373,13 +373,12 @@ async def _member_burst(found: tuple[Resolved, int], module: Module,
         if beyond and measured.failure is Reason.TIMEOUT and \
                 flight.deadline - flight.started < ctx.deadline - now:
             # Cut short by another probe's shorter budget: its timeout is not the server's
-            # silence for this probe's longer one.
-            why = (f"the burst to {found[0].address} port {found[1]} shared at the limit had "
-                   f"a budget of {flight.deadline - flight.started:.3g}s, less than this "
-                   "probe's, and timed out")
-            ctx.log(f"{why}: local_error")
-            ctx.measurement.fail(Reason.LOCAL_ERROR, why)
-            return None
+            # silence for this probe's longer one. That burst is over: look again, and
+            # measure the member here when there is room now.
+            ctx.log(f"the burst to {found[0].address} port {found[1]} shared at the limit "
+                    f"had a budget of {flight.deadline - flight.started:.3g}s, less than "
+                    "this probe's, and timed out: looking again")
+            continue
         ctx.log(f"measured by a burst another group probe has in flight to "
                 f"{found[0].address} port {found[1]}: no extra packet was sent")
         return measured

@@ -354,6 +354,53 @@ async def test_past_the_limit_a_member_is_not_handed_a_burst_a_short_budget_cut_
     assert late.result.success, late.log.text()
 
 
+async def test_past_the_member_limit_a_cut_down_burst_is_measured_again(
+        servers: Start) -> None:
+    # Member M answers after 0.25 s. Two group probes with 0.2 s and 0.15 s burst to it and
+    # time out; a third with 3 s shares the larger at the limit, sees it cut down, and then
+    # measures M itself: M is a truechimer, not a local_error that fails a healthy group.
+    slow = await servers(offset=0.0)
+    slow.behaviour = lambda req: [Send(reply(req), delay=0.25)]
+    fast = [await servers(offset=0.0) for _ in range(2)]
+    module = group_module()
+    config = Config(modules={"g": module}, source="test")
+    coordinator = Coordinator()
+    lists = [f"{slow.target},{fast[0].target}", f"{slow.target},{fast[1].target}",
+             f"{slow.target},{fast[0].target},{fast[1].target}"]
+    outcomes = []
+    for i, (text, budget) in enumerate(zip(lists, (0.2, 0.15, 3.0), strict=True)):
+        target = resolve_target(config, module, text)
+        outcomes.append(asyncio.ensure_future(coordinator.probe(config, module, target,
+                                                                budget)))
+        if i < 2:
+            await slow.wait_for_requests(i + 1)
+    *_, late = await asyncio.gather(*outcomes)
+    assert states(late.result)[slow.target] == "truechimer", late.log.text()
+    assert late.result.success, late.log.text()
+
+
+async def test_past_the_limit_a_groups_verdict_is_passed_on(servers: Start) -> None:
+    # Two members that answer (after 0.25 s) but disagree: no_majority is the group's
+    # verdict, reached well within the bursts' budgets. A request sharing one of them at
+    # the limit of bursts gets it, not a local_error as if the burst had been cut short.
+    members = [await servers(offset=o) for o in (0.0, 1.0)]
+    for member, offset in zip(members, (0.0, 1.0), strict=True):
+        member.behaviour = (lambda o: lambda req: [Send(reply(req, offset=o), delay=0.25)])(
+            offset)
+    module = group_module()
+    config = Config(modules={"g": module}, source="test")
+    coordinator = Coordinator()
+    target = resolve_target(config, module, ",".join(m.target for m in members))
+    outcomes = []
+    for i, budget in enumerate((0.5, 0.4, 3.0)):
+        outcomes.append(asyncio.ensure_future(coordinator.probe(config, module, target,
+                                                                budget)))
+        if i < 2:
+            await members[0].wait_for_requests(i + 1)
+    *_, late = await asyncio.gather(*outcomes)
+    assert late.result.failure is Reason.NO_MAJORITY, late.log.text()
+
+
 async def test_lists_sharing_a_member_share_its_burst(servers: Start) -> None:
     # Ten lists that differ in their other member, probed at once: the shared member gets
     # one burst, not ten (the other members vary, so each list is a target of its own).
