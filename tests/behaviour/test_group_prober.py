@@ -328,53 +328,41 @@ async def test_falling_budgets_cannot_multiply_a_shared_members_bursts(
     assert len(shared.requests) <= 2 * 2, len(shared.requests)
 
 
-async def test_past_the_limit_a_member_is_not_handed_a_burst_a_short_budget_cut_down(
-        servers: Start) -> None:
-    # The shared member answers after 0.25 s. A (2 s) and B (0.2 s, which times out) each
-    # burst to it; C (1 s) fits neither and, at the limit, shares A's, the burst with the
-    # largest budget: its member is measured, not handed B's timeout.
-    slow = await servers(offset=0.0)
-    slow.behaviour = lambda req: [Send(reply(req), delay=0.25)]
-    others = [await servers(offset=0.0) for _ in range(3)]
+async def staggered(first_member: FakeNTPServer, texts: list[str],
+                    budgets: tuple[float, float, float]) -> list[Any]:
+    """Three group probes of ``texts`` with ``budgets``: the first two each have their
+    burst to ``first_member`` out before the next starts (the limit of bursts in flight
+    is reached when the third comes); their outcomes."""
     module = group_module()
     config = Config(modules={"g": module}, source="test")
     coordinator = Coordinator()
     outcomes = []
-    for i, (other, budget) in enumerate(zip(others, (2.0, 0.2, 1.0), strict=True)):
-        target = resolve_target(config, module, f"{slow.target},{other.target}")
-        outcomes.append(asyncio.ensure_future(coordinator.probe(config, module, target,
-                                                                budget)))
-        if i < 2:  # A's and B's bursts are out before the next probe starts
-            await slow.wait_for_requests(i + 1)
-    whole, short, late = await asyncio.gather(*outcomes)
-    assert whole.result.success, whole.log.text()
-    assert value(short.result, "probe_ntp_group_member_up", member=slow.target) == 0
-    assert value(late.result, "probe_ntp_group_member_up", member=slow.target) == 1, \
-        late.log.text()
-    assert late.result.success, late.log.text()
-
-
-async def test_past_the_member_limit_a_cut_down_burst_is_measured_again(
-        servers: Start) -> None:
-    # Member M answers after 0.25 s. Two group probes with 0.2 s and 0.15 s burst to it and
-    # time out; a third with 3 s shares the larger at the limit, sees it cut down, and then
-    # measures M itself: M is a truechimer, not a local_error that fails a healthy group.
-    slow = await servers(offset=0.0)
-    slow.behaviour = lambda req: [Send(reply(req), delay=0.25)]
-    fast = [await servers(offset=0.0) for _ in range(2)]
-    module = group_module()
-    config = Config(modules={"g": module}, source="test")
-    coordinator = Coordinator()
-    lists = [f"{slow.target},{fast[0].target}", f"{slow.target},{fast[1].target}",
-             f"{slow.target},{fast[0].target},{fast[1].target}"]
-    outcomes = []
-    for i, (text, budget) in enumerate(zip(lists, (0.2, 0.15, 3.0), strict=True)):
+    for i, (text, budget) in enumerate(zip(texts, budgets, strict=True)):
         target = resolve_target(config, module, text)
         outcomes.append(asyncio.ensure_future(coordinator.probe(config, module, target,
                                                                 budget)))
         if i < 2:
-            await slow.wait_for_requests(i + 1)
-    *_, late = await asyncio.gather(*outcomes)
+            await first_member.wait_for_requests(i + 1)
+    return list(await asyncio.gather(*outcomes))
+
+
+@pytest.mark.parametrize("budgets", [
+    # A (2 s) and B (0.2 s, which times out) each burst to the member; C (1 s) fits
+    # neither and, at the limit, shares A's, the burst with the largest budget.
+    (2.0, 0.2, 1.0),
+    # A (0.2 s) and B (0.15 s) both time out; C (3 s) shares A's, sees it cut down, and
+    # measures the member itself: not a local_error that fails a healthy group.
+    (0.2, 0.15, 3.0),
+])
+async def test_past_the_member_limit_a_cut_down_bursts_timeout_is_not_passed_on(
+        servers: Start, budgets: tuple[float, float, float]) -> None:
+    slow = await servers(offset=0.0)  # answers after 0.25 s
+    slow.behaviour = lambda req: [Send(reply(req), delay=0.25)]
+    fast = [await servers(offset=0.0) for _ in range(2)]
+    texts = [f"{slow.target},{fast[0].target}", f"{slow.target},{fast[1].target}",
+             f"{slow.target},{fast[0].target},{fast[1].target}"]
+    _, short, late = await staggered(slow, texts, budgets)
+    assert value(short.result, "probe_ntp_group_member_up", member=slow.target) == 0
     assert states(late.result)[slow.target] == "truechimer", late.log.text()
     assert late.result.success, late.log.text()
 
@@ -387,17 +375,8 @@ async def test_past_the_limit_a_groups_verdict_is_passed_on(servers: Start) -> N
     for member, offset in zip(members, (0.0, 1.0), strict=True):
         member.behaviour = (lambda o: lambda req: [Send(reply(req, offset=o), delay=0.25)])(
             offset)
-    module = group_module()
-    config = Config(modules={"g": module}, source="test")
-    coordinator = Coordinator()
-    target = resolve_target(config, module, ",".join(m.target for m in members))
-    outcomes = []
-    for i, budget in enumerate((0.5, 0.4, 3.0)):
-        outcomes.append(asyncio.ensure_future(coordinator.probe(config, module, target,
-                                                                budget)))
-        if i < 2:
-            await members[0].wait_for_requests(i + 1)
-    *_, late = await asyncio.gather(*outcomes)
+    text = ",".join(m.target for m in members)
+    *_, late = await staggered(members[0], [text] * 3, (0.5, 0.4, 3.0))
     assert late.result.failure is Reason.NO_MAJORITY, late.log.text()
 
 
