@@ -26,6 +26,7 @@ from ntp_probe.web.connections import ConnectionGuard, GuardedSite
 from tests.behaviour import fake_server
 from tests.behaviour.fake_server import FakeNTPServer, silent
 from tests.behaviour.test_nts_prober import _make_pki
+from tests.behaviour.test_operate_web import poll
 
 fake_ntp = fake_server.fake_ntp
 LOOPBACK = "127.0.0.1"
@@ -76,8 +77,9 @@ async def test_a_client_hanging_up_mid_probe_leaves_no_cycle(fake_ntp: FakeNTPSe
 
 
 @pytest.fixture
-async def tls_port(tmp_path: Path) -> AsyncIterator[int]:
-    """The exporter's web server with TLS, in-process, on a free port."""
+async def tls_server(tmp_path: Path) -> AsyncIterator[tuple[int, ConnectionGuard]]:
+    """The exporter's web server with TLS, in-process, on a free port: (port, the guard
+    that watches its connections)."""
     _, cert, key = _make_pki(tmp_path, x509.SubjectAlternativeName(
         [x509.IPAddress(IPv4Address(LOOPBACK))]))
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -88,24 +90,26 @@ async def tls_port(tmp_path: Path) -> AsyncIterator[int]:
     site = GuardedSite(runner, LOOPBACK, 0, guard, ssl_context=context)
     await site.start()
     try:
-        yield int(site.urls()[0].rsplit(":", 1)[1])
+        yield int(site.urls()[0].rsplit(":", 1)[1]), guard
     finally:
         await runner.cleanup()
         guard.close()
 
 
-async def test_a_failed_tls_handshake_leaves_no_cycle(tls_port: int) -> None:
+async def test_a_failed_tls_handshake_leaves_no_cycle(
+        tls_server: tuple[int, ConnectionGuard]) -> None:
     # A failed handshake's exception held start_tls's frame, with the TLS protocol and its
     # 256 KiB buffer: a flood of bad handshakes grew the exporter by hundreds of MB.
     async def connect() -> None:
-        reader, writer = await asyncio.open_connection(LOOPBACK, tls_port)
+        reader, writer = await asyncio.open_connection(LOOPBACK, tls_server[0])
         writer.write(b"\x16\x03\x01\x00\x05hello")
         await reader.read()  # until the server closes
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
-        for _ in range(5):  # the server's side unwinds
-            await asyncio.sleep(0.01)
+        # The server's side has unwound when the guard forgets the connection (its failed
+        # handshake's handler does that last).
+        await poll(lambda: tls_server[1].open == 0, "the failed handshake closed")
 
     # Left: CPython 3.11's transports (a bound method of their own) and aiohttp's request
     # parser, a few hundred bytes a connection, the same for any connection.
