@@ -101,7 +101,7 @@ _MAX_FLIGHTS = 2
 def _joinable(flights: list[_Flight], module: Module, config: Config, now: float,
               timeout: float) -> tuple[_Flight | None, bool]:
     """The burst in flight a request of ``timeout`` should share (None: start one), and
-    whether it fits the request (False: shared only for the limit of bursts in flight).
+    whether it is shared only for the limit of bursts in flight (it does not fit).
 
     A burst is shared when it is over within the request's budget and had at least half
     that budget (or a whole burst's): a shorter scrape timeout gets a burst of its own, not
@@ -122,11 +122,11 @@ def _joinable(flights: list[_Flight], module: Module, config: Config, now: float
             if f.timeout >= full or 2 * f.timeout >= timeout:
                 fits.append(f)
     if fits:
-        return max(fits, key=lambda f: f.timeout), True
+        return max(fits, key=lambda f: f.timeout), False
     if len(same) < _MAX_FLIGHTS:
-        return None, True
+        return None, False
     best: _Flight = max(same, key=lambda f: f.timeout)
-    return best, False
+    return best, True
 
 
 def _cut_short(result: Measurement, had: float, wanted: float) -> Measurement:
@@ -232,11 +232,10 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         now = loop.time()
         flights = self._flights.get(key)
-        found, fitting = _joinable(flights, module, config, now, timeout) if flights else (
-            None, True)
+        # beyond: at the limit of bursts in flight, sharing one that may not fit this request.
+        found, beyond = _joinable(flights, module, config, now, timeout) if flights else (
+            None, False)
         shared = found is not None
-        # At the limit of bursts in flight, sharing one that may not fit this request.
-        beyond = not fitting
         if found is None:
             guard = self._guard(config, module)
             found = _Flight(module, config, timeout, _latest_end(module, now, timeout),
