@@ -12,15 +12,16 @@ import asyncio
 import functools
 import ipaddress
 import time
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from ntp_probe.engine.context import ProbeContext
-from ntp_probe.engine.result import Reason
+from ntp_probe.engine.result import NO_TIME, Reason
 from ntp_probe.engine.targets import Target
 from ntp_probe.exposition import families as common
 from ntp_probe.exposition.families import Family
 from ntp_probe.net.resolve import FAMILIES, Resolved, ResolveError, literal, resolve, resolve_all
+from ntp_probe.probers.pacing import MIN_REPLY_WINDOW
 from ntp_probe.proto.address import ip_address
 
 _T = TypeVar("_T")
@@ -76,21 +77,35 @@ async def prepare(target: Target, port: int, ctx: ProbeContext, *, preferred: st
     return resolved if admit(target, resolved, port, ctx) else None
 
 
-async def _looked_up(target: Target, ctx: ProbeContext, lookup: Awaitable[_T],
+async def _looked_up(target: Target, ctx: ProbeContext, lookup: Coroutine[Any, Any, _T],
                      until: float) -> _T | None:
     """``lookup``'s answer by ``until``, with its time as probe_dns_lookup_time_seconds;
-    None (failure ``resolve`` recorded and logged) when it fails or runs out of time."""
+    None (failure ``resolve`` recorded and logged) when it fails or runs out of time, or
+    ``local_error`` when the budget left too little for a lookup and a request anyway."""
     started = time.perf_counter()
+    room = until - asyncio.get_running_loop().time()
     try:
+        if room <= 0:
+            raise TimeoutError
         async with asyncio.timeout_at(until):
             found = await lookup
     except (ResolveError, TimeoutError) as exc:
+        if room <= 0:
+            lookup.close()  # never awaited: not even started
         m = ctx.measurement
         m.add(common.DNS_LOOKUP, time.perf_counter() - started)
         # No address: 0, as blackbox's gauges read when its resolution fails (dashboards
         # that show the IP version or join on the hash see the failure, not a gap).
         m.add(common.IP_PROTOCOL, 0)
         m.add(common.IP_ADDR_HASH, 0)
+        if isinstance(exc, TimeoutError) and room < MIN_REPLY_WINDOW:
+            # A scrape-timeout header of a few milliseconds: even an instant answer would
+            # have left no time for a request, so neither the resolver nor the server is
+            # to blame (as for an IP target with that budget).
+            ctx.log(f"resolve {target.host}: no time left to look it up and send a "
+                    "request: nothing sent")
+            m.fail(Reason.LOCAL_ERROR, NO_TIME)
+            return None
         why = str(exc) or "timed out"
         ctx.log(f"resolve {target.host}: {why}")
         m.fail(Reason.RESOLVE, why)

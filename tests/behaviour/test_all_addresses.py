@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from ntp_probe.cli import check, report
+from ntp_probe.engine.result import NO_TIME
 from ntp_probe.engine.targets import Target
 from ntp_probe.net import resolve
 from ntp_probe.net.resolve import ResolveError, Resolver
@@ -239,3 +240,35 @@ async def test_a_lookup_that_runs_out_of_time_says_so(monkeypatch: pytest.Monkey
         release.set()
     assert result.failure == "resolve", log.text()
     assert "resolve stuck.test: timed out" in log.text()
+
+
+@pytest.mark.parametrize("all_addresses", [False, True])
+@pytest.mark.parametrize("timeout", [
+    0.004,  # less than the margin kept for the verdict: not even looked up
+    0.03,  # looked up, but even an instant answer would leave no room for a request
+])
+async def test_a_lookup_with_no_time_for_a_request_after_it_is_no_resolve_failure(
+    monkeypatch: pytest.MonkeyPatch, all_addresses: bool, timeout: float,
+) -> None:
+    # A scrape-timeout header of a few milliseconds: the name is not to blame, nor the
+    # server; an IP target with that budget reads local_error too.
+    release = threading.Event()
+    asked: list[str] = []
+
+    def stuck(host: str, family: int) -> str:
+        asked.append(host)
+        release.wait(timeout=5)
+        raise ResolveError("released")
+
+    monkeypatch.setattr(resolve, "_default", Resolver(getaddrinfo=stuck))
+    try:
+        result, log = await probe(Target("stuck.test", 123),
+                                  make_module(all_addresses=all_addresses), timeout=timeout)
+    finally:
+        release.set()
+    assert result.failure == "local_error", log.text()
+    assert result.failure_detail == NO_TIME
+    assert "no time left to look it up and send a request: nothing sent" in log.text()
+    assert value(result, "probe_ip_addr_hash") == 0
+    if timeout < 0.005:
+        assert asked == []  # no lookup started
