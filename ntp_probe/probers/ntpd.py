@@ -368,6 +368,8 @@ class _Session:
         # time for a request (none later can fit either: time only moves on, and the
         # reply window only grows).
         self.stopped = False
+        # Requests in a row whose every answer failed the checks (see request()).
+        self.garbage = 0
 
     def match(self, d: Datagram) -> Response | ErrorReply | None:
         """The pump's matcher: a complete response or an error reply ends the wait."""
@@ -454,6 +456,7 @@ class _Session:
         last: _Try | None = None
         path_error: Unreachable | None = None  # from a host on the path, not the target
         garbled = False  # some try got fragments or datagrams that failed a check
+        fragments = 0  # fragments that passed the checks, over the tries
         no_time = False  # the retry was not sent: no reply could have come in time
         for _ in range(2):
             if self.stopped:
@@ -486,6 +489,7 @@ class _Session:
                 self.current = self.previous = None
                 self.earlier.add(t.sequence)
             if reply is not None:
+                self.garbage = 0
                 pace.seen(loop.time() - now)
                 if isinstance(reply, ErrorReply):
                     log(f"<- {what} seq {t.sequence:#06x}: error {reply.name} ({reply.code})")
@@ -493,6 +497,7 @@ class _Session:
             last = t
             r = t.reassembler
             garbled = garbled or bool(r.fragment_count or t.bad)
+            fragments += r.fragment_count
             log(f"<- {what} seq {t.sequence:#06x}: no complete reply"
                 + (f" ({r.fragment_count} fragments, missing {r.gaps() or 'the last'})"
                    if r.fragment_count else "")
@@ -504,6 +509,14 @@ class _Session:
             return None
         if garbled:
             reason = Reason.MODE6_BAD_REPLY
+            self.garbage = self.garbage + 1 if not fragments else 0
+            if self.garbage >= 2:
+                # Two requests in a row got nothing that passed as mode 6 (an NTP server
+                # answering mode 4, a hostile echo): the verdict is made, and more
+                # requests would only load it. (One may be a daemon's bad list.)
+                self.stopped = True
+                log("no datagram from the server passed as a mode 6 reply to two requests "
+                    "in a row: nothing more sent")
         elif no_time:
             log("no reply, and no time left for a retry")
             reason = Reason.MODE6_TIMEOUT

@@ -739,6 +739,19 @@ async def test_only_garbage_is_mode6_bad_reply(server: FakeNtpd) -> None:
     assert not label_sets(out.m, "probe_ntpd_peers")
 
 
+async def test_a_server_answering_no_mode_6_is_left_alone_after_two_requests(
+    server: FakeNtpd,
+) -> None:
+    # An NTP server answering everything with mode 4: the verdict is made after the
+    # association list and the system variables; asking for the counters would only add
+    # load (and hold the scrape to its deadline).
+    server.behaviour = lambda req: [bytes([0x24, 2, 0, 0]) + bytes(44)]
+    out = await run(server, request_timeout=0.1)
+    assert out.m.failure == "mode6_bad_reply", out.log
+    assert [r.opcode for r in server.requests] == [READSTAT, READSTAT, READVAR, READVAR]
+    assert "nothing more sent" in out.log
+
+
 # --- the deadline -----------------------------------------------------------------------------
 
 
