@@ -103,12 +103,13 @@ def _joinable(flights: list[_Flight], module: Module, config: Config, now: float
     """The burst in flight a request of ``timeout`` should share (None: start one), and
     whether it is shared only for the limit of bursts in flight (it does not fit).
 
-    A burst is shared when it is over within the request's budget and had at least half
-    that budget (or a whole burst's): a shorter scrape timeout gets a burst of its own, not
-    a wait that would blame the server, and a scrape is not handed a burst an outsider's
-    short header cut down. At the limit of bursts in flight, the one with the largest
-    budget (the least cut down) is shared, however long it may take: bursts usually end
-    well before their latest end, which allows for every reply's whole wait."""
+    A burst is shared when it is over within the request's budget and had at least that
+    budget (or a whole burst's): a shorter scrape timeout gets a burst of its own, not a
+    wait that would blame the server, and a scrape is not handed the timeout of a burst a
+    shorter header cut down (an outsider's, or another Prometheus's). At the limit of
+    bursts in flight, the one with the largest budget (the least cut down) is shared,
+    however long it may take: bursts usually end well before their latest end, which
+    allows for every reply's whole wait."""
     full = None
     fits: list[_Flight] = []
     same: list[_Flight] = []
@@ -119,7 +120,7 @@ def _joinable(flights: list[_Flight], module: Module, config: Config, now: float
         if f.ends <= now + timeout:
             if full is None:
                 full = _full_budget(module)
-            if f.timeout >= full or 2 * f.timeout >= timeout:
+            if f.timeout >= full or f.timeout >= timeout:
                 fits.append(f)
     if fits:
         return max(fits, key=lambda f: f.timeout), False

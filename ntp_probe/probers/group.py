@@ -326,6 +326,9 @@ _member_flights: dict[tuple[NTPSettings, str, int], list[_MemberFlight]] = {}
 # Bursts to one member server in flight at once for group probes: beyond, a probe shares
 # one (the coordinator's limit for identical probes, applied to members).
 MAX_MEMBER_FLIGHTS = 2
+# Group probes with the same budget reach a shared member moments apart: a burst started
+# that much earlier counts as having had the later probe's budget.
+_BUDGET_SLACK = 0.01
 
 
 async def _member_burst(found: tuple[Resolved, int], module: Module,
@@ -335,13 +338,16 @@ async def _member_burst(found: tuple[Resolved, int], module: Module,
     measurement is returned), else run one (None: ``ctx.measurement`` has it)."""
     key = (module.ntp, found[0].address, found[1])
     loop = asyncio.get_running_loop()
+    whole = ntp.longest(module)
     while True:
         now = loop.time()
-        # Over within our deadline, with at least half our budget (not a burst a short
-        # scrape-timeout header cut down), and under the same policy and KoD memory.
+        # Over within our deadline, with at least our budget or a whole burst's (not a
+        # burst a shorter scrape-timeout header cut down: its timeout is not the server's
+        # silence for ours), and under the same policy and KoD memory.
         same = [f for f in _member_flights.get(key, ()) if f.guard is ctx.guard]
+        need = min(whole, ctx.deadline - now) - _BUDGET_SLACK
         usable = [f for f in same if f.deadline <= ctx.deadline
-                  and f.deadline - f.started >= (ctx.deadline - now) / 2]
+                  and f.deadline - f.started >= need]
         beyond = not usable and len(same) >= MAX_MEMBER_FLIGHTS
         if not usable and not beyond:
             break

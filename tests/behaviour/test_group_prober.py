@@ -367,6 +367,26 @@ async def test_past_the_member_limit_a_cut_down_bursts_timeout_is_not_passed_on(
     assert late.result.success, late.log.text()
 
 
+async def test_a_member_burst_a_shorter_budget_cuts_down_is_not_shared(
+        servers: Start) -> None:
+    # The member answers after 0.25 s. A group probe with 0.2 s times out on it; a probe
+    # of another list with 0.38 s (less than twice that) measures it itself.
+    slow = await servers(offset=0.0)
+    slow.behaviour = lambda req: [Send(reply(req), delay=0.25)]
+    fast = [await servers(offset=0.0) for _ in range(2)]
+    module = group_module()
+    config = Config(modules={"g": module}, source="test")
+    coordinator = Coordinator()
+    first, second = (resolve_target(config, module, f"{slow.target},{f.target}")
+                     for f in fast)
+    shorter = asyncio.ensure_future(coordinator.probe(config, module, first, 0.2))
+    await slow.wait_for_requests(1)
+    longer = await coordinator.probe(config, module, second, 0.38)
+    assert states(longer.result)[slow.target] == "truechimer", longer.log.text()
+    assert value((await shorter).result, "probe_ntp_group_member_up",
+                 member=slow.target) == 0
+
+
 async def test_past_the_limit_a_groups_verdict_is_passed_on(servers: Start) -> None:
     # Two members that answer (after 0.25 s) but disagree: no_majority is the group's
     # verdict, reached well within the bursts' budgets. A request sharing one of them at

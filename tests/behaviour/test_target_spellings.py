@@ -362,6 +362,24 @@ async def test_a_scrape_does_not_share_a_burst_a_short_header_cut_down(
     assert metric(await (await short).text(), "probe_ntp_samples_sent") == 1
 
 
+async def test_a_longer_budget_is_not_handed_the_timeout_of_a_shorter_ones_burst(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    # The server answers after 0.6 s. A scrape with 0.5 s times out; one with 0.9 s that
+    # comes while it runs (more than half its budget, and over within it) runs its own
+    # burst: that timeout is not the server's silence for 0.9 s.
+    get = await polite_client(aiohttp_client, tmp_path, fake_ntp, cached=False,
+                              reply_timeout="4s")
+    fake_ntp.behaviour = lambda req: [Send(reply(req), delay=0.6)]
+    shorter = asyncio.ensure_future(get(0.5))
+    await fake_ntp.wait_for_requests(1)
+    body = await (await get(0.9)).text()
+    assert metric(body, "probe_success") == 1, body
+    assert 'reason="timeout"' in await (await shorter).text()
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) == 2
+
+
 async def test_a_burst_ending_last_does_not_replace_a_longer_budgets_result(
     aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
 ) -> None:
