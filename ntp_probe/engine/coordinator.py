@@ -372,9 +372,12 @@ class Coordinator:
             if flight.orphaned:
                 self._orphans -= 1
         # Not kept when a reload changed the world meanwhile (the target may be denied
-        # now), nor over a result with a longer budget (bursts end in any order).
+        # now) or the module (no request is served it, and it would displace the new
+        # module's result), nor over a result with a longer budget (bursts end in any order).
         kept = self._last.get(key) if module.min_probe_interval > 0 else None
-        if module.min_probe_interval > 0 and _same_world(flight.config, self._guards_of) and (
+        current = self._guards_of
+        if module.min_probe_interval > 0 and current is not None and _same_world(
+                flight.config, current) and current.modules.get(module.name) == module and (
                 kept is None or kept.module != module or kept.timeout <= timeout):
             self._last[key] = _Cached(module, self._clock(), result, log, timeout)
         counted = False

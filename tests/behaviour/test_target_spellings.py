@@ -195,6 +195,24 @@ async def test_a_burst_that_outlives_a_reload_does_not_refill_the_cache(
     assert again.age is None and again.result.failure == "target_forbidden"
 
 
+async def test_a_burst_of_a_module_a_reload_changed_does_not_displace_the_new_result(
+        fake_ntp: FakeNTPServer) -> None:
+    coordinator = Coordinator()
+    old = make_module(min_probe_interval=3600.0, samples=3, interval=0.2)
+    new = make_module(min_probe_interval=3600.0, samples=1)
+    target = parse_target(fake_ntp.target)
+    running = asyncio.create_task(coordinator.probe(
+        Config(modules={"t": old}, source="test"), old, target, 2.0))
+    await fake_ntp.wait_for_requests(1)
+    config = Config(modules={"t": new}, source="test")  # the reload
+    assert (await coordinator.probe(config, new, target, 2.0)).age is None
+    assert (await running).result.success
+    sent = len(fake_ntp.requests)
+    again = await coordinator.probe(config, new, target, 2.0)
+    assert again.age is not None, again  # the new module's result, not a fresh burst
+    assert len(fake_ntp.requests) == sent
+
+
 async def test_reloads_that_change_nothing_neither_start_nor_lose_bursts(
         fake_ntp: FakeNTPServer) -> None:
     # POST /-/reload is open to anyone (as in blackbox): a flood of reloads of the same file
