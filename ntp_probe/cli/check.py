@@ -26,7 +26,7 @@ from ntp_probe.cli import flags, output
 from ntp_probe.config.load import load_config
 from ntp_probe.config.schema import Config, ConfigError, Module
 from ntp_probe.engine.registry import resolve_target
-from ntp_probe.engine.result import Measurement, Perf, Reason, Report
+from ntp_probe.engine.result import Measurement, Perf, Reason, Report, SeveralOffsets
 from ntp_probe.engine.runner import guard_for, run_probe
 from ntp_probe.engine.targets import Target, TargetError, parse_target
 from ntp_probe.engine.text import visible
@@ -306,18 +306,26 @@ def _perf(item: Perf, warning: Range | None = None, critical: Range | None = Non
 
 def _perfdata(m: Measurement, warning: Range, critical: Range, added: float = 0.0) -> str:
     checked = _judged(m)
+    judged = None if checked is None else _judged_offset(checked, added)
     items = []
     for report in m.reports:
         for item in report.perfdata():
-            if not abs(item.value + (added if item.checked else 0.0)) < _ABSURD:  # NaN too
-                continue
-            if item.checked and report is checked:  # the value -w and -c judged, as judged
-                items.append(_perf(dataclasses.replace(item, value=item.value + added), warning,
-                                   critical))
-            else:
+            if item.checked and report is checked and judged is not None:
+                item = dataclasses.replace(item, value=judged + added)  # as judged
+                if abs(item.value) < _ABSURD:
+                    items.append(_perf(item, warning, critical))
+            elif abs(item.value) < _ABSURD:  # NaN not
                 items.append(_perf(item))
     items.append(_perf(Perf("time", m.duration, "s")))
     return " ".join(items)
+
+
+def _judged_offset(report: Report, added: float) -> float | None:
+    """The offset (as measured) -w and -c judge once ``added`` (-o) is added: of several
+    (all_addresses'), the one farthest off after the addition."""
+    if isinstance(report, SeveralOffsets):
+        return report.farthest(added)
+    return report.check_offset
 
 
 def _judged(m: Measurement) -> Report | None:
@@ -345,16 +353,27 @@ _NO_ANSWER = frozenset({Reason.TIMEOUT, Reason.UNREACHABLE, Reason.MODE6_TIMEOUT
                         Reason.NTS_KE_TLS})
 
 
+# Failures of a module's own checks against the local clock or leap file: the server's
+# offset stands, and -w and -c still judge it.
+_OFFSET_STANDS = frozenset({Reason.OFFSET_EXCEEDED, Reason.CAUSALITY_VIOLATION,
+                            Reason.LEAP_MISMATCH})
+
+# The servers of a probe over several (a group's members, a name's addresses): whether
+# each is up, and why each failed.
+_PARTS = (("probe_ntp_group_member_up", "probe_ntp_group_member_failure_info"),
+          ("probe_ntp_address_up", "probe_ntp_address_failure_info"))
+
+
 def _no_answer(m: Measurement) -> bool:
-    """Whether the probe failed because nothing answered: its reason says so, or it is a
-    group none of whose members answered."""
-    if m.failure in _NO_ANSWER:
-        return True
-    members = [labels for f, labels, _ in m.samples if f.name == "probe_ntp_group_member_up"]
-    failures = [labels[1] for f, labels, _ in m.samples
-                if f.name == "probe_ntp_group_member_failure_info"]
-    return bool(members) and len(failures) == len(members) and all(
-        reason in _NO_ANSWER for reason in failures)
+    """Whether the probe failed because nothing answered: its reason says so, or, over
+    several servers (a group, a name's addresses), none of them answered (check_ntp_time
+    polls every address of a name and says "No response" only when none did)."""
+    for up, failed in _PARTS:
+        parts = sum(1 for f, _, _ in m.samples if f.name == up)
+        if parts:
+            failures = [labels[1] for f, labels, _ in m.samples if f.name == failed]
+            return len(failures) == parts and all(r in _NO_ANSWER for r in failures)
+    return m.failure in _NO_ANSWER
 
 
 def evaluate(target: str, module: Module, m: Measurement, warning: Range,
@@ -364,12 +383,16 @@ def evaluate(target: str, module: Module, m: Measurement, warning: Range,
     in the perfdata); ``quiet`` makes a failure UNKNOWN (-q)."""
     perfdata = _perfdata(m, warning, critical, expected)
     judged = _judged(m)
-    offset = None if judged is None else judged.check_offset
+    offset = None if judged is None else _judged_offset(judged, expected)
     unknown_offset = UNKNOWN if quiet else CRITICAL
     if not m.success:
         # -q spares a server that answered without an offset to judge; one that did not
-        # answer stays CRITICAL, as in check_ntp_time ("No response") and check_ntp_peer.
-        state = CRITICAL if _no_answer(m) else unknown_offset
+        # answer stays CRITICAL, as in check_ntp_time ("No response") and check_ntp_peer,
+        # and so does a valid offset beyond -c that only the module's own check failed
+        # (check_ntp_time's -q spares only an offset it could not find).
+        state = CRITICAL if _no_answer(m) or (
+            m.failure in _OFFSET_STANDS and offset is not None
+            and critical.alerts(abs(offset + expected))) else unknown_offset
         summary = f"{target} probe failed: {m.failure}"
         if m.failure_detail:
             summary += f" ({m.failure_detail})"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from ntp_probe.exposition.families import Family
 
@@ -102,6 +102,15 @@ class Report(Protocol):
 
     def perfdata(self) -> list[Perf]:
         """Values for the Nagios plugin's perfdata."""
+
+
+@runtime_checkable
+class SeveralOffsets(Protocol):
+    """A report whose check offset is the farthest off of several (all_addresses'): which
+    one that is depends on check's -o, added to each before -w and -c judge it."""
+
+    def farthest(self, added: float) -> float | None:
+        """The offset (as measured) whose sum with ``added`` is farthest from zero."""
 
 
 Sample = tuple[Family, tuple[str, ...], float]

@@ -237,8 +237,14 @@ class AddressesReport:
     @property
     def check_offset(self) -> float | None:
         """The offset farthest from zero when every address must be right."""
+        return self.farthest(0.0)
+
+    def farthest(self, added: float) -> float | None:
+        """The offset farthest from zero once ``added`` (check's -o) is added to each,
+        when every address must be right."""
         known = [o for _, o in self.offsets if o is not None]
-        return max(known, key=abs) if self.required == "all" and known else None
+        return max(known, key=lambda o: abs(o + added)) if self.required == "all" and known \
+            else None
 
     def rows(self) -> list[tuple[str, str]]:
         """Human-readable lines."""

@@ -89,6 +89,15 @@ async def test_the_check_judges_the_farthest_address_when_all_are_required(
     offset = float(line.split(" offset ")[1].split()[0])
     assert offset == pytest.approx(judged, abs=0.005)
     assert "addresses=2 addresses_answered=2" in line
+    # -o -5 (the name's servers known to run 5 s ahead): judged after adding it, the
+    # address farthest off is now the other one, 5 s off either way.
+    code, line = check.evaluate("skew.test", module, result, check.Range.upto(0.01),
+                                check.Range.upto(0.05), expected=-5.0)
+    assert code == 2, line
+    assert float(line.split(" offset ")[1].split()[0]) == pytest.approx(0.0, abs=0.005)
+    if required == "all":
+        worst = float(line.split("worst_offset=")[1].split("s;")[0])
+        assert worst == pytest.approx(-5.0, abs=0.005), line
     # The text report's headline still names the best address and its offset.
     headline = report.text("skew.test", "t", result, log).splitlines()[0]
     assert "server 127.0.0.1 port" in headline, headline
@@ -272,3 +281,22 @@ async def test_a_lookup_with_no_time_for_a_request_after_it_is_no_resolve_failur
     assert value(result, "probe_ip_addr_hash") == 0
     if timeout < 0.005:
         assert asked == []  # no lookup started
+
+
+async def test_quiet_check_spares_a_name_one_of_whose_addresses_answered(
+    hosts: Hosts, fake_ntp: FakeNTPServer
+) -> None:
+    # check_ntp_time polls every address of a name and says "No response" (CRITICAL even
+    # under -q) only when none answered; here one answered, unsynchronised.
+    silent = await FakeNTPServer.start(fake_server.silent, host="127.0.0.2", port=fake_ntp.port)
+    try:
+        fake_ntp.behaviour = answer(leap=3)
+        hosts("127.0.0.1 mixed.test\n127.0.0.2 mixed.test\n")
+        module = make_module(all_addresses=True, reply_timeout=0.2)
+        result, log = await probe(Target("mixed.test", fake_ntp.port), module)
+    finally:
+        silent.close()
+    assert result.failure == "timeout", log.text()
+    args = (check.Range.upto(0.01), check.Range.upto(0.05))
+    assert check.evaluate("mixed.test", module, result, *args, quiet=True)[0] == 3
+    assert check.evaluate("mixed.test", module, result, *args)[0] == 2
