@@ -40,6 +40,8 @@ _NEGATIVE = re.compile(r"-\d+(\.\d*)?([eE][-+]?\d+)?|-\.\d+([eE][-+]?\d+)?")
 # A threshold range starting below zero (``-w -1:1``), which argparse would read as an option.
 _NEGATIVE_RANGE = re.compile(r"-[\d.][^\s]*")
 _THRESHOLD_FLAGS = ("-w", "--warning", "-c", "--critical")
+# Short flags that take no value, so that another may follow in the same word (-qw).
+_BARE_FLAGS = ("-q", "-v", "-4", "-6")
 
 
 class Unknown(Exception):
@@ -69,12 +71,27 @@ class _Parser(flags.Parser):
         joined: list[str] = []
         while words:
             word = words.pop(0)
-            negative = _NEGATIVE if word in ("-o", "--time-offset") else (
-                _NEGATIVE_RANGE if word in _THRESHOLD_FLAGS else None)
+            flag = self._valued(word)
+            negative = _NEGATIVE if flag in ("-o", "--time-offset") else (
+                _NEGATIVE_RANGE if flag in _THRESHOLD_FLAGS else None)
             if negative is not None and words and negative.fullmatch(words[0]):
-                word = f"{word}={words.pop(0)}"
+                # --warn=-1:1 for an abbreviation; -qw-1:1 for short flags run together.
+                word = f"{word}{'=' if word.startswith('--') else ''}{words.pop(0)}"
             joined.append(word)
         return super().parse_args(joined, namespace)
+
+    def _valued(self, word: str) -> str | None:
+        """The option ``word`` ends with, when it takes the next word as its value as
+        getopt would: a long option or its unambiguous abbreviation, or short flags run
+        together (``-qw``) whose last takes a value; else None."""
+        if word.startswith("--"):
+            names = [n for n in self._option_string_actions
+                     if n.startswith("--") and n.startswith(word)]
+            return word if word in names else names[0] if len(names) == 1 else None
+        if len(word) > 2 and word[0] == "-" and all(
+                f"-{c}" in _BARE_FLAGS for c in word[1:-1]):
+            return f"-{word[-1]}"
+        return word
 
 
 # check_ntp_peer's thresholds on other values than the offset: refused with a clear reason

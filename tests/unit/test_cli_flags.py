@@ -175,6 +175,19 @@ def test_every_spelling_of_a_given_flag_overrides_its_invalid_variable(
     assert check_parser().parse_args(["127.0.0.1", *argv]).warning.end == 0.02
 
 
+@pytest.mark.parametrize(("argv", "field", "value"), [
+    # getopt takes the next word as the value of an option that needs one, a negative
+    # number included, however the option is spelled.
+    (["--warn", "-1:1"], "warning", -1.0), (["--crit", "-0.5:1"], "critical", -0.5),
+    (["--time-o", "-0.5"], "time_offset", -0.5), (["-qw", "-1:1"], "warning", -1.0),
+    (["-4c", "-1:1"], "critical", -1.0), (["-vo", "-0.5"], "time_offset", -0.5),
+])
+def test_check_takes_a_negative_value_after_any_spelling_of_its_flag(
+        argv: list[str], field: str, value: float) -> None:
+    got = getattr(check_parser().parse_args(["127.0.0.1", *argv]), field)
+    assert (got if field == "time_offset" else got.start) == value
+
+
 @pytest.mark.parametrize("argv", [["--config.chec"], ["--log.l", "info"],
                                   ["--web.listen", "127.0.0.1:1"], ["--history", "3"]])
 def test_the_exporter_refuses_abbreviated_flags(argv: list[str],
