@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from cryptography import x509
 from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
-from service_identity.pyopenssl import verify_hostname, verify_ip_address
+from service_identity.pyopenssl import extract_patterns, verify_hostname, verify_ip_address
 
 from ntp_probe.net import budget
 from ntp_probe.proto.address import ip_address
@@ -63,6 +63,30 @@ _VERIFY_ERRORS = {
     24: "invalid CA certificate",
     26: "unsupported certificate purpose",
 }
+
+
+# Of a certificate's subjectAltNames, how many (and how much of each) a mismatch's words
+# show: a hostile certificate may carry thousands.
+_SHOWN_NAMES, _SHOWN_NAME_LENGTH = 5, 64
+
+
+def _names_of(conn: SSL.Connection) -> str:
+    """' (it names a, b)': the names the peer's certificate holds, for a mismatch."""
+    try:
+        cert = conn.get_peer_certificate()
+        patterns = [] if cert is None else extract_patterns(cert)
+    except Exception:  # names that do not parse: the mismatch is said without them
+        return ""
+    names = []
+    for p in patterns:
+        name = getattr(p, "pattern", None)
+        if name is not None:
+            text = name.decode("ascii", "replace") if isinstance(name, bytes) else str(name)
+            names.append(text[:_SHOWN_NAME_LENGTH])
+    if not names:
+        return ""
+    more = f", ... ({len(names) - _SHOWN_NAMES} more)" if len(names) > _SHOWN_NAMES else ""
+    return f" (it names {', '.join(names[:_SHOWN_NAMES])}{more})"
 
 
 class ConnectError(OSError):
@@ -251,7 +275,11 @@ class TLSClient:
                 verify_ip_address(conn, server_name.split("%", 1)[0])
             else:
                 verify_hostname(conn, server_name)
-        except (VerificationError, CertificateError) as exc:
+        except VerificationError:
+            # Its repr of mismatch objects is no sentence for check's line: say it in words.
+            self.identity_error = (f"the certificate does not name {server_name}"
+                                   f"{_names_of(conn)}")
+        except CertificateError as exc:  # no subjectAltName at all: its words are plain
             self.identity_error = str(exc)
         except Exception as exc:  # a certificate that does not parse names nobody
             self.identity_error = f"unreadable certificate names: {type(exc).__name__}: {exc}"

@@ -671,6 +671,10 @@ async def test_sni_asks_for_the_name_the_certificate_is_matched_against(
     if sent is not None:  # the certificate names 127.0.0.1 only
         assert m.failure is Reason.NTS_CERT_NAME_MISMATCH, log.text()
         assert m.failure_detail is not None and sent.decode() in m.failure_detail
+        # In words, with what the certificate does name (not a Python repr).
+        assert m.failure_detail.endswith(
+            f"the certificate does not name {sent.decode()} (it names {LOOPBACK})"
+        ), m.failure_detail
 
 
 async def test_a_server_that_selects_no_protocol_is_an_alpn_mismatch(pki: PKI) -> None:
