@@ -136,10 +136,12 @@ def check_parser() -> argparse.ArgumentParser:
     flags.flag(p, "--warning", None, "-w", type=threshold_range, metavar="RANGE",
                help=f"WARNING when |offset| is outside this Nagios range: N (0:N, |offset| "
                "above N), N: , ~:N, A:B, or @A:B (inside); seconds or durations (default "
-               f"{DEFAULT_WARNING:g}; with only a plain -c at or below that, a fifth of -c)")
+               f"{DEFAULT_WARNING:g}; with only a -c at or below that bounding it from "
+               "above, N, ~:N or A:N with A <= 0, a fifth of -c)")
     flags.flag(p, "--critical", None, "-c", type=threshold_range, metavar="RANGE",
                help=f"CRITICAL when |offset| is outside this Nagios range (as -w; default "
-               f"{DEFAULT_CRITICAL:g}; with only a plain -w at or above that, five times -w)")
+               f"{DEFAULT_CRITICAL:g}; with only a -w at or above that bounding it from "
+               "above, five times -w)")
     flags.flag(p, "--config.file", None, dest="config_file", metavar="FILE",
                help="modules file (default: the packaged modules)")
     for spelling, what in _UNSUPPORTED.items():
