@@ -291,6 +291,9 @@ def _target_text(args: argparse.Namespace) -> str:
         raise Unknown("required: target (as the argument, or -H HOST)")
     if args.port is None:
         return str(text)
+    if "," in text:
+        raise Unknown(f"-p {args.port} names one port, and {text!r} is a list of servers: "
+                      "give each member its port")
     try:
         target = parse_target(text)
     except TargetError as exc:

@@ -234,6 +234,8 @@ def test_the_start_up_time_is_read_from_the_process() -> None:
     (["check", "127.0.0.1", "-H", "127.0.0.2"], "give the target once"),
     (["check", "-H", "127.0.0.1:123", "-p", "123"], "names a port already: -p 123 too"),
     (["check", "-H", "[::1]:123", "-p", "123"], "names a port already"),
+    (["check", "-H", "127.0.0.1,127.0.0.2", "-p", "123", "--module", "group"],
+     "-p 123 names one port, and '127.0.0.1,127.0.0.2' is a list of servers"),
     (["check", "-H", "127.0.0.1", "-p", "99999"], "port '99999' is not 1-65535"),
     (["check", "-H", "127.0.0.1", "-t", "0"], "-t"),
 ])
