@@ -240,6 +240,8 @@ async def serve(args: argparse.Namespace, config: Config,
     elif max_connections <= args.max_concurrent:
         # /metrics and /-/healthy are never limited: one connection is kept from probes.
         state.max_concurrent = max_connections - 1
+        state.max_concurrent_note = (f": --probe.max-concurrent={args.max_concurrent}, held "
+                                     f"below --web.max-connections={max_connections}")
         logger.warning("--web.max-connections=%d does not exceed --probe.max-concurrent=%d: "
                        "at most %d probes in flight (more get 503), so that /metrics and "
                        "/-/healthy can still connect", max_connections, args.max_concurrent,

@@ -38,6 +38,8 @@ class State:
     internals: Internals
     timeout_offset: float = 0.5
     max_concurrent: int = 100
+    # Why the limit is what it is, when not the flag's value as given (the 503's words).
+    max_concurrent_note: str = ""
     in_flight: int = 0
     config_path: str | None = None
     web_config_path: str | None = None  # --web.config.file: users and headers reload too
@@ -196,10 +198,10 @@ async def probe_handler(request: web.Request) -> web.Response:
     debug = query.get("debug") == "true"
     if state.in_flight >= state.max_concurrent:
         state.internals.rejected.inc()
-        return web.Response(
-            status=503,
-            text=f"too many probes in flight (--probe.max-concurrent={state.max_concurrent})\n",
-        )
+        limit = (f"{state.max_concurrent}{state.max_concurrent_note}"
+                 if state.max_concurrent_note
+                 else f"--probe.max-concurrent={state.max_concurrent}")
+        return web.Response(status=503, text=f"too many probes in flight ({limit})\n")
     state.in_flight += 1
     try:
         outcome = await state.coordinator.probe(config, module, target, timeout)

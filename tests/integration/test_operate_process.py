@@ -634,6 +634,33 @@ def test_connections_no_more_than_probes_is_warned_about(tmp_path: Path) -> None
         stop_process(e.proc)
 
 
+def test_a_503_names_the_limit_the_exporter_applies(tmp_path: Path) -> None:
+    # Held below the connections' cap, the limit is not the flag's value: the 503 says both.
+    e = start_exporter(tmp_path, ("--web.max-connections=2", "--probe.max-concurrent=8"))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+
+        def wait() -> None:
+            with contextlib.suppress(OSError):  # cut off when the exporter stops
+                e.get(f"/probe?target={target}&module=ntp")
+
+        waiting = threading.Thread(target=wait)
+        try:
+            waiting.start()
+            deadline = time.monotonic() + DEADLINE
+            while "ntp_probe_probes_in_flight 1.0" not in e.get("/metrics")[2]:
+                assert time.monotonic() < deadline, "the probe never started"
+                time.sleep(0.02)  # poll interval, bounded by the deadline
+            status, _, body = e.get(f"/probe?target={target}&module=ntp")
+            assert status == 503, body
+            assert body == ("too many probes in flight (1: --probe.max-concurrent=8, held "
+                            "below --web.max-connections=2)\n")
+        finally:
+            stop_process(e.proc)
+            waiting.join(timeout=DEADLINE)
+
+
 def test_several_listen_addresses(tmp_path: Path) -> None:
     other = free_tcp_port()
     e = start_exporter(tmp_path, (f"--web.listen-address=[::1]:{other}",
