@@ -223,8 +223,10 @@ async def probe_handler(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    """GET /metrics: the exporter's internals."""
-    return _exposition(request, request.app[STATE].internals.render())
+    """GET /metrics: the exporter's internals, rendered off the event loop: each module
+    has 19 series, and thousands of modules take a second to render, which probes in
+    flight would otherwise wait out (and read as their servers' timeouts)."""
+    return _exposition(request, await asyncio.to_thread(request.app[STATE].internals.render))
 
 
 def _exposition(request: web.Request, body: bytes) -> web.Response:

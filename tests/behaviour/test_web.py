@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import threading
 import time
 from collections.abc import Callable
 
@@ -288,6 +289,22 @@ async def test_failing_probe_has_one_failure_series(
         assert value(body, "probe_ntp_kiss_code_info", code="DENY") == 1
     if reason == "kod_other":
         assert value(body, "probe_ntp_kiss_code_info", code='A"\\Z') == 1
+
+
+async def test_metrics_are_rendered_off_the_event_loop(client: Client, state: State) -> None:
+    # Thousands of modules' series take a second to render: probes in flight must not wait.
+    rendered_on: list[int] = []
+
+    class Spy:
+        def collect(self) -> list[object]:
+            rendered_on.append(threading.get_ident())
+            return []
+
+    state.internals.registry.register(Spy())  # type: ignore[arg-type]
+    rendered_on.clear()  # registering collects once, to describe it
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    assert rendered_on and threading.get_ident() not in rendered_on
 
 
 async def test_metrics_endpoint(client: Client, fake_ntp: FakeNTPServer) -> None:
