@@ -21,7 +21,7 @@ from ntp_probe.cli import check, logs, output, report
 from ntp_probe.cli.entry import EarlyHangup
 from ntp_probe.cli.flags import Parser, env_name, flag, number, positive_float, seconds
 from ntp_probe.cli.probe import probe
-from ntp_probe.config.load import leapfile_warning, load_config
+from ntp_probe.config.load import config_warnings, load_config
 from ntp_probe.config.schema import Config, ConfigError
 from ntp_probe.engine.context import ProbeLog
 
@@ -166,8 +166,7 @@ def _load(path: str | None, *, serving: bool = True) -> Config | None:
             logger.error("invalid configuration: %s", line)
         return None
     # For the exporter and --config.check; an ad-hoc probe's leap verdict says it itself.
-    warning = leapfile_warning(config, time.time()) if serving else None
-    if warning is not None:
+    for warning in config_warnings(config, time.time()) if serving else ():
         logger.warning("%s", warning)
     return config
 

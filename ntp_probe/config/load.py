@@ -531,6 +531,29 @@ def leapfile_warning(config: Config, now: float) -> str | None:
             "current file is loaded (update tzdata, or the file named by leapfile:)")
 
 
+def config_warnings(config: Config, now: float) -> list[str]:
+    """What is odd in a configuration that loads: the leap file's (see
+    :func:`leapfile_warning`), and modules whose burst can never be sent whole."""
+    warnings = [w for w in (leapfile_warning(config, now),) if w is not None]
+    for module in config.modules.values():
+        spec = PROBERS[module.prober]
+        room = _reply_room(module)
+        if room is None or "ntp" not in spec.settings or "samples" in spec.ntp_keys_unused:
+            continue
+        s = module.ntp
+        need = (s.samples - 1) * s.sample_interval + room
+        if s.samples > 1 and module.timeout < need:
+            # Loads, as a scrape-timeout header may shorten any burst; but this one is
+            # always short, which is likely a unit mixed up (10m for 10ms).
+            fits = 1 + int((module.timeout - room) // s.sample_interval)
+            warnings.append(
+                f"module {module.name!r}: {s.samples} samples every "
+                f"{format_duration(s.sample_interval)} need at least {need:.2f}s, "
+                f"more than its timeout of {format_duration(module.timeout)}: every burst "
+                f"sends at most {fits} (ntp.samples, ntp.sample_interval, timeout)")
+    return warnings
+
+
 def _parse_leapfile(raw: Mapping[str, Any], base: str,
                     problems: _Problems) -> tuple[str, LeapFile | None]:
     """The leap file in use: the one named (relative to the config file's directory), or

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from ntp_probe.config.load import config_to_yaml, leapfile_warning, load_config, module_to_dict
+from ntp_probe.config.load import config_to_yaml, config_warnings, load_config, module_to_dict
 from ntp_probe.config.schema import Config, ConfigError, Module
 from ntp_probe.engine.context import ProbeLog
 from ntp_probe.engine.coordinator import Coordinator
@@ -158,8 +158,7 @@ class State:
             self.internals.use_leapfile(config.leapfile)
             logger.info("reloaded %d module%s from %s", len(config.modules),
                         "" if len(config.modules) == 1 else "s", config.source)
-            warning = leapfile_warning(config, time.time())
-            if warning is not None:
+            for warning in config_warnings(config, time.time()):
                 logger.warning("%s", warning)
             return None
 

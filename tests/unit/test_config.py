@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ntp_probe.config.load import config_to_yaml, load_config, parse_config
+from ntp_probe.config.load import config_to_yaml, config_warnings, load_config, parse_config
 from ntp_probe.config.schema import (
     SUN_PATH_MAX,
     UNIX_REPLY_NAME_MAX,
@@ -53,6 +53,27 @@ def test_packaged_default_modules() -> None:
     cfg = load_config(None)
     assert cfg.source == "packaged default"
     assert {"ntp", "ntp_fast", "local"} <= set(cfg.modules)
+
+
+@pytest.mark.parametrize(("prober", "samples", "interval", "warned"), [
+    ("ntp", 4, "10m", "every burst sends at most 1"),  # 10m for 10ms: loads, but warned
+    ("ntp_group", 5, "1s", "every burst sends at most 2"),
+    ("ntp", 3, "900ms", None),  # 1.8 s and the reply's window fit 2 s
+    ("chrony", 9, "1h", None),  # its ntp block is not read
+])
+def test_a_burst_that_can_never_be_sent_whole_is_warned_about(
+        prober: str, samples: int, interval: str, warned: str | None) -> None:
+    block = "" if prober == "chrony" else (
+        f"    ntp: {{samples: {samples}, sample_interval: {interval}}}\n")
+    config = parse_config(f"modules:\n  m:\n    prober: {prober}\n    timeout: 2s\n{block}",
+                          "t")
+    warnings = config_warnings(config, 0)
+    if warned is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warned in warnings[0], warnings
+        assert f"{samples} samples every {interval}" in warnings[0]
+    assert config_warnings(load_config(None), 0) == []  # the packaged modules: none
 
 
 def test_packaged_ntp_module_matches_design() -> None:
