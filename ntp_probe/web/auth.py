@@ -413,6 +413,11 @@ def _tls(raw: dict[str, Any], base: Path) -> _TLSFiles | None:
     for key in raw:
         if key not in _TLS_KEYS:
             raise WebConfigError(f"tls_server_config.{key}: unknown or unsupported key")
+    if not any(raw.get(k) for k in ("cert_file", "key_file", "client_ca_file",
+                                    "client_auth_type")):
+        # As exporter-toolkit: no certificate, key or client check named is no TLS at all
+        # (a template that leaves the paths empty serves plain HTTP), whatever else is set.
+        return None
     if "cert_file" not in raw or "key_file" not in raw:
         raise WebConfigError("tls_server_config: cert_file and key_file are both required")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -462,17 +467,19 @@ def _tls(raw: dict[str, Any], base: Path) -> _TLSFiles | None:
         # who set one believes it does.
         raise WebConfigError("tls_server_config.client_ca_file: set without a client_auth_type "
                              "that checks client certificates (e.g. RequireAndVerifyClientCert)")
+    ca_file = None
     if _CLIENT_AUTH[auth] != ssl.CERT_NONE:
-        if "client_ca_file" not in raw:
-            raise WebConfigError(f"tls_server_config.client_ca_file: required for {auth}")
-        ca_file = _path(base, raw["client_ca_file"], "tls_server_config.client_ca_file")
-        why = ca_file_problem(ca_file)  # as the NTS ca_file: a CRL alone trusts nothing
-        if why is not None:
-            raise WebConfigError(f"tls_server_config.client_ca_file: {why}")
-        ctx.load_verify_locations(ca_file)
+        if raw.get("client_ca_file"):
+            ca_file = _path(base, raw["client_ca_file"], "tls_server_config.client_ca_file")
+            why = ca_file_problem(ca_file)  # as the NTS ca_file: a CRL alone trusts nothing
+            if why is not None:
+                raise WebConfigError(f"tls_server_config.client_ca_file: {why}")
+            ctx.load_verify_locations(ca_file)
+        else:
+            # As Go's TLS server with no ClientCAs: client certificates are checked
+            # against the system's trusted roots.
+            ctx.load_default_certs(ssl.Purpose.CLIENT_AUTH)
         ctx.verify_mode = _CLIENT_AUTH[auth]
-    else:
-        ca_file = None
     files = _TLSFiles(ctx, dict(raw), base, cert, key, ca_file)
     files.signature = _signature(files.paths)
     return files
@@ -523,6 +530,8 @@ def load_web_config(path: str | None) -> WebConfig:
             hint = f": did you mean {canonical!r}?" if canonical is not None else ""
             raise WebConfigError(f"http_server_config.headers: {name!r} cannot be configured "
                                  f"(one of {', '.join(_HEADERS.values())}){hint}")
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 9:
+            value = str(value)  # X-XSS-Protection: 0, as Go's YAML reads it into text
         if not isinstance(value, str):  # YAML read off as 90 for 1:30, False for off
             raise WebConfigError(f"http_server_config.headers.{name}: expected text, got "
                                  f"{value!r}: quote the value")

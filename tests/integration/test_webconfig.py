@@ -595,11 +595,6 @@ MORE_BAD_WEB_CONFIGS = {
         "tls_server_config:\n  cert_file: cert.pem\n  key_file: cert.pem\n",
         "tls_server_config",
     ),
-    "client-auth-without-ca": (
-        "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n"
-        "  client_auth_type: RequireAndVerifyClientCert\n",
-        "tls_server_config.client_ca_file",
-    ),
     # exporter-toolkit refuses it too: a CA file alone would check no client certificate.
     "client-ca-without-client-auth": (
         "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n"
@@ -813,6 +808,22 @@ def test_an_empty_client_auth_type_is_no_client_cert(pki: Pki) -> None:
                     "  client_auth_type: ''\n")
     context = load_web_config(str(path)).ssl_context
     assert context is not None and context.verify_mode == ssl.CERT_NONE
+
+
+def test_files_exporter_toolkit_accepts_load(pki: Pki) -> None:
+    # Empty paths (a template's): no TLS at all, plain HTTP, whatever else the block says.
+    path = pki.dir / "empty-paths.yml"
+    path.write_text("tls_server_config:\n  cert_file: ''\n  key_file: ''\n"
+                    "  min_version: TLS13\n")
+    assert load_web_config(str(path)).ssl_context is None
+    # A client check without client_ca_file: Go's server checks against the system roots.
+    path.write_text("tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n"
+                    "  client_auth_type: RequireAndVerifyClientCert\n")
+    context = load_web_config(str(path)).ssl_context
+    assert context is not None and context.verify_mode == ssl.CERT_REQUIRED
+    # OWASP's advice, X-XSS-Protection: 0, unquoted: text to Go's YAML as here.
+    path.write_text("http_server_config:\n  headers: {X-XSS-Protection: 0}\n")
+    assert load_web_config(str(path)).headers == {"X-XSS-Protection": "0"}
 
 
 def test_only_min_version_is_no_conflict(pki: Pki) -> None:
