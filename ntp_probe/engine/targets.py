@@ -108,6 +108,8 @@ def _why_not_a_name(host: str) -> str:
             return "looks like an abbreviated IPv4 address: write all four numbers, a.b.c.d"
         if len(numbers) > 4:
             return "an IPv4 address has four numbers"
+        if host.endswith(".") and all(n.isdigit() and int(n) <= 255 for n in numbers):
+            return "an IPv4 address has no trailing dot"
         return "not an IPv4 address: each of the four numbers is 0-255"
     if len(host.rstrip(".")) > 253:
         return "a host name has at most 253 characters"

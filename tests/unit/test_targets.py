@@ -73,6 +73,7 @@ def test_parse_target_valid(raw: str, host: str, port: int | None, text: str) ->
         ("1.2.3.4.5", "an IPv4 address has four numbers"),
         ("1.2.3", "abbreviated IPv4 address"),
         ("999.1.1.1", "each of the four numbers is 0-255"),
+        ("127.0.0.1.", "an IPv4 address has no trailing dot"),
         ("1234", "abbreviated IPv4 address"),
         ("host:12:34", "not an IPv6 address (a host with a port is host:port)"),
         ("2001:db8::g", "not an IPv6 address"),
