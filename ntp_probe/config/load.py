@@ -256,10 +256,13 @@ def _parse_module(name: str, raw: object, problems: _Problems,
                         f" (known: {', '.join(PROBERS)})"))
         return None
     description = raw.get("description", "")
-    if not isinstance(description, str) or "\n" in description.strip() \
+    # Printable, as module names: a carriage return, a terminal escape or a bidi override
+    # would reach the landing page, /config and logs.
+    if not isinstance(description, str) or not description.strip().isprintable() \
             or len(description) > _MAX_DESCRIPTION:
         problems.add(_at(raw, "description"), f"{where}.description",
-                     f"expected one line of text (at most {_MAX_DESCRIPTION} characters)")
+                     f"expected one line of printable text (at most {_MAX_DESCRIPTION} "
+                     "characters)")
         description = ""
     blocks: dict[str, Any] = {}
     for block, cls in BLOCKS.items():

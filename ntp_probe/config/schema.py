@@ -43,6 +43,9 @@ def parse_duration(value: object, key: str) -> float:
     if isinstance(value, (int, float)):
         if value == 0:
             return 0.0
+        if value < 0 or value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{key}: expected a duration like 10s or 500ms, got "
+                              f"{show(value)}")
         raise ConfigError(f"{key}: duration {show(value)} needs a unit (e.g. {value}s)")
     text = value.strip()
     if text == "0":

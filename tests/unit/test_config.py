@@ -185,6 +185,19 @@ def test_parse_duration_invalid(value: object) -> None:
 def test_numeric_duration_error_suggests_unit() -> None:
     with pytest.raises(ConfigError, match="needs a unit"):
         parse_duration(5, "k")
+    for value in (-5, float("inf"), float("nan")):  # no unit would make them durations
+        with pytest.raises(ConfigError, match="expected a duration like 10s") as exc:
+            parse_duration(value, "k")
+        assert "needs a unit" not in str(exc.value)
+
+
+@pytest.mark.parametrize("description", ["a\\rb", "a\\e[31mb", "a\\u202eb", "a\\u2028b"])
+def test_a_description_is_one_line_of_printable_text(description: str) -> None:
+    # It reaches the landing page, /config and logs: no carriage return, terminal escape
+    # or bidi override.
+    with pytest.raises(ConfigError, match="one line of printable text"):
+        parse_config(f'modules:\n  m:\n    prober: ntp\n    description: "{description}"\n',
+                     "t")
 
 
 @pytest.mark.parametrize(
