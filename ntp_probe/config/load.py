@@ -127,6 +127,25 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_constructor("tag:yaml.org,2002:map", _Loader.construct_mapping)
 
 
+def _no_base_60(kind: str) -> Any:
+    base = getattr(yaml.SafeLoader, f"construct_yaml_{kind}")
+
+    def construct(loader: _Loader, node: Any) -> Any:
+        # YAML 1.1 reads 1:23 as 83 (base 60); Go's YAML, which blackbox reads its files
+        # with, refuses it for a number: a port or count silently misread is worse.
+        if ":" in str(node.value):
+            raise yaml.MarkedYAMLError(None, None, f"{node.value!r} is a base-60 number in "
+                                       "YAML 1.1 (1:23 reads as 83): quote it if text is "
+                                       "meant", node.start_mark)
+        return base(loader, node)
+
+    return construct
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _no_base_60("int"))
+_Loader.add_constructor("tag:yaml.org,2002:float", _no_base_60("float"))
+
+
 def _position(mark: Any) -> Position:
     return Position(mark.line + 1, mark.column + 1)
 

@@ -624,8 +624,8 @@ MORE_BAD_WEB_CONFIGS = {
     "header-name-not-a-token": ('http_server_config:\n  headers: {"X Bad": a}\n',
                                 "http_server_config.headers"),
     "header-value-not-text": (
-        "http_server_config:\n  headers: {Strict-Transport-Security: 1:30}\n",
-        "http_server_config.headers.Strict-Transport-Security: expected text, got 90"),
+        "http_server_config:\n  headers: {Strict-Transport-Security: off}\n",
+        "http_server_config.headers.Strict-Transport-Security: expected text, got False"),
     # exporter-toolkit's list: a Content-Length set here would cut every response short.
     "header-not-configurable": ('http_server_config:\n  headers: {Content-Length: "5"}\n',
                                 "http_server_config.headers: 'Content-Length' cannot be"),

@@ -191,6 +191,15 @@ def test_numeric_duration_error_suggests_unit() -> None:
         assert "needs a unit" not in str(exc.value)
 
 
+@pytest.mark.parametrize("value", ["1:23", "1:30.5"])
+def test_a_base_60_number_is_refused_not_misread(value: str) -> None:
+    # YAML 1.1 reads 1:23 as 83; Go's YAML (blackbox's) refuses it for a number.
+    with pytest.raises(ConfigError, match=f"'{value}' is a base-60 number"):
+        parse_config(f"modules:\n  m:\n    prober: ntp\n    ntp: {{port: {value}}}\n", "t")
+    assert parse_config('modules:\n  m:\n    prober: ntp\n    ntp: {port: 123}\n',
+                        "t").modules["m"].ntp.port == 123
+
+
 @pytest.mark.parametrize("description", ["a\\rb", "a\\e[31mb", "a\\u202eb", "a\\u2028b"])
 def test_a_description_is_one_line_of_printable_text(description: str) -> None:
     # It reaches the landing page, /config and logs: no carriage return, terminal escape
