@@ -578,14 +578,14 @@ def test_daemon_jobs_read_chronyd_and_ntpd(stack: Stack) -> None:
 
 
 def test_migration_relabel_renames_to_legacy_names(stack: Stack) -> None:
-    drift = present(stack.prom_base, 'ntp_drift_seconds{job="ntp_legacy_sapcc"}')
+    drift = present(stack.prom_base, 'ntp_drift_seconds{job="legacy_sapcc"}')
     assert [r["metric"]["server"] for r in drift] == [stack.chronyd.target]
     assert abs(value_of(drift[0])) < 0.01
     for name, want in (("ntp_server_reachable", 1), ("ntp_stratum", 8), ("ntp_leap", 0)):
-        got = present(stack.prom_base, f'{name}{{job="ntp_legacy_sapcc"}}')
+        got = present(stack.prom_base, f'{name}{{job="legacy_sapcc"}}')
         assert [value_of(r) for r in got] == [want], name
-    assert present(stack.prom_base, 'ntp_root_distance_seconds{job="ntp_legacy_sapcc"}')
-    assert not series(stack.prom_base, 'probe_ntp_offset_seconds{job="ntp_legacy_sapcc"}')
+    assert present(stack.prom_base, 'ntp_root_distance_seconds{job="legacy_sapcc"}')
+    assert not series(stack.prom_base, 'probe_ntp_offset_seconds{job="legacy_sapcc"}')
 
     for name, want in (("node_ntp_sanity", 1), ("node_ntp_stratum", 8), ("node_ntp_leap", 0)):
         got = present(stack.prom_base, f'{name}{{job="node_ntp_legacy"}}')
