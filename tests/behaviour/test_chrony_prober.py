@@ -258,6 +258,23 @@ def entries(directory: Path) -> list[str]:
 # --- tests ----------------------------------------------------------------------------------
 
 
+async def test_an_unanswered_sourcestats_leaves_only_its_statistics_out(
+        fake: FakeCommandPort) -> None:
+    # chronyd's cmdratelimit dropping a SOURCESTATS (and its retry): chronyc's sources never
+    # asks for it, and neither the verdict nor the counts read it.
+    fake.behaviour = lambda req: [] if (req.command, req.index) == (SOURCESTATS, 0) else [
+        (fake.chronyd.answer(req), 0.0)]
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module(min_candidates=2))
+    assert m.failure is None, log.text()
+    assert "sourcestats of source 0: no answer, left out" in log.text()
+    assert value(m, "probe_chrony_sources", state="sync") == 1
+    assert value(m, "probe_chrony_sources", state="candidate") == 1
+    assert label_sets(m, "probe_chrony_sourcestats_samples") == [{"source": "192.0.2.2"}]
+    assert {"command": "sourcestats", "status": "timeout"} in label_sets(
+        m, "probe_chrony_command_status_info")
+    assert (SERVER_STATS, None) in fake.commands()
+
+
 async def test_healthy_daemon_is_reported_as_chronyc_shows_it(fake: FakeCommandPort) -> None:
     m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
     assert m.failure is None, log.text()
