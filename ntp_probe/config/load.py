@@ -152,6 +152,9 @@ def _position(mark: Any) -> Position:
 
 # --- problems ------------------------------------------------------------------------
 
+_MAX_PATH_SHOWN = 200  # characters of a key's path shown in a problem's line
+
+
 class _Problems:
     """The errors found so far, each with where it is."""
 
@@ -164,6 +167,10 @@ class _Problems:
             f"{self.source}:{position.line}:{position.column}"
         # One line each, however the file spells its keys (a quoted key may hold a newline):
         # a log record or check's status line per problem, not a fragment without a place.
+        # A key of 20,000 characters is shown by its ends: the line stays a line.
+        if len(path) > _MAX_PATH_SHOWN:
+            half = _MAX_PATH_SHOWN // 2
+            path = f"{path[:half]}...({len(path) - 2 * half} characters)...{path[-half:]}"
         self.lines.append(visible(f"{where}: {path + ': ' if path else ''}{message}"))
 
     def raise_if_any(self) -> None:

@@ -191,6 +191,16 @@ def test_numeric_duration_error_suggests_unit() -> None:
         assert "needs a unit" not in str(exc.value)
 
 
+def test_a_huge_unknown_key_is_shown_by_its_ends() -> None:
+    # A 20,000-character key must not make a 20 KB log line or reload answer.
+    key = "k" + "x" * 20_000 + "z"
+    with pytest.raises(ConfigError) as exc:
+        parse_config(f"modules:\n  m:\n    prober: ntp\n    ? {key}\n    : 1\n", "t")
+    line = str(exc.value)
+    assert len(line) < 600 and "unknown key" in line, line
+    assert "modules.m.kxxx" in line and "xxxz: unknown key" in line and "characters)" in line
+
+
 @pytest.mark.parametrize("value", ["1:23", "1:30.5"])
 def test_a_base_60_number_is_refused_not_misread(value: str) -> None:
     # YAML 1.1 reads 1:23 as 83; Go's YAML (blackbox's) refuses it for a number.
