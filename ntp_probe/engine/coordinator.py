@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,6 +97,9 @@ MAX_ORPHANED_BURSTS = 64
 # budget none of them fits. Beyond that a request joins what is there, so that requests
 # with ever other scrape-timeout headers cannot multiply the packets a server gets.
 _MAX_FLIGHTS = 2
+# The least time left with which a request handed a cut-short burst probes again: the
+# shortest reply window and the probe's own margins (less could send nothing).
+_LOOK_AGAIN = 0.1
 
 
 def _joinable(flights: list[_Flight], module: Module, config: Config, now: float,
@@ -210,9 +214,10 @@ class Coordinator:
         return sum(len(flights) for flights in self._flights.values())
 
     async def probe(self, config: Config, module: Module, target: Target,
-                    timeout: float) -> Outcome:
+                    timeout: float, *, again: bool = True) -> Outcome:
         """Probe ``target`` with ``module`` within ``timeout`` seconds (a request cancelled
-        before its answer is told to :attr:`on_request_cancelled`)."""
+        before its answer is told to :attr:`on_request_cancelled`). ``again``: whether a
+        request handed a burst another's shorter budget cut short may look again."""
         # Keyed by the canonical target and the port it means, spelled out or not (a name
         # and its address are two keys); a reload that left the module, the policy, the
         # groups and the leap file as they were keeps its entries (they compare by value).
@@ -316,7 +321,12 @@ class Coordinator:
             # out (a timeout, a key exchange cut off): this request's budget might have had
             # the answer. Not the server's verdict, nor this request's. (One that failed
             # well within its budget, a group's no_majority of members that all answered,
-            # is a verdict, passed on.)
+            # is a verdict, passed on.) That burst is over: with time left, look again
+            # (a burst of its own fits the limit now), once; else local_error.
+            left = timeout - (loop.time() - now)
+            if again and left >= _LOOK_AGAIN:
+                retried = await self.probe(config, module, target, left, again=False)
+                return dataclasses.replace(retried, waited=loop.time() - now)
             result = _cut_short(result, flight.timeout, timeout)
             log = ProbeLog(str(target), module.name)
             log(f"{result.failure_detail}: local_error")
