@@ -428,6 +428,8 @@ def create_app(state: State, guard: ConnectionGuard | None = None) -> web.Applic
                           ("/-/healthy", healthy_handler), ("/-/ready", healthy_handler),
                           ("/config", config_handler), ("/logs", logs_handler),
                           ("/", index_handler)):
-        app.router.add_get(path, _served(handler, guard, handler is probe_handler))
+        # Any method, as Go's handlers (blackbox registers these with HandleFunc): a POST
+        # to /probe runs the probe; only /-/reload asks for one method.
+        app.router.add_route("*", path, _served(handler, guard, handler is probe_handler))
     app.router.add_post("/-/reload", _served(reload_handler, guard))
     return app

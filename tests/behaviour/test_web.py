@@ -307,6 +307,19 @@ async def test_metrics_are_rendered_off_the_event_loop(client: Client, state: St
     assert rendered_on and threading.get_ident() not in rendered_on
 
 
+@pytest.mark.parametrize("method", ["POST", "PUT"])
+async def test_any_method_is_served_but_reloads(client: Client, fake_ntp: FakeNTPServer,
+                                                method: str) -> None:
+    # As Go's handlers (blackbox registers them with HandleFunc): a POST to /probe probes.
+    resp = await client.request(method, "/probe",
+                                params={"target": fake_ntp.target, "module": "ntp"})
+    assert resp.status == 200
+    assert value(await resp.text(), "probe_success") == 1
+    assert (await client.request(method, "/metrics")).status == 200
+    assert (await client.request(method, "/-/healthy")).status == 200
+    assert (await client.get("/-/reload")).status == 405  # only it asks for one method
+
+
 async def test_metrics_endpoint(client: Client, fake_ntp: FakeNTPServer) -> None:
     resp = await client.get("/probe", params={"target": fake_ntp.target, "module": "burst"})
     assert resp.status == 200

@@ -264,7 +264,7 @@ def test_configured_headers_are_on_the_routers_answers_too(tls_server: Server) -
     missing = tls_server.get("/no-such-page", basic(USER, PASSWORD))
     assert missing.status == 404
     assert_headers(missing)
-    not_allowed = tls_server.get("/metrics", basic(USER, PASSWORD), method="POST")
+    not_allowed = tls_server.get("/-/reload", basic(USER, PASSWORD))
     assert not_allowed.status == 405
     assert_headers(not_allowed)
 
