@@ -178,6 +178,10 @@ _MIN_TIME = dt.datetime(1970, 1, 2, tzinfo=dt.UTC)
 _MAX_TIME = dt.datetime(9999, 1, 1, tzinfo=dt.UTC)
 
 
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}"
+                      r"(?:[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})?)?")
+
+
 @dataclass(frozen=True, slots=True)
 class Time:
     """An RFC 3339 time, as Unix seconds."""
@@ -189,10 +193,17 @@ class Time:
         elif isinstance(value, dt.date):
             stamp = dt.datetime(value.year, value.month, value.day)
         elif isinstance(value, str):
+            # RFC 3339 (its T and Z in either case; no offset is UTC, as YAML reads an
+            # unquoted time), or a date alone; not the other forms fromisoformat takes
+            # (week dates, the basic format, minutes without seconds).
+            text = value.strip()
             try:
-                stamp = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+                if not _RFC3339.fullmatch(text):
+                    raise ValueError
+                stamp = dt.datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
             except ValueError:
-                raise ConfigError(f"{key}: invalid RFC 3339 time {show(value)}") from None
+                raise ConfigError(f"{key}: invalid RFC 3339 time {show(value)} (e.g. "
+                                  "2024-01-01T00:00:00Z)") from None
         else:
             raise ConfigError(f"{key}: expected an RFC 3339 time, got {show(value)}")
         if stamp.tzinfo is None:

@@ -301,6 +301,10 @@ def test_unknown_ntp_key_names_full_path() -> None:
         ("reply_timeout: 0s", "reply_timeout"),
         ("min_plausible_time: yesterday", "min_plausible_time"),
         ("min_plausible_time: 1704067200", "min_plausible_time"),
+        # ISO 8601 forms that are not RFC 3339.
+        ("min_plausible_time: '2024-W01-1'", "min_plausible_time"),
+        ("min_plausible_time: '20240101T000000Z'", "min_plausible_time"),
+        ("min_plausible_time: '2024-01-01T00:00'", "min_plausible_time"),
     ],
 )
 def test_bad_ntp_values_name_the_key(line: str, key: str) -> None:
@@ -329,7 +333,8 @@ def test_int_range_bounds_accepted(line: str, value: int) -> None:
 @pytest.mark.parametrize(
     "value",
     ["2024-01-01T00:00:00Z", "2024-01-01", "'2024-01-01T00:00:00+00:00'",
-     "'2024-01-01T01:00:00+01:00'", "'2024-01-01T00:00:00'"],
+     "'2024-01-01T01:00:00+01:00'", "'2024-01-01T00:00:00'",
+     "'2024-01-01t00:00:00z'"],  # RFC 3339 allows T and Z in lower case
 )
 def test_min_plausible_time_forms(value: str) -> None:
     cfg = parse(module_yaml(f"      min_plausible_time: {value}\n"))
