@@ -153,7 +153,10 @@ def parse_listen(address: str) -> tuple[str | None, int]:
                          "an IPv6 host in brackets)")
     if bracketed:
         host = host[1:-1]
-    return (host or None), int(port_text)
+    # A wildcard of either family is every address of both, as Go listens on one (a
+    # dual-stack socket): [::] alone would leave IPv4 scrapers out, and on a host without
+    # IPv6 serve no one.
+    return (None if host in ("", "0.0.0.0", "::") else host), int(port_text)
 
 
 def systemd_sockets() -> list[socket.socket]:

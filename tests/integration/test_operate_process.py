@@ -661,6 +661,17 @@ def test_a_503_names_the_limit_the_exporter_applies(tmp_path: Path) -> None:
             waiting.join(timeout=DEADLINE)
 
 
+def test_an_ipv6_wildcard_listen_address_serves_ipv4_too(tmp_path: Path) -> None:
+    # As Go listens on [::] (dual stack): an IPv4 scraper of [::]:PORT is served.
+    other = free_tcp_port()
+    e = start_exporter(tmp_path, (f"--web.listen-address=[::]:{other}",))
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{other}/-/healthy", timeout=5) as resp:
+            assert resp.status == 200
+    finally:
+        stop_process(e.proc)
+
+
 def test_several_listen_addresses(tmp_path: Path) -> None:
     other = free_tcp_port()
     e = start_exporter(tmp_path, (f"--web.listen-address=[::1]:{other}",

@@ -135,9 +135,10 @@ def test_listen_addresses_from_the_variable(monkeypatch: pytest.MonkeyPatch, env
 
 @pytest.mark.parametrize(("address", "parsed"), [
     (":9559", (None, 9559)),
-    ("0.0.0.0:9559", ("0.0.0.0", 9559)),
+    # Wildcards of either family are every address, as Go listens on them (dual stack).
+    ("0.0.0.0:9559", (None, 9559)),
     ("[::1]:9559", ("::1", 9559)),
-    ("[::]:0", ("::", 0)),
+    ("[::]:0", (None, 0)),
     ("localhost:80", ("localhost", 80)),
 ])
 def test_listen_addresses(address: str, parsed: tuple[str | None, int]) -> None:
