@@ -402,12 +402,16 @@ def _unmapped(resolved: Resolved) -> Resolved:
 
 @functools.lru_cache(maxsize=4096)
 def literal(host: str) -> Resolved | None:
-    """An IP literal as a :class:`Resolved` (used as given, whatever the preference), else
+    """An IP literal as a :class:`Resolved` (an IPv4-mapped one as its IPv4 address), else
     None. Cached: scrapes repeat the same targets, and parsing an address is not free."""
     try:
         ip = ip_address(host.split("%", 1)[0])
     except ValueError:
         return None
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        # IPv4 carried as IPv6 is IPv4, as Go (blackbox) reads it: probe_ip_protocol 4, and
+        # a module without fallback to IPv4 does not probe it.
+        return Resolved(str(ip.ipv4_mapped), socket.AF_INET, cached=False)
     return Resolved(host, socket.AF_INET6 if ip.version == 6 else socket.AF_INET, cached=False)
 
 

@@ -72,9 +72,23 @@ async def prepare(target: Target, port: int, ctx: ProbeContext, *, preferred: st
             return None
     else:
         ctx.measurement.add(common.DNS_LOOKUP, time.perf_counter() - started)
+        if not fallback and resolved.family != FAMILIES[preferred]:
+            _not_of_family(target, preferred, ctx)
+            return None
     ctx.log(f"resolved {target.host} -> {resolved.address}"
             f"{' (cached)' if resolved.cached else ''}")
     return resolved if admit(target, resolved, port, ctx) else None
+
+
+def _not_of_family(target: Target, preferred: str, ctx: ProbeContext) -> None:
+    """An address literal of the other family with ip_protocol_fallback off: a resolve
+    failure with no address, as blackbox's ("unable to find ip; no fallback")."""
+    why = (f"{target.host} is not an {preferred} address, and ip_protocol_fallback is off "
+           "(the module probes that family only)")
+    ctx.log(f"resolve {target.host}: {why}")
+    ctx.measurement.add(common.IP_PROTOCOL, 0)
+    ctx.measurement.add(common.IP_ADDR_HASH, 0)
+    ctx.measurement.fail(Reason.RESOLVE, why)
 
 
 async def _looked_up(target: Target, ctx: ProbeContext, lookup: Coroutine[Any, Any, _T],
@@ -159,7 +173,7 @@ async def prepare_all(target: Target, ctx: ProbeContext, limit: int, until: floa
 
     The preferred family comes first, so that ``limit`` keeps its addresses; without
     ``fallback`` only its addresses are probed, as blackbox uses only them (an IP literal
-    is used as given, whatever the preference)."""
+    of the other family fails, as in blackbox)."""
     if refused(ctx, ctx.guard.refuse(target.host)):
         return None
     family = FAMILIES[preferred]
@@ -169,9 +183,12 @@ async def prepare_all(target: Target, ctx: ProbeContext, limit: int, until: floa
         target.host, family=None if fallback else family, log=ctx.log), until)
     if found is None:
         return None
-    if literal(target.host) is None and not fallback:
+    if not fallback:
         skipped = [r for r in found if r.family != family]
         found = [r for r in found if r.family == family]
+        if not found and literal(target.host) is not None:
+            _not_of_family(target, preferred, ctx)
+            return None
         if not found:
             ctx.log(f"resolve {target.host}: no {preferred} address "
                     f"(ip_protocol_fallback is off; {len(skipped)} of the other family)")

@@ -300,3 +300,21 @@ async def test_quiet_check_spares_a_name_one_of_whose_addresses_answered(
     args = (check.Range.upto(0.01), check.Range.upto(0.05))
     assert check.evaluate("mixed.test", module, result, *args, quiet=True)[0] == 3
     assert check.evaluate("mixed.test", module, result, *args)[0] == 2
+
+
+@pytest.mark.parametrize("all_addresses", [False, True])
+@pytest.mark.parametrize(("target", "preferred"), [
+    ("127.0.0.1", "ip6"), ("::1", "ip4"), ("::ffff:127.0.0.1", "ip6")])
+async def test_without_fallback_a_literal_of_the_other_family_fails_as_in_blackbox(
+        fake_ntp: FakeNTPServer, all_addresses: bool, target: str, preferred: str) -> None:
+    # blackbox: "unable to find ip; no fallback", ip_protocol and hash 0; nothing sent.
+    module = make_module(all_addresses=all_addresses, preferred_ip_protocol=preferred,
+                         ip_protocol_fallback=False)
+    result, log = await probe(Target(target, fake_ntp.port), module)
+    assert result.failure == "resolve", log.text()
+    assert f"is not an {preferred} address, and ip_protocol_fallback is off" in (
+        result.failure_detail or "")
+    assert value(result, "probe_ip_protocol") == 0
+    assert value(result, "probe_ip_addr_hash") == 0
+    await fake_ntp.drain()
+    assert fake_ntp.requests == []
