@@ -433,11 +433,14 @@ async def resolve(host: str, preferred: str = "ip6", fallback: bool = True,
     address is IPv4 (replies come from the IPv4 address), so a module that wants IPv6
     only never probes one.
 
-    IP literals are used as given, whatever the preference. Raises :class:`ResolveError`
-    with the resolver's own words for why.
+    IP literals are used as given, but one of the other family without fallback (as in
+    blackbox). Raises :class:`ResolveError` with the resolver's own words for why.
     """
     resolved = literal(host)
     if resolved is not None:
+        if not fallback and resolved.family != FAMILIES[preferred]:
+            raise ResolveError(f"{host} is not an {preferred} address, and "
+                               "ip_protocol_fallback is off", no_address=True)
         return resolved
     resolver = resolver or default_resolver()
     family, other = _families(FAMILIES[preferred])

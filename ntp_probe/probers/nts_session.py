@@ -427,7 +427,7 @@ async def _ntp_server(session_server: str | None, ke_address: Resolved, ctx: Pro
     if common.refused(ctx, ctx.guard.refuse(session_server)):
         return None
     try:
-        async with asyncio.timeout_at(until):  # an address literal is used as given
+        async with asyncio.timeout_at(until):  # a literal too, by the module's family
             return await resolve(session_server.rstrip("."), settings.preferred_ip_protocol,
                                  settings.ip_protocol_fallback)
     except (ResolveError, TimeoutError) as exc:

@@ -454,3 +454,13 @@ async def test_an_ipv4_mapped_answer_is_ipv4() -> None:
     assert (got.address, got.family) == ("192.0.2.9", socket.AF_INET)
     assert [(r.address, r.family) for r in await resolve_all("mapped.test", resolver)] == [
         ("192.0.2.9", socket.AF_INET)]
+
+
+async def test_a_literal_of_the_other_family_without_fallback_is_no_address() -> None:
+    # As blackbox: an NTS key exchange's server record, resolved here, obeys the module too.
+    for host, preferred in (("127.0.0.1", "ip6"), ("::1", "ip4"), ("::ffff:127.0.0.1", "ip6")):
+        with pytest.raises(ResolveError) as exc:
+            await resolve(host, preferred, fallback=False)
+        assert exc.value.no_address and "ip_protocol_fallback is off" in str(exc.value)
+        assert (await resolve(host, preferred, fallback=True)).address == host.removeprefix(
+            "::ffff:")
