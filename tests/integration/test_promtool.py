@@ -194,7 +194,7 @@ def test_migration_relabel_inside_the_shipped_config(tmp_path: Path) -> None:
     migration = yaml.safe_load(MIGRATION_CONFIG.read_text())
     legacy = {j["job_name"]: j for j in migration["scrape_configs"]}
     jobs = {j["job_name"]: j for j in config["scrape_configs"]}
-    for job, old in (("ntp", "ntp_legacy_sapcc"), ("ntp_agent", "node_ntp_legacy")):
+    for job, old in (("ntp", "legacy_sapcc"), ("ntp_agent", "node_ntp_legacy")):
         jobs[job]["metric_relabel_configs"] = legacy[old]["metric_relabel_configs"]
     config["rule_files"] = [str(PROM_DIR / f) for f in config["rule_files"]]
     for job in config["scrape_configs"]:
