@@ -172,6 +172,28 @@ class HostsFile:
         self._names = {name: tuple(found) for name, found in names.items()}
 
 
+def _reachable_first(found: _Addresses) -> _Addresses:
+    """The hosts file's addresses with those this host has no route to last, as the C
+    library's getaddrinfo (and Go's resolver) sort them (RFC 6724's first rule: avoid
+    unusable destinations); otherwise in file order. A connected UDP socket sends
+    nothing: connect() only asks the routing table."""
+    if len(found) < 2:
+        return found
+    usable = []
+    for fam, address in found:
+        with socket.socket(fam, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.connect((address, 9))
+            except OSError:
+                usable.append(False)
+            else:
+                usable.append(True)
+    if all(usable):
+        return found
+    return tuple(f for f, ok in zip(found, usable, strict=True) if ok) + tuple(
+        f for f, ok in zip(found, usable, strict=True) if not ok)
+
+
 def _files_first(nsswitch: str = "/etc/nsswitch.conf") -> bool:
     """Whether the C library consults the hosts file before anything else."""
     try:
@@ -234,7 +256,7 @@ class Resolver:
                 if not local:
                     raise ResolveError("the hosts file lists no address of that family",
                                        no_address=True)
-                return local, False
+                return _reachable_first(local), False
         key = (host, family)
         hit = self._all.get(key)
         if hit is not None:

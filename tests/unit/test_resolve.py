@@ -417,6 +417,19 @@ def test_the_hosts_file_is_reread_when_it_changes(tmp_path: Path) -> None:
     assert hosts.lookup_all("a.test") == ((socket.AF_INET, "192.0.2.22"),)
 
 
+async def test_hosts_file_addresses_without_a_route_come_last(tmp_path: Path) -> None:
+    # As getaddrinfo sorts them (RFC 6724, rule 1): a name whose first listed address
+    # cannot be reached (here the broadcast address, which no plain socket may connect
+    # to) is probed at its next one, the one blackbox and the C library pick.
+    hosts_path = tmp_path / "hosts"
+    hosts_path.write_text("255.255.255.255 multi.test\n127.0.0.2 multi.test\n"
+                          "127.0.0.3 multi.test\n")
+    resolver = Resolver(getaddrinfo=Lookups({}), hosts=HostsFile(str(hosts_path)))
+    found, _ = await resolver.lookup_all("multi.test", socket.AF_INET)
+    assert [a for _, a in found] == ["127.0.0.2", "127.0.0.3", "255.255.255.255"]
+    assert (await resolve("multi.test", "ip4", resolver=resolver)).address == "127.0.0.2"
+
+
 def test_the_hosts_file_reads_mapped_ipv4_as_ipv4_and_no_zones(tmp_path: Path) -> None:
     # Replies come from 127.0.0.1 (or ::ffff:127.0.0.1), never from "::ffff:7f00:1"; and
     # a zone in the file would bypass the canonical spelling of targets.
