@@ -136,7 +136,7 @@ def admit(target: Target, resolved: Resolved, port: int, ctx: ProbeContext) -> b
         return False
     ctx.measurement.add(common.IP_PROTOCOL, resolved.ip_protocol)
     ctx.measurement.add(common.IP_ADDR_HASH, ip_hash(resolved.address))
-    return _no_backoff(resolved.address, port, ctx)
+    return not _unscoped(resolved.address, ctx) and _no_backoff(resolved.address, port, ctx)
 
 
 def allowed(host: str, address: str, port: int, ctx: ProbeContext) -> bool:
@@ -144,7 +144,20 @@ def allowed(host: str, address: str, port: int, ctx: ProbeContext) -> bool:
     then any KoD backoff from that server; the failure recorded when it may not be sent to."""
     if refused(ctx, ctx.guard.refuse(host, address)):
         return False
-    return _no_backoff(address, port, ctx)
+    return not _unscoped(address, ctx) and _no_backoff(address, port, ctx)
+
+
+def _unscoped(address: str, ctx: ProbeContext) -> bool:
+    """Whether ``address`` is an IPv6 link-local address without its interface (the
+    failure recorded): the kernel would pick whichever interface's route comes first, and
+    a silence there would blame the server."""
+    if "%" in address or ":" not in address or not ip_address(address).is_link_local:
+        return False
+    why = (f"the link-local address {address} needs its interface ({address}%eth0): "
+           "nothing sent")
+    ctx.log(why)
+    ctx.measurement.fail(Reason.LOCAL_ERROR, why)
+    return True
 
 
 def _no_backoff(address: str, port: int, ctx: ProbeContext) -> bool:

@@ -318,3 +318,16 @@ async def test_without_fallback_a_literal_of_the_other_family_fails_as_in_blackb
     assert value(result, "probe_ip_addr_hash") == 0
     await fake_ntp.drain()
     assert fake_ntp.requests == []
+
+
+@pytest.mark.parametrize("all_addresses", [False, True])
+async def test_a_link_local_target_without_its_interface_is_a_local_error(
+        all_addresses: bool) -> None:
+    # The kernel would send it out of whichever interface's route comes first; a silence
+    # there would read timeout, blaming the server for the target's missing zone.
+    module = make_module(all_addresses=all_addresses, preferred_ip_protocol="ip6")
+    result, log = await probe(Target("fe80::1", 123), module)
+    assert result.failure == "local_error", log.text()
+    assert (result.failure_detail or "").endswith(  # all_addresses names the address first
+        "the link-local address fe80::1 needs its interface (fe80::1%eth0): nothing sent")
+    assert result.packets_sent == 0
