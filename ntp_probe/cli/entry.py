@@ -36,6 +36,12 @@ def console() -> None:
     command = sys.argv[1:2]
     checking = command == ["check"]
     try:
+        if command in (["probe"], ["check"]):
+            # timeout(1), a monitoring system's kill and a closed terminal end a one-off
+            # probe as Ctrl-C does: its sockets (a chrony reply socket in chronyd's
+            # directory) are closed and removed, and it says so in one line.
+            for signum in (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(signum, _as_interrupt)
         hangup = None if command in (["probe"], ["check"]) else EarlyHangup()
         from ntp_probe.cli.main import main
 
@@ -51,6 +57,10 @@ def console() -> None:
     if checking:
         os._exit(code)
     raise SystemExit(code)
+
+
+def _as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _flush(stream: object) -> None:

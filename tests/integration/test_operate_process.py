@@ -235,6 +235,34 @@ def test_ctrl_c_during_a_probe_ends_it_in_one_line(command: str) -> None:
         assert (proc.returncode, out) == (3, b"NTP UNKNOWN: interrupted\n"), (out, err)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_ending_a_chrony_socket_probe_leaves_no_socket_file(
+        tmp_path: Path, signum: int) -> None:
+    # timeout(1) or a plugin timeout's kill: the reply socket the probe bound beside
+    # chronyd's must go, as chronyc removes its own.
+    daemon = tmp_path / "chronyd.sock"
+    config = tmp_path / "modules.yaml"
+    config.write_text(f"modules:\n  c:\n    prober: chrony\n    timeout: 5s\n"
+                      f"    chrony: {{socket: {daemon}}}\n")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as silent:
+        silent.bind(str(daemon))
+        silent.settimeout(DEADLINE)
+        proc = subprocess.Popen(
+            [*exporter_command(), "probe", "localhost", "--module", "c",
+             f"--config.file={config}"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=child_env())
+        try:
+            silent.recv(1024)  # the first request: its reply socket is bound
+            assert len(list(tmp_path.iterdir())) == 3
+            proc.send_signal(signum)
+            _, err = proc.communicate(timeout=DEADLINE)
+        finally:
+            stop_process(proc)
+    assert b"Traceback" not in err, err
+    assert proc.returncode == 130 and err.endswith(b"ntp-probe: interrupted\n"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chronyd.sock", "modules.yaml"]
+
+
 # --- log formats -----------------------------------------------------------------------
 
 
