@@ -15,6 +15,23 @@ def write(text: str) -> bool:
         if out is None:
             return False
         try:
+            fd = out.fileno()
+        except (OSError, ValueError, AttributeError):  # not a file (a test's capture)
+            fd = None
+        if fd is not None:
+            # Straight to the descriptor, every byte: the buffered writer reports a write
+            # cut short by a reader that went away (more than 64 KiB into a pipe) as done.
+            out.flush()
+            encoding = getattr(out, "encoding", None) or "utf-8"
+            try:
+                data = text.encode(encoding)
+            except (UnicodeEncodeError, LookupError):  # an ASCII-only stdout
+                data = text.encode("ascii", "replace")
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            return True
+        try:
             out.write(text)
         except UnicodeEncodeError:  # an ASCII-only stdout and non-ASCII text
             out.write(text.encode("ascii", "replace").decode("ascii"))

@@ -27,7 +27,7 @@ from ntp_probe.net import adjtimex
 from ntp_probe.proto import timex
 from tests.behaviour import fake_server
 from tests.behaviour.fake_server import FakeNTPServer, Send, answer, kod
-from tests.conftest import Hosts, free_udp_port
+from tests.conftest import Hosts, free_udp_port, stop_process
 
 fake_ntp = fake_server.fake_ntp
 
@@ -575,3 +575,19 @@ def test_every_command_fails_quietly_when_stdout_cannot_be_written(
     # argparse itself ignores a failed write of --help/--version from Python 3.11.4 on.
     assert done.returncode == 1 or (argv[-1].startswith("--") and done.returncode == 0), (
         done.returncode, done.stderr)
+
+
+def test_output_cut_short_by_a_reader_that_leaves_is_a_failure() -> None:
+    # More than a pipe holds (64 KiB), to a reader that stops after 1,000 bytes (| head):
+    # the buffered writer reported such a write as done, and the command exited 0.
+    code = ("import sys\nfrom ntp_probe.cli import output\n"
+            "sys.exit(0 if output.write('x' * 300_000) else 1)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and len(proc.stdout.read(1000)) == 1000
+        proc.stdout.close()
+        assert proc.wait(timeout=60) == 1
+        assert proc.stderr is not None and proc.stderr.read() == b""
+    finally:
+        stop_process(proc)
