@@ -122,6 +122,7 @@ class FakeChronyd:
     leap: int = 0
     refid: int = 0xC0000201
     ref_time: int = 1_790_000_000
+    ref_time_nsec: int = 500_000_000
     system_time: float = 0.0009765625  # chronyc: 0.000976562 seconds slow of NTP time
     last_offset: float = -0.00048828125
     rms_offset: float = 0.000732421875
@@ -144,7 +145,7 @@ class FakeChronyd:
                   self.update_interval)
         return header(req, RPY_TRACKING) + struct.pack(
             ">I20sHHIII9I", self.refid, ipv4("192.0.2.1"), self.stratum, self.leap,
-            0, self.ref_time, 500_000_000, *(cfloat(f) for f in floats))
+            0, self.ref_time, self.ref_time_nsec, *(cfloat(f) for f in floats))
 
     def answer(self, req: Req) -> bytes:
         """chronyd's reply to ``req``."""
@@ -256,6 +257,16 @@ def entries(directory: Path) -> list[str]:
 
 
 # --- tests ----------------------------------------------------------------------------------
+
+
+async def test_the_text_report_shows_the_reference_time_to_the_nanosecond(
+        fake: FakeCommandPort) -> None:
+    # As chronyc -c prints it: a float of 1.8e9 seconds has no nanoseconds to spare.
+    fake.chronyd.ref_time, fake.chronyd.ref_time_nsec = 1_796_230_089, 722_889_395
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
+    report = chrony.report_of(m)
+    assert report is not None, log.text()
+    assert ("ref time", "1796230089.722889395") in report.rows()
 
 
 async def test_an_unanswered_sourcestats_leaves_only_its_statistics_out(
