@@ -134,15 +134,33 @@ def _joinable(flights: list[_Flight], module: Module, config: Config, now: float
     return best, True
 
 
-def _cut_short(result: Measurement, had: float, wanted: float) -> Measurement:
+# Reasons a probe reads when its budget ran out before its answer: a timeout of any kind,
+# a key exchange cut off, a group whose members timed out. Another verdict (a leap
+# indicator, a falseticker) is the server's, whenever it came.
+_RUN_OUT_REASONS = frozenset({Reason.TIMEOUT, Reason.CHRONY_TIMEOUT, Reason.MODE6_TIMEOUT,
+                              Reason.NTS_KE_CONNECT, Reason.NTS_KE_TLS, Reason.NO_MAJORITY})
+
+
+def _ran_out(result: Measurement, budget: float) -> bool:
+    """Whether ``result`` failed as its ``budget`` ran out: a reason of running out,
+    reached at the end of the budget (a group's no_majority reached early is a verdict)."""
+    return result.failure in _RUN_OUT_REASONS and result.duration >= max(0.9 * budget,
+                                                                         budget - 0.1)
+
+
+def _cut_short(result: Measurement, had: float, wanted: float, *,
+               cached: bool = False) -> Measurement:
     """``result`` (a timeout) as a request with the larger budget ``wanted`` sees it: what
-    was measured, and local_error, the burst having had only ``had``."""
+    was measured, and local_error, the probe having had only ``had``."""
     seen = Measurement()
     seen.samples, seen.reports = list(result.samples), list(result.reports)
     seen.packets_sent, seen.duration = result.packets_sent, result.duration
-    seen.fail(Reason.LOCAL_ERROR, f"{_MAX_FLIGHTS} bursts of this module and target were in "
-              f"flight; the one shared had a budget of {had:g}s, not this request's "
-              f"{wanted:g}s, and failed as it ran out ({result.failure})")
+    where = (f"served from the min_probe_interval cache: the probe cached had a budget of "
+             f"{had:g}s" if cached else
+             f"{_MAX_FLIGHTS} bursts of this module and target were in flight; the one "
+             f"shared had a budget of {had:g}s")
+    seen.fail(Reason.LOCAL_ERROR, f"{where}, not this request's {wanted:g}s, and failed as "
+              f"it ran out ({result.failure})")
     return seen
 
 
@@ -234,7 +252,14 @@ class Coordinator:
                     cached.timeout >= _full_budget(module) or timeout <= 2 * cached.timeout):
                 age = self._clock() - cached.stored
                 if age < module.min_probe_interval:
-                    return Outcome(cached.result, cached.log, age=age)
+                    result, log = cached.result, cached.log
+                    if timeout > cached.timeout and _ran_out(result, cached.timeout):
+                        # Its timeout is the shorter budget's, not the server's silence for
+                        # this one (which the interval keeps from probing again).
+                        result = _cut_short(result, cached.timeout, timeout, cached=True)
+                        log = ProbeLog(str(target), module.name)
+                        log(f"{result.failure_detail}: local_error")
+                    return Outcome(result, log, age=age)
         loop = asyncio.get_running_loop()
         now = loop.time()
         flights = self._flights.get(key)
@@ -315,8 +340,7 @@ class Coordinator:
             raise
         finally:
             flight.waiters.remove(waiter)
-        if beyond and flight.timeout < timeout and result.failure is not None and \
-                result.duration >= max(0.9 * flight.timeout, flight.timeout - 0.1):
+        if beyond and flight.timeout < timeout and _ran_out(result, flight.timeout):
             # A burst another request's shorter budget cut short, failed as its time ran
             # out (a timeout, a key exchange cut off): this request's budget might have had
             # the answer. Not the server's verdict, nor this request's. (One that failed

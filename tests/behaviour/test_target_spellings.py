@@ -16,7 +16,7 @@ from ntp_probe.config.schema import Config
 from ntp_probe.engine import coordinator as coordinator_module
 from ntp_probe.engine.context import ProbeLog
 from ntp_probe.engine.coordinator import Coordinator, _Cached
-from ntp_probe.engine.result import Measurement
+from ntp_probe.engine.result import Measurement, Reason
 from ntp_probe.engine.targets import TargetError, parse_target
 from ntp_probe.safety.guard import Guard
 from ntp_probe.safety.policy import TargetPolicy, parse_rules
@@ -370,6 +370,39 @@ async def test_past_the_limit_a_request_is_not_handed_a_cut_down_bursts_timeout(
     if len(fake_ntp.requests) == 3:
         took = metric(body, "probe_duration_seconds")  # its whole wait, both looks
         assert took is not None and took > 0.9, body
+
+
+@pytest.mark.parametrize(("reason", "duration", "ran_out"), [
+    # A whole burst of 4 samples 0.5 s apart ends at 1.504 s of a 1.6 s budget: its leap
+    # indicator 3 is the server's verdict, not a burst cut short (a request sharing it at
+    # the limit must not probe again, nor read local_error).
+    ("leap_unsynchronized", 1.504, False),
+    ("timeout", 1.55, True), ("chrony_timeout", 1.6, True), ("nts_ke_tls", 1.59, True),
+    ("no_majority", 1.58, True), ("no_majority", 0.4, False),  # early: the group's verdict
+    ("timeout", 0.9, False),  # well within: silence, not the budget
+])
+def test_a_probe_ran_out_of_budget_only_by_a_reason_of_running_out(
+        reason: str, duration: float, ran_out: bool) -> None:
+    m = Measurement()
+    m.fail(Reason(reason))
+    m.duration = duration
+    assert coordinator_module._ran_out(m, 1.6) is ran_out
+
+
+async def test_a_cached_timeout_of_a_shorter_budget_is_no_servers_timeout(
+    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
+) -> None:
+    # The server answers after 0.7 s: a 0.5 s budget's timeout is cached; a scrape with
+    # 1 s (served it: min_probe_interval keeps it from probing again) reads local_error,
+    # not a timeout that would page NTPServerUnreachable for a server that answers.
+    get = await polite_client(aiohttp_client, tmp_path, fake_ntp, reply_timeout="4s")
+    fake_ntp.behaviour = lambda req: [Send(reply(req), delay=0.7)]
+    assert 'reason="timeout"' in await (await get(0.5)).text()
+    body = await (await get(1.0)).text()
+    assert 'probe_ntp_failure_info{reason="local_error"} 1' in body, body
+    assert metric(body, "probe_ntp_result_age_seconds") is not None
+    await fake_ntp.drain()
+    assert len(fake_ntp.requests) == 1
 
 
 async def test_a_scrape_does_not_share_a_burst_a_short_header_cut_down(
