@@ -19,6 +19,7 @@ import re
 import ssl
 import stat
 import time
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from importlib import resources
@@ -152,6 +153,17 @@ def _position(mark: Any) -> Position:
 
 # --- problems ------------------------------------------------------------------------
 
+# Bidirectional embeddings, overrides and isolates: they reorder the text around them.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _one_line_of_text(text: str) -> bool:
+    """No control character (a tab aside), line or paragraph separator, or bidi control."""
+    return not any(
+        (unicodedata.category(c) in ("Cc", "Zl", "Zp") and c != "\t") or c in _BIDI_CONTROLS
+        for c in text)
+
+
 _MAX_PATH_SHOWN = 200  # characters of a key's path shown in a problem's line
 
 
@@ -282,13 +294,14 @@ def _parse_module(name: str, raw: object, problems: _Problems,
                         f" (known: {', '.join(PROBERS)})"))
         return None
     description = raw.get("description", "")
-    # Printable, as module names: a carriage return, a terminal escape or a bidi override
-    # would reach the landing page, /config and logs.
-    if not isinstance(description, str) or not description.strip().isprintable() \
+    # One line of text: a carriage return, a terminal escape or a bidi override would
+    # reach the landing page, /config and logs (any script's letters, spaces and emoji
+    # are welcome).
+    if not isinstance(description, str) or not _one_line_of_text(description.strip()) \
             or len(description) > _MAX_DESCRIPTION:
         problems.add(_at(raw, "description"), f"{where}.description",
-                     f"expected one line of printable text (at most {_MAX_DESCRIPTION} "
-                     "characters)")
+                     "expected one line of text, no control characters (at most "
+                     f"{_MAX_DESCRIPTION} characters)")
         description = ""
     blocks: dict[str, Any] = {}
     for block, cls in BLOCKS.items():

@@ -211,12 +211,20 @@ def test_a_base_60_number_is_refused_not_misread(value: str) -> None:
 
 
 @pytest.mark.parametrize("description", ["a\\rb", "a\\e[31mb", "a\\u202eb", "a\\u2028b"])
-def test_a_description_is_one_line_of_printable_text(description: str) -> None:
+def test_a_description_is_one_line_of_text(description: str) -> None:
     # It reaches the landing page, /config and logs: no carriage return, terminal escape
     # or bidi override.
-    with pytest.raises(ConfigError, match="one line of printable text"):
+    with pytest.raises(ConfigError, match="one line of text, no control characters"):
         parse_config(f'modules:\n  m:\n    prober: ntp\n    description: "{description}"\n',
                      "t")
+
+
+@pytest.mark.parametrize("description", [
+    "Serveur NTP\\u00a0: principal", "NTP\\u3000サーバー", "\\U0001F469\\u200d\\U0001F4BB",
+    "tab\\there"])
+def test_a_description_in_any_script_loads(description: str) -> None:
+    # Non-breaking and ideographic spaces, joined emoji, a tab: text, not control.
+    parse_config(f'modules:\n  m:\n    prober: ntp\n    description: "{description}"\n', "t")
 
 
 @pytest.mark.parametrize(
