@@ -410,11 +410,10 @@ def evaluate(target: str, module: Module, m: Measurement, warning: Range,
     if not m.success:
         # -q spares a server that answered without an offset to judge; one that did not
         # answer stays CRITICAL, as in check_ntp_time ("No response") and check_ntp_peer,
-        # and so does a valid offset beyond -c that only the module's own check failed
+        # and so does an offset found that only the module's own check failed
         # (check_ntp_time's -q spares only an offset it could not find).
         state = CRITICAL if _no_answer(m) or (
-            m.failure in _OFFSET_STANDS and offset is not None
-            and critical.alerts(abs(offset + expected))) else unknown_offset
+            m.failure in _OFFSET_STANDS and offset is not None) else unknown_offset
         summary = f"{target} probe failed: {m.failure}"
         if m.failure_detail:
             summary += f" ({m.failure_detail})"
