@@ -41,7 +41,7 @@ from ntp_probe.config.schema import (
 from ntp_probe.engine.registry import PROBERS
 from ntp_probe.engine.targets import TargetError, parse_target
 from ntp_probe.engine.text import visible
-from ntp_probe.probers.pacing import MIN_REPLY_WINDOW
+from ntp_probe.probers.pacing import least_window
 from ntp_probe.proto.hostname import a_label
 from ntp_probe.proto.leapfile import LeapFile, LeapFileError, parse_leapfile
 from ntp_probe.safety.policy import PolicyError, TargetPolicy, parse_rules
@@ -366,7 +366,7 @@ def _reply_room(module: Module) -> float | None:
     reply_timeout = PROBERS[module.prober].reply_timeout
     if reply_timeout is None:
         return None
-    return min(MIN_REPLY_WINDOW, reply_timeout(module)) + _START_ROOM
+    return least_window(reply_timeout(module)) + _START_ROOM
 
 
 def server_name_problem(name: str) -> str | None:

@@ -34,7 +34,7 @@ from ntp_probe.exposition.families import Family
 from ntp_probe.net.budget import LocalSocketError
 from ntp_probe.net.udp import Datagram, DatagramPump, SockAddr, Unreachable, sockaddr_for
 from ntp_probe.probers import common
-from ntp_probe.probers.pacing import Pace
+from ntp_probe.probers.pacing import Pace, least_window
 from ntp_probe.proto import cmdmon
 from ntp_probe.proto.address import zone_scope
 from ntp_probe.proto.cmdmon import (
@@ -839,7 +839,8 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
         port = target.port if target.port is not None else settings.port
         resolved = await common.prepare(
             target, port, ctx, preferred=settings.preferred_ip_protocol,
-            fallback=settings.ip_protocol_fallback, until=until)
+            fallback=settings.ip_protocol_fallback, until=until,
+            window=least_window(settings.request_timeout))
         if resolved is None:
             return m
         family, source = resolved.family, (resolved.address, port)

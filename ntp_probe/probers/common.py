@@ -58,16 +58,18 @@ def refused(ctx: ProbeContext, refusal: str | None) -> bool:
 
 
 async def prepare(target: Target, port: int, ctx: ProbeContext, *, preferred: str = "ip6",
-                  fallback: bool = True, until: float | None = None) -> Resolved | None:
+                  fallback: bool = True, until: float | None = None,
+                  window: float = MIN_REPLY_WINDOW) -> Resolved | None:
     """Resolve ``target`` and check that it may be sent to now; None (with the failure
-    recorded and logged) when it may not."""
+    recorded and logged) when it may not. ``window``: the least time a first request and
+    its reply need after the lookup (less left reads local_error, not resolve)."""
     if refused(ctx, ctx.guard.refuse(target.host)):
         return None
     started = time.perf_counter()
     resolved = literal(target.host)
     if resolved is None:
         resolved = await _looked_up(target, ctx, resolve(target.host, preferred, fallback),
-                                    ctx.deadline if until is None else until)
+                                    ctx.deadline if until is None else until, window)
         if resolved is None:
             return None
     else:
@@ -92,7 +94,7 @@ def _not_of_family(target: Target, preferred: str, ctx: ProbeContext) -> None:
 
 
 async def _looked_up(target: Target, ctx: ProbeContext, lookup: Coroutine[Any, Any, _T],
-                     until: float) -> _T | None:
+                     until: float, window: float) -> _T | None:
     """``lookup``'s answer by ``until``, with its time as probe_dns_lookup_time_seconds;
     None (failure ``resolve`` recorded and logged) when it fails or runs out of time, or
     ``local_error`` when the budget left too little for a lookup and a request anyway."""
@@ -112,7 +114,7 @@ async def _looked_up(target: Target, ctx: ProbeContext, lookup: Coroutine[Any, A
         # that show the IP version or join on the hash see the failure, not a gap).
         m.add(common.IP_PROTOCOL, 0)
         m.add(common.IP_ADDR_HASH, 0)
-        if isinstance(exc, TimeoutError) and room < MIN_REPLY_WINDOW:
+        if isinstance(exc, TimeoutError) and room < window:
             # A scrape-timeout header of a few milliseconds: even an instant answer would
             # have left no time for a request, so neither the resolver nor the server is
             # to blame (as for an IP target with that budget).
@@ -179,7 +181,8 @@ def _no_backoff(address: str, port: int, ctx: ProbeContext) -> bool:
 
 
 async def prepare_all(target: Target, ctx: ProbeContext, limit: int, until: float, *,
-                      preferred: str = "ip6", fallback: bool = True) -> list[Resolved] | None:
+                      preferred: str = "ip6", fallback: bool = True,
+                      window: float = MIN_REPLY_WINDOW) -> list[Resolved] | None:
     """Every address of ``target`` (at most ``limit``), after the policy by name; None
     (with the failure recorded) when there is none or the name is refused. Each address
     still has to pass :func:`admit`.
@@ -193,7 +196,7 @@ async def prepare_all(target: Target, ctx: ProbeContext, limit: int, until: floa
     # Without fallback only the preferred family is asked for (the other's answer, slow
     # or lost, must not hold up a probe that never uses it).
     found = await _looked_up(target, ctx, resolve_all(
-        target.host, family=None if fallback else family, log=ctx.log), until)
+        target.host, family=None if fallback else family, log=ctx.log), until, window)
     if found is None:
         return None
     if not fallback:

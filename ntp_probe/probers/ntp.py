@@ -586,7 +586,8 @@ async def prepare(target: Target, module: Module,
     port = target.port if target.port is not None else settings.port
     resolved = await common.prepare(target, port, ctx, preferred=settings.preferred_ip_protocol,
                                     fallback=settings.ip_protocol_fallback,
-                                    until=ctx.deadline - _SUMMARY_MARGIN)
+                                    until=ctx.deadline - _SUMMARY_MARGIN,
+                                    window=pacing.least_window(settings.reply_timeout))
     return None if resolved is None else (resolved, port)
 
 
@@ -642,7 +643,8 @@ async def _probe_every_address(target: Target, settings: NTPSettings, port: int,
     m, log = ctx.measurement, ctx.log
     found = await common.prepare_all(target, ctx, settings.max_addresses, until,
                                      preferred=settings.preferred_ip_protocol,
-                                     fallback=settings.ip_protocol_fallback)
+                                     fallback=settings.ip_protocol_fallback,
+                                     window=pacing.least_window(settings.reply_timeout))
     if found is None:
         return m
     children = [ProbeContext(ctx.deadline, PrefixedLog(log, f"[{r.address}] "), ctx.guard)

@@ -27,7 +27,7 @@ from ntp_probe.exposition.families import Family
 from ntp_probe.net.budget import LocalSocketError
 from ntp_probe.net.udp import Datagram, DatagramPump, Unreachable, sockaddr_for
 from ntp_probe.probers import common
-from ntp_probe.probers.pacing import Pace
+from ntp_probe.probers.pacing import Pace, least_window
 from ntp_probe.proto import mode6
 from ntp_probe.proto.address import ip_address, zone_scope
 from ntp_probe.proto.mode6 import ErrorCode, ErrorReply, Mode6Error, Opcode, Reassembler, Response
@@ -840,7 +840,8 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
     port = target.port if target.port is not None else settings.port
     until = ctx.deadline - _SUMMARY_MARGIN
     resolved = await common.prepare(target, port, ctx, preferred=settings.preferred_ip_protocol,
-                                    fallback=settings.ip_protocol_fallback, until=until)
+                                    fallback=settings.ip_protocol_fallback, until=until,
+                                    window=least_window(settings.request_timeout))
     m, log = ctx.measurement, ctx.log
     if resolved is None:
         return m

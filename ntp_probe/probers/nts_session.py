@@ -35,7 +35,7 @@ from ntp_probe.probers.nts import (
     TLS_VERSION,
     NTSReport,
 )
-from ntp_probe.probers.pacing import MIN_REPLY_WINDOW, Pace
+from ntp_probe.probers.pacing import MIN_REPLY_WINDOW, Pace, least_window
 from ntp_probe.proto.ntp import client as rules
 from ntp_probe.proto.ntp import packet as ntppkt
 from ntp_probe.proto.nts import ef, ke
@@ -426,11 +426,18 @@ async def _ntp_server(session_server: str | None, ke_address: Resolved, ctx: Pro
     m, log = ctx.measurement, ctx.log
     if common.refused(ctx, ctx.guard.refuse(session_server)):
         return None
+    room = until - asyncio.get_running_loop().time()
     try:
         async with asyncio.timeout_at(until):  # a literal too, by the module's family
             return await resolve(session_server.rstrip("."), settings.preferred_ip_protocol,
                                  settings.ip_protocol_fallback)
     except (ResolveError, TimeoutError) as exc:
+        if isinstance(exc, TimeoutError) and room < least_window(settings.reply_timeout):
+            # As for a target's name: the budget, not the name, left no room.
+            log(f"resolve negotiated NTP server {session_server}: no time left to look it "
+                "up and send a request: nothing sent")
+            m.fail(Reason.LOCAL_ERROR, NO_TIME)
+            return None
         why = f"negotiated NTP server {session_server}: {str(exc) or 'timed out'}"
         log(f"resolve {why}")
         m.fail(Reason.RESOLVE, why)
@@ -498,7 +505,8 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
     loop = asyncio.get_running_loop()
     until = ctx.deadline - _SUMMARY_MARGIN
     resolved = await common.prepare(target, ke_port, ctx, preferred=settings.preferred_ip_protocol,
-                                    fallback=settings.ip_protocol_fallback, until=until)
+                                    fallback=settings.ip_protocol_fallback, until=until,
+                                    window=MIN_REPLY_WINDOW)
     m = ctx.measurement
     if resolved is None:
         return m

@@ -12,6 +12,11 @@ from __future__ import annotations
 import asyncio
 
 MIN_REPLY_WINDOW = 0.05
+
+
+def least_window(timeout: float) -> float:
+    """The least time a first request with this reply (or request) ``timeout`` needs."""
+    return min(MIN_REPLY_WINDOW, timeout)
 # What a schedule's longest run adds for the loop's turn before each send and the verdict.
 _SLACK = 0.05
 _SLACK_PER_REQUEST = 0.01

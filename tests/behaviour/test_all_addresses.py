@@ -331,3 +331,22 @@ async def test_a_link_local_target_without_its_interface_is_a_local_error(
     assert (result.failure_detail or "").endswith(  # all_addresses names the address first
         "the link-local address fe80::1 needs its interface (fe80::1%eth0): nothing sent")
     assert result.packets_sent == 0
+
+
+async def test_a_lookup_timing_out_with_room_for_the_modules_reply_window_is_resolve(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # 10 ms replies: 25 ms left for the lookup is room for one, so a lookup that did not
+    # answer in it is the name's failure, as with any budget (not local_error).
+    release = threading.Event()
+
+    def stuck(host: str, family: int) -> str:
+        release.wait(timeout=5)
+        raise ResolveError("released")
+
+    monkeypatch.setattr(resolve, "_default", Resolver(getaddrinfo=stuck))
+    try:
+        result, log = await probe(Target("stuck.test", 123), make_module(reply_timeout=0.01),
+                                  timeout=0.03)
+    finally:
+        release.set()
+    assert result.failure == "resolve", log.text()
