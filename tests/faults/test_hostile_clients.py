@@ -178,8 +178,8 @@ def test_a_malformed_request_is_answered_without_its_bytes(
 def test_every_answer_says_nosniff(guarded: Exporter) -> None:
     for request, status in (("GET /-/healthy", 200), ("HEAD /metrics", 200),
                             ("GET /no-such-page", 404), ("OPTIONS *", 404),
-                            ("GET /probe", 400), ("POST /probe", 405), ("PUT /", 405),
-                            ("GET /-/reload", 405)):
+                            ("GET /probe", 400), ("POST /probe", 400), ("PUT /", 200),
+                            ("GET /-/reload", 405), ("DELETE /-/reload", 405)):
         with connect(guarded.port) as s:
             s.sendall(f"{request} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
                       "Connection: close\r\n\r\n".encode())
