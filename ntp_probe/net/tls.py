@@ -70,8 +70,9 @@ _VERIFY_ERRORS = {
 _SHOWN_NAMES, _SHOWN_NAME_LENGTH = 5, 64
 
 
-def _names_of(conn: SSL.Connection) -> str:
-    """' (it names a, b)': the names the peer's certificate holds, for a mismatch."""
+def _names_of(conn: SSL.Connection, ip: bool) -> str:
+    """' (it names a, b)': the names the peer's certificate holds, for a mismatch; those
+    of the kind asked for (addresses when ``ip``, else host names) first."""
     try:
         cert = conn.get_peer_certificate()
         patterns = [] if cert is None else extract_patterns(cert)
@@ -85,8 +86,17 @@ def _names_of(conn: SSL.Connection) -> str:
             names.append(text[:_SHOWN_NAME_LENGTH])
     if not names:
         return ""
+    names.sort(key=lambda n: _looks_like_address(n) != ip)  # stable: the certificate's order
     more = f", ... ({len(names) - _SHOWN_NAMES} more)" if len(names) > _SHOWN_NAMES else ""
     return f" (it names {', '.join(names[:_SHOWN_NAMES])}{more})"
+
+
+def _looks_like_address(name: str) -> bool:
+    try:
+        ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 class ConnectError(OSError):
@@ -278,11 +288,12 @@ class TLSClient:
         except VerificationError:
             # Its repr of mismatch objects is no sentence for check's line: say it in words.
             self.identity_error = (f"the certificate does not name {server_name}"
-                                   f"{_names_of(conn)}")
+                                   f"{_names_of(conn, ip)}")
         except CertificateError as exc:  # no subjectAltName at all: its words are plain
-            self.identity_error = str(exc)
+            self.identity_error = f"{server_name}: {exc}"
         except Exception as exc:  # a certificate that does not parse names nobody
-            self.identity_error = f"unreadable certificate names: {type(exc).__name__}: {exc}"
+            self.identity_error = (f"{server_name}: unreadable certificate names: "
+                                   f"{type(exc).__name__}: {exc}")
 
     @property
     def version(self) -> str:

@@ -158,7 +158,7 @@ def _certificates(client: TLSClient, ctx: ProbeContext,
     m.add(CERT_VERIFIED, 1 if state.cert_verified else 0)
     m.add(CERT_IDENTITY_VERIFIED, 1 if state.identity_verified else 0)
     if client.identity_error is not None:
-        log(f"certificate identity: {state.server_name}: {client.identity_error}")
+        log(f"certificate identity: {client.identity_error}")  # it names the name
     other = [(d, t) for d, code, t in client.verify_errors if code not in TIME_ERRORS]
     if other or unreadable:  # what cannot be read cannot be judged either
         return Reason.NTS_CERT_UNTRUSTED, (
@@ -167,7 +167,7 @@ def _certificates(client: TLSClient, ctx: ProbeContext,
         depth, _, text = client.verify_errors[0]
         return Reason.NTS_CERT_EXPIRED, f"depth {depth}: {text}"
     if client.identity_error is not None:
-        return Reason.NTS_CERT_NAME_MISMATCH, f"{state.server_name}: {client.identity_error}"
+        return Reason.NTS_CERT_NAME_MISMATCH, client.identity_error
     return None
 
 

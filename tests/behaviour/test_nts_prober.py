@@ -545,6 +545,20 @@ async def test_an_absolute_server_name_matches_without_its_dot(tmp_path: Path) -
     assert m.failure is None, log.text()
 
 
+async def test_a_name_mismatch_lists_names_of_the_kind_asked_for_first(tmp_path: Path) -> None:
+    # Six host names and the address 127.0.0.2: asked for 127.0.0.1, the address the
+    # certificate does name shows among the five listed, and the name is said once.
+    names = [x509.DNSName(f"ntp-{i}.example") for i in range(6)]
+    ca, cert, key = _make_pki(tmp_path, x509.SubjectAlternativeName(
+        [*names, x509.IPAddress(IPv4Address("127.0.0.2"))]))
+    async with running_fake(cert, key) as fake:
+        m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(ca))
+    assert m.failure is Reason.NTS_CERT_NAME_MISMATCH, log.text()
+    assert m.failure_detail == (
+        "the certificate does not name 127.0.0.1 (it names 127.0.0.2, ntp-0.example, "
+        "ntp-1.example, ntp-2.example, ntp-3.example, ... (2 more))")
+
+
 async def test_a_kiss_of_death_holds_back_the_key_exchange_too(fake: FakeNTS, pki: PKI) -> None:
     # During the backoff no NTP packet goes out, and no TLS handshake that would cost the
     # server fresh cookies either.
