@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import sys
+
+_WAIT = 1.0  # seconds between two looks at a full non-blocking descriptor
 
 
 def write(text: str) -> bool:
@@ -29,7 +32,10 @@ def write(text: str) -> bool:
                 data = text.encode("ascii", "replace")
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                try:
+                    view = view[os.write(fd, view):]
+                except BlockingIOError:  # a non-blocking descriptor, full: wait for room
+                    select.select([], [fd], [], _WAIT)
             return True
         try:
             out.write(text)

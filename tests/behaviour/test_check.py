@@ -592,3 +592,22 @@ def test_output_cut_short_by_a_reader_that_leaves_is_a_failure() -> None:
         assert proc.stderr is not None and proc.stderr.read() == b""
     finally:
         stop_process(proc)
+
+
+def test_output_to_a_full_non_blocking_pipe_waits_for_room() -> None:
+    # A parent that set O_NONBLOCK on the pipe (some CI runners do): a full pipe is no
+    # failure, the rest goes once the reader catches up.
+    code = ("import sys\nfrom ntp_probe.cli import output\n"
+            "sys.exit(0 if output.write('x' * 300_000) else 1)\n")
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=write, stderr=subprocess.PIPE)
+    os.close(write)
+    try:
+        got = 0
+        with os.fdopen(read, "rb") as reader:
+            while chunk := reader.read(65536):
+                got += len(chunk)
+        assert proc.wait(timeout=60) == 0 and got == 300_000
+    finally:
+        stop_process(proc)
