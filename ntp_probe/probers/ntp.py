@@ -164,6 +164,7 @@ class NTPReport:
     # The selected sample's first failed check (stratum ... offset_exceeded), whatever
     # reason ranks first in the probe's verdict (a Kiss-o'-Death after it outranks it).
     failed_check: str | None = None
+    kiss_code: str | None = None  # a Kiss-o'-Death's code (or the one a backoff keeps)
 
     @property
     def title(self) -> str:
@@ -185,6 +186,8 @@ class NTPReport:
                 ("root distance", f"{self.root_distance:.9f} s"),
             ]
         rows.append(("samples", f"{self.received} of {self.sent} answered"))
+        if self.kiss_code is not None:
+            rows.append(("kiss code", self.kiss_code))
         for i, (offset, rtt, selected) in enumerate(self.samples, 1):
             rows.append((f"{'*' if selected else ' '} sample {i}",
                          f"offset {offset:+.9f} s, rtt {rtt:.9f} s"))
@@ -214,7 +217,7 @@ class NTPReport:
             "samples_received": self.received, "offset_seconds": self.offset,
             "rtt_seconds": self.rtt, "jitter_seconds": self.jitter, "stratum": self.stratum,
             "refid": self.refid, "leap": self.leap, "version": self.version,
-            "root_distance_seconds": self.root_distance,
+            "root_distance_seconds": self.root_distance, "kiss_code": self.kiss_code,
             "samples": [{"offset_seconds": o, "rtt_seconds": r, "selected": s}
                         for o, r, s in self.samples],
         }
@@ -485,6 +488,8 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
     # the renderer then has nothing to sort.
     m, log = ctx.measurement, ctx.log
     m.packets_sent = burst.sent
+    kiss = (burst.kod.kiss_code or "" if burst.kod is not None else
+            burst.held_back[0] if burst.held_back is not None else None)
     if burst.kod is not None:
         code = burst.kod.kiss_code or ""
         m.add(common.KISS_CODE, 1, code)
@@ -497,7 +502,8 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
             m.fail(Reason.BACKOFF)
     if not burst.samples:
         _add_counts(m, burst)
-        m.reports.append(NTPReport(server[0], server[1], burst.sent, burst.received))
+        m.reports.append(NTPReport(server[0], server[1], burst.sent, burst.received,
+                                   kiss_code=kiss))
         if burst.local_error is not None and not burst.sent:
             m.fail(Reason.LOCAL_ERROR, burst.local_error)
         elif burst.unreachable is not None:  # a send error or an ICMP one: no route, ...
@@ -542,7 +548,7 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
         server[0], server[1], burst.sent, burst.received, offset, delay, jitter, p.stratum,
         refid, p.leap, p.version, root_distance,
         tuple((s.offset, s.delay, s is best) for s in burst.samples),
-        None if failed is None else str(failed),
+        None if failed is None else str(failed), kiss,
     ))
     if near_leap:
         log("within 24 h of an announced leap second: causality tolerance widened by 1 s")

@@ -903,3 +903,14 @@ async def test_json_output_holds_the_expositions_series(fake_ntp: FakeNTPServer,
                   for s in family.samples]
     assert [(s["name"], s["labels"]) for s in data["metrics"]] == exposition
     assert (data["metrics"][-1]["name"] == "probe_ntp_failure_info") == (leap == 3)
+
+
+async def test_the_cli_report_names_a_kiss_of_death(fake_ntp: FakeNTPServer) -> None:
+    # The text and JSON reports, not only the log and the metrics, say which code came.
+    fake_ntp.behaviour = lambda req: [Send(kod(req, b"RATE"))]
+    result, log = await probe(fake_ntp.target, make_module())
+    assert result.failure == "kod_rate", log.text()
+    ntp_report = ntp_prober.report_of(result)
+    assert ntp_report is not None
+    assert ("kiss code", "RATE") in ntp_report.rows()
+    assert ntp_report.to_json()["kiss_code"] == "RATE"
