@@ -231,6 +231,7 @@ class AddressesReport:
 
     required: str
     offsets: tuple[tuple[str, float | None], ...]  # (address, offset; None: no usable answer)
+    failures: tuple[tuple[str, str | None], ...] = ()  # (address, its failure reason or None)
 
     @property
     def title(self) -> str:
@@ -251,8 +252,11 @@ class AddressesReport:
 
     def rows(self) -> list[tuple[str, str]]:
         """Human-readable lines."""
+        why = dict(self.failures)
         return [("addresses_required", self.required)] + [
-            (address, "no usable answer" if o is None else f"offset {o:+.9f} s")
+            (address, (f"no usable answer ({why[address]})" if why.get(address) else
+                       "no usable answer") if o is None else
+             f"offset {o:+.9f} s" + (f", failed {why[address]}" if why.get(address) else ""))
             for address, o in self.offsets]
 
     def perfdata(self) -> list[Perf]:
@@ -267,8 +271,10 @@ class AddressesReport:
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready data."""
+        why = dict(self.failures)
         return {"addresses_required": self.required,
-                "addresses": [{"address": a, "offset_seconds": o} for a, o in self.offsets]}
+                "addresses": [{"address": a, "offset_seconds": o, "failure_reason": why.get(a)}
+                              for a, o in self.offsets]}
 
 
 def report_of(m: Measurement) -> NTPReport | None:
@@ -692,13 +698,16 @@ async def _probe_every_address(target: Target, settings: NTPSettings, port: int,
     if mismatch is not None:  # whichever address announces the wrong leap, the name does
         m.add(leapcheck.LEAP_CHECK, 1, mismatch)
     kiss_codes_of_every(m, every, chosen)
-    offsets = []
+    offsets, reasons = [], []
     for resolved, child in zip(found, children, strict=True):
         report = report_of(child.measurement)
         offsets.append((resolved.address, None if report is None else report.offset))
+        failure = child.measurement.failure
+        reasons.append((resolved.address, None if failure is None else failure.value))
     m.reports += chosen.reports
     # Last: the check judges the last report with an offset to judge.
-    m.reports.append(AddressesReport(settings.addresses_required, tuple(offsets)))
+    m.reports.append(AddressesReport(settings.addresses_required, tuple(offsets),
+                                     tuple(reasons)))
     required_all = settings.addresses_required == "all"
     if failed and (required_all or not ok):
         # The name's verdict is an address's: said with the address, and the system's

@@ -66,6 +66,11 @@ async def test_all_addresses_required_fails_on_one_dead_address(
         "127.0.0.2: ICMP port unreachable: nothing listens on the target port")
     assert value(result, "probe_ntp_address_up", address="127.0.0.1", ip_protocol="4") == 1
     assert "1 of 2 addresses succeeded (addresses_required: all)" in log.text()
+    # The CLI's reports say why each address failed, not only that it gave no answer.
+    addresses = next(r for r in result.reports if r.title == "all_addresses")
+    assert ("127.0.0.2", "no usable answer (unreachable)") in addresses.rows()
+    assert {"address": "127.0.0.2", "offset_seconds": None, "failure_reason": "unreachable"} \
+        in addresses.to_json()["addresses"]
 
 
 @pytest.mark.parametrize(("required", "judged"), [("all", 5.0), ("any", 0.0)])
