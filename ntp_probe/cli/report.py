@@ -24,7 +24,9 @@ def text(target: str, module: str, m: Measurement, log: ProbeLog) -> str:
              + ("OK" if m.success else f"FAILED: {m.failure}")
              + f" in {m.duration * 1000:.1f} ms" + (f": {found}" if found else "")]
     for report in m.reports:
-        lines += [f"  {k:<14} {visible(v)}" for k, v in report.rows()]
+        rows = report.rows()
+        width = max((len(k) for k, _ in rows), default=0)  # one column per section
+        lines += [f"  {k:<{width}} {visible(v)}" for k, v in rows]
     lines.append("log:")
     lines += ["  " + line for line in log.lines]
     return "\n".join(lines) + "\n"

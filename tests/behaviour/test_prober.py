@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -914,3 +915,26 @@ async def test_the_cli_report_names_a_kiss_of_death(fake_ntp: FakeNTPServer) -> 
     assert ntp_report is not None
     assert ("kiss code", "RATE") in ntp_report.rows()
     assert ntp_report.to_json()["kiss_code"] == "RATE"
+
+
+def test_the_text_report_aligns_each_sections_values_past_its_longest_label() -> None:
+    # 'certificate chain verified', 'sys.peer or candidate': longer than the usual 14.
+    @dataclass(frozen=True)
+    class Section:
+        title: str = "s"
+        check_offset: float | None = None
+
+        def rows(self) -> list[tuple[str, str]]:
+            return [("short", "a"), ("certificate chain verified", "b")]
+
+        def to_json(self) -> dict[str, Any]:
+            return {}
+
+        def perfdata(self) -> list[Any]:
+            return []
+
+    m = Measurement()
+    m.reports.append(Section())
+    lines = report.text("t", "m", m, ProbeLog()).splitlines()
+    values = [line.index(v) for line in lines[1:] for v in (" a", " b") if line.endswith(v)]
+    assert len(values) == 2 and values[0] == values[1], lines
