@@ -263,6 +263,19 @@ def test_a_signal_ending_a_chrony_socket_probe_leaves_no_socket_file(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chronyd.sock", "modules.yaml"]
 
 
+@pytest.mark.parametrize(("argv", "says"), [
+    (["127.0.0.1", "--module", "nope"], "unknown module 'nope'"),
+    (["0x7f.1"], "invalid target"),
+])
+def test_the_probe_commands_errors_follow_the_log_format(argv: list[str], says: str) -> None:
+    done = subprocess.run([*exporter_command(), "probe", *argv, "--log.format", "json"],
+                          capture_output=True, text=True, env=child_env(),
+                          stdin=subprocess.DEVNULL, timeout=DEADLINE)
+    assert done.returncode == 2, done
+    records = [json.loads(line) for line in done.stderr.splitlines()]
+    assert len(records) == 1 and says in records[0]["msg"], done.stderr
+
+
 # --- log formats -----------------------------------------------------------------------
 
 
