@@ -61,6 +61,9 @@ _KE_REASONS = {
 # What a KE phase that runs out of time reads as.
 _PHASE_TIMEOUT = {"connect": Reason.NTS_KE_CONNECT, "tls": Reason.NTS_KE_TLS,
                   "records": Reason.TIMEOUT}
+_PHASE_WORDS = {"connect": "the TCP connection was not set up in time",
+                "tls": "the TLS handshake did not finish in time",
+                "records": "the key exchange's records did not all come in time"}
 
 
 @dataclass(slots=True)
@@ -248,7 +251,7 @@ async def _key_exchange(resolved: Resolved, port: int, nts: NTSSettings, ctx: Pr
                 for d in (ef.Direction.C2S, ef.Direction.S2C))
     except TimeoutError:
         log(f"NTS-KE {phase} phase timed out")
-        m.fail(_PHASE_TIMEOUT[phase])
+        m.fail(_PHASE_TIMEOUT[phase], _PHASE_WORDS[phase])
         return None
     except ConnectError as exc:
         log(f"NTS-KE connect to {resolved.address} port {port} failed: {exc.strerror}")

@@ -464,6 +464,7 @@ async def test_stalled_ke_server_is_cut_off_by_the_deadline(pki: PKI) -> None:
     # The probe's deadline ended the handshake (the runner's backstop would say timeout).
     assert m.failure is Reason.NTS_KE_TLS, log.text()
     assert "tls phase timed out" in log.text()
+    assert m.failure_detail == "the TLS handshake did not finish in time"  # check's line
 
 
 def test_config_reads_the_nts_block() -> None:
