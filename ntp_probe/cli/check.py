@@ -372,11 +372,11 @@ def _why_no_offset(m: Measurement) -> str:
 # that completes no TLS session, a chronyd whose socket is not there, answer nothing).
 _NO_ANSWER = frozenset({Reason.TIMEOUT, Reason.UNREACHABLE, Reason.MODE6_TIMEOUT,
                         Reason.CHRONY_TIMEOUT, Reason.CHRONY_SOCKET, Reason.NTS_KE_CONNECT,
-                        Reason.NTS_KE_TLS})
+                        Reason.NTS_KE_TLS, Reason.LOCAL_ERROR})
 
 
 # Failures of a module's own checks against the local clock or leap file: the server's
-# offset stands, and -w and -c still judge it.
+# offset stands, and -q spares none of them (CRITICAL, as the module says).
 _OFFSET_STANDS = frozenset({Reason.OFFSET_EXCEEDED, Reason.CAUSALITY_VIOLATION,
                             Reason.LEAP_MISMATCH})
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import errno
 import gc
+import ipaddress
 import logging
 import os
 import resource
@@ -124,7 +125,7 @@ def _fit_open_files(max_connections: int, probe_fds: int) -> tuple[int, int]:
 def unrestricted(host: str | None, config: Config) -> bool:
     """Whether the exporter listens on every address while no allowed_targets limits what
     it may be asked to probe (an open UDP reflector for whoever reaches the port)."""
-    if host not in (None, "", "0.0.0.0", "::"):
+    if host is not None and not _unspecified(host):
         return False
     return not config.policy.allowed and not all(
         m.policy.allowed for m in config.modules.values())
@@ -156,7 +157,17 @@ def parse_listen(address: str) -> tuple[str | None, int]:
     # A wildcard of either family is every address of both, as Go listens on one (a
     # dual-stack socket): [::] alone would leave IPv4 scrapers out, and on a host without
     # IPv6 serve no one.
-    return (None if host in ("", "0.0.0.0", "::") else host), int(port_text)
+    return (None if _unspecified(host) else host), int(port_text)
+
+
+def _unspecified(host: str) -> bool:
+    """Whether ``host`` is empty or an unspecified address however spelt (::0, 0:0::0)."""
+    if not host:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
 
 
 def systemd_sockets() -> list[socket.socket]:

@@ -158,9 +158,11 @@ _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u20
 
 
 def _one_line_of_text(text: str) -> bool:
-    """No control character (a tab aside), line or paragraph separator, or bidi control."""
+    """No control character (a tab aside), lone surrogate (a JSON-escaped pair YAML
+    leaves split: no UTF-8 can carry it), line or paragraph separator, or bidi control."""
     return not any(
-        (unicodedata.category(c) in ("Cc", "Zl", "Zp") and c != "\t") or c in _BIDI_CONTROLS
+        (unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") and c != "\t")
+        or c in _BIDI_CONTROLS
         for c in text)
 
 

@@ -135,10 +135,17 @@ def _joinable(flights: list[_Flight], module: Module, config: Config, now: float
 
 
 # Reasons a probe reads when its budget ran out before its answer: a timeout of any kind,
-# a key exchange cut off, a group whose members timed out. Another verdict (a leap
+# a key exchange or a lookup cut off, a group whose members timed out. Another verdict (a leap
 # indicator, a falseticker) is the server's, whenever it came.
 _RUN_OUT_REASONS = frozenset({Reason.TIMEOUT, Reason.CHRONY_TIMEOUT, Reason.MODE6_TIMEOUT,
-                              Reason.NTS_KE_CONNECT, Reason.NTS_KE_TLS, Reason.NO_MAJORITY})
+                              Reason.NTS_KE_CONNECT, Reason.NTS_KE_TLS, Reason.NO_MAJORITY,
+                              Reason.RESOLVE})
+
+
+def _much_shorter(had: float, wanted: float) -> bool:
+    """Whether a probe's budget ``had`` was short enough of ``wanted`` that its running
+    out says nothing of the server for ``wanted``: silent for 90% of a budget is silent."""
+    return had < 0.9 * wanted
 
 
 def _ran_out(result: Measurement, budget: float) -> bool:
@@ -253,7 +260,8 @@ class Coordinator:
                 age = self._clock() - cached.stored
                 if age < module.min_probe_interval:
                     result, log = cached.result, cached.log
-                    if timeout > cached.timeout and _ran_out(result, cached.timeout):
+                    if _much_shorter(cached.timeout, timeout) and _ran_out(result,
+                                                                           cached.timeout):
                         # Its timeout is the shorter budget's, not the server's silence for
                         # this one (which the interval keeps from probing again).
                         result = _cut_short(result, cached.timeout, timeout, cached=True)
@@ -340,7 +348,7 @@ class Coordinator:
             raise
         finally:
             flight.waiters.remove(waiter)
-        if beyond and flight.timeout < timeout and _ran_out(result, flight.timeout):
+        if beyond and _much_shorter(flight.timeout, timeout) and _ran_out(result, flight.timeout):
             # A burst another request's shorter budget cut short, failed as its time ran
             # out (a timeout, a key exchange cut off): this request's budget might have had
             # the answer. Not the server's verdict, nor this request's. (One that failed

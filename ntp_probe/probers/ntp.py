@@ -89,7 +89,7 @@ SERVER_INFO = Family("probe_ntp_server_info",
 
 KOD_REASONS = {"RATE": Reason.KOD_RATE, "DENY": Reason.KOD_DENY, "RSTR": Reason.KOD_RSTR}
 # An address's verdicts for which nothing was sent to it.
-_NOTHING_SENT = frozenset({Reason.BACKOFF, Reason.TARGET_FORBIDDEN})
+_NOTHING_SENT = frozenset({Reason.BACKOFF, Reason.TARGET_FORBIDDEN, Reason.LOCAL_ERROR})
 REASONS = (
     Reason.TARGET_FORBIDDEN, Reason.BACKOFF, Reason.RESOLVE, Reason.LOCAL_ERROR,
     Reason.UNREACHABLE,

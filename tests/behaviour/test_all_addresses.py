@@ -355,3 +355,20 @@ async def test_a_lookup_timing_out_with_room_for_the_modules_reply_window_is_res
     finally:
         release.set()
     assert result.failure == "resolve", log.text()
+
+
+async def test_a_zoneless_link_local_sibling_does_not_hide_a_silent_address(
+        hosts: Hosts, fake_ntp: FakeNTPServer) -> None:
+    # fe80::1 (no interface: nothing sent, local_error) beside a silent ::1: the name's
+    # verdict is the address probed, timeout, and check -q keeps it CRITICAL.
+    fake_ntp.behaviour = fake_server.silent
+    hosts("fe80::1 ll.test\n::1 ll.test\n")
+    silent = await FakeNTPServer.start(fake_server.silent, host="::1", port=fake_ntp.port)
+    try:
+        module = make_module(all_addresses=True, preferred_ip_protocol="ip6", reply_timeout=0.2)
+        result, log = await probe(Target("ll.test", fake_ntp.port), module)
+    finally:
+        silent.close()
+    assert result.failure == "timeout", log.text()
+    args = (check.Range.upto(0.01), check.Range.upto(0.05))
+    assert check.evaluate("ll.test", module, result, *args, quiet=True)[0] == 2

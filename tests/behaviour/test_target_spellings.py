@@ -380,6 +380,7 @@ async def test_past_the_limit_a_request_is_not_handed_a_cut_down_bursts_timeout(
     ("timeout", 1.55, True), ("chrony_timeout", 1.6, True), ("nts_ke_tls", 1.59, True),
     ("no_majority", 1.58, True), ("no_majority", 0.4, False),  # early: the group's verdict
     ("timeout", 0.9, False),  # well within: silence, not the budget
+    ("resolve", 1.58, True), ("resolve", 0.01, False),  # a lookup cut off; NXDOMAIN
 ])
 def test_a_probe_ran_out_of_budget_only_by_a_reason_of_running_out(
         reason: str, duration: float, ran_out: bool) -> None:
@@ -497,3 +498,10 @@ def test_sizing_a_cache_entry_formats_no_log_line() -> None:
         log(line)
     assert _Cached(make_module(), 0.0, Measurement(), log, 1.0).size() > 1024
     assert formatted == []
+
+
+def test_a_budget_nearly_as_long_says_the_same_of_the_server() -> None:
+    # Silent for 4.5 s of a 5 s budget is silent: its timeout stands for 5 s (two
+    # Prometheus jobs with 5 s and 10 s scrape timeouts must both see a dead server).
+    assert not coordinator_module._much_shorter(4.5, 5.0)
+    assert coordinator_module._much_shorter(0.5, 1.0)

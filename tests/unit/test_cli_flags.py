@@ -139,6 +139,7 @@ def test_listen_addresses_from_the_variable(monkeypatch: pytest.MonkeyPatch, env
     ("0.0.0.0:9559", (None, 9559)),
     ("[::1]:9559", ("::1", 9559)),
     ("[::]:0", (None, 0)),
+    ("[::0]:9559", (None, 9559)), ("[0:0:0:0:0:0:0:0]:9559", (None, 9559)),
     ("localhost:80", ("localhost", 80)),
 ])
 def test_listen_addresses(address: str, parsed: tuple[str | None, int]) -> None:

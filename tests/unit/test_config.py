@@ -210,7 +210,8 @@ def test_a_base_60_number_is_refused_not_misread(value: str) -> None:
                         "t").modules["m"].ntp.port == 123
 
 
-@pytest.mark.parametrize("description", ["a\\rb", "a\\e[31mb", "a\\u202eb", "a\\u2028b"])
+@pytest.mark.parametrize("description", ["a\\rb", "a\\e[31mb", "a\\u202eb", "a\\u2028b",
+                                         "clock \\ud83d\\udd70 here"])  # a split pair: 500s
 def test_a_description_is_one_line_of_text(description: str) -> None:
     # It reaches the landing page, /config and logs: no carriage return, terminal escape
     # or bidi override.
