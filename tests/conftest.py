@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -438,3 +439,20 @@ def hosts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hosts]:
     resolver = Resolver(getaddrinfo=_no_dns, hosts=HostsFile(str(path)))
     monkeypatch.setattr(resolve, "_default", resolver)
     yield path.write_text
+
+
+@pytest.fixture
+def stuck_resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Installs a resolver whose every lookup hangs until the test ends (a black-holed
+    DNS); yields the hosts it was asked for."""
+    release = threading.Event()
+    asked: list[str] = []
+
+    def stuck(host: str, family: int) -> str:
+        asked.append(host)
+        release.wait(timeout=5)
+        raise ResolveError("released")
+
+    monkeypatch.setattr(resolve, "_default", Resolver(getaddrinfo=stuck))
+    yield asked
+    release.set()

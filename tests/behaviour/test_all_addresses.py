@@ -6,15 +6,13 @@ installs: a made-up name never reaches the machine's resolver.
 
 from __future__ import annotations
 
-import threading
+from typing import Any
 
 import pytest
 
 from ntp_probe.cli import check, report
 from ntp_probe.engine.result import NO_TIME
 from ntp_probe.engine.targets import Target
-from ntp_probe.net import resolve
-from ntp_probe.net.resolve import ResolveError, Resolver
 from ntp_probe.safety.guard import Guard
 from ntp_probe.safety.kod import KodTable
 from ntp_probe.safety.policy import TargetPolicy, parse_rules
@@ -240,18 +238,16 @@ async def test_a_failed_resolution_reads_ip_protocol_and_hash_0_as_blackbox(
         assert value(result, "probe_ip_addr_hash") == 0
 
 
-async def test_a_lookup_that_runs_out_of_time_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    release = threading.Event()
-
-    def stuck(host: str, family: int) -> str:
-        release.wait(timeout=5)
-        raise ResolveError("released")
-
-    monkeypatch.setattr(resolve, "_default", Resolver(getaddrinfo=stuck))
-    try:
-        result, log = await probe(Target("stuck.test", 123), make_module(), timeout=0.3)
-    finally:
-        release.set()
+@pytest.mark.parametrize(("reply_timeout", "timeout"), [
+    (0.5, 0.3),
+    # 10 ms replies: 25 ms left for the lookup is room for one, so a lookup that did not
+    # answer in it is the name's failure, as with any budget (not local_error).
+    (0.01, 0.03),
+])
+async def test_a_lookup_that_runs_out_of_time_says_so(
+        stuck_resolver: list[str], reply_timeout: float, timeout: float) -> None:
+    result, log = await probe(Target("stuck.test", 123),
+                              make_module(reply_timeout=reply_timeout), timeout=timeout)
     assert result.failure == "resolve", log.text()
     assert "resolve stuck.test: timed out" in log.text()
 
@@ -262,48 +258,44 @@ async def test_a_lookup_that_runs_out_of_time_says_so(monkeypatch: pytest.Monkey
     0.03,  # looked up, but even an instant answer would leave no room for a request
 ])
 async def test_a_lookup_with_no_time_for_a_request_after_it_is_no_resolve_failure(
-    monkeypatch: pytest.MonkeyPatch, all_addresses: bool, timeout: float,
+    stuck_resolver: list[str], all_addresses: bool, timeout: float,
 ) -> None:
     # A scrape-timeout header of a few milliseconds: the name is not to blame, nor the
     # server; an IP target with that budget reads local_error too.
-    release = threading.Event()
-    asked: list[str] = []
-
-    def stuck(host: str, family: int) -> str:
-        asked.append(host)
-        release.wait(timeout=5)
-        raise ResolveError("released")
-
-    monkeypatch.setattr(resolve, "_default", Resolver(getaddrinfo=stuck))
-    try:
-        result, log = await probe(Target("stuck.test", 123),
-                                  make_module(all_addresses=all_addresses), timeout=timeout)
-    finally:
-        release.set()
+    result, log = await probe(Target("stuck.test", 123),
+                              make_module(all_addresses=all_addresses), timeout=timeout)
     assert result.failure == "local_error", log.text()
     assert result.failure_detail == NO_TIME
     assert "no time left to look it up and send a request: nothing sent" in log.text()
     assert value(result, "probe_ip_addr_hash") == 0
     if timeout < 0.005:
-        assert asked == []  # no lookup started
+        assert stuck_resolver == []  # no lookup started
 
 
-async def test_quiet_check_spares_a_name_one_of_whose_addresses_answered(
-    hosts: Hosts, fake_ntp: FakeNTPServer
+@pytest.mark.parametrize(("lines", "silent_at", "answering", "preferred", "quiet_state"), [
+    # One address answered (unsynchronised), another is silent: check_ntp_time says "No
+    # response" (CRITICAL even under -q) only when no address answered: -q spares it.
+    ("127.0.0.1 mixed.test\n127.0.0.2 mixed.test\n", "127.0.0.2", answer(leap=3), "ip4", 3),
+    # fe80::1 (no interface: local_error, nothing sent) beside a silent ::1: the name's
+    # verdict is the address probed, timeout, and -q keeps it CRITICAL.
+    ("fe80::1 mixed.test\n::1 mixed.test\n", "::1", fake_server.silent, "ip6", 2),
+])
+async def test_a_quiet_check_of_a_name_judges_the_addresses_probed(
+    hosts: Hosts, fake_ntp: FakeNTPServer, lines: str, silent_at: str, answering: Any,
+    preferred: str, quiet_state: int,
 ) -> None:
-    # check_ntp_time polls every address of a name and says "No response" (CRITICAL even
-    # under -q) only when none answered; here one answered, unsynchronised.
-    silent = await FakeNTPServer.start(fake_server.silent, host="127.0.0.2", port=fake_ntp.port)
+    silent = await FakeNTPServer.start(fake_server.silent, host=silent_at, port=fake_ntp.port)
     try:
-        fake_ntp.behaviour = answer(leap=3)
-        hosts("127.0.0.1 mixed.test\n127.0.0.2 mixed.test\n")
-        module = make_module(all_addresses=True, reply_timeout=0.2)
+        fake_ntp.behaviour = answering
+        hosts(lines)
+        module = make_module(all_addresses=True, preferred_ip_protocol=preferred,
+                             reply_timeout=0.2)
         result, log = await probe(Target("mixed.test", fake_ntp.port), module)
     finally:
         silent.close()
     assert result.failure == "timeout", log.text()
     args = (check.Range.upto(0.01), check.Range.upto(0.05))
-    assert check.evaluate("mixed.test", module, result, *args, quiet=True)[0] == 3
+    assert check.evaluate("mixed.test", module, result, *args, quiet=True)[0] == quiet_state
     assert check.evaluate("mixed.test", module, result, *args)[0] == 2
 
 
@@ -336,39 +328,3 @@ async def test_a_link_local_target_without_its_interface_is_a_local_error(
     assert (result.failure_detail or "").endswith(  # all_addresses names the address first
         "the link-local address fe80::1 needs its interface (fe80::1%eth0): nothing sent")
     assert result.packets_sent == 0
-
-
-async def test_a_lookup_timing_out_with_room_for_the_modules_reply_window_is_resolve(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    # 10 ms replies: 25 ms left for the lookup is room for one, so a lookup that did not
-    # answer in it is the name's failure, as with any budget (not local_error).
-    release = threading.Event()
-
-    def stuck(host: str, family: int) -> str:
-        release.wait(timeout=5)
-        raise ResolveError("released")
-
-    monkeypatch.setattr(resolve, "_default", Resolver(getaddrinfo=stuck))
-    try:
-        result, log = await probe(Target("stuck.test", 123), make_module(reply_timeout=0.01),
-                                  timeout=0.03)
-    finally:
-        release.set()
-    assert result.failure == "resolve", log.text()
-
-
-async def test_a_zoneless_link_local_sibling_does_not_hide_a_silent_address(
-        hosts: Hosts, fake_ntp: FakeNTPServer) -> None:
-    # fe80::1 (no interface: nothing sent, local_error) beside a silent ::1: the name's
-    # verdict is the address probed, timeout, and check -q keeps it CRITICAL.
-    fake_ntp.behaviour = fake_server.silent
-    hosts("fe80::1 ll.test\n::1 ll.test\n")
-    silent = await FakeNTPServer.start(fake_server.silent, host="::1", port=fake_ntp.port)
-    try:
-        module = make_module(all_addresses=True, preferred_ip_protocol="ip6", reply_timeout=0.2)
-        result, log = await probe(Target("ll.test", fake_ntp.port), module)
-    finally:
-        silent.close()
-    assert result.failure == "timeout", log.text()
-    args = (check.Range.upto(0.01), check.Range.upto(0.05))
-    assert check.evaluate("ll.test", module, result, *args, quiet=True)[0] == 2

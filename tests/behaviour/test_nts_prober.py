@@ -18,7 +18,6 @@ import random
 import socket
 import struct
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -38,10 +37,8 @@ from ntp_probe.config.schema import NTS_AEAD_IDS, ConfigError, Module, NTPSettin
 from ntp_probe.engine.context import ProbeContext, ProbeLog
 from ntp_probe.engine.result import NO_TIME, Reason
 from ntp_probe.net import budget
-from ntp_probe.net import resolve as resolve_module
 from ntp_probe.net.budget import limit_probe_sockets
-from ntp_probe.net.resolve import Resolved, Resolver
-from ntp_probe.net.resolve import ResolveError as Unresolved
+from ntp_probe.net.resolve import Resolved
 from ntp_probe.net.tls import TLSClient
 from ntp_probe.net.udp import DatagramPump
 from ntp_probe.probers import nts_session
@@ -958,22 +955,12 @@ async def test_room_for_both_sockets_probes_and_gives_them_back(fake: FakeNTS,
 @pytest.mark.parametrize(("room", "reason"), [(0.02, Reason.LOCAL_ERROR),
                                                (0.2, Reason.RESOLVE)])
 async def test_the_negotiated_servers_lookup_with_no_room_left_is_no_resolve_failure(
-        monkeypatch: pytest.MonkeyPatch, room: float, reason: Reason) -> None:
+        stuck_resolver: list[str], room: float, reason: Reason) -> None:
     # After the key exchange, a budget that leaves no room for a lookup and a request is
     # the exporter's (local_error), as for a target's name; with room, the name's (resolve).
-    release = threading.Event()
-
-    def stuck(host: str, family: int) -> str:
-        release.wait(timeout=5)
-        raise Unresolved("released")
-
-    monkeypatch.setattr(resolve_module, "_default", Resolver(getaddrinfo=stuck))
     loop = asyncio.get_running_loop()
     ctx = ProbeContext(deadline=loop.time() + 5, log=ProbeLog())
-    try:
-        found = await nts_session._ntp_server(
-            "stuck.test", Resolved(LOOPBACK, socket.AF_INET, False), ctx,
-            NTPSettings(reply_timeout=0.2), loop.time() + room)
-    finally:
-        release.set()
+    found = await nts_session._ntp_server(
+        "stuck.test", Resolved(LOOPBACK, socket.AF_INET, False), ctx,
+        NTPSettings(reply_timeout=0.2), loop.time() + room)
     assert found is None and ctx.measurement.failure is reason
