@@ -39,7 +39,7 @@ from ntp_probe.config.schema import (
     show,
 )
 from ntp_probe.engine.registry import PROBERS
-from ntp_probe.engine.targets import TargetError, parse_target
+from ntp_probe.engine.targets import TargetError, check_member, parse_target
 from ntp_probe.engine.text import visible
 from ntp_probe.probers.pacing import least_window
 from ntp_probe.proto.hostname import a_label
@@ -538,7 +538,7 @@ def _parse_groups(raw: Mapping[str, Any], problems: _Problems) -> dict[str, tupl
                 if "," in member:
                     raise TargetError(f"{show(member)}: one member per item (a YAML list: "
                                       "[a, b] or one '- host' line each)")
-                text = str(parse_target(member))
+                text = str(check_member(parse_target(member)))
             except TargetError as exc:
                 problems.add(at, f"{where}[{i}]", str(exc))
                 continue

@@ -179,7 +179,7 @@ _MAX_TIME = dt.datetime(9999, 1, 1, tzinfo=dt.UTC)
 
 
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}"
-                      r"(?:[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:\d{2})?)?")
+                      r"(?:[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})?)?")
 
 
 @dataclass(frozen=True, slots=True)

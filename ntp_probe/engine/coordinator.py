@@ -155,19 +155,15 @@ def _ran_out(result: Measurement, budget: float) -> bool:
                                                                          budget - 0.1)
 
 
-def _cut_short(result: Measurement, had: float, wanted: float, *,
-               cached: bool = False) -> Measurement:
+def _cut_short(result: Measurement, had: float, wanted: float) -> Measurement:
     """``result`` (a timeout) as a request with the larger budget ``wanted`` sees it: what
-    was measured, and local_error, the probe having had only ``had``."""
+    was measured, and local_error, the burst having had only ``had``."""
     seen = Measurement()
     seen.samples, seen.reports = list(result.samples), list(result.reports)
     seen.packets_sent, seen.duration = result.packets_sent, result.duration
-    where = (f"served from the min_probe_interval cache: the probe cached had a budget of "
-             f"{had:g}s" if cached else
-             f"{_MAX_FLIGHTS} bursts of this module and target were in flight; the one "
-             f"shared had a budget of {had:g}s")
-    seen.fail(Reason.LOCAL_ERROR, f"{where}, not this request's {wanted:g}s, and failed as "
-              f"it ran out ({result.failure})")
+    seen.fail(Reason.LOCAL_ERROR, f"{_MAX_FLIGHTS} bursts of this module and target were in "
+              f"flight; the one shared had a budget of {had:g}s, not this request's "
+              f"{wanted:g}s, and failed as it ran out ({result.failure})")
     return seen
 
 
@@ -259,15 +255,7 @@ class Coordinator:
                     cached.timeout >= _full_budget(module) or timeout <= 2 * cached.timeout):
                 age = self._clock() - cached.stored
                 if age < module.min_probe_interval:
-                    result, log = cached.result, cached.log
-                    if _much_shorter(cached.timeout, timeout) and _ran_out(result,
-                                                                           cached.timeout):
-                        # Its timeout is the shorter budget's, not the server's silence for
-                        # this one (which the interval keeps from probing again).
-                        result = _cut_short(result, cached.timeout, timeout, cached=True)
-                        log = ProbeLog(str(target), module.name)
-                        log(f"{result.failure_detail}: local_error")
-                    return Outcome(result, log, age=age)
+                    return Outcome(cached.result, cached.log, age=age)
         loop = asyncio.get_running_loop()
         now = loop.time()
         flights = self._flights.get(key)

@@ -172,3 +172,19 @@ def _parse(raw: str) -> Target:
     host, sep, port_text = text.partition(":")
     port = _parse_port(port_text) if sep else None
     return Target(_check_host(host), port)
+
+
+def check_member(target: Target) -> Target:
+    """A group member as parsed, or :class:`TargetError` for a link-local address without
+    its interface: sent out of whichever interface's route comes first, it would fail
+    every probe of the group (a single target fails local_error instead)."""
+    address = target.host
+    if "%" not in address and ":" in address:
+        try:
+            link_local = ip_address(address).is_link_local
+        except ValueError:
+            link_local = False
+        if link_local:
+            raise TargetError(f"member {str(target)!r}: a link-local address needs its "
+                              f"interface ({address}%eth0)")
+    return target

@@ -21,7 +21,7 @@ from typing import Any
 from ntp_probe.config.schema import MAX_GROUP_MEMBERS, Config, Module, NTPSettings
 from ntp_probe.engine.context import Log, PrefixedLog, ProbeContext
 from ntp_probe.engine.result import Measurement, Perf, Reason
-from ntp_probe.engine.targets import Target, TargetError, parse_target
+from ntp_probe.engine.targets import Target, TargetError, check_member, parse_target
 from ntp_probe.exposition.families import Family
 from ntp_probe.net.resolve import Resolved
 from ntp_probe.probers import ntp
@@ -124,7 +124,7 @@ def resolve_target(config: Config, raw: str) -> GroupTarget:
             # Not a host to look up (a short name would go to DNS and read as unreachable).
             raise TargetError(f"{part.strip()[:64]!r} is a group: a comma-separated list "
                               "names servers; probe a group by its name alone")
-        member = parse_target(part)
+        member = check_member(parse_target(part))
         if member in members:
             raise TargetError(f"member {str(member)!r} is listed twice")
         members.append(member)

@@ -507,6 +507,8 @@ def test_a_group_is_bounded_and_names_known_groups() -> None:
         resolve_target(config, module, ",".join(f"192.0.2.{i}" for i in range(1, 18)))
     with pytest.raises(TargetError, match="listed twice"):
         resolve_target(config, module, "192.0.2.1,192.0.2.1")
+    with pytest.raises(TargetError, match="a link-local address needs its interface"):
+        resolve_target(config, module, "192.0.2.1,[fe80::1]:123")
     with pytest.raises(TargetError, match="invalid target"):
         resolve_target(config, module, "192.0.2.1,,192.0.2.2")
     # A group's name in a list is not a host name to look up.

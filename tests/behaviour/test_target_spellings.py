@@ -390,22 +390,6 @@ def test_a_probe_ran_out_of_budget_only_by_a_reason_of_running_out(
     assert coordinator_module._ran_out(m, 1.6) is ran_out
 
 
-async def test_a_cached_timeout_of_a_shorter_budget_is_no_servers_timeout(
-    aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
-) -> None:
-    # The server answers after 0.7 s: a 0.5 s budget's timeout is cached; a scrape with
-    # 1 s (served it: min_probe_interval keeps it from probing again) reads local_error,
-    # not a timeout that would page NTPServerUnreachable for a server that answers.
-    get = await polite_client(aiohttp_client, tmp_path, fake_ntp, reply_timeout="4s")
-    fake_ntp.behaviour = lambda req: [Send(reply(req), delay=0.7)]
-    assert 'reason="timeout"' in await (await get(0.5)).text()
-    body = await (await get(1.0)).text()
-    assert 'probe_ntp_failure_info{reason="local_error"} 1' in body, body
-    assert metric(body, "probe_ntp_result_age_seconds") is not None
-    await fake_ntp.drain()
-    assert len(fake_ntp.requests) == 1
-
-
 async def test_a_scrape_does_not_share_a_burst_a_short_header_cut_down(
     aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp: FakeNTPServer
 ) -> None:

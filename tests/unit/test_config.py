@@ -343,7 +343,8 @@ def test_int_range_bounds_accepted(line: str, value: int) -> None:
     "value",
     ["2024-01-01T00:00:00Z", "2024-01-01", "'2024-01-01T00:00:00+00:00'",
      "'2024-01-01T01:00:00+01:00'", "'2024-01-01T00:00:00'",
-     "'2024-01-01t00:00:00z'"],  # RFC 3339 allows T and Z in lower case
+     "'2024-01-01t00:00:00z'",  # RFC 3339 allows T and Z in lower case
+     "'2024-01-01T00:00:00.0000000000Z'"],  # and any number of fraction digits
 )
 def test_min_plausible_time_forms(value: str) -> None:
     cfg = parse(module_yaml(f"      min_plausible_time: {value}\n"))

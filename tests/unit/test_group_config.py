@@ -32,6 +32,9 @@ def test_groups_are_kept_as_canonical_targets() -> None:
     ("{'e,u': [a.example]}", "groups.e,u: a group name is 1 to 64 letters"),
     ("{eu: [a.example, 'http://b']}", r"groups.eu\[1\]: invalid target 'http://b'"),
     ("{eu: [a.example, A.example]}", r"groups.eu\[1\]: a.example is listed twice"),
+    # Sent out of whichever interface's route came first, it would fail the whole group.
+    ("{eu: [a.example, '[fe80::1]:123']}",
+     r"groups.eu\[1\]: member '\[fe80::1\]:123': a link-local address needs its interface"),
     ("{eu: [a.example, 5]}", r"groups.eu\[1\]: expected host or host:port, got 5"),
     ("{eu: ['a.example,b.example']}", r"groups.eu\[0\]: .* one member per item"),
     # Groups do not nest: a group's name as a member is no host name to look up.
