@@ -8,7 +8,7 @@ import re
 import socket
 from dataclasses import dataclass
 
-from ntp_probe.proto.address import ip_address
+from ntp_probe.proto.address import ip_address, needs_zone
 
 # RFC 1123 host names (underscores tolerated: they occur in real internal zones).
 # \Z, not $: $ also matches before a final newline ("localhost\n" would pass).
@@ -178,13 +178,7 @@ def check_member(target: Target) -> Target:
     """A group member as parsed, or :class:`TargetError` for a link-local address without
     its interface: sent out of whichever interface's route comes first, it would fail
     every probe of the group (a single target fails local_error instead)."""
-    address = target.host
-    if "%" not in address and ":" in address:
-        try:
-            link_local = ip_address(address).is_link_local
-        except ValueError:
-            link_local = False
-        if link_local:
-            raise TargetError(f"member {str(target)!r}: a link-local address needs its "
-                              f"interface ({address}%eth0)")
+    if needs_zone(target.host):
+        raise TargetError(f"member {str(target)!r}: a link-local address needs its "
+                          f"interface ({target.host}%eth0)")
     return target

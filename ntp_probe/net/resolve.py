@@ -437,6 +437,17 @@ def literal(host: str) -> Resolved | None:
     return Resolved(host, socket.AF_INET6 if ip.version == 6 else socket.AF_INET, cached=False)
 
 
+def literal_of(host: str, preferred: str, fallback: bool) -> Resolved | None:
+    """:func:`literal` under a module's family: an address of the other family without
+    fallback is no address (:class:`ResolveError`), as blackbox ("unable to find ip; no
+    fallback")."""
+    resolved = literal(host)
+    if resolved is not None and not fallback and resolved.family != FAMILIES[preferred]:
+        raise ResolveError(f"{host} is not an {preferred} address, and ip_protocol_fallback "
+                           "is off (the module probes that family only)", no_address=True)
+    return resolved
+
+
 _default: Resolver | None = None
 
 
@@ -458,11 +469,8 @@ async def resolve(host: str, preferred: str = "ip6", fallback: bool = True,
     IP literals are used as given, but one of the other family without fallback (as in
     blackbox). Raises :class:`ResolveError` with the resolver's own words for why.
     """
-    resolved = literal(host)
+    resolved = literal_of(host, preferred, fallback)
     if resolved is not None:
-        if not fallback and resolved.family != FAMILIES[preferred]:
-            raise ResolveError(f"{host} is not an {preferred} address, and "
-                               "ip_protocol_fallback is off", no_address=True)
         return resolved
     resolver = resolver or default_resolver()
     family, other = _families(FAMILIES[preferred])

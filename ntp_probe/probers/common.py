@@ -20,9 +20,16 @@ from ntp_probe.engine.result import NO_TIME, Reason
 from ntp_probe.engine.targets import Target
 from ntp_probe.exposition import families as common
 from ntp_probe.exposition.families import Family
-from ntp_probe.net.resolve import FAMILIES, Resolved, ResolveError, literal, resolve, resolve_all
+from ntp_probe.net.resolve import (
+    FAMILIES,
+    Resolved,
+    ResolveError,
+    literal_of,
+    resolve,
+    resolve_all,
+)
 from ntp_probe.probers.pacing import MIN_REPLY_WINDOW
-from ntp_probe.proto.address import ip_address
+from ntp_probe.proto.address import ip_address, needs_zone
 
 _T = TypeVar("_T")
 
@@ -66,7 +73,11 @@ async def prepare(target: Target, port: int, ctx: ProbeContext, *, preferred: st
     if refused(ctx, ctx.guard.refuse(target.host)):
         return None
     started = time.perf_counter()
-    resolved = literal(target.host)
+    try:
+        resolved = literal_of(target.host, preferred, fallback)
+    except ResolveError as exc:
+        _unresolved(target, str(exc), ctx)
+        return None
     if resolved is None:
         resolved = await _looked_up(target, ctx, resolve(target.host, preferred, fallback),
                                     ctx.deadline if until is None else until, window)
@@ -74,19 +85,15 @@ async def prepare(target: Target, port: int, ctx: ProbeContext, *, preferred: st
             return None
     else:
         ctx.measurement.add(common.DNS_LOOKUP, time.perf_counter() - started)
-        if not fallback and resolved.family != FAMILIES[preferred]:
-            _not_of_family(target, preferred, ctx)
-            return None
     ctx.log(f"resolved {target.host} -> {resolved.address}"
             f"{' (cached)' if resolved.cached else ''}")
     return resolved if admit(target, resolved, port, ctx) else None
 
 
-def _not_of_family(target: Target, preferred: str, ctx: ProbeContext) -> None:
-    """An address literal of the other family with ip_protocol_fallback off: a resolve
-    failure with no address, as blackbox's ("unable to find ip; no fallback")."""
-    why = (f"{target.host} is not an {preferred} address, and ip_protocol_fallback is off "
-           "(the module probes that family only)")
+def _unresolved(target: Target, why: str, ctx: ProbeContext) -> None:
+    """``target`` has no address to probe: failure ``resolve``, and IP gauges of 0, as
+    blackbox's read when its resolution fails (dashboards that show the IP version or join
+    on the hash see the failure, not a gap)."""
     ctx.log(f"resolve {target.host}: {why}")
     ctx.measurement.add(common.IP_PROTOCOL, 0)
     ctx.measurement.add(common.IP_ADDR_HASH, 0)
@@ -110,21 +117,17 @@ async def _looked_up(target: Target, ctx: ProbeContext, lookup: Coroutine[Any, A
             lookup.close()  # never awaited: not even started
         m = ctx.measurement
         m.add(common.DNS_LOOKUP, time.perf_counter() - started)
-        # No address: 0, as blackbox's gauges read when its resolution fails (dashboards
-        # that show the IP version or join on the hash see the failure, not a gap).
-        m.add(common.IP_PROTOCOL, 0)
-        m.add(common.IP_ADDR_HASH, 0)
         if isinstance(exc, TimeoutError) and room < window:
             # A scrape-timeout header of a few milliseconds: even an instant answer would
             # have left no time for a request, so neither the resolver nor the server is
             # to blame (as for an IP target with that budget).
             ctx.log(f"resolve {target.host}: no time left to look it up and send a "
                     "request: nothing sent")
+            m.add(common.IP_PROTOCOL, 0)
+            m.add(common.IP_ADDR_HASH, 0)
             m.fail(Reason.LOCAL_ERROR, NO_TIME)
             return None
-        why = str(exc) or "timed out"
-        ctx.log(f"resolve {target.host}: {why}")
-        m.fail(Reason.RESOLVE, why)
+        _unresolved(target, str(exc) or "timed out", ctx)
         return None
     ctx.measurement.add(common.DNS_LOOKUP, time.perf_counter() - started)
     return found
@@ -153,7 +156,7 @@ def _unscoped(address: str, ctx: ProbeContext) -> bool:
     """Whether ``address`` is an IPv6 link-local address without its interface (the
     failure recorded): the kernel would pick whichever interface's route comes first, and
     a silence there would blame the server."""
-    if "%" in address or ":" not in address or not ip_address(address).is_link_local:
+    if not needs_zone(address):
         return False
     why = (f"the link-local address {address} needs its interface ({address}%eth0): "
            "nothing sent")
@@ -192,6 +195,11 @@ async def prepare_all(target: Target, ctx: ProbeContext, limit: int, until: floa
     of the other family fails, as in blackbox)."""
     if refused(ctx, ctx.guard.refuse(target.host)):
         return None
+    try:
+        literal_of(target.host, preferred, fallback)
+    except ResolveError as exc:
+        _unresolved(target, str(exc), ctx)
+        return None
     family = FAMILIES[preferred]
     # Without fallback only the preferred family is asked for (the other's answer, slow
     # or lost, must not hold up a probe that never uses it).
@@ -202,15 +210,10 @@ async def prepare_all(target: Target, ctx: ProbeContext, limit: int, until: floa
     if not fallback:
         skipped = [r for r in found if r.family != family]
         found = [r for r in found if r.family == family]
-        if not found and literal(target.host) is not None:
-            _not_of_family(target, preferred, ctx)
-            return None
         if not found:
-            ctx.log(f"resolve {target.host}: no {preferred} address "
-                    f"(ip_protocol_fallback is off; {len(skipped)} of the other family)")
-            ctx.measurement.add(common.IP_PROTOCOL, 0)  # as for any failed resolution
-            ctx.measurement.add(common.IP_ADDR_HASH, 0)
-            ctx.measurement.fail(Reason.RESOLVE, f"no {preferred} address")
+            ctx.log(f"{target.host}: {len(skipped)} addresses, none {preferred} "
+                    "(ip_protocol_fallback is off)")
+            _unresolved(target, f"no {preferred} address", ctx)
             return None
         if skipped:
             ctx.log(f"{target.host}: {len(skipped)} addresses not {preferred} left out "

@@ -45,6 +45,17 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     return None
 
 
+def needs_zone(address: str) -> bool:
+    """Whether ``address`` is an IPv6 link-local address written without its interface
+    (``fe80::1``, not ``fe80::1%eth0``): no route says which interface it is on."""
+    if "%" in address or ":" not in address:
+        return False
+    try:
+        return ip_address(address).is_link_local
+    except ValueError:
+        return False
+
+
 def zone_scope(address: str) -> int | None:
     """The scope id of a link-local address's numeric zone (``fe80::1%2`` -> 2), the one
     a datagram's source gives apart from its address; None without a numeric zone."""
