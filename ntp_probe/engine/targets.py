@@ -46,30 +46,25 @@ def _parse_port(text: str) -> int:
     return int(text)
 
 
-def _interface_index(zone: str) -> int:
-    try:
-        return int(zone) if zone.isdigit() else socket.if_nametoindex(zone)
-    except OSError:
-        raise TargetError(f"zone {_short(zone)} names no interface") from None
-
-
 def _canonical_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
                        zone: str | None) -> str:
     """One spelling per destination: IPv4-mapped IPv6 as IPv4, a zone only where it means
-    something (link-local), as the interface's index."""
+    something (link-local). The zone stays as written (a number without leading zeros):
+    which interface it names is looked up for each probe, so an interface that comes
+    later or is recreated with another index (a VPN, a USB NIC) is found, and one that is
+    not there fails that probe (local_error), not the request."""
     if zone is not None:
         if ip.version != 6 or not _ZONE_RE.match(zone):
             raise TargetError("a zone (%interface) only goes with an IPv6 address")
-        index = _interface_index(zone)
-        try:
-            socket.if_indextoname(index)
-        except (OSError, OverflowError, ValueError):
-            raise TargetError(f"zone {_short(zone)} names no interface") from None
+        if zone.isdigit():
+            if int(zone) > 0xFFFFFFFF:
+                raise TargetError(f"zone {_short(zone)} is no interface index")
+            zone = str(int(zone))
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return str(ip.ipv4_mapped)
         if zone is not None and ip.is_link_local:
-            return f"{ip}%{index}"
+            return f"{ip}%{zone}"
     return str(ip)
 
 

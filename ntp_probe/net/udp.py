@@ -143,6 +143,24 @@ def sockaddr_for(address: str, port: int, family: int) -> SockAddr:
     return (address, port)
 
 
+def zone_index(address: str) -> str:
+    """``address`` with its zone as the interface's index now (``fe80::1%eth0`` ->
+    ``fe80::1%2``), the form the kernel and a datagram's source give; unchanged without a
+    zone. Looked up for each probe, never kept: an interface recreated with another index
+    (a VPN, a USB NIC) is found again. OSError (ENODEV) when the zone names no interface
+    of this host."""
+    host, sep, zone = address.partition("%")
+    if not sep:
+        return address
+    try:
+        index = int(zone) if zone.isdigit() else socket.if_nametoindex(zone)
+        socket.if_indextoname(index)  # a number must name an interface too
+    except (OSError, OverflowError, ValueError):
+        raise OSError(errno.ENODEV, f"{address}: its zone names no interface of this "
+                      "host") from None
+    return f"{host}%{index}"
+
+
 def _offender(sockaddr: bytes) -> str | None:
     """The address of whoever sent an ICMP error: the sockaddr the kernel appends to
     struct sock_extended_err (SO_EE_OFFENDER), or None when it gives none."""

@@ -28,6 +28,7 @@ from ntp_probe.net.resolve import (
     resolve,
     resolve_all,
 )
+from ntp_probe.net.udp import zone_index
 from ntp_probe.probers.pacing import MIN_REPLY_WINDOW
 from ntp_probe.proto.address import ip_address, needs_zone
 
@@ -87,7 +88,7 @@ async def prepare(target: Target, port: int, ctx: ProbeContext, *, preferred: st
         ctx.measurement.add(common.DNS_LOOKUP, time.perf_counter() - started)
     ctx.log(f"resolved {target.host} -> {resolved.address}"
             f"{' (cached)' if resolved.cached else ''}")
-    return resolved if admit(target, resolved, port, ctx) else None
+    return admit(target, resolved, port, ctx)
 
 
 def _unresolved(target: Target, why: str, ctx: ProbeContext) -> None:
@@ -133,36 +134,51 @@ async def _looked_up(target: Target, ctx: ProbeContext, lookup: Coroutine[Any, A
     return found
 
 
-def admit(target: Target, resolved: Resolved, port: int, ctx: ProbeContext) -> bool:
-    """The checks on a resolved address (see :func:`allowed`). The IP gauges once the
-    policy permits the address, a backoff included (as blackbox, right after resolution:
-    a dashboard joined on them keeps the target through a KoD's 24 hours)."""
+def admit(target: Target, resolved: Resolved, port: int,
+          ctx: ProbeContext) -> Resolved | None:
+    """The checks on a resolved address (see :func:`allowed`): the address to send to (a
+    zone as its interface's index), or None with the failure recorded. The IP gauges once
+    the policy permits the address, a backoff included (as blackbox, right after
+    resolution: a dashboard joined on them keeps the target through a KoD's 24 hours)."""
     if refused(ctx, ctx.guard.refuse(target.host, resolved.address)):
-        return False
+        return None
     ctx.measurement.add(common.IP_PROTOCOL, resolved.ip_protocol)
     ctx.measurement.add(common.IP_ADDR_HASH, ip_hash(resolved.address))
-    return not _unscoped(resolved.address, ctx) and _no_backoff(resolved.address, port, ctx)
+    return _sendable(resolved, port, ctx)
 
 
-def allowed(host: str, address: str, port: int, ctx: ProbeContext) -> bool:
+def allowed(host: str, resolved: Resolved, port: int, ctx: ProbeContext) -> Resolved | None:
     """The policy again on the address (a permitted name may point at a denied address),
-    then any KoD backoff from that server; the failure recorded when it may not be sent to."""
-    if refused(ctx, ctx.guard.refuse(host, address)):
-        return False
-    return not _unscoped(address, ctx) and _no_backoff(address, port, ctx)
+    then its interface and any KoD backoff from that server: the address to send to, or
+    None with the failure recorded when it may not be sent to."""
+    if refused(ctx, ctx.guard.refuse(host, resolved.address)):
+        return None
+    return _sendable(resolved, port, ctx)
 
 
-def _unscoped(address: str, ctx: ProbeContext) -> bool:
-    """Whether ``address`` is an IPv6 link-local address without its interface (the
-    failure recorded): the kernel would pick whichever interface's route comes first, and
-    a silence there would blame the server."""
-    if not needs_zone(address):
-        return False
-    why = (f"the link-local address {address} needs its interface ({address}%eth0): "
-           "nothing sent")
-    ctx.log(why)
-    ctx.measurement.fail(Reason.LOCAL_ERROR, why)
-    return True
+def _sendable(resolved: Resolved, port: int, ctx: ProbeContext) -> Resolved | None:
+    """``resolved`` with its zone as the interface's index, unless it has no usable
+    interface or a KoD backoff holds the server back (the failure recorded). The backoff
+    is looked up by the index, so that every spelling of the zone shares one memory."""
+    address = resolved.address
+    if needs_zone(address):
+        # The kernel would pick whichever interface's route comes first, and a silence
+        # there would blame the server.
+        why = (f"the link-local address {address} needs its interface ({address}%eth0): "
+               "nothing sent")
+        ctx.log(why)
+        ctx.measurement.fail(Reason.LOCAL_ERROR, why)
+        return None
+    if "%" in address:
+        try:
+            address = zone_index(address)
+        except OSError as exc:
+            why = f"{exc.strerror}: nothing sent"
+            ctx.log(why)
+            ctx.measurement.fail(Reason.LOCAL_ERROR, why)
+            return None
+        resolved = Resolved(address, resolved.family, resolved.cached)
+    return resolved if _no_backoff(address, port, ctx) else None
 
 
 def _no_backoff(address: str, port: int, ctx: ProbeContext) -> bool:

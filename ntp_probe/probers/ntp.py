@@ -663,8 +663,9 @@ async def _probe_every_address(target: Target, settings: NTPSettings, port: int,
                 for r in found]
 
     async def one(resolved: Resolved, child: ProbeContext) -> None:
-        if common.admit(target, resolved, port, child):
-            await _burst_to(resolved, port, settings, until, child)
+        admitted = common.admit(target, resolved, port, child)
+        if admitted is not None:
+            await _burst_to(admitted, port, settings, until, child)
 
     await asyncio.gather(*(one(r, c) for r, c in zip(found, children, strict=True)))
     for resolved, child in zip(found, children, strict=True):

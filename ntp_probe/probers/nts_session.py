@@ -542,10 +542,12 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
         if server is None:
             return m
         # The negotiated server passes the same checks as a target: policy, KoD backoff.
-        if not common.allowed(session.server or target.host, server.address, port, ctx):
+        admitted = common.allowed(session.server or target.host, server, port, ctx)
+        if admitted is None:
             _hold_back_key_exchange(None, (state.ke_server, ke_port), (server.address, port),
                                     ctx)
             return m
+        server = admitted
         burst = ntp.Burst()
         await _authenticated_burst(server, port, settings, session, burst, until, ctx,
                                    reservation)

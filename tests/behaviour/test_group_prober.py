@@ -509,6 +509,9 @@ def test_a_group_is_bounded_and_names_known_groups() -> None:
         resolve_target(config, module, "192.0.2.1,192.0.2.1")
     with pytest.raises(TargetError, match="a link-local address needs its interface"):
         resolve_target(config, module, "192.0.2.1,[fe80::1]:123")
+    # An interface not there yet is each probe's matter (local_error), not the list's.
+    listed = resolve_target(config, module, "192.0.2.1,[fe80::1%nosuch0]:123")
+    assert str(listed) == "192.0.2.1,[fe80::1%nosuch0]:123"
     with pytest.raises(TargetError, match="invalid target"):
         resolve_target(config, module, "192.0.2.1,,192.0.2.2")
     # A group's name in a list is not a host name to look up.

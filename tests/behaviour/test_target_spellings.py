@@ -74,17 +74,33 @@ def test_numbers_the_resolver_would_read_as_addresses_are_rejected(raw: str) -> 
     ("[::1%1]:123", "[::1]:123"),
     ("[::1%01]:123", "[::1]:123"),
     ("[::1%lo]", "[::1]"),
-    ("[fe80::1%lo]:123", "[fe80::1%1]:123"),
+    ("[::1%nosuchif]", "[::1]"),  # a zone means nothing off link-local
     ("[fe80::1%01]:123", "[fe80::1%1]:123"),
 ])
 def test_spellings_of_one_server_are_one_target(spelling: str, canonical: str) -> None:
     assert str(parse_target(spelling)) == canonical
 
 
-@pytest.mark.parametrize("raw", ["[::1%4294967295]:123", "[fe80::1%999999]", "[::1%nosuchif]"])
-def test_a_zone_that_names_no_interface_is_rejected(raw: str) -> None:
-    with pytest.raises(TargetError, match="names no interface"):
-        parse_target(raw)
+def test_a_zone_past_any_interface_index_is_rejected() -> None:
+    with pytest.raises(TargetError, match="is no interface index"):
+        parse_target("[fe80::1%4294967296]:123")
+
+
+@pytest.mark.parametrize("zone", ["nosuch0", "999999", "0"])
+async def test_a_zone_that_names_no_interface_fails_the_probe_not_the_request(
+    zone: str, aiohttp_client: AiohttpClient, tmp_path: Path,
+) -> None:
+    # The interface may come later (a VPN, a USB NIC): the request is well formed, and
+    # its probe says why it sent nothing.
+    client, _ = await start(aiohttp_client, tmp_path / "m.yaml", config_text(module_yaml("m")))
+    resp = await client.get("/probe", params={"target": f"[fe80::1%{zone}]:123",
+                                              "module": "m", "debug": "true"})
+    text = await resp.text()
+    assert resp.status == 200, text
+    assert "probe_success 0" in text
+    assert "verdict: failure (local_error)" in text
+    assert f"fe80::1%{zone}: its zone names no interface of this host" in text
+    assert "nothing sent" in text
 
 
 async def test_kod_deny_holds_for_every_spelling_of_the_server(

@@ -30,9 +30,11 @@ from ntp_probe.proto.address import ip_address
         ("a-b.c-d", "a-b.c-d", None, "a-b.c-d"),
         ("  host:123  ", "host", 123, "host:123"),  # surrounding blanks ignored
         ("host:0123", "host", 123, "host:123"),
-        # A link-local zone is kept, as the interface's index (lo is 1 on Linux).
-        ("fe80::1%lo", "fe80::1%1", None, "[fe80::1%1]"),
-        ("[fe80::1%lo]:123", "fe80::1%1", 123, "[fe80::1%1]:123"),
+        # A link-local zone is kept as written (its interface is looked up for each
+        # probe), a number without leading zeros.
+        ("fe80::1%lo", "fe80::1%lo", None, "[fe80::1%lo]"),
+        ("[fe80::1%eth9]:123", "fe80::1%eth9", 123, "[fe80::1%eth9]:123"),
+        ("[fe80::1%007]:123", "fe80::1%7", 123, "[fe80::1%7]:123"),
     ],
 )
 def test_parse_target_valid(raw: str, host: str, port: int | None, text: str) -> None:
