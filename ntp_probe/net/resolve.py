@@ -172,26 +172,80 @@ class HostsFile:
         self._names = {name: tuple(found) for name, found in names.items()}
 
 
-def _reachable_first(found: _Addresses) -> _Addresses:
-    """The hosts file's addresses with those this host has no route to last, as the C
-    library's getaddrinfo (and Go's resolver) sort them (RFC 6724's first rule: avoid
-    unusable destinations); otherwise in file order. A connected UDP socket sends
-    nothing: connect() only asks the routing table."""
+# RFC 6724's default policy table: (prefix, precedence, label), IPv4 as IPv4-mapped IPv6.
+_POLICY = tuple((ipaddress.IPv6Network(net), precedence, label) for net, precedence, label in (
+    ("::1/128", 50, 0), ("::ffff:0:0/96", 35, 4), ("2002::/16", 30, 2), ("2001::/32", 5, 5),
+    ("fc00::/7", 3, 13), ("::/96", 1, 3), ("fec0::/10", 1, 11), ("3ffe::/16", 1, 12),
+    ("::/0", 40, 1)))
+_POLICY = tuple(sorted(_POLICY, key=lambda entry: -entry[0].prefixlen))  # longest match first
+_LINK_SCOPE, _SITE_SCOPE, _GLOBAL_SCOPE = 2, 5, 14
+
+
+def _as_ipv6(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv6Address:
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
+    return ip
+
+
+def _policy(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[int, int]:
+    """(precedence, label) of an address in RFC 6724's default policy table."""
+    mapped = _as_ipv6(ip)
+    return next((p, label) for net, p, label in _POLICY if mapped in net)
+
+
+def _scope(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
+    """An address's scope (RFC 6724 section 3.1): IPv4 loopback and link-local
+    addresses are link scope, as Go and the C library read them."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return _LINK_SCOPE if ip.is_loopback or ip.is_link_local else _GLOBAL_SCOPE
+    if ip.is_multicast:
+        return ip.packed[1] & 0x0F
+    if ip.is_loopback or ip.is_link_local:
+        return _LINK_SCOPE
+    if ip.is_site_local:
+        return _SITE_SCOPE
+    return _GLOBAL_SCOPE
+
+
+def _source(family: int, address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The source address this host would send to ``address`` from, or None when it has
+    no route there. A connected UDP socket sends nothing: connect() only asks the
+    routing table."""
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((address, 9))
+            return ip_address(str(probe.getsockname()[0]).split("%", 1)[0])
+        except (OSError, ValueError):
+            return None
+
+
+def _common_prefix(a: ipaddress.IPv6Address, b: ipaddress.IPv6Address) -> int:
+    """Leading bits two IPv6 addresses share, up to the 64 of a prefix (as Go counts)."""
+    differ = (int(a) ^ int(b)) >> 64
+    return 64 - differ.bit_length()
+
+
+def _rfc6724_sorted(found: _Addresses) -> _Addresses:
+    """A name's addresses of one family in the order Go's resolver (blackbox's) gives
+    them: RFC 6724's destination rules 1 (no route last), 2 (matching scope), 5
+    (matching label), 6 (higher precedence), 8 (smaller scope) and, for IPv6 only as Go
+    applies it, 9 (longest prefix shared with the source); the order found where they
+    tie (the rules about the source's state, 3, 4 and 7, tell nothing apart here)."""
     if len(found) < 2:
         return found
-    usable = []
-    for fam, address in found:
-        with socket.socket(fam, socket.SOCK_DGRAM) as probe:
-            try:
-                probe.connect((address, 9))
-            except OSError:
-                usable.append(False)
-            else:
-                usable.append(True)
-    if all(usable):
-        return found
-    return tuple(f for f, ok in zip(found, usable, strict=True) if ok) + tuple(
-        f for f, ok in zip(found, usable, strict=True) if not ok)
+
+    def key(entry: tuple[int, str]) -> tuple[int, ...]:
+        fam, address = entry
+        dest = ip_address(address.split("%", 1)[0])
+        source = _source(fam, address)
+        if source is None:
+            return (1,)
+        precedence, label = _policy(dest)
+        prefix = (_common_prefix(dest, source) if isinstance(dest, ipaddress.IPv6Address)
+                  and isinstance(source, ipaddress.IPv6Address) else 0)
+        return (0, _scope(dest) != _scope(source), label != _policy(source)[1], -precedence,
+                _scope(dest), -prefix)
+    return tuple(sorted(found, key=key))
 
 
 def _files_first(nsswitch: str = "/etc/nsswitch.conf") -> bool:
@@ -256,7 +310,7 @@ class Resolver:
                 if not local:
                     raise ResolveError("the hosts file lists no address of that family",
                                        no_address=True)
-                return _reachable_first(local), False
+                return _rfc6724_sorted(local), False
         key = (host, family)
         hit = self._all.get(key)
         if hit is not None:
@@ -332,7 +386,9 @@ def _getaddrinfo_all(host: str, family: int) -> _Addresses:
             out.append((fam, str(sockaddr[0])))
     if not out:
         raise ResolveError("no address", no_address=True)
-    return tuple(out)
+    # The C library sorted them by RFC 3484's table (a unique local address before a
+    # global one, IPv4 by shared prefix); Go's order, which blackbox probes, is RFC 6724's.
+    return _rfc6724_sorted(tuple(out))
 
 
 async def _of_family(resolver: Resolver, host: str, family: int) -> list[Resolved]:
