@@ -155,6 +155,17 @@ def require_binary(name: str) -> str:
     pytest.skip(reason)
 
 
+def require_namespaces() -> None:
+    """Skip (or fail when CI requires integration) unless this process may make network
+    and mount namespaces: root, unshare (util-linux) and ip (iproute2)."""
+    if os.geteuid() == 0 and shutil.which("unshare") and shutil.which("ip"):
+        return
+    reason = "namespaces need root, unshare (util-linux) and ip (iproute2)"
+    if integration_required():
+        pytest.fail(f"{reason} ({REQUIRE_INTEGRATION_ENV}=1 makes this fatal)", pytrace=False)
+    pytest.skip(reason)
+
+
 def free_udp_port() -> int:
     """A UDP port on 127.0.0.1 that was free a moment ago (bind 0, read it, close)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

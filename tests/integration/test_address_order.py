@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import integration_required
+from tests.conftest import require_namespaces
 
 pytestmark = pytest.mark.integration
 
@@ -75,12 +74,7 @@ asyncio.run(main())
 
 
 def test_a_names_addresses_come_in_go_s_rfc_6724_order(tmp_path: Path) -> None:
-    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
-        reason = "network and mount namespaces need root, unshare (util-linux) and ip (iproute2)"
-        if integration_required():
-            pytest.fail(f"{reason} (NTP_PROBE_REQUIRE_INTEGRATION=1 makes this fatal)",
-                        pytrace=False)
-        pytest.skip(reason)
+    require_namespaces()
     (tmp_path / "hosts").write_text(HOSTS)
     # DNS first, but the namespace's resolver is no one (nothing listens on its
     # loopback): every name is answered from the hosts file by the C library.

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import integration_required
+from tests.conftest import require_namespaces
 
 pytestmark = pytest.mark.integration
 
@@ -46,12 +45,7 @@ asyncio.run(main())
 
 
 def test_a_link_local_source_address_is_bound_on_its_interface() -> None:
-    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
-        reason = "a network namespace needs root, unshare (util-linux) and ip (iproute2)"
-        if integration_required():
-            pytest.fail(f"{reason} (NTP_PROBE_REQUIRE_INTEGRATION=1 makes this fatal)",
-                        pytrace=False)
-        pytest.skip(reason)
+    require_namespaces()
     setup = "ip link set lo up && ip -6 addr add fe80::1/64 dev lo nodad && exec \"$@\""
     done = subprocess.run(
         ["unshare", "--net", "sh", "-c", setup, "sh", sys.executable, "-c", SCRIPT],
@@ -121,12 +115,7 @@ def test_a_zone_is_looked_up_for_each_probe() -> None:
     parsed: an interface recreated with another index is found again, one that is gone
     fails the probe (local_error, nothing sent) rather than the request, and the zone's
     name and index share one KoD memory."""
-    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
-        reason = "a network namespace needs root, unshare (util-linux) and ip (iproute2)"
-        if integration_required():
-            pytest.fail(f"{reason} (NTP_PROBE_REQUIRE_INTEGRATION=1 makes this fatal)",
-                        pytrace=False)
-        pytest.skip(reason)
+    require_namespaces()
     done = subprocess.run(
         ["unshare", "--net", sys.executable, "-c", ZONES],
         capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
