@@ -245,7 +245,10 @@ def _rfc6724_sorted(found: _Addresses) -> _Addresses:
                   and isinstance(source, ipaddress.IPv6Address) else 0)
         return (0, _scope(dest) != _scope(source), label != _policy(source)[1], -precedence,
                 _scope(dest), -prefix)
-    return tuple(sorted(found, key=key))
+    try:
+        return tuple(sorted(found, key=key))
+    except OSError:  # no socket to ask the routing table with (out of descriptors)
+        return found
 
 
 def _files_first(nsswitch: str = "/etc/nsswitch.conf") -> bool:

@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import math
+import os
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -26,6 +29,8 @@ from ntp_probe.net.resolve import (
     resolve,
     resolve_all,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Lookups:
@@ -477,3 +482,23 @@ async def test_a_literal_of_the_other_family_without_fallback_is_no_address() ->
         assert exc.value.no_address and "ip_protocol_fallback is off" in str(exc.value)
         assert (await resolve(host, preferred, fallback=True)).address == host.removeprefix(
             "::ffff:")
+
+
+def test_addresses_stay_as_found_when_no_socket_can_ask_the_routing_table() -> None:
+    # Out of descriptors, the order cannot be judged: the name still resolves.
+    script = (
+        "import os, resource, socket\n"
+        "from ntp_probe.net.resolve import _rfc6724_sorted\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+        "held = []\n"
+        "try:\n"
+        "    while True:\n"
+        "        held.append(os.open('/dev/null', os.O_RDONLY))\n"
+        "except OSError:\n"
+        "    pass\n"
+        "found = ((socket.AF_INET, '255.255.255.255'), (socket.AF_INET, '127.0.0.7'))\n"
+        "print(_rfc6724_sorted(found) == found)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=30, check=False, cwd=ROOT, env={**os.environ,
+                                                                  "PYTHONPATH": str(ROOT)})
+    assert done.stdout.strip() == "True", done.stderr
