@@ -373,13 +373,18 @@ def test_encode_packet_with_extensions_and_mac_round_trips() -> None:
         (1, b"X\0\0\0", "X"),
         (1, b"\x01\x02\x03\x04", "01020304"),
         (1, b"\0\0\0\0", "00000000"),
-        (1, b"A B\0", "41204200"),  # space is not a printable refid character
+        (1, b"A B\0", "A B"),  # printable as isprint() reads it: space included
+        (1, b"A\tB\0", "41094200"),
         (1, b"\0GPS", "00475053"),  # only trailing NULs are padding
         (0, b"\xffABC", "ff414243"),
         (2, b"\x7f\x7f\x01\x01", "127.127.1.1"),
         (3, b"\xc0\x00\x02\x01", "192.0.2.1"),
-        (15, b"GPS\0", "71.80.83.0"),  # stratum >= 2 is always dotted
-        (16, b"\0\0\0\0", "0.0.0.0"),
+        (15, b"GPS\0", "71.80.83.0"),  # stratum 2-15 is always dotted
+        (16, b"INIT", "INIT"),  # unsynchronised: text, as ntpd's REFID_ISTEXT
+        (16, b"STEP", "STEP"),
+        (255, b"XFAC", "XFAC"),
+        (16, b"\0\0\0\0", "00000000"),
+        (16, b"\x7f\0\0\x01", "7f000001"),
     ],
 )
 def test_format_refid(stratum: int, refid: bytes, text: str) -> None:
@@ -395,6 +400,8 @@ def test_format_refid(stratum: int, refid: bytes, text: str) -> None:
         (0, b"INIT", "INIT"),
         (0, b"X\0\0\0", "X"),  # NUL-padded short code
         (0, b"AB\0\0", "AB"),
+        (0, b"A B ", "A B "),  # space is printable (isprint)
+        (0, b"A\x7fB\0", None),
         (0, b"\0\0\0\0", None),  # an unsynchronised chrony, not a KoD
         (0, b"\x01\x02\x03\x04", None),
         (0, b"\0ABC", None),

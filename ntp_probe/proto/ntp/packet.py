@@ -268,8 +268,10 @@ def frac_to_seconds(frac: int) -> float:
 
 
 def _printable_code(refid: bytes) -> str | None:
+    # Printable as C's isprint() reads it (space included): a stratum-0 packet with such a
+    # refid is a kiss code, whose timestamps must never be used.
     code = refid.rstrip(b"\0")
-    if code and all(0x21 <= c <= 0x7E for c in code):
+    if code and all(0x20 <= c <= 0x7E for c in code):
         return code.decode("ascii")
     return None
 
@@ -285,12 +287,14 @@ def kiss_code(stratum: int, refid: bytes) -> str | None:
 
 
 def format_refid(stratum: int, refid: bytes) -> str:
-    """Refid as text: ASCII for stratum 0/1, dotted IPv4 for stratum >= 2, hex otherwise.
+    """Refid as text: ASCII for stratum 0/1 and 16 and above (ntpd's REFID_ISTEXT: an
+    unsynchronised server's state, such as INIT or STEP), dotted IPv4 for stratum 2-15,
+    hex when the text is not printable.
 
-    At stratum >= 2 an IPv6 upstream's refid is the first 4 octets of its address's MD5;
+    At stratum 2-15 an IPv6 upstream's refid is the first 4 octets of its address's MD5;
     it is shown dotted as ntpq and chronyc do.
     """
-    if stratum <= 1:
+    if stratum <= 1 or stratum >= 16:
         code = _printable_code(refid)
         return code if code is not None else refid.hex()
     return ".".join(str(b) for b in refid)
