@@ -256,7 +256,10 @@ def test_root_distance_formula() -> None:
                                 root_dispersion=seconds_to_short(0.25)), UNIX_2025 * NS)
     assert ticked.measured_delay < 0
     assert ticked.root_distance == 0.5 / 2 + 0.25
-    assert causality_violation(ticked.offset, ticked.delay) == abs(ticked.offset)
+    # The violation takes the measured delay: max(T1 - T2, T3 - T4), node_exporter's
+    # MinError, not |offset| alone (which the clamped delay would give).
+    assert causality_violation(ticked.offset, ticked.measured_delay) == pytest.approx(
+        0.5 + 2**-6 - 2**-10, abs=1e-9)
     s = make_sample(out=2**-8, hold=0.0, back=2**-8,
                     root_delay=seconds_to_short(0.5), root_dispersion=seconds_to_short(0.25))
     assert s.root_distance == (2**-7 + 0.5) / 2 + 0.25
@@ -434,6 +437,18 @@ def test_local_module_causality_rule() -> None:
     bad = make_sample(server_ahead=2**-7, out=2**-10, hold=0.0, back=2**-10)
     assert causality_violation(bad.offset, bad.delay) == 2**-7 - 2**-10
     assert check(bad, local) == "causality_violation"
+
+
+def test_a_negative_delay_within_the_precision_does_not_hide_a_causality_violation() -> None:
+    # A coarse server clock: T3 - T2 = 1.5 ms claimed over a 51 us round trip, offset 0.
+    # δ measured -1.45 ms is within its precision (2^-6 s), so δ counts as 0 for the root
+    # distance, but T3 - T4 = 1.47 ms is node_exporter's MinError: past local's 1 ms.
+    local = dataclasses.replace(LIMITS, max_root_distance=3.46608, max_causality_violation=0.001)
+    coarse = make_sample(out=0.0000255, hold=0.0015, back=-0.0014745, precision=-6)
+    assert coarse.delay == 0.0 and coarse.delay_plausible
+    assert causality_violation(coarse.offset, coarse.measured_delay) == pytest.approx(
+        coarse.offset + abs(coarse.measured_delay) / 2, abs=1e-9)
+    assert check(coarse, local) == "causality_violation"
 
 
 def test_check_follows_contract_order() -> None:

@@ -131,8 +131,10 @@ def causality_violation(offset: float, delay: float) -> float:
     """Positive part of |offset| - delay/2 (node_exporter's sanity rule).
 
     An offset larger than half the round trip cannot be explained by path asymmetry:
-    one of the two clocks is wrong by at least this much. ``delay`` is never negative
-    (:attr:`Sample.delay`).
+    one of the two clocks is wrong by at least this much. ``delay`` is the measured δ
+    (:attr:`Sample.measured_delay`), negative ones included: the result is then
+    max(T1 - T2, T3 - T4, 0), node_exporter's MinError, whatever the sign of δ (the
+    clamped δ would understate it by half of a negative δ).
     """
     return max(0.0, abs(offset) - delay / 2)
 
@@ -219,7 +221,7 @@ def check(sample: Sample, limits: SanityLimits) -> Failed | None:
     if limits.max_root_distance > 0 and sample.root_distance > limits.max_root_distance:
         return Failed("excess_root_distance", f"root distance {sample.root_distance:.6f} s > "
                       f"max_root_distance {limits.max_root_distance:g} s")
-    violation = causality_violation(sample.offset, sample.delay)
+    violation = causality_violation(sample.offset, sample.measured_delay)
     if limits.max_causality_violation > 0 and violation > limits.max_causality_violation:
         return Failed("causality_violation", f"|offset| - rtt/2 = {violation:.6f} s > "
                       f"max_causality_violation {limits.max_causality_violation:g} s")
