@@ -128,6 +128,7 @@ class Burst:
     received: int = 0  # replies that passed the packet checks, KoD included
     discarded: int = 0
     samples: list[maths.Sample] = field(default_factory=list)
+    numbers: list[int] = field(default_factory=list)  # each sample's number in the burst
     kod: ntp.Packet | None = None
     unreachable: str | None = None
     # Discards past the first few are counted by reason rather than logged one by one:
@@ -160,7 +161,8 @@ class NTPReport:
     leap: int | None = None
     version: int | None = None
     root_distance: float | None = None
-    samples: tuple[tuple[float, float, bool], ...] = ()  # (offset, rtt, selected)
+    # (number in the burst as the log counts, offset, rtt, selected)
+    samples: tuple[tuple[int, float, float, bool], ...] = ()
     # The selected sample's first failed check (stratum ... offset_exceeded), whatever
     # reason ranks first in the probe's verdict (a Kiss-o'-Death after it outranks it).
     failed_check: str | None = None
@@ -188,7 +190,7 @@ class NTPReport:
         rows.append(("samples", f"{self.received} of {self.sent} answered"))
         if self.kiss_code is not None:
             rows.append(("kiss code", self.kiss_code))
-        for i, (offset, rtt, selected) in enumerate(self.samples, 1):
+        for i, offset, rtt, selected in self.samples:
             rows.append((f"{'*' if selected else ' '} sample {i}",
                          f"offset {offset:+.9f} s, rtt {rtt:.9f} s"))
         return rows
@@ -218,8 +220,8 @@ class NTPReport:
             "rtt_seconds": self.rtt, "jitter_seconds": self.jitter, "stratum": self.stratum,
             "refid": self.refid, "leap": self.leap, "version": self.version,
             "root_distance_seconds": self.root_distance, "kiss_code": self.kiss_code,
-            "samples": [{"offset_seconds": o, "rtt_seconds": r, "selected": s}
-                        for o, r, s in self.samples],
+            "samples": [{"sample": i, "offset_seconds": o, "rtt_seconds": r, "selected": s}
+                        for i, o, r, s in self.samples],
         }
 
 
@@ -436,6 +438,7 @@ def take_sample(burst: Burst, i: int, p: ntp.Packet, t1_ns: int, t4_ns: int, tx_
             f"({s.delay_tolerance * 1e6:.3f}us)")
         return None
     burst.samples.append(s)
+    burst.numbers.append(i + 1)
     burst.tx_kernel &= tx_kernel
     burst.rx_kernel &= rx_kernel
     return s
@@ -553,7 +556,8 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
     m.reports.append(NTPReport(
         server[0], server[1], burst.sent, burst.received, offset, delay, jitter, p.stratum,
         refid, p.leap, p.version, root_distance,
-        tuple((s.offset, s.delay, s is best) for s in burst.samples),
+        tuple((n, s.offset, s.delay, s is best)
+              for n, s in zip(burst.numbers, burst.samples, strict=True)),
         None if failed is None else str(failed), kiss,
     ))
     if near_leap:

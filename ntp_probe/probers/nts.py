@@ -102,7 +102,7 @@ class NTSReport:
     ntp_port: int | None
     authenticated: int
     offset: float | None = None
-    samples: tuple[tuple[float, float, bool], ...] = field(default=())
+    samples: tuple[tuple[int, float, float, bool], ...] = field(default=())
 
     @property
     def title(self) -> str:
@@ -158,8 +158,8 @@ class NTSReport:
             "cookies_received": self.cookies_received, "ntp_server": self.ntp_server,
             "ntp_port": self.ntp_port, "authenticated_samples": self.authenticated,
             "offset_seconds": self.offset,
-            "samples": [{"offset_seconds": o, "rtt_seconds": r, "selected": s}
-                        for o, r, s in self.samples],
+            "samples": [{"sample": i, "offset_seconds": o, "rtt_seconds": r, "selected": s}
+                        for i, o, r, s in self.samples],
         }
 
 

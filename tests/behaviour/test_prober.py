@@ -514,6 +514,11 @@ async def test_partial_loss(fake_ntp: FakeNTPServer) -> None:
     assert counts(result) == (4, 3, 0.25)
     await fake_ntp.drain()
     assert len(fake_ntp.requests) == 4
+    # Each sample keeps its number in the burst, as the log counts them.
+    assert [s["sample"] for s in ntp_samples(result)] == [1, 3, 4]
+    assert "sample 2: no reply" in log.text()
+    rows = [k for k, _ in result.reports[0].rows() if "sample " in k]
+    assert [r.split()[-1] for r in rows] == ["1", "3", "4"]
 
 
 @pytest.mark.parametrize(
