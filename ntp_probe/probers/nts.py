@@ -45,6 +45,12 @@ SSL_LAST_CHAIN_EXPIRY = Family(
     "Earliest notAfter within the verified chain (the presented chain when it did not "
     "verify), as a Unix time.",
 )
+SSL_LAST_CHAIN_INFO = Family(
+    "probe_ssl_last_chain_info",
+    "The NTS-KE server's leaf certificate: SHA-256 fingerprint, issuer, subject and DNS "
+    "names, as blackbox_exporter writes them.",
+    ("fingerprint_sha256", "issuer", "subject", "subjectalternative"),
+)
 TLS_VERSION = Family("probe_tls_version_info", "TLS version of the NTS-KE connection.",
                      ("version",))
 TLS_CIPHER = Family("probe_tls_cipher_info", "Cipher suite of the NTS-KE connection.",

@@ -31,11 +31,13 @@ from ntp_probe.probers.nts import (
     NTP_SERVER_INFO,
     SSL_EARLIEST_EXPIRY,
     SSL_LAST_CHAIN_EXPIRY,
+    SSL_LAST_CHAIN_INFO,
     TLS_CIPHER,
     TLS_VERSION,
     NTSReport,
 )
 from ntp_probe.probers.pacing import MIN_REPLY_WINDOW, Pace, least_window
+from ntp_probe.proto import certinfo
 from ntp_probe.proto.ntp import client as rules
 from ntp_probe.proto.ntp import packet as ntppkt
 from ntp_probe.proto.nts import ef, ke
@@ -148,6 +150,11 @@ def _certificates(client: TLSClient, ctx: ProbeContext,
         log(f"certificate {depth}: subject {cert.subject.rfc4514_string()}, issuer "
             f"{cert.issuer.rfc4514_string()}, notAfter "
             f"{cert.not_valid_after_utc.isoformat()}")
+    if sent and not isinstance(sent[0], str):
+        try:
+            m.add(SSL_LAST_CHAIN_INFO, 1, *certinfo.leaf_labels(sent[0]))
+        except ValueError as exc:  # a name that cannot be read: no labels to give
+            log(f"certificate 0: its names cannot be read ({exc})")
     chain = [c for c in sent if not isinstance(c, str)]
     if chain:
         state.earliest_expiry = min(c.not_valid_after_utc.timestamp() for c in chain)
@@ -238,11 +245,11 @@ async def _key_exchange(resolved: Resolved, port: int, nts: NTSSettings, ctx: Pr
                     _log_record(log, "received", record)
             records = decoder.finish()
             m.add(KE_DURATION, time.perf_counter() - started, "records")
-            # Each cookie once: repeats are dropped (a cookie is sent once only).
-            state.cookies_received = len(
-                {r.body for r in records if r.record_type == ke.RecordType.NEW_COOKIE})
-            m.add(COOKIES_RECEIVED, state.cookies_received)
             response = ke.validate_response(records, nts.aead)
+            # Counted once the response is accepted: a refused one's cookies are none the
+            # probe may use (RFC 8915 4.1.3). Each cookie once: it is sent once only.
+            state.cookies_received = len(set(response.cookies))
+            m.add(COOKIES_RECEIVED, state.cookies_received)
             state.aead = response.aead_id
             m.add(AEAD_ALGORITHM, response.aead_id)
             key_length = ef.aead_algorithm(response.aead_id).key_length
@@ -272,6 +279,7 @@ async def _key_exchange(resolved: Resolved, port: int, nts: NTSSettings, ctx: Pr
         return None
     except ke.KEFailure as exc:
         log(f"NTS-KE response rejected ({exc.reason}): {exc}")
+        m.add(COOKIES_RECEIVED, 0)
         m.fail(_KE_REASONS.get(exc.reason, Reason.NTS_KE_MALFORMED), str(exc))
         return None
     finally:

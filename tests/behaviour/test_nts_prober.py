@@ -415,6 +415,8 @@ AEAD = ke.Record(4, b"\0\x0f", True)
 
 @pytest.mark.parametrize(("records", "reason"), [
     (_records(ke.Record(2, b"\0\x01", True), EOM), Reason.NTS_KE_ERROR),
+    (_records(NP, AEAD, ke.Record(2, b"\0\x01", True), ke.Record(5, b"c" * 50), EOM),
+     Reason.NTS_KE_ERROR),  # cookies beside an error are none to use
     (_records(NP, ke.Record(4, b"", True), EOM), Reason.NTS_NO_COMMON_AEAD),
     (_records(NP, AEAD, EOM), Reason.NTS_NO_COOKIES),
     (_records(NP, AEAD, ke.Record(5, b"c" * 50)), Reason.NTS_KE_MALFORMED),  # no EOM
@@ -429,6 +431,8 @@ async def test_ke_responses(fake: FakeNTS, pki: PKI, records: Records,
     assert m.failure is reason, log.text()
     assert m.failure_detail, "the KE rejection's words are the failure's detail"
     assert fake.requests == []  # no NTP packet after a failed KE
+    # A refused response's cookies are none the probe may use (RFC 8915 4.1.3).
+    assert value(m, "probe_nts_cookies_received") == 0
 
 
 async def test_fuzzed_ke_records_never_crash(fake: FakeNTS, pki: PKI) -> None:

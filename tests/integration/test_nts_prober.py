@@ -31,6 +31,7 @@ from tests.conftest import (
     LOOPBACK,
     free_tcp_port,
     free_udp_port,
+    label_sets,
     probe,
     raw_ntp_query,
     require_binary,
@@ -214,6 +215,11 @@ async def test_good_certificate_authenticated_burst(servers: Fixture) -> None:
     assert value(m, "probe_ssl_earliest_cert_expiry") == expiry
     # The verified chain ends in the CA, which outlives the leaf: the leaf is the earliest.
     assert value(m, "probe_ssl_last_chain_expiry_timestamp_seconds") == expiry
+    # The leaf chronyd served, labelled as blackbox_exporter labels it.
+    assert label_sets(m, "probe_ssl_last_chain_info") == [{
+        "fingerprint_sha256": servers.good.cert.fingerprint(hashes.SHA256()).hex(),
+        "issuer": "CN=ntp-probe-test-ca", "subject": "CN=localhost",
+        "subjectalternative": "localhost"}]
     for phase in ("connect", "tls", "records"):
         d = value(m, "probe_nts_ke_duration_seconds", phase=phase)
         assert d is not None and 0 < d < 2

@@ -1,0 +1,93 @@
+"""A certificate's labels as blackbox_exporter writes them (``probe_ssl_last_chain_info``).
+
+The expected texts are what Debian's prometheus-blackbox-exporter 0.23 printed for the same
+certificate (a tcp/tls probe of a server presenting it, 2026-12-03): Go's
+``pkix.Name.String()``, which regroups the attribute types it knows into a fixed order and
+prints the others as an OID with the hex of their DER.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from ipaddress import IPv4Address
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from ntp_probe.proto.certinfo import dns_names, go_name, leaf_labels
+
+RDN = x509.RelativeDistinguishedName
+A = x509.NameAttribute
+
+
+def _name(*rdns: list[x509.NameAttribute[str]]) -> x509.Name:
+    return x509.Name([RDN(r) for r in rdns])
+
+
+CA_NAME = _name([A(NameOID.COUNTRY_NAME, "DE")], [A(NameOID.ORGANIZATION_NAME, "Test CA; Inc")],
+                [A(NameOID.COMMON_NAME, "ca")])
+SUBJECT = _name(
+    [A(NameOID.DOMAIN_COMPONENT, "net")],
+    [A(NameOID.DOMAIN_COMPONENT, "example")],
+    [A(NameOID.COUNTRY_NAME, "DE")],
+    [A(NameOID.ORGANIZATION_NAME, "Zeit, Inc.")],
+    [A(NameOID.ORGANIZATIONAL_UNIT_NAME, "b"), A(NameOID.ORGANIZATIONAL_UNIT_NAME, "a")],
+    [A(NameOID.COMMON_NAME, "first")],
+    [A(NameOID.EMAIL_ADDRESS, "ops@example.net")],
+    [A(NameOID.LOCALITY_NAME, " #lead+trail ")],
+    [A(NameOID.COMMON_NAME, "#localhost")],
+    [A(NameOID.SERIAL_NUMBER, "42")],
+    [A(NameOID.ORGANIZATIONAL_UNIT_NAME, "Zeitdienst \u00e4<>")],
+    [A(NameOID.USER_ID, "x*y&z")],
+)
+# What blackbox printed for SUBJECT: the last CN only, every OU in one RDN (sorted into
+# Go's order, the multi-valued RDN's members reversed with the rest), '*' and '&' making a
+# UTF8String, the unknown types last in reverse order.
+GO_SUBJECT = (
+    "SERIALNUMBER=42,CN=\\#localhost,OU=a+OU=b+OU=Zeitdienst \u00e4\\<\\>,O=Zeit\\, Inc.,"
+    "L=\\ #lead\\+trail\\ ,C=DE,0.9.2342.19200300.100.1.1=#0c05782a79267a,"
+    "1.2.840.113549.1.9.1=#0c0f6f7073406578616d706c652e6e6574,"
+    "0.9.2342.19200300.100.1.25=#13076578616d706c65,0.9.2342.19200300.100.1.25=#13036e6574"
+)
+
+
+def _leaf(san: list[x509.GeneralName] | None) -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    builder = (x509.CertificateBuilder().subject_name(SUBJECT).issuer_name(CA_NAME)
+               .public_key(key.public_key()).serial_number(7)
+               .not_valid_before(now - dt.timedelta(days=1))
+               .not_valid_after(now + dt.timedelta(days=20)))
+    if san is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return builder.sign(key, hashes.SHA256())
+
+
+def test_labels_are_blackboxs() -> None:
+    cert = _leaf([x509.DNSName("localhost"), x509.IPAddress(IPv4Address("127.0.0.1")),
+                  x509.DNSName("ntp.example")])
+    fingerprint, issuer, subject, san = leaf_labels(cert)
+    assert fingerprint == cert.fingerprint(hashes.SHA256()).hex()
+    assert issuer == "CN=ca,O=Test CA\\; Inc,C=DE"
+    assert subject == GO_SUBJECT
+    assert san == "localhost,ntp.example"  # DNS names only, in order
+
+
+def test_no_alternative_names_is_an_empty_label() -> None:
+    assert dns_names(_leaf(None)) == []
+    assert leaf_labels(_leaf(None))[3] == ""
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    (_name(), ""),
+    (_name([A(NameOID.COMMON_NAME, "a b")]), "CN=a b"),  # inner space kept as is
+    (_name([A(NameOID.COMMON_NAME, "x" * 64)]), "CN=" + "x" * 64),
+    # A long value's DER has a long-form length.
+    (_name([A(NameOID.EMAIL_ADDRESS, "a@" + "b" * 200)]),
+     "1.2.840.113549.1.9.1=#0c81ca" + ("a@" + "b" * 200).encode().hex()),
+])
+def test_go_name(name: x509.Name, text: str) -> None:
+    assert go_name(name) == text
