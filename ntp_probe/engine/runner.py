@@ -32,10 +32,12 @@ def probe_timeout(module_timeout: float, header: str | None, offset: float) -> f
     """blackbox's rule: min(module timeout, header - offset); the module timeout alone
     without the header.
 
-    When the offset would eat the whole scrape timeout, half of it is the bound instead:
-    the other half is left for the answer to reach the scraper, so a probe still never
-    outlives its scrape (blackbox falls back to the module timeout there). An empty header
-    counts as none, as in blackbox.
+    The offset leaves at most half the scrape timeout: below twice the offset, half the
+    scrape timeout is the bound, the other half left for the answer to reach the scraper.
+    So a probe never outlives its scrape (blackbox falls back to the module timeout when
+    the offset eats it all) and a longer scrape timeout never gives a shorter probe
+    (``header - offset`` alone would fall to nothing just above the offset). An empty
+    header counts as none, as in blackbox.
     """
     if header is None or not header.strip():
         return module_timeout
@@ -47,8 +49,7 @@ def probe_timeout(module_timeout: float, header: str | None, offset: float) -> f
         raise TimeoutHeaderError(f"invalid {SCRAPE_TIMEOUT_HEADER} header {header!r}") from None
     if not math.isfinite(scrape) or scrape <= 0:
         raise TimeoutHeaderError(f"invalid {SCRAPE_TIMEOUT_HEADER} header {header!r}")
-    budget = scrape - offset if scrape - offset > 0 else scrape / 2
-    return min(module_timeout, budget)
+    return min(module_timeout, max(scrape - offset, scrape / 2))
 
 
 def limit_probe_sockets(limit: int | None) -> None:

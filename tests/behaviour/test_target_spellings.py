@@ -168,8 +168,9 @@ async def polite_client(aiohttp_client: AiohttpClient, tmp_path: Path, fake_ntp:
     params = {"target": f"127.0.0.1:{fake_ntp.port}", "module": "m"}
 
     def get(budget: float | None) -> Any:
+        # The budget is max(header - 0.5, header / 2): the header that gives ``budget``.
         headers = {} if budget is None else {
-            "X-Prometheus-Scrape-Timeout-Seconds": f"{0.5 + budget:.4f}"}
+            "X-Prometheus-Scrape-Timeout-Seconds": f"{min(0.5 + budget, 2 * budget):.4f}"}
         return client.get("/probe", params=params, headers=headers)
 
     return get

@@ -33,6 +33,12 @@ from tests.contract import VALID_SAMPLE_METRICS
         # for the answer (the whole header made scrapes time out now and then).
         (10.0, "0.3", 0.5, 0.15),
         (10.0, "0.5", 0.5, 0.25),  # offset equal to the header: same rule
+        # Up to twice the offset, still half: header - offset would fall to nothing just
+        # above the offset, a shorter probe for a longer scrape timeout.
+        (10.0, "0.501", 0.5, 0.2505),
+        (10.0, "0.75", 0.5, 0.375),
+        (10.0, "1", 0.5, 0.5),  # where the two rules meet
+        (10.0, "1.2", 0.5, 0.7),
         (0.1, "0.3", 0.5, 0.1),
         (10.0, "10", 0.0, 10.0),
         (10.0, " 4.5 ", 0.5, 4.0),  # surrounding blanks tolerated
@@ -70,6 +76,12 @@ def test_probe_timeout_never_exceeds_header_or_module() -> None:
         for module in (0.1, 1.0, 5.0, 10.0):
             t = probe_timeout(module, header, 0.5)
             assert 0 < t <= module and t < float(header)
+
+
+def test_a_longer_scrape_timeout_never_gives_a_shorter_probe() -> None:
+    budgets = [probe_timeout(10.0, f"{ms / 1000}", 0.5) for ms in range(1, 3001)]
+    assert budgets == sorted(budgets)
+    assert min(budgets[500:]) >= 0.25  # past the offset, never less than at it
 
 
 # --- format_value -------------------------------------------------------------------
