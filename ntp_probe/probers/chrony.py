@@ -377,8 +377,9 @@ class ChronyReport:
                 ("reference", f"{t.refid} ({t.name})"),
                 ("stratum", str(t.stratum)),
                 # From the exact nanoseconds, as chronyc -c prints it (a float has ~0.2 us).
-                ("ref time", f"{t.ref_time_ns // 1_000_000_000}."
-                             f"{t.ref_time_ns % 1_000_000_000:09d}"),
+                ("ref time", f"{'-' if t.ref_time_ns < 0 else ''}"
+                             f"{abs(t.ref_time_ns) // 1_000_000_000}."
+                             f"{abs(t.ref_time_ns) % 1_000_000_000:09d}"),
                 ("system time", f"{t.system_time:+.9f} s"),
                 ("last offset", f"{t.last_offset:+.9f} s"),
                 ("rms offset", f"{t.rms_offset:.9f} s"),

@@ -121,6 +121,7 @@ class FakeChronyd:
     stratum: int = 3
     leap: int = 0
     refid: int = 0xC0000201
+    ref_time_high: int = 0
     ref_time: int = 1_790_000_000
     ref_time_nsec: int = 500_000_000
     system_time: float = 0.0009765625  # chronyc: 0.000976562 seconds slow of NTP time
@@ -145,7 +146,7 @@ class FakeChronyd:
                   self.update_interval)
         return header(req, RPY_TRACKING) + struct.pack(
             ">I20sHHIII9I", self.refid, ipv4("192.0.2.1"), self.stratum, self.leap,
-            0, self.ref_time, self.ref_time_nsec, *(cfloat(f) for f in floats))
+            self.ref_time_high, self.ref_time, self.ref_time_nsec, *(cfloat(f) for f in floats))
 
     def answer(self, req: Req) -> bytes:
         """chronyd's reply to ``req``."""
@@ -259,14 +260,20 @@ def entries(directory: Path) -> list[str]:
 # --- tests ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("high", "low", "nsec", "text"), [
+    (0, 1_796_230_089, 722_889_395, "1796230089.722889395"),
+    # Before 1970 (a hostile or broken daemon): -2^32 s + 5 ns, the sign before both parts.
+    (0xFFFFFFFF, 0, 5, "-4294967295.999999995"),
+])
 async def test_the_text_report_shows_the_reference_time_to_the_nanosecond(
-        fake: FakeCommandPort) -> None:
+        fake: FakeCommandPort, high: int, low: int, nsec: int, text: str) -> None:
     # As chronyc -c prints it: a float of 1.8e9 seconds has no nanoseconds to spare.
-    fake.chronyd.ref_time, fake.chronyd.ref_time_nsec = 1_796_230_089, 722_889_395
+    fake.chronyd.ref_time_high, fake.chronyd.ref_time = high, low
+    fake.chronyd.ref_time_nsec = nsec
     m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
     report = chrony.report_of(m)
     assert report is not None, log.text()
-    assert ("ref time", "1796230089.722889395") in report.rows()
+    assert ("ref time", text) in report.rows()
 
 
 async def test_an_unanswered_sourcestats_leaves_only_its_statistics_out(
