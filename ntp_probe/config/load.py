@@ -145,6 +145,11 @@ def _no_base_60(kind: str) -> Any:
 
 _Loader.add_constructor("tag:yaml.org,2002:int", _no_base_60("int"))
 _Loader.add_constructor("tag:yaml.org,2002:float", _no_base_60("float"))
+# An unquoted date or time stays text, as Go's YAML reads it into a string field: the
+# schema then checks it with its key and line (PyYAML's own conversion raised "day is out
+# of range for month" with neither, and read `description: 2024-12-01` as a date).
+_Loader.add_constructor("tag:yaml.org,2002:timestamp",
+                        lambda loader, node: str(node.value))
 
 
 def _position(mark: Any) -> Position:

@@ -632,6 +632,27 @@ def test_values_that_would_break_later_are_bounded_at_load(line: str, why: str) 
         parse("modules:\n  m:\n" + line)
 
 
+@pytest.mark.parametrize(("value", "why"), [
+    ("2024-02-30T00:00:00Z", "invalid RFC 3339 time '2024-02-30T00:00:00Z'"),
+    ("2024-13-01T00:00:00Z", "invalid RFC 3339 time '2024-13-01T00:00:00Z'"),
+    ("2024-01-01T00:00:00+25:00", "invalid RFC 3339 time '2024-01-01T00:00:00+25:00'"),
+    ("2024-1-1", "invalid RFC 3339 time '2024-1-1'"),  # a YAML 1.1 date, not RFC 3339
+])
+def test_an_impossible_unquoted_time_names_its_line_and_key(value: str, why: str) -> None:
+    text = "modules:\n  m:\n    ntp:\n      min_plausible_time: " + value + "\n" \
+        "  n:\n    timeout: 6m\n"
+    with pytest.raises(ConfigError) as exc:
+        parse(text)
+    problems = str(exc.value)
+    assert f":4:7: modules.m.ntp.min_plausible_time: {why}" in problems, problems
+    assert "modules.n.timeout" in problems  # the rest of the file is still checked
+
+
+def test_an_unquoted_date_is_text_where_text_is_meant() -> None:
+    config = parse("modules:\n  m:\n    prober: ntp\n    description: 2024-12-01\n")
+    assert config.modules["m"].description == "2024-12-01"
+
+
 def test_names_are_taken_as_written_not_as_yaml_1_1_values() -> None:
     names = ["off", "yes", "010", "1_000", "~", "1", "true"]
     text = "modules:\n" + "".join(f"  {n}:\n    prober: ntp\n" for n in names)
