@@ -188,13 +188,9 @@ class Time:
 
     def parse(self, value: object, key: str) -> float:
         """Parse and check."""
-        if isinstance(value, dt.datetime):
-            stamp = value
-        elif isinstance(value, dt.date):
-            stamp = dt.datetime(value.year, value.month, value.day)
-        elif isinstance(value, str):
-            # RFC 3339 (its T and Z in either case; no offset is UTC, as YAML reads an
-            # unquoted time), or a date alone; not the other forms fromisoformat takes
+        if isinstance(value, str):  # the loader keeps an unquoted time as its text
+            # RFC 3339 (its T and Z in either case; no offset is UTC, as YAML 1.1 reads
+            # an unquoted time), or a date alone; not the other forms fromisoformat takes
             # (week dates, the basic format, minutes without seconds).
             text = value.strip()
             try:
@@ -213,8 +209,7 @@ class Time:
         except OverflowError:
             in_range = False
         if not in_range:
-            shown = value if isinstance(value, str) else stamp.isoformat()
-            raise ConfigError(f"{key}: time {show(shown)} is outside 1970-01-02..9999-01-01")
+            raise ConfigError(f"{key}: time {show(value)} is outside 1970-01-02..9999-01-01")
         return stamp.timestamp()
 
     def dump(self, value: Any) -> object:
