@@ -171,10 +171,32 @@ def _load(path: str | None, *, serving: bool = True) -> Config | None:
     return config
 
 
+_COMMANDS = ("serve", "probe", "check")
+_SHARED_FLAGS = ("--config.file", "--log.level", "--log.format")
+
+
+def command_first(argv: list[str]) -> list[str]:
+    """``argv`` with its command first: the flags every command takes (``--config.file``,
+    ``--log.level``, ``--log.format``) may come before it, as git's global options do
+    (``ntp-probe --config.file X probe T`` is ``ntp-probe probe --config.file X T``)."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word in _SHARED_FLAGS:
+            i += 2  # the flag and its value
+        elif "=" in word and word.split("=", 1)[0] in _SHARED_FLAGS:
+            i += 1
+        else:
+            break
+    if 0 < i < len(argv) and argv[i] in _COMMANDS:
+        return [argv[i], *argv[:i], *argv[i + 1:]]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None, hangup: EarlyHangup | None = None) -> int:
     """The command line's work: the exit status of ``ntp-probe ARGV``; ``hangup``: the
     console script's note of a SIGHUP that came while it loaded (the exporter's)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = command_first(list(sys.argv[1:] if argv is None else argv))
     if argv and argv[0] == "check":
         # A plugin's output is its one status line: logging goes to stderr, errors only.
         logs.setup("error", "logfmt")

@@ -10,6 +10,7 @@ import pytest
 from ntp_probe.cli.check import check_parser
 from ntp_probe.cli.main import (
     DEFAULT_LISTEN,
+    command_first,
     listen_addresses,
     main,
     probe_parser,
@@ -219,3 +220,25 @@ def test_an_empty_web_config_flag_is_no_web_config(capsys: pytest.CaptureFixture
     # exporter-toolkit's default is "": a unit's --web.config.file=${VAR} with VAR unset.
     assert main(["--config.check", "--web.config.file="]) == 0
     assert "configuration OK" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("argv", "run"), [
+    (["--config.file", "m.yaml", "probe", "t"], ["probe", "--config.file", "m.yaml", "t"]),
+    (["--log.level=debug", "--config.file=m.yaml", "check", "-H", "h"],
+     ["check", "--log.level=debug", "--config.file=m.yaml", "-H", "h"]),
+    (["--log.format", "json", "serve"], ["serve", "--log.format", "json"]),
+    # Only the shared flags move with it; anything else before a command stays an error.
+    (["--web.listen-address", ":1", "probe", "t"], ["--web.listen-address", ":1", "probe", "t"]),
+    (["--config.file", "probe"], ["--config.file", "probe"]),  # a file named probe
+    (["--config.file", "probe", "check"], ["check", "--config.file", "probe"]),
+    (["probe", "--config.file", "m.yaml", "t"], ["probe", "--config.file", "m.yaml", "t"]),
+])
+def test_the_shared_flags_may_come_before_the_command(argv: list[str], run: list[str]) -> None:
+    assert command_first(argv) == run
+
+
+def test_a_probe_with_its_config_file_named_first_runs_as_a_probe(tmp_path: Path) -> None:
+    # A configuration error is 2 for probe (1 for the exporter): the command ran.
+    (tmp_path / "bad.yaml").write_text("modules: [\n")
+    assert main(["--config.file", str(tmp_path / "bad.yaml"), "probe", "127.0.0.1"]) == 2
+    assert main(["--config.file", str(tmp_path / "bad.yaml")]) == 1
