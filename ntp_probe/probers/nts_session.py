@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives import serialization
+
 from ntp_probe.config.schema import Module, NTPSettings, NTSSettings
 from ntp_probe.engine.context import ProbeContext
 from ntp_probe.engine.result import NO_TIME, Measurement, Reason
@@ -147,14 +149,15 @@ def _certificates(client: TLSClient, ctx: ProbeContext,
             unreadable = unreadable or f"certificate {depth} cannot be read ({cert})"
             log(f"certificate {depth}: cannot be read ({cert})")
             continue
-        log(f"certificate {depth}: subject {cert.subject.rfc4514_string()}, issuer "
-            f"{cert.issuer.rfc4514_string()}, notAfter "
-            f"{cert.not_valid_after_utc.isoformat()}")
-    if sent and not isinstance(sent[0], str):
+        der = cert.public_bytes(serialization.Encoding.DER)
         try:
-            m.add(SSL_LAST_CHAIN_INFO, 1, *certinfo.leaf_labels(sent[0]))
-        except ValueError as exc:  # a name that cannot be read: no labels to give
-            log(f"certificate 0: its names cannot be read ({exc})")
+            issuer, subject = certinfo.names(der)
+            if depth == 0:
+                m.add(SSL_LAST_CHAIN_INFO, 1, *certinfo.leaf_labels(der))
+        except certinfo.CertificateError as exc:  # OpenSSL took it: only its names are lost
+            issuer = subject = f"(cannot be read: {exc})"
+        log(f"certificate {depth}: subject {subject}, issuer {issuer}, notAfter "
+            f"{cert.not_valid_after_utc.isoformat()}")
     chain = [c for c in sent if not isinstance(c, str)]
     if chain:
         state.earliest_expiry = min(c.not_valid_after_utc.timestamp() for c in chain)

@@ -13,11 +13,11 @@ from ipaddress import IPv4Address
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from ntp_probe.proto.certinfo import dns_names, go_name, leaf_labels
+from ntp_probe.proto.certinfo import CertificateError, go_name, leaf_labels, names
 
 RDN = x509.RelativeDistinguishedName
 A = x509.NameAttribute
@@ -54,30 +54,29 @@ GO_SUBJECT = (
 )
 
 
-def _leaf(san: list[x509.GeneralName] | None) -> x509.Certificate:
+def _leaf(san: list[x509.GeneralName] | None, subject: x509.Name = SUBJECT) -> bytes:
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
-    builder = (x509.CertificateBuilder().subject_name(SUBJECT).issuer_name(CA_NAME)
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(CA_NAME)
                .public_key(key.public_key()).serial_number(7)
                .not_valid_before(now - dt.timedelta(days=1))
                .not_valid_after(now + dt.timedelta(days=20)))
     if san is not None:
         builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-    return builder.sign(key, hashes.SHA256())
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
 
 def test_labels_are_blackboxs() -> None:
-    cert = _leaf([x509.DNSName("localhost"), x509.IPAddress(IPv4Address("127.0.0.1")),
-                  x509.DNSName("ntp.example")])
-    fingerprint, issuer, subject, san = leaf_labels(cert)
-    assert fingerprint == cert.fingerprint(hashes.SHA256()).hex()
+    der = _leaf([x509.DNSName("localhost"), x509.IPAddress(IPv4Address("127.0.0.1")),
+                 x509.DNSName("ntp.example")])
+    fingerprint, issuer, subject, san = leaf_labels(der)
+    assert fingerprint == x509.load_der_x509_certificate(der).fingerprint(hashes.SHA256()).hex()
     assert issuer == "CN=ca,O=Test CA\\; Inc,C=DE"
     assert subject == GO_SUBJECT
     assert san == "localhost,ntp.example"  # DNS names only, in order
 
 
 def test_no_alternative_names_is_an_empty_label() -> None:
-    assert dns_names(_leaf(None)) == []
     assert leaf_labels(_leaf(None))[3] == ""
 
 
@@ -90,4 +89,42 @@ def test_no_alternative_names_is_an_empty_label() -> None:
      "1.2.840.113549.1.9.1=#0c81ca" + ("a@" + "b" * 200).encode().hex()),
 ])
 def test_go_name(name: x509.Name, text: str) -> None:
-    assert go_name(name) == text
+    assert names(_leaf(None, subject=name))[1] == text
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    return bytes((tag, len(body))) + body
+
+
+def _raw_name(*atvs: tuple[bytes, int, bytes]) -> bytes:
+    """A Name's DER contents that cryptography would refuse to build: one RDN for each
+    (OID DER, string tag, value bytes)."""
+    return b"".join(_der(0x31, _der(0x30, _der(0x06, oid) + _der(tag, value)))
+                    for oid, tag, value in atvs)
+
+
+CN, ORG, SERIAL = (bytes((0x55, 0x04, n)) for n in (3, 10, 5))
+
+
+@pytest.mark.parametrize(("atvs", "text"), [
+    # Go (and OpenSSL) take a wildcard in a PrintableString; cryptography refuses it.
+    ([(CN, 0x13, b"*.example.net")], "CN=*.example.net"),
+    # A T61String's Latin-1 byte is not UTF-8: Go prints U+FFFD for it.
+    ([(CN, 0x14, b"M\xfcller")], "CN=M\ufffdller"),
+    ([(CN, 0x1E, "Zeit".encode("utf-16-be"))], "CN=Zeit"),  # BMPString
+    # Go leaves out an empty CN or serial number and keeps the last CN only, even an
+    # empty one; an empty O it prints (blackbox 0.23 printed these).
+    ([(SERIAL, 0x13, b""), (CN, 0x0C, b"n"), (ORG, 0x0C, b"o")], "CN=n,O=o"),
+    ([(CN, 0x0C, b"real"), (CN, 0x0C, b"")], ""),
+    ([(ORG, 0x0C, b"")], "O="),
+])
+def test_names_are_read_as_leniently_as_go_reads_them(
+        atvs: list[tuple[bytes, int, bytes]], text: str) -> None:
+    assert go_name(_raw_name(*atvs)) == text
+
+
+@pytest.mark.parametrize("der", [b"", b"\x30", b"\x30\x03\x02\x01", b"\x04\x00",
+                                 b"\x30\x84\xff\xff\xff\xff"])
+def test_what_is_no_certificate_is_an_error_not_a_crash(der: bytes) -> None:
+    with pytest.raises(CertificateError):
+        leaf_labels(der)
