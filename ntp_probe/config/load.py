@@ -13,6 +13,7 @@ error message quotes more than a line of a value.
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import os
 import re
@@ -34,6 +35,7 @@ from ntp_probe.config.schema import (
     ConfigError,
     Duration,
     Module,
+    UnquotedTime,
     format_duration,
     group_key,
     show,
@@ -145,11 +147,23 @@ def _no_base_60(kind: str) -> Any:
 
 _Loader.add_constructor("tag:yaml.org,2002:int", _no_base_60("int"))
 _Loader.add_constructor("tag:yaml.org,2002:float", _no_base_60("float"))
-# An unquoted date or time stays text, as Go's YAML reads it into a string field: the
-# schema then checks it with its key and line (PyYAML's own conversion raised "day is out
-# of range for month" with neither, and read `description: 2024-12-01` as a date).
-_Loader.add_constructor("tag:yaml.org,2002:timestamp",
-                        lambda loader, node: str(node.value))
+def _timestamp(loader: _Loader, node: Any) -> UnquotedTime:
+    # An unquoted date or time stays text, as Go's YAML reads it into a string field,
+    # with what YAML 1.1 reads in it: the schema then checks it with its key and line
+    # (PyYAML's conversion raised "day is out of range for month" with neither, and read
+    # `description: 2024-12-01` as a date).
+    text = UnquotedTime(node.value)
+    try:
+        stamp = yaml.SafeLoader.construct_yaml_timestamp(loader, node)
+    except (ValueError, OverflowError):
+        return text
+    if not isinstance(stamp, dt.datetime):  # a date alone: its midnight, UTC
+        stamp = dt.datetime(stamp.year, stamp.month, stamp.day)
+    text.stamp = stamp
+    return text
+
+
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", _timestamp)
 
 
 def _position(mark: Any) -> Position:

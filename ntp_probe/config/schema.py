@@ -182,13 +182,23 @@ _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}"
                       r"(?:[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})?)?")
 
 
+class UnquotedTime(str):
+    """An unquoted YAML 1.1 timestamp, kept as its text (where text is meant, a
+    description, it is that), with the time YAML 1.1 reads in it: None when it names no
+    real time (2024-02-30), for :class:`Time` to refuse with its key and line."""
+
+    stamp: dt.datetime | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Time:
     """An RFC 3339 time, as Unix seconds."""
 
     def parse(self, value: object, key: str) -> float:
         """Parse and check."""
-        if isinstance(value, str):  # the loader keeps an unquoted time as its text
+        if isinstance(value, UnquotedTime) and value.stamp is not None:
+            stamp = value.stamp  # YAML 1.1's forms, as the file has always been read
+        elif isinstance(value, str):
             # RFC 3339 (its T and Z in either case; no offset is UTC, as YAML 1.1 reads
             # an unquoted time), or a date alone; not the other forms fromisoformat takes
             # (week dates, the basic format, minutes without seconds).

@@ -636,7 +636,6 @@ def test_values_that_would_break_later_are_bounded_at_load(line: str, why: str) 
     ("2024-02-30T00:00:00Z", "invalid RFC 3339 time '2024-02-30T00:00:00Z'"),
     ("2024-13-01T00:00:00Z", "invalid RFC 3339 time '2024-13-01T00:00:00Z'"),
     ("2024-01-01T00:00:00+25:00", "invalid RFC 3339 time '2024-01-01T00:00:00+25:00'"),
-    ("2024-1-1", "invalid RFC 3339 time '2024-1-1'"),  # a YAML 1.1 date, not RFC 3339
 ])
 def test_an_impossible_unquoted_time_names_its_line_and_key(value: str, why: str) -> None:
     text = "modules:\n  m:\n    ntp:\n      min_plausible_time: " + value + "\n" \
@@ -646,6 +645,21 @@ def test_an_impossible_unquoted_time_names_its_line_and_key(value: str, why: str
     problems = str(exc.value)
     assert f":4:7: modules.m.ntp.min_plausible_time: {why}" in problems, problems
     assert "modules.n.timeout" in problems  # the rest of the file is still checked
+
+
+@pytest.mark.parametrize("value", [
+    # YAML 1.1's forms of an unquoted time, read as they always were (not RFC 3339's).
+    "2024-01-01 01:00:00 +01:00", "2024-01-01T00:00:00 Z", "2024-01-01T01:00:00+01",
+    "2024-1-1T00:00:00Z", "2024-01-01    00:00:00Z",
+])
+def test_an_unquoted_yaml_time_is_read_as_yaml_reads_it(value: str) -> None:
+    cfg = parse(module_yaml(f"      min_plausible_time: {value}\n"))
+    assert cfg.modules["m"].ntp.min_plausible_time == JAN_2024
+
+
+def test_quoted_the_same_forms_must_be_rfc_3339() -> None:
+    with pytest.raises(ConfigError, match="invalid RFC 3339 time"):
+        parse(module_yaml("      min_plausible_time: '2024-1-1T00:00:00Z'\n"))
 
 
 def test_an_unquoted_date_is_text_where_text_is_meant() -> None:
