@@ -15,6 +15,7 @@ from ntp_probe.proto.ntp.packet import (
 )
 from ntp_probe.proto.ntp.sample import (
     COARSEST_CLOCK,
+    Failed,
     Sample,
     SanityLimits,
     causality_violation,
@@ -449,6 +450,8 @@ def test_a_negative_delay_within_the_precision_does_not_hide_a_causality_violati
     assert causality_violation(coarse.offset, coarse.measured_delay) == pytest.approx(
         coarse.offset + abs(coarse.measured_delay) / 2, abs=1e-9)
     assert check(coarse, local) == "causality_violation"
+    failed = check(coarse, local)
+    assert isinstance(failed, Failed) and "with the rtt as measured, -0.001449 s" in failed.why
 
 
 def test_check_follows_contract_order() -> None:

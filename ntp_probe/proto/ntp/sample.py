@@ -223,8 +223,10 @@ def check(sample: Sample, limits: SanityLimits) -> Failed | None:
                       f"max_root_distance {limits.max_root_distance:g} s")
     violation = causality_violation(sample.offset, sample.measured_delay)
     if limits.max_causality_violation > 0 and violation > limits.max_causality_violation:
-        return Failed("causality_violation", f"|offset| - rtt/2 = {violation:.6f} s > "
-                      f"max_causality_violation {limits.max_causality_violation:g} s")
+        measured = ("" if sample.measured_delay >= 0 else
+                    f" (with the rtt as measured, {sample.measured_delay:.6f} s)")
+        return Failed("causality_violation", f"|offset| - rtt/2 = {violation:.6f} s{measured} "
+                      f"> max_causality_violation {limits.max_causality_violation:g} s")
     if limits.fail_if_offset_exceeds > 0 and abs(sample.offset) > limits.fail_if_offset_exceeds:
         return Failed("offset_exceeded", f"|offset| {abs(sample.offset):.6f} s > "
                       f"fail_if_offset_exceeds {limits.fail_if_offset_exceeds:g} s")
