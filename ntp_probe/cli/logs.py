@@ -6,6 +6,8 @@ import json
 import logging
 import sys
 import time
+import warnings
+from typing import TextIO
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
           "error": logging.ERROR}
@@ -84,6 +86,12 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(data)
 
 
+def _log_warning(message: Warning | str, category: type[Warning], filename: str,
+                 lineno: int, file: TextIO | None = None, line: str | None = None) -> None:
+    logging.getLogger("py.warnings").warning("%s: %s (%s:%d)", category.__name__, message,
+                                             filename, lineno)
+
+
 def setup(level: str, fmt: str) -> None:
     """Configure the root logger to write to stderr."""
     handler = logging.StreamHandler(sys.stderr)
@@ -91,5 +99,8 @@ def setup(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(LEVELS[level])
+    # A library's warnings (cryptography's about a certificate's odd name) are log lines
+    # in the chosen format too, not raw text on stderr that a log parser chokes on.
+    warnings.showwarning = _log_warning
     # aiohttp's access log would log every scrape at INFO.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

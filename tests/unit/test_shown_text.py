@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 
 import pytest
 
@@ -75,3 +77,20 @@ def test_debug_and_log_pages_show_the_metrics_escaped() -> None:
     for page in (pages.debug_text(entry, {}), pages.log_page(entry, {})):
         assert "\x1b" not in page and "\x07" not in page
         assert "v\\x1b[2J" in page
+
+
+@pytest.mark.parametrize("fmt", ["logfmt", "json"])
+def test_a_librarys_warning_is_a_log_line_in_the_chosen_format(fmt: str) -> None:
+    # cryptography warns about a certificate's odd name: raw text on stderr would be the
+    # one line a log pipeline cannot parse.
+    code = (f"from ntp_probe.cli import logs; logs.setup('info', {fmt!r}); "
+            "import warnings; warnings.warn('odd name')")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stderr
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    if fmt == "json":
+        assert json.loads(lines[0])["msg"].startswith("UserWarning: odd name (")
+    else:
+        assert lines[0].startswith("ts=") and "level=warn" in lines[0]
+        assert 'msg="UserWarning: odd name (' in lines[0], lines[0]
