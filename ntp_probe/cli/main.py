@@ -104,7 +104,8 @@ def serve_parser() -> argparse.ArgumentParser:
           help="listen on the sockets systemd passes (socket activation) instead")
     _negation(p, "--web.systemd-socket", "systemd_socket")
     flag(p, "--timeout-offset", "0.5", dest="timeout_offset", type=_non_negative_float,
-          metavar="SECONDS", help="subtracted from Prometheus' scrape timeout")
+          metavar="SECONDS", help="subtracted from Prometheus' scrape timeout (at most half "
+          "of it)")
     flag(p, "--probe.max-concurrent", "100", dest="max_concurrent", type=_positive_int,
           metavar="N", help="probes in flight before /probe answers 503")
     flag(p, "--log.prober", "debug", dest="log_prober", choices=sorted(logs.LEVELS),
