@@ -192,6 +192,7 @@ _SYSTEM_PEER_CODES = (_SYS_PEER, _PPS_PEER)
 # rank (system peers, then candidates, then backups; the rest after).
 _READ_ORDER = {_SYS_PEER: 0, _PPS_PEER: 0, _CANDIDATE: 1, _BACKUP: 2}
 _LEAP_ALARM = 3
+_EVENT_RESTART = 6  # the system status word's last event: the daemon (re)started
 _LOGGED_ASSOCIATIONS = 64  # listed in READSTAT's log line
 # Time kept back from the deadline to summarise and render the reply.
 _SUMMARY_MARGIN = 0.005
@@ -628,7 +629,12 @@ async def _collect(session: _Session, pump: DatagramPump[Response | ErrorReply],
 
     words = got.words or {}
     for association in got.to_read if got.to_read is not None else list(words):
-        reply = await session.request(pump, Opcode.READVAR, association)
+        # The verdict reads the system variables and READSTAT's selections; a peer's own
+        # variables it needs only for a system peer or candidate (read first). A server
+        # that stops answering (restrict limited) at a rejected peer fails nothing.
+        needed = got.system is None or got.words is None or mode6.decode_peer_status(
+            words.get(association, 0)).selection in (*_SYSTEM_PEER_CODES, _CANDIDATE)
+        reply = await session.request(pump, Opcode.READVAR, association, required=needed)
         if isinstance(reply, Response):
             got.peers[association] = _decode_variables(reply, f"READVAR assoc {association}",
                                                        ctx)
@@ -816,9 +822,11 @@ def _restarted(got: _Collected) -> str | None:
     ntpd's uptime, read last, shorter than the time since its READSTAT answered says it
     started since; a whole-second uptime may also read so for a daemon started just
     before the probe, so the system status must also have changed as a restart changes
-    it: leap bits back to 3 (unsynchronised). A young daemon synchronising meanwhile (3 to
-    0) is none; the event counter says nothing (ntpd sets it back to 1 whenever an event
-    of another kind follows, restart or not)."""
+    it: leap bits back to 3 (unsynchronised), or its last event become a restart (code 6;
+    an orphan-mode daemon or a quick one is at leap 0 again within the probe). A young
+    daemon synchronising meanwhile (3 to 0, restart to another event) is none; the event
+    counter says nothing (ntpd sets it back to 1 whenever an event of another kind
+    follows, restart or not)."""
     if got.first_status is None or got.uptime_status is None:
         return None
     (first_at, first), (then_at, then) = got.first_status, got.uptime_status
@@ -827,7 +835,8 @@ def _restarted(got: _Collected) -> str | None:
     except Mode6Error:
         return None
     leap_reset = then >> 14 == _LEAP_ALARM and first >> 14 != _LEAP_ALARM
-    if uptime >= then_at - first_at or not leap_reset:
+    restart_event = then & 0xF == _EVENT_RESTART and first & 0xF != _EVENT_RESTART
+    if uptime >= then_at - first_at or not (leap_reset or restart_event):
         return None
     return (f"ntpd restarted during the probe: uptime {uptime}s, read "
             f"{then_at - first_at:.3f}s after READSTAT answered, system status {first:#06x} "

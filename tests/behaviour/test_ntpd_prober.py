@@ -441,6 +441,29 @@ async def test_a_negative_counter_is_left_out(server: FakeNtpd) -> None:
     assert "a count cannot be negative" in out.log
 
 
+@pytest.mark.parametrize(("silent_at", "failure"), [
+    (OUTLIER, None), (CANDIDATE, "mode6_timeout"), (SYS_PEER, "mode6_timeout")])
+async def test_a_server_silent_past_the_verdicts_peers_fails_nothing(
+        server: FakeNtpd, silent_at: int, failure: str | None) -> None:
+    # ntpsec's restrict ... limited drops requests past its rate: at a rejected peer (read
+    # last) the verdict's inputs are all in; at the system peer or a candidate they are not.
+    silent: list[Request] = []
+
+    def limited(req: Request) -> list[bytes]:
+        if (req.opcode == READVAR and req.association == silent_at) or silent:
+            silent.append(req)
+            return []
+        return healthy(req)
+
+    server.behaviour = limited
+    out = await run(server)
+    assert out.m.failure == failure, out.log
+    assert "nothing more sent" in out.log
+    if failure is None:
+        assert "left out, no failure" in out.log
+        assert value(out.m, "probe_ntpd_peers", selection="outlier") == 1  # READSTAT's
+
+
 @pytest.mark.parametrize("how", ["refused", "refused one at a time", "silent", "garbled"])
 async def test_counters_that_cannot_be_read_are_left_out_not_a_failure(server: FakeNtpd,
                                                                        how: str) -> None:
@@ -491,6 +514,11 @@ async def test_an_association_gone_since_readstat_is_no_error(server: FakeNtpd) 
     (0x062C, 0x0615, False),
     (SYSTEM_STATUS, SYSTEM_STATUS, False),  # started just before the probe: uptime 0
     (0xC016, 0x0016, False),  # a young daemon synchronising meanwhile: no restart
+    # Its last event become a restart: an ntpd back at leap 0 within the probe (orphan
+    # mode, orphanwait 0) restarted all the same.
+    (SYSTEM_STATUS, 0x0016, True),
+    (0x0016, 0x0016, False),  # a daemon started just before: its restart event both times
+    (0x0016, 0x0615, False),
 ])
 async def test_a_daemon_restarted_during_the_probe_is_no_success(
         server: FakeNtpd, first: int, status: int, restarted: bool) -> None:
