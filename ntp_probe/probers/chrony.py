@@ -946,8 +946,9 @@ def _conclude(got: Collected, settings: ChronySettings, ctx: ProbeContext,
     if got.n_sources is not None and obtained + got.unresolved < got.n_sources:
         log(f"{obtained} of {got.n_sources} sources obtained")
     if selectable < settings.min_candidates:
-        log(f"{selectable} sources in state sync or candidate, "
-            f"min_candidates is {settings.min_candidates}")
+        if got.n_sources is not None:  # else no count of them was read to state
+            log(f"{selectable} sources in state sync or candidate, "
+                f"min_candidates is {settings.min_candidates}")
         if got.n_sources is None:
             # Not how many sources there are: chronyd's answer to N_SOURCES says why.
             status = next((s for c, s in got.statuses if c == "n_sources"), None)

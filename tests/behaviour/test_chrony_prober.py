@@ -855,6 +855,8 @@ async def test_socket_mode_checks_the_policy_and_sends_nothing(tmp_path: Path) -
     assert m.packets_sent == 0 and entries(tmp_path) == []
     m, log = await probe("allowed.example", module, guard=guard_for(config, module))
     assert m.failure == "chrony_socket", log.text()  # nothing listens there
+    # No count of sources was read, so none is stated ("0 sources in state sync ...").
+    assert "sources in state sync" not in log.text()
     # The system's words go with the reason (check's line shows them).
     assert m.failure_detail is not None and "No such file or directory" in m.failure_detail, \
         log.text()
