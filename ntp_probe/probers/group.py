@@ -15,6 +15,7 @@ and the midpoint of the intersection measures it.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,6 +26,7 @@ from ntp_probe.engine.targets import Target, TargetError, check_member, parse_ta
 from ntp_probe.exposition.families import Family
 from ntp_probe.net.resolve import Resolved
 from ntp_probe.probers import ntp
+from ntp_probe.proto.ntp.sample import COARSEST_CLOCK
 from ntp_probe.proto.ntp.select import Candidate, Selection, intersect
 
 DESCRIPTION = ("falsetickers across a group of NTP servers (RFC 5905 selection), and the "
@@ -38,8 +40,9 @@ MEMBER_OFFSET = Family(
     "is ahead).", ("member",))
 MEMBER_ROOT_DISTANCE = Family(
     "probe_ntp_group_member_root_distance_seconds",
-    "Half-width of the member's correctness interval: its root distance, at least 1 ms, "
-    "in seconds.", ("member",))
+    "Half-width of the member's correctness interval, RFC 5905's root distance: "
+    "(rtt + root delay)/2 + root dispersion + both clocks' precision + jitter, at least "
+    "1 ms, in seconds.", ("member",))
 MEMBER_SELECTION = Family(
     "probe_ntp_group_member_selection_info",
     "The member's state in the group's selection: truechimer, falseticker, unfit (answered "
@@ -74,6 +77,20 @@ REASONS = (Reason.TARGET_FORBIDDEN, Reason.BACKOFF, Reason.LOCAL_ERROR, Reason.N
 
 # ntpd's MINDISTANCE: an interval is never narrower than this on either side.
 MIN_DISTANCE = 0.001
+# This host's clock precision: with the server's, part of RFC 5905's root distance (its
+# peer dispersion starts at both), as ntpd's root_distance() and chrony's distance have.
+LOCAL_PRECISION = time.clock_getres(time.CLOCK_REALTIME)
+
+
+def interval_half_width(report: ntp.NTPReport) -> float:
+    """The member's correctness interval's half-width: RFC 5905's root distance λ, the
+    exporter's root distance plus both clocks' precision and the member's jitter (a
+    coarse clock, Windows' w32time at 2^-6 s, is no falseticker for its ticks), at least
+    :data:`MIN_DISTANCE`. The server's precision is its own claim: counted up to
+    :data:`~ntp_probe.proto.ntp.sample.COARSEST_CLOCK`."""
+    precision = min(report.precision or 0.0, COARSEST_CLOCK)
+    return max((report.root_distance or 0.0) + precision + LOCAL_PRECISION
+               + (report.jitter or 0.0), MIN_DISTANCE)
 # Failures that say nothing against the time a member gave: checks against the local clock
 # or the local leap file, and a Kiss-o'-Death that ended its burst after a valid sample (a
 # request to slow down or go away, not a fault of that sample). A member failing only these
@@ -260,7 +277,7 @@ async def probe(target: Target, module: Module, ctx: ProbeContext) -> Measuremen
         if report is None or report.offset is None:
             results.append((name, owner, cm, None, None))
             continue
-        distance = max(report.root_distance or 0.0, MIN_DISTANCE)
+        distance = interval_half_width(report)
         results.append((name, owner, cm, report.offset, distance))
         # Judged by every check its sample failed, not only the one ranking first: a
         # Kiss-o'-Death outranks an unsynchronised server's leap_unsynchronized.

@@ -167,6 +167,7 @@ class NTPReport:
     # reason ranks first in the probe's verdict (a Kiss-o'-Death after it outranks it).
     failed_check: str | None = None
     kiss_code: str | None = None  # a Kiss-o'-Death's code (or the one a backoff keeps)
+    precision: float | None = None  # the server's claimed clock precision, in seconds
 
     @property
     def title(self) -> str:
@@ -220,6 +221,7 @@ class NTPReport:
             "rtt_seconds": self.rtt, "jitter_seconds": self.jitter, "stratum": self.stratum,
             "refid": self.refid, "leap": self.leap, "version": self.version,
             "root_distance_seconds": self.root_distance, "kiss_code": self.kiss_code,
+            "precision_seconds": self.precision,
             "samples": [{"sample": i, "offset_seconds": o, "rtt_seconds": r, "selected": s}
                         for i, o, r, s in self.samples],
         }
@@ -558,7 +560,7 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
         refid, p.leap, p.version, root_distance,
         tuple((n, s.offset, s.delay, s is best)
               for n, s in zip(burst.numbers, burst.samples, strict=True)),
-        None if failed is None else str(failed), kiss,
+        None if failed is None else str(failed), kiss, p.precision_seconds,
     ))
     if near_leap:
         log("within 24 h of an announced leap second: causality tolerance widened by 1 s")

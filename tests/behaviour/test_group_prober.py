@@ -142,6 +142,23 @@ async def test_one_server_under_two_spellings_is_measured_once_and_votes_once(
     assert len(liar.requests) == 2
 
 
+async def test_a_coarse_clock_is_no_falseticker_for_its_ticks(servers: Start) -> None:
+    # 8 ms off with a claimed precision of 2^-6 s (15.6 ms: Windows' w32time): RFC 5905's
+    # root distance, as ntpd's and chrony's, counts both clocks' precision, and chronyd
+    # selects such a server (state D, large distance, not x).
+    good = [await servers(offset=0.0), await servers(offset=0.0005)]
+    coarse = await servers(offset=0.008, precision=-6)
+    m = await probe_group([s.target for s in [*good, coarse]])
+    assert states(m) == {s.target: "truechimer" for s in [*good, coarse]}, m.failure_detail
+    assert m.failure is None
+    width = value(m, "probe_ntp_group_member_root_distance_seconds", member=coarse.target)
+    assert width is not None and 2**-6 < width < 2**-6 + 0.005  # the precision counts
+    # Past what its precision explains it is still a falseticker.
+    far = await servers(offset=0.05, precision=-6)
+    m = await probe_group([s.target for s in [*good, far]])
+    assert states(m)[far.target] == "falseticker"
+
+
 async def test_max_falsetickers_tolerates_one(servers: Start) -> None:
     members = [await servers(offset=o) for o in (0.0, 0.0, 0.0, -2.0, 0.0)]
     m = await probe_group([s.target for s in members], group_module(max_falsetickers=1))
