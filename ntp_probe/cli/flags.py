@@ -127,7 +127,7 @@ def seconds(text: str) -> float:
             raise argparse.ArgumentTypeError(
                 f"expected seconds or a duration like 0.5s or 500ms, got {text!r}") from None
     if value > MAX_DURATION:  # as for a duration: no setting means more than a year
-        raise argparse.ArgumentTypeError(f"{text} seconds is longer than a year")
+        raise argparse.ArgumentTypeError(f"{text} seconds is longer than 366 days")
     return value
 
 

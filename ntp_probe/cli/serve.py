@@ -222,6 +222,14 @@ async def serve(args: argparse.Namespace, config: Config,
     except ValueError as exc:
         logger.error("%s", exc)
         return 1
+    for i, (given, parsed) in enumerate(zip(args.listen, listen, strict=True)):
+        if parsed[0] is None and parsed in listen[:i]:
+            # Two wildcards on one port (0.0.0.0:P and [::]:P): one address, every one of
+            # both families; the bind error would name the first, which did bind.
+            first = args.listen[listen.index(parsed)]
+            logger.error("cannot listen on %s: %s already listens on every address of "
+                         "both families on that port", given, first)
+            return 1
     try:
         web_config = load_web_config(args.web_config_file)
     except WebConfigError as exc:

@@ -61,7 +61,7 @@ def parse_duration(value: object, key: str) -> float:
     if pos != len(text) or not text:
         raise ConfigError(f"{key}: invalid duration {show(value)} (use e.g. 10s, 1m30s, 500ms)")
     if not math.isfinite(total) or total > MAX_DURATION:
-        raise ConfigError(f"{key}: duration {show(value)} is longer than a year")
+        raise ConfigError(f"{key}: duration {show(value)} is longer than 366 days")
     # Whole nanoseconds, as the dump writes them: a finer value would read back otherwise,
     # and one that rounds to 0 would read as "off" where 0 means that.
     ns = round(total * 1e9)

@@ -731,3 +731,18 @@ def test_several_listen_addresses(tmp_path: Path) -> None:
             assert resp.status == 200
     finally:
         stop_process(e.proc)
+
+
+def test_two_wildcards_on_one_port_are_refused_naming_the_second() -> None:
+    # 0.0.0.0:P already listens on every address of both families (as Go's): [::]:P is the
+    # same address again, and the bind error named the first, which had bound.
+    port = free_tcp_port()
+    done = subprocess.run(
+        [*exporter_command(), f"--web.listen-address=0.0.0.0:{port}",
+         f"--web.listen-address=[::]:{port}"],
+        capture_output=True, stdin=subprocess.DEVNULL, env=child_env(), timeout=30)
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert (f"cannot listen on [::]:{port}: 0.0.0.0:{port} already listens on every address "
+            "of both families on that port") in err, err
+    assert "Traceback" not in err
