@@ -714,7 +714,20 @@ def config_to_yaml(config: Config) -> str:
         data["groups"] = {name: list(members) for name, members in config.groups.items()}
     data["leapfile"] = config.leapfile_path
     data["modules"] = {name: module_to_dict(m) for name, m in config.modules.items()}
-    # libyaml's emitter where PyYAML has it: the same text, many times faster. Text in
-    # any script is shown as written (people read /config); control characters stay escaped.
-    return yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False,
-                     allow_unicode=True)
+    # Text in any script is shown as written (people read /config); control characters
+    # stay escaped.
+    return dump_yaml(data, allow_unicode=True)
+
+
+# libyaml's emitter where PyYAML has it: the same text, many times faster.
+class _Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]
+    """The safe dumper, which also writes an unquoted time kept as text (a server_name
+    that reads as a date) as the text it is."""
+
+
+_Dumper.add_representer(UnquotedTime, lambda dumper, data: dumper.represent_str(str(data)))
+
+
+def dump_yaml(data: object, **options: Any) -> str:
+    """``data`` as YAML, keys in their order (for /config and a probe's debug output)."""
+    return str(yaml.dump(data, Dumper=_Dumper, sort_keys=False, **options))

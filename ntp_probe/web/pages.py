@@ -8,9 +8,8 @@ from __future__ import annotations
 import html
 import time
 
-import yaml
-
 from ntp_probe import __version__
+from ntp_probe.config.load import dump_yaml
 from ntp_probe.config.schema import Config, format_duration
 from ntp_probe.engine.text import visible
 from ntp_probe.web.history import Entry, History
@@ -228,7 +227,7 @@ def landing(config: Config, history: History, default_module: str) -> str:
 
 
 def _module_yaml(entry: Entry, module: dict[str, object]) -> str:
-    return yaml.safe_dump({entry.module: module}, sort_keys=False)
+    return dump_yaml({entry.module: module})
 
 
 def _shown(metrics: str) -> str:

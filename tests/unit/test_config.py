@@ -662,6 +662,16 @@ def test_quoted_the_same_forms_must_be_rfc_3339() -> None:
         parse(module_yaml("      min_plausible_time: '2024-1-1T00:00:00Z'\n"))
 
 
+def test_an_unquoted_date_where_text_is_meant_is_written_back_as_that_text() -> None:
+    # /config and a probe's debug output dump the configuration: a server name that reads
+    # as a date is text kept with its time, which the dumper must write as text.
+    config = parse_config("modules:\n  m:\n    prober: nts\n    nts:\n"
+                          "      server_name: 2024-01-01\n", "t")
+    text = config_to_yaml(config)
+    assert "server_name: '2024-01-01'" in text, text
+    assert parse_config(text, "again").modules["m"] == config.modules["m"]
+
+
 def test_an_unquoted_date_is_text_where_text_is_meant() -> None:
     config = parse("modules:\n  m:\n    prober: ntp\n    description: 2024-12-01\n")
     assert config.modules["m"].description == "2024-12-01"
