@@ -28,9 +28,10 @@ _SINGLE = frozenset({"2.5.4.3", "2.5.4.5"})  # Go keeps the last CN and serial n
 _PRINTABLE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
                        b"0123456789 '()+,-./:=?")
 # The string types Go reads a name's values from, and how their bytes become text (a
-# T61String's bytes are taken as they are: not UTF-8, they print as U+FFFD, as Go's do).
+# T61String's bytes are taken as they are: see _text).
 _STRINGS = {0x0C: "utf-8", 0x12: "ascii", 0x13: "latin-1", 0x14: "utf-8", 0x16: "latin-1",
             0x1E: "utf-16-be", 0x1C: "utf-32-be"}
+_T61, _BMP = 0x14, 0x1E
 _SAN = "2.5.29.17"
 
 
@@ -86,6 +87,23 @@ def _der(tag: int, body: bytes) -> bytes:
     return bytes((tag, 0x80 | len(size))) + size + body
 
 
+def _text(tag: int, body: bytes) -> tuple[str, bool] | None:
+    """A string value's text as Go holds it, and whether it is valid UTF-8 (None for a
+    value that is no string). Go takes a T61String's bytes as they are: each byte that is
+    not UTF-8 shows as one U+FFFD (Python's 'replace' would merge a run of them); a
+    BMPString loses a trailing NUL, as Go's parser drops it."""
+    codec = _STRINGS.get(tag)
+    if codec is None:
+        return None
+    if tag == _BMP and body.endswith(b"\0\0") and len(body) % 2 == 0:
+        body = body[:-2]
+    text = body.decode(codec, "surrogateescape" if codec == "utf-8" else "replace")
+    valid = not any("\udc80" <= c <= "\udcff" for c in text)
+    if not valid:
+        text = "".join("\ufffd" if "\udc80" <= c <= "\udcff" else c for c in text)
+    return text, valid
+
+
 def _marshal(text: str) -> bytes:
     """A string's DER as Go's ``asn1.Marshal`` writes it: PrintableString when its
     characters allow, else UTF8String."""
@@ -117,16 +135,20 @@ def go_name(name_der: bytes) -> str:
                 raise CertificateError("bad attribute")
             oid = _oid(parts[0][1])
             tag, body, whole = parts[1]
-            codec = _STRINGS.get(tag)
-            text = None if codec is None else body.decode(codec, "replace")
+            decoded = _text(tag, body)
             if oid in _GO_NAMES:
-                if text is not None:  # Go puts only text into its named fields
+                if decoded is not None:  # Go puts only text into its named fields
                     if oid in _SINGLE:
-                        values[oid] = [text]
+                        values[oid] = [decoded[0]]
                     else:
-                        values.setdefault(oid, []).append(text)
+                        values.setdefault(oid, []).append(decoded[0])
                 continue
-            other.append(f"{oid}=#{(_marshal(text) if text is not None else whole).hex()}")
+            if decoded is None:
+                other.append(f"{oid}=#{whole.hex()}")
+            elif decoded[1]:
+                other.append(f"{oid}=#{_marshal(decoded[0]).hex()}")
+            else:  # Go's marshaller refuses text that is not UTF-8: printed as text
+                other.append(f"{oid}={_escape(decoded[0])}")
     rdns = [[o] for o in other] + [
         [f"{_GO_NAMES[oid]}={_escape(v)}" for v in values[oid]]
         for oid, _ in _GO_ORDER

@@ -112,6 +112,12 @@ CN, ORG, SERIAL = (bytes((0x55, 0x04, n)) for n in (3, 10, 5))
     # A T61String's Latin-1 byte is not UTF-8: Go prints U+FFFD for it.
     ([(CN, 0x14, b"M\xfcller")], "CN=M\ufffdller"),
     ([(CN, 0x1E, "Zeit".encode("utf-16-be"))], "CN=Zeit"),  # BMPString
+    ([(CN, 0x1E, "host\0".encode("utf-16-be"))], "CN=host"),  # its NUL terminator dropped
+    # Each byte that is not UTF-8 is one U+FFFD, as Go prints it; under a type Go does not
+    # know, such text cannot be marshalled, so Go prints it as text (blackbox 0.23 did).
+    ([(CN, 0x14, b"\xe9\x80x")], "CN=\ufffd\ufffdx"),
+    ([(bytes.fromhex("2b0601040182370101"), 0x14, b"ab\xe9")],
+     "1.3.6.1.4.1.311.1.1=ab\ufffd"),
     # Go leaves out an empty CN or serial number and keeps the last CN only, even an
     # empty one; an empty O it prints (blackbox 0.23 printed these).
     ([(SERIAL, 0x13, b""), (CN, 0x0C, b"n"), (ORG, 0x0C, b"o")], "CN=n,O=o"),
