@@ -67,6 +67,8 @@ def _elements(data: bytes) -> list[tuple[int, bytes, bytes]]:
 
 
 def _oid(body: bytes) -> str:
+    if len(body) > 64:  # OpenSSL's and cryptography's bound too; a longer arc would not
+        raise CertificateError("OID too long")  # even print (Python's int-to-str limit)
     arcs, value = [], 0
     for b in body:
         value = value << 7 | b & 0x7F

@@ -134,3 +134,12 @@ def test_names_are_read_as_leniently_as_go_reads_them(
 def test_what_is_no_certificate_is_an_error_not_a_crash(der: bytes) -> None:
     with pytest.raises(CertificateError):
         leaf_labels(der)
+
+
+def test_an_oid_too_long_to_print_is_an_error_not_a_crash() -> None:
+    # One arc of 2,000 bytes is past Python's int-to-str limit.
+    def der(tag: int, body: bytes) -> bytes:
+        return bytes((tag, 0x82)) + len(body).to_bytes(2, "big") + body
+    oid = der(0x06, b"\xff" * 1999 + b"\x7f")
+    with pytest.raises(CertificateError):
+        go_name(der(0x31, der(0x30, oid + der(0x0C, b"x"))))
