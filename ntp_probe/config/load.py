@@ -147,6 +147,8 @@ def _no_base_60(kind: str) -> Any:
 
 _Loader.add_constructor("tag:yaml.org,2002:int", _no_base_60("int"))
 _Loader.add_constructor("tag:yaml.org,2002:float", _no_base_60("float"))
+
+
 def _timestamp(loader: _Loader, node: Any) -> UnquotedTime:
     # An unquoted date or time stays text, as Go's YAML reads it into a string field,
     # with what YAML 1.1 reads in it: the schema then checks it with its key and line

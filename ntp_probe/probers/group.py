@@ -81,6 +81,14 @@ MIN_DISTANCE = 0.001
 # peer dispersion starts at both), as ntpd's root_distance() and chrony's distance have.
 LOCAL_PRECISION = time.clock_getres(time.CLOCK_REALTIME)
 
+# Failures that say nothing against the time a member gave: checks against the local clock
+# or the local leap file, and a Kiss-o'-Death that ended its burst after a valid sample (a
+# request to slow down or go away, not a fault of that sample). A member failing only these
+# still takes part in the selection, which is what judges its time.
+_NOT_UNFIT = frozenset({Reason.OFFSET_EXCEEDED, Reason.CAUSALITY_VIOLATION,
+                        Reason.LEAP_MISMATCH, Reason.KOD_RATE, Reason.KOD_DENY,
+                        Reason.KOD_RSTR, Reason.KOD_OTHER})
+
 
 def interval_half_width(report: ntp.NTPReport) -> float:
     """The member's correctness interval's half-width: RFC 5905's root distance λ, the
@@ -91,13 +99,6 @@ def interval_half_width(report: ntp.NTPReport) -> float:
     precision = min(report.precision or 0.0, COARSEST_CLOCK)
     return max((report.root_distance or 0.0) + precision + LOCAL_PRECISION
                + (report.jitter or 0.0), MIN_DISTANCE)
-# Failures that say nothing against the time a member gave: checks against the local clock
-# or the local leap file, and a Kiss-o'-Death that ended its burst after a valid sample (a
-# request to slow down or go away, not a fault of that sample). A member failing only these
-# still takes part in the selection, which is what judges its time.
-_NOT_UNFIT = frozenset({Reason.OFFSET_EXCEEDED, Reason.CAUSALITY_VIOLATION,
-                        Reason.LEAP_MISMATCH, Reason.KOD_RATE, Reason.KOD_DENY,
-                        Reason.KOD_RSTR, Reason.KOD_OTHER})
 
 
 @dataclass(frozen=True, slots=True)

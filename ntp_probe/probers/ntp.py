@@ -550,7 +550,7 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
     m.add(REFERENCE_TIMESTAMP, maths.reference_unix(best))
     m.add(SERVER_PROCESSING, best.server_processing)
     _add_counts(m, burst)
-    m.add(CAUSALITY, maths.causality_violation(offset, best.measured_delay))
+    m.add(CAUSALITY, best.causality_violation)
     m.add(TIMESTAMPING, 1, "kernel" if burst.tx_kernel else "user",
           "kernel" if burst.rx_kernel else "user")
     m.add(SERVER_INFO, 1, refid, str(p.version))

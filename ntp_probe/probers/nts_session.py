@@ -149,13 +149,14 @@ def _certificates(client: TLSClient, ctx: ProbeContext,
             unreadable = unreadable or f"certificate {depth} cannot be read ({cert})"
             log(f"certificate {depth}: cannot be read ({cert})")
             continue
-        der = cert.public_bytes(serialization.Encoding.DER)
         try:
-            issuer, subject = certinfo.names(der)
-            if depth == 0:
-                m.add(SSL_LAST_CHAIN_INFO, 1, *certinfo.leaf_labels(der))
+            labels = certinfo.leaf_labels(cert.public_bytes(serialization.Encoding.DER))
         except certinfo.CertificateError as exc:  # OpenSSL took it: only its names are lost
             issuer = subject = f"(cannot be read: {exc})"
+        else:
+            _, issuer, subject, _ = labels
+            if depth == 0:
+                m.add(SSL_LAST_CHAIN_INFO, 1, *labels)
         log(f"certificate {depth}: subject {subject}, issuer {issuer}, notAfter "
             f"{cert.not_valid_after_utc.isoformat()}")
     chain = [c for c in sent if not isinstance(c, str)]

@@ -7,9 +7,8 @@ out) and any other type is printed as its OID with the hex of the value's DER, r
 as Go's marshaller would. Writing the same text lets dashboards and alerts built on
 blackbox's labels (``changes()`` on the fingerprint, the subject shown) join with ours.
 
-Names are read from the certificate's DER here, as leniently as Go reads them (a ``*`` in
-a PrintableString, a T61String's bytes), not through ``cryptography``, which refuses some
-names that OpenSSL and Go accept: a certificate is not unreadable for its name's spelling.
+Names are read from the certificate's DER here, as leniently as Go reads them (a T61String's
+bytes, a BMPString's NUL), not through ``cryptography``, whose text differs from Go's.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ _PRINTABLE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # T61String's bytes are taken as they are: see _text).
 _STRINGS = {0x0C: "utf-8", 0x12: "ascii", 0x13: "latin-1", 0x14: "utf-8", 0x16: "latin-1",
             0x1E: "utf-16-be", 0x1C: "utf-32-be"}
-_T61, _BMP = 0x14, 0x1E
+_BMP = 0x1E
 _SAN = "2.5.29.17"
 
 
@@ -184,12 +183,6 @@ def dns_names(extensions: bytes | None) -> list[str]:
             _, names, _ = _element(parts[-1][1], 0)  # OCTET STRING holding GeneralNames
             return [body.decode("latin-1") for tag, body, _ in _elements(names) if tag == 0x82]
     return []
-
-
-def names(cert_der: bytes) -> tuple[str, str]:
-    """Issuer and subject, as Go prints them. Raises CertificateError."""
-    issuer, subject, _ = _tbs_parts(cert_der)
-    return go_name(issuer), go_name(subject)
 
 
 def leaf_labels(cert_der: bytes) -> tuple[str, str, str, str]:

@@ -68,6 +68,12 @@ class Sample:
         return max(self.measured_delay, 0.0)
 
     @property
+    def causality_violation(self) -> float:
+        """node_exporter's MinError: :func:`causality_violation` of this sample's offset
+        and its measured delay."""
+        return causality_violation(self.offset, self.measured_delay)
+
+    @property
     def delay_tolerance(self) -> float:
         """How negative δ may be: the server's precision, a claim of its own, so taken as
         :data:`COARSEST_CLOCK` at the coarsest (a claimed 2^127 s would excuse anything)."""
@@ -221,7 +227,7 @@ def check(sample: Sample, limits: SanityLimits) -> Failed | None:
     if limits.max_root_distance > 0 and sample.root_distance > limits.max_root_distance:
         return Failed("excess_root_distance", f"root distance {sample.root_distance:.6f} s > "
                       f"max_root_distance {limits.max_root_distance:g} s")
-    violation = causality_violation(sample.offset, sample.measured_delay)
+    violation = sample.causality_violation
     if limits.max_causality_violation > 0 and violation > limits.max_causality_violation:
         measured = ("" if sample.measured_delay >= 0 else
                     f" (with the rtt as measured, {sample.measured_delay:.6f} s)")
