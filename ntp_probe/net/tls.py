@@ -12,7 +12,9 @@ for another name read differently: the handshake finishes whatever the certifica
 that they can still be reported), then OpenSSL verifies the chain the server sent against
 the trust anchors (its first error: depth, X509_V_ERR code, OpenSSL's words; and, as Go's
 verifier, the extended key usage of each certificate), and the name is checked with
-``service_identity`` (RFC 6125, SAN only, IP addresses against IP SANs). Deciding what to
+``service_identity`` (RFC 6125, SAN only, IP addresses against IP SANs). What is judged of a
+certificate (validity, key usage, names) is read from its DER by proto/certinfo.py, as Go
+reads it: ``cryptography`` refuses whole certificates that OpenSSL and Go accept. Deciding what to
 do with the verdicts is the caller's. No verify callback: pyOpenSSL makes
 each one a cffi closure in memory both writable and executable, which systemd's
 MemoryDenyWriteExecute= (set by the shipped units) refuses.
@@ -32,9 +34,17 @@ from datetime import UTC, datetime
 from cryptography import x509
 from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
-from service_identity.pyopenssl import extract_patterns, verify_hostname, verify_ip_address
+from service_identity.hazmat import (
+    DNS_ID,
+    CertificatePattern,
+    DNSPattern,
+    IPAddress_ID,
+    IPAddressPattern,
+    verify_service_identity,
+)
 
 from ntp_probe.net import budget
+from ntp_probe.proto import certinfo
 from ntp_probe.proto.address import ip_address
 from ntp_probe.proto.hostname import a_label
 
@@ -74,8 +84,7 @@ def _names_of(conn: SSL.Connection, ip: bool) -> str:
     """' (it names a, b)': the names the peer's certificate holds, for a mismatch; those
     of the kind asked for (addresses when ``ip``, else host names) first."""
     try:
-        cert = conn.get_peer_certificate()
-        patterns = [] if cert is None else extract_patterns(cert)
+        patterns = _patterns(conn)
     except Exception:  # names that do not parse: the mismatch is said without them
         return ""
     names = []
@@ -89,6 +98,20 @@ def _names_of(conn: SSL.Connection, ip: bool) -> str:
     names.sort(key=lambda n: _looks_like_address(n) != ip)  # stable: the certificate's order
     more = f", ... ({len(names) - _SHOWN_NAMES} more)" if len(names) > _SHOWN_NAMES else ""
     return f" (it names {', '.join(names[:_SHOWN_NAMES])}{more})"
+
+
+def _patterns(conn: SSL.Connection) -> list[CertificatePattern]:
+    """The identities the peer's certificate names (its subjectAltName's DNS names, then
+    its addresses) as service_identity matches them; raises either library's
+    CertificateError for names that do not parse."""
+    cert = conn.get_peer_certificate()
+    if cert is None:
+        return []
+    read = certinfo.read(crypto.dump_certificate(crypto.FILETYPE_ASN1, cert))
+    if read.problem is not None:
+        raise certinfo.CertificateError(read.problem)
+    return [*(DNSPattern.from_bytes(name) for name in read.dns_names),
+            *(IPAddressPattern.from_bytes(address) for address in read.ip_addresses)]
 
 
 def _looks_like_address(name: str) -> bool:
@@ -281,10 +304,10 @@ class TLSClient:
                 raise HandshakeError(_describe(exc)) from None
         self._verify_chain(conn)
         try:
-            if ip:
-                verify_ip_address(conn, server_name.split("%", 1)[0])
-            else:
-                verify_hostname(conn, server_name)
+            identity = (IPAddress_ID(server_name.split("%", 1)[0]) if ip
+                        else DNS_ID(server_name))
+            verify_service_identity(cert_patterns=_patterns(conn), obligatory_ids=[identity],
+                                    optional_ids=[])
         except VerificationError:
             # Its repr of mismatch objects is no sentence for check's line: say it in words.
             self.identity_error = (f"the certificate does not name {server_name}"
@@ -310,13 +333,13 @@ class TLSClient:
         """The protocol the server selected, b"" for none."""
         return self._connection.get_alpn_proto_negotiated() or b""
 
-    def peer_chain(self) -> list[x509.Certificate | str]:
-        """The certificates the server sent, leaf first; one that cryptography cannot read
-        (OpenSSL is more lenient: a fractional GeneralizedTime, a duplicate extension) is
-        the reason why, in its place."""
+    def peer_chain(self) -> list[certinfo.Certificate | str]:
+        """The certificates the server sent, leaf first; one that cannot be read as Go
+        reads it (OpenSSL is more lenient: a fractional GeneralizedTime, a duplicate
+        extension) is the reason why, in its place."""
         return [_readable(c) for c in self._connection.get_peer_cert_chain() or []]
 
-    def verified_chain(self) -> list[x509.Certificate | str]:
+    def verified_chain(self) -> list[certinfo.Certificate | str]:
         """The chain OpenSSL built to a trust anchor, leaf first; empty when none."""
         return [] if self.verify_errors else [_readable(c) for c in self._verified]
 
@@ -408,29 +431,24 @@ def _server_use_problem(cert: crypto.X509) -> str | None:
     readable = _readable(cert)
     if isinstance(readable, str):
         return f"unreadable certificate: {readable}"
-    try:
-        usage = readable.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        return None
-    except ValueError as exc:  # an extension that does not parse
-        return f"bad extension: {exc}"
-    allowed = (x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
-               x509.oid.ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE)
-    if any(oid in usage for oid in allowed):
+    if readable.problem is not None:
+        return f"unreadable certificate: {readable.problem}"
+    usage = readable.extended_key_usage
+    if usage is None or any(oid in usage for oid in _SERVER_USES):
         return None
     return verify_error_text(X509_V_ERR_INVALID_PURPOSE)
 
 
-def _readable(cert: crypto.X509) -> x509.Certificate | str:
-    """``cert`` as cryptography reads it, with the fields the probe reports; or why not."""
+# serverAuth and anyExtendedKeyUsage (RFC 5280, 4.2.1.12)
+_SERVER_USES = ("1.3.6.1.5.5.7.3.1", "2.5.29.37.0")
+
+
+def _readable(cert: crypto.X509) -> certinfo.Certificate | str:
+    """What the probe judges of ``cert``, read from its DER; or why it cannot be read."""
     try:
-        converted = cert.to_cryptography()
-        # Parsed lazily: read now what is judged, so a bad field fails here (the names
-        # the probe reports it reads from the DER itself, proto/certinfo.py).
-        converted.not_valid_after_utc.timestamp()
-    except Exception as exc:  # whatever cryptography refuses
-        return f"{type(exc).__name__}: {exc}"
-    return converted
+        return certinfo.read(crypto.dump_certificate(crypto.FILETYPE_ASN1, cert))
+    except certinfo.CertificateError as exc:
+        return str(exc)
 
 
 def _describe(exc: BaseException) -> str:

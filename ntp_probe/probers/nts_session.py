@@ -11,8 +11,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-
-from cryptography.hazmat.primitives import serialization
+from datetime import UTC, datetime
 
 from ntp_probe.config.schema import Module, NTPSettings, NTSSettings
 from ntp_probe.engine.context import ProbeContext
@@ -150,21 +149,21 @@ def _certificates(client: TLSClient, ctx: ProbeContext,
             log(f"certificate {depth}: cannot be read ({cert})")
             continue
         try:
-            labels = certinfo.leaf_labels(cert.public_bytes(serialization.Encoding.DER))
-        except certinfo.CertificateError as exc:  # OpenSSL took it: only its names are lost
+            labels = certinfo.leaf_labels(cert.der)
+        except certinfo.CertificateError as exc:  # judged readable: only its names are lost
             issuer = subject = f"(cannot be read: {exc})"
         else:
             _, issuer, subject, _ = labels
             if depth == 0:
                 m.add(SSL_LAST_CHAIN_INFO, 1, *labels)
         log(f"certificate {depth}: subject {subject}, issuer {issuer}, notAfter "
-            f"{cert.not_valid_after_utc.isoformat()}")
+            f"{datetime.fromtimestamp(cert.not_after, UTC).isoformat()}")
     chain = [c for c in sent if not isinstance(c, str)]
     if chain:
-        state.earliest_expiry = min(c.not_valid_after_utc.timestamp() for c in chain)
+        state.earliest_expiry = min(c.not_after for c in chain)
         m.add(SSL_EARLIEST_EXPIRY, state.earliest_expiry)
         verified = [c for c in client.verified_chain() if not isinstance(c, str)] or chain
-        m.add(SSL_LAST_CHAIN_EXPIRY, min(c.not_valid_after_utc.timestamp() for c in verified))
+        m.add(SSL_LAST_CHAIN_EXPIRY, min(c.not_after for c in verified))
     for depth, code, text in client.verify_errors:
         log(f"certificate chain: depth {depth}: error {code} ({text})")
     state.cert_verified = not client.verify_errors

@@ -9,11 +9,19 @@ blackbox's labels (``changes()`` on the fingerprint, the subject shown) join wit
 
 Names are read from the certificate's DER here, as leniently as Go reads them (a T61String's
 bytes, a BMPString's NUL), not through ``cryptography``, whose text differs from Go's.
+
+What the probe judges a certificate by (its validity, extended key usage and
+subjectAltNames, :func:`read`) is read here too: ``cryptography`` refuses whole certificates
+that OpenSSL and Go accept (a '*' in a PrintableString, a SET of attributes out of DER
+order), and such a certificate would read as untrusted where blackbox probes it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 # Go's attributeTypeNames, and the order of Name.ToRDNSequence (C first, SERIALNUMBER last).
 _GO_ORDER = (
@@ -32,6 +40,11 @@ _STRINGS = {0x0C: "utf-8", 0x12: "ascii", 0x13: "latin-1", 0x14: "utf-8", 0x16: 
             0x1E: "utf-16-be", 0x1C: "utf-32-be"}
 _BMP = 0x1E
 _SAN = "2.5.29.17"
+_EKU = "2.5.29.37"
+# Validity times as Go's parser takes them: seconds (minutes too in a UTCTime), no fraction,
+# Z or a non-zero offset (it re-prints what it parsed and refuses what differs).
+_UTC_TIME = re.compile(rb"(\d\d)(\d\d)(\d\d)(\d\d)(\d\d)(\d\d)?(Z|[+-]\d{4})")
+_GENERALIZED_TIME = re.compile(rb"(\d{4})(\d\d)(\d\d)(\d\d)(\d\d)(\d\d)(Z|[+-]\d{4})")
 
 
 class CertificateError(ValueError):
@@ -157,32 +170,128 @@ def go_name(name_der: bytes) -> str:
     return ",".join("+".join(rdn) for rdn in reversed(rdns))
 
 
-def _tbs_parts(cert_der: bytes) -> tuple[bytes, bytes, bytes | None]:
-    """The issuer's and the subject's Name contents, and the extensions' SEQUENCE contents
-    (None without any), of a certificate's DER."""
-    tag, cert, _ = _element(cert_der, 0)
-    if tag != 0x30:
-        raise CertificateError("not a certificate")
-    tag, tbs, _ = _element(cert, 0)
-    fields = _elements(tbs)
-    if fields and fields[0][0] == 0xA0:  # the version, when not v1
-        fields = fields[1:]
-    # serial, signature algorithm, issuer, validity, subject, public key, then optional
-    if len(fields) < 6 or fields[2][0] != 0x30 or fields[4][0] != 0x30:
-        raise CertificateError("not a certificate")
-    extensions = next((_element(body, 0)[1] for tag, body, _ in fields[6:] if tag == 0xA3),
-                      None)
-    return fields[2][1], fields[4][1], extensions
+class _Tbs:
+    """The parts of a certificate's tbsCertificate the probe reads (contents, not headers)."""
+
+    __slots__ = ("extensions", "issuer", "subject", "validity")
+
+    def __init__(self, cert_der: bytes) -> None:
+        tag, cert, _ = _element(cert_der, 0)
+        if tag != 0x30:
+            raise CertificateError("not a certificate")
+        tag, tbs, _ = _element(cert, 0)
+        fields = _elements(tbs)
+        if fields and fields[0][0] == 0xA0:  # the version, when not v1
+            fields = fields[1:]
+        # serial, signature algorithm, issuer, validity, subject, public key, then optional
+        if len(fields) < 6 or any(fields[i][0] != 0x30 for i in (2, 3, 4)):
+            raise CertificateError("not a certificate")
+        self.issuer, self.validity, self.subject = fields[2][1], fields[3][1], fields[4][1]
+        self.extensions: bytes | None = next(
+            (_element(body, 0)[1] for tag, body, _ in fields[6:] if tag == 0xA3), None)
+
+
+def _extensions(extensions: bytes | None) -> dict[str, bytes]:
+    """Each extension's value (the OCTET STRING's contents) by its OID."""
+    out: dict[str, bytes] = {}
+    for _, ext, _ in _elements(extensions or b""):
+        parts = _elements(ext)
+        if len(parts) < 2 or parts[0][0] != 0x06 or parts[-1][0] != 0x04:
+            raise CertificateError("bad extension")
+        oid = _oid(parts[0][1])
+        if oid in out:  # Go and cryptography refuse the certificate too
+            raise CertificateError(f"duplicate extension {oid}")
+        out[oid] = parts[-1][1]
+    return out
+
+
+def _general_names(san: bytes | None) -> list[tuple[int, bytes]]:
+    """The subjectAltName's GeneralNames: (tag, contents); other kinds skipped, as Go does."""
+    if san is None:
+        return []
+    tag, names, end = _element(san, 0)
+    if tag != 0x30 or end != len(san):
+        raise CertificateError("bad subjectAltName")
+    return [(tag, body) for tag, body, _ in _elements(names)]
 
 
 def dns_names(extensions: bytes | None) -> list[str]:
     """The DNS names of the subject alternative name extension, in order."""
-    for _, ext, _ in _elements(extensions or b""):
-        parts = _elements(ext)
-        if parts and parts[0][0] == 0x06 and _oid(parts[0][1]) == _SAN:
-            _, names, _ = _element(parts[-1][1], 0)  # OCTET STRING holding GeneralNames
-            return [body.decode("latin-1") for tag, body, _ in _elements(names) if tag == 0x82]
-    return []
+    return [body.decode("latin-1")
+            for tag, body in _general_names(_extensions(extensions).get(_SAN)) if tag == 0x82]
+
+
+def _time(tag: int, body: bytes) -> float:
+    """A Validity time in seconds since 1970, or CertificateError where Go refuses it."""
+    pattern = {0x17: _UTC_TIME, 0x18: _GENERALIZED_TIME}.get(tag)
+    match = pattern.fullmatch(body) if pattern is not None else None
+    if match is None:
+        raise CertificateError("bad validity time")
+    year = int(match[1])
+    if tag == 0x17:
+        year += 1900 if year >= 50 else 2000  # RFC 5280, 4.1.2.5.1
+    zone, offset = match[7], 0
+    if zone != b"Z":
+        hours, minutes = int(zone[1:3]), int(zone[3:5])
+        if hours > 23 or minutes > 59 or hours == minutes == 0:
+            raise CertificateError("bad validity time")
+        offset = (hours * 60 + minutes) * 60 * (-1 if zone[:1] == b"-" else 1)
+    try:
+        when = datetime(year, int(match[2]), int(match[3]), int(match[4]), int(match[5]),
+                        int(match[6] or 0), tzinfo=UTC)
+    except ValueError:
+        raise CertificateError("bad validity time") from None
+    return when.timestamp() - offset
+
+
+@dataclass(frozen=True, slots=True)
+class Certificate:
+    """What the probe judges a certificate by, read from its DER as Go reads it."""
+
+    der: bytes
+    not_before: float  # seconds since 1970
+    not_after: float
+    extended_key_usage: tuple[str, ...] | None  # dotted OIDs; None without the extension
+    dns_names: tuple[bytes, ...]  # subjectAltName dNSNames, as written
+    ip_addresses: tuple[bytes, ...]  # subjectAltName iPAddresses, 4 or 16 bytes (or not)
+    problem: str | None = None  # why the extensions cannot be read (then none are given)
+
+
+def read(cert_der: bytes) -> Certificate:
+    """A certificate's validity, extended key usage and subjectAltNames.
+
+    Raises CertificateError for what is no certificate or a time Go would not read; a
+    duplicate extension, or a key usage or subjectAltName extension that does not parse,
+    is the certificate's ``problem`` (Go refuses such a certificate; its expiry is still
+    worth reporting)."""
+    tbs = _Tbs(cert_der)
+    times = _elements(tbs.validity)
+    if len(times) != 2:
+        raise CertificateError("bad validity")
+    not_before, not_after = (_time(tag, body) for tag, body, _ in times)
+    try:
+        usage, names = _judged(tbs.extensions)
+    except CertificateError as exc:
+        return Certificate(cert_der, not_before, not_after, None, (), (), str(exc))
+    return Certificate(cert_der, not_before, not_after, usage,
+                       tuple(body for tag, body in names if tag == 0x82),
+                       tuple(body for tag, body in names if tag == 0x87))
+
+
+def _judged(extensions_der: bytes | None) -> tuple[tuple[str, ...] | None,
+                                                   list[tuple[int, bytes]]]:
+    """The extended key usage (None without one) and the subjectAltName's GeneralNames."""
+    extensions = _extensions(extensions_der)
+    usage: tuple[str, ...] | None = None
+    if _EKU in extensions:
+        tag, oids, end = _element(extensions[_EKU], 0)
+        if tag != 0x30 or end != len(extensions[_EKU]):
+            raise CertificateError("bad extended key usage")
+        parts = _elements(oids)
+        if not parts or any(tag != 0x06 for tag, _, _ in parts):
+            raise CertificateError("bad extended key usage")
+        usage = tuple(_oid(body) for _, body, _ in parts)
+    return usage, _general_names(extensions.get(_SAN))
 
 
 def leaf_labels(cert_der: bytes) -> tuple[str, str, str, str]:
@@ -190,6 +299,6 @@ def leaf_labels(cert_der: bytes) -> tuple[str, str, str, str]:
     issuer, subject, and its DNS names joined by commas, in that (alphabetical) order.
 
     Raises CertificateError when the DER is not a certificate's."""
-    issuer, subject, extensions = _tbs_parts(cert_der)
-    return (hashlib.sha256(cert_der).hexdigest(), go_name(issuer), go_name(subject),
-            ",".join(dns_names(extensions)))
+    tbs = _Tbs(cert_der)
+    return (hashlib.sha256(cert_der).hexdigest(), go_name(tbs.issuer), go_name(tbs.subject),
+            ",".join(dns_names(tbs.extensions)))

@@ -13,6 +13,7 @@ import base64
 import contextlib
 import datetime as dt
 import errno
+import hashlib
 import os
 import random
 import socket
@@ -526,16 +527,16 @@ async def test_no_socket_for_the_burst_is_a_local_error_not_the_servers(
 
 async def test_a_certificate_whose_names_do_not_parse_is_refused_not_a_500(
         tmp_path: Path) -> None:
-    # A subjectAltName of garbage bytes: the identity check cannot read it (it raised and
-    # the scrape was a 500).
-    bad_san = x509.UnrecognizedExtension(x509.OID_SUBJECT_ALTERNATIVE_NAME, b"\x30\x03\x04\x01\x00")
+    # A subjectAltName cut short (a dNSName of 5 bytes with 2 there): the identity check
+    # cannot read it (it raised and the scrape was a 500).
+    bad_san = x509.UnrecognizedExtension(x509.OID_SUBJECT_ALTERNATIVE_NAME, b"\x30\x04\x82\x05ab")
     ca, cert, key = _make_pki(tmp_path, bad_san)
     async with running_fake(cert, key) as fake:
         m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(ca))
     # OpenSSL does not build the chain of such a certificate either: the chain's verdict,
     # which ranks first, or the name's; never an exception.
     assert m.failure in (Reason.NTS_CERT_UNTRUSTED, Reason.NTS_CERT_NAME_MISMATCH), log.text()
-    assert "unreadable certificate names: ValueError" in log.text()
+    assert "unreadable certificate names: CertificateError: truncated" in log.text()
     assert value(m, "probe_nts_cert_identity_verified") == 0
     assert value(m, "probe_ssl_earliest_cert_expiry") is not None
 
@@ -739,7 +740,8 @@ async def test_a_certificate_cryptography_cannot_read_is_untrusted_not_a_500(
     assert m.failure is Reason.NTS_CERT_UNTRUSTED, log.text()
     assert m.failure_detail is not None and m.failure_detail.startswith("depth 0: "), \
         m.failure_detail  # the chain's words, in check's line and the JSON
-    assert "unreadable certificate names: DuplicateExtension" in log.text()
+    assert ("unreadable certificate names: CertificateError: duplicate extension 2.5.29.17"
+            in log.text())
     assert value(m, "probe_nts_cert_identity_verified") == 0
     assert value(m, "probe_ssl_earliest_cert_expiry") is not None
 
@@ -778,6 +780,57 @@ async def test_a_certificate_whose_validity_cryptography_cannot_read_is_untruste
         m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(ca))
     assert m.failure is Reason.NTS_CERT_UNTRUSTED, log.text()
     assert "certificate 0: cannot be read (" in log.text()
+
+
+async def test_a_certificate_cryptography_cannot_load_but_go_reads_is_judged_as_go_does(
+        tmp_path: Path) -> None:
+    # A '*' in a PrintableString (as some wildcard certificates, and Windows CryptoAPI's,
+    # carry): OpenSSL and Go (blackbox) accept the certificate, cryptography refuses to
+    # load it at all. Its validity, key usage and names are read from the DER: trusted,
+    # with its expiry and labels (it read as untrusted, its gauges absent).
+    ca, cert, key = _make_pki(tmp_path, x509.SubjectAlternativeName(
+        [x509.IPAddress(IPv4Address(LOOPBACK))]))
+    leaf = x509.load_pem_x509_certificate(cert.read_bytes())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x.example",
+                                            _type=x509.name._ASN1Type.PrintableString)])
+    ca_key = ec.generate_private_key(ec.SECP256R1())  # a CA of this test's own, to sign
+    ca_cert = (x509.CertificateBuilder().subject_name(_name("wild-ca"))
+               .issuer_name(_name("wild-ca")).public_key(ca_key.public_key()).serial_number(1)
+               .not_valid_before(leaf.not_valid_before_utc)
+               .not_valid_after(leaf.not_valid_after_utc)
+               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+               .sign(ca_key, hashes.SHA256()))
+    built = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_cert.subject)
+             .public_key(leaf.public_key()).serial_number(2)
+             .not_valid_before(leaf.not_valid_before_utc).not_valid_after(leaf.not_valid_after_utc)
+             .add_extension(leaf.extensions[0].value, critical=False)
+             .sign(ca_key, hashes.SHA256()))
+    tbs = built.tbs_certificate_bytes
+    assert tbs.count(b"\x13\x09x.example") == 1
+    tbs = tbs.replace(b"\x13\x09x.example", b"\x13\x09*.example")
+
+    def der(tag: int, body: bytes) -> bytes:
+        if len(body) < 128:
+            return bytes((tag, len(body))) + body
+        return bytes((tag, 0x82)) + len(body).to_bytes(2, "big") + body
+
+    signature = ca_key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    ecdsa_sha256 = bytes.fromhex("300a06082a8648ce3d040302")
+    patched = der(0x30, tbs + ecdsa_sha256 + der(0x03, b"\0" + signature))
+    with pytest.raises(ValueError):
+        x509.load_der_x509_certificate(patched)
+    ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    cert.write_bytes(b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(patched)
+                     + b"-----END CERTIFICATE-----\n")
+    async with running_fake(cert, key) as fake:
+        m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(ca))
+    assert m.failure is None, log.text()
+    assert value(m, "probe_nts_cert_verified") == 1
+    assert value(m, "probe_nts_cert_identity_verified") == 1
+    assert value(m, "probe_ssl_earliest_cert_expiry") == leaf.not_valid_after_utc.timestamp()
+    assert label_sets(m, "probe_ssl_last_chain_info") == [
+        {"fingerprint_sha256": hashlib.sha256(patched).hexdigest(), "issuer": "CN=wild-ca",
+         "subject": "CN=*.example", "subjectalternative": ""}]
 
 
 def _cert(subject: str, issuer: x509.Certificate | None, issuer_key: ec.EllipticCurvePrivateKey

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from ntp_probe.proto.certinfo import CertificateError, go_name, leaf_labels
+from ntp_probe.proto.certinfo import CertificateError, go_name, leaf_labels, read
 
 RDN = x509.RelativeDistinguishedName
 A = x509.NameAttribute
@@ -143,3 +143,88 @@ def test_an_oid_too_long_to_print_is_an_error_not_a_crash() -> None:
     oid = der(0x06, b"\xff" * 1999 + b"\x7f")
     with pytest.raises(CertificateError):
         go_name(der(0x31, der(0x30, oid + der(0x0C, b"x"))))
+
+
+# --- what the probe judges: validity, extended key usage, subjectAltNames -------------
+
+
+def _long(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    return bytes((tag, n)) + body if n < 128 else bytes((tag, 0x82)) + n.to_bytes(2, "big") + body
+
+
+def _skeleton(times: tuple[bytes, bytes], *extensions: tuple[bytes, bytes]) -> bytes:
+    """A certificate's DER as far as the reader looks: ``times`` (whole DER elements) and
+    extensions (OID contents, value); serial, algorithm and key are stand-ins."""
+    exts = b"".join(_long(0x30, _der(0x06, oid) + _long(0x04, value))
+                    for oid, value in extensions)
+    tbs = (_der(0xA0, _der(0x02, b"\x02")) + _der(0x02, b"\x07") + _der(0x30, b"")
+           + _der(0x30, b"") + _der(0x30, times[0] + times[1]) + _der(0x30, b"")
+           + _der(0x30, b"") + (_long(0xA3, _long(0x30, exts)) if extensions else b""))
+    return _long(0x30, _long(0x30, tbs) + _der(0x30, b"") + _der(0x03, b"\0"))
+
+
+UTC_2026 = _der(0x17, b"260101000000Z")  # 1767225600
+SAN, EKU = bytes((0x55, 0x1D, 0x11)), bytes((0x55, 0x1D, 0x25))
+
+
+@pytest.mark.parametrize(("element", "seconds"), [
+    (_der(0x17, b"491231235959Z"), 2524607999),  # UTCTime 49: 2049
+    (_der(0x17, b"500101000000Z"), -631152000),  # 50: 1950 (RFC 5280, 4.1.2.5.1)
+    (_der(0x17, b"2601010000Z"), 1767225600),  # minutes only: Go takes it
+    (_der(0x17, b"260101010000+0100"), 1767225600),  # an offset
+    (_der(0x18, b"20500101000000Z"), 2524608000),  # GeneralizedTime
+])
+def test_validity_times_are_read_as_go_reads_them(element: bytes, seconds: int) -> None:
+    cert = read(_skeleton((UTC_2026, element)))
+    assert (cert.not_before, cert.not_after) == (1767225600, seconds)
+
+
+@pytest.mark.parametrize("element", [
+    _der(0x18, b"20500101000000.5Z"),  # a fraction: Go re-prints without it and refuses
+    _der(0x17, b"260101000000+0000"),  # a zero offset Go re-prints as Z
+    _der(0x17, b"260230000000Z"),  # 30 February
+    _der(0x17, b"260101000060Z"),  # second 60
+    _der(0x18, b"500101000000Z"),  # a UTCTime's digits under GeneralizedTime's tag
+    _der(0x04, b"260101000000Z"),  # no time type
+])
+def test_a_time_go_refuses_makes_the_certificate_unreadable(element: bytes) -> None:
+    with pytest.raises(CertificateError, match="validity"):
+        read(_skeleton((UTC_2026, element)))
+
+
+def test_key_usage_and_names_are_read_from_the_der() -> None:
+    server_auth = bytes.fromhex("2b06010505070301")
+    names = (_der(0x82, b"ntp.example") + _der(0x87, bytes((127, 0, 0, 1)))
+             + _der(0x81, b"ops@example") + _der(0x82, b"*.example"))
+    cert = read(_skeleton((UTC_2026, UTC_2026), (EKU, _der(0x30, _der(0x06, server_auth))),
+                          (SAN, _der(0x30, names))))
+    assert cert.problem is None
+    assert cert.extended_key_usage == ("1.3.6.1.5.5.7.3.1",)
+    assert cert.dns_names == (b"ntp.example", b"*.example")  # e-mail left out, as Go does
+    assert cert.ip_addresses == (bytes((127, 0, 0, 1)),)
+    assert read(_skeleton((UTC_2026, UTC_2026))).extended_key_usage is None  # none at all
+
+
+@pytest.mark.parametrize(("extensions", "problem"), [
+    ([(SAN, _der(0x30, b"")), (SAN, _der(0x30, b""))], "duplicate extension 2.5.29.17"),
+    ([(SAN, b"\x30\x04\x82\x05ab")], "truncated"),
+    ([(EKU, _der(0x30, b""))], "bad extended key usage"),
+    ([(EKU, _der(0x30, _der(0x04, b"x")))], "bad extended key usage"),
+])
+def test_extensions_that_do_not_parse_are_the_certificates_problem(
+        extensions: list[tuple[bytes, bytes]], problem: str) -> None:
+    # Go refuses such a certificate; its expiry is still read (and reported).
+    cert = read(_skeleton((UTC_2026, UTC_2026), *extensions))
+    assert cert.problem == problem and cert.not_after == 1767225600
+    assert (cert.extended_key_usage, cert.dns_names, cert.ip_addresses) == (None, (), ())
+
+
+def test_a_real_certificates_facts() -> None:
+    der = _leaf([x509.DNSName("localhost"), x509.IPAddress(IPv4Address("127.0.0.1"))])
+    loaded = x509.load_der_x509_certificate(der)
+    cert = read(der)
+    assert cert.der == der
+    assert cert.not_before == loaded.not_valid_before_utc.timestamp()
+    assert cert.not_after == loaded.not_valid_after_utc.timestamp()
+    assert (cert.dns_names, cert.ip_addresses) == ((b"localhost",), (bytes((127, 0, 0, 1)),))
