@@ -26,12 +26,12 @@ import asyncio
 import contextlib
 import functools
 import os
+import re
 import socket
 import ssl
+import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 
-from cryptography import x509
 from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
 from service_identity.hazmat import (
@@ -180,16 +180,29 @@ def _context(ca_file: str, alpn: bytes, stamp: tuple[int, int] | None) -> SSL.Co
     return ctx
 
 
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----",
+                              re.DOTALL)
+
+
 @functools.lru_cache(maxsize=4)
-def _anchors(path: str, stamp: tuple[int, int] | None) -> tuple[crypto.X509, ...]:
-    """The certificates of a trust anchors' file, parsed once per file version."""
+def _anchors(path: str, stamp: tuple[int, int] | None
+             ) -> tuple[tuple[crypto.X509, certinfo.Certificate], ...]:
+    """The certificates of a trust anchors' file, parsed once per file version; one that
+    cannot be read is left out, as OpenSSL leaves it out of the store."""
     try:
         with open(path, "rb") as f:
             data = f.read()
-        return tuple(crypto.X509.from_cryptography(c)
-                     for c in x509.load_pem_x509_certificates(data))
-    except (OSError, ValueError):
+    except OSError:
         return ()
+    anchors = []
+    for pem in _PEM_CERTIFICATE.findall(data):
+        try:
+            cert = crypto.load_certificate(crypto.FILETYPE_PEM, pem)
+            anchors.append((cert, certinfo.read(
+                crypto.dump_certificate(crypto.FILETYPE_ASN1, cert))))
+        except (crypto.Error, certinfo.CertificateError):
+            continue
+    return tuple(anchors)
 
 
 def _current_anchors(ca_file: str) -> crypto.X509Store | None:
@@ -202,11 +215,10 @@ def _current_anchors(ca_file: str) -> crypto.X509Store | None:
     anchors = _anchors(path, _stamp(ca_file)) if path else ()
     if not anchors:
         return None
-    now = datetime.now(UTC)
+    now = time.time()
     store = crypto.X509Store()
-    for anchor in anchors:
-        cert = anchor.to_cryptography()
-        if cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+    for anchor, read in anchors:
+        if read.not_before <= now <= read.not_after:
             store.add_cert(anchor)
     store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
     return store

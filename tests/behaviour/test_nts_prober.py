@@ -834,13 +834,17 @@ async def test_a_certificate_cryptography_cannot_load_but_go_reads_is_judged_as_
 
 
 def _cert(subject: str, issuer: x509.Certificate | None, issuer_key: ec.EllipticCurvePrivateKey
-          | None, days: int, *, ca: bool, usage: x509.ObjectIdentifier | None = None
-          ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A certificate valid for ``days`` from yesterday, self-signed without an issuer."""
+          | None, days: int, *, ca: bool, usage: x509.ObjectIdentifier | None = None,
+          printable: bool = False) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A certificate valid for ``days`` from yesterday, self-signed without an issuer;
+    its CN a PrintableString when ``printable``."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
-    builder = (x509.CertificateBuilder().subject_name(_name(subject))
-               .issuer_name(issuer.subject if issuer else _name(subject))
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject,
+                                         _type=x509.name._ASN1Type.PrintableString)]
+                     ) if printable else _name(subject)
+    builder = (x509.CertificateBuilder().subject_name(name)
+               .issuer_name(issuer.subject if issuer else name)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(now - dt.timedelta(days=1))
                .not_valid_after(now + dt.timedelta(days=days)))
@@ -911,7 +915,16 @@ async def test_an_expired_copy_of_a_root_does_not_hide_a_valid_cross_signed_path
         c.public_bytes(pem) for c in (leaf, inter, cross_b)))
     (tmp_path / "leaf.key").write_bytes(leaf_key.private_bytes(
         pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    (tmp_path / "ca.pem").write_bytes(root_a.public_bytes(pem) + expired_b.public_bytes(pem))
+    # First in the file, an anchor cryptography refuses to load (a '*' in a
+    # PrintableString) and OpenSSL takes: the other anchors are still read.
+    odd = _cert("x.example", None, None, 900, ca=True, printable=True)[0]
+    odd_der = odd.public_bytes(serialization.Encoding.DER).replace(b"\x13\x09x.example",
+                                                                   b"\x13\x09*.example")
+    with pytest.raises(ValueError):
+        x509.load_der_x509_certificate(odd_der)
+    (tmp_path / "ca.pem").write_bytes(
+        b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(odd_der)
+        + b"-----END CERTIFICATE-----\n" + root_a.public_bytes(pem) + expired_b.public_bytes(pem))
     async with running_fake(tmp_path / "chain.pem", tmp_path / "leaf.key") as fake:
         m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(tmp_path / "ca.pem"))
     assert m.failure is None, log.text()
