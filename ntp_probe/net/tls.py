@@ -446,7 +446,7 @@ def _server_use_problem(cert: crypto.X509) -> str | None:
     if readable.problem is not None:
         return f"unreadable certificate: {readable.problem}"
     usage = readable.extended_key_usage
-    if usage is None or any(oid in usage for oid in _SERVER_USES):
+    if not usage or any(oid in usage for oid in _SERVER_USES):  # none listed: Go's "any"
         return None
     return verify_error_text(X509_V_ERR_INVALID_PURPOSE)
 

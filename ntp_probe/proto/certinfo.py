@@ -253,7 +253,7 @@ class Certificate:
     not_after: float
     extended_key_usage: tuple[str, ...] | None  # dotted OIDs; None without the extension
     dns_names: tuple[bytes, ...]  # subjectAltName dNSNames, as written
-    ip_addresses: tuple[bytes, ...]  # subjectAltName iPAddresses, 4 or 16 bytes (or not)
+    ip_addresses: tuple[bytes, ...]  # subjectAltName iPAddresses, 4 or 16 bytes
     problem: str | None = None  # why the extensions cannot be read (then none are given)
 
 
@@ -288,10 +288,16 @@ def _judged(extensions_der: bytes | None) -> tuple[tuple[str, ...] | None,
         if tag != 0x30 or end != len(extensions[_EKU]):
             raise CertificateError("bad extended key usage")
         parts = _elements(oids)
-        if not parts or any(tag != 0x06 for tag, _, _ in parts):
+        if any(tag != 0x06 for tag, _, _ in parts):
             raise CertificateError("bad extended key usage")
-        usage = tuple(_oid(body) for _, body, _ in parts)
-    return usage, _general_names(extensions.get(_SAN))
+        usage = tuple(_oid(body) for _, body, _ in parts)  # none at all: Go's "any"
+    names = _general_names(extensions.get(_SAN))
+    for tag, body in names:
+        # Go refuses an address of another length, and a DNS name or e-mail not IA5
+        if (tag == 0x87 and len(body) not in (4, 16)) or (tag in (0x81, 0x82)
+                                                          and not body.isascii()):
+            raise CertificateError("bad subjectAltName")
+    return usage, names
 
 
 def leaf_labels(cert_der: bytes) -> tuple[str, str, str, str]:

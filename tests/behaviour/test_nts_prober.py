@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from cryptography import x509
@@ -834,10 +834,10 @@ async def test_a_certificate_cryptography_cannot_load_but_go_reads_is_judged_as_
 
 
 def _cert(subject: str, issuer: x509.Certificate | None, issuer_key: ec.EllipticCurvePrivateKey
-          | None, days: int, *, ca: bool, usage: x509.ObjectIdentifier | None = None,
+          | None, days: int, *, ca: bool, usage: x509.ObjectIdentifier | Literal[""] | None = None,
           printable: bool = False) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A certificate valid for ``days`` from yesterday, self-signed without an issuer;
-    its CN a PrintableString when ``printable``."""
+    its CN a PrintableString when ``printable``; ``usage`` "" lists no key usage at all."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject,
@@ -855,7 +855,8 @@ def _cert(subject: str, issuer: x509.Certificate | None, issuer_key: ec.Elliptic
         builder = builder.add_extension(
             x509.SubjectAlternativeName([x509.IPAddress(IPv4Address(LOOPBACK))]), critical=False)
     if usage is not None:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage] if usage else []),
+                                        critical=False)
     return builder.sign(issuer_key or key, hashes.SHA256()), key
 
 
@@ -973,12 +974,13 @@ CLIENT_AUTH = x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH
 
 @pytest.mark.parametrize(("leaf_usage", "ca_usage", "verified"), [
     (SERVER_AUTH, None, 1), (None, SERVER_AUTH, 1), (CLIENT_AUTH, None, 0),
-    (SERVER_AUTH, CLIENT_AUTH, 0)])
+    (SERVER_AUTH, CLIENT_AUTH, 0), ("", None, 1)])
 async def test_a_chain_for_another_purpose_is_untrusted(
-        tmp_path: Path, leaf_usage: x509.ObjectIdentifier | None,
+        tmp_path: Path, leaf_usage: x509.ObjectIdentifier | Literal[""] | None,
         ca_usage: x509.ObjectIdentifier | None, verified: int) -> None:
     # As Go's verifier (blackbox): a certificate of the chain whose extended key usage
-    # leaves out serverAuth, the leaf's or an intermediate CA's, makes it no server's.
+    # leaves out serverAuth, the leaf's or an intermediate CA's, makes it no server's; an
+    # empty list Go takes as no restriction.
     root, root_key = _cert("root", None, None, 10, ca=True)
     inter, inter_key = _cert("intermediate", root, root_key, 9, ca=True, usage=ca_usage)
     leaf, leaf_key = _cert("leaf", inter, inter_key, 5, ca=False, usage=leaf_usage)

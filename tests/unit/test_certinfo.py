@@ -204,13 +204,17 @@ def test_key_usage_and_names_are_read_from_the_der() -> None:
     assert cert.dns_names == (b"ntp.example", b"*.example")  # e-mail left out, as Go does
     assert cert.ip_addresses == (bytes((127, 0, 0, 1)),)
     assert read(_skeleton((UTC_2026, UTC_2026))).extended_key_usage is None  # none at all
+    # An empty list Go takes as no restriction (RFC 5280 wants one at least).
+    assert read(_skeleton((UTC_2026, UTC_2026), (EKU, _der(0x30, b"")))).extended_key_usage == ()
 
 
 @pytest.mark.parametrize(("extensions", "problem"), [
     ([(SAN, _der(0x30, b"")), (SAN, _der(0x30, b""))], "duplicate extension 2.5.29.17"),
     ([(SAN, b"\x30\x04\x82\x05ab")], "truncated"),
-    ([(EKU, _der(0x30, b""))], "bad extended key usage"),
     ([(EKU, _der(0x30, _der(0x04, b"x")))], "bad extended key usage"),
+    ([(EKU, _der(0x04, b""))], "bad extended key usage"),
+    ([(SAN, _der(0x30, _der(0x87, b"\x7f\0\0")))], "bad subjectAltName"),  # 3 bytes
+    ([(SAN, _der(0x30, _der(0x82, "zeit.bü".encode())))], "bad subjectAltName"),  # not IA5
 ])
 def test_extensions_that_do_not_parse_are_the_certificates_problem(
         extensions: list[tuple[bytes, bytes]], problem: str) -> None:
