@@ -103,8 +103,11 @@ def _why_not_a_name(host: str) -> str:
             return "looks like an abbreviated IPv4 address: write all four numbers, a.b.c.d"
         if len(numbers) > 4:
             return "an IPv4 address has four numbers"
-        if host.endswith(".") and all(n.isdigit() and int(n) <= 255 for n in numbers):
+        in_range = all(n.isdigit() and int(n) <= 255 for n in numbers)
+        if host.endswith(".") and in_range:
             return "an IPv4 address has no trailing dot"
+        if in_range:  # the C library reads 010 as octal 8, Go refuses it
+            return "an IPv4 address has no leading zeros (010 reads as 8 in some tools)"
         return "not an IPv4 address: each of the four numbers is 0-255"
     if len(host.rstrip(".")) > 253:
         return "a host name has at most 253 characters"
