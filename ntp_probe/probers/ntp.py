@@ -525,12 +525,17 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
             m.fail(Reason.INVALID_REPLY if burst.discarded else Reason.TIMEOUT)
         log("no usable reply")
         return
-    best = maths.select_best(burst.samples)
+    usable = maths.candidates(burst.samples)
+    if len(usable) < len(burst.samples):
+        log(f"{len(burst.samples) - len(usable)} of {len(burst.samples)} replies from an "
+            "unsynchronised server (leap 3, or stratum 0 or 16 and up) left out of the "
+            "selection")
+    best = maths.select_best(usable)
     p = best.packet
     offset, delay = best.offset, best.delay
     # Each of these is computed from the packet on every read, and is used several times.
     refid, root_distance = p.refid_text, best.root_distance
-    jitter = maths.jitter(burst.samples, best)
+    jitter = maths.jitter(usable, best)
     server_time = best.t3_unix_ns / 1e9
     near_leap = ctx.guard.near_leap(server[0], server[1], p.leap, server_time)
     # An unsynchronised server (stratum 0 without a kiss code, or 16 and up) vouches for
@@ -540,7 +545,7 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
     m.add(OFFSET, offset)
     m.add(RTT, delay)
     m.add(JITTER, jitter)
-    m.add(OFFSET_STDDEV, maths.offset_stddev(burst.samples))
+    m.add(OFFSET_STDDEV, maths.offset_stddev(usable))
     m.add(STRATUM, p.stratum)
     m.add(LEAP, p.leap)
     m.add(PRECISION, p.precision_seconds)

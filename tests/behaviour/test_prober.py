@@ -223,6 +223,34 @@ async def test_kod_stops_the_burst(fake_ntp: FakeNTPServer, code: bytes, reason:
     assert_no_measurement(result)
 
 
+async def test_replies_of_an_unsynchronised_server_are_left_out_of_the_selection(
+        fake_ntp: FakeNTPServer) -> None:
+    # One backend of an address synchronised (its reply held 20 ms), the rest not (leap 3,
+    # stratum 16, at once): RFC 5905's packet() and chrony drop the unsynchronised replies
+    # before the clock filter. They were selected (the smallest delay) and failed the probe,
+    # or, the other way round, fed the jitter.
+    def behaviour(req: Request) -> list[Send]:
+        if req.index == 0:
+            return [Send(reply(req, offset=0.25), delay=0.02)]
+        return [Send(reply(req, offset=-0.5, leap=3, stratum=16, refid=b"STEP"))]
+
+    fake_ntp.behaviour = behaviour
+    result, log = await probe(fake_ntp.target, make_module(samples=4))
+    assert result.failure is None, log.text()
+    assert_offset(result, 0.25)
+    assert value(result, "probe_ntp_stratum") == 2
+    assert value(result, "probe_ntp_rtt_seconds") >= 0.02  # type: ignore[operator]
+    assert value(result, "probe_ntp_jitter_seconds") == 0  # the one usable sample
+    assert value(result, "probe_ntp_offset_stddev_seconds") == 0
+    assert counts(result) == (4, 4, 0)
+    assert "3 of 4 replies from an unsynchronised server" in log.text()
+    # Every reply unsynchronised: the selected one shows why the server fails.
+    fake_ntp.behaviour = lambda req: [Send(reply(req, leap=3, stratum=16, refid=b"STEP"))]
+    result, log = await probe(fake_ntp.target, make_module(samples=2))
+    assert result.failure == "stratum_unsynchronized", log.text()
+    assert value(result, "probe_ntp_stratum") == 16
+
+
 async def test_kod_after_a_good_sample_keeps_the_measurement(fake_ntp: FakeNTPServer) -> None:
     def behaviour(req: Request) -> list[Send]:
         if req.index == 0:

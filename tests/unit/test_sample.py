@@ -18,6 +18,7 @@ from ntp_probe.proto.ntp.sample import (
     Failed,
     Sample,
     SanityLimits,
+    candidates,
     causality_violation,
     check,
     jitter,
@@ -183,6 +184,15 @@ def test_select_best_takes_earliest_on_tie() -> None:
     assert a.delay == b.delay
     assert select_best([a, b]) is a
     assert select_best([b, a]) is b
+
+
+def test_the_clock_filter_takes_a_synchronised_servers_replies() -> None:
+    # RFC 5905 A.5.1.1: leap 3 or stratum 16 and up never reach the filter.
+    good = make_sample(out=0.004, back=0.004)
+    unsynced = [make_sample(leap=3), make_sample(stratum=16), make_sample(stratum=0)]
+    assert candidates([*unsynced, good]) == [good]
+    assert candidates(unsynced) == unsynced  # none synchronised: all, to judge
+    assert candidates([]) == []
 
 
 def test_select_best_empty_raises() -> None:

@@ -102,6 +102,15 @@ def root_distance(delay: float, packet: Packet) -> float:
     return (delay + packet.root_delay_seconds) / 2 + packet.root_dispersion_seconds
 
 
+def candidates(samples: Sequence[Sample]) -> Sequence[Sample]:
+    """The samples the clock filter takes: those from a synchronised server (leap
+    indicator not 3, stratum 1-15). RFC 5905's packet() (A.5.1.1) and chrony drop a reply
+    from an unsynchronised server before the filter: it carries no time. When every reply
+    is such, all of them, so that the selected one shows why the server fails."""
+    synchronised = [s for s in samples if s.packet.leap != 3 and 0 < s.packet.stratum < 16]
+    return synchronised if synchronised else samples
+
+
 def select_best(samples: Sequence[Sample]) -> Sample:
     """The clock filter: the sample with the smallest delay (earliest on a tie)."""
     if not samples:
