@@ -43,7 +43,7 @@ from ntp_probe.config.schema import (
 from ntp_probe.engine.registry import PROBERS
 from ntp_probe.engine.targets import TargetError, check_member, parse_target
 from ntp_probe.engine.text import visible
-from ntp_probe.probers.pacing import least_window
+from ntp_probe.probers.pacing import MIN_REPLY_WINDOW, least_window
 from ntp_probe.proto.hostname import a_label
 from ntp_probe.proto.leapfile import LeapFile, LeapFileError, parse_leapfile
 from ntp_probe.safety.policy import PolicyError, TargetPolicy, parse_rules
@@ -373,8 +373,10 @@ def _parse_module(name: str, raw: object, problems: _Problems,
         # probe would fail, blaming the server.
         problems.add(_at(raw, "timeout"), f"{where}.timeout",
                      f"{format_duration(module.timeout)} leaves no room for a request and "
-                     f"its reply: at least {format_duration(room)} (50ms for the reply, or "
-                     "the request timeout when shorter, and 20ms for the probe's own)")
+                     f"its reply: at least {format_duration(room)} "
+                     f"({format_duration(MIN_REPLY_WINDOW)} for the reply, or the request "
+                     f"timeout when shorter, and {format_duration(_START_ROOM)} for the "
+                     "probe's own)")
     return module
 
 

@@ -291,7 +291,7 @@ async def test_a_budget_too_short_for_a_key_exchange_sends_nothing_and_blames_no
         fake: FakeNTS, pki: PKI) -> None:
     # A scrape-timeout header of a few milliseconds: no KE round trip could end in time,
     # so no connection is made, and nts_ke_connect or nts_ke_tls would be untrue.
-    m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0], timeout=0.03))
+    m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0], timeout=0.02))
     assert m.failure is Reason.LOCAL_ERROR, log.text()
     assert m.failure_detail == NO_TIME
     assert fake.ke_connections == 0

@@ -754,17 +754,17 @@ def test_a_kiss_of_death_backoff_cannot_be_turned_off(key: str) -> None:
 
 
 @pytest.mark.parametrize(("module", "ok"), [
-    ("{prober: ntp, timeout: 40ms}", False),
-    ("{prober: ntp, timeout: 69ms}", False),  # the probe's own margins come on top
-    ("{prober: ntp, timeout: 40ms, ntp: {reply_timeout: 20ms}}", True),
-    ("{prober: ntp, timeout: 70ms}", True),
-    ("{prober: chrony, timeout: 40ms}", False),
-    ("{prober: ntpd, timeout: 40ms, ntpd: {request_timeout: 20ms}}", True),
+    ("{prober: ntp, timeout: 30ms}", False),
+    ("{prober: ntp, timeout: 39ms}", False),  # the probe's own margins come on top
+    ("{prober: ntp, timeout: 30ms, ntp: {reply_timeout: 10ms}}", True),
+    ("{prober: ntp, timeout: 40ms}", True),
+    ("{prober: chrony, timeout: 30ms}", False),
+    ("{prober: ntpd, timeout: 30ms, ntpd: {request_timeout: 10ms}}", True),
     ("{prober: kernel, timeout: 10ms}", True),
-    ("{prober: ntp_group, timeout: 40ms}", False),
-    ("{prober: nts, timeout: 40ms}", False),
-    ("{prober: nts, timeout: 40ms, ntp: {reply_timeout: 20ms}}", True),
-    ("{prober: chrony, timeout: 40ms, chrony: {request_timeout: 20ms}}", True),
+    ("{prober: ntp_group, timeout: 30ms}", False),
+    ("{prober: nts, timeout: 30ms}", False),
+    ("{prober: nts, timeout: 30ms, ntp: {reply_timeout: 10ms}}", True),
+    ("{prober: chrony, timeout: 30ms, chrony: {request_timeout: 10ms}}", True),
 ])
 def test_a_timeout_that_leaves_no_room_for_a_reply_is_refused(module: str, ok: bool) -> None:
     # No request would ever go (its reply could not arrive in time): every probe would fail
@@ -774,7 +774,7 @@ def test_a_timeout_that_leaves_no_room_for_a_reply_is_refused(module: str, ok: b
         parse(text)
     else:
         with pytest.raises(ConfigError, match=r"modules\.t\.timeout: \d+ms leaves no room for "
-                           r"a request and its reply: at least 70ms"):
+                           r"a request and its reply: at least 40ms"):
             parse(text)
 
 
