@@ -338,7 +338,8 @@ class Collected:
     asked_every_source: bool = False  # up to MAX_SOURCES: the reading ran to its end
     unreadable: int = 0  # sources whose data came in a reply that could not be used
     gone: int = 0  # sources chronyd said were no more (NOSUCHSOURCE) when asked about them
-    changed: bool = False  # the number of sources was another after the reading
+    changed: bool = False  # the list changed under the reading (another number after it,
+    # or a source's statistics of another address than its data)
     unconfirmed: bool = False  # sources went, and the number could not be asked again
     sources: dict[int, SourceData] = field(default_factory=dict)
     sourcestats: dict[int, SourceStats] = field(default_factory=dict)
@@ -726,9 +727,15 @@ class Session:
                 elif command is Command.SOURCE_DATA:
                     # A source is there, state unknown.
                     got.unreadable += 1
-                elif isinstance(data, SourceStats) and index in got.sources and all(
-                        k.name != data.name for k in got.sourcestats.values()):
-                    got.sourcestats[index] = data
+                elif isinstance(data, SourceStats) and index in got.sources:
+                    if data.name != got.sources[index].name:
+                        # Another source at this number than SOURCE_DATA named: the list
+                        # changed between the two (deleted, added, a restart).
+                        self._log(f"sourcestats of source {index} name {data.name}, not "
+                                  f"{got.sources[index].name}: the list changed, left out")
+                        got.changed = True
+                    elif all(k.name != data.name for k in got.sourcestats.values()):
+                        got.sourcestats[index] = data
         return True
 
     async def _count_again(self, before: int) -> bool:

@@ -632,6 +632,30 @@ async def test_a_list_of_sources_that_changed_while_read_has_no_counts(
     assert m.failure == "chrony_bad_reply", log.text()
 
 
+async def test_statistics_of_another_source_than_its_data_are_left_out(
+        fake: FakeCommandPort) -> None:
+    # `chronyc delete` between a source's SOURCE_DATA and its SOURCESTATS: the next source
+    # moves up to that number, and its statistics were shown under the deleted one's
+    # index (the CLI printed them on its line; no source_info for their label to join).
+    fake.chronyd.sources = [FakeSource("192.0.2.1", state=0), FakeSource("192.0.2.2", state=4),
+                            FakeSource("192.0.2.3", state=4)]
+
+    def behaviour(req: Any) -> list[tuple[bytes, float]]:
+        answer = fake.chronyd.answer(req)
+        if (req.command, req.index) == (SOURCE_DATA, 0):
+            del fake.chronyd.sources[0]
+        return [(answer, 0.0)]
+
+    fake.behaviour = behaviour
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
+    shown = {labels["source"] for labels in label_sets(m, "probe_chrony_source_info")}
+    assert {labels["source"] for labels in label_sets(m, "probe_chrony_sourcestats_samples")
+            } <= shown, log.text()
+    assert label_sets(m, "probe_chrony_sources") == []  # not the counts of one list
+    assert "sourcestats of source 0 name 192.0.2.2, not 192.0.2.1: the list changed" in \
+        log.text()
+
+
 async def test_no_source_is_asked_about_after_one_that_is_no_more(
         fake: FakeCommandPort) -> None:
     # chronyd numbers its sources without gaps: after NOSUCHSOURCE every later index is
