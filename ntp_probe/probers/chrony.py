@@ -226,6 +226,8 @@ REASONS = (
 _SUMMARY_MARGIN = 0.005
 _ATTEMPTS = 2  # a request and one retry
 _SELECTABLE = (SourceState.SYNC, SourceState.CANDIDATE)
+# The reference id of chronyd's `local` reference (127.127.1.1), as chronyc prints it.
+_LOCAL_REFID = "7F7F0101"
 
 
 def _selection_rank(source: SourceData) -> int:
@@ -952,7 +954,13 @@ def _conclude(got: Collected, settings: ChronySettings, ctx: ProbeContext,
     obtained = len(got.sources) + len(got.unlisted)
     if got.n_sources is not None and obtained + got.unresolved < got.n_sources:
         log(f"{obtained} of {got.n_sources} sources obtained")
-    if selectable < settings.min_candidates:
+    if got.n_sources == 0 and t is not None and t.refid == _LOCAL_REFID and \
+            t.leap_status is not LeapStatus.UNSYNCHRONISED:
+        # `local` and no source configured: an isolated network's master, by design (one
+        # whose sources all failed and fell back to local has sources to count).
+        log("no source at all, serving the local reference: an isolated network's master, "
+            "min_candidates not applied")
+    elif selectable < settings.min_candidates:
         if got.n_sources is not None:  # else no count of them was read to state
             log(f"{selectable} sources in state sync or candidate, "
                 f"min_candidates is {settings.min_candidates}")

@@ -184,6 +184,7 @@ REASONS = (
 )
 
 _SYS_PEER, _PPS_PEER, _CANDIDATE, _BACKUP = 6, 7, 4, 5
+_ORPHAN_REFID = "127.0.0.1"  # an orphan parent's reference id (LOOPBACKADR), as ntpq shows it
 # ntpsec's NTP_MAXPOLL_UNK: a peer's ppoll before its first packet (ntpq shows hpoll then).
 _POLL_UNKNOWN = "99"
 # pps.peer is the system peer when it is a PPS source: it counts as one.
@@ -806,7 +807,13 @@ def _conclude(got: _Collected, settings: NTPDSettings, server: tuple[str, int], 
     elif system["leap"] == _LEAP_ALARM:
         log("leap indicator 3: ntpd is not synchronised")
         m.fail(Reason.LEAP_UNSYNCHRONIZED)
-    if candidates is not None:
+    if candidates is not None and not got.words and system.get("refid") == _ORPHAN_REFID \
+            and system.get("leap") != _LEAP_ALARM:
+        # Orphan mode and no association at all: an isolated network's master, by design
+        # (ntpsec has no local clock driver; one whose servers all failed has associations).
+        log("no association at all, orphan mode (refid 127.0.0.1): an isolated network's "
+            "master, no sys.peer wanted and min_candidates not applied")
+    elif candidates is not None:
         if sys_peer is None:
             log("no sys.peer")
             m.fail(Reason.NO_SYS_PEER)

@@ -632,6 +632,19 @@ async def test_a_list_of_sources_that_changed_while_read_has_no_counts(
     assert m.failure == "chrony_bad_reply", log.text()
 
 
+@pytest.mark.parametrize(("sources", "leap", "failure"), [
+    (0, 0, None),  # `local`, no source at all: an isolated network's master
+    (1, 0, "too_few_sources"),  # its one source failed: fell back to `local`
+    (0, 3, "leap_unsynchronized"),
+])
+async def test_only_a_master_without_sources_needs_no_candidates(
+        fake: FakeCommandPort, sources: int, leap: int, failure: str | None) -> None:
+    fake.chronyd.refid, fake.chronyd.leap = 0x7F7F0101, leap
+    fake.chronyd.sources = [FakeSource(f"192.0.2.{i + 1}", state=1) for i in range(sources)]
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
+    assert m.failure == failure, log.text()
+
+
 async def test_statistics_of_another_source_than_its_data_are_left_out(
         fake: FakeCommandPort) -> None:
     # `chronyc delete` between a source's SOURCE_DATA and its SOURCESTATS: the next source

@@ -336,6 +336,31 @@ async def test_no_sys_peer_and_unsynchronised(server: FakeNtpd) -> None:
     assert value(out.m, "probe_ntpd_leap_indicator") == 3
 
 
+@pytest.mark.parametrize(("refid", "associations", "failure"), [
+    (b"127.0.0.1", False, None),  # orphan mode, no association: an isolated master
+    (b"127.0.0.1", True, "no_sys_peer"),  # its servers failed: it fell back to orphan mode
+    (b"192.0.2.1", False, "no_sys_peer"),
+])
+async def test_only_an_orphan_master_without_associations_needs_no_peer(
+        server: FakeNtpd, refid: bytes, associations: bool, failure: str | None) -> None:
+    # ntpsec's way to run an isolated network's master (it has no local clock driver):
+    # `tos orphan 8` and no server; ntpq shows refid 127.0.0.1 and no association. It read
+    # no_sys_peer and paged NTPDaemonNoSelectableSource, where chronyd's `local` did not.
+    variables = SYSTEM_VARIABLES.replace(b"refid=192.0.2.1", b"refid=" + refid)
+
+    def orphan(req: Request) -> list[bytes]:
+        if req.opcode == READSTAT:
+            data = struct.pack("!HH", CANDIDATE, 0x9014) if associations else b""
+            return fragments(req, data, SYSTEM_STATUS)
+        if req.opcode == READVAR and req.association == 0 and not req.names:
+            return fragments(req, variables, SYSTEM_STATUS)
+        return healthy(req)
+
+    server.behaviour = orphan
+    out = await run(server)
+    assert out.m.failure == failure, out.log
+
+
 # --- retries, silence, errors ---------------------------------------------------------------
 
 

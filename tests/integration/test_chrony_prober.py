@@ -295,6 +295,21 @@ async def test_unsynchronised_chronyd_without_sources(
         {"refid": shown[0], "address": shown[1]}]
 
 
+async def test_an_isolated_master_serving_its_local_reference_passes(
+    chronyd_factory: Callable[..., Chronyd],
+) -> None:
+    # `local stratum 8` and no source configured: an isolated network's master, healthy by
+    # design. It failed too_few_sources, and NTPProbeDown paged after 20 minutes.
+    master = chronyd_factory(synchronised=True)
+    m, log = await probe("localhost", chrony_module(socket=str(master.socket_path)))
+    assert m.failure is None, log.text()
+    shown = chronyc(master.socket_path, "tracking")
+    assert (shown[0], shown[-1]) == ("7F7F0101", "Normal")
+    assert sum(value(m, "probe_chrony_sources", **s) or 0
+               for s in label_sets(m, "probe_chrony_sources")) == 0
+    assert "an isolated network's master" in log.text()
+
+
 @pytest.mark.parametrize("missing", ["chronyd.sock", "nowhere/chronyd.sock"])
 async def test_missing_socket_is_a_socket_failure(tmp_path: Path, missing: str) -> None:
     m, log = await probe("localhost", chrony_module(socket=str(tmp_path / missing)))

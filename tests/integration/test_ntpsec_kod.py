@@ -35,7 +35,7 @@ from typing import NoReturn
 
 import pytest
 
-from ntp_probe.config.schema import Config, Module, NTPSettings
+from ntp_probe.config.schema import Config, Module, NTPDSettings, NTPSettings
 from ntp_probe.engine.coordinator import Coordinator, Outcome
 from ntp_probe.engine.targets import parse_target
 from ntp_probe.safety.kod import KodTable
@@ -43,6 +43,8 @@ from tests.conftest import (
     REQUIRE_INTEGRATION_ENV,
     gauges,
     integration_required,
+    label_sets,
+    probe,
     require_binary,
     stop_process,
     value,
@@ -270,6 +272,24 @@ def ntpd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ntpd]:
         yield server
     finally:
         stop_process(proc)
+
+
+async def test_an_orphan_master_without_associations_passes(ntpd: Ntpd) -> None:
+    # ntpsec's way to run an isolated network's master (it has no local clock driver):
+    # `tos orphan 8` and no server. It read no_sys_peer (NTPDaemonNoSelectableSource
+    # paged), where chronyd's `local` master passes. ntpq, in the same test, agrees.
+    from tests.integration.test_mode6_wire import ntpq, ntpq_variables  # no import cycle
+
+    module = Module(name="ntpd", prober="ntpd", timeout=5.0,
+                    ntpd=NTPDSettings(preferred_ip_protocol="ip4"))
+    m, log = await probe(f"{LOOPBACK}:{NTP_PORT}", module)
+    shown = ntpq_variables(ntpq("raw", "rv").split("Output set to raw", 1)[1])
+    assert (shown["refid"], shown["leap"], shown["stratum"]) == ("127.0.0.1", "0", "8")
+    assert "No association IDs returned" in ntpq("associations")
+    assert m.failure is None, log.text()
+    assert label_sets(m, "probe_ntpd_info")[0]["refid"] == "127.0.0.1"
+    assert sum(value(m, "probe_ntpd_peers", **s) or 0
+               for s in label_sets(m, "probe_ntpd_peers")) == 0
 
 
 def kod_module() -> Module:
