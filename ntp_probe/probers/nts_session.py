@@ -205,6 +205,8 @@ async def _key_exchange(resolved: Resolved, port: int, nts: NTSSettings, ctx: Pr
         m.fail(Reason.NTS_KE_TLS, f"TLS setup: {exc}")
         return None
     phase = "connect"
+    # The phase under way: one that ends in a failure still says how long it ran.
+    timing: str | None = phase
     started = time.perf_counter()
     try:
         async with asyncio.timeout_at(until):
@@ -213,15 +215,18 @@ async def _key_exchange(resolved: Resolved, port: int, nts: NTSSettings, ctx: Pr
             m.add(KE_DURATION, now - started, "connect")
             log(f"NTS-KE: connected to {resolved.address} port {port} "
                 f"in {(now - started) * 1e3:.3f}ms")
-            phase, started = "tls", now
+            phase = timing = "tls"
+            started = now
             await client.handshake(state.server_name)
             now = time.perf_counter()
             m.add(KE_DURATION, now - started, "tls")
-            state.tls_version, state.cipher = client.version, client.cipher
+            timing = None
+            # blackbox's spelling (TLS 1.3), in the report as in the metric
+            state.tls_version, state.cipher = _blackbox_version(client.version), client.cipher
             log(f"NTS-KE: {state.tls_version} {state.cipher}, ALPN "
                 f"{client.alpn.decode(errors='replace') or '(none)'}, handshake "
                 f"{(now - started) * 1e3:.3f}ms")
-            m.add(TLS_VERSION, 1, _blackbox_version(state.tls_version))
+            m.add(TLS_VERSION, 1, state.tls_version)
             m.add(TLS_CIPHER, 1, state.cipher)
             stop = _certificates(client, ctx, state)
             if client.alpn != ALPN:
@@ -234,7 +239,8 @@ async def _key_exchange(resolved: Resolved, port: int, nts: NTSSettings, ctx: Pr
                 m.fail(*stop)
                 return None
             # From here: the certificate checks above are not the KE records' time.
-            phase, started = "records", time.perf_counter()
+            phase = timing = "records"
+            started = time.perf_counter()
             request = ke.encode_request(nts.aead)
             decoder = ke.KEDecoder()
             for record in ke.KEDecoder().feed(request):
@@ -248,6 +254,7 @@ async def _key_exchange(resolved: Resolved, port: int, nts: NTSSettings, ctx: Pr
                     _log_record(log, "received", record)
             records = decoder.finish()
             m.add(KE_DURATION, time.perf_counter() - started, "records")
+            timing = None
             response = ke.validate_response(records, nts.aead)
             # Counted once the response is accepted: a refused one's cookies are none the
             # probe may use (RFC 8915 4.1.3). Each cookie once: it is sent once only.
@@ -286,6 +293,8 @@ async def _key_exchange(resolved: Resolved, port: int, nts: NTSSettings, ctx: Pr
         m.fail(_KE_REASONS.get(exc.reason, Reason.NTS_KE_MALFORMED), str(exc))
         return None
     finally:
+        if timing is not None:
+            m.add(KE_DURATION, time.perf_counter() - started, timing)
         client.close()
     log(f"NTS-KE: AEAD {response.aead_id}, {len(response.cookies)} cookies of "
         f"{len(response.cookies[0])} bytes, NTP server {response.server or '(same address)'} "

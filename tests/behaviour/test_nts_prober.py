@@ -43,6 +43,7 @@ from ntp_probe.net.resolve import Resolved
 from ntp_probe.net.tls import TLSClient
 from ntp_probe.net.udp import DatagramPump
 from ntp_probe.probers import nts_session
+from ntp_probe.probers.nts import NTSReport
 from ntp_probe.proto.nts import ef, ke
 from ntp_probe.safety.guard import Guard
 from ntp_probe.safety.kod import KodTable
@@ -300,6 +301,10 @@ async def test_a_budget_too_short_for_a_key_exchange_sends_nothing_and_blames_no
 async def test_authenticated_burst_uses_each_cookie_once(fake: FakeNTS, pki: PKI) -> None:
     m, log = await probe(f"{LOOPBACK}:{fake.ke_port}", module(pki[0], samples=3))
     assert m.failure is None, log.text()
+    # The CLI's report spells the version as the metric does (blackbox's TLS 1.3).
+    assert value(m, "probe_tls_version_info", version="TLS 1.3") == 1
+    nts_report = next(r for r in m.reports if isinstance(r, NTSReport))
+    assert nts_report.to_json()["tls_version"] == "TLS 1.3"
     assert value(m, "probe_nts_authenticated") == 1
     assert value(m, "probe_ntp_stratum") == 2
     cookies = [r[48 + 36 + 4:48 + 36 + 104] for r in fake.requests]
@@ -434,6 +439,10 @@ async def test_ke_responses(fake: FakeNTS, pki: PKI, records: Records,
     assert fake.requests == []  # no NTP packet after a failed KE
     # A refused response's cookies are none the probe may use (RFC 8915 4.1.3).
     assert value(m, "probe_nts_cookies_received") == 0
+    # Every phase has its time, the records' too when the response is refused or cut
+    # short (it came and went with the kind of fault).
+    assert {labels["phase"] for labels in label_sets(m, "probe_nts_ke_duration_seconds")} \
+        == {"connect", "tls", "records"}
 
 
 async def test_fuzzed_ke_records_never_crash(fake: FakeNTS, pki: PKI) -> None:
