@@ -12,10 +12,10 @@ for another name read differently: the handshake finishes whatever the certifica
 that they can still be reported), then OpenSSL verifies the chain the server sent against
 the trust anchors (its first error: depth, X509_V_ERR code, OpenSSL's words; and, as Go's
 verifier, the extended key usage of each certificate), and the name is checked with
-``service_identity`` (RFC 6125, SAN only, IP addresses against IP SANs). What is judged of a
-certificate (validity, key usage, names) is read from its DER by proto/certinfo.py, as Go
-reads it: ``cryptography`` refuses whole certificates that OpenSSL and Go accept. Deciding what to
-do with the verdicts is the caller's. No verify callback: pyOpenSSL makes
+``service_identity`` (RFC 6125, SAN only, IP addresses against IP SANs). What is judged
+of a certificate (validity, key usage, names) is read from its DER by proto/certinfo.py,
+as Go reads it: ``cryptography`` refuses whole certificates that OpenSSL and Go accept.
+Deciding what to do with the verdicts is the caller's. No verify callback: pyOpenSSL makes
 each one a cffi closure in memory both writable and executable, which systemd's
 MemoryDenyWriteExecute= (set by the shipped units) refuses.
 """
@@ -107,9 +107,9 @@ def _patterns(conn: SSL.Connection) -> list[CertificatePattern]:
     cert = conn.get_peer_certificate()
     if cert is None:
         return []
-    read = certinfo.read(crypto.dump_certificate(crypto.FILETYPE_ASN1, cert))
-    if read.problem is not None:
-        raise certinfo.CertificateError(read.problem)
+    read = _readable(cert)
+    if isinstance(read, str) or read.problem is not None:
+        raise certinfo.CertificateError(read if isinstance(read, str) else read.problem)
     return [*(DNSPattern.from_bytes(name) for name in read.dns_names),
             *(IPAddressPattern.from_bytes(address) for address in read.ip_addresses)]
 
@@ -457,8 +457,13 @@ _SERVER_USES = ("1.3.6.1.5.5.7.3.1", "2.5.29.37.0")
 
 def _readable(cert: crypto.X509) -> certinfo.Certificate | str:
     """What the probe judges of ``cert``, read from its DER; or why it cannot be read."""
+    return _read(crypto.dump_certificate(crypto.FILETYPE_ASN1, cert))
+
+
+@functools.lru_cache(maxsize=32)  # a chain is judged, named and listed: each read once
+def _read(der: bytes) -> certinfo.Certificate | str:
     try:
-        return certinfo.read(crypto.dump_certificate(crypto.FILETYPE_ASN1, cert))
+        return certinfo.read(der)
     except certinfo.CertificateError as exc:
         return str(exc)
 
