@@ -48,6 +48,7 @@ class State:
     web_config: WebConfig = field(default_factory=WebConfig)
     # Told of each configuration a reload takes (the server raises its open-files limit).
     on_config: Callable[[Config], None] | None = None
+    reload_failure: tuple[float, str] | None = None  # (when, why) of a failed last reload
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
     _reloads: set[asyncio.Future[str | None]] = field(default_factory=set)
     _queued: asyncio.Future[str | None] | None = None  # a reload not yet reading the file
@@ -138,8 +139,7 @@ class State:
                 problems.append(why if why.startswith(f"{self.web_config_path}:") else
                                 f"{self.web_config_path}: {why}")
             if problems:
-                self.internals.config_failed()
-                return "; ".join(problems)
+                return self._failed("; ".join(problems))
             if web_config is not None:
                 later = self.web_config.restart_needed(web_config)
                 if later:
@@ -147,11 +147,10 @@ class State:
                     # done to whoever automates it.
                     why = (f"{self.web_config_path}: a restart is needed for "
                            f"{'; '.join(later)}")
-                    self.internals.config_failed()
                     logger.error("reload failed, keeping the previous configuration: %s", why)
-                    return why
+                    return self._failed(why)
                 self.web_config.adopt(web_config)  # new users, passwords, headers: now
-            self.config = config
+            self.config, self.reload_failure = config, None
             if self.on_config is not None:
                 self.on_config(config)
             self.internals.config_loaded(tuple(config.modules))
@@ -161,6 +160,12 @@ class State:
             for warning in config_warnings(config, time.time()):
                 logger.warning("%s", warning)
             return None
+
+    def _failed(self, why: str) -> str:
+        """Record a failed reload (the old configuration stays); ``why`` back."""
+        self.internals.config_failed()
+        self.reload_failure = (time.time(), why)
+        return why
 
 
 STATE: web.AppKey[State] = web.AppKey("state", State)
@@ -344,7 +349,8 @@ def _log_answer(entry: Entry, wants_html: bool) -> web.Response:
 async def index_handler(request: web.Request) -> web.Response:
     """GET /: landing page with a probe form, the recent probes and the modules."""
     state = request.app[STATE]
-    return web.Response(text=pages.landing(state.config, state.history, DEFAULT_MODULE),
+    return web.Response(text=pages.landing(state.config, state.history, DEFAULT_MODULE,
+                                           state.reload_failure),
                         content_type="text/html")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import time
+from datetime import UTC, datetime
 
 from ntp_probe import __version__
 from ntp_probe.config.load import dump_yaml
@@ -24,6 +25,7 @@ h2{font-size:1.1em;margin:1.6em 0 .5em}
 a{color:#0b5cad}nav{margin:.2em 0 1em}nav a{margin-right:1.2em}
 code,pre{font-family:ui-monospace,"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:.9em}
 .hint{color:#5b6672;font-size:.9em;margin:.5em 0 0;overflow-wrap:anywhere}
+.stale{color:#a01c1c;font-size:.9em;margin:.5em 0 0;overflow-wrap:anywhere}
 table{border-collapse:collapse;width:100%}
 th,td{padding:.35em .6em;text-align:left;vertical-align:top;border-bottom:1px solid #e3e6ea}
 thead th{color:#4a5562;font-weight:600;border-bottom:2px solid #cfd5db;white-space:nowrap}
@@ -197,7 +199,7 @@ def _form(config: Config, default_module: str) -> str:
     )
 
 
-def _modules(config: Config) -> str:
+def _modules(config: Config, reload_failure: tuple[float, str] | None) -> str:
     # Each name is also a list item, so that the names alone still read as a list (in a
     # text browser, and to the tests that parse the page).
     rows = "".join(
@@ -211,18 +213,30 @@ def _modules(config: Config) -> str:
         "<th class='num'>Timeout</th><th>Description</th></tr></thead>"
         f"<tbody>{rows}</tbody></table>"
         f"<p class='hint'>From {_e(config.source)}; "
-        "<a href='config'>the whole configuration</a>.</p>"
+        "<a href='config'>the whole configuration</a>.</p>" + _stale(reload_failure)
     )
 
 
-def landing(config: Config, history: History, default_module: str) -> str:
-    """GET /: run a probe, the recent probes with their time figures, the modules."""
+def _stale(reload_failure: tuple[float, str] | None) -> str:
+    """The last reload's failure, when it failed: the file on disk is not what is served."""
+    if reload_failure is None:
+        return ""
+    at, why = reload_failure
+    when = datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return (f"<p class='stale' role='alert'>The last reload, at {when}, failed: "
+            f"{_e(why.splitlines()[0])}. The modules above are those loaded before it.</p>")
+
+
+def landing(config: Config, history: History, default_module: str,
+            reload_failure: tuple[float, str] | None = None) -> str:
+    """GET /: run a probe, the recent probes with their time figures, the modules (and
+    the last reload's failure, ``(unix time, why)``, when it failed)."""
     return _page("ntp_probe", (
         f"<h1>ntp_probe <small>{_e(__version__)}</small></h1>"
         "<nav><a href='metrics'>Metrics</a><a href='config'>Configuration</a></nav>"
         f"<h2>Run a probe</h2>{_form(config, default_module)}"
         f"<h2>Recent probes</h2>{_history(history)}"
-        f"<h2>Modules</h2>{_modules(config)}"
+        f"<h2>Modules</h2>{_modules(config, reload_failure)}"
     ))
 
 

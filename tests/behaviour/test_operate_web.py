@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import html
 import os
 import re
 import time
@@ -337,6 +338,10 @@ async def test_broken_reload_keeps_the_old_config(
     text = await metrics(client)
     assert metric(text, "ntp_probe_config_last_reload_successful") == 0
     assert metric(text, "ntp_probe_modules_configured") == 1
+    # The landing page says so too: the modules it lists are not the file on disk's.
+    page = await (await client.get("/")).text()
+    assert "The last reload, at " in page and "failed: " in page, page
+    assert html.escape(named) in page, page
 
     # A later good reload clears the failure.
     path.write_text(config_text(module_yaml("new")))
@@ -344,6 +349,7 @@ async def test_broken_reload_keeps_the_old_config(
     assert resp.status == 200, await resp.text()
     text = await metrics(client)
     assert metric(text, "ntp_probe_config_last_reload_successful") == 1
+    assert "The last reload" not in await (await client.get("/")).text()
     status, probe_body = await probe(client, fake_ntp.target, "new")
     assert status == 200 and metric(probe_body, "probe_success") == 1, probe_body
 
