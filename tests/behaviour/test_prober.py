@@ -17,13 +17,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ntp_probe.cli import report
+from ntp_probe.config.load import load_config
 from ntp_probe.engine.context import PrefixedLog, ProbeContext, ProbeLog
 from ntp_probe.engine.result import NO_TIME, Measurement
 from ntp_probe.engine.runner import probe_timeout, run_probe
@@ -826,6 +827,22 @@ async def test_requests_are_minimal_with_random_nonces(
     # One socket per burst: every request from the same loopback address and port.
     assert len({req.addr for req in fake_ntp.requests}) == 1
     assert fake_ntp.requests[0].addr[0] == LOOPBACK
+
+
+@pytest.mark.parametrize("module_name", ["local", "hybrid"])
+@pytest.mark.parametrize(("age", "failure"), [
+    (130_000.0, None),  # 36.1 h: past 36 h, within node_exporter's 2^17 s
+    (131_500.0, "stale_reference"),  # past 2^17 s: node_ntp_sanity is 0 too
+])
+async def test_the_local_modules_reference_age_is_node_exporters(
+        fake_ntp: FakeNTPServer, module_name: str, age: float, failure: str | None) -> None:
+    # node_exporter's NTP library (beevik/ntp) calls a reference older than 2^17 s stale;
+    # `local` and `hybrid` stand in for node_ntp_sanity, so they draw the line there too.
+    fake_ntp.behaviour = answer(reference_age=age)
+    module = load_config(None).modules[module_name]
+    result, log = await probe(fake_ntp.target, replace(
+        module, ntp=replace(module.ntp, kernel_correlation=False)))
+    assert result.failure == failure, log.text()
 
 
 LOCAL_ERROR_SCRIPT = """
