@@ -457,8 +457,13 @@ async def check(args: argparse.Namespace, config: Config,
                     quiet=args.quiet)
 
 
-def main(argv: Sequence[str]) -> int:
-    """``ntp-probe check``: print one status line, return the plugin's exit code."""
+def main(argv: Sequence[str], before: Sequence[str] = ()) -> int:
+    """``ntp-probe check``: print one status line, return the plugin's exit code.
+    ``before``: the flags given before the command (only --config.file is one of check's)."""
+    other = next((f for f in before if f != "--config.file"), None)
+    if other is not None:  # else its value would read as the target
+        return _emit(UNKNOWN, f"NTP UNKNOWN: check takes only --config.file before the "
+                              f"command, not {other} (a plugin logs errors only)")
     args = check_parser().parse_args(argv)
     try:
         try:

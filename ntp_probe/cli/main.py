@@ -176,10 +176,9 @@ _COMMANDS = ("serve", "probe", "check")
 _SHARED_FLAGS = ("--config.file", "--log.level", "--log.format")
 
 
-def command_first(argv: list[str]) -> list[str]:
-    """``argv`` with its command first: the flags every command takes (``--config.file``,
-    ``--log.level``, ``--log.format``) may come before it, as git's global options do
-    (``ntp-probe --config.file X probe T`` is ``ntp-probe probe --config.file X T``)."""
+def _leading(argv: list[str]) -> int:
+    """How many words of ``argv`` are shared flags (with their values) before a command;
+    0 when no command follows them."""
     i = 0
     while i < len(argv):
         word = argv[i]
@@ -189,19 +188,27 @@ def command_first(argv: list[str]) -> list[str]:
             i += 1
         else:
             break
-    if 0 < i < len(argv) and argv[i] in _COMMANDS:
-        return [argv[i], *argv[:i], *argv[i + 1:]]
-    return argv
+    return i if 0 < i < len(argv) and argv[i] in _COMMANDS else 0
+
+
+def command_first(argv: list[str]) -> list[str]:
+    """``argv`` with its command first: the flags every command takes (``--config.file``,
+    ``--log.level``, ``--log.format``) may come before it, as git's global options do
+    (``ntp-probe --config.file X probe T`` is ``ntp-probe probe --config.file X T``)."""
+    i = _leading(argv)
+    return [argv[i], *argv[:i], *argv[i + 1:]] if i else argv
 
 
 def main(argv: Sequence[str] | None = None, hangup: EarlyHangup | None = None) -> int:
     """The command line's work: the exit status of ``ntp-probe ARGV``; ``hangup``: the
     console script's note of a SIGHUP that came while it loaded (the exporter's)."""
-    argv = command_first(list(sys.argv[1:] if argv is None else argv))
+    given = list(sys.argv[1:] if argv is None else argv)
+    argv = command_first(given)
     if argv and argv[0] == "check":
         # A plugin's output is its one status line: logging goes to stderr, errors only.
         logs.setup("error", "logfmt")
-        return check.main(argv[1:])
+        before = [w.split("=", 1)[0] for w in given[:_leading(given)] if w.startswith("--")]
+        return check.main(argv[1:], before=before)
     # A Ctrl-C anywhere in here is the console script's to report (cli/entry.py).
     return _main(argv, hangup)
 

@@ -237,6 +237,17 @@ def test_the_shared_flags_may_come_before_the_command(argv: list[str], run: list
     assert command_first(argv) == run
 
 
+@pytest.mark.parametrize("flag", [["--log.level", "debug"], ["--log.format=json"]])
+def test_a_log_flag_before_check_is_named_not_taken_for_the_target(
+        flag: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # check logs errors only: its value read as the target, and the real target was
+    # called an unrecognised argument.
+    assert main([*flag, "check", "192.0.2.1:123", "--module", "ntp_fast"]) == 3
+    line = capsys.readouterr().out
+    assert line.startswith("NTP UNKNOWN: check takes only --config.file before the command, "
+                           f"not {flag[0].split('=')[0]}"), line
+
+
 def test_a_probe_with_its_config_file_named_first_runs_as_a_probe(tmp_path: Path) -> None:
     # A configuration error is 2 for probe (1 for the exporter): the command ran.
     (tmp_path / "bad.yaml").write_text("modules: [\n")
