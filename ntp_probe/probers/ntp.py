@@ -523,7 +523,7 @@ def _report(burst: Burst, settings: NTPSettings, ctx: ProbeContext,
             m.fail(Reason.LOCAL_ERROR, NO_TIME)
         else:
             m.fail(Reason.INVALID_REPLY if burst.discarded else Reason.TIMEOUT)
-        log("no usable reply")
+        log("no usable reply" if burst.sent else "nothing sent, so no reply")
         return
     usable = maths.candidates(burst.samples)
     if len(usable) < len(burst.samples):

@@ -752,6 +752,7 @@ async def test_no_request_is_sent_when_its_reply_cannot_arrive_in_time(
     # Nothing sent, nothing lost: a loss ratio of 0 would read as a healthy path.
     assert counts(result) == (0, 0, None)
     assert "burst shortened to 0 of 1 samples" in log.text()
+    assert "nothing sent, so no reply" in log.text()  # not "no usable reply"
     await fake_ntp.drain()
     assert fake_ntp.requests == []
 
