@@ -201,6 +201,12 @@ _LOGGED_VARIABLES = 8  # a reply's log line shows this many variables, then a co
 _LOGGED_VALUE = 40  # characters of one value in the log
 
 
+def _seconds(value: float, sign: str = "") -> str:
+    """Seconds to the nanosecond; an absurd value (ntpd's text can say 1e308) in
+    exponent form rather than three hundred digits."""
+    return f"{value:{sign}.9f}" if abs(value) < 1e9 else f"{value:{sign}.6e}"
+
+
 @dataclass(frozen=True, slots=True)
 class PeerRow:
     """One association as ``ntpq -pn`` shows it (seconds, not milliseconds)."""
@@ -248,19 +254,19 @@ class NTPDReport:
             rows += [("version", self.version), ("refid", str(self.refid)),
                      ("leap", str(self.leap)), ("stratum", str(self.stratum))]
         if self.offset is not None:
-            rows.append(("offset", f"{self.offset:+.9f} s"))
+            rows.append(("offset", f"{_seconds(self.offset, '+')} s"))
         if self.sys_jitter is not None:
-            rows.append(("sys jitter", f"{self.sys_jitter:.9f} s"))
+            rows.append(("sys jitter", f"{_seconds(self.sys_jitter)} s"))
         if self.root_dispersion is not None:
-            rows.append(("root dispersion", f"{self.root_dispersion:.9f} s"))
+            rows.append(("root dispersion", f"{_seconds(self.root_dispersion)} s"))
         if self.candidates is not None:
             rows.append(("sys.peer", "none" if self.sys_peer is None else f"assoc {self.sys_peer}"))
             rows.append(("sys.peer or candidate", str(self.candidates)))
         for p in self.peers:
             stratum = "" if p.stratum is None else f", stratum {p.stratum}"
             measured = ("" if p.offset is None else
-                        f", offset {p.offset:+.9f} s, delay {(p.delay or 0.0):.9f} s, "
-                        f"jitter {(p.jitter or 0.0):.9f} s")
+                        f", offset {_seconds(p.offset, '+')} s, delay "
+                        f"{_seconds(p.delay or 0.0)} s, jitter {_seconds(p.jitter or 0.0)} s")
             reach = "" if p.reach is None else f", reach {p.reach:03o}"
             rows.append((f"peer {p.assoc}", f"{p.address or '?'} refid {p.refid or '?'} "
                                             f"{p.selection}{stratum}{measured}{reach}"))

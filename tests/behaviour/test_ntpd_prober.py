@@ -361,6 +361,21 @@ async def test_only_an_orphan_master_without_associations_needs_no_peer(
     assert out.m.failure == failure, out.log
 
 
+async def test_an_absurd_offset_reads_in_exponent_form_in_the_report(server: FakeNtpd) -> None:
+    # ntpd's values are text: a hostile one said offset=1e308 (ms), and the CLI's report
+    # printed a row of three hundred digits.
+    def absurd(req: Request) -> list[bytes]:
+        if req.opcode == READVAR and req.association == 0 and not req.names:
+            return fragments(req, SYSTEM_VARIABLES.replace(b"offset=-0.250000",
+                                                           b"offset=1e308"), SYSTEM_STATUS)
+        return healthy(req)
+
+    server.behaviour = absurd
+    out = await run(server)
+    rows = dict(out.m.reports[0].rows())
+    assert rows["offset"] == "+1.000000e+305 s", rows
+
+
 # --- retries, silence, errors ---------------------------------------------------------------
 
 
