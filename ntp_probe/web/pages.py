@@ -224,7 +224,8 @@ def _stale(reload_failure: tuple[float, str] | None) -> str:
     at, why = reload_failure
     when = datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     return (f"<p class='stale' role='alert'>The last reload, at {when}, failed: "
-            f"{_e(why.splitlines()[0])}. The modules above are those loaded before it.</p>")
+            f"{_e(next(iter(why.splitlines()), ''))}. The modules above are those loaded "
+            "before it.</p>")
 
 
 def landing(config: Config, history: History, default_module: str,
