@@ -343,6 +343,7 @@ class Collected:
     changed: bool = False  # the list changed under the reading (another number after it,
     # or a source's statistics of another address than its data)
     unconfirmed: bool = False  # sources went, and the number could not be asked again
+    unauthorized: bool = False  # chronyd refused to tell this client about its sources
     sources: dict[int, SourceData] = field(default_factory=dict)
     sourcestats: dict[int, SourceStats] = field(default_factory=dict)
     # Sources under a name another source shows (two refclocks with one refid): counted in
@@ -726,6 +727,12 @@ class Session:
                     got.gone = count - index
                     self._log(f"source {index} and after: no such source")
                     return True
+                elif command is Command.SOURCE_DATA and self.last_status is Status.UNAUTH:
+                    # Sources closed to this client (chrony 4.7's opencommands without
+                    # sources): none will be read; chronyc stops at its 501 too.
+                    self._log("sources: not authorised, none read")
+                    got.unauthorized = True
+                    return True
                 elif command is Command.SOURCE_DATA:
                     # A source is there, state unknown.
                     got.unreadable += 1
@@ -815,7 +822,8 @@ class Session:
                 return  # chronyd stopped answering
             # Counts only of every source: one not read (past the cap too) could be any.
             got.every_source_read = (not got.unreadable and not got.changed
-                                     and not got.unconfirmed and got.n_sources <= MAX_SOURCES)
+                                     and not got.unconfirmed and not got.unauthorized
+                                     and got.n_sources <= MAX_SOURCES)
         answer = await self.ask(Command.SERVER_STATS)
         if answer is not None and isinstance(answer[1], ServerStats):
             got.serverstats = answer[1]
@@ -978,6 +986,10 @@ def _conclude(got: Collected, settings: ChronySettings, ctx: ProbeContext,
             log(f"chronyd lists {got.n_sources} sources, more than the {MAX_SOURCES} read: "
                 "chrony_bad_reply, not too_few_sources")
             m.fail(Reason.CHRONY_BAD_REPLY)
+        elif got.unauthorized:
+            log("chronyd does not tell this client its sources: chrony_unauthorized, not "
+                "too_few_sources")
+            m.fail(Reason.CHRONY_UNAUTHORIZED)
         elif got.changed:
             log("the list of sources changed while it was read: chrony_bad_reply, not "
                 "too_few_sources")

@@ -460,6 +460,30 @@ async def test_unauthorised_tracking_is_reported_with_the_rest(fake: FakeCommand
     assert value(m, "probe_chrony_serverstats_ntp_packets_received_total") == 1000
 
 
+async def test_sources_closed_to_the_client_are_unauthorised_not_a_bad_reply(
+        fake: FakeCommandPort) -> None:
+    # chrony 4.7's `opencommands` without sources: SOURCE_DATA answers UNAUTH (chronyc: 501).
+    # Each source was asked about and counted unreadable: chrony_bad_reply, as if chronyd's
+    # replies were broken, after two refused requests per source.
+    fake.chronyd.sources = [FakeSource(f"192.0.2.{i}", state=0 if i == 1 else 4)
+                            for i in range(1, 6)]
+
+    def behaviour(req: Req) -> list[tuple[bytes, float]]:
+        if req.command in (SOURCE_DATA, SOURCESTATS):
+            return [(refused(req, STT_UNAUTH), 0.0)]
+        return [(fake.chronyd.answer(req), 0.0)]
+
+    fake.behaviour = behaviour
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module())
+    assert m.failure == "chrony_unauthorized", log.text()
+    assert [r.index for r in fake.requests if r.command == SOURCE_DATA] == [0]  # then stops
+    assert not label_sets(m, "probe_chrony_sources")  # how many are selectable: unknown
+    assert value(m, "probe_chrony_tracking_stratum") == 3  # the rest is reported
+    # With no candidates asked for, nothing fails.
+    m, log = await probe(f"{LOOPBACK}:{fake.port}", chrony_module(min_candidates=0))
+    assert m.failure is None, log.text()
+
+
 async def test_a_late_reply_to_the_first_attempt_answers_the_request(
         fake: FakeCommandPort) -> None:
     # A chronyd slower than request_timeout: its answer to attempt 1 comes while the retry
