@@ -97,7 +97,7 @@ def _short(text: str) -> str:
 
 
 def _why_not_a_name(host: str) -> str:
-    if host.replace(".", "").isdigit():
+    if host.isascii() and host.replace(".", "").isdigit():  # int() takes other digits
         numbers = host.rstrip(".").split(".")
         if len(numbers) < 4:
             return "looks like an abbreviated IPv4 address: write all four numbers, a.b.c.d"

@@ -77,6 +77,8 @@ def test_parse_target_valid(raw: str, host: str, port: int | None, text: str) ->
         ("999.1.1.1", "each of the four numbers is 0-255"),
         ("127.0.0.1.", "an IPv4 address has no trailing dot"),
         ("127.0.0.041", "an IPv4 address has no leading zeros"),  # 33 to glibc, 41 to some
+        ("1.2.3.\u00b2", "is not allowed in a host name"),  # a digit to isdigit, not to int
+        ("\u0661.2.3.4", "is not allowed in a host name"),  # Arabic-Indic one
         ("1234", "abbreviated IPv4 address"),
         ("host:12:34", "not an IPv6 address (a host with a port is host:port)"),
         ("2001:db8::g", "not an IPv6 address"),
